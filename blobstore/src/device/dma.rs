@@ -1,0 +1,196 @@
+//! DMA-able buffers.
+//!
+//! Invariants:
+//! - A [`DmaBuf`]'s memory is aligned to [`DMA_ALIGN`] and its length is a
+//!   multiple of nothing in particular; devices check block multiples.
+//! - The memory lives in a reference-counted allocation: a buffer handed to a
+//!   device operation stays valid until the device completes, even if the
+//!   future that owned it is dropped first.
+//! - A `DmaBuf` is the only handle through which safe code can reach the
+//!   memory; in-flight device operations reach it through raw segments.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// Alignment of every DMA buffer (one 4 KiB page).
+pub const DMA_ALIGN: usize = 4096;
+
+/// One zeroed, page-aligned heap allocation. Freed when the last reference
+/// (the buffer or an in-flight operation) goes.
+pub(crate) struct DmaAlloc {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the allocation is plain memory owned by this struct; access to the
+// bytes is coordinated by `DmaBuf` ownership and by the device protocol.
+unsafe impl Send for DmaAlloc {}
+// SAFETY: as above; `DmaAlloc` itself exposes no interior access.
+unsafe impl Sync for DmaAlloc {}
+
+impl Drop for DmaAlloc {
+    fn drop(&mut self) {
+        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// A page-aligned buffer that devices can read into and write from without a
+/// copy. Obtain one from [`crate::BlockDevice::alloc_buf`] or [`DmaBuf::new`].
+pub struct DmaBuf {
+    alloc: Arc<DmaAlloc>,
+    len: usize,
+}
+
+impl DmaBuf {
+    /// Allocates a zeroed buffer of `len_bytes` bytes, aligned to [`DMA_ALIGN`].
+    pub fn new(len_bytes: usize) -> Result<DmaBuf> {
+        let size = len_bytes.max(1).div_ceil(DMA_ALIGN) * DMA_ALIGN;
+        let layout = Layout::from_size_align(size, DMA_ALIGN)
+            .map_err(|e| Error::InvalidArgument(format!("buffer of {len_bytes} bytes: {e}")))?;
+        // SAFETY: layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr)
+            .ok_or_else(|| Error::NoSpace(format!("cannot allocate a {len_bytes}-byte buffer")))?;
+        Ok(DmaBuf {
+            alloc: Arc::new(DmaAlloc { ptr, layout }),
+            len: len_bytes,
+        })
+    }
+
+    /// Allocates a buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Result<DmaBuf> {
+        let mut b = DmaBuf::new(data.len())?;
+        b.copy_from_slice(data);
+        Ok(b)
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the buffer holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Address of the first byte (for devices).
+    pub fn as_ptr(&self) -> *const u8 {
+        self.alloc.ptr.as_ptr()
+    }
+
+    /// Shrinks or grows the visible length within the allocated capacity.
+    pub fn set_len(&mut self, len_bytes: usize) -> Result<()> {
+        if len_bytes > self.alloc.layout.size() {
+            return Err(Error::InvalidArgument(format!(
+                "set_len {len_bytes} beyond capacity {}",
+                self.alloc.layout.size()
+            )));
+        }
+        self.len = len_bytes;
+        Ok(())
+    }
+
+    /// Capacity of the underlying allocation in bytes.
+    pub fn capacity(&self) -> usize {
+        self.alloc.layout.size()
+    }
+
+    /// Raw segment covering `range` of this buffer, keeping the memory alive
+    /// for as long as the segment exists.
+    pub(crate) fn segment(&self, start: usize, len: usize) -> Segment {
+        debug_assert!(start + len <= self.len);
+        Segment {
+            // SAFETY: start + len is within the allocation (asserted above and
+            // guaranteed by callers, which slice by the buffer's length).
+            ptr: unsafe { self.alloc.ptr.as_ptr().add(start) },
+            len,
+            _keep: self.alloc.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for DmaBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the allocation holds at least `len` initialised bytes; the
+        // `&self` borrow keeps the buffer from being handed to a device.
+        unsafe { std::slice::from_raw_parts(self.alloc.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::ops::DerefMut for DmaBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as for `deref`; `&mut self` makes this the only access.
+        unsafe { std::slice::from_raw_parts_mut(self.alloc.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl std::fmt::Debug for DmaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaBuf").field("len", &self.len).finish()
+    }
+}
+
+/// A piece of DMA memory that an in-flight operation reads or writes. It
+/// keeps its allocation alive; it is not a Rust reference to the bytes.
+pub struct Segment {
+    ptr: *mut u8,
+    len: usize,
+    _keep: Arc<DmaAlloc>,
+}
+
+// SAFETY: a segment is an address plus a keep-alive; the memory is plain heap
+// memory that may be touched from any thread under the device protocol.
+unsafe impl Send for Segment {}
+
+impl Segment {
+    /// Start address.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty segment.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `src` into the segment at `offset`.
+    ///
+    /// # Safety
+    /// No other access to this memory may run concurrently (the device
+    /// protocol: the segment belongs to one in-flight operation).
+    pub unsafe fn write_at(&self, offset: usize, src: &[u8]) {
+        assert!(offset + src.len() <= self.len, "segment write out of bounds");
+        // SAFETY: bounds checked above; exclusivity is the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) }
+    }
+
+    /// Copies from the segment at `offset` into `dst`.
+    ///
+    /// # Safety
+    /// As for [`Segment::write_at`].
+    pub unsafe fn read_at(&self, offset: usize, dst: &mut [u8]) {
+        assert!(offset + dst.len() <= self.len, "segment read out of bounds");
+        // SAFETY: bounds checked above; exclusivity is the caller's promise.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), dst.as_mut_ptr(), dst.len()) }
+    }
+
+    /// Fills the segment with zero bytes.
+    ///
+    /// # Safety
+    /// As for [`Segment::write_at`].
+    pub unsafe fn zero(&self) {
+        // SAFETY: the whole segment is in bounds; exclusivity as above.
+        unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) }
+    }
+}

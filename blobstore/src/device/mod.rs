@@ -1,0 +1,492 @@
+//! The device layer: a small block-device interface with per-thread,
+//! polled I/O channels.
+//!
+//! Invariants:
+//! - A channel belongs to the thread that created it ([`IoChannel`] is not
+//!   `Send`); submitting and completing take no lock shared with other threads.
+//! - An operation's buffers stay alive until the device completes it, even if
+//!   the future waiting for it is dropped.
+//! - Every operation is checked against the geometry before it reaches a
+//!   backend: block-multiple lengths, nothing past the last block.
+//! - Completion happens only when the owning thread polls the channel
+//!   ([`IoChannel::poll`], or any pending [`IoFuture`] being polled).
+
+mod dma;
+mod file;
+mod mem;
+mod spec;
+
+pub use dma::{DmaBuf, Segment, DMA_ALIGN};
+pub use file::FileDevice;
+pub use mem::MemDevice;
+pub use spec::{open_device, DeviceSpec};
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+
+use crate::error::{Error, Result};
+
+/// Shape of a block device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes per block (the I/O unit): 512 or 4096.
+    pub block_size: u32,
+    /// Number of blocks.
+    pub block_count: u64,
+    /// Largest single transfer the device takes, in bytes (advisory: the
+    /// device layer splits larger operations itself).
+    pub max_transfer_bytes: u32,
+    /// True when an unmapped range is guaranteed to read back as zeroes.
+    pub unmap_reads_zeroes: bool,
+}
+
+impl Geometry {
+    /// Device size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.block_count * self.block_size as u64
+    }
+}
+
+/// Unique identity of one device instance (keys the per-thread channel cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceId(u64);
+
+impl DeviceId {
+    /// A fresh id, never handed out before in this process.
+    pub fn fresh() -> DeviceId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        DeviceId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoKind {
+    /// Read blocks into the segments.
+    Read,
+    /// Write the segments to blocks.
+    Write,
+    /// Make every completed write durable.
+    Flush,
+    /// Deallocate blocks.
+    Unmap,
+    /// Set blocks to zero.
+    WriteZeroes,
+}
+
+impl IoKind {
+    /// Lower-case name, for errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            IoKind::Read => "read",
+            IoKind::Write => "write",
+            IoKind::Flush => "flush",
+            IoKind::Unmap => "unmap",
+            IoKind::WriteZeroes => "write_zeroes",
+        }
+    }
+}
+
+/// One operation as a backend sees it.
+pub struct IoOp {
+    /// What to do.
+    pub kind: IoKind,
+    /// First block.
+    pub lba: u64,
+    /// Number of blocks (0 for flush).
+    pub blocks: u64,
+    /// Memory for reads and writes, in order; their lengths add up to
+    /// `blocks * block_size`. Empty for the other kinds.
+    pub segs: Vec<Segment>,
+}
+
+impl IoOp {
+    /// A device error for this operation.
+    pub fn error(&self, reason: impl Into<String>) -> Error {
+        Error::Io {
+            op: self.kind.name(),
+            lba: self.lba,
+            blocks: self.blocks,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Identifies one in-flight operation within its channel.
+pub type Tag = u32;
+
+/// The per-thread engine of a device: a queue pair, an io_uring, or plain
+/// memory copies. Implemented by each device; driven by [`IoChannel`].
+pub trait ChannelBackend {
+    /// Starts `op`. The op's segments stay valid until `reap` reports `tag`.
+    /// An `Err` here means the op was not started.
+    fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()>;
+    /// Reports completed operations through `done`; returns how many. Never
+    /// blocks.
+    fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize;
+}
+
+/// A block device: geometry, buffers, and per-thread channels.
+pub trait BlockDevice: Send + Sync + 'static {
+    /// The device's shape.
+    fn geometry(&self) -> Geometry;
+    /// This instance's identity.
+    fn id(&self) -> DeviceId;
+    /// A human-readable name (its spec).
+    fn name(&self) -> String;
+    /// Creates a new channel engine for the calling thread. Called once per
+    /// thread by [`channel`]; use that instead.
+    fn new_backend(&self) -> Result<Box<dyn ChannelBackend>>;
+    /// Allocates a DMA-able buffer for this device.
+    fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
+        DmaBuf::new(len_bytes)
+    }
+}
+
+thread_local! {
+    static CHANNELS: RefCell<HashMap<DeviceId, (Weak<dyn BlockDevice>, IoChannel)>> =
+        RefCell::new(HashMap::new());
+    static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Operations submitted on this thread's channels that have not completed.
+/// Executors use it to decide between spinning (I/O is pending and only
+/// polling completes it) and sleeping.
+pub fn thread_in_flight() -> usize {
+    IN_FLIGHT.with(|c| c.get())
+}
+
+/// The calling thread's channel for `dev`, created on first use.
+pub fn channel(dev: &Arc<dyn BlockDevice>) -> Result<IoChannel> {
+    let id = dev.id();
+    if let Some(ch) = CHANNELS.with(|m| m.borrow().get(&id).map(|(_, c)| c.clone())) {
+        return Ok(ch);
+    }
+    let backend = dev.new_backend()?;
+    let ch = IoChannel::new(dev.geometry(), dev.name(), backend);
+    CHANNELS.with(|m| {
+        let mut m = m.borrow_mut();
+        // Drop channels of devices that are gone, so their fds and rings close.
+        m.retain(|_, (w, c)| w.strong_count() > 0 || c.in_flight() > 0);
+        m.insert(id, (Arc::downgrade(dev), ch.clone()));
+    });
+    Ok(ch)
+}
+
+/// Drives every channel of this thread once; returns completions seen.
+pub fn poll_thread_channels() -> usize {
+    let chans: Vec<IoChannel> =
+        CHANNELS.with(|m| m.borrow().values().map(|(_, c)| c.clone()).collect());
+    chans.iter().map(|c| c.poll()).sum()
+}
+
+enum Slot {
+    Free { next: Option<Tag> },
+    InFlight {
+        /// Held so the op's buffers outlive the device's use of them.
+        _op: IoOp,
+        waker: Option<Waker>,
+        abandoned: bool,
+    },
+    Done { result: Result<()> },
+}
+
+struct ChannelState {
+    backend: Box<dyn ChannelBackend>,
+    slots: Vec<Slot>,
+    free_head: Option<Tag>,
+    in_flight: usize,
+}
+
+struct ChannelInner {
+    geometry: Geometry,
+    name: String,
+    state: RefCell<ChannelState>,
+}
+
+/// A thread's channel to one device. Cheap to clone; not `Send`.
+#[derive(Clone)]
+pub struct IoChannel(Rc<ChannelInner>);
+
+impl IoChannel {
+    fn new(geometry: Geometry, name: String, backend: Box<dyn ChannelBackend>) -> IoChannel {
+        IoChannel(Rc::new(ChannelInner {
+            geometry,
+            name,
+            state: RefCell::new(ChannelState {
+                backend,
+                slots: Vec::new(),
+                free_head: None,
+                in_flight: 0,
+            }),
+        }))
+    }
+
+    /// The device's geometry.
+    pub fn geometry(&self) -> Geometry {
+        self.0.geometry
+    }
+
+    /// Operations submitted and not yet completed on this channel.
+    pub fn in_flight(&self) -> usize {
+        self.0.state.borrow().in_flight
+    }
+
+    /// Reaps completions and wakes their futures; returns how many.
+    pub fn poll(&self) -> usize {
+        let mut guard = self.0.state.borrow_mut();
+        let st = &mut *guard;
+        let slots = &mut st.slots;
+        let free_head = &mut st.free_head;
+        let mut wakers = Vec::new();
+        let n = st.backend.reap(&mut |tag, result| {
+            let Some(slot) = slots.get_mut(tag as usize) else {
+                debug_assert!(false, "completion for unknown tag {tag}");
+                return;
+            };
+            match std::mem::replace(slot, Slot::Done { result }) {
+                Slot::InFlight {
+                    waker, abandoned, ..
+                } => {
+                    if abandoned {
+                        *slot = Slot::Free { next: *free_head };
+                        *free_head = Some(tag);
+                    } else if let Some(w) = waker {
+                        wakers.push(w);
+                    }
+                }
+                other => {
+                    debug_assert!(false, "completion for a slot not in flight");
+                    *slot = other;
+                }
+            }
+        });
+        st.in_flight -= n;
+        IN_FLIGHT.with(|c| c.set(c.get() - n));
+        drop(guard);
+        for w in wakers {
+            w.wake();
+        }
+        n
+    }
+
+    fn check(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Result<()> {
+        let g = self.0.geometry;
+        let end = lba.checked_add(blocks);
+        if end.is_none_or(|e| e > g.block_count) {
+            return Err(Error::OutOfRange {
+                what: format!("{} on device {}", kind.name(), self.0.name),
+                offset: lba,
+                len: blocks,
+                size: g.block_count,
+            });
+        }
+        if matches!(kind, IoKind::Read | IoKind::Write) {
+            if bytes == 0 || bytes % g.block_size as usize != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "{} of {bytes} bytes is not a positive multiple of the block size {}",
+                    kind.name(),
+                    g.block_size
+                )));
+            }
+        } else if kind != IoKind::Flush && blocks == 0 {
+            return Err(Error::InvalidArgument(format!("{} of 0 blocks", kind.name())));
+        }
+        Ok(())
+    }
+
+    /// Starts a checked operation and returns the future for its completion.
+    pub(crate) fn submit(&self, op: IoOp) -> IoFuture {
+        let bytes: usize = op.segs.iter().map(|s| s.len()).sum();
+        let blocks = if matches!(op.kind, IoKind::Read | IoKind::Write) {
+            (bytes / self.0.geometry.block_size as usize) as u64
+        } else {
+            op.blocks
+        };
+        if let Err(e) = self.check(op.kind, op.lba, blocks, bytes) {
+            return IoFuture::failed(e);
+        }
+        let op = IoOp { blocks, ..op };
+        let mut st = self.0.state.borrow_mut();
+        let tag = match st.free_head {
+            Some(t) => {
+                st.free_head = match st.slots[t as usize] {
+                    Slot::Free { next } => next,
+                    _ => unreachable!("free list holds a busy slot"),
+                };
+                t
+            }
+            None => {
+                st.slots.push(Slot::Free { next: None });
+                (st.slots.len() - 1) as Tag
+            }
+        };
+        let res = st.backend.submit(tag, &op);
+        if let Err(e) = res {
+            st.slots[tag as usize] = Slot::Free { next: st.free_head };
+            st.free_head = Some(tag);
+            return IoFuture::failed(e);
+        }
+        st.slots[tag as usize] = Slot::InFlight {
+            _op: op,
+            waker: None,
+            abandoned: false,
+        };
+        st.in_flight += 1;
+        IN_FLIGHT.with(|c| c.set(c.get() + 1));
+        IoFuture {
+            chan: Some(self.clone()),
+            tag,
+            early: None,
+        }
+    }
+
+    fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
+        let segs = bufs.iter().map(|b| b.segment(0, b.len())).collect();
+        self.submit(IoOp {
+            kind,
+            lba,
+            blocks: 0,
+            segs,
+        })
+    }
+
+    /// Reads `buf.len()` bytes starting at block `lba` into `buf`.
+    pub async fn read(&self, lba: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        let bufs = [buf];
+        self.submit_bufs(IoKind::Read, lba, &bufs).await?;
+        let [buf] = bufs;
+        Ok(buf)
+    }
+
+    /// Writes `buf` to the blocks starting at `lba`.
+    pub async fn write(&self, lba: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        let bufs = [buf];
+        self.submit_bufs(IoKind::Write, lba, &bufs).await?;
+        let [buf] = bufs;
+        Ok(buf)
+    }
+
+    /// Reads consecutive blocks starting at `lba` into `bufs`, in order.
+    pub async fn readv(&self, lba: u64, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+        self.submit_bufs(IoKind::Read, lba, &bufs).await?;
+        Ok(bufs)
+    }
+
+    /// Writes `bufs`, in order, to consecutive blocks starting at `lba`.
+    pub async fn writev(&self, lba: u64, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+        self.submit_bufs(IoKind::Write, lba, &bufs).await?;
+        Ok(bufs)
+    }
+
+    /// Makes every write completed before this call durable.
+    pub fn flush(&self) -> IoFuture {
+        self.submit(IoOp {
+            kind: IoKind::Flush,
+            lba: 0,
+            blocks: 0,
+            segs: Vec::new(),
+        })
+    }
+
+    /// Deallocates `blocks` blocks at `lba` (reads back zeroes when the
+    /// geometry says `unmap_reads_zeroes`).
+    pub fn unmap(&self, lba: u64, blocks: u64) -> IoFuture {
+        self.submit(IoOp {
+            kind: IoKind::Unmap,
+            lba,
+            blocks,
+            segs: Vec::new(),
+        })
+    }
+
+    /// Sets `blocks` blocks at `lba` to zero.
+    pub fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture {
+        self.submit(IoOp {
+            kind: IoKind::WriteZeroes,
+            lba,
+            blocks,
+            segs: Vec::new(),
+        })
+    }
+}
+
+/// Completion of one device operation. Polling it polls its channel.
+#[must_use = "an I/O future does nothing useful unless awaited"]
+pub struct IoFuture {
+    chan: Option<IoChannel>,
+    tag: Tag,
+    early: Option<Error>,
+}
+
+impl IoFuture {
+    fn failed(e: Error) -> IoFuture {
+        IoFuture {
+            chan: None,
+            tag: 0,
+            early: Some(e),
+        }
+    }
+}
+
+impl Future for IoFuture {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let Some(chan) = self.chan.clone() else {
+            return Poll::Ready(match self.early.take() {
+                Some(e) => Err(e),
+                None => Err(Error::Shutdown("I/O future polled after completion".into())),
+            });
+        };
+        chan.poll();
+        let mut st = chan.0.state.borrow_mut();
+        let st = &mut *st;
+        let tag = self.tag;
+        let slot = &mut st.slots[tag as usize];
+        match slot {
+            Slot::InFlight { waker, .. } => {
+                if !waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    *waker = Some(cx.waker().clone());
+                }
+                Poll::Pending
+            }
+            Slot::Done { .. } => {
+                let Slot::Done { result } =
+                    std::mem::replace(slot, Slot::Free { next: st.free_head })
+                else {
+                    unreachable!()
+                };
+                st.free_head = Some(tag);
+                drop(self.chan.take());
+                Poll::Ready(result)
+            }
+            Slot::Free { .. } => {
+                Poll::Ready(Err(Error::Shutdown("I/O slot lost".into())))
+            }
+        }
+    }
+}
+
+impl Drop for IoFuture {
+    fn drop(&mut self) {
+        let Some(chan) = self.chan.take() else { return };
+        let mut st = chan.0.state.borrow_mut();
+        let st = &mut *st;
+        let slot = &mut st.slots[self.tag as usize];
+        match slot {
+            Slot::InFlight { abandoned, .. } => *abandoned = true,
+            Slot::Done { .. } => {
+                *slot = Slot::Free { next: st.free_head };
+                st.free_head = Some(self.tag);
+            }
+            Slot::Free { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! An asynchronous, cluster-allocated blobstore on a polled block-device
+//! layer, in the line of SPDK's blobstore.
+//!
+//! Layers, bottom up:
+//! - [`device`]: [`BlockDevice`] with per-thread [`IoChannel`]s completed by
+//!   polling, and the devices ([`MemDevice`], [`FileDevice`]).
+//! - [`exec`] and [`reactor`]: running futures, on any thread with
+//!   [`block_on`] or on pinned per-core reactors.
+//! - The blobstore itself: [`Blobstore`] and [`Blob`].
+#![deny(missing_docs)]
+
+pub mod device;
+mod error;
+pub mod exec;
+
+pub use device::{
+    channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
+};
+pub use error::{Error, Result};
+pub use exec::block_on;
+
+/// Identifies a blob within its blobstore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlobId(pub u64);
+
+impl std::fmt::Display for BlobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
