@@ -12,6 +12,7 @@
 pub mod device;
 mod error;
 pub mod exec;
+pub mod reactor;
 
 pub use device::{
     channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,

@@ -1,0 +1,1 @@
+//! Per-core reactors (filled in by its own change).
