@@ -53,7 +53,7 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
             // thread, so I/O submitted by other parts of the future progresses.
             if poll_thread_channels() == 0 {
                 idle_spins += 1;
-                if idle_spins % 64 == 0 {
+                if idle_spins.is_multiple_of(64) {
                     thread::yield_now();
                 } else {
                     std::hint::spin_loop();

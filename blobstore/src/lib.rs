@@ -9,16 +9,22 @@
 //! - The blobstore itself: [`Blobstore`] and [`Blob`].
 #![deny(missing_docs)]
 
+mod alloc;
+mod blob;
 pub mod device;
 mod error;
 pub mod exec;
+pub mod format;
 pub mod reactor;
+mod store;
 
+pub use blob::Blob;
 pub use device::{
     channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
 };
 pub use error::{Error, Result};
 pub use exec::block_on;
+pub use store::{BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

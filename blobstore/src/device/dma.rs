@@ -170,7 +170,10 @@ impl Segment {
     /// No other access to this memory may run concurrently (the device
     /// protocol: the segment belongs to one in-flight operation).
     pub unsafe fn write_at(&self, offset: usize, src: &[u8]) {
-        assert!(offset + src.len() <= self.len, "segment write out of bounds");
+        assert!(
+            offset + src.len() <= self.len,
+            "segment write out of bounds"
+        );
         // SAFETY: bounds checked above; exclusivity is the caller's promise.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(offset), src.len()) }
     }

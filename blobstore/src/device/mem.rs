@@ -66,7 +66,7 @@ impl MemDevice {
                 "block size {block_size}: must be 512 or 4096"
             )));
         }
-        if size_bytes == 0 || size_bytes % block_size as u64 != 0 {
+        if size_bytes == 0 || !size_bytes.is_multiple_of(block_size as u64) {
             return Err(Error::InvalidArgument(format!(
                 "memory device size {size_bytes} is not a positive multiple of {block_size}"
             )));

@@ -149,8 +149,12 @@ pub trait BlockDevice: Send + Sync + 'static {
     }
 }
 
+/// A thread's channels, with a weak link to each device so channels of
+/// dropped devices can be closed.
+type ChannelMap = HashMap<DeviceId, (Weak<dyn BlockDevice>, IoChannel)>;
+
 thread_local! {
-    static CHANNELS: RefCell<HashMap<DeviceId, (Weak<dyn BlockDevice>, IoChannel)>> =
+    static CHANNELS: RefCell<ChannelMap> =
         RefCell::new(HashMap::new());
     static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
 }
@@ -187,14 +191,18 @@ pub fn poll_thread_channels() -> usize {
 }
 
 enum Slot {
-    Free { next: Option<Tag> },
+    Free {
+        next: Option<Tag>,
+    },
     InFlight {
         /// Held so the op's buffers outlive the device's use of them.
         _op: IoOp,
         waker: Option<Waker>,
         abandoned: bool,
     },
-    Done { result: Result<()> },
+    Done {
+        result: Result<()>,
+    },
 }
 
 struct ChannelState {
@@ -288,7 +296,7 @@ impl IoChannel {
             });
         }
         if matches!(kind, IoKind::Read | IoKind::Write) {
-            if bytes == 0 || bytes % g.block_size as usize != 0 {
+            if bytes == 0 || !bytes.is_multiple_of(g.block_size as usize) {
                 return Err(Error::InvalidArgument(format!(
                     "{} of {bytes} bytes is not a positive multiple of the block size {}",
                     kind.name(),
@@ -296,7 +304,10 @@ impl IoChannel {
                 )));
             }
         } else if kind != IoKind::Flush && blocks == 0 {
-            return Err(Error::InvalidArgument(format!("{} of 0 blocks", kind.name())));
+            return Err(Error::InvalidArgument(format!(
+                "{} of 0 blocks",
+                kind.name()
+            )));
         }
         Ok(())
     }
@@ -467,9 +478,7 @@ impl Future for IoFuture {
                 drop(self.chan.take());
                 Poll::Ready(result)
             }
-            Slot::Free { .. } => {
-                Poll::Ready(Err(Error::Shutdown("I/O slot lost".into())))
-            }
+            Slot::Free { .. } => Poll::Ready(Err(Error::Shutdown("I/O slot lost".into()))),
         }
     }
 }

@@ -17,7 +17,10 @@ pub enum DeviceSpec {
 
 /// Opens the device a spec names.
 pub fn open_device(spec: &str) -> Result<Arc<dyn BlockDevice>> {
-    match spec.strip_prefix("mem:").and_then(|s| s.parse::<u64>().ok()) {
+    match spec
+        .strip_prefix("mem:")
+        .and_then(|s| s.parse::<u64>().ok())
+    {
         Some(n) => Ok(Arc::new(MemDevice::new(n, 4096)?)),
         None => Err(Error::BadSpec {
             spec: spec.into(),

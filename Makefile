@@ -1,0 +1,39 @@
+# The two commands a newcomer needs (see README.md):
+#   make bench   runs the main benchmark and prints its table
+#   make test    runs every test
+# Both install what they need first (Debian, as root) via `make deps`.
+
+CARGO ?= cargo
+SHELL := /bin/bash
+
+# System packages the build and tests need. Installed only when missing.
+APT_PACKAGES := build-essential pkg-config
+
+.PHONY: all deps test test-rust lint bench bench-criterion fmt clippy
+
+all: test
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "run as root (or install:$$missing)"; exit 1; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (rustup)"; exit 1; }
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test-rust: deps
+	$(CARGO) test --workspace --release
+
+test: lint test-rust
+
+bench: deps
+	$(CARGO) run --release -p benches --bin blobstore-bench
+
+bench-criterion: deps
+	$(CARGO) bench -p benches --bench blobstore

@@ -1,0 +1,2 @@
+//! Benchmarks of the storage stack.
+#![deny(missing_docs)]

@@ -1,0 +1,177 @@
+//! In-memory allocation bitmaps: metadata pages, clusters, blob ids.
+//!
+//! Invariants:
+//! - `free_clusters` and `free_pages` equal the zero bits of their maps.
+//! - The clusters that hold the super block, bitmaps and metadata region are
+//!   always marked used; nothing ever frees them.
+//! - A blob-id bit is set only where the page bit is set too.
+
+use bitvec::prelude::*;
+
+/// The three bitmaps of a loaded store.
+pub(crate) struct Allocator {
+    pages: BitVec<u64, Lsb0>,
+    clusters: BitVec<u64, Lsb0>,
+    blobids: BitVec<u64, Lsb0>,
+    reserved_clusters: u32,
+    free_clusters: u64,
+    free_pages: u64,
+    cluster_hint: usize,
+    page_hint: usize,
+}
+
+impl Allocator {
+    /// Empty maps with the first `reserved_clusters` clusters in use.
+    pub fn new(md_pages: u64, total_clusters: u64, reserved_clusters: u32) -> Allocator {
+        let mut clusters = bitvec![u64, Lsb0; 0; total_clusters as usize];
+        clusters[..reserved_clusters as usize].fill(true);
+        Allocator {
+            pages: bitvec![u64, Lsb0; 0; md_pages as usize],
+            clusters,
+            blobids: bitvec![u64, Lsb0; 0; md_pages as usize],
+            reserved_clusters,
+            free_clusters: total_clusters - reserved_clusters as u64,
+            free_pages: md_pages,
+            cluster_hint: reserved_clusters as usize,
+            page_hint: 0,
+        }
+    }
+
+    /// Maps read from a cleanly unloaded store.
+    pub fn from_bits(pages: &[bool], clusters: &[bool], blobids: &[bool], reserved: u32) -> Self {
+        let mut a = Allocator::new(pages.len() as u64, clusters.len() as u64, reserved);
+        for (i, _) in pages.iter().enumerate().filter(|(_, &b)| b) {
+            a.pages.set(i, true);
+        }
+        for (i, _) in clusters.iter().enumerate().filter(|(_, &b)| b) {
+            a.clusters.set(i, true);
+        }
+        for (i, _) in blobids.iter().enumerate().filter(|(_, &b)| b) {
+            a.blobids.set(i, true);
+        }
+        a.free_clusters = a.clusters.count_zeros() as u64;
+        a.free_pages = a.pages.count_zeros() as u64;
+        a
+    }
+
+    pub fn bits(&self) -> (Vec<bool>, Vec<bool>, Vec<bool>) {
+        let v = |b: &BitVec<u64, Lsb0>| b.iter().map(|x| *x).collect();
+        (v(&self.pages), v(&self.clusters), v(&self.blobids))
+    }
+
+    pub fn free_clusters(&self) -> u64 {
+        self.free_clusters
+    }
+
+    pub fn free_pages(&self) -> u64 {
+        self.free_pages
+    }
+
+    fn find_zero(map: &BitVec<u64, Lsb0>, hint: usize) -> Option<usize> {
+        map[hint..]
+            .first_zero()
+            .map(|i| i + hint)
+            .or_else(|| map[..hint].first_zero())
+    }
+
+    /// Takes `n` free clusters, or none at all.
+    pub fn alloc_clusters(&mut self, n: usize) -> Option<Vec<u32>> {
+        if (n as u64) > self.free_clusters {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let c = Self::find_zero(&self.clusters, self.cluster_hint)
+                .expect("free count says a cluster is free");
+            self.clusters.set(c, true);
+            self.cluster_hint = c + 1;
+            if self.cluster_hint >= self.clusters.len() {
+                self.cluster_hint = self.reserved_clusters as usize;
+            }
+            out.push(c as u32);
+        }
+        self.free_clusters -= n as u64;
+        Some(out)
+    }
+
+    pub fn free_cluster(&mut self, c: u32) {
+        let c = c as usize;
+        debug_assert!(
+            c >= self.reserved_clusters as usize,
+            "freeing a metadata cluster"
+        );
+        debug_assert!(self.clusters[c], "double free of cluster {c}");
+        if c >= self.reserved_clusters as usize && self.clusters[c] {
+            self.clusters.set(c, false);
+            self.free_clusters += 1;
+        }
+    }
+
+    /// Marks a cluster used during a rebuild; false if it already was.
+    pub fn claim_cluster(&mut self, c: u32) -> bool {
+        let c = c as usize;
+        if c >= self.clusters.len() || self.clusters[c] {
+            return false;
+        }
+        self.clusters.set(c, true);
+        self.free_clusters -= 1;
+        true
+    }
+
+    /// Takes `n` free metadata pages, or none at all.
+    pub fn alloc_pages(&mut self, n: usize) -> Option<Vec<u32>> {
+        if (n as u64) > self.free_pages {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let p = Self::find_zero(&self.pages, self.page_hint)
+                .expect("free count says a page is free");
+            self.pages.set(p, true);
+            self.page_hint = (p + 1) % self.pages.len();
+            out.push(p as u32);
+        }
+        self.free_pages -= n as u64;
+        Some(out)
+    }
+
+    pub fn free_page(&mut self, p: u32) {
+        let p = p as usize;
+        debug_assert!(self.pages[p], "double free of md page {p}");
+        debug_assert!(!self.blobids[p], "freeing the first page of a live blob");
+        if self.pages[p] {
+            self.pages.set(p, false);
+            self.free_pages += 1;
+        }
+    }
+
+    /// Marks a page used during a rebuild; false if it already was.
+    pub fn claim_page(&mut self, p: u32) -> bool {
+        let p = p as usize;
+        if p >= self.pages.len() || self.pages[p] {
+            return false;
+        }
+        self.pages.set(p, true);
+        self.free_pages -= 1;
+        true
+    }
+
+    pub fn set_blobid(&mut self, p: u32, used: bool) {
+        debug_assert!(!used || self.pages[p as usize]);
+        self.blobids.set(p as usize, used);
+    }
+
+    pub fn is_blobid(&self, p: u32) -> bool {
+        self.blobids.get(p as usize).is_some_and(|b| *b)
+    }
+
+    pub fn blobids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.blobids.iter_ones().map(|i| i as u32)
+    }
+
+    /// Debug check of the counters.
+    pub fn check(&self) {
+        debug_assert_eq!(self.free_clusters, self.clusters.count_zeros() as u64);
+        debug_assert_eq!(self.free_pages, self.pages.count_zeros() as u64);
+    }
+}

@@ -1,0 +1,463 @@
+//! Blob handles and blob I/O.
+//!
+//! Invariants:
+//! - Every I/O is checked against the blob's size before any device
+//!   operation is issued: past the end is an error, never a wrap.
+//! - The data path holds the blob's metadata lock only to translate blob
+//!   offsets into device blocks, never across an await.
+//! - A read of a cluster the blob has not allocated returns zeroes without
+//!   touching the device.
+//! - A write to an unallocated cluster of a thin blob allocates it under the
+//!   store's metadata lock, zeroes what the write does not cover, writes the
+//!   data, and makes the new mapping durable before it completes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use futures::future::try_join_all;
+
+use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segment};
+use crate::error::{Error, Result};
+use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
+use crate::store::{BlobInner, StoreInner};
+use crate::BlobId;
+
+/// Checks an xattr name and value against the format's limits.
+pub(crate) fn check_xattr(name: &str, value: &[u8]) -> Result<()> {
+    if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "xattr name {name:?}: must be 1 to {MAX_XATTR_NAME_LEN} bytes"
+        )));
+    }
+    if value.len() > MAX_XATTR_VALUE_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "xattr {name:?}: value of {} bytes exceeds {MAX_XATTR_VALUE_LEN}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// An open blob. Dropping the handle closes it without syncing; call
+/// [`Blob::close`] to sync changed metadata first.
+pub struct Blob {
+    store: Arc<StoreInner>,
+    inner: Arc<BlobInner>,
+}
+
+/// A contiguous piece of a blob range: device block (None = unallocated),
+/// length in units, offset into the caller's buffers in units.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    lba: Option<u64>,
+    units: u64,
+    buf_unit: u64,
+}
+
+impl Drop for Blob {
+    fn drop(&mut self) {
+        self.inner.handles.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Segments covering bytes `[off, off+len)` of `bufs` taken as one buffer.
+fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
+    let mut out = Vec::new();
+    let (mut skip, mut left) = (off, len);
+    for b in bufs {
+        if left == 0 {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let n = (b.len() - skip).min(left);
+        out.push(b.segment(skip, n));
+        left -= n;
+        skip = 0;
+    }
+    out
+}
+
+/// Zeroes bytes `[off, off+len)` of `bufs` taken as one buffer.
+fn zero_range(bufs: &mut [DmaBuf], off: usize, len: usize) {
+    let (mut skip, mut left) = (off, len);
+    for b in bufs {
+        if left == 0 {
+            break;
+        }
+        if skip >= b.len() {
+            skip -= b.len();
+            continue;
+        }
+        let n = (b.len() - skip).min(left);
+        b[skip..skip + n].fill(0);
+        left -= n;
+        skip = 0;
+    }
+}
+
+impl Blob {
+    pub(crate) fn new(store: Arc<StoreInner>, inner: Arc<BlobInner>) -> Blob {
+        Blob { store, inner }
+    }
+
+    /// The blob's id.
+    pub fn id(&self) -> BlobId {
+        self.inner.id
+    }
+
+    /// Size in clusters.
+    pub fn num_clusters(&self) -> u64 {
+        self.inner.md.read().num_clusters
+    }
+
+    /// Size in metadata-page-sized pages.
+    pub fn num_pages(&self) -> u64 {
+        self.num_clusters() * self.store.layout.pages_per_cluster()
+    }
+
+    /// Size in I/O units (device blocks).
+    pub fn num_io_units(&self) -> u64 {
+        self.num_clusters() * self.store.layout.units_per_cluster()
+    }
+
+    /// Size in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.num_clusters() * self.store.layout.cluster_size as u64
+    }
+
+    /// Bytes per I/O unit.
+    pub fn io_unit_size(&self) -> u32 {
+        self.store.layout.io_unit
+    }
+
+    /// Clusters actually allocated (less than the size for thin blobs).
+    pub fn allocated_clusters(&self) -> u64 {
+        self.inner
+            .md
+            .read()
+            .clusters
+            .iter()
+            .filter(|&&c| c != 0)
+            .count() as u64
+    }
+
+    /// True for a thin-provisioned blob.
+    pub fn is_thin(&self) -> bool {
+        self.inner.md.read().thin()
+    }
+
+    /// True once [`Blob::set_read_only`] was called (or the store says so).
+    pub fn is_read_only(&self) -> bool {
+        self.inner.md.read().read_only()
+    }
+
+    /// True when in-memory metadata differs from what is on disk.
+    pub fn is_dirty(&self) -> bool {
+        self.inner.md.read().is_dirty()
+    }
+
+    /// Makes the blob read-only (data and metadata); durable at the next sync.
+    pub fn set_read_only(&self) {
+        let mut md = self.inner.md.write();
+        md.data_ro_flags |= format::BLOB_READ_ONLY;
+        md.md_ro_flags |= format::BLOB_READ_ONLY;
+        md.touch();
+    }
+
+    /// Sets an xattr in memory; durable at the next sync.
+    pub fn set_xattr(&self, name: &str, value: &[u8]) -> Result<()> {
+        check_xattr(name, value)?;
+        let mut md = self.inner.md.write();
+        if md.read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
+        md.xattrs.insert(name.to_string(), value.to_vec());
+        md.touch();
+        Ok(())
+    }
+
+    /// The value of an xattr, if set.
+    pub fn get_xattr(&self, name: &str) -> Option<Vec<u8>> {
+        self.inner.md.read().xattrs.get(name).cloned()
+    }
+
+    /// Removes an xattr; [`Error::InvalidArgument`] if it is not set.
+    pub fn remove_xattr(&self, name: &str) -> Result<()> {
+        let mut md = self.inner.md.write();
+        if md.read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
+        if md.xattrs.remove(name).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "blob {}: no xattr {name:?}",
+                self.id()
+            )));
+        }
+        md.touch();
+        Ok(())
+    }
+
+    /// Names of all xattrs, sorted.
+    pub fn xattr_names(&self) -> Vec<String> {
+        self.inner.md.read().xattrs.keys().cloned().collect()
+    }
+
+    /// Sets the size in clusters. Growing a thick blob allocates (and zeroes)
+    /// clusters now; shrinking frees them at the next sync. Do not shrink
+    /// below a range that has I/O in flight.
+    pub async fn resize(&self, num_clusters: u64) -> Result<()> {
+        let ch = self.store.chan()?;
+        let _g = self.store.md_lock.lock().await;
+        self.store
+            .resize_locked(&ch, &self.inner, num_clusters)
+            .await
+    }
+
+    /// Makes the blob's metadata (size, xattrs, flags, cluster map) durable.
+    pub async fn sync_metadata(&self) -> Result<()> {
+        let ch = self.store.chan()?;
+        let _g = self.store.md_lock.lock().await;
+        self.store.sync_blob_locked(&ch, &self.inner).await
+    }
+
+    /// Syncs changed metadata, then closes the handle.
+    pub async fn close(self) -> Result<()> {
+        if self.is_dirty() {
+            self.sync_metadata().await?;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, md_clusters: u64, offset: u64, units: u64) -> Result<()> {
+        let size = md_clusters * self.store.layout.units_per_cluster();
+        if units == 0 || offset.checked_add(units).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                what: format!("blob {} (in io units)", self.id()),
+                offset,
+                len: units,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    fn units_of(&self, bufs: &[DmaBuf]) -> Result<u64> {
+        let bytes: usize = bufs.iter().map(|b| b.len()).sum();
+        let unit = self.store.layout.io_unit as usize;
+        if bytes == 0 || !bytes.is_multiple_of(unit) || bufs.iter().any(|b| b.len() % unit != 0) {
+            return Err(Error::InvalidArgument(format!(
+                "buffers of {bytes} bytes: each must be a positive multiple of the io unit {unit}"
+            )));
+        }
+        Ok((bytes / unit) as u64)
+    }
+
+    /// Translates a checked range into runs; also returns the indices of
+    /// unallocated clusters it touches.
+    fn map(&self, offset: u64, units: u64) -> Result<(Vec<Run>, Vec<usize>)> {
+        let md = self.inner.md.read();
+        self.check_range(md.num_clusters, offset, units)?;
+        let upc = self.store.layout.units_per_cluster();
+        let mut runs: Vec<Run> = Vec::new();
+        let mut missing = Vec::new();
+        let mut pos = offset;
+        while pos < offset + units {
+            let idx = (pos / upc) as usize;
+            let within = pos % upc;
+            let n = (upc - within).min(offset + units - pos);
+            let c = md.clusters[idx];
+            let lba = (c != 0).then(|| self.store.layout.cluster_lba(c) + within);
+            if c == 0 {
+                missing.push(idx);
+            }
+            let buf_unit = pos - offset;
+            match runs.last_mut() {
+                Some(r)
+                    if match (r.lba, lba) {
+                        (Some(a), Some(b)) => a + r.units == b,
+                        (None, None) => true,
+                        _ => false,
+                    } =>
+                {
+                    r.units += n
+                }
+                _ => runs.push(Run {
+                    lba,
+                    units: n,
+                    buf_unit,
+                }),
+            }
+            pos += n;
+        }
+        Ok((runs, missing))
+    }
+
+    async fn submit_runs(
+        &self,
+        ch: &IoChannel,
+        kind: IoKind,
+        runs: &[Run],
+        bufs: &[DmaBuf],
+    ) -> Result<()> {
+        let unit = self.store.layout.io_unit as usize;
+        let ops = runs.iter().filter_map(|r| {
+            let lba = r.lba?;
+            Some(ch.submit(IoOp {
+                kind,
+                lba,
+                blocks: r.units,
+                segs: segments(bufs, r.buf_unit as usize * unit, r.units as usize * unit),
+            }))
+        });
+        try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Reads into `bufs` (in order) starting at io unit `offset`.
+    pub async fn readv(&self, offset: u64, mut bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+        let units = self.units_of(&bufs)?;
+        let (runs, _) = self.map(offset, units)?;
+        let unit = self.store.layout.io_unit as usize;
+        for r in runs.iter().filter(|r| r.lba.is_none()) {
+            zero_range(
+                &mut bufs,
+                r.buf_unit as usize * unit,
+                r.units as usize * unit,
+            );
+        }
+        let ch = self.store.chan()?;
+        self.submit_runs(&ch, IoKind::Read, &runs, &bufs).await?;
+        Ok(bufs)
+    }
+
+    /// Reads `buf.len()` bytes starting at io unit `offset`.
+    pub async fn read(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        let mut v = self.readv(offset, vec![buf]).await?;
+        Ok(v.pop().expect("one buffer in, one out"))
+    }
+
+    /// Writes `bufs` (in order) starting at io unit `offset`.
+    pub async fn writev(&self, offset: u64, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+        let units = self.units_of(&bufs)?;
+        if self.is_read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
+        let ch = self.store.chan()?;
+        let (runs, missing) = self.map(offset, units)?;
+        if missing.is_empty() {
+            self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
+            return Ok(bufs);
+        }
+        // Thin allocation: serialized with every other metadata change.
+        let _g = self.store.md_lock.lock().await;
+        let (runs, missing) = self.map(offset, units)?;
+        if missing.is_empty() {
+            drop(_g);
+            self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
+            return Ok(bufs);
+        }
+        let fresh = self
+            .store
+            .alloc
+            .lock()
+            .alloc_clusters(missing.len())
+            .ok_or_else(|| {
+                Error::NoSpace(format!(
+                    "{} clusters wanted by a write to thin blob {}",
+                    missing.len(),
+                    self.id()
+                ))
+            })?;
+        let upc = self.store.layout.units_per_cluster();
+        let mut to_zero = Vec::new();
+        let mut new_runs = runs.clone();
+        for (&idx, &c) in missing.iter().zip(&fresh) {
+            let (cs, ce) = (idx as u64 * upc, (idx as u64 + 1) * upc);
+            if offset > cs || offset + units < ce {
+                to_zero.push(c);
+            }
+        }
+        // Point the runs that hit missing clusters at the fresh ones.
+        let mut fresh_of = std::collections::HashMap::new();
+        for (&idx, &c) in missing.iter().zip(&fresh) {
+            fresh_of.insert(idx, c);
+        }
+        new_runs.clear();
+        let mut pos = offset;
+        while pos < offset + units {
+            let idx = (pos / upc) as usize;
+            let within = pos % upc;
+            let n = (upc - within).min(offset + units - pos);
+            let c = match fresh_of.get(&idx) {
+                Some(&c) => c,
+                None => self.inner.md.read().clusters[idx],
+            };
+            new_runs.push(Run {
+                lba: Some(self.store.layout.cluster_lba(c) + within),
+                units: n,
+                buf_unit: pos - offset,
+            });
+            pos += n;
+        }
+        let res = async {
+            self.store.zero_clusters(&ch, &to_zero).await?;
+            self.submit_runs(&ch, IoKind::Write, &new_runs, &bufs).await
+        }
+        .await;
+        if let Err(e) = res {
+            let mut a = self.store.alloc.lock();
+            fresh.iter().for_each(|&c| a.free_cluster(c));
+            return Err(e);
+        }
+        {
+            let per = self.store.layout.extent_per_page;
+            let mut md = self.inner.md.write();
+            for (&idx, &c) in missing.iter().zip(&fresh) {
+                debug_assert_eq!(md.clusters[idx], 0);
+                md.clusters[idx] = c;
+                md.dirty_extents.insert(idx / per);
+            }
+        }
+        self.store.sync_blob_locked(&ch, &self.inner).await?;
+        Ok(bufs)
+    }
+
+    /// Writes `buf` starting at io unit `offset`.
+    pub async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        let mut v = self.writev(offset, vec![buf]).await?;
+        Ok(v.pop().expect("one buffer in, one out"))
+    }
+
+    async fn zero_like(&self, offset: u64, units: u64, unmap: bool) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
+        let (runs, _) = self.map(offset, units)?;
+        let ch = self.store.chan()?;
+        let use_unmap = unmap && self.store.geo.unmap_reads_zeroes;
+        let ops = runs.iter().filter_map(|r| {
+            let lba = r.lba?;
+            Some(if use_unmap {
+                ch.unmap(lba, r.units)
+            } else {
+                ch.write_zeroes(lba, r.units)
+            })
+        });
+        try_join_all(ops).await?;
+        Ok(())
+    }
+
+    /// Deallocates `units` io units at `offset` on the device; the range
+    /// reads back as zeroes afterwards.
+    pub async fn unmap(&self, offset: u64, units: u64) -> Result<()> {
+        self.zero_like(offset, units, true).await
+    }
+
+    /// Sets `units` io units at `offset` to zero.
+    pub async fn write_zeroes(&self, offset: u64, units: u64) -> Result<()> {
+        self.zero_like(offset, units, false).await
+    }
+}

@@ -1,0 +1,725 @@
+//! The on-disk byte layout of the blobstore: every struct that touches the
+//! disk is encoded and decoded here, and only here. `FORMAT.md` next to the
+//! crate draws the same bytes for humans.
+//!
+//! Invariants:
+//! - Every encoded struct carries a magic, a version and a crc32c; decoding
+//!   checks all three before it looks at anything else.
+//! - All integers are little-endian; no `usize` is ever encoded.
+//! - Decoding untrusted bytes never panics: a short, torn or garbage buffer is
+//!   [`Error::Corrupt`] naming where and what.
+//! - Descriptor tags are never reused; an unknown tag is corruption, so an
+//!   old binary never misreads a newer store.
+
+use crate::error::{Error, Result};
+
+/// Length of the super block; it sits at the start of page 0.
+pub const SUPER_BLOCK_LEN: usize = 4096;
+/// Super block magic.
+pub const SUPER_MAGIC: [u8; 8] = *b"RBLOBSTR";
+/// Current format version, written by this code.
+pub const FORMAT_VERSION: u32 = 1;
+/// Length of the blobstore type tag.
+pub const BSTYPE_LEN: usize = 16;
+
+/// Metadata page magic.
+pub const MD_MAGIC: [u8; 4] = *b"BSMD";
+/// Bitmap region magic.
+pub const MASK_MAGIC: [u8; 4] = *b"BSMK";
+/// Bytes of the metadata page header.
+pub const MD_HEADER_LEN: usize = 32;
+/// Bytes of the crc32c trailer of pages and regions.
+pub const CRC_LEN: usize = 4;
+/// Bytes of the bitmap region header.
+pub const MASK_HEADER_LEN: usize = 16;
+/// Marks "no page" in page links and extent tables.
+pub const NO_PAGE: u32 = u32::MAX;
+/// Largest xattr name, in bytes.
+pub const MAX_XATTR_NAME_LEN: usize = 255;
+/// Largest xattr value, in bytes (fits any page size >= 4096).
+pub const MAX_XATTR_VALUE_LEN: usize = 3584;
+/// Header bytes of an extent page's payload.
+pub const EXTENT_HEADER_LEN: usize = 12;
+
+const _: () = assert!(SUPER_BLOCK_LEN == 4096);
+const _: () = assert!(SUPER_OFF_CRC + CRC_LEN == SUPER_BLOCK_LEN);
+const _: () = assert!(SUPER_OFF_RESERVED <= SUPER_OFF_CRC);
+const _: () =
+    assert!(MD_HEADER_LEN + 3 + 2 + MAX_XATTR_NAME_LEN + MAX_XATTR_VALUE_LEN + CRC_LEN <= 4096);
+
+// Super block offsets, each derived from the one before.
+const SUPER_OFF_MAGIC: usize = 0;
+const SUPER_OFF_VERSION: usize = SUPER_OFF_MAGIC + 8;
+const SUPER_OFF_FLAGS: usize = SUPER_OFF_VERSION + 4;
+const SUPER_OFF_PAGE_SIZE: usize = SUPER_OFF_FLAGS + 4;
+const SUPER_OFF_CLUSTER_SIZE: usize = SUPER_OFF_PAGE_SIZE + 4;
+const SUPER_OFF_IO_UNIT: usize = SUPER_OFF_CLUSTER_SIZE + 4;
+const SUPER_OFF_PAD0: usize = SUPER_OFF_IO_UNIT + 4;
+const SUPER_OFF_TOTAL_CLUSTERS: usize = SUPER_OFF_PAD0 + 4;
+const SUPER_OFF_MASK_START: usize = SUPER_OFF_TOTAL_CLUSTERS + 8;
+const SUPER_OFF_PAGE_MASK_LEN: usize = SUPER_OFF_MASK_START + 8;
+const SUPER_OFF_CLUSTER_MASK_LEN: usize = SUPER_OFF_PAGE_MASK_LEN + 8;
+const SUPER_OFF_BLOBID_MASK_LEN: usize = SUPER_OFF_CLUSTER_MASK_LEN + 8;
+const SUPER_OFF_MD_START: usize = SUPER_OFF_BLOBID_MASK_LEN + 8;
+const SUPER_OFF_MD_LEN: usize = SUPER_OFF_MD_START + 8;
+const SUPER_OFF_SUPER_BLOB: usize = SUPER_OFF_MD_LEN + 8;
+const SUPER_OFF_BSTYPE: usize = SUPER_OFF_SUPER_BLOB + 8;
+const SUPER_OFF_RESERVED: usize = SUPER_OFF_BSTYPE + BSTYPE_LEN;
+const SUPER_OFF_CRC: usize = SUPER_BLOCK_LEN - CRC_LEN;
+
+/// Super block flag: the store was unloaded cleanly and its bitmaps are valid.
+pub const SUPER_FLAG_CLEAN: u32 = 1;
+
+/// Blob flags in the "invalid" set: a reader that does not know a bit here
+/// must not open the blob.
+pub const BLOB_INVALID_THIN: u64 = 1;
+/// Blob flag in the "data read-only" and "metadata read-only" sets.
+pub const BLOB_READ_ONLY: u64 = 1;
+
+/// The super block, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SuperBlock {
+    /// Format version found.
+    pub version: u32,
+    /// True when bitmaps on disk are valid (clean unload).
+    pub clean: bool,
+    /// Metadata page size in bytes.
+    pub page_size: u32,
+    /// Cluster size in bytes.
+    pub cluster_size: u32,
+    /// Device block size the store was made with.
+    pub io_unit_size: u32,
+    /// Clusters in the store, metadata clusters included.
+    pub total_clusters: u64,
+    /// First page of the bitmap regions.
+    pub mask_start: u64,
+    /// Pages of the used-metadata-page bitmap.
+    pub page_mask_len: u64,
+    /// Pages of the used-cluster bitmap.
+    pub cluster_mask_len: u64,
+    /// Pages of the used-blob-id bitmap.
+    pub blobid_mask_len: u64,
+    /// First page of the metadata region.
+    pub md_start: u64,
+    /// Pages in the metadata region.
+    pub md_len: u64,
+    /// The super blob's id, 0 for none.
+    pub super_blob: u64,
+    /// Type tag given at init, zero padded.
+    pub bstype: [u8; BSTYPE_LEN],
+}
+
+fn put_u16(b: &mut [u8], off: usize, v: u16) {
+    b[off..off + 2].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u32(b: &mut [u8], off: usize, v: u32) {
+    b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+}
+fn put_u64(b: &mut [u8], off: usize, v: u64) {
+    b[off..off + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Little-endian reader over untrusted bytes: every read is bounds checked.
+struct Reader<'a, 'l> {
+    buf: &'a [u8],
+    pos: usize,
+    location: &'l str,
+}
+
+impl<'a, 'l> Reader<'a, 'l> {
+    fn new(buf: &'a [u8], location: &'l str) -> Self {
+        Reader {
+            buf,
+            pos: 0,
+            location,
+        }
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        let Some(end) = end else {
+            return Err(Error::corrupt(
+                self.location,
+                format!("truncated: need {n} bytes at offset {}", self.pos),
+            ));
+        };
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(
+            self.bytes(2)?.try_into().expect("2 bytes"),
+        ))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+}
+
+fn check_crc(buf: &[u8], location: &str) -> Result<()> {
+    if buf.len() < CRC_LEN {
+        return Err(Error::corrupt(location, "too short to hold a checksum"));
+    }
+    let (body, tail) = buf.split_at(buf.len() - CRC_LEN);
+    let stored = u32::from_le_bytes(tail.try_into().expect("4 bytes"));
+    let actual = crc32c::crc32c(body);
+    if stored != actual {
+        return Err(Error::corrupt(
+            location,
+            format!("checksum mismatch (stored {stored:#010x}, computed {actual:#010x})"),
+        ));
+    }
+    Ok(())
+}
+
+fn seal_crc(buf: &mut [u8]) {
+    let n = buf.len() - CRC_LEN;
+    let crc = crc32c::crc32c(&buf[..n]);
+    put_u32(buf, n, crc);
+}
+
+impl SuperBlock {
+    /// Encodes into exactly [`SUPER_BLOCK_LEN`] bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![0u8; SUPER_BLOCK_LEN];
+        b[SUPER_OFF_MAGIC..SUPER_OFF_MAGIC + 8].copy_from_slice(&SUPER_MAGIC);
+        put_u32(&mut b, SUPER_OFF_VERSION, FORMAT_VERSION);
+        put_u32(
+            &mut b,
+            SUPER_OFF_FLAGS,
+            if self.clean { SUPER_FLAG_CLEAN } else { 0 },
+        );
+        put_u32(&mut b, SUPER_OFF_PAGE_SIZE, self.page_size);
+        put_u32(&mut b, SUPER_OFF_CLUSTER_SIZE, self.cluster_size);
+        put_u32(&mut b, SUPER_OFF_IO_UNIT, self.io_unit_size);
+        put_u64(&mut b, SUPER_OFF_TOTAL_CLUSTERS, self.total_clusters);
+        put_u64(&mut b, SUPER_OFF_MASK_START, self.mask_start);
+        put_u64(&mut b, SUPER_OFF_PAGE_MASK_LEN, self.page_mask_len);
+        put_u64(&mut b, SUPER_OFF_CLUSTER_MASK_LEN, self.cluster_mask_len);
+        put_u64(&mut b, SUPER_OFF_BLOBID_MASK_LEN, self.blobid_mask_len);
+        put_u64(&mut b, SUPER_OFF_MD_START, self.md_start);
+        put_u64(&mut b, SUPER_OFF_MD_LEN, self.md_len);
+        put_u64(&mut b, SUPER_OFF_SUPER_BLOB, self.super_blob);
+        b[SUPER_OFF_BSTYPE..SUPER_OFF_BSTYPE + BSTYPE_LEN].copy_from_slice(&self.bstype);
+        seal_crc(&mut b);
+        b
+    }
+
+    /// Decodes and checks a super block. A buffer without the magic is
+    /// [`Error::NotABlobstore`]; anything else wrong is [`Error::Corrupt`].
+    pub fn decode(buf: &[u8]) -> Result<SuperBlock> {
+        const LOC: &str = "super block";
+        if buf.len() < SUPER_BLOCK_LEN {
+            return Err(Error::corrupt(LOC, format!("only {} bytes", buf.len())));
+        }
+        let buf = &buf[..SUPER_BLOCK_LEN];
+        if buf[..8] != SUPER_MAGIC {
+            return Err(Error::NotABlobstore("no blobstore magic in block 0".into()));
+        }
+        check_crc(buf, LOC)?;
+        let mut r = Reader::new(buf, LOC);
+        r.bytes(8)?;
+        let version = r.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(Error::corrupt(
+                LOC,
+                format!("format version {version}, this build reads {FORMAT_VERSION}"),
+            ));
+        }
+        let flags = r.u32()?;
+        if flags & !SUPER_FLAG_CLEAN != 0 {
+            return Err(Error::corrupt(LOC, format!("unknown flags {flags:#x}")));
+        }
+        let sb = SuperBlock {
+            version,
+            clean: flags & SUPER_FLAG_CLEAN != 0,
+            page_size: r.u32()?,
+            cluster_size: r.u32()?,
+            io_unit_size: {
+                let v = r.u32()?;
+                r.u32()?;
+                v
+            },
+            total_clusters: r.u64()?,
+            mask_start: r.u64()?,
+            page_mask_len: r.u64()?,
+            cluster_mask_len: r.u64()?,
+            blobid_mask_len: r.u64()?,
+            md_start: r.u64()?,
+            md_len: r.u64()?,
+            super_blob: r.u64()?,
+            bstype: r.bytes(BSTYPE_LEN)?.try_into().expect("16 bytes"),
+        };
+        sb.validate()?;
+        Ok(sb)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(Error::corrupt("super block", what));
+        if !self.page_size.is_power_of_two() || !(4096..=65536).contains(&self.page_size) {
+            return bad(format!("page size {}", self.page_size));
+        }
+        if self.io_unit_size != 512 && self.io_unit_size != 4096 {
+            return bad(format!("io unit size {}", self.io_unit_size));
+        }
+        if self.cluster_size == 0 || !self.cluster_size.is_multiple_of(self.page_size) {
+            return bad(format!(
+                "cluster size {} is not a multiple of the page size {}",
+                self.cluster_size, self.page_size
+            ));
+        }
+        if self.total_clusters == 0 || self.total_clusters > u32::MAX as u64 {
+            return bad(format!("cluster count {}", self.total_clusters));
+        }
+        if self.md_len == 0 || self.md_len >= NO_PAGE as u64 {
+            return bad(format!("metadata page count {}", self.md_len));
+        }
+        let pages_per_cluster = (self.cluster_size / self.page_size) as u64;
+        let total_pages = self.total_clusters.checked_mul(pages_per_cluster);
+        let masks_end = self
+            .mask_start
+            .checked_add(self.page_mask_len)
+            .and_then(|v| v.checked_add(self.cluster_mask_len))
+            .and_then(|v| v.checked_add(self.blobid_mask_len));
+        let md_end = self.md_start.checked_add(self.md_len);
+        match (total_pages, masks_end, md_end) {
+            (Some(t), Some(m), Some(e)) if self.mask_start >= 1 && m <= self.md_start && e <= t => {
+                Ok(())
+            }
+            _ => bad("bitmap or metadata region outside the store".into()),
+        }
+    }
+}
+
+/// Which bitmap a mask region holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MaskKind {
+    /// Used metadata pages.
+    Pages = 1,
+    /// Used clusters.
+    Clusters = 2,
+    /// Used blob ids (metadata pages that start a blob).
+    BlobIds = 3,
+}
+
+/// Pages a mask region of `bits` bits takes.
+pub fn mask_region_pages(bits: u64, page_size: u32) -> u64 {
+    (MASK_HEADER_LEN as u64 + bits.div_ceil(8) + CRC_LEN as u64).div_ceil(page_size as u64)
+}
+
+/// Encodes a bitmap region (bit `i` is bit `i % 8` of byte `i / 8`).
+pub fn encode_mask(kind: MaskKind, bits: &[bool], page_size: u32) -> Vec<u8> {
+    let pages = mask_region_pages(bits.len() as u64, page_size);
+    let mut b = vec![0u8; (pages * page_size as u64) as usize];
+    b[..4].copy_from_slice(&MASK_MAGIC);
+    b[4] = kind as u8;
+    put_u64(&mut b, 8, bits.len() as u64);
+    for (i, _) in bits.iter().enumerate().filter(|(_, &v)| v) {
+        b[MASK_HEADER_LEN + i / 8] |= 1 << (i % 8);
+    }
+    seal_crc(&mut b);
+    b
+}
+
+/// Decodes a bitmap region that must hold `kind` with exactly `bits` bits.
+pub fn decode_mask(buf: &[u8], kind: MaskKind, bits: u64) -> Result<Vec<bool>> {
+    let loc = format!("{kind:?} bitmap");
+    if buf.len() < 4 || buf[..4] != MASK_MAGIC {
+        return Err(Error::corrupt(&loc, "bad magic"));
+    }
+    check_crc(buf, &loc)?;
+    let mut r = Reader::new(buf, &loc);
+    r.bytes(4)?;
+    let k = r.u8()?;
+    if k != kind as u8 {
+        return Err(Error::corrupt(&loc, format!("holds kind {k}")));
+    }
+    r.bytes(3)?;
+    let n = r.u64()?;
+    if n != bits {
+        return Err(Error::corrupt(&loc, format!("{n} bits, expected {bits}")));
+    }
+    let body = r.bytes(bits.div_ceil(8) as usize)?;
+    Ok((0..bits as usize)
+        .map(|i| body[i / 8] & (1 << (i % 8)) != 0)
+        .collect())
+}
+
+/// Kind of a metadata page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PageKind {
+    /// First page of a blob; its index is the blob's id.
+    First = 1,
+    /// Continuation of a blob's descriptor stream.
+    Continuation = 2,
+    /// A run of the blob's cluster map.
+    Extent = 3,
+}
+
+/// A decoded metadata page header plus its payload.
+#[derive(Debug)]
+pub struct MdPage<'a> {
+    /// Kind of page.
+    pub kind: PageKind,
+    /// Blob the page belongs to.
+    pub blob_id: u64,
+    /// Metadata generation that wrote it.
+    pub sequence: u32,
+    /// Next continuation page, or [`NO_PAGE`].
+    pub next: u32,
+    /// Used payload bytes.
+    pub payload: &'a [u8],
+}
+
+/// Payload bytes a metadata page of `page_size` holds.
+pub fn md_payload_len(page_size: u32) -> usize {
+    page_size as usize - MD_HEADER_LEN - CRC_LEN
+}
+
+/// Cluster entries one extent page holds.
+pub fn extent_entries_per_page(page_size: u32) -> usize {
+    (md_payload_len(page_size) - EXTENT_HEADER_LEN) / 4
+}
+
+/// Encodes one metadata page of `page_size` bytes.
+pub fn encode_md_page(
+    kind: PageKind,
+    blob_id: u64,
+    sequence: u32,
+    next: u32,
+    payload: &[u8],
+    page_size: u32,
+) -> Vec<u8> {
+    debug_assert!(payload.len() <= md_payload_len(page_size));
+    let mut b = vec![0u8; page_size as usize];
+    b[..4].copy_from_slice(&MD_MAGIC);
+    put_u16(&mut b, 4, 1);
+    b[6] = kind as u8;
+    put_u64(&mut b, 8, blob_id);
+    put_u32(&mut b, 16, sequence);
+    put_u32(&mut b, 20, next);
+    put_u32(&mut b, 24, payload.len() as u32);
+    b[MD_HEADER_LEN..MD_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    seal_crc(&mut b);
+    b
+}
+
+/// True when `buf` starts like a metadata page (used by the dirty-load scan
+/// to skip never-written pages quickly).
+pub fn looks_like_md_page(buf: &[u8]) -> bool {
+    buf.len() >= 4 && buf[..4] == MD_MAGIC
+}
+
+/// Decodes and checks a metadata page read from `location`.
+pub fn decode_md_page<'a>(buf: &'a [u8], location: &str) -> Result<MdPage<'a>> {
+    if !looks_like_md_page(buf) {
+        return Err(Error::corrupt(location, "not a metadata page (bad magic)"));
+    }
+    check_crc(buf, location)?;
+    let mut r = Reader::new(buf, location);
+    r.bytes(4)?;
+    let version = r.u16()?;
+    if version != 1 {
+        return Err(Error::corrupt(location, format!("page version {version}")));
+    }
+    let kind = match r.u8()? {
+        1 => PageKind::First,
+        2 => PageKind::Continuation,
+        3 => PageKind::Extent,
+        k => return Err(Error::corrupt(location, format!("unknown page kind {k}"))),
+    };
+    r.u8()?;
+    let blob_id = r.u64()?;
+    let sequence = r.u32()?;
+    let next = r.u32()?;
+    let used = r.u32()? as usize;
+    r.u32()?;
+    if used > buf.len().saturating_sub(MD_HEADER_LEN + CRC_LEN) {
+        return Err(Error::corrupt(location, format!("payload length {used}")));
+    }
+    Ok(MdPage {
+        kind,
+        blob_id,
+        sequence,
+        next,
+        payload: r.bytes(used)?,
+    })
+}
+
+/// Encodes an extent page payload: entries for blob clusters starting at
+/// `first_cluster` (0 = not allocated).
+pub fn encode_extent_payload(first_cluster: u64, entries: &[u32]) -> Vec<u8> {
+    let mut b = vec![0u8; EXTENT_HEADER_LEN + entries.len() * 4];
+    put_u64(&mut b, 0, first_cluster);
+    put_u32(&mut b, 8, entries.len() as u32);
+    for (i, e) in entries.iter().enumerate() {
+        put_u32(&mut b, EXTENT_HEADER_LEN + i * 4, *e);
+    }
+    b
+}
+
+/// Decodes an extent page payload into `(first_cluster, entries)`.
+pub fn decode_extent_payload(payload: &[u8], location: &str) -> Result<(u64, Vec<u32>)> {
+    let mut r = Reader::new(payload, location);
+    let first = r.u64()?;
+    let n = r.u32()? as usize;
+    if n > r.remaining() / 4 {
+        return Err(Error::corrupt(
+            location,
+            format!("{n} extent entries do not fit"),
+        ));
+    }
+    let entries = (0..n).map(|_| r.u32()).collect::<Result<Vec<_>>>()?;
+    Ok((first, entries))
+}
+
+/// Descriptor tags. Numbers are never reused.
+mod tag {
+    pub const FLAGS: u8 = 1;
+    pub const SIZE: u8 = 2;
+    pub const EXTENT_TABLE: u8 = 3;
+    pub const XATTR: u8 = 4;
+}
+
+/// Everything a blob's descriptor stream says.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlobRecord {
+    /// Flags a reader must understand to open the blob.
+    pub invalid_flags: u64,
+    /// Flags that make the data read-only.
+    pub data_ro_flags: u64,
+    /// Flags that make the metadata read-only.
+    pub md_ro_flags: u64,
+    /// Size in clusters.
+    pub num_clusters: u64,
+    /// Metadata page of each extent page, [`NO_PAGE`] where none is needed.
+    pub extent_table: Vec<u32>,
+    /// Extended attributes, in name order.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn push_desc(out: &mut Vec<Vec<u8>>, tag: u8, body: &[u8]) {
+    let mut d = Vec::with_capacity(3 + body.len());
+    d.push(tag);
+    d.extend_from_slice(&(body.len() as u16).to_le_bytes());
+    d.extend_from_slice(body);
+    out.push(d);
+}
+
+impl BlobRecord {
+    /// Encodes the record as page payloads: the first is the first page's,
+    /// the rest go to continuation pages. Descriptors never straddle pages;
+    /// a long extent table is split into several descriptors.
+    pub fn encode_payloads(&self, page_size: u32) -> Vec<Vec<u8>> {
+        let cap = md_payload_len(page_size);
+        let mut descs = Vec::new();
+        let mut flags = Vec::with_capacity(24);
+        for v in [self.invalid_flags, self.data_ro_flags, self.md_ro_flags] {
+            flags.extend_from_slice(&v.to_le_bytes());
+        }
+        push_desc(&mut descs, tag::FLAGS, &flags);
+        push_desc(&mut descs, tag::SIZE, &self.num_clusters.to_le_bytes());
+        let per_desc = (cap - 3 - 4) / 4;
+        for (chunk_idx, chunk) in self.extent_table.chunks(per_desc).enumerate() {
+            let mut body = Vec::with_capacity(4 + chunk.len() * 4);
+            body.extend_from_slice(&((chunk_idx * per_desc) as u32).to_le_bytes());
+            for e in chunk {
+                body.extend_from_slice(&e.to_le_bytes());
+            }
+            push_desc(&mut descs, tag::EXTENT_TABLE, &body);
+        }
+        for (name, value) in &self.xattrs {
+            debug_assert!(name.len() <= MAX_XATTR_NAME_LEN && value.len() <= MAX_XATTR_VALUE_LEN);
+            let mut body = Vec::with_capacity(2 + name.len() + value.len());
+            body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            body.extend_from_slice(name.as_bytes());
+            body.extend_from_slice(value);
+            push_desc(&mut descs, tag::XATTR, &body);
+        }
+        let mut pages: Vec<Vec<u8>> = vec![Vec::new()];
+        for d in descs {
+            if pages.last().expect("one page").len() + d.len() > cap {
+                pages.push(Vec::new());
+            }
+            pages.last_mut().expect("one page").extend_from_slice(&d);
+        }
+        pages
+    }
+
+    /// Decodes the concatenated descriptor payloads of a blob's first and
+    /// continuation pages.
+    pub fn decode(payloads: &[&[u8]], location: &str) -> Result<BlobRecord> {
+        let mut rec = BlobRecord::default();
+        let (mut saw_flags, mut saw_size) = (false, false);
+        for payload in payloads {
+            let mut r = Reader::new(payload, location);
+            while r.remaining() > 0 {
+                let t = r.u8()?;
+                let len = r.u16()? as usize;
+                let body = r.bytes(len)?;
+                let mut b = Reader::new(body, location);
+                match t {
+                    tag::FLAGS => {
+                        rec.invalid_flags = b.u64()?;
+                        rec.data_ro_flags = b.u64()?;
+                        rec.md_ro_flags = b.u64()?;
+                        saw_flags = true;
+                    }
+                    tag::SIZE => {
+                        rec.num_clusters = b.u64()?;
+                        saw_size = true;
+                    }
+                    tag::EXTENT_TABLE => {
+                        let start = b.u32()? as usize;
+                        if start != rec.extent_table.len() || !b.remaining().is_multiple_of(4) {
+                            return Err(Error::corrupt(location, "extent table out of order"));
+                        }
+                        while b.remaining() > 0 {
+                            rec.extent_table.push(b.u32()?);
+                        }
+                    }
+                    tag::XATTR => {
+                        let nlen = b.u16()? as usize;
+                        let name = std::str::from_utf8(b.bytes(nlen)?)
+                            .map_err(|_| Error::corrupt(location, "xattr name is not UTF-8"))?;
+                        let value = b.bytes(b.remaining())?;
+                        rec.xattrs.push((name.to_string(), value.to_vec()));
+                    }
+                    other => {
+                        return Err(Error::corrupt(
+                            location,
+                            format!("unknown descriptor tag {other}"),
+                        ))
+                    }
+                }
+            }
+        }
+        if !saw_flags || !saw_size {
+            return Err(Error::corrupt(location, "flags or size descriptor missing"));
+        }
+        Ok(rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sb() -> SuperBlock {
+        SuperBlock {
+            version: FORMAT_VERSION,
+            clean: true,
+            page_size: 4096,
+            cluster_size: 1 << 20,
+            io_unit_size: 512,
+            total_clusters: 64,
+            mask_start: 1,
+            page_mask_len: 1,
+            cluster_mask_len: 1,
+            blobid_mask_len: 1,
+            md_start: 4,
+            md_len: 64,
+            super_blob: 0,
+            bstype: *b"test\0\0\0\0\0\0\0\0\0\0\0\0",
+        }
+    }
+
+    #[test]
+    fn super_block_round_trips() {
+        let s = sb();
+        assert_eq!(SuperBlock::decode(&s.encode()).unwrap(), s);
+    }
+
+    #[test]
+    fn super_block_rejects_damage() {
+        let good = sb().encode();
+        assert!(matches!(
+            SuperBlock::decode(&vec![0u8; 4096]),
+            Err(Error::NotABlobstore(_))
+        ));
+        for i in (8..4096).step_by(97) {
+            let mut b = good.clone();
+            b[i] ^= 0x40;
+            assert!(
+                matches!(SuperBlock::decode(&b), Err(Error::Corrupt { .. })),
+                "byte {i}"
+            );
+        }
+        assert!(SuperBlock::decode(&good[..100]).is_err());
+    }
+
+    #[test]
+    fn mask_round_trips_and_checks_kind() {
+        let bits: Vec<bool> = (0..1000).map(|i| i % 3 == 0).collect();
+        let enc = encode_mask(MaskKind::Clusters, &bits, 4096);
+        assert_eq!(decode_mask(&enc, MaskKind::Clusters, 1000).unwrap(), bits);
+        assert!(decode_mask(&enc, MaskKind::Pages, 1000).is_err());
+        assert!(decode_mask(&enc, MaskKind::Clusters, 999).is_err());
+    }
+
+    #[test]
+    fn record_round_trips_across_pages() {
+        let rec = BlobRecord {
+            invalid_flags: BLOB_INVALID_THIN,
+            data_ro_flags: 0,
+            md_ro_flags: 0,
+            num_clusters: 5_000_000,
+            extent_table: (0..5000).collect(),
+            xattrs: vec![("name".into(), vec![7; 3000]), ("b".into(), vec![])],
+        };
+        let payloads = rec.encode_payloads(4096);
+        assert!(payloads.len() > 3);
+        let pages: Vec<Vec<u8>> = payloads
+            .iter()
+            .map(|p| encode_md_page(PageKind::Continuation, 9, 1, NO_PAGE, p, 4096))
+            .collect();
+        let decoded: Vec<MdPage> = pages
+            .iter()
+            .map(|p| decode_md_page(p, "test").unwrap())
+            .collect();
+        let slices: Vec<&[u8]> = decoded.iter().map(|p| p.payload).collect();
+        assert_eq!(BlobRecord::decode(&slices, "test").unwrap(), rec);
+    }
+
+    #[test]
+    fn extent_payload_round_trips() {
+        let e: Vec<u32> = (0..extent_entries_per_page(4096) as u32).collect();
+        let p = encode_extent_payload(1012, &e);
+        assert!(p.len() <= md_payload_len(4096));
+        assert_eq!(decode_extent_payload(&p, "t").unwrap(), (1012, e));
+        assert!(decode_extent_payload(&p[..5], "t").is_err());
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..2000 {
+            let n = rng.gen_range(0..5000);
+            let mut b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+            if n >= 4 && rng.gen_bool(0.5) {
+                b[..4].copy_from_slice(&MD_MAGIC);
+            }
+            let _ = decode_md_page(&b, "fuzz");
+            let _ = SuperBlock::decode(&b);
+            let _ = decode_mask(&b, MaskKind::Pages, rng.gen_range(0..100));
+            let _ = decode_extent_payload(&b, "fuzz");
+            let _ = BlobRecord::decode(&[&b], "fuzz");
+        }
+    }
+}

@@ -1,0 +1,1133 @@
+//! The blobstore: init, load, unload, and the metadata operations.
+//!
+//! Invariants:
+//! - Metadata operations (create, delete, resize, sync, thin allocation,
+//!   super blob) run one at a time per store under `md_lock`, an async lock
+//!   that the data path never takes for allocated clusters.
+//! - A blob's metadata on disk changes atomically: extent and continuation
+//!   pages are written to fresh pages and flushed, then the first page is
+//!   rewritten in place and flushed; only then are the old pages and any
+//!   clusters the blob gave up returned to the allocator.
+//! - A cluster handed to a blob reads as zeroes until the blob writes it.
+//! - After a clean unload the bitmaps on disk are exact; loading marks the
+//!   store dirty on disk before anything else is written, so a crash after
+//!   load makes the next load rebuild the bitmaps from the metadata pages.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use futures::future::try_join_all;
+use parking_lot::{Mutex, RwLock};
+
+use crate::alloc::Allocator;
+use crate::blob::Blob;
+use crate::device::{channel, BlockDevice, DmaBuf, Geometry, IoChannel};
+use crate::error::{Error, Result};
+use crate::format::{self, BlobRecord, MaskKind, PageKind, SuperBlock, NO_PAGE};
+use crate::BlobId;
+
+/// Options for [`Blobstore::init`].
+#[derive(Clone, Debug)]
+pub struct BlobstoreOptions {
+    /// Cluster size in bytes (a multiple of the page size). Default 1 MiB.
+    pub cluster_size: u32,
+    /// Metadata page size in bytes (power of two, 4 KiB to 64 KiB). Default 4 KiB.
+    pub page_size: u32,
+    /// Metadata pages to reserve; default one per cluster. Every blob needs
+    /// at least one.
+    pub md_pages: Option<u64>,
+    /// Type tag (at most 16 bytes) that `load` can insist on.
+    pub bstype: String,
+}
+
+impl Default for BlobstoreOptions {
+    fn default() -> Self {
+        BlobstoreOptions {
+            cluster_size: 1 << 20,
+            page_size: 4096,
+            md_pages: None,
+            bstype: String::new(),
+        }
+    }
+}
+
+/// Options for [`Blobstore::load`].
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Refuse a store whose type tag differs; empty accepts any.
+    pub bstype: String,
+}
+
+/// Options for [`Blobstore::create_blob`].
+#[derive(Clone, Debug, Default)]
+pub struct BlobOptions {
+    /// Initial size in clusters.
+    pub num_clusters: u64,
+    /// Allocate clusters on first write instead of up front.
+    pub thin_provision: bool,
+    /// Extended attributes set at creation.
+    pub xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// Store geometry derived from the super block.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Layout {
+    pub page_size: u32,
+    pub cluster_size: u32,
+    pub io_unit: u32,
+    pub total_clusters: u64,
+    pub md_start: u64,
+    pub md_len: u64,
+    pub mask_start: u64,
+    pub reserved_clusters: u32,
+    pub extent_per_page: usize,
+}
+
+impl Layout {
+    pub fn blocks_per_page(&self) -> u64 {
+        (self.page_size / self.io_unit) as u64
+    }
+    pub fn units_per_cluster(&self) -> u64 {
+        (self.cluster_size / self.io_unit) as u64
+    }
+    pub fn pages_per_cluster(&self) -> u64 {
+        (self.cluster_size / self.page_size) as u64
+    }
+    /// Device block of metadata page `p`.
+    pub fn md_lba(&self, p: u32) -> u64 {
+        (self.md_start + p as u64) * self.blocks_per_page()
+    }
+    pub fn cluster_lba(&self, c: u32) -> u64 {
+        c as u64 * self.units_per_cluster()
+    }
+    fn from_super(sb: &SuperBlock) -> Layout {
+        let pages_total = sb.md_start + sb.md_len;
+        let ppc = (sb.cluster_size / sb.page_size) as u64;
+        Layout {
+            page_size: sb.page_size,
+            cluster_size: sb.cluster_size,
+            io_unit: sb.io_unit_size,
+            total_clusters: sb.total_clusters,
+            md_start: sb.md_start,
+            md_len: sb.md_len,
+            mask_start: sb.mask_start,
+            reserved_clusters: pages_total.div_ceil(ppc) as u32,
+            extent_per_page: format::extent_entries_per_page(sb.page_size),
+        }
+    }
+}
+
+/// A blob's metadata as held in memory.
+pub(crate) struct BlobMd {
+    pub num_clusters: u64,
+    /// Device cluster of each blob cluster; 0 = not allocated.
+    pub clusters: Vec<u32>,
+    /// Metadata page of each extent page ([`NO_PAGE`] if none on disk).
+    pub extent_pages: Vec<u32>,
+    /// Extent pages whose entries changed since the last sync.
+    pub dirty_extents: BTreeSet<usize>,
+    pub xattrs: BTreeMap<String, Vec<u8>>,
+    pub invalid_flags: u64,
+    pub data_ro_flags: u64,
+    pub md_ro_flags: u64,
+    /// Continuation pages on disk, in chain order.
+    pub cont_pages: Vec<u32>,
+    pub sequence: u32,
+    /// Bumped by every in-memory change; compared with `synced_version`.
+    pub version: u64,
+    pub synced_version: u64,
+    pub pending_free_clusters: Vec<u32>,
+    pub pending_free_pages: Vec<u32>,
+}
+
+impl BlobMd {
+    pub fn is_dirty(&self) -> bool {
+        self.version != self.synced_version
+            || !self.dirty_extents.is_empty()
+            || !self.pending_free_clusters.is_empty()
+            || !self.pending_free_pages.is_empty()
+    }
+    pub fn thin(&self) -> bool {
+        self.invalid_flags & format::BLOB_INVALID_THIN != 0
+    }
+    pub fn read_only(&self) -> bool {
+        self.data_ro_flags != 0 || self.md_ro_flags != 0
+    }
+    pub fn touch(&mut self) {
+        self.version += 1;
+    }
+}
+
+pub(crate) struct BlobInner {
+    pub id: BlobId,
+    pub page: u32,
+    pub md: RwLock<BlobMd>,
+    pub handles: AtomicUsize,
+}
+
+pub(crate) struct StoreInner {
+    pub dev: Arc<dyn BlockDevice>,
+    pub geo: Geometry,
+    pub layout: Layout,
+    pub bstype: [u8; format::BSTYPE_LEN],
+    pub alloc: Mutex<Allocator>,
+    pub md_lock: futures::lock::Mutex<()>,
+    pub blobs: Mutex<HashMap<BlobId, Arc<BlobInner>>>,
+    pub super_blob: Mutex<u64>,
+    pub unloaded: AtomicBool,
+}
+
+/// A loaded blobstore. Cheap to clone; safe to use from any thread (each
+/// thread does its I/O on its own channel).
+#[derive(Clone)]
+pub struct Blobstore {
+    pub(crate) inner: Arc<StoreInner>,
+}
+
+const BLOB_ID_BASE: u64 = 1 << 32;
+
+impl StoreInner {
+    pub fn chan(&self) -> Result<IoChannel> {
+        if self.unloaded.load(Ordering::Acquire) {
+            return Err(Error::Shutdown("the blobstore was unloaded".into()));
+        }
+        channel(&self.dev)
+    }
+
+    pub fn blob_id(page: u32) -> BlobId {
+        BlobId(BLOB_ID_BASE | page as u64)
+    }
+
+    pub fn page_of(&self, id: BlobId) -> Result<u32> {
+        let page = id.0.wrapping_sub(BLOB_ID_BASE);
+        if id.0 < BLOB_ID_BASE || page >= self.layout.md_len {
+            return Err(Error::NotFound(id));
+        }
+        Ok(page as u32)
+    }
+
+    async fn write_bytes(&self, ch: &IoChannel, lba: u64, bytes: &[u8]) -> Result<()> {
+        let buf = DmaBuf::from_slice(bytes)?;
+        ch.write(lba, buf).await.map(|_| ())
+    }
+
+    async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
+        let buf = self.dev.alloc_buf(len)?;
+        ch.read(lba, buf).await
+    }
+
+    fn super_block(&self, clean: bool) -> SuperBlock {
+        let l = &self.layout;
+        let pmask = format::mask_region_pages(l.md_len, l.page_size);
+        let cmask = format::mask_region_pages(l.total_clusters, l.page_size);
+        SuperBlock {
+            version: format::FORMAT_VERSION,
+            clean,
+            page_size: l.page_size,
+            cluster_size: l.cluster_size,
+            io_unit_size: l.io_unit,
+            total_clusters: l.total_clusters,
+            mask_start: l.mask_start,
+            page_mask_len: pmask,
+            cluster_mask_len: cmask,
+            blobid_mask_len: pmask,
+            md_start: l.md_start,
+            md_len: l.md_len,
+            super_blob: *self.super_blob.lock(),
+            bstype: self.bstype,
+        }
+    }
+
+    async fn write_super(&self, ch: &IoChannel, clean: bool) -> Result<()> {
+        let mut page = vec![0u8; self.layout.page_size as usize];
+        page[..format::SUPER_BLOCK_LEN].copy_from_slice(&self.super_block(clean).encode());
+        self.write_bytes(ch, 0, &page).await?;
+        ch.flush().await
+    }
+
+    /// Zeroes freshly allocated clusters so they never show old data.
+    pub async fn zero_clusters(&self, ch: &IoChannel, clusters: &[u32]) -> Result<()> {
+        let upc = self.layout.units_per_cluster();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &c in clusters {
+            let lba = self.layout.cluster_lba(c);
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == lba => *n += upc,
+                _ => runs.push((lba, upc)),
+            }
+        }
+        try_join_all(runs.into_iter().map(|(lba, n)| ch.write_zeroes(lba, n))).await?;
+        Ok(())
+    }
+
+    /// Loads a blob's metadata from disk (md_lock held by the caller).
+    async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+        let l = self.layout;
+        let id = Self::blob_id(page);
+        let ps = l.page_size as usize;
+        let loc = |p: u32| format!("metadata page {p} (blob {id})");
+        let first = self.read_bytes(ch, l.md_lba(page), ps).await?;
+        let fp = format::decode_md_page(&first, &loc(page))?;
+        if fp.kind != PageKind::First || fp.blob_id != id.0 {
+            return Err(Error::NotFound(id));
+        }
+        let mut payloads = vec![fp.payload.to_vec()];
+        let mut cont_pages = Vec::new();
+        let mut next = fp.next;
+        while next != NO_PAGE {
+            if next as u64 >= l.md_len || cont_pages.len() as u64 >= l.md_len {
+                return Err(Error::corrupt(loc(page), format!("bad chain link {next}")));
+            }
+            let buf = self.read_bytes(ch, l.md_lba(next), ps).await?;
+            let p = format::decode_md_page(&buf, &loc(next))?;
+            if p.kind != PageKind::Continuation || p.blob_id != id.0 || p.sequence != fp.sequence {
+                return Err(Error::corrupt(
+                    loc(next),
+                    "continuation page does not belong",
+                ));
+            }
+            payloads.push(p.payload.to_vec());
+            cont_pages.push(next);
+            next = p.next;
+        }
+        let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
+        let rec = BlobRecord::decode(&slices, &loc(page))?;
+        self.md_from_record(ch, page, fp.sequence, rec, cont_pages)
+            .await
+    }
+
+    async fn md_from_record(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+        sequence: u32,
+        rec: BlobRecord,
+        cont_pages: Vec<u32>,
+    ) -> Result<BlobMd> {
+        let l = self.layout;
+        let id = Self::blob_id(page);
+        let per = l.extent_per_page;
+        let loc = |p: u32| format!("metadata page {p} (blob {id})");
+        if rec.invalid_flags & !format::BLOB_INVALID_THIN != 0 {
+            return Err(Error::Unsupported(format!(
+                "blob {id} has unknown invalid flags {:#x}",
+                rec.invalid_flags
+            )));
+        }
+        if rec.num_clusters > l.total_clusters
+            || rec.extent_table.len() as u64 != rec.num_clusters.div_ceil(per as u64)
+        {
+            return Err(Error::corrupt(
+                loc(page),
+                format!(
+                    "{} clusters with {} extent pages",
+                    rec.num_clusters,
+                    rec.extent_table.len()
+                ),
+            ));
+        }
+        let n = rec.num_clusters as usize;
+        let mut clusters = vec![0u32; n];
+        for (k, &ep) in rec.extent_table.iter().enumerate() {
+            if ep == NO_PAGE {
+                continue;
+            }
+            if ep as u64 >= l.md_len {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!("extent page {ep} out of range"),
+                ));
+            }
+            let buf = self
+                .read_bytes(ch, l.md_lba(ep), l.page_size as usize)
+                .await?;
+            let p = format::decode_md_page(&buf, &loc(ep))?;
+            if p.kind != PageKind::Extent || p.blob_id != id.0 {
+                return Err(Error::corrupt(
+                    loc(ep),
+                    "extent page does not belong to the blob",
+                ));
+            }
+            let (first, entries) = format::decode_extent_payload(p.payload, &loc(ep))?;
+            let want = per.min(n - k * per);
+            if first != (k * per) as u64 || entries.len() != want {
+                return Err(Error::corrupt(
+                    loc(ep),
+                    "extent page covers the wrong clusters",
+                ));
+            }
+            for (i, &c) in entries.iter().enumerate() {
+                if c != 0 && (c < l.reserved_clusters || c as u64 >= l.total_clusters) {
+                    return Err(Error::corrupt(loc(ep), format!("cluster {c} out of range")));
+                }
+                clusters[k * per + i] = c;
+            }
+        }
+        Ok(BlobMd {
+            num_clusters: rec.num_clusters,
+            clusters,
+            extent_pages: rec.extent_table,
+            dirty_extents: BTreeSet::new(),
+            xattrs: rec.xattrs.into_iter().collect(),
+            invalid_flags: rec.invalid_flags,
+            data_ro_flags: rec.data_ro_flags,
+            md_ro_flags: rec.md_ro_flags,
+            cont_pages,
+            sequence,
+            version: 0,
+            synced_version: 0,
+            pending_free_clusters: Vec::new(),
+            pending_free_pages: Vec::new(),
+        })
+    }
+
+    /// Writes a blob's metadata atomically (md_lock held by the caller).
+    pub async fn sync_blob_locked(&self, ch: &IoChannel, blob: &BlobInner) -> Result<()> {
+        let l = self.layout;
+        let per = l.extent_per_page;
+        let id = blob.id;
+        // 1. Capture what to write, and take fresh pages for it.
+        let (first_page, cont_writes, extent_writes, new_table, new_conts, to_free, captured) = {
+            let md = blob.md.read();
+            if !md.is_dirty() {
+                return Ok(());
+            }
+            let mut table = md.extent_pages.clone();
+            let mut extent_payloads = Vec::new();
+            for &k in &md.dirty_extents {
+                let end = (k * per + per).min(md.clusters.len());
+                let entries = &md.clusters[k * per..end];
+                if entries.iter().all(|&c| c == 0) {
+                    table[k] = NO_PAGE;
+                } else {
+                    extent_payloads
+                        .push((k, format::encode_extent_payload((k * per) as u64, entries)));
+                }
+            }
+            let mut alloc = self.alloc.lock();
+            let Some(ext_pages) = alloc.alloc_pages(extent_payloads.len()) else {
+                return Err(Error::NoSpace(format!(
+                    "no metadata page left to sync blob {id}"
+                )));
+            };
+            for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
+                table[*k] = p;
+            }
+            let rec = BlobRecord {
+                invalid_flags: md.invalid_flags,
+                data_ro_flags: md.data_ro_flags,
+                md_ro_flags: md.md_ro_flags,
+                num_clusters: md.num_clusters,
+                extent_table: table.clone(),
+                xattrs: md
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            };
+            let payloads = rec.encode_payloads(l.page_size);
+            let Some(conts) = alloc.alloc_pages(payloads.len() - 1) else {
+                for p in ext_pages {
+                    alloc.free_page(p);
+                }
+                return Err(Error::NoSpace(format!(
+                    "no metadata page left to sync blob {id}"
+                )));
+            };
+            drop(alloc);
+            let seq = md.sequence.wrapping_add(1);
+            let mut pages = Vec::new();
+            for (i, payload) in payloads.iter().enumerate() {
+                let next = conts.get(i).copied().unwrap_or(NO_PAGE);
+                let kind = if i == 0 {
+                    PageKind::First
+                } else {
+                    PageKind::Continuation
+                };
+                pages.push(format::encode_md_page(
+                    kind,
+                    id.0,
+                    seq,
+                    next,
+                    payload,
+                    l.page_size,
+                ));
+            }
+            let first = pages.remove(0);
+            let cont_writes: Vec<(u32, Vec<u8>)> = conts.iter().copied().zip(pages).collect();
+            let extent_writes: Vec<(u32, Vec<u8>)> = ext_pages
+                .iter()
+                .zip(&extent_payloads)
+                .map(|(&p, (_, payload))| {
+                    (
+                        p,
+                        format::encode_md_page(
+                            PageKind::Extent,
+                            id.0,
+                            seq,
+                            NO_PAGE,
+                            payload,
+                            l.page_size,
+                        ),
+                    )
+                })
+                .collect();
+            let mut to_free: Vec<u32> = md.cont_pages.clone();
+            for &k in &md.dirty_extents {
+                if md.extent_pages[k] != NO_PAGE {
+                    to_free.push(md.extent_pages[k]);
+                }
+            }
+            to_free.extend_from_slice(&md.pending_free_pages);
+            let captured = (
+                md.version,
+                seq,
+                md.dirty_extents.clone(),
+                md.pending_free_clusters.len(),
+                md.pending_free_pages.len(),
+            );
+            (
+                first,
+                cont_writes,
+                extent_writes,
+                table,
+                conts,
+                to_free,
+                captured,
+            )
+        };
+        let new_pages: Vec<u32> = cont_writes
+            .iter()
+            .chain(&extent_writes)
+            .map(|(p, _)| *p)
+            .collect();
+        // 2. Fresh pages first, made durable.
+        let res: Result<()> = async {
+            let writes = cont_writes
+                .iter()
+                .chain(&extent_writes)
+                .map(|(p, bytes)| self.write_bytes(ch, l.md_lba(*p), bytes));
+            try_join_all(writes).await?;
+            if !new_pages.is_empty() {
+                ch.flush().await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = res {
+            let mut alloc = self.alloc.lock();
+            for p in new_pages {
+                alloc.free_page(p);
+            }
+            return Err(e);
+        }
+        // 3. The first page, in place: the commit point. On failure the new
+        // pages may or may not be referenced on disk, so keep both sets
+        // allocated (a leak the next dirty load reclaims, never a reuse).
+        self.write_bytes(ch, l.md_lba(blob.page), &first_page)
+            .await?;
+        ch.flush().await?;
+        // 4. Adopt the new state and release what the old one held.
+        let (version, seq, dirty, n_clusters, n_pages) = captured;
+        let freed_clusters = {
+            let mut md = blob.md.write();
+            md.extent_pages = new_table;
+            md.cont_pages = new_conts;
+            md.sequence = seq;
+            md.synced_version = version;
+            for k in dirty {
+                md.dirty_extents.remove(&k);
+            }
+            md.pending_free_pages.drain(..n_pages);
+            md.pending_free_clusters
+                .drain(..n_clusters)
+                .collect::<Vec<_>>()
+        };
+        let mut alloc = self.alloc.lock();
+        for p in to_free {
+            alloc.free_page(p);
+        }
+        for c in freed_clusters {
+            alloc.free_cluster(c);
+        }
+        alloc.check();
+        Ok(())
+    }
+
+    /// Sets a blob's size in clusters (md_lock held by the caller).
+    pub async fn resize_locked(&self, ch: &IoChannel, blob: &BlobInner, n: u64) -> Result<()> {
+        let per = self.layout.extent_per_page;
+        let (old, thin) = {
+            let md = blob.md.read();
+            if md.read_only() {
+                return Err(Error::ReadOnly(blob.id));
+            }
+            (md.num_clusters, md.thin())
+        };
+        if n > self.layout.total_clusters {
+            return Err(Error::NoSpace(format!(
+                "blob {} cannot hold {n} clusters: the store has {}",
+                blob.id, self.layout.total_clusters
+            )));
+        }
+        let mut fresh = Vec::new();
+        if n > old && !thin {
+            let want = (n - old) as usize;
+            fresh = self.alloc.lock().alloc_clusters(want).ok_or_else(|| {
+                Error::NoSpace(format!("{want} clusters wanted to grow blob {}", blob.id))
+            })?;
+            if let Err(e) = self.zero_clusters(ch, &fresh).await {
+                let mut a = self.alloc.lock();
+                fresh.iter().for_each(|&c| a.free_cluster(c));
+                return Err(e);
+            }
+        }
+        let mut md = blob.md.write();
+        let n_us = n as usize;
+        if n < old {
+            let gone: Vec<u32> = md.clusters.drain(n_us..).filter(|&c| c != 0).collect();
+            md.pending_free_clusters.extend(gone);
+            let keep = n_us.div_ceil(per);
+            let gone_pages: Vec<u32> = md
+                .extent_pages
+                .drain(keep..)
+                .filter(|&p| p != NO_PAGE)
+                .collect();
+            md.pending_free_pages.extend(gone_pages);
+            md.dirty_extents.retain(|&k| k < keep);
+            if !n_us.is_multiple_of(per) {
+                md.dirty_extents.insert(keep - 1);
+            }
+        } else if n > old {
+            md.clusters.resize(n_us, 0);
+            md.extent_pages.resize(n_us.div_ceil(per), NO_PAGE);
+            for (i, c) in fresh.into_iter().enumerate() {
+                let idx = old as usize + i;
+                md.clusters[idx] = c;
+                md.dirty_extents.insert(idx / per);
+            }
+            // A partial last extent page changes length when the blob grows.
+            if !(old as usize).is_multiple_of(per) {
+                md.dirty_extents.insert(old as usize / per);
+            }
+        }
+        md.num_clusters = n;
+        md.touch();
+        Ok(())
+    }
+}
+
+impl Blobstore {
+    /// Makes a new, empty blobstore on `dev`, overwriting what it held.
+    pub async fn init(dev: Arc<dyn BlockDevice>, opts: BlobstoreOptions) -> Result<Blobstore> {
+        let geo = dev.geometry();
+        let ps = opts.page_size;
+        if !ps.is_power_of_two() || !(4096..=65536).contains(&ps) || ps < geo.block_size {
+            return Err(Error::InvalidArgument(format!(
+                "page size {ps}: must be a power of two from 4096 to 65536"
+            )));
+        }
+        if opts.cluster_size == 0 || !opts.cluster_size.is_multiple_of(ps) {
+            return Err(Error::InvalidArgument(format!(
+                "cluster size {} is not a multiple of the page size {ps}",
+                opts.cluster_size
+            )));
+        }
+        if opts.bstype.len() > format::BSTYPE_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "type tag {:?} is longer than {} bytes",
+                opts.bstype,
+                format::BSTYPE_LEN
+            )));
+        }
+        let total_clusters = geo.size_bytes() / opts.cluster_size as u64;
+        if total_clusters > u32::MAX as u64 {
+            return Err(Error::InvalidArgument(format!(
+                "{total_clusters} clusters: use a larger cluster size"
+            )));
+        }
+        let md_len = opts.md_pages.unwrap_or(total_clusters).max(1);
+        if md_len >= NO_PAGE as u64 {
+            return Err(Error::InvalidArgument(format!("{md_len} metadata pages")));
+        }
+        let pmask = format::mask_region_pages(md_len, ps);
+        let cmask = format::mask_region_pages(total_clusters, ps);
+        let md_start = 1 + 2 * pmask + cmask;
+        let ppc = (opts.cluster_size / ps) as u64;
+        let reserved = (md_start + md_len).div_ceil(ppc);
+        if reserved >= total_clusters {
+            return Err(Error::DeviceTooSmall(format!(
+                "{} bytes hold {total_clusters} clusters of {}, and the metadata needs {reserved}",
+                geo.size_bytes(),
+                opts.cluster_size
+            )));
+        }
+        let mut bstype = [0u8; format::BSTYPE_LEN];
+        bstype[..opts.bstype.len()].copy_from_slice(opts.bstype.as_bytes());
+        let sb = SuperBlock {
+            version: format::FORMAT_VERSION,
+            clean: false,
+            page_size: ps,
+            cluster_size: opts.cluster_size,
+            io_unit_size: geo.block_size,
+            total_clusters,
+            mask_start: 1,
+            page_mask_len: pmask,
+            cluster_mask_len: cmask,
+            blobid_mask_len: pmask,
+            md_start,
+            md_len,
+            super_blob: 0,
+            bstype,
+        };
+        let layout = Layout::from_super(&sb);
+        let inner = Arc::new(StoreInner {
+            geo,
+            layout,
+            bstype,
+            alloc: Mutex::new(Allocator::new(
+                md_len,
+                total_clusters,
+                layout.reserved_clusters,
+            )),
+            md_lock: futures::lock::Mutex::new(()),
+            blobs: Mutex::new(HashMap::new()),
+            super_blob: Mutex::new(0),
+            unloaded: AtomicBool::new(false),
+            dev,
+        });
+        let ch = inner.chan()?;
+        // Old metadata pages on the device must not look like blobs.
+        let bpp = layout.blocks_per_page();
+        ch.write_zeroes(bpp, (md_start + md_len - 1) * bpp).await?;
+        inner.write_super(&ch, false).await?;
+        Ok(Blobstore { inner })
+    }
+
+    /// Loads the blobstore on `dev`. After a clean unload the bitmaps are read
+    /// back; otherwise they are rebuilt from every blob's metadata.
+    pub async fn load(dev: Arc<dyn BlockDevice>, opts: LoadOptions) -> Result<Blobstore> {
+        let geo = dev.geometry();
+        let ch = channel(&dev)?;
+        let first = ch.read(0, dev.alloc_buf(format::SUPER_BLOCK_LEN)?).await?;
+        let sb = SuperBlock::decode(&first)?;
+        let found = String::from_utf8_lossy(&sb.bstype)
+            .trim_end_matches('\0')
+            .to_string();
+        if !opts.bstype.is_empty() && opts.bstype != found {
+            return Err(Error::WrongType {
+                found,
+                expected: opts.bstype,
+            });
+        }
+        if sb.io_unit_size != geo.block_size {
+            return Err(Error::InvalidArgument(format!(
+                "the store was made on {}-byte blocks; this device has {}-byte blocks",
+                sb.io_unit_size, geo.block_size
+            )));
+        }
+        if sb.total_clusters * sb.cluster_size as u64 > geo.size_bytes() {
+            return Err(Error::DeviceTooSmall(format!(
+                "the store spans {} clusters of {} bytes; the device has {} bytes",
+                sb.total_clusters,
+                sb.cluster_size,
+                geo.size_bytes()
+            )));
+        }
+        let layout = Layout::from_super(&sb);
+        let inner = Arc::new(StoreInner {
+            geo,
+            layout,
+            bstype: sb.bstype,
+            alloc: Mutex::new(Allocator::new(
+                sb.md_len,
+                sb.total_clusters,
+                layout.reserved_clusters,
+            )),
+            md_lock: futures::lock::Mutex::new(()),
+            blobs: Mutex::new(HashMap::new()),
+            super_blob: Mutex::new(sb.super_blob),
+            unloaded: AtomicBool::new(false),
+            dev,
+        });
+        let alloc = if sb.clean {
+            inner.read_masks(&ch, &sb).await?
+        } else {
+            inner.rebuild(&ch).await?
+        };
+        *inner.alloc.lock() = alloc;
+        let sbid = sb.super_blob;
+        if sbid != 0 {
+            let ok = inner
+                .page_of(BlobId(sbid))
+                .is_ok_and(|p| inner.alloc.lock().is_blobid(p));
+            if !ok {
+                return Err(Error::corrupt(
+                    "super block",
+                    format!("super blob {sbid:#x} does not exist"),
+                ));
+            }
+        }
+        inner.write_super(&ch, false).await?;
+        Ok(Blobstore { inner })
+    }
+
+    /// Syncs every changed blob, writes the bitmaps and marks the store clean.
+    /// The store can't be used afterwards (its handles return `Shutdown`).
+    pub async fn unload(self) -> Result<()> {
+        let inner = &self.inner;
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        let blobs: Vec<Arc<BlobInner>> = inner.blobs.lock().values().cloned().collect();
+        for b in blobs {
+            inner.sync_blob_locked(&ch, &b).await?;
+        }
+        let l = inner.layout;
+        let (pages, clusters, blobids) = inner.alloc.lock().bits();
+        let mut region = format::encode_mask(MaskKind::Pages, &pages, l.page_size);
+        region.extend(format::encode_mask(
+            MaskKind::Clusters,
+            &clusters,
+            l.page_size,
+        ));
+        region.extend(format::encode_mask(
+            MaskKind::BlobIds,
+            &blobids,
+            l.page_size,
+        ));
+        inner
+            .write_bytes(&ch, l.mask_start * l.blocks_per_page(), &region)
+            .await?;
+        ch.flush().await?;
+        inner.write_super(&ch, true).await?;
+        inner.unloaded.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Creates a blob and makes its metadata durable; returns its id.
+    pub async fn create_blob(&self, opts: BlobOptions) -> Result<BlobId> {
+        let inner = &self.inner;
+        for (name, value) in &opts.xattrs {
+            crate::blob::check_xattr(name, value)?;
+        }
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        let page = {
+            let mut a = inner.alloc.lock();
+            let p = a
+                .alloc_pages(1)
+                .ok_or_else(|| Error::NoSpace("no metadata page left for a new blob".into()))?[0];
+            a.set_blobid(p, true);
+            p
+        };
+        let id = StoreInner::blob_id(page);
+        let blob = Arc::new(BlobInner {
+            id,
+            page,
+            md: RwLock::new(BlobMd {
+                num_clusters: 0,
+                clusters: Vec::new(),
+                extent_pages: Vec::new(),
+                dirty_extents: BTreeSet::new(),
+                xattrs: opts.xattrs.into_iter().collect(),
+                invalid_flags: if opts.thin_provision {
+                    format::BLOB_INVALID_THIN
+                } else {
+                    0
+                },
+                data_ro_flags: 0,
+                md_ro_flags: 0,
+                cont_pages: Vec::new(),
+                sequence: 0,
+                version: 1,
+                synced_version: 0,
+                pending_free_clusters: Vec::new(),
+                pending_free_pages: Vec::new(),
+            }),
+            handles: AtomicUsize::new(0),
+        });
+        let res = async {
+            inner.resize_locked(&ch, &blob, opts.num_clusters).await?;
+            inner.sync_blob_locked(&ch, &blob).await
+        }
+        .await;
+        if let Err(e) = res {
+            // Nothing durable references the blob: give everything back.
+            let md = blob.md.read();
+            let mut a = inner.alloc.lock();
+            md.clusters
+                .iter()
+                .filter(|&&c| c != 0)
+                .for_each(|&c| a.free_cluster(c));
+            a.set_blobid(page, false);
+            a.free_page(page);
+            return Err(e);
+        }
+        inner.blobs.lock().insert(id, blob);
+        Ok(id)
+    }
+
+    /// Opens a blob. Handles of one blob share its state; the blob stays
+    /// open until every handle is closed or dropped.
+    pub async fn open_blob(&self, id: BlobId) -> Result<Blob> {
+        let inner = &self.inner;
+        let page = inner.page_of(id)?;
+        if let Some(b) = inner.blobs.lock().get(&id) {
+            b.handles.fetch_add(1, Ordering::AcqRel);
+            return Ok(Blob::new(inner.clone(), b.clone()));
+        }
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        if let Some(b) = inner.blobs.lock().get(&id) {
+            b.handles.fetch_add(1, Ordering::AcqRel);
+            return Ok(Blob::new(inner.clone(), b.clone()));
+        }
+        if !inner.alloc.lock().is_blobid(page) {
+            return Err(Error::NotFound(id));
+        }
+        let md = inner.read_blob_md(&ch, page).await?;
+        let b = Arc::new(BlobInner {
+            id,
+            page,
+            md: RwLock::new(md),
+            handles: AtomicUsize::new(1),
+        });
+        inner.blobs.lock().insert(id, b.clone());
+        Ok(Blob::new(inner.clone(), b))
+    }
+
+    /// Deletes a closed blob and frees its clusters and pages. A blob with
+    /// open handles is [`Error::Busy`].
+    pub async fn delete_blob(&self, id: BlobId) -> Result<()> {
+        let inner = &self.inner;
+        let page = inner.page_of(id)?;
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        let cached = {
+            let mut blobs = inner.blobs.lock();
+            if let Some(b) = blobs.get(&id) {
+                if b.handles.load(Ordering::Acquire) > 0 {
+                    return Err(Error::Busy(format!("blob {id} is open")));
+                }
+            }
+            blobs.remove(&id)
+        };
+        if !inner.alloc.lock().is_blobid(page) {
+            return Err(Error::NotFound(id));
+        }
+        let md = match cached {
+            Some(b) => Arc::try_unwrap(b)
+                .map(|b| b.md.into_inner())
+                .map_err(|_| Error::Busy(format!("blob {id} is in use")))?,
+            None => inner.read_blob_md(&ch, page).await?,
+        };
+        let zero = vec![0u8; inner.layout.page_size as usize];
+        inner
+            .write_bytes(&ch, inner.layout.md_lba(page), &zero)
+            .await?;
+        ch.flush().await?;
+        {
+            let mut a = inner.alloc.lock();
+            md.clusters
+                .iter()
+                .chain(&md.pending_free_clusters)
+                .filter(|&&c| c != 0)
+                .for_each(|&c| a.free_cluster(c));
+            md.extent_pages
+                .iter()
+                .chain(&md.cont_pages)
+                .chain(&md.pending_free_pages)
+                .filter(|&&p| p != NO_PAGE)
+                .for_each(|&p| a.free_page(p));
+            a.set_blobid(page, false);
+            a.free_page(page);
+            a.check();
+        }
+        let was_super = {
+            let mut sb = inner.super_blob.lock();
+            let was = *sb == id.0;
+            if was {
+                *sb = 0;
+            }
+            was
+        };
+        if was_super {
+            inner.write_super(&ch, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Every blob in the store, in id order.
+    pub fn blob_ids(&self) -> Vec<BlobId> {
+        self.inner
+            .alloc
+            .lock()
+            .blobids()
+            .map(StoreInner::blob_id)
+            .collect()
+    }
+
+    /// Records `id` (or none) as the super blob, durably.
+    pub async fn set_super_blob(&self, id: Option<BlobId>) -> Result<()> {
+        let inner = &self.inner;
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        if let Some(id) = id {
+            let p = inner.page_of(id)?;
+            if !inner.alloc.lock().is_blobid(p) {
+                return Err(Error::NotFound(id));
+            }
+        }
+        *inner.super_blob.lock() = id.map_or(0, |b| b.0);
+        inner.write_super(&ch, false).await
+    }
+
+    /// The super blob, if one is set.
+    pub fn super_blob(&self) -> Option<BlobId> {
+        let v = *self.inner.super_blob.lock();
+        (v != 0).then_some(BlobId(v))
+    }
+
+    /// Free clusters.
+    pub fn free_clusters(&self) -> u64 {
+        self.inner.alloc.lock().free_clusters()
+    }
+
+    /// All clusters, metadata clusters included.
+    pub fn total_clusters(&self) -> u64 {
+        self.inner.layout.total_clusters
+    }
+
+    /// Clusters that blobs can use (all but the metadata clusters).
+    pub fn data_clusters(&self) -> u64 {
+        self.inner.layout.total_clusters - self.inner.layout.reserved_clusters as u64
+    }
+
+    /// Free metadata pages (each blob needs at least one).
+    pub fn free_md_pages(&self) -> u64 {
+        self.inner.alloc.lock().free_pages()
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u32 {
+        self.inner.layout.cluster_size
+    }
+
+    /// Metadata page size in bytes.
+    pub fn page_size(&self) -> u32 {
+        self.inner.layout.page_size
+    }
+
+    /// I/O unit (device block) size in bytes.
+    pub fn io_unit_size(&self) -> u32 {
+        self.inner.layout.io_unit
+    }
+
+    /// The store's type tag.
+    pub fn bstype(&self) -> String {
+        String::from_utf8_lossy(&self.inner.bstype)
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    /// The device under the store.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.inner.dev
+    }
+}
+
+impl StoreInner {
+    async fn read_masks(&self, ch: &IoChannel, sb: &SuperBlock) -> Result<Allocator> {
+        let l = self.layout;
+        let ps = l.page_size as u64;
+        let bpp = l.blocks_per_page();
+        let mut start = sb.mask_start;
+        let mut read = |len: u64| {
+            let lba = start * bpp;
+            start += len;
+            self.read_bytes(ch, lba, (len * ps) as usize)
+        };
+        let pages = read(sb.page_mask_len).await?;
+        let clusters = read(sb.cluster_mask_len).await?;
+        let blobids = read(sb.blobid_mask_len).await?;
+        let pages = format::decode_mask(&pages, MaskKind::Pages, sb.md_len)?;
+        let clusters = format::decode_mask(&clusters, MaskKind::Clusters, sb.total_clusters)?;
+        let blobids = format::decode_mask(&blobids, MaskKind::BlobIds, sb.md_len)?;
+        if clusters[..l.reserved_clusters as usize].iter().any(|b| !b) {
+            return Err(Error::corrupt(
+                "Clusters bitmap",
+                "a metadata cluster is marked free",
+            ));
+        }
+        if blobids.iter().zip(&pages).any(|(&b, &p)| b && !p) {
+            return Err(Error::corrupt("BlobIds bitmap", "a blob id on a free page"));
+        }
+        Ok(Allocator::from_bits(
+            &pages,
+            &clusters,
+            &blobids,
+            l.reserved_clusters,
+        ))
+    }
+
+    /// Rebuilds the bitmaps from the metadata region after an unclean stop.
+    async fn rebuild(&self, ch: &IoChannel) -> Result<Allocator> {
+        let l = self.layout;
+        let ps = l.page_size as usize;
+        let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
+        // Read the whole region in large chunks.
+        let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
+        let mut region = Vec::with_capacity(l.md_len as usize * ps);
+        let mut p = 0;
+        while p < l.md_len {
+            let n = chunk_pages.min(l.md_len - p);
+            let buf = self
+                .read_bytes(ch, l.md_lba(p as u32), n as usize * ps)
+                .await?;
+            region.extend_from_slice(&buf);
+            p += n;
+        }
+        let page_bytes = |i: u32| &region[i as usize * ps..(i as usize + 1) * ps];
+        for first in 0..l.md_len as u32 {
+            let bytes = page_bytes(first);
+            if !format::looks_like_md_page(bytes) {
+                continue;
+            }
+            // Writes are atomic per page, so a page that carries the magic
+            // and fails its checks is damage, not a torn write: report it
+            // rather than silently dropping a blob.
+            let fp = format::decode_md_page(bytes, &format!("metadata page {first}"))?;
+            if fp.kind != PageKind::First {
+                continue;
+            }
+            let id = Self::blob_id(first);
+            if fp.blob_id != id.0 {
+                return Err(Error::corrupt(
+                    format!("metadata page {first}"),
+                    format!("first page names blob {:#x}", fp.blob_id),
+                ));
+            }
+            let md = self.read_blob_md(ch, first).await?;
+            let dup = |what: String| {
+                Error::corrupt(format!("blob {id}"), format!("{what} is claimed twice"))
+            };
+            if !alloc.claim_page(first) {
+                return Err(dup(format!("metadata page {first}")));
+            }
+            alloc.set_blobid(first, true);
+            for &p in md.cont_pages.iter().chain(&md.extent_pages) {
+                if p != NO_PAGE && !alloc.claim_page(p) {
+                    return Err(dup(format!("metadata page {p}")));
+                }
+            }
+            for &c in md.clusters.iter().filter(|&&c| c != 0) {
+                if !alloc.claim_cluster(c) {
+                    return Err(dup(format!("cluster {c}")));
+                }
+            }
+        }
+        alloc.check();
+        Ok(alloc)
+    }
+}

@@ -1,0 +1,71 @@
+//! Shared helpers for the blobstore integration tests.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use blobstore::{BlockDevice, DmaBuf, MemDevice};
+
+/// One device + store geometry to run a test body under.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    pub block_size: u32,
+    pub cluster_size: u32,
+    pub size: u64,
+}
+
+/// The geometries every test runs under: both block sizes, two cluster sizes.
+pub fn configs() -> Vec<Config> {
+    vec![
+        Config {
+            block_size: 512,
+            cluster_size: 1 << 20,
+            size: 64 << 20,
+        },
+        Config {
+            block_size: 4096,
+            cluster_size: 1 << 20,
+            size: 64 << 20,
+        },
+        Config {
+            block_size: 512,
+            cluster_size: 64 << 10,
+            size: 128 << 20,
+        },
+        Config {
+            block_size: 4096,
+            cluster_size: 16 << 10,
+            size: 64 << 20,
+        },
+    ]
+}
+
+/// A fresh memory device for `cfg`.
+pub fn mem(cfg: Config) -> Arc<dyn BlockDevice> {
+    Arc::new(MemDevice::new(cfg.size, cfg.block_size).unwrap())
+}
+
+/// Options for `cfg`.
+pub fn opts(cfg: Config) -> blobstore::BlobstoreOptions {
+    blobstore::BlobstoreOptions {
+        cluster_size: cfg.cluster_size,
+        bstype: "test".into(),
+        ..Default::default()
+    }
+}
+
+/// A deterministic pattern for (seed, offset) so any byte can be checked.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+pub fn buf(data: &[u8]) -> DmaBuf {
+    DmaBuf::from_slice(data).unwrap()
+}
