@@ -25,6 +25,26 @@
 //!   [`Error::Shutdown`]. A join handle resolves exactly once.
 //! - A panic in a task, message or poller is caught: the task or poller is
 //!   dropped, and the reactor keeps running.
+//!
+//! ```
+//! use blobstore::reactor::{spawn_local, Reactors};
+//!
+//! let reactors = Reactors::start_unpinned(2)?; // or Reactors::start(&[2, 3])
+//! let r0 = reactors.handle(0).unwrap();
+//! // The closure runs on the reactor; the future may hold `!Send` state
+//! // (I/O channels) and spawn more local tasks.
+//! let sum = r0.spawn(|| async {
+//!     let parts: Vec<_> = (1..=4u64).map(|i| spawn_local(async move { i * 10 })).collect();
+//!     let mut sum = 0;
+//!     for p in parts {
+//!         sum += p?.await?;
+//!     }
+//!     Ok::<u64, blobstore::Error>(sum)
+//! })?;
+//! assert_eq!(sum.join()??, 100);
+//! reactors.shutdown()?;
+//! # Ok::<(), blobstore::Error>(())
+//! ```
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
@@ -763,7 +783,17 @@ fn pin_current_thread(core: usize) -> Result<()> {
     // SAFETY: the pointer and size describe `set`; pid 0 is this thread.
     let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
-        return Err(Error::last_os(format!("pinning a reactor to core {core}")));
+        let source = std::io::Error::last_os_error();
+        if source.raw_os_error() == Some(libc::EINVAL) {
+            let allowed = allowed_cores().unwrap_or_default();
+            return Err(Error::InvalidArgument(format!(
+                "core {core} is not in the cores this thread may use {allowed:?} ({source})"
+            )));
+        }
+        return Err(Error::Os {
+            context: format!("pinning a reactor to core {core}"),
+            source,
+        });
     }
     Ok(())
 }
@@ -832,12 +862,9 @@ impl ReactorsBuilder {
                 )));
             }
         }
-        let allowed = allowed_cores()?;
-        if let Some(c) = cores.iter().find(|c| !allowed.contains(c)) {
-            return Err(Error::InvalidArgument(format!(
-                "core {c} is not in this process's allowed cores {allowed:?}"
-            )));
-        }
+        // Membership in the allowed set is left to the kernel (each reactor
+        // thread pins itself): the caller's own mask may be narrower than
+        // what the process may use.
         Ok(())
     }
 
