@@ -15,7 +15,8 @@ pub mod exec;
 pub mod reactor;
 
 pub use device::{
-    channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
+    channel, open_device, BlockDevice, DeviceSpec, DmaBuf, FileDevice, FileOptions, Geometry,
+    IoChannel, MemDevice,
 };
 pub use error::{Error, Result};
 pub use exec::block_on;
