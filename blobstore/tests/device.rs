@@ -433,3 +433,38 @@ fn block_device_if_given() {
         Err(Error::Busy(_))
     ));
 }
+
+/// tmpfs cannot `fallocate(ZERO_RANGE)`: write-zeroes must fall back to
+/// writing zeroes (skipped where /dev/shm is missing or lacks O_DIRECT).
+#[test]
+fn write_zeroes_fallback_on_tmpfs() {
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return;
+    }
+    let path = shm.join(format!(
+        "blobstore-device-test-{}-tmpfs.img",
+        std::process::id()
+    ));
+    let tmp = TempPath(path);
+    let dev: Arc<dyn BlockDevice> = match FileDevice::open(tmp.path(), file_opts(4 << 20, 4096)) {
+        Ok(d) => Arc::new(d),
+        Err(Error::Unsupported(m)) => {
+            eprintln!("skipped: {m}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let bs = 4096;
+    let ch = channel(&dev).unwrap();
+    for round in 0..2 {
+        block_on(ch.write(0, pattern(300 * bs, round))).unwrap();
+        // Larger than the 1 MiB zero buffer, so several writes.
+        block_on(ch.write_zeroes(1, 298)).unwrap();
+        block_on(ch.unmap(0, 1)).unwrap();
+        let got = read_back(&dev, 0, 300 * bs);
+        let want = pattern(300 * bs, round);
+        assert!(got[..299 * bs].iter().all(|&b| b == 0), "round {round}");
+        assert_eq!(&got[299 * bs..], &want[299 * bs..]);
+    }
+}
