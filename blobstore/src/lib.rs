@@ -20,7 +20,8 @@ mod store;
 
 pub use blob::Blob;
 pub use device::{
-    channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
+    channel, open_device, BlockDevice, DeviceSpec, DmaBuf, FileDevice, FileOptions, Geometry,
+    IoChannel, MemDevice,
 };
 pub use error::{Error, Result};
 pub use exec::block_on;

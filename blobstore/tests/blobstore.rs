@@ -30,7 +30,7 @@ fn read_all(bs: &Blobstore, id: BlobId) -> Vec<u8> {
 fn data_and_xattrs_survive_unload_and_crash() {
     for cfg in configs() {
         for clean in [true, false] {
-            let dev = mem(cfg);
+            let dev = dev(cfg);
             let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
             let cs = cfg.cluster_size as usize;
             let (id, data) = block_on(async {
@@ -77,7 +77,7 @@ fn data_and_xattrs_survive_unload_and_crash() {
 #[test]
 fn thin_blobs_read_zeroes_and_allocate_on_write() {
     for cfg in configs() {
-        let dev = mem(cfg);
+        let dev = dev(cfg);
         let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
         let unit = cfg.block_size as usize;
         let upc = (cfg.cluster_size / cfg.block_size) as u64;
@@ -116,7 +116,7 @@ fn thin_blobs_read_zeroes_and_allocate_on_write() {
 #[test]
 fn resize_grow_and_shrink() {
     for cfg in configs() {
-        let dev = mem(cfg);
+        let dev = dev(cfg);
         let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
         let cs = cfg.cluster_size as usize;
         let free0 = bs.free_clusters();
@@ -152,7 +152,7 @@ fn resize_grow_and_shrink() {
 #[test]
 fn xattrs_limits_and_removal() {
     let cfg = configs()[0];
-    let bs = block_on(Blobstore::init(mem(cfg), opts(cfg))).unwrap();
+    let bs = block_on(Blobstore::init(dev(cfg), opts(cfg))).unwrap();
     let id = block_on(bs.create_blob(BlobOptions::default())).unwrap();
     let b = block_on(bs.open_blob(id)).unwrap();
     assert!(matches!(
@@ -200,7 +200,7 @@ fn xattrs_limits_and_removal() {
 #[test]
 fn delete_frees_and_never_leaks_old_data() {
     for cfg in configs() {
-        let dev = mem(cfg);
+        let dev = dev(cfg);
         let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
         let cs = cfg.cluster_size as usize;
         let free0 = bs.free_clusters();
@@ -257,7 +257,7 @@ fn delete_frees_and_never_leaks_old_data() {
 fn out_of_space_is_clean_and_loses_nothing() {
     for cfg in configs() {
         for clean in [true, false] {
-            let dev = mem(cfg);
+            let dev = dev(cfg);
             let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
             let cs = cfg.cluster_size as usize;
             let mut blobs = Vec::new();
@@ -398,7 +398,7 @@ fn find_md_page(image: &[u8], id: BlobId) -> usize {
 #[test]
 fn io_past_the_end_and_bad_buffers_are_refused() {
     for cfg in configs() {
-        let bs = block_on(Blobstore::init(mem(cfg), opts(cfg))).unwrap();
+        let bs = block_on(Blobstore::init(dev(cfg), opts(cfg))).unwrap();
         let id = block_on(bs.create_blob(BlobOptions {
             num_clusters: 1,
             ..Default::default()
@@ -427,7 +427,7 @@ fn io_past_the_end_and_bad_buffers_are_refused() {
 #[test]
 fn vectored_io_unmap_and_write_zeroes() {
     for cfg in configs() {
-        let bs = block_on(Blobstore::init(mem(cfg), opts(cfg))).unwrap();
+        let bs = block_on(Blobstore::init(dev(cfg), opts(cfg))).unwrap();
         let cs = cfg.cluster_size as usize;
         let unit = cfg.block_size as usize;
         let id = block_on(bs.create_blob(BlobOptions {
@@ -467,7 +467,7 @@ fn vectored_io_unmap_and_write_zeroes() {
 #[test]
 fn read_only_super_blob_and_iteration() {
     let cfg = configs()[2];
-    let dev = mem(cfg);
+    let dev = dev(cfg);
     let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
     let ids: Vec<BlobId> = (0..5)
         .map(|_| block_on(bs.create_blob(BlobOptions::default())).unwrap())
@@ -506,7 +506,7 @@ fn bad_options_are_refused() {
     let e = block_on(Blobstore::init(tiny, opts(cfg))).err().unwrap();
     assert!(matches!(e, Error::DeviceTooSmall(_)), "{e}");
     let bad =
-        |o: blobstore::BlobstoreOptions| block_on(Blobstore::init(mem(cfg), o)).err().unwrap();
+        |o: blobstore::BlobstoreOptions| block_on(Blobstore::init(dev(cfg), o)).err().unwrap();
     let mut o = opts(cfg);
     o.page_size = 1000;
     assert!(matches!(bad(o), Error::InvalidArgument(_)));
@@ -530,8 +530,8 @@ fn bad_options_are_refused() {
 #[test]
 fn four_threads_against_a_model() {
     use rand::{Rng, SeedableRng};
-    for cfg in [configs()[0], configs()[3]] {
-        let dev = mem(cfg);
+    for cfg in [configs()[0], configs()[3], configs()[5]] {
+        let dev = dev(cfg);
         let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
         let shared = block_on(bs.create_blob(BlobOptions {
             num_clusters: 8,

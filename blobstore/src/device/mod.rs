@@ -17,9 +17,9 @@ mod mem;
 mod spec;
 
 pub use dma::{DmaBuf, Segment, DMA_ALIGN};
-pub use file::FileDevice;
+pub use file::{FileDevice, FileOptions};
 pub use mem::MemDevice;
-pub use spec::{open_device, DeviceSpec};
+pub use spec::{open_device, DeviceSpec, PciAddress};
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

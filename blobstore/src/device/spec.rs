@@ -1,30 +1,695 @@
-//! Device spec strings (filled in by its own change).
+//! Device spec strings: one text form that names every kind of device, used
+//! by tools, tests and benchmarks alike.
+//!
+//! ```text
+//! mem:<size>[?bs=512|4096]
+//! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false]
+//! nvme:<DDDD:BB:DD.F>[/ns=<n>]
+//! ```
+//!
+//! Sizes are plain bytes or carry a binary suffix: `K`, `M`, `G`, `T` (or
+//! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`. In a `file:` path,
+//! `%` and `?` (and bytes that are not UTF-8) are written as `%XX`.
+//!
+//! Invariants:
+//! - Parsing never touches the system; it checks everything that can be
+//!   checked from the text (units, ranges, block-size multiples) and names the
+//!   exact problem in [`Error::BadSpec`].
+//! - Display round-trips: `DeviceSpec::parse(&spec.to_string()) == Ok(spec)`
+//!   for every spec that `parse` returns.
 
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{BlockDevice, MemDevice};
+use super::file::{FileOptions, MAX_QUEUE_DEPTH};
+use super::{BlockDevice, FileDevice, MemDevice};
 use crate::error::{Error, Result};
 
-/// A parsed device spec.
+/// Schemes a spec may start with, for error messages.
+const SCHEMES: &str = "mem, file, nvme";
+/// Block size of a `mem:` device when the spec does not give one.
+const DEFAULT_MEM_BLOCK_SIZE: u32 = 4096;
+/// Namespace of an `nvme:` device when the spec does not give one.
+const DEFAULT_NVME_NAMESPACE: u32 = 1;
+
+/// A PCI function address, `DDDD:BB:DD.F` (domain, bus, device, function).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PciAddress {
+    /// PCI domain (segment), 16 bits.
+    pub domain: u16,
+    /// Bus number.
+    pub bus: u8,
+    /// Device number, 0 to 31.
+    pub device: u8,
+    /// Function number, 0 to 7.
+    pub function: u8,
+}
+
+impl PciAddress {
+    /// Parses `DDDD:BB:DD.F` (hexadecimal; the function is one digit 0-7).
+    fn parse(s: &str) -> std::result::Result<PciAddress, String> {
+        let form = "expected a PCI address of the form DDDD:BB:DD.F (hex domain:bus:device.function, e.g. 0000:01:00.0)";
+        let bad = |what: &str| format!("PCI address {s:?}: {what}; {form}");
+        let parts: Vec<&str> = s.split(':').collect();
+        let [domain, bus, dev_fn] = parts[..] else {
+            return Err(bad("wrong number of ':' separated parts"));
+        };
+        let Some((device, function)) = dev_fn.split_once('.') else {
+            return Err(bad("missing '.' before the function number"));
+        };
+        let hex = |field: &str, digits: usize, name: &str| -> std::result::Result<u32, String> {
+            if field.len() != digits || !field.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(&format!(
+                    "{name} {field:?} is not {digits} hex digit{}",
+                    if digits == 1 { "" } else { "s" }
+                )));
+            }
+            u32::from_str_radix(field, 16).map_err(|e| bad(&e.to_string()))
+        };
+        let domain = hex(domain, 4, "domain")?;
+        let bus = hex(bus, 2, "bus")?;
+        let device = hex(device, 2, "device")?;
+        let function = hex(function, 1, "function")?;
+        if device > 0x1f {
+            return Err(bad(&format!("device {device:#x} is above 0x1f")));
+        }
+        if function > 7 {
+            return Err(bad(&format!("function {function} is above 7")));
+        }
+        Ok(PciAddress {
+            domain: domain as u16,
+            bus: bus as u8,
+            device: device as u8,
+            function: function as u8,
+        })
+    }
+}
+
+impl fmt::Display for PciAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain, self.bus, self.device, self.function
+        )
+    }
+}
+
+/// A parsed device spec: which device, and how to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
-    /// `mem:<size>`
+    /// `mem:<size>[?bs=<n>]`: a [`MemDevice`].
     Mem {
-        /// Size in bytes.
+        /// Size in bytes (a positive multiple of `block_size`).
         size_bytes: u64,
+        /// 512 or 4096 (default 4096).
+        block_size: u32,
+    },
+    /// `file:<path>[?size=..&bs=..&qd=..&create=..]`: a [`FileDevice`].
+    File {
+        /// The regular file or block device.
+        path: PathBuf,
+        /// Options from the query part.
+        options: FileOptions,
+    },
+    /// `nvme:<DDDD:BB:DD.F>[/ns=<n>]`: a namespace of an NVMe controller
+    /// (parsed, not yet openable).
+    Nvme {
+        /// The controller's PCI address.
+        addr: PciAddress,
+        /// Namespace id, 1 or more (default 1).
+        namespace: u32,
     },
 }
 
-/// Opens the device a spec names.
+impl DeviceSpec {
+    /// Parses a spec string; see the module docs for the forms.
+    pub fn parse(spec: &str) -> Result<DeviceSpec> {
+        parse_spec(spec).map_err(|reason| Error::BadSpec {
+            spec: spec.to_string(),
+            reason,
+        })
+    }
+
+    /// Opens the device this spec names.
+    pub fn open(&self) -> Result<Arc<dyn BlockDevice>> {
+        match self {
+            DeviceSpec::Mem {
+                size_bytes,
+                block_size,
+            } => Ok(Arc::new(MemDevice::new(*size_bytes, *block_size)?)),
+            DeviceSpec::File { path, options } => Ok(Arc::new(FileDevice::open(path, *options)?)),
+            DeviceSpec::Nvme { .. } => Err(Error::Unsupported(format!(
+                "the NVMe driver is not built yet; cannot open {self} (use a file: spec on the \
+                 kernel's block device instead)"
+            ))),
+        }
+    }
+}
+
+/// Parses `spec` and opens the device it names.
 pub fn open_device(spec: &str) -> Result<Arc<dyn BlockDevice>> {
-    match spec
-        .strip_prefix("mem:")
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        Some(n) => Ok(Arc::new(MemDevice::new(n, 4096)?)),
-        None => Err(Error::BadSpec {
-            spec: spec.into(),
-            reason: "not yet".into(),
-        }),
+    DeviceSpec::parse(spec)?.open()
+}
+
+impl FromStr for DeviceSpec {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<DeviceSpec> {
+        DeviceSpec::parse(s)
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Mem {
+                size_bytes,
+                block_size,
+            } => {
+                write!(f, "mem:{}", format_size(*size_bytes))?;
+                if *block_size != DEFAULT_MEM_BLOCK_SIZE {
+                    write!(f, "?bs={block_size}")?;
+                }
+                Ok(())
+            }
+            DeviceSpec::File { path, options } => {
+                write!(f, "file:{}", encode_path(path))?;
+                let mut opts = Vec::new();
+                if let Some(s) = options.size_bytes {
+                    opts.push(format!("size={}", format_size(s)));
+                }
+                if let Some(bs) = options.block_size {
+                    opts.push(format!("bs={bs}"));
+                }
+                if let Some(qd) = options.queue_depth {
+                    opts.push(format!("qd={qd}"));
+                }
+                if let Some(c) = options.create {
+                    opts.push(format!("create={c}"));
+                }
+                if !opts.is_empty() {
+                    write!(f, "?{}", opts.join("&"))?;
+                }
+                Ok(())
+            }
+            DeviceSpec::Nvme { addr, namespace } => {
+                write!(f, "nvme:{addr}")?;
+                if *namespace != DEFAULT_NVME_NAMESPACE {
+                    write!(f, "/ns={namespace}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Parses a size: decimal digits and an optional binary unit (`K`, `M`, `G`,
+/// `T`, `KiB`, `MiB`, `GiB`, `TiB`, or `B` for bytes; case-insensitive).
+pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(format!("size {s:?} does not start with a number"));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("size {s:?} is too large"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        "t" | "tib" => 40,
+        "kb" | "mb" | "gb" | "tb" => {
+            return Err(format!(
+                "size {s:?}: unit {unit:?} is ambiguous; use {} or {}iB (binary units)",
+                &unit[..1].to_ascii_uppercase(),
+                &unit[..1].to_ascii_uppercase()
+            ))
+        }
+        _ => {
+            return Err(format!(
+                "size {s:?} has an unknown unit {unit:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
+}
+
+/// Writes `n` with the largest binary unit that divides it exactly.
+pub(crate) fn format_size(n: u64) -> String {
+    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
+        if n != 0 && n.is_multiple_of(1u64 << shift) {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    n.to_string()
+}
+
+fn parse_spec(spec: &str) -> std::result::Result<DeviceSpec, String> {
+    if spec.is_empty() {
+        return Err(format!(
+            "empty spec; expected <scheme>:<target> with scheme one of {SCHEMES}"
+        ));
+    }
+    let Some((scheme, rest)) = spec.split_once(':') else {
+        return Err(format!(
+            "missing scheme; expected <scheme>:<target> with scheme one of {SCHEMES}"
+        ));
+    };
+    match scheme {
+        "mem" => parse_mem(rest),
+        "file" => parse_file(rest),
+        "nvme" => parse_nvme(rest),
+        other => Err(format!("unknown scheme {other:?} (known: {SCHEMES})")),
+    }
+}
+
+/// Splits `key=value&key=value` into pairs, rejecting keys not in `known`,
+/// duplicates, and empty values.
+fn parse_query<'a>(
+    query: &'a str,
+    scheme: &str,
+    known: &[&str],
+) -> std::result::Result<Vec<(&'a str, &'a str)>, String> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for item in query.split('&') {
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("option {item:?} is not of the form key=value"));
+        };
+        if !known.contains(&key) {
+            return Err(format!(
+                "unknown option {key:?} for {scheme}: devices (known: {})",
+                known.join(", ")
+            ));
+        }
+        if value.is_empty() {
+            return Err(format!("option {key} has an empty value"));
+        }
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(format!("option {key} is given twice"));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
+}
+
+fn parse_block_size(value: &str) -> std::result::Result<u32, String> {
+    match value {
+        "512" => Ok(512),
+        "4096" | "4K" | "4k" => Ok(4096),
+        _ => Err(format!("block size {value:?} must be 512 or 4096")),
+    }
+}
+
+fn parse_mem(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let (size, query) = match rest.split_once('?') {
+        Some((s, q)) => (s, Some(q)),
+        None => (rest, None),
+    };
+    if size.is_empty() {
+        return Err("missing size after mem: (e.g. mem:1G)".into());
+    }
+    let size_bytes = parse_size(size)?;
+    let mut block_size = DEFAULT_MEM_BLOCK_SIZE;
+    if let Some(q) = query {
+        for (key, value) in parse_query(q, "mem", &["bs"])? {
+            debug_assert_eq!(key, "bs");
+            block_size = parse_block_size(value)?;
+        }
+    }
+    check_size(size_bytes, block_size)?;
+    Ok(DeviceSpec::Mem {
+        size_bytes,
+        block_size,
+    })
+}
+
+fn check_size(size_bytes: u64, block_size: u32) -> std::result::Result<(), String> {
+    if size_bytes == 0 {
+        return Err("size must be positive".into());
+    }
+    if !size_bytes.is_multiple_of(block_size as u64) {
+        return Err(format!(
+            "size {size_bytes} is not a multiple of the block size {block_size}"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path.is_empty() {
+        return Err("missing path after file: (e.g. file:/var/lib/blobs.img?size=4G)".into());
+    }
+    let path = decode_path(path)?;
+    let mut options = FileOptions::default();
+    if let Some(q) = query {
+        for (key, value) in parse_query(q, "file", &["size", "bs", "qd", "create"])? {
+            match key {
+                "size" => options.size_bytes = Some(parse_size(value)?),
+                "bs" => options.block_size = Some(parse_block_size(value)?),
+                "qd" => {
+                    let qd: u32 = value
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=MAX_QUEUE_DEPTH).contains(q))
+                        .ok_or_else(|| {
+                            format!(
+                                "queue depth {value:?} is not a number from 1 to {MAX_QUEUE_DEPTH}"
+                            )
+                        })?;
+                    options.queue_depth = Some(qd);
+                }
+                "create" => {
+                    options.create = Some(match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("create={value:?} must be true or false")),
+                    })
+                }
+                _ => unreachable!("parse_query let an unknown key through"),
+            }
+        }
+    }
+    if let Some(size) = options.size_bytes {
+        // Without a block size, 512 is the finest any device may use; the
+        // open checks the actual block size again.
+        check_size(size, options.block_size.unwrap_or(512))?;
+    }
+    if options.create == Some(true) && options.size_bytes.is_none() {
+        return Err("create=true needs size=<size> to know how large to make the file".into());
+    }
+    Ok(DeviceSpec::File { path, options })
+}
+
+fn parse_nvme(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let (addr, suffix) = match rest.split_once('/') {
+        Some((a, s)) => (a, Some(s)),
+        None => (rest, None),
+    };
+    if addr.is_empty() {
+        return Err("missing PCI address after nvme: (e.g. nvme:0000:01:00.0)".into());
+    }
+    let addr = PciAddress::parse(addr)?;
+    let namespace = match suffix {
+        None => DEFAULT_NVME_NAMESPACE,
+        Some(s) => {
+            let Some(n) = s.strip_prefix("ns=") else {
+                return Err(format!(
+                    "unexpected {s:?} after the PCI address; expected /ns=<namespace id>"
+                ));
+            };
+            n.parse::<u32>()
+                .ok()
+                .filter(|&n| n != 0 && n != u32::MAX)
+                .ok_or_else(|| {
+                    format!(
+                        "namespace id {n:?} is not a number from 1 to {}",
+                        u32::MAX - 1
+                    )
+                })?
+        }
+    };
+    Ok(DeviceSpec::Nvme { addr, namespace })
+}
+
+/// Path text with `%`, `?` and control characters as `%XX`; a path that is
+/// not UTF-8 has each of its non-ASCII bytes escaped too.
+fn encode_path(path: &std::path::Path) -> String {
+    let escape = |b: u8| b == b'%' || b == b'?' || b.is_ascii_control();
+    let mut out = String::new();
+    match path.to_str() {
+        Some(text) => {
+            for c in text.chars() {
+                if c.is_ascii() && escape(c as u8) {
+                    out.push_str(&format!("%{:02X}", c as u32));
+                } else {
+                    out.push(c);
+                }
+            }
+        }
+        None => {
+            for &b in path.as_os_str().as_bytes() {
+                if escape(b) || !b.is_ascii() {
+                    out.push_str(&format!("%{b:02X}"));
+                } else {
+                    out.push(b as char);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn decode_path(s: &str) -> std::result::Result<PathBuf, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            let b = hex
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| {
+                    format!("bad escape at byte {i} of the path: '%' must be followed by two hex digits (write a literal '%' as %25)")
+                })?;
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Ok(PathBuf::from(OsString::from_vec(out)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reason(spec: &str) -> String {
+        match DeviceSpec::parse(spec) {
+            Err(Error::BadSpec { spec: s, reason }) => {
+                assert_eq!(s, spec);
+                reason
+            }
+            other => panic!("{spec:?}: expected BadSpec, got {other:?}"),
+        }
+    }
+
+    fn round_trip(spec: &DeviceSpec) {
+        let text = spec.to_string();
+        assert_eq!(&DeviceSpec::parse(&text).unwrap(), spec, "{text}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
+        assert_eq!(parse_size("100B"), Ok(100));
+        assert!(parse_size("")
+            .unwrap_err()
+            .contains("does not start with a number"));
+        assert!(parse_size("G")
+            .unwrap_err()
+            .contains("does not start with a number"));
+        assert!(parse_size("4X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("4GB").unwrap_err().contains("ambiguous"));
+        assert!(parse_size("99999999999999999999")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_size("16777216T").unwrap_err().contains("64 bits"));
+        assert_eq!(format_size(4 << 30), "4G");
+        assert_eq!(format_size(1536 << 10), "1536K");
+        assert_eq!(format_size(512), "512");
+        assert_eq!(format_size(0), "0");
+    }
+
+    #[test]
+    fn mem_specs() {
+        assert_eq!(
+            DeviceSpec::parse("mem:64M").unwrap(),
+            DeviceSpec::Mem {
+                size_bytes: 64 << 20,
+                block_size: 4096
+            }
+        );
+        let s: DeviceSpec = "mem:1536?bs=512".parse().unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::Mem {
+                size_bytes: 1536,
+                block_size: 512
+            }
+        );
+        assert_eq!(s.to_string(), "mem:1536?bs=512");
+        round_trip(&s);
+        round_trip(&DeviceSpec::parse("mem:1G?bs=4096").unwrap());
+        assert_eq!(
+            DeviceSpec::parse("mem:1G?bs=4096").unwrap().to_string(),
+            "mem:1G"
+        );
+    }
+
+    #[test]
+    fn file_specs() {
+        let s = DeviceSpec::parse("file:/tmp/a.img?size=4G&bs=512&qd=64&create=true").unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::File {
+                path: "/tmp/a.img".into(),
+                options: FileOptions {
+                    size_bytes: Some(4 << 30),
+                    block_size: Some(512),
+                    queue_depth: Some(64),
+                    create: Some(true),
+                }
+            }
+        );
+        assert_eq!(
+            s.to_string(),
+            "file:/tmp/a.img?size=4G&bs=512&qd=64&create=true"
+        );
+        round_trip(&s);
+        let plain = DeviceSpec::parse("file:/dev/nvme0n1").unwrap();
+        assert_eq!(plain.to_string(), "file:/dev/nvme0n1");
+        round_trip(&plain);
+        let odd = DeviceSpec::parse("file:/tmp/what%3F%25/x?size=1M").unwrap();
+        let DeviceSpec::File { path, .. } = &odd else {
+            unreachable!()
+        };
+        assert_eq!(path, std::path::Path::new("/tmp/what?%/x"));
+        round_trip(&odd);
+        let utf8 = DeviceSpec::File {
+            path: "/tmp/ünï?cödé%".into(),
+            options: FileOptions::default(),
+        };
+        round_trip(&utf8);
+        let raw = DeviceSpec::File {
+            path: PathBuf::from(OsString::from_vec(b"/tmp/\xff\xfe\n".to_vec())),
+            options: FileOptions::default(),
+        };
+        round_trip(&raw);
+    }
+
+    #[test]
+    fn nvme_specs() {
+        let s = DeviceSpec::parse("nvme:0000:01:00.0").unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::Nvme {
+                addr: PciAddress {
+                    domain: 0,
+                    bus: 1,
+                    device: 0,
+                    function: 0
+                },
+                namespace: 1
+            }
+        );
+        round_trip(&s);
+        let s = DeviceSpec::parse("nvme:10DE:Af:1f.7/ns=3").unwrap();
+        assert_eq!(s.to_string(), "nvme:10de:af:1f.7/ns=3");
+        round_trip(&s);
+        match s.open() {
+            Err(Error::Unsupported(m)) => assert!(m.contains("NVMe driver is not built yet")),
+            other => panic!("expected Unsupported, got {:?}", other.map(|d| d.name())),
+        }
+    }
+
+    #[test]
+    fn scheme_errors() {
+        assert!(reason("").contains("empty spec"));
+        assert!(reason("/dev/sda").contains("missing scheme"));
+        let r = reason("disk:/dev/sda");
+        assert!(
+            r.contains("unknown scheme \"disk\"") && r.contains("mem, file, nvme"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn mem_errors() {
+        assert!(reason("mem:").contains("missing size"));
+        assert!(reason("mem:lots").contains("does not start with a number"));
+        assert!(reason("mem:4Q").contains("unknown unit"));
+        assert!(reason("mem:0").contains("must be positive"));
+        assert!(reason("mem:1000").contains("not a multiple of the block size 4096"));
+        assert!(reason("mem:1000?bs=512").contains("not a multiple of the block size 512"));
+        assert!(reason("mem:1M?bs=1024").contains("must be 512 or 4096"));
+        let r = reason("mem:1M?qd=4");
+        assert!(
+            r.contains("unknown option \"qd\" for mem:") && r.contains("known: bs"),
+            "{r}"
+        );
+        assert!(reason("mem:1M?bs").contains("not of the form key=value"));
+        assert!(reason("mem:1M?bs=").contains("empty value"));
+        assert!(reason("mem:1M?bs=512&bs=512").contains("given twice"));
+    }
+
+    #[test]
+    fn file_errors() {
+        assert!(reason("file:").contains("missing path"));
+        assert!(reason("file:?size=1M").contains("missing path"));
+        assert!(reason("file:/x?size=big").contains("does not start with a number"));
+        assert!(reason("file:/x?size=0").contains("must be positive"));
+        assert!(reason("file:/x?size=1000").contains("not a multiple of the block size 512"));
+        assert!(
+            reason("file:/x?size=1536&bs=4096").contains("not a multiple of the block size 4096")
+        );
+        assert!(reason("file:/x?bs=2048").contains("must be 512 or 4096"));
+        assert!(reason("file:/x?qd=0").contains("from 1 to"));
+        assert!(reason("file:/x?qd=many").contains("from 1 to"));
+        assert!(reason("file:/x?qd=100000").contains("from 1 to"));
+        assert!(reason("file:/x?create=yes").contains("must be true or false"));
+        assert!(reason("file:/x?create=true").contains("needs size"));
+        let r = reason("file:/x?sz=1M");
+        assert!(
+            r.contains("unknown option \"sz\"") && r.contains("size, bs, qd, create"),
+            "{r}"
+        );
+        assert!(reason("file:/x?size=1M&size=2M").contains("given twice"));
+        assert!(reason("file:/x%zz").contains("bad escape"));
+        assert!(reason("file:/x%2").contains("bad escape"));
+    }
+
+    #[test]
+    fn nvme_errors() {
+        assert!(reason("nvme:").contains("missing PCI address"));
+        assert!(reason("nvme:01:00.0").contains("wrong number of ':'"));
+        assert!(reason("nvme:0000:01:00").contains("missing '.'"));
+        assert!(reason("nvme:000:01:00.0").contains("domain \"000\" is not 4 hex digits"));
+        assert!(reason("nvme:0000:1:00.0").contains("bus \"1\" is not 2 hex digits"));
+        assert!(reason("nvme:0000:01:0g.0").contains("device \"0g\" is not 2 hex digits"));
+        assert!(reason("nvme:0000:01:00.10").contains("function \"10\" is not 1 hex digit"));
+        assert!(reason("nvme:0000:01:20.0").contains("above 0x1f"));
+        assert!(reason("nvme:0000:01:00.8").contains("above 7"));
+        assert!(reason("nvme:0000:01:00.0/nsid=1").contains("expected /ns="));
+        assert!(reason("nvme:0000:01:00.0/ns=0").contains("from 1 to"));
+        assert!(reason("nvme:0000:01:00.0/ns=x").contains("from 1 to"));
+    }
+
+    #[test]
+    fn open_mem() {
+        let dev = open_device("mem:1M?bs=512").unwrap();
+        assert_eq!(dev.geometry().block_size, 512);
+        assert_eq!(dev.geometry().size_bytes(), 1 << 20);
+        assert!(matches!(open_device("mem:x"), Err(Error::BadSpec { .. })));
     }
 }

@@ -3,11 +3,15 @@
 
 use std::sync::Arc;
 
-use blobstore::{BlockDevice, DmaBuf, MemDevice};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use blobstore::device::FileOptions;
+use blobstore::{BlockDevice, DmaBuf, FileDevice, MemDevice};
 
 /// One device + store geometry to run a test body under.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
+    pub file: bool,
     pub block_size: u32,
     pub cluster_size: u32,
     pub size: u64,
@@ -15,33 +19,45 @@ pub struct Config {
 
 /// The geometries every test runs under: both block sizes, two cluster sizes.
 pub fn configs() -> Vec<Config> {
+    let c = |file, block_size, cluster_size, size| Config {
+        file,
+        block_size,
+        cluster_size,
+        size,
+    };
     vec![
-        Config {
-            block_size: 512,
-            cluster_size: 1 << 20,
-            size: 64 << 20,
-        },
-        Config {
-            block_size: 4096,
-            cluster_size: 1 << 20,
-            size: 64 << 20,
-        },
-        Config {
-            block_size: 512,
-            cluster_size: 64 << 10,
-            size: 128 << 20,
-        },
-        Config {
-            block_size: 4096,
-            cluster_size: 16 << 10,
-            size: 64 << 20,
-        },
+        c(false, 512, 1 << 20, 64 << 20),
+        c(false, 4096, 1 << 20, 64 << 20),
+        c(false, 512, 64 << 10, 128 << 20),
+        c(false, 4096, 16 << 10, 64 << 20),
+        c(true, 512, 1 << 20, 64 << 20),
+        c(true, 4096, 64 << 10, 64 << 20),
     ]
 }
 
-/// A fresh memory device for `cfg`.
-pub fn mem(cfg: Config) -> Arc<dyn BlockDevice> {
-    Arc::new(MemDevice::new(cfg.size, cfg.block_size).unwrap())
+/// A fresh device for `cfg`: in memory, or an io_uring file device on an
+/// unlinked temporary file (its descriptor keeps it alive; nothing to clean).
+pub fn dev(cfg: Config) -> Arc<dyn BlockDevice> {
+    if !cfg.file {
+        return Arc::new(MemDevice::new(cfg.size, cfg.block_size).unwrap());
+    }
+    static N: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "blobstore-test-{}-{}.img",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let dev = FileDevice::open(
+        &path,
+        FileOptions {
+            size_bytes: Some(cfg.size),
+            block_size: Some(cfg.block_size),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    Arc::new(dev)
 }
 
 /// Options for `cfg`.
