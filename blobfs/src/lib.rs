@@ -1,6 +1,24 @@
 //! BlobFS: a flat, crash-safe file system on the blobstore.
 //!
-//! Not built yet: this crate is the place the file system lands (one blob
-//! per file, an in-memory name index, atomic rename). It exports nothing so
-//! far, so nothing can mistake it for a working file system.
+//! One blob per file; the name, length and modification time live in the
+//! blob's xattrs (see [`meta`]), and an in-memory index built at mount makes
+//! lookups O(1). Names are `/`-separated paths; directories are entries of
+//! their own, as RocksDB and POSIX users expect.
+//!
+//! Guarantees: after [`File::sync`] returns, the file's data and length up
+//! to that point survive a crash; [`BlobFs::rename`] is atomic, also when it
+//! replaces an existing file; a file deleted while open stays readable
+//! through its handles; no file ever shows another file's bytes.
 #![deny(missing_docs)]
+
+mod cache;
+mod error;
+mod file;
+mod fs;
+pub mod meta;
+pub mod name;
+
+pub use cache::CacheStats;
+pub use error::{Error, Result};
+pub use file::{File, Metadata};
+pub use fs::{BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo};

@@ -1,0 +1,638 @@
+//! Files: the node every handle of one file shares, its write buffer, and
+//! the read path through the cache.
+//!
+//! Invariants:
+//! - `len` is the file's length as readers see it; `flushed` <= `len`, and
+//!   every byte below `flushed` is on the blob. Bytes in `[flushed, len)` live
+//!   in the write buffer, which starts at the block-aligned `buf_start ==
+//!   flushed`.
+//! - Bytes of the blob at or past `len`, and bytes of the write buffer past
+//!   its used part, are zero. So growing a file shows zeroes, and no file
+//!   ever shows bytes of another.
+//! - After `sync` returns, the blob holds every byte below `len` and its
+//!   metadata holds `len`, both durable.
+//! - Appends copy the caller's bytes once, into DMA memory, and reach the
+//!   device in block-aligned chunks of `WRITE_CHUNK` bytes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use blobstore::{Blob, DmaBuf};
+use parking_lot::{Mutex, RwLock};
+
+use crate::error::{Context, Error, Result};
+use crate::fs::FsInner;
+use crate::meta;
+
+/// Appends are written to the device in chunks of this many bytes.
+pub const WRITE_CHUNK: usize = 1 << 20;
+/// Largest readahead window.
+pub const MAX_READAHEAD: u64 = 1 << 20;
+
+pub(crate) struct WriteState {
+    /// Buffer of `WRITE_CHUNK + 2 units` bytes, holding file bytes from `buf_start`.
+    buf: Option<DmaBuf>,
+    used: usize,
+    buf_start: u64,
+    synced_len: u64,
+    /// Length or mtime changed since the last metadata sync.
+    md_dirty: bool,
+    /// Data reached the blob since the last device flush.
+    data_dirty: bool,
+    /// Set when a buffer write failed and unsynced bytes were lost.
+    failed: Option<String>,
+}
+
+pub(crate) struct FileNode {
+    pub blob: Blob,
+    pub name: RwLock<String>,
+    pub len: AtomicU64,
+    pub flushed: AtomicU64,
+    pub mtime: AtomicU64,
+    pub gen: AtomicU64,
+    pub handles: AtomicUsize,
+    pub unlinked: AtomicBool,
+    pub state: futures::lock::Mutex<WriteState>,
+    unit: u64,
+    cluster: u64,
+}
+
+impl FileNode {
+    pub fn new(blob: Blob, name: String, len: u64, mtime: u64, cluster: u64) -> FileNode {
+        let unit = blob.io_unit_size() as u64;
+        let start = len / unit * unit;
+        FileNode {
+            blob,
+            name: RwLock::new(name),
+            len: AtomicU64::new(len),
+            flushed: AtomicU64::new(start),
+            mtime: AtomicU64::new(mtime),
+            gen: AtomicU64::new(0),
+            handles: AtomicUsize::new(0),
+            unlinked: AtomicBool::new(false),
+            state: futures::lock::Mutex::new(WriteState {
+                buf: None,
+                used: (len - start) as usize,
+                buf_start: start,
+                synced_len: len,
+                md_dirty: false,
+                data_dirty: false,
+                failed: None,
+            }),
+            unit,
+            cluster,
+        }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.blob.id().0
+    }
+
+    pub fn name(&self) -> String {
+        self.name.read().clone()
+    }
+
+    fn align_down(&self, v: u64) -> u64 {
+        v / self.unit * self.unit
+    }
+
+    fn align_up(&self, v: u64) -> u64 {
+        v.div_ceil(self.unit) * self.unit
+    }
+
+    /// Loads the buffer (and the partial block at `buf_start`) on first use.
+    async fn buffer<'a>(&self, st: &'a mut WriteState) -> Result<&'a mut DmaBuf> {
+        if st.buf.is_none() {
+            let mut b = DmaBuf::new(WRITE_CHUNK + 2 * self.unit as usize)
+                .map_err(|e| Error::store(&self.name(), e))?;
+            if st.used > 0 {
+                let unit = DmaBuf::new(self.unit as usize).ctx(&self.name())?;
+                let unit = self
+                    .blob
+                    .read(st.buf_start / self.unit, unit)
+                    .await
+                    .ctx(&self.name())?;
+                b[..st.used].copy_from_slice(&unit[..st.used]);
+            }
+            st.buf = Some(b);
+        }
+        Ok(st.buf.as_mut().expect("just set"))
+    }
+
+    /// Grows the blob to hold `end` bytes.
+    async fn ensure_capacity(&self, end: u64) -> Result<()> {
+        if end <= self.blob.size_bytes() {
+            return Ok(());
+        }
+        self.blob
+            .resize(end.div_ceil(self.cluster))
+            .await
+            .ctx(&self.name())
+    }
+
+    fn check_failed(&self, st: &WriteState) -> Result<()> {
+        match &st.failed {
+            Some(reason) => Err(Error::WriteLost(self.name(), reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes `[0, n)` of the buffer (n block-aligned) at `buf_start`.
+    async fn write_buffer(&self, st: &mut WriteState, n: usize, fs: &FsInner) -> Result<()> {
+        debug_assert!((n as u64).is_multiple_of(self.unit));
+        if n == 0 {
+            return Ok(());
+        }
+        self.ensure_capacity(st.buf_start + n as u64).await?;
+        let mut buf = st.buf.take().expect("buffer loaded");
+        let cap = buf.len();
+        buf.set_len(n).ctx(&self.name())?;
+        let res = self.blob.write(st.buf_start / self.unit, buf).await;
+        let mut buf = match res {
+            Ok(b) => b,
+            Err(e) => {
+                // The buffer went with the failed write, and with it bytes
+                // held nowhere else: every later write or sync reports the
+                // loss (as fsync does on Linux) until the file is truncated.
+                st.buf = None;
+                st.failed = Some(e.to_string());
+                return Err(Error::store(&self.name(), e));
+            }
+        };
+        buf.set_len(cap).ctx(&self.name())?;
+        st.buf = Some(buf);
+        st.data_dirty = true;
+        fs.invalidate(self, st.buf_start, st.buf_start + n as u64);
+        Ok(())
+    }
+
+    /// Writes out every full block of the buffer and slides the rest down.
+    async fn spill(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
+        let full = st.used / self.unit as usize * self.unit as usize;
+        if full == 0 {
+            return Ok(());
+        }
+        self.write_buffer(st, full, fs).await?;
+        let buf = st.buf.as_mut().expect("buffer loaded");
+        let tail = st.used - full;
+        buf.copy_within(full..st.used, 0);
+        buf[tail..st.used].fill(0);
+        st.used = tail;
+        st.buf_start += full as u64;
+        self.flushed.store(st.buf_start, Ordering::Release);
+        Ok(())
+    }
+
+    /// Writes `data` at `off` (at most `len`: no holes through this path).
+    pub async fn write_at(&self, fs: &FsInner, off: u64, data: &[u8]) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let st = &mut *st;
+        self.check_failed(st)?;
+        let len = self.len.load(Ordering::Acquire);
+        if off > len {
+            return Err(Error::InvalidArgument(format!(
+                "{}: write at {off} is past the end ({len})",
+                self.name()
+            )));
+        }
+        let end = off + data.len() as u64;
+        // Reserve space first, so running out changes nothing.
+        self.ensure_capacity(self.align_up(end)).await?;
+        if off < st.buf_start {
+            self.write_through(st, fs, off, data).await?;
+        } else {
+            let mut pos = 0;
+            while pos < data.len() {
+                let at = (off + pos as u64 - st.buf_start) as usize;
+                let buf = self.buffer(st).await?;
+                let room = WRITE_CHUNK + self.unit as usize - at;
+                let n = room.min(data.len() - pos);
+                buf[at..at + n].copy_from_slice(&data[pos..pos + n]);
+                st.used = st.used.max(at + n);
+                pos += n;
+                self.len
+                    .fetch_max(st.buf_start + st.used as u64, Ordering::AcqRel);
+                if st.used >= WRITE_CHUNK {
+                    self.spill(st, fs).await?;
+                }
+            }
+        }
+        self.len.fetch_max(end, Ordering::AcqRel);
+        self.mtime.store(meta::now_ns(), Ordering::Release);
+        st.md_dirty = true;
+        Ok(())
+    }
+
+    /// A write that reaches below the buffer: write the buffer out, then
+    /// read-modify-write whole blocks on the blob, then restart the buffer.
+    async fn write_through(
+        &self,
+        st: &mut WriteState,
+        fs: &FsInner,
+        off: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let name = self.name();
+        if st.used > 0 {
+            self.buffer(st).await?;
+            let padded = self.align_up(st.used as u64) as usize;
+            self.write_buffer(st, padded, fs).await?;
+        }
+        let end = off + data.len() as u64;
+        let (a, b) = (self.align_down(off), self.align_up(end));
+        let mut tmp = DmaBuf::new((b - a) as usize).ctx(&name)?;
+        tmp = self.blob.read(a / self.unit, tmp).await.ctx(&name)?;
+        tmp[(off - a) as usize..(end - a) as usize].copy_from_slice(data);
+        self.blob.write(a / self.unit, tmp).await.ctx(&name)?;
+        st.data_dirty = true;
+        fs.invalidate(self, a, b);
+        // Restart the buffer at the (possibly new) end.
+        let len = self.len.load(Ordering::Acquire).max(end);
+        st.buf = None;
+        st.buf_start = self.align_down(len);
+        st.used = (len - st.buf_start) as usize;
+        self.flushed.store(st.buf_start, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes data and length durable.
+    pub async fn sync(&self, fs: &FsInner) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let st = &mut *st;
+        let name = self.name();
+        self.check_failed(st)?;
+        if st.used > 0 && st.buf.is_some() {
+            let padded = self.align_up(st.used as u64) as usize;
+            self.write_buffer(st, padded, fs).await?;
+        }
+        if st.data_dirty || st.md_dirty || self.blob.is_dirty() {
+            fs.flush_device()
+                .await
+                .map_err(|e| Error::store(&name, e))?;
+            st.data_dirty = false;
+        }
+        let len = self.len.load(Ordering::Acquire);
+        if st.md_dirty || len != st.synced_len || self.blob.is_dirty() {
+            self.blob
+                .set_xattr(meta::LEN, &meta::enc_u64(len))
+                .ctx(&name)?;
+            self.blob
+                .set_xattr(
+                    meta::MTIME,
+                    &meta::enc_u64(self.mtime.load(Ordering::Acquire)),
+                )
+                .ctx(&name)?;
+            self.blob.sync_metadata().await.ctx(&name)?;
+            st.synced_len = len;
+            st.md_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Sets the length; new bytes read as zeroes.
+    pub async fn truncate(&self, fs: &FsInner, new_len: u64) -> Result<()> {
+        let mut st = self.state.lock().await;
+        let st = &mut *st;
+        let name = self.name();
+        let len = self.len.load(Ordering::Acquire);
+        let old_size = self.blob.size_bytes();
+        if new_len > len {
+            self.ensure_capacity(self.align_up(new_len)).await?;
+        }
+        // Put everything on the blob, so the blob alone is the truth.
+        if st.used > 0 && st.failed.is_none() {
+            self.buffer(st).await?;
+            let padded = self.align_up(st.used as u64) as usize;
+            self.write_buffer(st, padded, fs).await?;
+        }
+        if new_len < len {
+            // Zero the rest of the block holding the new end, and the
+            // blocks after it up to the old end, so regrowth shows zeroes.
+            let a = self.align_down(new_len);
+            if new_len > a {
+                let mut blk = DmaBuf::new(self.unit as usize).ctx(&name)?;
+                blk = self.blob.read(a / self.unit, blk).await.ctx(&name)?;
+                blk[(new_len - a) as usize..].fill(0);
+                self.blob.write(a / self.unit, blk).await.ctx(&name)?;
+            }
+            let from = self.align_up(new_len);
+            let to = self.align_up(len);
+            if to > from {
+                self.blob
+                    .write_zeroes(from / self.unit, (to - from) / self.unit)
+                    .await
+                    .ctx(&name)?;
+            }
+            self.blob
+                .resize(new_len.div_ceil(self.cluster))
+                .await
+                .ctx(&name)?;
+            st.data_dirty = true;
+        }
+        self.gen.fetch_add(1, Ordering::AcqRel);
+        fs.invalidate(
+            self,
+            self.align_down(new_len.min(len)),
+            old_size.max(self.blob.size_bytes()),
+        );
+        self.len.store(new_len, Ordering::Release);
+        st.buf = None;
+        st.buf_start = self.align_down(new_len);
+        st.used = (new_len - st.buf_start) as usize;
+        self.flushed.store(st.buf_start, Ordering::Release);
+        self.mtime.store(meta::now_ns(), Ordering::Release);
+        st.md_dirty = true;
+        st.failed = None;
+        Ok(())
+    }
+
+    /// Reads up to `dst.len()` bytes at `off`; returns how many (0 at EOF).
+    pub async fn read_at(
+        &self,
+        fs: &FsInner,
+        ra: &Readahead,
+        off: u64,
+        dst: &mut [u8],
+    ) -> Result<usize> {
+        let len = self.len.load(Ordering::Acquire);
+        if off >= len || dst.is_empty() {
+            return Ok(0);
+        }
+        let n = (dst.len() as u64).min(len - off) as usize;
+        let end = off + n as u64;
+        let mut dev_end = end;
+        if end > self.flushed.load(Ordering::Acquire) {
+            // Part of the range is in the write buffer.
+            let st = self.state.lock().await;
+            let start = st.buf_start;
+            if end > start {
+                let from = off.max(start);
+                if let Some(buf) = &st.buf {
+                    let s = (from - start) as usize;
+                    let e = (end - start) as usize;
+                    dst[(from - off) as usize..n].copy_from_slice(&buf[s..e]);
+                } else {
+                    // Not loaded yet: the partial block is still on the blob.
+                    drop(st);
+                    return self.read_blob(fs, ra, off, &mut dst[..n]).await.map(|_| n);
+                }
+                dev_end = from;
+            }
+        }
+        if dev_end > off {
+            self.read_blob(fs, ra, off, &mut dst[..(dev_end - off) as usize])
+                .await?;
+        }
+        Ok(n)
+    }
+
+    /// Reads blob bytes `[off, off+dst.len())` through the cache.
+    async fn read_blob(
+        &self,
+        fs: &FsInner,
+        ra: &Readahead,
+        off: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let name = self.name();
+        let end = off + dst.len() as u64;
+        let cache = &fs.cache;
+        if !cache.enabled() {
+            let (a, b) = (self.align_down(off), self.align_up(end));
+            let buf = DmaBuf::new((b - a) as usize).ctx(&name)?;
+            let buf = self.blob.read(a / self.unit, buf).await.ctx(&name)?;
+            dst.copy_from_slice(&buf[(off - a) as usize..(end - a) as usize]);
+            return Ok(());
+        }
+        let cb = cache.chunk_bytes() as u64;
+        let first = off / cb;
+        let last = (end - 1) / cb;
+        let blob_end = self.blob.size_bytes();
+        let mut idx = first;
+        while idx <= last {
+            let seen = self.gen.load(Ordering::Acquire);
+            let data = match cache.get(self.id(), idx) {
+                Some(d) => d,
+                None => {
+                    // Read this chunk and the following missing ones in one
+                    // I/O, plus the readahead window when access is sequential.
+                    let window = ra.window(off, end, cb);
+                    let mut stop = (last + 1).max(idx + window / cb);
+                    stop = stop.min(blob_end.div_ceil(cb)).max(idx + 1);
+                    let mut run_end = idx + 1;
+                    while run_end < stop && cache.get(self.id(), run_end).is_none() {
+                        run_end += 1;
+                    }
+                    let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
+                    let buf = DmaBuf::new(bytes as usize).ctx(&name)?;
+                    let buf = self.blob.read(idx * cb / self.unit, buf).await.ctx(&name)?;
+                    let mut mine = None;
+                    for (i, piece) in buf.chunks(cb as usize).enumerate() {
+                        let chunk: Arc<[u8]> = Arc::from(piece);
+                        if i == 0 {
+                            mine = Some(chunk.clone());
+                        }
+                        cache.insert(self.id(), idx + i as u64, chunk, &self.gen, seen);
+                    }
+                    mine.expect("at least one chunk")
+                }
+            };
+            let cstart = idx * cb;
+            let from = off.max(cstart);
+            let to = end.min(cstart + data.len() as u64);
+            dst[(from - off) as usize..(to - off) as usize]
+                .copy_from_slice(&data[(from - cstart) as usize..(to - cstart) as usize]);
+            idx += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Sequential-access detector of one handle: the readahead window doubles
+/// while reads continue where the last one stopped.
+#[derive(Default)]
+pub(crate) struct Readahead {
+    state: Mutex<(u64, u64)>,
+}
+
+impl Readahead {
+    /// Bytes to read ahead for a read of `[off, end)`.
+    fn window(&self, off: u64, end: u64, chunk: u64) -> u64 {
+        let mut s = self.state.lock();
+        let (last_end, window) = *s;
+        let w = if off == last_end && off != 0 {
+            (window * 2).clamp(2 * chunk, MAX_READAHEAD)
+        } else {
+            0
+        };
+        *s = (end, w);
+        w
+    }
+
+    pub fn note(&self, end: u64) {
+        self.state.lock().0 = end;
+    }
+}
+
+/// Metadata of a file or directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Metadata {
+    /// Normalized full name.
+    pub name: String,
+    /// True for a directory.
+    pub is_dir: bool,
+    /// Length in bytes (0 for directories).
+    pub len: u64,
+    /// Last modification, nanoseconds since the Unix epoch.
+    pub mtime_ns: u64,
+    /// The blob that holds it.
+    pub blob_id: blobstore::BlobId,
+}
+
+/// An open file. Handles are independent; all handles of one file share its
+/// data, length and write buffer. Safe to use from any thread.
+pub struct File {
+    pub(crate) fs: Arc<FsInner>,
+    pub(crate) node: Arc<FileNode>,
+    pub(crate) read: bool,
+    pub(crate) write: bool,
+    pub(crate) ra: Readahead,
+}
+
+impl File {
+    /// Current length in bytes.
+    pub fn len(&self) -> u64 {
+        self.node.len.load(Ordering::Acquire)
+    }
+
+    /// True for an empty file.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The file's current name.
+    pub fn name(&self) -> String {
+        self.node.name()
+    }
+
+    /// Metadata, as [`crate::BlobFs::stat`] gives it.
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            name: self.name(),
+            is_dir: false,
+            len: self.len(),
+            mtime_ns: self.node.mtime.load(Ordering::Acquire),
+            blob_id: self.node.blob.id(),
+        }
+    }
+
+    fn check(&self, write: bool) -> Result<()> {
+        if write && !self.write {
+            return Err(Error::BadMode(self.name(), "writing"));
+        }
+        if !write && !self.read {
+            return Err(Error::BadMode(self.name(), "reading"));
+        }
+        Ok(())
+    }
+
+    /// Reads at `off` into `dst`; returns the bytes read (0 at the end).
+    pub async fn read_at_async(&self, off: u64, dst: &mut [u8]) -> Result<usize> {
+        self.check(false)?;
+        let n = self.node.read_at(&self.fs, &self.ra, off, dst).await?;
+        self.ra.note(off + n as u64);
+        Ok(n)
+    }
+
+    /// Synchronous [`File::read_at_async`].
+    pub fn read_at(&self, off: u64, dst: &mut [u8]) -> Result<usize> {
+        blobstore::block_on(self.read_at_async(off, dst))
+    }
+
+    /// Reads the whole file.
+    pub fn read_all(&self) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.len() as usize];
+        let mut pos = 0;
+        while pos < out.len() {
+            let n = self.read_at(pos as u64, &mut out[pos..])?;
+            if n == 0 {
+                out.truncate(pos);
+                break;
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Appends `data` at the end.
+    pub async fn append_async(&self, data: &[u8]) -> Result<()> {
+        self.check(true)?;
+        let off = self.len();
+        self.node.write_at(&self.fs, off, data).await
+    }
+
+    /// Synchronous [`File::append_async`].
+    pub fn append(&self, data: &[u8]) -> Result<()> {
+        blobstore::block_on(self.append_async(data))
+    }
+
+    /// Writes `data` at `off`, which may be at most the current length.
+    pub async fn write_at_async(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.check(true)?;
+        self.node.write_at(&self.fs, off, data).await
+    }
+
+    /// Synchronous [`File::write_at_async`].
+    pub fn write_at(&self, off: u64, data: &[u8]) -> Result<()> {
+        blobstore::block_on(self.write_at_async(off, data))
+    }
+
+    /// Sets the length; growth reads as zeroes.
+    pub async fn truncate_async(&self, len: u64) -> Result<()> {
+        self.check(true)?;
+        self.node.truncate(&self.fs, len).await
+    }
+
+    /// Synchronous [`File::truncate_async`].
+    pub fn truncate(&self, len: u64) -> Result<()> {
+        blobstore::block_on(self.truncate_async(len))
+    }
+
+    /// Makes all data and the length durable.
+    pub async fn sync_async(&self) -> Result<()> {
+        self.node.sync(&self.fs).await
+    }
+
+    /// Synchronous [`File::sync_async`].
+    pub fn sync(&self) -> Result<()> {
+        blobstore::block_on(self.sync_async())
+    }
+
+    /// Syncs (if opened for writing) and closes the handle.
+    pub async fn close_async(self) -> Result<()> {
+        if self.write {
+            self.node.sync(&self.fs).await?;
+        }
+        let fs = self.fs.clone();
+        let unlinked = self.node.unlinked.load(Ordering::Acquire);
+        drop(self);
+        if unlinked {
+            let _g = fs.ns.lock().await;
+            fs.reap_pending().await?;
+        }
+        Ok(())
+    }
+
+    /// Synchronous [`File::close_async`].
+    pub fn close(self) -> Result<()> {
+        blobstore::block_on(self.close_async())
+    }
+}
+
+impl Drop for File {
+    fn drop(&mut self) {
+        // An unlinked file's blob is deleted by the next namespace change,
+        // close or unmount that finds no handle left (or at the next mount).
+        self.node.handles.fetch_sub(1, Ordering::AcqRel);
+    }
+}

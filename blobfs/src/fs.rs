@@ -1,0 +1,922 @@
+//! The file system: mkfs, mount, the name index and namespace operations.
+//!
+//! Invariants:
+//! - The index maps every live name to exactly one node; every name's parent
+//!   directory is in the index (the root "" always is).
+//! - Namespace changes (create, mkdir, rename, delete, rmdir) run one at a
+//!   time under `ns`, an async lock; lookups take only the index's read lock
+//!   and are O(1).
+//! - A create or rename becomes durable with one metadata sync of the blob
+//!   it names (the commit point); a replaced rename target is deleted after
+//!   that, and a crash in between is resolved at mount by `fs.seq`.
+//! - A file deleted while open keeps its blob until the last handle goes.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use blobstore::{
+    block_on, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, LoadOptions,
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::cache::{Cache, CacheStats};
+use crate::error::{Context, Error, Result};
+use crate::file::{File, FileNode, Metadata, Readahead};
+use crate::meta;
+use crate::name::{self, normalize, normalize_entry};
+
+/// Options for [`BlobFs::mount`] (and [`BlobFs::mkfs`], which mounts).
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Memory for the read cache, in bytes; 0 turns the cache off (every
+    /// read goes to the device). Default 256 MiB.
+    pub cache_bytes: u64,
+    /// Bytes per cache chunk (a multiple of the device block). Default 32 KiB.
+    pub cache_chunk_bytes: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            cache_bytes: 256 << 20,
+            cache_chunk_bytes: 32 << 10,
+        }
+    }
+}
+
+/// Options for [`BlobFs::mkfs`].
+#[derive(Clone, Debug)]
+pub struct MkfsOptions {
+    /// Cluster size of the blobstore (the file allocation unit). Default 1 MiB.
+    pub cluster_size: u32,
+    /// Metadata pages (at least one per file); default one per cluster.
+    pub md_pages: Option<u64>,
+}
+
+impl Default for MkfsOptions {
+    fn default() -> Self {
+        MkfsOptions {
+            cluster_size: 1 << 20,
+            md_pages: None,
+        }
+    }
+}
+
+/// How to open a file.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenOptions {
+    /// Allow reads.
+    pub read: bool,
+    /// Allow writes.
+    pub write: bool,
+    /// Create the file if it does not exist.
+    pub create: bool,
+    /// Fail if the file exists (with `create`).
+    pub create_new: bool,
+    /// Cut the file to length 0.
+    pub truncate: bool,
+}
+
+impl OpenOptions {
+    /// Read-only access to an existing file.
+    pub fn read() -> Self {
+        OpenOptions {
+            read: true,
+            ..Default::default()
+        }
+    }
+    /// Read-write access, creating the file, truncating it to zero.
+    pub fn create_truncate() -> Self {
+        OpenOptions {
+            read: true,
+            write: true,
+            create: true,
+            truncate: true,
+            ..Default::default()
+        }
+    }
+    /// Read-write access to an existing file (appends go to its end).
+    pub fn append() -> Self {
+        OpenOptions {
+            read: true,
+            write: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Last component of the name.
+    pub name: String,
+    /// True for a directory.
+    pub is_dir: bool,
+}
+
+/// Space figures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpaceInfo {
+    /// Bytes files can use, used or not.
+    pub total_bytes: u64,
+    /// Bytes free for file data.
+    pub free_bytes: u64,
+    /// Files and directories.
+    pub entries: u64,
+    /// Bytes per allocation unit (cluster).
+    pub cluster_bytes: u64,
+}
+
+pub(crate) struct DirNode {
+    blob: blobstore::Blob,
+    mtime: u64,
+}
+
+#[derive(Clone)]
+enum Entry {
+    File(Arc<FileNode>),
+    Dir(Arc<DirNode>),
+}
+
+#[derive(Default)]
+struct Index {
+    entries: HashMap<String, Entry>,
+    children: HashMap<String, BTreeSet<String>>,
+}
+
+impl Index {
+    fn insert(&mut self, name: String, e: Entry) {
+        if matches!(e, Entry::Dir(_)) {
+            self.children.entry(name.clone()).or_default();
+        }
+        self.children
+            .entry(name::parent(&name).to_string())
+            .or_default()
+            .insert(name.clone());
+        self.entries.insert(name, e);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Entry> {
+        let e = self.entries.remove(name)?;
+        if let Some(set) = self.children.get_mut(name::parent(name)) {
+            set.remove(name);
+        }
+        if matches!(e, Entry::Dir(_)) {
+            self.children.remove(name);
+        }
+        Some(e)
+    }
+
+    fn is_dir(&self, name: &str) -> bool {
+        name.is_empty() || matches!(self.entries.get(name), Some(Entry::Dir(_)))
+    }
+}
+
+pub(crate) struct FsInner {
+    bs: Blobstore,
+    device_id: blobstore::device::DeviceId,
+    pub ns: futures::lock::Mutex<()>,
+    index: RwLock<Index>,
+    seq: AtomicU64,
+    pub cache: Cache,
+    locks: Mutex<HashSet<String>>,
+    pending: Mutex<Vec<Arc<FileNode>>>,
+}
+
+static MOUNTED: Mutex<Vec<blobstore::device::DeviceId>> = Mutex::new(Vec::new());
+
+impl Drop for FsInner {
+    fn drop(&mut self) {
+        MOUNTED.lock().retain(|d| *d != self.device_id);
+    }
+}
+
+impl FsInner {
+    /// Marks bytes `[from, to)` of a file as changed on the blob: bumps
+    /// its generation, then drops the cached chunks that cover them.
+    pub fn invalidate(&self, node: &FileNode, from: u64, to: u64) {
+        node.gen.fetch_add(1, Ordering::AcqRel);
+        if to > from {
+            let cb = self.cache.chunk_bytes() as u64;
+            self.cache.invalidate(node.id(), from / cb, (to - 1) / cb);
+        }
+    }
+
+    pub async fn flush_device(&self) -> blobstore::Result<()> {
+        blobstore::channel(self.bs.device())?.flush().await
+    }
+
+    /// Deletes the blobs of unlinked files nobody holds any more.
+    pub async fn reap_pending(&self) -> Result<()> {
+        let ready: Vec<Arc<FileNode>> = {
+            let mut p = self.pending.lock();
+            let (ready, keep) = std::mem::take(&mut *p)
+                .into_iter()
+                .partition(|n| n.handles.load(Ordering::Acquire) == 0);
+            *p = keep;
+            ready
+        };
+        for node in ready {
+            let id = node.blob.id();
+            let name = node.name();
+            match Arc::try_unwrap(node) {
+                Ok(n) => {
+                    drop(n);
+                    self.bs.delete_blob(id).await.ctx(&name)?;
+                }
+                Err(n) => self.pending.lock().push(n),
+            }
+        }
+        Ok(())
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::AcqRel)
+    }
+
+    fn lookup(&self, name: &str) -> Option<Entry> {
+        self.index.read().entries.get(name).cloned()
+    }
+
+    fn check_parent(&self, name: &str) -> Result<()> {
+        let parent = name::parent(name);
+        if !self.index.read().is_dir(parent) {
+            return Err(match self.lookup(parent) {
+                Some(_) => Error::NotADirectory(parent.to_string()),
+                None => Error::NotFound(parent.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    async fn create_node(&self, name: &str, kind: u8) -> Result<Entry> {
+        let now = meta::now_ns();
+        let mut xattrs = vec![
+            (meta::NAME.to_string(), name.as_bytes().to_vec()),
+            (meta::KIND.to_string(), vec![kind]),
+            (
+                meta::SEQ.to_string(),
+                meta::enc_u64(self.next_seq()).to_vec(),
+            ),
+            (meta::MTIME.to_string(), meta::enc_u64(now).to_vec()),
+        ];
+        if kind == meta::KIND_FILE {
+            xattrs.push((meta::LEN.to_string(), meta::enc_u64(0).to_vec()));
+        }
+        let id = self
+            .bs
+            .create_blob(BlobOptions {
+                num_clusters: 0,
+                thin_provision: false,
+                xattrs,
+            })
+            .await
+            .ctx(name)?;
+        let blob = self.bs.open_blob(id).await.ctx(name)?;
+        Ok(if kind == meta::KIND_FILE {
+            Entry::File(Arc::new(FileNode::new(
+                blob,
+                name.to_string(),
+                0,
+                now,
+                self.bs.cluster_size() as u64,
+            )))
+        } else {
+            Entry::Dir(Arc::new(DirNode { blob, mtime: now }))
+        })
+    }
+
+    fn handle(self: &Arc<Self>, node: Arc<FileNode>, opts: OpenOptions) -> File {
+        node.handles.fetch_add(1, Ordering::AcqRel);
+        File {
+            fs: self.clone(),
+            node,
+            read: opts.read || !opts.write,
+            write: opts.write,
+            ra: Readahead::default(),
+        }
+    }
+}
+
+/// A mounted BlobFS. Cheap to clone; safe to share between threads.
+///
+/// Every operation has an async form (`*_async`) and a synchronous one that
+/// runs it on the calling thread with [`blobstore::block_on`].
+#[derive(Clone)]
+pub struct BlobFs {
+    inner: Arc<FsInner>,
+}
+
+/// A held file lock; released on drop.
+pub struct FileLock {
+    fs: Arc<FsInner>,
+    name: String,
+}
+
+impl FileLock {
+    /// The locked name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        self.fs.locks.lock().remove(&self.name);
+    }
+}
+
+struct Found {
+    id: BlobId,
+    blob: blobstore::Blob,
+    name: String,
+    kind: u8,
+    seq: u64,
+    len: u64,
+    mtime: u64,
+}
+
+impl BlobFs {
+    /// Makes a new, empty BlobFS on `dev` (erasing it) and mounts it.
+    pub async fn mkfs_async(
+        dev: Arc<dyn BlockDevice>,
+        mkfs: MkfsOptions,
+        opts: MountOptions,
+    ) -> Result<BlobFs> {
+        if MOUNTED.lock().contains(&dev.id()) {
+            return Err(Error::store(
+                "mkfs",
+                blobstore::Error::Busy(format!("{} is mounted", dev.name())),
+            ));
+        }
+        let bs = Blobstore::init(
+            dev.clone(),
+            BlobstoreOptions {
+                cluster_size: mkfs.cluster_size,
+                md_pages: mkfs.md_pages,
+                bstype: meta::BSTYPE.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .ctx("mkfs")?;
+        let sb = bs
+            .create_blob(BlobOptions {
+                xattrs: vec![(
+                    meta::VERSION.into(),
+                    meta::FORMAT_VERSION.to_le_bytes().to_vec(),
+                )],
+                ..Default::default()
+            })
+            .await
+            .ctx("mkfs")?;
+        bs.set_super_blob(Some(sb)).await.ctx("mkfs")?;
+        bs.unload().await.ctx("mkfs")?;
+        Self::mount_async(dev, opts).await
+    }
+
+    /// Synchronous [`BlobFs::mkfs_async`].
+    pub fn mkfs(
+        dev: Arc<dyn BlockDevice>,
+        mkfs: MkfsOptions,
+        opts: MountOptions,
+    ) -> Result<BlobFs> {
+        block_on(Self::mkfs_async(dev, mkfs, opts))
+    }
+
+    /// Mounts the BlobFS on `dev`: loads the blobstore, reads every file's
+    /// metadata into the name index, finishes deletes and renames that a
+    /// crash interrupted.
+    pub async fn mount_async(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<BlobFs> {
+        let unit = dev.geometry().block_size as usize;
+        if opts.cache_chunk_bytes == 0 || !opts.cache_chunk_bytes.is_multiple_of(unit) {
+            return Err(Error::InvalidArgument(format!(
+                "cache chunk of {} bytes is not a multiple of the block size {unit}",
+                opts.cache_chunk_bytes
+            )));
+        }
+        {
+            let mut m = MOUNTED.lock();
+            if m.contains(&dev.id()) {
+                return Err(Error::store(
+                    "mount",
+                    blobstore::Error::Busy(format!("{} is already mounted", dev.name())),
+                ));
+            }
+            m.push(dev.id());
+        }
+        let device_id = dev.id();
+        let res = Self::mount_inner(dev, opts).await;
+        if res.is_err() {
+            MOUNTED.lock().retain(|d| *d != device_id);
+        }
+        res
+    }
+
+    async fn mount_inner(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<BlobFs> {
+        let device_id = dev.id();
+        let bs = match Blobstore::load(
+            dev,
+            LoadOptions {
+                bstype: meta::BSTYPE.into(),
+            },
+        )
+        .await
+        {
+            Ok(bs) => bs,
+            Err(e @ (blobstore::Error::NotABlobstore(_) | blobstore::Error::WrongType { .. })) => {
+                return Err(Error::NotBlobFs(e.to_string()))
+            }
+            Err(e) => return Err(Error::store("mount", e)),
+        };
+        let sb = bs
+            .super_blob()
+            .ok_or_else(|| Error::Corrupt("no super blob".into()))?;
+        {
+            let b = bs.open_blob(sb).await.ctx("super blob")?;
+            let v = b.get_xattr(meta::VERSION);
+            if v.as_deref() != Some(&meta::FORMAT_VERSION.to_le_bytes()[..]) {
+                return Err(Error::Corrupt(format!("unsupported BlobFS version {v:?}")));
+            }
+        }
+        let mut found: HashMap<String, Vec<Found>> = HashMap::new();
+        let mut max_seq = 0;
+        for id in bs.blob_ids() {
+            if id == sb {
+                continue;
+            }
+            let blob = bs.open_blob(id).await.ctx(&format!("blob {id}"))?;
+            let what = format!("blob {id}");
+            if blob.get_xattr(meta::UNLINKED).is_some() {
+                drop(blob);
+                bs.delete_blob(id).await.ctx(&what)?;
+                continue;
+            }
+            let name = blob
+                .get_xattr(meta::NAME)
+                .and_then(|n| String::from_utf8(n).ok())
+                .ok_or_else(|| Error::Corrupt(format!("{what}: no valid name")))?;
+            let kind = match blob.get_xattr(meta::KIND).as_deref() {
+                Some([k]) if *k == meta::KIND_FILE || *k == meta::KIND_DIR => *k,
+                _ => return Err(Error::Corrupt(format!("{what} ({name}): bad kind"))),
+            };
+            let seq = meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &what)?;
+            let mtime = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what)?;
+            let len = if kind == meta::KIND_FILE {
+                meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what)?
+            } else {
+                0
+            };
+            if len > blob.size_bytes() {
+                return Err(Error::Corrupt(format!(
+                    "{what} ({name}): length {len} exceeds its {} bytes",
+                    blob.size_bytes()
+                )));
+            }
+            max_seq = max_seq.max(seq);
+            found.entry(name.clone()).or_default().push(Found {
+                id,
+                blob,
+                name,
+                kind,
+                seq,
+                len,
+                mtime,
+            });
+        }
+        let inner = Arc::new(FsInner {
+            cache: Cache::new(opts.cache_bytes, opts.cache_chunk_bytes),
+            bs: bs.clone(),
+            device_id,
+            ns: futures::lock::Mutex::new(()),
+            index: RwLock::new(Index::default()),
+            seq: AtomicU64::new(max_seq + 1),
+            locks: Mutex::new(HashSet::new()),
+            pending: Mutex::new(Vec::new()),
+        });
+        // Two blobs with one name: a rename over an existing file crashed
+        // before deleting the old one. The newer one wins.
+        let mut winners = Vec::new();
+        for (_, mut v) in found {
+            v.sort_by_key(|f| std::cmp::Reverse(f.seq));
+            let mut it = v.into_iter();
+            winners.push(it.next().expect("non-empty group"));
+            for loser in it {
+                let id = loser.id;
+                drop(loser.blob);
+                bs.delete_blob(id).await.ctx(&loser.name)?;
+            }
+        }
+        // Parents first, so every name's parent is in the index.
+        winners.sort_by(|a, b| a.name.cmp(&b.name));
+        let fs = BlobFs { inner };
+        let mut orphans = Vec::new();
+        {
+            let mut idx = fs.inner.index.write();
+            let cluster = bs.cluster_size() as u64;
+            for f in winners {
+                if normalize_entry(&f.name).ok().as_deref() != Some(f.name.as_str()) {
+                    return Err(Error::Corrupt(format!(
+                        "blob {}: bad name {:?}",
+                        f.id, f.name
+                    )));
+                }
+                let e = if f.kind == meta::KIND_FILE {
+                    Entry::File(Arc::new(FileNode::new(
+                        f.blob,
+                        f.name.clone(),
+                        f.len,
+                        f.mtime,
+                        cluster,
+                    )))
+                } else {
+                    Entry::Dir(Arc::new(DirNode {
+                        blob: f.blob,
+                        mtime: f.mtime,
+                    }))
+                };
+                if !idx.is_dir(name::parent(&f.name)) {
+                    orphans.push(f.name.clone());
+                }
+                idx.insert(f.name, e);
+            }
+        }
+        for o in orphans {
+            // A parent can only be missing after damage; recreate it so the
+            // file stays reachable (fsck reports it).
+            let mut missing = Vec::new();
+            let mut p = name::parent(&o).to_string();
+            while !fs.inner.index.read().is_dir(&p) {
+                missing.push(p.clone());
+                p = name::parent(&p).to_string();
+            }
+            for d in missing.into_iter().rev() {
+                let e = fs.inner.create_node(&d, meta::KIND_DIR).await?;
+                fs.inner.index.write().insert(d, e);
+            }
+        }
+        Ok(fs)
+    }
+
+    /// Synchronous [`BlobFs::mount_async`].
+    pub fn mount(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<BlobFs> {
+        block_on(Self::mount_async(dev, opts))
+    }
+
+    /// Syncs every file and unmounts cleanly. Fails with `Busy` while other
+    /// clones of this `BlobFs` or open files still exist.
+    pub async fn unmount_async(self) -> Result<()> {
+        let inner = self.inner;
+        {
+            let _g = inner.ns.lock().await;
+            let nodes: Vec<Arc<FileNode>> = inner
+                .index
+                .read()
+                .entries
+                .values()
+                .filter_map(|e| match e {
+                    Entry::File(n) => Some(n.clone()),
+                    Entry::Dir(_) => None,
+                })
+                .collect();
+            for n in nodes {
+                n.sync(&inner).await?;
+            }
+            inner.reap_pending().await?;
+        }
+        let inner = Arc::try_unwrap(inner).map_err(|_| {
+            Error::store(
+                "unmount",
+                blobstore::Error::Busy("files or clones of the file system are still open".into()),
+            )
+        })?;
+        let bs = inner.bs.clone();
+        drop(inner);
+        bs.unload().await.ctx("unmount")
+    }
+
+    /// Synchronous [`BlobFs::unmount_async`].
+    pub fn unmount(self) -> Result<()> {
+        block_on(self.unmount_async())
+    }
+
+    /// Opens (and with `create`, creates) a file.
+    pub async fn open_async(&self, name: &str, opts: OpenOptions) -> Result<File> {
+        let name = normalize_entry(name)?;
+        let fs = &self.inner;
+        let existing = fs.lookup(&name);
+        let node = match existing {
+            Some(Entry::Dir(_)) => return Err(Error::IsADirectory(name)),
+            Some(Entry::File(_)) if opts.create_new => return Err(Error::AlreadyExists(name)),
+            Some(Entry::File(n)) => n,
+            None if !opts.create && !opts.create_new => return Err(Error::NotFound(name)),
+            None => {
+                let _g = fs.ns.lock().await;
+                match fs.lookup(&name) {
+                    Some(Entry::File(n)) if !opts.create_new => n,
+                    Some(Entry::File(_)) => return Err(Error::AlreadyExists(name)),
+                    Some(Entry::Dir(_)) => return Err(Error::IsADirectory(name)),
+                    None => {
+                        fs.check_parent(&name)?;
+                        let e = fs.create_node(&name, meta::KIND_FILE).await?;
+                        fs.index.write().insert(name.clone(), e.clone());
+                        match e {
+                            Entry::File(n) => n,
+                            Entry::Dir(_) => unreachable!("created a file"),
+                        }
+                    }
+                }
+            }
+        };
+        let f = fs.handle(node, opts);
+        if opts.truncate && opts.write && !f.is_empty() {
+            f.truncate_async(0).await?;
+        }
+        Ok(f)
+    }
+
+    /// Synchronous [`BlobFs::open_async`].
+    pub fn open(&self, name: &str, opts: OpenOptions) -> Result<File> {
+        block_on(self.open_async(name, opts))
+    }
+
+    /// Creates a new, empty file for reading and writing; fails if it exists.
+    pub fn create(&self, name: &str) -> Result<File> {
+        self.open(
+            name,
+            OpenOptions {
+                read: true,
+                write: true,
+                create_new: true,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Metadata of a file or directory.
+    pub fn stat(&self, name: &str) -> Result<Metadata> {
+        let name = normalize(name)?;
+        if name.is_empty() {
+            return Ok(Metadata {
+                name,
+                is_dir: true,
+                len: 0,
+                mtime_ns: 0,
+                blob_id: self.inner.bs.super_blob().unwrap_or(BlobId(0)),
+            });
+        }
+        match self.inner.lookup(&name) {
+            None => Err(Error::NotFound(name)),
+            Some(Entry::File(n)) => Ok(Metadata {
+                name,
+                is_dir: false,
+                len: n.len.load(Ordering::Acquire),
+                mtime_ns: n.mtime.load(Ordering::Acquire),
+                blob_id: n.blob.id(),
+            }),
+            Some(Entry::Dir(d)) => Ok(Metadata {
+                name,
+                is_dir: true,
+                len: 0,
+                mtime_ns: d.mtime,
+                blob_id: d.blob.id(),
+            }),
+        }
+    }
+
+    /// True if a file or directory of that name exists.
+    pub fn exists(&self, name: &str) -> bool {
+        normalize(name).is_ok_and(|n| n.is_empty() || self.inner.lookup(&n).is_some())
+    }
+
+    /// All file and directory names that start with `prefix`, sorted.
+    pub fn list(&self, prefix: &str) -> Vec<String> {
+        let prefix = prefix.trim_start_matches('/');
+        let mut v: Vec<String> = self
+            .inner
+            .index
+            .read()
+            .entries
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The entries of directory `dir` ("" or "/" for the root), sorted.
+    pub fn read_dir(&self, dir: &str) -> Result<Vec<DirEntry>> {
+        let dir = normalize(dir)?;
+        let idx = self.inner.index.read();
+        if !idx.is_dir(&dir) {
+            return Err(match idx.entries.get(&dir) {
+                Some(_) => Error::NotADirectory(dir),
+                None => Error::NotFound(dir),
+            });
+        }
+        Ok(idx
+            .children
+            .get(&dir)
+            .map(|set| {
+                set.iter()
+                    .map(|full| DirEntry {
+                        name: name::base(full).to_string(),
+                        is_dir: idx.is_dir(full),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    /// Creates a directory; its parent must exist.
+    pub async fn create_dir_async(&self, dir: &str) -> Result<()> {
+        let dir = normalize_entry(dir)?;
+        let fs = &self.inner;
+        let _g = fs.ns.lock().await;
+        if fs.lookup(&dir).is_some() {
+            return Err(Error::AlreadyExists(dir));
+        }
+        fs.check_parent(&dir)?;
+        let e = fs.create_node(&dir, meta::KIND_DIR).await?;
+        fs.index.write().insert(dir, e);
+        Ok(())
+    }
+
+    /// Synchronous [`BlobFs::create_dir_async`].
+    pub fn create_dir(&self, dir: &str) -> Result<()> {
+        block_on(self.create_dir_async(dir))
+    }
+
+    /// Creates a directory and any missing parents; fine if it exists.
+    pub fn create_dir_all(&self, dir: &str) -> Result<()> {
+        let dir = normalize(dir)?;
+        let mut path = String::new();
+        for comp in dir.split('/').filter(|c| !c.is_empty()) {
+            if !path.is_empty() {
+                path.push('/');
+            }
+            path.push_str(comp);
+            match self.create_dir(&path) {
+                Ok(()) => {}
+                Err(Error::AlreadyExists(_)) if self.inner.index.read().is_dir(&path) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an empty directory.
+    pub async fn remove_dir_async(&self, dir: &str) -> Result<()> {
+        let dir = normalize_entry(dir)?;
+        let fs = &self.inner;
+        let _g = fs.ns.lock().await;
+        let node = match fs.lookup(&dir) {
+            None => return Err(Error::NotFound(dir)),
+            Some(Entry::File(_)) => return Err(Error::NotADirectory(dir)),
+            Some(Entry::Dir(d)) => d,
+        };
+        if fs
+            .index
+            .read()
+            .children
+            .get(&dir)
+            .is_some_and(|c| !c.is_empty())
+        {
+            return Err(Error::DirectoryNotEmpty(dir));
+        }
+        let id = node.blob.id();
+        fs.index.write().remove(&dir);
+        drop(node);
+        fs.bs.delete_blob(id).await.ctx(&dir)
+    }
+
+    /// Synchronous [`BlobFs::remove_dir_async`].
+    pub fn remove_dir(&self, dir: &str) -> Result<()> {
+        block_on(self.remove_dir_async(dir))
+    }
+
+    /// Deletes a file. Open handles keep reading its data until they close.
+    pub async fn remove_file_async(&self, name: &str) -> Result<()> {
+        let name = normalize_entry(name)?;
+        let fs = &self.inner;
+        let _g = fs.ns.lock().await;
+        let node = match fs.lookup(&name) {
+            None => return Err(Error::NotFound(name)),
+            Some(Entry::Dir(_)) => return Err(Error::IsADirectory(name)),
+            Some(Entry::File(n)) => n,
+        };
+        fs.index.write().remove(&name);
+        self.unlink_node(node, &name).await?;
+        fs.reap_pending().await
+    }
+
+    /// Synchronous [`BlobFs::remove_file_async`].
+    pub fn remove_file(&self, name: &str) -> Result<()> {
+        block_on(self.remove_file_async(name))
+    }
+
+    /// Drops a node that left the index (ns lock held).
+    async fn unlink_node(&self, node: Arc<FileNode>, name: &str) -> Result<()> {
+        let fs = &self.inner;
+        node.unlinked.store(true, Ordering::Release);
+        if node.handles.load(Ordering::Acquire) > 0 {
+            // Still open: mark it durably so a crash before the last close
+            // does not bring the name back.
+            node.blob.set_xattr(meta::UNLINKED, &[1]).ctx(name)?;
+            node.blob.sync_metadata().await.ctx(name)?;
+        }
+        fs.pending.lock().push(node);
+        Ok(())
+    }
+
+    /// Renames a file atomically, replacing an existing target file.
+    pub async fn rename_async(&self, from: &str, to: &str) -> Result<()> {
+        let from = normalize_entry(from)?;
+        let to = normalize_entry(to)?;
+        let fs = &self.inner;
+        let _g = fs.ns.lock().await;
+        let node = match fs.lookup(&from) {
+            None => return Err(Error::NotFound(from)),
+            Some(Entry::Dir(_)) => {
+                return Err(Error::InvalidArgument(format!(
+                    "{from}: renaming directories is not supported"
+                )))
+            }
+            Some(Entry::File(n)) => n,
+        };
+        if from == to {
+            return Ok(());
+        }
+        let replaced = match fs.lookup(&to) {
+            Some(Entry::Dir(_)) => return Err(Error::IsADirectory(to)),
+            Some(Entry::File(n)) => Some(n),
+            None => None,
+        };
+        fs.check_parent(&to)?;
+        let seq = fs.next_seq();
+        node.blob.set_xattr(meta::NAME, to.as_bytes()).ctx(&from)?;
+        node.blob
+            .set_xattr(meta::SEQ, &meta::enc_u64(seq))
+            .ctx(&from)?;
+        if let Err(e) = node.blob.sync_metadata().await.ctx(&from) {
+            // Not committed: put the old name back in memory.
+            let _ = node.blob.set_xattr(meta::NAME, from.as_bytes());
+            return Err(e);
+        }
+        {
+            let mut idx = fs.index.write();
+            idx.remove(&from);
+            if replaced.is_some() {
+                idx.remove(&to);
+            }
+            *node.name.write() = to.clone();
+            idx.insert(to.clone(), Entry::File(node));
+        }
+        if let Some(old) = replaced {
+            self.unlink_node(old, &to).await?;
+        }
+        fs.reap_pending().await
+    }
+
+    /// Synchronous [`BlobFs::rename_async`].
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        block_on(self.rename_async(from, to))
+    }
+
+    /// Takes the lock named `name` (a file need not exist). A second lock of
+    /// the same name fails with [`Error::Locked`] until the first is dropped.
+    pub fn lock(&self, name: &str) -> Result<FileLock> {
+        let name = normalize_entry(name)?;
+        if !self.inner.locks.lock().insert(name.clone()) {
+            return Err(Error::Locked(name));
+        }
+        Ok(FileLock {
+            fs: self.inner.clone(),
+            name,
+        })
+    }
+
+    /// Space and entry counts.
+    pub fn space(&self) -> SpaceInfo {
+        let bs = &self.inner.bs;
+        let cs = bs.cluster_size() as u64;
+        SpaceInfo {
+            total_bytes: bs.data_clusters() * cs,
+            free_bytes: bs.free_clusters() * cs,
+            entries: self.inner.index.read().entries.len() as u64,
+            cluster_bytes: cs,
+        }
+    }
+
+    /// Read-cache statistics.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// The blobstore under the file system.
+    pub fn blobstore(&self) -> &Blobstore {
+        &self.inner.bs
+    }
+}

@@ -1,0 +1,65 @@
+//! How BlobFS keeps its metadata in blob xattrs: the one place that knows
+//! those bytes (drawn in `FORMAT.md` of this crate's README section).
+//!
+//! Every file and directory is one blob with these xattrs:
+//! - `fs.name`: the normalized full name, UTF-8.
+//! - `fs.kind`: one byte, 1 = file, 2 = directory.
+//! - `fs.len`: file length in bytes, u64 little-endian (files only).
+//! - `fs.seq`: u64 little-endian; each create and rename takes the next
+//!   number, so when a crash leaves two blobs claiming one name (a rename
+//!   over an existing file that did not get to delete the old one), the
+//!   higher number wins and the other is deleted at mount.
+//! - `fs.mtime`: modification time, u64 little-endian nanoseconds since the
+//!   Unix epoch.
+//! - `fs.unlinked`: present (one byte) on a file deleted while open; such a
+//!   blob is deleted at the next mount.
+//!
+//! The super blob carries `blobfs.version` (u32 little-endian, now 1).
+
+use crate::error::{Error, Result};
+
+/// Xattr: full name.
+pub const NAME: &str = "fs.name";
+/// Xattr: kind byte.
+pub const KIND: &str = "fs.kind";
+/// Xattr: length.
+pub const LEN: &str = "fs.len";
+/// Xattr: create/rename sequence number.
+pub const SEQ: &str = "fs.seq";
+/// Xattr: modification time.
+pub const MTIME: &str = "fs.mtime";
+/// Xattr: deleted while open.
+pub const UNLINKED: &str = "fs.unlinked";
+/// Super blob xattr: format version.
+pub const VERSION: &str = "blobfs.version";
+/// The format version written by this code.
+pub const FORMAT_VERSION: u32 = 1;
+/// Blobstore type tag of a BlobFS.
+pub const BSTYPE: &str = "BLOBFS";
+
+/// Kind byte of a file.
+pub const KIND_FILE: u8 = 1;
+/// Kind byte of a directory.
+pub const KIND_DIR: u8 = 2;
+
+/// Encodes a u64 xattr value.
+pub fn enc_u64(v: u64) -> [u8; 8] {
+    v.to_le_bytes()
+}
+
+/// Decodes a u64 xattr value of blob `what`.
+pub fn dec_u64(v: Option<Vec<u8>>, key: &str, what: &str) -> Result<u64> {
+    let v = v.ok_or_else(|| Error::Corrupt(format!("{what}: xattr {key} missing")))?;
+    let b: [u8; 8] = v
+        .as_slice()
+        .try_into()
+        .map_err(|_| Error::Corrupt(format!("{what}: xattr {key} is {} bytes, not 8", v.len())))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Now, in nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}

@@ -1,0 +1,449 @@
+//! BlobFS behaviour: every operation, persistence across unmount and crash,
+//! concurrency, and bad input.
+
+use std::sync::Arc;
+
+use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
+use blobstore::{BlockDevice, MemDevice};
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn mem(block: u32, size: u64) -> Arc<dyn BlockDevice> {
+    Arc::new(MemDevice::new(size, block).unwrap())
+}
+
+/// Mount options under test: the default cache, a tiny cache, no cache.
+fn mount_opts() -> Vec<MountOptions> {
+    vec![
+        MountOptions::default(),
+        MountOptions {
+            cache_bytes: 256 << 10,
+            cache_chunk_bytes: 4096,
+        },
+        MountOptions {
+            cache_bytes: 0,
+            ..Default::default()
+        },
+    ]
+}
+
+fn mkfs(dev: &Arc<dyn BlockDevice>, opts: MountOptions) -> BlobFs {
+    BlobFs::mkfs(dev.clone(), MkfsOptions::default(), opts).unwrap()
+}
+
+#[test]
+fn file_operations_round_trip() {
+    for block in [512, 4096] {
+        for opts in mount_opts() {
+            let dev = mem(block, 64 << 20);
+            let fs = mkfs(&dev, opts.clone());
+            fs.create_dir("db").unwrap();
+            let f = fs.create("db/000001.log").unwrap();
+            // Appends of awkward sizes, crossing blocks, chunks and clusters.
+            let data = pattern(1, 3 << 20);
+            let mut pos = 0;
+            for (i, step) in [1usize, 511, 4097, 65_536, 1 << 20, 7]
+                .iter()
+                .cycle()
+                .enumerate()
+            {
+                if pos >= data.len() || i > 10_000 {
+                    break;
+                }
+                let n = (*step).min(data.len() - pos);
+                f.append(&data[pos..pos + n]).unwrap();
+                pos += n;
+            }
+            assert_eq!(f.len(), data.len() as u64);
+            // Reads before and after sync, random and sequential.
+            let mut b = vec![0u8; 10_000];
+            assert_eq!(f.read_at(123_457, &mut b).unwrap(), 10_000);
+            assert_eq!(&b[..], &data[123_457..133_457]);
+            f.sync().unwrap();
+            assert_eq!(f.read_all().unwrap(), data);
+            assert_eq!(f.read_at(data.len() as u64 - 5, &mut b).unwrap(), 5);
+            assert_eq!(f.read_at(data.len() as u64 + 5, &mut b).unwrap(), 0);
+            // Positional overwrite inside the file, then past the buffer.
+            let mut model = data.clone();
+            let patch = pattern(2, 9_000);
+            f.write_at(1_000_000, &patch).unwrap();
+            model[1_000_000..1_009_000].copy_from_slice(&patch);
+            f.append(b"tail").unwrap();
+            model.extend_from_slice(b"tail");
+            let patch2 = pattern(3, 100);
+            f.write_at(model.len() as u64 - 50, &patch2).unwrap();
+            model.truncate(model.len() - 50);
+            model.extend_from_slice(&patch2);
+            assert_eq!(f.read_all().unwrap(), model);
+            // Truncate down (not on a block edge) and grow again: zeroes.
+            f.truncate(700_001).unwrap();
+            model.truncate(700_001);
+            f.truncate(800_000).unwrap();
+            model.resize(800_000, 0);
+            assert_eq!(f.read_all().unwrap(), model);
+            assert!(matches!(
+                f.write_at(900_000, b"x"),
+                Err(Error::InvalidArgument(_))
+            ));
+            f.close().unwrap();
+            let st = fs.stat("/db/000001.log").unwrap();
+            assert_eq!(st.len, 800_000);
+            assert!(!st.is_dir);
+            assert!(fs.stat("db").unwrap().is_dir);
+            fs.unmount().unwrap();
+            let fs = BlobFs::mount(dev.clone(), opts.clone()).unwrap();
+            let f = fs.open("db/000001.log", OpenOptions::read()).unwrap();
+            assert_eq!(f.read_all().unwrap(), model, "block {block} {opts:?}");
+            assert!(matches!(f.append(b"x"), Err(Error::BadMode(..))));
+        }
+    }
+}
+
+#[test]
+fn synced_data_survives_a_crash_and_unsynced_length_does_not_lie() {
+    for block in [512, 4096] {
+        let dev = mem(block, 64 << 20);
+        let fs = mkfs(&dev, MountOptions::default());
+        let f = fs.create("wal").unwrap();
+        let a = pattern(4, 1_234_567);
+        f.append(&a).unwrap();
+        f.sync().unwrap();
+        f.append(&pattern(5, 10_000)).unwrap(); // never synced
+        let g = fs.create("other").unwrap();
+        g.append(b"hello").unwrap();
+        g.sync().unwrap();
+        drop((f, g));
+        drop(fs); // crash: no unmount
+        let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+        let f = fs.open("wal", OpenOptions::read()).unwrap();
+        let got = f.read_all().unwrap();
+        // The synced prefix is there; the length is the synced one or covers
+        // bytes that really were written, never garbage.
+        assert!(got.len() >= a.len());
+        assert_eq!(&got[..a.len()], &a[..]);
+        if got.len() > a.len() {
+            assert_eq!(&got[a.len()..], &pattern(5, 10_000)[..got.len() - a.len()]);
+        }
+        assert_eq!(
+            fs.open("other", OpenOptions::read())
+                .unwrap()
+                .read_all()
+                .unwrap(),
+            b"hello"
+        );
+    }
+}
+
+#[test]
+fn rename_replaces_atomically_and_delete_while_open() {
+    let dev = mem(4096, 64 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    let cur = fs.create("CURRENT").unwrap();
+    cur.append(b"MANIFEST-000001\n").unwrap();
+    cur.close().unwrap();
+    let tmp = fs.create("CURRENT.tmp").unwrap();
+    tmp.append(b"MANIFEST-000002\n").unwrap();
+    tmp.sync().unwrap();
+    let reader = fs.open("CURRENT", OpenOptions::read()).unwrap();
+    fs.rename("CURRENT.tmp", "CURRENT").unwrap();
+    assert!(!fs.exists("CURRENT.tmp"));
+    // The old file stays readable through its handle after being replaced.
+    assert_eq!(reader.read_all().unwrap(), b"MANIFEST-000001\n");
+    assert_eq!(
+        fs.open("CURRENT", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        b"MANIFEST-000002\n"
+    );
+    // A renamed handle keeps working under the new name.
+    tmp.append(b"x").unwrap();
+    assert_eq!(tmp.name(), "CURRENT");
+    tmp.close().unwrap();
+    // Delete while open: data readable until the last close, space returned.
+    let free0 = fs.space().free_bytes;
+    let big = fs.create("big").unwrap();
+    big.append(&pattern(6, 5 << 20)).unwrap();
+    big.sync().unwrap();
+    let h = fs.open("big", OpenOptions::read()).unwrap();
+    fs.remove_file("big").unwrap();
+    assert!(!fs.exists("big"));
+    assert!(matches!(
+        fs.open("big", OpenOptions::read()),
+        Err(Error::NotFound(_))
+    ));
+    assert_eq!(h.read_all().unwrap(), pattern(6, 5 << 20));
+    assert!(fs.space().free_bytes < free0);
+    drop(big);
+    h.close().unwrap();
+    assert_eq!(fs.space().free_bytes, free0);
+    drop(reader);
+    fs.unmount().unwrap();
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    assert_eq!(fs.list(""), vec!["CURRENT".to_string()]);
+    assert_eq!(
+        fs.open("CURRENT", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        b"MANIFEST-000002\nx"
+    );
+}
+
+#[test]
+fn a_crash_with_an_unlinked_open_file_frees_it_at_mount() {
+    let dev = mem(512, 64 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    let free0 = fs.space().free_bytes;
+    let f = fs.create("gone").unwrap();
+    f.append(&pattern(7, 3 << 20)).unwrap();
+    f.sync().unwrap();
+    fs.remove_file("gone").unwrap();
+    drop(f);
+    drop(fs); // crash before anyone reaped the blob
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    assert!(!fs.exists("gone"));
+    assert_eq!(fs.space().free_bytes, free0);
+}
+
+#[test]
+fn directories_behave_like_posix() {
+    let dev = mem(4096, 32 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    assert!(matches!(fs.create("a/b"), Err(Error::NotFound(_))));
+    fs.create_dir("a").unwrap();
+    assert!(matches!(fs.create_dir("a"), Err(Error::AlreadyExists(_))));
+    fs.create_dir_all("a/x/y").unwrap();
+    fs.create_dir_all("a/x/y").unwrap();
+    fs.create("a/b").unwrap();
+    fs.create("a/x/y/z").unwrap();
+    let names: Vec<(String, bool)> = fs
+        .read_dir("a")
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.is_dir))
+        .collect();
+    assert_eq!(names, vec![("b".into(), false), ("x".into(), true)]);
+    assert_eq!(fs.read_dir("/").unwrap().len(), 1);
+    assert!(matches!(fs.read_dir("a/b"), Err(Error::NotADirectory(_))));
+    assert!(matches!(fs.read_dir("nope"), Err(Error::NotFound(_))));
+    assert!(matches!(
+        fs.remove_dir("a/x"),
+        Err(Error::DirectoryNotEmpty(_))
+    ));
+    assert!(matches!(fs.remove_dir("a/b"), Err(Error::NotADirectory(_))));
+    assert!(matches!(fs.remove_file("a/x"), Err(Error::IsADirectory(_))));
+    assert!(matches!(
+        fs.open("a", OpenOptions::read()),
+        Err(Error::IsADirectory(_))
+    ));
+    assert!(matches!(fs.create("a/b/c"), Err(Error::NotADirectory(_))));
+    assert!(matches!(
+        fs.rename("a/b", "a/x"),
+        Err(Error::IsADirectory(_))
+    ));
+    assert!(matches!(fs.rename("a/b", "q/b"), Err(Error::NotFound(_))));
+    fs.remove_file("a/x/y/z").unwrap();
+    fs.remove_dir("a/x/y").unwrap();
+    assert!(fs.exists("a/x") && !fs.exists("a/x/y"));
+    assert_eq!(fs.list("a/"), vec!["a/b".to_string(), "a/x".to_string()]);
+    drop(fs);
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    assert_eq!(
+        fs.list(""),
+        vec!["a".to_string(), "a/b".to_string(), "a/x".to_string()]
+    );
+}
+
+#[test]
+fn names_locks_and_refusals() {
+    let dev = mem(4096, 32 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    for bad in ["", "/", "a//b", "a/../b", "./x", "a\0b"] {
+        assert!(
+            matches!(fs.create(bad), Err(Error::InvalidName { .. })),
+            "{bad:?}"
+        );
+    }
+    assert!(matches!(
+        fs.create(&"n".repeat(256)),
+        Err(Error::InvalidName { .. })
+    ));
+    fs.create(&"n".repeat(255)).unwrap();
+    assert!(matches!(
+        fs.create(&"n".repeat(255)),
+        Err(Error::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        fs.open("missing", OpenOptions::read()),
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(fs.remove_file("missing"), Err(Error::NotFound(_))));
+    assert!(matches!(fs.rename("missing", "x"), Err(Error::NotFound(_))));
+    let l = fs.lock("LOCK").unwrap();
+    assert!(matches!(fs.lock("LOCK"), Err(Error::Locked(_))));
+    drop(l);
+    let _l = fs.lock("LOCK").unwrap();
+    // A second mount of a mounted device is refused.
+    let e = BlobFs::mount(dev.clone(), MountOptions::default())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("already mounted"), "{e}");
+    // A device that holds no BlobFS.
+    let e = BlobFs::mount(mem(4096, 32 << 20), MountOptions::default())
+        .err()
+        .unwrap();
+    assert!(matches!(e, Error::NotBlobFs(_)), "{e}");
+    // Busy unmount while files are open.
+    let f = fs.create("open").unwrap();
+    let e = fs.clone().unmount().err().unwrap();
+    assert!(e.to_string().contains("still open"), "{e}");
+    drop(f);
+}
+
+#[test]
+fn out_of_space_is_clean_and_loses_nothing() {
+    let dev = mem(4096, 24 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    let mut kept = Vec::new();
+    let mut i = 0;
+    let err = loop {
+        let name = format!("f{i}");
+        let f = fs.create(&name).unwrap();
+        let data = pattern(i, 700_000);
+        match f.append(&data).and_then(|_| f.sync()) {
+            Ok(()) => kept.push((name, data)),
+            Err(e) => break e,
+        }
+        i += 1;
+    };
+    assert!(err.is_no_space(), "{err}");
+    drop(fs);
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    for (name, data) in &kept {
+        assert_eq!(
+            &fs.open(name, OpenOptions::read())
+                .unwrap()
+                .read_all()
+                .unwrap(),
+            data
+        );
+    }
+    // Deleting makes room again.
+    fs.remove_file(&kept[0].0).unwrap();
+    let f = fs.create("again").unwrap();
+    f.append(&pattern(99, 500_000)).unwrap();
+    f.sync().unwrap();
+}
+
+/// 4 threads append to their own files while 4 read them and one renames
+/// and deletes; every byte is checked.
+#[test]
+fn appenders_readers_and_a_renamer_at_once() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dev = mem(4096, 256 << 20);
+    let fs = mkfs(
+        &dev,
+        MountOptions {
+            cache_bytes: 8 << 20,
+            cache_chunk_bytes: 16 << 10,
+        },
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let fs = fs.clone();
+            std::thread::spawn(move || {
+                let f = fs.create(&format!("w{t}")).unwrap();
+                let data = pattern(100 + t, 6 << 20);
+                let mut pos = 0;
+                let mut n = 1000 + t as usize * 777;
+                while pos < data.len() {
+                    let k = n.min(data.len() - pos);
+                    f.append(&data[pos..pos + k]).unwrap();
+                    pos += k;
+                    n = (n * 7 + 13) % 200_000 + 1;
+                    if pos % 3 == 0 {
+                        f.sync().unwrap();
+                    }
+                }
+                f.close().unwrap();
+                data
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let fs = fs.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let data = pattern(100 + t, 6 << 20);
+                let mut checks = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    let Ok(f) = fs.open(&format!("w{t}"), OpenOptions::read()) else {
+                        continue;
+                    };
+                    let len = f.len() as usize;
+                    if len == 0 {
+                        continue;
+                    }
+                    let off = (checks as usize * 7919) % len;
+                    let mut b = vec![0u8; 64 << 10];
+                    let n = f.read_at(off as u64, &mut b).unwrap();
+                    assert_eq!(&b[..n], &data[off..off + n], "reader {t} at {off}");
+                    checks += 1;
+                }
+                checks
+            })
+        })
+        .collect();
+    let renamer = {
+        let fs = fs.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                let f = fs.create(&format!("tmp{i}")).unwrap();
+                f.append(&pattern(i, 10_000)).unwrap();
+                f.close().unwrap();
+                fs.rename(&format!("tmp{i}"), "target").unwrap();
+                let got = fs
+                    .open("target", OpenOptions::read())
+                    .unwrap()
+                    .read_all()
+                    .unwrap();
+                assert_eq!(got, pattern(i, 10_000));
+                if i.is_multiple_of(3) {
+                    fs.remove_file("target").unwrap();
+                }
+                i += 1;
+            }
+            i
+        })
+    };
+    let datas: Vec<Vec<u8>> = writers.into_iter().map(|h| h.join().unwrap()).collect();
+    stop.store(true, Ordering::Release);
+    let checks: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
+    let renames = renamer.join().unwrap();
+    assert!(checks > 0 && renames > 0);
+    for (t, d) in datas.iter().enumerate() {
+        let f = fs.open(&format!("w{t}"), OpenOptions::read()).unwrap();
+        assert_eq!(&f.read_all().unwrap(), d);
+    }
+    drop(fs);
+    let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+    for (t, d) in datas.iter().enumerate() {
+        let f = fs.open(&format!("w{t}"), OpenOptions::read()).unwrap();
+        assert_eq!(&f.read_all().unwrap(), d);
+    }
+}
