@@ -32,8 +32,11 @@ test-rust: deps
 
 test: lint test-rust
 
+# Options for the table, e.g. make bench BENCH_ARGS='--devices mem --seconds 2 --json out.json'
+BENCH_ARGS ?=
+
 bench: deps
-	$(CARGO) run --release -p benches --bin blobstore-bench
+	$(CARGO) run --release -p benches --bin blobstore-bench -- $(BENCH_ARGS)
 
 bench-criterion: deps
 	$(CARGO) bench -p benches --bench blobstore
