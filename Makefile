@@ -36,6 +36,7 @@ test: lint test-rust
 BENCH_ARGS ?=
 
 bench: deps
+	$(CARGO) run --release -p benches --bin blobfs-bench -- $(BLOBFS_BENCH_ARGS)
 	$(CARGO) run --release -p benches --bin blobstore-bench -- $(BENCH_ARGS)
 
 bench-criterion: deps

@@ -6,9 +6,12 @@
 //!   every byte below `flushed` is on the blob. Bytes in `[flushed, len)` live
 //!   in the write buffer, which starts at the block-aligned `buf_start ==
 //!   flushed`.
-//! - Bytes of the blob at or past `len`, and bytes of the write buffer past
-//!   its used part, are zero. So growing a file shows zeroes, and no file
-//!   ever shows bytes of another.
+//! - Bytes of the blob at or past `len` are never read: every read is
+//!   clamped to `len`, and every byte below `len` was written by this file
+//!   (appends, positional writes, or the zeroes a growing truncate writes).
+//!   That is why new clusters need no zeroing (`Blob::resize_uninit`), and
+//!   why no file ever shows bytes of another. Bytes of the write buffer past
+//!   its used part are zero, so a padded tail block carries zeroes.
 //! - After `sync` returns, the blob holds every byte below `len` and its
 //!   metadata holds `len`, both durable.
 //! - Appends copy the caller's bytes once, into DMA memory, and reach the
@@ -25,7 +28,7 @@ use crate::fs::FsInner;
 use crate::meta;
 
 /// Appends are written to the device in chunks of this many bytes.
-pub const WRITE_CHUNK: usize = 1 << 20;
+pub const WRITE_CHUNK: usize = 4 << 20;
 /// Largest readahead window.
 pub const MAX_READAHEAD: u64 = 1 << 20;
 
@@ -55,6 +58,7 @@ pub(crate) struct FileNode {
     pub state: futures::lock::Mutex<WriteState>,
     unit: u64,
     cluster: u64,
+    cache_id: u64,
 }
 
 impl FileNode {
@@ -81,11 +85,18 @@ impl FileNode {
             }),
             unit,
             cluster,
+            cache_id: {
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            },
         }
     }
 
+    /// This node's key in the read cache: unique for the life of the
+    /// process, so a new file never meets chunks of a deleted one that had
+    /// the same blob id.
     pub fn id(&self) -> u64 {
-        self.blob.id().0
+        self.cache_id
     }
 
     pub fn name(&self) -> String {
@@ -125,7 +136,7 @@ impl FileNode {
             return Ok(());
         }
         self.blob
-            .resize(end.div_ceil(self.cluster))
+            .resize_uninit(end.div_ceil(self.cluster))
             .await
             .ctx(&self.name())
     }
@@ -162,7 +173,22 @@ impl FileNode {
         buf.set_len(cap).ctx(&self.name())?;
         st.buf = Some(buf);
         st.data_dirty = true;
-        fs.invalidate(self, st.buf_start, st.buf_start + n as u64);
+        let (from, to) = (st.buf_start, st.buf_start + n as u64);
+        fs.invalidate(self, from, to);
+        // Write-through: whole cache chunks this write covers go to the
+        // cache, so reading back what was just written costs no I/O.
+        if fs.cache.enabled() {
+            let cb = fs.cache.chunk_bytes() as u64;
+            let seen = self.gen.load(Ordering::Acquire);
+            let buf = st.buf.as_ref().expect("buffer restored");
+            let mut idx = from.div_ceil(cb);
+            while (idx + 1) * cb <= to {
+                let s = (idx * cb - from) as usize;
+                let chunk: Arc<[u8]> = Arc::from(&buf[s..s + cb as usize]);
+                fs.cache.insert(self.id(), idx, chunk, &self.gen, seen);
+                idx += 1;
+            }
+        }
         Ok(())
     }
 
@@ -265,14 +291,10 @@ impl FileNode {
             let padded = self.align_up(st.used as u64) as usize;
             self.write_buffer(st, padded, fs).await?;
         }
-        if st.data_dirty || st.md_dirty || self.blob.is_dirty() {
-            fs.flush_device()
-                .await
-                .map_err(|e| Error::store(&name, e))?;
-            st.data_dirty = false;
-        }
         let len = self.len.load(Ordering::Acquire);
         if st.md_dirty || len != st.synced_len || self.blob.is_dirty() {
+            // The metadata sync flushes the device before it writes the
+            // blob's first page, so the data is durable before the length.
             self.blob
                 .set_xattr(meta::LEN, &meta::enc_u64(len))
                 .ctx(&name)?;
@@ -285,6 +307,12 @@ impl FileNode {
             self.blob.sync_metadata().await.ctx(&name)?;
             st.synced_len = len;
             st.md_dirty = false;
+            st.data_dirty = false;
+        } else if st.data_dirty {
+            fs.flush_device()
+                .await
+                .map_err(|e| Error::store(&name, e))?;
+            st.data_dirty = false;
         }
         Ok(())
     }
@@ -306,27 +334,26 @@ impl FileNode {
             self.write_buffer(st, padded, fs).await?;
         }
         if new_len < len {
-            // Zero the rest of the block holding the new end, and the
-            // blocks after it up to the old end, so regrowth shows zeroes.
-            let a = self.align_down(new_len);
-            if new_len > a {
+            self.blob
+                .resize(new_len.div_ceil(self.cluster))
+                .await
+                .ctx(&name)?;
+        } else if new_len > len {
+            // Bytes past the old end were never written: write zeroes.
+            let a = self.align_down(len);
+            if len > a {
                 let mut blk = DmaBuf::new(self.unit as usize).ctx(&name)?;
                 blk = self.blob.read(a / self.unit, blk).await.ctx(&name)?;
-                blk[(new_len - a) as usize..].fill(0);
+                blk[(len - a) as usize..].fill(0);
                 self.blob.write(a / self.unit, blk).await.ctx(&name)?;
             }
-            let from = self.align_up(new_len);
-            let to = self.align_up(len);
+            let (from, to) = (self.align_up(len), self.align_up(new_len));
             if to > from {
                 self.blob
                     .write_zeroes(from / self.unit, (to - from) / self.unit)
                     .await
                     .ctx(&name)?;
             }
-            self.blob
-                .resize(new_len.div_ceil(self.cluster))
-                .await
-                .ctx(&name)?;
             st.data_dirty = true;
         }
         self.gen.fetch_add(1, Ordering::AcqRel);

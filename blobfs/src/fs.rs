@@ -222,6 +222,11 @@ impl FsInner {
             let name = node.name();
             match Arc::try_unwrap(node) {
                 Ok(n) => {
+                    let cb = self.cache.chunk_bytes() as u64;
+                    let size = n.blob.size_bytes();
+                    if size > 0 {
+                        self.cache.invalidate(n.id(), 0, (size - 1) / cb);
+                    }
                     drop(n);
                     self.bs.delete_blob(id).await.ctx(&name)?;
                 }

@@ -447,3 +447,35 @@ fn appenders_readers_and_a_renamer_at_once() {
         assert_eq!(&f.read_all().unwrap(), d);
     }
 }
+
+/// A new file that reuses a deleted file's blob id never sees its cached
+/// chunks, and a rewritten file never sees its own old bytes.
+#[test]
+fn cache_never_serves_another_files_bytes() {
+    let dev = mem(4096, 64 << 20);
+    let fs = mkfs(&dev, MountOptions::default());
+    for round in 0..5u64 {
+        let f = fs.create("x").unwrap();
+        let data = pattern(round, 300_000);
+        f.append(&data).unwrap();
+        f.sync().unwrap();
+        // Read through the cache (fills it), then replace the file.
+        assert_eq!(f.read_all().unwrap(), data);
+        f.close().unwrap();
+        let g = fs.open("x", OpenOptions::read()).unwrap();
+        assert_eq!(g.read_all().unwrap(), data, "round {round}");
+        drop(g);
+        fs.remove_file("x").unwrap();
+    }
+    let f = fs.create("y").unwrap();
+    f.append(&pattern(50, 100_000)).unwrap();
+    f.write_at(10, &pattern(51, 70_000)).unwrap();
+    let mut model = pattern(50, 100_000);
+    model[10..70_010].copy_from_slice(&pattern(51, 70_000));
+    assert_eq!(f.read_all().unwrap(), model);
+    f.truncate(5).unwrap();
+    f.truncate(90_000).unwrap();
+    model.truncate(5);
+    model.resize(90_000, 0);
+    assert_eq!(f.read_all().unwrap(), model);
+}

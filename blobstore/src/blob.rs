@@ -212,7 +212,20 @@ impl Blob {
         let ch = self.store.chan()?;
         let _g = self.store.md_lock.lock().await;
         self.store
-            .resize_locked(&ch, &self.inner, num_clusters)
+            .resize_locked(&ch, &self.inner, num_clusters, true)
+            .await
+    }
+
+    /// Like [`Blob::resize`], but clusters added to a thick blob are not
+    /// zeroed: they may hold bytes a deleted blob left behind. Only for a
+    /// caller that never reads a byte of the new clusters before writing it
+    /// (BlobFS clamps reads to a file length that only written bytes reach),
+    /// and that saves a full write of every new cluster.
+    pub async fn resize_uninit(&self, num_clusters: u64) -> Result<()> {
+        let ch = self.store.chan()?;
+        let _g = self.store.md_lock.lock().await;
+        self.store
+            .resize_locked(&ch, &self.inner, num_clusters, false)
             .await
     }
 

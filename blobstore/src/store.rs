@@ -509,9 +509,10 @@ impl StoreInner {
                 .chain(&extent_writes)
                 .map(|(p, bytes)| self.write_bytes(ch, l.md_lba(*p), bytes));
             try_join_all(writes).await?;
-            if !new_pages.is_empty() {
-                ch.flush().await?;
-            }
+            // Always a barrier here, even with no fresh pages: data the
+            // blob wrote before this sync must be durable before the first
+            // page can point at it (BlobFS relies on this for its lengths).
+            ch.flush().await?;
             Ok(())
         }
         .await;
@@ -556,7 +557,13 @@ impl StoreInner {
     }
 
     /// Sets a blob's size in clusters (md_lock held by the caller).
-    pub async fn resize_locked(&self, ch: &IoChannel, blob: &BlobInner, n: u64) -> Result<()> {
+    pub async fn resize_locked(
+        &self,
+        ch: &IoChannel,
+        blob: &BlobInner,
+        n: u64,
+        zero: bool,
+    ) -> Result<()> {
         let per = self.layout.extent_per_page;
         let (old, thin) = {
             let md = blob.md.read();
@@ -577,7 +584,12 @@ impl StoreInner {
             fresh = self.alloc.lock().alloc_clusters(want).ok_or_else(|| {
                 Error::NoSpace(format!("{want} clusters wanted to grow blob {}", blob.id))
             })?;
-            if let Err(e) = self.zero_clusters(ch, &fresh).await {
+            let zeroed = if zero {
+                self.zero_clusters(ch, &fresh).await
+            } else {
+                Ok(())
+            };
+            if let Err(e) = zeroed {
                 let mut a = self.alloc.lock();
                 fresh.iter().for_each(|&c| a.free_cluster(c));
                 return Err(e);
@@ -848,7 +860,9 @@ impl Blobstore {
             handles: AtomicUsize::new(0),
         });
         let res = async {
-            inner.resize_locked(&ch, &blob, opts.num_clusters).await?;
+            inner
+                .resize_locked(&ch, &blob, opts.num_clusters, true)
+                .await?;
             inner.sync_blob_locked(&ch, &blob).await
         }
         .await;

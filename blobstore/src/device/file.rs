@@ -64,6 +64,11 @@ pub struct FileOptions {
     /// `size_bytes` is given. `Some(true)` requires `size_bytes`;
     /// `Some(false)` never creates.
     pub create: Option<bool>,
+    /// Write zeroes over the part of a regular file that opening grows, so
+    /// the file system under it allocates every block now and later writes
+    /// are plain overwrites (no block allocation or extent conversion to
+    /// journal at each flush). Default false (the file grows sparsely).
+    pub preallocate: Option<bool>,
 }
 
 /// What the path names.
@@ -171,6 +176,14 @@ impl FileDevice {
                             context: format!("growing {shown} to {size} bytes"),
                             source: e,
                         })?;
+                        if options.preallocate == Some(true) {
+                            fill_zeroes(
+                                &file,
+                                meta.len() / bs as u64 * bs as u64,
+                                size,
+                                &shown.to_string(),
+                            )?;
+                        }
                     }
                     size
                 }
@@ -233,6 +246,7 @@ impl FileDevice {
                 block_size: Some(block_size),
                 queue_depth: options.queue_depth,
                 create: None,
+                preallocate: None,
             },
             queue_depth,
             geometry: Geometry {
@@ -895,4 +909,24 @@ impl Drop for FileBackend {
             self.collect_cqes();
         }
     }
+}
+
+/// Writes zeroes over `[from, to)` of an O_DIRECT file (`from` and `to`
+/// multiples of the block size), then syncs it.
+fn fill_zeroes(file: &std::fs::File, from: u64, to: u64, shown: &str) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let zeros = super::DmaBuf::new(1 << 20)?;
+    let mut pos = from;
+    while pos < to {
+        let n = (to - pos).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], pos).map_err(|e| Error::Os {
+            context: format!("preallocating {shown} at byte {pos}"),
+            source: e,
+        })?;
+        pos += n as u64;
+    }
+    file.sync_all().map_err(|e| Error::Os {
+        context: format!("syncing {shown} after preallocation"),
+        source: e,
+    })
 }

@@ -109,7 +109,7 @@ pub enum DeviceSpec {
         /// 512 or 4096 (default 4096).
         block_size: u32,
     },
-    /// `file:<path>[?size=..&bs=..&qd=..&create=..]`: a [`FileDevice`].
+    /// `file:<path>[?size=..&bs=..&qd=..&create=..&prealloc=..]`: a [`FileDevice`].
     File {
         /// The regular file or block device.
         path: PathBuf,
@@ -187,6 +187,9 @@ impl fmt::Display for DeviceSpec {
                 }
                 if let Some(qd) = options.queue_depth {
                     opts.push(format!("qd={qd}"));
+                }
+                if let Some(p) = options.preallocate {
+                    opts.push(format!("prealloc={p}"));
                 }
                 if let Some(c) = options.create {
                     opts.push(format!("create={c}"));
@@ -353,7 +356,7 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
     let path = decode_path(path)?;
     let mut options = FileOptions::default();
     if let Some(q) = query {
-        for (key, value) in parse_query(q, "file", &["size", "bs", "qd", "create"])? {
+        for (key, value) in parse_query(q, "file", &["size", "bs", "qd", "create", "prealloc"])? {
             match key {
                 "size" => options.size_bytes = Some(parse_size(value)?),
                 "bs" => options.block_size = Some(parse_block_size(value)?),
@@ -368,6 +371,13 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
                             )
                         })?;
                     options.queue_depth = Some(qd);
+                }
+                "prealloc" => {
+                    options.preallocate = Some(match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("prealloc={value:?} must be true or false")),
+                    })
                 }
                 "create" => {
                     options.create = Some(match value {
@@ -559,6 +569,7 @@ mod tests {
                     block_size: Some(512),
                     queue_depth: Some(64),
                     create: Some(true),
+                    preallocate: None,
                 }
             }
         );
