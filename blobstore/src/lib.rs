@@ -11,6 +11,7 @@
 
 mod alloc;
 mod blob;
+mod check;
 pub mod device;
 mod error;
 pub mod exec;
@@ -19,8 +20,10 @@ pub mod reactor;
 mod store;
 
 pub use blob::Blob;
+pub use check::CheckReport;
 pub use device::{
-    channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
+    channel, BlockDevice, CrashImage, DeviceSpec, DmaBuf, FaultDevice, FileDevice, Geometry,
+    IoChannel, IoKind, MemDevice,
 };
 pub use error::{Error, Result};
 pub use exec::block_on;

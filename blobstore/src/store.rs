@@ -212,7 +212,7 @@ impl StoreInner {
         ch.write(lba, buf).await.map(|_| ())
     }
 
-    async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
+    pub(crate) async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
         let buf = self.dev.alloc_buf(len)?;
         ch.read(lba, buf).await
     }
@@ -262,7 +262,7 @@ impl StoreInner {
     }
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
-    async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+    pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let ps = l.page_size as usize;

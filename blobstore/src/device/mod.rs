@@ -12,11 +12,13 @@
 //!   ([`IoChannel::poll`], or any pending [`IoFuture`] being polled).
 
 mod dma;
+pub mod fault;
 mod file;
 mod mem;
 mod spec;
 
 pub use dma::{DmaBuf, Segment, DMA_ALIGN};
+pub use fault::{CrashImage, FaultDevice};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 pub use spec::{open_device, DeviceSpec};
