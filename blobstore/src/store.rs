@@ -698,9 +698,16 @@ impl Blobstore {
             dev,
         });
         let ch = inner.chan()?;
-        // Old metadata pages on the device must not look like blobs.
+        // Old metadata pages on the device must not look like blobs, and a
+        // crash in the middle must leave either the old store intact or no
+        // store at all, never the new super block over old metadata: first
+        // retire the old super block durably, then clear the rest durably,
+        // and only then write the new super block.
         let bpp = layout.blocks_per_page();
+        ch.write_zeroes(0, bpp).await?;
+        ch.flush().await?;
         ch.write_zeroes(bpp, (md_start + md_len - 1) * bpp).await?;
+        ch.flush().await?;
         inner.write_super(&ch, false).await?;
         Ok(Blobstore { inner })
     }
