@@ -929,6 +929,22 @@ impl Blobstore {
                 .map_err(|_| Error::Busy(format!("blob {id} is in use")))?,
             None => inner.read_blob_md(&ch, page).await?,
         };
+        // A super block naming a blob that is gone would not load: retire
+        // the super blob durably before the blob itself goes.
+        let was_super = {
+            let mut sb = inner.super_blob.lock();
+            let was = *sb == id.0;
+            if was {
+                *sb = 0;
+            }
+            was
+        };
+        if was_super {
+            if let Err(e) = inner.write_super(&ch, false).await {
+                *inner.super_blob.lock() = id.0;
+                return Err(e);
+            }
+        }
         let zero = vec![0u8; inner.layout.page_size as usize];
         inner
             .write_bytes(&ch, inner.layout.md_lba(page), &zero)
@@ -950,17 +966,6 @@ impl Blobstore {
             a.set_blobid(page, false);
             a.free_page(page);
             a.check();
-        }
-        let was_super = {
-            let mut sb = inner.super_blob.lock();
-            let was = *sb == id.0;
-            if was {
-                *sb = 0;
-            }
-            was
-        };
-        if was_super {
-            inner.write_super(&ch, false).await?;
         }
         Ok(())
     }
