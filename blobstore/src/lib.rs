@@ -21,9 +21,10 @@ mod store;
 
 pub use blob::Blob;
 pub use check::CheckReport;
+pub use device::fault::{CrashImage, FaultDevice};
+pub use device::IoKind;
 pub use device::{
-    channel, BlockDevice, CrashImage, DeviceSpec, DmaBuf, FaultDevice, FileDevice, Geometry,
-    IoChannel, IoKind, MemDevice,
+    channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
 };
 pub use error::{Error, Result};
 pub use exec::block_on;

@@ -18,7 +18,6 @@ mod mem;
 mod spec;
 
 pub use dma::{DmaBuf, Segment, DMA_ALIGN};
-pub use fault::{CrashImage, FaultDevice};
 pub use file::FileDevice;
 pub use mem::MemDevice;
 pub use spec::{open_device, DeviceSpec};
