@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # System packages the build and tests need. Installed only when missing.
 APT_PACKAGES := build-essential pkg-config
 
-.PHONY: all deps test test-rust lint bench bench-criterion fmt clippy
+.PHONY: all deps test test-rust lint bench bench-criterion crashtest fmt clippy crashtest
 
 all: test
 
@@ -31,6 +31,12 @@ test-rust: deps
 	$(CARGO) test --workspace --release
 
 test: lint test-rust
+
+# The blobstore crash test alone, with its report (points, violations, seeds).
+# CRASH_POINTS=N make crashtest runs N crash points (default 10,000);
+# CRASH_SEED=S replays one run.
+crashtest: deps
+	$(CARGO) test --release -p blobstore --test crash -- --nocapture
 
 # Options for the table, e.g. make bench BENCH_ARGS='--devices mem --seconds 2 --json out.json'
 BENCH_ARGS ?=

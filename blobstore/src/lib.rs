@@ -11,6 +11,7 @@
 
 mod alloc;
 mod blob;
+mod check;
 pub mod device;
 mod error;
 pub mod exec;
@@ -19,6 +20,9 @@ pub mod reactor;
 mod store;
 
 pub use blob::Blob;
+pub use check::CheckReport;
+pub use device::fault::{CrashImage, FaultDevice};
+pub use device::IoKind;
 pub use device::{
     channel, open_device, BlockDevice, DeviceSpec, DmaBuf, FileDevice, FileOptions, Geometry,
     IoChannel, MemDevice,

@@ -212,7 +212,7 @@ impl StoreInner {
         ch.write(lba, buf).await.map(|_| ())
     }
 
-    async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
+    pub(crate) async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
         let buf = self.dev.alloc_buf(len)?;
         ch.read(lba, buf).await
     }
@@ -262,7 +262,7 @@ impl StoreInner {
     }
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
-    async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+    pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let ps = l.page_size as usize;
@@ -710,9 +710,16 @@ impl Blobstore {
             dev,
         });
         let ch = inner.chan()?;
-        // Old metadata pages on the device must not look like blobs.
+        // Old metadata pages on the device must not look like blobs, and a
+        // crash in the middle must leave either the old store intact or no
+        // store at all, never the new super block over old metadata: first
+        // retire the old super block durably, then clear the rest durably,
+        // and only then write the new super block.
         let bpp = layout.blocks_per_page();
+        ch.write_zeroes(0, bpp).await?;
+        ch.flush().await?;
         ch.write_zeroes(bpp, (md_start + md_len - 1) * bpp).await?;
+        ch.flush().await?;
         inner.write_super(&ch, false).await?;
         Ok(Blobstore { inner })
     }
@@ -936,6 +943,22 @@ impl Blobstore {
                 .map_err(|_| Error::Busy(format!("blob {id} is in use")))?,
             None => inner.read_blob_md(&ch, page).await?,
         };
+        // A super block naming a blob that is gone would not load: retire
+        // the super blob durably before the blob itself goes.
+        let was_super = {
+            let mut sb = inner.super_blob.lock();
+            let was = *sb == id.0;
+            if was {
+                *sb = 0;
+            }
+            was
+        };
+        if was_super {
+            if let Err(e) = inner.write_super(&ch, false).await {
+                *inner.super_blob.lock() = id.0;
+                return Err(e);
+            }
+        }
         let zero = vec![0u8; inner.layout.page_size as usize];
         inner
             .write_bytes(&ch, inner.layout.md_lba(page), &zero)
@@ -957,17 +980,6 @@ impl Blobstore {
             a.set_blobid(page, false);
             a.free_page(page);
             a.check();
-        }
-        let was_super = {
-            let mut sb = inner.super_blob.lock();
-            let was = *sb == id.0;
-            if was {
-                *sb = 0;
-            }
-            was
-        };
-        if was_super {
-            inner.write_super(&ch, false).await?;
         }
         Ok(())
     }

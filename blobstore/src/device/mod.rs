@@ -12,6 +12,7 @@
 //!   ([`IoChannel::poll`], or any pending [`IoFuture`] being polled).
 
 mod dma;
+pub mod fault;
 mod file;
 mod mem;
 mod spec;
