@@ -334,10 +334,18 @@ impl FileNode {
             self.write_buffer(st, padded, fs).await?;
         }
         if new_len < len {
+            // A shrink is durable when it returns: later writes may reuse
+            // the bytes past the new end (the tail block, freed clusters),
+            // so the on-disk length must not still cover them.
             self.blob
                 .resize(new_len.div_ceil(self.cluster))
                 .await
                 .ctx(&name)?;
+            self.blob
+                .set_xattr(meta::LEN, &meta::enc_u64(new_len))
+                .ctx(&name)?;
+            self.blob.sync_metadata().await.ctx(&name)?;
+            st.synced_len = new_len;
         } else if new_len > len {
             // Bytes past the old end were never written: write zeroes.
             let a = self.align_down(len);
