@@ -32,7 +32,7 @@ fn word(inc: u64, word: u64) -> [u8; 8] {
 }
 
 fn bytes(inc: u64, from: u64, len: u64) -> Vec<u8> {
-    debug_assert!(from % 8 == 0 && len % 8 == 0);
+    debug_assert!(from.is_multiple_of(8) && len.is_multiple_of(8));
     (from / 8..(from + len) / 8)
         .flat_map(|w| word(inc, w))
         .collect()
@@ -40,7 +40,7 @@ fn bytes(inc: u64, from: u64, len: u64) -> Vec<u8> {
 
 /// Which incarnation wrote `data`, if every word is that incarnation's.
 fn decode(data: &[u8], incs: &[u64]) -> Option<u64> {
-    if data.len() % 8 != 0 {
+    if !data.len().is_multiple_of(8) {
         return None;
     }
     if data.is_empty() {
@@ -149,7 +149,7 @@ fn check_image(dev: Arc<dyn BlockDevice>, done: &Model, next: &Model) -> Result<
 
 fn run_seed(seed: u64) -> (usize, Vec<String>) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let block = if seed % 2 == 0 { 4096 } else { 512 };
+    let block = if seed.is_multiple_of(2) { 4096 } else { 512 };
     let mem = Arc::new(MemDevice::new(24 << 20, block).unwrap());
     let fault = Arc::new(FaultDevice::new(mem).unwrap());
     let dev: Arc<dyn BlockDevice> = fault.clone();
