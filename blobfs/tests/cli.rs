@@ -325,6 +325,28 @@ fn fuse_mount_copy_diff_remount_diff() {
         .unwrap();
     assert!(st.success(), "cp -r into the mount failed");
     diff(&tree, &mnt.join("tree"));
+    // Positional writes through the mount: inside the file, at its end, and
+    // past it (the gap reads as zeroes), checked against a model.
+    {
+        use std::os::unix::fs::FileExt;
+        let path = mnt.join("pos.bin");
+        let mut model = pattern(9, 10_000);
+        std::fs::write(&path, &model).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"inside", 5_000).unwrap();
+        model[5_000..5_006].copy_from_slice(b"inside");
+        f.write_all_at(b"end", 10_000).unwrap();
+        model.extend_from_slice(b"end");
+        f.write_all_at(b"past", 20_000).unwrap();
+        model.resize(20_000, 0);
+        model.extend_from_slice(b"past");
+        f.set_len(15_000).unwrap();
+        model.truncate(15_000);
+        drop(f);
+        assert!(std::fs::read(&path).unwrap() == model, "positional writes");
+        std::fs::rename(&path, mnt.join("tree/renamed.bin")).unwrap();
+        std::fs::remove_file(mnt.join("tree/renamed.bin")).unwrap();
+    }
     m.unmount();
 
     // Everything is on the image: the tool sees it, fsck is happy.
