@@ -7,7 +7,8 @@ CARGO ?= cargo
 SHELL := /bin/bash
 
 # System packages the build and tests need. Installed only when missing.
-APT_PACKAGES := build-essential pkg-config
+# fuse3: fusermount3 and /dev/fuse setup for the FUSE mount test of blobfs.
+APT_PACKAGES := build-essential pkg-config fuse3
 
 .PHONY: all deps test test-rust lint bench bench-criterion crashtest fmt clippy crashtest
 

@@ -186,6 +186,11 @@ pub(crate) struct FsInner {
 
 static MOUNTED: Mutex<Vec<blobstore::device::DeviceId>> = Mutex::new(Vec::new());
 
+/// True while a BlobFS is mounted on device `id` in this process.
+pub(crate) fn is_mounted(id: blobstore::device::DeviceId) -> bool {
+    MOUNTED.lock().contains(&id)
+}
+
 impl Drop for FsInner {
     fn drop(&mut self) {
         MOUNTED.lock().retain(|d| *d != self.device_id);

@@ -15,6 +15,7 @@ mod cache;
 mod error;
 mod file;
 mod fs;
+pub mod fsck;
 pub mod meta;
 pub mod name;
 

@@ -1,0 +1,236 @@
+//! `blobfs`: the command-line tool of BlobFS.
+//!
+//! Every command takes a device spec first (`file:/path/img?size=4G`,
+//! `mem:1G`; see `blobstore::device::spec`), opens the device, does its one
+//! thing and unmounts cleanly. A `mem:` spec is a fresh, empty memory
+//! device each time, so the tool is useful on `file:` images and block
+//! devices. `file:` devices are opened with O_DIRECT and io_uring and
+//! locked exclusively, so a device that a mount (or another command) holds
+//! is refused with "busy".
+//!
+//! Exit codes: 0 success, 1 any error (or damage found by `fsck`), 2 bad
+//! usage (from clap). Errors are one line on stderr.
+
+mod blobs;
+mod fuse;
+mod ops;
+mod util;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::util::{parse_size, CliResult};
+
+#[derive(Parser)]
+#[command(
+    name = "blobfs",
+    version,
+    about = "Make, inspect, check and mount BlobFS file systems",
+    long_about = "Make, inspect, check and mount BlobFS file systems.\n\n\
+        Every command takes a device spec first: file:<path>[?size=<n>] for an image \
+        file or block device (created with the given size if missing), or mem:<size> \
+        for a fresh memory device."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+fn parse_cluster(s: &str) -> Result<u32, String> {
+    let n = parse_size(s)?;
+    u32::try_from(n).map_err(|_| format!("{s:?} is too large for a cluster"))
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make a new, empty BlobFS (erases the device).
+    Mkfs {
+        /// Device spec, e.g. file:/tmp/fs.img?size=1G
+        device: String,
+        /// Cluster size: the unit in which files get space.
+        #[arg(long, default_value = "1M", value_parser = parse_cluster)]
+        cluster_size: u32,
+        /// Erase a device that already holds a blobstore or BlobFS.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show geometry, space and the number of files.
+    Info {
+        /// Device spec
+        device: String,
+    },
+    /// List a directory, a file, or every name starting with a prefix.
+    Ls {
+        /// Device spec
+        device: String,
+        /// Directory, file or name prefix (default: the root directory).
+        path: Option<String>,
+        /// Long listing: kind, size, modification time.
+        #[arg(short, long)]
+        long: bool,
+        /// List everything below the directory, with full names.
+        #[arg(short = 'R', long)]
+        recursive: bool,
+    },
+    /// Show a file's or directory's metadata.
+    Stat {
+        /// Device spec
+        device: String,
+        /// Name in the file system
+        name: String,
+    },
+    /// Copy a host file into the file system.
+    Import {
+        /// Device spec
+        device: String,
+        /// File on the host
+        host_file: PathBuf,
+        /// Name in the file system
+        name: String,
+        /// Create missing parent directories.
+        #[arg(short, long)]
+        parents: bool,
+        /// Replace an existing file.
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// Copy a file out of the file system to a host file.
+    Export {
+        /// Device spec
+        device: String,
+        /// Name in the file system
+        name: String,
+        /// File on the host (created or replaced)
+        host_file: PathBuf,
+    },
+    /// Write a file's contents to stdout.
+    Cat {
+        /// Device spec
+        device: String,
+        /// Name in the file system
+        name: String,
+    },
+    /// Delete files or empty directories.
+    Rm {
+        /// Device spec
+        device: String,
+        /// Names to delete
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Delete directories with everything in them.
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Rename a file (atomically, replacing an existing target file).
+    Mv {
+        /// Device spec
+        device: String,
+        /// Current name
+        from: String,
+        /// New name
+        to: String,
+    },
+    /// Create a directory.
+    Mkdir {
+        /// Device spec
+        device: String,
+        /// Directory name
+        dir: String,
+        /// Create missing parents; no error if it exists.
+        #[arg(short, long)]
+        parents: bool,
+    },
+    /// Check the file system without mounting it; exit 1 on damage.
+    Fsck {
+        /// Device spec
+        device: String,
+    },
+    /// List every blob with its size, allocation and xattrs.
+    Blobs {
+        /// Device spec
+        device: String,
+    },
+    /// Show one blob's metadata in full.
+    Dump {
+        /// Device spec
+        device: String,
+        /// Blob id, hexadecimal (0x..., as `blobs` prints it) or decimal
+        blob_id: String,
+    },
+    /// Mount the file system with FUSE at a directory.
+    Mount {
+        /// Device spec (a file: image or block device)
+        device: String,
+        /// Mount point (an existing directory)
+        dir: PathBuf,
+        /// Stay in the foreground until unmounted (Ctrl-C unmounts).
+        #[arg(short, long)]
+        foreground: bool,
+        /// Read-cache memory.
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache: u64,
+    },
+}
+
+fn run(cli: Cli) -> CliResult {
+    match cli.cmd {
+        Cmd::Mkfs {
+            device,
+            cluster_size,
+            force,
+        } => ops::mkfs(&device, cluster_size, force),
+        Cmd::Info { device } => ops::info(&device),
+        Cmd::Ls {
+            device,
+            path,
+            long,
+            recursive,
+        } => ops::ls(&device, path.as_deref().unwrap_or(""), long, recursive),
+        Cmd::Stat { device, name } => ops::stat(&device, &name),
+        Cmd::Import {
+            device,
+            host_file,
+            name,
+            parents,
+            force,
+        } => ops::import(&device, &host_file, &name, parents, force),
+        Cmd::Export {
+            device,
+            name,
+            host_file,
+        } => ops::export(&device, &name, &host_file),
+        Cmd::Cat { device, name } => ops::cat(&device, &name),
+        Cmd::Rm {
+            device,
+            names,
+            recursive,
+        } => ops::rm(&device, &names, recursive),
+        Cmd::Mv { device, from, to } => ops::mv(&device, &from, &to),
+        Cmd::Mkdir {
+            device,
+            dir,
+            parents,
+        } => ops::mkdir(&device, &dir, parents),
+        Cmd::Fsck { device } => blobs::fsck(&device),
+        Cmd::Blobs { device } => blobs::list(&device),
+        Cmd::Dump { device, blob_id } => blobs::dump(&device, &blob_id),
+        Cmd::Mount {
+            device,
+            dir,
+            foreground,
+            cache,
+        } => fuse::mount(&device, &dir, foreground, cache),
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("blobfs: {}", e.0);
+            ExitCode::from(1)
+        }
+    }
+}

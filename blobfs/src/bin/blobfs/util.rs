@@ -1,0 +1,134 @@
+//! What every command shares: the error type, opening devices, parsing
+//! sizes, and formatting bytes and times for people.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use blobstore::BlockDevice;
+
+/// An error for the user: one line, printed to stderr, exit code 1.
+#[derive(Debug)]
+pub struct CliError(pub String);
+
+/// Result of a command.
+pub type CliResult<T = ()> = Result<T, CliError>;
+
+// `CliError` has no `Display`, so this blanket conversion cannot overlap
+// `From<T> for T`.
+impl<E: std::fmt::Display> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError(e.to_string())
+    }
+}
+
+/// Prefixes an error with what was being done.
+pub trait Ctx<T> {
+    fn ctx(self, what: impl std::fmt::Display) -> CliResult<T>;
+}
+
+impl<T, E: std::fmt::Display> Ctx<T> for Result<T, E> {
+    fn ctx(self, what: impl std::fmt::Display) -> CliResult<T> {
+        self.map_err(|e| CliError(format!("{what}: {e}")))
+    }
+}
+
+/// Builds an error from a message.
+pub fn fail<T>(msg: impl Into<String>) -> CliResult<T> {
+    Err(CliError(msg.into()))
+}
+
+/// Opens the device a spec names (`mem:..`, `file:..`).
+pub fn open_device(spec: &str) -> CliResult<Arc<dyn BlockDevice>> {
+    blobstore::open_device(spec).ctx(format!("opening {spec}"))
+}
+
+/// Parses a size such as `4096`, `64K`, `1M`, `1MiB`, `2G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} does not start with a number"))?;
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Bytes for people: `1536` becomes `1.5 KiB`.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Nanoseconds since the epoch as `YYYY-MM-DD hh:mm:ss UTC`.
+pub fn utc(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the output
+/// quietly instead of failing.
+pub fn print(text: &str) -> CliResult {
+    write_stdout(text.as_bytes())
+}
+
+/// [`print`] for bytes.
+pub fn write_stdout(bytes: &[u8]) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|_| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => r.ctx("writing to stdout"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_times() {
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("1MB").is_err());
+        assert!(parse_size("M").is_err());
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10), "10 B");
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_700_000_000_000_000_000), "2023-11-14 22:13:20 UTC");
+    }
+}

@@ -1,0 +1,359 @@
+//! fsck: checks a BlobFS on a device without mounting it.
+//!
+//! Mounting repairs what a crash leaves behind (it deletes blobs of files
+//! deleted while open, the losers of an interrupted rename, and recreates
+//! missing parent directories), so a check that mounted first would see
+//! nothing. This module loads only the blobstore and reads every blob's
+//! metadata itself.
+//!
+//! What it checks, each finding naming the blob:
+//! - the super blob exists and carries the BlobFS format version;
+//! - every other blob has valid fs xattrs: a normalized UTF-8 `fs.name`, a
+//!   `fs.kind` of file or directory, 8-byte `fs.seq` and `fs.mtime`, and for
+//!   files an 8-byte `fs.len` no larger than the blob;
+//! - bytes past a file's length in its last block are zero (so growing it
+//!   can never show stale bytes);
+//! - names are unique: several blobs with one name are the trace of an
+//!   interrupted rename (a warning; the next mount keeps the highest
+//!   `fs.seq`), unless the highest `fs.seq` is shared, which no crash can
+//!   produce (damage);
+//! - every name's parent is an existing directory;
+//! - blobstore level: thick blobs have all their clusters, and the clusters
+//!   the blobs hold plus the free ones add up to the store's data clusters.
+//!
+//! Loading and unloading the blobstore writes its super block (and, after
+//! an unclean shutdown, the allocation masks rebuilt from blob metadata);
+//! nothing else is written.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use blobstore::{block_on, BlobId, Blobstore, BlockDevice, DmaBuf, LoadOptions};
+
+use crate::error::{Context, Error, Result};
+use crate::meta;
+use crate::name;
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// A state a crash can leave, which the next mount resolves.
+    Warning,
+    /// Damage: a state correct operation never produces.
+    Damage,
+}
+
+/// One problem found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// Warning or damage.
+    pub severity: Severity,
+    /// The blob concerned, if one.
+    pub blob: Option<BlobId>,
+    /// What is wrong, in words.
+    pub what: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sev = match self.severity {
+            Severity::Warning => "warning",
+            Severity::Damage => "damage",
+        };
+        match self.blob {
+            Some(id) => write!(f, "{sev}: blob {id}: {}", self.what),
+            None => write!(f, "{sev}: {}", self.what),
+        }
+    }
+}
+
+/// The result of a check.
+#[derive(Clone, Debug, Default)]
+pub struct FsckReport {
+    /// Everything found, warnings and damage.
+    pub findings: Vec<Finding>,
+    /// Blobs in the store, the super blob included.
+    pub blobs: u64,
+    /// Files (by name, after resolving duplicate names).
+    pub files: u64,
+    /// Directories (the root not counted).
+    pub dirs: u64,
+    /// Sum of the files' lengths.
+    pub file_bytes: u64,
+}
+
+impl FsckReport {
+    /// True when nothing is damaged (warnings allowed).
+    pub fn is_clean(&self) -> bool {
+        self.findings.iter().all(|f| f.severity != Severity::Damage)
+    }
+
+    fn add(&mut self, severity: Severity, blob: Option<BlobId>, what: impl Into<String>) {
+        self.findings.push(Finding {
+            severity,
+            blob,
+            what: what.into(),
+        });
+    }
+}
+
+/// One blob that names a file or directory.
+struct Claim {
+    id: BlobId,
+    name: String,
+    kind: u8,
+    seq: u64,
+}
+
+/// Checks the BlobFS on `dev`, which must not be mounted. Returns `Err` only
+/// when the check cannot run at all (no BlobFS, unreadable metadata, I/O
+/// errors); damage it can describe is in the report.
+pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
+    if crate::fs::is_mounted(dev.id()) {
+        return Err(Error::store(
+            "fsck",
+            blobstore::Error::Busy(format!("{} is mounted", dev.name())),
+        ));
+    }
+    let bs = match Blobstore::load(
+        dev,
+        LoadOptions {
+            bstype: meta::BSTYPE.into(),
+        },
+    )
+    .await
+    {
+        Ok(bs) => bs,
+        Err(e @ (blobstore::Error::NotABlobstore(_) | blobstore::Error::WrongType { .. })) => {
+            return Err(Error::NotBlobFs(e.to_string()))
+        }
+        Err(e) => return Err(Error::store("fsck: loading the blobstore", e)),
+    };
+    let res = check_store(&bs).await;
+    // Unload even after a failed check, so the store is left clean.
+    let unloaded = bs.unload().await.ctx("fsck: unloading the blobstore");
+    let report = res?;
+    unloaded?;
+    Ok(report)
+}
+
+/// Synchronous [`fsck_async`].
+pub fn fsck(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
+    block_on(fsck_async(dev))
+}
+
+async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
+    use Severity::{Damage, Warning};
+    let mut r = FsckReport::default();
+    let sb = bs.super_blob();
+    match sb {
+        None => r.add(Damage, None, "no super blob (the BlobFS root record)"),
+        Some(id) => {
+            let b = bs.open_blob(id).await.ctx("super blob")?;
+            let v = b.get_xattr(meta::VERSION);
+            if v.as_deref() != Some(&meta::FORMAT_VERSION.to_le_bytes()[..]) {
+                r.add(
+                    Damage,
+                    Some(id),
+                    format!(
+                        "super blob: {} is {v:?}, expected version {}",
+                        meta::VERSION,
+                        meta::FORMAT_VERSION
+                    ),
+                );
+            }
+        }
+    }
+    let unit = bs.io_unit_size() as u64;
+    let mut allocated = 0u64;
+    let mut claims: Vec<Claim> = Vec::new();
+    let ids = bs.blob_ids();
+    r.blobs = ids.len() as u64;
+    for id in ids {
+        let blob = bs.open_blob(id).await.ctx(&format!("blob {id}"))?;
+        let alloc = blob.allocated_clusters();
+        allocated += alloc;
+        if !blob.is_thin() && alloc != blob.num_clusters() {
+            r.add(
+                Damage,
+                Some(id),
+                format!(
+                    "thick blob of {} clusters has only {alloc} allocated",
+                    blob.num_clusters()
+                ),
+            );
+        }
+        if Some(id) == sb {
+            continue;
+        }
+        if blob.get_xattr(meta::UNLINKED).is_some() {
+            r.add(
+                Warning,
+                Some(id),
+                "a file deleted while open; the next mount deletes its blob",
+            );
+            continue;
+        }
+        let name = match blob.get_xattr(meta::NAME).map(String::from_utf8) {
+            None => {
+                r.add(Damage, Some(id), format!("no {} xattr", meta::NAME));
+                continue;
+            }
+            Some(Err(_)) => {
+                r.add(Damage, Some(id), format!("{} is not UTF-8", meta::NAME));
+                continue;
+            }
+            Some(Ok(n)) => n,
+        };
+        if name::normalize_entry(&name).ok().as_deref() != Some(name.as_str()) {
+            r.add(Damage, Some(id), format!("invalid name {name:?}"));
+            continue;
+        }
+        let kind = match blob.get_xattr(meta::KIND).as_deref() {
+            Some([k]) if *k == meta::KIND_FILE || *k == meta::KIND_DIR => *k,
+            other => {
+                r.add(
+                    Damage,
+                    Some(id),
+                    format!("{name}: {} is {other:?}, not [1] or [2]", meta::KIND),
+                );
+                continue;
+            }
+        };
+        let what = name.clone();
+        let seq = match meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &what) {
+            Ok(s) => s,
+            Err(e) => {
+                r.add(Damage, Some(id), e.to_string());
+                continue;
+            }
+        };
+        if let Err(e) = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what) {
+            r.add(Damage, Some(id), e.to_string());
+        }
+        if kind == meta::KIND_FILE {
+            match meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what) {
+                Err(e) => r.add(Damage, Some(id), e.to_string()),
+                Ok(len) if len > blob.size_bytes() => r.add(
+                    Damage,
+                    Some(id),
+                    format!(
+                        "{name}: length {len} is past the end of its blob ({} bytes)",
+                        blob.size_bytes()
+                    ),
+                ),
+                Ok(len) => {
+                    if len % unit != 0 {
+                        let block = len / unit;
+                        let buf = DmaBuf::new(unit as usize).ctx(&name)?;
+                        let buf = blob.read(block, buf).await.ctx(&name)?;
+                        let from = (len % unit) as usize;
+                        if let Some(i) = buf[from..].iter().position(|&b| b != 0) {
+                            r.add(
+                                Damage,
+                                Some(id),
+                                format!(
+                                    "{name}: byte {} past the length {len} is not zero",
+                                    len + i as u64
+                                ),
+                            );
+                        }
+                    }
+                    r.file_bytes += len;
+                }
+            }
+        }
+        claims.push(Claim {
+            id,
+            name,
+            kind,
+            seq,
+        });
+    }
+
+    // Names: group the claims, keep the winner of each group.
+    let mut by_name: HashMap<String, Vec<Claim>> = HashMap::new();
+    for c in claims {
+        by_name.entry(c.name.clone()).or_default().push(c);
+    }
+    let mut winners: HashMap<String, u8> = HashMap::new();
+    for (name, mut group) in by_name {
+        group.sort_by_key(|c| std::cmp::Reverse(c.seq));
+        if group.len() > 1 {
+            if group[0].seq == group[1].seq {
+                let ids: Vec<String> = group
+                    .iter()
+                    .filter(|c| c.seq == group[0].seq)
+                    .map(|c| c.id.to_string())
+                    .collect();
+                r.add(
+                    Damage,
+                    None,
+                    format!(
+                        "{name}: blobs {} all claim it with the same {} {}",
+                        ids.join(", "),
+                        meta::SEQ,
+                        group[0].seq
+                    ),
+                );
+            } else {
+                for loser in &group[1..] {
+                    r.add(
+                        Warning,
+                        Some(loser.id),
+                        format!(
+                            "{name}: left by an interrupted rename ({} {} loses to blob {} \
+                             with {}); the next mount deletes it",
+                            meta::SEQ,
+                            loser.seq,
+                            group[0].id,
+                            group[0].seq
+                        ),
+                    );
+                }
+            }
+        }
+        winners.insert(name, group[0].kind);
+    }
+    let mut names: Vec<(&String, &u8)> = winners.iter().collect();
+    names.sort();
+    for (name, kind) in names {
+        if *kind == meta::KIND_FILE {
+            r.files += 1;
+        } else {
+            r.dirs += 1;
+        }
+        let parent = name::parent(name);
+        if parent.is_empty() {
+            continue;
+        }
+        match winners.get(parent) {
+            None => r.add(
+                Damage,
+                None,
+                format!("{name}: parent directory {parent:?} does not exist"),
+            ),
+            Some(&k) if k != meta::KIND_DIR => r.add(
+                Damage,
+                None,
+                format!("{name}: parent {parent:?} is a file, not a directory"),
+            ),
+            Some(_) => {}
+        }
+    }
+
+    // Blobstore accounting through the public API.
+    let free = bs.free_clusters();
+    let data = bs.data_clusters();
+    if allocated + free != data {
+        r.add(
+            Damage,
+            None,
+            format!(
+                "cluster accounting: blobs hold {allocated} clusters and {free} are free, \
+                 but the store has {data} data clusters"
+            ),
+        );
+    }
+    Ok(r)
+}

@@ -1,0 +1,360 @@
+//! The `blobfs` tool end to end: the built binary on `file:` images in a
+//! temp dir, and a real FUSE mount (`cp -r` in, `diff -r`, unmount, remount,
+//! `diff -r` again).
+//!
+//! The FUSE test needs /dev/fuse and `fusermount3` (Debian's `fuse3`, which
+//! `make deps` installs). Without them it fails, loudly; set
+//! `BLOBFS_SKIP_FUSE=1` to skip it on purpose.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_blobfs");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("run blobfs")
+}
+
+/// Runs a command that must succeed; returns its stdout.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "blobfs {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail with exit code 1 and a one-line error
+/// (no panic); returns its stderr.
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "blobfs {args:?}: {err}");
+    assert!(err.starts_with("blobfs: "), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+/// Deterministic bytes, different for each seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn cli_commands_on_a_file_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    let create = format!("file:{}?size=64M", img.display());
+    let dev = format!("file:{}", img.display());
+    let dev = dev.as_str();
+    let host = |n: &str| tmp.path().join(n).to_str().unwrap().to_string();
+
+    assert!(ok(&["mkfs", &create]).contains("made a BlobFS"));
+    // A second mkfs must not erase it silently.
+    let err = fails(&["mkfs", dev]);
+    assert!(
+        err.contains("holds a BlobFS") && err.contains("--force"),
+        "{err}"
+    );
+    ok(&["mkfs", dev, "--force", "--cluster-size", "64K"]);
+
+    let data = pattern(1, 3_000_001);
+    std::fs::write(host("in.bin"), &data).unwrap();
+    // No parent yet: an error; with -p the parents are made.
+    fails(&["import", dev, &host("in.bin"), "db/in.bin"]);
+    ok(&["import", dev, &host("in.bin"), "db/in.bin", "-p"]);
+    fails(&["import", dev, &host("in.bin"), "db/in.bin"]);
+    ok(&["import", dev, &host("in.bin"), "db/in.bin", "--force"]);
+
+    assert_eq!(ok(&["ls", dev]), "db/\n");
+    assert_eq!(ok(&["ls", dev, "db"]), "in.bin\n");
+    let long = ok(&["ls", dev, "db", "-l"]);
+    assert!(
+        long.starts_with('-') && long.contains(" 3000001 "),
+        "{long}"
+    );
+    let st = ok(&["stat", dev, "db/in.bin"]);
+    assert!(st.contains("length:    3000001 bytes"), "{st}");
+    assert!(st.contains("kind:      file"), "{st}");
+
+    let cat = run(&["cat", dev, "db/in.bin"]);
+    assert!(cat.status.success());
+    assert!(cat.stdout == data, "cat differs");
+    ok(&["export", dev, "db/in.bin", &host("out.bin")]);
+    assert!(
+        std::fs::read(host("out.bin")).unwrap() == data,
+        "export differs"
+    );
+
+    ok(&["mv", dev, "db/in.bin", "db/moved.bin"]);
+    fails(&["stat", dev, "db/in.bin"]);
+    ok(&["mkdir", dev, "logs"]);
+    fails(&["mkdir", dev, "logs"]);
+    ok(&["mkdir", dev, "a/b/c", "-p"]);
+    assert_eq!(
+        ok(&["ls", dev, "-R"]),
+        "a/\na/b/\na/b/c/\ndb/\ndb/moved.bin\nlogs/\n"
+    );
+    // A prefix that is not a name lists the names it starts.
+    assert_eq!(ok(&["ls", dev, "db/mo"]), "db/moved.bin\n");
+    fails(&["rm", dev, "a"]);
+    ok(&["rm", dev, "-r", "a"]);
+    ok(&["rm", dev, "logs"]);
+    assert_eq!(ok(&["ls", dev, "-R"]), "db/\ndb/moved.bin\n");
+
+    let info = ok(&["info", dev]);
+    assert!(info.contains("cluster size:    64.0 KiB"), "{info}");
+    assert!(
+        info.contains("files:           1 (and 1 directories)"),
+        "{info}"
+    );
+    let blobs = ok(&["blobs", dev]);
+    assert!(blobs.contains("fs.name=\"db/moved.bin\""), "{blobs}");
+    assert!(blobs.contains("fs.len=3000001"), "{blobs}");
+    let id = blobs
+        .lines()
+        .find(|l| l.contains("db/moved.bin"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    let dump = ok(&["dump", dev, &id]);
+    assert!(dump.contains("fs.len: 3000001"), "{dump}");
+    fails(&["dump", dev, "0x7777"]);
+
+    // Errors: clear, exit code 1, no panic.
+    fails(&["cat", dev, "nope"]);
+    fails(&["info", "mem:"]);
+    fails(&["info", &format!("file:{}", host("missing.img"))]);
+
+    // fsck: clean, then damaged.
+    let clean = ok(&["fsck", dev]);
+    assert!(clean.contains("0 damaged"), "{clean}");
+    let marker = pattern(2, 1000);
+    std::fs::write(host("small.bin"), &marker).unwrap();
+    ok(&["import", dev, &host("small.bin"), "small"]);
+    ok(&["fsck", dev]);
+    // Find the file's bytes in the image and dirty the block past its end
+    // (BlobFS keeps those bytes zero, so growing a file shows zeroes).
+    let image = std::fs::read(&img).unwrap();
+    let at = image
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("file data in the image");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xAB; 8], (at + 1000 + 100) as u64)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    let out = run(&["fsck", dev]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("small: byte 1100 past the length 1000"),
+        "{stdout}"
+    );
+    // Wreck the super block: fsck cannot even load the store.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&[0xFF; 64], 0).unwrap();
+        f.sync_all().unwrap();
+    }
+    fails(&["fsck", dev]);
+}
+
+/// True when `dir` is in this process's mount table.
+fn mounted(dir: &Path) -> bool {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|p| Path::new(p) == dir)
+}
+
+/// A running `blobfs mount --foreground`; unmounted (lazily, by force) if a
+/// test fails while it is up.
+struct Mount {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Mount {
+    fn new(dev: &str, dir: &Path) -> Mount {
+        let child = Command::new(BIN)
+            .args(["mount", dev, dir.to_str().unwrap(), "--foreground"])
+            .spawn()
+            .expect("start blobfs mount");
+        let mut m = Mount {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !mounted(dir) {
+            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
+                m.child = None;
+                panic!("blobfs mount exited ({st}) before the mount came up");
+            }
+            assert!(Instant::now() < deadline, "mount did not come up in 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        m
+    }
+
+    /// Unmounts as a user would and checks the process ends cleanly.
+    fn unmount(mut self) {
+        let st = Command::new("fusermount3")
+            .arg("-u")
+            .arg(&self.dir)
+            .status()
+            .expect("run fusermount3");
+        assert!(st.success(), "fusermount3 -u failed");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let st = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "blobfs mount did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(st.success(), "blobfs mount exited with {st}");
+        assert!(!mounted(&self.dir));
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .arg("-uz")
+                .arg(&self.dir)
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn diff(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .arg("-r")
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run diff");
+    assert!(
+        out.status.success(),
+        "diff -r {} {}:\n{}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn fuse_mount_copy_diff_remount_diff() {
+    if std::env::var("BLOBFS_SKIP_FUSE").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: the FUSE test, because BLOBFS_SKIP_FUSE=1");
+        return;
+    }
+    assert!(
+        Path::new("/dev/fuse").exists(),
+        "/dev/fuse is missing: the FUSE test cannot run (set BLOBFS_SKIP_FUSE=1 to skip it)"
+    );
+    assert!(
+        Command::new("fusermount3").arg("-V").output().is_ok(),
+        "fusermount3 is missing: install Debian's fuse3 (make deps does) \
+         or set BLOBFS_SKIP_FUSE=1 to skip the FUSE test"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    ok(&["mkfs", &format!("file:{}?size=256M", img.display())]);
+    let dev = format!("file:{}", img.display());
+
+    // A tree with nested directories and files of awkward sizes, ~5 MiB.
+    let tree = tmp.path().join("tree");
+    let sizes = [
+        0usize,
+        1,
+        511,
+        4095,
+        4096,
+        4097,
+        65_537,
+        1 << 20,
+        (1 << 20) + 3,
+        2_500_000,
+    ];
+    let dirs = ["", "a", "a/b", "a/b/c", "d", "d/e f"];
+    for (i, d) in dirs.iter().enumerate() {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+        for (j, &len) in sizes.iter().enumerate() {
+            // Spread the sizes: each dir gets a few of them.
+            if (i + j) % 3 == 0 {
+                let seed = (i * 100 + j) as u64;
+                std::fs::write(tree.join(d).join(format!("f{j}.bin")), pattern(seed, len)).unwrap();
+            }
+        }
+    }
+    std::fs::create_dir_all(tree.join("empty/dir")).unwrap();
+
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let m = Mount::new(&dev, &mnt);
+    let st = Command::new("cp")
+        .arg("-r")
+        .arg(&tree)
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cp -r into the mount failed");
+    diff(&tree, &mnt.join("tree"));
+    // Positional writes through the mount: inside the file, at its end, and
+    // past it (the gap reads as zeroes), checked against a model.
+    {
+        use std::os::unix::fs::FileExt;
+        let path = mnt.join("pos.bin");
+        let mut model = pattern(9, 10_000);
+        std::fs::write(&path, &model).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(b"inside", 5_000).unwrap();
+        model[5_000..5_006].copy_from_slice(b"inside");
+        f.write_all_at(b"end", 10_000).unwrap();
+        model.extend_from_slice(b"end");
+        f.write_all_at(b"past", 20_000).unwrap();
+        model.resize(20_000, 0);
+        model.extend_from_slice(b"past");
+        f.set_len(15_000).unwrap();
+        model.truncate(15_000);
+        drop(f);
+        assert!(std::fs::read(&path).unwrap() == model, "positional writes");
+        std::fs::rename(&path, mnt.join("tree/renamed.bin")).unwrap();
+        std::fs::remove_file(mnt.join("tree/renamed.bin")).unwrap();
+    }
+    m.unmount();
+
+    // Everything is on the image: the tool sees it, fsck is happy.
+    let ls = ok(&["ls", &dev, "tree/d/e f"]);
+    assert_eq!(ls, "f1.bin\nf4.bin\nf7.bin\n");
+    assert!(ok(&["fsck", &dev]).contains("0 damaged"));
+
+    let m = Mount::new(&dev, &mnt);
+    diff(&tree, &mnt.join("tree"));
+    m.unmount();
+}

@@ -1,0 +1,191 @@
+//! fsck finds damage: each test builds a clean BlobFS on a memory device,
+//! damages it through the blobstore API (or raw device bytes) the way a bug
+//! or a bad disk would, and checks what fsck reports.
+
+use std::sync::Arc;
+
+use blobfs::fsck::{fsck, Severity};
+use blobfs::{meta, BlobFs, MkfsOptions, MountOptions};
+use blobstore::{block_on, BlobOptions, Blobstore, BlockDevice, DmaBuf, LoadOptions, MemDevice};
+
+fn fresh() -> (Arc<MemDevice>, Arc<dyn BlockDevice>) {
+    let mem = Arc::new(MemDevice::new(64 << 20, 4096).unwrap());
+    let dev: Arc<dyn BlockDevice> = mem.clone();
+    let fs = BlobFs::mkfs(dev.clone(), MkfsOptions::default(), MountOptions::default()).unwrap();
+    fs.create_dir("db").unwrap();
+    let f = fs.create("db/data").unwrap();
+    f.append(&[7u8; 10_000]).unwrap();
+    f.close().unwrap();
+    fs.unmount().unwrap();
+    (mem, dev)
+}
+
+fn load(dev: &Arc<dyn BlockDevice>) -> Blobstore {
+    block_on(Blobstore::load(
+        dev.clone(),
+        LoadOptions {
+            bstype: meta::BSTYPE.into(),
+        },
+    ))
+    .unwrap()
+}
+
+/// Adds a blob carrying BlobFS xattrs as a buggy writer might.
+fn add_claim(dev: &Arc<dyn BlockDevice>, name: &str, kind: u8, seq: u64, len: Option<u64>) {
+    let bs = load(dev);
+    let mut xattrs = vec![
+        (meta::NAME.to_string(), name.as_bytes().to_vec()),
+        (meta::KIND.to_string(), vec![kind]),
+        (meta::SEQ.to_string(), meta::enc_u64(seq).to_vec()),
+        (meta::MTIME.to_string(), meta::enc_u64(1).to_vec()),
+    ];
+    if let Some(len) = len {
+        xattrs.push((meta::LEN.to_string(), meta::enc_u64(len).to_vec()));
+    }
+    block_on(bs.create_blob(BlobOptions {
+        xattrs,
+        ..Default::default()
+    }))
+    .unwrap();
+    block_on(bs.unload()).unwrap();
+}
+
+fn damage_of(dev: &Arc<dyn BlockDevice>) -> Vec<String> {
+    let r = fsck(dev.clone()).unwrap();
+    r.findings
+        .iter()
+        .filter(|f| f.severity == Severity::Damage)
+        .map(|f| f.to_string())
+        .collect()
+}
+
+#[test]
+fn clean_file_system_passes() {
+    let (_, dev) = fresh();
+    let r = fsck(dev.clone()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings);
+    assert!(r.findings.is_empty(), "{:?}", r.findings);
+    assert_eq!((r.files, r.dirs, r.file_bytes), (1, 1, 10_000));
+    // fsck leaves it mountable and unchanged.
+    let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+    assert_eq!(fs.stat("db/data").unwrap().len, 10_000);
+    fs.unmount().unwrap();
+}
+
+#[test]
+fn missing_parent_is_damage() {
+    let (_, dev) = fresh();
+    add_claim(&dev, "nodir/file", meta::KIND_FILE, 1000, Some(0));
+    let d = damage_of(&dev);
+    assert!(
+        d.iter().any(|m| m.contains("parent directory \"nodir\"")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn parent_that_is_a_file_is_damage() {
+    let (_, dev) = fresh();
+    add_claim(&dev, "db/data/inner", meta::KIND_FILE, 1000, Some(0));
+    let d = damage_of(&dev);
+    assert!(d.iter().any(|m| m.contains("is a file")), "{d:?}");
+}
+
+#[test]
+fn duplicate_names_warn_or_damage_by_seq() {
+    // A higher seq: an interrupted rename, resolved at mount.
+    let (_, dev) = fresh();
+    add_claim(&dev, "db/data", meta::KIND_FILE, 1000, Some(0));
+    let r = fsck(dev.clone()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings);
+    assert!(r
+        .findings
+        .iter()
+        .any(|f| f.severity == Severity::Warning && f.what.contains("interrupted rename")));
+
+    // The same seq twice: no crash can do that.
+    let (_, dev) = fresh();
+    add_claim(&dev, "x", meta::KIND_FILE, 1000, Some(0));
+    add_claim(&dev, "x", meta::KIND_FILE, 1000, Some(0));
+    let d = damage_of(&dev);
+    assert!(d.iter().any(|m| m.contains("same fs.seq")), "{d:?}");
+}
+
+#[test]
+fn bad_xattrs_are_damage() {
+    let (_, dev) = fresh();
+    let bs = load(&dev);
+    // No name at all.
+    block_on(bs.create_blob(BlobOptions::default())).unwrap();
+    // A bad kind.
+    block_on(bs.create_blob(BlobOptions {
+        xattrs: vec![
+            (meta::NAME.into(), b"k".to_vec()),
+            (meta::KIND.into(), vec![9]),
+        ],
+        ..Default::default()
+    }))
+    .unwrap();
+    // A name that is not normalized.
+    block_on(bs.create_blob(BlobOptions {
+        xattrs: vec![(meta::NAME.into(), b"a//b".to_vec())],
+        ..Default::default()
+    }))
+    .unwrap();
+    block_on(bs.unload()).unwrap();
+    add_claim(&dev, "nolen", meta::KIND_FILE, 1000, None);
+    let d = damage_of(&dev);
+    assert!(d.iter().any(|m| m.contains("no fs.name")), "{d:?}");
+    assert!(d.iter().any(|m| m.contains("fs.kind")), "{d:?}");
+    assert!(d.iter().any(|m| m.contains("invalid name")), "{d:?}");
+    assert!(d.iter().any(|m| m.contains("fs.len missing")), "{d:?}");
+}
+
+#[test]
+fn length_past_blob_is_damage() {
+    let (_, dev) = fresh();
+    add_claim(&dev, "big", meta::KIND_FILE, 1000, Some(5 << 20));
+    let d = damage_of(&dev);
+    assert!(
+        d.iter().any(|m| m.contains("past the end of its blob")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn nonzero_tail_is_damage() {
+    let (_, dev) = fresh();
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    let id = fs.stat("db/data").unwrap().blob_id;
+    fs.unmount().unwrap();
+    let bs = load(&dev);
+    let blob = block_on(bs.open_blob(id)).unwrap();
+    // 10_000 bytes: block 2 holds bytes 8192..12288; dirty its tail.
+    let mut buf = DmaBuf::new(4096).unwrap();
+    buf = block_on(blob.read(2, buf)).unwrap();
+    buf[4000] = 0xAB;
+    block_on(blob.write(2, buf)).unwrap();
+    drop(blob);
+    block_on(bs.unload()).unwrap();
+    let d = damage_of(&dev);
+    assert!(
+        d.iter()
+            .any(|m| m.contains("byte 12192 past the length 10000")),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn broken_super_block_fails_the_check() {
+    let (mem, dev) = fresh();
+    mem.store_bytes(0, &[0xFF; 64]);
+    assert!(fsck(dev).is_err());
+}
+
+#[test]
+fn refuses_a_mounted_device() {
+    let (_, dev) = fresh();
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    assert!(fsck(dev).is_err());
+    fs.unmount().unwrap();
+}
