@@ -19,7 +19,8 @@
 //!   produce (damage);
 //! - every name's parent is an existing directory;
 //! - blobstore level: thick blobs have all their clusters, and the clusters
-//!   the blobs hold plus the free ones add up to the store's data clusters.
+//!   the blobs hold plus the free ones add up to the store's data clusters,
+//!   and `Blobstore::check` (clusters and pages owned once, bitmaps agree).
 //!
 //! Loading and unloading the blobstore writes its super block (and, after
 //! an unclean shutdown, the allocation masks rebuilt from blob metadata);
@@ -342,6 +343,28 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
         }
     }
 
+    // The blobstore's own invariants: every cluster and metadata page owned
+    // once, bitmaps agreeing with the metadata.
+    match bs.check().await {
+        Ok(rep) => {
+            for p in rep.problems {
+                r.add(Damage, None, format!("blobstore: {p}"));
+            }
+            if !rep.leaked_clusters.is_empty() || !rep.leaked_md_pages.is_empty() {
+                r.add(
+                    Warning,
+                    None,
+                    format!(
+                        "blobstore: {} clusters and {} metadata pages marked used that no blob \
+                         owns (reclaimed by the next load after an unclean stop)",
+                        rep.leaked_clusters.len(),
+                        rep.leaked_md_pages.len()
+                    ),
+                );
+            }
+        }
+        Err(e) => r.add(Damage, None, format!("blobstore check failed: {e}")),
+    }
     // Blobstore accounting through the public API.
     let free = bs.free_clusters();
     let data = bs.data_clusters();
