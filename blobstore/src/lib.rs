@@ -22,7 +22,7 @@ pub use blob::Blob;
 pub use device::{
     channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
 };
-pub use error::{Error, Result};
+pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 

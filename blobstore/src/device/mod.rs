@@ -14,11 +14,15 @@
 mod dma;
 mod file;
 mod mem;
+#[cfg(feature = "nvme")]
+pub mod nvme;
 mod spec;
 
-pub use dma::{DmaBuf, Segment, DMA_ALIGN};
+pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
 pub use file::FileDevice;
 pub use mem::MemDevice;
+#[cfg(feature = "nvme")]
+pub use nvme::{NvmeController, NvmeDevice};
 pub use spec::{open_device, DeviceSpec};
 
 use std::cell::{Cell, RefCell};
