@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # System packages the build and tests need. Installed only when missing.
 APT_PACKAGES := build-essential pkg-config
 
-.PHONY: all deps test test-rust lint bench bench-criterion fmt clippy
+.PHONY: all deps test test-rust test-vm lint bench bench-criterion fmt clippy
 
 all: test
 
@@ -31,6 +31,13 @@ test-rust: deps
 	$(CARGO) test --workspace --release
 
 test: lint test-rust
+
+# The userspace NVMe driver against QEMU's NVMe controller in a VM (TCG, an
+# emulated IOMMU, vfio-pci in the guest): driver tests, the blobstore suite on
+# NvmeDevice, perf. Installs qemu-system-x86, linux-image-amd64,
+# busybox-static and cpio when missing. See blobstore/NVME.md.
+test-vm: deps
+	CARGO="$(CARGO)" blobstore/tests/vm/run.sh
 
 bench: deps
 	$(CARGO) run --release -p benches --bin blobstore-bench

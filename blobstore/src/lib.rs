@@ -22,6 +22,8 @@ pub use blob::Blob;
 pub use device::{
     channel, BlockDevice, DeviceSpec, DmaBuf, FileDevice, Geometry, IoChannel, MemDevice,
 };
+#[cfg(feature = "nvme")]
+pub use device::{NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};

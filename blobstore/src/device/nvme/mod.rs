@@ -83,6 +83,8 @@ pub struct NvmeController {
     qids: Mutex<Vec<bool>>,
     generation: AtomicU64,
     failed: AtomicBool,
+    /// A reset is in progress: channels neither submit nor reap.
+    resetting: AtomicBool,
     io_timeout_us: AtomicU64,
     _vfio: Option<vfio::VfioPci>,
 }
@@ -152,6 +154,7 @@ impl NvmeController {
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             failed: AtomicBool::new(false),
+            resetting: AtomicBool::new(false),
             io_timeout_us: AtomicU64::new(DEFAULT_IO_TIMEOUT.as_micros() as u64),
             _vfio: vfio,
         };
@@ -345,8 +348,34 @@ impl NvmeController {
     /// Resets the controller: disable, enable, queues again. Every command in
     /// flight fails with [`Error::DeviceFailed`]; each thread's queue pair
     /// is created again on its next use.
+    ///
+    /// Like Linux's driver, a live controller first has its I/O queues
+    /// deleted (aborting their commands) and is disabled only then; some
+    /// controllers (QEMU 7.2's model among them) mishandle a disable with
+    /// I/O still running.
     pub fn reset(&self) -> Result<()> {
         let mut st = self.admin.lock();
+        self.resetting.store(true, Ordering::Release);
+        let res = self.reset_locked(&mut st);
+        if res.is_err() {
+            self.failed.store(true, Ordering::Release);
+        }
+        self.resetting.store(false, Ordering::Release);
+        res
+    }
+
+    fn reset_locked(&self, st: &mut AdminState) -> Result<()> {
+        if !self.is_failed() {
+            let qids: Vec<u16> = {
+                let q = self.qids.lock();
+                (1..q.len()).filter(|&i| q[i]).map(|i| i as u16).collect()
+            };
+            for qid in qids {
+                // Best effort: the disable below removes them anyway.
+                let _ = self.admin_locked(st, Command::delete_queue(true, qid), "delete I/O SQ");
+                let _ = self.admin_locked(st, Command::delete_queue(false, qid), "delete I/O CQ");
+            }
+        }
         self.failed.store(true, Ordering::Release);
         regs::disable(&*self.bar, &self.cap, &self.name)?;
         st.qp.reset();
@@ -360,7 +389,7 @@ impl NvmeController {
             &self.name,
         )?;
         let granted = {
-            let c = self.admin_locked(&mut st, Command::set_num_queues(64, 64), "set features")?;
+            let c = self.admin_locked(st, Command::set_num_queues(64, 64), "set features")?;
             ((c.dw0 & 0xffff) as u16).min((c.dw0 >> 16) as u16) + 1
         };
         if granted < self.io_queue_pairs {
@@ -594,7 +623,9 @@ struct NvmeBackend {
     ops: HashMap<Tag, OpState>,
     pending: VecDeque<PendingCmd>,
     zeroes: Option<DmaBuf>,
-    empty_polls: u32,
+    polls_since_check: u32,
+    /// Failed ops waiting for the next reap to report them.
+    stale: Vec<Tag>,
 }
 
 impl NvmeBackend {
@@ -630,7 +661,8 @@ impl NvmeBackend {
             ops: HashMap::new(),
             pending: VecDeque::new(),
             zeroes: None,
-            empty_polls: 0,
+            polls_since_check: 0,
+            stale: Vec::new(),
             ctrl,
         })
     }
@@ -837,6 +869,11 @@ impl NvmeBackend {
 
     /// Handles a reset or failure of the controller seen by this thread.
     fn check_controller(&mut self, finished: &mut Vec<(Tag, Result<()>)>) -> Result<()> {
+        if self.ctrl.resetting.load(Ordering::Acquire) {
+            // The controller may still be using our memory: fail nothing
+            // until it is disabled and the reset is done.
+            return Err(self.ctrl.failed_error("controller reset in progress"));
+        }
         let gen = self.ctrl.generation.load(Ordering::Acquire);
         if gen != self.generation {
             let name = self.ctrl.name.clone();
@@ -891,7 +928,7 @@ impl NvmeBackend {
         let mut expired = Vec::new();
         for (cid, s) in self.slots.iter().enumerate() {
             if let Some(s) = s {
-                if s.zombie.is_none() && now > s.deadline {
+                if s.zombie.is_none() && now >= s.deadline {
                     expired.push((cid as u16, s.tag));
                 }
             }
@@ -952,6 +989,7 @@ impl ChannelBackend for NvmeBackend {
         let state = self.check_controller(&mut failed);
         for (t, r) in failed {
             // Reported by the next reap: kept as failed ops with no commands.
+            self.stale.push(t);
             self.ops.insert(
                 t,
                 OpState {
@@ -976,13 +1014,7 @@ impl ChannelBackend for NvmeBackend {
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
         let mut finished: Vec<(Tag, Result<()>)> = Vec::new();
         // Ops failed while nothing was submitted (see `submit`).
-        let stale: Vec<Tag> = self
-            .ops
-            .iter()
-            .filter(|(_, o)| o.remaining == 0)
-            .map(|(&t, _)| t)
-            .collect();
-        for t in stale {
+        for t in std::mem::take(&mut self.stale) {
             finished.extend(self.finish(t));
         }
         if self.check_controller(&mut finished).is_ok() {
@@ -1017,13 +1049,14 @@ impl ChannelBackend for NvmeBackend {
             for t in ended {
                 finished.extend(self.finish(t));
             }
-            if n == 0 && self.qp.outstanding() > 0 {
-                self.empty_polls += 1;
-                if self.empty_polls.is_multiple_of(32) {
+            // Deadlines are checked every few polls (a clock read is not free),
+            // also while other commands keep completing.
+            if self.qp.outstanding() > 0 {
+                self.polls_since_check += 1;
+                if n == 0 && self.polls_since_check >= 32 || self.polls_since_check >= 1024 {
+                    self.polls_since_check = 0;
                     self.check_timeouts(&mut finished);
                 }
-            } else {
-                self.empty_polls = 0;
             }
         }
         let count = finished.len();
