@@ -72,7 +72,9 @@ add_module() { # $1: path relative to $MODDIR; dependencies first
   cp "$MODDIR/$m" "$IRD/lib/modules/"
   basename "$m" >> "$IRD/modules.order"
 }
-for m in kernel/drivers/vfio/vfio_iommu_type1.ko kernel/drivers/vfio/pci/vfio-pci.ko; do
+# The kernel's own nvme driver too: nvme-setup must take the function from it.
+for m in kernel/drivers/vfio/vfio_iommu_type1.ko kernel/drivers/vfio/pci/vfio-pci.ko \
+         kernel/drivers/nvme/host/nvme.ko; do
   add_module "$m"
 done
 cat > "$IRD/init" <<'EOF'
@@ -90,9 +92,6 @@ PCI=""
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/class)" = 0x010802 ] && PCI=$(basename $d)
 done
-nvme-setup status
-nvme-setup bind "$PCI" || echo "VMTEST-FAIL bind"
-ls -l /dev/vfio
 FAILED=""
 run() { # name, command...
   name=$1; shift
@@ -102,6 +101,15 @@ run() { # name, command...
   echo "VMTEST-END $name rc=$rc seconds=$(( $(date +%s) - start ))"
   [ $rc = 0 ] || FAILED="$FAILED $name"
 }
+# The setup helper: the kernel's nvme driver has the function; namespace 1
+# in use (as swap) must make `bind` refuse; once free, bind takes it.
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
+mkswap /dev/nvme0n1 >/dev/null && swapon /dev/nvme0n1
+nvme-setup status
+run setup-refuses-busy-device sh -c "! nvme-setup bind $PCI"
+swapoff /dev/nvme0n1
+run setup-bind nvme-setup bind "$PCI"
+ls -l /dev/vfio
 export NVME_TEST_PCI=$PCI
 run driver nvme_vm --ignored --test-threads=1 --nocapture
 BLOBSTORE_TEST_NVME=$PCI run blobstore-suite-on-nvme blobstore_suite --test-threads=1
@@ -109,6 +117,7 @@ run perf-nvme-randread perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randr
 run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
 run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
 run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
+run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 sync
 poweroff -f

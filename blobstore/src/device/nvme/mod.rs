@@ -205,7 +205,7 @@ impl NvmeController {
     /// (pread/pwrite on the VFIO device), or "model" (unit tests).
     pub fn register_access(&self) -> &'static str {
         match &self._vfio {
-            Some(v) if v.bar_mmapped() && v.regions() > 0 => "mmap",
+            Some(v) if v.bar_mmapped() => "mmap",
             Some(_) => "syscall",
             None => "model",
         }

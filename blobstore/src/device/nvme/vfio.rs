@@ -62,7 +62,8 @@ pub struct VfioPci {
     pub bar: Arc<dyn Bar>,
     /// The process-wide DMA pool (valid for this device).
     pub pool: Arc<DmaPool>,
-    device: Arc<VfioDevice>,
+    /// Keeps the VFIO device (and its group in the container) open.
+    _device: Arc<VfioDevice>,
     mmap: Option<(*mut u8, usize)>,
 }
 
@@ -195,7 +196,7 @@ pub fn open(pci: &str) -> Result<VfioPci> {
     Ok(VfioPci {
         bar,
         pool,
-        device,
+        _device: device,
         mmap,
     })
 }
@@ -204,10 +205,5 @@ impl VfioPci {
     /// True when BAR0 is memory-mapped (else register access is by syscall).
     pub fn bar_mmapped(&self) -> bool {
         self.mmap.is_some()
-    }
-
-    /// Number of BAR regions the device reports (for diagnostics).
-    pub fn regions(&self) -> u32 {
-        self.device.get_region_size(BAR0).min(1) as u32
     }
 }
