@@ -180,7 +180,7 @@ fn write_read_back_flush_deallocate_write_zeroes() {
 fn four_threads_queue_depth_32_checked() {
     let dev = ns(4096);
     let t0 = Instant::now();
-    let ops_per_lane = 24u64;
+    let ops_per_lane = 100u64;
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
             let dev = dev.clone();
@@ -225,6 +225,17 @@ fn four_threads_queue_depth_32_checked() {
                                 }
                             }
                         }
+                        // Finally the whole lane, against the model.
+                        let all = ch
+                            .read(base, dev.alloc_buf(lane_blocks as usize * 4096).unwrap())
+                            .await
+                            .unwrap();
+                        for (k, &seed) in model.iter().enumerate() {
+                            if seed != 0 {
+                                let got = &all[k * 4096..(k + 1) * 4096];
+                                assert!(got == &pattern(seed, 4096)[..], "thread {t} lane {l}");
+                            }
+                        }
                     }
                 });
                 block_on(futures::future::join_all(lanes));
@@ -234,7 +245,7 @@ fn four_threads_queue_depth_32_checked() {
     for h in handles {
         h.join().unwrap();
     }
-    let ops = 4 * 32 * ops_per_lane;
+    let ops = 4 * 32 * (ops_per_lane + 1);
     println!(
         "4 threads x QD32: {ops} checked random ops in {:?}",
         t0.elapsed()

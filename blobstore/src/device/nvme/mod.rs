@@ -624,6 +624,11 @@ struct NvmeBackend {
     pending: VecDeque<PendingCmd>,
     zeroes: Option<DmaBuf>,
     polls_since_check: u32,
+    /// A submission happened since the last deadline check.
+    check_due: bool,
+    /// Earliest deadline of the commands the controller holds (a bound:
+    /// it may belong to a command that completed since).
+    next_deadline: Option<Instant>,
     /// Failed ops waiting for the next reap to report them.
     stale: Vec<Tag>,
 }
@@ -662,6 +667,8 @@ impl NvmeBackend {
             pending: VecDeque::new(),
             zeroes: None,
             polls_since_check: 0,
+            check_due: false,
+            next_deadline: None,
             stale: Vec::new(),
             ctrl,
         })
@@ -844,10 +851,11 @@ impl NvmeBackend {
             }
             let pushed_cid = self.qp.push(&cmd);
             debug_assert_eq!(pushed_cid, Some(cid));
-            let timeout = self.ctrl.io_timeout();
+            let deadline = Instant::now() + self.ctrl.io_timeout();
+            self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
             self.slots[cid as usize] = Some(CmdSlot {
                 tag: p.tag,
-                deadline: Instant::now() + timeout,
+                deadline,
                 zombie: None,
             });
             pushed = true;
@@ -933,6 +941,13 @@ impl NvmeBackend {
                 }
             }
         }
+        self.next_deadline = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|s| s.zombie.is_none() && !expired.iter().any(|&(_, t)| s.tag == t))
+            .map(|s| s.deadline)
+            .min();
         if expired.is_empty() {
             return;
         }
@@ -1005,6 +1020,7 @@ impl ChannelBackend for NvmeBackend {
         }
         state?;
         self.plan(tag, op)?;
+        self.check_due = true;
         let mut finished = Vec::new();
         self.push_pending(&mut finished);
         debug_assert!(finished.is_empty());
@@ -1019,7 +1035,7 @@ impl ChannelBackend for NvmeBackend {
         }
         if self.check_controller(&mut finished).is_ok() {
             let mut completed: Vec<Completion> = Vec::new();
-            let n = self.qp.poll(&*self.ctrl.bar, |c| completed.push(c));
+            self.qp.poll(&*self.ctrl.bar, |c| completed.push(c));
             let mut ended = Vec::new();
             for c in completed {
                 let Some(slot) = self.slots.get_mut(c.cid as usize).and_then(|s| s.take()) else {
@@ -1049,13 +1065,17 @@ impl ChannelBackend for NvmeBackend {
             for t in ended {
                 finished.extend(self.finish(t));
             }
-            // Deadlines are checked every few polls (a clock read is not free),
-            // also while other commands keep completing.
+            // Deadlines are checked at the first poll after a submission and
+            // then every few polls (a clock read is not free); the slots are
+            // scanned only once the earliest deadline has passed.
             if self.qp.outstanding() > 0 {
                 self.polls_since_check += 1;
-                if n == 0 && self.polls_since_check >= 32 || self.polls_since_check >= 1024 {
+                if self.check_due || self.polls_since_check >= 32 {
                     self.polls_since_check = 0;
-                    self.check_timeouts(&mut finished);
+                    self.check_due = false;
+                    if self.next_deadline.is_some_and(|d| Instant::now() >= d) {
+                        self.check_timeouts(&mut finished);
+                    }
                 }
             }
         }
