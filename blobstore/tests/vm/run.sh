@@ -10,13 +10,13 @@
 #
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing). Environment:
-#   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1200), VM_WORK (a temp dir),
+#   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800), VM_WORK (a temp dir),
 #   VM_CPUS (2), VM_KEEP=1 keeps the work dir.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 CARGO=${CARGO:-cargo}
-TIMEOUT=${VM_TIMEOUT:-1200}
+TIMEOUT=${VM_TIMEOUT:-1800}
 CPUS=${VM_CPUS:-2}
 WORK=${VM_WORK:-$(mktemp -d /tmp/nvme-vm.XXXXXX)}
 mkdir -p "$WORK"
