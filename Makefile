@@ -10,7 +10,7 @@ SHELL := /bin/bash
 # fuse3: fusermount3 and /dev/fuse setup for the FUSE mount test of blobfs.
 APT_PACKAGES := build-essential pkg-config fuse3
 
-.PHONY: all deps test test-rust lint bench bench-criterion crashtest fmt clippy crashtest
+.PHONY: all deps test test-rust test-vm lint bench bench-criterion crashtest fmt clippy
 
 all: test
 
@@ -31,7 +31,7 @@ lint: deps
 test-rust: deps
 	$(CARGO) test --workspace --release
 
-test: lint test-rust
+test: lint test-rust test-vm
 
 # The blobstore crash test alone, with its report (points, violations, seeds).
 # CRASH_POINTS=N make crashtest runs N crash points (default 10,000);
@@ -41,6 +41,13 @@ crashtest: deps
 
 # Options for the table, e.g. make bench BENCH_ARGS='--devices mem --seconds 2 --json out.json'
 BENCH_ARGS ?=
+
+# The userspace NVMe driver against QEMU's NVMe controller in a VM (TCG, an
+# emulated IOMMU, vfio-pci in the guest): driver tests, the blobstore suite on
+# NvmeDevice, perf. Installs qemu-system-x86, linux-image-amd64,
+# busybox-static and cpio when missing. See blobstore/NVME.md.
+test-vm: deps
+	CARGO="$(CARGO)" blobstore/tests/vm/run.sh
 
 bench: deps
 	$(CARGO) run --release -p benches --bin blobfs-bench -- $(BLOBFS_BENCH_ARGS)

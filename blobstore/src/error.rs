@@ -93,6 +93,42 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A device did not complete an operation within its timeout. The
+    /// operation failed; the device was asked to abort it.
+    #[error("device timeout: {op} at block {lba} ({blocks} blocks) not done after {after_ms} ms")]
+    Timeout {
+        /// The operation that timed out.
+        op: &'static str,
+        /// First block of the operation.
+        lba: u64,
+        /// Number of blocks of the operation.
+        blocks: u64,
+        /// The timeout that expired, in milliseconds.
+        after_ms: u64,
+    },
+    /// An NVMe command completed with an error status.
+    #[error("NVMe {op} at block {lba} ({blocks} blocks) on namespace {nsid}: {status}")]
+    Nvme {
+        /// The operation that failed.
+        op: &'static str,
+        /// Namespace the command addressed.
+        nsid: u32,
+        /// First block of the operation.
+        lba: u64,
+        /// Number of blocks of the operation.
+        blocks: u64,
+        /// The status the controller returned.
+        status: NvmeStatus,
+    },
+    /// The device failed as a whole (an NVMe controller reported a fatal
+    /// status, or was reset while the operation was in flight).
+    #[error("device {device} failed: {reason}")]
+    DeviceFailed {
+        /// The device (its spec or PCI address).
+        device: String,
+        /// What happened.
+        reason: String,
+    },
     /// The reactor or a channel was shut down while an operation waited on it.
     #[error("shut down: {0}")]
     Shutdown(String),
@@ -112,6 +148,73 @@ impl Error {
         Error::Os {
             context: context.into(),
             source: std::io::Error::last_os_error(),
+        }
+    }
+}
+
+/// An NVMe completion status (status code type and status code), with the
+/// codes a caller acts on named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NvmeStatus {
+    /// Generic 0x01: the controller does not implement the opcode.
+    InvalidOpcode,
+    /// Generic 0x02: a field of the command is invalid.
+    InvalidField,
+    /// Generic 0x04: the data transfer failed (e.g. a DMA fault).
+    DataTransferError,
+    /// Generic 0x06: internal controller error.
+    InternalError,
+    /// Generic 0x07: aborted on request (an Abort command).
+    AbortRequested,
+    /// Generic 0x08: aborted because its submission queue was deleted.
+    AbortedSqDeleted,
+    /// Generic 0x0B: the namespace does not exist or its format is invalid.
+    InvalidNamespace,
+    /// Generic 0x80: the LBA range goes past the namespace's size.
+    LbaOutOfRange,
+    /// Generic 0x81: the namespace's capacity is exhausted.
+    CapacityExceeded,
+    /// Generic 0x82: the namespace is not ready.
+    NamespaceNotReady,
+    /// Media 0x80: write fault.
+    WriteFault,
+    /// Media 0x81: unrecovered read error.
+    UnrecoveredReadError,
+    /// Anything else, as the raw status code type and status code.
+    Other {
+        /// Status code type (0 generic, 1 command specific, 2 media, ...).
+        sct: u8,
+        /// Status code.
+        sc: u8,
+    },
+}
+
+impl NvmeStatus {
+    /// The typed status for a non-zero (sct, sc) pair.
+    pub fn from_codes(sct: u8, sc: u8) -> NvmeStatus {
+        match (sct, sc) {
+            (0, 0x01) => NvmeStatus::InvalidOpcode,
+            (0, 0x02) => NvmeStatus::InvalidField,
+            (0, 0x04) => NvmeStatus::DataTransferError,
+            (0, 0x06) => NvmeStatus::InternalError,
+            (0, 0x07) => NvmeStatus::AbortRequested,
+            (0, 0x08) => NvmeStatus::AbortedSqDeleted,
+            (0, 0x0B) => NvmeStatus::InvalidNamespace,
+            (0, 0x80) => NvmeStatus::LbaOutOfRange,
+            (0, 0x81) => NvmeStatus::CapacityExceeded,
+            (0, 0x82) => NvmeStatus::NamespaceNotReady,
+            (2, 0x80) => NvmeStatus::WriteFault,
+            (2, 0x81) => NvmeStatus::UnrecoveredReadError,
+            (sct, sc) => NvmeStatus::Other { sct, sc },
+        }
+    }
+}
+
+impl std::fmt::Display for NvmeStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NvmeStatus::Other { sct, sc } => write!(f, "status type {sct:#x} code {sc:#04x}"),
+            named => write!(f, "{named:?}"),
         }
     }
 }

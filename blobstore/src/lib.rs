@@ -27,7 +27,9 @@ pub use device::{
     channel, open_device, BlockDevice, DeviceSpec, DmaBuf, FileDevice, FileOptions, Geometry,
     IoChannel, MemDevice,
 };
-pub use error::{Error, Result};
+#[cfg(feature = "nvme")]
+pub use device::{NvmeController, NvmeDevice};
+pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 

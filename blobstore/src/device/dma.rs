@@ -18,11 +18,42 @@ use crate::error::{Error, Result};
 /// Alignment of every DMA buffer (one 4 KiB page).
 pub const DMA_ALIGN: usize = 4096;
 
-/// One zeroed, page-aligned heap allocation. Freed when the last reference
-/// (the buffer or an in-flight operation) goes.
+/// An I/O virtual address: where a device sees a piece of DMA memory
+/// through the IOMMU. Not a pointer in this process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Iova(pub u64);
+
+impl Iova {
+    /// The address `bytes` further on.
+    pub fn offset(self, bytes: u64) -> Iova {
+        Iova(self.0 + bytes)
+    }
+}
+
+/// Gives memory that a [`DmaBuf`] borrowed from a pool back to it (called
+/// once, when the last reference to the buffer's memory goes).
+#[cfg_attr(not(feature = "nvme"), allow(dead_code))]
+pub(crate) trait DmaRelease: Send + Sync {
+    /// Returns the memory to its owner.
+    fn release(&mut self);
+}
+
+enum AllocOwner {
+    /// `alloc_zeroed` with this layout.
+    Heap(Layout),
+    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
+    /// Memory lent by a pool (e.g. VFIO-mapped hugepages).
+    Pool(Box<dyn DmaRelease>),
+}
+
+/// One zeroed, page-aligned allocation: ordinary heap memory, or memory lent
+/// by a device's DMA pool with a known [`Iova`]. Freed (or given back) when
+/// the last reference (the buffer or an in-flight operation) goes.
 pub(crate) struct DmaAlloc {
     ptr: NonNull<u8>,
-    layout: Layout,
+    size: usize,
+    iova: Option<Iova>,
+    owner: AllocOwner,
 }
 
 // SAFETY: the allocation is plain memory owned by this struct; access to the
@@ -33,8 +64,11 @@ unsafe impl Sync for DmaAlloc {}
 
 impl Drop for DmaAlloc {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), self.layout) }
+        match &mut self.owner {
+            // SAFETY: `ptr` came from `alloc_zeroed` with exactly this layout.
+            AllocOwner::Heap(layout) => unsafe { dealloc(self.ptr.as_ptr(), *layout) },
+            AllocOwner::Pool(release) => release.release(),
+        }
     }
 }
 
@@ -56,9 +90,48 @@ impl DmaBuf {
         let ptr = NonNull::new(ptr)
             .ok_or_else(|| Error::NoSpace(format!("cannot allocate a {len_bytes}-byte buffer")))?;
         Ok(DmaBuf {
-            alloc: Arc::new(DmaAlloc { ptr, layout }),
+            alloc: Arc::new(DmaAlloc {
+                ptr,
+                size,
+                iova: None,
+                owner: AllocOwner::Heap(layout),
+            }),
             len: len_bytes,
         })
+    }
+
+    /// A buffer over pool memory: `capacity` bytes at `ptr`, seen by devices
+    /// at `iova`, given back through `release` when the last reference goes.
+    ///
+    /// # Safety
+    /// `ptr` must be aligned to [`DMA_ALIGN`], valid for reads and writes of
+    /// `capacity` bytes that are initialised, and owned by this buffer alone
+    /// until `release` runs.
+    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
+    pub(crate) unsafe fn from_pool(
+        ptr: NonNull<u8>,
+        capacity: usize,
+        len_bytes: usize,
+        iova: Option<Iova>,
+        release: Box<dyn DmaRelease>,
+    ) -> DmaBuf {
+        debug_assert!(len_bytes <= capacity);
+        debug_assert_eq!(ptr.as_ptr() as usize % DMA_ALIGN, 0);
+        DmaBuf {
+            alloc: Arc::new(DmaAlloc {
+                ptr,
+                size: capacity,
+                iova,
+                owner: AllocOwner::Pool(release),
+            }),
+            len: len_bytes,
+        }
+    }
+
+    /// Where devices see the first byte, when the memory is IOVA-mapped
+    /// (buffers from an NVMe device's `alloc_buf`); `None` for heap memory.
+    pub fn iova(&self) -> Option<Iova> {
+        self.alloc.iova
     }
 
     /// Allocates a buffer holding a copy of `data`.
@@ -85,10 +158,10 @@ impl DmaBuf {
 
     /// Shrinks or grows the visible length within the allocated capacity.
     pub fn set_len(&mut self, len_bytes: usize) -> Result<()> {
-        if len_bytes > self.alloc.layout.size() {
+        if len_bytes > self.alloc.size {
             return Err(Error::InvalidArgument(format!(
                 "set_len {len_bytes} beyond capacity {}",
-                self.alloc.layout.size()
+                self.alloc.size
             )));
         }
         self.len = len_bytes;
@@ -97,7 +170,14 @@ impl DmaBuf {
 
     /// Capacity of the underlying allocation in bytes.
     pub fn capacity(&self) -> usize {
-        self.alloc.layout.size()
+        self.alloc.size
+    }
+
+    /// Address of the first byte, for a device that writes into the buffer
+    /// (the pointer is derived from the allocation, not from a reference).
+    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
+    pub(crate) fn as_mut_ptr(&self) -> *mut u8 {
+        self.alloc.ptr.as_ptr()
     }
 
     /// Raw segment covering `range` of this buffer, keeping the memory alive
@@ -162,6 +242,28 @@ impl Segment {
     /// True for an empty segment.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Where devices see the segment's first byte, when its memory is
+    /// IOVA-mapped; `None` for heap memory (a device then bounces it).
+    pub fn iova(&self) -> Option<Iova> {
+        let base = self.alloc_iova()?;
+        Some(base.offset(self.ptr as u64 - self._keep.ptr.as_ptr() as u64))
+    }
+
+    fn alloc_iova(&self) -> Option<Iova> {
+        self._keep.iova
+    }
+
+    /// Another handle on the same memory, keeping the allocation alive (a
+    /// device holds one while a timed-out command may still transfer).
+    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
+    pub(crate) fn clone_ref(&self) -> Segment {
+        Segment {
+            ptr: self.ptr,
+            len: self.len,
+            _keep: self._keep.clone(),
+        }
     }
 
     /// Copies `src` into the segment at `offset`.

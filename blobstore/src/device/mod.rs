@@ -15,11 +15,15 @@ mod dma;
 pub mod fault;
 mod file;
 mod mem;
+#[cfg(feature = "nvme")]
+pub mod nvme;
 mod spec;
 
-pub use dma::{DmaBuf, Segment, DMA_ALIGN};
+pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
 pub use mem::MemDevice;
+#[cfg(feature = "nvme")]
+pub use nvme::{NvmeController, NvmeDevice};
 pub use spec::{open_device, DeviceSpec, PciAddress};
 
 use std::cell::{Cell, RefCell};

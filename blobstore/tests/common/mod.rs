@@ -36,8 +36,15 @@ pub fn configs() -> Vec<Config> {
 }
 
 /// A fresh device for `cfg`: in memory, or an io_uring file device on an
-/// unlinked temporary file (its descriptor keeps it alive; nothing to clean).
+/// unlinked temporary file (its descriptor keeps it alive; nothing to clean);
+/// or, when `BLOBSTORE_TEST_NVME` names a PCI address (the VM test sets it),
+/// the first `cfg.size` bytes of the namespace with `cfg.block_size`-byte
+/// blocks on that NVMe controller, zeroed.
 pub fn dev(cfg: Config) -> Arc<dyn BlockDevice> {
+    #[cfg(feature = "nvme")]
+    if let Ok(pci) = std::env::var("BLOBSTORE_TEST_NVME") {
+        return nvme_window(&pci, cfg);
+    }
     if !cfg.file {
         return Arc::new(MemDevice::new(cfg.size, cfg.block_size).unwrap());
     }
@@ -58,6 +65,28 @@ pub fn dev(cfg: Config) -> Arc<dyn BlockDevice> {
     .unwrap();
     std::fs::remove_file(&path).unwrap();
     Arc::new(dev)
+}
+
+#[cfg(feature = "nvme")]
+fn nvme_window(pci: &str, cfg: Config) -> Arc<dyn BlockDevice> {
+    use blobstore::{NvmeController, NvmeDevice};
+    let ctrl = NvmeController::open(pci).unwrap();
+    let (nsid, ns) = ctrl
+        .namespaces()
+        .unwrap()
+        .into_iter()
+        .find(|(_, ns)| ns.block_size == cfg.block_size)
+        .expect("a namespace with the block size of the config");
+    let blocks = cfg.size / cfg.block_size as u64;
+    assert!(
+        blocks <= ns.size_blocks,
+        "namespace {nsid} is smaller than {cfg:?}"
+    );
+    let dev: Arc<dyn BlockDevice> =
+        Arc::new(NvmeDevice::unchecked(ctrl, nsid, cfg.block_size, blocks));
+    let ch = blobstore::channel(&dev).unwrap();
+    blobstore::block_on(ch.write_zeroes(0, blocks)).unwrap();
+    dev
 }
 
 /// Options for `cfg`.

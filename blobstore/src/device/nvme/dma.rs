@@ -1,0 +1,439 @@
+//! DMA memory for NVMe: pinned, IOVA-mapped chunks handed out as [`DmaBuf`]s.
+//!
+//! Memory comes in 2 MiB chunks (one hugepage when the system has them
+//! reserved, else ordinary pages, which the VFIO map pins), each mapped once
+//! at an IOVA from [`IovaAllocator`]. Buffers up to a chunk are carved out of
+//! chunks page by page; larger ones get a mapping of their own, unmapped when
+//! they are freed.
+//!
+//! Invariants:
+//! - Every byte of a buffer from the pool lies inside one mapping, so a
+//!   buffer is contiguous in IOVA space: `iova(ptr + k) = iova(ptr) + k`.
+//! - A page is lent to at most one buffer at a time (the chunk bitmap), and
+//!   is zeroed before it is lent.
+//! - IOVA ranges never overlap and stay clear of the x86 MSI window below
+//!   4 GiB (the allocator starts at 4 GiB).
+//! - The pool's memory is only touched through raw pointers here; safe code
+//!   reaches it through the `DmaBuf` it was lent to.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::device::dma::DmaRelease;
+use crate::device::{DmaBuf, Iova, DMA_ALIGN};
+use crate::error::{Error, Result};
+
+/// Bytes per chunk (one x86 hugepage).
+pub const CHUNK_BYTES: usize = 2 << 20;
+const PAGES_PER_CHUNK: usize = CHUNK_BYTES / DMA_ALIGN;
+/// First IOVA handed out.
+pub const IOVA_BASE: u64 = 1 << 32;
+/// End of the IOVA space used (QEMU's intel-iommu has 39 address bits).
+pub const IOVA_LIMIT: u64 = 1 << 38;
+
+/// Makes memory visible to the device at an IOVA (VFIO DMA map on
+/// hardware, nothing in tests).
+pub trait DmaMapper: Send + Sync {
+    /// Maps `len` bytes at `va` to `iova`.
+    ///
+    /// # Safety
+    /// The memory must stay allocated until `unmap` of the same range, and
+    /// must never be the target of a Rust reference while the device may
+    /// access it.
+    unsafe fn map(&self, va: *mut u8, len: usize, iova: Iova) -> Result<()>;
+    /// Removes the mapping made by `map` at `iova`.
+    fn unmap(&self, iova: Iova, len: usize) -> Result<()>;
+}
+
+/// First-fit allocator of IOVA ranges, coalescing on free.
+#[derive(Debug)]
+pub struct IovaAllocator {
+    /// Free ranges: start -> length.
+    free: BTreeMap<u64, u64>,
+}
+
+impl IovaAllocator {
+    /// An allocator of `[base, limit)`.
+    pub fn new(base: u64, limit: u64) -> IovaAllocator {
+        IovaAllocator {
+            free: BTreeMap::from([(base, limit - base)]),
+        }
+    }
+
+    /// `len` bytes aligned to `align` (a power of two).
+    pub fn alloc(&mut self, len: u64, align: u64) -> Option<Iova> {
+        debug_assert!(align.is_power_of_two() && len > 0);
+        let (start, flen, at) = self.free.iter().find_map(|(&s, &l)| {
+            let at = s.next_multiple_of(align);
+            (at + len <= s + l).then_some((s, l, at))
+        })?;
+        self.free.remove(&start);
+        if at > start {
+            self.free.insert(start, at - start);
+        }
+        if at + len < start + flen {
+            self.free.insert(at + len, start + flen - at - len);
+        }
+        Some(Iova(at))
+    }
+
+    /// Gives back a range from `alloc`.
+    pub fn free(&mut self, iova: Iova, len: u64) {
+        let (mut start, mut len) = (iova.0, len);
+        if let Some((&ps, &pl)) = self.free.range(..start).next_back() {
+            debug_assert!(ps + pl <= start, "double free of IOVA {start:#x}");
+            if ps + pl == start {
+                self.free.remove(&ps);
+                start = ps;
+                len += pl;
+            }
+        }
+        if let Some(&nl) = self.free.get(&(start + len)) {
+            self.free.remove(&(start + len));
+            len += nl;
+        }
+        self.free.insert(start, len);
+    }
+
+    /// Bytes free.
+    pub fn free_bytes(&self) -> u64 {
+        self.free.values().sum()
+    }
+}
+
+/// Anonymous memory from mmap: hugepages when possible.
+struct Mapping {
+    va: NonNull<u8>,
+    len: usize,
+    hugepages: bool,
+}
+
+impl Mapping {
+    fn new(len: usize, try_huge: bool) -> Result<Mapping> {
+        let base = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
+        let attempts: &[(i32, bool)] = if try_huge {
+            &[(base | libc::MAP_HUGETLB, true), (base, false)]
+        } else {
+            &[(base, false)]
+        };
+        for &(flags, hugepages) in attempts {
+            // SAFETY: an anonymous mapping at an address the kernel picks;
+            // no existing memory is affected.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    flags,
+                    -1,
+                    0,
+                )
+            };
+            if p != libc::MAP_FAILED {
+                let va = NonNull::new(p.cast::<u8>()).expect("mmap never returns null");
+                return Ok(Mapping { va, len, hugepages });
+            }
+        }
+        Err(Error::last_os(format!("mmap of {len} bytes of DMA memory")))
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the range came from mmap in `Mapping::new` and no buffer
+        // refers to it any more (the pool drops mappings last).
+        unsafe { libc::munmap(self.va.as_ptr().cast(), self.len) };
+    }
+}
+
+struct Chunk {
+    mem: Mapping,
+    iova: Iova,
+    used: [u64; PAGES_PER_CHUNK / 64],
+}
+
+impl Chunk {
+    fn is_used(&self, page: usize) -> bool {
+        self.used[page / 64] >> (page % 64) & 1 == 1
+    }
+    fn set(&mut self, first: usize, n: usize, used: bool) {
+        for p in first..first + n {
+            debug_assert_ne!(self.is_used(p), used);
+            if used {
+                self.used[p / 64] |= 1 << (p % 64);
+            } else {
+                self.used[p / 64] &= !(1 << (p % 64));
+            }
+        }
+    }
+    fn find_free(&self, n: usize) -> Option<usize> {
+        let mut run = 0;
+        for p in 0..PAGES_PER_CHUNK {
+            if self.is_used(p) {
+                run = 0;
+            } else {
+                run += 1;
+                if run == n {
+                    return Some(p + 1 - n);
+                }
+            }
+        }
+        None
+    }
+}
+
+struct PoolState {
+    chunks: Vec<Chunk>,
+    large: HashMap<u64, Mapping>,
+    iovas: IovaAllocator,
+}
+
+/// The DMA memory of every NVMe controller of the process (they share one
+/// VFIO container, hence one IOVA space).
+pub struct DmaPool {
+    mapper: Box<dyn DmaMapper>,
+    state: Mutex<PoolState>,
+    try_huge: bool,
+}
+
+// SAFETY: the raw pointers inside the state are only used under the mutex or
+// by the buffer that owns the range.
+unsafe impl Send for DmaPool {}
+// SAFETY: as above.
+unsafe impl Sync for DmaPool {}
+
+impl DmaPool {
+    /// A pool mapping its memory through `mapper`; `try_huge` asks for
+    /// hugepage-backed chunks first.
+    pub fn new(mapper: Box<dyn DmaMapper>, try_huge: bool) -> Arc<DmaPool> {
+        Arc::new(DmaPool {
+            mapper,
+            state: Mutex::new(PoolState {
+                chunks: Vec::new(),
+                large: HashMap::new(),
+                iovas: IovaAllocator::new(IOVA_BASE, IOVA_LIMIT),
+            }),
+            try_huge,
+        })
+    }
+
+    /// True when hugepages are reserved on this system
+    /// (`/proc/sys/vm/nr_hugepages` > 0).
+    pub fn system_has_hugepages() -> bool {
+        std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    }
+
+    /// (chunks, how many of them are hugepages, large mappings).
+    pub fn stats(&self) -> (usize, usize, usize) {
+        let st = self.state.lock();
+        let huge = st.chunks.iter().filter(|c| c.mem.hugepages).count();
+        (st.chunks.len(), huge, st.large.len())
+    }
+
+    fn map_new(&self, st: &mut PoolState, len: usize) -> Result<(Mapping, Iova)> {
+        let mem = Mapping::new(len, self.try_huge)?;
+        let iova = st
+            .iovas
+            .alloc(len as u64, CHUNK_BYTES as u64)
+            .ok_or_else(|| Error::NoSpace("IOVA space for DMA memory".into()))?;
+        // SAFETY: `mem` is a fresh mapping that the pool keeps until after
+        // the unmap; no reference to it exists.
+        if let Err(e) = unsafe { self.mapper.map(mem.va.as_ptr(), len, iova) } {
+            st.iovas.free(iova, len as u64);
+            return Err(e);
+        }
+        Ok((mem, iova))
+    }
+
+    /// A zeroed buffer of `len_bytes` whose memory the device can reach.
+    pub fn alloc(self: &Arc<Self>, len_bytes: usize) -> Result<DmaBuf> {
+        let pages = len_bytes.max(1).div_ceil(DMA_ALIGN);
+        let mut st = self.state.lock();
+        let (ptr, iova, release): (NonNull<u8>, Iova, Box<dyn DmaRelease>) =
+            if pages <= PAGES_PER_CHUNK {
+                let found = st
+                    .chunks
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, c)| c.find_free(pages).map(|p| (i, p)));
+                let (ci, first) = match found {
+                    Some(f) => f,
+                    None => {
+                        let (mem, iova) = self.map_new(&mut st, CHUNK_BYTES)?;
+                        st.chunks.push(Chunk {
+                            mem,
+                            iova,
+                            used: [0; PAGES_PER_CHUNK / 64],
+                        });
+                        (st.chunks.len() - 1, 0)
+                    }
+                };
+                let c = &mut st.chunks[ci];
+                c.set(first, pages, true);
+                // SAFETY: first + pages <= PAGES_PER_CHUNK, inside the chunk.
+                let ptr = unsafe { c.mem.va.as_ptr().add(first * DMA_ALIGN) };
+                let iova = c.iova.offset((first * DMA_ALIGN) as u64);
+                let lease = ChunkLease {
+                    pool: self.clone(),
+                    chunk: ci,
+                    first,
+                    pages,
+                };
+                (
+                    NonNull::new(ptr).expect("inside a mapping"),
+                    iova,
+                    Box::new(lease),
+                )
+            } else {
+                let len = pages.div_ceil(PAGES_PER_CHUNK) * CHUNK_BYTES;
+                let (mem, iova) = self.map_new(&mut st, len)?;
+                let ptr = mem.va;
+                st.large.insert(iova.0, mem);
+                let lease = LargeLease {
+                    pool: self.clone(),
+                    iova,
+                    len,
+                };
+                (ptr, iova, Box::new(lease))
+            };
+        drop(st);
+        // SAFETY: the pages are lent to this buffer alone (bitmap or own
+        // mapping) and lie inside a live mapping.
+        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+        // SAFETY: aligned (page offsets of page-aligned mappings), valid and
+        // initialised for pages * DMA_ALIGN bytes, owned by this buffer
+        // until the lease is released.
+        Ok(unsafe { DmaBuf::from_pool(ptr, pages * DMA_ALIGN, len_bytes, Some(iova), release) })
+    }
+
+    /// Where `len` bytes at `iova` are in this process, if the pool mapped
+    /// them (the controller model of the tests uses it).
+    #[cfg(test)]
+    pub fn translate(&self, iova: u64, len: usize) -> Option<*mut u8> {
+        let st = self.state.lock();
+        let inside =
+            |base: Iova, mlen: usize| iova >= base.0 && iova + len as u64 <= base.0 + mlen as u64;
+        for c in &st.chunks {
+            if inside(c.iova, CHUNK_BYTES) {
+                // SAFETY: inside the chunk's mapping.
+                return Some(unsafe { c.mem.va.as_ptr().add((iova - c.iova.0) as usize) });
+            }
+        }
+        for (&base, m) in &st.large {
+            if inside(Iova(base), m.len) {
+                // SAFETY: inside the large mapping.
+                return Some(unsafe { m.va.as_ptr().add((iova - base) as usize) });
+            }
+        }
+        None
+    }
+}
+
+impl Drop for DmaPool {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        for c in &st.chunks {
+            let _ = self.mapper.unmap(c.iova, CHUNK_BYTES);
+        }
+    }
+}
+
+struct ChunkLease {
+    pool: Arc<DmaPool>,
+    chunk: usize,
+    first: usize,
+    pages: usize,
+}
+
+impl DmaRelease for ChunkLease {
+    fn release(&mut self) {
+        self.pool.state.lock().chunks[self.chunk].set(self.first, self.pages, false);
+    }
+}
+
+struct LargeLease {
+    pool: Arc<DmaPool>,
+    iova: Iova,
+    len: usize,
+}
+
+impl DmaRelease for LargeLease {
+    fn release(&mut self) {
+        let mut st = self.pool.state.lock();
+        let _ = self.pool.mapper.unmap(self.iova, self.len);
+        st.iovas.free(self.iova, self.len as u64);
+        st.large.remove(&self.iova.0);
+    }
+}
+
+/// A mapper that maps nothing (memory the test controller model reaches
+/// through [`DmaPool::translate`]).
+#[cfg(test)]
+pub struct NoMapper;
+
+#[cfg(test)]
+impl DmaMapper for NoMapper {
+    unsafe fn map(&self, _va: *mut u8, _len: usize, _iova: Iova) -> Result<()> {
+        Ok(())
+    }
+    fn unmap(&self, _iova: Iova, _len: usize) -> Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iova_allocator_aligns_splits_and_coalesces() {
+        let mut a = IovaAllocator::new(0x1000, 0x100000);
+        let total = a.free_bytes();
+        let x = a.alloc(0x3000, 0x10000).unwrap();
+        assert_eq!(x, Iova(0x10000));
+        let y = a.alloc(0x1000, 0x1000).unwrap();
+        assert_eq!(y, Iova(0x1000), "first fit uses the gap before x");
+        let z = a.alloc(0x20000, 0x10000).unwrap();
+        assert_eq!(z, Iova(0x20000));
+        assert!(a.alloc(0x200000, 0x1000).is_none());
+        a.free(x, 0x3000);
+        a.free(z, 0x20000);
+        a.free(y, 0x1000);
+        assert_eq!(a.free_bytes(), total);
+        assert_eq!(a.free.len(), 1, "all ranges coalesced");
+    }
+
+    #[test]
+    fn pool_buffers_are_contiguous_zeroed_and_reused() {
+        let pool = DmaPool::new(Box::new(NoMapper), false);
+        let mut a = pool.alloc(4096).unwrap();
+        let b = pool.alloc(10000).unwrap();
+        assert_eq!(b.capacity(), 3 * 4096);
+        let (ia, ib) = (a.iova().unwrap(), b.iova().unwrap());
+        assert_eq!(ia.0 % 4096, 0);
+        assert_eq!(ib, ia.offset(4096), "second buffer follows the first");
+        assert_eq!(pool.translate(ib.0, 10000), Some(b.as_ptr() as *mut u8));
+        a.fill(0xAB);
+        let seg = b.segment(512, 1024);
+        assert_eq!(seg.iova(), Some(ib.offset(512)));
+        drop(a);
+        let c = pool.alloc(4096).unwrap();
+        assert_eq!(c.iova(), Some(ia), "freed pages are reused");
+        assert!(c.iter().all(|&x| x == 0), "reused pages are zeroed");
+        let big = pool.alloc(5 << 20).unwrap();
+        assert_eq!(pool.stats(), (1, 0, 1));
+        assert_eq!(big.iova().unwrap().0 % CHUNK_BYTES as u64, 0);
+        drop(big);
+        assert_eq!(pool.stats(), (1, 0, 0));
+        // A full chunk makes the pool grow.
+        let fill = pool.alloc(CHUNK_BYTES).unwrap();
+        assert_eq!(pool.stats().0, 2);
+        drop((fill, b, c));
+    }
+}

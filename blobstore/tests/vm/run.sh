@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# The NVMe driver's VM test: boots QEMU (TCG) with an emulated NVMe
+# controller behind an emulated Intel IOMMU, binds it to vfio-pci inside the
+# guest, and runs there:
+#   - tests/nvme_vm.rs (identify, I/O, threads, errors, blobstore + reset),
+#   - the core blobstore suite (tests/blobstore.rs) on NvmeDevice,
+#   - the perf tool on the controller and on MemDevice.
+# Reports pass/fail per test from the serial console; exits non-zero on any
+# failure, or when the VM does not finish within VM_TIMEOUT seconds.
+#
+# Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
+# busybox-static and cpio when missing). Environment:
+#   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800), VM_WORK (a temp dir),
+#   VM_CPUS (2), VM_KEEP=1 keeps the work dir.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
+CARGO=${CARGO:-cargo}
+TIMEOUT=${VM_TIMEOUT:-1800}
+CPUS=${VM_CPUS:-2}
+WORK=${VM_WORK:-$(mktemp -d /tmp/nvme-vm.XXXXXX)}
+mkdir -p "$WORK"
+[ "${VM_KEEP:-0}" = 1 ] || trap 'rm -rf "$WORK"' EXIT
+log() { echo "[vm-test $(date +%T)] $*"; }
+
+# 1. Host packages.
+PKGS="qemu-system-x86 busybox-static linux-image-amd64 cpio"
+missing=""
+for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  log "installing:$missing"
+  if [ "$(id -u)" != 0 ]; then echo "run as root, or install:$missing" >&2; exit 1; fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+KVER=$(ls /lib/modules | grep -- '-amd64$' | sort -V | tail -1 || true)
+[ -n "$KVER" ] && [ -f "/boot/vmlinuz-$KVER" ] || { echo "no Debian amd64 kernel in /boot" >&2; exit 1; }
+log "guest kernel $KVER"
+
+# 2. Test binaries.
+cd "$ROOT"
+log "building (release)"
+$CARGO build --release -q -p blobstore --bins
+json=$($CARGO test --release -q -p blobstore --test nvme_vm --test blobstore --no-run --message-format=json)
+exe_of() { echo "$json" | grep -o "\"executable\":\"[^\"]*/$1-[0-9a-f]*\"" | tail -1 | cut -d'"' -f4; }
+NVME_VM=$(exe_of nvme_vm)
+SUITE=$(exe_of blobstore)
+TARGET=$(dirname "$(dirname "$NVME_VM")")
+[ -x "$NVME_VM" ] && [ -x "$SUITE" ] || { echo "test binaries not found" >&2; exit 1; }
+
+# 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
+IRD="$WORK/initramfs"
+rm -rf "$IRD"
+mkdir -p "$IRD"/{bin,dev,proc,sys,tmp,lib/modules}
+cp /bin/busybox "$IRD/bin/busybox"
+cp "$NVME_VM" "$IRD/bin/nvme_vm"
+cp "$SUITE" "$IRD/bin/blobstore_suite"
+cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
+for b in "$IRD"/bin/{nvme_vm,blobstore_suite,perf,nvme-setup}; do
+  ldd "$b" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
+    mkdir -p "$IRD$(dirname "$lib")"
+    cp -nL "$lib" "$IRD$lib"
+  done
+done
+MODDIR=/lib/modules/$KVER
+: > "$IRD/modules.order"
+add_module() { # $1: path relative to $MODDIR; dependencies first
+  local m=$1 deps d
+  grep -qx "$(basename "$m")" "$IRD/modules.order" && return 0
+  deps=$(grep "^$m:" "$MODDIR/modules.dep" | cut -d: -f2)
+  for d in $(echo "$deps" | tr ' ' '\n' | tac); do add_module "$d"; done
+  cp "$MODDIR/$m" "$IRD/lib/modules/"
+  basename "$m" >> "$IRD/modules.order"
+}
+# The kernel's own nvme driver too: nvme-setup must take the function from it.
+for m in kernel/drivers/vfio/vfio_iommu_type1.ko kernel/drivers/vfio/pci/vfio-pci.ko \
+         kernel/drivers/nvme/host/nvme.ko; do
+  add_module "$m"
+done
+cat > "$IRD/init" <<'EOF'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules.order); do
+  case $m in vfio_iommu_type1.ko) insmod /lib/modules/$m allow_unsafe_interrupts=1 ;;
+             *) insmod /lib/modules/$m ;; esac
+done
+export RUST_BACKTRACE=1 PATH=/bin
+echo "VMTEST: guest up, kernel $(uname -r), $(nproc) cpus"
+nvme-setup hugepages 64
+PCI=""
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat $d/class)" = 0x010802 ] && PCI=$(basename $d)
+done
+FAILED=""
+run() { # name, command...
+  name=$1; shift
+  echo "VMTEST-BEGIN $name"
+  start=$(date +%s)
+  "$@"; rc=$?
+  echo "VMTEST-END $name rc=$rc seconds=$(( $(date +%s) - start ))"
+  [ $rc = 0 ] || FAILED="$FAILED $name"
+}
+# The setup helper: the kernel's nvme driver has the function; namespace 1
+# in use (as swap) must make `bind` refuse; once free, bind takes it.
+for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
+mkswap /dev/nvme0n1 >/dev/null && swapon /dev/nvme0n1
+nvme-setup status
+run setup-refuses-busy-device sh -c "! nvme-setup bind $PCI"
+swapoff /dev/nvme0n1
+run setup-bind nvme-setup bind "$PCI"
+ls -l /dev/vfio
+export NVME_TEST_PCI=$PCI
+run driver nvme_vm --ignored --test-threads=1 --nocapture
+BLOBSTORE_TEST_NVME=$PCI run blobstore-suite-on-nvme blobstore_suite --test-threads=1
+run perf-nvme-randread perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
+run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
+run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
+run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
+run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
+if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
+sync
+poweroff -f
+EOF
+chmod +x "$IRD/init"
+(cd "$IRD" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/initramfs.gz"
+log "initramfs $(du -h "$WORK/initramfs.gz" | cut -f1), modules: $(tr '\n' ' ' < "$IRD/modules.order")"
+
+# 4. Two namespaces: 512-byte and 4096-byte blocks.
+truncate -s 256M "$WORK/ns1.img"
+truncate -s 128M "$WORK/ns2.img"
+
+# 5. Boot and watch the console.
+CONSOLE="$WORK/console.log"
+log "booting QEMU (TCG, $CPUS vCPUs, timeout ${TIMEOUT}s)"
+start=$(date +%s)
+set +e
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
+  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp "$CPUS" -m 2048 \
+  -device intel-iommu,intremap=on \
+  -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.gz" \
+  -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4" \
+  -drive file="$WORK/ns1.img",if=none,id=ns1,format=raw,discard=unmap \
+  -drive file="$WORK/ns2.img",if=none,id=ns2,format=raw,discard=unmap \
+  -device nvme,id=nvme0,serial=blobstore-vm0 \
+  -device nvme-ns,drive=ns1,bus=nvme0,nsid=1,logical_block_size=512,physical_block_size=512 \
+  -device nvme-ns,drive=ns2,bus=nvme0,nsid=2,logical_block_size=4096,physical_block_size=4096 \
+  -display none -monitor none -serial stdio -no-reboot </dev/null 2>&1 | tee "$CONSOLE"
+qrc=${PIPESTATUS[0]}
+set -e
+elapsed=$(( $(date +%s) - start ))
+
+# 6. Verdict.
+echo
+log "VM finished in ${elapsed}s (qemu exit $qrc)"
+grep -a -E "^test .* \.\.\. |VMTEST-END" "$CONSOLE" | sed 's/\r$//' || true
+if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
+  log "FAIL: the VM did not finish within ${TIMEOUT}s"; exit 1
+fi
+result=$(grep -a "^VMTEST-RESULT:" "$CONSOLE" | tail -1 | tr -d '\r')
+if [ "$result" = "VMTEST-RESULT: PASS" ]; then
+  log "PASS"
+  exit 0
+fi
+log "FAIL: ${result:-no result line on the console}"
+exit 1
