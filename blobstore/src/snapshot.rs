@@ -341,13 +341,17 @@ impl StoreInner {
         self.sync_blob_locked(ch, blob).await
     }
 
-    /// Creates a blob from `md` (a fresh first page) and syncs it.
+    /// Creates a blob from `md` (a fresh first page) and syncs it. If that
+    /// fails and the first page can't be taken back, a clone is kept (its
+    /// creation's outcome is unknown, as after a crash) and a snapshot's
+    /// page stays allocated (load discards it: its origin never named it).
     async fn create_from_md(
         &self,
         ch: &IoChannel,
         md: BlobMd,
         parent: Option<Arc<BlobInner>>,
     ) -> Result<Arc<BlobInner>> {
+        let keep_on_failure = md.pending.is_none();
         let page = {
             let mut a = self.alloc.lock();
             let p = a
@@ -360,9 +364,15 @@ impl StoreInner {
         let blob = Arc::new(BlobInner::new(id, page, md, 0));
         *blob.parent.write() = parent;
         if let Err(e) = self.sync_blob_locked(ch, &blob).await {
-            let mut a = self.alloc.lock();
-            a.set_blobid(page, false);
-            a.free_page(page);
+            if self.undo_first_page(ch, page).await {
+                let mut a = self.alloc.lock();
+                a.set_blobid(page, false);
+                a.free_page(page);
+            } else if keep_on_failure {
+                let parent = blob.md.read().parent;
+                self.blobs.lock().insert(id, blob);
+                self.link_clone(parent, id);
+            }
             return Err(e);
         }
         self.blobs.lock().insert(id, blob.clone());

@@ -304,6 +304,16 @@ impl StoreInner {
         ch.flush().await
     }
 
+    /// Zeroes the first page of a blob whose creation failed, durably;
+    /// false if that failed too (the page may then still hold the blob).
+    pub(crate) async fn undo_first_page(&self, ch: &IoChannel, page: u32) -> bool {
+        let zero = vec![0u8; self.layout.page_size as usize];
+        self.write_bytes(ch, self.layout.md_lba(page), &zero)
+            .await
+            .is_ok()
+            && ch.flush().await.is_ok()
+    }
+
     /// Zeroes freshly allocated clusters so they never show old data.
     pub async fn zero_clusters(&self, ch: &IoChannel, clusters: &[u32]) -> Result<()> {
         let upc = self.layout.units_per_cluster();
@@ -983,7 +993,13 @@ impl Blobstore {
         }
         .await;
         if let Err(e) = res {
-            // Nothing durable references the blob: give everything back.
+            // The first page may have reached the disk: take it back before
+            // giving anything away, or keep the blob (its creation's outcome
+            // is unknown, as after a crash) rather than reuse what it names.
+            if !inner.undo_first_page(&ch, page).await {
+                inner.blobs.lock().insert(id, blob);
+                return Err(e);
+            }
             let md = blob.md.read();
             let mut a = inner.alloc.lock();
             md.clusters
