@@ -9,7 +9,7 @@ SHELL := /bin/bash
 # System packages the build and tests need. Installed only when missing.
 APT_PACKAGES := build-essential pkg-config
 
-.PHONY: all deps test test-rust lint bench bench-criterion fmt clippy crashtest
+.PHONY: all deps test test-rust lint bench bench-criterion fmt clippy crashtest fuzz fuzz-build
 
 all: test
 
@@ -37,6 +37,26 @@ test: lint test-rust
 # CRASH_SEED=S replays one run.
 crashtest: deps
 	$(CARGO) test --release -p blobstore --test crash -- --nocapture
+
+# cargo-fuzz targets of blobstore/fuzz (decoders, image load, model-based
+# API with failing I/O). `make fuzz` builds them all and runs each for
+# FUZZ_SECONDS (default 10); FUZZ_SECONDS=600 make fuzz for a real run.
+# Stable toolchain: cargo-fuzz's nightly flags through RUSTC_BOOTSTRAP=1.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := super_block md_page load_image model
+FUZZ_ENV := RUSTC_BOOTSTRAP=1
+
+fuzz-build: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd blobstore/fuzz && $(FUZZ_ENV) $(CARGO) fuzz build -O
+
+fuzz: fuzz-build
+	cd blobstore/fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  $(FUZZ_ENV) $(CARGO) fuzz run -O $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
+	done
 
 bench: deps
 	$(CARGO) run --release -p benches --bin blobstore-bench
