@@ -10,7 +10,7 @@ SHELL := /bin/bash
 # fuse3: fusermount3 and /dev/fuse setup for the FUSE mount test of blobfs.
 APT_PACKAGES := build-essential pkg-config fuse3
 
-.PHONY: all deps test test-rust test-vm lint bench bench-criterion crashtest fmt clippy
+.PHONY: all deps test test-rust test-vm lint bench bench-criterion crashtest fuzz fuzz-build fmt clippy
 
 all: test
 
@@ -48,6 +48,26 @@ BENCH_ARGS ?=
 # busybox-static and cpio when missing. See blobstore/NVME.md.
 test-vm: deps
 	CARGO="$(CARGO)" blobstore/tests/vm/run.sh
+
+# cargo-fuzz targets of blobstore/fuzz (decoders, image load, model-based
+# API with failing I/O). `make fuzz` builds them all and runs each for
+# FUZZ_SECONDS (default 10); FUZZ_SECONDS=600 make fuzz for a real run.
+# Stable toolchain: cargo-fuzz's nightly flags through RUSTC_BOOTSTRAP=1.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := super_block md_page load_image model
+FUZZ_ENV := RUSTC_BOOTSTRAP=1
+
+fuzz-build: deps
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz
+	cd blobstore/fuzz && $(FUZZ_ENV) $(CARGO) fuzz build -O
+
+fuzz: fuzz-build
+	cd blobstore/fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS)s"; \
+	  $(FUZZ_ENV) $(CARGO) fuzz run -O $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
+	done
 
 bench: deps
 	$(CARGO) run --release -p benches --bin blobfs-bench -- $(BLOBFS_BENCH_ARGS)

@@ -19,6 +19,7 @@ use futures::future::try_join_all;
 use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segment};
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
+use crate::snapshot::ancestor_cluster;
 use crate::store::{BlobInner, StoreInner};
 use crate::BlobId;
 
@@ -41,8 +42,8 @@ pub(crate) fn check_xattr(name: &str, value: &[u8]) -> Result<()> {
 /// An open blob. Dropping the handle closes it without syncing; call
 /// [`Blob::close`] to sync changed metadata first.
 pub struct Blob {
-    store: Arc<StoreInner>,
-    inner: Arc<BlobInner>,
+    pub(crate) store: Arc<StoreInner>,
+    pub(crate) inner: Arc<BlobInner>,
 }
 
 /// A contiguous piece of a blob range: device block (None = unallocated),
@@ -269,8 +270,19 @@ impl Blob {
     }
 
     /// Translates a checked range into runs; also returns the indices of
-    /// unallocated clusters it touches.
-    fn map(&self, offset: u64, units: u64) -> Result<(Vec<Run>, Vec<usize>)> {
+    /// clusters the blob does not own. With `through_parents`, clusters the
+    /// blob does not own map to the nearest ancestor's (for reads).
+    fn map(
+        &self,
+        offset: u64,
+        units: u64,
+        through_parents: bool,
+    ) -> Result<(Vec<Run>, Vec<usize>)> {
+        let parent = if through_parents {
+            self.inner.parent.read().clone()
+        } else {
+            None
+        };
         let md = self.inner.md.read();
         self.check_range(md.num_clusters, offset, units)?;
         let upc = self.store.layout.units_per_cluster();
@@ -281,11 +293,15 @@ impl Blob {
             let idx = (pos / upc) as usize;
             let within = pos % upc;
             let n = (upc - within).min(offset + units - pos);
-            let c = md.clusters[idx];
-            let lba = (c != 0).then(|| self.store.layout.cluster_lba(c) + within);
-            if c == 0 {
+            let own = md.clusters[idx];
+            if own == 0 {
                 missing.push(idx);
             }
+            let c = match own {
+                0 if parent.is_some() => ancestor_cluster(parent.clone(), idx).unwrap_or(0),
+                c => c,
+            };
+            let lba = (c != 0).then(|| self.store.layout.cluster_lba(c) + within);
             let buf_unit = pos - offset;
             match runs.last_mut() {
                 Some(r)
@@ -332,7 +348,7 @@ impl Blob {
     /// Reads into `bufs` (in order) starting at io unit `offset`.
     pub async fn readv(&self, offset: u64, mut bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
         let units = self.units_of(&bufs)?;
-        let (runs, _) = self.map(offset, units)?;
+        let (runs, _) = self.map(offset, units, true)?;
         let unit = self.store.layout.io_unit as usize;
         for r in runs.iter().filter(|r| r.lba.is_none()) {
             zero_range(
@@ -359,14 +375,14 @@ impl Blob {
             return Err(Error::ReadOnly(self.id()));
         }
         let ch = self.store.chan()?;
-        let (runs, missing) = self.map(offset, units)?;
+        let (runs, missing) = self.map(offset, units, false)?;
         if missing.is_empty() {
             self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
             return Ok(bufs);
         }
         // Thin allocation: serialized with every other metadata change.
         let _g = self.store.md_lock.lock().await;
-        let (runs, missing) = self.map(offset, units)?;
+        let (runs, missing) = self.map(offset, units, false)?;
         if missing.is_empty() {
             drop(_g);
             self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
@@ -385,12 +401,15 @@ impl Blob {
                 ))
             })?;
         let upc = self.store.layout.units_per_cluster();
-        let mut to_zero = Vec::new();
+        // What the write does not cover gets what the blob read there
+        // before: its ancestors' data (copy-on-write) or zeroes.
+        let parent = self.inner.parent.read().clone();
+        let mut fills = Vec::new();
         let mut new_runs = runs.clone();
         for (&idx, &c) in missing.iter().zip(&fresh) {
             let (cs, ce) = (idx as u64 * upc, (idx as u64 + 1) * upc);
             if offset > cs || offset + units < ce {
-                to_zero.push(c);
+                fills.push((c, ancestor_cluster(parent.clone(), idx)));
             }
         }
         // Point the runs that hit missing clusters at the fresh ones.
@@ -416,7 +435,7 @@ impl Blob {
             pos += n;
         }
         let res = async {
-            self.store.zero_clusters(&ch, &to_zero).await?;
+            self.store.fill_clusters(&ch, &fills).await?;
             self.submit_runs(&ch, IoKind::Write, &new_runs, &bufs).await
         }
         .await;
@@ -448,7 +467,24 @@ impl Blob {
         if self.is_read_only() {
             return Err(Error::ReadOnly(self.id()));
         }
-        let (runs, _) = self.map(offset, units)?;
+        if self.is_clone() {
+            // Clusters it does not own read its parent's data: zeroes must be
+            // written (copy-on-write) for the range to read back as zeroes.
+            let upc = self.store.layout.units_per_cluster();
+            let unit = self.store.layout.io_unit as u64;
+            {
+                let md = self.inner.md.read();
+                self.check_range(md.num_clusters, offset, units)?;
+            }
+            let mut pos = offset;
+            while pos < offset + units {
+                let n = (upc - pos % upc).min(offset + units - pos);
+                self.write(pos, DmaBuf::new((n * unit) as usize)?).await?;
+                pos += n;
+            }
+            return Ok(());
+        }
+        let (runs, _) = self.map(offset, units, false)?;
         let ch = self.store.chan()?;
         let use_unmap = unmap && self.store.geo.unmap_reads_zeroes;
         let ops = runs.iter().filter_map(|r| {

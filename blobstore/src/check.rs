@@ -8,7 +8,7 @@
 //! - the blob-id bitmap names exactly the blobs whose first page is on disk;
 //! - the metadata clusters are marked used, and the free counters agree with
 //!   the bitmaps;
-//! - the super blob, if set, exists.
+//! - the super blob, if set, exists, and so does every blob's parent.
 //!
 //! Used but unowned clusters and pages are *leaks*: reported, not errors
 //! (an I/O error in the middle of a metadata sync leaks on purpose rather
@@ -102,6 +102,13 @@ impl Blobstore {
                 }
             };
             rep.blobs += 1;
+            if let Some(p) = md.parent {
+                let exists = inner.page_of(p).is_ok_and(|pp| on_disk.contains(&pp));
+                if !exists {
+                    rep.problems
+                        .push(format!("blob {id}: parent {p} does not exist"));
+                }
+            }
             let mut pages: Vec<u32> = vec![first];
             pages.extend(md.cont_pages.iter().chain(&md.extent_pages));
             let mut clusters: Vec<u32> = md.clusters.clone();

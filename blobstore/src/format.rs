@@ -494,6 +494,25 @@ mod tag {
     pub const SIZE: u8 = 2;
     pub const EXTENT_TABLE: u8 = 3;
     pub const XATTR: u8 = 4;
+    /// The blob reads unallocated clusters from this blob (a snapshot).
+    pub const PARENT: u8 = 5;
+    /// This snapshot of the named blob is being made (recovery marker).
+    pub const SNAPSHOT_PENDING: u8 = 6;
+    /// This snapshot is being deleted into its one clone (recovery marker).
+    pub const REMOVAL_PENDING: u8 = 7;
+}
+
+/// A multi-blob operation that was in progress when the record was written;
+/// see FORMAT.md, "Recovery".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PendingOp {
+    /// The blob is a snapshot of `origin` whose creation has not finished.
+    Snapshot {
+        /// The blob the snapshot was taken of.
+        origin: u64,
+    },
+    /// The blob is a snapshot being deleted into its only clone.
+    Removal,
 }
 
 /// Everything a blob's descriptor stream says.
@@ -511,6 +530,10 @@ pub struct BlobRecord {
     pub extent_table: Vec<u32>,
     /// Extended attributes, in name order.
     pub xattrs: Vec<(String, Vec<u8>)>,
+    /// The snapshot this blob reads its unallocated clusters from.
+    pub parent: Option<u64>,
+    /// A multi-blob operation in progress, if any.
+    pub pending: Option<PendingOp>,
 }
 
 fn push_desc(out: &mut Vec<Vec<u8>>, tag: u8, body: &[u8]) {
@@ -550,6 +573,16 @@ impl BlobRecord {
             body.extend_from_slice(name.as_bytes());
             body.extend_from_slice(value);
             push_desc(&mut descs, tag::XATTR, &body);
+        }
+        if let Some(parent) = self.parent {
+            push_desc(&mut descs, tag::PARENT, &parent.to_le_bytes());
+        }
+        match self.pending {
+            Some(PendingOp::Snapshot { origin }) => {
+                push_desc(&mut descs, tag::SNAPSHOT_PENDING, &origin.to_le_bytes())
+            }
+            Some(PendingOp::Removal) => push_desc(&mut descs, tag::REMOVAL_PENDING, &[]),
+            None => {}
         }
         let mut pages: Vec<Vec<u8>> = vec![Vec::new()];
         for d in descs {
@@ -599,6 +632,22 @@ impl BlobRecord {
                             .map_err(|_| Error::corrupt(location, "xattr name is not UTF-8"))?;
                         let value = b.bytes(b.remaining())?;
                         rec.xattrs.push((name.to_string(), value.to_vec()));
+                    }
+                    tag::PARENT => {
+                        if rec.parent.is_some() {
+                            return Err(Error::corrupt(location, "two parent descriptors"));
+                        }
+                        rec.parent = Some(b.u64()?);
+                    }
+                    tag::SNAPSHOT_PENDING | tag::REMOVAL_PENDING => {
+                        if rec.pending.is_some() {
+                            return Err(Error::corrupt(location, "two pending descriptors"));
+                        }
+                        rec.pending = Some(if t == tag::REMOVAL_PENDING {
+                            PendingOp::Removal
+                        } else {
+                            PendingOp::Snapshot { origin: b.u64()? }
+                        });
                     }
                     other => {
                         return Err(Error::corrupt(
@@ -681,6 +730,10 @@ mod tests {
             num_clusters: 5_000_000,
             extent_table: (0..5000).collect(),
             xattrs: vec![("name".into(), vec![7; 3000]), ("b".into(), vec![])],
+            parent: Some(0x1_0000_0007),
+            pending: Some(PendingOp::Snapshot {
+                origin: 0x1_0000_0009,
+            }),
         };
         let payloads = rec.encode_payloads(4096);
         assert!(payloads.len() > 3);

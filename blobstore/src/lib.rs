@@ -17,6 +17,7 @@ mod error;
 pub mod exec;
 pub mod format;
 pub mod reactor;
+mod snapshot;
 mod store;
 
 pub use blob::Blob;
@@ -31,7 +32,7 @@ pub use device::{
 pub use device::{NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
-pub use store::{BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
+pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions};
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -24,7 +24,7 @@ use crate::alloc::Allocator;
 use crate::blob::Blob;
 use crate::device::{channel, BlockDevice, DmaBuf, Geometry, IoChannel};
 use crate::error::{Error, Result};
-use crate::format::{self, BlobRecord, MaskKind, PageKind, SuperBlock, NO_PAGE};
+use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
 use crate::BlobId;
 
 /// Options for [`Blobstore::init`].
@@ -119,6 +119,7 @@ impl Layout {
 }
 
 /// A blob's metadata as held in memory.
+#[derive(Clone)]
 pub(crate) struct BlobMd {
     pub num_clusters: u64,
     /// Device cluster of each blob cluster; 0 = not allocated.
@@ -139,9 +140,34 @@ pub(crate) struct BlobMd {
     pub synced_version: u64,
     pub pending_free_clusters: Vec<u32>,
     pub pending_free_pages: Vec<u32>,
+    /// The snapshot unallocated clusters are read from.
+    pub parent: Option<BlobId>,
+    /// A multi-blob operation in progress (a recovery marker on disk).
+    pub pending: Option<PendingOp>,
 }
 
 impl BlobMd {
+    /// An empty blob's metadata.
+    pub fn empty(thin: bool, xattrs: BTreeMap<String, Vec<u8>>) -> BlobMd {
+        BlobMd {
+            num_clusters: 0,
+            clusters: Vec::new(),
+            extent_pages: Vec::new(),
+            dirty_extents: BTreeSet::new(),
+            xattrs,
+            invalid_flags: if thin { format::BLOB_INVALID_THIN } else { 0 },
+            data_ro_flags: 0,
+            md_ro_flags: 0,
+            cont_pages: Vec::new(),
+            sequence: 0,
+            version: 1,
+            synced_version: 0,
+            pending_free_clusters: Vec::new(),
+            pending_free_pages: Vec::new(),
+            parent: None,
+            pending: None,
+        }
+    }
     pub fn is_dirty(&self) -> bool {
         self.version != self.synced_version
             || !self.dirty_extents.is_empty()
@@ -164,6 +190,20 @@ pub(crate) struct BlobInner {
     pub page: u32,
     pub md: RwLock<BlobMd>,
     pub handles: AtomicUsize,
+    /// The loaded parent (`md.parent`), so reads resolve without I/O.
+    pub parent: RwLock<Option<Arc<BlobInner>>>,
+}
+
+impl BlobInner {
+    pub fn new(id: BlobId, page: u32, md: BlobMd, handles: usize) -> BlobInner {
+        BlobInner {
+            id,
+            page,
+            md: RwLock::new(md),
+            handles: AtomicUsize::new(handles),
+            parent: RwLock::new(None),
+        }
+    }
 }
 
 pub(crate) struct StoreInner {
@@ -176,6 +216,24 @@ pub(crate) struct StoreInner {
     pub blobs: Mutex<HashMap<BlobId, Arc<BlobInner>>>,
     pub super_blob: Mutex<u64>,
     pub unloaded: AtomicBool,
+    /// Clones of each snapshot (built at load from every blob's parent).
+    pub clones: Mutex<HashMap<BlobId, BTreeSet<BlobId>>>,
+    /// What happens to clusters a blob gives up.
+    pub clear_method: Mutex<ClearMethod>,
+}
+
+/// What the store does with the clusters a blob gives up (on delete and on
+/// shrink), once the metadata that released them is durable.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClearMethod {
+    /// Leave the old bytes (they are zeroed when the cluster is handed out
+    /// again, so no blob ever reads them).
+    #[default]
+    None,
+    /// Deallocate them on the device (thin-provisioned devices get the space back).
+    Unmap,
+    /// Overwrite them with zeroes.
+    WriteZeroes,
 }
 
 /// A loaded blobstore. Cheap to clone; safe to use from any thread (each
@@ -207,7 +265,7 @@ impl StoreInner {
         Ok(page as u32)
     }
 
-    async fn write_bytes(&self, ch: &IoChannel, lba: u64, bytes: &[u8]) -> Result<()> {
+    pub(crate) async fn write_bytes(&self, ch: &IoChannel, lba: u64, bytes: &[u8]) -> Result<()> {
         let buf = DmaBuf::from_slice(bytes)?;
         ch.write(lba, buf).await.map(|_| ())
     }
@@ -239,11 +297,21 @@ impl StoreInner {
         }
     }
 
-    async fn write_super(&self, ch: &IoChannel, clean: bool) -> Result<()> {
+    pub(crate) async fn write_super(&self, ch: &IoChannel, clean: bool) -> Result<()> {
         let mut page = vec![0u8; self.layout.page_size as usize];
         page[..format::SUPER_BLOCK_LEN].copy_from_slice(&self.super_block(clean).encode());
         self.write_bytes(ch, 0, &page).await?;
         ch.flush().await
+    }
+
+    /// Zeroes the first page of a blob whose creation failed, durably;
+    /// false if that failed too (the page may then still hold the blob).
+    pub(crate) async fn undo_first_page(&self, ch: &IoChannel, page: u32) -> bool {
+        let zero = vec![0u8; self.layout.page_size as usize];
+        self.write_bytes(ch, self.layout.md_lba(page), &zero)
+            .await
+            .is_ok()
+            && ch.flush().await.is_ok()
     }
 
     /// Zeroes freshly allocated clusters so they never show old data.
@@ -379,6 +447,8 @@ impl StoreInner {
             synced_version: 0,
             pending_free_clusters: Vec::new(),
             pending_free_pages: Vec::new(),
+            parent: rec.parent.map(BlobId),
+            pending: rec.pending,
         })
     }
 
@@ -425,6 +495,8 @@ impl StoreInner {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
+                parent: md.parent.map(|p| p.0),
+                pending: md.pending,
             };
             let payloads = rec.encode_payloads(l.page_size);
             let Some(conts) = alloc.alloc_pages(payloads.len() - 1) else {
@@ -545,6 +617,7 @@ impl StoreInner {
                 .drain(..n_clusters)
                 .collect::<Vec<_>>()
         };
+        self.clear_clusters(ch, &freed_clusters).await;
         let mut alloc = self.alloc.lock();
         for p in to_free {
             alloc.free_page(p);
@@ -707,6 +780,8 @@ impl Blobstore {
             blobs: Mutex::new(HashMap::new()),
             super_blob: Mutex::new(0),
             unloaded: AtomicBool::new(false),
+            clones: Mutex::new(HashMap::new()),
+            clear_method: Mutex::new(ClearMethod::None),
             dev,
         });
         let ch = inner.chan()?;
@@ -727,6 +802,24 @@ impl Blobstore {
     /// Loads the blobstore on `dev`. After a clean unload the bitmaps are read
     /// back; otherwise they are rebuilt from every blob's metadata.
     pub async fn load(dev: Arc<dyn BlockDevice>, opts: LoadOptions) -> Result<Blobstore> {
+        Self::load_inner(dev, opts, false).await
+    }
+
+    /// Loads the blobstore on `dev` and grows it to cover the whole device,
+    /// when the device has grown since the store was made (SPDK's
+    /// `spdk_bs_grow`). The new clusters are free. The super block write is
+    /// the commit point: a crash leaves the old size or the new one. The
+    /// store can grow as far as its cluster bitmap region, sized at init in
+    /// whole pages, has bits for (32,640 clusters per 4 KiB page).
+    pub async fn grow(dev: Arc<dyn BlockDevice>, opts: LoadOptions) -> Result<Blobstore> {
+        Self::load_inner(dev, opts, true).await
+    }
+
+    async fn load_inner(
+        dev: Arc<dyn BlockDevice>,
+        opts: LoadOptions,
+        grow: bool,
+    ) -> Result<Blobstore> {
         let geo = dev.geometry();
         let ch = channel(&dev)?;
         let first = ch.read(0, dev.alloc_buf(format::SUPER_BLOCK_LEN)?).await?;
@@ -746,7 +839,11 @@ impl Blobstore {
                 sb.io_unit_size, geo.block_size
             )));
         }
-        if sb.total_clusters * sb.cluster_size as u64 > geo.size_bytes() {
+        if sb
+            .total_clusters
+            .checked_mul(sb.cluster_size as u64)
+            .is_none_or(|b| b > geo.size_bytes())
+        {
             return Err(Error::DeviceTooSmall(format!(
                 "the store spans {} clusters of {} bytes; the device has {} bytes",
                 sb.total_clusters,
@@ -754,28 +851,70 @@ impl Blobstore {
                 geo.size_bytes()
             )));
         }
-        let layout = Layout::from_super(&sb);
+        let mut layout = Layout::from_super(&sb);
+        let fits = geo.size_bytes() / sb.cluster_size as u64;
+        if grow && fits > sb.total_clusters {
+            let room = sb.cluster_mask_len;
+            if format::mask_region_pages(fits, sb.page_size) > room || fits > u32::MAX as u64 {
+                return Err(Error::NoSpace(format!(
+                    "cannot grow to {fits} clusters: the cluster bitmap has {room} pages"
+                )));
+            }
+            layout.total_clusters = fits;
+        }
         let inner = Arc::new(StoreInner {
             geo,
             layout,
             bstype: sb.bstype,
             alloc: Mutex::new(Allocator::new(
                 sb.md_len,
-                sb.total_clusters,
+                layout.total_clusters,
                 layout.reserved_clusters,
             )),
             md_lock: futures::lock::Mutex::new(()),
             blobs: Mutex::new(HashMap::new()),
             super_blob: Mutex::new(sb.super_blob),
             unloaded: AtomicBool::new(false),
+            clones: Mutex::new(HashMap::new()),
+            clear_method: Mutex::new(ClearMethod::None),
             dev,
         });
-        let alloc = if sb.clean {
-            inner.read_masks(&ch, &sb).await?
-        } else {
-            inner.rebuild(&ch).await?
+        // Every blob's metadata: from the blob-id bitmap after a clean
+        // unload, from a scan of the metadata region otherwise (or when a
+        // recovery marker says an operation was cut short).
+        let mut clean = None;
+        if sb.clean {
+            let alloc = inner.read_masks(&ch, &sb).await?;
+            let pages: Vec<u32> = alloc.blobids().collect();
+            // A blob whose metadata is damaged is reported when opened,
+            // as before; it names no parent here.
+            let mut blobs = Vec::with_capacity(pages.len());
+            for p in pages {
+                match inner.read_blob_md(&ch, p).await {
+                    Ok(md) => blobs.push((p, md)),
+                    Err(Error::Corrupt { .. }) | Err(Error::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if blobs.iter().all(|(_, md)| md.pending.is_none()) {
+                clean = Some((alloc, blobs));
+            }
+        }
+        let (alloc, mut blobs, discard, finish) = match clean {
+            Some((alloc, blobs)) => (alloc, blobs, Vec::new(), Vec::new()),
+            None => {
+                let pages = inner.scan_first_pages(&ch).await?;
+                let mut blobs = inner.read_blobs(&ch, &pages).await?;
+                let (discard, finish) = resolve_pending(&blobs);
+                blobs.retain(|(p, _)| !discard.contains(p));
+                (inner.claim_all(&blobs)?, blobs, discard, finish)
+            }
         };
         *inner.alloc.lock() = alloc;
+        for (page, md) in &blobs {
+            inner.link_clone(md.parent, StoreInner::blob_id(*page));
+        }
+        blobs.clear();
         let sbid = sb.super_blob;
         if sbid != 0 {
             let ok = inner
@@ -789,6 +928,19 @@ impl Blobstore {
             }
         }
         inner.write_super(&ch, false).await?;
+        // Finish what a crash interrupted: discarded blobs lose their first
+        // page (nothing else of theirs is claimed), kept ones their marker.
+        let zero = vec![0u8; layout.page_size as usize];
+        for &p in &discard {
+            inner.write_bytes(&ch, layout.md_lba(p), &zero).await?;
+        }
+        if !discard.is_empty() {
+            ch.flush().await?;
+        }
+        for p in finish {
+            let b = inner.load_blob_locked(&ch, StoreInner::blob_id(p)).await?;
+            inner.clear_marker_locked(&ch, &b).await?;
+        }
         Ok(Blobstore { inner })
     }
 
@@ -841,31 +993,12 @@ impl Blobstore {
             p
         };
         let id = StoreInner::blob_id(page);
-        let blob = Arc::new(BlobInner {
+        let blob = Arc::new(BlobInner::new(
             id,
             page,
-            md: RwLock::new(BlobMd {
-                num_clusters: 0,
-                clusters: Vec::new(),
-                extent_pages: Vec::new(),
-                dirty_extents: BTreeSet::new(),
-                xattrs: opts.xattrs.into_iter().collect(),
-                invalid_flags: if opts.thin_provision {
-                    format::BLOB_INVALID_THIN
-                } else {
-                    0
-                },
-                data_ro_flags: 0,
-                md_ro_flags: 0,
-                cont_pages: Vec::new(),
-                sequence: 0,
-                version: 1,
-                synced_version: 0,
-                pending_free_clusters: Vec::new(),
-                pending_free_pages: Vec::new(),
-            }),
-            handles: AtomicUsize::new(0),
-        });
+            BlobMd::empty(opts.thin_provision, opts.xattrs.into_iter().collect()),
+            0,
+        ));
         let res = async {
             inner
                 .resize_locked(&ch, &blob, opts.num_clusters, true)
@@ -874,7 +1007,13 @@ impl Blobstore {
         }
         .await;
         if let Err(e) = res {
-            // Nothing durable references the blob: give everything back.
+            // The first page may have reached the disk: take it back before
+            // giving anything away, or keep the blob (its creation's outcome
+            // is unknown, as after a crash) rather than reuse what it names.
+            if !inner.undo_first_page(&ch, page).await {
+                inner.blobs.lock().insert(id, blob);
+                return Err(e);
+            }
             let md = blob.md.read();
             let mut a = inner.alloc.lock();
             md.clusters
@@ -893,7 +1032,7 @@ impl Blobstore {
     /// open until every handle is closed or dropped.
     pub async fn open_blob(&self, id: BlobId) -> Result<Blob> {
         let inner = &self.inner;
-        let page = inner.page_of(id)?;
+        inner.page_of(id)?;
         if let Some(b) = inner.blobs.lock().get(&id) {
             b.handles.fetch_add(1, Ordering::AcqRel);
             return Ok(Blob::new(inner.clone(), b.clone()));
@@ -904,17 +1043,8 @@ impl Blobstore {
             b.handles.fetch_add(1, Ordering::AcqRel);
             return Ok(Blob::new(inner.clone(), b.clone()));
         }
-        if !inner.alloc.lock().is_blobid(page) {
-            return Err(Error::NotFound(id));
-        }
-        let md = inner.read_blob_md(&ch, page).await?;
-        let b = Arc::new(BlobInner {
-            id,
-            page,
-            md: RwLock::new(md),
-            handles: AtomicUsize::new(1),
-        });
-        inner.blobs.lock().insert(id, b.clone());
+        let b = inner.load_blob_locked(&ch, id).await?;
+        b.handles.fetch_add(1, Ordering::AcqRel);
         Ok(Blob::new(inner.clone(), b))
     }
 
@@ -925,52 +1055,45 @@ impl Blobstore {
         let page = inner.page_of(id)?;
         let ch = inner.chan()?;
         let _g = inner.md_lock.lock().await;
-        let cached = {
-            let mut blobs = inner.blobs.lock();
-            if let Some(b) = blobs.get(&id) {
-                if b.handles.load(Ordering::Acquire) > 0 {
-                    return Err(Error::Busy(format!("blob {id} is open")));
-                }
+        if let Some(b) = inner.blobs.lock().get(&id) {
+            if b.handles.load(Ordering::Acquire) > 0 {
+                return Err(Error::Busy(format!("blob {id} is open")));
             }
-            blobs.remove(&id)
-        };
+        }
         if !inner.alloc.lock().is_blobid(page) {
             return Err(Error::NotFound(id));
         }
-        let md = match cached {
-            Some(b) => Arc::try_unwrap(b)
-                .map(|b| b.md.into_inner())
-                .map_err(|_| Error::Busy(format!("blob {id} is in use")))?,
-            None => inner.read_blob_md(&ch, page).await?,
-        };
-        // A super block naming a blob that is gone would not load: retire
-        // the super blob durably before the blob itself goes.
-        let was_super = {
-            let mut sb = inner.super_blob.lock();
-            let was = *sb == id.0;
-            if was {
-                *sb = 0;
-            }
-            was
-        };
-        if was_super {
-            if let Err(e) = inner.write_super(&ch, false).await {
-                *inner.super_blob.lock() = id.0;
-                return Err(e);
+        let blob = inner.load_blob_locked(&ch, id).await?;
+        let clones = inner.clones_of(id);
+        match clones.len() {
+            0 => {}
+            1 => return inner.delete_into_clone_locked(&ch, &blob, clones[0]).await,
+            n => {
+                return Err(Error::Busy(format!(
+                    "snapshot {id} has {n} clones; only a snapshot with at most one can be deleted"
+                )))
             }
         }
+        let md = blob.md.read().clone();
+        inner.retire_super_blob(&ch, id).await?;
         let zero = vec![0u8; inner.layout.page_size as usize];
         inner
             .write_bytes(&ch, inner.layout.md_lba(page), &zero)
             .await?;
         ch.flush().await?;
+        inner.blobs.lock().remove(&id);
+        inner.unlink_clone(id, md.parent);
+        let freed: Vec<u32> = md
+            .clusters
+            .iter()
+            .chain(&md.pending_free_clusters)
+            .copied()
+            .filter(|&c| c != 0)
+            .collect();
+        inner.clear_clusters(&ch, &freed).await;
         {
             let mut a = inner.alloc.lock();
-            md.clusters
-                .iter()
-                .chain(&md.pending_free_clusters)
-                .filter(|&&c| c != 0)
-                .for_each(|&c| a.free_cluster(c));
+            freed.iter().for_each(|&c| a.free_cluster(c));
             md.extent_pages
                 .iter()
                 .chain(&md.cont_pages)
@@ -1078,7 +1201,9 @@ impl StoreInner {
         let clusters = read(sb.cluster_mask_len).await?;
         let blobids = read(sb.blobid_mask_len).await?;
         let pages = format::decode_mask(&pages, MaskKind::Pages, sb.md_len)?;
-        let clusters = format::decode_mask(&clusters, MaskKind::Clusters, sb.total_clusters)?;
+        let mut clusters = format::decode_mask(&clusters, MaskKind::Clusters, sb.total_clusters)?;
+        // A grown store has more clusters than its bitmap on disk: all free.
+        clusters.resize(l.total_clusters as usize, false);
         let blobids = format::decode_mask(&blobids, MaskKind::BlobIds, sb.md_len)?;
         if clusters[..l.reserved_clusters as usize].iter().any(|b| !b) {
             return Err(Error::corrupt(
@@ -1097,51 +1222,67 @@ impl StoreInner {
         ))
     }
 
-    /// Rebuilds the bitmaps from the metadata region after an unclean stop.
-    async fn rebuild(&self, ch: &IoChannel) -> Result<Allocator> {
+    /// Pages in the metadata region that hold a blob's first page (the
+    /// dirty-load scan).
+    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<Vec<u32>> {
         let l = self.layout;
         let ps = l.page_size as usize;
-        let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
-        // Read the whole region in large chunks.
         let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
-        let mut region = Vec::with_capacity(l.md_len as usize * ps);
+        let mut firsts = Vec::new();
         let mut p = 0;
         while p < l.md_len {
             let n = chunk_pages.min(l.md_len - p);
             let buf = self
                 .read_bytes(ch, l.md_lba(p as u32), n as usize * ps)
                 .await?;
-            region.extend_from_slice(&buf);
+            for i in 0..n as usize {
+                let page = (p as usize + i) as u32;
+                let bytes = &buf[i * ps..(i + 1) * ps];
+                if !format::looks_like_md_page(bytes) {
+                    continue;
+                }
+                // Writes are atomic per page, so a page that carries the
+                // magic and fails its checks is damage, not a torn write:
+                // report it rather than silently dropping a blob.
+                let fp = format::decode_md_page(bytes, &format!("metadata page {page}"))?;
+                if fp.kind != PageKind::First {
+                    continue;
+                }
+                if fp.blob_id != Self::blob_id(page).0 {
+                    return Err(Error::corrupt(
+                        format!("metadata page {page}"),
+                        format!("first page names blob {:#x}", fp.blob_id),
+                    ));
+                }
+                firsts.push(page);
+            }
             p += n;
         }
-        let page_bytes = |i: u32| &region[i as usize * ps..(i as usize + 1) * ps];
-        for first in 0..l.md_len as u32 {
-            let bytes = page_bytes(first);
-            if !format::looks_like_md_page(bytes) {
-                continue;
-            }
-            // Writes are atomic per page, so a page that carries the magic
-            // and fails its checks is damage, not a torn write: report it
-            // rather than silently dropping a blob.
-            let fp = format::decode_md_page(bytes, &format!("metadata page {first}"))?;
-            if fp.kind != PageKind::First {
-                continue;
-            }
-            let id = Self::blob_id(first);
-            if fp.blob_id != id.0 {
-                return Err(Error::corrupt(
-                    format!("metadata page {first}"),
-                    format!("first page names blob {:#x}", fp.blob_id),
-                ));
-            }
-            let md = self.read_blob_md(ch, first).await?;
+        Ok(firsts)
+    }
+
+    /// Every blob's metadata, as on disk.
+    async fn read_blobs(&self, ch: &IoChannel, pages: &[u32]) -> Result<Vec<(u32, BlobMd)>> {
+        let mut out = Vec::with_capacity(pages.len());
+        for &p in pages {
+            out.push((p, self.read_blob_md(ch, p).await?));
+        }
+        Ok(out)
+    }
+
+    /// Bitmaps rebuilt from every blob's metadata after an unclean stop.
+    fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
+        let l = self.layout;
+        let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
+        for (first, md) in blobs {
+            let id = Self::blob_id(*first);
             let dup = |what: String| {
                 Error::corrupt(format!("blob {id}"), format!("{what} is claimed twice"))
             };
-            if !alloc.claim_page(first) {
+            if !alloc.claim_page(*first) {
                 return Err(dup(format!("metadata page {first}")));
             }
-            alloc.set_blobid(first, true);
+            alloc.set_blobid(*first, true);
             for &p in md.cont_pages.iter().chain(&md.extent_pages) {
                 if p != NO_PAGE && !alloc.claim_page(p) {
                     return Err(dup(format!("metadata page {p}")));
@@ -1156,4 +1297,33 @@ impl StoreInner {
         alloc.check();
         Ok(alloc)
     }
+}
+
+/// What load does about the recovery markers it finds (FORMAT.md,
+/// "Recovery"): the first pages of blobs to discard, and the blobs whose
+/// marker only needs clearing.
+fn resolve_pending(blobs: &[(u32, BlobMd)]) -> (Vec<u32>, Vec<u32>) {
+    let parents: HashMap<BlobId, Option<BlobId>> = blobs
+        .iter()
+        .map(|(p, md)| (StoreInner::blob_id(*p), md.parent))
+        .collect();
+    let (mut discard, mut finish) = (Vec::new(), Vec::new());
+    for (page, md) in blobs {
+        let id = StoreInner::blob_id(*page);
+        let gone = match md.pending {
+            None => continue,
+            // The snapshot counts once its origin names it as its parent.
+            Some(PendingOp::Snapshot { origin }) => {
+                parents.get(&BlobId(origin)).is_some_and(|&p| p != Some(id))
+            }
+            // The removal counts once no clone names it any more.
+            Some(PendingOp::Removal) => !parents.values().any(|&p| p == Some(id)),
+        };
+        if gone {
+            discard.push(*page);
+        } else {
+            finish.push(*page);
+        }
+    }
+    (discard, finish)
 }

@@ -52,7 +52,17 @@ struct Md {
     thin: bool,
     ro: bool,
     xattrs: BTreeMap<String, Vec<u8>>,
+    /// The parent; [`UNKNOWN`] for a blob whose id a failed operation
+    /// never returned.
+    parent: Option<BlobId>,
 }
+
+/// Stands for the id of the blob a crashed snapshot or clone was making.
+const UNKNOWN: BlobId = BlobId(u64::MAX);
+
+/// A blob a crashed create, snapshot or clone was making: its metadata and
+/// the values its units may read.
+type Unknown = (Md, Vec<Vec<(u64, u64)>>);
 
 impl std::fmt::Debug for Md {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -63,6 +73,9 @@ impl std::fmt::Debug for Md {
             if self.thin { " thin" } else { "" },
             if self.ro { " ro" } else { "" }
         )?;
+        if let Some(p) = self.parent {
+            write!(f, " parent {p}")?;
+        }
         for (k, v) in &self.xattrs {
             write!(f, " {k}:{}b/{:08x}", v.len(), crc(v))?;
         }
@@ -86,8 +99,11 @@ struct BlobModel {
     alloc: Vec<bool>,
     /// Per io unit: the values it may read after a crash, as
     /// (value, write ordinal after which it was written); the first is the
-    /// last one known durable.
+    /// last one known durable. A clone's units hold what it reads, its
+    /// parent's data included.
     units: Vec<Vec<(u64, u64)>>,
+    /// Other metadata a crash in the current operation may leave.
+    also: Vec<Md>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -101,6 +117,9 @@ impl Model {
     /// blob's metadata is synced and a value's write is durable, nothing
     /// older can come back.
     fn settle(&mut self, watermark: u64, upc: u64) {
+        for b in self.blobs.values_mut() {
+            b.also.clear();
+        }
         for b in self.blobs.values_mut().filter(|b| !b.dirty) {
             b.units.truncate((b.live.clusters * upc) as usize);
             for u in &mut b.units {
@@ -126,6 +145,8 @@ fn unstamp(b: &[u8]) -> Option<u64> {
 }
 
 struct Stats {
+    /// Operations that completed, by kind.
+    done: Mutex<BTreeMap<String, u64>>,
     points: AtomicU64,
     crashes: AtomicU64,
     violations: Mutex<Vec<String>>,
@@ -151,7 +172,7 @@ fn verify(
     geo: Geo,
     before: &Model,
     after: &Model,
-    unknown: Option<&Md>,
+    unknown: Option<&Unknown>,
 ) -> Result<(), String> {
     let dev: Arc<dyn BlockDevice> = Arc::new(dev);
     let bs = block_on(Blobstore::load(dev, LoadOptions::default()))
@@ -174,7 +195,6 @@ fn verify(
         ));
     }
     let loaded = bs.blob_ids();
-    let mut unknown_used = false;
     let mut ids: Vec<BlobId> = before
         .blobs
         .keys()
@@ -183,21 +203,39 @@ fn verify(
         .collect();
     ids.sort();
     ids.dedup();
-    for id in loaded.iter().filter(|id| !ids.contains(id)) {
-        let Some(md) = unknown.filter(|_| !unknown_used) else {
-            return Err(format!("blob {id} appeared from nowhere"));
-        };
-        unknown_used = true;
-        let (got, data) = read_blob(&bs, *id, geo)?;
-        if &got != md || data.iter().any(|&v| v != 0) {
-            return Err(format!("half-created blob {id}: {got:?} {md:?}"));
+    let extra: Vec<BlobId> = loaded
+        .iter()
+        .filter(|id| !ids.contains(id))
+        .copied()
+        .collect();
+    let unknown_id = match (&extra[..], unknown) {
+        ([], _) => None,
+        ([id], Some((md, units))) => {
+            let (got, data) = read_blob(&bs, *id, geo)?;
+            if &got != md {
+                return Err(format!("half-made blob {id}: {got:?}, expected {md:?}"));
+            }
+            check_units(*id, &data, units)?;
+            Some(*id)
         }
-    }
+        _ => return Err(format!("blobs {extra:?} appeared from nowhere")),
+    };
+    // The unknown blob's id, wherever the model names it.
+    let known = |md: &Md| {
+        let mut md = md.clone();
+        if md.parent == Some(UNKNOWN) {
+            md.parent = unknown_id.or(Some(UNKNOWN));
+        }
+        md
+    };
     for id in ids {
-        let states: Vec<Option<&Md>> = [before, after]
+        let mut states: Vec<Option<Md>> = [before, after]
             .iter()
-            .map(|m| m.blobs.get(&id).map(|b| &b.durable))
+            .map(|m| m.blobs.get(&id).map(|b| known(&b.durable)))
             .collect();
+        if let Some(b) = after.blobs.get(&id) {
+            states.extend(b.also.iter().map(|m| Some(known(m))));
+        }
         if !loaded.contains(&id) {
             if states.contains(&None) {
                 continue;
@@ -205,7 +243,7 @@ fn verify(
             return Err(format!("blob {id} is lost"));
         }
         let (got, data) = read_blob(&bs, id, geo)?;
-        if !states.contains(&Some(&got)) {
+        if !states.contains(&Some(got.clone())) {
             return Err(format!(
                 "blob {id}: metadata {got:?}, expected one of {states:?}"
             ));
@@ -216,16 +254,22 @@ fn verify(
             .or(before.blobs.get(&id))
             .expect("in one of the models")
             .units;
-        for (u, v) in data.iter().enumerate() {
-            let Some(cands) = units.get(u) else {
-                return Err(format!("blob {id}: unit {u} beyond the model"));
-            };
-            if !cands.iter().any(|&(c, _)| c == *v) {
-                return Err(format!(
-                    "blob {id} unit {u}: read value {v:#x}, allowed {:?}",
-                    cands.iter().map(|c| c.0).collect::<Vec<_>>()
-                ));
-            }
+        check_units(id, &data, units)?;
+    }
+    Ok(())
+}
+
+/// Every unit read one of the values the model allows.
+fn check_units(id: BlobId, data: &[u64], units: &[Vec<(u64, u64)>]) -> Result<(), String> {
+    for (u, v) in data.iter().enumerate() {
+        let Some(cands) = units.get(u) else {
+            return Err(format!("blob {id}: unit {u} beyond the model"));
+        };
+        if !cands.iter().any(|&(c, _)| c == *v) {
+            return Err(format!(
+                "blob {id} unit {u}: read value {v:#x}, allowed {:?}",
+                cands.iter().map(|c| c.0).collect::<Vec<_>>()
+            ));
         }
     }
     Ok(())
@@ -242,6 +286,7 @@ fn read_blob(bs: &Blobstore, id: BlobId, geo: Geo) -> Result<(Md, Vec<u64>), Str
             clusters: b.num_clusters(),
             thin: b.is_thin(),
             ro: b.is_read_only(),
+            parent: b.parent(),
             xattrs: b
                 .xattr_names()
                 .into_iter()
@@ -288,6 +333,10 @@ enum Op {
     Read(usize),
     Unload,
     Reopen,
+    Snapshot(usize),
+    Clone(usize),
+    Inflate(usize),
+    Decouple(usize),
 }
 
 struct Run {
@@ -309,8 +358,8 @@ enum Outcome {
     Refused,
     /// The device failed (a crash).
     Failed(Error),
-    /// A create failed; the blob it was making.
-    CreateFailed(Error, Md),
+    /// A create, snapshot or clone failed; the blob it was making.
+    CreateFailed(Error, Unknown),
 }
 
 impl Run {
@@ -350,6 +399,22 @@ impl Run {
         Ok(&self.handles[&id])
     }
 
+    /// A blob for which `want` holds, else any blob.
+    fn pick_where(&mut self, i: usize, want: impl Fn(&BlobModel) -> bool) -> Option<BlobId> {
+        let some: Vec<BlobId> = self
+            .model
+            .blobs
+            .iter()
+            .filter(|(_, b)| want(b))
+            .map(|(&id, _)| id)
+            .collect();
+        if some.is_empty() {
+            self.pick(i)
+        } else {
+            Some(some[i % some.len()])
+        }
+    }
+
     fn pick(&mut self, i: usize) -> Option<BlobId> {
         let n = self.model.blobs.len();
         (n > 0).then(|| *self.model.blobs.keys().nth(i % n).unwrap())
@@ -376,8 +441,12 @@ impl Run {
             78..=83 => Op::Delete(i),
             84 => Op::ReadOnly(i),
             85..=87 => Op::SetSuper(r.gen_bool(0.8).then_some(i)),
-            88..=95 => Op::Read(i),
-            96 | 97 => Op::Unload,
+            88..=91 => Op::Read(i),
+            92..=94 => Op::Snapshot(i),
+            95 | 96 => Op::Clone(i),
+            97 => Op::Inflate(i),
+            98 => Op::Decouple(i),
+            _ if r.gen_bool(0.5) => Op::Unload,
             _ => Op::Reopen,
         }
     }
@@ -423,6 +492,7 @@ impl Run {
                     thin,
                     ro: false,
                     xattrs: xattrs.clone(),
+                    parent: None,
                 };
                 let res = block_on(self.bs().create_blob(BlobOptions {
                     num_clusters: clusters,
@@ -432,7 +502,10 @@ impl Run {
                 let id = match res {
                     Ok(id) => id,
                     Err(Error::NoSpace(_)) => return Outcome::Refused,
-                    Err(e) => return Outcome::CreateFailed(e, md),
+                    Err(e) => {
+                        let units = vec![vec![(0, 0)]; (clusters * upc) as usize];
+                        return Outcome::CreateFailed(e, (md, units));
+                    }
                 };
                 let w = self.write_ordinal();
                 self.model.blobs.insert(
@@ -443,6 +516,7 @@ impl Run {
                         dirty: false,
                         alloc: vec![!thin; clusters as usize],
                         units: vec![vec![(0, w)]; (clusters * upc) as usize],
+                        also: Vec::new(),
                     },
                 );
             }
@@ -455,6 +529,15 @@ impl Run {
                     Err(e) => return Outcome::Failed(e),
                 }
                 let w = self.write_ordinal();
+                // Regrown clusters a clone does not own read its parent.
+                let inherited: Vec<u64> = match self.model.blobs[&id].live.parent {
+                    Some(p) => self.model.blobs[&p]
+                        .units
+                        .iter()
+                        .map(|c| c.last().unwrap().0)
+                        .collect(),
+                    None => Vec::new(),
+                };
                 let m = self.model.blobs.get_mut(&id).unwrap();
                 let old = m.live.clusters;
                 m.live.clusters = n;
@@ -462,9 +545,10 @@ impl Run {
                 m.alloc.resize(n as usize, !m.live.thin);
                 if n > old {
                     for u in old * upc..n * upc {
+                        let v = inherited.get(u as usize).copied().unwrap_or(0);
                         match m.units.get_mut(u as usize) {
-                            Some(c) => c.push((0, w)),
-                            None => m.units.push(vec![(0, w)]),
+                            Some(c) => c.push((v, w)),
+                            None => m.units.push(vec![(v, w)]),
                         }
                     }
                 }
@@ -559,7 +643,32 @@ impl Run {
                 let id = blob_or_done!(i);
                 self.handles.remove(&id);
                 let res = block_on(self.bs().delete_blob(id));
-                self.model.blobs.remove(&id);
+                if let Err(Error::Busy(_)) = res {
+                    return Outcome::Refused;
+                }
+                let clones: Vec<BlobId> = self
+                    .model
+                    .blobs
+                    .iter()
+                    .filter(|(_, b)| b.live.parent == Some(id))
+                    .map(|(&c, _)| c)
+                    .collect();
+                assert!(
+                    clones.len() <= 1,
+                    "seed {}: deleted a snapshot with clones",
+                    self.seed
+                );
+                let gone = self.model.blobs.remove(&id).unwrap();
+                if let Some(&c) = clones.first() {
+                    // The clone takes the snapshot's clusters and parent.
+                    let m = self.model.blobs.get_mut(&c).unwrap();
+                    for (a, &s) in m.alloc.iter_mut().zip(&gone.alloc) {
+                        *a |= s;
+                    }
+                    m.live.parent = gone.live.parent;
+                    m.durable = m.live.clone();
+                    m.dirty = false;
+                }
                 if self.model.super_blob == Some(id) {
                     self.model.super_blob = None;
                 }
@@ -597,6 +706,113 @@ impl Run {
                     assert_eq!(*v, last, "seed {}: live read of {id} unit {u}", self.seed);
                 }
             }
+            Op::Snapshot(i) => {
+                let id = blob_or_done!(i);
+                // Sync first, so a refused snapshot changes nothing more.
+                let h = io!(self.handle(id));
+                let res = block_on(h.sync_metadata());
+                self.model_synced(id);
+                io!(res);
+                let b = &self.model.blobs[&id];
+                let xattrs: BTreeMap<String, Vec<u8>> = [("snap".to_string(), vec![1])].into();
+                let smd = Md {
+                    clusters: b.live.clusters,
+                    thin: b.live.thin,
+                    ro: true,
+                    xattrs: xattrs.clone(),
+                    parent: b.live.parent,
+                };
+                let snap = BlobModel {
+                    live: smd.clone(),
+                    durable: smd.clone(),
+                    dirty: false,
+                    alloc: b.alloc.clone(),
+                    units: b.units.clone(),
+                    also: Vec::new(),
+                };
+                let res = block_on(self.bs().create_snapshot(id, xattrs.into_iter().collect()));
+                let sid = match res {
+                    Ok(sid) => sid,
+                    Err(Error::InvalidArgument(_)) | Err(Error::NoSpace(_)) => {
+                        return Outcome::Refused
+                    }
+                    Err(e) => {
+                        self.model_snapshotted(id, UNKNOWN);
+                        return Outcome::CreateFailed(e, (smd, snap.units));
+                    }
+                };
+                self.model_snapshotted(id, sid);
+                self.model.blobs.insert(sid, snap);
+            }
+            Op::Clone(i) => {
+                let Some(sid) = self.pick_where(i, |b| b.live.ro) else {
+                    return Outcome::Done;
+                };
+                let s = &self.model.blobs[&sid];
+                let md = Md {
+                    clusters: s.live.clusters,
+                    thin: true,
+                    ro: false,
+                    xattrs: BTreeMap::new(),
+                    parent: Some(sid),
+                };
+                let clone = BlobModel {
+                    live: md.clone(),
+                    durable: md.clone(),
+                    dirty: false,
+                    alloc: vec![false; s.live.clusters as usize],
+                    units: s.units.clone(),
+                    also: Vec::new(),
+                };
+                let cid = match block_on(self.bs().create_clone(sid, vec![])) {
+                    Ok(cid) => cid,
+                    Err(Error::InvalidArgument(_)) | Err(Error::NoSpace(_)) => {
+                        return Outcome::Refused
+                    }
+                    Err(e) => return Outcome::CreateFailed(e, (md, clone.units)),
+                };
+                self.model.blobs.insert(cid, clone);
+            }
+            Op::Inflate(i) | Op::Decouple(i) => {
+                let Some(id) = self.pick_where(i, |b| b.live.parent.is_some() && !b.live.ro) else {
+                    return Outcome::Done;
+                };
+                let inflate = matches!(op, Op::Inflate(_));
+                let b = io!(self.handle(id));
+                let res = if inflate {
+                    block_on(b.inflate())
+                } else {
+                    block_on(b.decouple_parent())
+                };
+                match res {
+                    Err(Error::ReadOnly(_))
+                    | Err(Error::InvalidArgument(_))
+                    | Err(Error::NoSpace(_)) => return Outcome::Refused,
+                    _ => {}
+                }
+                let parent = self.model.blobs[&id].live.parent;
+                let (palloc, grandparent) = match parent {
+                    Some(p) => {
+                        let pm = &self.model.blobs[&p];
+                        (pm.alloc.clone(), pm.live.parent)
+                    }
+                    None => (Vec::new(), None),
+                };
+                let m = self.model.blobs.get_mut(&id).unwrap();
+                if inflate {
+                    m.alloc.iter_mut().for_each(|a| *a = true);
+                    m.live.parent = None;
+                    m.live.thin = false;
+                } else {
+                    for (a, &p) in m.alloc.iter_mut().zip(&palloc) {
+                        *a |= p;
+                    }
+                    m.live.parent = grandparent;
+                }
+                m.durable = m.live.clone();
+                m.dirty = false;
+                io!(res);
+            }
             Op::Unload | Op::Reopen => {
                 self.handles.clear();
                 let ids: Vec<BlobId> = self.model.blobs.keys().copied().collect();
@@ -628,6 +844,19 @@ impl Run {
         Outcome::Done
     }
 
+    /// The blob gave its clusters to snapshot `sid` and became its clone.
+    fn model_snapshotted(&mut self, id: BlobId, sid: BlobId) {
+        let m = self.model.blobs.get_mut(&id).unwrap();
+        // The snapshot syncs the blob first: its live metadata may be what
+        // a crash leaves.
+        m.also.push(m.live.clone());
+        m.alloc.iter_mut().for_each(|a| *a = false);
+        m.live.thin = true;
+        m.live.parent = Some(sid);
+        m.durable = m.live.clone();
+        m.dirty = false;
+    }
+
     fn model_synced(&mut self, id: BlobId) {
         if let Some(m) = self.model.blobs.get_mut(&id) {
             m.durable = m.live.clone();
@@ -639,12 +868,14 @@ impl Run {
         let upc = self.geo.upc;
         let w = self.write_ordinal();
         let m = self.model.blobs.get_mut(&id).unwrap();
+        // A clone zeroes by writing (copy-on-write), so it allocates too.
+        let allocates = is_write || m.live.parent.is_some();
         let mut allocated = false;
         for (k, &v) in values.iter().enumerate() {
             let u = off as usize + k;
             m.units[u].push((v, w));
             let c = u / upc as usize;
-            if is_write && !m.alloc[c] {
+            if allocates && !m.alloc[c] {
                 m.alloc[c] = true;
                 allocated = true;
             }
@@ -691,7 +922,7 @@ fn check_captures(
     run: &mut Run,
     before: &Model,
     after: &Model,
-    unknown: Option<&Md>,
+    unknown: Option<&Unknown>,
     stats: &Stats,
     violations: &mut Vec<String>,
 ) {
@@ -761,12 +992,15 @@ fn run_one(seed: u64, old: &HashMap<u32, Vec<u8>>, stats: &Stats) {
         };
         let before = run.model.clone();
         let outcome = run.apply(&op);
+        if matches!(outcome, Outcome::Done) {
+            let name = format!("{op:?}");
+            let name = name.split(['(', ' ']).next().unwrap_or("?").to_string();
+            *stats.done.lock().unwrap().entry(name).or_default() += 1;
+        }
         let (err, unknown) = match outcome {
             Outcome::Done => (None, None),
-            Outcome::Refused => {
-                run.model = before.clone();
-                (None, None)
-            }
+            // Refusals come before any model change.
+            Outcome::Refused => (None, None),
             Outcome::Failed(e) => (Some(e), None),
             Outcome::CreateFailed(e, md) => (Some(e), Some(md)),
         };
@@ -843,6 +1077,7 @@ fn crash_points() {
     });
     let old: HashMap<u32, Vec<u8>> = [512, 4096].map(|b| (b, old_store_image(b))).into();
     let stats = Stats {
+        done: Mutex::new(BTreeMap::new()),
         points: AtomicU64::new(0),
         crashes: AtomicU64::new(0),
         violations: Mutex::new(Vec::new()),
@@ -878,6 +1113,7 @@ fn crash_points() {
         start.elapsed().as_secs_f64(),
         SEEDS
     );
+    println!("operations completed: {:?}", stats.done.lock().unwrap());
     for line in v.iter().take(20) {
         println!("VIOLATION {line}");
     }

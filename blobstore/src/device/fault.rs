@@ -13,9 +13,9 @@
 //! - Once crashed (at a chosen operation, or on demand), every operation
 //!   fails, completions of operations that were in flight report failure,
 //!   and nothing more becomes durable.
-//! - An injected error fails exactly the chosen operation; a failed write is
-//!   not applied to the live image but may still have reached the media
-//!   (it stays pending forever, so a crash image may hold some of its pages).
+//! - An injected error fails exactly the chosen operation, which then does
+//!   nothing at all (as SPDK's error injection): a failed write reaches
+//!   neither the live image nor the media.
 //! - Deterministic: the same operations and the same seed give the same
 //!   crash image.
 
@@ -443,9 +443,7 @@ impl ChannelBackend for FaultBackend {
                 data,
                 completed: false,
             };
-            if fail {
-                st.lost.push(w);
-            } else {
+            if !fail {
                 st.pending.push(w);
             }
             TagInfo::Write(st.writes)
@@ -509,7 +507,7 @@ impl ChannelBackend for FaultBackend {
                     TagInfo::Other => {}
                 }
             } else if let TagInfo::Write(ord) = info {
-                // A write the device failed may still have landed in part.
+                // A write the device itself failed may have landed in part.
                 if let Some(i) = st.pending.iter().position(|p| p.ordinal == ord) {
                     let p = st.pending.remove(i);
                     st.lost.push(p);

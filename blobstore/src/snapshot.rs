@@ -1,0 +1,577 @@
+//! Snapshots and clones, with SPDK's semantics, and clearing freed clusters.
+//!
+//! - A snapshot of blob B is a new read-only blob that takes over all of
+//!   B's clusters; B becomes a thin clone of it (it owns no cluster and
+//!   reads everything through the snapshot). The snapshot inherits B's
+//!   parent, so snapshots of clones form chains.
+//! - A clone of a read-only blob (a snapshot, or a blob made read-only) is a
+//!   new thin blob of the same size whose parent is that blob.
+//! - A read of a cluster a blob does not own goes to its parent, then the
+//!   parent's parent, and so on; past the end of a parent, or with no
+//!   parent at all, it reads zeroes.
+//! - The first write to such a cluster copies the parent's cluster into a
+//!   fresh one (copy-on-write) and makes the new mapping durable before it
+//!   completes, as a thin allocation does.
+//! - Inflate gives a blob every cluster (copied from its ancestors, or
+//!   zeroed) and drops its parent; decouple copies only the clusters its
+//!   parent owns and makes the grandparent its parent.
+//! - A snapshot with clones cannot be deleted, except with exactly one
+//!   clone: then the clone takes over the snapshot's clusters it does not
+//!   own and the snapshot's parent, and the snapshot goes.
+//!
+//! Invariants:
+//! - Every cluster is owned by at most one blob (a snapshot and its clones
+//!   never both map one cluster), on disk after recovery and in memory.
+//! - A loaded blob has its whole parent chain loaded (`BlobInner::parent`),
+//!   so the data path resolves reads without metadata I/O.
+//! - `StoreInner::clones` names, for every snapshot, exactly the blobs whose
+//!   parent it is.
+//! - An operation that changes two blobs writes a recovery marker on the
+//!   snapshot first ([`PendingOp`]) and clears it last; load finishes or
+//!   undoes whatever a crash interrupted (FORMAT.md, "Recovery").
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::blob::{check_xattr, Blob};
+use crate::device::IoChannel;
+use crate::error::{Error, Result};
+use crate::format::{self, PendingOp, NO_PAGE};
+use crate::store::{BlobInner, BlobMd, Blobstore, ClearMethod, StoreInner};
+use crate::BlobId;
+
+/// Longest parent chain followed (a guard against cycles in bad metadata).
+const MAX_CHAIN: usize = 4096;
+
+/// The device cluster a blob reads for its cluster `idx` when it does not
+/// own it: the nearest ancestor's, or `None` for zeroes.
+pub(crate) fn ancestor_cluster(parent: Option<Arc<BlobInner>>, idx: usize) -> Option<u32> {
+    let mut cur = parent;
+    for _ in 0..MAX_CHAIN {
+        let b = cur?;
+        {
+            let md = b.md.read();
+            match md.clusters.get(idx) {
+                None => return None,
+                Some(&c) if c != 0 => return Some(c),
+                Some(_) => {}
+            }
+        }
+        cur = b.parent.read().clone();
+    }
+    None
+}
+
+type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
+
+impl StoreInner {
+    /// The cached blob, or its metadata read from disk together with its
+    /// parent chain (md_lock held by the caller).
+    pub(crate) fn load_blob_locked<'a>(
+        &'a self,
+        ch: &'a IoChannel,
+        id: BlobId,
+    ) -> BoxFut<'a, Arc<BlobInner>> {
+        self.load_chain(ch, id, 0)
+    }
+
+    fn load_chain<'a>(
+        &'a self,
+        ch: &'a IoChannel,
+        id: BlobId,
+        depth: usize,
+    ) -> BoxFut<'a, Arc<BlobInner>> {
+        Box::pin(async move {
+            if let Some(b) = self.blobs.lock().get(&id) {
+                return Ok(b.clone());
+            }
+            let page = self.page_of(id)?;
+            if !self.alloc.lock().is_blobid(page) {
+                return Err(Error::NotFound(id));
+            }
+            if depth > MAX_CHAIN {
+                return Err(Error::corrupt(
+                    format!("blob {id}"),
+                    "parent chain too long (a cycle?)",
+                ));
+            }
+            let md = self.read_blob_md(ch, page).await?;
+            let parent = md.parent;
+            let b = Arc::new(BlobInner::new(id, page, md, 0));
+            if let Some(p) = parent {
+                let pb = self
+                    .load_chain(ch, p, depth + 1)
+                    .await
+                    .map_err(|e| match e {
+                        Error::NotFound(_) => Error::corrupt(
+                            format!("blob {id}"),
+                            format!("parent {p} does not exist"),
+                        ),
+                        e => e,
+                    })?;
+                *b.parent.write() = Some(pb);
+            }
+            let mut blobs = self.blobs.lock();
+            Ok(blobs.entry(id).or_insert(b).clone())
+        })
+    }
+
+    /// Clones of `id`, in id order.
+    pub(crate) fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
+        self.clones
+            .lock()
+            .get(&id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn link_clone(&self, parent: Option<BlobId>, clone: BlobId) {
+        if let Some(p) = parent {
+            self.clones.lock().entry(p).or_default().insert(clone);
+        }
+    }
+
+    pub(crate) fn unlink_clone(&self, clone: BlobId, parent: Option<BlobId>) {
+        if let Some(p) = parent {
+            let mut map = self.clones.lock();
+            if let Some(set) = map.get_mut(&p) {
+                set.remove(&clone);
+                if set.is_empty() {
+                    map.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// Makes the super block stop naming `id`, durably, before `id` goes:
+    /// a super block naming a missing blob would not load.
+    pub(crate) async fn retire_super_blob(&self, ch: &IoChannel, id: BlobId) -> Result<()> {
+        let was_super = {
+            let mut sb = self.super_blob.lock();
+            let was = *sb == id.0;
+            if was {
+                *sb = 0;
+            }
+            was
+        };
+        if was_super {
+            if let Err(e) = self.write_super(ch, false).await {
+                *self.super_blob.lock() = id.0;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears clusters that no durable metadata references any more, as the
+    /// clear method says. Best effort: they are zeroed again when handed
+    /// out, so a failure here costs nothing but the clearing.
+    pub(crate) async fn clear_clusters(&self, ch: &IoChannel, clusters: &[u32]) {
+        let method = *self.clear_method.lock();
+        if method == ClearMethod::None || clusters.is_empty() {
+            return;
+        }
+        let upc = self.layout.units_per_cluster();
+        for &c in clusters {
+            let lba = self.layout.cluster_lba(c);
+            let res = if method == ClearMethod::Unmap && self.geo.unmap_reads_zeroes {
+                ch.unmap(lba, upc).await
+            } else {
+                ch.write_zeroes(lba, upc).await
+            };
+            if res.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Fills fresh clusters: each `(dst, Some(src))` gets a copy of cluster
+    /// `src`, each `(dst, None)` gets zeroes.
+    pub(crate) async fn fill_clusters(
+        &self,
+        ch: &IoChannel,
+        fills: &[(u32, Option<u32>)],
+    ) -> Result<()> {
+        let zeroes: Vec<u32> = fills
+            .iter()
+            .filter(|f| f.1.is_none())
+            .map(|f| f.0)
+            .collect();
+        self.zero_clusters(ch, &zeroes).await?;
+        let cs = self.layout.cluster_size as usize;
+        let mut buf = None;
+        for &(dst, src) in fills {
+            let Some(src) = src else { continue };
+            let b = match buf.take() {
+                Some(b) => b,
+                None => self.dev.alloc_buf(cs)?,
+            };
+            let b = ch.read(self.layout.cluster_lba(src), b).await?;
+            let b = ch.write(self.layout.cluster_lba(dst), b).await?;
+            buf = Some(b);
+        }
+        Ok(())
+    }
+
+    /// Gives `blob` fresh clusters for `fills` (blob cluster index, source),
+    /// filled from the source or with zeroes, and records them in memory.
+    /// Nothing changes on failure.
+    async fn adopt_clusters(
+        &self,
+        ch: &IoChannel,
+        blob: &BlobInner,
+        fills: &[(usize, Option<u32>)],
+    ) -> Result<()> {
+        if fills.is_empty() {
+            return Ok(());
+        }
+        let fresh = self
+            .alloc
+            .lock()
+            .alloc_clusters(fills.len())
+            .ok_or_else(|| {
+                Error::NoSpace(format!(
+                    "{} clusters wanted to copy into blob {}",
+                    fills.len(),
+                    blob.id
+                ))
+            })?;
+        let pairs: Vec<(u32, Option<u32>)> = fresh
+            .iter()
+            .zip(fills)
+            .map(|(&d, &(_, s))| (d, s))
+            .collect();
+        if let Err(e) = self.fill_clusters(ch, &pairs).await {
+            let mut a = self.alloc.lock();
+            fresh.iter().for_each(|&c| a.free_cluster(c));
+            return Err(e);
+        }
+        let per = self.layout.extent_per_page;
+        let mut md = blob.md.write();
+        for (&c, &(idx, _)) in fresh.iter().zip(fills) {
+            debug_assert_eq!(md.clusters[idx], 0);
+            md.clusters[idx] = c;
+            md.dirty_extents.insert(idx / per);
+        }
+        md.touch();
+        Ok(())
+    }
+
+    /// Deletes snapshot `snap` into its only clone (md_lock held).
+    pub(crate) async fn delete_into_clone_locked(
+        &self,
+        ch: &IoChannel,
+        snap: &Arc<BlobInner>,
+        clone_id: BlobId,
+    ) -> Result<()> {
+        let clone = self.load_blob_locked(ch, clone_id).await?;
+        self.retire_super_blob(ch, snap.id).await?;
+        // (a) The marker: from here on, load finishes the removal as soon
+        // as no blob names the snapshot as its parent.
+        snap.md.write().pending = Some(PendingOp::Removal);
+        snap.md.write().touch();
+        self.sync_blob_locked(ch, snap).await?;
+        // (b) The clone takes what it reads through the snapshot.
+        let per = self.layout.extent_per_page;
+        let (snap_md, mut taken) = {
+            let smd = snap.md.read().clone();
+            let mut cmd = clone.md.write();
+            let mut taken = Vec::new();
+            let n = cmd.clusters.len().min(smd.clusters.len());
+            for idx in 0..n {
+                if cmd.clusters[idx] == 0 && smd.clusters[idx] != 0 {
+                    cmd.clusters[idx] = smd.clusters[idx];
+                    cmd.dirty_extents.insert(idx / per);
+                    taken.push(smd.clusters[idx]);
+                }
+            }
+            cmd.parent = smd.parent;
+            cmd.touch();
+            (smd, taken)
+        };
+        *clone.parent.write() = snap.parent.read().clone();
+        self.unlink_clone(clone_id, Some(snap.id));
+        self.link_clone(snap_md.parent, clone_id);
+        self.unlink_clone(snap.id, snap_md.parent);
+        // From here on the snapshot is gone from memory whatever happens:
+        // on an error its pages stay allocated (a leak the next load's
+        // recovery reclaims), never reused while the disk may name them.
+        self.blobs.lock().remove(&snap.id);
+        self.alloc.lock().set_blobid(snap.page, false);
+        self.sync_blob_locked(ch, &clone).await?;
+        // (c) The snapshot goes.
+        let zero = vec![0u8; self.layout.page_size as usize];
+        self.write_bytes(ch, self.layout.md_lba(snap.page), &zero)
+            .await?;
+        ch.flush().await?;
+        taken.sort_unstable();
+        let freed: Vec<u32> = snap_md
+            .clusters
+            .iter()
+            .copied()
+            .filter(|&c| c != 0 && taken.binary_search(&c).is_err())
+            .collect();
+        self.clear_clusters(ch, &freed).await;
+        let mut a = self.alloc.lock();
+        freed.iter().for_each(|&c| a.free_cluster(c));
+        snap_md
+            .extent_pages
+            .iter()
+            .chain(&snap_md.cont_pages)
+            .chain(&snap_md.pending_free_pages)
+            .filter(|&&p| p != NO_PAGE)
+            .for_each(|&p| a.free_page(p));
+        a.free_page(snap.page);
+        a.check();
+        Ok(())
+    }
+
+    /// Finishes an interrupted snapshot by clearing its marker.
+    pub(crate) async fn clear_marker_locked(&self, ch: &IoChannel, blob: &BlobInner) -> Result<()> {
+        if blob.md.read().pending.is_none() {
+            return Ok(());
+        }
+        {
+            let mut md = blob.md.write();
+            md.pending = None;
+            md.touch();
+        }
+        self.sync_blob_locked(ch, blob).await
+    }
+
+    /// Creates a blob from `md` (a fresh first page) and syncs it. If that
+    /// fails and the first page can't be taken back, a clone is kept (its
+    /// creation's outcome is unknown, as after a crash) and a snapshot's
+    /// page stays allocated (load discards it: its origin never named it).
+    async fn create_from_md(
+        &self,
+        ch: &IoChannel,
+        md: BlobMd,
+        parent: Option<Arc<BlobInner>>,
+    ) -> Result<Arc<BlobInner>> {
+        let keep_on_failure = md.pending.is_none();
+        let page = {
+            let mut a = self.alloc.lock();
+            let p = a
+                .alloc_pages(1)
+                .ok_or_else(|| Error::NoSpace("no metadata page left for a new blob".into()))?[0];
+            a.set_blobid(p, true);
+            p
+        };
+        let id = StoreInner::blob_id(page);
+        let blob = Arc::new(BlobInner::new(id, page, md, 0));
+        *blob.parent.write() = parent;
+        if let Err(e) = self.sync_blob_locked(ch, &blob).await {
+            if self.undo_first_page(ch, page).await {
+                let mut a = self.alloc.lock();
+                a.set_blobid(page, false);
+                a.free_page(page);
+            } else if keep_on_failure {
+                let parent = blob.md.read().parent;
+                self.blobs.lock().insert(id, blob);
+                self.link_clone(parent, id);
+            }
+            return Err(e);
+        }
+        self.blobs.lock().insert(id, blob.clone());
+        Ok(blob)
+    }
+}
+
+impl Blobstore {
+    /// Takes a snapshot of blob `id`: a new read-only blob holding the
+    /// blob's current contents (it takes over all the blob's clusters) and
+    /// `xattrs`; the blob becomes a thin clone of it. Returns the snapshot.
+    /// A read-only blob can't be snapshotted (clone it instead).
+    pub async fn create_snapshot(
+        &self,
+        id: BlobId,
+        xattrs: Vec<(String, Vec<u8>)>,
+    ) -> Result<BlobId> {
+        for (n, v) in &xattrs {
+            check_xattr(n, v)?;
+        }
+        let inner = &self.inner;
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        let blob = inner.load_blob_locked(&ch, id).await?;
+        if blob.md.read().read_only() {
+            return Err(Error::InvalidArgument(format!(
+                "blob {id} is read-only: clone it instead of taking a snapshot"
+            )));
+        }
+        // What the snapshot takes must be exactly what is on disk.
+        inner.sync_blob_locked(&ch, &blob).await?;
+        let per = inner.layout.extent_per_page;
+        let (smd, old_parent) = {
+            let b = blob.md.read();
+            let n_ext = b.extent_pages.len();
+            let mut s = BlobMd::empty(b.thin(), xattrs.into_iter().collect());
+            s.invalid_flags = b.invalid_flags;
+            s.data_ro_flags = format::BLOB_READ_ONLY;
+            s.md_ro_flags = format::BLOB_READ_ONLY;
+            s.num_clusters = b.num_clusters;
+            s.clusters = b.clusters.clone();
+            s.extent_pages = vec![NO_PAGE; n_ext];
+            s.dirty_extents = (0..n_ext)
+                .filter(|&k| s.clusters[k * per..].iter().take(per).any(|&c| c != 0))
+                .collect();
+            s.parent = b.parent;
+            s.pending = Some(PendingOp::Snapshot { origin: id.0 });
+            (s, b.parent)
+        };
+        // (a) The snapshot, marked: until the blob names it as its parent,
+        // load discards it (both map the same clusters meanwhile).
+        let parent_link = blob.parent.read().clone();
+        let snap = inner.create_from_md(&ch, smd, parent_link).await?;
+        let sid = snap.id;
+        // (b) The blob gives its clusters to the snapshot.
+        {
+            let mut m = blob.md.write();
+            let n_ext = m.extent_pages.len();
+            m.clusters.iter_mut().for_each(|c| *c = 0);
+            m.dirty_extents = (0..n_ext).collect();
+            m.invalid_flags |= format::BLOB_INVALID_THIN;
+            m.parent = Some(sid);
+            m.touch();
+        }
+        *blob.parent.write() = Some(snap.clone());
+        inner.unlink_clone(id, old_parent);
+        inner.link_clone(old_parent, sid);
+        inner.link_clone(Some(sid), id);
+        inner.sync_blob_locked(&ch, &blob).await?;
+        // (c) Done: clear the marker.
+        inner.clear_marker_locked(&ch, &snap).await?;
+        Ok(sid)
+    }
+
+    /// Creates a thin clone of the read-only blob `id` (a snapshot, or a
+    /// blob made read-only): same size, reads the parent's data until
+    /// written. Returns the clone.
+    pub async fn create_clone(&self, id: BlobId, xattrs: Vec<(String, Vec<u8>)>) -> Result<BlobId> {
+        for (n, v) in &xattrs {
+            check_xattr(n, v)?;
+        }
+        let inner = &self.inner;
+        let ch = inner.chan()?;
+        let _g = inner.md_lock.lock().await;
+        let snap = inner.load_blob_locked(&ch, id).await?;
+        if !snap.md.read().read_only() {
+            return Err(Error::InvalidArgument(format!(
+                "blob {id} is not read-only: only snapshots and read-only blobs can be cloned"
+            )));
+        }
+        // A snapshot whose creation was interrupted after its origin adopted
+        // it is complete: clear the marker before anything else names it.
+        inner.clear_marker_locked(&ch, &snap).await?;
+        let per = inner.layout.extent_per_page;
+        let mut md = BlobMd::empty(true, xattrs.into_iter().collect());
+        let n = snap.md.read().num_clusters;
+        md.num_clusters = n;
+        md.clusters = vec![0; n as usize];
+        md.extent_pages = vec![NO_PAGE; (n as usize).div_ceil(per)];
+        md.parent = Some(id);
+        let clone = inner.create_from_md(&ch, md, Some(snap)).await?;
+        inner.link_clone(Some(id), clone.id);
+        Ok(clone.id)
+    }
+
+    /// The clones of snapshot `id` (empty for a blob with none).
+    pub fn clones(&self, id: BlobId) -> Vec<BlobId> {
+        self.inner.clones_of(id)
+    }
+
+    /// Sets what happens to clusters blobs give up (on delete and shrink).
+    /// Not persistent; the default is [`ClearMethod::None`].
+    pub fn set_clear_method(&self, method: ClearMethod) {
+        *self.inner.clear_method.lock() = method;
+    }
+}
+
+impl Blob {
+    /// The snapshot this blob reads unallocated clusters from, if any.
+    pub fn parent(&self) -> Option<BlobId> {
+        self.inner.md.read().parent
+    }
+
+    /// True for a blob with a parent (a clone, or a snapshotted blob).
+    pub fn is_clone(&self) -> bool {
+        self.parent().is_some()
+    }
+
+    /// Gives the blob every cluster it does not own, filled with what it
+    /// reads there now (its ancestors' data or zeroes), and drops its
+    /// parent: the blob becomes thick and independent. Durable on return.
+    pub async fn inflate(&self) -> Result<()> {
+        let store = &self.store;
+        let ch = store.chan()?;
+        let _g = store.md_lock.lock().await;
+        let b = &self.inner;
+        if b.md.read().read_only() {
+            return Err(Error::ReadOnly(b.id));
+        }
+        let parent = b.parent.read().clone();
+        let fills: Vec<(usize, Option<u32>)> = {
+            let md = b.md.read();
+            (0..md.clusters.len())
+                .filter(|&i| md.clusters[i] == 0)
+                .map(|i| (i, ancestor_cluster(parent.clone(), i)))
+                .collect()
+        };
+        store.adopt_clusters(&ch, b, &fills).await?;
+        let old_parent = {
+            let mut md = b.md.write();
+            md.invalid_flags &= !format::BLOB_INVALID_THIN;
+            md.touch();
+            md.parent.take()
+        };
+        *b.parent.write() = None;
+        store.unlink_clone(b.id, old_parent);
+        store.sync_blob_locked(&ch, b).await
+    }
+
+    /// Copies the clusters the blob's parent owns (and the blob does not)
+    /// into the blob and makes the parent's parent its parent, so the blob
+    /// no longer depends on its parent. Durable on return.
+    pub async fn decouple_parent(&self) -> Result<()> {
+        let store = &self.store;
+        let ch = store.chan()?;
+        let _g = store.md_lock.lock().await;
+        let b = &self.inner;
+        if b.md.read().read_only() {
+            return Err(Error::ReadOnly(b.id));
+        }
+        let Some(parent) = b.parent.read().clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} has no parent",
+                b.id
+            )));
+        };
+        let fills: Vec<(usize, Option<u32>)> = {
+            let md = b.md.read();
+            let pmd = parent.md.read();
+            (0..md.clusters.len().min(pmd.clusters.len()))
+                .filter(|&i| md.clusters[i] == 0 && pmd.clusters[i] != 0)
+                .map(|i| (i, Some(pmd.clusters[i])))
+                .collect()
+        };
+        store.adopt_clusters(&ch, b, &fills).await?;
+        let grandparent = parent.md.read().parent;
+        {
+            let mut md = b.md.write();
+            md.parent = grandparent;
+            md.touch();
+        }
+        *b.parent.write() = parent.parent.read().clone();
+        store.unlink_clone(b.id, Some(parent.id));
+        store.link_clone(grandparent, b.id);
+        store.sync_blob_locked(&ch, b).await
+    }
+
+    /// Open handles of this blob (for diagnostics).
+    pub fn open_handles(&self) -> usize {
+        self.inner.handles.load(Ordering::Acquire)
+    }
+}
