@@ -54,6 +54,14 @@ pub enum Error {
         #[source]
         source: blobfs::Error,
     },
+    /// The device is still held (see [`unmount`]).
+    #[error("{spec} is still in use by {holders} holder(s); it stays mounted")]
+    InUse {
+        /// The device spec.
+        spec: String,
+        /// References other than the mount table's.
+        holders: usize,
+    },
     /// RocksDB refused the options or the open.
     #[error("rocksdb: {0}")]
     RocksDb(#[from] rocksdb::Error),
@@ -98,8 +106,8 @@ pub fn fault_control(uri: &str) -> Result<Option<Arc<FaultControl>>, Error> {
     Ok(mount::get(&u)?.faults.clone())
 }
 
-/// Unmounts `uri`'s device if this process mounted it; call only after
-/// every DB on it is closed. Returns false if it was not mounted.
+/// Unmounts `uri`'s device if this process mounted it and nothing holds it
+/// any more (see [`mount::unmount`]). Returns false if it was not mounted.
 pub fn unmount(uri: &str) -> Result<bool, Error> {
     mount::unmount(&Uri::parse(uri)?)
 }

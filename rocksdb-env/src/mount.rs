@@ -5,8 +5,9 @@
 //! - A device spec (canonical form, see [`Uri::mount_key`]) is mounted at
 //!   most once per process; later URIs naming it share that mount, and the
 //!   options of the first mount (cache, mkfs) are the ones in force.
-//! - A mount stays for the life of the process (RocksDB keeps raw `Env*`
-//!   pointers to it); [`unmount`] releases it explicitly once no DB uses it.
+//! - A mount stays until [`unmount`] finds nothing else holding it; an `Env`
+//!   RocksDB built from an options string holds it for the life of the
+//!   process (RocksDB keeps raw `Env*` pointers).
 //! - A `mem:` spec names one memory device per process, so two DBs opened
 //!   with `blobfs://mem:1G` in one process see the same files.
 //! - Across processes, the file device's lock makes a second process fail
@@ -81,22 +82,32 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     Ok(m)
 }
 
-/// Forgets the mount of `uri`'s device and unmounts it if nothing else holds
-/// it. Returns false if it was not mounted. Only call this once every DB on
-/// the device is closed.
+/// Unmounts `uri`'s device. Returns false if this process has not mounted
+/// it, and [`Error::InUse`] (leaving it mounted) while a RocksDB
+/// `FileSystem` or `Env` still holds it (an `Env` RocksDB created from an
+/// options string lives for the process, so a device used through
+/// [`crate::open_db`] stays mounted until exit). Drop `BlobFs` handles from
+/// [`crate::mount`] first: BlobFS's own unmount decides about those.
 pub fn unmount(uri: &Uri) -> Result<bool, Error> {
-    let removed = MOUNTS
-        .lock()
-        .as_mut()
-        .and_then(|t| t.remove(uri.mount_key()));
-    let Some(m) = removed else {
+    let mut table = MOUNTS.lock();
+    let Some(table) = table.as_mut() else {
         return Ok(false);
     };
-    if let Ok(m) = Arc::try_unwrap(m) {
-        m.fs.unmount().map_err(|e| Error::Mount {
+    let Some(m) = table.remove(uri.mount_key()) else {
+        return Ok(false);
+    };
+    match Arc::try_unwrap(m) {
+        Ok(m) => m.fs.unmount().map(|()| true).map_err(|e| Error::Mount {
             spec: uri.spec.clone(),
             source: e,
-        })?;
+        }),
+        Err(m) => {
+            let holders = Arc::strong_count(&m) - 1;
+            table.insert(uri.mount_key().to_string(), m);
+            Err(Error::InUse {
+                spec: uri.spec.clone(),
+                holders,
+            })
+        }
     }
-    Ok(true)
 }
