@@ -1,5 +1,113 @@
-//! The Rust side of the RocksDB FileSystem plugin: the `cxx` bridge that
-//! lets the C++ `rocksdb::FileSystem` in `cpp/` call BlobFS.
+//! RocksDB on BlobFS: the Rust side of the RocksDB `FileSystem` plugin and a
+//! one-call way to open a [`rocksdb::DB`] on a BlobFS device.
 //!
-//! Not built yet: it exports nothing so far.
+//! Layers (see `DESIGN.md`): the C++ `FileSystem` in `cpp/` is a thin shell
+//! whose every method calls [`bridge`]'s functions through `cxx`; those call
+//! BlobFS on the caller's thread. The C++ side registers `blobfs://` in
+//! RocksDB's object library for both `FileSystem` (`--fs_uri`,
+//! `TEST_FS_URI`) and `Env` (the `env=` option), so db_bench, db_stress,
+//! env_basic_test and the Rust `rocksdb` crate all reach BlobFS the same way.
+//!
+//! The URI syntax is in [`uri`]. One process mounts a device once (see
+//! [`mount`]); a second process that opens the same file device fails with
+//! "in use".
+//!
+//! ```no_run
+//! let mut opts = rocksdb::Options::default();
+//! opts.create_if_missing(true);
+//! let db = rocksdb_env::open_db("blobfs://mem:256M", "/db", &opts).unwrap();
+//! db.put(b"k", b"v").unwrap();
+//! ```
 #![deny(missing_docs)]
+
+mod bridge;
+pub mod fault;
+pub mod mount;
+pub mod uri;
+
+use std::sync::Arc;
+
+pub use fault::FaultControl;
+pub use uri::{Mkfs, Uri, UriError, SCHEME};
+
+/// What can go wrong opening RocksDB on BlobFS.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URI does not parse.
+    #[error(transparent)]
+    Uri(#[from] UriError),
+    /// The device could not be opened (missing file, in use by another
+    /// process, ...).
+    #[error("device {spec}: {reason}")]
+    Device {
+        /// The device spec.
+        spec: String,
+        /// Why.
+        reason: String,
+    },
+    /// BlobFS could not be mounted or formatted on the device.
+    #[error("mounting BlobFS on {spec}: {source}")]
+    Mount {
+        /// The device spec.
+        spec: String,
+        /// BlobFS's error.
+        #[source]
+        source: blobfs::Error,
+    },
+    /// The device is still held (see [`unmount`]).
+    #[error("{spec} is still in use by {holders} holder(s); it stays mounted")]
+    InUse {
+        /// The device spec.
+        spec: String,
+        /// References other than the mount table's.
+        holders: usize,
+    },
+    /// RocksDB refused the options or the open.
+    #[error("rocksdb: {0}")]
+    RocksDb(#[from] rocksdb::Error),
+}
+
+/// Registers `blobfs://` in RocksDB's default object library. Idempotent;
+/// the other functions here call it. Needed before RocksDB parses a
+/// `blobfs://` URI that this crate did not hand it.
+pub fn register() {
+    bridge::register();
+}
+
+/// The BlobFS mounted for `uri` (mounting it on first use), for Rust code
+/// that wants to look at the files RocksDB wrote.
+pub fn mount(uri: &str) -> Result<blobfs::BlobFs, Error> {
+    let u = Uri::parse(uri)?;
+    Ok(mount::get(&u)?.fs.clone())
+}
+
+/// `base` with its `env` set to BlobFS on `uri`. Options that `base` holds
+/// by reference (custom comparators, merge operators) must outlive the DB.
+pub fn options_for(uri: &str, base: &rocksdb::Options) -> Result<rocksdb::Options, Error> {
+    register();
+    let u = Uri::parse(uri)?;
+    // Mount here so errors come back typed, not as RocksDB's string.
+    mount::get(&u)?;
+    let mut base = base.clone();
+    Ok(base.get_options_from_string(format!("env={}", u.to_options_value()))?)
+}
+
+/// Opens (with `create_if_missing` in `options`, creates) the RocksDB
+/// database at `path` inside BlobFS on `uri`.
+pub fn open_db(uri: &str, path: &str, options: &rocksdb::Options) -> Result<rocksdb::DB, Error> {
+    let opts = options_for(uri, options)?;
+    Ok(rocksdb::DB::open(&opts, path)?)
+}
+
+/// The fault switch of `uri`'s device, if it was mounted with
+/// `fault_injection=on`.
+pub fn fault_control(uri: &str) -> Result<Option<Arc<FaultControl>>, Error> {
+    let u = Uri::parse(uri)?;
+    Ok(mount::get(&u)?.faults.clone())
+}
+
+/// Unmounts `uri`'s device if this process mounted it and nothing holds it
+/// any more (see [`mount::unmount`]). Returns false if it was not mounted.
+pub fn unmount(uri: &str) -> Result<bool, Error> {
+    mount::unmount(&Uri::parse(uri)?)
+}

@@ -1,0 +1,532 @@
+// The RocksDB FileSystem on BlobFS: a thin shell over the Rust bridge.
+//
+// Every method forwards to rocksdb-env/src/bridge.rs and turns the returned
+// Status into an IOStatus; no file-system logic lives here. Calls run on the
+// calling RocksDB thread (BlobFS completes them there, no hand-off).
+//
+// Invariants:
+// - A file object exists only for a file BlobFS opened; its Rust handle is
+//   closed exactly once (Close, or the destructor if RocksDB skipped Close).
+// - Error messages come from Rust and name the file.
+// - One process mounts a device once: the Rust side keeps a mount table
+//   keyed by the device spec; these objects only hold references to it.
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "blobfs_rocksdb.h"
+#include "rocksdb-env/src/bridge.rs.h"
+#include "rocksdb/env.h"
+#include "rocksdb/file_system.h"
+#include "rocksdb/io_status.h"
+#include "rocksdb/utilities/object_registry.h"
+
+namespace blobfs_rocksdb {
+namespace {
+
+using ROCKSDB_NAMESPACE::Env;
+using ROCKSDB_NAMESPACE::FileAttributes;
+using ROCKSDB_NAMESPACE::FileLock;
+using ROCKSDB_NAMESPACE::FileOptions;
+using ROCKSDB_NAMESPACE::FileSystem;
+using ROCKSDB_NAMESPACE::FSDirectory;
+using ROCKSDB_NAMESPACE::FSRandomAccessFile;
+using ROCKSDB_NAMESPACE::FSRandomRWFile;
+using ROCKSDB_NAMESPACE::FSReadRequest;
+using ROCKSDB_NAMESPACE::FSSequentialFile;
+using ROCKSDB_NAMESPACE::FSWritableFile;
+using ROCKSDB_NAMESPACE::IODebugContext;
+using ROCKSDB_NAMESPACE::IOOptions;
+using ROCKSDB_NAMESPACE::IOStatus;
+using ROCKSDB_NAMESPACE::ObjectLibrary;
+using ROCKSDB_NAMESPACE::Slice;
+
+IOStatus ToIOStatus(const Status& s) {
+  if (s.code == Code::Ok) {
+    return IOStatus::OK();
+  }
+  const std::string msg(s.message.data(), s.message.size());
+  switch (s.code) {
+    case Code::NotFound:
+      return IOStatus::NotFound(msg);
+    case Code::NoSpace:
+      return IOStatus::NoSpace(msg);
+    case Code::Corruption:
+      return IOStatus::Corruption(msg);
+    case Code::NotSupported:
+      return IOStatus::NotSupported(msg);
+    case Code::InvalidArgument:
+      return IOStatus::InvalidArgument(msg);
+    case Code::Busy:
+      return IOStatus::Busy(msg);
+    default:
+      return IOStatus::IOError(msg);
+  }
+}
+
+rust::Str Str(const std::string& s) { return rust::Str(s.data(), s.size()); }
+
+rust::Slice<std::uint8_t> Out(char* p, size_t n) {
+  return rust::Slice<std::uint8_t>(reinterpret_cast<std::uint8_t*>(p), n);
+}
+
+rust::Slice<const std::uint8_t> In(const Slice& s) {
+  return rust::Slice<const std::uint8_t>(
+      reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
+}
+
+// Reads [offset, offset + n) into scratch; *result is the bytes read.
+IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
+                char* scratch) {
+  size_t got = 0;
+  IOStatus s = ToIOStatus(h.read_at(offset, Out(scratch, n), got));
+  *result = Slice(scratch, s.ok() ? got : 0);
+  return s;
+}
+
+class BlobSequentialFile : public FSSequentialFile {
+ public:
+  explicit BlobSequentialFile(rust::Box<FileHandle> h) : h_(std::move(h)) {}
+  ~BlobSequentialFile() override { h_->close(); }
+
+  IOStatus Read(size_t n, const IOOptions&, Slice* result, char* scratch,
+                IODebugContext*) override {
+    IOStatus s = ReadAt(*h_, pos_, n, result, scratch);
+    pos_ += result->size();
+    return s;
+  }
+  IOStatus PositionedRead(uint64_t offset, size_t n, const IOOptions&,
+                          Slice* result, char* scratch,
+                          IODebugContext*) override {
+    return ReadAt(*h_, offset, n, result, scratch);
+  }
+  IOStatus Skip(uint64_t n) override {
+    pos_ = std::min(pos_ + n, h_->len());
+    return IOStatus::OK();
+  }
+
+ private:
+  rust::Box<FileHandle> h_;
+  uint64_t pos_ = 0;
+};
+
+class BlobRandomAccessFile : public FSRandomAccessFile {
+ public:
+  explicit BlobRandomAccessFile(rust::Box<FileHandle> h) : h_(std::move(h)) {}
+  ~BlobRandomAccessFile() override { h_->close(); }
+
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
+                char* scratch, IODebugContext*) const override {
+    return ReadAt(*h_, offset, n, result, scratch);
+  }
+  // Each request is read on this thread in turn; BlobFS's cache and
+  // readahead serve neighbours, so there is nothing to batch here.
+  IOStatus MultiRead(FSReadRequest* reqs, size_t num_reqs, const IOOptions&,
+                     IODebugContext*) override {
+    for (size_t i = 0; i < num_reqs; ++i) {
+      FSReadRequest& r = reqs[i];
+      r.status = ReadAt(*h_, r.offset, r.len, &r.result, r.scratch);
+    }
+    return IOStatus::OK();
+  }
+  // Warms BlobFS's read cache for the range (NotSupported when the mount has
+  // no cache, so RocksDB keeps its own prefetch buffer).
+  IOStatus Prefetch(uint64_t offset, size_t n, const IOOptions&,
+                    IODebugContext*) override {
+    return ToIOStatus(h_->prefetch(offset, n));
+  }
+  IOStatus GetFileSize(uint64_t* size) override {
+    *size = h_->len();
+    return IOStatus::OK();
+  }
+
+ private:
+  rust::Box<FileHandle> h_;
+};
+
+class BlobWritableFile : public FSWritableFile {
+ public:
+  BlobWritableFile(rust::Box<FileHandle> h, const FileOptions& opts)
+      : FSWritableFile(opts), h_(std::move(h)) {}
+  ~BlobWritableFile() override { h_->close(); }
+
+  IOStatus Append(const Slice& data, const IOOptions&,
+                  IODebugContext*) override {
+    return ToIOStatus(h_->append(In(data)));
+  }
+  IOStatus PositionedAppend(const Slice& data, uint64_t offset,
+                            const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->write_at(offset, In(data)));
+  }
+  IOStatus Truncate(uint64_t size, const IOOptions&,
+                    IODebugContext*) override {
+    return ToIOStatus(h_->truncate(size));
+  }
+  IOStatus Close(const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->close());
+  }
+  // Appends are visible to readers as soon as Append returns; only Sync
+  // makes them durable, so Flush has nothing to do.
+  IOStatus Flush(const IOOptions&, IODebugContext*) override {
+    return IOStatus::OK();
+  }
+  IOStatus Sync(const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->sync());
+  }
+  IOStatus Fsync(const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->sync());
+  }
+  bool IsSyncThreadSafe() const override { return true; }
+  uint64_t GetFileSize(const IOOptions&, IODebugContext*) override {
+    return h_->len();
+  }
+  // BlobFS allocates clusters as a file grows; there is nothing to reserve.
+  IOStatus Allocate(uint64_t, uint64_t, const IOOptions&,
+                    IODebugContext*) override {
+    return IOStatus::OK();
+  }
+  // A write-back hint on POSIX; BlobFS makes data durable only at Sync, and
+  // RocksDB's strict_bytes_per_sync asks for exactly that.
+  IOStatus RangeSync(uint64_t, uint64_t, const IOOptions& options,
+                     IODebugContext* dbg) override {
+    return strict_bytes_per_sync_ ? Sync(options, dbg) : IOStatus::OK();
+  }
+
+ private:
+  rust::Box<FileHandle> h_;
+};
+
+class BlobRandomRWFile : public FSRandomRWFile {
+ public:
+  explicit BlobRandomRWFile(rust::Box<FileHandle> h) : h_(std::move(h)) {}
+  ~BlobRandomRWFile() override { h_->close(); }
+
+  IOStatus Write(uint64_t offset, const Slice& data, const IOOptions&,
+                 IODebugContext*) override {
+    return ToIOStatus(h_->write_at(offset, In(data)));
+  }
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
+                char* scratch, IODebugContext*) const override {
+    return ReadAt(*h_, offset, n, result, scratch);
+  }
+  IOStatus Flush(const IOOptions&, IODebugContext*) override {
+    return IOStatus::OK();
+  }
+  IOStatus Sync(const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->sync());
+  }
+  IOStatus Close(const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(h_->close());
+  }
+
+ private:
+  rust::Box<FileHandle> h_;
+};
+
+// Namespace changes in BlobFS are durable when the call returns, so a
+// directory has nothing left to sync.
+class BlobDirectory : public FSDirectory {
+ public:
+  IOStatus Fsync(const IOOptions&, IODebugContext*) override {
+    return IOStatus::OK();
+  }
+  IOStatus Close(const IOOptions&, IODebugContext*) override {
+    return IOStatus::OK();
+  }
+};
+
+class BlobLock : public FileLock {
+ public:
+  explicit BlobLock(rust::Box<LockHandle> h) : h_(std::move(h)) {}
+
+ private:
+  rust::Box<LockHandle> h_;
+};
+
+class BlobFileSystem : public FileSystem {
+ public:
+  BlobFileSystem(rust::Box<Fs> fs, std::string uri)
+      : fs_(std::move(fs)), uri_(std::move(uri)) {}
+
+  static const char* kClassName() { return "BlobFS"; }
+  const char* Name() const override { return kClassName(); }
+  std::string GetId() const override { return uri_; }
+
+  IOStatus NewSequentialFile(const std::string& fname, const FileOptions&,
+                             std::unique_ptr<FSSequentialFile>* result,
+                             IODebugContext*) override {
+    Status st;
+    auto h = fs_->open_file(Str(fname), OpenMode::Read, st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    result->reset(new BlobSequentialFile(std::move(h)));
+    return IOStatus::OK();
+  }
+
+  IOStatus NewRandomAccessFile(const std::string& fname, const FileOptions&,
+                               std::unique_ptr<FSRandomAccessFile>* result,
+                               IODebugContext*) override {
+    Status st;
+    auto h = fs_->open_file(Str(fname), OpenMode::Read, st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    result->reset(new BlobRandomAccessFile(std::move(h)));
+    return IOStatus::OK();
+  }
+
+  IOStatus NewWritableFile(const std::string& fname, const FileOptions& opts,
+                           std::unique_ptr<FSWritableFile>* result,
+                           IODebugContext*) override {
+    return OpenWritable(fname, OpenMode::CreateTruncate, opts, result);
+  }
+
+  IOStatus ReopenWritableFile(const std::string& fname,
+                              const FileOptions& opts,
+                              std::unique_ptr<FSWritableFile>* result,
+                              IODebugContext*) override {
+    return OpenWritable(fname, OpenMode::CreateKeep, opts, result);
+  }
+
+  IOStatus NewRandomRWFile(const std::string& fname, const FileOptions&,
+                           std::unique_ptr<FSRandomRWFile>* result,
+                           IODebugContext*) override {
+    Status st;
+    auto h = fs_->open_file(Str(fname), OpenMode::CreateKeep, st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    result->reset(new BlobRandomRWFile(std::move(h)));
+    return IOStatus::OK();
+  }
+
+  IOStatus NewDirectory(const std::string& name, const IOOptions&,
+                        std::unique_ptr<FSDirectory>* result,
+                        IODebugContext*) override {
+    bool is_dir = false;
+    IOStatus s = ToIOStatus(fs_->is_dir(Str(name), is_dir));
+    if (!s.ok()) return s;
+    if (!is_dir) return IOStatus::IOError(name + ": not a directory");
+    result->reset(new BlobDirectory());
+    return IOStatus::OK();
+  }
+
+  IOStatus FileExists(const std::string& fname, const IOOptions&,
+                      IODebugContext*) override {
+    return ToIOStatus(fs_->file_exists(Str(fname)));
+  }
+
+  IOStatus GetChildren(const std::string& dir, const IOOptions&,
+                       std::vector<std::string>* result,
+                       IODebugContext*) override {
+    result->clear();
+    rust::Vec<ChildAttr> out;
+    IOStatus s = ToIOStatus(fs_->children(Str(dir), false, out));
+    if (!s.ok()) return s;
+    result->reserve(out.size());
+    for (const auto& c : out) result->emplace_back(std::string(c.name));
+    return IOStatus::OK();
+  }
+
+  IOStatus GetChildrenFileAttributes(const std::string& dir, const IOOptions&,
+                                     std::vector<FileAttributes>* result,
+                                     IODebugContext*) override {
+    result->clear();
+    rust::Vec<ChildAttr> out;
+    IOStatus s = ToIOStatus(fs_->children(Str(dir), true, out));
+    if (!s.ok()) return s;
+    result->reserve(out.size());
+    for (const auto& c : out) {
+      FileAttributes a;
+      a.name = std::string(c.name);
+      a.size_bytes = c.size_bytes;
+      result->push_back(std::move(a));
+    }
+    return IOStatus::OK();
+  }
+
+  IOStatus DeleteFile(const std::string& fname, const IOOptions&,
+                      IODebugContext*) override {
+    return ToIOStatus(fs_->delete_file(Str(fname)));
+  }
+
+  IOStatus Truncate(const std::string& fname, size_t size, const IOOptions&,
+                    IODebugContext*) override {
+    IOStatus s = ToIOStatus(fs_->file_exists(Str(fname)));
+    if (!s.ok()) return s;
+    Status st;
+    auto h = fs_->open_file(Str(fname), OpenMode::CreateKeep, st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    s = ToIOStatus(h->truncate(size));
+    IOStatus c = ToIOStatus(h->close());
+    return s.ok() ? c : s;
+  }
+
+  IOStatus CreateDir(const std::string& dirname, const IOOptions&,
+                     IODebugContext*) override {
+    return ToIOStatus(fs_->create_dir(Str(dirname), false));
+  }
+
+  IOStatus CreateDirIfMissing(const std::string& dirname, const IOOptions&,
+                              IODebugContext*) override {
+    return ToIOStatus(fs_->create_dir(Str(dirname), true));
+  }
+
+  IOStatus DeleteDir(const std::string& dirname, const IOOptions&,
+                     IODebugContext*) override {
+    return ToIOStatus(fs_->delete_dir(Str(dirname)));
+  }
+
+  IOStatus GetFileSize(const std::string& fname, const IOOptions&,
+                       uint64_t* file_size, IODebugContext*) override {
+    return ToIOStatus(fs_->file_size(Str(fname), *file_size));
+  }
+
+  IOStatus GetFileModificationTime(const std::string& fname, const IOOptions&,
+                                   uint64_t* file_mtime,
+                                   IODebugContext*) override {
+    return ToIOStatus(fs_->mtime_secs(Str(fname), *file_mtime));
+  }
+
+  IOStatus RenameFile(const std::string& src, const std::string& target,
+                      const IOOptions&, IODebugContext*) override {
+    return ToIOStatus(fs_->rename(Str(src), Str(target)));
+  }
+
+  // BlobFS has one name per file. RocksDB falls back to copying (backups,
+  // checkpoints) or to its non-link paths when it sees NotSupported.
+  IOStatus LinkFile(const std::string& src, const std::string& target,
+                    const IOOptions&, IODebugContext*) override {
+    return IOStatus::NotSupported("BlobFS has no hard links: " + src + " -> " +
+                                  target);
+  }
+
+  IOStatus IsDirectory(const std::string& path, const IOOptions&,
+                       bool* is_dir, IODebugContext*) override {
+    bool d = false;
+    IOStatus s = ToIOStatus(fs_->is_dir(Str(path), d));
+    if (s.ok() && is_dir != nullptr) *is_dir = d;
+    return s;
+  }
+
+  IOStatus LockFile(const std::string& fname, const IOOptions&,
+                    FileLock** lock, IODebugContext*) override {
+    *lock = nullptr;
+    Status st;
+    auto h = fs_->lock(Str(fname), st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    *lock = new BlobLock(std::move(h));
+    return IOStatus::OK();
+  }
+
+  IOStatus UnlockFile(FileLock* lock, const IOOptions&,
+                      IODebugContext*) override {
+    delete static_cast<BlobLock*>(lock);
+    return IOStatus::OK();
+  }
+
+  // Same place as the POSIX file system uses, created inside BlobFS, so
+  // tests that mix Env::Default() and this file system agree on paths.
+  IOStatus GetTestDirectory(const IOOptions& opts, std::string* path,
+                            IODebugContext* dbg) override {
+    const char* env = std::getenv("TEST_TMPDIR");
+    if (env != nullptr && env[0] != '\0') {
+      *path = env;
+    } else {
+      *path = "/tmp/rocksdbtest-" + std::to_string(geteuid());
+    }
+    return CreateDirIfMissing(*path, opts, dbg);
+  }
+
+  // BlobFS names are absolute from its root; a relative name is taken
+  // from the root too.
+  IOStatus GetAbsolutePath(const std::string& db_path, const IOOptions&,
+                           std::string* output_path, IODebugContext*) override {
+    *output_path = (!db_path.empty() && db_path[0] == '/') ? db_path
+                                                           : "/" + db_path;
+    return IOStatus::OK();
+  }
+
+  IOStatus GetFreeSpace(const std::string&, const IOOptions&,
+                        uint64_t* diskfree, IODebugContext*) override {
+    *diskfree = fs_->free_bytes();
+    return IOStatus::OK();
+  }
+
+ private:
+  IOStatus OpenWritable(const std::string& fname, OpenMode mode,
+                        const FileOptions& opts,
+                        std::unique_ptr<FSWritableFile>* result) {
+    Status st;
+    auto h = fs_->open_file(Str(fname), mode, st);
+    if (st.code != Code::Ok) return ToIOStatus(st);
+    result->reset(new BlobWritableFile(std::move(h), opts));
+    return IOStatus::OK();
+  }
+
+  rust::Box<Fs> fs_;
+  std::string uri_;
+};
+
+// Opens (or shares) the mount for `uri`; null with *errmsg on failure.
+std::shared_ptr<FileSystem> OpenFileSystem(const std::string& uri,
+                                           std::string* errmsg) {
+  Status st;
+  auto fs = fs_open(Str(uri), st);
+  if (st.code != Code::Ok) {
+    *errmsg = std::string(st.message);
+    return nullptr;
+  }
+  return std::make_shared<BlobFileSystem>(std::move(fs), uri);
+}
+
+int RegisterFactories() {
+  ObjectLibrary& lib = *ObjectLibrary::Default();
+  const auto pattern =
+      ObjectLibrary::PatternEntry("blobfs", false).AddSeparator("://");
+  // FileSystem: --fs_uri in the tools, TEST_FS_URI, FileSystem::CreateFromString.
+  lib.AddFactory<FileSystem>(
+      pattern, [](const std::string& uri, std::unique_ptr<FileSystem>* guard,
+                  std::string* errmsg) -> FileSystem* {
+        Status st;
+        auto fs = fs_open(Str(uri), st);
+        if (st.code != Code::Ok) {
+          *errmsg = std::string(st.message);
+          return nullptr;
+        }
+        guard->reset(new BlobFileSystem(std::move(fs), uri));
+        return guard->get();
+      });
+  // Env: the `env=` option (Rust's rocksdb crate goes this way). RocksDB
+  // loads Envs as static objects (no owner), so each URI gets one Env that
+  // lives as long as the process, like the mount under it.
+  lib.AddFactory<Env>(pattern, [](const std::string& uri,
+                                  std::unique_ptr<Env>* /*guard*/,
+                                  std::string* errmsg) -> Env* {
+    static std::mutex mu;
+    static auto* envs = new std::map<std::string, Env*>();
+    std::lock_guard<std::mutex> g(mu);
+    auto it = envs->find(uri);
+    if (it != envs->end()) return it->second;
+    auto fs = OpenFileSystem(uri, errmsg);
+    if (!fs) return nullptr;
+    Env* env = ROCKSDB_NAMESPACE::NewCompositeEnv(fs).release();
+    envs->emplace(uri, env);
+    return env;
+  });
+  return 2;
+}
+
+}  // namespace
+
+std::int32_t register_blobfs() {
+  static const int registered = RegisterFactories();
+  return registered;
+}
+
+}  // namespace blobfs_rocksdb
+
+// Runs the registration before main in any program that links this object
+// (C linkage from the declaration in blobfs_rocksdb.h).
+int blobfs_rocksdb_plugin_anchor = blobfs_rocksdb::register_blobfs();

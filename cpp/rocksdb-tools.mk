@@ -1,0 +1,78 @@
+# Builds db_bench, db_stress and env_basic_test from the RocksDB sources of
+# the librocksdb-sys crate, linked with the BlobFS plugin. Called by the main
+# Makefile's `rocksdb-tools` target, which passes:
+#   ROCKSDB_SRC  the crate's rocksdb/ directory (from `cargo metadata`)
+#   PLUGIN_LIB   target/release/librocksdb_env.a: the Rust staticlib, which
+#                holds BlobFS, the cxx bridge, cpp/blobfs_fs.cc and (bundled
+#                by rustc from librocksdb-sys) the one librocksdb.a build
+#   OUT          where the binaries go (target/rocksdb)
+#
+# RocksDB's library is never compiled here: only the tools' own sources,
+# with the library's defines (cpp/rocksdb-flags.txt) plus GFLAGS=1.
+
+ROCKSDB_SRC ?= $(error ROCKSDB_SRC is not set)
+PLUGIN_LIB ?= $(error PLUGIN_LIB is not set)
+OUT ?= $(error OUT is not set)
+
+CXX ?= g++
+HERE := $(dir $(lastword $(MAKEFILE_LIST)))
+OBJ := $(OUT)/obj
+
+# librocksdb.a's build_version.cc defines RocksDbIOUringEnable, and so do
+# db_bench_tool.cc and db_stress_gflags.cc: rename the tools' copies (the
+# library is built without io_uring, so the hook is unused either way).
+TOOL_CXXFLAGS := $(shell cat $(HERE)rocksdb-flags.txt) -DGFLAGS=1 \
+  -DRocksDbIOUringEnable=RocksDbIOUringEnable_unused_in_tools \
+  -I$(ROCKSDB_SRC)/include -I$(ROCKSDB_SRC) \
+  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src \
+  -O2 -fno-omit-frame-pointer -w
+
+# Everything the Rust staticlib needs from the system (rustc
+# --print native-static-libs), gflags, and the C++ runtime.
+TOOL_LIBS := -Wl,-u,blobfs_rocksdb_plugin_anchor $(PLUGIN_LIB) \
+  -lgflags -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+
+BENCH_SRCS := tools/db_bench.cc tools/db_bench_tool.cc tools/tool_hooks.cc \
+  tools/simulated_hybrid_file_system.cc test_util/testutil.cc
+
+# The same lists as RocksDB's src.mk: STRESS_LIB_SOURCES, TOOL_LIB_SOURCES,
+# ANALYZER_LIB_SOURCES, the db_stress main and testutil.
+STRESS_SRCS := db_stress_tool/db_stress.cc \
+  db_stress_tool/batched_ops_stress.cc db_stress_tool/cf_consistency_stress.cc \
+  db_stress_tool/db_stress_common.cc db_stress_tool/db_stress_compaction_service.cc \
+  db_stress_tool/db_stress_compression_manager.cc db_stress_tool/db_stress_driver.cc \
+  db_stress_tool/db_stress_filters.cc db_stress_tool/db_stress_gflags.cc \
+  db_stress_tool/db_stress_listener.cc db_stress_tool/db_stress_shared_state.cc \
+  db_stress_tool/db_stress_test_base.cc db_stress_tool/db_stress_tool.cc \
+  db_stress_tool/db_stress_wide_merge_operator.cc db_stress_tool/expected_state.cc \
+  db_stress_tool/expected_value.cc db_stress_tool/no_batched_ops_stress.cc \
+  db_stress_tool/multi_ops_txns_stress.cc \
+  tools/io_tracer_parser_tool.cc tools/ldb_cmd.cc tools/ldb_tool.cc \
+  tools/sst_dump_tool.cc utilities/blob_db/blob_dump_tool.cc \
+  tools/block_cache_analyzer/block_cache_trace_analyzer.cc \
+  tools/trace_analyzer_tool.cc test_util/testutil.cc
+
+ENV_TEST_SRCS := env/env_basic_test.cc test_util/testharness.cc \
+  test_util/testutil.cc third-party/gtest-1.8.1/fused-src/gtest/gtest-all.cc
+
+objs = $(patsubst %.cc,$(OBJ)/%.o,$(1))
+
+.PHONY: all
+all: $(OUT)/db_bench $(OUT)/db_stress $(OUT)/env_basic_test
+
+$(OBJ)/%.o: $(ROCKSDB_SRC)/%.cc $(HERE)rocksdb-flags.txt
+	@mkdir -p $(dir $@)
+	$(CXX) $(TOOL_CXXFLAGS) -c $< -o $@
+
+$(OUT)/db_bench: $(call objs,$(BENCH_SRCS)) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(BENCH_SRCS)) $(TOOL_LIBS)
+
+$(OUT)/db_stress: $(call objs,$(STRESS_SRCS)) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(STRESS_SRCS)) $(TOOL_LIBS)
+
+$(OUT)/env_basic_test: $(call objs,$(ENV_TEST_SRCS)) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(ENV_TEST_SRCS)) $(TOOL_LIBS)
+
+# Just the tool objects (they need RocksDB's headers, not its library).
+.PHONY: objects
+objects: $(call objs,$(sort $(BENCH_SRCS) $(STRESS_SRCS) $(ENV_TEST_SRCS)))

@@ -1,0 +1,466 @@
+//! The `cxx` bridge: what the C++ `FileSystem` in `cpp/` calls.
+//!
+//! Every call returns a [`ffi::Status`] (never panics across the boundary,
+//! never throws): the C++ side turns it into the matching `IOStatus`. The
+//! message always names the file. Calls run on the caller's thread and block
+//! it until BlobFS is done (run to completion, no hand-off to other threads).
+
+use std::sync::Arc;
+
+use blobfs::{BlobFs, OpenOptions};
+
+use crate::mount::{self, Mount};
+use crate::uri::Uri;
+
+#[cxx::bridge(namespace = "blobfs_rocksdb")]
+pub(crate) mod ffi {
+    /// Outcome kinds, one per `IOStatus` the plugin returns.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Code {
+        Ok,
+        NotFound,
+        NoSpace,
+        IoError,
+        Corruption,
+        NotSupported,
+        InvalidArgument,
+        Busy,
+    }
+
+    /// A call's outcome; `message` is empty on success.
+    struct Status {
+        code: Code,
+        message: String,
+    }
+
+    /// How a file is opened.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum OpenMode {
+        /// Existing file, reads only.
+        Read,
+        /// Create or truncate; read and write.
+        CreateTruncate,
+        /// Create if missing, keep contents; read and write (appends at end).
+        CreateKeep,
+    }
+
+    /// One directory entry with its size (0 for directories).
+    struct ChildAttr {
+        name: String,
+        size_bytes: u64,
+    }
+
+    extern "Rust" {
+        type Fs;
+        type FileHandle;
+        type LockHandle;
+
+        fn fs_open(uri: &str, status: &mut Status) -> Box<Fs>;
+        fn describe(self: &Fs) -> String;
+        fn open_file(self: &Fs, name: &str, mode: OpenMode, status: &mut Status)
+            -> Box<FileHandle>;
+        fn file_exists(self: &Fs, name: &str) -> Status;
+        fn children(self: &Fs, dir: &str, with_sizes: bool, out: &mut Vec<ChildAttr>) -> Status;
+        fn delete_file(self: &Fs, name: &str) -> Status;
+        fn create_dir(self: &Fs, name: &str, if_missing: bool) -> Status;
+        fn delete_dir(self: &Fs, name: &str) -> Status;
+        fn file_size(self: &Fs, name: &str, out: &mut u64) -> Status;
+        fn mtime_secs(self: &Fs, name: &str, out: &mut u64) -> Status;
+        fn rename(self: &Fs, from: &str, to: &str) -> Status;
+        fn is_dir(self: &Fs, name: &str, out: &mut bool) -> Status;
+        fn lock(self: &Fs, name: &str, status: &mut Status) -> Box<LockHandle>;
+        fn free_bytes(self: &Fs) -> u64;
+
+        fn read_at(self: &FileHandle, off: u64, buf: &mut [u8], n_read: &mut usize) -> Status;
+        fn prefetch(self: &FileHandle, off: u64, len: usize) -> Status;
+        fn append(self: &FileHandle, data: &[u8]) -> Status;
+        fn write_at(self: &FileHandle, off: u64, data: &[u8]) -> Status;
+        fn truncate(self: &FileHandle, len: u64) -> Status;
+        fn sync(self: &FileHandle) -> Status;
+        fn close(self: &mut FileHandle) -> Status;
+        fn len(self: &FileHandle) -> u64;
+        fn file_id(self: &FileHandle) -> u64;
+    }
+
+    unsafe extern "C++" {
+        include!("blobfs_rocksdb.h");
+
+        /// Registers the `blobfs://` FileSystem and Env factories in
+        /// RocksDB's default object library (idempotent); returns how many
+        /// factories this call added.
+        fn register_blobfs() -> i32;
+    }
+}
+
+use ffi::{ChildAttr, Code, OpenMode, Status};
+
+impl Status {
+    fn ok() -> Status {
+        Status {
+            code: Code::Ok,
+            message: String::new(),
+        }
+    }
+    fn new(code: Code, message: String) -> Status {
+        Status { code, message }
+    }
+}
+
+/// The status for a BlobFS error (whose text names the file).
+fn status_of(e: blobfs::Error) -> Status {
+    use blobfs::Error as E;
+    let code = match &e {
+        E::NotFound(_) => Code::NotFound,
+        E::NoSpace(..) => Code::NoSpace,
+        E::Corrupt(_) => Code::Corruption,
+        E::Store(_, blobstore::Error::Corrupt { .. }) => Code::Corruption,
+        E::Store(_, blobstore::Error::NoSpace(_)) => Code::NoSpace,
+        E::Store(_, blobstore::Error::Busy(_)) | E::Locked(_) => Code::Busy,
+        E::InvalidName { .. } | E::InvalidArgument(_) | E::BadMode(..) => Code::InvalidArgument,
+        _ => Code::IoError,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn status_from(r: blobfs::Result<()>) -> Status {
+    match r {
+        Ok(()) => Status::ok(),
+        Err(e) => status_of(e),
+    }
+}
+
+/// A mounted BlobFS as one C++ `FileSystem` object sees it.
+pub struct Fs {
+    mount: Option<Arc<Mount>>,
+}
+
+fn fs_open(uri: &str, status: &mut Status) -> Box<Fs> {
+    let parsed = match Uri::parse(uri) {
+        Ok(u) => u,
+        Err(e) => {
+            *status = Status::new(Code::InvalidArgument, e.to_string());
+            return Box::new(Fs { mount: None });
+        }
+    };
+    match mount::get(&parsed) {
+        Ok(m) => {
+            *status = Status::ok();
+            Box::new(Fs { mount: Some(m) })
+        }
+        Err(e) => {
+            let code = match &e {
+                crate::Error::Mount {
+                    source: blobfs::Error::Store(_, blobstore::Error::Busy(_)),
+                    ..
+                } => Code::Busy,
+                _ => Code::IoError,
+            };
+            *status = Status::new(code, e.to_string());
+            Box::new(Fs { mount: None })
+        }
+    }
+}
+
+impl Fs {
+    fn fs(&self) -> &BlobFs {
+        &self
+            .mount
+            .as_ref()
+            .expect("C++ uses an Fs only after fs_open succeeded")
+            .fs
+    }
+
+    fn cached(&self) -> bool {
+        self.mount.as_ref().is_some_and(|m| m.uri.cache_bytes > 0)
+    }
+
+    fn describe(&self) -> String {
+        match &self.mount {
+            Some(m) => format!("blobfs://{}", m.uri.spec),
+            None => "blobfs (not mounted)".into(),
+        }
+    }
+
+    fn open_file(&self, name: &str, mode: OpenMode, status: &mut Status) -> Box<FileHandle> {
+        let opts = match mode {
+            OpenMode::Read => OpenOptions::read(),
+            OpenMode::CreateTruncate => OpenOptions::create_truncate(),
+            OpenMode::CreateKeep => OpenOptions {
+                read: true,
+                write: true,
+                create: true,
+                ..Default::default()
+            },
+            _ => {
+                *status = Status::new(Code::InvalidArgument, format!("{name}: bad open mode"));
+                return Box::new(FileHandle::none());
+            }
+        };
+        match self.fs().open(name, opts) {
+            Ok(f) => {
+                *status = Status::ok();
+                Box::new(FileHandle {
+                    file: Some(f),
+                    cached: self.cached(),
+                })
+            }
+            Err(e) => {
+                *status = status_of(e);
+                Box::new(FileHandle::none())
+            }
+        }
+    }
+
+    fn file_exists(&self, name: &str) -> Status {
+        if self.fs().exists(name) {
+            Status::ok()
+        } else {
+            Status::new(Code::NotFound, format!("{name}: no such file or directory"))
+        }
+    }
+
+    fn children(&self, dir: &str, with_sizes: bool, out: &mut Vec<ChildAttr>) -> Status {
+        out.clear();
+        let entries = match self.fs().read_dir(dir) {
+            Ok(v) => v,
+            Err(e) => return status_of(e),
+        };
+        let prefix = dir.trim_end_matches('/');
+        for entry in entries {
+            let size_bytes = if with_sizes && !entry.is_dir {
+                match self.fs().stat(&format!("{prefix}/{}", entry.name)) {
+                    Ok(m) => m.len,
+                    // Deleted since the listing: leave it out, as RocksDB does.
+                    Err(blobfs::Error::NotFound(_)) => continue,
+                    Err(e) => return status_of(e),
+                }
+            } else {
+                0
+            };
+            out.push(ChildAttr {
+                name: entry.name,
+                size_bytes,
+            });
+        }
+        Status::ok()
+    }
+
+    fn delete_file(&self, name: &str) -> Status {
+        status_from(self.fs().remove_file(name))
+    }
+
+    fn create_dir(&self, name: &str, if_missing: bool) -> Status {
+        if if_missing {
+            status_from(self.fs().create_dir_all(name))
+        } else {
+            status_from(self.fs().create_dir(name))
+        }
+    }
+
+    fn delete_dir(&self, name: &str) -> Status {
+        status_from(self.fs().remove_dir(name))
+    }
+
+    fn file_size(&self, name: &str, out: &mut u64) -> Status {
+        match self.fs().stat(name) {
+            Ok(m) if m.is_dir => Status::new(Code::IoError, format!("{name}: is a directory")),
+            Ok(m) => {
+                *out = m.len;
+                Status::ok()
+            }
+            Err(e) => status_of(e),
+        }
+    }
+
+    fn mtime_secs(&self, name: &str, out: &mut u64) -> Status {
+        match self.fs().stat(name) {
+            Ok(m) => {
+                *out = m.mtime_ns / 1_000_000_000;
+                Status::ok()
+            }
+            Err(e) => status_of(e),
+        }
+    }
+
+    fn rename(&self, from: &str, to: &str) -> Status {
+        status_from(self.fs().rename(from, to))
+    }
+
+    fn is_dir(&self, name: &str, out: &mut bool) -> Status {
+        match self.fs().stat(name) {
+            Ok(m) => {
+                *out = m.is_dir;
+                Status::ok()
+            }
+            Err(e) => status_of(e),
+        }
+    }
+
+    fn lock(&self, name: &str, status: &mut Status) -> Box<LockHandle> {
+        // Like POSIX, the lock file exists while held (RocksDB lists it).
+        if !self.fs().exists(name) {
+            match self.fs().open(
+                name,
+                OpenOptions {
+                    read: true,
+                    write: true,
+                    create: true,
+                    ..Default::default()
+                },
+            ) {
+                Ok(f) => {
+                    if let Err(e) = f.close() {
+                        *status = status_of(e);
+                        return Box::new(LockHandle { _lock: None });
+                    }
+                }
+                Err(e) => {
+                    *status = status_of(e);
+                    return Box::new(LockHandle { _lock: None });
+                }
+            }
+        }
+        match self.fs().lock(name) {
+            Ok(l) => {
+                *status = Status::ok();
+                Box::new(LockHandle { _lock: Some(l) })
+            }
+            Err(e) => {
+                *status = status_of(e);
+                Box::new(LockHandle { _lock: None })
+            }
+        }
+    }
+
+    fn free_bytes(&self) -> u64 {
+        self.fs().space().free_bytes
+    }
+}
+
+/// An open file; `None` after close or a failed open.
+pub struct FileHandle {
+    file: Option<blobfs::File>,
+    /// The mount has a read cache, so prefetching warms it.
+    cached: bool,
+}
+
+/// A held lock, released when C++ drops it.
+pub struct LockHandle {
+    _lock: Option<blobfs::FileLock>,
+}
+
+/// Bytes read per step when prefetching.
+const PREFETCH_STEP_BYTES: usize = 256 << 10;
+
+impl FileHandle {
+    fn none() -> FileHandle {
+        FileHandle {
+            file: None,
+            cached: false,
+        }
+    }
+
+    fn prefetch(&self, off: u64, len: usize) -> Status {
+        if !self.cached {
+            return Status::new(
+                Code::NotSupported,
+                "prefetch: the BlobFS mount has no read cache (cache=0)".into(),
+            );
+        }
+        let mut buf = vec![0u8; len.min(PREFETCH_STEP_BYTES)];
+        let mut done = 0usize;
+        while done < len {
+            let step = (len - done).min(buf.len());
+            let mut n = 0;
+            let st = self.read_at(off + done as u64, &mut buf[..step], &mut n);
+            if st.code != Code::Ok {
+                return st;
+            }
+            if n < step {
+                break;
+            }
+            done += n;
+        }
+        Status::ok()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&blobfs::File) -> blobfs::Result<T>) -> Result<T, Status> {
+        match &self.file {
+            Some(file) => f(file).map_err(status_of),
+            None => Err(Status::new(Code::IoError, "file is closed".into())),
+        }
+    }
+
+    fn read_at(&self, off: u64, buf: &mut [u8], n_read: &mut usize) -> Status {
+        // Fill the whole buffer unless the end of the file comes first.
+        let r = self.with(|f| {
+            let mut done = 0;
+            while done < buf.len() {
+                let n = f.read_at(off + done as u64, &mut buf[done..])?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            Ok(done)
+        });
+        match r {
+            Ok(n) => {
+                *n_read = n;
+                Status::ok()
+            }
+            Err(s) => {
+                *n_read = 0;
+                s
+            }
+        }
+    }
+
+    fn append(&self, data: &[u8]) -> Status {
+        self.with(|f| f.append(data))
+            .err()
+            .unwrap_or_else(Status::ok)
+    }
+
+    fn write_at(&self, off: u64, data: &[u8]) -> Status {
+        self.with(|f| {
+            // BlobFS writes at most at the end; a hole reads as zeroes.
+            if off > f.len() {
+                f.truncate(off)?;
+            }
+            f.write_at(off, data)
+        })
+        .err()
+        .unwrap_or_else(Status::ok)
+    }
+
+    fn truncate(&self, len: u64) -> Status {
+        self.with(|f| f.truncate(len))
+            .err()
+            .unwrap_or_else(Status::ok)
+    }
+
+    fn sync(&self) -> Status {
+        self.with(|f| f.sync()).err().unwrap_or_else(Status::ok)
+    }
+
+    fn close(&mut self) -> Status {
+        match self.file.take() {
+            Some(f) => status_from(f.close()),
+            None => Status::ok(),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.file.as_ref().map_or(0, |f| f.len())
+    }
+
+    fn file_id(&self) -> u64 {
+        self.file.as_ref().map_or(0, |f| f.metadata().blob_id.0)
+    }
+}
+
+/// Registers the factories (see [`crate::register`]).
+pub(crate) fn register() -> i32 {
+    ffi::register_blobfs()
+}

@@ -1,0 +1,113 @@
+//! The process-wide mount table: one mount per device, however many
+//! RocksDB `FileSystem`s, `Env`s or Rust callers name it.
+//!
+//! Invariants:
+//! - A device spec (canonical form, see [`Uri::mount_key`]) is mounted at
+//!   most once per process; later URIs naming it share that mount, and the
+//!   options of the first mount (cache, mkfs) are the ones in force.
+//! - A mount stays until [`unmount`] finds nothing else holding it; an `Env`
+//!   RocksDB built from an options string holds it for the life of the
+//!   process (RocksDB keeps raw `Env*` pointers).
+//! - A `mem:` spec names one memory device per process, so two DBs opened
+//!   with `blobfs://mem:1G` in one process see the same files.
+//! - Across processes, the file device's lock makes a second process fail
+//!   with "in use" instead of becoming a second writer.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use blobfs::{BlobFs, MkfsOptions, MountOptions};
+use parking_lot::Mutex;
+
+use crate::fault::{FaultControl, FaultDevice};
+use crate::uri::{Mkfs, Uri};
+use crate::Error;
+
+/// One mounted BlobFS and what it was mounted with.
+pub struct Mount {
+    /// The file system.
+    pub fs: BlobFs,
+    /// The URI of the first mount.
+    pub uri: Uri,
+    /// The fault switch, if mounted with `fault_injection=on`.
+    pub faults: Option<Arc<FaultControl>>,
+}
+
+static MOUNTS: Mutex<Option<HashMap<String, Arc<Mount>>>> = Mutex::new(None);
+
+/// The mount for `uri`, mounting (and if asked, formatting) on first use.
+pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
+    // Held across the mount so two threads cannot mount one device twice.
+    let mut table = MOUNTS.lock();
+    let table = table.get_or_insert_with(HashMap::new);
+    if let Some(m) = table.get(uri.mount_key()) {
+        return Ok(m.clone());
+    }
+    let dev = blobstore::open_device(&uri.spec).map_err(|e| Error::Device {
+        spec: uri.spec.clone(),
+        reason: e.to_string(),
+    })?;
+    let (dev, faults): (Arc<dyn blobstore::BlockDevice>, _) = if uri.fault_injection {
+        let (d, c) = FaultDevice::wrap(dev);
+        (d, Some(c))
+    } else {
+        (dev, None)
+    };
+    let mount_opts = MountOptions {
+        cache_bytes: uri.cache_bytes,
+        ..Default::default()
+    };
+    let mkfs_opts = MkfsOptions {
+        cluster_size: uri.cluster_bytes,
+        ..Default::default()
+    };
+    let fs = match uri.mkfs {
+        Mkfs::Always => BlobFs::mkfs(dev, mkfs_opts, mount_opts),
+        Mkfs::Never => BlobFs::mount(dev, mount_opts),
+        Mkfs::IfBlank => match BlobFs::mount(dev.clone(), mount_opts.clone()) {
+            Err(blobfs::Error::NotBlobFs(_)) => BlobFs::mkfs(dev, mkfs_opts, mount_opts),
+            other => other,
+        },
+    }
+    .map_err(|e| Error::Mount {
+        spec: uri.spec.clone(),
+        source: e,
+    })?;
+    let m = Arc::new(Mount {
+        fs,
+        uri: uri.clone(),
+        faults,
+    });
+    table.insert(uri.mount_key().to_string(), m.clone());
+    Ok(m)
+}
+
+/// Unmounts `uri`'s device. Returns false if this process has not mounted
+/// it, and [`Error::InUse`] (leaving it mounted) while a RocksDB
+/// `FileSystem` or `Env` still holds it (an `Env` RocksDB created from an
+/// options string lives for the process, so a device used through
+/// [`crate::open_db`] stays mounted until exit). Drop `BlobFs` handles from
+/// [`crate::mount`] first: BlobFS's own unmount decides about those.
+pub fn unmount(uri: &Uri) -> Result<bool, Error> {
+    let mut table = MOUNTS.lock();
+    let Some(table) = table.as_mut() else {
+        return Ok(false);
+    };
+    let Some(m) = table.remove(uri.mount_key()) else {
+        return Ok(false);
+    };
+    match Arc::try_unwrap(m) {
+        Ok(m) => m.fs.unmount().map(|()| true).map_err(|e| Error::Mount {
+            spec: uri.spec.clone(),
+            source: e,
+        }),
+        Err(m) => {
+            let holders = Arc::strong_count(&m) - 1;
+            table.insert(uri.mount_key().to_string(), m);
+            Err(Error::InUse {
+                spec: uri.spec.clone(),
+                holders,
+            })
+        }
+    }
+}

@@ -1,0 +1,213 @@
+//! The `blobfs://` URI: which device, and how to mount it.
+//!
+//! ```text
+//! blobfs://<device spec>[;<option>=<value>]...
+//!
+//!   cache=<size>            read cache of the mount (default 256M; 0 = off)
+//!   mkfs=if-blank|never|always
+//!                           if-blank (default): format a device that holds
+//!                           no BlobFS; never: mount only; always: format at
+//!                           the first mount in this process
+//!   cluster=<size>          cluster size when formatting (default 1M)
+//!   fault_injection=on      put a fault-injecting wrapper under BlobFS
+//!                           (tests; armed with `inject_write_faults`)
+//! ```
+//!
+//! The device spec is the blobstore's (`mem:1G`, `file:/x.img?size=8G`), so
+//! it may carry its own `?`, `=` and `&`; `;` starts the BlobFS options.
+//! Inside a RocksDB options string (`env=...`) a value must not contain `=`
+//! or `;`, so there `%3D` and `%3B` stand for them; the parser decodes both
+//! everywhere (device specs never need those two escapes for themselves).
+//!
+//! Invariants: parsing never touches the system; [`Uri::mount_key`] is the
+//! same for two URIs exactly when they name the same device, so one process
+//! mounts a device once.
+
+use blobstore::device::DeviceSpec;
+
+/// The scheme prefix, as registered in RocksDB's object library.
+pub const SCHEME: &str = "blobfs://";
+
+/// When to format the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mkfs {
+    /// Format only a device that holds no BlobFS.
+    IfBlank,
+    /// Never format; mounting a device without BlobFS fails.
+    Never,
+    /// Format at the first mount in this process.
+    Always,
+}
+
+/// A parsed `blobfs://` URI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Uri {
+    /// The device spec, in its canonical form.
+    pub spec: String,
+    /// Read-cache bytes.
+    pub cache_bytes: u64,
+    /// When to format.
+    pub mkfs: Mkfs,
+    /// Cluster size for mkfs, in bytes.
+    pub cluster_bytes: u32,
+    /// Wrap the device with the fault injector.
+    pub fault_injection: bool,
+}
+
+/// A URI that does not parse, with the reason.
+#[derive(Debug, thiserror::Error)]
+#[error("bad blobfs URI {uri:?}: {reason}")]
+pub struct UriError {
+    /// The URI as given.
+    pub uri: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl Uri {
+    /// Parses a URI; a bare device spec (no `blobfs://`) is accepted too.
+    pub fn parse(uri: &str) -> Result<Uri, UriError> {
+        let bad = |reason: String| UriError {
+            uri: uri.to_string(),
+            reason,
+        };
+        let decoded = uri.replace("%3D", "=").replace("%3d", "=");
+        let decoded = decoded.replace("%3B", ";").replace("%3b", ";");
+        let body = decoded.strip_prefix(SCHEME).unwrap_or(&decoded);
+        let mut parts = body.split(';');
+        let spec_text = parts.next().unwrap_or_default();
+        if spec_text.is_empty() {
+            return Err(bad("no device spec after blobfs://".into()));
+        }
+        let spec = DeviceSpec::parse(spec_text).map_err(|e| bad(e.to_string()))?;
+        let mut out = Uri {
+            spec: spec.to_string(),
+            cache_bytes: 256 << 20,
+            mkfs: Mkfs::IfBlank,
+            cluster_bytes: 1 << 20,
+            fault_injection: false,
+        };
+        for opt in parts.filter(|p| !p.is_empty()) {
+            let (key, value) = opt
+                .split_once('=')
+                .ok_or_else(|| bad(format!("option {opt:?} is not key=value")))?;
+            match key {
+                "cache" => out.cache_bytes = parse_size(value).map_err(&bad)?,
+                "cluster" => {
+                    let v = parse_size(value).map_err(&bad)?;
+                    out.cluster_bytes = u32::try_from(v)
+                        .map_err(|_| bad(format!("cluster size {value} is too large")))?;
+                }
+                "mkfs" => {
+                    out.mkfs = match value {
+                        "if-blank" => Mkfs::IfBlank,
+                        "never" => Mkfs::Never,
+                        "always" => Mkfs::Always,
+                        _ => {
+                            return Err(bad(format!(
+                                "mkfs={value}: expected if-blank, never or always"
+                            )))
+                        }
+                    }
+                }
+                "fault_injection" => {
+                    out.fault_injection = match value {
+                        "on" | "true" | "1" => true,
+                        "off" | "false" | "0" => false,
+                        _ => {
+                            return Err(bad(format!("fault_injection={value}: expected on or off")))
+                        }
+                    }
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "unknown option {key:?} (known: cache, cluster, mkfs, fault_injection)"
+                    )))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The key of the process-wide mount table: the canonical device spec.
+    pub fn mount_key(&self) -> &str {
+        &self.spec
+    }
+
+    /// This URI in the form RocksDB options strings accept (`=` and `;`
+    /// escaped), e.g. for `env=<this>`.
+    pub fn to_options_value(&self) -> String {
+        let mut s = format!("{SCHEME}{}", self.spec);
+        s.push_str(&format!(";cache={}", self.cache_bytes));
+        s.push_str(&format!(";cluster={}", self.cluster_bytes));
+        s.push_str(match self.mkfs {
+            Mkfs::IfBlank => ";mkfs=if-blank",
+            Mkfs::Never => ";mkfs=never",
+            Mkfs::Always => ";mkfs=always",
+        });
+        if self.fault_injection {
+            s.push_str(";fault_injection=on");
+        }
+        s.replace('=', "%3D").replace(';', "%3B")
+    }
+}
+
+/// Parses `123`, `64K`, `256M`, `1G`, `2T` (binary units; `KiB` forms too).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {text:?} does not start with a number"))?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        _ => return Err(format!("size {text:?}: unknown unit {unit:?}")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("size {text:?} overflows"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_spec_and_options() {
+        let u = Uri::parse("blobfs://mem:64M;cache=8M;mkfs=always").unwrap();
+        assert_eq!(u.cache_bytes, 8 << 20);
+        assert_eq!(u.mkfs, Mkfs::Always);
+        assert!(!u.fault_injection);
+        assert_eq!(Uri::parse("mem:64M").unwrap().mount_key(), u.mount_key());
+    }
+
+    #[test]
+    fn file_spec_keeps_its_query() {
+        let u = Uri::parse("blobfs://file:/tmp/x.img?size=1G;cache=0").unwrap();
+        assert!(u.spec.starts_with("file:/tmp/x.img"), "{}", u.spec);
+        assert!(u.spec.contains("size="), "{}", u.spec);
+        assert_eq!(u.cache_bytes, 0);
+    }
+
+    #[test]
+    fn options_value_round_trips() {
+        let u =
+            Uri::parse("blobfs://file:/tmp/y.img?size=1G;mkfs=never;fault_injection=on").unwrap();
+        let v = u.to_options_value();
+        assert!(!v.contains('=') && !v.contains(';'), "{v}");
+        assert_eq!(Uri::parse(&v).unwrap(), u);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let e = Uri::parse("blobfs://mem:64M;cache=lots").unwrap_err();
+        assert!(e.to_string().contains("cache") || e.to_string().contains("lots"));
+        assert!(Uri::parse("blobfs://").is_err());
+        assert!(Uri::parse("blobfs://mem:64M;colour=blue").is_err());
+        assert!(Uri::parse("blobfs://mem:64M;mkfs=maybe").is_err());
+    }
+}

@@ -1,0 +1,309 @@
+//! The Rust `rocksdb` crate on BlobFS: every key checked against a
+//! `BTreeMap` model through writes, flushes, compactions, a clean reopen, a
+//! reopen after the writer process was killed (WAL recovery), a second
+//! process locked out of the device, and an injected device write error.
+//!
+//! The crash and lock-out tests run this same binary again as a child
+//! process (`BLOBFS_TEST_CHILD` selects what the child does).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Command;
+
+use rocksdb::{IteratorMode, Options, WriteBatch, WriteOptions, DB};
+
+const CHILD_ENV: &str = "BLOBFS_TEST_CHILD";
+const CHILD_URI_ENV: &str = "BLOBFS_TEST_URI";
+
+fn key(i: u32) -> Vec<u8> {
+    format!("key{i:08}").into_bytes()
+}
+
+fn value(i: u32, round: u32) -> Vec<u8> {
+    let mut v = format!("value-{i}-{round}-").into_bytes();
+    v.resize(100, b'a' + (i % 26) as u8);
+    v
+}
+
+/// Small buffers and levels so a few MB of data spans several levels.
+fn small_options() -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    o.set_write_buffer_size(64 << 10);
+    o.set_max_write_buffer_number(2);
+    o.set_target_file_size_base(64 << 10);
+    o.set_max_bytes_for_level_base(256 << 10);
+    o.set_level_zero_file_num_compaction_trigger(2);
+    o.set_level_compaction_dynamic_level_bytes(false);
+    o
+}
+
+fn verify(db: &DB, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    let got: Vec<(Vec<u8>, Vec<u8>)> = db
+        .iterator(IteratorMode::Start)
+        .map(|r| {
+            let (k, v) = r.expect("iterate");
+            (k.to_vec(), v.to_vec())
+        })
+        .collect();
+    assert_eq!(got.len(), model.len(), "number of keys");
+    for ((gk, gv), (mk, mv)) in got.iter().zip(model.iter()) {
+        assert_eq!(gk, mk);
+        assert_eq!(gv, mv, "value of {}", String::from_utf8_lossy(mk));
+    }
+    for (k, v) in model.iter().step_by(97) {
+        assert_eq!(db.get(k).unwrap().as_deref(), Some(&v[..]));
+    }
+}
+
+fn files_per_level(db: &DB) -> Vec<u64> {
+    (0..7)
+        .map(|l| {
+            db.property_int_value(&format!("rocksdb.num-files-at-level{l}"))
+                .unwrap()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+#[test]
+fn crud_flush_compaction_reopen() {
+    let uri = "blobfs://mem:1G;cache=16M";
+    let path = "/crud/db";
+    let opts = small_options();
+    let mut model = BTreeMap::new();
+    {
+        let db = rocksdb_env::open_db(uri, path, &opts).unwrap();
+        // Puts, overwrites and deletes over three rounds, flushing between.
+        for round in 0..3u32 {
+            for i in (0..20_000u32).filter(|i| i % (round + 1) == 0) {
+                db.put(key(i), value(i, round)).unwrap();
+                model.insert(key(i), value(i, round));
+            }
+            for i in (0..20_000u32).filter(|i| i % 7 == round) {
+                db.delete(key(i)).unwrap();
+                model.remove(&key(i));
+            }
+            db.flush().unwrap();
+        }
+        // A write batch: puts and deletes applied atomically.
+        let mut batch = WriteBatch::default();
+        for i in 20_000..21_000u32 {
+            batch.put(key(i), value(i, 9));
+            model.insert(key(i), value(i, 9));
+        }
+        for i in (0..1000u32).step_by(3) {
+            batch.delete(key(i));
+            model.remove(&key(i));
+        }
+        db.write(batch).unwrap();
+        assert_eq!(db.get(key(20_500)).unwrap(), Some(value(20_500, 9)));
+        assert_eq!(db.get(key(3)).unwrap(), None);
+
+        let before = files_per_level(&db);
+        db.compact_range::<&[u8], &[u8]>(None, None);
+        let after = files_per_level(&db);
+        eprintln!("files per level: before compaction {before:?}, after {after:?}");
+        assert!(
+            before.iter().filter(|&&n| n > 0).count() >= 2,
+            "data spans several levels before compaction: {before:?}"
+        );
+        assert_eq!(after[0], 0, "L0 empty after a full compaction");
+        assert!(after.iter().sum::<u64>() > 1, "{after:?}");
+        verify(&db, &model);
+    }
+    // Closed; RocksDB's files are BlobFS files.
+    let fs = rocksdb_env::mount(uri).unwrap();
+    let names: Vec<String> = fs
+        .read_dir(path)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert!(names.iter().any(|n| n == "CURRENT"), "{names:?}");
+    assert!(names.iter().any(|n| n.ends_with(".sst")), "{names:?}");
+
+    let db = rocksdb_env::open_db(uri, path, &opts).unwrap();
+    verify(&db, &model);
+    // Writes still work after the reopen.
+    db.put(b"after-reopen", b"yes").unwrap();
+    assert_eq!(
+        db.get(b"after-reopen").unwrap().as_deref(),
+        Some(&b"yes"[..])
+    );
+}
+
+#[test]
+fn two_filesystems_share_one_mount() {
+    let uri = "blobfs://mem:256M";
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    let a = rocksdb_env::open_db(uri, "/share/a", &o).unwrap();
+    let b = rocksdb_env::open_db(&format!("{uri};cache=1M"), "/share/b", &o).unwrap();
+    a.put(b"k", b"a").unwrap();
+    b.put(b"k", b"b").unwrap();
+    let fs = rocksdb_env::mount(uri).unwrap();
+    assert!(fs.exists("share/a/CURRENT") && fs.exists("share/b/CURRENT"));
+    // The same DB cannot be opened twice at once (LOCK held in BlobFS).
+    assert!(rocksdb_env::open_db(uri, "/share/a", &o).is_err());
+}
+
+fn image_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("rocksdb-env-{name}-{}.img", std::process::id()))
+}
+
+/// Keys the child writes with a synced WAL before it aborts.
+const SYNCED_BATCHES: u32 = 40;
+const KEYS_PER_BATCH: u32 = 100;
+
+fn child_writes_then_aborts(uri: &str) -> ! {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    let db = rocksdb_env::open_db(uri, "/crash/db", &o).unwrap();
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    for b in 0..SYNCED_BATCHES {
+        let mut batch = WriteBatch::default();
+        for i in b * KEYS_PER_BATCH..(b + 1) * KEYS_PER_BATCH {
+            batch.put(key(i), value(i, 1));
+        }
+        db.write_opt(batch, &synced).unwrap();
+    }
+    // Unsynced tail: may or may not survive, never corrupts what did.
+    for i in 0..500u32 {
+        db.put(key(1_000_000 + i), value(i, 2)).unwrap();
+    }
+    println!(
+        "child: synced {} keys, aborting",
+        SYNCED_BATCHES * KEYS_PER_BATCH
+    );
+    std::process::abort();
+}
+
+fn child_probes_device(uri: &str) -> ! {
+    match rocksdb_env::mount(uri) {
+        Ok(_) => {
+            println!("PROBE: mounted");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            println!("PROBE: {e}");
+            std::process::exit(0)
+        }
+    }
+}
+
+/// Runs this test binary as a child doing `what`.
+fn run_child(what: &str, test: &str, uri: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, what)
+        .env(CHILD_URI_ENV, uri)
+        .output()
+        .unwrap()
+}
+
+/// When run as a child, do the child's job instead of the test.
+fn maybe_child() {
+    if let (Ok(what), Ok(uri)) = (std::env::var(CHILD_ENV), std::env::var(CHILD_URI_ENV)) {
+        match what.as_str() {
+            "write-abort" => child_writes_then_aborts(&uri),
+            "probe" => child_probes_device(&uri),
+            other => panic!("unknown child job {other}"),
+        }
+    }
+}
+
+#[test]
+fn wal_recovery_after_kill() {
+    maybe_child();
+    let img = image_path("crash");
+    let _ = std::fs::remove_file(&img);
+    let uri = format!("blobfs://file:{}?size=512M;mkfs=if-blank", img.display());
+    let out = run_child("write-abort", "wal_recovery_after_kill", &uri);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && stdout.contains("aborting"),
+        "child should abort after writing: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The child never closed the DB; the WAL must bring back every synced key.
+    let mut o = Options::default();
+    o.create_if_missing(false);
+    let db = rocksdb_env::open_db(&uri, "/crash/db", &o).unwrap();
+    for i in 0..SYNCED_BATCHES * KEYS_PER_BATCH {
+        assert_eq!(db.get(key(i)).unwrap(), Some(value(i, 1)), "key {i}");
+    }
+    let tail = (0..500u32)
+        .filter(|i| db.get(key(1_000_000 + i)).unwrap().is_some())
+        .count();
+    eprintln!("recovered all synced keys; {tail} of 500 unsynced keys survived");
+    drop(db);
+    // RocksDB's Env for this URI lives as long as the process, so the device
+    // stays mounted; unmount says so instead of pretending.
+    assert!(matches!(
+        rocksdb_env::unmount(&uri),
+        Err(rocksdb_env::Error::InUse { .. })
+    ));
+    std::fs::remove_file(&img).unwrap();
+}
+
+#[test]
+fn second_process_is_locked_out() {
+    maybe_child();
+    let img = image_path("inuse");
+    let _ = std::fs::remove_file(&img);
+    let uri = format!("blobfs://file:{}?size=256M", img.display());
+    let fs = rocksdb_env::mount(&uri).unwrap();
+    fs.create_dir_all("probe").unwrap();
+    let out = run_child("probe", "second_process_is_locked_out", &uri);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("PROBE: "), "{stdout}");
+    assert!(
+        stdout.contains("in use"),
+        "a second process must get 'in use', got: {stdout}"
+    );
+    drop(fs);
+    assert!(rocksdb_env::unmount(&uri).unwrap(), "unmounted");
+    assert!(
+        !rocksdb_env::unmount(&uri).unwrap(),
+        "nothing left to unmount"
+    );
+    std::fs::remove_file(&img).unwrap();
+}
+
+#[test]
+fn injected_write_error_reaches_rocksdb() {
+    let uri = "blobfs://mem:512M;fault_injection=on";
+    let path = "/faults/db";
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    let faults = rocksdb_env::fault_control(uri)
+        .unwrap()
+        .expect("fault switch");
+    {
+        let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+        for i in 0..100u32 {
+            db.put_opt(key(i), value(i, 0), &synced).unwrap();
+        }
+        faults.fail_writes_after(0);
+        let err = db
+            .put_opt(key(100), value(100, 0), &synced)
+            .expect_err("a synced write on a failing device must fail");
+        eprintln!("RocksDB reported: {err}");
+        assert_eq!(err.kind(), rocksdb::ErrorKind::IOError, "{err}");
+        assert!(faults.injected() > 0);
+        // RocksDB stops taking writes after a WAL sync error.
+        assert!(db.put_opt(key(101), value(101, 0), &synced).is_err());
+        faults.disarm();
+    }
+    // Reopen on the healed device: every acknowledged write is there.
+    let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+    for i in 0..100u32 {
+        assert_eq!(db.get(key(i)).unwrap(), Some(value(i, 0)), "key {i}");
+    }
+    db.put_opt(key(200), value(200, 0), &synced).unwrap();
+}
