@@ -61,11 +61,12 @@ impl Drop for Blob {
     }
 }
 
-/// Segments covering bytes `[off, off+len)` of `bufs` taken as one buffer.
-fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
+/// The pieces `(buffer index, start, length)` of bytes `[off, off+len)` of
+/// `bufs` taken as one buffer.
+fn pieces(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<(usize, usize, usize)> {
     let mut out = Vec::new();
     let (mut skip, mut left) = (off, len);
-    for b in bufs {
+    for (i, b) in bufs.iter().enumerate() {
         if left == 0 {
             break;
         }
@@ -74,28 +75,25 @@ fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
             continue;
         }
         let n = (b.len() - skip).min(left);
-        out.push(b.segment(skip, n));
+        out.push((i, skip, n));
         left -= n;
         skip = 0;
     }
     out
 }
 
+/// Segments covering bytes `[off, off+len)` of `bufs` taken as one buffer.
+fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
+    pieces(bufs, off, len)
+        .into_iter()
+        .map(|(i, start, n)| bufs[i].segment(start, n))
+        .collect()
+}
+
 /// Zeroes bytes `[off, off+len)` of `bufs` taken as one buffer.
 fn zero_range(bufs: &mut [DmaBuf], off: usize, len: usize) {
-    let (mut skip, mut left) = (off, len);
-    for b in bufs {
-        if left == 0 {
-            break;
-        }
-        if skip >= b.len() {
-            skip -= b.len();
-            continue;
-        }
-        let n = (b.len() - skip).min(left);
-        b[skip..skip + n].fill(0);
-        left -= n;
-        skip = 0;
+    for (i, start, n) in pieces(bufs, off, len) {
+        bufs[i][start..start + n].fill(0);
     }
 }
 
