@@ -36,7 +36,11 @@ pub struct SetupOptions {
 impl Default for SetupOptions {
     fn default() -> Self {
         SetupOptions {
-            store: BlobstoreOptions::default(),
+            // The benchmark formats its scratch device on every run.
+            store: BlobstoreOptions {
+                force: true,
+                ..Default::default()
+            },
             spare_clusters: 16,
         }
     }

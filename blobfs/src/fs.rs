@@ -52,6 +52,10 @@ pub struct MkfsOptions {
     pub cluster_size: u32,
     /// Metadata pages (at least one per file); default one per cluster.
     pub md_pages: Option<u64>,
+    /// Format even when the device holds a known signature (a file system,
+    /// a partition table, a blobstore or BlobFS). Default false: mkfs then
+    /// fails with the blobstore's `DeviceNotBlank` naming what it found.
+    pub force: bool,
 }
 
 impl Default for MkfsOptions {
@@ -59,6 +63,7 @@ impl Default for MkfsOptions {
         MkfsOptions {
             cluster_size: 1 << 20,
             md_pages: None,
+            force: false,
         }
     }
 }
@@ -337,6 +342,28 @@ impl Drop for FileLock {
     }
 }
 
+/// Why the device on which a mount found no BlobFS is not one, naming what
+/// it holds (shown after "not a BlobFS: "): `file:/x.img holds a blobstore
+/// of type "kv"`, `... holds an ext4 file system (signature at byte 1080)`,
+/// `... holds no known signature (blank or unknown data)`.
+pub(crate) async fn not_blobfs_reason(dev: &Arc<dyn BlockDevice>, e: blobstore::Error) -> String {
+    let name = dev.name();
+    if let blobstore::Error::WrongType { found, .. } = &e {
+        return format!(
+            "{name} holds {}",
+            blobstore::probe::describe_blobstore(found)
+        );
+    }
+    match blobstore::probe::probe(dev).await {
+        Ok(Some(sig)) => format!(
+            "{name} holds {} (signature at byte {})",
+            sig.what, sig.offset
+        ),
+        Ok(None) => format!("{name} holds no known signature (blank or unknown data)"),
+        Err(_) => format!("{name}: {e}"),
+    }
+}
+
 struct Found {
     id: BlobId,
     blob: blobstore::Blob,
@@ -348,7 +375,9 @@ struct Found {
 }
 
 impl BlobFs {
-    /// Makes a new, empty BlobFS on `dev` (erasing it) and mounts it.
+    /// Makes a new, empty BlobFS on `dev` and mounts it. Refuses a device
+    /// that holds a known signature (a file system, a partition table, any
+    /// blobstore, an older BlobFS) unless `mkfs.force` is set.
     pub async fn mkfs_async(
         dev: Arc<dyn BlockDevice>,
         mkfs: MkfsOptions,
@@ -366,6 +395,7 @@ impl BlobFs {
                 cluster_size: mkfs.cluster_size,
                 md_pages: mkfs.md_pages,
                 bstype: meta::BSTYPE.into(),
+                force: mkfs.force,
                 ..Default::default()
             },
         )
@@ -427,7 +457,7 @@ impl BlobFs {
     async fn mount_inner(dev: Arc<dyn BlockDevice>, opts: MountOptions) -> Result<BlobFs> {
         let device_id = dev.id();
         let bs = match Blobstore::load(
-            dev,
+            dev.clone(),
             LoadOptions {
                 bstype: meta::BSTYPE.into(),
             },
@@ -436,7 +466,7 @@ impl BlobFs {
         {
             Ok(bs) => bs,
             Err(e @ (blobstore::Error::NotABlobstore(_) | blobstore::Error::WrongType { .. })) => {
-                return Err(Error::NotBlobFs(e.to_string()))
+                return Err(Error::NotBlobFs(not_blobfs_reason(&dev, e).await))
             }
             Err(e) => return Err(Error::store("mount", e)),
         };

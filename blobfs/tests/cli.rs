@@ -64,11 +64,22 @@ fn cli_commands_on_a_file_image() {
     assert!(ok(&["mkfs", &create]).contains("made a BlobFS"));
     // A second mkfs must not erase it silently.
     let err = fails(&["mkfs", dev]);
-    assert!(
-        err.contains("holds a BlobFS") && err.contains("--force"),
-        "{err}"
+    let canon = img.canonicalize().unwrap();
+    assert_eq!(
+        err,
+        format!(
+            "blobfs: refusing to format file:{}?size=64M&bs=4096: it holds a blobstore of type \
+             \"BLOBFS\" (signature at byte 0); use --force (CLI) / mkfs=force (URI) / \
+             BlobstoreOptions::force to overwrite it\n",
+            canon.display()
+        )
     );
-    ok(&["mkfs", dev, "--force", "--cluster-size", "64K"]);
+    let out = run(&["mkfs", dev, "--force", "--cluster-size", "64K"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("blobfs: erasing a blobstore of type \"BLOBFS\" on {dev} (signature at byte 0)\n")
+    );
 
     let data = pattern(1, 3_000_001);
     std::fs::write(host("in.bin"), &data).unwrap();
@@ -357,4 +368,51 @@ fn fuse_mount_copy_diff_remount_diff() {
     let m = Mount::new(&dev, &mnt);
     diff(&tree, &mnt.join("tree"));
     m.unmount();
+}
+
+#[test]
+fn cli_refuses_foreign_signatures_and_held_devices() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("ext4.img");
+    // An image with an ext4 super block magic and its extents feature.
+    let mut bytes = vec![0u8; 16 << 20];
+    bytes[1080..1082].copy_from_slice(&0xEF53u16.to_le_bytes());
+    bytes[1024 + 0x60..1024 + 0x64].copy_from_slice(&0x40u32.to_le_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    let canon = img.canonicalize().unwrap();
+    let dev = format!("file:{}", img.display());
+
+    let err = fails(&["mkfs", &dev]);
+    assert_eq!(
+        err,
+        format!(
+            "blobfs: refusing to format file:{}?size=16M&bs=4096: it holds an ext4 file system \
+             (signature at byte 1080); use --force (CLI) / mkfs=force (URI) / \
+             BlobstoreOptions::force to overwrite it\n",
+            canon.display()
+        )
+    );
+    let err = fails(&["ls", &dev]);
+    assert_eq!(
+        err,
+        format!(
+            "blobfs: mounting {dev}: not a BlobFS: file:{}?size=16M&bs=4096 holds an ext4 file \
+             system (signature at byte 1080)\n",
+            canon.display()
+        )
+    );
+    // Held by this process: the CLI, another process, gets "in use".
+    let held = blobstore::open_device(&dev).unwrap();
+    let err = fails(&["mkfs", &dev, "--force"]);
+    assert_eq!(
+        err,
+        format!(
+            "blobfs: opening {dev}: busy: {} is in use by another process/blobstore (it holds an \
+             exclusive lock on it)\n",
+            img.display()
+        )
+    );
+    drop(held);
+    ok(&["mkfs", &dev, "--force"]);
+    assert_eq!(ok(&["ls", &dev]), "");
 }

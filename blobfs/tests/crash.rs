@@ -158,6 +158,7 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
         MkfsOptions {
             cluster_size: 64 << 10,
             md_pages: Some(256),
+            ..Default::default()
         },
         MountOptions::default(),
     )

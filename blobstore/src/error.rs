@@ -81,6 +81,20 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// `init` found a signature on the device (a file system, a partition
+    /// table, a blobstore) and was not asked to overwrite it.
+    #[error(
+        "refusing to format {device}: it holds {what} (signature at byte {offset}); use --force \
+         (CLI) / mkfs=force (URI) / BlobstoreOptions::force to overwrite it"
+    )]
+    DeviceNotBlank {
+        /// The device (its spec).
+        device: String,
+        /// What it holds, e.g. "an ext4 file system".
+        what: String,
+        /// Byte offset of the signature found.
+        offset: u64,
+    },
     /// The device is too small for what was asked.
     #[error("device too small: {0}")]
     DeviceTooSmall(String),

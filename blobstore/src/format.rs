@@ -1,6 +1,8 @@
 //! The on-disk byte layout of the blobstore: every struct that touches the
 //! disk is encoded and decoded here, and only here. `FORMAT.md` next to the
-//! crate draws the same bytes for humans.
+//! crate draws the same bytes for humans. Other software's signatures (file
+//! systems, partition tables) that `init` refuses to format over are only
+//! read, never written, and are tabled in [`crate::probe`].
 //!
 //! Invariants:
 //! - Every encoded struct carries a magic, a version and a crc32c; decoding
@@ -66,6 +68,21 @@ const SUPER_OFF_SUPER_BLOB: usize = SUPER_OFF_MD_LEN + 8;
 const SUPER_OFF_BSTYPE: usize = SUPER_OFF_SUPER_BLOB + 8;
 const SUPER_OFF_RESERVED: usize = SUPER_OFF_BSTYPE + BSTYPE_LEN;
 const SUPER_OFF_CRC: usize = SUPER_BLOCK_LEN - CRC_LEN;
+
+/// The type tag of the super block at the start of `buf`, read without
+/// checking the rest (for naming what a device holds, also when its super
+/// block is damaged). `None` without the magic or when `buf` is short.
+pub fn super_block_type(buf: &[u8]) -> Option<String> {
+    if buf.get(..8)? != SUPER_MAGIC {
+        return None;
+    }
+    let tag = buf.get(SUPER_OFF_BSTYPE..SUPER_OFF_BSTYPE + BSTYPE_LEN)?;
+    Some(
+        String::from_utf8_lossy(tag)
+            .trim_end_matches('\0')
+            .to_string(),
+    )
+}
 
 /// Super block flag: the store was unloaded cleanly and its bitmaps are valid.
 pub const SUPER_FLAG_CLEAN: u32 = 1;

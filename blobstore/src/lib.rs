@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod exec;
 pub mod format;
+pub mod probe;
 pub mod reactor;
 mod snapshot;
 mod store;
@@ -32,6 +33,7 @@ pub use device::{
 pub use device::{NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
+pub use probe::Signature;
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions};
 
 /// Identifies a blob within its blobstore.

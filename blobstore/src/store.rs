@@ -39,6 +39,10 @@ pub struct BlobstoreOptions {
     pub md_pages: Option<u64>,
     /// Type tag (at most 16 bytes) that `load` can insist on.
     pub bstype: String,
+    /// Format even when the device holds a known signature (a file system,
+    /// a partition table, a blobstore). Default false: `init` then fails
+    /// with [`Error::DeviceNotBlank`] naming what it found.
+    pub force: bool,
 }
 
 impl Default for BlobstoreOptions {
@@ -48,6 +52,7 @@ impl Default for BlobstoreOptions {
             page_size: 4096,
             md_pages: None,
             bstype: String::new(),
+            force: false,
         }
     }
 }
@@ -704,7 +709,10 @@ impl StoreInner {
 }
 
 impl Blobstore {
-    /// Makes a new, empty blobstore on `dev`, overwriting what it held.
+    /// Makes a new, empty blobstore on `dev`. Unless `opts.force` is set,
+    /// first probes the device ([`crate::probe`]) and fails with
+    /// [`Error::DeviceNotBlank`] if it holds a known signature, our own
+    /// blobstores included; with `force`, whatever it held is overwritten.
     pub async fn init(dev: Arc<dyn BlockDevice>, opts: BlobstoreOptions) -> Result<Blobstore> {
         let geo = dev.geometry();
         let ps = opts.page_size;
@@ -747,6 +755,15 @@ impl Blobstore {
                 geo.size_bytes(),
                 opts.cluster_size
             )));
+        }
+        if !opts.force {
+            if let Some(sig) = crate::probe::probe(&dev).await? {
+                return Err(Error::DeviceNotBlank {
+                    device: dev.name(),
+                    what: sig.what,
+                    offset: sig.offset,
+                });
+            }
         }
         let mut bstype = [0u8; format::BSTYPE_LEN];
         bstype[..opts.bstype.len()].copy_from_slice(opts.bstype.as_bytes());

@@ -893,6 +893,8 @@ fn init_opts() -> BlobstoreOptions {
         cluster_size: CLUSTER,
         md_pages: Some(MD_PAGES),
         bstype: "crash".into(),
+        // The crash runs init over an older store on purpose.
+        force: true,
         ..Default::default()
     }
 }

@@ -327,6 +327,8 @@ fn opts() -> BlobstoreOptions {
     BlobstoreOptions {
         cluster_size: 1 << 20,
         bstype: "nvme-vm".into(),
+        // The namespaces are scratch space that earlier tests wrote.
+        force: true,
         ..Default::default()
     }
 }
@@ -437,4 +439,68 @@ fn blobstore_persists_across_unload_crash_and_controller_reset() {
         block_on(store.unload()).unwrap();
         println!("bs {bs}: blobstore init/write/unload/reset/load/crash/load verified");
     }
+}
+
+const CHILD_ENV: &str = "NVME_VM_CHILD_OPEN";
+
+/// One opener per namespace: a second `NvmeDevice::open` in this process
+/// and an open from another process (this binary, re-run as a child while
+/// this process holds the VFIO group) both get "in use".
+#[test]
+#[ignore]
+fn second_open_is_in_use() {
+    let pci = std::env::var("NVME_TEST_PCI").expect(NEEDS);
+    if std::env::var(CHILD_ENV).is_ok() {
+        match NvmeDevice::open(&pci, 1) {
+            Ok(_) => println!("CHILD: opened"),
+            Err(e) => println!("CHILD: {e}"),
+        }
+        std::process::exit(0);
+    }
+    let first = NvmeDevice::open(&pci, 1).unwrap();
+    let e = NvmeDevice::open(&pci, 1).err().expect("a second opener");
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "busy: nvme:{pci}/ns=1 is in use by another device of this process (one opener per \
+             namespace)"
+        )
+    );
+    // Through a spec, too.
+    let e = blobstore::open_device(&format!("nvme:{pci}/ns=1"))
+        .err()
+        .expect("a second opener");
+    assert!(matches!(e, Error::Busy(_)), "{e}");
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "second_open_is_in_use",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.split_once("CHILD: ").map(|(_, r)| r.to_string()))
+        .unwrap_or_else(|| panic!("no child line: {stdout}"));
+    let group = std::fs::read_link(format!("/sys/bus/pci/devices/{pci}/iommu_group"))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert_eq!(
+        line,
+        format!(
+            "busy: nvme:{pci} is in use: its VFIO group /dev/vfio/{group} is held by another \
+             process"
+        )
+    );
+    drop(first);
+    // Once dropped, this process opens it again.
+    NvmeDevice::open(&pci, 1).unwrap();
 }

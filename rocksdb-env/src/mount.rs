@@ -62,8 +62,35 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
         ..Default::default()
     };
     let fs = match uri.mkfs {
-        Mkfs::Always => BlobFs::mkfs(dev, mkfs_opts, mount_opts),
+        Mkfs::Force => BlobFs::mkfs(
+            dev,
+            MkfsOptions {
+                force: true,
+                ..mkfs_opts
+            },
+            mount_opts,
+        ),
+        Mkfs::Always => {
+            // Only a blank device or a BlobFS of ours may be formatted over
+            // without asking: anything else goes to the refusing mkfs.
+            let ours = blobstore::probe::probe_sync(&dev)
+                .map_err(|e| Error::Device {
+                    spec: uri.spec.clone(),
+                    reason: e.to_string(),
+                })?
+                .is_none_or(|sig| sig.blobstore_type.as_deref() == Some(blobfs::meta::BSTYPE));
+            BlobFs::mkfs(
+                dev,
+                MkfsOptions {
+                    force: ours,
+                    ..mkfs_opts
+                },
+                mount_opts,
+            )
+        }
         Mkfs::Never => BlobFs::mount(dev, mount_opts),
+        // mkfs without force formats only a device with no signature at
+        // all, so a foreign blobstore or a file system is refused by it.
         Mkfs::IfBlank => match BlobFs::mount(dev.clone(), mount_opts.clone()) {
             Err(blobfs::Error::NotBlobFs(_)) => BlobFs::mkfs(dev, mkfs_opts, mount_opts),
             other => other,

@@ -4,14 +4,29 @@
 //! blobfs://<device spec>[;<option>=<value>]...
 //!
 //!   cache=<size>            read cache of the mount (default 256M; 0 = off)
-//!   mkfs=if-blank|never|always
-//!                           if-blank (default): format a device that holds
-//!                           no BlobFS; never: mount only; always: format at
-//!                           the first mount in this process
+//!   mkfs=if-blank|never|always|force
+//!                           when to format at the first mount in this
+//!                           process (default if-blank), see below
 //!   cluster=<size>          cluster size when formatting (default 1M)
 //!   fault_injection=on      put a fault-injecting wrapper under BlobFS
 //!                           (tests; armed with `inject_write_faults`)
 //! ```
+//!
+//! The mkfs modes, and what each does with what the device holds:
+//!
+//! | device holds | if-blank | never | always | force |
+//! | --- | --- | --- | --- | --- |
+//! | nothing known (no signature) | format | refuse | format | format |
+//! | a BlobFS | mount | mount | format | format |
+//! | another blobstore, a file system, a partition table | refuse | refuse | refuse | format |
+//!
+//! "Nothing known" means none of the signatures of `blobstore::probe` in the
+//! first 68 KiB (an all-zero device, or data we do not recognise). A
+//! refusal is the mount's error, naming what was found, e.g. `refusing to
+//! format file:/x.img?bs=4096: it holds an ext4 file system (signature at
+//! byte 1080); use --force (CLI) / mkfs=force (URI) / ...`. `always` is
+//! for tests and benchmarks that want a fresh BlobFS each run; `force` is
+//! the only mode that erases something that is not ours.
 //!
 //! The device spec is the blobstore's (`mem:1G`, `file:/x.img?size=8G`), so
 //! it may carry its own `?`, `=` and `&`; `;` starts the BlobFS options.
@@ -31,12 +46,16 @@ pub const SCHEME: &str = "blobfs://";
 /// When to format the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mkfs {
-    /// Format only a device that holds no BlobFS.
+    /// Mount a BlobFS; format a device with no known signature; refuse
+    /// anything else (another blobstore, a file system, a partition table).
     IfBlank,
     /// Never format; mounting a device without BlobFS fails.
     Never,
-    /// Format at the first mount in this process.
+    /// Format at the first mount in this process a device that is blank or
+    /// holds a BlobFS; refuse anything else.
     Always,
+    /// Format at the first mount in this process, whatever the device holds.
+    Force,
 }
 
 /// A parsed `blobfs://` URI.
@@ -103,9 +122,10 @@ impl Uri {
                         "if-blank" => Mkfs::IfBlank,
                         "never" => Mkfs::Never,
                         "always" => Mkfs::Always,
+                        "force" => Mkfs::Force,
                         _ => {
                             return Err(bad(format!(
-                                "mkfs={value}: expected if-blank, never or always"
+                                "mkfs={value}: expected if-blank, never, always or force"
                             )))
                         }
                     }
@@ -144,6 +164,7 @@ impl Uri {
             Mkfs::IfBlank => ";mkfs=if-blank",
             Mkfs::Never => ";mkfs=never",
             Mkfs::Always => ";mkfs=always",
+            Mkfs::Force => ";mkfs=force",
         });
         if self.fault_injection {
             s.push_str(";fault_injection=on");
@@ -208,6 +229,14 @@ mod tests {
         assert!(e.to_string().contains("cache") || e.to_string().contains("lots"));
         assert!(Uri::parse("blobfs://").is_err());
         assert!(Uri::parse("blobfs://mem:64M;colour=blue").is_err());
-        assert!(Uri::parse("blobfs://mem:64M;mkfs=maybe").is_err());
+        let e = Uri::parse("blobfs://mem:64M;mkfs=maybe").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad blobfs URI \"blobfs://mem:64M;mkfs=maybe\": mkfs=maybe: expected if-blank, \
+             never, always or force"
+        );
+        let f = Uri::parse("blobfs://mem:64M;mkfs=force").unwrap();
+        assert_eq!(f.mkfs, Mkfs::Force);
+        assert_eq!(Uri::parse(&f.to_options_value()).unwrap(), f);
     }
 }

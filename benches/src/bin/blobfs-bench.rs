@@ -189,8 +189,12 @@ fn main() -> ExitCode {
 
 fn run(args: &Args, size: u64, spec: &str, posix_dir: &Path) -> Result<(), String> {
     let dev = blobstore::device::open_device(spec).map_err(|e| e.to_string())?;
-    let fs = BlobFs::mkfs(dev, MkfsOptions::default(), MountOptions::default())
-        .map_err(|e| e.to_string())?;
+    // The benchmark's scratch image holds the previous run's BlobFS.
+    let mkfs = MkfsOptions {
+        force: true,
+        ..Default::default()
+    };
+    let fs = BlobFs::mkfs(dev, mkfs, MountOptions::default()).map_err(|e| e.to_string())?;
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     for r in 0..args.rounds {

@@ -52,7 +52,8 @@ enum Cmd {
         /// Cluster size: the unit in which files get space.
         #[arg(long, default_value = "1M", value_parser = parse_cluster)]
         cluster_size: u32,
-        /// Erase a device that already holds a blobstore or BlobFS.
+        /// Erase a device that holds a file system, a partition table, a
+        /// blobstore or a BlobFS (without it, mkfs refuses and says what it found).
         #[arg(long)]
         force: bool,
     },

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::{block_on, Blobstore, LoadOptions};
+use blobstore::block_on;
 
 use crate::util::{fail, human, open_device, print, utc, write_stdout, CliResult, Ctx};
 
@@ -27,43 +27,31 @@ pub fn with_fs<T>(spec: &str, f: impl FnOnce(&BlobFs) -> CliResult<T>) -> CliRes
 
 pub fn mkfs(spec: &str, cluster_size: u32, force: bool) -> CliResult {
     let dev = open_device(spec)?;
-    // Look for an existing store of any type before erasing anything.
-    let found = match block_on(Blobstore::load(dev.clone(), LoadOptions::default())) {
-        Ok(bs) => {
-            let kind = match bs.bstype().as_str() {
-                blobfs::meta::BSTYPE => "a BlobFS".to_string(),
-                "" => "a blobstore (no type tag)".to_string(),
-                t => format!("a blobstore of type {t:?}"),
-            };
-            let what = format!(
-                "{kind} with {} blobs, {} of {} clusters in use",
-                bs.blob_ids().len(),
-                bs.data_clusters() - bs.free_clusters(),
-                bs.data_clusters()
+    if force {
+        // Say what is being erased (mkfs itself refuses without --force).
+        if let Some(sig) = blobstore::probe::probe_sync(&dev).ctx(format!("probing {spec}"))? {
+            eprintln!(
+                "blobfs: erasing {} on {spec} (signature at byte {})",
+                sig.what, sig.offset
             );
-            block_on(bs.unload()).ctx(format!("closing the blobstore on {spec}"))?;
-            Some(what)
         }
-        Err(blobstore::Error::NotABlobstore(_)) => None,
-        Err(e) => Some(format!(
-            "something that looks like a blobstore but does not load ({e})"
-        )),
-    };
-    if let Some(what) = &found {
-        if !force {
-            return fail(format!("{spec} holds {what}; use --force to erase it"));
-        }
-        eprintln!("blobfs: erasing {what}");
     }
     let fs = BlobFs::mkfs(
         dev,
         MkfsOptions {
             cluster_size,
+            force,
             ..Default::default()
         },
         MountOptions::default(),
     )
-    .ctx(format!("mkfs on {spec}"))?;
+    .map_err(|e| match e {
+        // The blobstore's refusal names the device and the way out already.
+        Error::Store(_, inner @ blobstore::Error::DeviceNotBlank { .. }) => {
+            crate::util::CliError(inner.to_string())
+        }
+        e => crate::util::CliError(format!("mkfs on {spec}: {e}")),
+    })?;
     let space = fs.space();
     fs.unmount().ctx(format!("unmounting {spec}"))?;
     print(&format!(

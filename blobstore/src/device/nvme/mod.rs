@@ -93,6 +93,44 @@ pub struct NvmeController {
 /// of the process: see the `vfio` module).
 static CONTROLLERS: Mutex<Vec<(String, Arc<NvmeController>)>> = Mutex::new(Vec::new());
 
+/// Namespaces opened through [`NvmeDevice::open`] (the spec path) in this
+/// process, as (PCI address, namespace id): one opener each, so two
+/// blobstores never write one namespace. Other processes are kept out by
+/// the VFIO group, which the kernel lets one process open at a time.
+static CLAIMED: Mutex<Vec<(String, u32)>> = Mutex::new(Vec::new());
+
+/// This process's claim on one namespace, released on drop.
+struct NamespaceClaim {
+    pci: String,
+    nsid: u32,
+}
+
+impl NamespaceClaim {
+    /// Claims namespace `nsid` of `pci`, or says who holds it.
+    fn take(pci: &str, nsid: u32) -> Result<NamespaceClaim> {
+        let mut claimed = CLAIMED.lock();
+        if claimed.iter().any(|(p, n)| p == pci && *n == nsid) {
+            return Err(Error::Busy(format!(
+                "nvme:{pci}/ns={nsid} is in use by another device of this process (one opener \
+                 per namespace)"
+            )));
+        }
+        claimed.push((pci.to_string(), nsid));
+        Ok(NamespaceClaim {
+            pci: pci.to_string(),
+            nsid,
+        })
+    }
+}
+
+impl Drop for NamespaceClaim {
+    fn drop(&mut self) {
+        CLAIMED
+            .lock()
+            .retain(|(p, n)| !(*p == self.pci && *n == self.nsid));
+    }
+}
+
 fn read_page(buf: &DmaBuf, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     // SAFETY: the admin command that wrote the page completed; `len` is
@@ -460,16 +498,25 @@ pub struct NvmeDevice {
     dsm: bool,
     write_zeroes: bool,
     id: DeviceId,
+    /// Held when opened through [`NvmeDevice::open`].
+    _claim: Option<NamespaceClaim>,
 }
 
 impl NvmeDevice {
     /// Namespace `nsid` of the controller at PCI address `pci` (bound to
-    /// vfio-pci). The spec form is `nvme:<pci>[/ns=<n>]`.
+    /// vfio-pci). The spec form is `nvme:<pci>[/ns=<n>]`. Fails with
+    /// [`Error::Busy`] ("in use") while this process has the namespace open
+    /// through another `NvmeDevice::open`, or another process holds the
+    /// controller's VFIO group.
     pub fn open(pci: &str, nsid: u32) -> Result<NvmeDevice> {
-        NvmeDevice::from_controller(NvmeController::open(pci)?, nsid)
+        let claim = NamespaceClaim::take(pci, nsid)?;
+        let mut dev = NvmeDevice::from_controller(NvmeController::open(pci)?, nsid)?;
+        dev._claim = Some(claim);
+        Ok(dev)
     }
 
-    /// Namespace `nsid` of an attached controller.
+    /// Namespace `nsid` of an attached controller. Takes no claim: the
+    /// caller decides who else may use the namespace (tests share one).
     pub fn from_controller(ctrl: Arc<NvmeController>, nsid: u32) -> Result<NvmeDevice> {
         if nsid == 0 || nsid > ctrl.identity.nn {
             return Err(Error::InvalidArgument(format!(
@@ -524,6 +571,7 @@ impl NvmeDevice {
             ctrl,
             nsid,
             id: DeviceId::fresh(),
+            _claim: None,
         }
     }
 

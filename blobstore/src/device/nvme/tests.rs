@@ -748,3 +748,21 @@ fn blobstore_persists_on_the_model_across_a_reset() {
         assert!(back[..] == data[..]);
     }
 }
+
+#[test]
+fn a_namespace_has_one_opener_per_process() {
+    // The claim NvmeDevice::open takes (the controller itself needs
+    // hardware; the VM test opens a real one twice).
+    let pci = "test:claims";
+    let first = super::NamespaceClaim::take(pci, 1).unwrap();
+    let other_ns = super::NamespaceClaim::take(pci, 2).unwrap();
+    let e = super::NamespaceClaim::take(pci, 1).err().unwrap();
+    assert_eq!(
+        e.to_string(),
+        "busy: nvme:test:claims/ns=1 is in use by another device of this process (one opener \
+         per namespace)"
+    );
+    drop(first);
+    let again = super::NamespaceClaim::take(pci, 1).unwrap();
+    drop((again, other_ns));
+}

@@ -9,9 +9,17 @@
 //!   mappings, alive).
 //! - BAR0 is only reached through [`Bar`]: an mmap when the kernel allows
 //!   it, else `pread`/`pwrite` on the device fd.
+//! - Only IOMMU-protected VFIO is used: before anything is opened,
+//!   [`check_group`] refuses a function without an IOMMU group, in a
+//!   no-IOMMU group (`/dev/vfio/noiommu-N`, where the device could DMA
+//!   anywhere in memory), or in a group that is not viable (another device
+//!   of the group bound to a host driver). There is no no-IOMMU mode to ask
+//!   for: the device can DMA only into the pool's mapped buffers.
+//! - A VFIO group is opened by one process at a time (the kernel returns
+//!   EBUSY to the second); that is reported as "in use", never retried.
 
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -83,8 +91,111 @@ impl Drop for VfioPci {
     }
 }
 
-fn sysfs(pci: &str) -> PathBuf {
-    PathBuf::from("/sys/bus/pci/devices").join(pci)
+/// Where the kernel shows PCI functions, IOMMU groups and VFIO group
+/// nodes: `/sys` and `/dev` on a real system, a temp dir in tests.
+pub(crate) struct HostPaths {
+    /// The sysfs root (`/sys`).
+    pub sys: PathBuf,
+    /// The device-node root (`/dev`).
+    pub dev: PathBuf,
+}
+
+impl HostPaths {
+    fn system() -> HostPaths {
+        HostPaths {
+            sys: PathBuf::from("/sys"),
+            dev: PathBuf::from("/dev"),
+        }
+    }
+    fn function(&self, pci: &str) -> PathBuf {
+        self.sys.join("bus/pci/devices").join(pci)
+    }
+}
+
+/// Drivers a device may have and still leave its group viable for VFIO
+/// (the kernel's rule: VFIO drivers, pci-stub, and bridges' pcieport).
+const VIABLE_DRIVERS: [&str; 3] = ["vfio-pci", "pci-stub", "pcieport"];
+
+fn driver_name(function: &Path) -> Option<String> {
+    let link = std::fs::read_link(function.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// Checks that `pci` sits in an IOMMU-protected, viable VFIO group whose
+/// node exists, and returns the group number. See the module invariants.
+pub(crate) fn check_group(paths: &HostPaths, pci: &str) -> Result<u32> {
+    const ONLY: &str = "this driver uses only IOMMU-protected VFIO";
+    let link = std::fs::read_link(paths.function(pci).join("iommu_group")).map_err(|_| {
+        Error::Unsupported(format!(
+            "{pci} has no IOMMU group: the IOMMU is off or absent (boot with intel_iommu=on or \
+             amd_iommu=on); {ONLY}"
+        ))
+    })?;
+    let name = link
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let group: u32 = name.parse().map_err(|_| {
+        Error::Unsupported(format!(
+            "{pci}: IOMMU group link {} does not end in a group number",
+            link.display()
+        ))
+    })?;
+    let group_dir = paths.sys.join("kernel/iommu_groups").join(&name);
+    let group_kind = std::fs::read_to_string(group_dir.join("name")).unwrap_or_default();
+    let noiommu_node = paths.dev.join(format!("vfio/noiommu-{group}"));
+    if group_kind.trim() == "vfio-noiommu" || noiommu_node.exists() {
+        return Err(Error::Unsupported(format!(
+            "{pci} is in a no-IOMMU VFIO group ({}): without an IOMMU the device could DMA \
+             anywhere in memory, and {ONLY} (turn the IOMMU on; vfio's \
+             enable_unsafe_noiommu_mode is not supported)",
+            noiommu_node.display()
+        )));
+    }
+    if let Ok(entries) = std::fs::read_dir(group_dir.join("devices")) {
+        let mut others: Vec<(String, String)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let other = e.file_name().to_string_lossy().into_owned();
+                let driver = driver_name(&e.path())?;
+                (!VIABLE_DRIVERS.contains(&driver.as_str())).then_some((other, driver))
+            })
+            .collect();
+        others.sort();
+        if !others.is_empty() {
+            let list: Vec<String> = others
+                .iter()
+                .map(|(o, d)| format!("{o} is bound to {d}"))
+                .collect();
+            return Err(Error::Busy(format!(
+                "{pci}: VFIO group {group} is not viable: {} (bind every device of the group to \
+                 vfio-pci with nvme-setup bind, or unbind it)",
+                list.join(", ")
+            )));
+        }
+    }
+    let node = paths.dev.join(format!("vfio/{group}"));
+    if !node.exists() {
+        return Err(Error::Unsupported(format!(
+            "{pci}: {} does not exist (is {pci} bound to vfio-pci? run nvme-setup bind {pci})",
+            node.display()
+        )));
+    }
+    Ok(group)
+}
+
+/// The error for a failed open of VFIO group `group`: EBUSY means another
+/// process holds the group (the kernel lets one opener in at a time).
+pub(crate) fn group_open_error(pci: &str, group: u32, e: std::io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        return Error::Busy(format!(
+            "nvme:{pci} is in use: its VFIO group /dev/vfio/{group} is held by another process"
+        ));
+    }
+    Error::Os {
+        context: format!("opening VFIO group /dev/vfio/{group} of {pci}"),
+        source: e,
+    }
 }
 
 fn os_err(context: String) -> impl FnOnce(vfio_ioctls::VfioError) -> Error {
@@ -112,7 +223,8 @@ impl Bar for RegionBar {
 /// Opens the PCI function at `pci` (e.g. `0000:00:04.0`), which must be
 /// bound to vfio-pci and be an NVMe controller.
 pub fn open(pci: &str) -> Result<VfioPci> {
-    let path = sysfs(pci);
+    let host = HostPaths::system();
+    let path = host.function(pci);
     let class = std::fs::read_to_string(path.join("class")).map_err(|e| Error::Os {
         context: format!("reading the PCI class of {pci} (no such device?)"),
         source: e,
@@ -130,6 +242,7 @@ pub fn open(pci: &str) -> Result<VfioPci> {
             driver.and_then(|d| d.file_name().map(|f| f.to_string_lossy().into_owned()))
         )));
     }
+    let group = check_group(&host, pci)?;
     let mut g = GLOBAL.lock();
     if g.is_none() {
         let container =
@@ -141,8 +254,14 @@ pub fn open(pci: &str) -> Result<VfioPci> {
     }
     let global = g.as_mut().expect("set above");
     let ops: Arc<dyn VfioOps> = global.container.clone();
-    let device =
-        VfioDevice::new(&path, ops, false).map_err(os_err(format!("opening VFIO device {pci}")))?;
+    let device = VfioDevice::new(&path, ops, false).map_err(|e| match e {
+        vfio_ioctls::VfioError::OpenGroup(io, _) => group_open_error(pci, group, io),
+        vfio_ioctls::VfioError::GroupViable => Error::Busy(format!(
+            "{pci}: VFIO group {group} is not viable (another device of the group is bound to a \
+             host driver)"
+        )),
+        e => os_err(format!("opening VFIO device {pci}"))(e),
+    })?;
     let device = Arc::new(device);
     // The IOMMU is set up once a group is attached: only now can the pool map.
     let pool = global
@@ -205,5 +324,154 @@ impl VfioPci {
     /// True when BAR0 is memory-mapped (else register access is by syscall).
     pub fn bar_mmapped(&self) -> bool {
         self.mmap.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake /sys and /dev under a temp dir (removed on drop).
+    struct Host {
+        root: PathBuf,
+        paths: HostPaths,
+    }
+
+    impl Drop for Host {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+
+    const PCI: &str = "0000:00:04.0";
+
+    impl Host {
+        fn new() -> Host {
+            use std::sync::atomic::{AtomicU32, Ordering};
+            static NEXT: AtomicU32 = AtomicU32::new(0);
+            let root = std::env::temp_dir().join(format!(
+                "blobstore-vfio-host-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&root);
+            let paths = HostPaths {
+                sys: root.join("sys"),
+                dev: root.join("dev"),
+            };
+            std::fs::create_dir_all(paths.sys.join("bus/pci/devices")).unwrap();
+            std::fs::create_dir_all(paths.dev.join("vfio")).unwrap();
+            Host { root, paths }
+        }
+        /// Adds function `pci` bound to `driver`, in IOMMU group `group`.
+        fn function(&self, pci: &str, driver: &str, group: Option<u32>) {
+            let f = self.paths.sys.join("devices/pci0000:00").join(pci);
+            std::fs::create_dir_all(&f).unwrap();
+            std::os::unix::fs::symlink(&f, self.paths.function(pci)).unwrap();
+            let drv = self.paths.sys.join("bus/pci/drivers").join(driver);
+            std::fs::create_dir_all(&drv).unwrap();
+            std::os::unix::fs::symlink(&drv, f.join("driver")).unwrap();
+            if let Some(g) = group {
+                let gdir = self.paths.sys.join(format!("kernel/iommu_groups/{g}"));
+                std::fs::create_dir_all(gdir.join("devices")).unwrap();
+                std::os::unix::fs::symlink(&gdir, f.join("iommu_group")).unwrap();
+                std::os::unix::fs::symlink(&f, gdir.join("devices").join(pci)).unwrap();
+            }
+        }
+        fn node(&self, name: &str) {
+            std::fs::write(self.paths.dev.join("vfio").join(name), b"").unwrap();
+        }
+        fn group_name(&self, group: u32, name: &str) {
+            let gdir = self.paths.sys.join(format!("kernel/iommu_groups/{group}"));
+            std::fs::write(gdir.join("name"), name).unwrap();
+        }
+    }
+
+    fn refusal(h: &Host) -> String {
+        check_group(&h.paths, PCI).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_protected_viable_group_passes() {
+        let h = Host::new();
+        h.function(PCI, "vfio-pci", Some(7));
+        h.function("0000:00:04.1", "vfio-pci", Some(7));
+        h.function("0000:00:01.0", "pcieport", Some(7));
+        h.node("7");
+        assert_eq!(check_group(&h.paths, PCI).unwrap(), 7);
+    }
+
+    #[test]
+    fn no_iommu_group_is_refused() {
+        let h = Host::new();
+        h.function(PCI, "vfio-pci", None);
+        assert_eq!(
+            refusal(&h),
+            "unsupported: 0000:00:04.0 has no IOMMU group: the IOMMU is off or absent (boot with \
+             intel_iommu=on or amd_iommu=on); this driver uses only IOMMU-protected VFIO"
+        );
+    }
+
+    #[test]
+    fn a_no_iommu_group_is_refused() {
+        // Seen two ways: the group's name, and the noiommu-N node.
+        for by_name in [true, false] {
+            let h = Host::new();
+            h.function(PCI, "vfio-pci", Some(3));
+            if by_name {
+                h.group_name(3, "vfio-noiommu\n");
+            } else {
+                h.node("noiommu-3");
+            }
+            assert_eq!(
+                refusal(&h),
+                format!(
+                    "unsupported: 0000:00:04.0 is in a no-IOMMU VFIO group ({}): without an \
+                     IOMMU the device could DMA anywhere in memory, and this driver uses only \
+                     IOMMU-protected VFIO (turn the IOMMU on; vfio's \
+                     enable_unsafe_noiommu_mode is not supported)",
+                    h.paths.dev.join("vfio/noiommu-3").display()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_group_shared_with_a_host_driver_is_not_viable() {
+        let h = Host::new();
+        h.function(PCI, "vfio-pci", Some(5));
+        h.function("0000:00:04.1", "e1000e", Some(5));
+        h.node("5");
+        assert_eq!(
+            refusal(&h),
+            "busy: 0000:00:04.0: VFIO group 5 is not viable: 0000:00:04.1 is bound to e1000e \
+             (bind every device of the group to vfio-pci with nvme-setup bind, or unbind it)"
+        );
+    }
+
+    #[test]
+    fn a_missing_group_node_is_named() {
+        let h = Host::new();
+        h.function(PCI, "vfio-pci", Some(9));
+        assert_eq!(
+            refusal(&h),
+            format!(
+                "unsupported: 0000:00:04.0: {} does not exist (is 0000:00:04.0 bound to \
+                 vfio-pci? run nvme-setup bind 0000:00:04.0)",
+                h.paths.dev.join("vfio/9").display()
+            )
+        );
+    }
+
+    #[test]
+    fn a_group_held_elsewhere_is_in_use() {
+        let busy = std::io::Error::from_raw_os_error(libc::EBUSY);
+        assert_eq!(
+            group_open_error(PCI, 7, busy).to_string(),
+            "busy: nvme:0000:00:04.0 is in use: its VFIO group /dev/vfio/7 is held by another \
+             process"
+        );
+        let gone = std::io::Error::from_raw_os_error(libc::ENOENT);
+        assert!(matches!(group_open_error(PCI, 7, gone), Error::Os { .. }));
     }
 }
