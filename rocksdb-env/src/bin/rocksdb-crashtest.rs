@@ -58,6 +58,9 @@ impl Mode {
     }
 }
 
+/// How long the final verification-only run may take.
+const VERIFY_TIMEOUT_SECS: f64 = 600.0;
+
 /// Command-line settings.
 #[derive(Clone, Debug)]
 struct Config {
@@ -201,8 +204,11 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
         threads: r.pick(&[1, 2, 4]),
         run_secs: cfg.min_secs + r.unit() * (cfg.max_secs - cfg.min_secs),
         disable_wal: r.next().is_multiple_of(5),
-        write_buffer_size: r.pick(&[64 << 10, 256 << 10, 1 << 20, 4 << 20]),
-        target_file_size_base: r.pick(&[256 << 10, 2 << 20]),
+        // Memtables and SSTs past BlobFS's 4 MiB append buffer reach the
+        // device before their sync, so a power cut has unflushed writes to
+        // act on.
+        write_buffer_size: r.pick(&[64 << 10, 1 << 20, 4 << 20, 16 << 20]),
+        target_file_size_base: r.pick(&[256 << 10, 2 << 20, 16 << 20]),
         max_bytes_for_level_base: r.pick(&[1 << 20, 10 << 20]),
         flush_one_in: r.pick(&[0, 1_000, 10_000]),
         compact_range_one_in: r.pick(&[0, 1_000, 10_000]),
@@ -326,7 +332,17 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> O
         Ok(f) => f,
         Err(e) => return Outcome::Failed(format!("cloning {}: {e}", log.display())),
     };
-    let mut child = match Command::new(&cfg.db_stress)
+    // db_stress writes its progress to a fully buffered stdout, which a
+    // SIGKILL throws away: line-buffer it through stdbuf where there is one.
+    let stdbuf = Path::new("/usr/bin/stdbuf");
+    let mut cmd = if stdbuf.exists() {
+        let mut c = Command::new(stdbuf);
+        c.arg("-oL").arg(&cfg.db_stress);
+        c
+    } else {
+        Command::new(&cfg.db_stress)
+    };
+    let mut child = match cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -370,6 +386,36 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> O
     }
     outcome
 }
+
+/// Waits until no process holds the lock of `image` (how long a killed
+/// db_stress keeps it: the kernel tears its io_uring down after the process
+/// is reaped, and the file's lock goes with the ring's last reference).
+fn wait_unlocked(image: &Path) -> Result<(), String> {
+    use std::os::unix::io::AsRawFd;
+    let f = match std::fs::File::open(image) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("opening {}: {e}", image.display())),
+    };
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no pointers.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // Closing `f` releases the lock again.
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(LOCK_WAIT_SECS) {
+            return Err(format!(
+                "{} is still locked {LOCK_WAIT_SECS} s after db_stress was killed",
+                image.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long a killed db_stress may keep its image locked.
+const LOCK_WAIT_SECS: u64 = 30;
 
 /// Totals of a run.
 #[derive(Default, Debug)]
@@ -494,6 +540,12 @@ fn run(cfg: &Config) -> Result<Summary, String> {
                 return Ok(s);
             }
         }
+        if let Err(e) = wait_unlocked(&paths.image) {
+            println!("{line}");
+            fail(&mut s, format!("after round {round}"), e, &args, &log);
+            print_summary(cfg, &s, start.elapsed(), &run);
+            return Ok(s);
+        }
         if cfg.mode == Mode::PowerLoss {
             if powerloss::log_path(&paths.image).exists() {
                 match powerloss::recover(&paths.image, k.cut_seed) {
@@ -526,10 +578,16 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     // The final check, as db_crashtest's last run: verification only.
     let args = stress_args(cfg, &paths, &run, None, false);
     let log = cfg.dir.join("verify.log");
-    match run_stress(cfg, &args, &log, None) {
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS)) {
         Outcome::CleanExit => println!("final verification: passed"),
         Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
-        Outcome::Killed => unreachable!("no kill without a deadline"),
+        Outcome::Killed => fail(
+            &mut s,
+            "final verification".into(),
+            format!("did not finish within {VERIFY_TIMEOUT_SECS} s"),
+            &args,
+            &log,
+        ),
     }
     if cfg.mode == Mode::PowerLoss {
         // The verification run flushed at close; its log must be empty.
