@@ -446,6 +446,9 @@ fn parse_log<'a>(bytes: &'a [u8], path: &Path) -> Result<Log<'a>> {
     Ok(log)
 }
 
+/// How long [`recover`] waits for the image's lock to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// What [`recover`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -512,7 +515,8 @@ enum Fate {
 /// ([`log_path`]): every write no completed flush made durable is undone,
 /// kept or torn per sector, chosen from `seed`; then the image is synced and
 /// the log deleted. Run it while no process has the image open (it takes the
-/// same lock as the file device and fails with [`Error::Busy`] otherwise).
+/// same lock as the file device, waits a few seconds for a process that was
+/// just killed to release it, and fails with [`Error::Busy`] otherwise).
 /// A missing log, or one whose records fail their checks, is an error and
 /// leaves the image untouched.
 pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
@@ -534,12 +538,19 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
             context: format!("opening {} for power-loss recovery", image.display()),
             source: e,
         })?;
+    // A process just killed may hold the lock a moment longer: the kernel
+    // tears its io_uring (and the file reference the ring holds) down after
+    // the process is reaped. Wait for that, not for a live owner.
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
     // SAFETY: flock on a descriptor we own; no pointers.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(Error::Busy(format!(
-            "{} is in use by another process; stop it before power-loss recovery",
-            image.display()
-        )));
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::Busy(format!(
+                "{} is in use by another process; stop it before power-loss recovery",
+                image.display()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let mut report = RecoveryReport {
         torn_tail: log.torn_tail,
