@@ -293,6 +293,10 @@ fn stress_args(
         }
         None => {
             a.push("--verification_only=1".into());
+            // db_stress starts its simulated remote-compaction workers only
+            // when it runs operations; with them on (the default, 2) a
+            // verification-only run waits forever in a compaction.
+            a.push("--remote_compaction_worker_threads=0".into());
             a.push("--threads=1".into());
             a.push("--ops_per_thread=1".into());
         }
