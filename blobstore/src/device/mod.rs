@@ -17,6 +17,7 @@ mod file;
 mod mem;
 #[cfg(feature = "nvme")]
 pub mod nvme;
+pub mod powerloss;
 mod spec;
 
 pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
@@ -24,6 +25,7 @@ pub use file::{FileDevice, FileOptions};
 pub use mem::MemDevice;
 #[cfg(feature = "nvme")]
 pub use nvme::{NvmeController, NvmeDevice};
+pub use powerloss::PowerLossDevice;
 pub use spec::{open_device, DeviceSpec, PciAddress};
 
 use std::cell::{Cell, RefCell};

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! mem:<size>[?bs=512|4096]
-//! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false]
+//! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on]
 //! nvme:<DDDD:BB:DD.F>[/ns=<n>]
 //! ```
 //!
@@ -116,6 +116,16 @@ pub enum DeviceSpec {
         /// Options from the query part.
         options: FileOptions,
     },
+    /// `file:<path>?..&powerloss=on`: a [`FileDevice`] under a
+    /// [`PowerLossDevice`](super::PowerLossDevice), which logs how to undo
+    /// every write not yet made durable, for
+    /// [`powerloss::recover`](super::powerloss::recover).
+    PowerLoss {
+        /// The regular file or block device.
+        path: PathBuf,
+        /// Options from the query part (other than `powerloss`).
+        options: FileOptions,
+    },
     /// `nvme:<DDDD:BB:DD.F>[/ns=<n>]`: a namespace of an NVMe controller
     /// bound to vfio-pci, through the userspace driver.
     Nvme {
@@ -143,6 +153,14 @@ impl DeviceSpec {
                 block_size,
             } => Ok(Arc::new(MemDevice::new(*size_bytes, *block_size)?)),
             DeviceSpec::File { path, options } => Ok(Arc::new(FileDevice::open(path, *options)?)),
+            DeviceSpec::PowerLoss { path, options } => {
+                let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, *options)?);
+                Ok(Arc::new(super::PowerLossDevice::new(
+                    path,
+                    inner,
+                    self.to_string(),
+                )?))
+            }
             #[cfg(feature = "nvme")]
             DeviceSpec::Nvme { addr, namespace } => Ok(Arc::new(crate::device::NvmeDevice::open(
                 &addr.to_string(),
@@ -203,6 +221,15 @@ impl fmt::Display for DeviceSpec {
                     write!(f, "?{}", opts.join("&"))?;
                 }
                 Ok(())
+            }
+            DeviceSpec::PowerLoss { path, options } => {
+                let file = DeviceSpec::File {
+                    path: path.clone(),
+                    options: *options,
+                }
+                .to_string();
+                let sep = if file.contains('?') { '&' } else { '?' };
+                write!(f, "{file}{sep}powerloss=on")
             }
             DeviceSpec::Nvme { addr, namespace } => {
                 write!(f, "nvme:{addr}")?;
@@ -360,9 +387,21 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
     }
     let path = decode_path(path)?;
     let mut options = FileOptions::default();
+    let mut powerloss = false;
     if let Some(q) = query {
-        for (key, value) in parse_query(q, "file", &["size", "bs", "qd", "create", "prealloc"])? {
+        for (key, value) in parse_query(
+            q,
+            "file",
+            &["size", "bs", "qd", "create", "prealloc", "powerloss"],
+        )? {
             match key {
+                "powerloss" => {
+                    powerloss = match value {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(format!("powerloss={value:?} must be on or off")),
+                    }
+                }
                 "size" => options.size_bytes = Some(parse_size(value)?),
                 "bs" => options.block_size = Some(parse_block_size(value)?),
                 "qd" => {
@@ -402,6 +441,9 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
     }
     if options.create == Some(true) && options.size_bytes.is_none() {
         return Err("create=true needs size=<size> to know how large to make the file".into());
+    }
+    if powerloss {
+        return Ok(DeviceSpec::PowerLoss { path, options });
     }
     Ok(DeviceSpec::File { path, options })
 }

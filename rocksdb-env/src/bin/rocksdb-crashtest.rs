@@ -1,0 +1,733 @@
+//! The RocksDB crash-test driver, in the style of RocksDB's
+//! `tools/db_crashtest.py` (blackbox mode): runs `db_stress` on BlobFS with
+//! verification on, SIGKILLs it at a random moment, restarts it on the same
+//! database (which verifies it against the expected values kept on the host),
+//! and repeats.
+//!
+//! ```text
+//! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] [--rounds N]
+//!                   [--seed S] [--dir DIR] [--min-secs A] [--max-secs B]
+//!                   [--size 4G]
+//! ```
+//!
+//! Modes:
+//! - `kill`: SIGKILL only. BlobFS keeps appends in the process until a sync,
+//!   so what RocksDB wrote but did not sync is lost.
+//! - `powerloss`: the device runs with `powerloss=on`, and after each kill
+//!   [`blobstore::device::powerloss::recover`] undoes, keeps or tears every
+//!   write no completed device flush made durable, as a power cut would.
+//!
+//! In both modes only unsynced data may be lost, so every round runs with
+//! `--sync_fault_injection=1`: db_stress then traces its expected state
+//! (`MightHaveUnsyncedDataLoss()`) and, at the next open, checks that the
+//! database recovered to a prefix of the acknowledged writes, exactly. Some
+//! rounds also run with `--disable_wal=1` (with `--atomic_flush=1`, as
+//! db_crashtest does), where the memtable is lost and only flushed data must
+//! come back.
+//!
+//! A round fails when db_stress exits on its own with a non-zero status, or
+//! prints a verification failure, corruption or error line; the driver then
+//! stops, keeps the image, its log and the expected values, and prints how to
+//! replay. After the last round a verification-only run checks the final
+//! database. Exit status: 0 when every round passed, 1 on a failure, 2 on a
+//! usage or setup error.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use blobstore::device::powerloss;
+
+/// Which crash the driver simulates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// SIGKILL of the process.
+    Kill,
+    /// SIGKILL, then a simulated power cut on the image.
+    PowerLoss,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Kill => "kill",
+            Mode::PowerLoss => "powerloss",
+        }
+    }
+}
+
+/// How long the final verification-only run may take.
+const VERIFY_TIMEOUT_SECS: f64 = 600.0;
+
+/// Command-line settings.
+#[derive(Clone, Debug)]
+struct Config {
+    db_stress: PathBuf,
+    mode: Mode,
+    rounds: u32,
+    seed: u64,
+    dir: PathBuf,
+    min_secs: f64,
+    max_secs: f64,
+    size: String,
+}
+
+const USAGE: &str = "usage: rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] \
+[--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G]";
+
+fn parse_args(args: &[String]) -> Result<Config, String> {
+    let mut cfg = Config {
+        db_stress: PathBuf::new(),
+        mode: Mode::Kill,
+        rounds: 5,
+        seed: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 % 1_000_000_007)
+            .unwrap_or(1),
+        dir: std::env::temp_dir().join(format!("rocksdb-crashtest-{}", std::process::id())),
+        min_secs: 2.0,
+        max_secs: 10.0,
+        size: "4G".into(),
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
+        };
+        let num = |v: String, what: &str| -> Result<f64, String> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite() && *x >= 0.0)
+                .ok_or_else(|| format!("{what} {v:?} is not a non-negative number"))
+        };
+        match flag.as_str() {
+            "--db-stress" => cfg.db_stress = PathBuf::from(value()?),
+            "--mode" => {
+                cfg.mode = match value()?.as_str() {
+                    "kill" => Mode::Kill,
+                    "powerloss" => Mode::PowerLoss,
+                    m => return Err(format!("--mode {m:?}: expected kill or powerloss")),
+                }
+            }
+            "--rounds" => {
+                let v = value()?;
+                cfg.rounds = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("--rounds {v:?} is not a positive number"))?
+            }
+            "--seed" => {
+                let v = value()?;
+                cfg.seed = v
+                    .parse()
+                    .map_err(|_| format!("--seed {v:?} is not a number"))?
+            }
+            "--dir" => cfg.dir = PathBuf::from(value()?),
+            "--min-secs" => cfg.min_secs = num(value()?, "--min-secs")?,
+            "--max-secs" => cfg.max_secs = num(value()?, "--max-secs")?,
+            "--size" => cfg.size = value()?,
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    if cfg.db_stress.as_os_str().is_empty() {
+        return Err(format!("--db-stress is required\n{USAGE}"));
+    }
+    if cfg.min_secs > cfg.max_secs {
+        return Err(format!(
+            "--min-secs {} is above --max-secs {}",
+            cfg.min_secs, cfg.max_secs
+        ));
+    }
+    Ok(cfg)
+}
+
+/// splitmix64: the same seed gives the same knobs.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[(self.next() % xs.len() as u64) as usize]
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Knobs that hold for the whole run (the expected-values file is sized by
+/// them).
+#[derive(Clone, Debug, PartialEq)]
+struct RunKnobs {
+    max_key: u64,
+    column_families: u32,
+}
+
+fn run_knobs(seed: u64) -> RunKnobs {
+    let mut r = Rng(seed ^ 0x5eed);
+    RunKnobs {
+        max_key: r.pick(&[10_000, 50_000, 100_000]),
+        column_families: r.pick(&[1, 4]),
+    }
+}
+
+/// Knobs of one round.
+#[derive(Clone, Debug, PartialEq)]
+struct RoundKnobs {
+    threads: u32,
+    run_secs: f64,
+    disable_wal: bool,
+    write_buffer_size: u64,
+    target_file_size_base: u64,
+    max_bytes_for_level_base: u64,
+    flush_one_in: u32,
+    compact_range_one_in: u32,
+    sync_wal_one_in: u32,
+    /// Seed of the power cut after this round.
+    cut_seed: u64,
+}
+
+fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
+    let mut r = Rng(cfg.seed.wrapping_mul(1_000_003).wrapping_add(round as u64));
+    RoundKnobs {
+        threads: r.pick(&[1, 2, 4]),
+        run_secs: cfg.min_secs + r.unit() * (cfg.max_secs - cfg.min_secs),
+        disable_wal: r.next().is_multiple_of(5),
+        // Memtables and SSTs past BlobFS's 4 MiB append buffer reach the
+        // device before their sync, so a power cut has unflushed writes to
+        // act on.
+        write_buffer_size: r.pick(&[64 << 10, 1 << 20, 4 << 20, 16 << 20]),
+        target_file_size_base: r.pick(&[256 << 10, 2 << 20, 16 << 20]),
+        max_bytes_for_level_base: r.pick(&[1 << 20, 10 << 20]),
+        flush_one_in: r.pick(&[0, 1_000, 10_000]),
+        compact_range_one_in: r.pick(&[0, 1_000, 10_000]),
+        sync_wal_one_in: r.pick(&[0, 100, 1_000]),
+        cut_seed: r.next(),
+    }
+}
+
+/// Paths of one run.
+struct Paths {
+    image: PathBuf,
+    expected: PathBuf,
+}
+
+impl Paths {
+    fn new(dir: &Path) -> Paths {
+        Paths {
+            image: dir.join("db.img"),
+            expected: dir.join("expected"),
+        }
+    }
+}
+
+/// The db_stress arguments of one round (or of the final verification when
+/// `knobs` is `None`).
+fn stress_args(
+    cfg: &Config,
+    paths: &Paths,
+    run: &RunKnobs,
+    knobs: Option<&RoundKnobs>,
+    first: bool,
+) -> Vec<String> {
+    let powerloss = if cfg.mode == Mode::PowerLoss {
+        "&powerloss=on"
+    } else {
+        ""
+    };
+    let mkfs = if first { "always" } else { "never" };
+    let mut a = vec![
+        format!(
+            "--fs_uri=blobfs://file:{}?size={}{powerloss};mkfs={mkfs}",
+            paths.image.display(),
+            cfg.size
+        ),
+        "--db=/crashtest".into(),
+        format!("--expected_values_dir={}", paths.expected.display()),
+        format!("--destroy_db_initially={}", u8::from(first)),
+        format!("--max_key={}", run.max_key),
+        format!("--column_families={}", run.column_families),
+        // Only unsynced data can be lost (see the module docs).
+        "--sync_fault_injection=1".into(),
+        "--reopen=0".into(),
+        "--verify_db_one_in=100000".into(),
+        // Same reasons as in cpp/test-rocksdb.sh.
+        "--compression_manager=none".into(),
+        "--compression_type=none".into(),
+        "--read_fault_one_in=0".into(),
+        "--metadata_read_fault_one_in=0".into(),
+        "--clear_column_family_one_in=0".into(),
+        "--progress_reports=0".into(),
+    ];
+    match knobs {
+        Some(k) => {
+            a.push("--ops_per_thread=100000000".into());
+            a.push(format!("--threads={}", k.threads));
+            a.push(format!("--disable_wal={}", u8::from(k.disable_wal)));
+            // With several column families and no WAL, only atomic flush
+            // keeps recovery a prefix across them (as db_crashtest sets).
+            a.push(format!("--atomic_flush={}", u8::from(k.disable_wal)));
+            a.push(format!("--write_buffer_size={}", k.write_buffer_size));
+            a.push(format!(
+                "--target_file_size_base={}",
+                k.target_file_size_base
+            ));
+            a.push(format!(
+                "--max_bytes_for_level_base={}",
+                k.max_bytes_for_level_base
+            ));
+            a.push(format!("--flush_one_in={}", k.flush_one_in));
+            a.push(format!("--compact_range_one_in={}", k.compact_range_one_in));
+            a.push(format!("--sync_wal_one_in={}", k.sync_wal_one_in));
+        }
+        None => {
+            a.push("--verification_only=1".into());
+            // db_stress starts its simulated remote-compaction workers only
+            // when it runs operations; with them on (the default, 2) a
+            // verification-only run waits forever in a compaction.
+            a.push("--remote_compaction_worker_threads=0".into());
+            a.push("--threads=1".into());
+            a.push("--ops_per_thread=1".into());
+        }
+    }
+    a
+}
+
+/// A line of db_stress output that means the round failed, as
+/// db_crashtest.py judges stderr (any "error" or "fail"), plus corruption.
+fn failure_line(line: &str) -> bool {
+    let l = line.to_ascii_lowercase();
+    l.contains("verification failed")
+        || l.contains("corruption")
+        || l.contains("error")
+        || l.contains("fail")
+}
+
+/// What happened in one round.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Killed by the driver, as planned.
+    Killed,
+    /// Exited 0 before the kill.
+    CleanExit,
+    /// Anything else: the reason.
+    Failed(String),
+}
+
+/// Runs db_stress with `args`, output to `log`; kills it after `secs`
+/// (never when `secs` is `None`).
+fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> Outcome {
+    let out = match std::fs::File::create(log) {
+        Ok(f) => f,
+        Err(e) => return Outcome::Failed(format!("creating {}: {e}", log.display())),
+    };
+    let err = match out.try_clone() {
+        Ok(f) => f,
+        Err(e) => return Outcome::Failed(format!("cloning {}: {e}", log.display())),
+    };
+    // db_stress writes its progress to a fully buffered stdout, which a
+    // SIGKILL throws away: line-buffer it through stdbuf where there is one.
+    let stdbuf = Path::new("/usr/bin/stdbuf");
+    let mut cmd = if stdbuf.exists() {
+        let mut c = Command::new(stdbuf);
+        c.arg("-oL").arg(&cfg.db_stress);
+        c
+    } else {
+        Command::new(&cfg.db_stress)
+    };
+    let mut child = match cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return Outcome::Failed(format!("starting {}: {e}", cfg.db_stress.display())),
+    };
+    let start = Instant::now();
+    let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break Some(st),
+            Ok(None) => {}
+            Err(e) => return Outcome::Failed(format!("waiting for db_stress: {e}")),
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let outcome = match status {
+        None => {
+            if let Err(e) = child.kill() {
+                return Outcome::Failed(format!("killing db_stress: {e}"));
+            }
+            let _ = child.wait();
+            Outcome::Killed
+        }
+        Some(st) if st.success() => Outcome::CleanExit,
+        Some(st) => Outcome::Failed(format!("db_stress exited on its own with {st}")),
+    };
+    // A verification failure may be printed without a non-zero exit.
+    if let Ok(f) = std::fs::File::open(log) {
+        for line in BufReader::new(f).lines().map_while(Result::ok) {
+            if failure_line(&line) {
+                return Outcome::Failed(format!("db_stress printed: {line}"));
+            }
+        }
+    }
+    outcome
+}
+
+/// Waits until no process holds the lock of `image` (how long a killed
+/// db_stress keeps it: the kernel tears its io_uring down after the process
+/// is reaped, and the file's lock goes with the ring's last reference).
+fn wait_unlocked(image: &Path) -> Result<(), String> {
+    use std::os::unix::io::AsRawFd;
+    let f = match std::fs::File::open(image) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("opening {}: {e}", image.display())),
+    };
+    let start = Instant::now();
+    loop {
+        // SAFETY: flock on a descriptor we own; no pointers.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // Closing `f` releases the lock again.
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(LOCK_WAIT_SECS) {
+            return Err(format!(
+                "{} is still locked {LOCK_WAIT_SECS} s after db_stress was killed",
+                image.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// How long a killed db_stress may keep its image locked.
+const LOCK_WAIT_SECS: u64 = 30;
+
+/// Totals of a run.
+#[derive(Default, Debug)]
+struct Summary {
+    rounds: u32,
+    kills: u32,
+    clean_exits: u32,
+    failures: u32,
+    cuts: powerloss::RecoveryReport,
+}
+
+fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
+    let mut t = String::new();
+    let _ = writeln!(t, "== crash test summary");
+    let _ = writeln!(t, "mode:                   {}", cfg.mode.name());
+    let _ = writeln!(t, "seed:                   {}", cfg.seed);
+    let _ = writeln!(
+        t,
+        "keys, column families:  {}, {}",
+        run.max_key, run.column_families
+    );
+    let _ = writeln!(t, "rounds:                 {}", s.rounds);
+    let _ = writeln!(t, "kills:                  {}", s.kills);
+    let _ = writeln!(t, "clean exits:            {}", s.clean_exits);
+    let _ = writeln!(t, "verification failures:  {}", s.failures);
+    if cfg.mode == Mode::PowerLoss {
+        let _ = writeln!(
+            t,
+            "power cuts:             {} unflushed writes: {} undone, {} kept, {} torn",
+            s.cuts.writes, s.cuts.undone, s.cuts.kept, s.cuts.torn
+        );
+    }
+    let _ = writeln!(t, "time:                   {:.0} s", elapsed.as_secs_f64());
+    print!("{t}");
+}
+
+fn shell_quote(args: &[String]) -> String {
+    args.iter()
+        .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn run(cfg: &Config) -> Result<Summary, String> {
+    std::fs::create_dir_all(&cfg.dir)
+        .map_err(|e| format!("creating {}: {e}", cfg.dir.display()))?;
+    let paths = Paths::new(&cfg.dir);
+    // A fresh image and expected state: mkfs must not meet an old store.
+    for p in [&paths.image, &powerloss::log_path(&paths.image)] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("removing {}: {e}", p.display())),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&paths.expected);
+    std::fs::create_dir_all(&paths.expected)
+        .map_err(|e| format!("creating {}: {e}", paths.expected.display()))?;
+    let run = run_knobs(cfg.seed);
+    println!(
+        "crash test: mode {}, {} rounds, seed {}, {} keys, {} column families, in {}",
+        cfg.mode.name(),
+        cfg.rounds,
+        cfg.seed,
+        run.max_key,
+        run.column_families,
+        cfg.dir.display()
+    );
+    let start = Instant::now();
+    let mut s = Summary::default();
+    let replay = format!(
+        "replay: rocksdb-crashtest --db-stress {} --mode {} --seed {} --rounds {} --min-secs {} --max-secs {} --size {} \
+         (the knobs follow from the seed; kill moments are timing-dependent)",
+        cfg.db_stress.display(),
+        cfg.mode.name(),
+        cfg.seed,
+        cfg.rounds,
+        cfg.min_secs,
+        cfg.max_secs,
+        cfg.size
+    );
+    let fail = |s: &mut Summary, round: String, why: String, args: &[String], log: &Path| {
+        s.failures += 1;
+        println!("FAILED {round}: {why}");
+        println!("  log: {}", log.display());
+        println!(
+            "  image, log and expected values kept in {}",
+            cfg.dir.display()
+        );
+        println!(
+            "  db_stress command: {} {}",
+            cfg.db_stress.display(),
+            shell_quote(args)
+        );
+        println!("  {replay}");
+    };
+    for round in 1..=cfg.rounds {
+        let k = round_knobs(cfg, round);
+        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1);
+        let log = cfg.dir.join(format!("round-{round:03}.log"));
+        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs));
+        s.rounds += 1;
+        let mut line = format!(
+            "round {round:3}: {:.1} s, {} threads{}: ",
+            k.run_secs,
+            k.threads,
+            if k.disable_wal { ", no WAL" } else { "" }
+        );
+        match outcome {
+            Outcome::Killed => {
+                s.kills += 1;
+                line.push_str("killed");
+            }
+            Outcome::CleanExit => {
+                s.clean_exits += 1;
+                line.push_str("exited 0 before the kill");
+            }
+            Outcome::Failed(why) => {
+                println!("{line}FAILED");
+                fail(&mut s, format!("round {round}"), why, &args, &log);
+                print_summary(cfg, &s, start.elapsed(), &run);
+                return Ok(s);
+            }
+        }
+        if let Err(e) = wait_unlocked(&paths.image) {
+            println!("{line}");
+            fail(&mut s, format!("after round {round}"), e, &args, &log);
+            print_summary(cfg, &s, start.elapsed(), &run);
+            return Ok(s);
+        }
+        if cfg.mode == Mode::PowerLoss {
+            if powerloss::log_path(&paths.image).exists() {
+                match powerloss::recover(&paths.image, k.cut_seed) {
+                    Ok(r) => {
+                        let _ = write!(line, "; power cut (seed {}): {r}", k.cut_seed);
+                        s.cuts.writes += r.writes;
+                        s.cuts.undone += r.undone;
+                        s.cuts.kept += r.kept;
+                        s.cuts.torn += r.torn;
+                    }
+                    Err(e) => {
+                        println!("{line}");
+                        fail(
+                            &mut s,
+                            format!("power cut after round {round}"),
+                            e.to_string(),
+                            &args,
+                            &log,
+                        );
+                        print_summary(cfg, &s, start.elapsed(), &run);
+                        return Ok(s);
+                    }
+                }
+            } else {
+                line.push_str("; no power-loss log (killed before the device opened)");
+            }
+        }
+        println!("{line}");
+    }
+    // The final check, as db_crashtest's last run: verification only.
+    let args = stress_args(cfg, &paths, &run, None, false);
+    let log = cfg.dir.join("verify.log");
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS)) {
+        Outcome::CleanExit => println!("final verification: passed"),
+        Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
+        Outcome::Killed => fail(
+            &mut s,
+            "final verification".into(),
+            format!("did not finish within {VERIFY_TIMEOUT_SECS} s"),
+            &args,
+            &log,
+        ),
+    }
+    if cfg.mode == Mode::PowerLoss {
+        // The verification run flushed at close; its log must be empty.
+        let _ = powerloss::recover(&paths.image, 0);
+    }
+    print_summary(cfg, &s, start.elapsed(), &run);
+    if s.failures == 0 {
+        let _ = std::fs::remove_file(&paths.image);
+        let _ = std::fs::remove_file(powerloss::log_path(&paths.image));
+        let _ = std::fs::remove_dir_all(&paths.expected);
+    }
+    Ok(s)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cfg = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&cfg) {
+        Ok(s) if s.failures == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("rocksdb-crashtest: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &[&str]) -> Config {
+        let mut a: Vec<String> = vec!["--db-stress".into(), "/bin/true".into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        parse_args(&a).unwrap()
+    }
+
+    #[test]
+    fn args_parse_and_reject() {
+        let c = cfg(&["--mode", "powerloss", "--rounds", "7", "--seed", "42"]);
+        assert_eq!((c.mode, c.rounds, c.seed), (Mode::PowerLoss, 7, 42));
+        let bad = |a: &[&str]| parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(bad(&["--mode", "kill"])
+            .unwrap_err()
+            .contains("--db-stress is required"));
+        assert!(bad(&["--db-stress", "x", "--mode", "crash"])
+            .unwrap_err()
+            .contains("expected kill or powerloss"));
+        assert!(bad(&["--db-stress", "x", "--rounds", "0"])
+            .unwrap_err()
+            .contains("not a positive number"));
+        assert!(
+            bad(&["--db-stress", "x", "--min-secs", "5", "--max-secs", "1"])
+                .unwrap_err()
+                .contains("above --max-secs")
+        );
+    }
+
+    #[test]
+    fn knobs_follow_the_seed_and_stay_in_range() {
+        let c = cfg(&["--seed", "9", "--min-secs", "2", "--max-secs", "4"]);
+        assert_eq!(round_knobs(&c, 3), round_knobs(&c, 3));
+        assert_eq!(run_knobs(9), run_knobs(9));
+        let mut wal_off = 0;
+        for r in 1..200 {
+            let k = round_knobs(&c, r);
+            assert!((2.0..=4.0).contains(&k.run_secs), "{k:?}");
+            wal_off += u32::from(k.disable_wal);
+        }
+        assert!(wal_off > 0 && wal_off < 100, "{wal_off}");
+    }
+
+    #[test]
+    fn rounds_use_mkfs_once_and_the_powerloss_option_in_its_mode() {
+        let c = cfg(&["--mode", "powerloss"]);
+        let p = Paths::new(Path::new("/w"));
+        let run = run_knobs(1);
+        let k = round_knobs(&c, 1);
+        let first = stress_args(&c, &p, &run, Some(&k), true);
+        assert!(
+            first[0].ends_with("?size=4G&powerloss=on;mkfs=always"),
+            "{}",
+            first[0]
+        );
+        assert!(first.contains(&"--destroy_db_initially=1".to_string()));
+        assert!(first.contains(&"--sync_fault_injection=1".to_string()));
+        let later = stress_args(&c, &p, &run, Some(&k), false);
+        assert!(later[0].ends_with(";mkfs=never"));
+        assert!(later.contains(&"--destroy_db_initially=0".to_string()));
+        let verify = stress_args(&c, &p, &run, None, false);
+        assert!(verify.contains(&"--verification_only=1".to_string()));
+        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true);
+        assert!(!kill[0].contains("powerloss"));
+    }
+
+    #[test]
+    fn failure_lines_are_recognised() {
+        assert!(failure_line(
+            "Verification failed for column family 0 key 12"
+        ));
+        assert!(failure_line("Corruption: block checksum mismatch"));
+        assert!(failure_line("Error opening DB: IO error"));
+        assert!(!failure_line("Verification successful"));
+        assert!(!failure_line("2025/01/01 Starting database operations"));
+    }
+
+    #[test]
+    fn a_child_that_fails_or_prints_an_error_fails_the_round() {
+        let dir = std::env::temp_dir().join(format!("crashtest-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("x.log");
+        let mut c = cfg(&[]);
+        c.db_stress = "/bin/sh".into();
+        let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
+        assert_eq!(
+            run_stress(&c, &sh("exit 0"), &log, Some(5.0)),
+            Outcome::CleanExit
+        );
+        assert_eq!(
+            run_stress(&c, &sh("sleep 30"), &log, Some(0.2)),
+            Outcome::Killed
+        );
+        assert!(matches!(
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0)),
+            Outcome::Failed(w) if w.contains("exited on its own")
+        ));
+        assert!(matches!(
+            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0)),
+            Outcome::Failed(w) if w.contains("Verification failed")
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
