@@ -211,12 +211,38 @@ fn utc_now() -> String {
     )
 }
 
+/// How dropping the page cache went.
+enum Dropped {
+    Yes,
+    /// Not permitted (not root, read-only /proc).
+    Denied,
+    /// `sync` or the drop did not finish in time (a busy shared disk).
+    TimedOut,
+}
+
 /// Flushes dirty data and drops the page cache, so every run starts cold.
-/// Returns false (and the caller says so once) when not permitted.
-fn drop_caches() -> bool {
-    // SAFETY: sync(2) has no arguments and cannot fail.
-    unsafe { libc::sync() };
-    fs::write("/proc/sys/vm/drop_caches", "3").is_ok()
+/// Done in a child shell with a time limit: on a machine whose disk other
+/// processes keep busy, `sync` can block for minutes in the kernel, and a
+/// benchmark must not hang on it (the child is left to finish on its own).
+fn drop_caches() -> Dropped {
+    let child = Command::new("sh")
+        .args(["-c", "sync && echo 3 > /proc/sys/vm/drop_caches"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return Dropped::Denied;
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Dropped::Yes,
+            Ok(Some(_)) | Err(_) => return Dropped::Denied,
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    Dropped::TimedOut
 }
 
 /// Where one configuration keeps its two databases.
@@ -318,11 +344,18 @@ impl Bench {
                 }
             }
         }
-        if self.can_drop_caches && !drop_caches() {
-            self.can_drop_caches = false;
-            eprintln!(
-                "\nnote: cannot drop the page cache (writing /proc/sys/vm/drop_caches failed: not root?); runs start with a warm cache"
-            );
+        if self.can_drop_caches {
+            let why = match drop_caches() {
+                Dropped::Yes => None,
+                Dropped::Denied => Some("writing /proc/sys/vm/drop_caches failed: not root?"),
+                Dropped::TimedOut => Some("sync + drop_caches took over 30 s: the disk is busy"),
+            };
+            if let Some(why) = why {
+                self.can_drop_caches = false;
+                eprintln!(
+                    "\nnote: cannot drop the page cache ({why}); the remaining runs do not drop it"
+                );
+            }
         }
         let log_path = self.out.join(format!(
             "{}-{}-{}.log",
