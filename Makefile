@@ -92,9 +92,10 @@ KVBENCH_ARGS ?=
 bench: rocksdb-tools
 	$(CARGO) run --release -p benches --bin kvbench -- $(KVBENCH_ARGS)
 
-# kvbench --quick (under 3 minutes): the smoke test `make test` runs.
+# kvbench --quick (under 3 minutes): the smoke test `make test` runs. Its
+# own output directory, so it does not overwrite the last `make bench`.
 kvbench-smoke: rocksdb-tools
-	$(CARGO) run --release -p benches --bin kvbench -- --quick
+	$(CARGO) run --release -p benches --bin kvbench -- --quick --out $(TARGET_DIR)/kvbench-smoke
 
 # The micro benchmarks: BlobFS vs ext4 file I/O, blobstore vs raw device.
 bench-micro: deps
