@@ -39,10 +39,10 @@ use clap::Parser;
                   --full: SPDK's CI scale (20 million keys, 20 s phases)."
 )]
 struct Args {
-    /// Keys in the database (db_bench --num) [default: 1500000; --quick 100000; --full 20000000].
+    /// Keys in the database (db_bench --num) [default: 1500000; --quick 50000; --full 20000000].
     #[arg(long)]
     keys: Option<u64>,
-    /// Seconds per timed phase (db_bench --duration) [default: 15; --quick 3; --full 20].
+    /// Seconds per timed phase (db_bench --duration) [default: 15; --quick 2; --full 20].
     #[arg(long)]
     duration: Option<u32>,
     /// Thread counts per phase, e.g. `randread=8,readwrite=2` (default: SPDK's 1,1,4,1,16).
@@ -484,7 +484,7 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     let (def_keys, def_duration) = if args.quick {
-        (100_000, 3)
+        (50_000, 2)
     } else if args.full {
         (20_000_000, 20)
     } else {
