@@ -1,5 +1,6 @@
 # The two commands a newcomer needs (see README.md):
-#   make bench   runs the main benchmark and prints its table
+#   make bench   runs the main benchmark (kvbench: RocksDB on BlobFS vs
+#                POSIX) and prints its tables
 #   make test    runs every test
 # Both install what they need first (Debian, as root) via `make deps`.
 #
@@ -20,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm lint bench bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb
+.PHONY: all deps test test-rust test-vm lint bench bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb
 
 all: test
 
@@ -43,7 +44,7 @@ lint: deps
 test-rust: deps
 	$(CARGO) test --workspace --release
 
-test: lint test-rust test-rocksdb crashtest-rocksdb test-vm fuzz
+test: lint test-rust test-rocksdb crashtest-rocksdb kvbench-smoke test-vm fuzz
 
 # The blobstore crash test alone, with its report (points, violations, seeds).
 # CRASH_POINTS=N make crashtest runs N crash points (default 10,000);
@@ -51,7 +52,7 @@ test: lint test-rust test-rocksdb crashtest-rocksdb test-vm fuzz
 crashtest: deps
 	$(CARGO) test --release -p blobstore --test crash -- --nocapture
 
-# Options for the table, e.g. make bench BENCH_ARGS='--devices mem --seconds 2 --json out.json'
+# Options for blobstore-bench, e.g. make bench-micro BENCH_ARGS='--devices mem --seconds 2 --json out.json'
 BENCH_ARGS ?=
 
 # The userspace NVMe driver against QEMU's NVMe controller in a VM (TCG, an
@@ -81,7 +82,23 @@ fuzz: fuzz-build
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
 	done
 
-bench: deps
+# The key-value acceleration benchmark: db_bench (SPDK's RocksDB suite) on
+# BlobFS vs the kernel file system in three configurations (disk, direct,
+# memory), about 15 minutes on 2 cores. Tables on stdout; JSON, chart and
+# db_bench logs in $(TARGET_DIR)/kvbench-out. Options through KVBENCH_ARGS,
+# e.g. make bench KVBENCH_ARGS='--configs memory --keys 500000 --duration 10'
+KVBENCH_ARGS ?=
+
+bench: rocksdb-tools
+	$(CARGO) run --release -p benches --bin kvbench -- $(KVBENCH_ARGS)
+
+# kvbench --quick (under 3 minutes): the smoke test `make test` runs. Its
+# own output directory, so it does not overwrite the last `make bench`.
+kvbench-smoke: rocksdb-tools
+	$(CARGO) run --release -p benches --bin kvbench -- --quick --out $(TARGET_DIR)/kvbench-smoke
+
+# The micro benchmarks: BlobFS vs ext4 file I/O, blobstore vs raw device.
+bench-micro: deps
 	$(CARGO) run --release -p benches --bin blobfs-bench -- $(BLOBFS_BENCH_ARGS)
 	$(CARGO) run --release -p benches --bin blobstore-bench -- $(BENCH_ARGS)
 

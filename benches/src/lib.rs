@@ -7,6 +7,9 @@
 //!   ([`BlobTarget`]).
 //! - [`scenario`]: the blobstore-versus-raw-device setup and the metadata
 //!   cycle used by `blobstore-bench` and the criterion benches.
+//! - [`kv`]: the key-value acceleration benchmark (`kvbench`): `db_bench`
+//!   phases on BlobFS vs POSIX, its output parser, ratios, tables, JSON
+//!   and chart.
 //! - [`stats`] and [`json`]: medians and a small JSON writer for reports.
 //!
 //! Speed is always reported as a ratio against a baseline measured in the
@@ -15,6 +18,7 @@
 
 pub mod hist;
 pub mod json;
+pub mod kv;
 pub mod load;
 pub mod scenario;
 pub mod stats;

@@ -1,0 +1,728 @@
+//! `kvbench`: the key-value acceleration benchmark. Is RocksDB faster on
+//! BlobFS than on the kernel file system, on the same machine and disk?
+//!
+//! Runs SPDK's RocksDB suite (insert, overwrite, readwrite, writesync,
+//! randread) with `db_bench`, one child process per (configuration, phase,
+//! side), the side that goes first alternating from phase to phase, and
+//! prints a table per configuration; writes `kvbench.json` and
+//! `kvbench.svg` under `--out`. See [`benches::kv`] for the workload.
+//!
+//! Configurations:
+//! - `disk`: BlobFS on `file:<dir>/kvbench.img` (preallocated, O_DIRECT) vs
+//!   POSIX in `<dir>/posix-db`, RocksDB defaults;
+//! - `direct`: the same, POSIX with O_DIRECT reads, flushes and compactions,
+//!   BlobFS with `cache=0`;
+//! - `memory`: BlobFS on an image file in /dev/shm vs POSIX in /dev/shm. A
+//!   `mem:` device lives only as long as its process, and every phase is a
+//!   new `db_bench` that reopens the database the insert phase built, so
+//!   the memory device here is a tmpfs file (still O_DIRECT through
+//!   io_uring; tmpfs serves it from RAM).
+
+use std::fs;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use benches::json::Json;
+use benches::kv::{self, Config, Phase, RunFigures, Side};
+use benches::stats::{format_size, parse_size};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "RocksDB db_bench on BlobFS vs the kernel file system (SPDK's RocksDB suite), side by side",
+    after_help = "Default scale: about 15 minutes on a 2-core machine. --quick: under 3 minutes. \
+                  --full: SPDK's CI scale (20 million keys, 20 s phases)."
+)]
+struct Args {
+    /// Keys in the database (db_bench --num) [default: 1500000; --quick 50000; --full 20000000].
+    #[arg(long)]
+    keys: Option<u64>,
+    /// Seconds per timed phase (db_bench --duration) [default: 15; --quick 2; --full 20].
+    #[arg(long)]
+    duration: Option<u32>,
+    /// Thread counts per phase, e.g. `randread=8,readwrite=2` (default: SPDK's 1,1,4,1,16).
+    #[arg(long, default_value = "")]
+    threads: String,
+    /// Configurations to run, in order.
+    #[arg(long, default_value = "disk,direct,memory")]
+    configs: String,
+    /// Phases to run, in order (insert always runs: the others reuse its database).
+    #[arg(long, default_value = "insert,overwrite,readwrite,writesync,randread")]
+    phases: String,
+    /// Directory on the disk under test, for the BlobFS image and the POSIX
+    /// database [default: <target dir>/kvbench].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Where the JSON, the chart and db_bench's logs go [default: <target dir>/kvbench-out].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// RocksDB block cache of both sides (db_bench --cache_size).
+    #[arg(long, default_value = "32M")]
+    cache_size: String,
+    /// BlobFS read cache in the disk and memory configurations (`cache=` of
+    /// the URI; `direct` always uses 0).
+    #[arg(long, default_value = "256M")]
+    blobfs_cache: String,
+    /// The db_bench binary [default: <target dir>/rocksdb/db_bench].
+    #[arg(long)]
+    db_bench: Option<PathBuf>,
+    /// A run of under 3 minutes (the smoke test of `make test`).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// SPDK's CI scale: 20 million keys, 20-second phases.
+    #[arg(long)]
+    full: bool,
+}
+
+/// The target directory the binary was built into (`<target>/release/kvbench`).
+fn target_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("CARGO_TARGET_DIR") {
+        return PathBuf::from(d);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target"))
+}
+
+fn parse_list<T>(s: &str, parse: fn(&str) -> Result<T, String>) -> Result<Vec<T>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(parse)
+        .collect()
+}
+
+/// Bytes one side's database may take: ~1.1 KB per key (16 + 1000 bytes
+/// plus block and index overhead), twice for compaction and overwrites
+/// not yet compacted, plus 512 MiB for the WAL, memtables' flushes and
+/// the file system's own metadata. Rounded up to MiB.
+fn side_bytes(keys: u64) -> u64 {
+    let b = keys
+        .saturating_mul(1100)
+        .saturating_mul(2)
+        .saturating_add(512 << 20);
+    b.div_ceil(1 << 20) << 20
+}
+
+fn statvfs_avail(path: &Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| format!("{} has a NUL byte", path.display()))?;
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a valid out
+    // pointer for the duration of the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(format!(
+            "statvfs {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// A field of /proc/meminfo, bytes.
+fn meminfo(field: &str) -> Option<u64> {
+    let s = fs::read_to_string("/proc/meminfo").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
+/// The file system type holding `path` (longest mount point prefix in
+/// /proc/mounts).
+fn fs_type(path: &Path) -> String {
+    let path = fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let Ok(mounts) = fs::read_to_string("/proc/mounts") else {
+        return "unknown".into();
+    };
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (dev, mnt, ty) = (w.next()?, w.next()?, w.next()?);
+            path.starts_with(mnt)
+                .then(|| (mnt.len(), format!("{ty} ({dev} on {mnt})")))
+        })
+        .max_by_key(|(n, _)| *n)
+        .map_or_else(|| "unknown".into(), |(_, t)| t)
+}
+
+fn machine_json(dir: &Path) -> Json {
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get() as u64);
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    Json::obj([
+        ("cpu_model", Json::str(cpu)),
+        ("cores", Json::from(cores)),
+        ("kernel", Json::str(kernel)),
+        (
+            "mem_total_mib",
+            Json::from(meminfo("MemTotal").unwrap_or(0) >> 20),
+        ),
+        ("dir", Json::str(dir.display().to_string())),
+        ("dir_fs", Json::str(fs_type(dir))),
+        ("shm_fs", Json::str(fs_type(Path::new("/dev/shm")))),
+    ])
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from the system clock.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// How dropping the page cache went.
+enum Dropped {
+    Yes,
+    /// Not permitted (not root, read-only /proc).
+    Denied,
+    /// `sync` or the drop did not finish in time (a busy shared disk).
+    TimedOut,
+}
+
+/// Flushes dirty data and drops the page cache, so every run starts cold.
+/// Done in a child shell with a time limit: on a machine whose disk other
+/// processes keep busy, `sync` can block for minutes in the kernel, and a
+/// benchmark must not hang on it (the child is left to finish on its own).
+fn drop_caches() -> Dropped {
+    let child = Command::new("sh")
+        .args(["-c", "sync && echo 3 > /proc/sys/vm/drop_caches"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else {
+        return Dropped::Denied;
+    };
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Dropped::Yes,
+            Ok(Some(_)) | Err(_) => return Dropped::Denied,
+            Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+    Dropped::TimedOut
+}
+
+/// Where one configuration keeps its two databases.
+struct Layout {
+    /// The BlobFS image file.
+    image: PathBuf,
+    /// Image size, bytes.
+    image_bytes: u64,
+    /// Whether to preallocate the image.
+    prealloc: bool,
+    /// BlobFS read cache (`cache=` in the URI).
+    blobfs_cache: String,
+    /// The POSIX database directory.
+    posix_db: PathBuf,
+}
+
+impl Layout {
+    fn uri(&self, mkfs: &str) -> String {
+        format!(
+            "blobfs://file:{}?size={}{};cache={};mkfs={mkfs}",
+            self.image.display(),
+            format_size(self.image_bytes),
+            if self.prealloc { "&prealloc=true" } else { "" },
+            self.blobfs_cache
+        )
+    }
+
+    fn clean(&self) {
+        let _ = fs::remove_file(&self.image);
+        let _ = fs::remove_dir_all(&self.posix_db);
+    }
+}
+
+/// Everything that stays the same across runs.
+struct Bench {
+    db_bench: PathBuf,
+    keys: u64,
+    duration: u32,
+    threads: Vec<(Phase, u32)>,
+    cache_bytes: u64,
+    out: PathBuf,
+    can_drop_caches: bool,
+    started: Instant,
+}
+
+impl Bench {
+    fn threads(&self, phase: Phase) -> u32 {
+        self.threads
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map_or(phase.default_threads(), |(_, n)| *n)
+    }
+
+    fn command(&self, config: Config, phase: Phase, side: Side, layout: &Layout) -> Vec<String> {
+        let mut cmd = vec![self.db_bench.display().to_string()];
+        cmd.extend(phase.flags(
+            self.keys,
+            self.duration,
+            self.threads(phase),
+            self.cache_bytes,
+        ));
+        match side {
+            Side::BlobFs => {
+                let mkfs = if phase == Phase::Insert {
+                    "always"
+                } else {
+                    "never"
+                };
+                cmd.push(format!("--fs_uri={}", layout.uri(mkfs)));
+                cmd.push("--db=/kvbench".to_string());
+            }
+            Side::Posix => {
+                cmd.extend(config.posix_flags());
+                cmd.push(format!("--db={}", layout.posix_db.display()));
+            }
+        }
+        cmd
+    }
+
+    /// Runs one db_bench child and measures it.
+    fn run(
+        &mut self,
+        config: Config,
+        phase: Phase,
+        side: Side,
+        layout: &Layout,
+        label: &str,
+    ) -> Result<RunFigures, String> {
+        let cmd = self.command(config, phase, side, layout);
+        if phase == Phase::Insert {
+            // A fresh image each time (mkfs=always on a new file) and a
+            // fresh POSIX directory.
+            match side {
+                Side::BlobFs => {
+                    let _ = fs::remove_file(&layout.image);
+                }
+                Side::Posix => {
+                    let _ = fs::remove_dir_all(&layout.posix_db);
+                }
+            }
+        }
+        if self.can_drop_caches {
+            let why = match drop_caches() {
+                Dropped::Yes => None,
+                Dropped::Denied => Some("writing /proc/sys/vm/drop_caches failed: not root?"),
+                Dropped::TimedOut => Some("sync + drop_caches took over 30 s: the disk is busy"),
+            };
+            if let Some(why) = why {
+                self.can_drop_caches = false;
+                eprintln!(
+                    "\nnote: cannot drop the page cache ({why}); the remaining runs do not drop it"
+                );
+            }
+        }
+        let log_path = self.out.join(format!(
+            "{}-{}-{}.log",
+            config.name(),
+            phase.name(),
+            side.name().to_lowercase()
+        ));
+        let log = fs::File::create(&log_path)
+            .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
+        let cached_before = meminfo("Cached").unwrap_or(0);
+        let t0 = Instant::now();
+        let child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(|e| format!("{label}: starting {}: {e}", cmd[0]))?;
+        let pid = child.id() as libc::pid_t;
+
+        // The progress line, until the child ends.
+        let done = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let done = done.clone();
+            let label = label.to_string();
+            let total = self.started;
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Relaxed) {
+                    eprint!(
+                        "\r{label}: {:5.1} s  (total {:6.1} s)   ",
+                        t0.elapsed().as_secs_f64(),
+                        total.elapsed().as_secs_f64()
+                    );
+                    let _ = std::io::stderr().flush();
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            })
+        };
+        let mut status = 0;
+        // SAFETY: `rusage` is a plain C struct; wait4 fills it for our own
+        // child `pid`, which std has not reaped (we never call wait on it).
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        let rc = loop {
+            let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+            if rc == -1 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+            {
+                continue;
+            }
+            break rc;
+        };
+        let wall_s = t0.elapsed().as_secs_f64();
+        done.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        drop(child);
+        if rc != pid {
+            return Err(format!(
+                "{label}: waiting for db_bench: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let cached_after = meminfo("Cached").unwrap_or(0);
+        let output = read_log(&log_path)?;
+        let exit = std::process::ExitStatus::from_raw(status);
+        if !exit.success() {
+            return Err(format!(
+                "{label}: db_bench failed ({exit})\ncommand: {}\nlast lines of its output ({}):\n{}",
+                cmd.join(" "),
+                log_path.display(),
+                tail(&output, 25)
+            ));
+        }
+        let result = kv::parse_db_bench(&output, phase.benchmark()).map_err(|e| {
+            format!(
+                "{label}: {e}\ncommand: {}\nlast lines of its output ({}):\n{}",
+                cmd.join(" "),
+                log_path.display(),
+                tail(&output, 25)
+            )
+        })?;
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        Ok(RunFigures {
+            config,
+            phase,
+            side,
+            command: cmd,
+            result,
+            cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
+            max_rss_bytes: ru.ru_maxrss.max(0) as u64 * 1024,
+            page_cache_growth_bytes: cached_after.saturating_sub(cached_before),
+            wall_s,
+            log: log_path.display().to_string(),
+        })
+    }
+}
+
+fn read_log(path: &Path) -> Result<String, String> {
+    let mut f = fs::File::open(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    // The statistics dump can be long; the figures are near its start.
+    let len = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    f.seek(SeekFrom::Start(0))
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    let mut bytes = Vec::with_capacity(len.min(64 << 20) as usize);
+    f.take(64 << 20)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("\nkvbench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    let (def_keys, def_duration) = if args.quick {
+        (50_000, 2)
+    } else if args.full {
+        (20_000_000, 20)
+    } else {
+        (1_500_000, 15)
+    };
+    let keys = args.keys.unwrap_or(def_keys);
+    let duration = args.duration.unwrap_or(def_duration);
+    if keys == 0 || duration == 0 {
+        return Err("--keys and --duration must be at least 1".into());
+    }
+    let configs = parse_list(&args.configs, Config::parse)?;
+    let mut phases = parse_list(&args.phases, Phase::parse)?;
+    if configs.is_empty() || phases.is_empty() {
+        return Err("--configs and --phases must name at least one".into());
+    }
+    if !phases.contains(&Phase::Insert) {
+        eprintln!("note: adding the insert phase: the other phases reuse the database it builds");
+        phases.insert(0, Phase::Insert);
+    }
+    // SPDK's order whatever the order given.
+    phases.sort_by_key(|p| Phase::ALL.iter().position(|x| x == p));
+    phases.dedup();
+    let threads = parse_list(&args.threads, |s| {
+        let (p, n) = s
+            .split_once('=')
+            .ok_or_else(|| format!("--threads wants phase=N items, got {s:?}"))?;
+        let n: u32 = n
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("--threads: {n:?} is not a positive thread count"))?;
+        Ok((Phase::parse(p)?, n))
+    })?;
+    let cache_bytes = parse_size(&args.cache_size)?;
+    let blobfs_cache_bytes = parse_size(&args.blobfs_cache)?;
+
+    let target = target_dir();
+    let db_bench = args
+        .db_bench
+        .clone()
+        .unwrap_or_else(|| target.join("rocksdb").join("db_bench"));
+    if !db_bench.is_file() {
+        return Err(format!(
+            "db_bench not found at {}: build it with `make rocksdb-tools` (same CARGO_TARGET_DIR), or pass --db-bench PATH",
+            db_bench.display()
+        ));
+    }
+    let dir = args.dir.clone().unwrap_or_else(|| target.join("kvbench"));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target.join("kvbench-out"));
+    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    fs::create_dir_all(&out).map_err(|e| format!("creating {}: {e}", out.display()))?;
+    let dir = fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let out = fs::canonicalize(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+
+    // Room for both sides of every configuration asked for, checked up
+    // front so a long run does not die half way.
+    let per_side = side_bytes(keys);
+    let shm = PathBuf::from("/dev/shm").join(format!("kvbench-{}", std::process::id()));
+    for config in &configs {
+        match config {
+            Config::Disk | Config::Direct => {
+                let avail = statvfs_avail(&dir)?;
+                if avail < 2 * per_side {
+                    return Err(format!(
+                        "configuration {}: {} keys need about {} for the BlobFS image and {} for the POSIX database, but {} has {} free; use fewer --keys, another --dir, or leave {} out of --configs",
+                        config.name(), keys, human(per_side), human(per_side), dir.display(), human(avail), config.name()
+                    ));
+                }
+            }
+            Config::Memory => {
+                let avail_shm = statvfs_avail(Path::new("/dev/shm"))?;
+                let avail_mem = meminfo("MemAvailable").unwrap_or(0);
+                let need = 2 * per_side + (1 << 30);
+                if avail_shm < 2 * per_side || avail_mem < need {
+                    return Err(format!(
+                        "configuration memory: {} keys need about {} in /dev/shm for both sides plus 1 GiB for the processes, but /dev/shm has {} free and MemAvailable is {}; use fewer --keys or leave memory out of --configs",
+                        keys, human(2 * per_side), human(avail_shm), human(avail_mem)
+                    ));
+                }
+            }
+        }
+    }
+
+    let started_at = utc_now();
+    eprintln!(
+        "kvbench: {} keys, {} s per timed phase, configs {}, phases {}; db_bench {}; dir {} ({}); out {}",
+        keys,
+        duration,
+        configs.iter().map(|c| c.name()).collect::<Vec<_>>().join(","),
+        phases.iter().map(|p| p.name()).collect::<Vec<_>>().join(","),
+        db_bench.display(),
+        dir.display(),
+        fs_type(&dir),
+        out.display()
+    );
+    let mut bench = Bench {
+        db_bench,
+        keys,
+        duration,
+        threads: threads.clone(),
+        cache_bytes,
+        out: out.clone(),
+        can_drop_caches: true,
+        started: Instant::now(),
+    };
+    let mut runs: Vec<RunFigures> = Vec::new();
+    let mut failure = None;
+    'configs: for (ci, &config) in configs.iter().enumerate() {
+        let layout = match config {
+            Config::Disk | Config::Direct => Layout {
+                image: dir.join("kvbench.img"),
+                image_bytes: per_side,
+                prealloc: true,
+                blobfs_cache: if config == Config::Direct {
+                    "0".into()
+                } else {
+                    format_size(blobfs_cache_bytes)
+                },
+                posix_db: dir.join("posix-db"),
+            },
+            Config::Memory => {
+                fs::create_dir_all(&shm).map_err(|e| format!("creating {}: {e}", shm.display()))?;
+                Layout {
+                    image: shm.join("kvbench.img"),
+                    image_bytes: per_side,
+                    prealloc: false,
+                    blobfs_cache: format_size(blobfs_cache_bytes),
+                    posix_db: shm.join("posix-db"),
+                }
+            }
+        };
+        for (pi, &phase) in phases.iter().enumerate() {
+            // Alternate which side goes first, phase by phase and across
+            // configurations.
+            let first = if (ci + pi) % 2 == 0 {
+                Side::BlobFs
+            } else {
+                Side::Posix
+            };
+            for side in [first, first.other()] {
+                let label = format!(
+                    "[{}/{} {}] {} {}/{} {}",
+                    ci + 1,
+                    configs.len(),
+                    config.name(),
+                    phase.name(),
+                    pi + 1,
+                    phases.len(),
+                    side.name()
+                );
+                match bench.run(config, phase, side, &layout, &label) {
+                    Ok(r) => {
+                        eprintln!(
+                            "\r{label}: {} ops/s, p99 {:.1} µs, {:.1} s          ",
+                            r.result.ops_per_sec as u64, r.result.latency_us_p99, r.wall_s
+                        );
+                        runs.push(r);
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        layout.clean();
+                        break 'configs;
+                    }
+                }
+            }
+        }
+        layout.clean();
+    }
+    let _ = fs::remove_dir_all(&shm);
+    let total_s = bench.started.elapsed().as_secs_f64();
+
+    let params = Json::obj([
+        ("keys", Json::from(keys)),
+        ("duration_s", Json::from(u64::from(duration))),
+        (
+            "threads",
+            Json::obj(
+                phases
+                    .iter()
+                    .map(|&p| (p.name(), Json::from(u64::from(bench.threads(p))))),
+            ),
+        ),
+        (
+            "configs",
+            Json::Arr(configs.iter().map(|c| Json::str(c.name())).collect()),
+        ),
+        (
+            "phases",
+            Json::Arr(phases.iter().map(|p| Json::str(p.name())).collect()),
+        ),
+        ("cache_size_bytes", Json::from(cache_bytes)),
+        ("blobfs_cache_bytes", Json::from(blobfs_cache_bytes)),
+        ("image_bytes", Json::from(per_side)),
+        (
+            "page_cache_dropped_before_each_run",
+            Json::Bool(bench.can_drop_caches),
+        ),
+        ("started", Json::str(started_at.clone())),
+        ("total_s", Json::Num(total_s)),
+        ("complete", Json::Bool(failure.is_none())),
+    ]);
+    let report = kv::report_json(machine_json(&dir), params, &runs);
+    let json_path = out.join("kvbench.json");
+    let svg_path = out.join("kvbench.svg");
+    fs::write(&json_path, format!("{report}\n"))
+        .map_err(|e| format!("writing {}: {e}", json_path.display()))?;
+    fs::write(&svg_path, kv::chart_svg(&runs))
+        .map_err(|e| format!("writing {}: {e}", svg_path.display()))?;
+
+    println!(
+        "\nkvbench, {started_at}: {keys} keys, {duration} s per timed phase, RocksDB block cache {}; ratio = BlobFS / POSIX",
+        format_size(cache_bytes)
+    );
+    for config in &configs {
+        if !runs.iter().any(|r| r.config == *config) {
+            continue;
+        }
+        println!("\n### {}\n", config.name());
+        print!("{}", kv::table(*config, &runs));
+    }
+    println!(
+        "\ntotal {:.0} s; JSON {}; chart {}",
+        total_s,
+        json_path.display(),
+        svg_path.display()
+    );
+    if !bench.can_drop_caches {
+        println!("(the page cache could not be dropped between runs)");
+    }
+    match failure {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+fn human(b: u64) -> String {
+    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
