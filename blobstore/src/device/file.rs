@@ -894,6 +894,21 @@ impl ChannelBackend for FileBackend {
         }
         n
     }
+
+    fn wait(&mut self) -> bool {
+        if !self.done.is_empty() || !self.cqes.is_empty() || self.in_kernel == 0 {
+            // Something to report already, or nothing the kernel could
+            // complete: the caller's next poll decides.
+            return true;
+        }
+        // Submits what is queued and sleeps in the kernel until a CQE is
+        // posted (one that is already there returns at once).
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => true,
+            Err(e) if is_retryable(&e) => true,
+            Err(_) => false,
+        }
+    }
 }
 
 impl Drop for FileBackend {
