@@ -429,13 +429,14 @@ impl FileNode {
         off: u64,
         dst: &mut [u8],
     ) -> Result<()> {
-        let name = self.name();
+        // The name only for errors: taking it costs a lock and a copy.
+        let err = |e| Error::store(&self.name(), e);
         let end = off + dst.len() as u64;
         let cache = &fs.cache;
         if !cache.enabled() {
             let (a, b) = (self.align_down(off), self.align_up(end));
-            let buf = DmaBuf::new((b - a) as usize).ctx(&name)?;
-            let buf = self.blob.read(a / self.unit, buf).await.ctx(&name)?;
+            let buf = DmaBuf::new((b - a) as usize).map_err(err)?;
+            let buf = self.blob.read(a / self.unit, buf).await.map_err(err)?;
             dst.copy_from_slice(&buf[(off - a) as usize..(end - a) as usize]);
             return Ok(());
         }
@@ -459,8 +460,12 @@ impl FileNode {
                         run_end += 1;
                     }
                     let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
-                    let buf = DmaBuf::new(bytes as usize).ctx(&name)?;
-                    let buf = self.blob.read(idx * cb / self.unit, buf).await.ctx(&name)?;
+                    let buf = DmaBuf::new(bytes as usize).map_err(err)?;
+                    let buf = self
+                        .blob
+                        .read(idx * cb / self.unit, buf)
+                        .await
+                        .map_err(err)?;
                     let mut mine = None;
                     for (i, piece) in buf.chunks(cb as usize).enumerate() {
                         let chunk: Arc<[u8]> = Arc::from(piece);

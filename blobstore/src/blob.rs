@@ -84,6 +84,9 @@ fn pieces(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<(usize, usize, usize)>
 
 /// Segments covering bytes `[off, off+len)` of `bufs` taken as one buffer.
 fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
+    if let [b] = bufs {
+        return vec![b.segment(off, len)];
+    }
     pieces(bufs, off, len)
         .into_iter()
         .map(|(i, start, n)| bufs[i].segment(start, n))
@@ -330,6 +333,18 @@ impl Blob {
         bufs: &[DmaBuf],
     ) -> Result<()> {
         let unit = self.store.layout.io_unit as usize;
+        if let [r] = runs {
+            // The common case: one contiguous piece, no join.
+            let Some(lba) = r.lba else { return Ok(()) };
+            return ch
+                .submit(IoOp {
+                    kind,
+                    lba,
+                    blocks: r.units,
+                    segs: segments(bufs, r.buf_unit as usize * unit, r.units as usize * unit),
+                })
+                .await;
+        }
         let ops = runs.iter().filter_map(|r| {
             let lba = r.lba?;
             Some(ch.submit(IoOp {

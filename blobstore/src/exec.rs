@@ -1,18 +1,22 @@
 //! Driving futures on the calling thread.
 //!
 //! [`block_on`] is the plain way to run any future of this crate: it polls
-//! the future, and while the thread has device I/O in flight it keeps polling
-//! (only polling completes I/O); with nothing in flight it parks until woken.
+//! the future, and while the thread has device I/O in flight it polls the
+//! thread's channels (only polling completes I/O): first spinning for a few
+//! microseconds, then sleeping in the device until a completion arrives
+//! (where the device can block, e.g. io_uring). With nothing in flight it
+//! parks until woken.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::device::{poll_thread_channels, thread_in_flight};
+use crate::device::{poll_thread_channels, thread_in_flight, wait_thread_channels};
 
 struct ThreadWaker {
     thread: Thread,
@@ -29,36 +33,71 @@ impl Wake for ThreadWaker {
     }
 }
 
+/// How long [`block_on`] polls a channel with I/O in flight before it
+/// sleeps in the device (where the device can block): short I/O completes
+/// within the spin, long I/O costs no CPU while it waits, and threads that
+/// share a core leave it to the others instead of spinning on it.
+const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(10);
+
 /// Runs `fut` to completion on the calling thread, polling this thread's
 /// device channels while it waits.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
-    let tw = Arc::new(ThreadWaker {
-        thread: thread::current(),
-        woken: AtomicBool::new(false),
+    // The thread's waker is made once and reused by every (non-nested) call.
+    let cached = WAKER.with(|w| w.borrow_mut().take());
+    let tw = cached.unwrap_or_else(|| {
+        Arc::new(ThreadWaker {
+            thread: thread::current(),
+            woken: AtomicBool::new(false),
+        })
     });
+    tw.woken.store(false, Ordering::Relaxed);
+    let out = run(fut, &tw);
+    // Clones the future left behind (in a waker it stored somewhere) may
+    // still wake it later: that only costs the next call one extra poll.
+    WAKER.with(|w| *w.borrow_mut() = Some(tw));
+    out
+}
+
+thread_local! {
+    static WAKER: RefCell<Option<Arc<ThreadWaker>>> = const { RefCell::new(None) };
+}
+
+fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>) -> F::Output {
     let waker = Waker::from(tw.clone());
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
     let mut idle_spins = 0u32;
+    let mut spin_start: Option<Instant> = None;
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
         if tw.woken.swap(false, Ordering::Acquire) {
             idle_spins = 0;
+            spin_start = None;
             continue;
         }
         if thread_in_flight() > 0 {
             // Only polling completes our I/O: poll every channel of the
             // thread, so I/O submitted by other parts of the future progresses.
-            if poll_thread_channels() == 0 {
-                idle_spins += 1;
-                if idle_spins.is_multiple_of(64) {
-                    thread::yield_now();
-                } else {
-                    std::hint::spin_loop();
+            if poll_thread_channels() > 0 {
+                idle_spins = 0;
+                spin_start = None;
+                continue;
+            }
+            idle_spins += 1;
+            if idle_spins.is_multiple_of(16) {
+                let start = *spin_start.get_or_insert_with(Instant::now);
+                if start.elapsed() >= SPIN_BEFORE_BLOCK {
+                    // Sleep in the device until something completes; where
+                    // that cannot be done, give the core away instead.
+                    if !wait_thread_channels() {
+                        thread::yield_now();
+                    }
+                    continue;
                 }
             }
+            std::hint::spin_loop();
             continue;
         }
         // Waiting on something another thread will wake (a lock, a message).

@@ -29,7 +29,6 @@ pub use powerloss::PowerLossDevice;
 pub use spec::{open_device, DeviceSpec, PciAddress};
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -137,6 +136,13 @@ pub trait ChannelBackend {
     /// Reports completed operations through `done`; returns how many. Never
     /// blocks.
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize;
+    /// Blocks the thread until at least one operation of this backend has
+    /// completed (so the next [`ChannelBackend::reap`] reports something),
+    /// or returns at once when nothing is in flight. Returns false when the
+    /// backend cannot block (the default): the caller must keep polling.
+    fn wait(&mut self) -> bool {
+        false
+    }
 }
 
 /// A block device: geometry, buffers, and per-thread channels.
@@ -157,12 +163,19 @@ pub trait BlockDevice: Send + Sync + 'static {
 }
 
 /// A thread's channels, with a weak link to each device so channels of
-/// dropped devices can be closed.
-type ChannelMap = HashMap<DeviceId, (Weak<dyn BlockDevice>, IoChannel)>;
+/// dropped devices can be closed. A thread talks to a handful of devices, so
+/// a linear scan beats hashing; the channel list is shared as one `Rc` so
+/// polling every channel allocates nothing.
+struct ChannelMap {
+    ids: Vec<(DeviceId, Weak<dyn BlockDevice>)>,
+    chans: Rc<[IoChannel]>,
+}
 
 thread_local! {
-    static CHANNELS: RefCell<ChannelMap> =
-        RefCell::new(HashMap::new());
+    static CHANNELS: RefCell<ChannelMap> = RefCell::new(ChannelMap {
+        ids: Vec::new(),
+        chans: Rc::from(Vec::new()),
+    });
     static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -176,25 +189,60 @@ pub fn thread_in_flight() -> usize {
 /// The calling thread's channel for `dev`, created on first use.
 pub fn channel(dev: &Arc<dyn BlockDevice>) -> Result<IoChannel> {
     let id = dev.id();
-    if let Some(ch) = CHANNELS.with(|m| m.borrow().get(&id).map(|(_, c)| c.clone())) {
+    let found = CHANNELS.with(|m| {
+        let m = m.borrow();
+        m.ids
+            .iter()
+            .position(|(i, _)| *i == id)
+            .map(|k| m.chans[k].clone())
+    });
+    if let Some(ch) = found {
         return Ok(ch);
     }
     let backend = dev.new_backend()?;
     let ch = IoChannel::new(dev.geometry(), dev.name(), backend);
     CHANNELS.with(|m| {
-        let mut m = m.borrow_mut();
+        let mut guard = m.borrow_mut();
+        let m = &mut *guard;
         // Drop channels of devices that are gone, so their fds and rings close.
-        m.retain(|_, (w, c)| w.strong_count() > 0 || c.in_flight() > 0);
-        m.insert(id, (Arc::downgrade(dev), ch.clone()));
+        let mut ids = Vec::new();
+        let mut chans = Vec::new();
+        let old = m.chans.clone();
+        for ((i, w), c) in m.ids.drain(..).zip(old.iter()) {
+            if w.strong_count() > 0 || c.in_flight() > 0 {
+                ids.push((i, w));
+                chans.push(c.clone());
+            }
+        }
+        ids.push((id, Arc::downgrade(dev)));
+        chans.push(ch.clone());
+        m.ids = ids;
+        m.chans = Rc::from(chans);
     });
     Ok(ch)
 }
 
+/// The thread's channels (a shared list: cloning it allocates nothing).
+fn thread_channels() -> Rc<[IoChannel]> {
+    CHANNELS.with(|m| m.borrow().chans.clone())
+}
+
 /// Drives every channel of this thread once; returns completions seen.
 pub fn poll_thread_channels() -> usize {
-    let chans: Vec<IoChannel> =
-        CHANNELS.with(|m| m.borrow().values().map(|(_, c)| c.clone()).collect());
-    chans.iter().map(|c| c.poll()).sum()
+    thread_channels().iter().map(|c| c.poll()).sum()
+}
+
+/// Blocks until an operation of this thread completes, when that can be
+/// done without missing anything: exactly one channel of the thread has
+/// operations in flight and its backend can block. Returns false (at once)
+/// otherwise; the caller then keeps polling.
+pub fn wait_thread_channels() -> bool {
+    let chans = thread_channels();
+    let mut busy = chans.iter().filter(|c| c.in_flight() > 0);
+    match (busy.next(), busy.next()) {
+        (Some(c), None) => c.wait(),
+        _ => false,
+    }
 }
 
 enum Slot {
@@ -289,6 +337,15 @@ impl IoChannel {
             w.wake();
         }
         n
+    }
+
+    /// Blocks until an operation completes (see [`ChannelBackend::wait`]);
+    /// false when the backend cannot block.
+    fn wait(&self) -> bool {
+        let Ok(mut st) = self.0.state.try_borrow_mut() else {
+            return false;
+        };
+        st.in_flight > 0 && st.backend.wait()
     }
 
     fn check(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Result<()> {
