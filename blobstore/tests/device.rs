@@ -1,5 +1,5 @@
-//! Device-layer tests: every body runs on `MemDevice` and `FileDevice`, each
-//! with 512- and 4096-byte blocks.
+//! Device-layer tests: every body runs on `MemDevice`, `FileDevice` and a
+//! preallocated `FileDevice`, each with 512- and 4096-byte blocks.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -55,7 +55,37 @@ fn on_every_device(what: &str, body: impl Fn(&Arc<dyn BlockDevice>)) {
         assert_eq!(file.geometry().block_size, bs);
         assert_eq!(file.geometry().size_bytes(), DEV_BYTES);
         body(&file);
+        drop(file);
+        let tmp = TempPath::new(what);
+        let opts = FileOptions {
+            preallocate: Some(true),
+            ..file_opts(DEV_BYTES, bs)
+        };
+        let file: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(tmp.path(), opts).unwrap());
+        body(&file);
+        drop(file);
+        assert_eq!(
+            first_hole(tmp.path()),
+            DEV_BYTES,
+            "a preallocated image must stay fully written ({what}, bs {bs})"
+        );
     }
+}
+
+/// The offset of the first hole of `path` (its size if it has none). ext4
+/// reports unwritten extents (what `fallocate(ZERO_RANGE)` leaves) as holes
+/// too, so this catches both punching and zero-ranging.
+fn first_hole(path: &Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek on a file descriptor we own; no memory is passed.
+    let off = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert!(
+        off >= 0,
+        "lseek(SEEK_HOLE): {}",
+        std::io::Error::last_os_error()
+    );
+    off as u64
 }
 
 /// A buffer whose bytes depend on `seed` and position.

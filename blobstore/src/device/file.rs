@@ -68,6 +68,9 @@ pub struct FileOptions {
     /// the file system under it allocates every block now and later writes
     /// are plain overwrites (no block allocation or extent conversion to
     /// journal at each flush). Default false (the file grows sparsely).
+    /// With it, write-zeroes and unmap on the file also write real zeroes
+    /// instead of `fallocate(ZERO_RANGE / PUNCH_HOLE)`, which would turn the
+    /// range back into unwritten (or missing) extents.
     pub preallocate: Option<bool>,
 }
 
@@ -246,7 +249,7 @@ impl FileDevice {
                 block_size: Some(block_size),
                 queue_depth: options.queue_depth,
                 create: None,
-                preallocate: None,
+                preallocate: options.preallocate.filter(|&p| p),
             },
             queue_depth,
             geometry: Geometry {
@@ -326,8 +329,10 @@ impl BlockDevice for FileDevice {
             cqes: VecDeque::new(),
             done: VecDeque::new(),
             zeroes: None,
-            zero_range_works: true,
-            punch_hole_works: true,
+            // A preallocated image stays fully written: see
+            // `FileOptions::preallocate`.
+            zero_range_works: self.options.preallocate != Some(true),
+            punch_hole_works: self.options.preallocate != Some(true),
         }))
     }
 }
