@@ -14,7 +14,8 @@
 //!   only where the files live differs (`--fs_uri` + `--db=/kvbench` for
 //!   BlobFS, `--db=<dir>` for POSIX) and, in `direct`, the switch that turns
 //!   the page cache off on each side (O_DIRECT flags for POSIX, `cache=0` for
-//!   BlobFS);
+//!   BlobFS); in `memory` BlobFS runs with `cache=0` too, its device being
+//!   memory already;
 //! - a ratio is always BlobFS divided by POSIX: above 1.0 is better for
 //!   ops/s, below 1.0 is better for latency and CPU.
 
@@ -146,7 +147,8 @@ pub enum Config {
     /// No OS page cache on either side: POSIX with O_DIRECT reads, flushes
     /// and compactions; BlobFS (always O_DIRECT) with its own cache off.
     Direct,
-    /// Memory: BlobFS on an image in tmpfs vs POSIX on tmpfs.
+    /// Memory: BlobFS on a `shm:` device (a shared mapping of a tmpfs
+    /// file, I/O by memcpy; BlobFS cache off) vs POSIX on tmpfs.
     Memory,
 }
 

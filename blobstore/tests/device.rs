@@ -1,10 +1,12 @@
-//! Device-layer tests: every body runs on `MemDevice`, `FileDevice` and a
-//! preallocated `FileDevice`, each with 512- and 4096-byte blocks.
+//! Device-layer tests: every body runs on `MemDevice` (on the heap and in a
+//! shared file mapping), `FileDevice` and a preallocated `FileDevice`, each
+//! with 512- and 4096-byte blocks.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
+use blobstore::device::ShmOptions;
 use blobstore::{
     block_on, channel, open_device, BlockDevice, DeviceSpec, DmaBuf, Error, FileDevice,
     FileOptions, MemDevice,
@@ -25,8 +27,28 @@ impl TempPath {
             std::process::id()
         )))
     }
+    /// A path for a shared memory device: in /dev/shm where there is one
+    /// (tmpfs, what `shm:` is for), else in the temp dir.
+    fn shm(what: &str) -> TempPath {
+        let mut t = TempPath::new(what);
+        let shm = Path::new("/dev/shm");
+        if shm.is_dir() {
+            if let Some(name) = t.0.file_name() {
+                t.0 = shm.join(name);
+            }
+        }
+        t
+    }
     fn path(&self) -> &Path {
         &self.0
+    }
+}
+
+fn shm_opts(size: u64, bs: u32) -> ShmOptions {
+    ShmOptions {
+        size_bytes: Some(size),
+        block_size: Some(bs),
+        create: None,
     }
 }
 
@@ -49,6 +71,14 @@ fn on_every_device(what: &str, body: impl Fn(&Arc<dyn BlockDevice>)) {
     for bs in [512u32, 4096] {
         let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(DEV_BYTES, bs).unwrap());
         body(&mem);
+        let tmp = TempPath::shm(what);
+        let shm: Arc<dyn BlockDevice> =
+            Arc::new(MemDevice::open_shared(tmp.path(), shm_opts(DEV_BYTES, bs)).unwrap());
+        assert_eq!(shm.geometry().block_size, bs);
+        assert_eq!(shm.geometry().size_bytes(), DEV_BYTES);
+        assert!(shm.name().starts_with("shm:/"), "{}", shm.name());
+        body(&shm);
+        drop(shm);
         let tmp = TempPath::new(what);
         let file: Arc<dyn BlockDevice> =
             Arc::new(FileDevice::open(tmp.path(), file_opts(DEV_BYTES, bs)).unwrap());
@@ -324,6 +354,177 @@ fn second_open_is_busy() {
     assert!(matches!(open_device(&spec), Err(Error::Busy(_))));
     drop(first);
     FileDevice::open(tmp.path(), FileOptions::default()).unwrap();
+}
+
+#[test]
+fn shm_second_open_is_busy() {
+    let tmp = TempPath::shm("shm-busy");
+    let first = MemDevice::open_shared(tmp.path(), shm_opts(1 << 20, 4096)).unwrap();
+    match MemDevice::open_shared(tmp.path(), ShmOptions::default()) {
+        Err(Error::Busy(m)) => assert!(m.contains("in use by another process/blobstore"), "{m}"),
+        other => panic!("expected Busy, got {:?}", other.map(|d| d.name())),
+    }
+    // Through a spec too, and against a file device on the same file.
+    let spec = format!("shm:{}", tmp.path().display());
+    assert!(matches!(open_device(&spec), Err(Error::Busy(_))));
+    let file = format!("file:{}", tmp.path().display());
+    assert!(matches!(open_device(&file), Err(Error::Busy(_))));
+    // A clone keeps the lock; the last one dropped releases it.
+    let clone = first.clone();
+    drop(first);
+    assert!(matches!(open_device(&spec), Err(Error::Busy(_))));
+    drop(clone);
+    MemDevice::open_shared(tmp.path(), ShmOptions::default()).unwrap();
+}
+
+#[test]
+fn shm_reopen_after_drop_sees_the_data() {
+    for bs in [512u32, 4096] {
+        let tmp = TempPath::shm("shm-reopen");
+        let data = pattern(8 * bs as usize, 43);
+        let last_lba = DEV_BYTES / bs as u64 - 2;
+        {
+            let dev: Arc<dyn BlockDevice> =
+                Arc::new(MemDevice::open_shared(tmp.path(), shm_opts(DEV_BYTES, bs)).unwrap());
+            let ch = channel(&dev).unwrap();
+            block_on(ch.write(77, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            // Across a chunk boundary and at the very end.
+            block_on(ch.write(last_lba, pattern(2 * bs as usize, 44))).unwrap();
+            block_on(ch.write_zeroes(78, 2)).unwrap();
+            block_on(ch.flush()).unwrap();
+            // The channel stays in this thread's cache; dropping the device
+            // must still release the file.
+        }
+        // No size: the existing file's size is used.
+        let opts = ShmOptions {
+            block_size: Some(bs),
+            ..ShmOptions::default()
+        };
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::open_shared(tmp.path(), opts).unwrap());
+        assert_eq!(dev.geometry().size_bytes(), DEV_BYTES);
+        let got = read_back(&dev, 77, data.len());
+        let b = bs as usize;
+        assert_eq!(&got[..b], &data[..b]);
+        assert!(got[b..3 * b].iter().all(|&x| x == 0));
+        assert_eq!(&got[3 * b..], &data[3 * b..]);
+        assert_eq!(
+            &read_back(&dev, last_lba, 2 * b)[..],
+            &pattern(2 * b, 44)[..]
+        );
+        // The bytes are the file's: a plain read of the file sees them.
+        drop(dev);
+        let file = std::fs::read(tmp.path()).unwrap();
+        assert_eq!(file.len() as u64, DEV_BYTES);
+        assert_eq!(&file[77 * b..78 * b], &data[..b]);
+    }
+}
+
+#[test]
+fn shm_open_options_and_errors() {
+    let tmp = TempPath::shm("shm-opts");
+    // Missing file without a size: not created.
+    match MemDevice::open_shared(tmp.path(), ShmOptions::default()) {
+        Err(Error::Os { source, context }) => {
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{context}");
+            assert!(context.contains("size="), "{context}");
+        }
+        other => panic!("expected Os NotFound, got {:?}", other.map(|d| d.name())),
+    }
+    // create=false with a size does not create either.
+    let opts = ShmOptions {
+        create: Some(false),
+        ..shm_opts(1 << 20, 4096)
+    };
+    assert!(MemDevice::open_shared(tmp.path(), opts).is_err());
+    assert!(!tmp.path().exists());
+    // Bad sizes and block sizes, and create without a size.
+    for opts in [
+        shm_opts(6144, 4096),
+        shm_opts(0, 4096),
+        shm_opts(1 << 20, 1024),
+        ShmOptions {
+            create: Some(true),
+            ..ShmOptions::default()
+        },
+    ] {
+        let r = MemDevice::open_shared(tmp.path(), opts);
+        assert!(
+            matches!(r, Err(Error::InvalidArgument(_))),
+            "{opts:?}: {:?}",
+            r.map(|d| d.name())
+        );
+        assert!(!tmp.path().exists(), "a failed open leaves no file behind");
+    }
+    // An existing file that is not a block multiple, without a size.
+    std::fs::write(tmp.path(), vec![1u8; 4096 + 512]).unwrap();
+    match MemDevice::open_shared(tmp.path(), ShmOptions::default()) {
+        Err(Error::InvalidArgument(m)) => {
+            assert!(m.contains("not a multiple of the block size 4096"), "{m}")
+        }
+        other => panic!(
+            "expected InvalidArgument, got {:?}",
+            other.map(|d| d.name())
+        ),
+    }
+    assert!(tmp.path().exists(), "an existing file is left alone");
+    // With 512-byte blocks the same file is fine, and keeps its bytes.
+    let dev = MemDevice::open_shared(
+        tmp.path(),
+        ShmOptions {
+            block_size: Some(512),
+            ..ShmOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dev.geometry().block_count, 9);
+    assert!(dev.snapshot().iter().all(|&b| b == 1));
+    drop(dev);
+    // Too small: empty, or less than a block.
+    for len in [0usize, 100] {
+        std::fs::write(tmp.path(), vec![0u8; len]).unwrap();
+        let r = MemDevice::open_shared(tmp.path(), ShmOptions::default());
+        assert!(
+            matches!(r, Err(Error::DeviceTooSmall(_))),
+            "{len}: {:?}",
+            r.map(|d| d.name())
+        );
+    }
+    // A smaller file is grown to the size asked for; the name is a spec
+    // that names the same device.
+    let dev = MemDevice::open_shared(
+        tmp.path(),
+        ShmOptions {
+            size_bytes: Some(1 << 20),
+            ..ShmOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(dev.geometry().block_size, 4096);
+    assert_eq!(dev.geometry().block_count, 256);
+    assert_eq!(std::fs::metadata(tmp.path()).unwrap().len(), 1 << 20);
+    let name = dev.name();
+    assert!(
+        name.starts_with("shm:/") && name.ends_with("?size=1M&bs=4096"),
+        "{name}"
+    );
+    let spec = DeviceSpec::parse(&name).unwrap();
+    drop(dev);
+    let again = spec.open().unwrap();
+    assert_eq!(again.geometry().block_count, 256);
+    assert_eq!(again.name(), name);
+    drop(again);
+    // Not a regular file.
+    let r = MemDevice::open_shared(std::env::temp_dir(), ShmOptions::default());
+    assert!(r.is_err());
+    // A directory that does not exist: not creatable, a clear error.
+    let r = MemDevice::open_shared(
+        tmp.path().join("no-such-dir/x.img"),
+        shm_opts(1 << 20, 4096),
+    );
+    match r {
+        Err(e @ Error::Os { .. }) => assert!(e.to_string().contains("shm device"), "{e}"),
+        other => panic!("expected Os, got {:?}", other.map(|d| d.name())),
+    }
 }
 
 #[test]

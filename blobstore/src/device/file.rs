@@ -347,7 +347,7 @@ fn check_multiple(path: &Path, size: u64, bs: u32) -> Result<()> {
     Ok(())
 }
 
-fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
+pub(super) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
     loop {
         // SAFETY: the descriptor is open for the duration of the call; flock
         // takes no pointers.

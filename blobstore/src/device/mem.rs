@@ -1,38 +1,136 @@
-//! `MemDevice`: a block device in RAM, for tests and the `memory` benchmark.
+//! `MemDevice`: a block device in memory, either in this process's heap
+//! (`mem:`, for tests and models) or in a shared mapping of a file (`shm:`,
+//! e.g. on tmpfs under /dev/shm), which outlives the process so a later
+//! process can open the same blocks again.
 //!
 //! Invariants:
 //! - The contents are split in fixed chunks, each behind its own lock, so
 //!   threads working on different regions never contend and overlapping
-//!   concurrent writes are ordered per chunk instead of racing.
+//!   concurrent writes are ordered per chunk instead of racing. Bytes are
+//!   only touched under the chunk's lock (shared for reads, exclusive for
+//!   writes), whether they live on the heap or in the mapping.
 //! - Operations complete at submission; the completion is reported at the
 //!   next poll of the channel, like any other device.
 //! - Unmap and write-zeroes both leave zeroes.
+//! - A shared device holds an exclusive `flock` on its file from open until
+//!   the last [`MemDevice`] clone is dropped (like the file device), so no
+//!   other blobstore maps the same blocks meanwhile; the mapping itself is
+//!   unmapped when the last channel using it is gone too.
+//! - Durability of a shared device: memory is the medium. Every write is in
+//!   the file's pages when it completes, so the data survives the process
+//!   exiting or being killed, but not a reboot (tmpfs) and, on a disk file
+//!   system, not a power cut (nothing forces the pages to the disk). A flush
+//!   therefore only orders: it completes after every write completed before
+//!   it was submitted, which holds since writes complete at submission.
+//! - The file's pages are reserved (`fallocate`) at open, so running out of
+//!   room in tmpfs is an open error, not a fault on a later write.
 
 use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::{BlockDevice, ChannelBackend, DeviceId, Geometry, IoKind, IoOp, Tag};
+use super::file::lock_exclusive;
+use super::{BlockDevice, ChannelBackend, DeviceId, DeviceSpec, Geometry, IoKind, IoOp, Tag};
 use crate::error::{Error, Result};
 
 const CHUNK_BYTES: usize = 1 << 20;
+/// Block size of a shared device when neither the caller nor the spec says.
+const DEFAULT_SHM_BLOCK_SIZE: u32 = 4096;
 
-struct Store {
-    chunks: Vec<RwLock<Box<[u8]>>>,
-    size: usize,
+/// One chunk of the contents: `len` bytes at `ptr`, guarded by `lock`.
+struct Chunk {
+    lock: RwLock<()>,
+    ptr: NonNull<u8>,
+    len: usize,
 }
 
+/// Where the chunks' bytes come from.
+enum Backing {
+    /// Each chunk is a leaked `Box<[u8]>` (`Box::leak`); `Store::drop`
+    /// turns them back into boxes and frees them.
+    Heap,
+    /// The chunks tile one `MAP_SHARED` mapping of `len` bytes at `addr`;
+    /// `Store::drop` unmaps it.
+    Mapped { addr: NonNull<u8>, len: usize },
+}
+
+struct Store {
+    chunks: Vec<Chunk>,
+    size: usize,
+    backing: Backing,
+}
+
+// SAFETY: the raw pointers name memory the store owns (heap chunks or the
+// mapping) for its whole life; every access goes through the chunk's lock,
+// which gives readers shared and writers exclusive access across threads.
+unsafe impl Send for Store {}
+// SAFETY: as above.
+unsafe impl Sync for Store {}
+
 impl Store {
-    fn new(size: usize) -> Store {
+    /// A zeroed store on the heap.
+    fn heap(size: usize) -> Store {
         let n = size.div_ceil(CHUNK_BYTES);
         let chunks = (0..n)
             .map(|i| {
                 let len = CHUNK_BYTES.min(size - i * CHUNK_BYTES);
-                RwLock::new(vec![0u8; len].into_boxed_slice())
+                let bytes: &'static mut [u8] = Box::leak(vec![0u8; len].into_boxed_slice());
+                Chunk {
+                    lock: RwLock::new(()),
+                    ptr: NonNull::from(bytes).cast::<u8>(),
+                    len,
+                }
             })
             .collect();
-        Store { chunks, size }
+        Store {
+            chunks,
+            size,
+            backing: Backing::Heap,
+        }
+    }
+
+    /// A store over the mapping of `len` bytes at `addr`, which it now owns.
+    fn mapped(addr: NonNull<u8>, len: usize) -> Store {
+        let n = len.div_ceil(CHUNK_BYTES);
+        let chunks = (0..n)
+            .map(|i| Chunk {
+                lock: RwLock::new(()),
+                // SAFETY: i * CHUNK_BYTES < len, so the offset stays inside
+                // the mapping, which is not null.
+                ptr: unsafe { NonNull::new_unchecked(addr.as_ptr().add(i * CHUNK_BYTES)) },
+                len: CHUNK_BYTES.min(len - i * CHUNK_BYTES),
+            })
+            .collect();
+        Store {
+            chunks,
+            size: len,
+            backing: Backing::Mapped { addr, len },
+        }
+    }
+
+    /// Runs `f` on chunk `c`'s bytes under its shared lock.
+    fn read<R>(&self, c: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        let chunk = &self.chunks[c];
+        let _guard = chunk.lock.read();
+        // SAFETY: `ptr..ptr+len` is memory the store owns and keeps alive;
+        // the shared lock excludes writers in this process, and the file's
+        // exclusive flock keeps other blobstores from mapping it meanwhile.
+        f(unsafe { std::slice::from_raw_parts(chunk.ptr.as_ptr(), chunk.len) })
+    }
+
+    /// Runs `f` on chunk `c`'s bytes under its exclusive lock.
+    fn write<R>(&self, c: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let chunk = &self.chunks[c];
+        let _guard = chunk.lock.write();
+        // SAFETY: as in `read`; the exclusive lock makes this the only
+        // reference to these bytes until `f` returns.
+        f(unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len) })
     }
 
     /// Calls `f(chunk, offset_in_chunk, offset_in_range, len)` for each
@@ -50,22 +148,95 @@ impl Store {
     }
 }
 
-/// A RAM-backed block device with 512- or 4096-byte blocks.
+impl Drop for Store {
+    fn drop(&mut self) {
+        match self.backing {
+            Backing::Heap => {
+                for chunk in &self.chunks {
+                    let raw = std::ptr::slice_from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len);
+                    // SAFETY: `Store::heap` made this pointer by leaking a
+                    // `Box<[u8]>` of exactly `len` bytes, and
+                    // nothing uses it after the store is dropped.
+                    drop(unsafe { Box::from_raw(raw) });
+                }
+            }
+            Backing::Mapped { addr, len } => {
+                // SAFETY: `addr..addr+len` is the mapping `mmap` returned to
+                // `MemDevice::open_shared`; no chunk is used after the store
+                // is dropped. munmap only fails on bad arguments.
+                unsafe { libc::munmap(addr.as_ptr().cast(), len) };
+            }
+        }
+    }
+}
+
+/// Options for [`MemDevice::open_shared`]; the query part of a `shm:` spec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ShmOptions {
+    /// Device size in bytes. A file smaller than this is grown; a larger
+    /// one is used up to this size. Without it, the size of the existing
+    /// file is used (it must then be a positive multiple of the block size).
+    pub size_bytes: Option<u64>,
+    /// Block size, 512 or 4096 (default 4096).
+    pub block_size: Option<u32>,
+    /// Whether a missing file may be created. Default: created when
+    /// `size_bytes` is given. `Some(true)` requires `size_bytes`;
+    /// `Some(false)` never creates.
+    pub create: Option<bool>,
+}
+
+/// The file behind a shared device. Held by the [`MemDevice`] clones only
+/// (not by channels), so dropping the last clone releases the exclusive
+/// lock at once, even while a channel still cached on some thread keeps the
+/// mapping (and with it the open file description) alive.
+struct SharedFile {
+    file: File,
+    path: PathBuf,
+    options: ShmOptions,
+}
+
+impl Drop for SharedFile {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is open (we hold the File); flock takes no
+        // pointers.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// A block device in memory with 512- or 4096-byte blocks: on the heap
+/// ([`MemDevice::new`]) or in a shared mapping of a file
+/// ([`MemDevice::open_shared`]). See the module docs for durability.
 #[derive(Clone)]
 pub struct MemDevice {
     store: Arc<Store>,
     geometry: Geometry,
     id: DeviceId,
+    /// The file of a shared device; `None` on the heap.
+    shared: Option<Arc<SharedFile>>,
+}
+
+fn check_block_size(block_size: u32) -> Result<()> {
+    if block_size != 512 && block_size != 4096 {
+        return Err(Error::InvalidArgument(format!(
+            "block size {block_size}: must be 512 or 4096"
+        )));
+    }
+    Ok(())
+}
+
+fn geometry(size_bytes: u64, block_size: u32) -> Geometry {
+    Geometry {
+        block_size,
+        block_count: size_bytes / block_size as u64,
+        max_transfer_bytes: 1 << 20,
+        unmap_reads_zeroes: true,
+    }
 }
 
 impl MemDevice {
-    /// A zeroed device of `size_bytes` (a multiple of `block_size`).
+    /// A zeroed device of `size_bytes` (a multiple of `block_size`) on the heap.
     pub fn new(size_bytes: u64, block_size: u32) -> Result<MemDevice> {
-        if block_size != 512 && block_size != 4096 {
-            return Err(Error::InvalidArgument(format!(
-                "block size {block_size}: must be 512 or 4096"
-            )));
-        }
+        check_block_size(block_size)?;
         if size_bytes == 0 || !size_bytes.is_multiple_of(block_size as u64) {
             return Err(Error::InvalidArgument(format!(
                 "memory device size {size_bytes} is not a positive multiple of {block_size}"
@@ -74,15 +245,155 @@ impl MemDevice {
         let size = usize::try_from(size_bytes)
             .map_err(|_| Error::InvalidArgument(format!("size {size_bytes} too large")))?;
         Ok(MemDevice {
-            store: Arc::new(Store::new(size)),
-            geometry: Geometry {
-                block_size,
-                block_count: size_bytes / block_size as u64,
-                max_transfer_bytes: 1 << 20,
-                unmap_reads_zeroes: true,
-            },
+            store: Arc::new(Store::heap(size)),
+            geometry: geometry(size_bytes, block_size),
             id: DeviceId::fresh(),
+            shared: None,
         })
+    }
+
+    /// Opens (or creates, see [`ShmOptions::create`]) `path` and maps it
+    /// shared, so the device's blocks are the file's bytes: another process
+    /// opening the same path later sees every completed write. Meant for a
+    /// file on tmpfs (e.g. under /dev/shm), where the pages are the memory.
+    /// Locks the file exclusively: fails with [`Error::Busy`] if another
+    /// device holds it. The file must not be truncated by anyone while the
+    /// device is open (the mapping would fault).
+    pub fn open_shared(path: impl AsRef<Path>, options: ShmOptions) -> Result<MemDevice> {
+        let path = path.as_ref();
+        let shown = path.display();
+        if let Some(bs) = options.block_size {
+            check_block_size(bs)
+                .map_err(|e| Error::InvalidArgument(format!("shm device {shown}: {e}")))?;
+        }
+        if options.size_bytes == Some(0) {
+            return Err(Error::InvalidArgument(format!(
+                "shm device {shown}: size must be positive"
+            )));
+        }
+        if options.create == Some(true) && options.size_bytes.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "shm device {shown}: create needs a size"
+            )));
+        }
+        let may_create = options.size_bytes.is_some() && options.create != Some(false);
+        let existed = path.symlink_metadata().is_ok();
+        let result = Self::open_shared_inner(path, options, may_create);
+        if result.is_err() && may_create && !existed {
+            // Do not leave behind a file that no device ever used.
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn open_shared_inner(path: &Path, options: ShmOptions, may_create: bool) -> Result<MemDevice> {
+        let shown = path.display();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(may_create)
+            .mode(0o644)
+            .open(path)
+            .map_err(|e| Error::Os {
+                context: if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("opening shm device {shown} (give size=<size> to create it)")
+                } else {
+                    format!("opening shm device {shown}")
+                },
+                source: e,
+            })?;
+        lock_exclusive(&file, path)?;
+        let meta = file.metadata().map_err(|e| Error::Os {
+            context: format!("stat of shm device {shown}"),
+            source: e,
+        })?;
+        if !meta.file_type().is_file() {
+            return Err(Error::Unsupported(format!(
+                "{shown} is not a regular file; shm devices map a file (e.g. under /dev/shm)"
+            )));
+        }
+        let bs = options.block_size.unwrap_or(DEFAULT_SHM_BLOCK_SIZE);
+        let size_bytes = match options.size_bytes {
+            Some(size) => {
+                if !size.is_multiple_of(bs as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "shm device {shown}: size {size} is not a multiple of the block size {bs}"
+                    )));
+                }
+                if meta.len() < size {
+                    file.set_len(size).map_err(|e| Error::Os {
+                        context: format!("growing {shown} to {size} bytes"),
+                        source: e,
+                    })?;
+                }
+                size
+            }
+            None => {
+                let len = meta.len();
+                if len < bs as u64 {
+                    return Err(Error::DeviceTooSmall(format!(
+                        "{shown} holds {len} bytes, less than one {bs}-byte block; give \
+                         size=<size> to grow it"
+                    )));
+                }
+                if !len.is_multiple_of(bs as u64) {
+                    return Err(Error::InvalidArgument(format!(
+                        "shm device {shown}: the file holds {len} bytes, not a multiple of the \
+                         block size {bs}; give size=<size> (a multiple of {bs}) to use part of it"
+                    )));
+                }
+                len
+            }
+        };
+        let size = usize::try_from(size_bytes).map_err(|_| {
+            Error::InvalidArgument(format!("shm device {shown}: size {size_bytes} too large"))
+        })?;
+        reserve(&file, size_bytes, path)?;
+        // SAFETY: a fresh shared read-write mapping of `size` bytes of an
+        // open descriptor (a positive length, checked above); no existing
+        // memory is touched. The result is checked against MAP_FAILED.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(Error::Os {
+                context: format!("mapping {size_bytes} bytes of shm device {shown}"),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let Some(addr) = NonNull::new(addr.cast::<u8>()) else {
+            return Err(Error::Unsupported(format!(
+                "mapping {shown}: the kernel returned address 0"
+            )));
+        };
+        let store = Store::mapped(addr, size);
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(MemDevice {
+            store: Arc::new(store),
+            geometry: geometry(size_bytes, bs),
+            id: DeviceId::fresh(),
+            shared: Some(Arc::new(SharedFile {
+                file,
+                path,
+                options: ShmOptions {
+                    size_bytes: Some(size_bytes),
+                    block_size: Some(bs),
+                    create: None,
+                },
+            })),
+        })
+    }
+
+    /// The mapped file of a shared device (absolute), `None` on the heap.
+    pub fn shared_path(&self) -> Option<&Path> {
+        self.shared.as_ref().map(|s| s.path.as_path())
     }
 
     /// A device holding `image` (e.g. a [`MemDevice::snapshot`]), as after a restart.
@@ -102,7 +413,9 @@ impl MemDevice {
     /// Copies bytes out of the device at a byte offset (test helper).
     pub fn load_bytes(&self, off: usize, dst: &mut [u8]) {
         self.store.for_pieces(off, dst.len(), |c, ic, at, n| {
-            dst[at..at + n].copy_from_slice(&self.store.chunks[c].read()[ic..ic + n]);
+            self.store.read(c, |chunk| {
+                dst[at..at + n].copy_from_slice(&chunk[ic..ic + n])
+            });
         });
     }
 
@@ -110,8 +423,43 @@ impl MemDevice {
     /// corrupt metadata on purpose).
     pub fn store_bytes(&self, off: usize, src: &[u8]) {
         self.store.for_pieces(off, src.len(), |c, ic, at, n| {
-            self.store.chunks[c].write()[ic..ic + n].copy_from_slice(&src[at..at + n]);
+            self.store.write(c, |chunk| {
+                chunk[ic..ic + n].copy_from_slice(&src[at..at + n])
+            });
         });
+    }
+}
+
+/// Reserves the first `size` bytes of `file` in its file system, so a full
+/// tmpfs fails the open instead of faulting a later write into a hole. A
+/// file system without `fallocate` is used as it is.
+fn reserve(file: &File, size: u64, path: &Path) -> Result<()> {
+    let len = libc::off_t::try_from(size).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "shm device {}: size {size} too large",
+            path.display()
+        ))
+    })?;
+    loop {
+        // SAFETY: fallocate on a descriptor we hold open; no memory is passed.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) => return Ok(()),
+            _ => {
+                return Err(Error::Os {
+                    context: format!(
+                        "reserving {size} bytes for shm device {} (is its file system full?)",
+                        path.display()
+                    ),
+                    source: e,
+                })
+            }
+        }
     }
 }
 
@@ -123,7 +471,14 @@ impl BlockDevice for MemDevice {
         self.id
     }
     fn name(&self) -> String {
-        format!("mem:{}", self.geometry.size_bytes())
+        match &self.shared {
+            Some(s) => DeviceSpec::Shm {
+                path: s.path.clone(),
+                options: s.options,
+            }
+            .to_string(),
+            None => format!("mem:{}", self.geometry.size_bytes()),
+        }
     }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
         Ok(Box::new(MemBackend {
@@ -150,13 +505,15 @@ impl ChannelBackend for MemBackend {
                 for seg in &op.segs {
                     st.for_pieces(pos, seg.len(), |c, ic, at, n| {
                         if op.kind == IoKind::Read {
-                            let chunk = st.chunks[c].read();
-                            // SAFETY: the segment belongs to this in-flight op.
-                            unsafe { seg.write_at(at, &chunk[ic..ic + n]) }
+                            st.read(c, |chunk| {
+                                // SAFETY: the segment belongs to this in-flight op.
+                                unsafe { seg.write_at(at, &chunk[ic..ic + n]) }
+                            })
                         } else {
-                            let mut chunk = st.chunks[c].write();
-                            // SAFETY: as above.
-                            unsafe { seg.read_at(at, &mut chunk[ic..ic + n]) }
+                            st.write(c, |chunk| {
+                                // SAFETY: as above.
+                                unsafe { seg.read_at(at, &mut chunk[ic..ic + n]) }
+                            })
                         }
                     });
                     pos += seg.len();
@@ -164,9 +521,11 @@ impl ChannelBackend for MemBackend {
             }
             IoKind::Unmap | IoKind::WriteZeroes => {
                 st.for_pieces(off, op.blocks as usize * self.block_size, |c, ic, _, n| {
-                    st.chunks[c].write()[ic..ic + n].fill(0);
+                    st.write(c, |chunk| chunk[ic..ic + n].fill(0));
                 });
             }
+            // Writes complete at submission, in the memory that is the
+            // medium: nothing is left to make durable (see the module docs).
             IoKind::Flush => {}
         }
         self.done.push_back(tag);

@@ -22,7 +22,7 @@ mod spec;
 
 pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
-pub use mem::MemDevice;
+pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
 pub use nvme::{NvmeController, NvmeDevice};
 pub use powerloss::PowerLossDevice;

@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! mem:<size>[?bs=512|4096]
+//! shm:<path>[?size=<size>&bs=512|4096&create=true|false]
 //! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on]
 //! nvme:<DDDD:BB:DD.F>[/ns=<n>]
 //! ```
 //!
 //! Sizes are plain bytes or carry a binary suffix: `K`, `M`, `G`, `T` (or
-//! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`. In a `file:` path,
+//! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`. In a `file:` or `shm:` path,
 //! `%` and `?` (and bytes that are not UTF-8) are written as `%XX`.
 //!
 //! Invariants:
@@ -26,11 +27,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::file::{FileOptions, MAX_QUEUE_DEPTH};
+use super::mem::ShmOptions;
 use super::{BlockDevice, FileDevice, MemDevice};
 use crate::error::{Error, Result};
 
 /// Schemes a spec may start with, for error messages.
-const SCHEMES: &str = "mem, file, nvme";
+const SCHEMES: &str = "mem, shm, file, nvme";
 /// Block size of a `mem:` device when the spec does not give one.
 const DEFAULT_MEM_BLOCK_SIZE: u32 = 4096;
 /// Namespace of an `nvme:` device when the spec does not give one.
@@ -126,6 +128,16 @@ pub enum DeviceSpec {
         /// Options from the query part (other than `powerloss`).
         options: FileOptions,
     },
+    /// `shm:<path>[?size=..&bs=..&create=..]`: a [`MemDevice`] whose
+    /// blocks are a shared mapping of the file (meant for tmpfs, e.g.
+    /// /dev/shm), so they outlive the process; see
+    /// [`MemDevice::open_shared`].
+    Shm {
+        /// The file to map.
+        path: PathBuf,
+        /// Options from the query part.
+        options: ShmOptions,
+    },
     /// `nvme:<DDDD:BB:DD.F>[/ns=<n>]`: a namespace of an NVMe controller
     /// bound to vfio-pci, through the userspace driver.
     Nvme {
@@ -153,6 +165,9 @@ impl DeviceSpec {
                 block_size,
             } => Ok(Arc::new(MemDevice::new(*size_bytes, *block_size)?)),
             DeviceSpec::File { path, options } => Ok(Arc::new(FileDevice::open(path, *options)?)),
+            DeviceSpec::Shm { path, options } => {
+                Ok(Arc::new(MemDevice::open_shared(path, *options)?))
+            }
             DeviceSpec::PowerLoss { path, options } => {
                 let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, *options)?);
                 Ok(Arc::new(super::PowerLossDevice::new(
@@ -213,6 +228,23 @@ impl fmt::Display for DeviceSpec {
                 }
                 if let Some(p) = options.preallocate {
                     opts.push(format!("prealloc={p}"));
+                }
+                if let Some(c) = options.create {
+                    opts.push(format!("create={c}"));
+                }
+                if !opts.is_empty() {
+                    write!(f, "?{}", opts.join("&"))?;
+                }
+                Ok(())
+            }
+            DeviceSpec::Shm { path, options } => {
+                write!(f, "shm:{}", encode_path(path))?;
+                let mut opts = Vec::new();
+                if let Some(s) = options.size_bytes {
+                    opts.push(format!("size={}", format_size(s)));
+                }
+                if let Some(bs) = options.block_size {
+                    opts.push(format!("bs={bs}"));
                 }
                 if let Some(c) = options.create {
                     opts.push(format!("create={c}"));
@@ -300,6 +332,7 @@ fn parse_spec(spec: &str) -> std::result::Result<DeviceSpec, String> {
     match scheme {
         "mem" => parse_mem(rest),
         "file" => parse_file(rest),
+        "shm" => parse_shm(rest),
         "nvme" => parse_nvme(rest),
         other => Err(format!("unknown scheme {other:?} (known: {SCHEMES})")),
     }
@@ -446,6 +479,43 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
         return Ok(DeviceSpec::PowerLoss { path, options });
     }
     Ok(DeviceSpec::File { path, options })
+}
+
+fn parse_shm(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path.is_empty() {
+        return Err("missing path after shm: (e.g. shm:/dev/shm/blobs.img?size=4G)".into());
+    }
+    let path = decode_path(path)?;
+    let mut options = ShmOptions::default();
+    if let Some(q) = query {
+        for (key, value) in parse_query(q, "shm", &["size", "bs", "create"])? {
+            match key {
+                "size" => options.size_bytes = Some(parse_size(value)?),
+                "bs" => options.block_size = Some(parse_block_size(value)?),
+                "create" => {
+                    options.create = Some(match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("create={value:?} must be true or false")),
+                    })
+                }
+                _ => unreachable!("parse_query let an unknown key through"),
+            }
+        }
+    }
+    if let Some(size) = options.size_bytes {
+        // Without a block size, 512 is the finest the device may use; the
+        // open checks the actual block size again.
+        check_size(size, options.block_size.unwrap_or(512))?;
+    }
+    if options.create == Some(true) && options.size_bytes.is_none() {
+        return Err("create=true needs size=<size> to know how large to make the file".into());
+    }
+    Ok(DeviceSpec::Shm { path, options })
 }
 
 fn parse_nvme(rest: &str) -> std::result::Result<DeviceSpec, String> {
@@ -678,7 +748,7 @@ mod tests {
         assert!(reason("/dev/sda").contains("missing scheme"));
         let r = reason("disk:/dev/sda");
         assert!(
-            r.contains("unknown scheme \"disk\"") && r.contains("mem, file, nvme"),
+            r.contains("unknown scheme \"disk\"") && r.contains("mem, shm, file, nvme"),
             "{r}"
         );
     }
@@ -726,6 +796,69 @@ mod tests {
         assert!(reason("file:/x?size=1M&size=2M").contains("given twice"));
         assert!(reason("file:/x%zz").contains("bad escape"));
         assert!(reason("file:/x%2").contains("bad escape"));
+    }
+
+    #[test]
+    fn shm_specs() {
+        let s = DeviceSpec::parse("shm:/dev/shm/a.img?size=8G&bs=512&create=true").unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::Shm {
+                path: "/dev/shm/a.img".into(),
+                options: ShmOptions {
+                    size_bytes: Some(8 << 30),
+                    block_size: Some(512),
+                    create: Some(true),
+                }
+            }
+        );
+        assert_eq!(
+            s.to_string(),
+            "shm:/dev/shm/a.img?size=8G&bs=512&create=true"
+        );
+        round_trip(&s);
+        // Options in another order come back in the canonical one.
+        assert_eq!(
+            DeviceSpec::parse("shm:/x?create=false&bs=4K&size=1048576")
+                .unwrap()
+                .to_string(),
+            "shm:/x?size=1M&bs=4096&create=false"
+        );
+        let plain = DeviceSpec::parse("shm:/dev/shm/b.img").unwrap();
+        assert_eq!(plain.to_string(), "shm:/dev/shm/b.img");
+        round_trip(&plain);
+        let odd = DeviceSpec::parse("shm:/dev/shm/what%3F%25?size=1M").unwrap();
+        let DeviceSpec::Shm { path, .. } = &odd else {
+            unreachable!()
+        };
+        assert_eq!(path, std::path::Path::new("/dev/shm/what?%"));
+        round_trip(&odd);
+        round_trip(&DeviceSpec::Shm {
+            path: PathBuf::from(OsString::from_vec(b"/tmp/\xff?\n".to_vec())),
+            options: ShmOptions::default(),
+        });
+    }
+
+    #[test]
+    fn shm_errors() {
+        assert!(reason("shm:").contains("missing path after shm:"));
+        assert!(reason("shm:?size=1M").contains("missing path"));
+        assert!(reason("shm:/x?size=big").contains("does not start with a number"));
+        assert!(reason("shm:/x?size=0").contains("must be positive"));
+        assert!(reason("shm:/x?size=1000").contains("not a multiple of the block size 512"));
+        assert!(
+            reason("shm:/x?size=1536&bs=4096").contains("not a multiple of the block size 4096")
+        );
+        assert!(reason("shm:/x?bs=2048").contains("must be 512 or 4096"));
+        assert!(reason("shm:/x?create=yes").contains("must be true or false"));
+        assert!(reason("shm:/x?create=true").contains("needs size"));
+        let r = reason("shm:/x?qd=4");
+        assert!(
+            r.contains("unknown option \"qd\" for shm:") && r.contains("known: size, bs, create"),
+            "{r}"
+        );
+        assert!(reason("shm:/x?size=1M&size=2M").contains("given twice"));
+        assert!(reason("shm:/x%zz").contains("bad escape"));
     }
 
     #[test]
