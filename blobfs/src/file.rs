@@ -37,6 +37,14 @@ pub(crate) struct WriteState {
     buf: Option<DmaBuf>,
     used: usize,
     buf_start: u64,
+    /// Bytes at the start of the buffer (block-aligned) that are on the
+    /// blob as they are in the buffer: a sync writes only what follows, so
+    /// a WAL synced after every record writes its new tail, not the whole
+    /// buffer again.
+    clean: usize,
+    /// Reused DMA memory for writing a part of the buffer that does not
+    /// start at its beginning.
+    scratch: Option<DmaBuf>,
     synced_len: u64,
     /// Length or mtime changed since the last metadata sync.
     md_dirty: bool,
@@ -78,6 +86,8 @@ impl FileNode {
                 buf: None,
                 used: (len - start) as usize,
                 buf_start: start,
+                clean: 0,
+                scratch: None,
                 synced_len: len,
                 md_dirty: false,
                 data_dirty: false,
@@ -126,6 +136,7 @@ impl FileNode {
                 b[..st.used].copy_from_slice(&unit[..st.used]);
             }
             st.buf = Some(b);
+            st.clean = 0;
         }
         Ok(st.buf.as_mut().expect("just set"))
     }
@@ -148,13 +159,61 @@ impl FileNode {
         }
     }
 
-    /// Writes `[0, n)` of the buffer (n block-aligned) at `buf_start`.
+    /// Puts `[0, n)` of the buffer (n block-aligned) on the blob at
+    /// `buf_start`, writing only what follows its clean prefix.
     async fn write_buffer(&self, st: &mut WriteState, n: usize, fs: &FsInner) -> Result<()> {
         debug_assert!((n as u64).is_multiple_of(self.unit));
-        if n == 0 {
+        debug_assert!((st.clean as u64).is_multiple_of(self.unit));
+        let skip = st.clean.min(n);
+        if skip == n {
             return Ok(());
         }
         self.ensure_capacity(st.buf_start + n as u64).await?;
+        if skip > 0 {
+            self.write_buffer_part(st, skip, n).await?;
+        } else {
+            self.write_buffer_whole(st, n).await?;
+        }
+        st.clean = n.min(self.align_down(st.used as u64) as usize);
+        st.data_dirty = true;
+        let (from, to) = (st.buf_start + skip as u64, st.buf_start + n as u64);
+        fs.invalidate(self, from, to);
+        // Write-through: whole cache chunks this write covers go to the
+        // cache, so reading back what was just written costs no I/O.
+        if fs.cache.enabled() {
+            let cb = fs.cache.chunk_bytes() as u64;
+            let seen = self.gen.load(Ordering::Acquire);
+            let buf = st.buf.as_ref().expect("buffer restored");
+            let mut idx = from.div_ceil(cb);
+            while (idx + 1) * cb <= to {
+                let s = (idx * cb - st.buf_start) as usize;
+                let chunk: Arc<[u8]> = Arc::from(&buf[s..s + cb as usize]);
+                fs.cache.insert(self.id(), idx, chunk, &self.gen, seen);
+                idx += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `[from, to)` of the buffer through the scratch buffer; the
+    /// buffer itself stays, so a failure loses nothing.
+    async fn write_buffer_part(&self, st: &mut WriteState, from: usize, to: usize) -> Result<()> {
+        let len = to - from;
+        let mut scratch = match st.scratch.take() {
+            Some(b) if b.capacity() >= len => b,
+            _ => DmaBuf::new(len).ctx(&self.name())?,
+        };
+        scratch.set_len(len).ctx(&self.name())?;
+        let buf = st.buf.as_ref().expect("buffer loaded");
+        scratch.copy_from_slice(&buf[from..to]);
+        let at = (st.buf_start + from as u64) / self.unit;
+        let scratch = self.blob.write(at, scratch).await.ctx(&self.name())?;
+        st.scratch = Some(scratch);
+        Ok(())
+    }
+
+    /// Writes `[0, n)` of the buffer, lending the buffer itself to the I/O.
+    async fn write_buffer_whole(&self, st: &mut WriteState, n: usize) -> Result<()> {
         let mut buf = st.buf.take().expect("buffer loaded");
         let cap = buf.len();
         buf.set_len(n).ctx(&self.name())?;
@@ -166,29 +225,13 @@ impl FileNode {
                 // held nowhere else: every later write or sync reports the
                 // loss (as fsync does on Linux) until the file is truncated.
                 st.buf = None;
+                st.clean = 0;
                 st.failed = Some(e.to_string());
                 return Err(Error::store(&self.name(), e));
             }
         };
         buf.set_len(cap).ctx(&self.name())?;
         st.buf = Some(buf);
-        st.data_dirty = true;
-        let (from, to) = (st.buf_start, st.buf_start + n as u64);
-        fs.invalidate(self, from, to);
-        // Write-through: whole cache chunks this write covers go to the
-        // cache, so reading back what was just written costs no I/O.
-        if fs.cache.enabled() {
-            let cb = fs.cache.chunk_bytes() as u64;
-            let seen = self.gen.load(Ordering::Acquire);
-            let buf = st.buf.as_ref().expect("buffer restored");
-            let mut idx = from.div_ceil(cb);
-            while (idx + 1) * cb <= to {
-                let s = (idx * cb - from) as usize;
-                let chunk: Arc<[u8]> = Arc::from(&buf[s..s + cb as usize]);
-                fs.cache.insert(self.id(), idx, chunk, &self.gen, seen);
-                idx += 1;
-            }
-        }
         Ok(())
     }
 
@@ -204,6 +247,7 @@ impl FileNode {
         buf.copy_within(full..st.used, 0);
         buf[tail..st.used].fill(0);
         st.used = tail;
+        st.clean = 0;
         st.buf_start += full as u64;
         self.flushed.store(st.buf_start, Ordering::Release);
         Ok(())
@@ -230,6 +274,7 @@ impl FileNode {
             let mut pos = 0;
             while pos < data.len() {
                 let at = (off + pos as u64 - st.buf_start) as usize;
+                st.clean = st.clean.min(self.align_down(at as u64) as usize);
                 let buf = self.buffer(st).await?;
                 let room = WRITE_CHUNK + self.unit as usize - at;
                 let n = room.min(data.len() - pos);
@@ -277,6 +322,7 @@ impl FileNode {
         st.buf = None;
         st.buf_start = self.align_down(len);
         st.used = (len - st.buf_start) as usize;
+        st.clean = 0;
         self.flushed.store(st.buf_start, Ordering::Release);
         Ok(())
     }
@@ -374,6 +420,7 @@ impl FileNode {
         st.buf = None;
         st.buf_start = self.align_down(new_len);
         st.used = (new_len - st.buf_start) as usize;
+        st.clean = 0;
         self.flushed.store(st.buf_start, Ordering::Release);
         self.mtime.store(meta::now_ns(), Ordering::Release);
         st.md_dirty = true;
