@@ -16,6 +16,18 @@
 //! - `powerloss`: the device runs with `powerloss=on`, and after each kill
 //!   [`blobstore::device::powerloss::recover`] undoes, keeps or tears every
 //!   write no completed device flush made durable, as a power cut would.
+//!   A timed SIGKILL seldom finds such writes (BlobFS flushes right after
+//!   each sync's writes), so about half the rounds after the first instead
+//!   cut mid-I/O: the device spec gets `powerloss_cut_after=N` (and
+//!   `powerloss_cut_when=before|after`, drawn from the seed), and db_stress
+//!   SIGKILLs itself when its N-th device write or flush is submitted, inside
+//!   a sync, a metadata update or a compaction. N is drawn uniformly from
+//!   1..=E, where E estimates how many such ops a round issues: E grows by a
+//!   quarter after a round whose cut fired and shrinks by a fifth after one
+//!   whose timer fired first (N was past the round's ops; the timed kill
+//!   then stands in), so about half the cuts fire, spread over the whole
+//!   round. The summary counts, for each kind of stop, how many rounds left
+//!   unflushed writes and what the power cut did to them.
 //!
 //! In both modes only unsynced data may be lost, so every round runs with
 //! `--sync_fault_injection=1`: db_stress then traces its expected state
@@ -34,6 +46,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -196,6 +209,14 @@ struct RoundKnobs {
     sync_wal_one_in: u32,
     /// Seed of the power cut after this round.
     cut_seed: u64,
+    /// Powerloss mode, rounds after the first: stop this round with a
+    /// power cut at a device op instead of a timed kill.
+    mid_io_cut: bool,
+    /// Where in 1..=E the cut lands, as a fraction (see the module docs).
+    cut_point: f64,
+    /// `powerloss_cut_when=after` (the cut op is issued) rather than
+    /// `before`.
+    cut_issued: bool,
 }
 
 fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
@@ -214,8 +235,20 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
         compact_range_one_in: r.pick(&[0, 1_000, 10_000]),
         sync_wal_one_in: r.pick(&[0, 100, 1_000]),
         cut_seed: r.next(),
+        mid_io_cut: cfg.mode == Mode::PowerLoss && round > 1 && r.next() & 1 == 0,
+        cut_point: r.unit(),
+        cut_issued: r.next() & 1 == 0,
     }
 }
+
+/// The device op a mid-I/O cut lands at: uniform in 1..=`estimate`.
+fn cut_op(k: &RoundKnobs, estimate: f64) -> u64 {
+    1 + (k.cut_point * estimate.max(1.0)) as u64
+}
+
+/// First guess at how many device writes and flushes a round issues (the
+/// driver adapts it; see the module docs).
+const INITIAL_CUT_ESTIMATE: f64 = 2_000.0;
 
 /// Paths of one run.
 struct Paths {
@@ -240,12 +273,20 @@ fn stress_args(
     run: &RunKnobs,
     knobs: Option<&RoundKnobs>,
     first: bool,
+    cut_at: Option<u64>,
 ) -> Vec<String> {
-    let powerloss = if cfg.mode == Mode::PowerLoss {
-        "&powerloss=on"
+    let mut powerloss = if cfg.mode == Mode::PowerLoss {
+        "&powerloss=on".to_string()
     } else {
-        ""
+        String::new()
     };
+    if let (Some(n), Some(k)) = (cut_at, knobs) {
+        let when = if k.cut_issued { "after" } else { "before" };
+        let _ = write!(
+            powerloss,
+            "&powerloss_cut_after={n}&powerloss_cut_when={when}"
+        );
+    }
     let mkfs = if first { "always" } else { "never" };
     let mut a = vec![
         format!(
@@ -321,13 +362,17 @@ enum Outcome {
     Killed,
     /// Exited 0 before the kill.
     CleanExit,
+    /// Died of SIGKILL on its own: the device's mid-I/O power cut fired
+    /// (only when one was asked for).
+    Cut,
     /// Anything else: the reason.
     Failed(String),
 }
 
 /// Runs db_stress with `args`, output to `log`; kills it after `secs`
-/// (never when `secs` is `None`).
-fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> Outcome {
+/// (never when `secs` is `None`). With `cut`, db_stress dying of SIGKILL on
+/// its own is the planned mid-I/O power cut rather than a failure.
+fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>, cut: bool) -> Outcome {
     let out = match std::fs::File::create(log) {
         Ok(f) => f,
         Err(e) => return Outcome::Failed(format!("creating {}: {e}", log.display())),
@@ -378,6 +423,7 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> O
             Outcome::Killed
         }
         Some(st) if st.success() => Outcome::CleanExit,
+        Some(st) if cut && st.signal() == Some(libc::SIGKILL) => Outcome::Cut,
         Some(st) => Outcome::Failed(format!("db_stress exited on its own with {st}")),
     };
     // A verification failure may be printed without a non-zero exit.
@@ -421,6 +467,38 @@ fn wait_unlocked(image: &Path) -> Result<(), String> {
 /// How long a killed db_stress may keep its image locked.
 const LOCK_WAIT_SECS: u64 = 30;
 
+/// What the power cuts after one kind of stop found and did.
+#[derive(Default, Debug)]
+struct CutTotals {
+    /// Rounds stopped this way whose image went through recovery.
+    rounds: u32,
+    /// Of those, rounds with writes no completed flush covered.
+    with_unflushed: u32,
+    /// Unflushed writes and their fates, summed.
+    writes: u64,
+    undone: u64,
+    kept: u64,
+    torn: u64,
+}
+
+impl CutTotals {
+    fn add(&mut self, r: &powerloss::RecoveryReport) {
+        self.rounds += 1;
+        self.with_unflushed += u32::from(r.writes > 0);
+        self.writes += r.writes;
+        self.undone += r.undone;
+        self.kept += r.kept;
+        self.torn += r.torn;
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} of {} rounds had unflushed writes; {} writes: {} undone, {} kept, {} torn",
+            self.with_unflushed, self.rounds, self.writes, self.undone, self.kept, self.torn
+        )
+    }
+}
+
 /// Totals of a run.
 #[derive(Default, Debug)]
 struct Summary {
@@ -428,7 +506,16 @@ struct Summary {
     kills: u32,
     clean_exits: u32,
     failures: u32,
-    cuts: powerloss::RecoveryReport,
+    /// Rounds that planned a mid-I/O power cut.
+    cuts_planned: u32,
+    /// Of those, rounds whose cut fired (the others ended on the timer).
+    cuts_fired: u32,
+    /// Power cuts after timed kills.
+    after_kill: CutTotals,
+    /// Power cuts at a device op.
+    mid_io: CutTotals,
+    /// The last estimate of device ops per round.
+    cut_estimate: f64,
 }
 
 fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
@@ -448,9 +535,15 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
     if cfg.mode == Mode::PowerLoss {
         let _ = writeln!(
             t,
-            "power cuts:             {} unflushed writes: {} undone, {} kept, {} torn",
-            s.cuts.writes, s.cuts.undone, s.cuts.kept, s.cuts.torn
+            "mid-I/O cuts:           {} planned, {} fired, {} ended on the timer \
+             (last estimate {:.0} device ops per round)",
+            s.cuts_planned,
+            s.cuts_fired,
+            s.cuts_planned - s.cuts_fired,
+            s.cut_estimate
         );
+        let _ = writeln!(t, "power cuts, mid-I/O:    {}", s.mid_io.line());
+        let _ = writeln!(t, "power cuts, timed kill: {}", s.after_kill.line());
     }
     let _ = writeln!(t, "time:                   {:.0} s", elapsed.as_secs_f64());
     print!("{t}");
@@ -489,10 +582,15 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         cfg.dir.display()
     );
     let start = Instant::now();
-    let mut s = Summary::default();
+    let mut s = Summary {
+        cut_estimate: INITIAL_CUT_ESTIMATE,
+        ..Summary::default()
+    };
     let replay = format!(
         "replay: rocksdb-crashtest --db-stress {} --mode {} --seed {} --rounds {} --min-secs {} --max-secs {} --size {} \
-         (the knobs follow from the seed; kill moments are timing-dependent)",
+         (the knobs follow from the seed; kill moments are timing-dependent, and so are the \
+         mid-I/O cut points, which follow the adaptive estimate: the db_stress command below \
+         names the round's)",
         cfg.db_stress.display(),
         cfg.mode.name(),
         cfg.seed,
@@ -518,9 +616,10 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     };
     for round in 1..=cfg.rounds {
         let k = round_knobs(cfg, round);
-        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1);
+        let cut_at = k.mid_io_cut.then(|| cut_op(&k, s.cut_estimate));
+        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1, cut_at);
         let log = cfg.dir.join(format!("round-{round:03}.log"));
-        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs));
+        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs), cut_at.is_some());
         s.rounds += 1;
         let mut line = format!(
             "round {round:3}: {:.1} s, {} threads{}: ",
@@ -528,7 +627,25 @@ fn run(cfg: &Config) -> Result<Summary, String> {
             k.threads,
             if k.disable_wal { ", no WAL" } else { "" }
         );
+        if let Some(n) = cut_at {
+            s.cuts_planned += 1;
+            let when = if k.cut_issued { "after" } else { "before" };
+            let _ = write!(line, "cut planned at device op {n} ({when} issue): ");
+            // Aim for about half the cuts firing (see the module docs).
+            match outcome {
+                Outcome::Cut => s.cut_estimate *= 1.25,
+                Outcome::Killed | Outcome::CleanExit => {
+                    s.cut_estimate = (s.cut_estimate * 0.8).max(16.0)
+                }
+                Outcome::Failed(_) => {}
+            }
+        }
+        let mid_io = outcome == Outcome::Cut;
         match outcome {
+            Outcome::Cut => {
+                s.cuts_fired += 1;
+                line.push_str("cut fired");
+            }
             Outcome::Killed => {
                 s.kills += 1;
                 line.push_str("killed");
@@ -555,10 +672,11 @@ fn run(cfg: &Config) -> Result<Summary, String> {
                 match powerloss::recover(&paths.image, k.cut_seed) {
                     Ok(r) => {
                         let _ = write!(line, "; power cut (seed {}): {r}", k.cut_seed);
-                        s.cuts.writes += r.writes;
-                        s.cuts.undone += r.undone;
-                        s.cuts.kept += r.kept;
-                        s.cuts.torn += r.torn;
+                        if mid_io {
+                            s.mid_io.add(&r);
+                        } else {
+                            s.after_kill.add(&r);
+                        }
                     }
                     Err(e) => {
                         println!("{line}");
@@ -580,12 +698,14 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         println!("{line}");
     }
     // The final check, as db_crashtest's last run: verification only.
-    let args = stress_args(cfg, &paths, &run, None, false);
+    let args = stress_args(cfg, &paths, &run, None, false, None);
     let log = cfg.dir.join("verify.log");
-    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS)) {
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false) {
         Outcome::CleanExit => println!("final verification: passed"),
         Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
-        Outcome::Killed => fail(
+        // No cut was asked for, so run_stress reports a self-kill as a
+        // failure and never returns Cut here.
+        Outcome::Killed | Outcome::Cut => fail(
             &mut s,
             "final verification".into(),
             format!("did not finish within {VERIFY_TIMEOUT_SECS} s"),
@@ -676,7 +796,7 @@ mod tests {
         let p = Paths::new(Path::new("/w"));
         let run = run_knobs(1);
         let k = round_knobs(&c, 1);
-        let first = stress_args(&c, &p, &run, Some(&k), true);
+        let first = stress_args(&c, &p, &run, Some(&k), true, None);
         assert!(
             first[0].ends_with("?size=4G&powerloss=on;mkfs=always"),
             "{}",
@@ -684,13 +804,55 @@ mod tests {
         );
         assert!(first.contains(&"--destroy_db_initially=1".to_string()));
         assert!(first.contains(&"--sync_fault_injection=1".to_string()));
-        let later = stress_args(&c, &p, &run, Some(&k), false);
+        let later = stress_args(&c, &p, &run, Some(&k), false, None);
         assert!(later[0].ends_with(";mkfs=never"));
         assert!(later.contains(&"--destroy_db_initially=0".to_string()));
-        let verify = stress_args(&c, &p, &run, None, false);
+        let verify = stress_args(&c, &p, &run, None, false, None);
         assert!(verify.contains(&"--verification_only=1".to_string()));
-        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true);
+        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true, None);
         assert!(!kill[0].contains("powerloss"));
+        let mut k = k;
+        k.cut_issued = true;
+        let cut = stress_args(&c, &p, &run, Some(&k), false, Some(123));
+        assert!(
+            cut[0].ends_with(
+                "?size=4G&powerloss=on&powerloss_cut_after=123&powerloss_cut_when=after;mkfs=never"
+            ),
+            "{}",
+            cut[0]
+        );
+        // The device accepts the spec the driver writes.
+        let spec = cut[0]
+            .trim_start_matches("--fs_uri=blobfs://")
+            .trim_end_matches(";mkfs=never");
+        assert!(matches!(
+            blobstore::device::DeviceSpec::parse(spec).unwrap(),
+            blobstore::device::DeviceSpec::PowerLoss { cut: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn mid_io_cuts_take_about_half_the_later_powerloss_rounds() {
+        let pl = cfg(&["--mode", "powerloss", "--seed", "5"]);
+        let kill = cfg(&["--mode", "kill", "--seed", "5"]);
+        assert!(!round_knobs(&pl, 1).mid_io_cut, "round 1 runs mkfs");
+        let (mut cuts, mut issued) = (0, 0);
+        let mut points = Vec::new();
+        for r in 2..202 {
+            let k = round_knobs(&pl, r);
+            assert!(!round_knobs(&kill, r).mid_io_cut);
+            if k.mid_io_cut {
+                cuts += 1;
+                issued += u32::from(k.cut_issued);
+                let n = cut_op(&k, 1000.0);
+                assert!((1..=1000).contains(&n), "{n}");
+                points.push(n);
+            }
+        }
+        assert!((60..140).contains(&cuts), "{cuts} of 200");
+        assert!(issued > 0 && issued < cuts, "{issued} of {cuts}");
+        // Spread over the whole range, not bunched at one end.
+        assert!(points.iter().any(|&n| n < 200) && points.iter().any(|&n| n > 800));
     }
 
     #[test]
@@ -713,20 +875,34 @@ mod tests {
         c.db_stress = "/bin/sh".into();
         let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
         assert_eq!(
-            run_stress(&c, &sh("exit 0"), &log, Some(5.0)),
+            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false),
             Outcome::CleanExit
         );
         assert_eq!(
-            run_stress(&c, &sh("sleep 30"), &log, Some(0.2)),
+            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false),
             Outcome::Killed
         );
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0)),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false),
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0)),
+            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false),
             Outcome::Failed(w) if w.contains("Verification failed")
+        ));
+        // A self-inflicted SIGKILL is the planned cut only when one was
+        // asked for.
+        assert_eq!(
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), true),
+            Outcome::Cut
+        );
+        assert!(matches!(
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false),
+            Outcome::Failed(w) if w.contains("exited on its own")
+        ));
+        assert!(matches!(
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), true),
+            Outcome::Failed(_)
         ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
