@@ -2,7 +2,10 @@
 //! `tools/db_crashtest.py` (blackbox mode): runs `db_stress` on BlobFS with
 //! verification on, SIGKILLs it at a random moment, restarts it on the same
 //! database (which verifies it against the expected values kept on the host),
-//! and repeats.
+//! and repeats. The kill comes `--min-secs`..`--max-secs` after db_stress
+//! prints that its workload started (an open that takes over a minute is
+//! killed all the same): counted from the process start, short rounds spent
+//! nearly all their time reopening the database and never ran the workload.
 //!
 //! ```text
 //! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] [--rounds N]
@@ -371,10 +374,33 @@ enum Outcome {
     Failed(String),
 }
 
+/// The line db_stress prints when its workload starts (after opening and
+/// verifying the database).
+const OPS_STARTED: &str = "Starting database operations";
+
+/// How long a round's db_stress may take to open the database before the
+/// driver kills it anyway.
+const OPEN_LIMIT_SECS: f64 = 60.0;
+
+/// True when the db_stress output in `log` shows the workload started.
+fn reached_ops(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| t.contains(OPS_STARTED))
+}
+
 /// Runs db_stress with `args`, output to `log`; kills it after `secs`
-/// (never when `secs` is `None`). With `cut`, db_stress dying of SIGKILL on
-/// its own is the planned mid-I/O power cut rather than a failure.
-fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>, cut: bool) -> Outcome {
+/// (never when `secs` is `None`), counted from the start of its workload
+/// when `from_ops` (so that opening a large database does not eat the
+/// round; an open past [`OPEN_LIMIT_SECS`] is killed all the same), else
+/// from its start. With `cut`, db_stress dying of SIGKILL on its own is the
+/// planned mid-I/O power cut rather than a failure.
+fn run_stress(
+    cfg: &Config,
+    args: &[String],
+    log: &Path,
+    secs: Option<f64>,
+    from_ops: bool,
+    cut: bool,
+) -> Outcome {
     let out = match std::fs::File::create(log) {
         Ok(f) => f,
         Err(e) => return Outcome::Failed(format!("creating {}: {e}", log.display())),
@@ -404,16 +430,32 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>, cut:
         Err(e) => return Outcome::Failed(format!("starting {}: {e}", cfg.db_stress.display())),
     };
     let start = Instant::now();
-    let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
+    let mut deadline = if from_ops {
+        None
+    } else {
+        secs.map(|s| start + Duration::from_secs_f64(s))
+    };
+    let mut polls = 0u64;
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
             Ok(None) => {}
             Err(e) => return Outcome::Failed(format!("waiting for db_stress: {e}")),
         }
+        if from_ops && deadline.is_none() {
+            if let Some(s) = secs {
+                // Every 100 ms: the log is a few KiB until the workload runs.
+                if polls.is_multiple_of(5) && reached_ops(log) {
+                    deadline = Some(Instant::now() + Duration::from_secs_f64(s));
+                } else if start.elapsed().as_secs_f64() > OPEN_LIMIT_SECS {
+                    deadline = Some(Instant::now());
+                }
+            }
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break None;
         }
+        polls += 1;
         std::thread::sleep(Duration::from_millis(20));
     };
     let outcome = match status {
@@ -518,6 +560,8 @@ struct Summary {
     mid_io: CutTotals,
     /// The last estimate of device ops per round.
     cut_estimate: f64,
+    /// Rounds whose db_stress got past opening the database.
+    reached_ops: u32,
 }
 
 fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
@@ -534,6 +578,7 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
     let _ = writeln!(t, "kills:                  {}", s.kills);
     let _ = writeln!(t, "clean exits:            {}", s.clean_exits);
     let _ = writeln!(t, "verification failures:  {}", s.failures);
+    let _ = writeln!(t, "rounds past the open:   {}", s.reached_ops);
     if cfg.mode == Mode::PowerLoss {
         let _ = writeln!(
             t,
@@ -621,7 +666,8 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         let cut_at = k.mid_io_cut.then(|| cut_op(&k, s.cut_estimate));
         let args = stress_args(cfg, &paths, &run, Some(&k), round == 1, cut_at);
         let log = cfg.dir.join(format!("round-{round:03}.log"));
-        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs), cut_at.is_some());
+        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs), true, cut_at.is_some());
+        s.reached_ops += u32::from(reached_ops(&log));
         s.rounds += 1;
         let mut line = format!(
             "round {round:3}: {:.1} s, {} threads{}: ",
@@ -702,7 +748,7 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     // The final check, as db_crashtest's last run: verification only.
     let args = stress_args(cfg, &paths, &run, None, false, None);
     let log = cfg.dir.join("verify.log");
-    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false) {
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false, false) {
         Outcome::CleanExit => println!("final verification: passed"),
         Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
         // No cut was asked for, so run_stress reports a self-kill as a
@@ -877,35 +923,51 @@ mod tests {
         c.db_stress = "/bin/sh".into();
         let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
         assert_eq!(
-            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false),
+            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false, false),
             Outcome::CleanExit
         );
         assert_eq!(
-            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false),
+            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false, false),
             Outcome::Killed
         );
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, false),
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false),
+            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false, false),
             Outcome::Failed(w) if w.contains("Verification failed")
         ));
         // A self-inflicted SIGKILL is the planned cut only when one was
         // asked for.
         assert_eq!(
-            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), true),
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, true),
             Outcome::Cut
         );
         assert!(matches!(
-            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false),
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, false),
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0), true),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, true),
             Outcome::Failed(_)
         ));
+        // Counted from the workload's start: a slow open does not eat the
+        // round, and the kill still comes.
+        let t = Instant::now();
+        let script = format!("sleep 0.6; echo '{OPS_STARTED}'; sleep 30");
+        assert_eq!(
+            run_stress(&c, &sh(&script), &log, Some(0.3), true, false),
+            Outcome::Killed
+        );
+        let took = t.elapsed().as_secs_f64();
+        assert!((0.9..10.0).contains(&took), "{took}");
+        assert!(reached_ops(&log));
+        assert_eq!(
+            run_stress(&c, &sh("exit 0"), &log, Some(0.3), true, false),
+            Outcome::CleanExit
+        );
+        assert!(!reached_ops(&log));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
