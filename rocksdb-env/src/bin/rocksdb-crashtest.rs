@@ -603,9 +603,33 @@ fn shell_quote(args: &[String]) -> String {
         .join(" ")
 }
 
+/// Takes the lock of a run directory for the whole run: two runs in one
+/// directory would delete and reformat each other's image (seen with two
+/// `make crashtest-rocksdb` on one machine sharing the default directory).
+fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no pointers.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another rocksdb-crashtest is running in {} (it holds {}); give this run another --dir",
+            dir.display(),
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
 fn run(cfg: &Config) -> Result<Summary, String> {
     std::fs::create_dir_all(&cfg.dir)
         .map_err(|e| format!("creating {}: {e}", cfg.dir.display()))?;
+    let _lock = lock_dir(&cfg.dir)?;
     let paths = Paths::new(&cfg.dir);
     // A fresh image and expected state: mkfs must not meet an old store.
     for p in [&paths.image, &powerloss::log_path(&paths.image)] {
@@ -901,6 +925,21 @@ mod tests {
         assert!(issued > 0 && issued < cuts, "{issued} of {cuts}");
         // Spread over the whole range, not bunched at one end.
         assert!(points.iter().any(|&n| n < 200) && points.iter().any(|&n| n > 800));
+    }
+
+    #[test]
+    fn two_runs_cannot_share_a_directory() {
+        let dir = std::env::temp_dir().join(format!("crashtest-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = lock_dir(&dir).unwrap();
+        let err = lock_dir(&dir).unwrap_err();
+        assert!(
+            err.contains("another rocksdb-crashtest is running"),
+            "{err}"
+        );
+        drop(held);
+        drop(lock_dir(&dir).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
