@@ -315,6 +315,12 @@ fn stress_args(
         "--metadata_read_fault_one_in=0".into(),
         "--clear_column_family_one_in=0".into(),
         "--progress_reports=0".into(),
+        // db_stress starts its simulated remote-compaction workers only
+        // when it runs operations; with them on (the default, 2) an open
+        // that schedules a compaction waits for them forever (most rounds
+        // past the first few never got past the open, and a
+        // verification-only run hung).
+        "--remote_compaction_worker_threads=0".into(),
     ];
     match knobs {
         Some(k) => {
@@ -339,10 +345,6 @@ fn stress_args(
         }
         None => {
             a.push("--verification_only=1".into());
-            // db_stress starts its simulated remote-compaction workers only
-            // when it runs operations; with them on (the default, 2) a
-            // verification-only run waits forever in a compaction.
-            a.push("--remote_compaction_worker_threads=0".into());
             a.push("--threads=1".into());
             a.push("--ops_per_thread=1".into());
         }
