@@ -124,8 +124,10 @@ test-rocksdb: rocksdb-tools
 # verification, SIGKILLed at a random moment (MIN_SECS..MAX_SECS after its
 # start), restarted on the same DB, ROUNDS times. MODE=kill only kills;
 # MODE=powerloss runs the device with powerloss=on and plays a power cut on
-# the image after each kill (unflushed writes undone, kept or torn). MODE
-# unset runs both. Every round passes --sync_fault_injection=1: BlobFS loses
+# the image after each kill (unflushed writes undone, kept or torn); about
+# half its rounds after the first stop mid-I/O instead, db_stress killing
+# itself at a random device write or flush (the test-only device option
+# powerloss_cut_after=N). MODE unset runs both. Every round passes --sync_fault_injection=1: BlobFS loses
 # unsynced appends on a kill and a power cut loses unflushed writes, so
 # db_stress must trace its expected state and accept any prefix of the
 # acknowledged writes, and nothing synced. The default (5 rounds of 2-4 s

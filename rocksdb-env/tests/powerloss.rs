@@ -2,7 +2,9 @@
 //! writes synced and unsynced batches and is SIGKILLed; the parent plays a
 //! power cut on the image (`blobstore::device::powerloss::recover`, several
 //! seeds) and reopens the database: every synced key is there, and the
-//! database opens without error.
+//! database opens without error. A second test cuts power mid-I/O
+//! (`powerloss_cut_after=N`: the child SIGKILLs itself at its N-th device
+//! write or flush, inside a sync) and checks every batch whose sync returned.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -118,4 +120,146 @@ fn synced_keys_survive_a_power_cut() {
         drop(db);
         let _ = std::fs::remove_file(&img);
     }
+}
+
+const CUT_CHILD_ENV: &str = "POWERLOSS_TEST_CUT_CHILD";
+/// Batches the first child writes (no power-loss device).
+const BASE_BATCHES: u32 = 10;
+/// Batches the cut child writes at most (far more device ops than any cut
+/// point below).
+const MAX_BATCHES: u32 = 2_000;
+const CUT_KEYS_PER_BATCH: u32 = 20;
+
+fn batch_keys(b: u32) -> std::ops::Range<u32> {
+    b * CUT_KEYS_PER_BATCH..(b + 1) * CUT_KEYS_PER_BATCH
+}
+
+/// The children of [`power_cut_mid_sync_keeps_every_synced_batch`]:
+/// `base` creates the database and syncs `BASE_BATCHES` batches; `cut`
+/// reopens it on a device that cuts power at its N-th op and syncs batches
+/// one by one, writing the number of the last one whose sync returned to
+/// `progress`.
+fn cut_child(role: &str, uri: &str, progress: &str) -> ! {
+    let db = rocksdb_env::open_db(uri, "/cut/db", &options()).unwrap();
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    let range = if role == "base" {
+        0..BASE_BATCHES
+    } else {
+        BASE_BATCHES..MAX_BATCHES
+    };
+    for b in range {
+        let mut batch = WriteBatch::default();
+        for i in batch_keys(b) {
+            batch.put(key(i), value(i, b));
+        }
+        db.write_opt(batch, &synced).unwrap();
+        std::fs::write(progress, b.to_string()).unwrap();
+    }
+    drop(db);
+    std::process::exit(0)
+}
+
+#[test]
+fn power_cut_mid_sync_keeps_every_synced_batch() {
+    use std::os::unix::process::ExitStatusExt;
+    if let Ok(v) = std::env::var(CUT_CHILD_ENV) {
+        let mut parts = v.splitn(3, '\n');
+        let (role, uri, progress) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        cut_child(role, uri, progress);
+    }
+    let child = |role: &str, uri: &str, progress: &std::path::Path| {
+        Command::new(std::env::current_exe().unwrap())
+            .args([
+                "power_cut_mid_sync_keeps_every_synced_batch",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                CUT_CHILD_ENV,
+                format!("{role}\n{uri}\n{}", progress.display()),
+            )
+            .output()
+            .unwrap()
+    };
+    let mut unflushed = 0;
+    for (case, (after, when)) in [
+        (3u64, "before"),
+        (20, "after"),
+        (60, "before"),
+        (150, "after"),
+        (400, "before"),
+        (900, "after"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 100 + case as u64;
+        let img = image(seed);
+        let progress = img.with_extension("progress");
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(powerloss::log_path(&img));
+        let what = format!("cut at op {after} {when}");
+        let plain = format!("blobfs://file:{}?size=256M;mkfs=always", img.display());
+        let out = child("base", &plain, &progress);
+        assert!(out.status.success(), "{what}: base child {out:?}");
+        let cut = format!(
+            "blobfs://file:{}?size=256M&powerloss=on&powerloss_cut_after={after}\
+             &powerloss_cut_when={when};mkfs=never",
+            img.display()
+        );
+        let out = child("cut", &cut, &progress);
+        assert_eq!(
+            out.status.signal(),
+            Some(libc::SIGKILL),
+            "{what}: the cut did not fire: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let last: u32 = std::fs::read_to_string(&progress).unwrap().parse().unwrap();
+        let report = powerloss::recover(&img, seed).unwrap();
+        eprintln!("{what}: last synced batch {last}; {report}");
+        unflushed += u32::from(report.writes > 0);
+        let uri = format!("blobfs://file:{};mkfs=never", img.display());
+        let mut o = options();
+        o.create_if_missing(false);
+        let db = rocksdb_env::open_db(&uri, "/cut/db", &o).unwrap();
+        let present = |b: u32| {
+            let got: Vec<bool> = batch_keys(b)
+                .map(|i| match db.get(key(i)).unwrap() {
+                    Some(v) => {
+                        assert_eq!(v, value(i, b), "{what}: key {i}");
+                        true
+                    }
+                    None => false,
+                })
+                .collect();
+            // A write batch is all or nothing.
+            assert!(
+                got.iter().all(|&x| x) || got.iter().all(|&x| !x),
+                "{what}: batch {b} is partly there"
+            );
+            got[0]
+        };
+        for b in 0..=last {
+            assert!(present(b), "{what}: synced batch {b} (last {last}) lost");
+        }
+        // The batch being synced at the cut may or may not be there; none
+        // after it was written.
+        present(last + 1);
+        for b in last + 2..(last + 10).min(MAX_BATCHES) {
+            assert!(!present(b), "{what}: batch {b} after the cut is there");
+        }
+        drop(db);
+        let _ = std::fs::remove_file(&img);
+        let _ = std::fs::remove_file(&progress);
+    }
+    // Cutting at a device op, rather than at a random moment, finds
+    // unflushed writes to act on.
+    assert!(unflushed > 0, "no cut found an unflushed write");
 }

@@ -26,6 +26,14 @@
 //!   next run's log.
 //! - Concurrent overlapping writes (which the blobstore never issues) may
 //!   log an old content that already includes the other write.
+//!
+//! Test only: `powerloss_cut_after=<n>` (with `powerloss_cut_when=before`,
+//! the default, or `after`) makes the process SIGKILL itself at the n-th
+//! write, write-zeroes, unmap or flush submitted since the device opened
+//! ([`PowerCut`]), so a crash test can land its power cut in the middle of
+//! a sync, a metadata update or a compaction rather than wherever a timer
+//! happens to fire. It kills the whole process that opened the device: use
+//! it only in a process that exists to be killed.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -34,6 +42,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -54,6 +63,35 @@ pub fn log_path(image: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// A self-inflicted power cut (test only): the process that opened the
+/// device SIGKILLs itself when the `after`-th write-like op or flush since
+/// the open is submitted, so that op is the one in flight at the cut.
+/// Spec options `powerloss_cut_after=<n>` and
+/// `powerloss_cut_when=before|after`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PowerCut {
+    /// Which op, counting from 1, triggers the cut (writes, write-zeroes,
+    /// unmaps and flushes count; reads do not).
+    pub after: u64,
+    /// `false` (`before`): the op is not handed to the device (a write has
+    /// its undo record logged first). `true` (`after`): the op is handed to
+    /// the device and pushed to the kernel, then the process dies with it in
+    /// flight.
+    pub issued: bool,
+}
+
+/// Kills this process at once (SIGKILL: no destructors, no flushes), as a
+/// power cut would stop it. Only [`PowerCut`] calls it.
+fn cut_power_now() -> ! {
+    // SAFETY: kill and getpid take no pointers.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    // SIGKILL cannot be caught; the process stops before kill returns to
+    // user code in practice, but nothing must run on if it did not yet.
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 /// Bookkeeping shared by every channel of one device.
 struct LogState {
     /// The log, opened for appending.
@@ -72,9 +110,20 @@ struct Shared {
     image: File,
     log_path: PathBuf,
     log: Mutex<LogState>,
+    /// The self-inflicted power cut, if any.
+    cut: Option<PowerCut>,
+    /// Write-like ops and flushes submitted since the open.
+    ops: AtomicU64,
 }
 
 impl Shared {
+    /// Counts one write-like op or flush; true when it is the one the
+    /// power cut waits for.
+    fn is_cut_op(&self) -> bool {
+        let n = self.ops.fetch_add(1, Ordering::Relaxed) + 1;
+        self.cut.is_some_and(|c| c.after == n)
+    }
+
     fn log_err(&self, what: &str, e: std::io::Error) -> Error {
         Error::Os {
             context: format!("{what} power-loss log {}", self.log_path.display()),
@@ -193,6 +242,17 @@ impl PowerLossDevice {
     /// [`log_path`]`(image)`. `name` is the spec shown in messages. Fails
     /// when the log holds writes that are not durable (run [`recover`]).
     pub fn new(image: &Path, inner: Arc<dyn BlockDevice>, name: String) -> Result<PowerLossDevice> {
+        Self::with_cut(image, inner, name, None)
+    }
+
+    /// [`new`](Self::new), with an optional self-inflicted power cut
+    /// (test only: it SIGKILLs the process; see [`PowerCut`]).
+    pub fn with_cut(
+        image: &Path,
+        inner: Arc<dyn BlockDevice>,
+        name: String,
+        cut: Option<PowerCut>,
+    ) -> Result<PowerLossDevice> {
         let log_path = log_path(image);
         let sector = inner.geometry().block_size;
         if let Some(pending) = pending_writes(&log_path)? {
@@ -254,6 +314,8 @@ impl PowerLossDevice {
                     outstanding: 0,
                     completed: Vec::new(),
                 }),
+                cut,
+                ops: AtomicU64::new(0),
             }),
         })
     }
@@ -302,16 +364,33 @@ struct PowerLossBackend {
     tags: HashMap<Tag, TagInfo>,
 }
 
+impl PowerLossBackend {
+    /// The power cut of [`PowerCut`]: for `issued`, hands `op` to the
+    /// device and lets the inner backend push it to the kernel (its
+    /// completions, and any others, are dropped: the process ends here);
+    /// then SIGKILLs the process.
+    fn cut_power(&mut self, tag: Tag, op: &IoOp) -> ! {
+        if self.shared.cut.is_some_and(|c| c.issued) && self.inner.submit(tag, op).is_ok() {
+            self.inner.reap(&mut |_, _| {});
+        }
+        cut_power_now()
+    }
+}
+
 impl ChannelBackend for PowerLossBackend {
     fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
         match op.kind {
             IoKind::Read => self.inner.submit(tag, op),
             IoKind::Write | IoKind::WriteZeroes | IoKind::Unmap => {
+                let cut = self.shared.is_cut_op();
                 let seq = self.shared.log_write(
                     op.kind,
                     op.lba * self.block_size,
                     op.blocks * self.block_size,
                 )?;
+                if cut {
+                    self.cut_power(tag, op);
+                }
                 if let Err(e) = self.inner.submit(tag, op) {
                     // Not started: undoing it later restores what is there.
                     self.shared.write_done(seq);
@@ -321,7 +400,11 @@ impl ChannelBackend for PowerLossBackend {
                 Ok(())
             }
             IoKind::Flush => {
+                let cut = self.shared.is_cut_op();
                 let covered = self.shared.flush_started();
+                if cut {
+                    self.cut_power(tag, op);
+                }
                 if let Err(e) = self.inner.submit(tag, op) {
                     self.shared.flush_failed(covered);
                     return Err(e);
@@ -695,8 +778,59 @@ mod tests {
     fn spec_round_trips_and_rejects_bad_values() {
         let spec = "file:/tmp/x.img?size=4G&powerloss=on";
         let parsed = DeviceSpec::parse(spec).unwrap();
-        assert!(matches!(parsed, DeviceSpec::PowerLoss { .. }));
+        assert!(matches!(parsed, DeviceSpec::PowerLoss { cut: None, .. }));
         assert_eq!(parsed.to_string(), spec);
+        let spec =
+            "file:/tmp/x.img?size=4G&powerloss=on&powerloss_cut_after=17&powerloss_cut_when=after";
+        let parsed = DeviceSpec::parse(spec).unwrap();
+        assert!(matches!(
+            parsed,
+            DeviceSpec::PowerLoss {
+                cut: Some(PowerCut {
+                    after: 17,
+                    issued: true
+                }),
+                ..
+            }
+        ));
+        assert_eq!(parsed.to_string(), spec);
+        // `before` is the default.
+        assert!(matches!(
+            DeviceSpec::parse("file:/x?powerloss=on&powerloss_cut_after=3").unwrap(),
+            DeviceSpec::PowerLoss {
+                cut: Some(PowerCut {
+                    after: 3,
+                    issued: false
+                }),
+                ..
+            }
+        ));
+        for (bad, why) in [
+            ("file:/x?powerloss_cut_after=3", "need powerloss=on"),
+            (
+                "file:/x?powerloss=off&powerloss_cut_after=3",
+                "need powerloss=on",
+            ),
+            (
+                "file:/x?powerloss=on&powerloss_cut_after=0",
+                "must be a positive number",
+            ),
+            (
+                "file:/x?powerloss=on&powerloss_cut_after=x",
+                "must be a positive number",
+            ),
+            (
+                "file:/x?powerloss=on&powerloss_cut_when=after",
+                "needs powerloss_cut_after",
+            ),
+            (
+                "file:/x?powerloss=on&powerloss_cut_after=1&powerloss_cut_when=now",
+                "must be before or after",
+            ),
+        ] {
+            let err = DeviceSpec::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
         assert!(matches!(
             DeviceSpec::parse("file:/tmp/x.img?powerloss=off").unwrap(),
             DeviceSpec::File { .. }
@@ -897,6 +1031,102 @@ mod tests {
         assert!(matches!(err, Error::Busy(_)), "{err}");
         drop(dev);
         recover(&img.0, 0).unwrap();
+    }
+
+    /// The child half of [`power_cut_option_kills_at_the_nth_op`]: runs
+    /// write 0x11 (op 1), flush (2), write 0x22 (3), write 0x33 over the
+    /// first half (4), flush (5) on the device `spec`, noting after each op
+    /// how many completed; exits 0 if no cut came.
+    fn cut_child(spec: &str, done: &Path) -> ! {
+        let dev = open_device(spec).unwrap();
+        let ch = channel(&dev).unwrap();
+        let note = |n: u32| std::fs::write(done, n.to_string()).unwrap();
+        block_on(async {
+            ch.write(0, buf(&dev, SECTORS * BS, 0x11)).await.unwrap();
+            note(1);
+            ch.flush().await.unwrap();
+            note(2);
+            ch.write(0, buf(&dev, SECTORS * BS, 0x22)).await.unwrap();
+            note(3);
+            ch.write(0, buf(&dev, SECTORS / 2 * BS, 0x33))
+                .await
+                .unwrap();
+            note(4);
+            ch.flush().await.unwrap();
+            note(5);
+        });
+        std::process::exit(0)
+    }
+
+    #[test]
+    fn power_cut_option_kills_at_the_nth_op() {
+        use std::os::unix::process::ExitStatusExt;
+        const CHILD: &str = "POWERLOSS_TEST_CUT_SPEC";
+        if let Some(spec) = std::env::var_os(CHILD) {
+            let spec = spec.into_string().unwrap();
+            let done = std::env::var_os("POWERLOSS_TEST_CUT_DONE").unwrap();
+            cut_child(&spec, Path::new(&done));
+        }
+        let mut seen = HashSet::new();
+        for (after, when) in [(2u64, "before"), (2, "after"), (4, "before"), (4, "after")] {
+            for seed in 0..8 {
+                let img = Img::new();
+                let done = img.0.with_extension("done");
+                let spec = format!(
+                    "{}&powerloss_cut_after={after}&powerloss_cut_when={when}",
+                    img.spec()
+                );
+                let status = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "device::powerloss::tests::power_cut_option_kills_at_the_nth_op",
+                        "--exact",
+                        "--test-threads=1",
+                    ])
+                    .env(CHILD, &spec)
+                    .env("POWERLOSS_TEST_CUT_DONE", &done)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap();
+                let what = format!("cut after {after} {when}, seed {seed}");
+                assert_eq!(status.signal(), Some(libc::SIGKILL), "{what}: {status:?}");
+                // The ops before the cut completed, the cut one did not.
+                let n: u64 = std::fs::read_to_string(&done).unwrap().parse().unwrap();
+                std::fs::remove_file(&done).unwrap();
+                assert_eq!(n, after - 1, "{what}");
+                let before = sectors(&img);
+                let r = recover(&img.0, seed).unwrap();
+                let s = sectors(&img);
+                if after == 2 {
+                    // Cut at the first flush: the first write never became
+                    // durable.
+                    assert_eq!(before, vec![0x11; SECTORS], "{what}");
+                    assert_eq!(r.writes, 1, "{what}: {r}");
+                    assert!(s.iter().all(|&b| b == 0 || b == 0x11), "{what}: {s:?}");
+                } else {
+                    // Cut at the 0x33 write: it was logged (so it can be
+                    // undone) along with the unflushed 0x22 write.
+                    assert_eq!(r.writes, 2, "{what}: {r}");
+                    if when == "before" {
+                        // Never handed to the device.
+                        assert_eq!(before, vec![0x22; SECTORS], "{what}");
+                    }
+                    for (i, &b) in s.iter().enumerate() {
+                        let ok = if i < SECTORS / 2 {
+                            [0x11, 0x22, 0x33].contains(&b)
+                        } else {
+                            [0x11, 0x22].contains(&b)
+                        };
+                        assert!(ok, "{what}: sector {i} = {b:#x} in {s:?}");
+                        seen.insert((after, i, b));
+                    }
+                }
+                assert!(!log_path(&img.0).exists());
+            }
+        }
+        // The power cut reached back past the cut op: some seed restored the
+        // last flushed value, some kept the cut write.
+        assert!(seen.contains(&(4, 0, 0x11)), "{seen:?}");
+        assert!(seen.contains(&(4, 0, 0x33)), "{seen:?}");
     }
 
     /// The child half of [`blobstore_on_powerloss_keeps_synced_blobs`]:

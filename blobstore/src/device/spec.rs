@@ -4,7 +4,8 @@
 //! ```text
 //! mem:<size>[?bs=512|4096]
 //! shm:<path>[?size=<size>&bs=512|4096&create=true|false]
-//! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on]
+//! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on
+//!              [&powerloss_cut_after=<n>&powerloss_cut_when=before|after]]
 //! nvme:<DDDD:BB:DD.F>[/ns=<n>]
 //! ```
 //!
@@ -125,8 +126,12 @@ pub enum DeviceSpec {
     PowerLoss {
         /// The regular file or block device.
         path: PathBuf,
-        /// Options from the query part (other than `powerloss`).
+        /// Options from the query part (other than the `powerloss*` ones).
         options: FileOptions,
+        /// `powerloss_cut_after=<n>[&powerloss_cut_when=before|after]`: a
+        /// test-only self-inflicted power cut (the process SIGKILLs itself
+        /// at its n-th write or flush); see [`PowerCut`](super::powerloss::PowerCut).
+        cut: Option<super::powerloss::PowerCut>,
     },
     /// `shm:<path>[?size=..&bs=..&create=..]`: a [`MemDevice`] whose
     /// blocks are a shared mapping of the file (meant for tmpfs, e.g.
@@ -168,12 +173,13 @@ impl DeviceSpec {
             DeviceSpec::Shm { path, options } => {
                 Ok(Arc::new(MemDevice::open_shared(path, *options)?))
             }
-            DeviceSpec::PowerLoss { path, options } => {
+            DeviceSpec::PowerLoss { path, options, cut } => {
                 let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, *options)?);
-                Ok(Arc::new(super::PowerLossDevice::new(
+                Ok(Arc::new(super::PowerLossDevice::with_cut(
                     path,
                     inner,
                     self.to_string(),
+                    *cut,
                 )?))
             }
             #[cfg(feature = "nvme")]
@@ -254,14 +260,23 @@ impl fmt::Display for DeviceSpec {
                 }
                 Ok(())
             }
-            DeviceSpec::PowerLoss { path, options } => {
+            DeviceSpec::PowerLoss { path, options, cut } => {
                 let file = DeviceSpec::File {
                     path: path.clone(),
                     options: *options,
                 }
                 .to_string();
                 let sep = if file.contains('?') { '&' } else { '?' };
-                write!(f, "{file}{sep}powerloss=on")
+                write!(f, "{file}{sep}powerloss=on")?;
+                if let Some(c) = cut {
+                    write!(
+                        f,
+                        "&powerloss_cut_after={}&powerloss_cut_when={}",
+                        c.after,
+                        if c.issued { "after" } else { "before" }
+                    )?;
+                }
+                Ok(())
             }
             DeviceSpec::Nvme { addr, namespace } => {
                 write!(f, "nvme:{addr}")?;
@@ -421,13 +436,41 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
     let path = decode_path(path)?;
     let mut options = FileOptions::default();
     let mut powerloss = false;
+    let mut cut_after: Option<u64> = None;
+    let mut cut_issued: Option<bool> = None;
     if let Some(q) = query {
         for (key, value) in parse_query(
             q,
             "file",
-            &["size", "bs", "qd", "create", "prealloc", "powerloss"],
+            &[
+                "size",
+                "bs",
+                "qd",
+                "create",
+                "prealloc",
+                "powerloss",
+                "powerloss_cut_after",
+                "powerloss_cut_when",
+            ],
         )? {
             match key {
+                "powerloss_cut_after" => {
+                    cut_after =
+                        Some(value.parse().ok().filter(|&n: &u64| n > 0).ok_or_else(|| {
+                            format!("powerloss_cut_after={value:?} must be a positive number")
+                        })?)
+                }
+                "powerloss_cut_when" => {
+                    cut_issued = Some(match value {
+                        "before" => false,
+                        "after" => true,
+                        _ => {
+                            return Err(format!(
+                                "powerloss_cut_when={value:?} must be before or after"
+                            ))
+                        }
+                    })
+                }
                 "powerloss" => {
                     powerloss = match value {
                         "on" => true,
@@ -475,8 +518,18 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
     if options.create == Some(true) && options.size_bytes.is_none() {
         return Err("create=true needs size=<size> to know how large to make the file".into());
     }
+    if !powerloss && (cut_after.is_some() || cut_issued.is_some()) {
+        return Err("powerloss_cut_after and powerloss_cut_when need powerloss=on".into());
+    }
+    if cut_issued.is_some() && cut_after.is_none() {
+        return Err("powerloss_cut_when needs powerloss_cut_after=<n>".into());
+    }
     if powerloss {
-        return Ok(DeviceSpec::PowerLoss { path, options });
+        let cut = cut_after.map(|after| super::powerloss::PowerCut {
+            after,
+            issued: cut_issued.unwrap_or(false),
+        });
+        return Ok(DeviceSpec::PowerLoss { path, options, cut });
     }
     Ok(DeviceSpec::File { path, options })
 }

@@ -2,7 +2,10 @@
 //! `tools/db_crashtest.py` (blackbox mode): runs `db_stress` on BlobFS with
 //! verification on, SIGKILLs it at a random moment, restarts it on the same
 //! database (which verifies it against the expected values kept on the host),
-//! and repeats.
+//! and repeats. The kill comes `--min-secs`..`--max-secs` after db_stress
+//! prints that its workload started (an open that takes over a minute is
+//! killed all the same): counted from the process start, short rounds spent
+//! nearly all their time reopening the database and never ran the workload.
 //!
 //! ```text
 //! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] [--rounds N]
@@ -16,6 +19,18 @@
 //! - `powerloss`: the device runs with `powerloss=on`, and after each kill
 //!   [`blobstore::device::powerloss::recover`] undoes, keeps or tears every
 //!   write no completed device flush made durable, as a power cut would.
+//!   A timed SIGKILL seldom finds such writes (BlobFS flushes right after
+//!   each sync's writes), so about half the rounds after the first instead
+//!   cut mid-I/O: the device spec gets `powerloss_cut_after=N` (and
+//!   `powerloss_cut_when=before|after`, drawn from the seed), and db_stress
+//!   SIGKILLs itself when its N-th device write or flush is submitted, inside
+//!   a sync, a metadata update or a compaction. N is drawn uniformly from
+//!   1..=E, where E estimates how many such ops a round issues: E grows by a
+//!   quarter after a round whose cut fired and shrinks by a fifth after one
+//!   whose timer fired first (N was past the round's ops; the timed kill
+//!   then stands in), so about half the cuts fire, spread over the whole
+//!   round. The summary counts, for each kind of stop, how many rounds left
+//!   unflushed writes and what the power cut did to them.
 //!
 //! In both modes only unsynced data may be lost, so every round runs with
 //! `--sync_fault_injection=1`: db_stress then traces its expected state
@@ -34,6 +49,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -196,6 +212,14 @@ struct RoundKnobs {
     sync_wal_one_in: u32,
     /// Seed of the power cut after this round.
     cut_seed: u64,
+    /// Powerloss mode, rounds after the first: stop this round with a
+    /// power cut at a device op instead of a timed kill.
+    mid_io_cut: bool,
+    /// Where in 1..=E the cut lands, as a fraction (see the module docs).
+    cut_point: f64,
+    /// `powerloss_cut_when=after` (the cut op is issued) rather than
+    /// `before`.
+    cut_issued: bool,
 }
 
 fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
@@ -214,8 +238,24 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
         compact_range_one_in: r.pick(&[0, 1_000, 10_000]),
         sync_wal_one_in: r.pick(&[0, 100, 1_000]),
         cut_seed: r.next(),
+        mid_io_cut: cfg.mode == Mode::PowerLoss && round > 1 && r.next() & 1 == 0,
+        cut_point: r.unit(),
+        cut_issued: r.next() & 1 == 0,
     }
 }
+
+/// The device op a mid-I/O cut lands at: uniform in 1..=`estimate`.
+fn cut_op(k: &RoundKnobs, estimate: f64) -> u64 {
+    1 + (k.cut_point * estimate.max(1.0)) as u64
+}
+
+/// First guess at how many device writes and flushes a round issues (the
+/// driver adapts it; see the module docs). A 100-round run of 2-4 s of
+/// workload ended near 1,200 (BlobFS batches appends, so a round issues
+/// device ops mostly at syncs, memtable and SST writes, and metadata
+/// updates); starting low puts the first cuts in the open and lets the
+/// estimate grow.
+const INITIAL_CUT_ESTIMATE: f64 = 200.0;
 
 /// Paths of one run.
 struct Paths {
@@ -240,12 +280,20 @@ fn stress_args(
     run: &RunKnobs,
     knobs: Option<&RoundKnobs>,
     first: bool,
+    cut_at: Option<u64>,
 ) -> Vec<String> {
-    let powerloss = if cfg.mode == Mode::PowerLoss {
-        "&powerloss=on"
+    let mut powerloss = if cfg.mode == Mode::PowerLoss {
+        "&powerloss=on".to_string()
     } else {
-        ""
+        String::new()
     };
+    if let (Some(n), Some(k)) = (cut_at, knobs) {
+        let when = if k.cut_issued { "after" } else { "before" };
+        let _ = write!(
+            powerloss,
+            "&powerloss_cut_after={n}&powerloss_cut_when={when}"
+        );
+    }
     let mkfs = if first { "always" } else { "never" };
     let mut a = vec![
         format!(
@@ -269,6 +317,12 @@ fn stress_args(
         "--metadata_read_fault_one_in=0".into(),
         "--clear_column_family_one_in=0".into(),
         "--progress_reports=0".into(),
+        // db_stress starts its simulated remote-compaction workers only
+        // when it runs operations; with them on (the default, 2) an open
+        // that schedules a compaction waits for them forever (most rounds
+        // past the first few never got past the open, and a
+        // verification-only run hung).
+        "--remote_compaction_worker_threads=0".into(),
     ];
     match knobs {
         Some(k) => {
@@ -293,10 +347,6 @@ fn stress_args(
         }
         None => {
             a.push("--verification_only=1".into());
-            // db_stress starts its simulated remote-compaction workers only
-            // when it runs operations; with them on (the default, 2) a
-            // verification-only run waits forever in a compaction.
-            a.push("--remote_compaction_worker_threads=0".into());
             a.push("--threads=1".into());
             a.push("--ops_per_thread=1".into());
         }
@@ -321,13 +371,40 @@ enum Outcome {
     Killed,
     /// Exited 0 before the kill.
     CleanExit,
+    /// Died of SIGKILL on its own: the device's mid-I/O power cut fired
+    /// (only when one was asked for).
+    Cut,
     /// Anything else: the reason.
     Failed(String),
 }
 
+/// The line db_stress prints when its workload starts (after opening and
+/// verifying the database).
+const OPS_STARTED: &str = "Starting database operations";
+
+/// How long a round's db_stress may take to open the database before the
+/// driver kills it anyway.
+const OPEN_LIMIT_SECS: f64 = 60.0;
+
+/// True when the db_stress output in `log` shows the workload started.
+fn reached_ops(log: &Path) -> bool {
+    std::fs::read_to_string(log).is_ok_and(|t| t.contains(OPS_STARTED))
+}
+
 /// Runs db_stress with `args`, output to `log`; kills it after `secs`
-/// (never when `secs` is `None`).
-fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> Outcome {
+/// (never when `secs` is `None`), counted from the start of its workload
+/// when `from_ops` (so that opening a large database does not eat the
+/// round; an open past [`OPEN_LIMIT_SECS`] is killed all the same), else
+/// from its start. With `cut`, db_stress dying of SIGKILL on its own is the
+/// planned mid-I/O power cut rather than a failure.
+fn run_stress(
+    cfg: &Config,
+    args: &[String],
+    log: &Path,
+    secs: Option<f64>,
+    from_ops: bool,
+    cut: bool,
+) -> Outcome {
     let out = match std::fs::File::create(log) {
         Ok(f) => f,
         Err(e) => return Outcome::Failed(format!("creating {}: {e}", log.display())),
@@ -357,16 +434,32 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> O
         Err(e) => return Outcome::Failed(format!("starting {}: {e}", cfg.db_stress.display())),
     };
     let start = Instant::now();
-    let deadline = secs.map(|s| start + Duration::from_secs_f64(s));
+    let mut deadline = if from_ops {
+        None
+    } else {
+        secs.map(|s| start + Duration::from_secs_f64(s))
+    };
+    let mut polls = 0u64;
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
             Ok(None) => {}
             Err(e) => return Outcome::Failed(format!("waiting for db_stress: {e}")),
         }
+        if from_ops && deadline.is_none() {
+            if let Some(s) = secs {
+                // Every 100 ms: the log is a few KiB until the workload runs.
+                if polls.is_multiple_of(5) && reached_ops(log) {
+                    deadline = Some(Instant::now() + Duration::from_secs_f64(s));
+                } else if start.elapsed().as_secs_f64() > OPEN_LIMIT_SECS {
+                    deadline = Some(Instant::now());
+                }
+            }
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break None;
         }
+        polls += 1;
         std::thread::sleep(Duration::from_millis(20));
     };
     let outcome = match status {
@@ -378,6 +471,7 @@ fn run_stress(cfg: &Config, args: &[String], log: &Path, secs: Option<f64>) -> O
             Outcome::Killed
         }
         Some(st) if st.success() => Outcome::CleanExit,
+        Some(st) if cut && st.signal() == Some(libc::SIGKILL) => Outcome::Cut,
         Some(st) => Outcome::Failed(format!("db_stress exited on its own with {st}")),
     };
     // A verification failure may be printed without a non-zero exit.
@@ -421,6 +515,38 @@ fn wait_unlocked(image: &Path) -> Result<(), String> {
 /// How long a killed db_stress may keep its image locked.
 const LOCK_WAIT_SECS: u64 = 30;
 
+/// What the power cuts after one kind of stop found and did.
+#[derive(Default, Debug)]
+struct CutTotals {
+    /// Rounds stopped this way whose image went through recovery.
+    rounds: u32,
+    /// Of those, rounds with writes no completed flush covered.
+    with_unflushed: u32,
+    /// Unflushed writes and their fates, summed.
+    writes: u64,
+    undone: u64,
+    kept: u64,
+    torn: u64,
+}
+
+impl CutTotals {
+    fn add(&mut self, r: &powerloss::RecoveryReport) {
+        self.rounds += 1;
+        self.with_unflushed += u32::from(r.writes > 0);
+        self.writes += r.writes;
+        self.undone += r.undone;
+        self.kept += r.kept;
+        self.torn += r.torn;
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "{} of {} rounds had unflushed writes; {} writes: {} undone, {} kept, {} torn",
+            self.with_unflushed, self.rounds, self.writes, self.undone, self.kept, self.torn
+        )
+    }
+}
+
 /// Totals of a run.
 #[derive(Default, Debug)]
 struct Summary {
@@ -428,7 +554,18 @@ struct Summary {
     kills: u32,
     clean_exits: u32,
     failures: u32,
-    cuts: powerloss::RecoveryReport,
+    /// Rounds that planned a mid-I/O power cut.
+    cuts_planned: u32,
+    /// Of those, rounds whose cut fired (the others ended on the timer).
+    cuts_fired: u32,
+    /// Power cuts after timed kills.
+    after_kill: CutTotals,
+    /// Power cuts at a device op.
+    mid_io: CutTotals,
+    /// The last estimate of device ops per round.
+    cut_estimate: f64,
+    /// Rounds whose db_stress got past opening the database.
+    reached_ops: u32,
 }
 
 fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
@@ -445,12 +582,19 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
     let _ = writeln!(t, "kills:                  {}", s.kills);
     let _ = writeln!(t, "clean exits:            {}", s.clean_exits);
     let _ = writeln!(t, "verification failures:  {}", s.failures);
+    let _ = writeln!(t, "rounds past the open:   {}", s.reached_ops);
     if cfg.mode == Mode::PowerLoss {
         let _ = writeln!(
             t,
-            "power cuts:             {} unflushed writes: {} undone, {} kept, {} torn",
-            s.cuts.writes, s.cuts.undone, s.cuts.kept, s.cuts.torn
+            "mid-I/O cuts:           {} planned, {} fired, {} ended on the timer \
+             (last estimate {:.0} device ops per round)",
+            s.cuts_planned,
+            s.cuts_fired,
+            s.cuts_planned - s.cuts_fired,
+            s.cut_estimate
         );
+        let _ = writeln!(t, "power cuts, mid-I/O:    {}", s.mid_io.line());
+        let _ = writeln!(t, "power cuts, timed kill: {}", s.after_kill.line());
     }
     let _ = writeln!(t, "time:                   {:.0} s", elapsed.as_secs_f64());
     print!("{t}");
@@ -463,9 +607,33 @@ fn shell_quote(args: &[String]) -> String {
         .join(" ")
 }
 
+/// Takes the lock of a run directory for the whole run: two runs in one
+/// directory would delete and reformat each other's image (seen with two
+/// `make crashtest-rocksdb` on one machine sharing the default directory).
+fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a descriptor we own; no pointers.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "another rocksdb-crashtest is running in {} (it holds {}); give this run another --dir",
+            dir.display(),
+            path.display()
+        ));
+    }
+    Ok(f)
+}
+
 fn run(cfg: &Config) -> Result<Summary, String> {
     std::fs::create_dir_all(&cfg.dir)
         .map_err(|e| format!("creating {}: {e}", cfg.dir.display()))?;
+    let _lock = lock_dir(&cfg.dir)?;
     let paths = Paths::new(&cfg.dir);
     // A fresh image and expected state: mkfs must not meet an old store.
     for p in [&paths.image, &powerloss::log_path(&paths.image)] {
@@ -489,10 +657,15 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         cfg.dir.display()
     );
     let start = Instant::now();
-    let mut s = Summary::default();
+    let mut s = Summary {
+        cut_estimate: INITIAL_CUT_ESTIMATE,
+        ..Summary::default()
+    };
     let replay = format!(
         "replay: rocksdb-crashtest --db-stress {} --mode {} --seed {} --rounds {} --min-secs {} --max-secs {} --size {} \
-         (the knobs follow from the seed; kill moments are timing-dependent)",
+         (the knobs follow from the seed; kill moments are timing-dependent, and so are the \
+         mid-I/O cut points, which follow the adaptive estimate: the db_stress command below \
+         names the round's)",
         cfg.db_stress.display(),
         cfg.mode.name(),
         cfg.seed,
@@ -518,9 +691,11 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     };
     for round in 1..=cfg.rounds {
         let k = round_knobs(cfg, round);
-        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1);
+        let cut_at = k.mid_io_cut.then(|| cut_op(&k, s.cut_estimate));
+        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1, cut_at);
         let log = cfg.dir.join(format!("round-{round:03}.log"));
-        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs));
+        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs), true, cut_at.is_some());
+        s.reached_ops += u32::from(reached_ops(&log));
         s.rounds += 1;
         let mut line = format!(
             "round {round:3}: {:.1} s, {} threads{}: ",
@@ -528,7 +703,25 @@ fn run(cfg: &Config) -> Result<Summary, String> {
             k.threads,
             if k.disable_wal { ", no WAL" } else { "" }
         );
+        if let Some(n) = cut_at {
+            s.cuts_planned += 1;
+            let when = if k.cut_issued { "after" } else { "before" };
+            let _ = write!(line, "cut planned at device op {n} ({when} issue): ");
+            // Aim for about half the cuts firing (see the module docs).
+            match outcome {
+                Outcome::Cut => s.cut_estimate *= 1.25,
+                Outcome::Killed | Outcome::CleanExit => {
+                    s.cut_estimate = (s.cut_estimate * 0.8).max(16.0)
+                }
+                Outcome::Failed(_) => {}
+            }
+        }
+        let mid_io = outcome == Outcome::Cut;
         match outcome {
+            Outcome::Cut => {
+                s.cuts_fired += 1;
+                line.push_str("cut fired");
+            }
             Outcome::Killed => {
                 s.kills += 1;
                 line.push_str("killed");
@@ -555,10 +748,11 @@ fn run(cfg: &Config) -> Result<Summary, String> {
                 match powerloss::recover(&paths.image, k.cut_seed) {
                     Ok(r) => {
                         let _ = write!(line, "; power cut (seed {}): {r}", k.cut_seed);
-                        s.cuts.writes += r.writes;
-                        s.cuts.undone += r.undone;
-                        s.cuts.kept += r.kept;
-                        s.cuts.torn += r.torn;
+                        if mid_io {
+                            s.mid_io.add(&r);
+                        } else {
+                            s.after_kill.add(&r);
+                        }
                     }
                     Err(e) => {
                         println!("{line}");
@@ -580,12 +774,14 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         println!("{line}");
     }
     // The final check, as db_crashtest's last run: verification only.
-    let args = stress_args(cfg, &paths, &run, None, false);
+    let args = stress_args(cfg, &paths, &run, None, false, None);
     let log = cfg.dir.join("verify.log");
-    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS)) {
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false, false) {
         Outcome::CleanExit => println!("final verification: passed"),
         Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
-        Outcome::Killed => fail(
+        // No cut was asked for, so run_stress reports a self-kill as a
+        // failure and never returns Cut here.
+        Outcome::Killed | Outcome::Cut => fail(
             &mut s,
             "final verification".into(),
             format!("did not finish within {VERIFY_TIMEOUT_SECS} s"),
@@ -676,7 +872,7 @@ mod tests {
         let p = Paths::new(Path::new("/w"));
         let run = run_knobs(1);
         let k = round_knobs(&c, 1);
-        let first = stress_args(&c, &p, &run, Some(&k), true);
+        let first = stress_args(&c, &p, &run, Some(&k), true, None);
         assert!(
             first[0].ends_with("?size=4G&powerloss=on;mkfs=always"),
             "{}",
@@ -684,13 +880,70 @@ mod tests {
         );
         assert!(first.contains(&"--destroy_db_initially=1".to_string()));
         assert!(first.contains(&"--sync_fault_injection=1".to_string()));
-        let later = stress_args(&c, &p, &run, Some(&k), false);
+        let later = stress_args(&c, &p, &run, Some(&k), false, None);
         assert!(later[0].ends_with(";mkfs=never"));
         assert!(later.contains(&"--destroy_db_initially=0".to_string()));
-        let verify = stress_args(&c, &p, &run, None, false);
+        let verify = stress_args(&c, &p, &run, None, false, None);
         assert!(verify.contains(&"--verification_only=1".to_string()));
-        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true);
+        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true, None);
         assert!(!kill[0].contains("powerloss"));
+        let mut k = k;
+        k.cut_issued = true;
+        let cut = stress_args(&c, &p, &run, Some(&k), false, Some(123));
+        assert!(
+            cut[0].ends_with(
+                "?size=4G&powerloss=on&powerloss_cut_after=123&powerloss_cut_when=after;mkfs=never"
+            ),
+            "{}",
+            cut[0]
+        );
+        // The device accepts the spec the driver writes.
+        let spec = cut[0]
+            .trim_start_matches("--fs_uri=blobfs://")
+            .trim_end_matches(";mkfs=never");
+        assert!(matches!(
+            blobstore::device::DeviceSpec::parse(spec).unwrap(),
+            blobstore::device::DeviceSpec::PowerLoss { cut: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn mid_io_cuts_take_about_half_the_later_powerloss_rounds() {
+        let pl = cfg(&["--mode", "powerloss", "--seed", "5"]);
+        let kill = cfg(&["--mode", "kill", "--seed", "5"]);
+        assert!(!round_knobs(&pl, 1).mid_io_cut, "round 1 runs mkfs");
+        let (mut cuts, mut issued) = (0, 0);
+        let mut points = Vec::new();
+        for r in 2..202 {
+            let k = round_knobs(&pl, r);
+            assert!(!round_knobs(&kill, r).mid_io_cut);
+            if k.mid_io_cut {
+                cuts += 1;
+                issued += u32::from(k.cut_issued);
+                let n = cut_op(&k, 1000.0);
+                assert!((1..=1000).contains(&n), "{n}");
+                points.push(n);
+            }
+        }
+        assert!((60..140).contains(&cuts), "{cuts} of 200");
+        assert!(issued > 0 && issued < cuts, "{issued} of {cuts}");
+        // Spread over the whole range, not bunched at one end.
+        assert!(points.iter().any(|&n| n < 200) && points.iter().any(|&n| n > 800));
+    }
+
+    #[test]
+    fn two_runs_cannot_share_a_directory() {
+        let dir = std::env::temp_dir().join(format!("crashtest-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = lock_dir(&dir).unwrap();
+        let err = lock_dir(&dir).unwrap_err();
+        assert!(
+            err.contains("another rocksdb-crashtest is running"),
+            "{err}"
+        );
+        drop(held);
+        drop(lock_dir(&dir).unwrap());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -713,21 +966,51 @@ mod tests {
         c.db_stress = "/bin/sh".into();
         let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
         assert_eq!(
-            run_stress(&c, &sh("exit 0"), &log, Some(5.0)),
+            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false, false),
             Outcome::CleanExit
         );
         assert_eq!(
-            run_stress(&c, &sh("sleep 30"), &log, Some(0.2)),
+            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false, false),
             Outcome::Killed
         );
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0)),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, false),
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0)),
+            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false, false),
             Outcome::Failed(w) if w.contains("Verification failed")
         ));
+        // A self-inflicted SIGKILL is the planned cut only when one was
+        // asked for.
+        assert_eq!(
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, true),
+            Outcome::Cut
+        );
+        assert!(matches!(
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, false),
+            Outcome::Failed(w) if w.contains("exited on its own")
+        ));
+        assert!(matches!(
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, true),
+            Outcome::Failed(_)
+        ));
+        // Counted from the workload's start: a slow open does not eat the
+        // round, and the kill still comes.
+        let t = Instant::now();
+        let script = format!("sleep 0.6; echo '{OPS_STARTED}'; sleep 30");
+        assert_eq!(
+            run_stress(&c, &sh(&script), &log, Some(0.3), true, false),
+            Outcome::Killed
+        );
+        let took = t.elapsed().as_secs_f64();
+        assert!((0.9..10.0).contains(&took), "{took}");
+        assert!(reached_ops(&log));
+        assert_eq!(
+            run_stress(&c, &sh("exit 0"), &log, Some(0.3), true, false),
+            Outcome::CleanExit
+        );
+        assert!(!reached_ops(&log));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
