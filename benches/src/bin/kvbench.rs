@@ -105,14 +105,16 @@ fn parse_list<T>(s: &str, parse: fn(&str) -> Result<T, String>) -> Result<Vec<T>
 }
 
 /// Bytes one side's database may take: ~1.1 KB per key (16 + 1000 bytes
-/// plus block and index overhead), twice for compaction and overwrites
-/// not yet compacted, plus 512 MiB for the WAL, memtables' flushes and
-/// the file system's own metadata. Rounded up to MiB.
+/// plus block and index overhead), three times for compaction and the
+/// overwrites the timed phases add before compaction catches up (twice was
+/// not enough: a 300,000-key run with 8 s phases filled its image), plus
+/// 1 GiB for the WAL, memtables' flushes and the file system's own
+/// metadata. Rounded up to MiB.
 fn side_bytes(keys: u64) -> u64 {
     let b = keys
         .saturating_mul(1100)
-        .saturating_mul(2)
-        .saturating_add(512 << 20);
+        .saturating_mul(3)
+        .saturating_add(1 << 30);
     b.div_ceil(1 << 20) << 20
 }
 
