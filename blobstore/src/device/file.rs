@@ -114,25 +114,13 @@ impl FileDevice {
                 "file device {shown}: queue depth {queue_depth} is not from 1 to {MAX_QUEUE_DEPTH}"
             )));
         }
-        if options.size_bytes == Some(0) {
-            return Err(Error::InvalidArgument(format!(
-                "file device {shown}: size must be positive"
-            )));
-        }
-        if options.create == Some(true) && options.size_bytes.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "file device {shown}: create needs a size"
-            )));
-        }
-        let may_create = options.size_bytes.is_some() && options.create != Some(false);
-        let existed = path.symlink_metadata().is_ok();
-        let created = may_create && !existed;
-        let result = Self::open_inner(path, options, queue_depth, may_create);
-        if result.is_err() && created {
-            // Do not leave behind a file that no device ever used.
-            let _ = std::fs::remove_file(path);
-        }
-        result
+        super::open_maybe_creating(
+            "file device",
+            path,
+            options.size_bytes,
+            options.create,
+            |may_create| Self::open_inner(path, options, queue_depth, may_create),
+        )
     }
 
     fn open_inner(

@@ -266,24 +266,13 @@ impl MemDevice {
             check_block_size(bs)
                 .map_err(|e| Error::InvalidArgument(format!("shm device {shown}: {e}")))?;
         }
-        if options.size_bytes == Some(0) {
-            return Err(Error::InvalidArgument(format!(
-                "shm device {shown}: size must be positive"
-            )));
-        }
-        if options.create == Some(true) && options.size_bytes.is_none() {
-            return Err(Error::InvalidArgument(format!(
-                "shm device {shown}: create needs a size"
-            )));
-        }
-        let may_create = options.size_bytes.is_some() && options.create != Some(false);
-        let existed = path.symlink_metadata().is_ok();
-        let result = Self::open_shared_inner(path, options, may_create);
-        if result.is_err() && may_create && !existed {
-            // Do not leave behind a file that no device ever used.
-            let _ = std::fs::remove_file(path);
-        }
-        result
+        super::open_maybe_creating(
+            "shm device",
+            path,
+            options.size_bytes,
+            options.create,
+            |may_create| Self::open_shared_inner(path, options, may_create),
+        )
     }
 
     fn open_shared_inner(path: &Path, options: ShmOptions, may_create: bool) -> Result<MemDevice> {

@@ -563,3 +563,35 @@ impl Drop for IoFuture {
         }
     }
 }
+
+/// The checks and the clean-up that `file:` and `shm:` share around opening
+/// a path that may be created: a given size must be positive, `create=true`
+/// needs a size, a file is created only with a size and without
+/// `create=false`, and a file this call created is removed again if the
+/// open fails (no device ever used it). `open` gets whether it may create.
+fn open_maybe_creating<T>(
+    kind: &str,
+    path: &std::path::Path,
+    size_bytes: Option<u64>,
+    create: Option<bool>,
+    open: impl FnOnce(bool) -> Result<T>,
+) -> Result<T> {
+    let shown = path.display();
+    if size_bytes == Some(0) {
+        return Err(Error::InvalidArgument(format!(
+            "{kind} {shown}: size must be positive"
+        )));
+    }
+    if create == Some(true) && size_bytes.is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "{kind} {shown}: create needs a size"
+        )));
+    }
+    let may_create = size_bytes.is_some() && create != Some(false);
+    let existed = path.symlink_metadata().is_ok();
+    let result = open(may_create);
+    if result.is_err() && may_create && !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    result
+}
