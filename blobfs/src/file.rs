@@ -177,19 +177,24 @@ impl FileNode {
         st.clean = n.min(self.align_down(st.used as u64) as usize);
         st.data_dirty = true;
         let (from, to) = (st.buf_start + skip as u64, st.buf_start + n as u64);
-        fs.invalidate(self, from, to);
         // Write-through: whole cache chunks this write covers go to the
-        // cache, so reading back what was just written costs no I/O.
-        if fs.cache.enabled() {
-            let cb = fs.cache.chunk_bytes() as u64;
-            let seen = self.gen.load(Ordering::Acquire);
-            let buf = st.buf.as_ref().expect("buffer restored");
-            let mut idx = from.div_ceil(cb);
-            while (idx + 1) * cb <= to {
-                let s = (idx * cb - st.buf_start) as usize;
-                let chunk: Arc<[u8]> = Arc::from(&buf[s..s + cb as usize]);
-                fs.cache.insert(self.id(), idx, chunk, &self.gen, seen);
-                idx += 1;
+        // cache in place of what it held, so reading back what was just
+        // written costs no I/O; only the partly written chunks at the edges
+        // are dropped.
+        let cb = fs.cache.chunk_bytes() as u64;
+        let (full_from, full_to) = (from.div_ceil(cb) * cb, to / cb * cb);
+        if !fs.cache.enabled() || full_from >= full_to {
+            fs.invalidate(self, from, to);
+            return Ok(());
+        }
+        fs.invalidate(self, from, full_from);
+        fs.invalidate(self, full_to, to);
+        let buf = st.buf.as_ref().expect("buffer restored");
+        for idx in full_from / cb..full_to / cb {
+            let s = (idx * cb - st.buf_start) as usize;
+            match fs.cache.chunk(&buf[s..s + cb as usize]) {
+                Some(chunk) => fs.cache.put(self.id(), idx, chunk),
+                None => fs.invalidate(self, idx * cb, (idx + 1) * cb),
             }
         }
         Ok(())
@@ -482,8 +487,9 @@ impl FileNode {
         let cache = &fs.cache;
         if !cache.enabled() {
             let (a, b) = (self.align_down(off), self.align_up(end));
-            let buf = DmaBuf::new((b - a) as usize).map_err(err)?;
+            let buf = read_buf((b - a) as usize).map_err(err)?;
             let buf = self.blob.read(a / self.unit, buf).await.map_err(err)?;
+            let buf = ReadBuf(Some(buf));
             dst.copy_from_slice(&buf[(off - a) as usize..(end - a) as usize]);
             return Ok(());
         }
@@ -492,46 +498,91 @@ impl FileNode {
         let last = (end - 1) / cb;
         let blob_end = self.blob.size_bytes();
         let mut idx = first;
+        // Copies what `[off, end)` shares with `bytes`, the blob's bytes at `base`.
+        let mut copy = |base: u64, bytes: &[u8]| {
+            let from = off.max(base);
+            let to = end.min(base + bytes.len() as u64);
+            if to > from {
+                dst[(from - off) as usize..(to - off) as usize]
+                    .copy_from_slice(&bytes[(from - base) as usize..(to - base) as usize]);
+            }
+        };
         while idx <= last {
             let seen = self.gen.load(Ordering::Acquire);
-            let data = match cache.get(self.id(), idx) {
-                Some(d) => d,
-                None => {
-                    // Read this chunk and the following missing ones in one
-                    // I/O, plus the readahead window when access is sequential.
-                    let window = ra.window(off, end, cb);
-                    let mut stop = (last + 1).max(idx + window / cb);
-                    stop = stop.min(blob_end.div_ceil(cb)).max(idx + 1);
-                    let mut run_end = idx + 1;
-                    while run_end < stop && cache.get(self.id(), run_end).is_none() {
-                        run_end += 1;
-                    }
-                    let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
-                    let buf = DmaBuf::new(bytes as usize).map_err(err)?;
-                    let buf = self
-                        .blob
-                        .read(idx * cb / self.unit, buf)
-                        .await
-                        .map_err(err)?;
-                    let mut mine = None;
-                    for (i, piece) in buf.chunks(cb as usize).enumerate() {
-                        let chunk: Arc<[u8]> = Arc::from(piece);
-                        if i == 0 {
-                            mine = Some(chunk.clone());
-                        }
-                        cache.insert(self.id(), idx + i as u64, chunk, &self.gen, seen);
-                    }
-                    mine.expect("at least one chunk")
+            if let Some(data) = cache.get(self.id(), idx) {
+                copy(idx * cb, &data);
+                idx += 1;
+                continue;
+            }
+            // Read this chunk and the following missing ones in one I/O,
+            // plus the readahead window when access is sequential.
+            let window = ra.window(off, end, cb);
+            let mut stop = (last + 1).max(idx + window / cb);
+            stop = stop.min(blob_end.div_ceil(cb)).max(idx + 1);
+            let mut run_end = idx + 1;
+            while run_end < stop && cache.get(self.id(), run_end).is_none() {
+                run_end += 1;
+            }
+            let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
+            let buf = read_buf(bytes as usize).map_err(err)?;
+            let buf = self
+                .blob
+                .read(idx * cb / self.unit, buf)
+                .await
+                .map_err(err)?;
+            let buf = ReadBuf(Some(buf));
+            for (i, piece) in buf.chunks(cb as usize).enumerate() {
+                // No memory for a chunk only means it is not cached.
+                if let Some(chunk) = cache.chunk(piece) {
+                    cache.insert(self.id(), idx + i as u64, chunk, &self.gen, seen);
                 }
-            };
-            let cstart = idx * cb;
-            let from = off.max(cstart);
-            let to = end.min(cstart + data.len() as u64);
-            dst[(from - off) as usize..(to - off) as usize]
-                .copy_from_slice(&data[(from - cstart) as usize..(to - cstart) as usize]);
-            idx += 1;
+            }
+            copy(idx * cb, &buf);
+            idx = run_end;
         }
         Ok(())
+    }
+}
+
+/// Largest read buffer a thread keeps for its next read.
+const KEPT_READ_BUF: usize = 2 * MAX_READAHEAD as usize;
+
+thread_local! {
+    /// The thread's spare read buffer: reads reuse it instead of allocating
+    /// (and zeroing) DMA memory each time.
+    static SPARE_READ_BUF: std::cell::Cell<Option<DmaBuf>> = const { std::cell::Cell::new(None) };
+}
+
+/// A buffer of `len` bytes for a device read: the thread's spare when it is
+/// big enough. Its bytes are stale; the read overwrites all of them.
+fn read_buf(len: usize) -> blobstore::Result<DmaBuf> {
+    if let Some(mut b) = SPARE_READ_BUF.with(|c| c.take()) {
+        if b.capacity() >= len {
+            b.set_len(len)?;
+            return Ok(b);
+        }
+    }
+    DmaBuf::new(len)
+}
+
+/// A read buffer that goes back to the thread's spare slot when dropped
+/// (unless it is too big to keep).
+struct ReadBuf(Option<DmaBuf>);
+
+impl std::ops::Deref for ReadBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl Drop for ReadBuf {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            if b.capacity() <= KEPT_READ_BUF {
+                SPARE_READ_BUF.with(|c| c.set(Some(b)));
+            }
+        }
     }
 }
 

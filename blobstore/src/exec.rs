@@ -4,10 +4,13 @@
 //! the future, and while the thread has device I/O in flight it polls the
 //! thread's channels (only polling completes I/O): first spinning for a few
 //! microseconds, then sleeping in the device until a completion arrives
-//! (where the device can block, e.g. io_uring). With nothing in flight it
-//! parks until woken.
+//! (where the device can block, e.g. io_uring). A thread whose recent waits
+//! all outlasted the spin many times over (a disk, not memory or a fast
+//! NVMe queue) skips the spin and sleeps at once: on a loaded machine the
+//! spin only takes the core from the threads that have work. With nothing
+//! in flight it parks until woken.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,6 +42,10 @@ impl Wake for ThreadWaker {
 /// share a core leave it to the others instead of spinning on it.
 const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(10);
 
+/// A thread whose I/O waits average at least this long sleeps at once
+/// instead of spinning first.
+const SLEEP_AT_ONCE_NS: u64 = 8 * SPIN_BEFORE_BLOCK.as_nanos() as u64;
+
 /// Runs `fut` to completion on the calling thread, polling this thread's
 /// device channels while it waits.
 pub fn block_on<F: Future>(fut: F) -> F::Output {
@@ -60,6 +67,14 @@ pub fn block_on<F: Future>(fut: F) -> F::Output {
 
 thread_local! {
     static WAKER: RefCell<Option<Arc<ThreadWaker>>> = const { RefCell::new(None) };
+    /// Moving average (1/8 weight per sample) of how long this thread's
+    /// waits for I/O lasted, in nanoseconds.
+    static AVG_WAIT_NS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Folds one wait of `ns` into the thread's average.
+fn note_wait(ns: u64) {
+    AVG_WAIT_NS.with(|a| a.set(a.get() - a.get() / 8 + ns / 8));
 }
 
 fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>) -> F::Output {
@@ -67,27 +82,40 @@ fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>) -> F::Output {
     let mut cx = Context::from_waker(&waker);
     let mut fut = pin!(fut);
     let mut idle_spins = 0u32;
-    let mut spin_start: Option<Instant> = None;
+    // When this wait for I/O began (the first poll that found nothing).
+    let mut idle_since: Option<Instant> = None;
     loop {
         if let Poll::Ready(v) = fut.as_mut().poll(&mut cx) {
             return v;
         }
         if tw.woken.swap(false, Ordering::Acquire) {
             idle_spins = 0;
-            spin_start = None;
+            idle_since = None;
             continue;
         }
         if thread_in_flight() > 0 {
+            if idle_since.is_none() && AVG_WAIT_NS.with(Cell::get) >= SLEEP_AT_ONCE_NS {
+                // Slow I/O: submit and sleep in one call, no spin.
+                let start = Instant::now();
+                if wait_thread_channels() {
+                    idle_since = Some(start);
+                    idle_spins = 0;
+                }
+            }
             // Only polling completes our I/O: poll every channel of the
             // thread, so I/O submitted by other parts of the future progresses.
             if poll_thread_channels() > 0 {
+                if let Some(start) = idle_since.take() {
+                    note_wait(start.elapsed().as_nanos() as u64);
+                } else {
+                    note_wait(0);
+                }
                 idle_spins = 0;
-                spin_start = None;
                 continue;
             }
             idle_spins += 1;
             if idle_spins.is_multiple_of(16) {
-                let start = *spin_start.get_or_insert_with(Instant::now);
+                let start = *idle_since.get_or_insert_with(Instant::now);
                 if start.elapsed() >= SPIN_BEFORE_BLOCK {
                     // Sleep in the device until something completes; where
                     // that cannot be done, give the core away instead.
