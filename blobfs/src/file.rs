@@ -10,8 +10,15 @@
 //!   clamped to `len`, and every byte below `len` was written by this file
 //!   (appends, positional writes, or the zeroes a growing truncate writes).
 //!   That is why new clusters need no zeroing (`Blob::resize_uninit`), and
-//!   why no file ever shows bytes of another. Bytes of the write buffer past
-//!   its used part are zero, so a padded tail block carries zeroes.
+//!   why no file ever shows bytes of another. A padded tail block is zeroed
+//!   past the used part before it is written.
+//! - Write-behind: a full append buffer goes to the file system's writer
+//!   thread while appends go on into a second buffer (as the page cache
+//!   writes back behind a writer); at most one such write per file is in
+//!   flight, and its range is in `behind`. No blob read overlaps that range
+//!   until the write has landed, and every sync, truncate, rewrite below
+//!   the buffer, and blob delete waits for it first; its failure is
+//!   reported by the next write or sync (the bytes are lost).
 //! - After `sync` returns, the blob holds every byte below `len` and its
 //!   metadata holds `len`, both durable.
 //! - Appends copy the caller's bytes once, into DMA memory, and reach the
@@ -21,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use blobstore::{Blob, DmaBuf};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Context, Error, Result};
 use crate::fs::FsInner;
@@ -54,8 +61,59 @@ pub(crate) struct WriteState {
     failed: Option<String>,
 }
 
+/// The write-behind state of one file: which bytes are on their way to the
+/// blob, and how the last such write ended.
+#[derive(Default)]
+pub(crate) struct Behind {
+    state: Mutex<BehindState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct BehindState {
+    /// File bytes `[from, to)` whose write is in flight.
+    range: Option<(u64, u64)>,
+    /// The last write's outcome: its buffer back, or why it failed.
+    done: Option<std::result::Result<DmaBuf, String>>,
+}
+
+impl Behind {
+    fn start(&self, from: u64, to: u64) {
+        let mut s = self.state.lock();
+        debug_assert!(s.range.is_none(), "one write-behind per file at a time");
+        s.range = Some((from, to));
+    }
+
+    /// Records how the write ended and wakes whoever waits for it.
+    pub fn finish(&self, outcome: std::result::Result<DmaBuf, String>) {
+        let mut s = self.state.lock();
+        s.range = None;
+        s.done = Some(outcome);
+        self.cv.notify_all();
+    }
+
+    /// Waits until no write is in flight; returns the last one's outcome
+    /// (once).
+    pub fn wait_idle(&self) -> Option<std::result::Result<DmaBuf, String>> {
+        let mut s = self.state.lock();
+        while s.range.is_some() {
+            self.cv.wait(&mut s);
+        }
+        s.done.take()
+    }
+
+    /// Waits until the write in flight, if any, does not overlap `[from, to)`.
+    fn wait_clear(&self, from: u64, to: u64) {
+        let mut s = self.state.lock();
+        while s.range.is_some_and(|(a, b)| a < to && from < b) {
+            self.cv.wait(&mut s);
+        }
+    }
+}
+
 pub(crate) struct FileNode {
     pub blob: Blob,
+    pub behind: Arc<Behind>,
     pub name: RwLock<String>,
     pub len: AtomicU64,
     pub flushed: AtomicU64,
@@ -75,6 +133,7 @@ impl FileNode {
         let start = len / unit * unit;
         FileNode {
             blob,
+            behind: Arc::default(),
             name: RwLock::new(name),
             len: AtomicU64::new(len),
             flushed: AtomicU64::new(start),
@@ -168,6 +227,11 @@ impl FileNode {
         if skip == n {
             return Ok(());
         }
+        if n > st.used {
+            // The padded tail block: zeroes past the file's bytes.
+            let used = st.used;
+            st.buf.as_mut().expect("buffer loaded")[used..n].fill(0);
+        }
         self.ensure_capacity(st.buf_start + n as u64).await?;
         if skip > 0 {
             self.write_buffer_part(st, skip, n).await?;
@@ -177,27 +241,46 @@ impl FileNode {
         st.clean = n.min(self.align_down(st.used as u64) as usize);
         st.data_dirty = true;
         let (from, to) = (st.buf_start + skip as u64, st.buf_start + n as u64);
-        // Write-through: whole cache chunks this write covers go to the
-        // cache in place of what it held, so reading back what was just
-        // written costs no I/O; only the partly written chunks at the edges
-        // are dropped.
+        let buf = st.buf.as_ref().expect("buffer restored");
+        self.cache_written(fs, from, to, buf, st.buf_start);
+        Ok(())
+    }
+
+    /// Tells the cache that file bytes `[from, to)` now are `buf`'s (which
+    /// holds file bytes from `base`). Write-through: whole cache chunks the
+    /// range covers go to the cache in place of what it held, so reading
+    /// back what was just written costs no I/O; only the partly written
+    /// chunks at the edges are dropped. Call with the write lock held.
+    fn cache_written(&self, fs: &FsInner, from: u64, to: u64, buf: &[u8], base: u64) {
         let cb = fs.cache.chunk_bytes() as u64;
         let (full_from, full_to) = (from.div_ceil(cb) * cb, to / cb * cb);
         if !fs.cache.enabled() || full_from >= full_to {
             fs.invalidate(self, from, to);
-            return Ok(());
+            return;
         }
         fs.invalidate(self, from, full_from);
         fs.invalidate(self, full_to, to);
-        let buf = st.buf.as_ref().expect("buffer restored");
         for idx in full_from / cb..full_to / cb {
-            let s = (idx * cb - st.buf_start) as usize;
+            let s = (idx * cb - base) as usize;
             match fs.cache.chunk(&buf[s..s + cb as usize]) {
                 Some(chunk) => fs.cache.put(self.id(), idx, chunk),
                 None => fs.invalidate(self, idx * cb, (idx + 1) * cb),
             }
         }
-        Ok(())
+    }
+
+    /// Waits for this file's write-behind, if one is in flight; returns its
+    /// buffer for reuse, or marks the file failed (the bytes are lost) and
+    /// reports it.
+    fn settle(&self, st: &mut WriteState) -> Result<Option<DmaBuf>> {
+        match self.behind.wait_idle() {
+            Some(Ok(buf)) => Ok(Some(buf)),
+            Some(Err(reason)) => {
+                st.failed = Some(reason);
+                self.check_failed(st).map(|_| None)
+            }
+            None => Ok(None),
+        }
     }
 
     /// Writes `[from, to)` of the buffer through the scratch buffer; the
@@ -240,26 +323,59 @@ impl FileNode {
         Ok(())
     }
 
-    /// Writes out every full block of the buffer and slides the rest down.
-    async fn spill(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
+    /// Writes out every full block of the buffer and goes on with the rest:
+    /// behind the writer (on the file system's writer thread) when the
+    /// buffer holds nothing already on the blob, else here.
+    async fn spill(self: &Arc<Self>, st: &mut WriteState, fs: &FsInner) -> Result<()> {
         let full = st.used / self.unit as usize * self.unit as usize;
         if full == 0 {
             return Ok(());
         }
-        self.write_buffer(st, full, fs).await?;
-        let buf = st.buf.as_mut().expect("buffer loaded");
+        if st.clean > 0 {
+            self.write_buffer(st, full, fs).await?;
+            let buf = st.buf.as_mut().expect("buffer loaded");
+            let tail = st.used - full;
+            buf.copy_within(full..st.used, 0);
+            st.used = tail;
+            st.clean = 0;
+            st.buf_start += full as u64;
+            self.flushed.store(st.buf_start, Ordering::Release);
+            return Ok(());
+        }
+        let spare = self.settle(st)?;
+        let (from, to) = (st.buf_start, st.buf_start + full as u64);
+        self.ensure_capacity(to).await?;
+        let cap = WRITE_CHUNK + 2 * self.unit as usize;
+        let mut next = match spare {
+            Some(b) if b.capacity() >= cap => b,
+            _ => DmaBuf::new(cap).ctx(&self.name())?,
+        };
+        next.set_len(cap).ctx(&self.name())?;
+        let mut buf = st.buf.take().expect("buffer loaded");
         let tail = st.used - full;
-        buf.copy_within(full..st.used, 0);
-        buf[tail..st.used].fill(0);
+        next[..tail].copy_from_slice(&buf[full..st.used]);
+        buf.set_len(full).ctx(&self.name())?;
+        // Readers keep off the blob's copy of the range until it is there;
+        // the cache has the new bytes at once.
+        self.behind.start(from, to);
+        self.cache_written(fs, from, to, &buf, from);
+        st.buf = Some(next);
         st.used = tail;
         st.clean = 0;
-        st.buf_start += full as u64;
-        self.flushed.store(st.buf_start, Ordering::Release);
+        st.buf_start = to;
+        st.data_dirty = true;
+        self.flushed.store(to, Ordering::Release);
+        let lba = from / self.unit;
+        if let Err(buf) = fs.write_behind(self.clone(), lba, buf) {
+            // No writer thread: write it here.
+            let outcome = self.blob.write(lba, buf).await.map_err(|e| e.to_string());
+            self.behind.finish(outcome);
+        }
         Ok(())
     }
 
     /// Writes `data` at `off` (at most `len`: no holes through this path).
-    pub async fn write_at(&self, fs: &FsInner, off: u64, data: &[u8]) -> Result<()> {
+    pub async fn write_at(self: &Arc<Self>, fs: &FsInner, off: u64, data: &[u8]) -> Result<()> {
         let mut st = self.state.lock().await;
         let st = &mut *st;
         self.check_failed(st)?;
@@ -309,6 +425,7 @@ impl FileNode {
         data: &[u8],
     ) -> Result<()> {
         let name = self.name();
+        self.settle(st)?;
         if st.used > 0 {
             self.buffer(st).await?;
             let padded = self.align_up(st.used as u64) as usize;
@@ -337,6 +454,7 @@ impl FileNode {
         let mut st = self.state.lock().await;
         let st = &mut *st;
         let name = self.name();
+        self.settle(st)?;
         self.check_failed(st)?;
         if st.used > 0 && st.buf.is_some() {
             let padded = self.align_up(st.used as u64) as usize;
@@ -373,6 +491,9 @@ impl FileNode {
         let mut st = self.state.lock().await;
         let st = &mut *st;
         let name = self.name();
+        // A failed write-behind marks the file failed; the truncate below
+        // clears that, as it does for a failed write here.
+        let _ = self.settle(st);
         let len = self.len.load(Ordering::Acquire);
         let old_size = self.blob.size_bytes();
         if new_len > len {
@@ -487,6 +608,7 @@ impl FileNode {
         let cache = &fs.cache;
         if !cache.enabled() {
             let (a, b) = (self.align_down(off), self.align_up(end));
+            self.behind.wait_clear(a, b);
             let buf = read_buf((b - a) as usize).map_err(err)?;
             let buf = self.blob.read(a / self.unit, buf).await.map_err(err)?;
             let buf = ReadBuf(Some(buf));
@@ -524,6 +646,10 @@ impl FileNode {
                 run_end += 1;
             }
             let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
+            // After `seen` was taken: a write-behind started since then
+            // either shows here or bumped the generation (then the chunks
+            // read are not cached).
+            self.behind.wait_clear(idx * cb, idx * cb + bytes);
             let buf = read_buf(bytes as usize).map_err(err)?;
             let buf = self
                 .blob

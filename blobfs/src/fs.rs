@@ -191,6 +191,30 @@ pub(crate) struct FsInner {
     pub cache: Cache,
     locks: Mutex<HashSet<String>>,
     pending: Mutex<Vec<Arc<FileNode>>>,
+    /// The writer thread's queue (started on first use): appends' full
+    /// buffers go there to be written behind the appender.
+    writer: Mutex<Option<Writer>>,
+}
+
+/// The writer thread and its queue.
+struct Writer {
+    jobs: std::sync::mpsc::Sender<BehindJob>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// A buffer to write at an io unit of a file's blob, behind its writer.
+type BehindJob = (Arc<FileNode>, u64, blobstore::DmaBuf);
+
+/// The writer thread: writes each job's buffer and reports to the file.
+fn run_writer(jobs: std::sync::mpsc::Receiver<BehindJob>) {
+    while let Ok((node, lba, buf)) = jobs.recv() {
+        let outcome = block_on(node.blob.write(lba, buf)).map_err(|e| e.to_string());
+        let behind = node.behind.clone();
+        // Let go of the node before waking anyone: a delete waiting for
+        // this write then finds the node free.
+        drop(node);
+        behind.finish(outcome);
+    }
 }
 
 static MOUNTED: Mutex<Vec<blobstore::device::DeviceId>> = Mutex::new(Vec::new());
@@ -202,11 +226,39 @@ pub(crate) fn is_mounted(id: blobstore::device::DeviceId) -> bool {
 
 impl Drop for FsInner {
     fn drop(&mut self) {
+        // Writes behind still in flight finish before the device is free.
+        if let Some(w) = self.writer.get_mut().take() {
+            drop(w.jobs);
+            let _ = w.thread.join();
+        }
         MOUNTED.lock().retain(|d| *d != self.device_id);
     }
 }
 
 impl FsInner {
+    /// Hands a buffer to the writer thread; gives it back when there is no
+    /// writer thread (it could not be started).
+    pub fn write_behind(
+        &self,
+        node: Arc<FileNode>,
+        lba: u64,
+        buf: blobstore::DmaBuf,
+    ) -> std::result::Result<(), blobstore::DmaBuf> {
+        let mut w = self.writer.lock();
+        if w.is_none() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let Ok(thread) = std::thread::Builder::new()
+                .name("blobfs-writer".into())
+                .spawn(move || run_writer(rx))
+            else {
+                return Err(buf);
+            };
+            *w = Some(Writer { jobs: tx, thread });
+        }
+        let jobs = &w.as_ref().expect("just set").jobs;
+        jobs.send((node, lba, buf)).map_err(|e| (e.0).2)
+    }
+
     /// Marks bytes `[from, to)` of a file as changed on the blob: bumps
     /// its generation, then drops the cached chunks that cover them.
     pub fn invalidate(&self, node: &FileNode, from: u64, to: u64) {
@@ -232,6 +284,8 @@ impl FsInner {
             ready
         };
         for node in ready {
+            // Its blob's clusters must not be freed under a write in flight.
+            node.behind.wait_idle();
             let id = node.blob.id();
             let name = node.name();
             match Arc::try_unwrap(node) {
@@ -538,6 +592,7 @@ impl BlobFs {
             seq: AtomicU64::new(max_seq + 1),
             locks: Mutex::new(HashSet::new()),
             pending: Mutex::new(Vec::new()),
+            writer: Mutex::new(None),
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.

@@ -479,3 +479,87 @@ fn cache_never_serves_another_files_bytes() {
     model.resize(90_000, 0);
     assert_eq!(f.read_all().unwrap(), model);
 }
+
+/// An append buffer written behind the appender fails on the device: the
+/// next sync reports the loss, so does every write until a truncate, and
+/// another file synced before is intact.
+#[test]
+fn failed_write_behind_is_reported_by_the_next_sync() {
+    use blobstore::IoKind;
+    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let fs = mkfs(&dev, MountOptions::default());
+    let kept = fs.create("kept").unwrap();
+    kept.append(&pattern(1, 100_000)).unwrap();
+    kept.close().unwrap();
+    let f = fs.create("lost").unwrap();
+    fault.fail_nth(IoKind::Write, 1);
+    // Past the 4 MiB buffer: its full blocks go behind, and that write fails.
+    f.append(&pattern(2, 5 << 20)).unwrap();
+    let err = f.sync().unwrap_err();
+    assert!(
+        matches!(&err, Error::WriteLost(name, _) if name == "lost"),
+        "{err}"
+    );
+    assert_eq!(fault.injected_failures(), 1);
+    assert!(matches!(f.append(b"more"), Err(Error::WriteLost(..))));
+    assert!(matches!(f.sync(), Err(Error::WriteLost(..))));
+    f.truncate(0).unwrap();
+    f.append(b"again").unwrap();
+    f.close().unwrap();
+    let read = |name: &str| {
+        fs.open(name, OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap()
+    };
+    assert_eq!(read("kept"), pattern(1, 100_000));
+    assert_eq!(read("lost"), b"again");
+    drop(fs);
+    let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+    let read = |name: &str| {
+        fs.open(name, OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap()
+    };
+    assert_eq!(read("kept"), pattern(1, 100_000));
+    assert_eq!(read("lost"), b"again");
+}
+
+/// Files far larger than the append buffer, read back while their buffers
+/// are written behind: every read sees the bytes appended, with the cache
+/// on and off, and so does a new mount.
+#[test]
+fn reads_while_buffers_are_written_behind() {
+    for opts in mount_opts() {
+        let dev = mem(4096, 256 << 20);
+        let fs = mkfs(&dev, opts);
+        let data = pattern(7, 37 << 20);
+        let f = fs.create("big").unwrap();
+        let mut pos = 0;
+        let mut step = 1 << 20;
+        while pos < data.len() {
+            let n = step.min(data.len() - pos);
+            f.append(&data[pos..pos + n]).unwrap();
+            pos += n;
+            // Read back the most recent 256 KiB and a range further back.
+            let r = fs.open("big", OpenOptions::read()).unwrap();
+            for at in [pos.saturating_sub(256 << 10), pos / 3] {
+                let mut b = vec![0u8; 256 << 10];
+                let got = r.read_at(at as u64, &mut b).unwrap();
+                assert_eq!(&b[..got], &data[at..at + got], "at {at} after {pos}");
+            }
+            step = (step * 5 / 3) % (3 << 20) + 4093;
+        }
+        f.close().unwrap();
+        drop(fs);
+        let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+        let all = fs
+            .open("big", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap();
+        assert!(all == data, "data differs after remount");
+    }
+}
