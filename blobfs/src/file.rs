@@ -462,8 +462,6 @@ impl FileNode {
         }
         let len = self.len.load(Ordering::Acquire);
         if st.md_dirty || len != st.synced_len || self.blob.is_dirty() {
-            // The metadata sync flushes the device before it writes the
-            // blob's first page, so the data is durable before the length.
             self.blob
                 .set_xattr(meta::LEN, &meta::enc_u64(len))
                 .ctx(&name)?;
@@ -473,7 +471,21 @@ impl FileNode {
                     &meta::enc_u64(self.mtime.load(Ordering::Acquire)),
                 )
                 .ctx(&name)?;
-            self.blob.sync_metadata().await.ctx(&name)?;
+            match self.tail_check(st, len) {
+                // A small append: data and length go down with one flush,
+                // the length with a checksum of the new bytes for mount.
+                Some(tail) => {
+                    self.blob.set_xattr(meta::TAIL, &tail).ctx(&name)?;
+                    self.blob.sync_metadata_unordered().await.ctx(&name)?;
+                }
+                // Otherwise the metadata sync flushes the device before it
+                // writes the blob's first page, so the data is durable
+                // before the length.
+                None => {
+                    self.drop_tail_check()?;
+                    self.blob.sync_metadata().await.ctx(&name)?;
+                }
+            }
             st.synced_len = len;
             st.md_dirty = false;
             st.data_dirty = false;
@@ -482,6 +494,32 @@ impl FileNode {
                 .await
                 .map_err(|e| Error::store(&name, e))?;
             st.data_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The [`meta::TAIL`] value for a sync to `len`: only when the sync
+    /// adds at most [`meta::TAIL_MAX`] bytes, all still in the buffer.
+    fn tail_check(&self, st: &WriteState, len: u64) -> Option<[u8; 12]> {
+        let prev = st.synced_len;
+        if len <= prev || len - prev > meta::TAIL_MAX || prev < st.buf_start || st.failed.is_some()
+        {
+            return None;
+        }
+        let buf = st.buf.as_ref()?;
+        let (a, b) = (
+            (prev - st.buf_start) as usize,
+            (len - st.buf_start) as usize,
+        );
+        let bytes = buf.get(a..b)?;
+        Some(meta::enc_tail(prev, crc32c::crc32c(bytes)))
+    }
+
+    /// Removes a [`meta::TAIL`] check that no longer describes the last
+    /// sync (call before a metadata sync that does not write one).
+    fn drop_tail_check(&self) -> Result<()> {
+        if self.blob.get_xattr(meta::TAIL).is_some() {
+            self.blob.remove_xattr(meta::TAIL).ctx(&self.name())?;
         }
         Ok(())
     }
@@ -516,6 +554,7 @@ impl FileNode {
             self.blob
                 .set_xattr(meta::LEN, &meta::enc_u64(new_len))
                 .ctx(&name)?;
+            self.drop_tail_check()?;
             self.blob.sync_metadata().await.ctx(&name)?;
             st.synced_len = new_len;
         } else if new_len > len {

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blobstore::{
-    block_on, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, LoadOptions,
+    block_on, Blob, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf,
+    LoadOptions,
 };
 use parking_lot::{Mutex, RwLock};
 
@@ -400,6 +401,34 @@ impl Drop for FileLock {
     }
 }
 
+/// Checks the bytes a file's last one-flush sync added (its `fs.tail`):
+/// returns the length to use, `len` when they are on the blob, else the
+/// length before that sync, which it then makes the file's durable length.
+async fn check_tail(blob: &Blob, len: u64, tail: &[u8], what: &str) -> Result<u64> {
+    let (prev, crc) = meta::dec_tail(tail, what)?;
+    if prev > len || len - prev > meta::TAIL_MAX {
+        return Err(Error::Corrupt(format!(
+            "{what}: {} covers bytes {prev}..{len}",
+            meta::TAIL
+        )));
+    }
+    let unit = blob.io_unit_size() as u64;
+    let (a, b) = (prev / unit * unit, len.div_ceil(unit) * unit);
+    let ok = b == a || {
+        let buf = DmaBuf::new((b - a) as usize).ctx(what)?;
+        let buf = blob.read(a / unit, buf).await.ctx(what)?;
+        crc32c::crc32c(&buf[(prev - a) as usize..(len - a) as usize]) == crc
+    };
+    if ok {
+        return Ok(len);
+    }
+    // A power cut kept the length of a sync whose data did not land.
+    blob.set_xattr(meta::LEN, &meta::enc_u64(prev)).ctx(what)?;
+    blob.remove_xattr(meta::TAIL).ctx(what)?;
+    blob.sync_metadata().await.ctx(what)?;
+    Ok(prev)
+}
+
 /// Why the device on which a mount found no BlobFS is not one, naming what
 /// it holds (shown after "not a BlobFS: "): `file:/x.img holds a blobstore
 /// of type "kv"`, `... holds an ext4 file system (signature at byte 1080)`,
@@ -561,7 +590,7 @@ impl BlobFs {
             };
             let seq = meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &what)?;
             let mtime = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what)?;
-            let len = if kind == meta::KIND_FILE {
+            let mut len = if kind == meta::KIND_FILE {
                 meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what)?
             } else {
                 0
@@ -571,6 +600,9 @@ impl BlobFs {
                     "{what} ({name}): length {len} exceeds its {} bytes",
                     blob.size_bytes()
                 )));
+            }
+            if let Some(tail) = blob.get_xattr(meta::TAIL) {
+                len = check_tail(&blob, len, &tail, &format!("{what} ({name})")).await?;
             }
             max_seq = max_seq.max(seq);
             found.entry(name.clone()).or_default().push(Found {

@@ -13,6 +13,14 @@
 //!   Unix epoch.
 //! - `fs.unlinked`: present (one byte) on a file deleted while open; such a
 //!   blob is deleted at the next mount.
+//! - `fs.tail` (files, optional): 12 bytes, the length before the last sync
+//!   (`prev_len`, u64 little-endian) and the CRC-32C of the file's bytes
+//!   `[prev_len, fs.len)` (u32 little-endian). A small sync that grows a
+//!   file commits its data and its metadata with one device flush, so a
+//!   power cut can leave the metadata durable without the data; mount
+//!   checks those bytes and, when they do not match, rolls the length back
+//!   to `prev_len` (durable since the sync before). Syncs that do not write
+//!   it remove it.
 //!
 //! The super blob carries `blobfs.version` (u32 little-endian, now 1).
 
@@ -28,6 +36,11 @@ pub const LEN: &str = "fs.len";
 pub const SEQ: &str = "fs.seq";
 /// Xattr: modification time.
 pub const MTIME: &str = "fs.mtime";
+/// Xattr: the last sync's new bytes, for mount to check (see above).
+pub const TAIL: &str = "fs.tail";
+/// Largest sync (bytes added since the last one) committed with one flush
+/// and a [`TAIL`] check: mount reads this much per file at most.
+pub const TAIL_MAX: u64 = 64 << 10;
 /// Xattr: deleted while open.
 pub const UNLINKED: &str = "fs.unlinked";
 /// Super blob xattr: format version.
@@ -55,6 +68,26 @@ pub fn dec_u64(v: Option<Vec<u8>>, key: &str, what: &str) -> Result<u64> {
         .try_into()
         .map_err(|_| Error::Corrupt(format!("{what}: xattr {key} is {} bytes, not 8", v.len())))?;
     Ok(u64::from_le_bytes(b))
+}
+
+/// Encodes a [`TAIL`] value.
+pub fn enc_tail(prev_len: u64, crc: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&prev_len.to_le_bytes());
+    b[8..].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// Decodes a [`TAIL`] value of blob `what`: `(prev_len, crc)`.
+pub fn dec_tail(v: &[u8], what: &str) -> Result<(u64, u32)> {
+    let b: &[u8; 12] = v.try_into().map_err(|_| {
+        Error::Corrupt(format!("{what}: xattr {TAIL} is {} bytes, not 12", v.len()))
+    })?;
+    let (prev, crc) = b.split_at(8);
+    Ok((
+        u64::from_le_bytes(prev.try_into().expect("8 bytes")),
+        u32::from_le_bytes(crc.try_into().expect("4 bytes")),
+    ))
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for a time in nanoseconds since the Unix

@@ -603,3 +603,25 @@ fn delete_right_after_write_behind_frees_clusters_safely() {
     assert!(got == keep);
     assert!(fs.open("doomed", OpenOptions::read()).is_err());
 }
+
+/// A small append's sync costs one device flush (data and metadata
+/// together, checked at mount); a large one, or one that needs a new
+/// cluster, keeps the flush between data and metadata.
+#[test]
+fn small_syncs_take_one_flush() {
+    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let fs = mkfs(&dev, MountOptions::default());
+    let f = fs.create("wal").unwrap();
+    f.append(&pattern(1, 200_000)).unwrap();
+    let before = fault.flushes_done();
+    f.sync().unwrap();
+    assert_eq!(fault.flushes_done() - before, 2, "a 200,000-byte sync");
+    for i in 0..20u64 {
+        f.append(&pattern(i, 1_000)).unwrap();
+        let before = fault.flushes_done();
+        f.sync().unwrap();
+        assert_eq!(fault.flushes_done() - before, 1, "sync {i} of 1,000 bytes");
+    }
+    f.close().unwrap();
+}

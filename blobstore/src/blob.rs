@@ -238,6 +238,23 @@ impl Blob {
         self.store.sync_blob_locked(&ch, &self.inner).await
     }
 
+    /// [`Blob::sync_metadata`] with one device flush instead of two where
+    /// the metadata needs no fresh page (only the first page changes, e.g.
+    /// xattrs of the same sizes, no new clusters): the first page is
+    /// written without the barrier before it, so after a power cut it may
+    /// be durable while data this blob wrote before the call is not. For a
+    /// caller that can tell after a crash whether that data made it (BlobFS
+    /// keeps a checksum of a sync's new bytes next to the length). When a
+    /// fresh page is needed, or the sync frees clusters or pages, this is
+    /// exactly [`Blob::sync_metadata`]. Durable when it returns, as that.
+    pub async fn sync_metadata_unordered(&self) -> Result<()> {
+        let ch = self.store.chan()?;
+        let _g = self.store.md_lock.lock().await;
+        self.store
+            .sync_blob_locked_with(&ch, &self.inner, false)
+            .await
+    }
+
     /// Syncs changed metadata, then closes the handle.
     pub async fn close(self) -> Result<()> {
         if self.is_dirty() {

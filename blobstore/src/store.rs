@@ -459,6 +459,18 @@ impl StoreInner {
 
     /// Writes a blob's metadata atomically (md_lock held by the caller).
     pub async fn sync_blob_locked(&self, ch: &IoChannel, blob: &BlobInner) -> Result<()> {
+        self.sync_blob_locked_with(ch, blob, true).await
+    }
+
+    /// [`StoreInner::sync_blob_locked`]; with `ordered` false, and when the
+    /// sync needs no fresh metadata page and frees nothing, the barrier
+    /// before the first page is skipped (see `Blob::sync_metadata_unordered`).
+    pub async fn sync_blob_locked_with(
+        &self,
+        ch: &IoChannel,
+        blob: &BlobInner,
+        ordered: bool,
+    ) -> Result<()> {
         let l = self.layout;
         let per = l.extent_per_page;
         let id = blob.id;
@@ -557,12 +569,14 @@ impl StoreInner {
                 }
             }
             to_free.extend_from_slice(&md.pending_free_pages);
+            let frees = !md.pending_free_clusters.is_empty() || !md.pending_free_pages.is_empty();
             let captured = (
                 md.version,
                 seq,
                 md.dirty_extents.clone(),
                 md.pending_free_clusters.len(),
                 md.pending_free_pages.len(),
+                frees,
             );
             (
                 first,
@@ -579,6 +593,7 @@ impl StoreInner {
             .chain(&extent_writes)
             .map(|(p, _)| *p)
             .collect();
+        let new_pages_empty = new_pages.is_empty();
         // 2. Fresh pages first, made durable.
         let res: Result<()> = async {
             let writes = cont_writes
@@ -586,10 +601,14 @@ impl StoreInner {
                 .chain(&extent_writes)
                 .map(|(p, bytes)| self.write_bytes(ch, l.md_lba(*p), bytes));
             try_join_all(writes).await?;
-            // Always a barrier here, even with no fresh pages: data the
-            // blob wrote before this sync must be durable before the first
-            // page can point at it (BlobFS relies on this for its lengths).
-            ch.flush().await?;
+            // A barrier here even with no fresh pages: data the blob wrote
+            // before this sync must be durable before the first page can
+            // point at it (BlobFS relies on this for its lengths), unless
+            // the caller checks that itself (`ordered` false) and the first
+            // page references nothing new.
+            if ordered || !new_pages_empty || captured.5 {
+                ch.flush().await?;
+            }
             Ok(())
         }
         .await;
@@ -607,7 +626,7 @@ impl StoreInner {
             .await?;
         ch.flush().await?;
         // 4. Adopt the new state and release what the old one held.
-        let (version, seq, dirty, n_clusters, n_pages) = captured;
+        let (version, seq, dirty, n_clusters, n_pages, _) = captured;
         let freed_clusters = {
             let mut md = blob.md.write();
             md.extent_pages = new_table;

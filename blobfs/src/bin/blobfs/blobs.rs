@@ -42,6 +42,11 @@ fn show_xattr(name: &str, v: &[u8]) -> String {
                 return utc(n);
             }
         }
+        meta::TAIL => {
+            if let Ok((prev, crc)) = meta::dec_tail(v, "") {
+                return format!("from {prev} crc32c {crc:08x}");
+            }
+        }
         meta::VERSION => {
             if let Ok(b) = <[u8; 4]>::try_from(v) {
                 return u32::from_le_bytes(b).to_string();
