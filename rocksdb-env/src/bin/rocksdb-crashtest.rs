@@ -472,9 +472,27 @@ fn stress_args(
     a
 }
 
+/// The count of db_stress's end-of-run statistics line "  : Got errors N
+/// times": operations that returned an error db_stress accepted (with
+/// `--faults`, the injected ones).
+fn stat_errors(line: &str) -> Option<u64> {
+    line.trim_start()
+        .strip_prefix(':')?
+        .trim()
+        .strip_prefix("Got errors ")?
+        .strip_suffix(" times")?
+        .parse()
+        .ok()
+}
+
 /// A line of db_stress output that means the round failed, as
 /// db_crashtest.py judges stderr (any "error" or "fail"), plus corruption.
-fn failure_line(line: &str) -> bool {
+/// The statistics line [`stat_errors`] fails only when it counts errors
+/// with no faults injected (`faults` false).
+fn failure_line(line: &str, faults: bool) -> bool {
+    if let Some(n) = stat_errors(line) {
+        return n > 0 && !faults;
+    }
     let l = line.to_ascii_lowercase();
     l.contains("verification failed")
         || l.contains("corruption")
@@ -618,7 +636,7 @@ fn run_stress(
     for (path, any_line) in [(log.to_path_buf(), false), (err_log, cfg.faults)] {
         if let Ok(f) = std::fs::File::open(&path) {
             for line in BufReader::new(f).lines().map_while(Result::ok) {
-                if failure_line(&line) || (any_line && !line.trim().is_empty()) {
+                if failure_line(&line, cfg.faults) || (any_line && !line.trim().is_empty()) {
                     return (Outcome::Failed(format!("db_stress printed: {line}")), pid);
                 }
             }
@@ -757,6 +775,9 @@ struct Summary {
     rounds_with_faults: u32,
     /// `--faults`: injected faults by operation, over all rounds.
     faults: std::collections::BTreeMap<String, u64>,
+    /// Operations that returned an error db_stress accepted, from the
+    /// statistics of rounds that ran to the end ([`stat_errors`]).
+    accepted_errors: u64,
 }
 
 fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
@@ -809,6 +830,9 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
             s.rounds_with_faults,
             ops.join(", ")
         );
+    }
+    if cfg.mode == Mode::Plain {
+        let _ = writeln!(t, "errors db_stress saw:   {}", s.accepted_errors);
     }
     let _ = writeln!(t, "time:                   {:.0} s", elapsed.as_secs_f64());
     print!("{t}");
@@ -937,6 +961,9 @@ fn run(cfg: &Config) -> Result<Summary, String> {
             run_stress(cfg, &args, &log, Some(k.run_secs), true, cut_at.is_some())
         };
         s.reached_ops += u32::from(reached_ops(&log));
+        s.accepted_errors += std::fs::read_to_string(&log)
+            .map(|t| t.lines().filter_map(stat_errors).sum::<u64>())
+            .unwrap_or(0);
         s.rounds += 1;
         let mut line = if cfg.mode == Mode::Plain {
             format!(
@@ -1303,13 +1330,25 @@ mod tests {
 
     #[test]
     fn failure_lines_are_recognised() {
-        assert!(failure_line(
-            "Verification failed for column family 0 key 12"
-        ));
-        assert!(failure_line("Corruption: block checksum mismatch"));
-        assert!(failure_line("Error opening DB: IO error"));
-        assert!(!failure_line("Verification successful"));
-        assert!(!failure_line("2025/01/01 Starting database operations"));
+        for faults in [false, true] {
+            assert!(failure_line(
+                "Verification failed for column family 0 key 12",
+                faults
+            ));
+            assert!(failure_line("Corruption: block checksum mismatch", faults));
+            assert!(failure_line("Error opening DB: IO error", faults));
+            assert!(!failure_line("Verification successful", faults));
+            assert!(!failure_line(
+                "2025/01/01 Starting database operations",
+                faults
+            ));
+            assert!(!failure_line("            : Got errors 0 times", faults));
+        }
+        // Errors db_stress accepted are the injected ones, or a failure.
+        assert!(failure_line("            : Got errors 3 times", false));
+        assert!(!failure_line("            : Got errors 3 times", true));
+        assert_eq!(stat_errors("            : Got errors 17 times"), Some(17));
+        assert_eq!(stat_errors("Got errors 17 times"), None);
     }
 
     #[test]
