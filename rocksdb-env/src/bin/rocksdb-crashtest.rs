@@ -46,7 +46,10 @@
 //! an injected error as the operation's result), so the judgement does not
 //! loosen: as db_crashtest.py, a round also fails on any line on stderr.
 //! Rounds without a WAL get no write faults (as db_crashtest), rounds with
-//! write faults `--max_write_buffer_number=10` (the same). The faults each
+//! write faults `--max_write_buffer_number=10` (the same), and every fault
+//! round 1 MiB compaction readahead and 16 KiB blocks (db_crashtest values;
+//! with db_stress's defaults a compaction is one read per 4 KiB block, and at
+//! 1 in 32 reads failing it never completes, see `stress_args`). The faults each
 //! round injected are counted from db_stress's injected-error log
 //! (`/tmp/fault_injection_logs/fault_injection_<pid>_*.bin`, 256-byte
 //! records written as they happen, so a SIGKILL keeps them), which the
@@ -432,6 +435,17 @@ fn stress_args(
                 // error (db_crashtest's reason for the same setting).
                 a.push("--max_write_buffer_number=10".into());
             }
+            // With db_stress's default of no compaction readahead, every
+            // block a compaction reads is one file-system read, each failing
+            // with the read-fault odds (db_stress's listener turns them on in
+            // compaction threads): a compaction over a few MiB then fails on
+            // every retry, and db_stress, which waits for compactions after
+            // each open, waits forever (a plain round injected 561 read
+            // faults without getting past the open). 1 MiB readahead and
+            // 16 KiB blocks (both db_crashtest values) make it a few dozen
+            // reads.
+            a.push("--compaction_readahead_size=1048576".into());
+            a.push("--block_size=16384".into());
         }
         None => {
             a.push("--read_fault_one_in=0".into());
@@ -1229,6 +1243,7 @@ mod tests {
                 without_wal += 1;
                 assert_eq!(f.write, 0, "no write faults without a WAL");
                 assert!(!has(&on, "--max_write_buffer_number=10"));
+                assert!(has(&on, "--compaction_readahead_size=1048576"));
             } else {
                 with_wal += 1;
                 assert!([128, 1000].contains(&f.write));
