@@ -47,7 +47,9 @@
 //! loosen: as db_crashtest.py, a round also fails on any line on stderr.
 //! Rounds without a WAL get no write faults (as db_crashtest), rounds with
 //! write faults `--max_write_buffer_number=10` (the same), and every fault
-//! round 1 MiB compaction readahead and 16 KiB blocks (db_crashtest values;
+//! round db_crashtest's 8 or 32 MiB block cache (db_stress's 2 GiB keeps
+//! reads off the file system), 1 MiB compaction readahead and 16 KiB
+//! blocks (db_crashtest values;
 //! with db_stress's defaults a compaction is one read per 4 KiB block, and at
 //! 1 in 32 reads failing it never completes, see `stress_args`). The faults each
 //! round injected are counted from db_stress's injected-error log
@@ -303,6 +305,9 @@ struct FaultKnobs {
     open_metadata_read: u32,
     open_write: u32,
     open_metadata_write: u32,
+    /// Block cache bytes: db_crashtest's 8 or 32 MiB rather than
+    /// db_stress's 2 GiB, so reads reach the file system (and its faults).
+    cache_size: u64,
 }
 
 impl FaultKnobs {
@@ -337,6 +342,7 @@ fn fault_knobs(cfg: &Config, round: u32, k: &RoundKnobs) -> FaultKnobs {
         open_metadata_read: r.pick(&[0, 0, 8]),
         open_write: r.pick(&[0, 0, 16]),
         open_metadata_write: r.pick(&[0, 0, 8]),
+        cache_size: r.pick(&[8 << 20, 32 << 20]),
     }
 }
 
@@ -446,6 +452,7 @@ fn stress_args(
             // reads.
             a.push("--compaction_readahead_size=1048576".into());
             a.push("--block_size=16384".into());
+            a.push(format!("--cache_size={}", f.cache_size));
         }
         None => {
             a.push("--read_fault_one_in=0".into());
@@ -1244,6 +1251,8 @@ mod tests {
                 assert_eq!(f.write, 0, "no write faults without a WAL");
                 assert!(!has(&on, "--max_write_buffer_number=10"));
                 assert!(has(&on, "--compaction_readahead_size=1048576"));
+                assert!(has(&on, &format!("--cache_size={}", f.cache_size)));
+                assert!([8 << 20, 32 << 20].contains(&f.cache_size));
             } else {
                 with_wal += 1;
                 assert!([128, 1000].contains(&f.write));
