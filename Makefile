@@ -151,7 +151,8 @@ crashtest-rocksdb: rocksdb-tools
 # db_stress's own fault injection (read, write and sync faults through
 # RocksDB's FaultInjectionTestFS on top of BlobFS) needs a RocksDB built
 # without NDEBUG, so this opt-in target builds a SECOND RocksDB (asserts and
-# SyncPoint on, -O1; ~20-30 min on 2 cores the first time, incremental after)
+# SyncPoint on, -O1; about 45 min on 2 shared cores the first time,
+# incremental after)
 # and is not part of `make test`. cpp/rocksdb-debug.mk builds the debug
 # librocksdb.a from the librocksdb-sys sources (never writing into them), a
 # cargo build in its own target directory bundles it into librocksdb_env.a
