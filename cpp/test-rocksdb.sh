@@ -71,9 +71,12 @@ step "db_stress fault injection on BlobFS, file device: open-time write faults, 
 #   --write_fault_one_in, --metadata_write_fault_one_in  accepted, but their
 #       per-operation injection is compiled only without NDEBUG
 #       (db_stress_test_base.cc), so in this build they inject nothing
-# Read faults (--read_fault_one_in, --metadata_read_fault_one_in) need a debug
-# build of RocksDB; rocksdb-env's own tests inject device read and write
-# errors under BlobFS through fault_injection=on instead.
+# Read faults (--read_fault_one_in, --metadata_read_fault_one_in) and the
+# per-operation write faults need a debug build of RocksDB: the opt-in
+# `make crashtest-rocksdb-debug` builds one (a second RocksDB, not in
+# `make test`) and runs them all in the crash loops. rocksdb-env's own tests
+# inject device read and write errors under BlobFS through
+# fault_injection=on.
 # --reopen=0: with open faults and reopens, db_stress fails its pre-reopen WAL
 # flush ("Writer has previous error") on the POSIX file system too.
 rm -rf "$WORK/expected" && mkdir -p "$WORK/expected"

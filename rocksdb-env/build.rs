@@ -2,6 +2,11 @@
 //! RocksDB headers of the `librocksdb-sys` build that the `rocksdb` crate
 //! links, with the same defines (`../cpp/rocksdb-flags.txt`, shared with the
 //! Makefile's tool build), so there is exactly one RocksDB.
+//!
+//! With `ROCKSDB_ENV_DEBUG_ROCKSDB=1` (only `make crashtest-rocksdb-debug`
+//! sets it, in its own target directory, with `ROCKSDB_LIB_DIR` pointing
+//! librocksdb-sys at a debug librocksdb.a) the C++ is compiled without
+//! `NDEBUG`, as that library is: RocksDB classes change layout under it.
 
 use std::path::PathBuf;
 
@@ -15,6 +20,7 @@ fn main() {
     );
     let rocksdb = sys.join("rocksdb");
     let flags = std::fs::read_to_string(cpp.join("rocksdb-flags.txt")).unwrap();
+    let debug_rocksdb = std::env::var("ROCKSDB_ENV_DEBUG_ROCKSDB").is_ok_and(|v| v == "1");
 
     let mut build = cxx_build::bridge("src/bridge.rs");
     build
@@ -27,6 +33,9 @@ fn main() {
         if let Some(header) = line.strip_prefix("-include ") {
             build.flag("-include").flag(header);
         } else if let Some(def) = line.strip_prefix("-D") {
+            if debug_rocksdb && def.split('=').next() == Some("NDEBUG") {
+                continue;
+            }
             match def.split_once('=') {
                 Some((k, v)) => build.define(k, v),
                 None => build.define(def, None),
@@ -41,4 +50,5 @@ fn main() {
     println!("cargo:rerun-if-changed=../cpp/blobfs_fs.cc");
     println!("cargo:rerun-if-changed=../cpp/blobfs_rocksdb.h");
     println!("cargo:rerun-if-changed=../cpp/rocksdb-flags.txt");
+    println!("cargo:rerun-if-env-changed=ROCKSDB_ENV_DEBUG_ROCKSDB");
 }

@@ -8,9 +8,9 @@
 //! nearly all their time reopening the database and never ran the workload.
 //!
 //! ```text
-//! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] [--rounds N]
-//!                   [--seed S] [--dir DIR] [--min-secs A] [--max-secs B]
-//!                   [--size 4G]
+//! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss|plain]
+//!                   [--rounds N] [--seed S] [--dir DIR] [--min-secs A]
+//!                   [--max-secs B] [--size 4G] [--faults] [--ops N]
 //! ```
 //!
 //! Modes:
@@ -31,8 +31,33 @@
 //!   then stands in), so about half the cuts fire, spread over the whole
 //!   round. The summary counts, for each kind of stop, how many rounds left
 //!   unflushed writes and what the power cut did to them.
+//! - `plain`: no kill; each round runs `--ops` operations per thread to the
+//!   end and must exit 0 (db_crashtest's whitebox rule for a run without a
+//!   kill), then the next round reopens and verifies the database.
 //!
-//! In both modes only unsynced data may be lost, so every round runs with
+//! `--faults` turns on db_stress's own fault injection (RocksDB's
+//! FaultInjectionTestFS wrapped around our FileSystem), with values drawn
+//! per round from the lists db_crashtest uses: read, metadata-read, write
+//! and metadata-write faults always on (1 in 32/1000 reads, 1 in 128/1000
+//! writes), the four open-time kinds in a third of the rounds each. It needs
+//! a db_stress linked with a debug (no NDEBUG) RocksDB: a release one
+//! refuses read faults and compiles the per-operation write faults out.
+//! db_stress tolerates the faults it injects itself (it retries, or accepts
+//! an injected error as the operation's result), so the judgement does not
+//! loosen: as db_crashtest.py, a round also fails on any line on stderr.
+//! Rounds without a WAL get no write faults (as db_crashtest), rounds with
+//! write faults `--max_write_buffer_number=10` (the same), and every fault
+//! round db_crashtest's 8 or 32 MiB block cache (db_stress's 2 GiB keeps
+//! reads off the file system), 1 MiB compaction readahead and 16 KiB
+//! blocks (db_crashtest values;
+//! with db_stress's defaults a compaction is one read per 4 KiB block, and at
+//! 1 in 32 reads failing it never completes, see `stress_args`). The faults each
+//! round injected are counted from db_stress's injected-error log
+//! (`/tmp/fault_injection_logs/fault_injection_<pid>_*.bin`, 256-byte
+//! records written as they happen, so a SIGKILL keeps them), which the
+//! driver deletes once counted. The final verification runs without faults.
+//!
+//! In every mode only unsynced data may be lost, so every round runs with
 //! `--sync_fault_injection=1`: db_stress then traces its expected state
 //! (`MightHaveUnsyncedDataLoss()`) and, at the next open, checks that the
 //! database recovered to a prefix of the acknowledged writes, exactly. Some
@@ -41,7 +66,8 @@
 //! come back.
 //!
 //! A round fails when db_stress exits on its own with a non-zero status, or
-//! prints a verification failure, corruption or error line; the driver then
+//! prints a verification failure, corruption or error line (its stdout goes
+//! to `round-NNN.log`, its stderr to `round-NNN.err`); the driver then
 //! stops, keeps the image, its log and the expected values, and prints how to
 //! replay. After the last round a verification-only run checks the final
 //! database. Exit status: 0 when every round passed, 1 on a failure, 2 on a
@@ -63,6 +89,8 @@ enum Mode {
     Kill,
     /// SIGKILL, then a simulated power cut on the image.
     PowerLoss,
+    /// No kill: every round runs its operations to the end.
+    Plain,
 }
 
 impl Mode {
@@ -70,12 +98,16 @@ impl Mode {
         match self {
             Mode::Kill => "kill",
             Mode::PowerLoss => "powerloss",
+            Mode::Plain => "plain",
         }
     }
 }
 
 /// How long the final verification-only run may take.
 const VERIFY_TIMEOUT_SECS: f64 = 600.0;
+
+/// How long a `plain` round may take to run its operations.
+const PLAIN_TIMEOUT_SECS: f64 = 600.0;
 
 /// Command-line settings.
 #[derive(Clone, Debug)]
@@ -88,10 +120,15 @@ struct Config {
     min_secs: f64,
     max_secs: f64,
     size: String,
+    /// db_stress's own fault injection on (see the module docs).
+    faults: bool,
+    /// Operations per thread of a `plain` round.
+    ops: u64,
 }
 
-const USAGE: &str = "usage: rocksdb-crashtest --db-stress <path> [--mode kill|powerloss] \
-[--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G]";
+const USAGE: &str = "usage: rocksdb-crashtest --db-stress <path> [--mode kill|powerloss|plain] \
+[--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G] [--faults] \
+[--ops N]";
 
 fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut cfg = Config {
@@ -106,6 +143,8 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         min_secs: 2.0,
         max_secs: 10.0,
         size: "4G".into(),
+        faults: false,
+        ops: 5_000,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -126,7 +165,8 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
                 cfg.mode = match value()?.as_str() {
                     "kill" => Mode::Kill,
                     "powerloss" => Mode::PowerLoss,
-                    m => return Err(format!("--mode {m:?}: expected kill or powerloss")),
+                    "plain" => Mode::Plain,
+                    m => return Err(format!("--mode {m:?}: expected kill, powerloss or plain")),
                 }
             }
             "--rounds" => {
@@ -147,6 +187,15 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
             "--min-secs" => cfg.min_secs = num(value()?, "--min-secs")?,
             "--max-secs" => cfg.max_secs = num(value()?, "--max-secs")?,
             "--size" => cfg.size = value()?,
+            "--faults" => cfg.faults = true,
+            "--ops" => {
+                let v = value()?;
+                cfg.ops = v
+                    .parse()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("--ops {v:?} is not a positive number"))?
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
         }
@@ -244,6 +293,59 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
     }
 }
 
+/// db_stress's fault-injection flags of one round (`--faults`): the
+/// `*_fault_one_in` values, 0 for off.
+#[derive(Clone, Debug, PartialEq)]
+struct FaultKnobs {
+    read: u32,
+    metadata_read: u32,
+    write: u32,
+    metadata_write: u32,
+    open_read: u32,
+    open_metadata_read: u32,
+    open_write: u32,
+    open_metadata_write: u32,
+    /// Block cache bytes: db_crashtest's 8 or 32 MiB rather than
+    /// db_stress's 2 GiB, so reads reach the file system (and its faults).
+    cache_size: u64,
+}
+
+impl FaultKnobs {
+    /// The db_stress flags, in db_stress's names.
+    fn flags(&self) -> [(&'static str, u32); 8] {
+        [
+            ("read_fault_one_in", self.read),
+            ("metadata_read_fault_one_in", self.metadata_read),
+            ("write_fault_one_in", self.write),
+            ("metadata_write_fault_one_in", self.metadata_write),
+            ("open_read_fault_one_in", self.open_read),
+            ("open_metadata_read_fault_one_in", self.open_metadata_read),
+            ("open_write_fault_one_in", self.open_write),
+            ("open_metadata_write_fault_one_in", self.open_metadata_write),
+        ]
+    }
+}
+
+/// The fault knobs of a round: db_crashtest's value lists (its `0` choices
+/// left out of the per-operation kinds, so every round injects), from a
+/// stream of its own so that `--faults` leaves the other knobs of a seed as
+/// they were. No write faults without a WAL, as db_crashtest.
+fn fault_knobs(cfg: &Config, round: u32, k: &RoundKnobs) -> FaultKnobs {
+    let mut r = Rng(cfg.seed.wrapping_mul(7_000_003).wrapping_add(round as u64) ^ 0xfa17);
+    let write = r.pick(&[128, 1_000]);
+    FaultKnobs {
+        read: r.pick(&[32, 1_000]),
+        metadata_read: r.pick(&[32, 1_000]),
+        write: if k.disable_wal { 0 } else { write },
+        metadata_write: r.pick(&[128, 1_000]),
+        open_read: r.pick(&[0, 0, 32]),
+        open_metadata_read: r.pick(&[0, 0, 8]),
+        open_write: r.pick(&[0, 0, 16]),
+        open_metadata_write: r.pick(&[0, 0, 8]),
+        cache_size: r.pick(&[8 << 20, 32 << 20]),
+    }
+}
+
 /// The device op a mid-I/O cut lands at: uniform in 1..=`estimate`.
 fn cut_op(k: &RoundKnobs, estimate: f64) -> u64 {
     1 + (k.cut_point * estimate.max(1.0)) as u64
@@ -272,16 +374,17 @@ impl Paths {
     }
 }
 
-/// The db_stress arguments of one round (or of the final verification when
-/// `knobs` is `None`).
+/// The db_stress arguments of round `round` (1 formats the image), or of
+/// the final verification when `knobs` is `None` (`round` 0).
 fn stress_args(
     cfg: &Config,
     paths: &Paths,
     run: &RunKnobs,
     knobs: Option<&RoundKnobs>,
-    first: bool,
+    round: u32,
     cut_at: Option<u64>,
 ) -> Vec<String> {
+    let first = round == 1;
     let mut powerloss = if cfg.mode == Mode::PowerLoss {
         "&powerloss=on".to_string()
     } else {
@@ -313,8 +416,6 @@ fn stress_args(
         // Same reasons as in cpp/test-rocksdb.sh.
         "--compression_manager=none".into(),
         "--compression_type=none".into(),
-        "--read_fault_one_in=0".into(),
-        "--metadata_read_fault_one_in=0".into(),
         "--clear_column_family_one_in=0".into(),
         "--progress_reports=0".into(),
         // db_stress starts its simulated remote-compaction workers only
@@ -324,9 +425,47 @@ fn stress_args(
         // verification-only run hung).
         "--remote_compaction_worker_threads=0".into(),
     ];
+    // db_stress refuses read faults unless built without NDEBUG; the
+    // verification-only run checks the database without faults.
+    let faults = match knobs {
+        Some(k) if cfg.faults => Some(fault_knobs(cfg, round, k)),
+        _ => None,
+    };
+    match &faults {
+        Some(f) => {
+            for (name, one_in) in f.flags() {
+                a.push(format!("--{name}={one_in}"));
+            }
+            if f.write > 0 {
+                // Background work may stop while the DB resumes after an
+                // error (db_crashtest's reason for the same setting).
+                a.push("--max_write_buffer_number=10".into());
+            }
+            // With db_stress's default of no compaction readahead, every
+            // block a compaction reads is one file-system read, each failing
+            // with the read-fault odds (db_stress's listener turns them on in
+            // compaction threads): a compaction over a few MiB then fails on
+            // every retry, and db_stress, which waits for compactions after
+            // each open, waits forever (a plain round injected 561 read
+            // faults without getting past the open). 1 MiB readahead and
+            // 16 KiB blocks (both db_crashtest values) make it a few dozen
+            // reads.
+            a.push("--compaction_readahead_size=1048576".into());
+            a.push("--block_size=16384".into());
+            a.push(format!("--cache_size={}", f.cache_size));
+        }
+        None => {
+            a.push("--read_fault_one_in=0".into());
+            a.push("--metadata_read_fault_one_in=0".into());
+        }
+    }
     match knobs {
         Some(k) => {
-            a.push("--ops_per_thread=100000000".into());
+            if cfg.mode == Mode::Plain {
+                a.push(format!("--ops_per_thread={}", cfg.ops));
+            } else {
+                a.push("--ops_per_thread=100000000".into());
+            }
             a.push(format!("--threads={}", k.threads));
             a.push(format!("--disable_wal={}", u8::from(k.disable_wal)));
             // With several column families and no WAL, only atomic flush
@@ -354,9 +493,27 @@ fn stress_args(
     a
 }
 
+/// The count of db_stress's end-of-run statistics line "  : Got errors N
+/// times": operations that returned an error db_stress accepted (with
+/// `--faults`, the injected ones).
+fn stat_errors(line: &str) -> Option<u64> {
+    line.trim_start()
+        .strip_prefix(':')?
+        .trim()
+        .strip_prefix("Got errors ")?
+        .strip_suffix(" times")?
+        .parse()
+        .ok()
+}
+
 /// A line of db_stress output that means the round failed, as
 /// db_crashtest.py judges stderr (any "error" or "fail"), plus corruption.
-fn failure_line(line: &str) -> bool {
+/// The statistics line [`stat_errors`] fails only when it counts errors
+/// with no faults injected (`faults` false).
+fn failure_line(line: &str, faults: bool) -> bool {
+    if let Some(n) = stat_errors(line) {
+        return n > 0 && !faults;
+    }
     let l = line.to_ascii_lowercase();
     l.contains("verification failed")
         || l.contains("corruption")
@@ -391,12 +548,21 @@ fn reached_ops(log: &Path) -> bool {
     std::fs::read_to_string(log).is_ok_and(|t| t.contains(OPS_STARTED))
 }
 
-/// Runs db_stress with `args`, output to `log`; kills it after `secs`
+/// Where db_stress's stderr goes: next to `log` (its stdout).
+fn err_path(log: &Path) -> PathBuf {
+    log.with_extension("err")
+}
+
+/// Runs db_stress with `args`, stdout to `log` and stderr to
+/// [`err_path`]`(log)`; kills it after `secs`
 /// (never when `secs` is `None`), counted from the start of its workload
 /// when `from_ops` (so that opening a large database does not eat the
 /// round; an open past [`OPEN_LIMIT_SECS`] is killed all the same), else
 /// from its start. With `cut`, db_stress dying of SIGKILL on its own is the
-/// planned mid-I/O power cut rather than a failure.
+/// planned mid-I/O power cut rather than a failure. With `cfg.faults`, any
+/// line on stderr fails the round, as in db_crashtest.py (which fails a run
+/// on any stderr output whatever the fault settings). Also returns
+/// db_stress's process id (none if it did not start).
 fn run_stress(
     cfg: &Config,
     args: &[String],
@@ -404,14 +570,23 @@ fn run_stress(
     secs: Option<f64>,
     from_ops: bool,
     cut: bool,
-) -> Outcome {
+) -> (Outcome, Option<u32>) {
     let out = match std::fs::File::create(log) {
         Ok(f) => f,
-        Err(e) => return Outcome::Failed(format!("creating {}: {e}", log.display())),
+        Err(e) => {
+            return (
+                Outcome::Failed(format!("creating {}: {e}", log.display())),
+                None,
+            )
+        }
     };
-    let err = match out.try_clone() {
+    let err_log = err_path(log);
+    let err = match std::fs::File::create(&err_log) {
         Ok(f) => f,
-        Err(e) => return Outcome::Failed(format!("cloning {}: {e}", log.display())),
+        Err(e) => {
+            let why = format!("creating {}: {e}", err_log.display());
+            return (Outcome::Failed(why), None);
+        }
     };
     // db_stress writes its progress to a fully buffered stdout, which a
     // SIGKILL throws away: line-buffer it through stdbuf where there is one.
@@ -431,8 +606,12 @@ fn run_stress(
         .spawn()
     {
         Ok(c) => c,
-        Err(e) => return Outcome::Failed(format!("starting {}: {e}", cfg.db_stress.display())),
+        Err(e) => {
+            let why = format!("starting {}: {e}", cfg.db_stress.display());
+            return (Outcome::Failed(why), None);
+        }
     };
+    let pid = Some(child.id());
     let start = Instant::now();
     let mut deadline = if from_ops {
         None
@@ -444,7 +623,7 @@ fn run_stress(
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
             Ok(None) => {}
-            Err(e) => return Outcome::Failed(format!("waiting for db_stress: {e}")),
+            Err(e) => return (Outcome::Failed(format!("waiting for db_stress: {e}")), pid),
         }
         if from_ops && deadline.is_none() {
             if let Some(s) = secs {
@@ -465,7 +644,7 @@ fn run_stress(
     let outcome = match status {
         None => {
             if let Err(e) = child.kill() {
-                return Outcome::Failed(format!("killing db_stress: {e}"));
+                return (Outcome::Failed(format!("killing db_stress: {e}")), pid);
             }
             let _ = child.wait();
             Outcome::Killed
@@ -475,14 +654,59 @@ fn run_stress(
         Some(st) => Outcome::Failed(format!("db_stress exited on its own with {st}")),
     };
     // A verification failure may be printed without a non-zero exit.
-    if let Ok(f) = std::fs::File::open(log) {
-        for line in BufReader::new(f).lines().map_while(Result::ok) {
-            if failure_line(&line) {
-                return Outcome::Failed(format!("db_stress printed: {line}"));
+    for (path, any_line) in [(log.to_path_buf(), false), (err_log, cfg.faults)] {
+        if let Ok(f) = std::fs::File::open(&path) {
+            for line in BufReader::new(f).lines().map_while(Result::ok) {
+                if failure_line(&line, cfg.faults) || (any_line && !line.trim().is_empty()) {
+                    return (Outcome::Failed(format!("db_stress printed: {line}")), pid);
+                }
             }
         }
     }
-    outcome
+    (outcome, pid)
+}
+
+/// Where db_stress keeps its injected-error logs when it runs on an
+/// `--fs_uri` (`GetFaultInjectionLogBaseDir` in db_stress_test_base.cc).
+const FAULT_LOG_DIR: &str = "/tmp/fault_injection_logs";
+
+/// Size of one record of db_stress's injected-error log
+/// (`InjectedErrorLog::Entry` in utilities/fault_injection_fs.h).
+const FAULT_RECORD_LEN: usize = 256;
+
+/// Where the operation name sits in a record, and its length: after the
+/// timestamp, thread id (8 bytes each), the 72-byte detail and four one-byte
+/// fields.
+const FAULT_RECORD_OP: std::ops::Range<usize> = 92..124;
+
+/// Counts the faults db_stress process `pid` injected, by operation name,
+/// from its injected-error logs in `dir`, and deletes those logs. Records
+/// with a zero timestamp (a file cut short mid-record) are not counted.
+fn take_injected_faults(dir: &Path, pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_op = std::collections::BTreeMap::new();
+    let prefix = format!("fault_injection_{pid}_");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return by_op;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) || !name.ends_with(".bin") {
+            continue;
+        }
+        if let Ok(bytes) = std::fs::read(e.path()) {
+            for rec in bytes.chunks_exact(FAULT_RECORD_LEN) {
+                if rec[..8].iter().all(|&b| b == 0) {
+                    continue;
+                }
+                let op = &rec[FAULT_RECORD_OP];
+                let end = op.iter().position(|&b| b == 0).unwrap_or(op.len());
+                let op = String::from_utf8_lossy(&op[..end]).into_owned();
+                *by_op.entry(op).or_insert(0) += 1;
+            }
+        }
+        let _ = std::fs::remove_file(e.path());
+    }
+    by_op
 }
 
 /// Waits until no process holds the lock of `image` (how long a killed
@@ -566,12 +790,30 @@ struct Summary {
     cut_estimate: f64,
     /// Rounds whose db_stress got past opening the database.
     reached_ops: u32,
+    /// `plain` rounds that ran all their operations and exited 0.
+    completed: u32,
+    /// `--faults`: rounds in which db_stress injected at least one fault.
+    rounds_with_faults: u32,
+    /// `--faults`: injected faults by operation, over all rounds.
+    faults: std::collections::BTreeMap<String, u64>,
+    /// Operations that returned an error db_stress accepted, from the
+    /// statistics of rounds that ran to the end ([`stat_errors`]).
+    accepted_errors: u64,
 }
 
 fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
     let mut t = String::new();
     let _ = writeln!(t, "== crash test summary");
-    let _ = writeln!(t, "mode:                   {}", cfg.mode.name());
+    let _ = writeln!(
+        t,
+        "mode:                   {}{}",
+        cfg.mode.name(),
+        if cfg.faults {
+            ", db_stress faults on"
+        } else {
+            ""
+        }
+    );
     let _ = writeln!(t, "seed:                   {}", cfg.seed);
     let _ = writeln!(
         t,
@@ -579,8 +821,12 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
         run.max_key, run.column_families
     );
     let _ = writeln!(t, "rounds:                 {}", s.rounds);
-    let _ = writeln!(t, "kills:                  {}", s.kills);
-    let _ = writeln!(t, "clean exits:            {}", s.clean_exits);
+    if cfg.mode == Mode::Plain {
+        let _ = writeln!(t, "ran to the end:         {}", s.completed);
+    } else {
+        let _ = writeln!(t, "kills:                  {}", s.kills);
+        let _ = writeln!(t, "clean exits:            {}", s.clean_exits);
+    }
     let _ = writeln!(t, "verification failures:  {}", s.failures);
     let _ = writeln!(t, "rounds past the open:   {}", s.reached_ops);
     if cfg.mode == Mode::PowerLoss {
@@ -595,6 +841,19 @@ fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
         );
         let _ = writeln!(t, "power cuts, mid-I/O:    {}", s.mid_io.line());
         let _ = writeln!(t, "power cuts, timed kill: {}", s.after_kill.line());
+    }
+    if cfg.faults {
+        let total: u64 = s.faults.values().sum();
+        let ops: Vec<String> = s.faults.iter().map(|(op, n)| format!("{op} {n}")).collect();
+        let _ = writeln!(
+            t,
+            "injected faults:        {total} in {} rounds ({})",
+            s.rounds_with_faults,
+            ops.join(", ")
+        );
+    }
+    if cfg.mode == Mode::Plain {
+        let _ = writeln!(t, "errors db_stress saw:   {}", s.accepted_errors);
     }
     let _ = writeln!(t, "time:                   {:.0} s", elapsed.as_secs_f64());
     print!("{t}");
@@ -648,8 +907,13 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         .map_err(|e| format!("creating {}: {e}", paths.expected.display()))?;
     let run = run_knobs(cfg.seed);
     println!(
-        "crash test: mode {}, {} rounds, seed {}, {} keys, {} column families, in {}",
+        "crash test: mode {}{}, {} rounds, seed {}, {} keys, {} column families, in {}",
         cfg.mode.name(),
+        if cfg.faults {
+            " with db_stress faults"
+        } else {
+            ""
+        },
         cfg.rounds,
         cfg.seed,
         run.max_key,
@@ -662,7 +926,7 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         ..Summary::default()
     };
     let replay = format!(
-        "replay: rocksdb-crashtest --db-stress {} --mode {} --seed {} --rounds {} --min-secs {} --max-secs {} --size {} \
+        "replay: rocksdb-crashtest --db-stress {} --mode {} --seed {} --rounds {} --min-secs {} --max-secs {} --size {}{} \
          (the knobs follow from the seed; kill moments are timing-dependent, and so are the \
          mid-I/O cut points, which follow the adaptive estimate: the db_stress command below \
          names the round's)",
@@ -672,12 +936,21 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         cfg.rounds,
         cfg.min_secs,
         cfg.max_secs,
-        cfg.size
+        cfg.size,
+        if cfg.faults {
+            format!(" --faults --ops {}", cfg.ops)
+        } else {
+            String::new()
+        }
     );
     let fail = |s: &mut Summary, round: String, why: String, args: &[String], log: &Path| {
         s.failures += 1;
         println!("FAILED {round}: {why}");
-        println!("  log: {}", log.display());
+        println!(
+            "  log: {} (stderr: {})",
+            log.display(),
+            err_path(log).display()
+        );
         println!(
             "  image, log and expected values kept in {}",
             cfg.dir.display()
@@ -692,17 +965,51 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     for round in 1..=cfg.rounds {
         let k = round_knobs(cfg, round);
         let cut_at = k.mid_io_cut.then(|| cut_op(&k, s.cut_estimate));
-        let args = stress_args(cfg, &paths, &run, Some(&k), round == 1, cut_at);
+        let args = stress_args(cfg, &paths, &run, Some(&k), round, cut_at);
         let log = cfg.dir.join(format!("round-{round:03}.log"));
-        let outcome = run_stress(cfg, &args, &log, Some(k.run_secs), true, cut_at.is_some());
+        let (outcome, pid) = if cfg.mode == Mode::Plain {
+            let (o, pid) = run_stress(cfg, &args, &log, Some(PLAIN_TIMEOUT_SECS), false, false);
+            // A plain round must run to its end: exit 0, nothing else.
+            let o = match o {
+                Outcome::CleanExit => Outcome::CleanExit,
+                Outcome::Failed(why) => Outcome::Failed(why),
+                Outcome::Killed | Outcome::Cut => {
+                    Outcome::Failed(format!("did not finish within {PLAIN_TIMEOUT_SECS} s"))
+                }
+            };
+            (o, pid)
+        } else {
+            run_stress(cfg, &args, &log, Some(k.run_secs), true, cut_at.is_some())
+        };
         s.reached_ops += u32::from(reached_ops(&log));
+        s.accepted_errors += std::fs::read_to_string(&log)
+            .map(|t| t.lines().filter_map(stat_errors).sum::<u64>())
+            .unwrap_or(0);
         s.rounds += 1;
-        let mut line = format!(
-            "round {round:3}: {:.1} s, {} threads{}: ",
-            k.run_secs,
-            k.threads,
-            if k.disable_wal { ", no WAL" } else { "" }
-        );
+        let mut line = if cfg.mode == Mode::Plain {
+            format!(
+                "round {round:3}: {} ops x {} threads{}: ",
+                cfg.ops,
+                k.threads,
+                if k.disable_wal { ", no WAL" } else { "" }
+            )
+        } else {
+            format!(
+                "round {round:3}: {:.1} s, {} threads{}: ",
+                k.run_secs,
+                k.threads,
+                if k.disable_wal { ", no WAL" } else { "" }
+            )
+        };
+        if let (true, Some(pid)) = (cfg.faults, pid) {
+            let by_op = take_injected_faults(Path::new(FAULT_LOG_DIR), pid);
+            let n: u64 = by_op.values().sum();
+            s.rounds_with_faults += u32::from(n > 0);
+            for (op, c) in by_op {
+                *s.faults.entry(op).or_insert(0) += c;
+            }
+            let _ = write!(line, "{n} faults injected: ");
+        }
         if let Some(n) = cut_at {
             s.cuts_planned += 1;
             let when = if k.cut_issued { "after" } else { "before" };
@@ -725,6 +1032,10 @@ fn run(cfg: &Config) -> Result<Summary, String> {
             Outcome::Killed => {
                 s.kills += 1;
                 line.push_str("killed");
+            }
+            Outcome::CleanExit if cfg.mode == Mode::Plain => {
+                s.completed += 1;
+                line.push_str("ran to the end");
             }
             Outcome::CleanExit => {
                 s.clean_exits += 1;
@@ -774,9 +1085,9 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         println!("{line}");
     }
     // The final check, as db_crashtest's last run: verification only.
-    let args = stress_args(cfg, &paths, &run, None, false, None);
+    let args = stress_args(cfg, &paths, &run, None, 0, None);
     let log = cfg.dir.join("verify.log");
-    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false, false) {
+    match run_stress(cfg, &args, &log, Some(VERIFY_TIMEOUT_SECS), false, false).0 {
         Outcome::CleanExit => println!("final verification: passed"),
         Outcome::Failed(why) => fail(&mut s, "final verification".into(), why, &args, &log),
         // No cut was asked for, so run_stress reports a self-kill as a
@@ -841,7 +1152,7 @@ mod tests {
             .contains("--db-stress is required"));
         assert!(bad(&["--db-stress", "x", "--mode", "crash"])
             .unwrap_err()
-            .contains("expected kill or powerloss"));
+            .contains("expected kill, powerloss or plain"));
         assert!(bad(&["--db-stress", "x", "--rounds", "0"])
             .unwrap_err()
             .contains("not a positive number"));
@@ -872,7 +1183,7 @@ mod tests {
         let p = Paths::new(Path::new("/w"));
         let run = run_knobs(1);
         let k = round_knobs(&c, 1);
-        let first = stress_args(&c, &p, &run, Some(&k), true, None);
+        let first = stress_args(&c, &p, &run, Some(&k), 1, None);
         assert!(
             first[0].ends_with("?size=4G&powerloss=on;mkfs=always"),
             "{}",
@@ -880,16 +1191,16 @@ mod tests {
         );
         assert!(first.contains(&"--destroy_db_initially=1".to_string()));
         assert!(first.contains(&"--sync_fault_injection=1".to_string()));
-        let later = stress_args(&c, &p, &run, Some(&k), false, None);
+        let later = stress_args(&c, &p, &run, Some(&k), 2, None);
         assert!(later[0].ends_with(";mkfs=never"));
         assert!(later.contains(&"--destroy_db_initially=0".to_string()));
-        let verify = stress_args(&c, &p, &run, None, false, None);
+        let verify = stress_args(&c, &p, &run, None, 0, None);
         assert!(verify.contains(&"--verification_only=1".to_string()));
-        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), true, None);
+        let kill = stress_args(&cfg(&[]), &p, &run, Some(&k), 1, None);
         assert!(!kill[0].contains("powerloss"));
         let mut k = k;
         k.cut_issued = true;
-        let cut = stress_args(&c, &p, &run, Some(&k), false, Some(123));
+        let cut = stress_args(&c, &p, &run, Some(&k), 2, Some(123));
         assert!(
             cut[0].ends_with(
                 "?size=4G&powerloss=on&powerloss_cut_after=123&powerloss_cut_when=after;mkfs=never"
@@ -905,6 +1216,101 @@ mod tests {
             blobstore::device::DeviceSpec::parse(spec).unwrap(),
             blobstore::device::DeviceSpec::PowerLoss { cut: Some(_), .. }
         ));
+    }
+
+    #[test]
+    fn faults_add_db_stress_fault_flags_to_rounds_only() {
+        let p = Paths::new(Path::new("/w"));
+        let run = run_knobs(3);
+        let plain = cfg(&["--seed", "3"]);
+        let faulty = cfg(&["--seed", "3", "--faults"]);
+        let has = |a: &[String], f: &str| a.iter().any(|x| x == f);
+        let value = |a: &[String], name: &str| -> Option<u32> {
+            a.iter()
+                .find_map(|x| x.strip_prefix(&format!("--{name}=")))
+                .map(|v| v.parse().unwrap())
+        };
+        let (mut with_wal, mut without_wal, mut open_faults) = (0, 0, 0);
+        for round in 1..60 {
+            // --faults leaves the other knobs of a seed as they were.
+            let k = round_knobs(&faulty, round);
+            assert_eq!(k, round_knobs(&plain, round));
+            let off = stress_args(&plain, &p, &run, Some(&k), round, None);
+            assert!(has(&off, "--read_fault_one_in=0"));
+            assert!(value(&off, "write_fault_one_in").is_none());
+            let on = stress_args(&faulty, &p, &run, Some(&k), round, None);
+            assert!(has(&on, "--sync_fault_injection=1"));
+            let f = fault_knobs(&faulty, round, &k);
+            for (name, one_in) in f.flags() {
+                assert_eq!(value(&on, name), Some(one_in), "{name}");
+            }
+            assert!([32, 1000].contains(&f.read) && [32, 1000].contains(&f.metadata_read));
+            assert!([128, 1000].contains(&f.metadata_write));
+            if k.disable_wal {
+                without_wal += 1;
+                assert_eq!(f.write, 0, "no write faults without a WAL");
+                assert!(!has(&on, "--max_write_buffer_number=10"));
+                assert!(has(&on, "--compaction_readahead_size=1048576"));
+                assert!(has(&on, &format!("--cache_size={}", f.cache_size)));
+                assert!([8 << 20, 32 << 20].contains(&f.cache_size));
+            } else {
+                with_wal += 1;
+                assert!([128, 1000].contains(&f.write));
+                assert!(has(&on, "--max_write_buffer_number=10"));
+            }
+            open_faults += u32::from(f.open_read + f.open_write > 0);
+        }
+        assert!(with_wal > 0 && without_wal > 0 && open_faults > 0);
+        // The final verification runs without faults.
+        let verify = stress_args(&faulty, &p, &run, None, 0, None);
+        assert!(has(&verify, "--read_fault_one_in=0"));
+        assert!(value(&verify, "write_fault_one_in").is_none());
+        // Plain rounds run a bounded number of operations.
+        let c = cfg(&["--mode", "plain", "--ops", "777"]);
+        let k = round_knobs(&c, 1);
+        assert!(has(
+            &stress_args(&c, &p, &run, Some(&k), 1, None),
+            "--ops_per_thread=777"
+        ));
+        assert!(
+            parse_args(&["--db-stress".into(), "x".into(), "--ops".into(), "0".into()])
+                .unwrap_err()
+                .contains("not a positive number")
+        );
+    }
+
+    #[test]
+    fn injected_faults_are_counted_by_operation_and_their_logs_removed() {
+        let dir = std::env::temp_dir().join(format!("crashtest-finj-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let record = |ts: u64, op: &str| {
+            let mut r = vec![0u8; FAULT_RECORD_LEN];
+            r[..8].copy_from_slice(&ts.to_le_bytes());
+            r[FAULT_RECORD_OP][..op.len()].copy_from_slice(op.as_bytes());
+            r
+        };
+        let mut mine = Vec::new();
+        mine.extend(record(1, "Read"));
+        mine.extend(record(2, "Append"));
+        mine.extend(record(3, "Read"));
+        mine.extend(record(0, "")); // never written
+        mine.extend(&[7u8; 100]); // cut short
+        std::fs::write(dir.join("fault_injection_4242_17_db.bin"), &mine).unwrap();
+        std::fs::write(
+            dir.join("fault_injection_4242_18_db.bin"),
+            record(5, "Sync"),
+        )
+        .unwrap();
+        let other = dir.join("fault_injection_42421_1_db.bin");
+        std::fs::write(&other, record(9, "Read")).unwrap();
+        let got = take_injected_faults(&dir, 4242);
+        let want: Vec<(String, u64)> =
+            vec![("Append".into(), 1), ("Read".into(), 2), ("Sync".into(), 1)];
+        assert_eq!(got.into_iter().collect::<Vec<_>>(), want);
+        assert!(!dir.join("fault_injection_4242_17_db.bin").exists());
+        assert!(other.exists(), "another process's log stays");
+        assert!(take_injected_faults(&dir, 4242).is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -948,13 +1354,25 @@ mod tests {
 
     #[test]
     fn failure_lines_are_recognised() {
-        assert!(failure_line(
-            "Verification failed for column family 0 key 12"
-        ));
-        assert!(failure_line("Corruption: block checksum mismatch"));
-        assert!(failure_line("Error opening DB: IO error"));
-        assert!(!failure_line("Verification successful"));
-        assert!(!failure_line("2025/01/01 Starting database operations"));
+        for faults in [false, true] {
+            assert!(failure_line(
+                "Verification failed for column family 0 key 12",
+                faults
+            ));
+            assert!(failure_line("Corruption: block checksum mismatch", faults));
+            assert!(failure_line("Error opening DB: IO error", faults));
+            assert!(!failure_line("Verification successful", faults));
+            assert!(!failure_line(
+                "2025/01/01 Starting database operations",
+                faults
+            ));
+            assert!(!failure_line("            : Got errors 0 times", faults));
+        }
+        // Errors db_stress accepted are the injected ones, or a failure.
+        assert!(failure_line("            : Got errors 3 times", false));
+        assert!(!failure_line("            : Got errors 3 times", true));
+        assert_eq!(stat_errors("            : Got errors 17 times"), Some(17));
+        assert_eq!(stat_errors("Got errors 17 times"), None);
     }
 
     #[test]
@@ -966,33 +1384,33 @@ mod tests {
         c.db_stress = "/bin/sh".into();
         let sh = |script: &str| vec!["-c".to_string(), script.to_string()];
         assert_eq!(
-            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false, false),
+            run_stress(&c, &sh("exit 0"), &log, Some(5.0), false, false).0,
             Outcome::CleanExit
         );
         assert_eq!(
-            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false, false),
+            run_stress(&c, &sh("sleep 30"), &log, Some(0.2), false, false).0,
             Outcome::Killed
         );
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, false),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, false).0,
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false, false),
+            run_stress(&c, &sh("echo 'Verification failed: key 7'"), &log, Some(5.0), false, false).0,
             Outcome::Failed(w) if w.contains("Verification failed")
         ));
         // A self-inflicted SIGKILL is the planned cut only when one was
         // asked for.
         assert_eq!(
-            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, true),
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, true).0,
             Outcome::Cut
         );
         assert!(matches!(
-            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, false),
+            run_stress(&c, &sh("kill -9 $$"), &log, Some(5.0), false, false).0,
             Outcome::Failed(w) if w.contains("exited on its own")
         ));
         assert!(matches!(
-            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, true),
+            run_stress(&c, &sh("exit 3"), &log, Some(5.0), false, true).0,
             Outcome::Failed(_)
         ));
         // Counted from the workload's start: a slow open does not eat the
@@ -1000,17 +1418,46 @@ mod tests {
         let t = Instant::now();
         let script = format!("sleep 0.6; echo '{OPS_STARTED}'; sleep 30");
         assert_eq!(
-            run_stress(&c, &sh(&script), &log, Some(0.3), true, false),
+            run_stress(&c, &sh(&script), &log, Some(0.3), true, false).0,
             Outcome::Killed
         );
         let took = t.elapsed().as_secs_f64();
         assert!((0.9..10.0).contains(&took), "{took}");
         assert!(reached_ops(&log));
         assert_eq!(
-            run_stress(&c, &sh("exit 0"), &log, Some(0.3), true, false),
+            run_stress(&c, &sh("exit 0"), &log, Some(0.3), true, false).0,
             Outcome::CleanExit
         );
         assert!(!reached_ops(&log));
+        // Stderr goes to its own file. Without --faults only an error line
+        // there fails the round; with them any line does, as db_crashtest.
+        assert_eq!(
+            run_stress(
+                &c,
+                &sh("echo 'a warning' >&2"),
+                &log,
+                Some(5.0),
+                false,
+                false
+            )
+            .0,
+            Outcome::CleanExit
+        );
+        assert!(std::fs::read_to_string(err_path(&log))
+            .unwrap()
+            .contains("a warning"));
+        assert!(matches!(
+            run_stress(&c, &sh("echo 'IO error: x' >&2"), &log, Some(5.0), false, false).0,
+            Outcome::Failed(w) if w.contains("IO error")
+        ));
+        c.faults = true;
+        assert!(matches!(
+            run_stress(&c, &sh("echo 'a warning' >&2"), &log, Some(5.0), false, false).0,
+            Outcome::Failed(w) if w.contains("a warning")
+        ));
+        let (outcome, pid) = run_stress(&c, &sh("exit 0"), &log, Some(5.0), false, false);
+        assert_eq!(outcome, Outcome::CleanExit);
+        assert!(pid.is_some());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

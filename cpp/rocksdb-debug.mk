@@ -1,0 +1,92 @@
+# A second, debug build of RocksDB (asserts and SyncPoint on, like RocksDB's
+# DEBUG_LEVEL=1: no NDEBUG, -O1) and a db_stress linked with it and the
+# BlobFS plugin, for db_stress's own read/write/sync fault injection, which a
+# release (NDEBUG) db_stress refuses or compiles out. Opt-in: called by the
+# main Makefile's `crashtest-rocksdb-debug` target, never by `make test`.
+#
+#   make -f cpp/rocksdb-debug.mk lib      OUT/lib/librocksdb.a
+#   make -f cpp/rocksdb-debug.mk db_stress OUT/db_stress (needs PLUGIN_LIB)
+#
+# Variables (passed by the main Makefile):
+#   ROCKSDB_SRC  librocksdb-sys's rocksdb/ directory (from `cargo metadata`);
+#                read only, every object goes under OUT
+#   OUT          e.g. target/rocksdb-debug
+#   PLUGIN_LIB   librocksdb_env.a built by cargo with
+#                ROCKSDB_LIB_DIR=OUT/lib ROCKSDB_STATIC=1 (so rustc bundles
+#                this debug librocksdb.a, not a release one) and
+#                ROCKSDB_ENV_DEBUG_ROCKSDB=1 (plugin C++ and cxx bridge
+#                compiled without NDEBUG, like every object here)
+#
+# The library is built from the same source list as librocksdb-sys's build.rs
+# (its rocksdb_lib_sources.txt, with the crate's pregenerated build_version.cc
+# for util/build_version.cc) and the same defines (rocksdb-flags.txt) minus
+# NDEBUG: several RocksDB classes change layout under NDEBUG, so the
+# library, the tool and the plugin must all agree on it.
+
+ROCKSDB_SRC ?= $(error ROCKSDB_SRC is not set)
+OUT ?= $(error OUT is not set)
+
+CXX ?= g++
+AR ?= ar
+HERE := $(dir $(lastword $(MAKEFILE_LIST)))
+SYS := $(ROCKSDB_SRC)/..
+OBJ := $(OUT)/obj
+
+DEBUG_FLAGS := $(filter-out -DNDEBUG%,$(shell cat $(HERE)rocksdb-flags.txt))
+LIB_CXXFLAGS := $(DEBUG_FLAGS) -I$(ROCKSDB_SRC)/include -I$(ROCKSDB_SRC) \
+  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src -I$(SYS) \
+  -O1 -fno-omit-frame-pointer -w
+# As in rocksdb-tools.mk: the tools' copy of RocksDbIOUringEnable renamed.
+TOOL_CXXFLAGS := $(LIB_CXXFLAGS) -DGFLAGS=1 \
+  -DRocksDbIOUringEnable=RocksDbIOUringEnable_unused_in_tools
+
+LIB_SRCS := $(filter-out util/build_version.cc,$(shell cat $(SYS)/rocksdb_lib_sources.txt))
+LIB_OBJS := $(patsubst %.cc,$(OBJ)/lib/%.o,$(LIB_SRCS)) $(OBJ)/lib/build_version.o
+
+# The same list as rocksdb-tools.mk's STRESS_SRCS.
+STRESS_SRCS := db_stress_tool/db_stress.cc \
+  db_stress_tool/batched_ops_stress.cc db_stress_tool/cf_consistency_stress.cc \
+  db_stress_tool/db_stress_common.cc db_stress_tool/db_stress_compaction_service.cc \
+  db_stress_tool/db_stress_compression_manager.cc db_stress_tool/db_stress_driver.cc \
+  db_stress_tool/db_stress_filters.cc db_stress_tool/db_stress_gflags.cc \
+  db_stress_tool/db_stress_listener.cc db_stress_tool/db_stress_shared_state.cc \
+  db_stress_tool/db_stress_test_base.cc db_stress_tool/db_stress_tool.cc \
+  db_stress_tool/db_stress_wide_merge_operator.cc db_stress_tool/expected_state.cc \
+  db_stress_tool/expected_value.cc db_stress_tool/no_batched_ops_stress.cc \
+  db_stress_tool/multi_ops_txns_stress.cc \
+  tools/io_tracer_parser_tool.cc tools/ldb_cmd.cc tools/ldb_tool.cc \
+  tools/sst_dump_tool.cc utilities/blob_db/blob_dump_tool.cc \
+  tools/block_cache_analyzer/block_cache_trace_analyzer.cc \
+  tools/trace_analyzer_tool.cc test_util/testutil.cc
+STRESS_OBJS := $(patsubst %.cc,$(OBJ)/tool/%.o,$(STRESS_SRCS))
+
+TOOL_LIBS := -Wl,-u,blobfs_rocksdb_plugin_anchor $(PLUGIN_LIB) \
+  -lgflags -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+
+.PHONY: lib db_stress
+lib: $(OUT)/lib/librocksdb.a
+db_stress: $(OUT)/db_stress
+
+$(OBJ)/lib/build_version.o: $(SYS)/build_version.cc $(HERE)rocksdb-flags.txt
+	@mkdir -p $(dir $@)
+	$(CXX) $(LIB_CXXFLAGS) -c $< -o $@
+
+$(OBJ)/lib/%.o: $(ROCKSDB_SRC)/%.cc $(HERE)rocksdb-flags.txt
+	@mkdir -p $(dir $@)
+	$(CXX) $(LIB_CXXFLAGS) -c $< -o $@
+
+$(OBJ)/tool/%.o: $(ROCKSDB_SRC)/%.cc $(HERE)rocksdb-flags.txt
+	@mkdir -p $(dir $@)
+	$(CXX) $(TOOL_CXXFLAGS) -c $< -o $@
+
+# Rebuilt from scratch so a member dropped from the list does not linger.
+$(OUT)/lib/librocksdb.a: $(LIB_OBJS)
+	@mkdir -p $(dir $@)
+	rm -f $@.tmp && $(AR) rcs $@.tmp $(LIB_OBJS) && mv $@.tmp $@
+
+$(OUT)/db_stress: $(STRESS_OBJS) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(STRESS_OBJS) $(TOOL_LIBS) -Wl,-Map,$@.map
+
+# The tool's objects alone (they need RocksDB's headers, not its library).
+.PHONY: tool-objects
+tool-objects: $(STRESS_OBJS)
