@@ -43,21 +43,7 @@ TOOL_CXXFLAGS := $(LIB_CXXFLAGS) -DGFLAGS=1 \
 LIB_SRCS := $(filter-out util/build_version.cc,$(shell cat $(SYS)/rocksdb_lib_sources.txt))
 LIB_OBJS := $(patsubst %.cc,$(OBJ)/lib/%.o,$(LIB_SRCS)) $(OBJ)/lib/build_version.o
 
-# The same list as rocksdb-tools.mk's STRESS_SRCS.
-STRESS_SRCS := db_stress_tool/db_stress.cc \
-  db_stress_tool/batched_ops_stress.cc db_stress_tool/cf_consistency_stress.cc \
-  db_stress_tool/db_stress_common.cc db_stress_tool/db_stress_compaction_service.cc \
-  db_stress_tool/db_stress_compression_manager.cc db_stress_tool/db_stress_driver.cc \
-  db_stress_tool/db_stress_filters.cc db_stress_tool/db_stress_gflags.cc \
-  db_stress_tool/db_stress_listener.cc db_stress_tool/db_stress_shared_state.cc \
-  db_stress_tool/db_stress_test_base.cc db_stress_tool/db_stress_tool.cc \
-  db_stress_tool/db_stress_wide_merge_operator.cc db_stress_tool/expected_state.cc \
-  db_stress_tool/expected_value.cc db_stress_tool/no_batched_ops_stress.cc \
-  db_stress_tool/multi_ops_txns_stress.cc \
-  tools/io_tracer_parser_tool.cc tools/ldb_cmd.cc tools/ldb_tool.cc \
-  tools/sst_dump_tool.cc utilities/blob_db/blob_dump_tool.cc \
-  tools/block_cache_analyzer/block_cache_trace_analyzer.cc \
-  tools/trace_analyzer_tool.cc test_util/testutil.cc
+include $(HERE)rocksdb-stress-srcs.mk
 STRESS_OBJS := $(patsubst %.cc,$(OBJ)/tool/%.o,$(STRESS_SRCS))
 
 TOOL_LIBS := -Wl,-u,blobfs_rocksdb_plugin_anchor $(PLUGIN_LIB) \

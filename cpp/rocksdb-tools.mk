@@ -35,22 +35,7 @@ TOOL_LIBS := -Wl,-u,blobfs_rocksdb_plugin_anchor $(PLUGIN_LIB) \
 BENCH_SRCS := tools/db_bench.cc tools/db_bench_tool.cc tools/tool_hooks.cc \
   tools/simulated_hybrid_file_system.cc test_util/testutil.cc
 
-# The same lists as RocksDB's src.mk: STRESS_LIB_SOURCES, TOOL_LIB_SOURCES,
-# ANALYZER_LIB_SOURCES, the db_stress main and testutil.
-STRESS_SRCS := db_stress_tool/db_stress.cc \
-  db_stress_tool/batched_ops_stress.cc db_stress_tool/cf_consistency_stress.cc \
-  db_stress_tool/db_stress_common.cc db_stress_tool/db_stress_compaction_service.cc \
-  db_stress_tool/db_stress_compression_manager.cc db_stress_tool/db_stress_driver.cc \
-  db_stress_tool/db_stress_filters.cc db_stress_tool/db_stress_gflags.cc \
-  db_stress_tool/db_stress_listener.cc db_stress_tool/db_stress_shared_state.cc \
-  db_stress_tool/db_stress_test_base.cc db_stress_tool/db_stress_tool.cc \
-  db_stress_tool/db_stress_wide_merge_operator.cc db_stress_tool/expected_state.cc \
-  db_stress_tool/expected_value.cc db_stress_tool/no_batched_ops_stress.cc \
-  db_stress_tool/multi_ops_txns_stress.cc \
-  tools/io_tracer_parser_tool.cc tools/ldb_cmd.cc tools/ldb_tool.cc \
-  tools/sst_dump_tool.cc utilities/blob_db/blob_dump_tool.cc \
-  tools/block_cache_analyzer/block_cache_trace_analyzer.cc \
-  tools/trace_analyzer_tool.cc test_util/testutil.cc
+include $(HERE)rocksdb-stress-srcs.mk
 
 ENV_TEST_SRCS := env/env_basic_test.cc test_util/testharness.cc \
   test_util/testutil.cc third-party/gtest-1.8.1/fused-src/gtest/gtest-all.cc
