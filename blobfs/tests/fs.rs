@@ -41,6 +41,15 @@ fn mkfs(dev: &Arc<dyn BlockDevice>, opts: MountOptions) -> BlobFs {
     BlobFs::mkfs(dev.clone(), MkfsOptions::default(), opts).unwrap()
 }
 
+/// A BlobFS (default options) on a 64 MiB memory device behind a
+/// `FaultDevice`, which counts and fails operations on request.
+fn fault_fs() -> (Arc<blobstore::FaultDevice>, Arc<dyn BlockDevice>, BlobFs) {
+    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let fs = mkfs(&dev, MountOptions::default());
+    (fault, dev, fs)
+}
+
 #[test]
 fn file_operations_round_trip() {
     for block in [512, 4096] {
@@ -486,9 +495,7 @@ fn cache_never_serves_another_files_bytes() {
 #[test]
 fn failed_write_behind_is_reported_by_the_next_sync() {
     use blobstore::IoKind;
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
-    let dev: Arc<dyn BlockDevice> = fault.clone();
-    let fs = mkfs(&dev, MountOptions::default());
+    let (fault, dev, fs) = fault_fs();
     let kept = fs.create("kept").unwrap();
     kept.append(&pattern(1, 100_000)).unwrap();
     kept.close().unwrap();
@@ -609,9 +616,7 @@ fn delete_right_after_write_behind_frees_clusters_safely() {
 /// cluster, keeps the flush between data and metadata.
 #[test]
 fn small_syncs_take_one_flush() {
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
-    let dev: Arc<dyn BlockDevice> = fault.clone();
-    let fs = mkfs(&dev, MountOptions::default());
+    let (fault, _dev, fs) = fault_fs();
     let f = fs.create("wal").unwrap();
     f.append(&pattern(1, 200_000)).unwrap();
     let before = fault.flushes_done();

@@ -190,6 +190,18 @@ fn refuses_a_mounted_device() {
     fs.unmount().unwrap();
 }
 
+/// Mounts the BlobFS on `dev`, reads file `name` whole, unmounts.
+fn mount_and_read(dev: &Arc<dyn BlockDevice>, name: &str) -> Vec<u8> {
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    let got = fs
+        .open(name, OpenOptions::read())
+        .unwrap()
+        .read_all()
+        .unwrap();
+    fs.unmount().unwrap();
+    got
+}
+
 /// Returns the blob of BlobFS file `name` in a loaded store.
 fn blob_of(bs: &Blobstore, name: &str) -> blobstore::Blob {
     for id in bs.blob_ids() {
@@ -229,15 +241,9 @@ fn one_flush_sync_whose_data_did_not_land_rolls_back_at_mount() {
         assert_eq!(prev, 100_000);
     }
     // The data landed: the length stands.
-    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
-    let got = fs
-        .open("wal", OpenOptions::read())
-        .unwrap()
-        .read_all()
-        .unwrap();
+    let got = mount_and_read(&dev, "wal");
     assert_eq!(got.len(), 103_000);
     assert!(got[100_000..].iter().all(|&b| b == 2));
-    fs.unmount().unwrap();
     // Now the block holding bytes 98,304..103,000 reads as it did before
     // the sync's data write (zeroes past 100,000).
     {
@@ -248,14 +254,8 @@ fn one_flush_sync_whose_data_did_not_land_rolls_back_at_mount() {
         blk[100_000 - 98_304..].fill(0);
         block_on(b.write(24, blk)).unwrap();
     }
-    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
-    let got = fs
-        .open("wal", OpenOptions::read())
-        .unwrap()
-        .read_all()
-        .unwrap();
+    let got = mount_and_read(&dev, "wal");
     assert_eq!(got, first, "rolled back to the previous sync's length");
-    fs.unmount().unwrap();
     // The rollback is durable and the check is gone.
     let bs = load(&dev);
     let b = blob_of(&bs, "wal");
