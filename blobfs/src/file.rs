@@ -456,12 +456,16 @@ impl FileNode {
         let name = self.name();
         self.settle(st)?;
         self.check_failed(st)?;
-        if st.used > 0 && st.buf.is_some() {
-            let padded = self.align_up(st.used as u64) as usize;
-            self.write_buffer(st, padded, fs).await?;
-        }
+        // The buffer's bytes not on the blob yet, padded to a block.
+        let pending =
+            (st.used > 0 && st.buf.is_some()).then(|| self.align_up(st.used as u64) as usize);
         let len = self.len.load(Ordering::Acquire);
         if st.md_dirty || len != st.synced_len || self.blob.is_dirty() {
+            if let Some(padded) = pending {
+                // The data write below runs inside the metadata sync, which
+                // has captured the metadata: it must not grow the blob.
+                self.ensure_capacity(st.buf_start + padded as u64).await?;
+            }
             self.blob
                 .set_xattr(meta::LEN, &meta::enc_u64(len))
                 .ctx(&name)?;
@@ -471,29 +475,35 @@ impl FileNode {
                     &meta::enc_u64(self.mtime.load(Ordering::Acquire)),
                 )
                 .ctx(&name)?;
-            match self.tail_check(st, len) {
+            let tail = self.tail_check(st, len);
+            match tail {
                 // A small append: data and length go down with one flush,
                 // the length with a checksum of the new bytes for mount.
-                Some(tail) => {
-                    self.blob.set_xattr(meta::TAIL, &tail).ctx(&name)?;
-                    self.blob.sync_metadata_unordered().await.ctx(&name)?;
-                }
+                Some(tail) => self.blob.set_xattr(meta::TAIL, &tail).ctx(&name)?,
                 // Otherwise the metadata sync flushes the device before it
                 // writes the blob's first page, so the data is durable
                 // before the length.
-                None => {
-                    self.drop_tail_check()?;
-                    self.blob.sync_metadata().await.ctx(&name)?;
-                }
+                None => self.drop_tail_check()?,
             }
+            // The data is written alongside the metadata, under one flush.
+            let data = pending.map(|padded| self.write_buffer(st, padded, fs));
+            self.blob
+                .sync_metadata_with(tail.is_none(), data)
+                .await?
+                .ctx(&name)?;
             st.synced_len = len;
             st.md_dirty = false;
             st.data_dirty = false;
-        } else if st.data_dirty {
-            fs.flush_device()
-                .await
-                .map_err(|e| Error::store(&name, e))?;
-            st.data_dirty = false;
+        } else {
+            if let Some(padded) = pending {
+                self.write_buffer(st, padded, fs).await?;
+            }
+            if st.data_dirty {
+                fs.flush_device()
+                    .await
+                    .map_err(|e| Error::store(&name, e))?;
+                st.data_dirty = false;
+            }
         }
         Ok(())
     }

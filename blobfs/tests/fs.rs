@@ -630,3 +630,56 @@ fn small_syncs_take_one_flush() {
     }
     f.close().unwrap();
 }
+
+/// A sync does not wait for its data write before it writes the metadata:
+/// the new bytes and the blob's first page are on the device at once, under
+/// the one flush that follows (a WAL sync costs one write round trip, not
+/// two), and what it synced is all there after a remount.
+#[test]
+fn sync_writes_data_and_metadata_together() {
+    let (fault, dev, fs) = fault_fs();
+    let f = fs.create("wal").unwrap();
+    // The first sync gives the file its first cluster (a fresh page).
+    let mut want = pattern(0, 100);
+    f.append(&want).unwrap();
+    f.sync().unwrap();
+    // Writes take time, as on a disk: a write is seen done only at the
+    // second poll after it could be.
+    fault.set_reap_delay(2);
+    for i in 0..20u64 {
+        let rec = pattern(i, 1_000);
+        f.append(&rec).unwrap();
+        want.extend_from_slice(&rec);
+        fault.take_peak_writes_in_flight();
+        let writes = fault.writes_submitted();
+        f.sync().unwrap();
+        assert_eq!(
+            fault.writes_submitted() - writes,
+            2,
+            "sync {i}: data + first page"
+        );
+        assert_eq!(
+            fault.take_peak_writes_in_flight(),
+            2,
+            "sync {i}: the data and metadata writes overlap"
+        );
+    }
+    // A large sync takes the ordered path (data durable before the first
+    // page: two flushes), its data written inside the metadata sync too.
+    let big = pattern(99, 3 << 20);
+    f.append(&big).unwrap();
+    want.extend_from_slice(&big);
+    let before = fault.flushes_done();
+    f.sync().unwrap();
+    assert_eq!(fault.flushes_done() - before, 2, "a 3 MiB sync");
+    f.close().unwrap();
+    fs.unmount().unwrap();
+    let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+    assert_eq!(
+        fs.open("wal", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        want
+    );
+}

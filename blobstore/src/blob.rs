@@ -248,10 +248,36 @@ impl Blob {
     /// fresh page is needed, or the sync frees clusters or pages, this is
     /// exactly [`Blob::sync_metadata`]. Durable when it returns, as that.
     pub async fn sync_metadata_unordered(&self) -> Result<()> {
-        let ch = self.store.chan()?;
+        let none: Option<std::future::Ready<std::result::Result<(), Error>>> = None;
+        self.sync_metadata_with(false, none).await?
+    }
+
+    /// [`Blob::sync_metadata`] (`ordered`) or
+    /// [`Blob::sync_metadata_unordered`] (not), running the caller's data
+    /// write `data` alongside the metadata writes, so that one device flush
+    /// makes both durable and the data costs no round trip of its own.
+    /// With `ordered` (or whenever the unordered sync falls back to the
+    /// ordered one) the data is still durable before the first page is
+    /// written. The future must not change this blob's metadata (resize,
+    /// xattrs): the metadata was captured before it runs.
+    ///
+    /// The outer `Err` is the data's error: the metadata may then be
+    /// written or not (without `ordered`, the first page may be on the
+    /// device), but the sync did not complete. The inner result is the
+    /// metadata sync's. With clean metadata the data runs alone, then the
+    /// device is flushed.
+    pub async fn sync_metadata_with<E>(
+        &self,
+        ordered: bool,
+        data: Option<impl std::future::Future<Output = std::result::Result<(), E>>>,
+    ) -> std::result::Result<Result<()>, E> {
+        let ch = match self.store.chan() {
+            Ok(ch) => ch,
+            Err(e) => return Ok(Err(e)),
+        };
         let _g = self.store.md_lock.lock().await;
         self.store
-            .sync_blob_locked_with(&ch, &self.inner, false)
+            .sync_blob_locked_with(&ch, &self.inner, ordered, data)
             .await
     }
 

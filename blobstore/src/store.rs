@@ -14,6 +14,8 @@
 //!   load makes the next load rebuild the bitmaps from the metadata pages.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -26,6 +28,9 @@ use crate::device::{channel, BlockDevice, DmaBuf, Geometry, IoChannel};
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
 use crate::BlobId;
+
+/// No caller data for [`StoreInner::sync_blob_locked_with`].
+const NO_DATA: Option<std::future::Ready<std::result::Result<(), std::convert::Infallible>>> = None;
 
 /// Options for [`Blobstore::init`].
 #[derive(Clone, Debug)]
@@ -459,27 +464,50 @@ impl StoreInner {
 
     /// Writes a blob's metadata atomically (md_lock held by the caller).
     pub async fn sync_blob_locked(&self, ch: &IoChannel, blob: &BlobInner) -> Result<()> {
-        self.sync_blob_locked_with(ch, blob, true).await
+        match self.sync_blob_locked_with(ch, blob, true, NO_DATA).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        }
     }
 
-    /// [`StoreInner::sync_blob_locked`]; with `ordered` false, and when the
-    /// sync needs no fresh metadata page and frees nothing, the barrier
-    /// before the first page is skipped (see `Blob::sync_metadata_unordered`).
-    pub async fn sync_blob_locked_with(
+    /// [`StoreInner::sync_blob_locked`], with two options.
+    ///
+    /// `ordered` false: when the sync needs no fresh metadata page and frees
+    /// nothing, the barrier before the first page is skipped (see
+    /// `Blob::sync_metadata_unordered`).
+    ///
+    /// `data`: the caller's data write, run alongside the metadata writes
+    /// that come before the sync's last flush, so that flush covers it (with
+    /// a barrier, the writes of fresh pages, so the data is durable before
+    /// the first page; without one, the first page itself). Its error comes
+    /// back as the outer `Err`; then the first page is not written after it
+    /// where a barrier was due, and nothing is adopted. When the metadata is
+    /// clean the data runs alone, followed by a flush.
+    pub async fn sync_blob_locked_with<E>(
         &self,
         ch: &IoChannel,
         blob: &BlobInner,
         ordered: bool,
-    ) -> Result<()> {
+        data: Option<impl Future<Output = std::result::Result<(), E>>>,
+    ) -> std::result::Result<Result<()>, E> {
+        let had_data = data.is_some();
+        let mut data = pin!(async move {
+            match data {
+                Some(d) => d.await,
+                None => Ok(()),
+            }
+        });
         let l = self.layout;
         let per = l.extent_per_page;
         let id = blob.id;
+        // Only a sync (under md_lock, held here) makes metadata clean.
+        if !blob.md.read().is_dirty() {
+            data.await?;
+            return Ok(if had_data { ch.flush().await } else { Ok(()) });
+        }
         // 1. Capture what to write, and take fresh pages for it.
         let (first_page, cont_writes, extent_writes, new_table, new_conts, to_free, captured) = {
             let md = blob.md.read();
-            if !md.is_dirty() {
-                return Ok(());
-            }
             let mut table = md.extent_pages.clone();
             let mut extent_payloads = Vec::new();
             for &k in &md.dirty_extents {
@@ -494,9 +522,9 @@ impl StoreInner {
             }
             let mut alloc = self.alloc.lock();
             let Some(ext_pages) = alloc.alloc_pages(extent_payloads.len()) else {
-                return Err(Error::NoSpace(format!(
+                return Ok(Err(Error::NoSpace(format!(
                     "no metadata page left to sync blob {id}"
-                )));
+                ))));
             };
             for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
                 table[*k] = p;
@@ -520,9 +548,9 @@ impl StoreInner {
                 for p in ext_pages {
                     alloc.free_page(p);
                 }
-                return Err(Error::NoSpace(format!(
+                return Ok(Err(Error::NoSpace(format!(
                     "no metadata page left to sync blob {id}"
-                )));
+                ))));
             };
             drop(alloc);
             let seq = md.sequence.wrapping_add(1);
@@ -593,38 +621,61 @@ impl StoreInner {
             .chain(&extent_writes)
             .map(|(p, _)| *p)
             .collect();
-        let new_pages_empty = new_pages.is_empty();
-        // 2. Fresh pages first, made durable.
-        let res: Result<()> = async {
-            let writes = cont_writes
-                .iter()
-                .chain(&extent_writes)
-                .map(|(p, bytes)| self.write_bytes(ch, l.md_lba(*p), bytes));
-            try_join_all(writes).await?;
-            // A barrier here even with no fresh pages: data the blob wrote
-            // before this sync must be durable before the first page can
-            // point at it (BlobFS relies on this for its lengths), unless
-            // the caller checks that itself (`ordered` false) and the first
-            // page references nothing new.
-            if ordered || !new_pages_empty || captured.5 {
-                ch.flush().await?;
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(e) = res {
+        // A barrier before the first page even with no fresh pages: data
+        // the blob wrote before this sync must be durable before the first
+        // page can point at it (BlobFS relies on this for its lengths),
+        // unless the caller checks that itself (`ordered` false) and the
+        // first page references nothing new.
+        let barrier = ordered || !new_pages.is_empty() || captured.5;
+        let free_new_pages = |pages: Vec<u32>| {
             let mut alloc = self.alloc.lock();
-            for p in new_pages {
+            for p in pages {
                 alloc.free_page(p);
             }
-            return Err(e);
+        };
+        // 2. Fresh pages first (with the caller's data where a barrier
+        // follows), made durable.
+        let fresh = try_join_all(
+            cont_writes
+                .iter()
+                .chain(&extent_writes)
+                .map(|(p, bytes)| self.write_bytes(ch, l.md_lba(*p), bytes)),
+        );
+        let mut res = if barrier {
+            let (d, w) = futures::join!(data.as_mut(), fresh);
+            if let Err(e) = d {
+                free_new_pages(new_pages);
+                return Err(e);
+            }
+            match w {
+                Ok(_) => ch.flush().await,
+                Err(e) => Err(e),
+            }
+        } else {
+            fresh.await.map(|_| ())
+        };
+        if let Err(e) = res {
+            free_new_pages(new_pages);
+            return Ok(Err(e));
         }
-        // 3. The first page, in place: the commit point. On failure the new
-        // pages may or may not be referenced on disk, so keep both sets
-        // allocated (a leak the next dirty load reclaims, never a reuse).
-        self.write_bytes(ch, l.md_lba(blob.page), &first_page)
-            .await?;
-        ch.flush().await?;
+        // 3. The first page, in place: the commit point (with the caller's
+        // data where no barrier came before). On failure the new pages may
+        // or may not be referenced on disk, so keep both sets allocated (a
+        // leak the next dirty load reclaims, never a reuse).
+        let first = self.write_bytes(ch, l.md_lba(blob.page), &first_page);
+        res = if barrier {
+            first.await
+        } else {
+            let (d, w) = futures::join!(data.as_mut(), first);
+            d?;
+            w
+        };
+        if let Err(e) = res {
+            return Ok(Err(e));
+        }
+        if let Err(e) = ch.flush().await {
+            return Ok(Err(e));
+        }
         // 4. Adopt the new state and release what the old one held.
         let (version, seq, dirty, n_clusters, n_pages, _) = captured;
         let freed_clusters = {
@@ -650,7 +701,7 @@ impl StoreInner {
             alloc.free_cluster(c);
         }
         alloc.check();
-        Ok(())
+        Ok(Ok(()))
     }
 
     /// Sets a blob's size in clusters (md_lock held by the caller).

@@ -74,6 +74,12 @@ struct FaultState {
     lost: Vec<PendingWrite>,
     ops: u64,
     writes: u64,
+    /// Write-like ops handed to the inner device and not reaped yet, and
+    /// the most there were at once since the peak was last taken.
+    writes_in_flight: u64,
+    peak_writes_in_flight: u64,
+    /// Reaps a completion waits before it is reported.
+    reap_delay: u32,
     flushes_done: u64,
     crash_at: Option<u64>,
     crashed: bool,
@@ -240,6 +246,9 @@ impl FaultDevice {
                 lost: Vec::new(),
                 ops: 0,
                 writes: 0,
+                writes_in_flight: 0,
+                peak_writes_in_flight: 0,
+                reap_delay: 0,
                 flushes_done: 0,
                 crash_at: None,
                 crashed: false,
@@ -325,6 +334,25 @@ impl FaultDevice {
         self.state.lock().watermark()
     }
 
+    /// Makes every channel report each completion only at the `reaps`-th
+    /// poll after the one that could first have reported it (default 0), as
+    /// a device whose I/O takes time: a caller that submits two writes
+    /// before it waits then has both in flight at once, which a memory
+    /// device, completing at once, never shows.
+    pub fn set_reap_delay(&self, reaps: u32) {
+        self.state.lock().reap_delay = reaps;
+    }
+
+    /// The most write-like operations that were in flight on the device at
+    /// once since the last call (or since the device was made); resets the
+    /// count. Shows whether a caller overlaps its writes or waits for each.
+    pub fn take_peak_writes_in_flight(&self) -> u64 {
+        let mut st = self.state.lock();
+        let peak = st.peak_writes_in_flight;
+        st.peak_writes_in_flight = st.writes_in_flight;
+        peak
+    }
+
     /// Flushes that completed and made their writes durable.
     pub fn flushes_done(&self) -> u64 {
         self.state.lock().flushes_done
@@ -378,6 +406,7 @@ impl BlockDevice for FaultDevice {
             state: self.state.clone(),
             tags: HashMap::new(),
             failed: Vec::new(),
+            held: Vec::new(),
         }))
     }
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
@@ -391,6 +420,9 @@ struct FaultBackend {
     tags: HashMap<Tag, TagInfo>,
     /// Operations failed at submission, reported at the next reap.
     failed: Vec<(Tag, Error)>,
+    /// Completions of the inner device not reported yet, each with the
+    /// reaps it still waits (see [`FaultDevice::set_reap_delay`]).
+    held: Vec<(Tag, Result<()>, u32)>,
 }
 
 fn copy_segments(op: &IoOp, len: usize) -> Vec<u8> {
@@ -463,8 +495,17 @@ impl ChannelBackend for FaultBackend {
             self.failed.push((tag, op.error("injected I/O error")));
             return Ok(());
         }
+        if is_write {
+            st.writes_in_flight += 1;
+            st.peak_writes_in_flight = st.peak_writes_in_flight.max(st.writes_in_flight);
+        }
         drop(st);
-        self.inner.submit(tag, op)?;
+        if let Err(e) = self.inner.submit(tag, op) {
+            if is_write {
+                self.state.lock().writes_in_flight -= 1;
+            }
+            return Err(e);
+        }
         self.tags.insert(tag, info);
         Ok(())
     }
@@ -475,11 +516,28 @@ impl ChannelBackend for FaultBackend {
             done(tag, Err(e));
             n += 1;
         }
+        let delay = self.state.lock().reap_delay;
+        let held = &mut self.held;
+        self.inner
+            .reap(&mut |tag, result| held.push((tag, result, delay)));
+        let mut due = Vec::new();
+        self.held.retain_mut(|(tag, result, wait)| {
+            if *wait > 0 {
+                *wait -= 1;
+                return true;
+            }
+            due.push((*tag, std::mem::replace(result, Ok(()))));
+            false
+        });
         let state = &self.state;
         let tags = &mut self.tags;
-        n += self.inner.reap(&mut |tag, result| {
+        n += due.len();
+        due.into_iter().for_each(|(tag, result)| {
             let info = tags.remove(&tag).unwrap_or(TagInfo::Other);
             let mut st = state.lock();
+            if let TagInfo::Write(_) = info {
+                st.writes_in_flight -= 1;
+            }
             if st.crashed {
                 drop(st);
                 done(
