@@ -19,7 +19,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::ops::Deref;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -187,6 +187,11 @@ pub(crate) struct Cache {
     shards: Vec<Mutex<Shard>>,
     chunk_bytes: usize,
     per_shard_chunks: usize,
+    /// Chunks a read that misses fetches around the miss while the cache
+    /// has room (1: only what it needs); see [`Cache::fill_extent`].
+    warm_chunks: u64,
+    /// Set when a chunk is evicted (see [`Cache::fill_extent`]).
+    evicted: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
     chunks: AtomicU64,
@@ -196,7 +201,10 @@ pub(crate) struct Cache {
 const SHARDS: usize = 64;
 
 impl Cache {
-    pub fn new(limit_bytes: u64, chunk_bytes: usize) -> Cache {
+    /// A cache of at most `limit_bytes` in chunks of `chunk_bytes`; while it
+    /// is filling, a miss reads the aligned extent of `warm_bytes` around
+    /// it (see [`Cache::fill_extent`]).
+    pub fn new(limit_bytes: u64, chunk_bytes: usize, warm_bytes: u64) -> Cache {
         let total = (limit_bytes / chunk_bytes as u64) as usize;
         Cache {
             // Sized up front (the table's pages are touched only as it
@@ -213,6 +221,8 @@ impl Cache {
                 .collect(),
             chunk_bytes,
             per_shard_chunks: total / SHARDS,
+            warm_chunks: (warm_bytes / chunk_bytes as u64).max(1),
+            evicted: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
@@ -233,6 +243,37 @@ impl Cache {
             ptr,
             len: bytes.len(),
         }))
+    }
+
+    /// How many chunks a read that misses should fetch, as an aligned
+    /// extent around the miss: the warm extent while the cache has room for
+    /// it, else 1. Filling a cache that is not full costs only device
+    /// bandwidth, which random 4 KiB reads leave idle, and saves the later
+    /// misses in the extent (their I/O, wake-ups and interrupts); once the
+    /// cache evicts, the extent would push out chunks someone read, so a
+    /// miss then reads only what it needs.
+    ///
+    /// "Full" is "has evicted": shards fill unevenly, so some evict while
+    /// the total is still short of the limit. After an eviction the extent
+    /// comes back only once the cache has shrunk below half its limit (its
+    /// files deleted or rewritten).
+    pub fn fill_extent(&self) -> u64 {
+        if self.warm_chunks <= 1 {
+            return 1;
+        }
+        let limit = (self.per_shard_chunks * SHARDS) as u64;
+        let held = self.chunks.load(Ordering::Relaxed);
+        if self.evicted.load(Ordering::Relaxed) {
+            if held >= limit / 2 {
+                return 1;
+            }
+            self.evicted.store(false, Ordering::Relaxed);
+        }
+        if held + self.warm_chunks <= limit {
+            self.warm_chunks
+        } else {
+            1
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -273,7 +314,7 @@ impl Cache {
         if gen.load(Ordering::Acquire) != seen {
             return;
         }
-        self.put_locked(&mut s, key, data);
+        self.put_locked(&mut s, key, data, false);
     }
 
     /// Puts what a writer just wrote in place of whatever is cached for the
@@ -286,14 +327,21 @@ impl Cache {
         }
         let key = (file, idx);
         let mut s = self.shard(key).lock();
-        self.put_locked(&mut s, key, data);
+        self.put_locked(&mut s, key, data, true);
     }
 
-    fn put_locked(&self, s: &mut Shard, key: Key, data: Arc<Chunk>) {
+    /// Caches `data` under `key`. A chunk already there stays (a reader's
+    /// copy is never newer than what is cached: a writer drops or replaces
+    /// chunks after bumping the generation) unless `replace` (a writer's).
+    fn put_locked(&self, s: &mut Shard, key: Key, data: Arc<Chunk>, replace: bool) {
         let stamp = s.next_stamp;
         match s.map.entry(key) {
-            // Same chunk read again: new bytes, same clock slot.
-            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().data = data,
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if replace {
+                    // New bytes, same clock slot.
+                    e.get_mut().data = data;
+                }
+            }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(Entry {
                     data,
@@ -317,6 +365,7 @@ impl Cache {
                 Some(e) if e.stamp == slot.1 => {
                     s.map.remove(&slot.0);
                     self.chunks.fetch_sub(1, Ordering::Relaxed);
+                    self.evicted.store(true, Ordering::Relaxed);
                 }
                 _ => {} // a stale slot
             }
@@ -364,7 +413,7 @@ mod tests {
 
     #[test]
     fn bounded_and_generation_checked() {
-        let c = Cache::new(64 * 4096 * 4, 4096);
+        let c = Cache::new(64 * 4096 * 4, 4096, 0);
         let gen = AtomicU64::new(0);
         for i in 0..10_000 {
             c.insert(1, i, c.chunk(&[i as u8; 4096]).unwrap(), &gen, 0);
@@ -383,7 +432,7 @@ mod tests {
     /// rounds as one slot, not a growing pile of duplicates.
     #[test]
     fn reinserted_chunk_keeps_one_clock_slot() {
-        let c = Cache::new(64 * 4096 * 4, 4096);
+        let c = Cache::new(64 * 4096 * 4, 4096, 0);
         let gen = AtomicU64::new(0);
         for round in 0..100_000u64 {
             c.invalidate(7, 0, 0);
@@ -415,7 +464,7 @@ mod tests {
     /// after the cache itself is gone.
     #[test]
     fn slab_slots_are_reused_and_outlive_the_cache() {
-        let c = Cache::new(64 * 4096 * 8, 4096);
+        let c = Cache::new(64 * 4096 * 8, 4096, 0);
         let gen = AtomicU64::new(0);
         let held = c.get(0, 0);
         assert!(held.is_none());

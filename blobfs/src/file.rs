@@ -686,33 +686,47 @@ impl FileNode {
                 continue;
             }
             // Read this chunk and the following missing ones in one I/O,
-            // plus the readahead window when access is sequential.
+            // plus the readahead window when access is sequential; a random
+            // read into a cache with room reads the aligned extent around
+            // it instead (chunks of it already cached stay as they are).
             let window = ra.window(off, end, cb);
-            let mut stop = (last + 1).max(idx + window / cb);
-            stop = stop.min(blob_end.div_ceil(cb)).max(idx + 1);
-            let mut run_end = idx + 1;
-            while run_end < stop && cache.get(self.id(), run_end).is_none() {
-                run_end += 1;
-            }
-            let bytes = ((run_end - idx) * cb).min(blob_end - idx * cb);
+            let extent = if window == 0 { cache.fill_extent() } else { 1 };
+            let (start, run_end) = if extent > 1 {
+                // Only whole chunks the blob holds for good: none that
+                // reaches into the write buffer.
+                let settled = self.flushed.load(Ordering::Acquire).min(blob_end) / cb;
+                let a = idx / extent * extent;
+                (a, (a + extent).min(settled).max(last + 1))
+            } else {
+                let stop = (last + 1)
+                    .max(idx + window / cb)
+                    .min(blob_end.div_ceil(cb))
+                    .max(idx + 1);
+                let mut run_end = idx + 1;
+                while run_end < stop && cache.get(self.id(), run_end).is_none() {
+                    run_end += 1;
+                }
+                (idx, run_end)
+            };
+            let bytes = ((run_end - start) * cb).min(blob_end - start * cb);
             // After `seen` was taken: a write-behind started since then
             // either shows here or bumped the generation (then the chunks
             // read are not cached).
-            self.behind.wait_clear(idx * cb, idx * cb + bytes);
+            self.behind.wait_clear(start * cb, start * cb + bytes);
             let buf = read_buf(bytes as usize).map_err(err)?;
             let buf = self
                 .blob
-                .read(idx * cb / self.unit, buf)
+                .read(start * cb / self.unit, buf)
                 .await
                 .map_err(err)?;
             let buf = ReadBuf(Some(buf));
             for (i, piece) in buf.chunks(cb as usize).enumerate() {
                 // No memory for a chunk only means it is not cached.
                 if let Some(chunk) = cache.chunk(piece) {
-                    cache.insert(self.id(), idx + i as u64, chunk, &self.gen, seen);
+                    cache.insert(self.id(), start + i as u64, chunk, &self.gen, seen);
                 }
             }
-            copy(idx * cb, &buf);
+            copy(start * cb, &buf);
             idx = run_end;
         }
         Ok(())

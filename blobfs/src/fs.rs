@@ -39,6 +39,14 @@ pub struct MountOptions {
     /// bytes nobody asked for; sequential reads still go to the device in
     /// one I/O of many chunks (readahead).
     pub cache_chunk_bytes: usize,
+    /// While the read cache has room (until it first evicts, and again
+    /// once it is below half full), a read that misses it fetches the
+    /// aligned extent of this many bytes around the miss in one I/O, so a
+    /// cold cache fills at the device's bandwidth rather than one random
+    /// chunk at a time; a full cache reads only what a miss needs, so this
+    /// never pushes out chunks for bytes nobody asked for. Default 128 KiB
+    /// (the kernel's default readahead); up to one chunk turns it off.
+    pub warm_read_bytes: u64,
 }
 
 impl Default for MountOptions {
@@ -46,6 +54,7 @@ impl Default for MountOptions {
         MountOptions {
             cache_bytes: 256 << 20,
             cache_chunk_bytes: 4 << 10,
+            warm_read_bytes: 128 << 10,
         }
     }
 }
@@ -616,7 +625,11 @@ impl BlobFs {
             });
         }
         let inner = Arc::new(FsInner {
-            cache: Cache::new(opts.cache_bytes, opts.cache_chunk_bytes),
+            cache: Cache::new(
+                opts.cache_bytes,
+                opts.cache_chunk_bytes,
+                opts.warm_read_bytes,
+            ),
             bs: bs.clone(),
             device_id,
             ns: futures::lock::Mutex::new(()),

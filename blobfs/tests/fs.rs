@@ -29,6 +29,7 @@ fn mount_opts() -> Vec<MountOptions> {
         MountOptions {
             cache_bytes: 256 << 10,
             cache_chunk_bytes: 4096,
+            ..Default::default()
         },
         MountOptions {
             cache_bytes: 0,
@@ -366,6 +367,7 @@ fn appenders_readers_and_a_renamer_at_once() {
         MountOptions {
             cache_bytes: 8 << 20,
             cache_chunk_bytes: 16 << 10,
+            ..Default::default()
         },
     );
     let stop = Arc::new(AtomicBool::new(false));
@@ -682,4 +684,75 @@ fn sync_writes_data_and_metadata_together() {
             .unwrap(),
         want
     );
+}
+
+/// A cold cache fills by extents: while it has room, a random read that
+/// misses fetches the aligned `warm_read_bytes` around it in one device
+/// read, so later reads there are hits; once it is full, a miss reads only
+/// the chunks it needs. The bytes are right either way.
+#[test]
+fn a_cold_cache_fills_by_extents_until_it_is_full() {
+    const EXTENT: u64 = 128 << 10;
+    const CACHE: u64 = 8 << 20;
+    let (fault, dev, fs) = fault_fs();
+    let data = pattern(5, 24 << 20);
+    let f = fs.create("sst").unwrap();
+    f.append(&data).unwrap();
+    f.close().unwrap();
+    fs.unmount().unwrap();
+    let opts = MountOptions {
+        cache_bytes: CACHE,
+        cache_chunk_bytes: 4096,
+        warm_read_bytes: EXTENT,
+    };
+    let fs = BlobFs::mount(dev, opts).unwrap();
+    let f = fs.open("sst", OpenOptions::read()).unwrap();
+    // Reads `len` bytes at `off`; returns the device ops it took.
+    let read = |off: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        let ops = fault.op_count();
+        assert_eq!(f.read_at(off, &mut buf).unwrap(), len);
+        assert_eq!(&buf[..], &data[off as usize..off as usize + len]);
+        fault.op_count() - ops
+    };
+    // A block that straddles two chunks, in the middle of an extent: one
+    // read brings the whole extent.
+    assert_eq!(read(3 * EXTENT + 50_000, 4_200), 1);
+    assert_eq!(fs.cache_stats().bytes, EXTENT, "one whole extent cached");
+    for off in [3 * EXTENT, 4 * EXTENT - 4_200, 3 * EXTENT + 77_777] {
+        assert_eq!(read(off, 4_200), 0, "a hit at {off}");
+    }
+    // Random misses in other extents, up to half the cache: one device read
+    // each, and then every other block of those extents is a hit.
+    let extents: Vec<u64> = (0..CACHE / EXTENT / 2)
+        .map(|i| (i * 37 + 5) % 192)
+        .collect();
+    for &e in &extents {
+        let ops = read(e * EXTENT + 9_000, 100);
+        assert!(ops <= 1, "extent {e}: {ops} reads");
+    }
+    for &e in &extents {
+        assert_eq!(read(e * EXTENT + 100_000, 4_200), 0, "extent {e} is cached");
+    }
+    // Fill the cache (three times over); once it evicts, a miss reads only
+    // what it needs.
+    for e in 0..192 {
+        read(e * EXTENT + 60_000, 100);
+    }
+    let full = fs.cache_stats().bytes;
+    assert!(full > CACHE / 2 && full <= CACHE, "cache filled: {full}");
+    for i in 0..16u64 {
+        let off = (24 << 20) - (i + 1) * 700_001;
+        let before = fs.cache_stats();
+        let ops = read(off, 4_200);
+        let after = fs.cache_stats();
+        if after.misses > before.misses {
+            assert_eq!(ops, 1);
+            assert!(
+                after.bytes <= before.bytes + 2 * 4096,
+                "{off}: only the chunks asked for"
+            );
+        }
+    }
+    assert!(fs.cache_stats().bytes <= CACHE);
 }

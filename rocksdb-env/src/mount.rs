@@ -55,6 +55,7 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     };
     let mount_opts = MountOptions {
         cache_bytes: uri.cache_bytes,
+        warm_read_bytes: uri.warm_read_bytes,
         ..Default::default()
     };
     let mkfs_opts = MkfsOptions {

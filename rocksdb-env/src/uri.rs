@@ -4,6 +4,9 @@
 //! blobfs://<device spec>[;<option>=<value>]...
 //!
 //!   cache=<size>            read cache of the mount (default 256M; 0 = off)
+//!   warm_read=<size>        until the cache first evicts, a miss reads the
+//!                           aligned extent of this size around it
+//!                           (default 128K; 0 = only what is asked)
 //!   mkfs=if-blank|never|always|force
 //!                           when to format at the first mount in this
 //!                           process (default if-blank), see below
@@ -38,6 +41,7 @@
 //! same for two URIs exactly when they name the same device, so one process
 //! mounts a device once.
 
+use blobfs::MountOptions;
 use blobstore::device::DeviceSpec;
 
 /// The scheme prefix, as registered in RocksDB's object library.
@@ -65,6 +69,8 @@ pub struct Uri {
     pub spec: String,
     /// Read-cache bytes.
     pub cache_bytes: u64,
+    /// `warm_read`: the extent a cache miss reads while the cache has room.
+    pub warm_read_bytes: u64,
     /// When to format.
     pub mkfs: Mkfs,
     /// Cluster size for mkfs, in bytes.
@@ -102,6 +108,7 @@ impl Uri {
         let mut out = Uri {
             spec: spec.to_string(),
             cache_bytes: 256 << 20,
+            warm_read_bytes: MountOptions::default().warm_read_bytes,
             mkfs: Mkfs::IfBlank,
             cluster_bytes: 1 << 20,
             fault_injection: false,
@@ -112,6 +119,7 @@ impl Uri {
                 .ok_or_else(|| bad(format!("option {opt:?} is not key=value")))?;
             match key {
                 "cache" => out.cache_bytes = parse_size(value).map_err(&bad)?,
+                "warm_read" => out.warm_read_bytes = parse_size(value).map_err(&bad)?,
                 "cluster" => {
                     let v = parse_size(value).map_err(&bad)?;
                     out.cluster_bytes = u32::try_from(v)
@@ -141,7 +149,7 @@ impl Uri {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {key:?} (known: cache, cluster, mkfs, fault_injection)"
+                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection)"
                     )))
                 }
             }
@@ -159,6 +167,7 @@ impl Uri {
     pub fn to_options_value(&self) -> String {
         let mut s = format!("{SCHEME}{}", self.spec);
         s.push_str(&format!(";cache={}", self.cache_bytes));
+        s.push_str(&format!(";warm_read={}", self.warm_read_bytes));
         s.push_str(&format!(";cluster={}", self.cluster_bytes));
         s.push_str(match self.mkfs {
             Mkfs::IfBlank => ";mkfs=if-blank",
