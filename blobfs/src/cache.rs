@@ -8,8 +8,11 @@
 //!   under the shard lock), so a stale chunk never survives a write.
 //! - Memory is bounded: each shard holds at most its share of the limit and
 //!   evicts with the CLOCK policy.
-//! - A hit takes one shard mutex for a hash lookup and an `Arc` clone; it
-//!   never waits for I/O or for a writer.
+//! - A hit takes one shard mutex for a hash lookup and copies the bytes
+//!   out under it (at most a chunk): no reference count to bump on a cold
+//!   line, no counter shared across shards; it never waits for I/O or for
+//!   a writer. A chunk's memory is the entry's alone, so it goes back to
+//!   the pool the moment the entry is evicted, dropped or replaced.
 //! - Chunk memory comes from slabs the cache maps in one call each (with the
 //!   pages populated) and reuses slots of dropped chunks: filling a cache of
 //!   gigabytes 4 KiB at a time through malloc cost a heap-growing `mprotect`
@@ -156,7 +159,7 @@ impl Drop for Chunk {
 }
 
 struct Entry {
-    data: Arc<Chunk>,
+    data: Chunk,
     referenced: bool,
     /// Which clock slot is this entry's: slots of invalidated (and maybe
     /// re-inserted) chunks stay in the clock with an older stamp.
@@ -170,6 +173,9 @@ struct Shard {
     /// there; a slot whose stamp no longer matches its entry is stale.
     clock: VecDeque<(Key, u64)>,
     next_stamp: u64,
+    /// Lookups of this shard that found their chunk, and that did not.
+    hits: u64,
+    misses: u64,
 }
 
 /// Cache statistics.
@@ -192,8 +198,6 @@ pub(crate) struct Cache {
     warm_chunks: u64,
     /// Set when a chunk is evicted (see [`Cache::fill_extent`]).
     evicted: AtomicBool,
-    hits: AtomicU64,
-    misses: AtomicU64,
     chunks: AtomicU64,
     pool: Arc<Pool>,
 }
@@ -216,6 +220,8 @@ impl Cache {
                         map: Map::with_capacity_and_hasher(cap, Default::default()),
                         clock: VecDeque::with_capacity(cap),
                         next_stamp: 0,
+                        hits: 0,
+                        misses: 0,
                     })
                 })
                 .collect(),
@@ -223,8 +229,6 @@ impl Cache {
             per_shard_chunks: total / SHARDS,
             warm_chunks: (warm_bytes / chunk_bytes as u64).max(1),
             evicted: AtomicBool::new(false),
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
             chunks: AtomicU64::new(0),
             pool: Arc::new(Pool::new(chunk_bytes)),
         }
@@ -232,17 +236,17 @@ impl Cache {
 
     /// A chunk holding a copy of `bytes` (at most a chunk); `None` when no
     /// memory is left for it.
-    pub fn chunk(&self, bytes: &[u8]) -> Option<Arc<Chunk>> {
+    pub fn chunk(&self, bytes: &[u8]) -> Option<Chunk> {
         debug_assert!(bytes.len() <= self.chunk_bytes);
         let ptr = self.pool.take()?;
         // SAFETY: the slot is ours, `chunk_bytes` long, and disjoint from
         // `bytes` (a caller's buffer, never pool memory handed out before).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
-        Some(Arc::new(Chunk {
+        Some(Chunk {
             pool: self.pool.clone(),
             ptr,
             len: bytes.len(),
-        }))
+        })
     }
 
     /// How many chunks a read that misses should fetch, as an aligned
@@ -289,23 +293,35 @@ impl Cache {
         &self.shards[(h >> 32) as usize % SHARDS]
     }
 
-    pub fn get(&self, file: u64, idx: u64) -> Option<Arc<Chunk>> {
+    /// Copies bytes `[from, from + dst.len())` of chunk `idx` of `file` into
+    /// `dst` if the cache holds that chunk (with those bytes); false if not.
+    pub fn read(&self, file: u64, idx: u64, from: usize, dst: &mut [u8]) -> bool {
         let mut s = self.shard((file, idx)).lock();
+        let s = &mut *s;
         match s.map.get_mut(&(file, idx)) {
-            Some(e) => {
+            Some(e) if from + dst.len() <= e.data.len => {
                 e.referenced = true;
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                Some(e.data.clone())
+                s.hits += 1;
+                dst.copy_from_slice(&e.data[from..from + dst.len()]);
+                true
             }
-            None => {
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                None
+            _ => {
+                s.misses += 1;
+                false
             }
         }
     }
 
+    /// Whether chunk `idx` of `file` is cached (not counted as a lookup).
+    pub fn contains(&self, file: u64, idx: u64) -> bool {
+        self.shard((file, idx))
+            .lock()
+            .map
+            .contains_key(&(file, idx))
+    }
+
     /// Inserts a chunk read while the file's generation was `seen`.
-    pub fn insert(&self, file: u64, idx: u64, data: Arc<Chunk>, gen: &AtomicU64, seen: u64) {
+    pub fn insert(&self, file: u64, idx: u64, data: Chunk, gen: &AtomicU64, seen: u64) {
         if !self.enabled() {
             return;
         }
@@ -321,7 +337,7 @@ impl Cache {
     /// chunk. The writer holds the file's write lock and has bumped its
     /// generation, so no other writer can race it and readers that started
     /// before the write cannot insert over it.
-    pub fn put(&self, file: u64, idx: u64, data: Arc<Chunk>) {
+    pub fn put(&self, file: u64, idx: u64, data: Chunk) {
         if !self.enabled() {
             return;
         }
@@ -333,7 +349,7 @@ impl Cache {
     /// Caches `data` under `key`. A chunk already there stays (a reader's
     /// copy is never newer than what is cached: a writer drops or replaces
     /// chunks after bumping the generation) unless `replace` (a writer's).
-    fn put_locked(&self, s: &mut Shard, key: Key, data: Arc<Chunk>, replace: bool) {
+    fn put_locked(&self, s: &mut Shard, key: Key, data: Chunk, replace: bool) {
         let stamp = s.next_stamp;
         match s.map.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
@@ -399,9 +415,15 @@ impl Cache {
     }
 
     pub fn stats(&self) -> CacheStats {
+        let (mut hits, mut misses) = (0, 0);
+        for s in &self.shards {
+            let s = s.lock();
+            hits += s.hits;
+            misses += s.misses;
+        }
         CacheStats {
-            hits: self.hits.load(Ordering::Relaxed),
-            misses: self.misses.load(Ordering::Relaxed),
+            hits,
+            misses,
             bytes: self.chunks.load(Ordering::Relaxed) * self.chunk_bytes as u64,
         }
     }
@@ -411,6 +433,12 @@ impl Cache {
 mod tests {
     use super::*;
 
+    /// Byte `at` of chunk `idx` of `file`, if cached.
+    fn byte_at(c: &Cache, file: u64, idx: u64, at: usize) -> Option<u8> {
+        let mut b = [0u8];
+        c.read(file, idx, at, &mut b).then_some(b[0])
+    }
+
     #[test]
     fn bounded_and_generation_checked() {
         let c = Cache::new(64 * 4096 * 4, 4096, 0);
@@ -419,12 +447,40 @@ mod tests {
             c.insert(1, i, c.chunk(&[i as u8; 4096]).unwrap(), &gen, 0);
         }
         assert!(c.stats().bytes <= 64 * 4096 * 4);
-        assert!(c.get(1, 9_999).is_some());
+        assert_eq!(byte_at(&c, 1, 9_999, 4095), Some(9_999u64 as u8));
         gen.store(1, Ordering::Release);
         c.insert(2, 0, c.chunk(&[0u8; 4096]).unwrap(), &gen, 0);
-        assert!(c.get(2, 0).is_none(), "stale generation must not be cached");
+        assert!(!c.contains(2, 0), "stale generation must not be cached");
         c.invalidate(1, 9_999, 9_999);
-        assert!(c.get(1, 9_999).is_none());
+        assert_eq!(byte_at(&c, 1, 9_999, 0), None);
+    }
+
+    /// A hit copies exactly the bytes asked for; a read past a short chunk's
+    /// end (a file's last chunk) is a miss, not a short copy; a reader's
+    /// insert keeps the chunk already there, a writer's put replaces it.
+    #[test]
+    fn reads_copy_ranges_and_only_writers_replace() {
+        let c = Cache::new(64 * 4096 * 4, 4096, 0);
+        let gen = AtomicU64::new(0);
+        let bytes: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        c.insert(3, 1, c.chunk(&bytes).unwrap(), &gen, 0);
+        let mut dst = [0u8; 100];
+        assert!(c.read(3, 1, 2_900, &mut dst));
+        assert_eq!(&dst[..], &bytes[2_900..3_000]);
+        assert!(
+            !c.read(3, 1, 2_901, &mut dst),
+            "past the chunk's 3000 bytes"
+        );
+        c.insert(3, 1, c.chunk(&[7u8; 4096]).unwrap(), &gen, 0);
+        assert_eq!(
+            byte_at(&c, 3, 1, 5),
+            Some(5),
+            "a reader's copy does not replace"
+        );
+        c.put(3, 1, c.chunk(&[7u8; 4096]).unwrap());
+        assert_eq!(byte_at(&c, 3, 1, 4_000), Some(7), "a writer's does");
+        let st = c.stats();
+        assert_eq!((st.hits, st.misses), (3, 1));
     }
 
     /// A WAL's tail chunk is invalidated and cached again on every append:
@@ -444,7 +500,7 @@ mod tests {
             longest <= 2 * c.per_shard_chunks + 16,
             "clock grew to {longest}"
         );
-        assert_eq!(c.get(7, 0).unwrap()[0], (99_999u64 as u8));
+        assert_eq!(byte_at(&c, 7, 0, 0), Some(99_999u64 as u8));
         assert_eq!(c.stats().bytes, 4096);
         // Fill past the limit: the chunk is evicted like any other, and the
         // byte count stays within the limit.
@@ -458,30 +514,31 @@ mod tests {
         }
     }
 
-    /// Evicted chunks give their slots back: churning through many times
-    /// the cache's size maps no more slabs than the cache holds at once,
-    /// and a chunk a reader still holds stays intact after its eviction and
-    /// after the cache itself is gone.
+    /// Evicted, dropped and replaced chunks give their slots back: churning
+    /// through many times the cache's size maps no more slabs than the
+    /// cache holds at once, and every slot is either cached or free.
     #[test]
-    fn slab_slots_are_reused_and_outlive_the_cache() {
+    fn slab_slots_are_reused() {
         let c = Cache::new(64 * 4096 * 8, 4096, 0);
         let gen = AtomicU64::new(0);
-        let held = c.get(0, 0);
-        assert!(held.is_none());
-        c.insert(9, 9, c.chunk(&[0xAB; 4096]).unwrap(), &gen, 0);
-        let held = c.get(9, 9).unwrap();
         for i in 0..100_000u64 {
             c.insert(1, i, c.chunk(&[i as u8; 4096]).unwrap(), &gen, 0);
+            if i % 3 == 0 {
+                c.put(1, i, c.chunk(&[i as u8; 4096]).unwrap());
+            }
         }
-        let slabs = c.pool.state.lock().slabs.len();
+        c.invalidate(1, 99_000, 99_499);
+        let (slabs, free) = {
+            let p = c.pool.state.lock();
+            (p.slabs.len(), p.free.len())
+        };
         let limit_slabs = (64 * 4096 * 8) / (c.pool.slab_bytes);
         assert!(
             slabs <= limit_slabs + 2,
             "{slabs} slabs for a cache of {limit_slabs}"
         );
-        assert_eq!(c.get(1, 99_999).unwrap()[4095], 99_999u64 as u8);
-        drop(c);
-        assert!(held.iter().all(|&b| b == 0xAB));
-        assert_eq!(held.len(), 4096);
+        let cached = (c.stats().bytes / 4096) as usize;
+        assert_eq!(cached + free, slabs * c.pool.slab_bytes / 4096);
+        assert_eq!(byte_at(&c, 1, 99_999, 4095), Some(99_999u64 as u8));
     }
 }

@@ -670,7 +670,7 @@ impl FileNode {
         let blob_end = self.blob.size_bytes();
         let mut idx = first;
         // Copies what `[off, end)` shares with `bytes`, the blob's bytes at `base`.
-        let mut copy = |base: u64, bytes: &[u8]| {
+        let copy = |dst: &mut [u8], base: u64, bytes: &[u8]| {
             let from = off.max(base);
             let to = end.min(base + bytes.len() as u64);
             if to > from {
@@ -680,8 +680,10 @@ impl FileNode {
         };
         while idx <= last {
             let seen = self.gen.load(Ordering::Acquire);
-            if let Some(data) = cache.get(self.id(), idx) {
-                copy(idx * cb, &data);
+            // The part of `[off, end)` in chunk `idx`.
+            let (from, to) = (off.max(idx * cb), end.min((idx + 1) * cb));
+            let part = &mut dst[(from - off) as usize..(to - off) as usize];
+            if cache.read(self.id(), idx, (from - idx * cb) as usize, part) {
                 idx += 1;
                 continue;
             }
@@ -703,7 +705,7 @@ impl FileNode {
                     .min(blob_end.div_ceil(cb))
                     .max(idx + 1);
                 let mut run_end = idx + 1;
-                while run_end < stop && cache.get(self.id(), run_end).is_none() {
+                while run_end < stop && !cache.contains(self.id(), run_end) {
                     run_end += 1;
                 }
                 (idx, run_end)
@@ -726,7 +728,7 @@ impl FileNode {
                     cache.insert(self.id(), start + i as u64, chunk, &self.gen, seen);
                 }
             }
-            copy(start * cb, &buf);
+            copy(dst, start * cb, &buf);
             idx = run_end;
         }
         Ok(())
