@@ -102,6 +102,12 @@ impl Behind {
         s.done.take()
     }
 
+    /// True when no write is in flight and no outcome waits to be taken.
+    fn is_quiet(&self) -> bool {
+        let s = self.state.lock();
+        s.range.is_none() && s.done.is_none()
+    }
+
     /// Waits until the write in flight, if any, does not overlap `[from, to)`.
     fn wait_clear(&self, from: u64, to: u64) {
         let mut s = self.state.lock();
@@ -181,9 +187,10 @@ impl FileNode {
     }
 
     /// Loads the buffer (and the partial block at `buf_start`) on first use.
-    async fn buffer<'a>(&self, st: &'a mut WriteState) -> Result<&'a mut DmaBuf> {
+    async fn buffer<'a>(&self, st: &'a mut WriteState, fs: &FsInner) -> Result<&'a mut DmaBuf> {
         if st.buf.is_none() {
-            let mut b = DmaBuf::new(WRITE_CHUNK + 2 * self.unit as usize)
+            let mut b = fs
+                .append_buf(WRITE_CHUNK + 2 * self.unit as usize)
                 .map_err(|e| Error::store(&self.name(), e))?;
             if st.used > 0 {
                 let unit = DmaBuf::new(self.unit as usize).ctx(&self.name())?;
@@ -283,6 +290,38 @@ impl FileNode {
         }
     }
 
+    /// [`FileNode::settle`], giving the written buffer to the file system's
+    /// spares.
+    fn settle_into(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
+        if let Some(buf) = self.settle(st)? {
+            fs.give_back_buf(buf);
+        }
+        Ok(())
+    }
+
+    /// After a sync by the file's last writer: gives its append buffer to
+    /// the file system's spares, leaving the state a mount leaves (the
+    /// partial last block on the blob, loaded again by the next append).
+    /// Does nothing unless every byte is on the blob and synced.
+    pub async fn release_buffer(&self, fs: &FsInner) {
+        let mut st = self.state.lock().await;
+        let synced = st.failed.is_none()
+            && !st.md_dirty
+            && !st.data_dirty
+            && self.len.load(Ordering::Acquire) == st.synced_len
+            && st.buf_start + st.used as u64 == st.synced_len;
+        if synced && self.behind.is_quiet() {
+            if let Some(buf) = st.buf.take() {
+                fs.give_back_buf(buf);
+                // As a mount leaves it: the buffer starts at the last block.
+                st.buf_start = self.align_down(st.synced_len);
+                st.used = (st.synced_len - st.buf_start) as usize;
+                st.clean = 0;
+                self.flushed.store(st.buf_start, Ordering::Release);
+            }
+        }
+    }
+
     /// Writes `[from, to)` of the buffer through the scratch buffer; the
     /// buffer itself stays, so a failure loses nothing.
     async fn write_buffer_part(&self, st: &mut WriteState, from: usize, to: usize) -> Result<()> {
@@ -348,7 +387,7 @@ impl FileNode {
         let cap = WRITE_CHUNK + 2 * self.unit as usize;
         let mut next = match spare {
             Some(b) if b.capacity() >= cap => b,
-            _ => DmaBuf::new(cap).ctx(&self.name())?,
+            _ => fs.append_buf(cap).ctx(&self.name())?,
         };
         next.set_len(cap).ctx(&self.name())?;
         let mut buf = st.buf.take().expect("buffer loaded");
@@ -396,7 +435,7 @@ impl FileNode {
             while pos < data.len() {
                 let at = (off + pos as u64 - st.buf_start) as usize;
                 st.clean = st.clean.min(self.align_down(at as u64) as usize);
-                let buf = self.buffer(st).await?;
+                let buf = self.buffer(st, fs).await?;
                 let room = WRITE_CHUNK + self.unit as usize - at;
                 let n = room.min(data.len() - pos);
                 buf[at..at + n].copy_from_slice(&data[pos..pos + n]);
@@ -425,9 +464,9 @@ impl FileNode {
         data: &[u8],
     ) -> Result<()> {
         let name = self.name();
-        self.settle(st)?;
+        self.settle_into(st, fs)?;
         if st.used > 0 {
-            self.buffer(st).await?;
+            self.buffer(st, fs).await?;
             let padded = self.align_up(st.used as u64) as usize;
             self.write_buffer(st, padded, fs).await?;
         }
@@ -454,7 +493,7 @@ impl FileNode {
         let mut st = self.state.lock().await;
         let st = &mut *st;
         let name = self.name();
-        self.settle(st)?;
+        self.settle_into(st, fs)?;
         self.check_failed(st)?;
         // The buffer's bytes not on the blob yet, padded to a block.
         let pending =
@@ -541,7 +580,7 @@ impl FileNode {
         let name = self.name();
         // A failed write-behind marks the file failed; the truncate below
         // clears that, as it does for a failed write here.
-        let _ = self.settle(st);
+        let _ = self.settle_into(st, fs);
         let len = self.len.load(Ordering::Acquire);
         let old_size = self.blob.size_bytes();
         if new_len > len {
@@ -549,7 +588,7 @@ impl FileNode {
         }
         // Put everything on the blob, so the blob alone is the truth.
         if st.used > 0 && st.failed.is_none() {
-            self.buffer(st).await?;
+            self.buffer(st, fs).await?;
             let padded = self.align_up(st.used as u64) as usize;
             self.write_buffer(st, padded, fs).await?;
         }
@@ -941,6 +980,9 @@ impl File {
     pub async fn close_async(self) -> Result<()> {
         if self.write {
             self.node.sync(&self.fs).await?;
+            if self.node.handles.load(Ordering::Acquire) == 1 {
+                self.node.release_buffer(&self.fs).await;
+            }
         }
         let fs = self.fs.clone();
         let unlinked = self.node.unlinked.load(Ordering::Acquire);

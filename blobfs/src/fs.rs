@@ -204,7 +204,14 @@ pub(crate) struct FsInner {
     /// The writer thread's queue (started on first use): appends' full
     /// buffers go there to be written behind the appender.
     writer: Mutex<Option<Writer>>,
+    /// Append buffers of closed files, for the next files to reuse: a fresh
+    /// 4 MiB buffer costs a page fault and a zeroing per page, for every
+    /// WAL and SST file RocksDB writes.
+    spare_bufs: Mutex<Vec<blobstore::DmaBuf>>,
 }
+
+/// Append buffers [`FsInner`] keeps for reuse (two per file being written).
+const SPARE_BUFS: usize = 8;
 
 /// The writer thread and its queue.
 struct Writer {
@@ -267,6 +274,26 @@ impl FsInner {
         }
         let jobs = &w.as_ref().expect("just set").jobs;
         jobs.send((node, lba, buf)).map_err(|e| (e.0).2)
+    }
+
+    /// An append buffer of `len` bytes: a closed file's, or a new one. Its
+    /// bytes are stale; the appender writes before it reads them.
+    pub fn append_buf(&self, len: usize) -> blobstore::Result<blobstore::DmaBuf> {
+        if let Some(mut b) = self.spare_bufs.lock().pop() {
+            if b.capacity() >= len {
+                b.set_len(len)?;
+                return Ok(b);
+            }
+        }
+        blobstore::DmaBuf::new(len)
+    }
+
+    /// Keeps a closed file's append buffer for [`FsInner::append_buf`].
+    pub fn give_back_buf(&self, buf: blobstore::DmaBuf) {
+        let mut spare = self.spare_bufs.lock();
+        if spare.len() < SPARE_BUFS {
+            spare.push(buf);
+        }
     }
 
     /// Marks bytes `[from, to)` of a file as changed on the blob: bumps
@@ -638,6 +665,7 @@ impl BlobFs {
             locks: Mutex::new(HashSet::new()),
             pending: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
+            spare_bufs: Mutex::new(Vec::new()),
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.

@@ -756,3 +756,49 @@ fn a_cold_cache_fills_by_extents_until_it_is_full() {
     }
     assert!(fs.cache_stats().bytes <= CACHE);
 }
+
+/// A closed file's append buffer goes to the next file written: the new
+/// file shows none of the old one's bytes, the closed file reads the same
+/// (its last block now from the device), and appending to it again after a
+/// reopen picks up its partial last block; all of it across a remount.
+#[test]
+fn append_buffers_move_between_files_without_their_bytes() {
+    let (_fault, dev, fs) = fault_fs();
+    let a_bytes = pattern(1, (5 << 20) + 1234);
+    let a = fs.create("a").unwrap();
+    for piece in a_bytes.chunks(100_000) {
+        a.append(piece).unwrap();
+    }
+    a.close().unwrap();
+    let b = fs.create("b").unwrap();
+    let b_bytes = pattern(2, 3_000);
+    b.append(&b_bytes).unwrap();
+    b.sync().unwrap();
+    let a = fs.open("a", OpenOptions::read()).unwrap();
+    assert_eq!(a.read_all().unwrap(), a_bytes);
+    let a2 = fs.open("a", OpenOptions::append()).unwrap();
+    let more = pattern(3, 5_000);
+    a2.append(&more).unwrap();
+    a2.close().unwrap();
+    b.close().unwrap();
+    let mut a_all = a_bytes.clone();
+    a_all.extend_from_slice(&more);
+    assert_eq!(a.read_all().unwrap(), a_all);
+    drop(a);
+    fs.unmount().unwrap();
+    let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+    assert_eq!(
+        fs.open("a", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        a_all
+    );
+    assert_eq!(
+        fs.open("b", OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap(),
+        b_bytes
+    );
+}
