@@ -176,7 +176,17 @@ impl Blob {
         if md.read_only() {
             return Err(Error::ReadOnly(self.id()));
         }
-        md.xattrs.insert(name.to_string(), value.to_vec());
+        // In place when set already (a length or time updated at every
+        // sync): no allocation.
+        match md.xattrs.get_mut(name) {
+            Some(v) => {
+                v.clear();
+                v.extend_from_slice(value);
+            }
+            None => {
+                md.xattrs.insert(name.to_string(), value.to_vec());
+            }
+        }
         md.touch();
         Ok(())
     }

@@ -422,18 +422,31 @@ pub fn encode_md_page(
     payload: &[u8],
     page_size: u32,
 ) -> Vec<u8> {
-    debug_assert!(payload.len() <= md_payload_len(page_size));
     let mut b = vec![0u8; page_size as usize];
-    b[..4].copy_from_slice(&MD_MAGIC);
-    put_u16(&mut b, 4, 1);
-    b[6] = kind as u8;
-    put_u64(&mut b, 8, blob_id);
-    put_u32(&mut b, 16, sequence);
-    put_u32(&mut b, 20, next);
-    put_u32(&mut b, 24, payload.len() as u32);
-    b[MD_HEADER_LEN..MD_HEADER_LEN + payload.len()].copy_from_slice(payload);
-    seal_crc(&mut b);
+    encode_md_page_into(&mut b, kind, blob_id, sequence, next, payload);
     b
+}
+
+/// [`encode_md_page`] into `b` (one page, zeroed), e.g. a device buffer.
+pub fn encode_md_page_into(
+    b: &mut [u8],
+    kind: PageKind,
+    blob_id: u64,
+    sequence: u32,
+    next: u32,
+    payload: &[u8],
+) {
+    debug_assert!(payload.len() <= md_payload_len(b.len() as u32));
+    debug_assert!(b.iter().all(|&x| x == 0), "a zeroed page");
+    b[..4].copy_from_slice(&MD_MAGIC);
+    put_u16(b, 4, 1);
+    b[6] = kind as u8;
+    put_u64(b, 8, blob_id);
+    put_u32(b, 16, sequence);
+    put_u32(b, 20, next);
+    put_u32(b, 24, payload.len() as u32);
+    b[MD_HEADER_LEN..MD_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    seal_crc(b);
 }
 
 /// True when `buf` starts like a metadata page (used by the dirty-load scan
@@ -553,62 +566,125 @@ pub struct BlobRecord {
     pub pending: Option<PendingOp>,
 }
 
-fn push_desc(out: &mut Vec<Vec<u8>>, tag: u8, body: &[u8]) {
-    let mut d = Vec::with_capacity(3 + body.len());
-    d.push(tag);
-    d.extend_from_slice(&(body.len() as u16).to_le_bytes());
-    d.extend_from_slice(body);
-    out.push(d);
+/// The scalar parts of a blob record, for [`encode_blob_payloads`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobHeader {
+    /// Flags a reader must understand to open the blob.
+    pub invalid_flags: u64,
+    /// Flags that make the data read-only.
+    pub data_ro_flags: u64,
+    /// Flags that make the metadata read-only.
+    pub md_ro_flags: u64,
+    /// Size in clusters.
+    pub num_clusters: u64,
+    /// The snapshot this blob reads its unallocated clusters from.
+    pub parent: Option<u64>,
+    /// A multi-blob operation in progress, if any.
+    pub pending: Option<PendingOp>,
+}
+
+/// Builds page payloads descriptor by descriptor, straight into the pages:
+/// a descriptor that does not fit the current page starts the next one.
+struct PayloadWriter {
+    cap: usize,
+    pages: Vec<Vec<u8>>,
+}
+
+impl PayloadWriter {
+    /// Appends descriptor `tag` with a body of `len` bytes that `body`
+    /// writes (exactly `len` of them).
+    fn desc(&mut self, tag: u8, len: usize, body: impl FnOnce(&mut Vec<u8>)) {
+        debug_assert!(len <= u16::MAX as usize && 3 + len <= self.cap);
+        if self.pages.last().expect("one page").len() + 3 + len > self.cap {
+            self.pages.push(Vec::with_capacity(self.cap));
+        }
+        let page = self.pages.last_mut().expect("one page");
+        let start = page.len();
+        page.push(tag);
+        page.extend_from_slice(&(len as u16).to_le_bytes());
+        body(page);
+        debug_assert_eq!(page.len() - start, 3 + len, "descriptor {tag} length");
+    }
+}
+
+/// Encodes a blob record as page payloads (see [`BlobRecord::encode_payloads`])
+/// from its parts, borrowed: the store's metadata sync encodes straight from
+/// a blob's in-memory state instead of copying it into a [`BlobRecord`]
+/// first. `xattrs` come in name order.
+pub fn encode_blob_payloads<'a>(
+    h: &BlobHeader,
+    extent_table: &[u32],
+    xattrs: impl Iterator<Item = (&'a str, &'a [u8])>,
+    page_size: u32,
+) -> Vec<Vec<u8>> {
+    let cap = md_payload_len(page_size);
+    let mut w = PayloadWriter {
+        cap,
+        pages: vec![Vec::with_capacity(cap)],
+    };
+    w.desc(tag::FLAGS, 24, |p| {
+        for v in [h.invalid_flags, h.data_ro_flags, h.md_ro_flags] {
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+    });
+    w.desc(tag::SIZE, 8, |p| {
+        p.extend_from_slice(&h.num_clusters.to_le_bytes())
+    });
+    let per_desc = (cap - 3 - 4) / 4;
+    for (chunk_idx, chunk) in extent_table.chunks(per_desc).enumerate() {
+        w.desc(tag::EXTENT_TABLE, 4 + chunk.len() * 4, |p| {
+            p.extend_from_slice(&((chunk_idx * per_desc) as u32).to_le_bytes());
+            for e in chunk {
+                p.extend_from_slice(&e.to_le_bytes());
+            }
+        });
+    }
+    for (name, value) in xattrs {
+        debug_assert!(name.len() <= MAX_XATTR_NAME_LEN && value.len() <= MAX_XATTR_VALUE_LEN);
+        w.desc(tag::XATTR, 2 + name.len() + value.len(), |p| {
+            p.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            p.extend_from_slice(name.as_bytes());
+            p.extend_from_slice(value);
+        });
+    }
+    if let Some(parent) = h.parent {
+        w.desc(tag::PARENT, 8, |p| {
+            p.extend_from_slice(&parent.to_le_bytes())
+        });
+    }
+    match h.pending {
+        Some(PendingOp::Snapshot { origin }) => w.desc(tag::SNAPSHOT_PENDING, 8, |p| {
+            p.extend_from_slice(&origin.to_le_bytes())
+        }),
+        Some(PendingOp::Removal) => w.desc(tag::REMOVAL_PENDING, 0, |_| {}),
+        None => {}
+    }
+    w.pages
 }
 
 impl BlobRecord {
+    /// The record's scalar parts.
+    pub fn header(&self) -> BlobHeader {
+        BlobHeader {
+            invalid_flags: self.invalid_flags,
+            data_ro_flags: self.data_ro_flags,
+            md_ro_flags: self.md_ro_flags,
+            num_clusters: self.num_clusters,
+            parent: self.parent,
+            pending: self.pending,
+        }
+    }
+
     /// Encodes the record as page payloads: the first is the first page's,
     /// the rest go to continuation pages. Descriptors never straddle pages;
     /// a long extent table is split into several descriptors.
     pub fn encode_payloads(&self, page_size: u32) -> Vec<Vec<u8>> {
-        let cap = md_payload_len(page_size);
-        let mut descs = Vec::new();
-        let mut flags = Vec::with_capacity(24);
-        for v in [self.invalid_flags, self.data_ro_flags, self.md_ro_flags] {
-            flags.extend_from_slice(&v.to_le_bytes());
-        }
-        push_desc(&mut descs, tag::FLAGS, &flags);
-        push_desc(&mut descs, tag::SIZE, &self.num_clusters.to_le_bytes());
-        let per_desc = (cap - 3 - 4) / 4;
-        for (chunk_idx, chunk) in self.extent_table.chunks(per_desc).enumerate() {
-            let mut body = Vec::with_capacity(4 + chunk.len() * 4);
-            body.extend_from_slice(&((chunk_idx * per_desc) as u32).to_le_bytes());
-            for e in chunk {
-                body.extend_from_slice(&e.to_le_bytes());
-            }
-            push_desc(&mut descs, tag::EXTENT_TABLE, &body);
-        }
-        for (name, value) in &self.xattrs {
-            debug_assert!(name.len() <= MAX_XATTR_NAME_LEN && value.len() <= MAX_XATTR_VALUE_LEN);
-            let mut body = Vec::with_capacity(2 + name.len() + value.len());
-            body.extend_from_slice(&(name.len() as u16).to_le_bytes());
-            body.extend_from_slice(name.as_bytes());
-            body.extend_from_slice(value);
-            push_desc(&mut descs, tag::XATTR, &body);
-        }
-        if let Some(parent) = self.parent {
-            push_desc(&mut descs, tag::PARENT, &parent.to_le_bytes());
-        }
-        match self.pending {
-            Some(PendingOp::Snapshot { origin }) => {
-                push_desc(&mut descs, tag::SNAPSHOT_PENDING, &origin.to_le_bytes())
-            }
-            Some(PendingOp::Removal) => push_desc(&mut descs, tag::REMOVAL_PENDING, &[]),
-            None => {}
-        }
-        let mut pages: Vec<Vec<u8>> = vec![Vec::new()];
-        for d in descs {
-            if pages.last().expect("one page").len() + d.len() > cap {
-                pages.push(Vec::new());
-            }
-            pages.last_mut().expect("one page").extend_from_slice(&d);
-        }
-        pages
+        encode_blob_payloads(
+            &self.header(),
+            &self.extent_table,
+            self.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
+            page_size,
+        )
     }
 
     /// Decodes the concatenated descriptor payloads of a blob's first and
@@ -935,6 +1011,36 @@ mod tests {
         assert_eq!(decode_mask(&enc, MaskKind::Clusters, 1000).unwrap(), bits);
         assert!(decode_mask(&enc, MaskKind::Pages, 1000).is_err());
         assert!(decode_mask(&enc, MaskKind::Clusters, 999).is_err());
+    }
+
+    /// The bytes of a record's payloads are the format: a blob with xattrs,
+    /// a long extent table, a parent and a pending operation encodes to
+    /// exactly these pages (a checksum of them, taken when the encoder
+    /// wrote each descriptor into its own buffer first).
+    #[test]
+    fn record_payload_bytes_do_not_change() {
+        let rec = BlobRecord {
+            invalid_flags: BLOB_INVALID_THIN,
+            data_ro_flags: 3,
+            md_ro_flags: 0,
+            num_clusters: 123_456,
+            extent_table: (0..3000).map(|i| i * 7 + 1).collect(),
+            xattrs: (0..40)
+                .map(|i| (format!("x{i:03}"), vec![i as u8; i * 37 % 700]))
+                .collect(),
+            parent: Some(0x1_0000_0003),
+            pending: Some(PendingOp::Removal),
+        };
+        let payloads = rec.encode_payloads(4096);
+        let lens: Vec<usize> = payloads.iter().map(Vec::len).collect();
+        let crc = payloads.iter().fold(0, |c, p| crc32c::crc32c_append(c, p));
+        assert_eq!(
+            (lens, crc),
+            (
+                vec![38, 4059, 4059, 4041, 3882, 3918, 3796, 1400],
+                0x446f_a9a3
+            )
+        );
     }
 
     #[test]

@@ -529,21 +529,16 @@ impl StoreInner {
             for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
                 table[*k] = p;
             }
-            let rec = BlobRecord {
+            let header = format::BlobHeader {
                 invalid_flags: md.invalid_flags,
                 data_ro_flags: md.data_ro_flags,
                 md_ro_flags: md.md_ro_flags,
                 num_clusters: md.num_clusters,
-                extent_table: table.clone(),
-                xattrs: md
-                    .xattrs
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
                 parent: md.parent.map(|p| p.0),
                 pending: md.pending,
             };
-            let payloads = rec.encode_payloads(l.page_size);
+            let xattrs = md.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+            let payloads = format::encode_blob_payloads(&header, &table, xattrs, l.page_size);
             let Some(conts) = alloc.alloc_pages(payloads.len() - 1) else {
                 for p in ext_pages {
                     alloc.free_page(p);
@@ -554,24 +549,30 @@ impl StoreInner {
             };
             drop(alloc);
             let seq = md.sequence.wrapping_add(1);
-            let mut pages = Vec::new();
-            for (i, payload) in payloads.iter().enumerate() {
+            // The first page goes straight into a device buffer.
+            let mut first = match DmaBuf::new(l.page_size as usize) {
+                Ok(b) => b,
+                Err(e) => return Ok(Err(e)),
+            };
+            format::encode_md_page_into(
+                &mut first,
+                PageKind::First,
+                id.0,
+                seq,
+                conts.first().copied().unwrap_or(NO_PAGE),
+                &payloads[0],
+            );
+            let pages = payloads.iter().enumerate().skip(1).map(|(i, payload)| {
                 let next = conts.get(i).copied().unwrap_or(NO_PAGE);
-                let kind = if i == 0 {
-                    PageKind::First
-                } else {
-                    PageKind::Continuation
-                };
-                pages.push(format::encode_md_page(
-                    kind,
+                format::encode_md_page(
+                    PageKind::Continuation,
                     id.0,
                     seq,
                     next,
                     payload,
                     l.page_size,
-                ));
-            }
-            let first = pages.remove(0);
+                )
+            });
             let cont_writes: Vec<(u32, Vec<u8>)> = conts.iter().copied().zip(pages).collect();
             let extent_writes: Vec<(u32, Vec<u8>)> = ext_pages
                 .iter()
@@ -662,7 +663,7 @@ impl StoreInner {
         // data where no barrier came before). On failure the new pages may
         // or may not be referenced on disk, so keep both sets allocated (a
         // leak the next dirty load reclaims, never a reuse).
-        let first = self.write_bytes(ch, l.md_lba(blob.page), &first_page);
+        let first = async { ch.write(l.md_lba(blob.page), first_page).await.map(|_| ()) };
         res = if barrier {
             first.await
         } else {
