@@ -269,7 +269,9 @@ impl Blob {
     /// With `ordered` (or whenever the unordered sync falls back to the
     /// ordered one) the data is still durable before the first page is
     /// written. The future must not change this blob's metadata (resize,
-    /// xattrs): the metadata was captured before it runs.
+    /// xattrs): the metadata was captured before it runs. Nor may it write
+    /// clusters a thin blob has not allocated yet: that allocation takes the
+    /// metadata lock this sync holds, and would wait for it forever.
     ///
     /// The outer `Err` is the data's error: the metadata may then be
     /// written or not (without `ordered`, the first page may be on the
