@@ -18,6 +18,14 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The whole of file `name`.
+fn contents(fs: &BlobFs, name: &str) -> Vec<u8> {
+    fs.open(name, OpenOptions::read())
+        .unwrap()
+        .read_all()
+        .unwrap()
+}
+
 fn mem(block: u32, size: u64) -> Arc<dyn BlockDevice> {
     Arc::new(MemDevice::new(size, block).unwrap())
 }
@@ -677,13 +685,7 @@ fn sync_writes_data_and_metadata_together() {
     f.close().unwrap();
     fs.unmount().unwrap();
     let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
-    assert_eq!(
-        fs.open("wal", OpenOptions::read())
-            .unwrap()
-            .read_all()
-            .unwrap(),
-        want
-    );
+    assert_eq!(contents(&fs, "wal"), want);
 }
 
 /// A cold cache fills by extents: while it has room, a random read that
@@ -787,18 +789,6 @@ fn append_buffers_move_between_files_without_their_bytes() {
     drop(a);
     fs.unmount().unwrap();
     let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
-    assert_eq!(
-        fs.open("a", OpenOptions::read())
-            .unwrap()
-            .read_all()
-            .unwrap(),
-        a_all
-    );
-    assert_eq!(
-        fs.open("b", OpenOptions::read())
-            .unwrap()
-            .read_all()
-            .unwrap(),
-        b_bytes
-    );
+    assert_eq!(contents(&fs, "a"), a_all);
+    assert_eq!(contents(&fs, "b"), b_bytes);
 }
