@@ -627,3 +627,66 @@ fn four_threads_against_a_model() {
         assert_eq!(bs.blob_ids().len(), n + 1);
     }
 }
+
+/// `sync_metadata_with` runs the caller's data write inside the sync: when
+/// it succeeds, data and metadata are both there after a crash; when it
+/// fails, the error comes back as the outer result and an ordered sync
+/// commits nothing (the blob still has its old metadata on disk and stays
+/// dirty), so a plain sync afterwards commits the change.
+#[test]
+fn sync_with_data_commits_both_or_reports_the_data_error() {
+    for cfg in configs() {
+        let dev = dev(cfg);
+        let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
+        let cs = cfg.cluster_size as usize;
+        let data = pattern(7, cs);
+        let id = block_on(async {
+            let id = bs
+                .create_blob(BlobOptions {
+                    num_clusters: 1,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let b = bs.open_blob(id).await.unwrap();
+            b.sync_metadata().await.unwrap();
+            // Both kinds of sync with a data write that works.
+            for (i, ordered) in [(1u8, true), (2, false)] {
+                b.set_xattr("len", &[i; 8]).unwrap();
+                let write = async { b.write(0, buf(&data)).await.map(|_| ()) };
+                b.sync_metadata_with(ordered, Some(write))
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert!(!b.is_dirty());
+            }
+            // An ordered sync whose data write fails commits nothing.
+            b.set_xattr("len", &[3; 8]).unwrap();
+            let failing = async { Err::<(), &str>("the data write failed") };
+            let got = b.sync_metadata_with(true, Some(failing)).await;
+            assert!(
+                matches!(got, Err("the data write failed")),
+                "{cfg:?}: {got:?}"
+            );
+            assert!(b.is_dirty(), "{cfg:?}: nothing adopted");
+            id
+        });
+        drop(bs); // a crash
+        let bs = load(&dev).unwrap();
+        assert_eq!(read_all(&bs, id), data, "{cfg:?}");
+        let b = block_on(bs.open_blob(id)).unwrap();
+        assert_eq!(
+            b.get_xattr("len"),
+            Some(vec![2; 8]),
+            "{cfg:?}: the last committed sync"
+        );
+        // The change the failed sync carried commits with the next one.
+        b.set_xattr("len", &[3; 8]).unwrap();
+        block_on(b.sync_metadata()).unwrap();
+        drop(b);
+        drop(bs);
+        let bs = load(&dev).unwrap();
+        let b = block_on(bs.open_blob(id)).unwrap();
+        assert_eq!(b.get_xattr("len"), Some(vec![3; 8]), "{cfg:?}");
+    }
+}
