@@ -20,7 +20,7 @@ use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segment};
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::snapshot::ancestor_cluster;
-use crate::store::{BlobInner, StoreInner};
+use crate::store::{BlobInner, StoreInner, NO_DATA};
 use crate::BlobId;
 
 /// Checks an xattr name and value against the format's limits.
@@ -258,8 +258,10 @@ impl Blob {
     /// fresh page is needed, or the sync frees clusters or pages, this is
     /// exactly [`Blob::sync_metadata`]. Durable when it returns, as that.
     pub async fn sync_metadata_unordered(&self) -> Result<()> {
-        let none: Option<std::future::Ready<std::result::Result<(), Error>>> = None;
-        self.sync_metadata_with(false, none).await?
+        match self.sync_metadata_with(false, NO_DATA).await {
+            Ok(res) => res,
+            Err(never) => match never {},
+        }
     }
 
     /// [`Blob::sync_metadata`] (`ordered`) or

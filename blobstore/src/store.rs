@@ -29,8 +29,11 @@ use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
 use crate::BlobId;
 
-/// No caller data for [`StoreInner::sync_blob_locked_with`].
-const NO_DATA: Option<std::future::Ready<std::result::Result<(), std::convert::Infallible>>> = None;
+/// No caller data for [`StoreInner::sync_blob_locked_with`] (whose outer
+/// result is then always `Ok`).
+pub(crate) const NO_DATA: Option<
+    std::future::Ready<std::result::Result<(), std::convert::Infallible>>,
+> = None;
 
 /// Options for [`Blobstore::init`].
 #[derive(Clone, Debug)]
@@ -653,7 +656,9 @@ impl StoreInner {
                 Err(e) => Err(e),
             }
         } else {
-            fresh.await.map(|_| ())
+            // No fresh pages to write (else there would be a barrier).
+            debug_assert!(new_pages.is_empty());
+            Ok(())
         };
         if let Err(e) = res {
             free_new_pages(new_pages);

@@ -674,19 +674,19 @@ fn sync_with_data_commits_both_or_reports_the_data_error() {
         drop(bs); // a crash
         let bs = load(&dev).unwrap();
         assert_eq!(read_all(&bs, id), data, "{cfg:?}");
-        let b = block_on(bs.open_blob(id)).unwrap();
+        let len = |bs: &Blobstore| block_on(bs.open_blob(id)).unwrap().get_xattr("len");
         assert_eq!(
-            b.get_xattr("len"),
+            len(&bs),
             Some(vec![2; 8]),
             "{cfg:?}: the last committed sync"
         );
         // The change the failed sync carried commits with the next one.
-        b.set_xattr("len", &[3; 8]).unwrap();
-        block_on(b.sync_metadata()).unwrap();
-        drop(b);
+        block_on(async {
+            let b = bs.open_blob(id).await.unwrap();
+            b.set_xattr("len", &[3; 8]).unwrap();
+            b.sync_metadata().await.unwrap();
+        });
         drop(bs);
-        let bs = load(&dev).unwrap();
-        let b = block_on(bs.open_blob(id)).unwrap();
-        assert_eq!(b.get_xattr("len"), Some(vec![3; 8]), "{cfg:?}");
+        assert_eq!(len(&load(&dev).unwrap()), Some(vec![3; 8]), "{cfg:?}");
     }
 }
