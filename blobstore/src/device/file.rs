@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 
+use super::lock::{unlock, FileLock};
 use super::spec::DeviceSpec;
 use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Tag};
 use crate::error::{Error, Result};
@@ -151,7 +152,7 @@ impl FileDevice {
                     source: e,
                 },
             })?;
-        lock_exclusive(&file, path)?;
+        let file = FileLock::exclusive(file, path)?;
         let meta = file.metadata().map_err(|e| Error::Os {
             context: format!("stat of file device {shown}"),
             source: e,
@@ -229,7 +230,7 @@ impl FileDevice {
         probe_direct_read(&file, block_size, path)?;
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(FileDevice {
-            file: Arc::new(file),
+            file: Arc::new(file.into_file()),
             path,
             target,
             options: FileOptions {
@@ -271,9 +272,7 @@ impl Drop for FileDevice {
         // Channels of this thread or others may keep the descriptor open a
         // while (their cache is cleaned lazily); release the lock now so the
         // file can be opened again as soon as the device is gone.
-        // SAFETY: the descriptor is open (we hold the File); flock takes no
-        // pointers.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
+        unlock(&self.file);
     }
 }
 
@@ -333,33 +332,6 @@ fn check_multiple(path: &Path, size: u64, bs: u32) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-pub(super) fn lock_exclusive(file: &File, path: &Path) -> Result<()> {
-    loop {
-        // SAFETY: the descriptor is open for the duration of the call; flock
-        // takes no pointers.
-        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EWOULDBLOCK) => {
-                return Err(Error::Busy(format!(
-                    "{} is in use by another process/blobstore (it holds an exclusive lock on it)",
-                    path.display()
-                )))
-            }
-            _ => {
-                return Err(Error::Os {
-                    context: format!("locking {}", path.display()),
-                    source: e,
-                })
-            }
-        }
-    }
 }
 
 /// Block-layer ioctl numbers (`linux/fs.h`); libc lacks some of them. The

@@ -35,7 +35,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::file::lock_exclusive;
+use super::lock::FileLock;
 use super::{BlockDevice, ChannelBackend, DeviceId, DeviceSpec, Geometry, IoKind, IoOp, Tag};
 use crate::error::{Error, Result};
 
@@ -190,17 +190,10 @@ pub struct ShmOptions {
 /// lock at once, even while a channel still cached on some thread keeps the
 /// mapping (and with it the open file description) alive.
 struct SharedFile {
-    file: File,
+    /// Held for its lock; the mapping needs no descriptor.
+    _file: FileLock,
     path: PathBuf,
     options: ShmOptions,
-}
-
-impl Drop for SharedFile {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is open (we hold the File); flock takes no
-        // pointers.
-        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
-    }
 }
 
 /// A block device in memory with 512- or 4096-byte blocks: on the heap
@@ -291,7 +284,7 @@ impl MemDevice {
                 },
                 source: e,
             })?;
-        lock_exclusive(&file, path)?;
+        let file = FileLock::exclusive(file, path)?;
         let meta = file.metadata().map_err(|e| Error::Os {
             context: format!("stat of shm device {shown}"),
             source: e,
@@ -369,7 +362,7 @@ impl MemDevice {
             geometry: geometry(size_bytes, bs),
             id: DeviceId::fresh(),
             shared: Some(Arc::new(SharedFile {
-                file,
+                _file: file,
                 path,
                 options: ShmOptions {
                     size_bytes: Some(size_bytes),

@@ -14,6 +14,7 @@
 mod dma;
 pub mod fault;
 mod file;
+mod lock;
 mod mem;
 #[cfg(feature = "nvme")]
 pub mod nvme;
@@ -22,6 +23,7 @@ mod spec;
 
 pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
+pub use lock::wait_unlocked;
 pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
 pub use nvme::{NvmeController, NvmeDevice};

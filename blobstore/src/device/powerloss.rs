@@ -47,6 +47,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
+use super::lock::FileLock;
 use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Tag};
 use crate::error::{Error, Result};
 use crate::format::{
@@ -621,20 +622,16 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
             context: format!("opening {} for power-loss recovery", image.display()),
             source: e,
         })?;
-    // A process just killed may hold the lock a moment longer: the kernel
-    // tears its io_uring (and the file reference the ring holds) down after
-    // the process is reaped. Wait for that, not for a live owner.
-    let deadline = std::time::Instant::now() + LOCK_WAIT;
-    // SAFETY: flock on a descriptor we own; no pointers.
-    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        if std::time::Instant::now() >= deadline {
-            return Err(Error::Busy(format!(
-                "{} is in use by another process; stop it before power-loss recovery",
-                image.display()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    // A process just killed may hold the lock a moment longer (the kernel
+    // tears its io_uring down after it is reaped): wait for that, not for a
+    // live owner. The lock is released explicitly when `file` is dropped.
+    let file = FileLock::wait_exclusive(file, image, LOCK_WAIT).map_err(|e| match e {
+        Error::Busy(_) => Error::Busy(format!(
+            "{} is in use by another process; stop it before power-loss recovery",
+            image.display()
+        )),
+        e => e,
+    })?;
     let mut report = RecoveryReport {
         torn_tail: log.torn_tail,
         ..RecoveryReport::default()

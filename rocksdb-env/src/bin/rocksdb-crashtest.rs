@@ -713,31 +713,12 @@ fn take_injected_faults(dir: &Path, pid: u32) -> std::collections::BTreeMap<Stri
 /// db_stress keeps it: the kernel tears its io_uring down after the process
 /// is reaped, and the file's lock goes with the ring's last reference).
 fn wait_unlocked(image: &Path) -> Result<(), String> {
-    use std::os::unix::io::AsRawFd;
-    let f = match std::fs::File::open(image) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(format!("opening {}: {e}", image.display())),
-    };
-    let start = Instant::now();
-    loop {
-        // SAFETY: flock on a descriptor we own; no pointers.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            // Closing `f` releases the lock again.
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(LOCK_WAIT_SECS) {
-            return Err(format!(
-                "{} is still locked {LOCK_WAIT_SECS} s after db_stress was killed",
-                image.display()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    blobstore::device::wait_unlocked(image, LOCK_WAIT)
+        .map_err(|e| format!("after db_stress was killed: {e}"))
 }
 
 /// How long a killed db_stress may keep its image locked.
-const LOCK_WAIT_SECS: u64 = 30;
+const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// What the power cuts after one kind of stop found and did.
 #[derive(Default, Debug)]
