@@ -427,7 +427,8 @@ pub fn encode_md_page(
     b
 }
 
-/// [`encode_md_page`] into `b` (one page, zeroed), e.g. a device buffer.
+/// [`encode_md_page`] into `b` (one page, whatever it held before), e.g. a
+/// reused device buffer: every byte of it is written.
 pub fn encode_md_page_into(
     b: &mut [u8],
     kind: PageKind,
@@ -437,7 +438,8 @@ pub fn encode_md_page_into(
     payload: &[u8],
 ) {
     debug_assert!(payload.len() <= md_payload_len(b.len() as u32));
-    debug_assert!(b.iter().all(|&x| x == 0), "a zeroed page");
+    b[..MD_HEADER_LEN].fill(0);
+    b[MD_HEADER_LEN + payload.len()..].fill(0);
     b[..4].copy_from_slice(&MD_MAGIC);
     put_u16(b, 4, 1);
     b[6] = kind as u8;
@@ -960,6 +962,17 @@ pub fn decode_powerloss_record<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_encodes_the_same_over_stale_bytes() {
+        let payload = [7u8; 100];
+        let fresh = encode_md_page(PageKind::First, 3, 9, 17, &payload, 4096);
+        for stale in [0x00u8, 0xab, 0xff] {
+            let mut b = vec![stale; 4096];
+            encode_md_page_into(&mut b, PageKind::First, 3, 9, 17, &payload);
+            assert_eq!(b, fresh, "over {stale:#x}");
+        }
+    }
 
     fn sb() -> SuperBlock {
         SuperBlock {

@@ -258,6 +258,32 @@ pub struct Blobstore {
 
 const BLOB_ID_BASE: u64 = 1 << 32;
 
+thread_local! {
+    /// The first-page buffer of this thread's last metadata sync, for the
+    /// next one: a sync writes a first page every time (a log synced per
+    /// record writes one per record), and a fresh aligned, zeroed buffer
+    /// for each showed in profiles.
+    static SPARE_MD_PAGE: std::cell::RefCell<Option<DmaBuf>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// A device buffer of one metadata page of `len` bytes, reused where this
+/// thread has one (its contents are stale: the encoder writes every byte).
+fn md_page_buf(len: usize) -> Result<DmaBuf> {
+    match SPARE_MD_PAGE.with(|s| s.borrow_mut().take()) {
+        Some(mut b) if b.capacity() >= len => {
+            b.set_len(len)?;
+            Ok(b)
+        }
+        _ => DmaBuf::new(len),
+    }
+}
+
+/// Keeps a written first page's buffer for [`md_page_buf`].
+fn give_back_md_page(buf: DmaBuf) {
+    SPARE_MD_PAGE.with(|s| *s.borrow_mut() = Some(buf));
+}
+
 impl StoreInner {
     pub fn chan(&self) -> Result<IoChannel> {
         if self.unloaded.load(Ordering::Acquire) {
@@ -553,7 +579,7 @@ impl StoreInner {
             drop(alloc);
             let seq = md.sequence.wrapping_add(1);
             // The first page goes straight into a device buffer.
-            let mut first = match DmaBuf::new(l.page_size as usize) {
+            let mut first = match md_page_buf(l.page_size as usize) {
                 Ok(b) => b,
                 Err(e) => return Ok(Err(e)),
             };
@@ -668,7 +694,11 @@ impl StoreInner {
         // data where no barrier came before). On failure the new pages may
         // or may not be referenced on disk, so keep both sets allocated (a
         // leak the next dirty load reclaims, never a reuse).
-        let first = async { ch.write(l.md_lba(blob.page), first_page).await.map(|_| ()) };
+        let first = async {
+            ch.write(l.md_lba(blob.page), first_page)
+                .await
+                .map(give_back_md_page)
+        };
         res = if barrier {
             first.await
         } else {
