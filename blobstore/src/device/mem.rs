@@ -29,11 +29,12 @@
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -43,6 +44,13 @@ use super::{BlockDevice, ChannelBackend, DeviceId, DeviceSpec, Geometry, IoKind,
 use crate::error::{Error, Result};
 
 const CHUNK_BYTES: usize = 1 << 20;
+/// How much of a mapped chunk one `MADV_POPULATE_WRITE` maps: large enough
+/// that a sequential writer faults rarely, small enough that the write
+/// which pays for it (the kernel clears never-written pages) stays short.
+const POPULATE_BYTES: usize = 256 << 10;
+/// `Chunk::populated` with every region mapped (one bit per region).
+const ALL_POPULATED: u8 = (1 << CHUNK_BYTES.div_ceil(POPULATE_BYTES)) - 1;
+const _: () = assert!(CHUNK_BYTES.div_ceil(POPULATE_BYTES) < 8);
 /// Block size of a shared device when neither the caller nor the spec says.
 const DEFAULT_SHM_BLOCK_SIZE: u32 = 4096;
 
@@ -51,12 +59,13 @@ struct Chunk {
     lock: RwLock<()>,
     ptr: NonNull<u8>,
     len: usize,
-    /// Whether this process has mapped the chunk's pages for writing. A
-    /// mapped chunk's first write maps all of them in one call
-    /// (`MADV_POPULATE_WRITE`), instead of taking a page fault on each
-    /// 4 KiB page as appends reach it: a log synced every record would
-    /// otherwise fault once per page, in the foreground.
-    populated: AtomicBool,
+    /// Which [`POPULATE_BYTES`] regions of the chunk this process has mapped
+    /// for writing (bit `i`: region `i`). The first write into a region of
+    /// a mapped chunk maps it whole in one call (`MADV_POPULATE_WRITE`),
+    /// instead of taking a page fault on each 4 KiB page as appends reach
+    /// it: a log synced every record would otherwise fault once per page,
+    /// in the foreground.
+    populated: AtomicU8,
 }
 
 /// Where the chunks' bytes come from.
@@ -95,7 +104,7 @@ impl Store {
                     ptr: NonNull::from(bytes).cast::<u8>(),
                     len,
                     // The heap is private memory the process owns already.
-                    populated: AtomicBool::new(true),
+                    populated: AtomicU8::new(ALL_POPULATED),
                 }
             })
             .collect();
@@ -116,7 +125,7 @@ impl Store {
                 // the mapping, which is not null.
                 ptr: unsafe { NonNull::new_unchecked(addr.as_ptr().add(i * CHUNK_BYTES)) },
                 len: CHUNK_BYTES.min(len - i * CHUNK_BYTES),
-                populated: AtomicBool::new(false),
+                populated: AtomicU8::new(0),
             })
             .collect();
         Store {
@@ -136,27 +145,16 @@ impl Store {
         f(unsafe { std::slice::from_raw_parts(chunk.ptr.as_ptr(), chunk.len) })
     }
 
-    /// Runs `f` on chunk `c`'s bytes under its exclusive lock.
-    fn write<R>(&self, c: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+    /// Runs `f` on bytes `range` of chunk `c` under the chunk's exclusive
+    /// lock.
+    fn write<R>(&self, c: usize, range: Range<usize>, f: impl FnOnce(&mut [u8]) -> R) -> R {
         let chunk = &self.chunks[c];
         let _guard = chunk.lock.write();
-        if !chunk.populated.load(Ordering::Relaxed) {
-            // SAFETY: `ptr..ptr+len` lies inside the store's mapping. The
-            // advice only maps pages (the file's are reserved at open);
-            // it changes no byte. A kernel without it (before 5.14) says
-            // EINVAL, and the pages then fault in one by one as before.
-            unsafe {
-                libc::madvise(
-                    chunk.ptr.as_ptr().cast(),
-                    chunk.len,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            };
-            chunk.populated.store(true, Ordering::Relaxed);
-        }
+        chunk.populate(&range);
         // SAFETY: as in `read`; the exclusive lock makes this the only
         // reference to these bytes until `f` returns.
-        f(unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len) })
+        let bytes = unsafe { std::slice::from_raw_parts_mut(chunk.ptr.as_ptr(), chunk.len) };
+        f(&mut bytes[range])
     }
 
     /// Calls `f(chunk, offset_in_chunk, offset_in_range, len)` for each
@@ -171,6 +169,41 @@ impl Store {
             f(chunk, in_chunk, done, n);
             done += n;
         }
+    }
+}
+
+impl Chunk {
+    /// Maps the regions of `range` this process has not mapped yet (call
+    /// under the write lock).
+    fn populate(&self, range: &Range<usize>) {
+        if range.is_empty() {
+            return;
+        }
+        let (first, last) = (
+            range.start / POPULATE_BYTES,
+            (range.end - 1) / POPULATE_BYTES,
+        );
+        let want = (first..=last).fold(0u8, |m, i| m | 1 << i);
+        let have = self.populated.load(Ordering::Relaxed);
+        if want & !have == 0 {
+            return;
+        }
+        for i in (first..=last).filter(|i| have & (1 << i) == 0) {
+            let start = i * POPULATE_BYTES;
+            // SAFETY: `start..start+len` lies inside the chunk, which lies
+            // inside the store's mapping. The advice only maps pages (the
+            // file's are reserved at open); it changes no byte. A kernel
+            // without it (before 5.14) says EINVAL, and the pages then
+            // fault in one by one as before.
+            unsafe {
+                libc::madvise(
+                    self.ptr.as_ptr().add(start).cast(),
+                    POPULATE_BYTES.min(self.len - start),
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+        self.populated.fetch_or(want, Ordering::Relaxed);
     }
 }
 
@@ -431,9 +464,8 @@ impl MemDevice {
     /// corrupt metadata on purpose).
     pub fn store_bytes(&self, off: usize, src: &[u8]) {
         self.store.for_pieces(off, src.len(), |c, ic, at, n| {
-            self.store.write(c, |chunk| {
-                chunk[ic..ic + n].copy_from_slice(&src[at..at + n])
-            });
+            self.store
+                .write(c, ic..ic + n, |b| b.copy_from_slice(&src[at..at + n]));
         });
     }
 }
@@ -518,9 +550,9 @@ impl ChannelBackend for MemBackend {
                                 unsafe { seg.write_at(at, &chunk[ic..ic + n]) }
                             })
                         } else {
-                            st.write(c, |chunk| {
+                            st.write(c, ic..ic + n, |b| {
                                 // SAFETY: as above.
-                                unsafe { seg.read_at(at, &mut chunk[ic..ic + n]) }
+                                unsafe { seg.read_at(at, b) }
                             })
                         }
                     });
@@ -529,7 +561,7 @@ impl ChannelBackend for MemBackend {
             }
             IoKind::Unmap | IoKind::WriteZeroes => {
                 st.for_pieces(off, op.blocks as usize * self.block_size, |c, ic, _, n| {
-                    st.write(c, |chunk| chunk[ic..ic + n].fill(0));
+                    st.write(c, ic..ic + n, |b| b.fill(0));
                 });
             }
             // Writes complete at submission, in the memory that is the
@@ -573,7 +605,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_chunk_is_mapped_whole_at_its_first_write() {
+    fn a_shared_region_is_mapped_whole_at_its_first_write() {
         let path = std::env::temp_dir().join(format!("blobstore-mem-pop-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let dev = MemDevice::open_shared(
@@ -586,13 +618,19 @@ mod tests {
         )
         .unwrap();
         std::fs::remove_file(&path).unwrap();
-        let pages = CHUNK_BYTES / 4096;
+        let region = POPULATE_BYTES / 4096;
         assert_eq!(mapped_pages(&dev.store, 1), 0, "nothing touched yet");
-        dev.store.write(1, |b| b[8192..12288].fill(7));
-        assert_eq!(mapped_pages(&dev.store, 1), pages);
+        dev.store.write(1, 8192..12288, |b| b.fill(7));
+        assert_eq!(mapped_pages(&dev.store, 1), region, "the first region");
+        // A write across a region boundary maps the regions it touches.
+        let edge = 2 * POPULATE_BYTES;
+        dev.store.write(1, edge - 4096..edge + 4096, |b| b.fill(8));
+        assert_eq!(mapped_pages(&dev.store, 1), 3 * region);
         assert_eq!(mapped_pages(&dev.store, 2), 0, "other chunks wait");
         assert!(dev.store.read(1, |b| b[..8192].iter().all(|&x| x == 0)
             && b[8192..12288].iter().all(|&x| x == 7)
-            && b[12288..].iter().all(|&x| x == 0)));
+            && b[12288..edge - 4096].iter().all(|&x| x == 0)
+            && b[edge - 4096..edge + 4096].iter().all(|&x| x == 8)
+            && b[edge + 4096..].iter().all(|&x| x == 0)));
     }
 }
