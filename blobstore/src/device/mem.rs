@@ -24,8 +24,9 @@
 //!   it was submitted, which holds since writes complete at submission.
 //! - The file's pages are reserved (`fallocate`) at open, so running out of
 //!   room in tmpfs is an open error, not a fault on a later write. They are
-//!   mapped into this process a chunk at a time, at the chunk's first write
-//!   (`MADV_POPULATE_WRITE`), not page by page as writes reach them.
+//!   mapped into this process 256 KiB at a time, at the first write into
+//!   each region (`MADV_POPULATE_WRITE`), not page by page as writes reach
+//!   them.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
