@@ -625,13 +625,7 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
     // A process just killed may hold the lock a moment longer (the kernel
     // tears its io_uring down after it is reaped): wait for that, not for a
     // live owner. The lock is released explicitly when `file` is dropped.
-    let file = FileLock::wait_exclusive(file, image, LOCK_WAIT).map_err(|e| match e {
-        Error::Busy(_) => Error::Busy(format!(
-            "{} is in use by another process; stop it before power-loss recovery",
-            image.display()
-        )),
-        e => e,
-    })?;
+    let file = FileLock::wait_exclusive(file, image, LOCK_WAIT)?;
     let mut report = RecoveryReport {
         torn_tail: log.torn_tail,
         ..RecoveryReport::default()
