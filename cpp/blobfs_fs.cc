@@ -17,6 +17,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <vector>
 
@@ -81,9 +82,17 @@ rust::Slice<const std::uint8_t> In(const Slice& s) {
       reinterpret_cast<const std::uint8_t*>(s.data()), s.size());
 }
 
-// Reads [offset, offset + n) into scratch; *result is the bytes read.
+// Reads [offset, offset + n) into scratch; *result is the bytes read. A
+// null scratch (what RocksDB passes to a file opened for mmap reads) is
+// refused: no slice is ever built from a null pointer.
 IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
                 char* scratch) {
+  if (scratch == nullptr && n > 0) {
+    *result = Slice();
+    return IOStatus::InvalidArgument(
+        "read into a null buffer (only files opened with use_mmap_reads "
+        "take one)");
+  }
   size_t got = 0;
   IOStatus s = ToIOStatus(h.read_at(offset, Out(scratch, n), got));
   *result = Slice(scratch, s.ok() ? got : 0);
@@ -148,6 +157,86 @@ class BlobRandomAccessFile : public FSRandomAccessFile {
 
  private:
   rust::Box<FileHandle> h_;
+};
+
+// A file opened with use_mmap_reads: RocksDB then reads with a null
+// scratch and keeps the returned slice as long as the file is open, as it
+// would keep a pointer into a mapping. The file's bytes, as long as it was
+// at open (a POSIX mapping has that length too), are copied on first touch,
+// one chunk at a time, into an anonymous mapping that lives as long as this
+// object; no byte is read from BlobFS twice.
+class BlobMmapReadFile : public FSRandomAccessFile {
+ public:
+  static constexpr uint64_t kChunk = 1 << 20;
+
+  BlobMmapReadFile(rust::Box<FileHandle> h, uint64_t size, char* mem)
+      : h_(std::move(h)),
+        size_(size),
+        mem_(mem),
+        filled_((size + kChunk - 1) / kChunk) {}
+  ~BlobMmapReadFile() override {
+    if (mem_ != nullptr) munmap(mem_, size_);
+    h_->close();
+  }
+
+  // The mapping for a file of `size` bytes (nullptr for an empty file, or
+  // when the kernel refuses: the caller reports that).
+  static char* Map(uint64_t size) {
+    if (size == 0) return nullptr;
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
+  }
+
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
+                char*, IODebugContext*) const override {
+    *result = Slice();
+    if (offset >= size_ || n == 0) return IOStatus::OK();
+    const uint64_t end = std::min<uint64_t>(size_, offset + n);
+    IOStatus s = Fill(offset, end);
+    if (s.ok()) *result = Slice(mem_ + offset, end - offset);
+    return s;
+  }
+  IOStatus MultiRead(FSReadRequest* reqs, size_t num_reqs,
+                     const IOOptions& opts, IODebugContext* dbg) override {
+    for (size_t i = 0; i < num_reqs; ++i) {
+      FSReadRequest& r = reqs[i];
+      r.status = Read(r.offset, r.len, opts, &r.result, nullptr, dbg);
+    }
+    return IOStatus::OK();
+  }
+  IOStatus GetFileSize(uint64_t* size) override {
+    *size = size_;
+    return IOStatus::OK();
+  }
+
+ private:
+  // Copies the chunks under [from, to) in, once each.
+  IOStatus Fill(uint64_t from, uint64_t to) const {
+    std::lock_guard<std::mutex> g(mu_);
+    for (uint64_t c = from / kChunk; c * kChunk < to; ++c) {
+      if (filled_[c]) continue;
+      const uint64_t at = c * kChunk;
+      const size_t len = static_cast<size_t>(std::min(kChunk, size_ - at));
+      size_t got = 0;
+      IOStatus s = ToIOStatus(h_->read_at(at, Out(mem_ + at, len), got));
+      if (!s.ok()) return s;
+      if (got != len) {
+        return IOStatus::Corruption("file shorter than at open: read " +
+                                    std::to_string(got) + " of " +
+                                    std::to_string(len) + " bytes at " +
+                                    std::to_string(at));
+      }
+      filled_[c] = true;
+    }
+    return IOStatus::OK();
+  }
+
+  rust::Box<FileHandle> h_;
+  const uint64_t size_;
+  char* const mem_;
+  mutable std::mutex mu_;
+  mutable std::vector<bool> filled_;
 };
 
 class BlobWritableFile : public FSWritableFile {
@@ -268,12 +357,24 @@ class BlobFileSystem : public FileSystem {
     return IOStatus::OK();
   }
 
-  IOStatus NewRandomAccessFile(const std::string& fname, const FileOptions&,
+  IOStatus NewRandomAccessFile(const std::string& fname,
+                               const FileOptions& opts,
                                std::unique_ptr<FSRandomAccessFile>* result,
                                IODebugContext*) override {
     Status st;
     auto h = fs_->open_file(Str(fname), OpenMode::Read, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
+    if (opts.use_mmap_reads) {
+      const uint64_t size = h->len();
+      char* mem = BlobMmapReadFile::Map(size);
+      if (size > 0 && mem == nullptr) {
+        return IOStatus::IOError(fname + ": cannot map " +
+                                 std::to_string(size) +
+                                 " bytes for mmap reads");
+      }
+      result->reset(new BlobMmapReadFile(std::move(h), size, mem));
+      return IOStatus::OK();
+    }
     result->reset(new BlobRandomAccessFile(std::move(h)));
     return IOStatus::OK();
   }

@@ -307,3 +307,52 @@ fn injected_write_error_reaches_rocksdb() {
     }
     db.put_opt(key(200), value(200, 0), &synced).unwrap();
 }
+
+/// `allow_mmap_reads` makes RocksDB read with a null buffer and keep the
+/// slice it gets back (PlainTable reads a whole file that way): on BlobFS
+/// such files are served from a mapping the file object owns, for the
+/// plain table and for block-based tables alike, across a flush, a
+/// compaction and a reopen.
+#[test]
+fn mmap_reads_serve_plain_and_block_tables() {
+    use rocksdb::{KeyEncodingType, PlainTableFactoryOptions, SliceTransform};
+    for plain in [true, false] {
+        let uri = "blobfs://mem:512M;cache=8M";
+        let path = if plain { "/mmap/plain" } else { "/mmap/block" };
+        let mut opts = small_options();
+        opts.set_allow_mmap_reads(true);
+        if plain {
+            opts.set_prefix_extractor(SliceTransform::create_fixed_prefix(3));
+            opts.set_plain_table_factory(&PlainTableFactoryOptions {
+                user_key_length: 0,
+                bloom_bits_per_key: 10,
+                hash_table_ratio: 0.75,
+                index_sparseness: 16,
+                huge_page_tlb_size: 0,
+                encoding_type: KeyEncodingType::Plain,
+                full_scan_mode: false,
+                store_index_in_file: false,
+            });
+        }
+        let mut model = BTreeMap::new();
+        {
+            let db = rocksdb_env::open_db(uri, path, &opts).unwrap();
+            for round in 0..2u32 {
+                for i in (0..5_000u32).filter(|i| i % (round + 2) == 0) {
+                    db.put(key(i), value(i, round)).unwrap();
+                    model.insert(key(i), value(i, round));
+                }
+                db.flush().unwrap();
+            }
+            db.compact_range::<&[u8], &[u8]>(None, None);
+            assert!(
+                files_per_level(&db).iter().sum::<u64>() > 0,
+                "no table files"
+            );
+            verify(&db, &model);
+        }
+        let db = rocksdb_env::open_db(uri, path, &opts).unwrap();
+        verify(&db, &model);
+        assert_eq!(db.get(key(1)).unwrap(), None);
+    }
+}
