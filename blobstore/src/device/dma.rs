@@ -32,8 +32,7 @@ impl Iova {
 
 /// Gives memory that a [`DmaBuf`] borrowed from a pool back to it (called
 /// once, when the last reference to the buffer's memory goes).
-#[cfg_attr(not(feature = "nvme"), allow(dead_code))]
-pub(crate) trait DmaRelease: Send + Sync {
+pub trait DmaRelease: Send + Sync {
     /// Returns the memory to its owner.
     fn release(&mut self);
 }
@@ -41,8 +40,8 @@ pub(crate) trait DmaRelease: Send + Sync {
 enum AllocOwner {
     /// `alloc_zeroed` with this layout.
     Heap(Layout),
-    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
-    /// Memory lent by a pool (e.g. VFIO-mapped hugepages).
+    /// Memory lent by a pool (e.g. VFIO-mapped hugepages, or a caller's
+    /// shared mapping).
     Pool(Box<dyn DmaRelease>),
 }
 
@@ -107,7 +106,6 @@ impl DmaBuf {
     /// `ptr` must be aligned to [`DMA_ALIGN`], valid for reads and writes of
     /// `capacity` bytes that are initialised, and owned by this buffer alone
     /// until `release` runs.
-    #[cfg_attr(not(feature = "nvme"), allow(dead_code))]
     pub(crate) unsafe fn from_pool(
         ptr: NonNull<u8>,
         capacity: usize,
@@ -126,6 +124,32 @@ impl DmaBuf {
             }),
             len: len_bytes,
         }
+    }
+
+    /// A buffer over memory its caller owns (a slot of a shared mapping,
+    /// say): `capacity` bytes at `ptr`, of which the first `len_bytes` are
+    /// visible, given back through `release` when the last reference goes
+    /// (the buffer's, or an in-flight operation's). Devices that need
+    /// IOVA-mapped memory copy through their own buffers.
+    ///
+    /// # Safety
+    /// `ptr` must be aligned to [`DMA_ALIGN`], valid for reads and writes of
+    /// `capacity` initialised bytes, and reached by nobody else until
+    /// `release` runs.
+    pub unsafe fn from_external(
+        ptr: NonNull<u8>,
+        capacity: usize,
+        len_bytes: usize,
+        release: Box<dyn DmaRelease>,
+    ) -> Result<DmaBuf> {
+        if len_bytes > capacity || !(ptr.as_ptr() as usize).is_multiple_of(DMA_ALIGN) {
+            return Err(Error::InvalidArgument(format!(
+                "external buffer of {capacity} bytes at {:p}: length {len_bytes} or alignment",
+                ptr.as_ptr()
+            )));
+        }
+        // SAFETY: the caller's promises are from_pool's.
+        Ok(unsafe { DmaBuf::from_pool(ptr, capacity, len_bytes, None, release) })
     }
 
     /// Where devices see the first byte, when the memory is IOVA-mapped

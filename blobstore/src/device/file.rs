@@ -92,6 +92,8 @@ pub struct FileDevice {
     queue_depth: u32,
     geometry: Geometry,
     id: DeviceId,
+    /// See [`BlockDevice::unsynced_memory`].
+    unsynced: PathBuf,
 }
 
 impl FileDevice {
@@ -157,6 +159,7 @@ impl FileDevice {
             context: format!("stat of file device {shown}"),
             source: e,
         })?;
+        let unsynced = super::unsynced_memory_path(&meta);
         let ft = meta.file_type();
         let (target, block_size, size_bytes) = if ft.is_file() {
             let bs = options.block_size.unwrap_or(4096);
@@ -248,6 +251,7 @@ impl FileDevice {
                 unmap_reads_zeroes: target == Target::RegularFile,
             },
             id: DeviceId::fresh(),
+            unsynced,
         })
     }
 
@@ -291,6 +295,10 @@ impl BlockDevice for FileDevice {
             options: self.options,
         }
         .to_string()
+    }
+
+    fn unsynced_memory(&self) -> Option<PathBuf> {
+        Some(self.unsynced.clone())
     }
 
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {

@@ -254,6 +254,8 @@ struct SharedFile {
     _file: FileLock,
     path: PathBuf,
     options: ShmOptions,
+    /// See [`BlockDevice::unsynced_memory`].
+    unsynced: PathBuf,
 }
 
 /// A block device in memory with 512- or 4096-byte blocks: on the heap
@@ -424,6 +426,7 @@ impl MemDevice {
             shared: Some(Arc::new(SharedFile {
                 _file: file,
                 path,
+                unsynced: super::unsynced_memory_path(&meta),
                 options: ShmOptions {
                     size_bytes: Some(size_bytes),
                     block_size: Some(bs),
@@ -520,6 +523,9 @@ impl BlockDevice for MemDevice {
             .to_string(),
             None => format!("mem:{}", self.geometry.size_bytes()),
         }
+    }
+    fn unsynced_memory(&self) -> Option<PathBuf> {
+        self.shared.as_ref().map(|s| s.unsynced.clone())
     }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
         Ok(Box::new(MemBackend {

@@ -21,7 +21,7 @@ pub mod nvme;
 pub mod powerloss;
 mod spec;
 
-pub use dma::{DmaBuf, Iova, Segment, DMA_ALIGN};
+pub use dma::{DmaBuf, DmaRelease, Iova, Segment, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
 pub use lock::wait_unlocked;
 pub use mem::{MemDevice, ShmOptions};
@@ -32,6 +32,7 @@ pub use spec::{open_device, DeviceSpec, PciAddress};
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +163,46 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         DmaBuf::new(len_bytes)
     }
+    /// Where the device's owner keeps what it wrote and has not synced yet,
+    /// in memory that outlives the owning process but not the machine (a
+    /// file on tmpfs, see [`unsynced_memory_path`]), as the kernel's page
+    /// cache does for a file: the next owner after a crash of the process
+    /// finds it there. `None` (the default) for devices whose blocks die
+    /// with the process (RAM) or that play a power cut (which loses that
+    /// memory too): their owners keep such data in plain memory.
+    fn unsynced_memory(&self) -> Option<PathBuf> {
+        None
+    }
+}
+
+/// Environment variable naming the directory of unsynced memory files
+/// (default `/dev/shm`). It must be a tmpfs: memory that a reboot clears.
+pub const UNSYNCED_DIR_ENV: &str = "BLOBSTACK_UNSYNCED_DIR";
+
+/// The unsynced-memory file of the device whose backing file or device
+/// node has metadata `meta` (see [`BlockDevice::unsynced_memory`]): named
+/// by the file's device and inode numbers, which are stable for as long as
+/// the machine runs and the file exists, and which a second open of the
+/// same file (under any path) finds again.
+pub fn unsynced_memory_path(meta: &std::fs::Metadata) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::env::var_os(UNSYNCED_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    dir.join(format!(
+        "blobstack-{:x}-{:x}.unsynced",
+        meta.dev(),
+        meta.ino()
+    ))
+}
+
+/// [`unsynced_memory_path`] of the file at `path`.
+pub fn unsynced_memory_path_of(path: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::Os {
+        context: format!("stat of {}", path.display()),
+        source: e,
+    })?;
+    Ok(unsynced_memory_path(&meta))
 }
 
 /// A thread's channels, with a weak link to each device so channels of

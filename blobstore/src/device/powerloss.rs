@@ -337,6 +337,12 @@ impl BlockDevice for PowerLossDevice {
     fn name(&self) -> String {
         self.name.clone()
     }
+    /// The image's: until [`recover`] plays the power cut (which discards
+    /// it, as a power cut loses memory), a killed owner's unsynced data is
+    /// there for the next, as on the plain device.
+    fn unsynced_memory(&self) -> Option<PathBuf> {
+        self.inner.unsynced_memory()
+    }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
         Ok(Box::new(PowerLossBackend {
             inner: self.inner.new_backend()?,
@@ -551,6 +557,9 @@ pub struct RecoveryReport {
     /// The log ended inside a record (an append cut short by the kill; its
     /// write was never issued).
     pub torn_tail: bool,
+    /// The killed owner had left unsynced data in memory, which the cut
+    /// discarded.
+    pub unsynced_memory_lost: bool,
 }
 
 impl std::fmt::Display for RecoveryReport {
@@ -684,6 +693,19 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
     report.writes = fates.len() as u64;
     report.durable = durable_seen.len() as u64;
     file.sync_all().map_err(|e| os("syncing", 0, e))?;
+    // The cut takes the machine's memory with it: the owner's unsynced data
+    // (see `BlockDevice::unsynced_memory`) is gone, as after a reboot.
+    let unsynced = super::unsynced_memory_path(&file.metadata().map_err(|e| os("stat of", 0, e))?);
+    match std::fs::remove_file(&unsynced) {
+        Ok(()) => report.unsynced_memory_lost = true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::Os {
+                context: format!("deleting the unsynced memory {}", unsynced.display()),
+                source: e,
+            })
+        }
+    }
     std::fs::remove_file(&path).map_err(|e| Error::Os {
         context: format!("deleting the power-loss log {}", path.display()),
         source: e,
