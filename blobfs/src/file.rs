@@ -23,6 +23,14 @@
 //!   metadata holds `len`, both durable.
 //! - Appends copy the caller's bytes once, into DMA memory, and reach the
 //!   device in block-aligned chunks of `WRITE_CHUNK` bytes.
+//! - Append buffers are slots of the mount's unsynced memory
+//!   (`unsynced.rs`), and each one's header describes the file bytes it
+//!   holds once an append returns. Every byte below `len` is in such a
+//!   buffer or on the blob under durable metadata: a write behind the
+//!   appender keeps its slot's header until its bytes and their clusters
+//!   are durable (`land_behind`); a spill, a write below the buffer and a
+//!   truncate make the blob's state durable before a buffer lets bytes go.
+//!   So a killed process loses nothing an append returned for.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -33,6 +41,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::error::{Context, Error, Result};
 use crate::fs::FsInner;
 use crate::meta;
+use crate::unsynced::Unsynced;
 
 /// Appends are written to the device in chunks of this many bytes.
 pub const WRITE_CHUNK: usize = 4 << 20;
@@ -189,9 +198,7 @@ impl FileNode {
     /// Loads the buffer (and the partial block at `buf_start`) on first use.
     async fn buffer<'a>(&self, st: &'a mut WriteState, fs: &FsInner) -> Result<&'a mut DmaBuf> {
         if st.buf.is_none() {
-            let mut b = fs
-                .append_buf(WRITE_CHUNK + 2 * self.unit as usize)
-                .map_err(|e| Error::store(&self.name(), e))?;
+            let mut b = fs.append_buf(WRITE_CHUNK + 2 * self.unit as usize)?;
             if st.used > 0 {
                 let unit = DmaBuf::new(self.unit as usize).ctx(&self.name())?;
                 let unit = self
@@ -370,30 +377,54 @@ impl FileNode {
         if full == 0 {
             return Ok(());
         }
+        let cap = WRITE_CHUNK + 2 * self.unit as usize;
         if st.clean > 0 {
             self.write_buffer(st, full, fs).await?;
-            let buf = st.buf.as_mut().expect("buffer loaded");
+            // Those bytes leave the buffer (and its unsynced memory): the
+            // clusters under them must be durable first.
+            self.persist_clusters().await?;
+            let mut next = fs.append_buf(cap)?;
             let tail = st.used - full;
-            buf.copy_within(full..st.used, 0);
+            let old = st.buf.take().expect("buffer loaded");
+            next[..tail].copy_from_slice(&old[full..st.used]);
             st.used = tail;
             st.clean = 0;
             st.buf_start += full as u64;
+            fs.unsynced.describe(
+                &next,
+                self.blob.id().0,
+                st.buf_start,
+                tail,
+                self.len.load(Ordering::Acquire),
+            );
+            st.buf = Some(next);
+            fs.give_back_buf(old);
             self.flushed.store(st.buf_start, Ordering::Release);
             return Ok(());
         }
         let spare = self.settle(st)?;
         let (from, to) = (st.buf_start, st.buf_start + full as u64);
         self.ensure_capacity(to).await?;
-        let cap = WRITE_CHUNK + 2 * self.unit as usize;
         let mut next = match spare {
             Some(b) if b.capacity() >= cap => b,
-            _ => fs.append_buf(cap).ctx(&self.name())?,
+            other => {
+                if let Some(b) = other {
+                    fs.give_back_buf(b);
+                }
+                fs.append_buf(cap)?
+            }
         };
         next.set_len(cap).ctx(&self.name())?;
         let mut buf = st.buf.take().expect("buffer loaded");
         let tail = st.used - full;
         next[..tail].copy_from_slice(&buf[full..st.used]);
         buf.set_len(full).ctx(&self.name())?;
+        // The bytes stay in unsynced memory until they are on the blob
+        // under durable metadata (`land_behind`).
+        let len = self.len.load(Ordering::Acquire);
+        fs.unsynced
+            .describe(&buf, self.blob.id().0, from, full, len);
+        fs.unsynced.describe(&next, self.blob.id().0, to, tail, len);
         // Readers keep off the blob's copy of the range until it is there;
         // the cache has the new bytes at once.
         self.behind.start(from, to);
@@ -407,8 +438,38 @@ impl FileNode {
         let lba = from / self.unit;
         if let Err(buf) = fs.write_behind(self.clone(), lba, buf) {
             // No writer thread: write it here.
-            let outcome = self.blob.write(lba, buf).await.map_err(|e| e.to_string());
+            let outcome = self.land_behind(&fs.unsynced, lba, buf).await;
             self.behind.finish(outcome);
+        }
+        Ok(())
+    }
+
+    /// A write behind the appender: puts `buf` on the blob at `lba`, makes
+    /// the clusters under it durable, and only then lets its unsynced
+    /// memory go (its bytes are safe from a killed process from there).
+    pub async fn land_behind(
+        &self,
+        unsynced: &Unsynced,
+        lba: u64,
+        buf: DmaBuf,
+    ) -> std::result::Result<DmaBuf, String> {
+        let buf = self.blob.write(lba, buf).await.map_err(|e| e.to_string())?;
+        self.persist_clusters().await.map_err(|e| e.to_string())?;
+        unsynced.retire(&buf);
+        Ok(buf)
+    }
+
+    /// Makes the blob's cluster map durable when it changed, so bytes
+    /// written to new clusters can be found after the process dies. The
+    /// length is not part of it: only `sync` moves `fs.len` (an unsynced
+    /// length lives in the unsynced memory), so after a power cut nothing
+    /// past the synced length is ever read.
+    async fn persist_clusters(&self) -> Result<()> {
+        if self.blob.is_dirty() {
+            self.blob
+                .sync_metadata_unordered()
+                .await
+                .ctx(&self.name())?;
         }
         Ok(())
     }
@@ -429,7 +490,18 @@ impl FileNode {
         // Reserve space first, so running out changes nothing.
         self.ensure_capacity(self.align_up(end)).await?;
         if off < st.buf_start {
+            // Below the buffer: make everything durable first, so that the
+            // buffer (and its unsynced memory) can go, rewrite on the blob,
+            // and make that durable too before returning.
+            self.sync_locked(st, fs).await?;
+            if let Some(buf) = st.buf.take() {
+                fs.give_back_buf(buf);
+            }
             self.write_through(st, fs, off, data).await?;
+            self.len.fetch_max(end, Ordering::AcqRel);
+            self.mtime.store(meta::now_ns(), Ordering::Release);
+            st.md_dirty = true;
+            return self.sync_locked(st, fs).await;
         } else {
             let mut pos = 0;
             while pos < data.len() {
@@ -448,14 +520,20 @@ impl FileNode {
                 }
             }
         }
-        self.len.fetch_max(end, Ordering::AcqRel);
+        let len = self.len.fetch_max(end, Ordering::AcqRel).max(end);
         self.mtime.store(meta::now_ns(), Ordering::Release);
         st.md_dirty = true;
+        if let Some(buf) = &st.buf {
+            // The bytes are in the buffer: now say so in its header.
+            fs.unsynced
+                .describe(buf, self.blob.id().0, st.buf_start, st.used, len);
+        }
         Ok(())
     }
 
-    /// A write that reaches below the buffer: write the buffer out, then
-    /// read-modify-write whole blocks on the blob, then restart the buffer.
+    /// A write that reaches below the buffer, whose bytes are all on the
+    /// blob (synced, the buffer gone): read-modify-write whole blocks on
+    /// the blob, then restart the buffer at the end.
     async fn write_through(
         &self,
         st: &mut WriteState,
@@ -463,13 +541,8 @@ impl FileNode {
         off: u64,
         data: &[u8],
     ) -> Result<()> {
+        debug_assert!(st.buf.is_none());
         let name = self.name();
-        self.settle_into(st, fs)?;
-        if st.used > 0 {
-            self.buffer(st, fs).await?;
-            let padded = self.align_up(st.used as u64) as usize;
-            self.write_buffer(st, padded, fs).await?;
-        }
         let end = off + data.len() as u64;
         let (a, b) = (self.align_down(off), self.align_up(end));
         let mut tmp = DmaBuf::new((b - a) as usize).ctx(&name)?;
@@ -480,7 +553,6 @@ impl FileNode {
         fs.invalidate(self, a, b);
         // Restart the buffer at the (possibly new) end.
         let len = self.len.load(Ordering::Acquire).max(end);
-        st.buf = None;
         st.buf_start = self.align_down(len);
         st.used = (len - st.buf_start) as usize;
         st.clean = 0;
@@ -491,7 +563,11 @@ impl FileNode {
     /// Makes data and length durable.
     pub async fn sync(&self, fs: &FsInner) -> Result<()> {
         let mut st = self.state.lock().await;
-        let st = &mut *st;
+        self.sync_locked(&mut st, fs).await
+    }
+
+    /// [`FileNode::sync`] with the write lock held.
+    async fn sync_locked(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
         let name = self.name();
         self.settle_into(st, fs)?;
         self.check_failed(st)?;
@@ -581,16 +657,18 @@ impl FileNode {
         // A failed write-behind marks the file failed; the truncate below
         // clears that, as it does for a failed write here.
         let _ = self.settle_into(st, fs);
+        // Everything durable first, so the blob alone is the truth and the
+        // buffer (with its unsynced memory) can go before the length moves.
+        if st.failed.is_none() {
+            self.sync_locked(st, fs).await?;
+        }
+        if let Some(buf) = st.buf.take() {
+            fs.give_back_buf(buf);
+        }
         let len = self.len.load(Ordering::Acquire);
         let old_size = self.blob.size_bytes();
         if new_len > len {
             self.ensure_capacity(self.align_up(new_len)).await?;
-        }
-        // Put everything on the blob, so the blob alone is the truth.
-        if st.used > 0 && st.failed.is_none() {
-            self.buffer(st, fs).await?;
-            let padded = self.align_up(st.used as u64) as usize;
-            self.write_buffer(st, padded, fs).await?;
         }
         if new_len < len {
             // A shrink is durable when it returns: later writes may reuse
@@ -631,7 +709,6 @@ impl FileNode {
             old_size.max(self.blob.size_bytes()),
         );
         self.len.store(new_len, Ordering::Release);
-        st.buf = None;
         st.buf_start = self.align_down(new_len);
         st.used = (new_len - st.buf_start) as usize;
         st.clean = 0;
@@ -639,7 +716,9 @@ impl FileNode {
         self.mtime.store(meta::now_ns(), Ordering::Release);
         st.md_dirty = true;
         st.failed = None;
-        Ok(())
+        // Durable when it returns: no unsynced memory describes the new
+        // length, so a killed process must not lose it.
+        self.sync_locked(st, fs).await
     }
 
     /// Reads up to `dst.len()` bytes at `off`; returns how many (0 at EOF).

@@ -26,6 +26,7 @@ use crate::error::{Context, Error, Result};
 use crate::file::{File, FileNode, Metadata, Readahead};
 use crate::meta;
 use crate::name::{self, normalize, normalize_entry};
+use crate::unsynced::{self, Owner, Record, Unsynced, UnsyncedRecovery};
 
 /// Options for [`BlobFs::mount`] (and [`BlobFs::mkfs`], which mounts).
 #[derive(Clone, Debug)]
@@ -204,14 +205,13 @@ pub(crate) struct FsInner {
     /// The writer thread's queue (started on first use): appends' full
     /// buffers go there to be written behind the appender.
     writer: Mutex<Option<Writer>>,
-    /// Append buffers of closed files, for the next files to reuse: a fresh
-    /// 4 MiB buffer costs a page fault and a zeroing per page, for every
-    /// WAL and SST file RocksDB writes.
-    spare_bufs: Mutex<Vec<blobstore::DmaBuf>>,
+    /// Where append buffers live: memory that outlives the process (see
+    /// `unsynced.rs`). Its free slots keep their pages for the next files,
+    /// so a new WAL or SST file does not fault in and zero a fresh 4 MiB.
+    pub unsynced: Arc<Unsynced>,
+    /// What this mount found in the unsynced memory a dead process left.
+    recovery: UnsyncedRecovery,
 }
-
-/// Append buffers [`FsInner`] keeps for reuse (two per file being written).
-const SPARE_BUFS: usize = 8;
 
 /// The writer thread and its queue.
 struct Writer {
@@ -223,9 +223,9 @@ struct Writer {
 type BehindJob = (Arc<FileNode>, u64, blobstore::DmaBuf);
 
 /// The writer thread: writes each job's buffer and reports to the file.
-fn run_writer(jobs: std::sync::mpsc::Receiver<BehindJob>) {
+fn run_writer(jobs: std::sync::mpsc::Receiver<BehindJob>, unsynced: Arc<Unsynced>) {
     while let Ok((node, lba, buf)) = jobs.recv() {
-        let outcome = block_on(node.blob.write(lba, buf)).map_err(|e| e.to_string());
+        let outcome = block_on(node.land_behind(&unsynced, lba, buf));
         let behind = node.behind.clone();
         // Let go of the node before waking anyone: a delete waiting for
         // this write then finds the node free.
@@ -243,6 +243,9 @@ pub(crate) fn is_mounted(id: blobstore::device::DeviceId) -> bool {
 
 impl Drop for FsInner {
     fn drop(&mut self) {
+        // Gone without an unmount (an unmount retires every header first):
+        // what was not synced stays for the next mount, as after a crash.
+        self.unsynced.keep_on_free();
         // Writes behind still in flight finish before the device is free.
         if let Some(w) = self.writer.get_mut().take() {
             drop(w.jobs);
@@ -264,9 +267,10 @@ impl FsInner {
         let mut w = self.writer.lock();
         if w.is_none() {
             let (tx, rx) = std::sync::mpsc::channel();
+            let unsynced = self.unsynced.clone();
             let Ok(thread) = std::thread::Builder::new()
                 .name("blobfs-writer".into())
-                .spawn(move || run_writer(rx))
+                .spawn(move || run_writer(rx, unsynced))
             else {
                 return Err(buf);
             };
@@ -276,24 +280,17 @@ impl FsInner {
         jobs.send((node, lba, buf)).map_err(|e| (e.0).2)
     }
 
-    /// An append buffer of `len` bytes: a closed file's, or a new one. Its
-    /// bytes are stale; the appender writes before it reads them.
-    pub fn append_buf(&self, len: usize) -> blobstore::Result<blobstore::DmaBuf> {
-        if let Some(mut b) = self.spare_bufs.lock().pop() {
-            if b.capacity() >= len {
-                b.set_len(len)?;
-                return Ok(b);
-            }
-        }
-        blobstore::DmaBuf::new(len)
+    /// An append buffer of `len` bytes in unsynced memory, with no header
+    /// yet. Its bytes are stale; the appender writes before it reads them.
+    pub fn append_buf(&self, len: usize) -> Result<blobstore::DmaBuf> {
+        self.unsynced.alloc(len)
     }
 
-    /// Keeps a closed file's append buffer for [`FsInner::append_buf`].
+    /// Gives an append buffer back: its bytes are on the blob under durable
+    /// metadata (or no longer the file's), so its header goes, and its slot
+    /// serves the next [`FsInner::append_buf`].
     pub fn give_back_buf(&self, buf: blobstore::DmaBuf) {
-        let mut spare = self.spare_bufs.lock();
-        if spare.len() < SPARE_BUFS {
-            spare.push(buf);
-        }
+        self.unsynced.retire(&buf);
     }
 
     /// Marks bytes `[from, to)` of a file as changed on the blob: bumps
@@ -465,6 +462,87 @@ async fn check_tail(blob: &Blob, len: u64, tail: &[u8], what: &str) -> Result<u6
     Ok(prev)
 }
 
+/// Writes back what a dead process left in unsynced memory for one file
+/// (`recs`, all of the last mount): each buffer's bytes in the order they
+/// were written, then the length, synced (ordered: data before length).
+/// Returns the file's length. Buffers that do not fit what the device holds
+/// are not applied, and said so in `report`.
+async fn write_back(
+    blob: &Blob,
+    len: u64,
+    mut recs: Vec<Record>,
+    region: &Unsynced,
+    cluster: u64,
+    what: &str,
+    report: &mut UnsyncedRecovery,
+) -> Result<u64> {
+    recs.sort_by_key(|r| r.header.seq);
+    let unit = blob.io_unit_size() as u64;
+    let new_len = recs.iter().map(|r| r.header.file_len).max().unwrap_or(len);
+    let first = recs.iter().map(|r| r.header.file_off).min().unwrap_or(len);
+    let odd = recs.iter().find(|r| {
+        let h = &r.header;
+        !h.file_off.is_multiple_of(unit)
+            || h.used > unsynced::SLOT_DATA as u64
+            || h.file_off + h.used > h.file_len
+    });
+    let refuse = if let Some(r) = odd {
+        Some(format!(
+            "buffer at file byte {} with {} bytes for a length of {} is not an append buffer",
+            r.header.file_off, r.header.used, r.header.file_len
+        ))
+    } else if new_len < len {
+        Some(format!(
+            "it says the length is {new_len}, below the synced length {len}"
+        ))
+    } else if first > len && first > blob.size_bytes() {
+        Some(format!(
+            "bytes {}..{first} are neither in it nor on the device",
+            blob.size_bytes()
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = refuse {
+        report
+            .ignored
+            .push(format!("{} buffer(s) of {what}: {why}", recs.len()));
+        return Ok(len);
+    }
+    if blob.size_bytes() < new_len {
+        blob.resize_uninit(new_len.div_ceil(cluster))
+            .await
+            .ctx(what)?;
+    }
+    for r in &recs {
+        let used = r.header.used as usize;
+        if used == 0 {
+            continue;
+        }
+        let padded = (used as u64).div_ceil(unit) * unit;
+        let mut buf = DmaBuf::new(padded as usize).ctx(what)?;
+        if padded > used as u64 {
+            // The last block keeps what the blob has past these bytes.
+            let last = r.header.file_off + padded - unit;
+            let blk = DmaBuf::new(unit as usize).ctx(what)?;
+            let blk = blob.read(last / unit, blk).await.ctx(what)?;
+            buf[(padded - unit) as usize..].copy_from_slice(&blk);
+        }
+        region.read_data(r, &mut buf[..used])?;
+        blob.write(r.header.file_off / unit, buf).await.ctx(what)?;
+        report.buffers += 1;
+        report.bytes += used as u64;
+    }
+    blob.set_xattr(meta::LEN, &meta::enc_u64(new_len))
+        .ctx(what)?;
+    if blob.get_xattr(meta::TAIL).is_some() {
+        blob.remove_xattr(meta::TAIL).ctx(what)?;
+    }
+    blob.sync_metadata().await.ctx(what)?;
+    report.files += 1;
+    Ok(new_len)
+}
+
 /// Why the device on which a mount found no BlobFS is not one, naming what
 /// it holds (shown after "not a BlobFS: "): `file:/x.img holds a blobstore
 /// of type "kv"`, `... holds an ext4 file system (signature at byte 1080)`,
@@ -526,10 +604,13 @@ impl BlobFs {
         .ctx("mkfs")?;
         let sb = bs
             .create_blob(BlobOptions {
-                xattrs: vec![(
-                    meta::VERSION.into(),
-                    meta::FORMAT_VERSION.to_le_bytes().to_vec(),
-                )],
+                xattrs: vec![
+                    (
+                        meta::VERSION.into(),
+                        meta::FORMAT_VERSION.to_le_bytes().to_vec(),
+                    ),
+                    (meta::FS_ID.into(), unsynced::random_id()?.to_vec()),
+                ],
                 ..Default::default()
             })
             .await
@@ -596,11 +677,48 @@ impl BlobFs {
         let sb = bs
             .super_blob()
             .ok_or_else(|| Error::Corrupt("no super blob".into()))?;
-        {
-            let b = bs.open_blob(sb).await.ctx("super blob")?;
-            let v = b.get_xattr(meta::VERSION);
-            if v.as_deref() != Some(&meta::FORMAT_VERSION.to_le_bytes()[..]) {
-                return Err(Error::Corrupt(format!("unsupported BlobFS version {v:?}")));
+        let sb_blob = bs.open_blob(sb).await.ctx("super blob")?;
+        let v = sb_blob.get_xattr(meta::VERSION);
+        if v.as_deref() != Some(&meta::FORMAT_VERSION.to_le_bytes()[..]) {
+            return Err(Error::Corrupt(format!("unsupported BlobFS version {v:?}")));
+        }
+        let fs_id: [u8; 16] = match sb_blob.get_xattr(meta::FS_ID) {
+            Some(v) => v.as_slice().try_into().map_err(|_| {
+                Error::Corrupt(format!(
+                    "super blob: {} is {} bytes, not 16",
+                    meta::FS_ID,
+                    v.len()
+                ))
+            })?,
+            // A BlobFS made before ids: it gets one now (synced below).
+            None => unsynced::random_id()?,
+        };
+        let gen = match sb_blob.get_xattr(meta::MOUNT_GEN) {
+            Some(v) => meta::dec_u64(Some(v), meta::MOUNT_GEN, "super blob")?,
+            None => 0,
+        };
+        let here = Owner {
+            boot: unsynced::boot_id(),
+            fs: fs_id,
+            gen,
+        };
+        // What a process that died with this device left in memory: this
+        // mount's to write back if the last mount wrote it.
+        let mut recovery = UnsyncedRecovery {
+            path: dev.unsynced_memory(),
+            ..Default::default()
+        };
+        let region = Arc::new(Unsynced::open(recovery.path.as_deref())?);
+        let mut by_blob: HashMap<u64, Vec<Record>> = HashMap::new();
+        for rec in region.records()? {
+            match unsynced::stale_reason(&rec.header.owner, &here) {
+                None => by_blob.entry(rec.header.blob).or_default().push(rec),
+                Some(why) => recovery.ignored.push(format!(
+                    "buffer of blob {} (file bytes {}..{}): {why}",
+                    rec.header.blob,
+                    rec.header.file_off,
+                    rec.header.file_off + rec.header.used
+                )),
             }
         }
         let mut found: HashMap<String, Vec<Found>> = HashMap::new();
@@ -640,6 +758,14 @@ impl BlobFs {
             if let Some(tail) = blob.get_xattr(meta::TAIL) {
                 len = check_tail(&blob, len, &tail, &format!("{what} ({name})")).await?;
             }
+            if kind == meta::KIND_FILE {
+                if let Some(recs) = by_blob.remove(&id.0) {
+                    let what = format!("{what} ({name})");
+                    let cluster = bs.cluster_size() as u64;
+                    len = write_back(&blob, len, recs, &region, cluster, &what, &mut recovery)
+                        .await?;
+                }
+            }
             max_seq = max_seq.max(seq);
             found.entry(name.clone()).or_default().push(Found {
                 id,
@@ -651,6 +777,29 @@ impl BlobFs {
                 mtime,
             });
         }
+        for (blob, recs) in by_blob {
+            for rec in recs {
+                recovery.ignored.push(format!(
+                    "buffer of blob {blob} (file bytes {}..{}): no such file any more \
+                     (deleted, or not a file)",
+                    rec.header.file_off,
+                    rec.header.file_off + rec.header.used
+                ));
+            }
+        }
+        // Everything applied is synced: only now does the memory go, and a
+        // new generation starts, so what an earlier mount wrote is stale
+        // from here on.
+        sb_blob.set_xattr(meta::FS_ID, &fs_id).ctx("super blob")?;
+        sb_blob
+            .set_xattr(meta::MOUNT_GEN, &meta::enc_u64(gen + 1))
+            .ctx("super blob")?;
+        sb_blob.sync_metadata().await.ctx("super blob")?;
+        drop(sb_blob);
+        region.reset(Owner {
+            gen: gen + 1,
+            ..here
+        })?;
         let inner = Arc::new(FsInner {
             cache: Cache::new(
                 opts.cache_bytes,
@@ -665,7 +814,8 @@ impl BlobFs {
             locks: Mutex::new(HashSet::new()),
             pending: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
-            spare_bufs: Mutex::new(Vec::new()),
+            unsynced: region,
+            recovery,
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.
@@ -756,6 +906,8 @@ impl BlobFs {
                 n.sync(&inner).await?;
             }
             inner.reap_pending().await?;
+            // Every file is synced: nothing in unsynced memory is needed.
+            inner.unsynced.retire_all();
         }
         let inner = Arc::try_unwrap(inner).map_err(|_| {
             Error::store(
@@ -766,6 +918,12 @@ impl BlobFs {
         let bs = inner.bs.clone();
         drop(inner);
         bs.unload().await.ctx("unmount")
+    }
+
+    /// What this mount found in the unsynced memory of a process that died
+    /// with the device (written back, or ignored and why).
+    pub fn unsynced_recovery(&self) -> &UnsyncedRecovery {
+        &self.inner.recovery
     }
 
     /// Synchronous [`BlobFs::unmount_async`].

@@ -18,6 +18,8 @@
 //!   `fs.seq`), unless the highest `fs.seq` is shared, which no crash can
 //!   produce (damage);
 //! - every name's parent is an existing directory;
+//! - unsynced memory a process that died with the device left (a warning
+//!   per buffer): what the next mount writes back, or ignores as stale;
 //! - blobstore level: thick blobs have all their clusters, and the clusters
 //!   the blobs hold plus the free ones add up to the store's data clusters,
 //!   and `Blobstore::check` (clusters and pages owned once, bitmaps agree).
@@ -81,6 +83,11 @@ pub struct FsckReport {
     pub dirs: u64,
     /// Sum of the files' lengths.
     pub file_bytes: u64,
+    /// Buffers of unsynced file data a dead process left, which the next
+    /// mount writes back (each is also a warning finding).
+    pub unsynced_buffers: u64,
+    /// Their bytes.
+    pub unsynced_bytes: u64,
 }
 
 impl FsckReport {
@@ -96,6 +103,56 @@ impl FsckReport {
             what: what.into(),
         });
     }
+}
+
+/// Reports what a dead process left in the device's unsynced memory at
+/// `path`: buffers the next mount writes back, and stale ones it ignores.
+async fn check_unsynced(bs: &Blobstore, path: &std::path::Path, r: &mut FsckReport) -> Result<()> {
+    let Some(records) = crate::unsynced::scan_path(path)? else {
+        return Ok(());
+    };
+    let Some(sb) = bs.super_blob() else {
+        return Ok(());
+    };
+    let b = bs.open_blob(sb).await.ctx("super blob")?;
+    let here = crate::unsynced::Owner {
+        boot: crate::unsynced::boot_id(),
+        fs: b
+            .get_xattr(meta::FS_ID)
+            .and_then(|v| v.try_into().ok())
+            .unwrap_or([0; 16]),
+        gen: b
+            .get_xattr(meta::MOUNT_GEN)
+            .and_then(|v| v.try_into().ok())
+            .map_or(0, u64::from_le_bytes),
+    };
+    for rec in records {
+        let h = &rec.header;
+        let what = format!(
+            "unsynced memory {}: file bytes {}..{} (length {})",
+            path.display(),
+            h.file_off,
+            h.file_off + h.used,
+            h.file_len
+        );
+        match crate::unsynced::stale_reason(&h.owner, &here) {
+            None => {
+                r.unsynced_buffers += 1;
+                r.unsynced_bytes += h.used;
+                r.add(
+                    Severity::Warning,
+                    Some(BlobId(h.blob)),
+                    format!("{what} of a process that died: the next mount writes them back"),
+                );
+            }
+            Some(why) => r.add(
+                Severity::Warning,
+                Some(BlobId(h.blob)),
+                format!("{what}, {why}: the next mount ignores them"),
+            ),
+        }
+    }
+    Ok(())
 }
 
 /// One blob that names a file or directory.
@@ -116,6 +173,7 @@ pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
             blobstore::Error::Busy(format!("{} is mounted", dev.name())),
         ));
     }
+    let unsynced = dev.unsynced_memory();
     let bs = match Blobstore::load(
         dev,
         LoadOptions {
@@ -130,7 +188,12 @@ pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
         }
         Err(e) => return Err(Error::store("fsck: loading the blobstore", e)),
     };
-    let res = check_store(&bs).await;
+    let mut res = check_store(&bs).await;
+    if let (Ok(r), Some(path)) = (&mut res, &unsynced) {
+        if let Err(e) = check_unsynced(&bs, path, r).await {
+            res = Err(e);
+        }
+    }
     // Unload even after a failed check, so the store is left clean.
     let unloaded = bs.unload().await.ctx("fsck: unloading the blobstore");
     let report = res?;

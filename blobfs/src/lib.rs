@@ -9,6 +9,12 @@
 //! to that point survive a crash; [`BlobFs::rename`] is atomic, also when it
 //! replaces an existing file; a file deleted while open stays readable
 //! through its handles; no file ever shows another file's bytes.
+//!
+//! What was written and not synced lives in memory that outlives the
+//! process but not the machine ([`unsynced`]): when the process dies, the
+//! next mount writes it back, so a crash of the process loses no
+//! acknowledged write (as the page cache promises on a local file system);
+//! a power cut loses it, and only synced data survives, as on POSIX.
 #![deny(missing_docs)]
 
 mod cache;
@@ -18,8 +24,10 @@ mod fs;
 pub mod fsck;
 pub mod meta;
 pub mod name;
+pub mod unsynced;
 
 pub use cache::CacheStats;
 pub use error::{Error, Result};
 pub use file::{File, Metadata};
 pub use fs::{BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo};
+pub use unsynced::UnsyncedRecovery;

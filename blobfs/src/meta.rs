@@ -22,7 +22,11 @@
 //!   to `prev_len` (durable since the sync before). Syncs that do not write
 //!   it remove it.
 //!
-//! The super blob carries `blobfs.version` (u32 little-endian, now 1).
+//! The super blob carries `blobfs.version` (u32 little-endian, now 1),
+//! `blobfs.id` (16 random bytes chosen at mkfs, or at the first mount of an
+//! older BlobFS: the file system's identity in its unsynced memory) and
+//! `blobfs.mountgen` (u64 little-endian, one more at every mount: unsynced
+//! memory written by any other mount than the last is stale).
 
 use crate::error::{Error, Result};
 
@@ -45,6 +49,10 @@ pub const TAIL_MAX: u64 = 64 << 10;
 pub const UNLINKED: &str = "fs.unlinked";
 /// Super blob xattr: format version.
 pub const VERSION: &str = "blobfs.version";
+/// Super blob xattr: the file system's id (16 bytes).
+pub const FS_ID: &str = "blobfs.id";
+/// Super blob xattr: the mount generation.
+pub const MOUNT_GEN: &str = "blobfs.mountgen";
 /// The format version written by this code.
 pub const FORMAT_VERSION: u32 = 1;
 /// Blobstore type tag of a BlobFS.

@@ -1,5 +1,6 @@
 //! Blob-level commands, in the manner of SPDK's `blobcli`: list the blobs,
-//! dump one blob's metadata, and fsck. They load the blobstore without
+//! dump one blob's metadata, fsck, and discard a dead process's unsynced
+//! memory. They load the blobstore without
 //! mounting the file system, so they show the store as it is on the device
 //! (mounting would first finish deletes and renames a crash interrupted).
 
@@ -182,4 +183,29 @@ pub fn fsck(spec: &str) -> CliResult {
         ));
     }
     Ok(())
+}
+
+/// Deletes the unsynced memory a process that died left for the device
+/// (what the next mount would write back), saying what it held. Opening
+/// the device takes its lock, so no live owner loses anything.
+pub fn discard_unsynced(spec: &str) -> CliResult {
+    let dev = open_device(spec)?;
+    let Some(path) = dev.unsynced_memory() else {
+        return print(&format!(
+            "{spec}: this device keeps no unsynced memory (it dies with its process)\n"
+        ));
+    };
+    let shown = path.display();
+    match blobfs::unsynced::scan_path(&path).ctx(format!("reading {shown}"))? {
+        None => print(&format!("{spec}: no unsynced memory ({shown})\n")),
+        Some(recs) => {
+            let bytes: u64 = recs.iter().map(|r| r.header.used).sum();
+            std::fs::remove_file(&path).ctx(format!("deleting {shown}"))?;
+            print(&format!(
+                "{spec}: discarded {} buffer(s) holding {} of unsynced file data ({shown})\n",
+                recs.len(),
+                human(bytes)
+            ))
+        }
+    }
 }

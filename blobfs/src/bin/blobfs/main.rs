@@ -148,6 +148,12 @@ enum Cmd {
         /// Device spec
         device: String,
     },
+    /// Throw away the file data a process that died left unsynced for the
+    /// device (the next mount would write it back; fsck lists it).
+    DiscardUnsynced {
+        /// Device spec
+        device: String,
+    },
     /// List every blob with its size, allocation and xattrs.
     Blobs {
         /// Device spec
@@ -216,6 +222,7 @@ fn run(cli: Cli) -> CliResult {
         } => ops::mkdir(&device, &dir, parents),
         Cmd::Fsck { device } => blobs::fsck(&device),
         Cmd::Blobs { device } => blobs::list(&device),
+        Cmd::DiscardUnsynced { device } => blobs::discard_unsynced(&device),
         Cmd::Dump { device, blob_id } => blobs::dump(&device, &blob_id),
         Cmd::Mount {
             device,

@@ -1,0 +1,805 @@
+//! Unsynced memory: where files' written-but-unsynced bytes live, so that a
+//! killed process loses none of them (the promise the kernel's page cache
+//! makes to applications on a local file system).
+//!
+//! Every append buffer is a slot of one shared mapping: of a file on tmpfs
+//! named by the device ([`blobstore::BlockDevice::unsynced_memory`]), which
+//! outlives the process but not the machine, or of a memfd for devices
+//! whose blocks die with the process (or that play power cuts). Appends
+//! land in the slot's data area (no extra copy) and then rewrite the slot's
+//! header, which says whose bytes the data area holds. The next mount of
+//! the device after the process died reads the headers, writes their bytes
+//! to the files, syncs, and only then clears the memory (`fs.rs`).
+//!
+//! The file: slot `i` at byte `i * SLOT_BYTES`, [`MAX_SLOTS`] slots, sparse
+//! (only slots that were used take memory).
+//!
+//! ```text
+//! slot:   [0, 4096)           header page: header copy A at 0, copy B at 128
+//!         [4096, SLOT_BYTES)  data: file bytes [file_off, file_off + used)
+//! header (128 bytes, little-endian):
+//!    0  magic        "BFSUNSY1"
+//!    8  version      u32 = 1
+//!   12  reserved     u32 = 0
+//!   16  boot id      16 bytes: the machine's boot (a reboot clears tmpfs;
+//!                    this also refuses memory kept elsewhere across one)
+//!   32  fs id        16 bytes: the BlobFS (`blobfs.id` of its super blob)
+//!   48  mount gen    u64: the mount that wrote it (`blobfs.mountgen`)
+//!   56  blob id      u64: the file's blob
+//!   64  seq          u64: order of header writes in this mount
+//!   72  file off     u64: file offset of data byte 0 (block-aligned)
+//!   80  used         u64: data bytes that are the file's
+//!   88  file len     u64: the file's length when this was written
+//!   96  reserved     28 bytes of zero
+//!  124  crc32c       u32 of bytes [0, 124)
+//! ```
+//!
+//! Invariants:
+//! - A slot with a valid header (magic, version and crc) holds file bytes
+//!   `[file_off, file_off + used)` of blob `blob` as this mount last
+//!   acknowledged them, and that file's length was `file_len`.
+//! - A header write goes to the copy that does not hold the slot's newest
+//!   header, so a process killed in the middle of one leaves the other
+//!   valid; data bytes are stored before the header that covers them.
+//! - A slot's header is cleared before the slot serves another file, and
+//!   before the file's blob can be deleted, so no header ever describes a
+//!   blob id that was reused.
+//! - Every byte of a file below its length is in a slot describing it, or
+//!   on the blob under durable metadata (`file.rs` keeps this).
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+use blobstore::device::DmaRelease;
+use blobstore::DmaBuf;
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::file::WRITE_CHUNK;
+
+/// Bytes of a slot's data area: an append buffer (`WRITE_CHUNK` and two
+/// blocks of at most 4 KiB).
+pub const SLOT_DATA: usize = WRITE_CHUNK + 8192;
+const HEADER_PAGE: usize = 4096;
+const SLOT_BYTES: usize = HEADER_PAGE + SLOT_DATA;
+/// Most append buffers one mount can hold at once (the mapping reserves
+/// address space for this many; memory is taken only by slots in use).
+pub const MAX_SLOTS: usize = 4096;
+const REGION_BYTES: usize = SLOT_BYTES * MAX_SLOTS;
+const HEADER_LEN: usize = 128;
+const CRC_AT: usize = 124;
+const MAGIC: [u8; 8] = *b"BFSUNSY1";
+const VERSION: u32 = 1;
+/// Free slots kept with their memory for the next buffers; the memory of
+/// further ones goes back to the system.
+const KEEP_FREE: usize = 8;
+
+const _: () = assert!(SLOT_BYTES.is_multiple_of(4096));
+const _: () = assert!(2 * HEADER_LEN <= HEADER_PAGE);
+
+/// Whose unsynced memory a header is: this boot of the machine, this
+/// BlobFS, this mount of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    /// The machine's boot id.
+    pub boot: [u8; 16],
+    /// The BlobFS's id.
+    pub fs: [u8; 16],
+    /// The mount generation.
+    pub gen: u64,
+}
+
+/// One slot's header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Who wrote it.
+    pub owner: Owner,
+    /// The file's blob.
+    pub blob: u64,
+    /// Order of header writes within the mount.
+    pub seq: u64,
+    /// File offset of data byte 0.
+    pub file_off: u64,
+    /// Data bytes that are the file's.
+    pub used: u64,
+    /// The file's length.
+    pub file_len: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[16..32].copy_from_slice(&self.owner.boot);
+        b[32..48].copy_from_slice(&self.owner.fs);
+        b[48..56].copy_from_slice(&self.owner.gen.to_le_bytes());
+        b[56..64].copy_from_slice(&self.blob.to_le_bytes());
+        b[64..72].copy_from_slice(&self.seq.to_le_bytes());
+        b[72..80].copy_from_slice(&self.file_off.to_le_bytes());
+        b[80..88].copy_from_slice(&self.used.to_le_bytes());
+        b[88..96].copy_from_slice(&self.file_len.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..CRC_AT]);
+        b[CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    /// The header in `b`, if it is one (magic, version, crc).
+    fn decode(b: &[u8]) -> Option<Header> {
+        let b: &[u8; HEADER_LEN] = b.get(..HEADER_LEN)?.try_into().ok()?;
+        let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"));
+        let crc = u32::from_le_bytes(b[CRC_AT..].try_into().expect("4 bytes"));
+        if b[0..8] != MAGIC
+            || b[8..12] != VERSION.to_le_bytes()
+            || crc != crc32c::crc32c(&b[..CRC_AT])
+        {
+            return None;
+        }
+        Some(Header {
+            owner: Owner {
+                boot: b[16..32].try_into().expect("16 bytes"),
+                fs: b[32..48].try_into().expect("16 bytes"),
+                gen: u64_at(48),
+            },
+            blob: u64_at(56),
+            seq: u64_at(64),
+            file_off: u64_at(72),
+            used: u64_at(80),
+            file_len: u64_at(88),
+        })
+    }
+
+    /// The newer valid header of a header page's two copies.
+    fn newest(page: &[u8]) -> Option<(usize, Header)> {
+        let a = Header::decode(&page[..HEADER_LEN]).map(|h| (0, h));
+        let b = Header::decode(&page[HEADER_LEN..2 * HEADER_LEN]).map(|h| (1, h));
+        match (a, b) {
+            (Some(a), Some(b)) => Some(if b.1.seq > a.1.seq { b } else { a }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// What a mount did with the unsynced memory a dead process left.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnsyncedRecovery {
+    /// Where it was looked for (`None`: the device keeps its owner's
+    /// unsynced data in process memory, see
+    /// [`blobstore::BlockDevice::unsynced_memory`]).
+    pub path: Option<PathBuf>,
+    /// Files whose unsynced bytes were written back and synced.
+    pub files: u64,
+    /// Buffers applied.
+    pub buffers: u64,
+    /// File bytes written back.
+    pub bytes: u64,
+    /// Buffers not applied, each with why (another boot, another file
+    /// system, an earlier mount, a file that no longer exists).
+    pub ignored: Vec<String>,
+}
+
+impl std::fmt::Display for UnsyncedRecovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} unsynced buffer(s) of {} file(s) written back ({} bytes); {} ignored",
+            self.buffers,
+            self.files,
+            self.bytes,
+            self.ignored.len()
+        )?;
+        for why in &self.ignored {
+            write!(f, "\n  ignored: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a record written by `found` is not this mount's to apply (`here` is
+/// the device's boot, file system and generation), or `None` when it is.
+pub fn stale_reason(found: &Owner, here: &Owner) -> Option<String> {
+    if found.boot != here.boot {
+        Some("written before the machine rebooted".into())
+    } else if found.fs != here.fs {
+        Some(format!(
+            "written for another file system (id {}, this one is {})",
+            hex(&found.fs),
+            hex(&here.fs)
+        ))
+    } else if found.gen != here.gen {
+        Some(format!(
+            "written by mount generation {}, not by the last mount ({})",
+            found.gen, here.gen
+        ))
+    } else {
+        None
+    }
+}
+
+/// A slot found with a valid header.
+#[derive(Clone, Copy, Debug)]
+pub struct Record {
+    /// The slot.
+    pub slot: u32,
+    /// Its newest valid header.
+    pub header: Header,
+}
+
+/// This machine's boot id (zeroes where the kernel does not say).
+pub fn boot_id() -> [u8; 16] {
+    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    parse_uuid(text.trim()).unwrap_or([0; 16])
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: Vec<u8> = s.bytes().filter(|c| *c != b'-').collect();
+    if hex.len() != 32 {
+        return None;
+    }
+    let mut out = [0u8; 16];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// 16 random bytes (a new BlobFS's id).
+pub fn random_id() -> Result<[u8; 16]> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|f| f.read_exact_at(&mut id, 0))
+        .map_err(|e| os_err("reading /dev/urandom".into(), e))?;
+    Ok(id)
+}
+
+/// Hex of an id, for messages.
+pub fn hex(id: &[u8]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn os_err(what: String, e: std::io::Error) -> Error {
+    Error::Store(
+        "unsynced memory".into(),
+        blobstore::Error::Os {
+            context: what,
+            source: e,
+        },
+    )
+}
+
+/// Reads the records of the unsynced-memory file at `path` without taking
+/// it over (for fsck): `None` when there is no such file.
+pub fn scan_path(path: &Path) -> Result<Option<Vec<Record>>> {
+    match File::open(path) {
+        Ok(f) => scan_file(&f, path).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(os_err(format!("opening {}", path.display()), e)),
+    }
+}
+
+/// Valid headers of the slots that hold data (found with SEEK_DATA, so
+/// holes are skipped without being read).
+fn scan_file(f: &File, path: &Path) -> Result<Vec<Record>> {
+    let fd = f.as_raw_fd();
+    let len = f
+        .metadata()
+        .map_err(|e| os_err(format!("stat of {}", path.display()), e))?
+        .len()
+        .min(REGION_BYTES as u64);
+    let mut out = Vec::new();
+    let mut slot = 0u64;
+    let mut page = vec![0u8; HEADER_PAGE];
+    while slot * (SLOT_BYTES as u64) < len {
+        // SAFETY: lseek on an open descriptor; no memory is passed.
+        let data = unsafe { libc::lseek(fd, (slot * SLOT_BYTES as u64) as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            break; // ENXIO: no data past here.
+        }
+        slot = data as u64 / SLOT_BYTES as u64;
+        if slot >= MAX_SLOTS as u64 {
+            break;
+        }
+        f.read_exact_at(&mut page, slot * SLOT_BYTES as u64)
+            .map_err(|e| os_err(format!("reading {}", path.display()), e))?;
+        if let Some((_, header)) = Header::newest(&page) {
+            out.push(Record {
+                slot: slot as u32,
+                header,
+            });
+        }
+        slot += 1;
+    }
+    Ok(out)
+}
+
+struct Slots {
+    free: Vec<u32>,
+    /// Slots below this have been handed out at least once.
+    next_new: u32,
+    /// Which slots have memory behind them (allocated, not punched).
+    populated: Vec<bool>,
+    free_populated: usize,
+}
+
+/// The unsynced memory of one mount.
+pub struct Unsynced {
+    file: File,
+    /// The tmpfs file; `None` for a memfd.
+    path: Option<PathBuf>,
+    base: NonNull<u8>,
+    owner: Mutex<Option<Owner>>,
+    seq: AtomicU64,
+    slots: Mutex<Slots>,
+    /// Per slot, the header copy the next header write goes to.
+    next_copy: Box<[AtomicU8]>,
+    /// Set when the file system goes away without unmounting: buffers freed
+    /// after that keep their headers for the next mount.
+    keep: AtomicBool,
+}
+
+// SAFETY: `base` is a shared mapping owned by this struct; slot memory is
+// reached only through the `DmaBuf` that owns the slot, and headers only by
+// the holder of that buffer (under the file's write lock) or while no
+// buffer exists.
+unsafe impl Send for Unsynced {}
+// SAFETY: as above; shared state is behind mutexes and atomics.
+unsafe impl Sync for Unsynced {}
+
+impl Unsynced {
+    /// Opens (creating it if missing) the unsynced memory at `path`, or a
+    /// private one (a memfd) when `path` is `None`. The caller must own the
+    /// device the file belongs to (hold its lock).
+    pub fn open(path: Option<&Path>) -> Result<Unsynced> {
+        let file = match path {
+            Some(p) => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(p)
+                .map_err(|e| {
+                    os_err(
+                        format!(
+                            "opening the unsynced memory {} (its directory is set by {})",
+                            p.display(),
+                            blobstore::device::UNSYNCED_DIR_ENV
+                        ),
+                        e,
+                    )
+                })?,
+            None => {
+                // SAFETY: a NUL-terminated name and plain flags.
+                let fd =
+                    unsafe { libc::memfd_create(c"blobfs-unsynced".as_ptr(), libc::MFD_CLOEXEC) };
+                if fd < 0 {
+                    return Err(os_err(
+                        "creating the unsynced memory (memfd)".into(),
+                        std::io::Error::last_os_error(),
+                    ));
+                }
+                // SAFETY: a fresh descriptor that nothing else owns.
+                unsafe { File::from_raw_fd(fd) }
+            }
+        };
+        let shown = || path.map_or_else(|| "memfd".to_string(), |p| p.display().to_string());
+        let len = file
+            .metadata()
+            .map_err(|e| os_err(format!("stat of {}", shown()), e))?
+            .len();
+        if len != REGION_BYTES as u64 {
+            // Sparse: the size reserves no memory.
+            file.set_len(REGION_BYTES as u64)
+                .map_err(|e| os_err(format!("sizing {}", shown()), e))?;
+        }
+        // SAFETY: a fresh shared mapping of an open descriptor sized above;
+        // checked against MAP_FAILED.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                REGION_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(os_err(
+                format!("mapping {}", shown()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let base = NonNull::new(addr.cast::<u8>())
+            .ok_or_else(|| Error::InvalidArgument(format!("mapping {}: address 0", shown())))?;
+        Ok(Unsynced {
+            file,
+            path: path.map(Path::to_path_buf),
+            base,
+            owner: Mutex::new(None),
+            seq: AtomicU64::new(1),
+            slots: Mutex::new(Slots {
+                free: Vec::new(),
+                next_new: 0,
+                populated: vec![false; MAX_SLOTS],
+                free_populated: 0,
+            }),
+            next_copy: (0..MAX_SLOTS).map(|_| AtomicU8::new(0)).collect(),
+            keep: AtomicBool::new(false),
+        })
+    }
+
+    /// Where it lives (`None` for a memfd).
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The slots holding a valid header (what a dead owner left).
+    pub fn records(&self) -> Result<Vec<Record>> {
+        let shown = self.path.clone().unwrap_or_else(|| PathBuf::from("memfd"));
+        scan_file(&self.file, &shown)
+    }
+
+    /// Copies a record's data bytes (`dst.len()` of them, at most `used`)
+    /// into `dst`.
+    pub fn read_data(&self, rec: &Record, dst: &mut [u8]) -> Result<()> {
+        if dst.len() as u64 > rec.header.used || dst.len() > SLOT_DATA {
+            return Err(Error::Corrupt(format!(
+                "unsynced slot {}: {} bytes asked of {} used",
+                rec.slot,
+                dst.len(),
+                rec.header.used
+            )));
+        }
+        let at = rec.slot as u64 * SLOT_BYTES as u64 + HEADER_PAGE as u64;
+        self.file
+            .read_exact_at(dst, at)
+            .map_err(|e| os_err(format!("reading unsynced slot {}", rec.slot), e))
+    }
+
+    /// Forgets everything the memory holds (after it was applied, or to
+    /// discard it) and makes `owner` the writer of every header from now.
+    pub fn reset(&self, owner: Owner) -> Result<()> {
+        self.punch(0, REGION_BYTES)?;
+        let mut s = self.slots.lock();
+        s.free.clear();
+        s.next_new = 0;
+        s.populated.iter_mut().for_each(|p| *p = false);
+        s.free_populated = 0;
+        *self.owner.lock() = Some(owner);
+        Ok(())
+    }
+
+    fn punch(&self, at: usize, len: usize) -> Result<()> {
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                at as i64,
+                len as i64,
+            )
+        };
+        if rc != 0 {
+            return Err(os_err(
+                "freeing unsynced memory".into(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn slot_ptr(&self, slot: u32) -> *mut u8 {
+        debug_assert!((slot as usize) < MAX_SLOTS);
+        // SAFETY: the slot lies inside the mapping (slot < MAX_SLOTS).
+        unsafe { self.base.as_ptr().add(slot as usize * SLOT_BYTES) }
+    }
+
+    /// The slot whose data area `buf` is, if it is one of ours.
+    fn slot_of(&self, buf: &DmaBuf) -> Option<u32> {
+        let data0 = self.base.as_ptr() as usize + HEADER_PAGE;
+        let off = (buf.as_ptr() as usize).checked_sub(data0)?;
+        (off.is_multiple_of(SLOT_BYTES) && off / SLOT_BYTES < MAX_SLOTS)
+            .then_some((off / SLOT_BYTES) as u32)
+    }
+
+    /// A buffer of `len` bytes (at most [`SLOT_DATA`]) in a free slot with
+    /// no header. Its bytes are stale: the appender writes before it reads.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<DmaBuf> {
+        if len > SLOT_DATA {
+            return Err(Error::InvalidArgument(format!(
+                "append buffer of {len} bytes: at most {SLOT_DATA}"
+            )));
+        }
+        let slot = {
+            let mut s = self.slots.lock();
+            match s.free.pop() {
+                Some(slot) => {
+                    if s.populated[slot as usize] {
+                        s.free_populated -= 1;
+                    }
+                    slot
+                }
+                None if (s.next_new as usize) < MAX_SLOTS => {
+                    s.next_new += 1;
+                    s.next_new - 1
+                }
+                None => {
+                    return Err(Error::NoSpace(
+                        "unsynced memory".into(),
+                        blobstore::Error::NoSpace(format!(
+                            "all {MAX_SLOTS} append buffers are in use (files written and \
+                             not synced)"
+                        )),
+                    ))
+                }
+            }
+        };
+        if let Err(e) = self.populate(slot) {
+            self.free_slot(slot);
+            return Err(e);
+        }
+        let ptr = self.slot_ptr(slot);
+        // SAFETY: `ptr + HEADER_PAGE` is page-aligned (slots and the header
+        // page are page multiples), inside the mapping, backed by memory
+        // (populated above), and this slot is out of the free list until
+        // the release runs.
+        unsafe {
+            DmaBuf::from_external(
+                NonNull::new_unchecked(ptr.add(HEADER_PAGE)),
+                SLOT_DATA,
+                len,
+                Box::new(SlotRelease {
+                    region: self.clone(),
+                    slot,
+                }),
+            )
+        }
+        .map_err(|e| Error::store("unsynced memory", e))
+    }
+
+    /// Gives the slot memory from tmpfs up front, so running out of it is a
+    /// clear error here rather than a SIGBUS at the first append.
+    fn populate(&self, slot: u32) -> Result<()> {
+        if self.slots.lock().populated[slot as usize] {
+            return Ok(());
+        }
+        let at = slot as usize * SLOT_BYTES;
+        // SAFETY: fallocate on an open descriptor; no memory is passed.
+        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at as i64, SLOT_BYTES as i64) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(Error::NoSpace(
+                "unsynced memory".into(),
+                blobstore::Error::NoSpace(format!("no room for an append buffer: {e}")),
+            ));
+        }
+        // Map the slot's pages in one call rather than one fault per page
+        // (best effort: older kernels lack it, and faults then do it).
+        // SAFETY: the range is inside our mapping and backed (allocated
+        // above); the advice changes no contents.
+        unsafe {
+            libc::madvise(
+                self.slot_ptr(slot).cast(),
+                SLOT_BYTES,
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+        self.slots.lock().populated[slot as usize] = true;
+        Ok(())
+    }
+
+    fn free_slot(&self, slot: u32) {
+        let mut s = self.slots.lock();
+        if s.populated[slot as usize] {
+            if s.free_populated >= KEEP_FREE
+                && self.punch(slot as usize * SLOT_BYTES, SLOT_BYTES).is_ok()
+            {
+                s.populated[slot as usize] = false;
+            } else {
+                s.free_populated += 1;
+            }
+        }
+        s.free.push(slot);
+    }
+
+    /// Records that `buf` holds file bytes `[file_off, file_off + used)` of
+    /// `blob`, whose length is `file_len`. Call after the bytes are in the
+    /// buffer. Does nothing for a buffer that is not ours, or before
+    /// [`Unsynced::reset`] named the owner.
+    pub fn describe(&self, buf: &DmaBuf, blob: u64, file_off: u64, used: usize, file_len: u64) {
+        let Some(slot) = self.slot_of(buf) else {
+            debug_assert!(false, "an append buffer outside the unsynced memory");
+            return;
+        };
+        let Some(owner) = *self.owner.lock() else {
+            return;
+        };
+        debug_assert!(used <= buf.capacity() && file_off + used as u64 <= file_len);
+        let header = Header {
+            owner,
+            blob,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            file_off,
+            used: used as u64,
+            file_len,
+        }
+        .encode();
+        let copy = self.next_copy[slot as usize].fetch_xor(1, Ordering::Relaxed) & 1;
+        // The data the header covers is stored before the header.
+        compiler_fence(Ordering::Release);
+        // SAFETY: the header page of a slot this buffer owns; nothing else
+        // writes it while the buffer exists (the holder of the buffer is
+        // the only writer), and `copy * 128 + 128 <= 4096`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                header.as_ptr(),
+                self.slot_ptr(slot).add(copy as usize * HEADER_LEN),
+                HEADER_LEN,
+            );
+        }
+    }
+
+    /// Clears the header of `buf`'s slot: its bytes are on the blob under
+    /// durable metadata, or no longer the file's.
+    pub fn retire(&self, buf: &DmaBuf) {
+        if let Some(slot) = self.slot_of(buf) {
+            self.clear_header(slot);
+        }
+    }
+
+    fn clear_header(&self, slot: u32) {
+        compiler_fence(Ordering::Release);
+        let p = self.slot_ptr(slot);
+        // SAFETY: the slot's header page, inside the mapping and backed
+        // (slots are populated before use); its owner is the caller.
+        unsafe {
+            std::ptr::write_bytes(p, 0, 8);
+            std::ptr::write_bytes(p.add(HEADER_LEN), 0, 8);
+        }
+    }
+
+    /// Clears every header (a clean unmount, after every file synced).
+    pub fn retire_all(&self) {
+        let s = self.slots.lock();
+        for slot in 0..s.next_new {
+            if s.populated[slot as usize] {
+                self.clear_header(slot);
+            }
+        }
+    }
+
+    /// From now on, freed buffers keep their headers: the file system is
+    /// going away without an unmount, and what it did not sync stays for
+    /// the next mount, as it would after a crash.
+    pub fn keep_on_free(&self) {
+        self.keep.store(true, Ordering::Release);
+    }
+
+    fn any_header(&self) -> bool {
+        self.records().map_or(true, |r| !r.is_empty())
+    }
+}
+
+impl Drop for Unsynced {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            if !self.any_header() {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        // SAFETY: the mapping made in `open`, of that length; no buffer can
+        // outlive this (each holds an Arc of it).
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), REGION_BYTES);
+        }
+    }
+}
+
+/// Gives a slot back when the last reference to its buffer goes.
+struct SlotRelease {
+    region: Arc<Unsynced>,
+    slot: u32,
+}
+
+impl DmaRelease for SlotRelease {
+    fn release(&mut self) {
+        if !self.region.keep.load(Ordering::Acquire) {
+            self.region.clear_header(self.slot);
+            self.region.free_slot(self.slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(gen: u64) -> Owner {
+        Owner {
+            boot: [1; 16],
+            fs: [2; 16],
+            gen,
+        }
+    }
+
+    #[test]
+    fn header_round_trips_and_refuses_damage() {
+        let h = Header {
+            owner: owner(7),
+            blob: 42,
+            seq: 9,
+            file_off: 4096,
+            used: 100,
+            file_len: 4196,
+        };
+        let b = h.encode();
+        assert_eq!(Header::decode(&b), Some(h));
+        for i in [0, 9, 20, 60, 100, 125] {
+            let mut bad = b;
+            bad[i] ^= 1;
+            assert_eq!(Header::decode(&bad), None, "byte {i} flipped");
+        }
+        assert_eq!(Header::decode(&[0u8; HEADER_LEN]), None);
+    }
+
+    #[test]
+    fn a_torn_header_write_leaves_the_previous_one() {
+        let u = Arc::new(Unsynced::open(None).unwrap());
+        u.reset(owner(3)).unwrap();
+        let mut buf = u.alloc(8192).unwrap();
+        buf[..10].copy_from_slice(b"0123456789");
+        u.describe(&buf, 5, 0, 4, 4);
+        u.describe(&buf, 5, 0, 10, 10);
+        let recs = u.records().unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!((recs[0].header.used, recs[0].header.file_len), (10, 10));
+        // A kill in the middle of the next header write: that copy is torn.
+        let slot = recs[0].slot;
+        let copy = u.next_copy[slot as usize].load(Ordering::Relaxed) as usize;
+        // SAFETY: the test owns the slot's buffer; a byte of the header
+        // copy the next write would go to.
+        unsafe { *u.slot_ptr(slot).add(copy * HEADER_LEN + 70) ^= 0xff };
+        let recs = u.records().unwrap();
+        assert_eq!(recs[0].header.used, 10, "the intact copy is still found");
+        let mut data = [0u8; 10];
+        u.read_data(&recs[0], &mut data).unwrap();
+        assert_eq!(&data, b"0123456789");
+        u.retire(&buf);
+        assert!(u.records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn freed_buffers_clear_their_headers_unless_kept() {
+        let u = Arc::new(Unsynced::open(None).unwrap());
+        u.reset(owner(1)).unwrap();
+        let a = u.alloc(4096).unwrap();
+        let b = u.alloc(4096).unwrap();
+        u.describe(&a, 1, 0, 1, 1);
+        u.describe(&b, 2, 0, 1, 1);
+        drop(a);
+        assert_eq!(u.records().unwrap().len(), 1);
+        u.keep_on_free();
+        drop(b);
+        let recs = u.records().unwrap();
+        assert_eq!(recs.len(), 1);
+        assert_eq!(recs[0].header.blob, 2);
+    }
+
+    #[test]
+    fn boot_ids_parse() {
+        assert_eq!(
+            parse_uuid("00112233-4455-6677-8899-aabbccddeeff"),
+            Some([
+                0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+                0xee, 0xff
+            ])
+        );
+        assert_eq!(parse_uuid("nonsense"), None);
+    }
+}
