@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm lint bench bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug
+.PHONY: all deps test test-rust test-vm lint bench bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
 
 all: test
 
@@ -122,16 +122,21 @@ test-rocksdb: rocksdb-tools
 # RocksDB crash test (rocksdb-env/src/bin/rocksdb-crashtest.rs, after
 # RocksDB's db_crashtest.py blackbox mode): db_stress on BlobFS with
 # verification, SIGKILLed at a random moment (MIN_SECS..MAX_SECS after its
-# start), restarted on the same DB, ROUNDS times. MODE=kill only kills;
+# start), restarted on the same DB, ROUNDS times. MODE=strict kills and
+# expects every acknowledged write back, synced or not (POSIX's promise
+# for a process crash: db_stress without --sync_fault_injection, WAL on);
+# MODE=kill only kills;
 # MODE=powerloss runs the device with powerloss=on and plays a power cut on
-# the image after each kill (unflushed writes undone, kept or torn); about
-# half its rounds after the first stop mid-I/O instead, db_stress killing
-# itself at a random device write or flush (the test-only device option
-# powerloss_cut_after=N). MODE unset runs both. Every round passes --sync_fault_injection=1: BlobFS loses
-# unsynced appends on a kill and a power cut loses unflushed writes, so
-# db_stress must trace its expected state and accept any prefix of the
-# acknowledged writes, and nothing synced. The default (5 rounds of 2-4 s
-# per mode) is the `make test` setting; e.g.
+# the image after each kill (unflushed writes undone, kept or torn, and
+# the unsynced memory lost with the machine's); about half its rounds
+# after the first stop mid-I/O instead, db_stress killing itself at a
+# random device write or flush (the test-only device option
+# powerloss_cut_after=N). MODE unset runs all three. The kill and
+# powerloss rounds pass --sync_fault_injection=1 (a power cut loses what
+# was not synced, and kill rounds also run without a WAL), so db_stress
+# traces its expected state and accepts any prefix of the acknowledged
+# writes, and nothing synced. The default (5 rounds of 2-4 s per mode) is
+# the `make test` setting; e.g.
 #   ROUNDS=100 MODE=powerloss make crashtest-rocksdb
 # CRASH_SEED=S replays a run's knobs; CRASHTEST_DIR keeps images elsewhere.
 ROUNDS ?= 5
@@ -142,11 +147,18 @@ CRASHTEST_DIR ?= $(or $(TMPDIR),/tmp)/rocksdb-crashtest
 
 crashtest-rocksdb: rocksdb-tools
 	$(CARGO) build --release -p rocksdb-env --bin rocksdb-crashtest
-	@for m in $(or $(MODE),kill powerloss); do \
+	@for m in $(or $(MODE),strict kill powerloss); do \
 	  $(TARGET_DIR)/release/rocksdb-crashtest --db-stress $(ROCKSDB_TOOLS)/db_stress \
 	    --mode $$m --rounds $(ROUNDS) --min-secs $(MIN_SECS) --max-secs $(MAX_SECS) \
 	    --dir $(CRASHTEST_DIR)/$$m $(if $(CRASH_SEED),--seed $(CRASH_SEED)) || exit 1; \
 	done
+
+# What a SIGKILLed db_bench (sync=false, WAL on) leaves on BlobFS and on
+# the host file system: after a fillseq that finished (every key must come
+# back) and in the middle of one. NUM and SECS set the size and the kill
+# time (defaults 3000000, 4).
+kill-dbbench: rocksdb-tools
+	cpp/kill-dbbench.sh $(ROCKSDB_TOOLS)
 
 # db_stress's own fault injection (read, write and sync faults through
 # RocksDB's FaultInjectionTestFS on top of BlobFS) needs a RocksDB built

@@ -57,8 +57,14 @@
 //! records written as they happen, so a SIGKILL keeps them), which the
 //! driver deletes once counted. The final verification runs without faults.
 //!
-//! In every mode only unsynced data may be lost, so every round runs with
-//! `--sync_fault_injection=1`: db_stress then traces its expected state
+//! `strict` mode kills as `kill` does, but runs db_stress without
+//! `--sync_fault_injection`: then every acknowledged write must be there
+//! after the kill, synced or not (what POSIX promises when only the process
+//! dies, and what BlobFS keeps in unsynced memory for the next mount); its
+//! rounds always keep the WAL.
+//!
+//! In the other modes only unsynced data may be lost, so their rounds run
+//! with `--sync_fault_injection=1`: db_stress then traces its expected state
 //! (`MightHaveUnsyncedDataLoss()`) and, at the next open, checks that the
 //! database recovered to a prefix of the acknowledged writes, exactly. Some
 //! rounds also run with `--disable_wal=1` (with `--atomic_flush=1`, as
@@ -87,6 +93,11 @@ use blobstore::device::powerloss;
 enum Mode {
     /// SIGKILL of the process.
     Kill,
+    /// SIGKILL of the process, and nothing acknowledged may be lost: no
+    /// `--sync_fault_injection`, so db_stress expects every write it was
+    /// told succeeded, as on POSIX after a process crash; every round keeps
+    /// its WAL (without one the memtable is lost on any file system).
+    Strict,
     /// SIGKILL, then a simulated power cut on the image.
     PowerLoss,
     /// No kill: every round runs its operations to the end.
@@ -97,6 +108,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Kill => "kill",
+            Mode::Strict => "strict",
             Mode::PowerLoss => "powerloss",
             Mode::Plain => "plain",
         }
@@ -126,7 +138,8 @@ struct Config {
     ops: u64,
 }
 
-const USAGE: &str = "usage: rocksdb-crashtest --db-stress <path> [--mode kill|powerloss|plain] \
+const USAGE: &str =
+    "usage: rocksdb-crashtest --db-stress <path> [--mode kill|strict|powerloss|plain] \
 [--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G] [--faults] \
 [--ops N]";
 
@@ -164,9 +177,14 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
             "--mode" => {
                 cfg.mode = match value()?.as_str() {
                     "kill" => Mode::Kill,
+                    "strict" => Mode::Strict,
                     "powerloss" => Mode::PowerLoss,
                     "plain" => Mode::Plain,
-                    m => return Err(format!("--mode {m:?}: expected kill, powerloss or plain")),
+                    m => {
+                        return Err(format!(
+                            "--mode {m:?}: expected kill, strict, powerloss or plain"
+                        ))
+                    }
                 }
             }
             "--rounds" => {
@@ -276,7 +294,7 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
     RoundKnobs {
         threads: r.pick(&[1, 2, 4]),
         run_secs: cfg.min_secs + r.unit() * (cfg.max_secs - cfg.min_secs),
-        disable_wal: r.next().is_multiple_of(5),
+        disable_wal: r.next().is_multiple_of(5) && cfg.mode != Mode::Strict,
         // Memtables and SSTs past BlobFS's 4 MiB append buffer reach the
         // device before their sync, so a power cut has unflushed writes to
         // act on.
@@ -409,8 +427,6 @@ fn stress_args(
         format!("--destroy_db_initially={}", u8::from(first)),
         format!("--max_key={}", run.max_key),
         format!("--column_families={}", run.column_families),
-        // Only unsynced data can be lost (see the module docs).
-        "--sync_fault_injection=1".into(),
         "--reopen=0".into(),
         "--verify_db_one_in=100000".into(),
         // Same reasons as in cpp/test-rocksdb.sh.
@@ -425,6 +441,10 @@ fn stress_args(
         // verification-only run hung).
         "--remote_compaction_worker_threads=0".into(),
     ];
+    if cfg.mode != Mode::Strict {
+        // Only unsynced data can be lost (see the module docs).
+        a.push("--sync_fault_injection=1".into());
+    }
     // db_stress refuses read faults unless built without NDEBUG; the
     // verification-only run checks the database without faults.
     let faults = match knobs {
@@ -1133,7 +1153,7 @@ mod tests {
             .contains("--db-stress is required"));
         assert!(bad(&["--db-stress", "x", "--mode", "crash"])
             .unwrap_err()
-            .contains("expected kill, powerloss or plain"));
+            .contains("expected kill, strict, powerloss or plain"));
         assert!(bad(&["--db-stress", "x", "--rounds", "0"])
             .unwrap_err()
             .contains("not a positive number"));
@@ -1156,6 +1176,23 @@ mod tests {
             wal_off += u32::from(k.disable_wal);
         }
         assert!(wal_off > 0 && wal_off < 100, "{wal_off}");
+    }
+
+    #[test]
+    fn strict_rounds_expect_every_acknowledged_write_and_keep_the_wal() {
+        let c = cfg(&["--mode", "strict"]);
+        let p = Paths::new(Path::new("/w"));
+        let run = run_knobs(1);
+        for r in 1..100 {
+            let k = round_knobs(&c, r);
+            assert!(!k.disable_wal && !k.mid_io_cut, "{k:?}");
+            let a = stress_args(&c, &p, &run, Some(&k), r, None);
+            assert!(a.contains(&"--disable_wal=0".to_string()));
+            assert!(!a.iter().any(|x| x.starts_with("--sync_fault_injection")));
+            assert!(!a[0].contains("powerloss"));
+        }
+        let kill = stress_args(&cfg(&[]), &p, &run, Some(&round_knobs(&c, 1)), 1, None);
+        assert!(kill.contains(&"--sync_fault_injection=1".to_string()));
     }
 
     #[test]
