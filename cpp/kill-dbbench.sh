@@ -47,6 +47,7 @@ for side in blobfs posix; do
   # After fillseq: every write was acknowledged when the kill comes.
   fresh
   log=$WORK/$side-after.log
+  : >"$log"
   # shellcheck disable=SC2046
   "$TOOLS/db_bench" $(side_args $side always) "${COMMON[@]}" \
     --benchmarks=fillseq,readrandom --reads=1000000000 >"$log" 2>&1 &
