@@ -186,14 +186,18 @@ pub const UNSYNCED_DIR_ENV: &str = "BLOBSTACK_UNSYNCED_DIR";
 /// same file (under any path) finds again.
 pub fn unsynced_memory_path(meta: &std::fs::Metadata) -> PathBuf {
     use std::os::unix::fs::MetadataExt;
-    let dir = std::env::var_os(UNSYNCED_DIR_ENV)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
-    dir.join(format!(
+    unsynced_dir().join(format!(
         "blobstack-{:x}-{:x}.unsynced",
         meta.dev(),
         meta.ino()
     ))
+}
+
+/// The directory of unsynced memory files ([`UNSYNCED_DIR_ENV`]).
+pub fn unsynced_dir() -> PathBuf {
+    std::env::var_os(UNSYNCED_DIR_ENV)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"))
 }
 
 /// [`unsynced_memory_path`] of the file at `path`.
