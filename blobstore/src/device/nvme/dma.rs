@@ -313,8 +313,9 @@ impl DmaPool {
     }
 
     /// Where `len` bytes at `iova` are in this process, if the pool mapped
-    /// them (the controller model of the tests uses it).
-    #[cfg(test)]
+    /// them (the software controller, [`super::soft`], plays the device
+    /// through it).
+    #[doc(hidden)]
     pub fn translate(&self, iova: u64, len: usize) -> Option<*mut u8> {
         let st = self.state.lock();
         let inside =
@@ -372,12 +373,11 @@ impl DmaRelease for LargeLease {
     }
 }
 
-/// A mapper that maps nothing (memory the test controller model reaches
+/// A mapper that maps nothing (memory the software controller reaches
 /// through [`DmaPool::translate`]).
-#[cfg(test)]
+#[doc(hidden)]
 pub struct NoMapper;
 
-#[cfg(test)]
 impl DmaMapper for NoMapper {
     unsafe fn map(&self, _va: *mut u8, _len: usize, _iova: Iova) -> Result<()> {
         Ok(())

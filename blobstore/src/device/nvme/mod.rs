@@ -33,6 +33,8 @@ pub mod dma;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+#[doc(hidden)]
+pub mod soft;
 #[cfg(test)]
 mod tests;
 mod vfio;
