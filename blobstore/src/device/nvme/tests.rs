@@ -1,6 +1,7 @@
 //! The driver against the software NVMe controller ([`super::soft`]), its
-//! twin of BAR0 and DMA: queue, PRP and command encoding tested end to end
-//! without hardware.
+//! twin of BAR0 and DMA: queue, PRP and command encoding, and the error
+//! paths (stray completions, fatal status, timeouts, retries), tested end to
+//! end without hardware.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -367,4 +368,315 @@ fn a_namespace_has_one_opener_per_process() {
     drop(first);
     let again = super::NamespaceClaim::take(pci, 1).unwrap();
     drop((again, other_ns));
+}
+
+/// Polls `fut` to completion by hand, checking that no single poll blocks
+/// the thread for long; returns the output and the longest poll.
+fn drive<F: Future>(fut: F) -> (F::Output, Duration) {
+    let mut fut = std::pin::pin!(fut);
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut longest = Duration::ZERO;
+    let start = std::time::Instant::now();
+    loop {
+        let t = std::time::Instant::now();
+        let r = fut.as_mut().poll(&mut cx);
+        longest = longest.max(t.elapsed());
+        if let std::task::Poll::Ready(v) = r {
+            return (v, longest);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "operation never finished"
+        );
+    }
+}
+
+#[test]
+fn a_stray_completion_is_counted_and_completes_nothing() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+    model.st.lock().hold_reads = true;
+    let mut held = Box::pin(ch.read(3, dev.alloc_buf(4096).unwrap()));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(held.as_mut().poll(&mut cx).is_pending());
+    // Completions for ids that are not outstanding: the one the held read
+    // does not use, and one past every id.
+    let qid = model.st.lock().held[0].0;
+    let held_cid = model.st.lock().held[0].1;
+    model.post_stray(qid, held_cid + 1);
+    model.post_stray(qid, 4000);
+    for _ in 0..10 {
+        assert!(
+            held.as_mut().poll(&mut cx).is_pending(),
+            "a stray completed it"
+        );
+    }
+    assert_eq!(ctrl.error_counters().stray_completions, 2);
+    model.st.lock().hold_reads = false;
+    // Ids stay unique: many ops at once all land where they should.
+    block_on(async {
+        let writes: Vec<_> = (0..100u64)
+            .map(|i| ch.write(100 + i, DmaBuf::from_slice(&pattern(i, 4096)).unwrap()))
+            .collect();
+        for w in futures::future::join_all(writes).await {
+            w.unwrap();
+        }
+        let reads: Vec<_> = (0..100u64)
+            .map(|i| ch.read(100 + i, dev.alloc_buf(4096).unwrap()))
+            .collect();
+        for (i, r) in futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert!(r.unwrap()[..] == pattern(i as u64, 4096)[..], "op {i}");
+        }
+    });
+    // Its own completion (the model posts it without moving data) ends it.
+    model.release_held();
+    block_on(held).unwrap();
+    assert_eq!(ctrl.error_counters().stray_completions, 2);
+}
+
+#[test]
+fn fatal_status_disables_the_controller_before_failing_commands() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
+    ctrl.set_io_timeout(Duration::from_millis(40));
+    model.st.lock().hold_reads = true;
+    let reads: Vec<_> = (0..3)
+        .map(|_| ch.read(5, dev.alloc_buf(4096).unwrap()))
+        .collect();
+    model.st.lock().fatal = true;
+    for r in block_on(futures::future::join_all(reads)) {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(&e, Error::DeviceFailed { reason, .. } if reason.contains("fatal")),
+            "{e:?}"
+        );
+        // The op's memory is released when it is reported: by then the
+        // controller is disabled and not ready.
+        let st = model.st.lock();
+        assert!(!st.enabled() && !st.ready());
+    }
+    {
+        let st = model.st.lock();
+        assert_eq!(st.disables, 1);
+        assert_eq!(
+            st.disabled_with_held,
+            Some(3),
+            "disabled while it still held the three reads"
+        );
+    }
+    assert!(ctrl.is_failed());
+    assert_eq!(ctrl.error_counters().fatal, 1);
+    let r = block_on(ch.read(5, dev.alloc_buf(4096).unwrap()));
+    assert!(matches!(r, Err(Error::DeviceFailed { .. })), "{r:?}");
+    ctrl.reset().unwrap();
+    model.st.lock().hold_reads = false;
+    let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 9));
+}
+
+#[test]
+fn a_timed_out_command_is_aborted_and_reported_when_the_abort_lands() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    {
+        let mut st = model.st.lock();
+        st.hold_reads = true;
+        st.abort_completes = true;
+    }
+    ctrl.set_io_timeout(Duration::from_millis(20));
+    let (r, _) = drive(ch.read(0, dev.alloc_buf(4096).unwrap()));
+    assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
+    assert_eq!(model.st.lock().aborts, 1);
+    let c = ctrl.error_counters();
+    assert_eq!((c.aborts, c.resets), (1, 0), "the abort sufficed: no reset");
+    assert_eq!(model.st.lock().disables, 0);
+    model.st.lock().hold_reads = false;
+    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+}
+
+#[test]
+fn an_abort_that_does_not_land_resets_the_controller_without_blocking() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    {
+        let mut st = model.st.lock();
+        st.hold_reads = true;
+        st.hold_aborts = true;
+    }
+    ctrl.set_io_timeout(Duration::from_millis(30));
+    let timed_out = ch.read(0, dev.alloc_buf(4096).unwrap());
+    let (r, longest) = drive(timed_out);
+    assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
+    // The Abort never completes: waiting for it (the admin timeout is 10 s)
+    // would block the thread; only the reset's own handshake may take time.
+    assert!(
+        longest < Duration::from_secs(2),
+        "a poll blocked for {longest:?}"
+    );
+    let c = ctrl.error_counters();
+    assert_eq!((c.aborts, c.resets), (1, 1));
+    {
+        let st = model.st.lock();
+        assert_eq!(st.disables, 1);
+        assert!(st.held.is_empty() && st.enabled());
+    }
+    model.st.lock().hold_reads = false;
+    ctrl.set_io_timeout(Duration::from_secs(5));
+    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+}
+
+#[test]
+fn retryable_statuses_are_retried_a_bounded_number_of_times() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    let attempts = |f: &dyn Fn()| {
+        model.st.lock().io_log.clear();
+        f();
+        model.st.lock().io_log.len()
+    };
+    model.st.lock().log_io = true;
+    // Namespace Not Ready twice, DNR clear: the write goes through.
+    let n = attempts(&|| {
+        model
+            .st
+            .lock()
+            .fail_next
+            .extend([(0, 0x82, false), (0, 0x82, false)]);
+        block_on(ch.write(7, DmaBuf::from_slice(&[4u8; 4096]).unwrap())).unwrap();
+    });
+    assert_eq!(n, 3);
+    assert_eq!(ctrl.error_counters().retries, 2);
+    let b = block_on(ch.read(7, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    // Always failing: bounded, then the status is reported.
+    let n = attempts(&|| {
+        model
+            .st
+            .lock()
+            .fail_next
+            .extend(std::iter::repeat_n((0, 0x82, false), 20));
+        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        assert!(matches!(r, Err(Error::Nvme { op: "read", .. })), "{r:?}");
+    });
+    assert_eq!(n, 1 + super::MAX_RETRIES as usize);
+    model.st.lock().fail_next.clear();
+    // DNR set: not retried.
+    let n = attempts(&|| {
+        model.st.lock().fail_next.push_back((2, 0x81, true));
+        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Nvme {
+                    status: NvmeStatus::UnrecoveredReadError,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    });
+    assert_eq!(n, 1);
+}
+
+/// Allocations made by this thread (the counting allocator below).
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub struct Counting;
+
+    // SAFETY: forwards to the system allocator; the thread-local counter
+    // is a const-initialised Cell without a destructor, so touching it
+    // never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+            // SAFETY: the caller's layout, as GlobalAlloc requires.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: `p` came from `alloc` with layout `l`.
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+            // SAFETY: as for `dealloc`.
+            unsafe { System.realloc(p, l, n) }
+        }
+    }
+
+    pub fn allocations() -> u64 {
+        ALLOCS.with(|c| c.get())
+    }
+}
+
+#[global_allocator]
+static COUNTING: counting::Counting = counting::Counting;
+
+#[test]
+fn steady_state_io_on_the_driver_allocates_nothing() {
+    use crate::device::{IoKind, IoOp};
+    let (_model, ctrl) = setup(5, 0b1100);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..4).map(|_| dev.alloc_buf(4096).unwrap()).collect();
+    let ops: Vec<IoOp> = [IoKind::Write, IoKind::Read]
+        .iter()
+        .flat_map(|&kind| {
+            bufs.iter().enumerate().map(move |(i, b)| IoOp {
+                kind,
+                lba: 8 * i as u64,
+                blocks: 1,
+                segs: vec![b.segment(0, 4096)],
+            })
+        })
+        .collect();
+    let mut run = |rounds: usize, qd: usize| {
+        let mut done = 0;
+        for round in 0..rounds {
+            for (k, op) in ops.iter().enumerate().skip(round % 2 * 4).take(qd) {
+                backend.submit(k as u32, op).unwrap();
+            }
+            let mut left = qd;
+            while left > 0 {
+                left -= backend.reap(&mut |_, r| {
+                    r.unwrap();
+                    done += 1;
+                });
+            }
+        }
+        done
+    };
+    run(100, 4); // warm up: op table, rings
+    for qd in [1, 4] {
+        let before = counting::allocations();
+        let done = run(5000, qd);
+        let allocs = counting::allocations() - before;
+        assert_eq!(done, 5000 * qd);
+        assert_eq!(
+            allocs, 0,
+            "{allocs} allocations in {done} I/Os at queue depth {qd}"
+        );
+    }
 }
