@@ -86,6 +86,9 @@ const IO_ENTRIES: u32 = 256;
 const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for admin commands.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin command ids never taken by commands nobody waits for (Aborts), so
+/// queue creation and resets always find one.
+const ADMIN_RESERVED_CIDS: usize = 4;
 
 /// What an admin command id is used for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -462,6 +465,13 @@ impl NvmeController {
 
     fn admin_locked(&self, st: &mut AdminState, cmd: Command, what: &str) -> Result<Completion> {
         let busy = || Error::Busy(format!("{}: admin queue full", self.name));
+        if !st.cids.contains(&AdminCid::Free) {
+            // Detached commands (Aborts) may have finished unseen.
+            while let Some(c) = st.qp.next_completion() {
+                self.admin_completion(st, &c, None);
+            }
+            st.qp.release_completions(&*self.bar);
+        }
         let cid = st.alloc_cid(AdminCid::Waited).ok_or_else(busy)?;
         if !st.qp.push(&cmd, cid) {
             st.cids[cid as usize] = AdminCid::Free;
@@ -513,6 +523,16 @@ impl NvmeController {
             return false;
         };
         if self.state.load(Ordering::Acquire) != state::LIVE {
+            return false;
+        }
+        // Free the ids of earlier detached commands that finished; keep
+        // some ids for commands that are waited for.
+        while let Some(c) = st.qp.next_completion() {
+            self.admin_completion(&mut st, &c, None);
+        }
+        st.qp.release_completions(&*self.bar);
+        let free = st.cids.iter().filter(|&&c| c == AdminCid::Free).count();
+        if free <= ADMIN_RESERVED_CIDS {
             return false;
         }
         let Some(cid) = st.alloc_cid(AdminCid::Detached) else {
@@ -1506,6 +1526,8 @@ impl NvmeBackend {
             }
             match t.state {
                 TrackerState::Active => {
+                    // Past its deadline: a timeout, however it ends.
+                    self.ops[t.tag as usize].timed_out = true;
                     let abort = Command::abort(self.qp.qid, cid as u16);
                     if self.ctrl.admin_detached(abort) {
                         self.ctrl.counters.aborts.fetch_add(1, Ordering::Relaxed);
@@ -1513,8 +1535,9 @@ impl NvmeBackend {
                         t.state = TrackerState::Aborting;
                         t.tick = self.tick;
                         self.aborting += 1;
-                        // Past its deadline: a timeout, however it ends.
-                        self.ops[t.tag as usize].timed_out = true;
+                    } else if self.tick - t.tick >= 2 * limit {
+                        // No Abort could be sent for a whole timeout.
+                        reset = true;
                     }
                 }
                 TrackerState::Aborting => reset = true,
