@@ -648,7 +648,7 @@ fn steady_state_io_on_the_driver_allocates_nothing() {
                 kind,
                 lba: 8 * i as u64,
                 blocks: 1,
-                segs: vec![b.segment(0, 4096)],
+                segs: crate::device::Segments::one(b.segment(0, 4096)),
             })
         })
         .collect();
@@ -677,6 +677,49 @@ fn steady_state_io_on_the_driver_allocates_nothing() {
         assert_eq!(
             allocs, 0,
             "{allocs} allocations in {done} I/Os at queue depth {qd}"
+        );
+    }
+}
+
+#[test]
+fn steady_state_blob_io_allocates_nothing() {
+    let (_model, ctrl) = setup(5, 0b1100);
+    let nvme: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+    let mem: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(16 << 20, 4096).unwrap());
+    for dev in [nvme, mem] {
+        let opts = BlobstoreOptions {
+            cluster_size: 1 << 20,
+            ..Default::default()
+        };
+        let bs = block_on(Blobstore::init(dev.clone(), opts)).unwrap();
+        let blob = block_on(async {
+            let id = bs
+                .create_blob(BlobOptions {
+                    num_clusters: 4,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            bs.open_blob(id).await.unwrap()
+        });
+        let mut buf = Some(dev.alloc_buf(4096).unwrap());
+        let mut run = |n: u64| {
+            for i in 0..n {
+                let at = (i * 7) % 1000;
+                let b = buf.take().unwrap();
+                let b = block_on(blob.write(at, b)).unwrap();
+                buf = Some(block_on(blob.read(at, b)).unwrap());
+            }
+        };
+        run(100);
+        let before = counting::allocations();
+        run(2000);
+        let allocs = counting::allocations() - before;
+        assert_eq!(
+            allocs,
+            0,
+            "{}: {allocs} allocations in 4000 blob I/Os",
+            dev.name()
         );
     }
 }
