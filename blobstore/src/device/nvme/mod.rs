@@ -1348,11 +1348,21 @@ impl NvmeBackend {
     }
 
     /// The op's result; marks it reported. Copies a bounced read back.
+    #[inline]
     fn finish(&mut self, tag: Tag) -> Result<()> {
-        let after_ms = self.ctrl.io_timeout().as_millis() as u64;
         let op = &mut self.ops[tag as usize];
         debug_assert!(op.live);
         op.live = false;
+        if !op.timed_out && op.error.is_none() && op.bounce.is_none() {
+            return Ok(());
+        }
+        self.finish_slow(tag)
+    }
+
+    #[cold]
+    fn finish_slow(&mut self, tag: Tag) -> Result<()> {
+        let after_ms = self.ctrl.io_timeout().as_millis() as u64;
+        let op = &mut self.ops[tag as usize];
         let bounce = op.bounce.take();
         let segs = std::mem::take(&mut op.segs);
         if op.timed_out {
