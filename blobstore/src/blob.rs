@@ -462,9 +462,13 @@ impl Blob {
 
     /// Reads `buf.len()` bytes starting at io unit `offset`.
     pub async fn read(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        // Plain locals: temporaries of an `if let` or of a `?` expression
+        // would live across the await and bloat the future.
         let units = self.units_of_one(&buf)?;
-        if let Some(lba) = self.map_one(offset, units)? {
-            return self.store.chan()?.read(lba, buf).await;
+        let lba = self.map_one(offset, units)?;
+        if let Some(lba) = lba {
+            let ch = self.store.chan()?;
+            return ch.read(lba, buf).await;
         }
         // Boxed: the general path's state would make every read's future
         // (moved around by executors) several times larger.
@@ -478,8 +482,10 @@ impl Blob {
         if self.is_read_only() {
             return Err(Error::ReadOnly(self.id()));
         }
-        if let Some(lba) = self.map_one(offset, units)? {
-            return self.store.chan()?.write(lba, buf).await;
+        let lba = self.map_one(offset, units)?;
+        if let Some(lba) = lba {
+            let ch = self.store.chan()?;
+            return ch.write(lba, buf).await;
         }
         // Boxed, as in `read`.
         let mut v = Box::pin(self.writev(offset, vec![buf])).await?;

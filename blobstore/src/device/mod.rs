@@ -515,7 +515,9 @@ impl IoChannel {
 pub struct IoFuture {
     chan: Option<IoChannel>,
     tag: Tag,
-    early: Option<Error>,
+    /// An error found before submission (boxed: the future stays small,
+    /// and it is moved by every executor).
+    early: Option<Box<Error>>,
 }
 
 impl IoFuture {
@@ -523,7 +525,7 @@ impl IoFuture {
         IoFuture {
             chan: None,
             tag: 0,
-            early: Some(e),
+            early: Some(Box::new(e)),
         }
     }
 }
@@ -534,7 +536,7 @@ impl Future for IoFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let Some(chan) = self.chan.clone() else {
             return Poll::Ready(match self.early.take() {
-                Some(e) => Err(e),
+                Some(e) => Err(*e),
                 None => Err(Error::Shutdown("I/O future polled after completion".into())),
             });
         };
