@@ -17,7 +17,14 @@ set -euo pipefail
 bin=${1:?usage: iopath.sh <iopath binary>}
 ops=${IOPATH_OPS:-20000}
 base=${IOPATH_BASE_OPS:-5000}
-command -v valgrind >/dev/null || { echo "valgrind not found (apt-get install valgrind)"; exit 1; }
+if ! command -v valgrind >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing valgrind"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+  else
+    echo "valgrind not found: install it (apt-get install valgrind)"; exit 1
+  fi
+fi
 
 count() { # target op ops device -> instructions
   valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 1 "$3" "$4" 2>&1 >/dev/null |
