@@ -445,9 +445,13 @@ impl Blob {
     /// The device block of io unit `offset` when `units` units from there
     /// lie in one cluster the blob owns (the common case of the data path:
     /// no run list, no parent lookup); `None` when the general path must
-    /// decide. Checks the range.
-    fn map_one(&self, offset: u64, units: u64) -> Result<Option<u64>> {
+    /// decide. Checks the range, and for a `write` that the blob is
+    /// writable (under the same lock).
+    fn map_one(&self, offset: u64, units: u64, write: bool) -> Result<Option<u64>> {
         let md = self.inner.md.read();
+        if write && md.read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
         self.check_range(md.num_clusters, offset, units)?;
         let upc = self.store.layout.units_per_cluster();
         let (idx, within) = ((offset / upc) as usize, offset % upc);
@@ -465,7 +469,7 @@ impl Blob {
         // Plain locals: temporaries of an `if let` or of a `?` expression
         // would live across the await and bloat the future.
         let units = self.units_of_one(&buf)?;
-        let lba = self.map_one(offset, units)?;
+        let lba = self.map_one(offset, units, false)?;
         if let Some(lba) = lba {
             let ch = self.store.chan()?;
             return ch.read(lba, buf).await;
@@ -479,10 +483,7 @@ impl Blob {
     /// Writes `buf` starting at io unit `offset`.
     pub async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
         let units = self.units_of_one(&buf)?;
-        if self.is_read_only() {
-            return Err(Error::ReadOnly(self.id()));
-        }
-        let lba = self.map_one(offset, units)?;
+        let lba = self.map_one(offset, units, true)?;
         if let Some(lba) = lba {
             let ch = self.store.chan()?;
             return ch.write(lba, buf).await;
