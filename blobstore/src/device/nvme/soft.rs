@@ -93,6 +93,10 @@ pub struct SoftState {
     pub disabled_with_held: Option<usize>,
     /// Disables (CC.EN 1 -> 0) seen.
     pub disables: u32,
+    /// Submission tail doorbell writes to I/O queues.
+    pub io_sq_doorbells: u64,
+    /// Completion head doorbell writes of I/O queues.
+    pub io_cq_doorbells: u64,
 }
 
 /// A software NVMe controller over the memory of a [`DmaPool`].
@@ -484,8 +488,14 @@ impl Bar for SoftController {
         match off {
             o if o >= regs::DOORBELLS => {
                 let idx = (o - regs::DOORBELLS) / 4;
+                let qid = (idx / 2) as u16;
                 if idx.is_multiple_of(2) {
-                    self.ring(&mut st, (idx / 2) as u16, val);
+                    if qid != 0 {
+                        st.io_sq_doorbells += 1;
+                    }
+                    self.ring(&mut st, qid, val);
+                } else if qid != 0 {
+                    st.io_cq_doorbells += 1;
                 }
             }
             regs::CC => {

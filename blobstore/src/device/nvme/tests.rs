@@ -723,3 +723,51 @@ fn steady_state_blob_io_allocates_nothing() {
         );
     }
 }
+
+#[test]
+fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..200).map(|_| dev.alloc_buf(4096).unwrap()).collect();
+    let ops: Vec<IoOp> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| IoOp {
+            kind: IoKind::Write,
+            lba: i as u64,
+            blocks: 1,
+            segs: Segments::one(b.segment(0, 4096)),
+        })
+        .collect();
+    let doorbells = || {
+        let st = model.st.lock();
+        (st.io_sq_doorbells, st.io_cq_doorbells)
+    };
+    // Eight submissions: nothing reaches the controller until the reap,
+    // which rings the SQ once and the CQ once.
+    for (k, op) in ops.iter().take(8).enumerate() {
+        backend.submit(k as u32, op).unwrap();
+    }
+    assert_eq!(doorbells(), (0, 0), "no doorbell at submission");
+    let mut done = 0;
+    done += backend.reap(&mut |_, r| r.unwrap());
+    assert_eq!(done, 8);
+    assert_eq!(
+        doorbells(),
+        (1, 1),
+        "one SQ and one CQ doorbell for the batch"
+    );
+    // 200 at once: a reap takes at most REAP_MAX completions.
+    for (k, op) in ops.iter().enumerate() {
+        backend.submit(k as u32, op).unwrap();
+    }
+    let first = backend.reap(&mut |_, r| r.unwrap());
+    assert_eq!(first, super::REAP_MAX);
+    let mut total = first;
+    while total < 200 {
+        total += backend.reap(&mut |_, r| r.unwrap());
+    }
+    assert_eq!(total, 200);
+}
