@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm lint bench bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
+.PHONY: all deps test test-rust test-vm lint bench bench-iopath bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
 
 all: test
 
@@ -101,6 +101,16 @@ kvbench-smoke: rocksdb-tools
 bench-micro: deps
 	$(CARGO) run --release -p benches --bin blobfs-bench -- $(BLOBFS_BENCH_ARGS)
 	$(CARGO) run --release -p benches --bin blobstore-bench -- $(BENCH_ARGS)
+
+# Instructions per 4 KiB I/O at queue depth 1, submit to completion, counted
+# with callgrind (valgrind): the NVMe driver on its software controller
+# (nvme-raw), a blob on it (nvme-blob), MemDevice (mem-raw) and a blob on it
+# (mem-blob); prints `iopath PATH OP INSTRUCTIONS_PER_IO`. Each figure is
+# (instructions of IOPATH_OPS ops - of IOPATH_BASE_OPS ops) / the difference,
+# so setup cancels out. See benches/iopath.sh.
+bench-iopath: deps
+	$(CARGO) build --release -p benches --example iopath
+	benches/iopath.sh $(TARGET_DIR)/release/examples/iopath
 
 bench-criterion: deps
 	$(CARGO) bench -p benches --bench blobstore

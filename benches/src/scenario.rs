@@ -66,7 +66,16 @@ impl BlobVsRaw {
     /// Opens `spec`, initialises a blobstore on it (erasing it) and creates
     /// the thick blob. Does not precondition.
     pub fn open(spec: &str, opts: &SetupOptions) -> Result<BlobVsRaw> {
-        let dev = open_device(spec)?;
+        BlobVsRaw::on_device(open_device(spec)?, spec, opts)
+    }
+
+    /// As [`BlobVsRaw::open`], on a device already open (`spec` names it in
+    /// reports).
+    pub fn on_device(
+        dev: Arc<dyn BlockDevice>,
+        spec: &str,
+        opts: &SetupOptions,
+    ) -> Result<BlobVsRaw> {
         blobstore::block_on(async {
             let store = Blobstore::init(dev.clone(), opts.store.clone()).await?;
             let free = store.free_clusters();

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use futures::future::try_join_all;
 
-use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segment};
+use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segments};
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::snapshot::ancestor_cluster;
@@ -83,9 +83,9 @@ fn pieces(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<(usize, usize, usize)>
 }
 
 /// Segments covering bytes `[off, off+len)` of `bufs` taken as one buffer.
-fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Vec<Segment> {
+fn segments(bufs: &[DmaBuf], off: usize, len: usize) -> Segments {
     if let [b] = bufs {
-        return vec![b.segment(off, len)];
+        return Segments::one(b.segment(off, len));
     }
     pieces(bufs, off, len)
         .into_iter()
@@ -316,6 +316,16 @@ impl Blob {
         Ok(())
     }
 
+    /// `units_of` for one buffer.
+    #[inline]
+    fn units_of_one(&self, buf: &DmaBuf) -> Result<u64> {
+        let unit = self.store.layout.io_unit as usize;
+        if buf.is_empty() || !buf.len().is_multiple_of(unit) {
+            return self.units_of(std::slice::from_ref(buf));
+        }
+        Ok((buf.len() / unit) as u64)
+    }
+
     fn units_of(&self, bufs: &[DmaBuf]) -> Result<u64> {
         let bytes: usize = bufs.iter().map(|b| b.len()).sum();
         let unit = self.store.layout.io_unit as usize;
@@ -432,9 +442,54 @@ impl Blob {
         Ok(bufs)
     }
 
+    /// The device block of io unit `offset` when `units` units from there
+    /// lie in one cluster the blob owns (the common case of the data path:
+    /// no run list, no parent lookup); `None` when the general path must
+    /// decide. Checks the range, and for a `write` that the blob is
+    /// writable (under the same lock).
+    fn map_one(&self, offset: u64, units: u64, write: bool) -> Result<Option<u64>> {
+        let md = self.inner.md.read();
+        if write && md.read_only() {
+            return Err(Error::ReadOnly(self.id()));
+        }
+        self.check_range(md.num_clusters, offset, units)?;
+        let upc = self.store.layout.units_per_cluster();
+        let (idx, within) = ((offset / upc) as usize, offset % upc);
+        if within + units > upc {
+            return Ok(None);
+        }
+        Ok(match md.clusters[idx] {
+            0 => None,
+            c => Some(self.store.layout.cluster_lba(c) + within),
+        })
+    }
+
     /// Reads `buf.len()` bytes starting at io unit `offset`.
     pub async fn read(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
-        let mut v = self.readv(offset, vec![buf]).await?;
+        // Plain locals: temporaries of an `if let` or of a `?` expression
+        // would live across the await and bloat the future.
+        let units = self.units_of_one(&buf)?;
+        let lba = self.map_one(offset, units, false)?;
+        if let Some(lba) = lba {
+            let ch = self.store.chan()?;
+            return ch.read(lba, buf).await;
+        }
+        // Boxed: the general path's state would make every read's future
+        // (moved around by executors) several times larger.
+        let mut v = Box::pin(self.readv(offset, vec![buf])).await?;
+        Ok(v.pop().expect("one buffer in, one out"))
+    }
+
+    /// Writes `buf` starting at io unit `offset`.
+    pub async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
+        let units = self.units_of_one(&buf)?;
+        let lba = self.map_one(offset, units, true)?;
+        if let Some(lba) = lba {
+            let ch = self.store.chan()?;
+            return ch.write(lba, buf).await;
+        }
+        // Boxed, as in `read`.
+        let mut v = Box::pin(self.writev(offset, vec![buf])).await?;
         Ok(v.pop().expect("one buffer in, one out"))
     }
 
@@ -525,12 +580,6 @@ impl Blob {
         }
         self.store.sync_blob_locked(&ch, &self.inner).await?;
         Ok(bufs)
-    }
-
-    /// Writes `buf` starting at io unit `offset`.
-    pub async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
-        let mut v = self.writev(offset, vec![buf]).await?;
-        Ok(v.pop().expect("one buffer in, one out"))
     }
 
     async fn zero_like(&self, offset: u64, units: u64, unmap: bool) -> Result<()> {

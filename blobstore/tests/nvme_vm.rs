@@ -321,6 +321,14 @@ fn errors_are_typed_and_the_device_keeps_working() {
     assert!(matches!(timed_out, Some(Error::Timeout { op: "read", .. })));
     check("a timeout");
     println!("error log entries now: {}", c.error_log().unwrap().len());
+    // The timed-out commands were aborted without blocking the thread (or,
+    // if an Abort did not land, the controller was reset); a real
+    // controller's completions never look stray to the driver.
+    let counters = c.error_counters();
+    println!("error counters: {counters:?}");
+    assert!(counters.aborts >= 1, "a timed-out command was aborted");
+    assert_eq!(counters.stray_completions, 0);
+    assert_eq!(counters.fatal, 0);
 }
 
 fn opts() -> BlobstoreOptions {

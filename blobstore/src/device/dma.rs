@@ -323,3 +323,70 @@ impl Segment {
         unsafe { std::ptr::write_bytes(self.ptr, 0, self.len) }
     }
 }
+
+/// The memory of one operation: its segments, in order. One segment (the
+/// common case) is held inline, so building an operation allocates
+/// nothing; more go in a `Vec`. Reads as a slice of [`Segment`].
+pub struct Segments(SegmentsRepr);
+
+enum SegmentsRepr {
+    None,
+    One(Segment),
+    Many(Vec<Segment>),
+}
+
+impl Segments {
+    /// No memory (flush, unmap, write zeroes).
+    pub fn none() -> Segments {
+        Segments(SegmentsRepr::None)
+    }
+
+    /// One segment.
+    pub fn one(seg: Segment) -> Segments {
+        Segments(SegmentsRepr::One(seg))
+    }
+}
+
+impl std::ops::Deref for Segments {
+    type Target = [Segment];
+    fn deref(&self) -> &[Segment] {
+        match &self.0 {
+            SegmentsRepr::None => &[],
+            SegmentsRepr::One(s) => std::slice::from_ref(s),
+            SegmentsRepr::Many(v) => v,
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a Segments {
+    type Item = &'a Segment;
+    type IntoIter = std::slice::Iter<'a, Segment>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl From<Vec<Segment>> for Segments {
+    fn from(mut v: Vec<Segment>) -> Segments {
+        match v.len() {
+            0 => Segments::none(),
+            1 => Segments::one(v.pop().expect("one")),
+            _ => Segments(SegmentsRepr::Many(v)),
+        }
+    }
+}
+
+impl FromIterator<Segment> for Segments {
+    fn from_iter<I: IntoIterator<Item = Segment>>(iter: I) -> Segments {
+        let mut it = iter.into_iter();
+        let Some(first) = it.next() else {
+            return Segments::none();
+        };
+        let Some(second) = it.next() else {
+            return Segments::one(first);
+        };
+        let mut v = vec![first, second];
+        v.extend(it);
+        Segments(SegmentsRepr::Many(v))
+    }
+}

@@ -21,7 +21,7 @@ pub mod nvme;
 pub mod powerloss;
 mod spec;
 
-pub use dma::{DmaBuf, DmaRelease, Iova, Segment, DMA_ALIGN};
+pub use dma::{DmaBuf, DmaRelease, Iova, Segment, Segments, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
 pub use lock::wait_unlocked;
 pub use mem::{MemDevice, ShmOptions};
@@ -112,7 +112,7 @@ pub struct IoOp {
     pub blocks: u64,
     /// Memory for reads and writes, in order; their lengths add up to
     /// `blocks * block_size`. Empty for the other kinds.
-    pub segs: Vec<Segment>,
+    pub segs: Segments,
 }
 
 impl IoOp {
@@ -312,6 +312,9 @@ struct ChannelState {
     slots: Vec<Slot>,
     free_head: Option<Tag>,
     in_flight: usize,
+    /// Wakers of futures completed by a poll, woken after it (kept between
+    /// polls so waking allocates nothing).
+    wakers: Vec<Waker>,
 }
 
 struct ChannelInner {
@@ -334,6 +337,7 @@ impl IoChannel {
                 slots: Vec::new(),
                 free_head: None,
                 in_flight: 0,
+                wakers: Vec::new(),
             }),
         }))
     }
@@ -354,7 +358,7 @@ impl IoChannel {
         let st = &mut *guard;
         let slots = &mut st.slots;
         let free_head = &mut st.free_head;
-        let mut wakers = Vec::new();
+        let mut wakers = std::mem::take(&mut st.wakers);
         let n = st.backend.reap(&mut |tag, result| {
             let Some(slot) = slots.get_mut(tag as usize) else {
                 debug_assert!(false, "completion for unknown tag {tag}");
@@ -378,10 +382,22 @@ impl IoChannel {
             }
         });
         st.in_flight -= n;
-        IN_FLIGHT.with(|c| c.set(c.get() - n));
+        if n > 0 {
+            IN_FLIGHT.with(|c| c.set(c.get() - n));
+        }
+        if wakers.is_empty() {
+            st.wakers = wakers;
+            return n;
+        }
         drop(guard);
-        for w in wakers {
+        for w in wakers.drain(..) {
             w.wake();
+        }
+        // A waker may have polled this channel again (and put a list back).
+        if let Ok(mut st) = self.0.state.try_borrow_mut() {
+            if st.wakers.capacity() < wakers.capacity() {
+                st.wakers = wakers;
+            }
         }
         n
     }
@@ -513,7 +529,7 @@ impl IoChannel {
             kind: IoKind::Flush,
             lba: 0,
             blocks: 0,
-            segs: Vec::new(),
+            segs: Segments::none(),
         })
     }
 
@@ -524,7 +540,7 @@ impl IoChannel {
             kind: IoKind::Unmap,
             lba,
             blocks,
-            segs: Vec::new(),
+            segs: Segments::none(),
         })
     }
 
@@ -534,7 +550,7 @@ impl IoChannel {
             kind: IoKind::WriteZeroes,
             lba,
             blocks,
-            segs: Vec::new(),
+            segs: Segments::none(),
         })
     }
 }
@@ -544,7 +560,9 @@ impl IoChannel {
 pub struct IoFuture {
     chan: Option<IoChannel>,
     tag: Tag,
-    early: Option<Error>,
+    /// An error found before submission (boxed: the future stays small,
+    /// and it is moved by every executor).
+    early: Option<Box<Error>>,
 }
 
 impl IoFuture {
@@ -552,7 +570,7 @@ impl IoFuture {
         IoFuture {
             chan: None,
             tag: 0,
-            early: Some(e),
+            early: Some(Box::new(e)),
         }
     }
 }
@@ -563,7 +581,7 @@ impl Future for IoFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let Some(chan) = self.chan.clone() else {
             return Poll::Ready(match self.early.take() {
-                Some(e) => Err(e),
+                Some(e) => Err(*e),
                 None => Err(Error::Shutdown("I/O future polled after completion".into())),
             });
         };

@@ -255,8 +255,7 @@ impl Completion {
         }
     }
 
-    /// The entry as dwords (for the controller model in tests).
-    #[cfg(test)]
+    /// The entry as dwords (for the software controller).
     pub fn encode(&self) -> [u32; 4] {
         let status = self.phase as u32
             | (self.sc as u32) << 1

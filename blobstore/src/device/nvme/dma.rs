@@ -6,16 +6,23 @@
 //! chunks page by page; larger ones get a mapping of their own, unmapped when
 //! they are freed.
 //!
+//! Small buffers (up to [`CACHE_MAX_PAGES`] pages) freed on a thread are
+//! kept by that thread (up to [`CACHE_PER_THREAD`] of them) for its next
+//! allocation of the same size: the I/O path then takes no lock and scans
+//! no bitmap. Cached pages stay marked used; they go back to the pool when
+//! the cache is full or the thread exits.
+//!
 //! Invariants:
 //! - Every byte of a buffer from the pool lies inside one mapping, so a
 //!   buffer is contiguous in IOVA space: `iova(ptr + k) = iova(ptr) + k`.
-//! - A page is lent to at most one buffer at a time (the chunk bitmap), and
-//!   is zeroed before it is lent.
+//! - A page is lent to at most one buffer or one thread cache at a time
+//!   (the chunk bitmap), and is zeroed before it is lent to a buffer.
 //! - IOVA ranges never overlap and stay clear of the x86 MSI window below
 //!   4 GiB (the allocator starts at 4 GiB).
 //! - The pool's memory is only touched through raw pointers here; safe code
 //!   reaches it through the `DmaBuf` it was lent to.
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ptr::NonNull;
 use std::sync::Arc;
@@ -29,6 +36,10 @@ use crate::error::{Error, Result};
 /// Bytes per chunk (one x86 hugepage).
 pub const CHUNK_BYTES: usize = 2 << 20;
 const PAGES_PER_CHUNK: usize = CHUNK_BYTES / DMA_ALIGN;
+/// Largest buffer (in pages) a thread cache keeps.
+pub const CACHE_MAX_PAGES: usize = 16;
+/// Buffers one thread cache keeps.
+pub const CACHE_PER_THREAD: usize = 64;
 /// First IOVA handed out.
 pub const IOVA_BASE: u64 = 1 << 32;
 /// End of the IOVA space used (QEMU's intel-iommu has 39 address bits).
@@ -254,6 +265,24 @@ impl DmaPool {
     /// A zeroed buffer of `len_bytes` whose memory the device can reach.
     pub fn alloc(self: &Arc<Self>, len_bytes: usize) -> Result<DmaBuf> {
         let pages = len_bytes.max(1).div_ceil(DMA_ALIGN);
+        if pages <= CACHE_MAX_PAGES {
+            if let Some(c) = take_cached(self, pages) {
+                // SAFETY: the cached pages are lent to no buffer (the cache
+                // held them) and lie inside a live chunk mapping.
+                unsafe { std::ptr::write_bytes(c.ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+                // SAFETY: as for a fresh lease below: aligned, initialised,
+                // owned by this buffer until the lease is released.
+                return Ok(unsafe {
+                    DmaBuf::from_pool(
+                        c.ptr,
+                        pages * DMA_ALIGN,
+                        len_bytes,
+                        Some(c.iova),
+                        Box::new(c.lease),
+                    )
+                });
+            }
+        }
         let mut st = self.state.lock();
         let (ptr, iova, release): (NonNull<u8>, Iova, Box<dyn DmaRelease>) =
             if pages <= PAGES_PER_CHUNK {
@@ -284,6 +313,8 @@ impl DmaPool {
                     chunk: ci,
                     first,
                     pages,
+                    ptr: NonNull::new(ptr).expect("inside a mapping"),
+                    iova,
                 };
                 (
                     NonNull::new(ptr).expect("inside a mapping"),
@@ -313,8 +344,9 @@ impl DmaPool {
     }
 
     /// Where `len` bytes at `iova` are in this process, if the pool mapped
-    /// them (the controller model of the tests uses it).
-    #[cfg(test)]
+    /// them (the software controller, [`super::soft`], plays the device
+    /// through it).
+    #[doc(hidden)]
     pub fn translate(&self, iova: u64, len: usize) -> Option<*mut u8> {
         let st = self.state.lock();
         let inside =
@@ -349,12 +381,86 @@ struct ChunkLease {
     chunk: usize,
     first: usize,
     pages: usize,
+    ptr: NonNull<u8>,
+    iova: Iova,
+}
+
+// SAFETY: the lease is a claim on pages of the pool; the pointer is only
+// used to hand the same pages out again.
+unsafe impl Send for ChunkLease {}
+// SAFETY: as above; a lease exposes no access to the memory.
+unsafe impl Sync for ChunkLease {}
+
+impl ChunkLease {
+    fn give_back(&self) {
+        self.pool.state.lock().chunks[self.chunk].set(self.first, self.pages, false);
+    }
 }
 
 impl DmaRelease for ChunkLease {
     fn release(&mut self) {
-        self.pool.state.lock().chunks[self.chunk].set(self.first, self.pages, false);
+        if self.pages <= CACHE_MAX_PAGES {
+            let kept = FREED
+                .try_with(|f| {
+                    let mut f = f.borrow_mut();
+                    if f.len() >= CACHE_PER_THREAD {
+                        return false;
+                    }
+                    f.push(Cached(Some(CachedRun {
+                        lease: ChunkLease {
+                            pool: self.pool.clone(),
+                            ..*self
+                        },
+                        ptr: self.ptr,
+                        iova: self.iova,
+                    })));
+                    true
+                })
+                .unwrap_or(false);
+            if kept {
+                return;
+            }
+        }
+        self.give_back();
     }
+}
+
+/// A freed small buffer's pages, kept by the thread that freed them.
+struct CachedRun {
+    lease: ChunkLease,
+    ptr: NonNull<u8>,
+    iova: Iova,
+}
+
+/// Gives the pages back to their pool when the cache lets go of them (the
+/// thread exits) without lending them again.
+struct Cached(Option<CachedRun>);
+
+impl Drop for Cached {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.lease.give_back();
+        }
+    }
+}
+
+thread_local! {
+    static FREED: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer of `pages` pages of `pool` from this thread's cache.
+fn take_cached(pool: &Arc<DmaPool>, pages: usize) -> Option<CachedRun> {
+    FREED
+        .try_with(|f| {
+            let mut f = f.borrow_mut();
+            let at = f.iter().rposition(|c| {
+                c.0.as_ref()
+                    .is_some_and(|r| r.lease.pages == pages && Arc::ptr_eq(&r.lease.pool, pool))
+            })?;
+            f.swap_remove(at).0.take()
+        })
+        .ok()
+        .flatten()
 }
 
 struct LargeLease {
@@ -372,12 +478,11 @@ impl DmaRelease for LargeLease {
     }
 }
 
-/// A mapper that maps nothing (memory the test controller model reaches
+/// A mapper that maps nothing (memory the software controller reaches
 /// through [`DmaPool::translate`]).
-#[cfg(test)]
+#[doc(hidden)]
 pub struct NoMapper;
 
-#[cfg(test)]
 impl DmaMapper for NoMapper {
     unsafe fn map(&self, _va: *mut u8, _len: usize, _iova: Iova) -> Result<()> {
         Ok(())
@@ -435,5 +540,48 @@ mod tests {
         let fill = pool.alloc(CHUNK_BYTES).unwrap();
         assert_eq!(pool.stats().0, 2);
         drop((fill, b, c));
+    }
+
+    fn used_pages(pool: &DmaPool) -> usize {
+        let st = pool.state.lock();
+        st.chunks
+            .iter()
+            .map(|c| (0..PAGES_PER_CHUNK).filter(|&p| c.is_used(p)).count())
+            .sum()
+    }
+
+    #[test]
+    fn freed_small_buffers_stay_with_their_thread_until_it_exits() {
+        let pool = DmaPool::new(Box::new(NoMapper), false);
+        let mut a = pool.alloc(8192).unwrap();
+        let ia = a.iova().unwrap();
+        a.fill(0xCD);
+        drop(a);
+        assert_eq!(used_pages(&pool), 2, "kept by this thread's cache");
+        // Another thread does not get them: it takes pages from the pool.
+        let p2 = pool.clone();
+        let other = std::thread::spawn(move || {
+            let b = p2.alloc(8192).unwrap();
+            let ib = b.iova().unwrap();
+            drop(b); // cached by that thread, given back when it exits
+            ib
+        })
+        .join()
+        .unwrap();
+        assert_ne!(other, ia);
+        assert_eq!(
+            used_pages(&pool),
+            2,
+            "the exited thread gave its pages back"
+        );
+        // This thread gets its own back, zeroed, without the pool.
+        let c = pool.alloc(8000).unwrap();
+        assert_eq!(c.iova(), Some(ia));
+        assert!(c.iter().all(|&x| x == 0));
+        // Large buffers are never cached.
+        let big = pool.alloc((CACHE_MAX_PAGES + 1) * DMA_ALIGN).unwrap();
+        drop(big);
+        assert_eq!(used_pages(&pool), 2);
+        drop(c);
     }
 }

@@ -17,29 +17,52 @@
 //! - Write Zeroes: the command when supported; otherwise emulated by writes
 //!   from one zeroed pool buffer.
 //!
+//! The I/O path (SPDK's design): each queue pair has fixed trackers indexed
+//! by command id, each with its own PRP list page. A read or write that fits
+//! one command goes straight into the ring, its PRPs written into the
+//! command and the tracker's page, with no allocation, hashing or lock. The
+//! SQ doorbell is written once per batch (at the next reap, whatever was
+//! submitted since), the CQ doorbell once per reap, and a reap takes at most
+//! `REAP_MAX` completions.
+//!
+//! Errors, as real controllers produce them:
+//! - A completion for a command id that is not outstanding is counted
+//!   ([`NvmeController::error_counters`]) and logged; it completes nothing.
+//! - A status with DNR clear is retried (the same command, same id) up to
+//!   `MAX_RETRIES` times.
+//! - A command past its timeout is aborted without waiting for the Abort;
+//!   its op is reported as timed out once the command finishes (aborted or
+//!   not). If it has not finished one more timeout later, the controller is
+//!   reset.
+//! - A fatal status (CSTS.CFS) disables the controller (CC.EN = 0, then
+//!   CSTS.RDY = 0) before any op is failed.
+//!
 //! Invariants:
 //! - A queue pair belongs to one thread's channel; the admin queue is shared
-//!   behind a mutex and only used for setup, queue creation, Abort and logs.
-//! - An operation is reported once: when all its commands completed, or
-//!   earlier with an error (timeout, reset, fatal); memory of commands still
-//!   owned by the controller is kept alive until they complete or the
-//!   controller is reset.
+//!   behind a mutex and only used for setup, queue creation, Abort and logs;
+//!   the I/O path only ever try-locks it.
+//! - An operation is reported once, and only when the controller no longer
+//!   owns any of its commands (they completed, or the controller was
+//!   disabled by a reset or after a fatal status): its memory is never
+//!   released or reused while the controller may still reach it.
 //! - After [`NvmeController::reset`], every command that was in flight is
-//!   failed with [`Error::DeviceFailed`] and each thread's queue pair is
-//!   created again on its next use.
+//!   failed ([`Error::DeviceFailed`], or [`Error::Timeout`] for the one that
+//!   timed out) and each thread's queue pair is created again on its next
+//!   use.
 
 pub mod cmd;
 pub mod dma;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+#[doc(hidden)]
+pub mod soft;
 #[cfg(test)]
 mod tests;
 mod vfio;
 
-use std::collections::{HashMap, VecDeque};
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -63,11 +86,75 @@ const IO_ENTRIES: u32 = 256;
 const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for admin commands.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin command ids never taken by commands nobody waits for (Aborts), so
+/// queue creation and resets always find one.
+const ADMIN_RESERVED_CIDS: usize = 4;
+
+/// What an admin command id is used for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum AdminCid {
+    Free,
+    /// A caller holds the admin lock and polls for it.
+    Waited,
+    /// Nobody waits (an Abort, or a command whose wait timed out): freed by
+    /// whoever polls the admin queue when it completes.
+    Detached,
+}
 
 struct AdminState {
     qp: QueuePair,
     /// One page for Identify and log data.
     page: DmaBuf,
+    /// Use of each command id (entries - 1 of them).
+    cids: Vec<AdminCid>,
+}
+
+impl AdminState {
+    fn alloc_cid(&mut self, how: AdminCid) -> Option<u16> {
+        let cid = self.cids.iter().position(|&c| c == AdminCid::Free)?;
+        self.cids[cid] = how;
+        Some(cid as u16)
+    }
+}
+
+/// Controller states (`NvmeController::state`).
+mod state {
+    /// Enabled and serving I/O.
+    pub const LIVE: u8 = 0;
+    /// A reset is in progress: channels neither submit nor reap, nor release
+    /// any memory of their commands.
+    pub const RESETTING: u8 = 1;
+    /// Failed and disabled (CSTS.RDY = 0 was seen): the controller no longer
+    /// touches memory, so in-flight commands can be failed and their memory
+    /// released. A reset brings it back.
+    pub const FAILED: u8 = 2;
+    /// Failed and it could not be shown disabled: memory of in-flight
+    /// commands is never released (their operations are not reported).
+    pub const WEDGED: u8 = 3;
+}
+
+/// Counters of what went wrong on a controller (error paths only).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorCounters {
+    /// Completions for a command id that was not outstanding (ignored).
+    pub stray_completions: u64,
+    /// Commands sent again after a retryable status (DNR clear).
+    pub retries: u64,
+    /// Abort commands sent for timed-out commands.
+    pub aborts: u64,
+    /// Controller resets (asked for, or after an abort did not finish).
+    pub resets: u64,
+    /// Times a fatal status (CSTS.CFS) was seen and the controller disabled.
+    pub fatal: u64,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    stray_completions: AtomicU64,
+    retries: AtomicU64,
+    aborts: AtomicU64,
+    resets: AtomicU64,
+    fatal: AtomicU64,
 }
 
 /// One NVMe controller, shared by its namespaces' devices.
@@ -82,10 +169,10 @@ pub struct NvmeController {
     admin: Mutex<AdminState>,
     qids: Mutex<Vec<bool>>,
     generation: AtomicU64,
-    failed: AtomicBool,
-    /// A reset is in progress: channels neither submit nor reap.
-    resetting: AtomicBool,
+    /// One of [`state`]'s values.
+    state: AtomicU8,
     io_timeout_us: AtomicU64,
+    counters: AtomicCounters,
     _vfio: Option<vfio::VfioPci>,
 }
 
@@ -188,12 +275,16 @@ impl NvmeController {
             identity: ControllerIdentity::parse(&[0u8; 4096])?,
             max_transfer_bytes: 0,
             io_queue_pairs: 0,
-            admin: Mutex::new(AdminState { qp, page }),
+            admin: Mutex::new(AdminState {
+                qp,
+                page,
+                cids: vec![AdminCid::Free; admin_entries as usize - 1],
+            }),
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
-            failed: AtomicBool::new(false),
-            resetting: AtomicBool::new(false),
+            state: AtomicU8::new(state::LIVE),
             io_timeout_us: AtomicU64::new(DEFAULT_IO_TIMEOUT.as_micros() as u64),
+            counters: AtomicCounters::default(),
             _vfio: vfio,
         };
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
@@ -259,15 +350,33 @@ impl NvmeController {
         Duration::from_micros(self.io_timeout_us.load(Ordering::Relaxed))
     }
 
-    /// Sets the per-command I/O timeout (commands submitted from now on).
+    /// Sets the per-command I/O timeout (every command outstanding from now
+    /// on). A command past it is aborted; if it has not finished one more
+    /// timeout later, the controller is reset.
     pub fn set_io_timeout(&self, t: Duration) {
         self.io_timeout_us
             .store(t.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// True once the controller reported a fatal status (until a reset).
+    /// True once the controller reported a fatal status or a reset failed
+    /// (until a reset succeeds).
     pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        matches!(
+            self.state.load(Ordering::Acquire),
+            state::FAILED | state::WEDGED
+        )
+    }
+
+    /// What went wrong so far.
+    pub fn error_counters(&self) -> ErrorCounters {
+        let c = &self.counters;
+        ErrorCounters {
+            stray_completions: c.stray_completions.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            aborts: c.aborts.load(Ordering::Relaxed),
+            resets: c.resets.load(Ordering::Relaxed),
+            fatal: c.fatal.load(Ordering::Relaxed),
+        }
     }
 
     fn failed_error(&self, reason: &str) -> Error {
@@ -277,14 +386,57 @@ impl NvmeController {
         }
     }
 
-    /// Reads CSTS; marks the controller failed on a fatal status.
-    fn check_fatal(&self) -> bool {
-        let csts = self.bar.read32(CSTS);
-        if csts == u32::MAX || csts & CSTS_CFS != 0 {
-            self.failed.store(true, Ordering::Release);
-            return true;
+    /// Counts and reports a completion for a command id of queue `qid` that
+    /// is not outstanding. It completes nothing.
+    fn stray_completion(&self, qid: u16, c: &Completion) {
+        let n = self
+            .counters
+            .stray_completions
+            .fetch_add(1, Ordering::Relaxed);
+        if n < 16 {
+            eprintln!(
+                "nvme {}: ignored a completion for command id {} on queue {qid} (sq {}), which                  is not outstanding",
+                self.name, c.cid, c.sq_id
+            );
         }
-        false
+    }
+
+    /// Reads CSTS: true on a fatal status (or registers reading all ones).
+    fn fatal_status(&self) -> bool {
+        let csts = self.bar.read32(CSTS);
+        csts == u32::MAX || csts & CSTS_CFS != 0
+    }
+
+    /// After a fatal status: disables the controller (CC.EN = 0, then waits
+    /// for CSTS.RDY = 0) so it stops touching memory, and only then marks it
+    /// failed, which lets every channel fail its commands and release their
+    /// memory. If the controller does not become not-ready, it is marked
+    /// wedged and that memory is never released.
+    fn disable_after_fatal(&self) {
+        let mut st = self.admin.lock();
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return; // another thread got here first, or a reset runs
+        }
+        self.state.store(state::RESETTING, Ordering::Release);
+        self.counters.fatal.fetch_add(1, Ordering::Relaxed);
+        eprintln!(
+            "nvme {}: controller fatal status: disabling it; in-flight commands fail",
+            self.name
+        );
+        let disabled = regs::disable(&*self.bar, &self.cap, &self.name);
+        st.qp.reset();
+        st.cids.fill(AdminCid::Free);
+        let next = match disabled {
+            Ok(()) => state::FAILED,
+            Err(e) => {
+                eprintln!(
+                    "nvme {}: the controller did not stop after its fatal status ({e}): memory                      of its in-flight commands is kept",
+                    self.name
+                );
+                state::WEDGED
+            }
+        };
+        self.state.store(next, Ordering::Release);
     }
 
     fn admin_cmd(&self, cmd: Command, what: &str) -> Result<Completion> {
@@ -292,20 +444,49 @@ impl NvmeController {
         self.admin_locked(&mut st, cmd, what)
     }
 
+    /// Takes one admin completion: true when it is for `waited`; frees
+    /// detached ids; counts strays.
+    fn admin_completion(&self, st: &mut AdminState, c: &Completion, waited: Option<u16>) -> bool {
+        match st.cids.get(c.cid as usize) {
+            Some(AdminCid::Waited) if Some(c.cid) == waited => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                true
+            }
+            Some(AdminCid::Detached) => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                false
+            }
+            _ => {
+                self.stray_completion(0, c);
+                false
+            }
+        }
+    }
+
     fn admin_locked(&self, st: &mut AdminState, cmd: Command, what: &str) -> Result<Completion> {
-        let cid = st
-            .qp
-            .push(&cmd)
-            .ok_or_else(|| Error::Busy(format!("{}: admin queue full", self.name)))?;
+        let busy = || Error::Busy(format!("{}: admin queue full", self.name));
+        if !st.cids.contains(&AdminCid::Free) {
+            // Detached commands (Aborts) may have finished unseen.
+            while let Some(c) = st.qp.next_completion() {
+                self.admin_completion(st, &c, None);
+            }
+            st.qp.release_completions(&*self.bar);
+        }
+        let cid = st.alloc_cid(AdminCid::Waited).ok_or_else(busy)?;
+        if !st.qp.push(&cmd, cid) {
+            st.cids[cid as usize] = AdminCid::Free;
+            return Err(busy());
+        }
         st.qp.ring(&*self.bar);
         let start = Instant::now();
-        let mut got = None;
         loop {
-            st.qp.poll(&*self.bar, |c| {
-                if c.cid == cid {
+            let mut got = None;
+            while let Some(c) = st.qp.next_completion() {
+                if self.admin_completion(st, &c, Some(cid)) {
                     got = Some(c);
                 }
-            });
+            }
+            st.qp.release_completions(&*self.bar);
             if let Some(c) = got {
                 return match c.status() {
                     Ok(()) => Ok(c),
@@ -319,7 +500,9 @@ impl NvmeController {
                 };
             }
             if start.elapsed() > ADMIN_TIMEOUT {
-                if self.check_fatal() {
+                // A late completion frees the id.
+                st.cids[cid as usize] = AdminCid::Detached;
+                if self.fatal_status() {
                     return Err(self.failed_error(&format!("fatal status during {what}")));
                 }
                 return Err(Error::Timeout {
@@ -331,6 +514,51 @@ impl NvmeController {
             }
             std::hint::spin_loop();
         }
+    }
+
+    /// Sends an admin command nobody waits for, if the admin queue is free
+    /// now (never blocks the caller): true when it was sent.
+    fn admin_detached(&self, cmd: Command) -> bool {
+        let Some(mut st) = self.admin.try_lock() else {
+            return false;
+        };
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return false;
+        }
+        // Free the ids of earlier detached commands that finished; keep
+        // some ids for commands that are waited for.
+        while let Some(c) = st.qp.next_completion() {
+            self.admin_completion(&mut st, &c, None);
+        }
+        st.qp.release_completions(&*self.bar);
+        let free = st.cids.iter().filter(|&&c| c == AdminCid::Free).count();
+        if free <= ADMIN_RESERVED_CIDS {
+            return false;
+        }
+        let Some(cid) = st.alloc_cid(AdminCid::Detached) else {
+            return false;
+        };
+        if !st.qp.push(&cmd, cid) {
+            st.cids[cid as usize] = AdminCid::Free;
+            return false;
+        }
+        st.qp.ring(&*self.bar);
+        true
+    }
+
+    /// Consumes admin completions if the admin queue is free now (frees the
+    /// ids of detached commands).
+    fn poll_admin(&self) {
+        let Some(mut st) = self.admin.try_lock() else {
+            return;
+        };
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return;
+        }
+        while let Some(c) = st.qp.next_completion() {
+            self.admin_completion(&mut st, &c, None);
+        }
+        st.qp.release_completions(&*self.bar);
     }
 
     /// Runs Identify with `cns` for `nsid` and returns the 4 KiB page.
@@ -376,8 +604,10 @@ impl NvmeController {
         ))
     }
 
-    /// Asks the controller to abort command `cid` of queue `sqid`; true when
-    /// it says it did (Completion dword 0 bit 0 clear).
+    /// Asks the controller to abort command `cid` of queue `sqid` and waits
+    /// for its answer; true when it says it did (Completion dword 0 bit 0
+    /// clear). The I/O path does not use this: it sends Aborts without
+    /// waiting.
     pub fn abort(&self, sqid: u16, cid: u16) -> Result<bool> {
         let c = self.admin_cmd(Command::abort(sqid, cid), "abort")?;
         Ok(c.dw0 & 1 == 0)
@@ -393,17 +623,27 @@ impl NvmeController {
     /// I/O still running.
     pub fn reset(&self) -> Result<()> {
         let mut st = self.admin.lock();
-        self.resetting.store(true, Ordering::Release);
-        let res = self.reset_locked(&mut st);
-        if res.is_err() {
-            self.failed.store(true, Ordering::Release);
+        let was = self.state.swap(state::RESETTING, Ordering::AcqRel);
+        self.counters.resets.fetch_add(1, Ordering::Relaxed);
+        let res = self.reset_locked(&mut st, was);
+        match &res {
+            Ok(()) => self.state.store(state::LIVE, Ordering::Release),
+            Err(_) => {
+                // Disabled unless the disable itself failed.
+                let disabled = self.bar.read32(CSTS) & regs::CSTS_RDY == 0;
+                let next = if disabled || was == state::FAILED {
+                    state::FAILED
+                } else {
+                    state::WEDGED
+                };
+                self.state.store(next, Ordering::Release);
+            }
         }
-        self.resetting.store(false, Ordering::Release);
         res
     }
 
-    fn reset_locked(&self, st: &mut AdminState) -> Result<()> {
-        if !self.is_failed() {
+    fn reset_locked(&self, st: &mut AdminState, was: u8) -> Result<()> {
+        if was == state::LIVE {
             let qids: Vec<u16> = {
                 let q = self.qids.lock();
                 (1..q.len()).filter(|&i| q[i]).map(|i| i as u16).collect()
@@ -414,9 +654,9 @@ impl NvmeController {
                 let _ = self.admin_locked(st, Command::delete_queue(false, qid), "delete I/O CQ");
             }
         }
-        self.failed.store(true, Ordering::Release);
         regs::disable(&*self.bar, &self.cap, &self.name)?;
         st.qp.reset();
+        st.cids.fill(AdminCid::Free);
         let entries = st.qp.entries();
         regs::enable(
             &*self.bar,
@@ -434,7 +674,6 @@ impl NvmeController {
             return Err(self.failed_error("fewer queues granted after reset"));
         }
         self.generation.fetch_add(1, Ordering::AcqRel);
-        self.failed.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -615,6 +854,18 @@ impl BlockDevice for NvmeDevice {
     }
 }
 
+/// Most completions one reap takes (the rest wait for the next reap).
+const REAP_MAX: usize = 64;
+/// Times a command that failed with a retryable status (DNR clear) is sent
+/// again before its error is reported.
+const MAX_RETRIES: u8 = 3;
+/// Reaps between clock reads while commands are outstanding.
+const REAPS_PER_CLOCK: u32 = 32;
+/// Timeouts are counted in ticks of `io_timeout / TICKS_PER_TIMEOUT`.
+const TICKS_PER_TIMEOUT: u64 = 8;
+/// No tracker (end of the free list).
+const NO_TRACKER: u16 = u16::MAX;
+
 /// What a command carries besides its dwords.
 enum CmdData {
     None,
@@ -626,66 +877,123 @@ enum CmdData {
     },
 }
 
+/// A command of a multi-command (or bounced, or backlogged) operation not
+/// yet in the ring.
 struct PendingCmd {
     tag: Tag,
     cmd: Command,
     data: CmdData,
 }
 
-struct CmdSlot {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TrackerState {
+    Free,
+    /// The controller owns the command.
+    Active,
+    /// Timed out; an Abort was sent for it.
+    Aborting,
+}
+
+/// One command id of the queue pair: the command the controller holds
+/// under it, and (implicitly, page `cid` of `pages`) its PRP list page.
+#[derive(Clone, Copy)]
+struct Tracker {
+    state: TrackerState,
+    /// The operation (channel tag) the command belongs to.
     tag: Tag,
-    deadline: Instant,
-    /// The operation was already reported (timeout); the memory is kept
-    /// alive here until the controller lets go of the command.
-    zombie: Option<Rc<KeepAlive>>,
+    /// Times the command was sent again after a retryable status.
+    retries: u8,
+    /// Tick of the submission (or of the Abort).
+    tick: u64,
+    /// The command as sent, for retries.
+    cmd: Command,
+    /// Next free tracker when this one is free.
+    next_free: u16,
 }
 
-struct KeepAlive {
-    _segs: Vec<Segment>,
-    _bounce: Option<DmaBuf>,
-}
-
+/// What the backend keeps of a channel operation until it reports it.
 struct OpState {
+    live: bool,
     kind: IoKind,
     lba: u64,
     blocks: u64,
     /// Commands not yet completed (pending or outstanding).
-    remaining: usize,
+    remaining: u32,
     error: Option<Error>,
-    segs: Vec<Segment>,
+    /// A command of the op timed out (reported as a timeout).
+    timed_out: bool,
+    /// The pool buffer standing in for memory that is not DMA-able.
     bounce: Option<DmaBuf>,
+    /// Where a bounced read is copied back to.
+    segs: Vec<Segment>,
+}
+
+impl OpState {
+    fn idle() -> OpState {
+        OpState {
+            live: false,
+            kind: IoKind::Flush,
+            lba: 0,
+            blocks: 0,
+            remaining: 0,
+            error: None,
+            timed_out: false,
+            bounce: None,
+            segs: Vec::new(),
+        }
+    }
 }
 
 /// A thread's I/O queue pair on one namespace.
+///
+/// Invariants:
+/// - A tracker is `Free` exactly when it is on the free list; `active`
+///   counts the others, and the controller may hold a command only under
+///   an `Active` or `Aborting` tracker.
+/// - An op is reported once, and only when none of its commands is owned
+///   by the controller any more: all completed, or the controller was
+///   disabled (fatal status, reset). Only then may its memory (held by the
+///   channel, or the bounce buffer held here) be released or reused.
+/// - The steady-state path (one command per op, DMA-able memory) allocates
+///   nothing, hashes nothing and takes no lock: the command and its PRPs
+///   go straight into the ring and the tracker's page, and completions are
+///   handed to the channel as they are read.
 struct NvmeBackend {
     ctrl: Arc<NvmeController>,
     nsid: u32,
     block_size: u64,
+    max_transfer_bytes: u64,
     dsm: bool,
     write_zeroes: bool,
     qp: QueuePair,
     generation: u64,
     /// One page per command id: its PRP list or its deallocate range.
     pages: DmaBuf,
-    slots: Vec<Option<CmdSlot>>,
-    ops: HashMap<Tag, OpState>,
+    pages_iova: u64,
+    trackers: Box<[Tracker]>,
+    free_head: u16,
+    /// Trackers not free.
+    active: usize,
+    /// Trackers aborting.
+    aborting: usize,
+    /// Indexed by channel tag.
+    ops: Vec<OpState>,
+    /// Commands waiting for a tracker or ring slot, in order.
     pending: VecDeque<PendingCmd>,
+    /// Ops finished outside a reap (failures), reported by the next reap.
+    ready: Vec<(Tag, Result<()>)>,
     zeroes: Option<DmaBuf>,
-    polls_since_check: u32,
-    /// A submission happened since the last deadline check.
-    check_due: bool,
-    /// Earliest deadline of the commands the controller holds (a bound:
-    /// it may belong to a command that completed since).
-    next_deadline: Option<Instant>,
-    /// Failed ops waiting for the next reap to report them.
-    stale: Vec<Tag>,
+    reaps_since_clock: u32,
+    /// Timeout ticks seen (see `check_clock`).
+    tick: u64,
+    tick_started: Option<Instant>,
 }
 
 impl NvmeBackend {
     fn new(dev: &NvmeDevice) -> Result<NvmeBackend> {
         let ctrl = dev.ctrl.clone();
-        if ctrl.is_failed() {
-            return Err(ctrl.failed_error("controller failed; reset it first"));
+        if ctrl.state.load(Ordering::Acquire) != state::LIVE {
+            return Err(ctrl.failed_error("controller failed or resetting; reset it first"));
         }
         let entries = IO_ENTRIES.min(ctrl.cap.max_queue_entries);
         let qid = ctrl.alloc_qid()?;
@@ -702,28 +1010,45 @@ impl NvmeBackend {
                 return Err(e);
             }
         };
+        // As many trackers as the ring can hold commands.
+        let n = (entries - 1) as u16;
+        let trackers = (0..n)
+            .map(|i| Tracker {
+                state: TrackerState::Free,
+                tag: 0,
+                retries: 0,
+                tick: 0,
+                cmd: Command::default(),
+                next_free: if i + 1 < n { i + 1 } else { NO_TRACKER },
+            })
+            .collect();
         Ok(NvmeBackend {
             nsid: dev.nsid,
             block_size: dev.geometry.block_size as u64,
+            max_transfer_bytes: ctrl.max_transfer_bytes,
             dsm: dev.dsm,
             write_zeroes: dev.write_zeroes,
-            slots: (0..entries).map(|_| None).collect(),
             qp,
             generation,
+            pages_iova: pages.iova().expect("pool memory").0,
             pages,
-            ops: HashMap::new(),
+            trackers,
+            free_head: 0,
+            active: 0,
+            aborting: 0,
+            ops: Vec::new(),
             pending: VecDeque::new(),
+            ready: Vec::new(),
             zeroes: None,
-            polls_since_check: 0,
-            check_due: false,
-            next_deadline: None,
-            stale: Vec::new(),
+            reaps_since_clock: 0,
+            tick: 0,
+            tick_started: None,
             ctrl,
         })
     }
 
     fn page_iova(&self, cid: u16) -> u64 {
-        self.pages.iova().expect("pool memory").0 + cid as u64 * PAGE
+        self.pages_iova + cid as u64 * PAGE
     }
 
     fn write_page_u64(&self, cid: u16, index: usize, val: u64) {
@@ -734,11 +1059,133 @@ impl NvmeBackend {
         unsafe { std::ptr::write_volatile(base.add(cid as usize * 512 + index), val.to_le()) };
     }
 
-    /// Builds the commands of `op` (into `pending`) and its state.
+    fn op_slot(&mut self, tag: Tag) -> &mut OpState {
+        let i = tag as usize;
+        if i >= self.ops.len() {
+            self.ops.resize_with(i + 1, OpState::idle);
+        }
+        &mut self.ops[i]
+    }
+
+    /// Takes a free tracker for `cmd` of op `tag` and puts the command in
+    /// the ring (the doorbell is rung by the next reap). The caller checked
+    /// that a tracker is free and the ring has room.
+    fn start_command(&mut self, cid: u16, tag: Tag, cmd: Command) {
+        debug_assert_eq!(cid, self.free_head);
+        let t = &mut self.trackers[cid as usize];
+        debug_assert_eq!(t.state, TrackerState::Free);
+        self.free_head = t.next_free;
+        *t = Tracker {
+            state: TrackerState::Active,
+            tag,
+            retries: 0,
+            tick: self.tick,
+            cmd,
+            next_free: NO_TRACKER,
+        };
+        self.active += 1;
+        let pushed = self.qp.push(&cmd, cid);
+        debug_assert!(pushed, "caller checked the ring");
+    }
+
+    fn free_tracker(&mut self, cid: u16) {
+        let t = &mut self.trackers[cid as usize];
+        debug_assert_ne!(t.state, TrackerState::Free);
+        if t.state == TrackerState::Aborting {
+            self.aborting -= 1;
+        }
+        t.state = TrackerState::Free;
+        t.next_free = self.free_head;
+        self.free_head = cid;
+        self.active -= 1;
+    }
+
+    /// Writes the PRPs of `segs` for command `cid` (its list into the
+    /// tracker's page) when they fit one command; returns (PRP1, PRP2,
+    /// bytes), or `None` when the op needs the general planner.
+    #[inline]
+    fn direct_prps(&self, cid: u16, segs: &[Segment]) -> Option<(u64, u64, u64)> {
+        let (mut n, mut prp1, mut second, mut total, mut last_end) = (0usize, 0, 0, 0u64, 0);
+        for s in segs {
+            let start = s.iova()?.0;
+            let len = s.len() as u64;
+            let joins = if n == 0 {
+                start % 4 == 0
+            } else {
+                last_end % PAGE == 0 && start % PAGE == 0
+            };
+            total += len;
+            if !joins || total > self.max_transfer_bytes {
+                return None;
+            }
+            let end = start + len;
+            let mut addr = start;
+            while addr < end {
+                match n {
+                    0 => prp1 = addr,
+                    _ if n > prp::LIST_ENTRIES => return None,
+                    _ => {
+                        if n == 1 {
+                            second = addr;
+                        }
+                        self.write_page_u64(cid, n - 1, addr);
+                    }
+                }
+                n += 1;
+                addr = (addr / PAGE + 1) * PAGE;
+            }
+            last_end = end;
+        }
+        if n == 0 || !total.is_multiple_of(self.block_size) {
+            return None;
+        }
+        let prp2 = match n {
+            1 => 0,
+            2 => second,
+            _ => self.page_iova(cid),
+        };
+        Some((prp1, prp2, total))
+    }
+
+    /// The steady-state path: a read or write that fits one command goes
+    /// straight into the ring. False when it does not (nothing changed).
+    #[inline]
+    fn submit_direct(&mut self, tag: Tag, op: &IoOp) -> bool {
+        let cid = self.free_head;
+        if cid == NO_TRACKER || self.qp.sq_full() || !self.pending.is_empty() {
+            return false;
+        }
+        let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) else {
+            return false;
+        };
+        let opcode = if op.kind == IoKind::Read {
+            io_op::READ
+        } else {
+            io_op::WRITE
+        };
+        let mut cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
+        cmd.prp1 = prp1;
+        cmd.prp2 = prp2;
+        let o = self.op_slot(tag);
+        debug_assert!(!o.live, "tag {tag} reused while live");
+        o.live = true;
+        o.kind = op.kind;
+        o.lba = op.lba;
+        o.blocks = op.blocks;
+        o.remaining = 1;
+        o.error = None;
+        o.timed_out = false;
+        self.start_command(cid, tag, cmd);
+        true
+    }
+
+    /// The general path: builds the commands of `op` (into `pending`) and
+    /// its state.
     fn plan(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
         let bs = self.block_size;
         let mut cmds: Vec<(Command, CmdData)> = Vec::new();
         let mut bounce = None;
+        let mut copy_back = Vec::new();
         match op.kind {
             IoKind::Read | IoKind::Write => {
                 let opcode = if op.kind == IoKind::Read {
@@ -751,7 +1198,7 @@ impl NvmeBackend {
                     .iter()
                     .map(|s| s.iova().map(|i| (i, s.len() as u64)))
                     .collect();
-                let max = self.ctrl.max_transfer_bytes;
+                let max = self.max_transfer_bytes;
                 let plan = pieces.and_then(|p| prp::plan(&p, bs, max));
                 let plan = match plan {
                     Some(p) => p,
@@ -775,6 +1222,8 @@ impl NvmeBackend {
                                 };
                                 at += s.len();
                             }
+                        } else {
+                            copy_back = op.segs.iter().map(|s| s.clone_ref()).collect();
                         }
                         let iova = b.iova().expect("pool memory");
                         let p = prp::plan(&[(iova, total as u64)], bs, max)
@@ -821,7 +1270,7 @@ impl NvmeBackend {
                     }
                 } else {
                     // Emulated: writes from one zeroed buffer.
-                    let max = self.ctrl.max_transfer_bytes;
+                    let max = self.max_transfer_bytes;
                     if self.zeroes.is_none() {
                         self.zeroes = Some(self.ctrl.pool.alloc(max as usize)?);
                     }
@@ -838,55 +1287,52 @@ impl NvmeBackend {
                 }
             }
         }
-        self.ops.insert(
-            tag,
-            OpState {
-                kind: op.kind,
-                lba: op.lba,
-                blocks: op.blocks,
-                remaining: cmds.len(),
-                error: None,
-                segs: op.segs.iter().map(|s| s.clone_ref()).collect(),
-                bounce,
-            },
-        );
+        let o = self.op_slot(tag);
+        debug_assert!(!o.live, "tag {tag} reused while live");
+        *o = OpState {
+            live: true,
+            kind: op.kind,
+            lba: op.lba,
+            blocks: op.blocks,
+            remaining: cmds.len() as u32,
+            error: None,
+            timed_out: false,
+            bounce,
+            segs: copy_back,
+        };
         for (cmd, data) in cmds {
             self.pending.push_back(PendingCmd { tag, cmd, data });
         }
         Ok(())
     }
 
-    /// Moves pending commands into the ring while there is room.
-    fn push_pending(&mut self, finished: &mut Vec<Tag>) {
-        let mut pushed = false;
-        while !self.qp.is_full() {
+    /// Moves pending commands into the ring while trackers and slots last.
+    fn push_pending(&mut self) {
+        while self.free_head != NO_TRACKER && !self.qp.sq_full() {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let Some(op) = self.ops.get_mut(&p.tag) else {
+            let op = &mut self.ops[p.tag as usize];
+            if !op.live {
                 continue;
-            };
-            if op.error.is_some() {
+            }
+            if op.error.is_some() || op.timed_out {
                 // The operation already failed: do not send the rest.
                 op.remaining -= 1;
                 if op.remaining == 0 {
-                    finished.push(p.tag);
+                    let r = self.finish(p.tag);
+                    self.ready.push((p.tag, r));
                 }
                 continue;
             }
-            // The command's page is its command id's: fill it for the id
-            // the push below will take.
+            // The command's page is its tracker's.
             let mut cmd = p.cmd;
-            let cid = self.qp.next_cid().expect("not full");
+            let cid = self.free_head;
             match &p.data {
                 CmdData::None => {}
                 CmdData::Prp(t) => {
                     let list = crate::device::Iova(self.page_iova(cid));
-                    let mut entries = Vec::new();
-                    let (p1, p2) = t.prps(list, |i, a| entries.push((i, a)));
-                    for (i, a) in entries {
-                        self.write_page_u64(cid, i, a);
-                    }
+                    let (p1, p2) = t.prps(list, |i, a| self.write_page_u64(cid, i, a));
                     cmd.prp1 = p1;
                     cmd.prp2 = p2;
                 }
@@ -897,247 +1343,289 @@ impl NvmeBackend {
                     cmd.prp1 = self.page_iova(cid);
                 }
             }
-            let pushed_cid = self.qp.push(&cmd);
-            debug_assert_eq!(pushed_cid, Some(cid));
-            let deadline = Instant::now() + self.ctrl.io_timeout();
-            self.next_deadline = Some(self.next_deadline.map_or(deadline, |d| d.min(deadline)));
-            self.slots[cid as usize] = Some(CmdSlot {
-                tag: p.tag,
-                deadline,
-                zombie: None,
+            self.start_command(cid, p.tag, cmd);
+        }
+    }
+
+    /// The op's result; marks it reported. Copies a bounced read back.
+    #[inline]
+    fn finish(&mut self, tag: Tag) -> Result<()> {
+        let op = &mut self.ops[tag as usize];
+        debug_assert!(op.live);
+        op.live = false;
+        if !op.timed_out && op.error.is_none() && op.bounce.is_none() {
+            return Ok(());
+        }
+        self.finish_slow(tag)
+    }
+
+    #[cold]
+    fn finish_slow(&mut self, tag: Tag) -> Result<()> {
+        let after_ms = self.ctrl.io_timeout().as_millis() as u64;
+        let op = &mut self.ops[tag as usize];
+        let bounce = op.bounce.take();
+        let segs = std::mem::take(&mut op.segs);
+        if op.timed_out {
+            op.error = None;
+            return Err(Error::Timeout {
+                op: op.kind.name(),
+                lba: op.lba,
+                blocks: op.blocks,
+                after_ms,
             });
-            pushed = true;
         }
-        if pushed {
-            self.qp.ring(&*self.ctrl.bar);
+        if let Some(e) = op.error.take() {
+            return Err(e);
         }
-    }
-
-    fn fail_all(&mut self, err: impl Fn() -> Error, finished: &mut Vec<(Tag, Result<()>)>) {
-        self.pending.clear();
-        for s in self.slots.iter_mut() {
-            *s = None;
-        }
-        for (tag, _) in self.ops.drain() {
-            finished.push((tag, Err(err())));
-        }
-    }
-
-    /// Handles a reset or failure of the controller seen by this thread.
-    fn check_controller(&mut self, finished: &mut Vec<(Tag, Result<()>)>) -> Result<()> {
-        if self.ctrl.resetting.load(Ordering::Acquire) {
-            // The controller may still be using our memory: fail nothing
-            // until it is disabled and the reset is done.
-            return Err(self.ctrl.failed_error("controller reset in progress"));
-        }
-        let gen = self.ctrl.generation.load(Ordering::Acquire);
-        if gen != self.generation {
-            let name = self.ctrl.name.clone();
-            self.fail_all(
-                || Error::DeviceFailed {
-                    device: name.clone(),
-                    reason: "controller reset while the operation was in flight".into(),
-                },
-                finished,
-            );
-            self.qp.reset();
-            self.ctrl.create_io_queues(&self.qp)?;
-            self.generation = gen;
-        }
-        if self.ctrl.is_failed() {
-            let name = self.ctrl.name.clone();
-            self.fail_all(
-                || Error::DeviceFailed {
-                    device: name.clone(),
-                    reason: "controller fatal status".into(),
-                },
-                finished,
-            );
-            return Err(self.ctrl.failed_error("controller failed; reset it"));
+        if let Some(b) = &bounce {
+            let mut at = 0;
+            for s in &segs {
+                // SAFETY: the read completed, so the controller is done with
+                // the bounce buffer; the segment belongs to this op.
+                unsafe { s.write_at(0, std::slice::from_raw_parts(b.as_ptr().add(at), s.len())) };
+                at += s.len();
+            }
         }
         Ok(())
     }
 
-    fn finish(&mut self, tag: Tag) -> Option<(Tag, Result<()>)> {
-        let op = self.ops.remove(&tag)?;
-        if let Some(e) = op.error {
-            return Some((tag, Err(e)));
+    /// One completion of the I/O queue: 1 when it finished an op (handed to
+    /// `done`), else 0.
+    #[inline]
+    fn complete(&mut self, c: Completion, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        let cid = c.cid;
+        let known = self
+            .trackers
+            .get(cid as usize)
+            .is_some_and(|t| t.state != TrackerState::Free);
+        if !known || c.sq_id != self.qp.qid {
+            self.ctrl.stray_completion(self.qp.qid, &c);
+            return 0;
         }
-        if op.kind == IoKind::Read {
-            if let Some(b) = &op.bounce {
-                let mut at = 0;
-                for s in &op.segs {
-                    // SAFETY: the read completed, so the controller is done
-                    // with the bounce buffer; the segment belongs to this op.
-                    unsafe {
-                        s.write_at(0, std::slice::from_raw_parts(b.as_ptr().add(at), s.len()))
-                    };
-                    at += s.len();
-                }
+        let t = &mut self.trackers[cid as usize];
+        let (tag, aborting) = (t.tag, t.state == TrackerState::Aborting);
+        if let Err(status) = c.status() {
+            if !aborting && !c.dnr && t.retries < MAX_RETRIES && !self.qp.sq_full() {
+                // Retryable: the same command again, under the same id.
+                t.retries += 1;
+                t.tick = self.tick;
+                let cmd = t.cmd;
+                self.qp.push(&cmd, cid);
+                self.ctrl.counters.retries.fetch_add(1, Ordering::Relaxed);
+                return 0;
+            }
+            let (nsid, op) = (self.nsid, &mut self.ops[tag as usize]);
+            if !aborting {
+                op.error.get_or_insert(Error::Nvme {
+                    op: op.kind.name(),
+                    nsid,
+                    lba: op.lba,
+                    blocks: op.blocks,
+                    status,
+                });
             }
         }
-        Some((tag, Ok(())))
+        self.free_tracker(cid);
+        let op = &mut self.ops[tag as usize];
+        op.remaining -= 1;
+        if op.remaining > 0 {
+            return 0;
+        }
+        let r = self.finish(tag);
+        done(tag, r);
+        1
     }
 
-    fn check_timeouts(&mut self, finished: &mut Vec<(Tag, Result<()>)>) {
+    /// Fails every op the backend holds (reported by the next reap). Only
+    /// called once the controller no longer owns any of their commands.
+    fn fail_all(&mut self, reason: &str) {
+        for cid in 0..self.trackers.len() {
+            let t = self.trackers[cid];
+            if t.state != TrackerState::Free {
+                if t.state == TrackerState::Aborting {
+                    self.ops[t.tag as usize].timed_out = true;
+                }
+                self.free_tracker(cid as u16);
+            }
+        }
+        debug_assert_eq!((self.active, self.aborting), (0, 0));
+        self.pending.clear();
+        for tag in 0..self.ops.len() {
+            let op = &mut self.ops[tag];
+            if !op.live {
+                continue;
+            }
+            op.error.get_or_insert_with(|| Error::DeviceFailed {
+                device: self.ctrl.name.clone(),
+                reason: reason.to_string(),
+            });
+            let r = self.finish(tag as Tag);
+            self.ready.push((tag as Tag, r));
+        }
+    }
+
+    /// Follows the controller's state: fails everything once a reset or a
+    /// fatal status has stopped the controller, and creates the queue pair
+    /// again after a reset. Ok when the queue pair can be used.
+    #[inline]
+    fn check_controller(&mut self) -> Result<()> {
+        let st = self.ctrl.state.load(Ordering::Acquire);
+        let gen = self.ctrl.generation.load(Ordering::Acquire);
+        if st == state::LIVE && gen == self.generation {
+            return Ok(());
+        }
+        self.controller_changed(st, gen)
+    }
+
+    #[cold]
+    fn controller_changed(&mut self, st: u8, gen: u64) -> Result<()> {
+        match st {
+            state::RESETTING => {
+                // The controller may still be using our memory: fail nothing
+                // until it is disabled and the reset is done.
+                Err(self.ctrl.failed_error("controller reset in progress"))
+            }
+            state::WEDGED => Err(self.ctrl.failed_error(
+                "controller failed and did not stop: its in-flight commands keep their memory",
+            )),
+            state::FAILED => {
+                self.fail_all("controller fatal status: the controller was disabled; reset it");
+                Err(self.ctrl.failed_error("controller failed; reset it"))
+            }
+            _ => {
+                self.fail_all("controller reset while the operation was in flight");
+                self.qp.reset();
+                self.ctrl.create_io_queues(&self.qp)?;
+                self.generation = gen;
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the clock now and then; on each timeout tick checks for a
+    /// fatal status, aborts commands past their timeout without waiting,
+    /// and resets the controller when an aborted command has not finished
+    /// one more timeout later.
+    #[cold]
+    fn check_clock(&mut self) {
         let now = Instant::now();
-        let mut expired = Vec::new();
-        for (cid, s) in self.slots.iter().enumerate() {
-            if let Some(s) = s {
-                if s.zombie.is_none() && now >= s.deadline {
-                    expired.push((cid as u16, s.tag));
-                }
-            }
+        let tick_len =
+            (self.ctrl.io_timeout() / TICKS_PER_TIMEOUT as u32).max(Duration::from_micros(100));
+        // Each tick is at least `tick_len` long (the first after an idle
+        // spell may be shorter), so a command is past its timeout once
+        // TICKS_PER_TIMEOUT + 1 ticks passed since its own.
+        match self.tick_started {
+            Some(t0) if now.duration_since(t0) < tick_len => return,
+            _ => {}
         }
-        self.next_deadline = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(|s| s.zombie.is_none() && !expired.iter().any(|&(_, t)| s.tag == t))
-            .map(|s| s.deadline)
-            .min();
-        if expired.is_empty() {
+        self.tick += 1;
+        self.tick_started = Some(now);
+        if self.ctrl.fatal_status() {
+            self.ctrl.disable_after_fatal();
             return;
         }
-        if self.ctrl.check_fatal() {
-            let name = self.ctrl.name.clone();
-            self.fail_all(
-                || Error::DeviceFailed {
-                    device: name.clone(),
-                    reason: "controller fatal status".into(),
-                },
-                finished,
+        if self.aborting > 0 {
+            self.ctrl.poll_admin();
+        }
+        let limit = TICKS_PER_TIMEOUT + 1;
+        let mut reset = false;
+        for cid in 0..self.trackers.len() {
+            let t = self.trackers[cid];
+            if self.tick - t.tick < limit {
+                continue;
+            }
+            match t.state {
+                TrackerState::Active => {
+                    // Past its deadline: a timeout, however it ends.
+                    self.ops[t.tag as usize].timed_out = true;
+                    let abort = Command::abort(self.qp.qid, cid as u16);
+                    if self.ctrl.admin_detached(abort) {
+                        self.ctrl.counters.aborts.fetch_add(1, Ordering::Relaxed);
+                        let t = &mut self.trackers[cid];
+                        t.state = TrackerState::Aborting;
+                        t.tick = self.tick;
+                        self.aborting += 1;
+                    } else if self.tick - t.tick >= 2 * limit {
+                        // No Abort could be sent for a whole timeout.
+                        reset = true;
+                    }
+                }
+                TrackerState::Aborting => reset = true,
+                TrackerState::Free => {}
+            }
+        }
+        if reset {
+            eprintln!(
+                "nvme {}: an aborted command of queue {} did not finish: resetting the controller",
+                self.ctrl.name, self.qp.qid
             );
-            return;
-        }
-        let after_ms = self.ctrl.io_timeout().as_millis() as u64;
-        for (cid, tag) in expired {
-            let keep = match self.ops.remove(&tag) {
-                Some(op) => {
-                    finished.push((
-                        tag,
-                        Err(Error::Timeout {
-                            op: op.kind.name(),
-                            lba: op.lba,
-                            blocks: op.blocks,
-                            after_ms,
-                        }),
-                    ));
-                    Rc::new(KeepAlive {
-                        _segs: op.segs,
-                        _bounce: op.bounce,
-                    })
-                }
-                None => Rc::new(KeepAlive {
-                    _segs: Vec::new(),
-                    _bounce: None,
-                }),
-            };
-            // Every command of the op still owned by the controller keeps
-            // the op's memory alive; pending ones are dropped.
-            for s in self.slots.iter_mut().flatten() {
-                if s.tag == tag && s.zombie.is_none() {
-                    s.zombie = Some(keep.clone());
-                }
+            if let Err(e) = self.ctrl.reset() {
+                eprintln!("nvme {}: reset failed: {e}", self.ctrl.name);
             }
-            self.pending.retain(|p| p.tag != tag);
-            let _ = self.ctrl.abort(self.qp.qid, cid);
         }
     }
 }
 
 impl ChannelBackend for NvmeBackend {
+    #[inline]
     fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
-        let mut failed = Vec::new();
-        let state = self.check_controller(&mut failed);
-        for (t, r) in failed {
-            // Reported by the next reap: kept as failed ops with no commands.
-            self.stale.push(t);
-            self.ops.insert(
-                t,
-                OpState {
-                    kind: IoKind::Flush,
-                    lba: 0,
-                    blocks: 0,
-                    remaining: 0,
-                    error: r.err(),
-                    segs: Vec::new(),
-                    bounce: None,
-                },
-            );
+        self.check_controller()?;
+        if matches!(op.kind, IoKind::Read | IoKind::Write) && self.submit_direct(tag, op) {
+            return Ok(());
         }
-        state?;
         self.plan(tag, op)?;
-        self.check_due = true;
-        let mut finished = Vec::new();
-        self.push_pending(&mut finished);
-        debug_assert!(finished.is_empty());
+        self.push_pending();
         Ok(())
     }
 
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
-        let mut finished: Vec<(Tag, Result<()>)> = Vec::new();
-        // Ops failed while nothing was submitted (see `submit`).
-        for t in std::mem::take(&mut self.stale) {
-            finished.extend(self.finish(t));
-        }
-        if self.check_controller(&mut finished).is_ok() {
-            let mut completed: Vec<Completion> = Vec::new();
-            self.qp.poll(&*self.ctrl.bar, |c| completed.push(c));
-            let mut ended = Vec::new();
-            for c in completed {
-                let Some(slot) = self.slots.get_mut(c.cid as usize).and_then(|s| s.take()) else {
-                    continue;
-                };
-                if slot.zombie.is_some() {
-                    continue;
-                }
-                let Some(op) = self.ops.get_mut(&slot.tag) else {
-                    continue;
-                };
-                if let Err(status) = c.status() {
-                    op.error.get_or_insert(Error::Nvme {
-                        op: op.kind.name(),
-                        nsid: self.nsid,
-                        lba: op.lba,
-                        blocks: op.blocks,
-                        status,
-                    });
-                }
-                op.remaining -= 1;
-                if op.remaining == 0 {
-                    ended.push(slot.tag);
-                }
-            }
-            self.push_pending(&mut ended);
-            for t in ended {
-                finished.extend(self.finish(t));
-            }
-            // Deadlines are checked at the first poll after a submission and
-            // then every few polls (a clock read is not free); the slots are
-            // scanned only once the earliest deadline has passed.
-            if self.qp.outstanding() > 0 {
-                self.polls_since_check += 1;
-                if self.check_due || self.polls_since_check >= 32 {
-                    self.polls_since_check = 0;
-                    self.check_due = false;
-                    if self.next_deadline.is_some_and(|d| Instant::now() >= d) {
-                        self.check_timeouts(&mut finished);
-                    }
-                }
-            }
-        }
-        let count = finished.len();
-        for (t, r) in finished {
+        let usable = self.check_controller().is_ok();
+        let mut n = 0;
+        while let Some((t, r)) = self.ready.pop() {
             done(t, r);
+            n += 1;
         }
-        count
+        if !usable {
+            return n;
+        }
+        // Submissions since the last reap: one doorbell write for all.
+        self.qp.ring(&*self.ctrl.bar);
+        let mut taken = 0;
+        while taken < REAP_MAX {
+            let Some(c) = self.qp.next_completion() else {
+                break;
+            };
+            taken += 1;
+            n += self.complete(c, done);
+        }
+        self.qp.release_completions(&*self.ctrl.bar);
+        if !self.pending.is_empty() {
+            self.push_pending();
+        }
+        if self.active > 0 {
+            self.reaps_since_clock += 1;
+            if self.reaps_since_clock >= REAPS_PER_CLOCK {
+                self.reaps_since_clock = 0;
+                self.check_clock();
+                let _ = self.check_controller();
+            }
+        }
+        // Retries and backlog pushed above.
+        if self.qp.unrung() && self.check_controller().is_ok() {
+            self.qp.ring(&*self.ctrl.bar);
+        }
+        while let Some((t, r)) = self.ready.pop() {
+            done(t, r);
+            n += 1;
+        }
+        n
     }
 }
 
 impl Drop for NvmeBackend {
     fn drop(&mut self) {
-        if !self.ctrl.is_failed() && self.ctrl.generation.load(Ordering::Acquire) == self.generation
+        if self.ctrl.state.load(Ordering::Acquire) == state::LIVE
+            && self.ctrl.generation.load(Ordering::Acquire) == self.generation
         {
             self.ctrl.delete_io_queues(self.qp.qid);
         }

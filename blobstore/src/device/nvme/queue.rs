@@ -1,15 +1,19 @@
 //! A submission/completion queue pair, polled by its owner.
 //!
+//! The pair only moves entries: command ids are the owner's (the I/O
+//! backend's trackers, the admin queue's table), and so is deciding whether
+//! a completion belongs to anything.
+//!
 //! Invariants:
-//! - At most `entries - 1` commands are outstanding (a full ring is
-//!   `tail + 1 == head`); each carries a command id from this pair's free
-//!   list, unique among the outstanding ones.
+//! - At most `entries - 1` entries are in the submission ring (a full ring
+//!   is `tail + 1 == head`, `head` as the controller last reported it).
 //! - Entries are written to DMA memory with volatile stores before the tail
-//!   doorbell (a release fence orders them); a completion is consumed only
-//!   when its phase tag matches, and its other fields are read after the
-//!   tag (an acquire fence).
-//! - The completion head doorbell is written once per poll that consumed
-//!   entries.
+//!   doorbell (a release fence orders them); the doorbell is written only
+//!   when the tail moved since the last write (one write per batch).
+//! - A completion is consumed only when its phase tag matches, and its other
+//!   fields are read after the tag (an acquire fence); the head doorbell is
+//!   written once per [`QueuePair::release_completions`] that follows
+//!   consumed entries (one write per reap).
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -28,14 +32,27 @@ pub struct QueuePair {
     sq: DmaBuf,
     cq: DmaBuf,
     sq_tail: u32,
+    /// The tail the doorbell last told the controller.
+    sq_tail_rung: u32,
     /// Last SQ head the controller reported.
     sq_head: u32,
     cq_head: u32,
+    /// Completions consumed since the head doorbell was last written.
+    cq_unreleased: bool,
     phase: bool,
     sq_doorbell: usize,
     cq_doorbell: usize,
-    free_cids: Vec<u16>,
-    outstanding: usize,
+}
+
+/// Orders the entry stores before the doorbell store. On x86-64, stores are
+/// not reordered with other stores (uncached MMIO included), so a compiler
+/// fence suffices; elsewhere, a full fence.
+#[inline(always)]
+fn doorbell_fence() {
+    #[cfg(target_arch = "x86_64")]
+    std::sync::atomic::compiler_fence(Ordering::Release);
+    #[cfg(not(target_arch = "x86_64"))]
+    fence(Ordering::SeqCst);
 }
 
 impl QueuePair {
@@ -50,13 +67,13 @@ impl QueuePair {
             sq,
             cq,
             sq_tail: 0,
+            sq_tail_rung: 0,
             sq_head: 0,
             cq_head: 0,
+            cq_unreleased: false,
             phase: true,
             sq_doorbell: cap.sq_doorbell(qid),
             cq_doorbell: cap.cq_doorbell(qid),
-            free_cids: (0..entries as u16 - 1).rev().collect(),
-            outstanding: 0,
         })
     }
 
@@ -75,104 +92,116 @@ impl QueuePair {
         self.cq.iova().expect("pool memory")
     }
 
-    /// Commands submitted and not completed.
-    pub fn outstanding(&self) -> usize {
-        self.outstanding
+    /// True when the submission ring has no free slot.
+    #[inline]
+    pub fn sq_full(&self) -> bool {
+        let next = if self.sq_tail + 1 == self.entries {
+            0
+        } else {
+            self.sq_tail + 1
+        };
+        next == self.sq_head
     }
 
-    /// True when no command can be submitted now.
-    pub fn is_full(&self) -> bool {
-        self.free_cids.is_empty() || (self.sq_tail + 1) % self.entries == self.sq_head
-    }
-
-    /// Forgets every outstanding command and clears the rings (after a
-    /// controller reset, before the queues are created again).
+    /// Forgets every entry and clears the rings (after a controller reset,
+    /// before the queues are created again).
     pub fn reset(&mut self) {
-        // SAFETY: the controller is disabled, so it no longer touches the
-        // rings; the ring is `entries * CQE_BYTES` bytes of pool memory.
+        // SAFETY: the controller is disabled (or no longer has this queue),
+        // so it does not touch the ring; the ring is `entries * CQE_BYTES`
+        // bytes of pool memory.
         unsafe { std::ptr::write_bytes(self.cq.as_mut_ptr(), 0, self.cq.capacity()) };
         self.sq_tail = 0;
+        self.sq_tail_rung = 0;
         self.sq_head = 0;
         self.cq_head = 0;
+        self.cq_unreleased = false;
         self.phase = true;
-        self.free_cids = (0..self.entries as u16 - 1).rev().collect();
-        self.outstanding = 0;
     }
 
-    /// The command id the next [`QueuePair::push`] will use.
-    pub fn next_cid(&self) -> Option<u16> {
-        if self.is_full() {
-            None
+    /// Puts `cmd` with command id `cid` in the ring without ringing the
+    /// doorbell; false when the ring is full.
+    #[inline]
+    pub fn push(&mut self, cmd: &Command, cid: u16) -> bool {
+        if self.sq_full() {
+            return false;
+        }
+        let dwords = cmd.encode(cid);
+        // SAFETY: slot `sq_tail` < entries lies inside the ring.
+        let slot = unsafe {
+            self.sq
+                .as_mut_ptr()
+                .cast::<u32>()
+                .add(self.sq_tail as usize * 16)
+        };
+        for (i, d) in dwords.iter().enumerate() {
+            // SAFETY: dword `i` < 16 of the slot; the controller does not
+            // read the slot before the doorbell says so.
+            unsafe { std::ptr::write_volatile(slot.add(i), d.to_le()) };
+        }
+        self.sq_tail = if self.sq_tail + 1 == self.entries {
+            0
         } else {
-            self.free_cids.last().copied()
+            self.sq_tail + 1
+        };
+        true
+    }
+
+    /// Tells the controller about every pushed entry (nothing when none was
+    /// pushed since the last ring).
+    #[inline]
+    pub fn ring(&mut self, bar: &dyn Bar) {
+        if self.sq_tail != self.sq_tail_rung {
+            doorbell_fence();
+            bar.write32(self.sq_doorbell, self.sq_tail);
+            self.sq_tail_rung = self.sq_tail;
         }
     }
 
-    /// Puts `cmd` in the ring without ringing the doorbell; returns its
-    /// command id, or `None` when the ring is full.
-    pub fn push(&mut self, cmd: &Command) -> Option<u16> {
-        if self.is_full() {
+    /// Entries pushed and not yet announced by [`QueuePair::ring`].
+    pub fn unrung(&self) -> bool {
+        self.sq_tail != self.sq_tail_rung
+    }
+
+    /// Consumes the next completion, if the controller posted one. The
+    /// head doorbell is written by [`QueuePair::release_completions`].
+    #[inline]
+    pub fn next_completion(&mut self) -> Option<Completion> {
+        let base = self.cq.as_ptr().cast::<u32>();
+        let at = self.cq_head as usize * 4;
+        // SAFETY: entry `cq_head` < entries lies inside the ring; volatile
+        // because the controller writes it behind our back.
+        let dw3 = u32::from_le(unsafe { std::ptr::read_volatile(base.add(at + 3)) });
+        if ((dw3 >> 16) & 1 == 1) != self.phase {
             return None;
         }
-        let cid = self.free_cids.pop().expect("checked above");
-        let dwords = cmd.encode(cid);
-        let base = self.sq.as_mut_ptr().cast::<u32>();
-        for (i, d) in dwords.iter().enumerate() {
-            // SAFETY: slot `sq_tail` < entries lies inside the ring; the
-            // controller does not read it before the doorbell says so.
-            unsafe {
-                std::ptr::write_volatile(base.add(self.sq_tail as usize * 16 + i), d.to_le())
-            };
+        fence(Ordering::Acquire);
+        let mut d = [0u32; 4];
+        for (i, x) in d.iter_mut().enumerate().take(3) {
+            // SAFETY: as above.
+            *x = u32::from_le(unsafe { std::ptr::read_volatile(base.add(at + i)) });
         }
-        self.sq_tail = (self.sq_tail + 1) % self.entries;
-        self.outstanding += 1;
-        Some(cid)
+        d[3] = dw3;
+        let c = Completion::decode(d);
+        self.cq_head += 1;
+        if self.cq_head == self.entries {
+            self.cq_head = 0;
+            self.phase = !self.phase;
+        }
+        // A head out of range is the controller's bug: keep the old one.
+        if (c.sq_head as u32) < self.entries {
+            self.sq_head = c.sq_head as u32;
+        }
+        self.cq_unreleased = true;
+        Some(c)
     }
 
-    /// Tells the controller about every pushed entry.
-    pub fn ring(&self, bar: &dyn Bar) {
-        // Entries must be in memory before the controller sees the tail.
-        fence(Ordering::SeqCst);
-        bar.write32(self.sq_doorbell, self.sq_tail);
-    }
-
-    /// Consumes available completions, calling `f` for each; returns how
-    /// many. The command id is free again once `f` returns.
-    pub fn poll(&mut self, bar: &dyn Bar, mut f: impl FnMut(Completion)) -> usize {
-        let base = self.cq.as_ptr().cast::<u32>();
-        let mut n = 0;
-        loop {
-            let at = self.cq_head as usize * 4;
-            // SAFETY: entry `cq_head` lies inside the ring; volatile because
-            // the controller writes it behind our back.
-            let dw3 = u32::from_le(unsafe { std::ptr::read_volatile(base.add(at + 3)) });
-            if ((dw3 >> 16) & 1 == 1) != self.phase {
-                break;
-            }
-            fence(Ordering::Acquire);
-            let mut d = [0u32; 4];
-            for (i, x) in d.iter_mut().enumerate().take(3) {
-                // SAFETY: as above.
-                *x = u32::from_le(unsafe { std::ptr::read_volatile(base.add(at + i)) });
-            }
-            d[3] = dw3;
-            let c = Completion::decode(d);
-            self.cq_head += 1;
-            if self.cq_head == self.entries {
-                self.cq_head = 0;
-                self.phase = !self.phase;
-            }
-            self.sq_head = c.sq_head as u32 % self.entries;
-            n += 1;
-            if self.outstanding > 0 && c.cid < self.entries as u16 - 1 {
-                self.outstanding -= 1;
-                f(c);
-                self.free_cids.push(c.cid);
-            }
-        }
-        if n > 0 {
+    /// Writes the completion head doorbell if entries were consumed since
+    /// the last call.
+    #[inline]
+    pub fn release_completions(&mut self, bar: &dyn Bar) {
+        if self.cq_unreleased {
             bar.write32(self.cq_doorbell, self.cq_head);
+            self.cq_unreleased = false;
         }
-        n
     }
 }

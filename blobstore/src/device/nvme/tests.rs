@@ -1,418 +1,20 @@
-//! The driver against a software NVMe controller: the `#[cfg(test)]` twin of
-//! BAR0 and DMA. The model reads submission entries and PRPs out of the DMA
-//! pool's memory, checks the PRP rules, executes against RAM namespaces and
-//! posts completions with phase tags, so queue, PRP and command encoding are
-//! tested end to end without hardware.
+//! The driver against the software NVMe controller ([`super::soft`]), its
+//! twin of BAR0 and DMA: queue, PRP and command encoding, and the error
+//! paths (stray completions, fatal status, timeouts, retries), tested end to
+//! end without hardware.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
-use super::dma::{DmaPool, NoMapper};
-use super::regs::{self, Bar};
-use super::{cmd, NvmeController, NvmeDevice};
+use super::soft::SoftController;
+use super::{NvmeController, NvmeDevice};
 use crate::device::{channel, BlockDevice, DmaBuf};
 use crate::error::{Error, NvmeStatus};
 use crate::{block_on, BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 
-const PAGE: u64 = 4096;
-
-struct Sq {
-    base: u64,
-    size: u32,
-    head: u32,
-    cqid: u16,
-}
-
-struct Cq {
-    base: u64,
-    size: u32,
-    tail: u32,
-    phase: bool,
-}
-
-#[derive(Default)]
-struct ModelState {
-    cc: u32,
-    csts: u32,
-    aqa: u32,
-    asq: u64,
-    acq: u64,
-    sqs: HashMap<u16, Sq>,
-    cqs: HashMap<u16, Cq>,
-    /// Commands held back (never completed until released): (sqid, cid).
-    held: Vec<(u16, u16)>,
-    hold_reads: bool,
-    /// Opcodes and block counts of I/O commands seen.
-    io_log: Vec<(u8, u32)>,
-    fatal: bool,
-}
-
-struct Model {
-    pool: Arc<DmaPool>,
-    namespaces: Vec<(u32, Mutex<Vec<u8>>)>,
-    mdts: u8,
-    oncs: u16,
-    st: Mutex<ModelState>,
-}
-
-fn rd(pool: &DmaPool, iova: u64, len: usize) -> Vec<u8> {
-    let p = pool
-        .translate(iova, len)
-        .expect("device read of unmapped IOVA");
-    let mut v = vec![0u8; len];
-    // SAFETY: translate checked the range lies in a pool mapping.
-    unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), len) };
-    v
-}
-
-fn wr(pool: &DmaPool, iova: u64, data: &[u8]) {
-    let p = pool
-        .translate(iova, data.len())
-        .expect("device write to unmapped IOVA");
-    // SAFETY: as above.
-    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
-}
-
-impl Model {
-    fn new(pool: Arc<DmaPool>, mdts: u8, oncs: u16) -> Arc<Model> {
-        Arc::new(Model {
-            pool,
-            namespaces: vec![
-                (512, Mutex::new(vec![0u8; 8 << 20])),
-                (4096, Mutex::new(vec![0u8; 16 << 20])),
-            ],
-            mdts,
-            oncs,
-            st: Mutex::new(ModelState::default()),
-        })
-    }
-
-    /// The pages a command's PRPs describe, checking the PRP rules.
-    fn prp_pages(&self, prp1: u64, prp2: u64, len: u64) -> Vec<(u64, u64)> {
-        assert_eq!(prp1 % 4, 0, "PRP1 not dword aligned");
-        let first = (PAGE - prp1 % PAGE).min(len);
-        let mut out = vec![(prp1, first)];
-        let mut left = len - first;
-        if left == 0 {
-            return out;
-        }
-        if left <= PAGE {
-            assert_eq!(prp2 % PAGE, 0, "PRP2 entry not page aligned");
-            out.push((prp2, left));
-            return out;
-        }
-        assert_eq!(prp2 % 8, 0, "PRP list not qword aligned");
-        let n = left.div_ceil(PAGE) as usize;
-        assert!(n <= 512, "a list longer than one page");
-        let list = rd(&self.pool, prp2, n * 8);
-        for e in list.chunks_exact(8) {
-            let a = u64::from_le_bytes(e.try_into().unwrap());
-            assert_eq!(a % PAGE, 0, "PRP list entry not page aligned");
-            let l = left.min(PAGE);
-            out.push((a, l));
-            left -= l;
-        }
-        out
-    }
-
-    fn exec_admin(&self, st: &mut ModelState, d: &[u32; 16]) -> (u8, u8, u32) {
-        let prp1 = d[6] as u64 | (d[7] as u64) << 32;
-        match d[0] as u8 {
-            cmd::admin_op::IDENTIFY => {
-                let mut page = vec![0u8; 4096];
-                match d[10] & 0xff {
-                    cmd::cns::CONTROLLER => {
-                        page[4..12].copy_from_slice(b"MODEL001");
-                        page[24..34].copy_from_slice(b"Model NVMe");
-                        page[77] = self.mdts;
-                        page[516..520]
-                            .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
-                        page[520..522].copy_from_slice(&self.oncs.to_le_bytes());
-                        page[525] = 1;
-                    }
-                    cmd::cns::NAMESPACE => {
-                        let nsid = d[1] as usize;
-                        if nsid == 0 || nsid > self.namespaces.len() {
-                            return (0, 0x0b, 0);
-                        }
-                        let (bs, data) = &self.namespaces[nsid - 1];
-                        let blocks = data.lock().len() as u64 / *bs as u64;
-                        page[0..8].copy_from_slice(&blocks.to_le_bytes());
-                        page[8..16].copy_from_slice(&blocks.to_le_bytes());
-                        page[25] = 1;
-                        page[26] = if *bs == 512 { 0 } else { 1 };
-                        page[33] = 1;
-                        page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
-                        page[132..136].copy_from_slice(&(12u32 << 16).to_le_bytes());
-                    }
-                    cmd::cns::ACTIVE_NS_LIST => {
-                        for i in 0..self.namespaces.len() {
-                            page[i * 4..i * 4 + 4].copy_from_slice(&(i as u32 + 1).to_le_bytes());
-                        }
-                    }
-                    _ => return (0, 0x02, 0),
-                }
-                wr(&self.pool, prp1, &page);
-                (0, 0, 0)
-            }
-            cmd::admin_op::SET_FEATURES => (0, 0, 15 << 16 | 15),
-            cmd::admin_op::CREATE_CQ => {
-                let qid = d[10] as u16;
-                let size = (d[10] >> 16) + 1;
-                st.cqs.insert(
-                    qid,
-                    Cq {
-                        base: prp1,
-                        size,
-                        tail: 0,
-                        phase: true,
-                    },
-                );
-                (0, 0, 0)
-            }
-            cmd::admin_op::CREATE_SQ => {
-                let qid = d[10] as u16;
-                let cqid = (d[11] >> 16) as u16;
-                if !st.cqs.contains_key(&cqid) {
-                    return (1, 0x00, 0); // completion queue invalid
-                }
-                st.sqs.insert(
-                    qid,
-                    Sq {
-                        base: prp1,
-                        size: (d[10] >> 16) + 1,
-                        head: 0,
-                        cqid,
-                    },
-                );
-                (0, 0, 0)
-            }
-            cmd::admin_op::DELETE_SQ => {
-                st.sqs.remove(&(d[10] as u16));
-                (0, 0, 0)
-            }
-            cmd::admin_op::DELETE_CQ => {
-                st.cqs.remove(&(d[10] as u16));
-                (0, 0, 0)
-            }
-            cmd::admin_op::GET_LOG_PAGE => {
-                let bytes = ((d[10] >> 16) + 1) * 4;
-                let mut page = vec![0u8; bytes as usize];
-                if d[10] & 0xff == cmd::LOG_SMART as u32 {
-                    page[1..3].copy_from_slice(&300u16.to_le_bytes());
-                    page[3] = 100;
-                }
-                wr(&self.pool, prp1, &page);
-                (0, 0, 0)
-            }
-            cmd::admin_op::ABORT => (0, 0, 1),
-            _ => (0, 0x01, 0),
-        }
-    }
-
-    fn exec_io(&self, st: &mut ModelState, d: &[u32; 16]) -> Option<(u8, u8, u32)> {
-        let opcode = d[0] as u8;
-        let nsid = d[1] as usize;
-        let prp1 = d[6] as u64 | (d[7] as u64) << 32;
-        let prp2 = d[8] as u64 | (d[9] as u64) << 32;
-        if nsid == 0 || nsid > self.namespaces.len() {
-            return Some((0, 0x0b, 0));
-        }
-        let (bs, data) = &self.namespaces[nsid - 1];
-        let bs = *bs as u64;
-        let mut data = data.lock();
-        let blocks_total = data.len() as u64 / bs;
-        let lba = d[10] as u64 | (d[11] as u64) << 32;
-        let nlb = (d[12] & 0xffff) as u64 + 1;
-        let in_range = |lba: u64, n: u64| lba + n <= blocks_total;
-        match opcode {
-            cmd::io_op::READ | cmd::io_op::WRITE => {
-                st.io_log.push((opcode, nlb as u32));
-                if opcode == cmd::io_op::READ && st.hold_reads {
-                    return None;
-                }
-                if !in_range(lba, nlb) {
-                    return Some((0, 0x80, 0));
-                }
-                let limit = PAGE << self.mdts;
-                assert!(nlb * bs <= limit, "transfer beyond MDTS");
-                let mut at = (lba * bs) as usize;
-                for (a, l) in self.prp_pages(prp1, prp2, nlb * bs) {
-                    let l = l as usize;
-                    if opcode == cmd::io_op::READ {
-                        wr(&self.pool, a, &data[at..at + l]);
-                    } else {
-                        data[at..at + l].copy_from_slice(&rd(&self.pool, a, l));
-                    }
-                    at += l;
-                }
-                Some((0, 0, 0))
-            }
-            cmd::io_op::FLUSH => Some((0, 0, 0)),
-            cmd::io_op::WRITE_ZEROES => {
-                assert!(self.oncs & 8 != 0, "write zeroes not advertised");
-                if !in_range(lba, nlb) {
-                    return Some((0, 0x80, 0));
-                }
-                data[(lba * bs) as usize..((lba + nlb) * bs) as usize].fill(0);
-                Some((0, 0, 0))
-            }
-            cmd::io_op::DSM => {
-                assert!(self.oncs & 4 != 0, "DSM not advertised");
-                let nr = (d[10] & 0xff) as usize + 1;
-                let ranges = rd(&self.pool, prp1, nr * 16);
-                for r in ranges.chunks_exact(16) {
-                    let n = u32::from_le_bytes(r[4..8].try_into().unwrap()) as u64;
-                    let s = u64::from_le_bytes(r[8..16].try_into().unwrap());
-                    if !in_range(s, n) {
-                        return Some((0, 0x80, 0));
-                    }
-                    data[(s * bs) as usize..((s + n) * bs) as usize].fill(0);
-                }
-                Some((0, 0, 0))
-            }
-            _ => Some((0, 0x01, 0)),
-        }
-    }
-
-    fn post(&self, st: &mut ModelState, sqid: u16, cid: u16, (sct, sc, dw0): (u8, u8, u32)) {
-        let sq_head = st.sqs.get(&sqid).map_or(0, |s| s.head);
-        let cqid = st.sqs.get(&sqid).map_or(0, |s| s.cqid);
-        let Some(cq) = st.cqs.get_mut(&cqid) else {
-            return;
-        };
-        let c = cmd::Completion {
-            dw0,
-            sq_head: sq_head as u16,
-            sq_id: sqid,
-            cid,
-            phase: cq.phase,
-            sc,
-            sct,
-            dnr: sc != 0,
-        };
-        let bytes: Vec<u8> = c.encode().iter().flat_map(|x| x.to_le_bytes()).collect();
-        wr(&self.pool, cq.base + cq.tail as u64 * 16, &bytes);
-        cq.tail += 1;
-        if cq.tail == cq.size {
-            cq.tail = 0;
-            cq.phase = !cq.phase;
-        }
-    }
-
-    fn ring(&self, st: &mut ModelState, sqid: u16, tail: u32) {
-        loop {
-            let Some(sq) = st.sqs.get_mut(&sqid) else {
-                return;
-            };
-            if sq.head == tail {
-                return;
-            }
-            let raw = rd(&self.pool, sq.base + sq.head as u64 * 64, 64);
-            sq.head = (sq.head + 1) % sq.size;
-            let mut d = [0u32; 16];
-            for (i, x) in d.iter_mut().enumerate() {
-                *x = u32::from_le_bytes(raw[i * 4..i * 4 + 4].try_into().unwrap());
-            }
-            let cid = (d[0] >> 16) as u16;
-            let result = if sqid == 0 {
-                Some(self.exec_admin(st, &d))
-            } else {
-                self.exec_io(st, &d)
-            };
-            match result {
-                Some(r) => self.post(st, sqid, cid, r),
-                None => st.held.push((sqid, cid)),
-            }
-        }
-    }
-
-    /// Completes every held command successfully (their data untouched).
-    fn release_held(&self) {
-        let mut st = self.st.lock();
-        st.hold_reads = false;
-        for (sqid, cid) in std::mem::take(&mut st.held) {
-            self.post(&mut st, sqid, cid, (0, 0, 0));
-        }
-    }
-}
-
-impl Bar for Model {
-    fn read32(&self, off: usize) -> u32 {
-        let st = self.st.lock();
-        // MQES 1023, TO 1 (500 ms), DSTRD 0, NVM command set.
-        let cap: u64 = 1023 | 1 << 24 | 1 << 37;
-        match off {
-            regs::CAP => cap as u32,
-            o if o == regs::CAP + 4 => (cap >> 32) as u32,
-            regs::VS => 0x0001_0400,
-            regs::CC => st.cc,
-            regs::CSTS => st.csts | if st.fatal { regs::CSTS_CFS } else { 0 },
-            _ => 0,
-        }
-    }
-
-    fn write32(&self, off: usize, val: u32) {
-        let mut st = self.st.lock();
-        match off {
-            regs::CC => {
-                let was = st.cc & 1;
-                st.cc = val;
-                if val & 1 == 1 && was == 0 {
-                    let (sq, cq) = ((st.aqa & 0xfff) + 1, ((st.aqa >> 16) & 0xfff) + 1);
-                    let (asq, acq) = (st.asq, st.acq);
-                    st.cqs.insert(
-                        0,
-                        Cq {
-                            base: acq,
-                            size: cq,
-                            tail: 0,
-                            phase: true,
-                        },
-                    );
-                    st.sqs.insert(
-                        0,
-                        Sq {
-                            base: asq,
-                            size: sq,
-                            head: 0,
-                            cqid: 0,
-                        },
-                    );
-                    st.csts = 1;
-                } else if val & 1 == 0 {
-                    st.sqs.clear();
-                    st.cqs.clear();
-                    st.held.clear();
-                    st.fatal = false;
-                    st.csts = 0;
-                }
-            }
-            regs::AQA => st.aqa = val,
-            regs::ASQ => st.asq = st.asq & !0xffff_ffff | val as u64,
-            o if o == regs::ASQ + 4 => st.asq = st.asq & 0xffff_ffff | (val as u64) << 32,
-            regs::ACQ => st.acq = st.acq & !0xffff_ffff | val as u64,
-            o if o == regs::ACQ + 4 => st.acq = st.acq & 0xffff_ffff | (val as u64) << 32,
-            o if o >= regs::DOORBELLS => {
-                let idx = (o - regs::DOORBELLS) / 4;
-                if idx.is_multiple_of(2) {
-                    self.ring(&mut st, (idx / 2) as u16, val);
-                }
-            }
-            _ => {}
-        }
-    }
-}
-
-fn setup(mdts: u8, oncs: u16) -> (Arc<Model>, Arc<NvmeController>) {
-    let pool = DmaPool::new(Box::new(NoMapper), false);
-    let model = Model::new(pool.clone(), mdts, oncs);
-    let ctrl = NvmeController::start("model".into(), model.clone(), pool, None).unwrap();
-    (model, Arc::new(ctrl))
+fn setup(mdts: u8, oncs: u16) -> (Arc<SoftController>, Arc<NvmeController>) {
+    SoftController::attach(mdts, oncs).unwrap()
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -449,6 +51,7 @@ fn bring_up_identify_and_logs() {
 #[test]
 fn write_read_back_across_mdts_prp_lists_and_bounces() {
     let (model, ctrl) = setup(3, 0b1100); // 32 KiB per command
+    model.st.lock().log_io = true;
     for nsid in [1, 2] {
         let dev: Arc<dyn BlockDevice> =
             Arc::new(NvmeDevice::from_controller(ctrl.clone(), nsid).unwrap());
@@ -516,7 +119,7 @@ fn write_read_back_across_mdts_prp_lists_and_bounces() {
         assert!(back[..] == all[..]);
         block_on(ch.flush()).unwrap();
     }
-    let log = model.st.lock().io_log.clone();
+    let log = std::mem::take(&mut model.st.lock().io_log);
     assert!(log.iter().all(|&(_, n)| n as u64 * 512 <= 32 << 10));
 }
 
@@ -765,4 +368,406 @@ fn a_namespace_has_one_opener_per_process() {
     drop(first);
     let again = super::NamespaceClaim::take(pci, 1).unwrap();
     drop((again, other_ns));
+}
+
+/// Polls `fut` to completion by hand, checking that no single poll blocks
+/// the thread for long; returns the output and the longest poll.
+fn drive<F: Future>(fut: F) -> (F::Output, Duration) {
+    let mut fut = std::pin::pin!(fut);
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    let mut longest = Duration::ZERO;
+    let start = std::time::Instant::now();
+    loop {
+        let t = std::time::Instant::now();
+        let r = fut.as_mut().poll(&mut cx);
+        longest = longest.max(t.elapsed());
+        if let std::task::Poll::Ready(v) = r {
+            return (v, longest);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "operation never finished"
+        );
+    }
+}
+
+#[test]
+fn a_stray_completion_is_counted_and_completes_nothing() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+    model.st.lock().hold_reads = true;
+    let mut held = Box::pin(ch.read(3, dev.alloc_buf(4096).unwrap()));
+    let waker = futures::task::noop_waker();
+    let mut cx = std::task::Context::from_waker(&waker);
+    assert!(held.as_mut().poll(&mut cx).is_pending());
+    // Completions for ids that are not outstanding: the one the held read
+    // does not use, and one past every id.
+    let qid = model.st.lock().held[0].0;
+    let held_cid = model.st.lock().held[0].1;
+    model.post_stray(qid, held_cid + 1);
+    model.post_stray(qid, 4000);
+    for _ in 0..10 {
+        assert!(
+            held.as_mut().poll(&mut cx).is_pending(),
+            "a stray completed it"
+        );
+    }
+    assert_eq!(ctrl.error_counters().stray_completions, 2);
+    model.st.lock().hold_reads = false;
+    // Ids stay unique: many ops at once all land where they should.
+    block_on(async {
+        let writes: Vec<_> = (0..100u64)
+            .map(|i| ch.write(100 + i, DmaBuf::from_slice(&pattern(i, 4096)).unwrap()))
+            .collect();
+        for w in futures::future::join_all(writes).await {
+            w.unwrap();
+        }
+        let reads: Vec<_> = (0..100u64)
+            .map(|i| ch.read(100 + i, dev.alloc_buf(4096).unwrap()))
+            .collect();
+        for (i, r) in futures::future::join_all(reads)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            assert!(r.unwrap()[..] == pattern(i as u64, 4096)[..], "op {i}");
+        }
+    });
+    // Its own completion (the model posts it without moving data) ends it.
+    model.release_held();
+    block_on(held).unwrap();
+    assert_eq!(ctrl.error_counters().stray_completions, 2);
+}
+
+#[test]
+fn fatal_status_disables_the_controller_before_failing_commands() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
+    ctrl.set_io_timeout(Duration::from_millis(40));
+    model.st.lock().hold_reads = true;
+    let reads: Vec<_> = (0..3)
+        .map(|_| ch.read(5, dev.alloc_buf(4096).unwrap()))
+        .collect();
+    model.st.lock().fatal = true;
+    for r in block_on(futures::future::join_all(reads)) {
+        let e = r.unwrap_err();
+        assert!(
+            matches!(&e, Error::DeviceFailed { reason, .. } if reason.contains("fatal")),
+            "{e:?}"
+        );
+        // The op's memory is released when it is reported: by then the
+        // controller is disabled and not ready.
+        let st = model.st.lock();
+        assert!(!st.enabled() && !st.ready());
+    }
+    {
+        let st = model.st.lock();
+        assert_eq!(st.disables, 1);
+        assert_eq!(
+            st.disabled_with_held,
+            Some(3),
+            "disabled while it still held the three reads"
+        );
+    }
+    assert!(ctrl.is_failed());
+    assert_eq!(ctrl.error_counters().fatal, 1);
+    let r = block_on(ch.read(5, dev.alloc_buf(4096).unwrap()));
+    assert!(matches!(r, Err(Error::DeviceFailed { .. })), "{r:?}");
+    ctrl.reset().unwrap();
+    model.st.lock().hold_reads = false;
+    let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 9));
+}
+
+#[test]
+fn a_timed_out_command_is_aborted_and_reported_when_the_abort_lands() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    {
+        let mut st = model.st.lock();
+        st.hold_reads = true;
+        st.abort_completes = true;
+    }
+    ctrl.set_io_timeout(Duration::from_millis(20));
+    let (r, _) = drive(ch.read(0, dev.alloc_buf(4096).unwrap()));
+    assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
+    assert_eq!(model.st.lock().aborts, 1);
+    let c = ctrl.error_counters();
+    assert_eq!((c.aborts, c.resets), (1, 0), "the abort sufficed: no reset");
+    assert_eq!(model.st.lock().disables, 0);
+    model.st.lock().hold_reads = false;
+    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+}
+
+#[test]
+fn an_abort_that_does_not_land_resets_the_controller_without_blocking() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    {
+        let mut st = model.st.lock();
+        st.hold_reads = true;
+        st.hold_aborts = true;
+    }
+    ctrl.set_io_timeout(Duration::from_millis(30));
+    let timed_out = ch.read(0, dev.alloc_buf(4096).unwrap());
+    let (r, longest) = drive(timed_out);
+    assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
+    // The Abort never completes: waiting for it (the admin timeout is 10 s)
+    // would block the thread; only the reset's own handshake may take time.
+    assert!(
+        longest < Duration::from_secs(2),
+        "a poll blocked for {longest:?}"
+    );
+    let c = ctrl.error_counters();
+    assert_eq!((c.aborts, c.resets), (1, 1));
+    {
+        let st = model.st.lock();
+        assert_eq!(st.disables, 1);
+        assert!(st.held.is_empty() && st.enabled());
+    }
+    model.st.lock().hold_reads = false;
+    ctrl.set_io_timeout(Duration::from_secs(5));
+    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 1));
+}
+
+#[test]
+fn retryable_statuses_are_retried_a_bounded_number_of_times() {
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    let attempts = |f: &dyn Fn()| {
+        model.st.lock().io_log.clear();
+        f();
+        model.st.lock().io_log.len()
+    };
+    model.st.lock().log_io = true;
+    // Namespace Not Ready twice, DNR clear: the write goes through.
+    let n = attempts(&|| {
+        model
+            .st
+            .lock()
+            .fail_next
+            .extend([(0, 0x82, false), (0, 0x82, false)]);
+        block_on(ch.write(7, DmaBuf::from_slice(&[4u8; 4096]).unwrap())).unwrap();
+    });
+    assert_eq!(n, 3);
+    assert_eq!(ctrl.error_counters().retries, 2);
+    let b = block_on(ch.read(7, dev.alloc_buf(4096).unwrap())).unwrap();
+    assert!(b.iter().all(|&x| x == 4));
+    // Always failing: bounded, then the status is reported.
+    let n = attempts(&|| {
+        model
+            .st
+            .lock()
+            .fail_next
+            .extend(std::iter::repeat_n((0, 0x82, false), 20));
+        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        assert!(matches!(r, Err(Error::Nvme { op: "read", .. })), "{r:?}");
+    });
+    assert_eq!(n, 1 + super::MAX_RETRIES as usize);
+    model.st.lock().fail_next.clear();
+    // DNR set: not retried.
+    let n = attempts(&|| {
+        model.st.lock().fail_next.push_back((2, 0x81, true));
+        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        assert!(
+            matches!(
+                r,
+                Err(Error::Nvme {
+                    status: NvmeStatus::UnrecoveredReadError,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    });
+    assert_eq!(n, 1);
+}
+
+/// Allocations made by this thread (the counting allocator below).
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static ALLOCS: Cell<u64> = const { Cell::new(0) };
+    }
+
+    pub struct Counting;
+
+    // SAFETY: forwards to the system allocator; the thread-local counter
+    // is a const-initialised Cell without a destructor, so touching it
+    // never allocates.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+            // SAFETY: the caller's layout, as GlobalAlloc requires.
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            // SAFETY: `p` came from `alloc` with layout `l`.
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
+            ALLOCS.with(|c| c.set(c.get() + 1));
+            // SAFETY: as for `dealloc`.
+            unsafe { System.realloc(p, l, n) }
+        }
+    }
+
+    pub fn allocations() -> u64 {
+        ALLOCS.with(|c| c.get())
+    }
+}
+
+#[global_allocator]
+static COUNTING: counting::Counting = counting::Counting;
+
+#[test]
+fn steady_state_io_on_the_driver_allocates_nothing() {
+    use crate::device::{IoKind, IoOp};
+    let (_model, ctrl) = setup(5, 0b1100);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..4).map(|_| dev.alloc_buf(4096).unwrap()).collect();
+    let ops: Vec<IoOp> = [IoKind::Write, IoKind::Read]
+        .iter()
+        .flat_map(|&kind| {
+            bufs.iter().enumerate().map(move |(i, b)| IoOp {
+                kind,
+                lba: 8 * i as u64,
+                blocks: 1,
+                segs: crate::device::Segments::one(b.segment(0, 4096)),
+            })
+        })
+        .collect();
+    let mut run = |rounds: usize, qd: usize| {
+        let mut done = 0;
+        for round in 0..rounds {
+            for (k, op) in ops.iter().enumerate().skip(round % 2 * 4).take(qd) {
+                backend.submit(k as u32, op).unwrap();
+            }
+            let mut left = qd;
+            while left > 0 {
+                left -= backend.reap(&mut |_, r| {
+                    r.unwrap();
+                    done += 1;
+                });
+            }
+        }
+        done
+    };
+    run(100, 4); // warm up: op table, rings
+    for qd in [1, 4] {
+        let before = counting::allocations();
+        let done = run(5000, qd);
+        let allocs = counting::allocations() - before;
+        assert_eq!(done, 5000 * qd);
+        assert_eq!(
+            allocs, 0,
+            "{allocs} allocations in {done} I/Os at queue depth {qd}"
+        );
+    }
+}
+
+#[test]
+fn steady_state_blob_io_allocates_nothing() {
+    let (_model, ctrl) = setup(5, 0b1100);
+    let nvme: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+    let mem: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(16 << 20, 4096).unwrap());
+    for dev in [nvme, mem] {
+        let opts = BlobstoreOptions {
+            cluster_size: 1 << 20,
+            ..Default::default()
+        };
+        let bs = block_on(Blobstore::init(dev.clone(), opts)).unwrap();
+        let blob = block_on(async {
+            let id = bs
+                .create_blob(BlobOptions {
+                    num_clusters: 4,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            bs.open_blob(id).await.unwrap()
+        });
+        let mut buf = Some(dev.alloc_buf(4096).unwrap());
+        let mut run = |n: u64| {
+            for i in 0..n {
+                let at = (i * 7) % 1000;
+                let b = buf.take().unwrap();
+                let b = block_on(blob.write(at, b)).unwrap();
+                buf = Some(block_on(blob.read(at, b)).unwrap());
+            }
+        };
+        run(100);
+        let before = counting::allocations();
+        run(2000);
+        let allocs = counting::allocations() - before;
+        assert_eq!(
+            allocs,
+            0,
+            "{}: {allocs} allocations in 4000 blob I/Os",
+            dev.name()
+        );
+    }
+}
+
+#[test]
+fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup(5, 0b1100);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..200).map(|_| dev.alloc_buf(4096).unwrap()).collect();
+    let ops: Vec<IoOp> = bufs
+        .iter()
+        .enumerate()
+        .map(|(i, b)| IoOp {
+            kind: IoKind::Write,
+            lba: i as u64,
+            blocks: 1,
+            segs: Segments::one(b.segment(0, 4096)),
+        })
+        .collect();
+    let doorbells = || {
+        let st = model.st.lock();
+        (st.io_sq_doorbells, st.io_cq_doorbells)
+    };
+    // Eight submissions: nothing reaches the controller until the reap,
+    // which rings the SQ once and the CQ once.
+    for (k, op) in ops.iter().take(8).enumerate() {
+        backend.submit(k as u32, op).unwrap();
+    }
+    assert_eq!(doorbells(), (0, 0), "no doorbell at submission");
+    let mut done = 0;
+    done += backend.reap(&mut |_, r| r.unwrap());
+    assert_eq!(done, 8);
+    assert_eq!(
+        doorbells(),
+        (1, 1),
+        "one SQ and one CQ doorbell for the batch"
+    );
+    // 200 at once: a reap takes at most REAP_MAX completions.
+    for (k, op) in ops.iter().enumerate() {
+        backend.submit(k as u32, op).unwrap();
+    }
+    let first = backend.reap(&mut |_, r| r.unwrap());
+    assert_eq!(first, super::REAP_MAX);
+    let mut total = first;
+    while total < 200 {
+        total += backend.reap(&mut |_, r| r.unwrap());
+    }
+    assert_eq!(total, 200);
 }

@@ -1,0 +1,540 @@
+//! A software NVMe controller: the driver's register/DMA twin. It is what the
+//! driver's unit tests run on (every machine, no hardware) and what the
+//! `iopath` benchmark counts instructions against; it is not a device users
+//! can name in a spec.
+//!
+//! The model reads submission entries and PRPs out of the DMA pool's memory,
+//! checks the PRP rules, executes commands against RAM namespaces at once
+//! (when the submission doorbell is written) and posts completions with
+//! phase tags. Faults are injected through [`SoftState`]: held reads, fatal
+//! status, failing statuses, completions for ids that are not outstanding,
+//! aborts that do or do not abort.
+//!
+//! Invariants:
+//! - Memory is reached only through [`DmaPool::translate`]: an IOVA outside
+//!   the pool is a driver bug and panics the model (a test failure).
+//! - Clearing CC.EN drops every queue and every held command, as a
+//!   controller reset does; `disabled_with_held` records how many commands
+//!   the controller still owned at that moment.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::cmd::{self, Completion};
+use super::dma::{DmaPool, NoMapper};
+use super::regs::{self, Bar};
+use super::NvmeController;
+use crate::error::Result;
+
+const PAGE: u64 = 4096;
+
+/// Status code type and code of "Command Abort Requested".
+pub const ABORTED: (u8, u8) = (0, 0x07);
+
+struct Sq {
+    base: u64,
+    size: u32,
+    head: u32,
+    cqid: u16,
+}
+
+struct Cq {
+    base: u64,
+    size: u32,
+    tail: u32,
+    phase: bool,
+}
+
+impl SoftState {
+    /// CC.EN is set.
+    pub fn enabled(&self) -> bool {
+        self.cc & 1 == 1
+    }
+
+    /// CSTS.RDY is set.
+    pub fn ready(&self) -> bool {
+        self.csts & 1 == 1
+    }
+}
+
+/// The controller's registers, queues and fault knobs.
+#[derive(Default)]
+pub struct SoftState {
+    cc: u32,
+    csts: u32,
+    aqa: u32,
+    asq: u64,
+    acq: u64,
+    sqs: Vec<Option<Sq>>,
+    cqs: Vec<Option<Cq>>,
+    /// Commands held back (never completed until released): (sqid, cid).
+    pub held: Vec<(u16, u16)>,
+    /// Hold every Read instead of executing it.
+    pub hold_reads: bool,
+    /// Record opcode and block count of every I/O command in `io_log`.
+    pub log_io: bool,
+    /// Opcodes and block counts of I/O commands seen (when `log_io`).
+    pub io_log: Vec<(u8, u32)>,
+    /// CSTS.CFS reads as set (cleared by CC.EN = 0).
+    pub fatal: bool,
+    /// Statuses (sct, sc, dnr) the next Read/Write commands complete with
+    /// instead of executing, one each.
+    pub fail_next: VecDeque<(u8, u8, bool)>,
+    /// Abort completes a held command with "Command Abort Requested" (else
+    /// the Abort says "not aborted" and the command stays held).
+    pub abort_completes: bool,
+    /// Abort commands are dropped: never executed, never completed.
+    pub hold_aborts: bool,
+    /// Aborts received.
+    pub aborts: u32,
+    /// Held commands at the last CC.EN = 0 (None: never disabled).
+    pub disabled_with_held: Option<usize>,
+    /// Disables (CC.EN 1 -> 0) seen.
+    pub disables: u32,
+    /// Submission tail doorbell writes to I/O queues.
+    pub io_sq_doorbells: u64,
+    /// Completion head doorbell writes of I/O queues.
+    pub io_cq_doorbells: u64,
+}
+
+/// A software NVMe controller over the memory of a [`DmaPool`].
+pub struct SoftController {
+    pool: Arc<DmaPool>,
+    /// (block size, bytes) per namespace, namespace id = index + 1.
+    pub namespaces: Vec<(u32, Mutex<Vec<u8>>)>,
+    mdts: u8,
+    oncs: u16,
+    /// Registers, queues and fault knobs.
+    pub st: Mutex<SoftState>,
+}
+
+fn translate(pool: &DmaPool, iova: u64, len: usize) -> *mut u8 {
+    pool.translate(iova, len)
+        .unwrap_or_else(|| panic!("device access to unmapped IOVA {iova:#x}+{len}"))
+}
+
+fn rd(pool: &DmaPool, iova: u64, dst: &mut [u8]) {
+    let p = translate(pool, iova, dst.len());
+    // SAFETY: translate checked the range lies in a pool mapping; the model
+    // plays the device, which may read pool memory at any time.
+    unsafe { std::ptr::copy_nonoverlapping(p, dst.as_mut_ptr(), dst.len()) };
+}
+
+fn wr(pool: &DmaPool, iova: u64, data: &[u8]) {
+    let p = translate(pool, iova, data.len());
+    // SAFETY: as for `rd`.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+}
+
+fn rd_u64(pool: &DmaPool, iova: u64) -> u64 {
+    let mut b = [0u8; 8];
+    rd(pool, iova, &mut b);
+    u64::from_le_bytes(b)
+}
+
+impl SoftController {
+    /// A controller with two namespaces (8 MiB of 512-byte blocks, 16 MiB
+    /// of 4 KiB blocks), MDTS `mdts` and ONCS `oncs`, attached as an
+    /// [`NvmeController`] named "model".
+    pub fn attach(mdts: u8, oncs: u16) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
+        Self::attach_with(mdts, oncs, &[(512, 8 << 20), (4096, 16 << 20)])
+    }
+
+    /// A controller with the given namespaces (block size, bytes).
+    pub fn attach_with(
+        mdts: u8,
+        oncs: u16,
+        namespaces: &[(u32, usize)],
+    ) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
+        let pool = DmaPool::new(Box::new(NoMapper), false);
+        let model = Arc::new(SoftController {
+            pool: pool.clone(),
+            namespaces: namespaces
+                .iter()
+                .map(|&(bs, bytes)| (bs, Mutex::new(vec![0u8; bytes])))
+                .collect(),
+            mdts,
+            oncs,
+            st: Mutex::new(SoftState::default()),
+        });
+        let ctrl = NvmeController::start("model".into(), model.clone(), pool, None)?;
+        Ok((model, Arc::new(ctrl)))
+    }
+
+    /// The pages a command's PRPs describe, checking the PRP rules, as
+    /// (address, bytes) passed to `f` in order.
+    fn prp_pages(&self, prp1: u64, prp2: u64, len: u64, mut f: impl FnMut(u64, u64)) {
+        assert_eq!(prp1 % 4, 0, "PRP1 not dword aligned");
+        let first = (PAGE - prp1 % PAGE).min(len);
+        f(prp1, first);
+        let mut left = len - first;
+        if left == 0 {
+            return;
+        }
+        if left <= PAGE {
+            assert_eq!(prp2 % PAGE, 0, "PRP2 entry not page aligned");
+            f(prp2, left);
+            return;
+        }
+        assert_eq!(prp2 % 8, 0, "PRP list not qword aligned");
+        let n = left.div_ceil(PAGE);
+        assert!(n <= 512, "a list longer than one page");
+        for i in 0..n {
+            let a = rd_u64(&self.pool, prp2 + 8 * i);
+            assert_eq!(a % PAGE, 0, "PRP list entry not page aligned");
+            let l = left.min(PAGE);
+            f(a, l);
+            left -= l;
+        }
+    }
+
+    fn exec_admin(&self, st: &mut SoftState, d: &[u32; 16]) -> (u8, u8, u32) {
+        let prp1 = d[6] as u64 | (d[7] as u64) << 32;
+        match d[0] as u8 {
+            cmd::admin_op::IDENTIFY => {
+                let mut page = vec![0u8; 4096];
+                match d[10] & 0xff {
+                    cmd::cns::CONTROLLER => {
+                        page[4..12].copy_from_slice(b"MODEL001");
+                        page[24..34].copy_from_slice(b"Model NVMe");
+                        page[77] = self.mdts;
+                        page[516..520]
+                            .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
+                        page[520..522].copy_from_slice(&self.oncs.to_le_bytes());
+                        page[525] = 1;
+                    }
+                    cmd::cns::NAMESPACE => {
+                        let nsid = d[1] as usize;
+                        if nsid == 0 || nsid > self.namespaces.len() {
+                            return (0, 0x0b, 0);
+                        }
+                        let (bs, data) = &self.namespaces[nsid - 1];
+                        let blocks = data.lock().len() as u64 / *bs as u64;
+                        page[0..8].copy_from_slice(&blocks.to_le_bytes());
+                        page[8..16].copy_from_slice(&blocks.to_le_bytes());
+                        page[25] = 1;
+                        page[26] = if *bs == 512 { 0 } else { 1 };
+                        page[33] = 1;
+                        page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+                        page[132..136].copy_from_slice(&(12u32 << 16).to_le_bytes());
+                    }
+                    cmd::cns::ACTIVE_NS_LIST => {
+                        for i in 0..self.namespaces.len() {
+                            page[i * 4..i * 4 + 4].copy_from_slice(&(i as u32 + 1).to_le_bytes());
+                        }
+                    }
+                    _ => return (0, 0x02, 0),
+                }
+                wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::SET_FEATURES => (0, 0, 15 << 16 | 15),
+            cmd::admin_op::CREATE_CQ => {
+                let qid = d[10] as u16 as usize;
+                let size = (d[10] >> 16) + 1;
+                if st.cqs.len() <= qid {
+                    st.cqs.resize_with(qid + 1, || None);
+                }
+                st.cqs[qid] = Some(Cq {
+                    base: prp1,
+                    size,
+                    tail: 0,
+                    phase: true,
+                });
+                (0, 0, 0)
+            }
+            cmd::admin_op::CREATE_SQ => {
+                let qid = d[10] as u16 as usize;
+                let cqid = (d[11] >> 16) as u16;
+                if st.cqs.get(cqid as usize).is_none_or(|c| c.is_none()) {
+                    return (1, 0x00, 0); // completion queue invalid
+                }
+                if st.sqs.len() <= qid {
+                    st.sqs.resize_with(qid + 1, || None);
+                }
+                st.sqs[qid] = Some(Sq {
+                    base: prp1,
+                    size: (d[10] >> 16) + 1,
+                    head: 0,
+                    cqid,
+                });
+                (0, 0, 0)
+            }
+            cmd::admin_op::DELETE_SQ => {
+                let qid = d[10] as u16;
+                if let Some(s) = st.sqs.get_mut(qid as usize) {
+                    *s = None;
+                }
+                st.held.retain(|&(q, _)| q != qid);
+                (0, 0, 0)
+            }
+            cmd::admin_op::DELETE_CQ => {
+                if let Some(c) = st.cqs.get_mut(d[10] as u16 as usize) {
+                    *c = None;
+                }
+                (0, 0, 0)
+            }
+            cmd::admin_op::GET_LOG_PAGE => {
+                let bytes = ((d[10] >> 16) + 1) * 4;
+                let mut page = vec![0u8; bytes as usize];
+                if d[10] & 0xff == cmd::LOG_SMART as u32 {
+                    page[1..3].copy_from_slice(&300u16.to_le_bytes());
+                    page[3] = 100;
+                }
+                wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::ABORT => {
+                st.aborts += 1;
+                let (sqid, cid) = (d[10] as u16, (d[10] >> 16) as u16);
+                let at = st.held.iter().position(|&h| h == (sqid, cid));
+                match at {
+                    Some(i) if st.abort_completes => {
+                        st.held.remove(i);
+                        self.post(st, sqid, cid, (ABORTED.0, ABORTED.1, 0), true);
+                        (0, 0, 0)
+                    }
+                    _ => (0, 0, 1),
+                }
+            }
+            _ => (0, 0x01, 0),
+        }
+    }
+
+    fn exec_io(&self, st: &mut SoftState, d: &[u32; 16]) -> Option<(u8, u8, u32)> {
+        let opcode = d[0] as u8;
+        let nsid = d[1] as usize;
+        let prp1 = d[6] as u64 | (d[7] as u64) << 32;
+        let prp2 = d[8] as u64 | (d[9] as u64) << 32;
+        if nsid == 0 || nsid > self.namespaces.len() {
+            return Some((0, 0x0b, 0));
+        }
+        let (bs, data) = &self.namespaces[nsid - 1];
+        let bs = *bs as u64;
+        let lba = d[10] as u64 | (d[11] as u64) << 32;
+        let nlb = (d[12] & 0xffff) as u64 + 1;
+        match opcode {
+            cmd::io_op::READ | cmd::io_op::WRITE => {
+                if st.log_io {
+                    st.io_log.push((opcode, nlb as u32));
+                }
+                if let Some((sct, sc, _)) = st.fail_next.front().copied() {
+                    st.fail_next.pop_front();
+                    return Some((sct, sc, 0));
+                }
+                if opcode == cmd::io_op::READ && st.hold_reads {
+                    return None;
+                }
+                let mut data = data.lock();
+                if lba + nlb > data.len() as u64 / bs {
+                    return Some((0, 0x80, 0));
+                }
+                let limit = PAGE << self.mdts;
+                assert!(nlb * bs <= limit, "transfer beyond MDTS");
+                let mut at = (lba * bs) as usize;
+                self.prp_pages(prp1, prp2, nlb * bs, |a, l| {
+                    let l = l as usize;
+                    if opcode == cmd::io_op::READ {
+                        wr(&self.pool, a, &data[at..at + l]);
+                    } else {
+                        rd(&self.pool, a, &mut data[at..at + l]);
+                    }
+                    at += l;
+                });
+                Some((0, 0, 0))
+            }
+            cmd::io_op::FLUSH => Some((0, 0, 0)),
+            cmd::io_op::WRITE_ZEROES => {
+                assert!(self.oncs & 8 != 0, "write zeroes not advertised");
+                let mut data = data.lock();
+                if lba + nlb > data.len() as u64 / bs {
+                    return Some((0, 0x80, 0));
+                }
+                data[(lba * bs) as usize..((lba + nlb) * bs) as usize].fill(0);
+                Some((0, 0, 0))
+            }
+            cmd::io_op::DSM => {
+                assert!(self.oncs & 4 != 0, "DSM not advertised");
+                let nr = (d[10] & 0xff) as usize + 1;
+                let mut ranges = vec![0u8; nr * 16];
+                rd(&self.pool, prp1, &mut ranges);
+                let mut data = data.lock();
+                for r in ranges.chunks_exact(16) {
+                    let n = u32::from_le_bytes(r[4..8].try_into().expect("4 bytes")) as u64;
+                    let s = u64::from_le_bytes(r[8..16].try_into().expect("8 bytes"));
+                    if s + n > data.len() as u64 / bs {
+                        return Some((0, 0x80, 0));
+                    }
+                    data[(s * bs) as usize..((s + n) * bs) as usize].fill(0);
+                }
+                Some((0, 0, 0))
+            }
+            _ => Some((0, 0x01, 0)),
+        }
+    }
+
+    /// Posts a completion for `cid` of `sqid` on its completion queue.
+    fn post(&self, st: &mut SoftState, sqid: u16, cid: u16, status: (u8, u8, u32), dnr: bool) {
+        let (sct, sc, dw0) = status;
+        let Some(sq) = st.sqs.get(sqid as usize).and_then(|s| s.as_ref()) else {
+            return;
+        };
+        let (sq_head, cqid) = (sq.head, sq.cqid);
+        let Some(cq) = st.cqs.get_mut(cqid as usize).and_then(|c| c.as_mut()) else {
+            return;
+        };
+        let c = Completion {
+            dw0,
+            sq_head: sq_head as u16,
+            sq_id: sqid,
+            cid,
+            phase: cq.phase,
+            sc,
+            sct,
+            dnr,
+        };
+        let d = c.encode();
+        let mut bytes = [0u8; 16];
+        for (i, x) in d.iter().enumerate() {
+            bytes[i * 4..i * 4 + 4].copy_from_slice(&x.to_le_bytes());
+        }
+        wr(&self.pool, cq.base + cq.tail as u64 * 16, &bytes);
+        cq.tail += 1;
+        if cq.tail == cq.size {
+            cq.tail = 0;
+            cq.phase = !cq.phase;
+        }
+    }
+
+    fn ring(&self, st: &mut SoftState, sqid: u16, tail: u32) {
+        loop {
+            let Some(sq) = st.sqs.get_mut(sqid as usize).and_then(|s| s.as_mut()) else {
+                return;
+            };
+            if sq.head == tail {
+                return;
+            }
+            let mut raw = [0u8; 64];
+            rd(&self.pool, sq.base + sq.head as u64 * 64, &mut raw);
+            sq.head = if sq.head + 1 == sq.size {
+                0
+            } else {
+                sq.head + 1
+            };
+            let mut d = [0u32; 16];
+            for (i, x) in d.iter_mut().enumerate() {
+                *x = u32::from_le_bytes(raw[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+            }
+            let cid = (d[0] >> 16) as u16;
+            if sqid == 0 {
+                if d[0] as u8 == cmd::admin_op::ABORT && st.hold_aborts {
+                    st.aborts += 1;
+                    continue;
+                }
+                let r = self.exec_admin(st, &d);
+                self.post(st, sqid, cid, r, r.0 != 0 || r.1 != 0);
+                continue;
+            }
+            // An injected failure decides DNR; the controller's own errors
+            // set it.
+            let injected_dnr = st.fail_next.front().map(|f| f.2);
+            match self.exec_io(st, &d) {
+                Some(r) => {
+                    let failed = r.0 != 0 || r.1 != 0;
+                    let dnr = failed && injected_dnr.unwrap_or(true);
+                    self.post(st, sqid, cid, r, dnr);
+                }
+                None => st.held.push((sqid, cid)),
+            }
+        }
+    }
+
+    /// Completes every held command successfully (their data untouched).
+    pub fn release_held(&self) {
+        let mut st = self.st.lock();
+        st.hold_reads = false;
+        for (sqid, cid) in std::mem::take(&mut st.held) {
+            self.post(&mut st, sqid, cid, (0, 0, 0), false);
+        }
+    }
+
+    /// Posts a successful completion for `cid` of `sqid` whether or not
+    /// such a command is outstanding (a misbehaving controller).
+    pub fn post_stray(&self, sqid: u16, cid: u16) {
+        let mut st = self.st.lock();
+        self.post(&mut st, sqid, cid, (0, 0, 0), false);
+    }
+}
+
+impl Bar for SoftController {
+    fn read32(&self, off: usize) -> u32 {
+        let st = self.st.lock();
+        // MQES 1023, TO 1 (500 ms), DSTRD 0, NVM command set.
+        let cap: u64 = 1023 | 1 << 24 | 1 << 37;
+        match off {
+            regs::CAP => cap as u32,
+            o if o == regs::CAP + 4 => (cap >> 32) as u32,
+            regs::VS => 0x0001_0400,
+            regs::CC => st.cc,
+            regs::CSTS => st.csts | if st.fatal { regs::CSTS_CFS } else { 0 },
+            _ => 0,
+        }
+    }
+
+    fn write32(&self, off: usize, val: u32) {
+        let mut st = self.st.lock();
+        match off {
+            o if o >= regs::DOORBELLS => {
+                let idx = (o - regs::DOORBELLS) / 4;
+                let qid = (idx / 2) as u16;
+                if idx.is_multiple_of(2) {
+                    if qid != 0 {
+                        st.io_sq_doorbells += 1;
+                    }
+                    self.ring(&mut st, qid, val);
+                } else if qid != 0 {
+                    st.io_cq_doorbells += 1;
+                }
+            }
+            regs::CC => {
+                let was = st.cc & 1;
+                st.cc = val;
+                if val & 1 == 1 && was == 0 {
+                    let (sq, cq) = ((st.aqa & 0xfff) + 1, ((st.aqa >> 16) & 0xfff) + 1);
+                    let (asq, acq) = (st.asq, st.acq);
+                    st.cqs = vec![Some(Cq {
+                        base: acq,
+                        size: cq,
+                        tail: 0,
+                        phase: true,
+                    })];
+                    st.sqs = vec![Some(Sq {
+                        base: asq,
+                        size: sq,
+                        head: 0,
+                        cqid: 0,
+                    })];
+                    st.csts = 1;
+                } else if val & 1 == 0 {
+                    if was == 1 {
+                        st.disables += 1;
+                        st.disabled_with_held = Some(st.held.len());
+                    }
+                    st.sqs.clear();
+                    st.cqs.clear();
+                    st.held.clear();
+                    st.fatal = false;
+                    st.csts = 0;
+                }
+            }
+            regs::AQA => st.aqa = val,
+            regs::ASQ => st.asq = st.asq & !0xffff_ffff | val as u64,
+            o if o == regs::ASQ + 4 => st.asq = st.asq & 0xffff_ffff | (val as u64) << 32,
+            regs::ACQ => st.acq = st.acq & !0xffff_ffff | val as u64,
+            o if o == regs::ACQ + 4 => st.acq = st.acq & 0xffff_ffff | (val as u64) << 32,
+            _ => {}
+        }
+    }
+}
