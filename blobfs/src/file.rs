@@ -684,6 +684,18 @@ impl FileNode {
             self.drop_tail_check()?;
             self.blob.sync_metadata().await.ctx(&name)?;
             st.synced_len = new_len;
+            // Then the bytes past the new end in its last block become
+            // zeroes (past the durable length, so a crash meanwhile shows
+            // nothing): every byte of the blob past the length reads as
+            // zero (fsck checks it), so no later growth can show them.
+            let a = self.align_down(new_len);
+            if new_len > a {
+                let mut blk = DmaBuf::new(self.unit as usize).ctx(&name)?;
+                blk = self.blob.read(a / self.unit, blk).await.ctx(&name)?;
+                blk[(new_len - a) as usize..].fill(0);
+                self.blob.write(a / self.unit, blk).await.ctx(&name)?;
+                st.data_dirty = true;
+            }
         } else if new_len > len {
             // Bytes past the old end were never written: write zeroes.
             let a = self.align_down(len);

@@ -219,18 +219,18 @@ fn a_killed_process_loses_no_acknowledged_write() {
         child_work(&scratch)
     };
     // fsck, which does not mount, lists what the next mount writes back.
-    let check = blobfs::fsck::fsck(open_dev(&img)).unwrap();
-    assert!(check.is_clean(), "{:?}", check.findings);
-    assert!(check.unsynced_buffers >= 6, "{:?}", check.findings);
-    assert!(check
+    let report = blobfs::fsck::fsck(open_dev(&img)).unwrap();
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert!(report.unsynced_buffers >= 6, "{:?}", report.findings);
+    assert!(report
         .findings
         .iter()
         .any(|f| f.what.contains("the next mount writes them back")));
     let fs = BlobFs::mount(open_dev(&img), MountOptions::default()).unwrap();
     let rep = fs.unsynced_recovery().clone();
     eprintln!("{rep}");
-    assert_eq!(rep.buffers, check.unsynced_buffers, "{rep}");
-    assert_eq!(rep.bytes, check.unsynced_bytes, "{rep}");
+    assert_eq!(rep.buffers, report.unsynced_buffers, "{rep}");
+    assert_eq!(rep.bytes, report.unsynced_bytes, "{rep}");
     assert!(rep.ignored.is_empty(), "nothing is stale: {rep}");
     assert!(rep.files >= 6 && rep.bytes > 0, "{rep}");
     check(&fs, &want);
@@ -314,15 +314,15 @@ fn stale_or_foreign_unsynced_memory_is_never_applied() {
     fs.unmount().unwrap();
     // fsck says they are stale; the CLI throws them away on request.
     copy_sparse(&saved, &mem);
-    let check = blobfs::fsck::fsck(open_dev(&img)).unwrap();
-    assert_eq!(check.unsynced_buffers, 0);
+    let report = blobfs::fsck::fsck(open_dev(&img)).unwrap();
+    assert_eq!(report.unsynced_buffers, 0);
     assert!(
-        check
+        report
             .findings
             .iter()
             .any(|f| f.what.contains("another file system") && f.what.contains("ignores")),
         "{:?}",
-        check.findings
+        report.findings
     );
     let out = Command::new(env!("CARGO_BIN_EXE_blobfs"))
         .arg("discard-unsynced")
@@ -330,7 +330,10 @@ fn stale_or_foreign_unsynced_memory_is_never_applied() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && said.contains("discarded 1 buffer(s)"), "{said}");
+    assert!(
+        out.status.success() && said.contains("discarded 1 buffer(s)"),
+        "{said}"
+    );
     assert!(!mem.exists());
     std::fs::remove_file(&img).unwrap();
     std::fs::remove_file(&saved).unwrap();
