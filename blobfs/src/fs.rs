@@ -463,8 +463,9 @@ async fn check_tail(blob: &Blob, len: u64, tail: &[u8], what: &str) -> Result<u6
 }
 
 /// Writes back what a dead process left in unsynced memory for one file
-/// (`recs`, all of the last mount): each buffer's bytes in the order they
-/// were written, then the length, synced (ordered: data before length).
+/// (`recs`, all of the last mount): each buffer's bytes (a file's buffers
+/// never hold different bytes for one offset, so their order does not
+/// matter), then the length, synced (ordered: data before length).
 /// Returns the file's length. Buffers that do not fit what the device holds
 /// are not applied, and said so in `report`.
 async fn write_back(
@@ -476,7 +477,7 @@ async fn write_back(
     what: &str,
     report: &mut UnsyncedRecovery,
 ) -> Result<u64> {
-    recs.sort_by_key(|r| r.header.seq);
+    recs.sort_by_key(|r| r.header.file_off);
     let unit = blob.io_unit_size() as u64;
     let new_len = recs.iter().map(|r| r.header.file_len).max().unwrap_or(len);
     let first = recs.iter().map(|r| r.header.file_off).min().unwrap_or(len);

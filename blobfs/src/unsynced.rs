@@ -26,7 +26,7 @@
 //!   32  fs id        16 bytes: the BlobFS (`blobfs.id` of its super blob)
 //!   48  mount gen    u64: the mount that wrote it (`blobfs.mountgen`)
 //!   56  blob id      u64: the file's blob
-//!   64  seq          u64: order of header writes in this mount
+//!   64  seq          u64: order of this slot's header writes
 //!   72  file off     u64: file offset of data byte 0 (block-aligned)
 //!   80  used         u64: data bytes that are the file's
 //!   88  file len     u64: the file's length when this was written
@@ -52,8 +52,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use blobstore::device::DmaRelease;
 use blobstore::DmaBuf;
@@ -101,7 +101,9 @@ pub struct Header {
     pub owner: Owner,
     /// The file's blob.
     pub blob: u64,
-    /// Order of header writes within the mount.
+    /// Order of the slot's header writes (the newer of its two copies
+    /// wins; a file's slots never hold the same bytes, so their order
+    /// does not matter).
     pub seq: u64,
     /// File offset of data byte 0.
     pub file_off: u64,
@@ -272,6 +274,88 @@ fn os_err(what: String, e: std::io::Error) -> Error {
     )
 }
 
+fn try_lock(f: &File) -> bool {
+    // SAFETY: flock on an open descriptor.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// Opens (creating it) the unsynced memory at `p` and locks it for as long
+/// as this process has it: what a live owner holds is never collected as
+/// an orphan. Another process's collector may unlink the file between our
+/// open and our lock; then the file is opened again.
+fn open_locked(p: &Path) -> Result<File> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = || {
+        format!(
+            "the unsynced memory {} (its directory is set by {})",
+            p.display(),
+            blobstore::device::UNSYNCED_DIR_ENV
+        )
+    };
+    for _ in 0..100 {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(p)
+            .map_err(|e| os_err(format!("opening {}", shown()), e))?;
+        if !try_lock(&f) {
+            // The device's owner is the only opener; a moment's hold is a
+            // collector looking at it.
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        let here = f
+            .metadata()
+            .map_err(|e| os_err(format!("stat of {}", shown()), e))?;
+        match std::fs::metadata(p) {
+            Ok(m) if m.ino() == here.ino() && m.dev() == here.dev() => return Ok(f),
+            // Unlinked under us: start again (dropping `f` unlocks it).
+            _ => continue,
+        }
+    }
+    Err(Error::Store(
+        "unsynced memory".into(),
+        blobstore::Error::Busy(format!("{} stays locked by another process", shown())),
+    ))
+}
+
+/// Deletes the unsynced-memory files beside `ours` that no process holds
+/// and that hold nothing to write back: what processes that exited without
+/// an unmount left (the memory of their free buffers). Files with headers
+/// stay for their device's next mount (fsck lists them).
+fn collect_orphans(ours: &Path) {
+    let Some(dir) = ours.parent() else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if path == ours || !name.starts_with("blobstack-") || !name.ends_with(".unsynced") {
+            continue;
+        }
+        let Ok(f) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        else {
+            continue;
+        };
+        if !try_lock(&f) {
+            continue; // a live owner
+        }
+        if matches!(scan_file(&f, &path), Ok(r) if r.is_empty()) {
+            let _ = std::fs::remove_file(&path);
+        }
+        // SAFETY: flock on our open descriptor; released explicitly.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
 /// Reads the records of the unsynced-memory file at `path` without taking
 /// it over (for fsck): `None` when there is no such file.
 pub fn scan_path(path: &Path) -> Result<Option<Vec<Record>>> {
@@ -332,11 +416,13 @@ pub struct Unsynced {
     /// The tmpfs file; `None` for a memfd.
     path: Option<PathBuf>,
     base: NonNull<u8>,
-    owner: Mutex<Option<Owner>>,
-    seq: AtomicU64,
+    /// Set once, when the mount has dealt with what it found.
+    owner: OnceLock<Owner>,
     slots: Mutex<Slots>,
-    /// Per slot, the header copy the next header write goes to.
-    next_copy: Box<[AtomicU8]>,
+    /// Per slot, the seq of its next header write (whose parity picks the
+    /// copy). Only the slot's owner writes it: plain loads and stores, no
+    /// read-modify-write on the append path.
+    next_seq: Box<[AtomicU64]>,
     /// Set when the file system goes away without unmounting: buffers freed
     /// after that keep their headers for the next mount.
     keep: AtomicBool,
@@ -356,23 +442,11 @@ impl Unsynced {
     /// device the file belongs to (hold its lock).
     pub fn open(path: Option<&Path>) -> Result<Unsynced> {
         let file = match path {
-            Some(p) => std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(p)
-                .map_err(|e| {
-                    os_err(
-                        format!(
-                            "opening the unsynced memory {} (its directory is set by {})",
-                            p.display(),
-                            blobstore::device::UNSYNCED_DIR_ENV
-                        ),
-                        e,
-                    )
-                })?,
+            Some(p) => {
+                let f = open_locked(p)?;
+                collect_orphans(p);
+                f
+            }
             None => {
                 // SAFETY: a NUL-terminated name and plain flags.
                 let fd =
@@ -421,15 +495,14 @@ impl Unsynced {
             file,
             path: path.map(Path::to_path_buf),
             base,
-            owner: Mutex::new(None),
-            seq: AtomicU64::new(1),
+            owner: OnceLock::new(),
             slots: Mutex::new(Slots {
                 free: Vec::new(),
                 next_new: 0,
                 populated: vec![false; MAX_SLOTS],
                 free_populated: 0,
             }),
-            next_copy: (0..MAX_SLOTS).map(|_| AtomicU8::new(0)).collect(),
+            next_seq: (0..MAX_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             keep: AtomicBool::new(false),
         })
     }
@@ -464,15 +537,16 @@ impl Unsynced {
 
     /// Forgets everything the memory holds (after it was applied, or to
     /// discard it) and makes `owner` the writer of every header from now.
+    /// Once per mount, before the first buffer is handed out.
     pub fn reset(&self, owner: Owner) -> Result<()> {
         self.punch(0, REGION_BYTES)?;
         let mut s = self.slots.lock();
-        s.free.clear();
-        s.next_new = 0;
+        debug_assert!(s.free.is_empty() && s.next_new == 0, "reset after use");
         s.populated.iter_mut().for_each(|p| *p = false);
         s.free_populated = 0;
-        *self.owner.lock() = Some(owner);
-        Ok(())
+        self.owner
+            .set(owner)
+            .map_err(|_| Error::InvalidArgument("unsynced memory: its owner is already set".into()))
     }
 
     fn punch(&self, at: usize, len: usize) -> Result<()> {
@@ -617,20 +691,23 @@ impl Unsynced {
             debug_assert!(false, "an append buffer outside the unsynced memory");
             return;
         };
-        let Some(owner) = *self.owner.lock() else {
+        let Some(&owner) = self.owner.get() else {
             return;
         };
         debug_assert!(used <= buf.capacity() && file_off + used as u64 <= file_len);
+        let next = &self.next_seq[slot as usize];
+        let seq = next.load(Ordering::Relaxed);
+        next.store(seq + 1, Ordering::Relaxed);
         let header = Header {
             owner,
             blob,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            seq,
             file_off,
             used: used as u64,
             file_len,
         }
         .encode();
-        let copy = self.next_copy[slot as usize].fetch_xor(1, Ordering::Relaxed) & 1;
+        let copy = seq & 1;
         // The data the header covers is stored before the header.
         compiler_fence(Ordering::Release);
         // SAFETY: the header page of a slot this buffer owns; nothing else
@@ -692,6 +769,10 @@ impl Drop for Unsynced {
             if !self.any_header() {
                 let _ = std::fs::remove_file(p);
             }
+            // Released explicitly: a child forked meanwhile shares the
+            // open file description, and would keep the lock past close.
+            // SAFETY: flock on our open descriptor.
+            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
         }
         // SAFETY: the mapping made in `open`, of that length; no buffer can
         // outlive this (each holds an Arc of it).
@@ -761,7 +842,7 @@ mod tests {
         assert_eq!((recs[0].header.used, recs[0].header.file_len), (10, 10));
         // A kill in the middle of the next header write: that copy is torn.
         let slot = recs[0].slot;
-        let copy = u.next_copy[slot as usize].load(Ordering::Relaxed) as usize;
+        let copy = (u.next_seq[slot as usize].load(Ordering::Relaxed) & 1) as usize;
         // SAFETY: the test owns the slot's buffer; a byte of the header
         // copy the next write would go to.
         unsafe { *u.slot_ptr(slot).add(copy * HEADER_LEN + 70) ^= 0xff };
@@ -789,6 +870,43 @@ mod tests {
         let recs = u.records().unwrap();
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].header.blob, 2);
+    }
+
+    #[test]
+    fn orphans_with_nothing_to_write_back_are_collected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(format!("blobstack-{n}.unsynced"));
+        // Left by a process that exited with every file synced.
+        drop(Unsynced::open(Some(&path("empty"))).unwrap());
+        std::fs::write(path("empty"), b"").unwrap();
+        // Left by a process that died with unsynced data.
+        let kept = Arc::new(Unsynced::open(Some(&path("data"))).unwrap());
+        kept.reset(owner(1)).unwrap();
+        let buf = kept.alloc(4096).unwrap();
+        kept.describe(&buf, 7, 0, 10, 10);
+        kept.keep_on_free();
+        drop(buf);
+        drop(kept);
+        // Held by a live owner, with nothing in it.
+        let live = Unsynced::open(Some(&path("live"))).unwrap();
+        // Not ours at all.
+        std::fs::write(dir.path().join("other.txt"), b"x").unwrap();
+        let me = Unsynced::open(Some(&path("me"))).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "blobstack-data.unsynced",
+                "blobstack-live.unsynced",
+                "blobstack-me.unsynced",
+                "other.txt"
+            ]
+        );
+        drop((live, me));
     }
 
     #[test]

@@ -852,6 +852,17 @@ impl BlockDevice for NvmeDevice {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.ctrl.pool.alloc(len_bytes)
     }
+    /// For a namespace opened through [`NvmeDevice::open`] (which holds it
+    /// for this process alone): a file on tmpfs named by the controller's
+    /// PCI address and the namespace. Its memory is not IOVA-mapped: the
+    /// driver copies those buffers through its DMA pool, as any heap buffer.
+    fn unsynced_memory(&self) -> Option<std::path::PathBuf> {
+        self._claim.as_ref()?;
+        Some(super::unsynced_dir().join(format!(
+            "blobstack-nvme-{}-ns{}.unsynced",
+            self.ctrl.name, self.nsid
+        )))
+    }
 }
 
 /// Most completions one reap takes (the rest wait for the next reap).
