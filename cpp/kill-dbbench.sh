@@ -39,6 +39,11 @@ count_keys() {
 }
 
 fresh() {
+  # The image's unsynced memory goes with it (see BlockDevice::unsynced_memory).
+  if [ -e "$WORK/kill.img" ]; then
+    read -r dev ino < <(stat -c '%d %i' "$WORK/kill.img")
+    rm -f "${BLOBSTACK_UNSYNCED_DIR:-/dev/shm}/blobstack-$(printf %x "$dev")-$(printf %x "$ino").unsynced"
+  fi
   rm -rf "$WORK/posix-db" "$WORK/kill.img"
 }
 

@@ -251,6 +251,9 @@ fn wal_recovery_after_kill() {
         rocksdb_env::unmount(&uri),
         Err(rocksdb_env::Error::InUse { .. })
     ));
+    // What this process left unsynced goes with the image.
+    let mem = blobstore::device::unsynced_memory_path_of(&img).unwrap();
+    let _ = std::fs::remove_file(mem);
     std::fs::remove_file(&img).unwrap();
 }
 

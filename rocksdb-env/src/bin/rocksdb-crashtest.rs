@@ -1107,6 +1107,11 @@ fn run(cfg: &Config) -> Result<Summary, String> {
     }
     print_summary(cfg, &s, start.elapsed(), &run);
     if s.failures == 0 {
+        // The image's unsynced memory (what db_stress left unsynced at its
+        // last exit) goes with it, before the inode can be reused.
+        if let Ok(mem) = blobstore::device::unsynced_memory_path_of(&paths.image) {
+            let _ = std::fs::remove_file(mem);
+        }
         let _ = std::fs::remove_file(&paths.image);
         let _ = std::fs::remove_file(powerloss::log_path(&paths.image));
         let _ = std::fs::remove_dir_all(&paths.expected);
