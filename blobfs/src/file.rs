@@ -297,8 +297,8 @@ impl FileNode {
         }
     }
 
-    /// [`FileNode::settle`], giving the written buffer to the file system's
-    /// spares.
+    /// [`FileNode::settle`], giving the written buffer back (its slot of
+    /// unsynced memory, pages kept, serves the next buffer).
     fn settle_into(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
         if let Some(buf) = self.settle(st)? {
             fs.give_back_buf(buf);
@@ -306,8 +306,8 @@ impl FileNode {
         Ok(())
     }
 
-    /// After a sync by the file's last writer: gives its append buffer to
-    /// the file system's spares, leaving the state a mount leaves (the
+    /// After a sync by the file's last writer: gives its append buffer back
+    /// (see [`FileNode::settle_into`]), leaving the state a mount leaves (the
     /// partial last block on the blob, loaded again by the next append).
     /// Does nothing unless every byte is on the blob and synced.
     pub async fn release_buffer(&self, fs: &FsInner) {
