@@ -306,13 +306,20 @@ fn errors_are_typed_and_the_device_keeps_working() {
         );
         check("unknown namespace");
     }
-    // Command timeout: a deadline no command can meet.
+    // Command timeout: a deadline no command can meet. The driver sees
+    // time pass in clock ticks (at least 100 us each, and a command times
+    // out nine ticks after its own), so a single read that QEMU serves in
+    // under a millisecond can finish first; eight 4 MiB reads at once keep
+    // the last ones waiting well past that.
     let mut timed_out = None;
     for _ in 0..20 {
         c.set_io_timeout(Duration::ZERO);
-        let r = block_on(ch.read(0, dev.alloc_buf(4 << 20).unwrap()));
+        let reads: Vec<_> = (0..8)
+            .map(|_| ch.read(0, dev.alloc_buf(4 << 20).unwrap()))
+            .collect();
+        let results = block_on(futures::future::join_all(reads));
         c.set_io_timeout(Duration::from_secs(30));
-        if let Err(e) = r {
+        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
             timed_out = Some(e);
             break;
         }
