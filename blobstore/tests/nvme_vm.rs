@@ -307,17 +307,18 @@ fn errors_are_typed_and_the_device_keeps_working() {
         check("unknown namespace");
     }
     // Command timeout: a deadline no command can meet. The driver sees
-    // time pass in clock ticks (at least 100 us each, and a command times
-    // out nine ticks after its own), so a single read that QEMU serves in
-    // under a millisecond can finish first; eight 4 MiB reads at once keep
-    // the last ones waiting well past that.
+    // time pass in clock ticks while it reaps (a tick is at least 100 us
+    // and 32 reaps, and a command times out nine ticks after its own), so
+    // the reads are polled without pause (`block_on` may sleep between
+    // polls, and QEMU then finishes them within nine ticks), eight 4 MiB
+    // reads at once.
     let mut timed_out = None;
     for _ in 0..20 {
         c.set_io_timeout(Duration::ZERO);
         let reads: Vec<_> = (0..8)
             .map(|_| ch.read(0, dev.alloc_buf(4 << 20).unwrap()))
             .collect();
-        let results = block_on(futures::future::join_all(reads));
+        let results = spin_on(futures::future::join_all(reads));
         c.set_io_timeout(Duration::from_secs(30));
         if let Some(e) = results.into_iter().find_map(|r| r.err()) {
             timed_out = Some(e);
@@ -518,4 +519,16 @@ fn second_open_is_in_use() {
     drop(first);
     // Once dropped, this process opens it again.
     NvmeDevice::open(&pci, 1).unwrap();
+}
+
+/// Polls `f` until it is ready, never sleeping: every poll reaps the
+/// channel (the driver's clock advances only while it reaps).
+fn spin_on<F: Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+    }
 }
