@@ -154,7 +154,12 @@ fn cut_child(role: &str, uri: &str, progress: &str) -> ! {
             batch.put(key(i), value(i, b));
         }
         db.write_opt(batch, &synced).unwrap();
-        std::fs::write(progress, b.to_string()).unwrap();
+        // Replaced in one rename: the cut can kill this process while any
+        // thread is here (BlobFS's writer thread and RocksDB's flushes do
+        // device I/O too), and a plain write could leave it empty.
+        let part = format!("{progress}.part");
+        std::fs::write(&part, b.to_string()).unwrap();
+        std::fs::rename(&part, progress).unwrap();
     }
     drop(db);
     std::process::exit(0)
