@@ -308,10 +308,9 @@ fn errors_are_typed_and_the_device_keeps_working() {
     }
     // Command timeout: a deadline no command can meet. The driver sees
     // time pass in clock ticks while it reaps (a tick is at least 100 us
-    // and 32 reaps, and a command times out nine ticks after its own), so
-    // the reads are polled without pause (`block_on` may sleep between
-    // polls, and QEMU then finishes them within nine ticks), eight 4 MiB
-    // reads at once.
+    // and 32 reaps; under a zero timeout a command is late at the first
+    // tick after its own), so the reads are polled without pause
+    // (`block_on` may sleep between polls), eight 4 MiB reads at once.
     let mut timed_out = None;
     for _ in 0..20 {
         c.set_io_timeout(Duration::ZERO);

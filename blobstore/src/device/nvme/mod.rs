@@ -1520,8 +1520,8 @@ impl NvmeBackend {
     #[cold]
     fn check_clock(&mut self) {
         let now = Instant::now();
-        let tick_len =
-            (self.ctrl.io_timeout() / TICKS_PER_TIMEOUT as u32).max(Duration::from_micros(100));
+        let timeout = self.ctrl.io_timeout();
+        let tick_len = (timeout / TICKS_PER_TIMEOUT as u32).max(Duration::from_micros(100));
         // Each tick is at least `tick_len` long (the first after an idle
         // spell may be shorter), so a command is past its timeout once
         // TICKS_PER_TIMEOUT + 1 ticks passed since its own.
@@ -1538,7 +1538,13 @@ impl NvmeBackend {
         if self.aborting > 0 {
             self.ctrl.poll_admin();
         }
-        let limit = TICKS_PER_TIMEOUT + 1;
+        // Ticks a timeout lasts: TICKS_PER_TIMEOUT, or fewer when the tick's
+        // floor makes each tick longer than timeout / TICKS_PER_TIMEOUT (a
+        // zero timeout: none, so the first tick after a command's own finds
+        // it late, as "a deadline no command can meet" asks).
+        let ticks =
+            (timeout.as_nanos().div_ceil(tick_len.as_nanos()) as u64).min(TICKS_PER_TIMEOUT);
+        let limit = ticks + 1;
         let mut reset = false;
         for cid in 0..self.trackers.len() {
             let t = self.trackers[cid];
