@@ -649,6 +649,20 @@ impl FileNode {
         Ok(())
     }
 
+    /// Zeroes the bytes of the blob's block holding `at` from `at` on;
+    /// returns whether it wrote (false when `at` is block-aligned).
+    async fn zero_past(&self, at: u64, name: &str) -> Result<bool> {
+        let a = self.align_down(at);
+        if at == a {
+            return Ok(false);
+        }
+        let mut blk = DmaBuf::new(self.unit as usize).ctx(name)?;
+        blk = self.blob.read(a / self.unit, blk).await.ctx(name)?;
+        blk[(at - a) as usize..].fill(0);
+        self.blob.write(a / self.unit, blk).await.ctx(name)?;
+        Ok(true)
+    }
+
     /// Sets the length; new bytes read as zeroes.
     pub async fn truncate(&self, fs: &FsInner, new_len: u64) -> Result<()> {
         let mut st = self.state.lock().await;
@@ -688,23 +702,12 @@ impl FileNode {
             // zeroes (past the durable length, so a crash meanwhile shows
             // nothing): every byte of the blob past the length reads as
             // zero (fsck checks it), so no later growth can show them.
-            let a = self.align_down(new_len);
-            if new_len > a {
-                let mut blk = DmaBuf::new(self.unit as usize).ctx(&name)?;
-                blk = self.blob.read(a / self.unit, blk).await.ctx(&name)?;
-                blk[(new_len - a) as usize..].fill(0);
-                self.blob.write(a / self.unit, blk).await.ctx(&name)?;
+            if self.zero_past(new_len, &name).await? {
                 st.data_dirty = true;
             }
         } else if new_len > len {
             // Bytes past the old end were never written: write zeroes.
-            let a = self.align_down(len);
-            if len > a {
-                let mut blk = DmaBuf::new(self.unit as usize).ctx(&name)?;
-                blk = self.blob.read(a / self.unit, blk).await.ctx(&name)?;
-                blk[(len - a) as usize..].fill(0);
-                self.blob.write(a / self.unit, blk).await.ctx(&name)?;
-            }
+            self.zero_past(len, &name).await?;
             let (from, to) = (self.align_up(len), self.align_up(new_len));
             if to > from {
                 self.blob
