@@ -55,7 +55,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use blobstore::device::DmaRelease;
+use blobstore::device::{DmaRelease, FileLock};
 use blobstore::DmaBuf;
 use parking_lot::Mutex;
 
@@ -276,16 +276,11 @@ fn os_err(what: String, e: std::io::Error) -> Error {
     )
 }
 
-fn try_lock(f: &File) -> bool {
-    // SAFETY: flock on an open descriptor.
-    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
-}
-
 /// Opens (creating it) the unsynced memory at `p` and locks it for as long
 /// as this process has it: what a live owner holds is never collected as
 /// an orphan. Another process's collector may unlink the file between our
 /// open and our lock; then the file is opened again.
-fn open_locked(p: &Path) -> Result<File> {
+fn open_locked(p: &Path) -> Result<FileLock> {
     use std::os::unix::fs::MetadataExt;
     let shown = || {
         format!(
@@ -294,7 +289,7 @@ fn open_locked(p: &Path) -> Result<File> {
             blobstore::device::UNSYNCED_DIR_ENV
         )
     };
-    for _ in 0..100 {
+    for _ in 0..10 {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -303,12 +298,10 @@ fn open_locked(p: &Path) -> Result<File> {
             .mode(0o600)
             .open(p)
             .map_err(|e| os_err(format!("opening {}", shown()), e))?;
-        if !try_lock(&f) {
-            // The device's owner is the only opener; a moment's hold is a
-            // collector looking at it.
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            continue;
-        }
+        // The device's owner is the only opener; a moment's hold is a
+        // collector looking at it.
+        let f = FileLock::wait_exclusive(f, p, std::time::Duration::from_secs(1))
+            .map_err(|e| Error::Store("unsynced memory".into(), e))?;
         let here = f
             .metadata()
             .map_err(|e| os_err(format!("stat of {}", shown()), e))?;
@@ -320,7 +313,7 @@ fn open_locked(p: &Path) -> Result<File> {
     }
     Err(Error::Store(
         "unsynced memory".into(),
-        blobstore::Error::Busy(format!("{} stays locked by another process", shown())),
+        blobstore::Error::Busy(format!("{} keeps being replaced under us", shown())),
     ))
 }
 
@@ -347,14 +340,13 @@ fn collect_orphans(ours: &Path) {
         else {
             continue;
         };
-        if !try_lock(&f) {
-            continue; // a live owner
-        }
+        // Held: a live owner. The lock is released explicitly on drop.
+        let Ok(f) = FileLock::exclusive(f, &path) else {
+            continue;
+        };
         if matches!(scan_file(&f, &path), Ok(r) if r.is_empty()) {
             let _ = std::fs::remove_file(&path);
         }
-        // SAFETY: flock on our open descriptor; released explicitly.
-        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -417,7 +409,8 @@ struct Slots {
 
 /// The unsynced memory of one mount.
 pub struct Unsynced {
-    file: File,
+    /// Locked (released explicitly on drop), so no collector takes it.
+    file: FileLock,
     /// The tmpfs file; `None` for a memfd.
     path: Option<PathBuf>,
     base: NonNull<u8>,
@@ -463,7 +456,9 @@ impl Unsynced {
                     ));
                 }
                 // SAFETY: a fresh descriptor that nothing else owns.
-                unsafe { File::from_raw_fd(fd) }
+                let f = unsafe { File::from_raw_fd(fd) };
+                FileLock::exclusive(f, Path::new("memfd"))
+                    .map_err(|e| Error::Store("unsynced memory".into(), e))?
             }
         };
         let shown = || path.map_or_else(|| "memfd".to_string(), |p| p.display().to_string());
@@ -770,10 +765,6 @@ impl Drop for Unsynced {
             if !self.any_header() {
                 let _ = std::fs::remove_file(p);
             }
-            // Released explicitly: a child forked meanwhile shares the
-            // open file description, and would keep the lock past close.
-            // SAFETY: flock on our open descriptor.
-            unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) };
         }
         // SAFETY: the mapping made in `open`, of that length; no buffer can
         // outlive this (each holds an Arc of it).

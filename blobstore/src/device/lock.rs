@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 /// An open file and the exclusive lock on it, released when this is
 /// dropped (or handed on with [`FileLock::into_file`]).
 #[derive(Debug)]
-pub(super) struct FileLock {
+pub struct FileLock {
     /// `Some` until [`FileLock::into_file`] takes it.
     file: Option<File>,
 }
@@ -30,7 +30,7 @@ pub(super) struct FileLock {
 impl FileLock {
     /// Locks `file` (opened from `path`) exclusively, failing at once with
     /// [`Error::Busy`] if another open file description holds the lock.
-    pub(super) fn exclusive(file: File, path: &Path) -> Result<FileLock> {
+    pub fn exclusive(file: File, path: &Path) -> Result<FileLock> {
         if try_lock(&file, path)? {
             Ok(FileLock { file: Some(file) })
         } else {
@@ -45,7 +45,7 @@ impl FileLock {
     /// to let go: a process just killed keeps the lock until the kernel has
     /// torn down its io_uring (and the file reference the ring holds), after
     /// the process is reaped.
-    pub(super) fn wait_exclusive(file: File, path: &Path, wait: Duration) -> Result<FileLock> {
+    pub fn wait_exclusive(file: File, path: &Path, wait: Duration) -> Result<FileLock> {
         let deadline = Instant::now() + wait;
         loop {
             if try_lock(&file, path)? {

@@ -23,7 +23,7 @@ mod spec;
 
 pub use dma::{DmaBuf, DmaRelease, Iova, Segment, Segments, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
-pub use lock::wait_unlocked;
+pub use lock::{wait_unlocked, FileLock};
 pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
 pub use nvme::{NvmeController, NvmeDevice};
