@@ -709,7 +709,7 @@ impl BlobFs {
             path: dev.unsynced_memory(),
             ..Default::default()
         };
-        let region = Arc::new(Unsynced::open(recovery.path.as_deref())?);
+        let region = Arc::new(Unsynced::open(recovery.path.as_deref(), Some(dev.clone()))?);
         let mut by_blob: HashMap<u64, Vec<Record>> = HashMap::new();
         for rec in region.records()? {
             match unsynced::stale_reason(&rec.header.owner, &here) {

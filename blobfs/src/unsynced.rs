@@ -2,21 +2,28 @@
 //! killed process loses none of them (the promise the kernel's page cache
 //! makes to applications on a local file system).
 //!
-//! Every append buffer is a slot of one shared mapping: of a file on tmpfs
-//! named by the device ([`blobstore::BlockDevice::unsynced_memory`]), which
-//! outlives the process but not the machine, or of a memfd for devices
-//! whose blocks die with the process (or that play power cuts). Appends
-//! land in the slot's data area (no extra copy) and then rewrite the slot's
-//! header, which says whose bytes the data area holds. The next mount of
-//! the device after the process died reads the headers, writes their bytes
-//! to the files, syncs, and only then clears the memory (`fs.rs`).
+//! Every append buffer is a slot of one shared mapping: of a file named by
+//! the device ([`blobstore::BlockDevice::unsynced_memory`]) on tmpfs, or on
+//! hugetlbfs for NVMe devices, which outlives the process but not the
+//! machine, or of a memfd for devices whose blocks die with the process
+//! (or that play power cuts). Appends land in the slot's data area (no
+//! extra copy) and then rewrite the slot's header, which says whose bytes
+//! the data area holds. The next mount of the device after the process
+//! died reads the headers, writes their bytes to the files, syncs, and only
+//! then clears the memory (`fs.rs`). Devices that need DMA-mapped memory
+//! (NVMe) map each slot while it has memory
+//! ([`blobstore::BlockDevice::map_dma`]), so a buffer goes to the device
+//! from where the appends landed, with no copy there either.
 //!
-//! The file: slot `i` at byte `i * SLOT_BYTES`, [`MAX_SLOTS`] slots, sparse
-//! (only slots that were used take memory).
+//! The file: slot `i` at byte `i * stride`, [`MAX_SLOTS`] slots, sparse
+//! (only slots that were used take memory). The stride is `SLOT_BYTES`
+//! rounded up to the file system's page: the same on tmpfs, 6 MiB on a
+//! hugetlbfs of 2 MiB pages.
 //!
 //! ```text
 //! slot:   [0, 4096)           header page: header copy A at 0, copy B at 128
 //!         [4096, SLOT_BYTES)  data: file bytes [file_off, file_off + used)
+//!         [SLOT_BYTES, stride) unused
 //! header (128 bytes, little-endian):
 //!    0  magic        "BFSUNSY1"
 //!    8  version      u32 = 1
@@ -55,8 +62,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{compiler_fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use blobstore::device::{DmaRelease, FileLock};
-use blobstore::DmaBuf;
+use blobstore::device::{DmaMapping, DmaRelease, FileLock};
+use blobstore::{BlockDevice, DmaBuf};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
@@ -70,7 +77,9 @@ const SLOT_BYTES: usize = HEADER_PAGE + SLOT_DATA;
 /// Most append buffers one mount can hold at once (the mapping reserves
 /// address space for this many; memory is taken only by slots in use).
 pub const MAX_SLOTS: usize = 4096;
-const REGION_BYTES: usize = SLOT_BYTES * MAX_SLOTS;
+/// Largest page of the file system the memory is on (a hugetlbfs of 2 MiB
+/// pages); a larger one would make every buffer take a page of its own.
+const MAX_FS_PAGE: usize = 2 << 20;
 const HEADER_LEN: usize = 128;
 const CRC_AT: usize = 124;
 const MAGIC: [u8; 8] = *b"BFSUNSY1";
@@ -80,6 +89,8 @@ const VERSION: u32 = 1;
 /// db_bench fillseq spent 8% of its CPU zeroing slots it had just freed
 /// (files close and open in bursts of more than 8 buffers).
 const KEEP_FREE: usize = 32;
+/// The same on hugepages, which are scarcer (8 slots of 6 MiB).
+const KEEP_FREE_HUGE: usize = 8;
 
 const _: () = assert!(SLOT_BYTES.is_multiple_of(4096));
 const _: () = assert!(2 * HEADER_LEN <= HEADER_PAGE);
@@ -360,29 +371,54 @@ pub fn scan_path(path: &Path) -> Result<Option<Vec<Record>>> {
     }
 }
 
-/// Valid headers of the slots that hold data (found with SEEK_DATA, so
-/// holes are skipped without being read).
+/// The distance between slots of the memory file `f`: `SLOT_BYTES` rounded
+/// up to its file system's page.
+fn stride_of(f: &File, path: &Path) -> Result<usize> {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the struct it is given on success.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return Err(os_err(
+            format!("statfs of {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: initialised by the successful call above.
+    let page = (unsafe { st.assume_init() }.f_bsize as usize).max(4096);
+    if !page.is_power_of_two() || page > MAX_FS_PAGE {
+        return Err(Error::InvalidArgument(format!(
+            "unsynced memory {}: its file system has {page}-byte pages (at most {MAX_FS_PAGE}; \
+             a hugetlbfs of 2 MiB pages or a tmpfs)",
+            path.display()
+        )));
+    }
+    Ok(SLOT_BYTES.next_multiple_of(page))
+}
+
+/// Valid headers of the slots that hold data (found with SEEK_DATA where
+/// the file system tells holes apart, so they are skipped without being
+/// read; hugetlbfs does not, and every slot's header page is read).
 fn scan_file(f: &File, path: &Path) -> Result<Vec<Record>> {
     let fd = f.as_raw_fd();
+    let stride = stride_of(f, path)? as u64;
     let len = f
         .metadata()
         .map_err(|e| os_err(format!("stat of {}", path.display()), e))?
         .len()
-        .min(REGION_BYTES as u64);
+        .min(stride * MAX_SLOTS as u64);
     let mut out = Vec::new();
     let mut slot = 0u64;
     let mut page = vec![0u8; HEADER_PAGE];
-    while slot * (SLOT_BYTES as u64) < len {
+    while slot * stride < len {
         // SAFETY: lseek on an open descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(fd, (slot * SLOT_BYTES as u64) as i64, libc::SEEK_DATA) };
+        let data = unsafe { libc::lseek(fd, (slot * stride) as i64, libc::SEEK_DATA) };
         if data < 0 {
             break; // ENXIO: no data past here.
         }
-        slot = data as u64 / SLOT_BYTES as u64;
+        slot = data as u64 / stride;
         if slot >= MAX_SLOTS as u64 {
             break;
         }
-        f.read_exact_at(&mut page, slot * SLOT_BYTES as u64)
+        f.read_exact_at(&mut page, slot * stride)
             .map_err(|e| os_err(format!("reading {}", path.display()), e))?;
         if let Some((_, header)) = Header::newest(&page) {
             out.push(Record {
@@ -405,6 +441,9 @@ struct Slots {
     next_new: u32,
     /// Which slots have memory behind them (allocated, not punched).
     populated: Vec<bool>,
+    /// Each populated slot's DMA mapping, for devices that need one; dropped
+    /// before the slot's memory is punched.
+    mapped: Vec<Option<DmaMapping>>,
 }
 
 /// The unsynced memory of one mount.
@@ -414,6 +453,12 @@ pub struct Unsynced {
     /// The tmpfs file; `None` for a memfd.
     path: Option<PathBuf>,
     base: NonNull<u8>,
+    /// Bytes from one slot to the next.
+    stride: usize,
+    /// Free slots kept populated.
+    keep_free: usize,
+    /// The device that maps slots for DMA (`None`: no device will).
+    dma: Option<Arc<dyn BlockDevice>>,
     /// Set once, when the mount has dealt with what it found.
     owner: OnceLock<Owner>,
     slots: Mutex<Slots>,
@@ -437,8 +482,10 @@ unsafe impl Sync for Unsynced {}
 impl Unsynced {
     /// Opens (creating it if missing) the unsynced memory at `path`, or a
     /// private one (a memfd) when `path` is `None`. The caller must own the
-    /// device the file belongs to (hold its lock).
-    pub fn open(path: Option<&Path>) -> Result<Unsynced> {
+    /// device the file belongs to (hold its lock). Slots are mapped for DMA
+    /// by `dma` (the device buffers will be written to) where it wants them
+    /// mapped.
+    pub fn open(path: Option<&Path>, dma: Option<Arc<dyn BlockDevice>>) -> Result<Unsynced> {
         let file = match path {
             Some(p) => {
                 let f = open_locked(p)?;
@@ -462,21 +509,24 @@ impl Unsynced {
             }
         };
         let shown = || path.map_or_else(|| "memfd".to_string(), |p| p.display().to_string());
+        let stride = stride_of(&file, Path::new(&shown()))?;
+        let region = stride * MAX_SLOTS;
         let len = file
             .metadata()
             .map_err(|e| os_err(format!("stat of {}", shown()), e))?
             .len();
-        if len != REGION_BYTES as u64 {
+        if len != region as u64 {
             // Sparse: the size reserves no memory.
-            file.set_len(REGION_BYTES as u64)
+            file.set_len(region as u64)
                 .map_err(|e| os_err(format!("sizing {}", shown()), e))?;
         }
         // SAFETY: a fresh shared mapping of an open descriptor sized above;
-        // checked against MAP_FAILED.
+        // checked against MAP_FAILED. No reservation (MAP_NORESERVE): slots
+        // get memory one by one (`populate`).
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                REGION_BYTES,
+                region,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
@@ -495,12 +545,20 @@ impl Unsynced {
             file,
             path: path.map(Path::to_path_buf),
             base,
+            stride,
+            keep_free: if stride > SLOT_BYTES {
+                KEEP_FREE_HUGE
+            } else {
+                KEEP_FREE
+            },
+            dma,
             owner: OnceLock::new(),
             slots: Mutex::new(Slots {
                 free_populated: Vec::new(),
                 free_bare: Vec::new(),
                 next_new: 0,
                 populated: vec![false; MAX_SLOTS],
+                mapped: (0..MAX_SLOTS).map(|_| None).collect(),
             }),
             next_seq: (0..MAX_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             keep: AtomicBool::new(false),
@@ -529,7 +587,7 @@ impl Unsynced {
                 rec.header.used
             )));
         }
-        let at = rec.slot as u64 * SLOT_BYTES as u64 + HEADER_PAGE as u64;
+        let at = rec.slot as u64 * self.stride as u64 + HEADER_PAGE as u64;
         self.file
             .read_exact_at(dst, at)
             .map_err(|e| os_err(format!("reading unsynced slot {}", rec.slot), e))
@@ -539,7 +597,10 @@ impl Unsynced {
     /// discard it) and makes `owner` the writer of every header from now.
     /// Once per mount, before the first buffer is handed out.
     pub fn reset(&self, owner: Owner) -> Result<()> {
-        self.punch(0, REGION_BYTES)?;
+        // Nothing is mapped yet (no slot was handed out); were anything
+        // mapped, it would have to go before its memory.
+        self.slots.lock().mapped.iter_mut().for_each(|m| *m = None);
+        self.punch(0, self.stride * MAX_SLOTS)?;
         let mut s = self.slots.lock();
         debug_assert!(
             s.free_populated.is_empty() && s.free_bare.is_empty() && s.next_new == 0,
@@ -573,15 +634,15 @@ impl Unsynced {
     fn slot_ptr(&self, slot: u32) -> *mut u8 {
         debug_assert!((slot as usize) < MAX_SLOTS);
         // SAFETY: the slot lies inside the mapping (slot < MAX_SLOTS).
-        unsafe { self.base.as_ptr().add(slot as usize * SLOT_BYTES) }
+        unsafe { self.base.as_ptr().add(slot as usize * self.stride) }
     }
 
     /// The slot whose data area `buf` is, if it is one of ours.
     fn slot_of(&self, buf: &DmaBuf) -> Option<u32> {
         let data0 = self.base.as_ptr() as usize + HEADER_PAGE;
         let off = (buf.as_ptr() as usize).checked_sub(data0)?;
-        (off.is_multiple_of(SLOT_BYTES) && off / SLOT_BYTES < MAX_SLOTS)
-            .then_some((off / SLOT_BYTES) as u32)
+        (off.is_multiple_of(self.stride) && off / self.stride < MAX_SLOTS)
+            .then_some((off / self.stride) as u32)
     }
 
     /// A buffer of `len` bytes (at most [`SLOT_DATA`]) in a free slot with
@@ -611,20 +672,26 @@ impl Unsynced {
                 }
             }
         };
-        if let Err(e) = self.populate(slot) {
-            self.free_slot(slot);
-            return Err(e);
-        }
+        let iova = match self.populate(slot) {
+            Ok(iova) => iova,
+            Err(e) => {
+                self.free_slot(slot);
+                return Err(e);
+            }
+        };
         let ptr = self.slot_ptr(slot);
         // SAFETY: `ptr + HEADER_PAGE` is page-aligned (slots and the header
         // page are page multiples), inside the mapping, backed by memory
         // (populated above), and this slot is out of the free list until
-        // the release runs.
+        // the release runs; its DMA mapping (if any) covers the slot and
+        // is dropped only when the slot's memory goes, which a slot in use
+        // never does.
         unsafe {
             DmaBuf::from_external(
                 NonNull::new_unchecked(ptr.add(HEADER_PAGE)),
                 SLOT_DATA,
                 len,
+                iova.map(|i| i.offset(HEADER_PAGE as u64)),
                 Box::new(SlotRelease {
                     region: self.clone(),
                     slot,
@@ -634,20 +701,44 @@ impl Unsynced {
         .map_err(|e| Error::store("unsynced memory", e))
     }
 
-    /// Gives the slot memory from tmpfs up front, so running out of it is a
-    /// clear error here rather than a SIGBUS at the first append.
-    fn populate(&self, slot: u32) -> Result<()> {
-        if self.slots.lock().populated[slot as usize] {
-            return Ok(());
+    /// Gives the slot memory from tmpfs (or hugetlbfs) up front, so running
+    /// out of it is a clear error here rather than a SIGBUS at the first
+    /// append, and maps it for DMA where the device wants that: the slot's
+    /// IOVA, if it has one.
+    fn populate(&self, slot: u32) -> Result<Option<blobstore::device::Iova>> {
+        if !self.slots.lock().populated[slot as usize] {
+            self.allocate(slot)?;
         }
-        let at = slot as usize * SLOT_BYTES;
+        let mut s = self.slots.lock();
+        if s.mapped[slot as usize].is_none() {
+            if let Some(dev) = &self.dma {
+                let ptr = NonNull::new(self.slot_ptr(slot)).expect("inside the mapping");
+                // SAFETY: the slot is populated, and its mapping is dropped
+                // (`free_slot`, `reset`, drop) before its memory is punched
+                // or unmapped.
+                s.mapped[slot as usize] = unsafe { dev.map_dma(ptr, self.stride) }
+                    .map_err(|e| Error::store("mapping an append buffer for DMA", e))?;
+            }
+        }
+        Ok(s.mapped[slot as usize].as_ref().map(DmaMapping::iova))
+    }
+
+    fn allocate(&self, slot: u32) -> Result<()> {
+        let at = slot as usize * self.stride;
         // SAFETY: fallocate on an open descriptor; no memory is passed.
-        let rc = unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at as i64, SLOT_BYTES as i64) };
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), 0, at as i64, self.stride as i64) };
         if rc != 0 {
             let e = std::io::Error::last_os_error();
+            let hint = if self.stride > SLOT_BYTES {
+                " (hugepages: reserve more with `nvme-setup hugepages`, or set \
+                 BLOBSTACK_UNSYNCED_DIR=/dev/shm)"
+            } else {
+                ""
+            };
             return Err(Error::NoSpace(
                 "unsynced memory".into(),
-                blobstore::Error::NoSpace(format!("no room for an append buffer: {e}")),
+                blobstore::Error::NoSpace(format!("no room for an append buffer: {e}{hint}")),
             ));
         }
         // Map the slot's pages in one call rather than one fault per page
@@ -657,7 +748,7 @@ impl Unsynced {
         unsafe {
             libc::madvise(
                 self.slot_ptr(slot).cast(),
-                SLOT_BYTES,
+                self.stride,
                 libc::MADV_POPULATE_WRITE,
             );
         }
@@ -667,9 +758,14 @@ impl Unsynced {
 
     fn free_slot(&self, slot: u32) {
         let mut s = self.slots.lock();
-        let keep = s.populated[slot as usize]
-            && (s.free_populated.len() < KEEP_FREE
-                || self.punch(slot as usize * SLOT_BYTES, SLOT_BYTES).is_err());
+        let mut keep = s.populated[slot as usize] && s.free_populated.len() < self.keep_free;
+        if s.populated[slot as usize] && !keep {
+            // The device lets go of the memory before it goes.
+            s.mapped[slot as usize] = None;
+            keep = self
+                .punch(slot as usize * self.stride, self.stride)
+                .is_err();
+        }
         if keep {
             s.free_populated.push(slot);
         } else {
@@ -766,10 +862,12 @@ impl Drop for Unsynced {
                 let _ = std::fs::remove_file(p);
             }
         }
+        // The device lets go of the memory before it goes.
+        self.slots.get_mut().mapped.clear();
         // SAFETY: the mapping made in `open`, of that length; no buffer can
         // outlive this (each holds an Arc of it).
         unsafe {
-            libc::munmap(self.base.as_ptr().cast(), REGION_BYTES);
+            libc::munmap(self.base.as_ptr().cast(), self.stride * MAX_SLOTS);
         }
     }
 }
@@ -823,7 +921,7 @@ mod tests {
 
     #[test]
     fn a_torn_header_write_leaves_the_previous_one() {
-        let u = Arc::new(Unsynced::open(None).unwrap());
+        let u = Arc::new(Unsynced::open(None, None).unwrap());
         u.reset(owner(3)).unwrap();
         let mut buf = u.alloc(8192).unwrap();
         buf[..10].copy_from_slice(b"0123456789");
@@ -849,7 +947,7 @@ mod tests {
 
     #[test]
     fn freed_buffers_clear_their_headers_unless_kept() {
-        let u = Arc::new(Unsynced::open(None).unwrap());
+        let u = Arc::new(Unsynced::open(None, None).unwrap());
         u.reset(owner(1)).unwrap();
         let a = u.alloc(4096).unwrap();
         let b = u.alloc(4096).unwrap();
@@ -869,10 +967,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = |n: &str| dir.path().join(format!("blobstack-{n}.unsynced"));
         // Left by a process that exited with every file synced.
-        drop(Unsynced::open(Some(&path("empty"))).unwrap());
+        drop(Unsynced::open(Some(&path("empty")), None).unwrap());
         std::fs::write(path("empty"), b"").unwrap();
         // Left by a process that died with unsynced data.
-        let kept = Arc::new(Unsynced::open(Some(&path("data"))).unwrap());
+        let kept = Arc::new(Unsynced::open(Some(&path("data")), None).unwrap());
         kept.reset(owner(1)).unwrap();
         let buf = kept.alloc(4096).unwrap();
         kept.describe(&buf, 7, 0, 10, 10);
@@ -880,10 +978,10 @@ mod tests {
         drop(buf);
         drop(kept);
         // Held by a live owner, with nothing in it.
-        let live = Unsynced::open(Some(&path("live"))).unwrap();
+        let live = Unsynced::open(Some(&path("live")), None).unwrap();
         // Not ours at all.
         std::fs::write(dir.path().join("other.txt"), b"x").unwrap();
-        let me = Unsynced::open(Some(&path("me"))).unwrap();
+        let me = Unsynced::open(Some(&path("me")), None).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -899,6 +997,92 @@ mod tests {
             ]
         );
         drop((live, me));
+    }
+
+    /// A device on the NVMe driver's software controller, which reaches
+    /// memory only through the IOVAs its pool mapped.
+    fn soft_nvme(
+        bytes: usize,
+    ) -> (
+        Arc<blobstore::NvmeController>,
+        Arc<dyn blobstore::BlockDevice>,
+    ) {
+        let (_model, ctrl) =
+            blobstore::device::nvme::soft::SoftController::attach_with(5, 0, &[(4096, bytes)])
+                .unwrap();
+        let dev = blobstore::NvmeDevice::from_controller(ctrl.clone(), 1).unwrap();
+        (ctrl, Arc::new(dev))
+    }
+
+    #[test]
+    fn slots_are_dma_mapped_for_the_device_and_unmapped_before_they_go() {
+        let (ctrl, dev) = soft_nvme(16 << 20);
+        let u = Arc::new(Unsynced::open(None, Some(dev.clone())).unwrap());
+        u.reset(owner(1)).unwrap();
+        let mut buf = u.alloc(8192).unwrap();
+        let iova = buf.iova().expect("a slot mapped for the device");
+        assert_eq!(
+            ctrl.pool().translate(iova.0, SLOT_DATA),
+            Some(buf.as_ptr().cast_mut()),
+            "the device sees the slot's own bytes"
+        );
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8;
+        }
+        let want = buf.to_vec();
+        // The driver sends the slot itself (its IOVA); the software
+        // controller would panic on memory the pool did not map.
+        let ch = blobstore::device::channel(&dev).unwrap();
+        let buf = blobstore::block_on(ch.write(8, buf)).unwrap();
+        let back = blobstore::block_on(ch.read(8, dev.alloc_buf(8192).unwrap())).unwrap();
+        assert_eq!(&back[..], &want[..]);
+        drop(buf);
+        // Slots beyond those kept populated give their memory back, and
+        // the device loses them first.
+        let bufs: Vec<DmaBuf> = (0..KEEP_FREE + 2).map(|_| u.alloc(4096).unwrap()).collect();
+        let iovas: Vec<_> = bufs.iter().map(|b| b.iova().unwrap()).collect();
+        drop(bufs);
+        let mapped = iovas
+            .iter()
+            .filter(|i| ctrl.pool().translate(i.0, 4096).is_some())
+            .count();
+        assert_eq!(mapped, KEEP_FREE, "mapped slots after the frees");
+        drop(u);
+        assert!(
+            iovas
+                .iter()
+                .all(|i| ctrl.pool().translate(i.0, 4096).is_none()),
+            "the memory is unmapped when it goes"
+        );
+    }
+
+    #[test]
+    fn a_blobfs_on_nvme_appends_into_mapped_slots_and_reads_back() {
+        let (_ctrl, dev) = soft_nvme(64 << 20);
+        let fs = crate::BlobFs::mkfs(
+            dev.clone(),
+            crate::MkfsOptions::default(),
+            crate::MountOptions::default(),
+        )
+        .unwrap();
+        let data: Vec<u8> = (0..(9 << 20) + 12_345).map(|i| (i % 241) as u8).collect();
+        {
+            let f = fs
+                .open("wal", crate::OpenOptions::create_truncate())
+                .unwrap();
+            for piece in data.chunks(100_003) {
+                f.append(piece).unwrap();
+            }
+            f.sync().unwrap();
+        }
+        fs.unmount().unwrap();
+        let fs = crate::BlobFs::mount(dev, crate::MountOptions::default()).unwrap();
+        let got = fs
+            .open("wal", crate::OpenOptions::read())
+            .unwrap()
+            .read_all()
+            .unwrap();
+        assert!(got == data, "file bytes after remount");
     }
 
     #[test]

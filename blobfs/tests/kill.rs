@@ -9,6 +9,11 @@
 //!
 //! The child is this test binary again (`BLOBFS_KILL_CHILD` says what to
 //! do, `BLOBFS_KILL_IMAGE` where).
+//!
+//! `BLOBFS_KILL_DEVICE=<device spec>` runs the first test on that device
+//! instead of an image file: the VM test runs it on an NVMe namespace
+//! (`nvme:<pci>/ns=<n>`), where the unsynced memory is hugepages mapped for
+//! the controller and the child dies with the controller's queues live.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +25,7 @@ use blobstore::{BlockDevice, FileDevice, FileOptions};
 
 const CHILD_ENV: &str = "BLOBFS_KILL_CHILD";
 const IMAGE_ENV: &str = "BLOBFS_KILL_IMAGE";
+const DEVICE_ENV: &str = "BLOBFS_KILL_DEVICE";
 
 /// Deterministic bytes of file `seed` at offsets `[from, from + len)`.
 fn pattern(seed: u8, from: u64, len: usize) -> Vec<u8> {
@@ -31,7 +37,12 @@ fn pattern(seed: u8, from: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The image file at `img`, or the device `img` names when it is a device
+/// spec ([`DEVICE_ENV`]).
 fn open_dev(img: &Path) -> Arc<dyn BlockDevice> {
+    if !img.is_absolute() {
+        return blobstore::device::open_device(&img.to_string_lossy()).unwrap();
+    }
     Arc::new(
         FileDevice::open(
             img,
@@ -145,6 +156,10 @@ fn maybe_child() {
     let (Ok(job), Ok(img)) = (std::env::var(CHILD_ENV), std::env::var(IMAGE_ENV)) else {
         return;
     };
+    if job == "mkfs" {
+        format(Path::new(&img));
+        std::process::exit(0);
+    }
     let dev = open_dev(Path::new(&img));
     let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
     match job.as_str() {
@@ -169,11 +184,33 @@ fn image(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("blobfs-kill-{name}-{}.img", std::process::id()))
 }
 
-fn mkfs(img: &Path) {
-    let _ = std::fs::remove_file(img);
+/// A fresh BlobFS on `img`. On a device (not an image file) in a child
+/// process: an NVMe controller stays attached to the process that opened
+/// it (its VFIO group) for that process's life, and the child that is
+/// killed must open it next.
+fn mkfs(img: &Path, test: &str) {
+    if img.is_absolute() {
+        let _ = std::fs::remove_file(img);
+        format(img);
+    } else {
+        let out = run_child("mkfs", test, img);
+        assert!(
+            out.status.success(),
+            "mkfs child: {:?}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn format(img: &Path) {
     BlobFs::mkfs(
         open_dev(img),
-        MkfsOptions::default(),
+        MkfsOptions {
+            // A device is reused from run to run.
+            force: !img.is_absolute(),
+            ..MkfsOptions::default()
+        },
         MountOptions::default(),
     )
     .unwrap()
@@ -194,20 +231,27 @@ fn killed(out: &std::process::Output) {
 }
 
 fn unsynced_path(img: &Path) -> PathBuf {
+    if !img.is_absolute() {
+        return open_dev(img)
+            .unsynced_memory()
+            .expect("a device with unsynced memory");
+    }
     blobstore::device::unsynced_memory_path_of(img).unwrap()
 }
 
 #[test]
 fn a_killed_process_loses_no_acknowledged_write() {
     maybe_child();
-    let img = image("work");
-    mkfs(&img);
-    let out = run_child("work", "a_killed_process_loses_no_acknowledged_write", &img);
+    let img = std::env::var(DEVICE_ENV).map_or_else(|_| image("work"), PathBuf::from);
+    let test = "a_killed_process_loses_no_acknowledged_write";
+    mkfs(&img, test);
+    let out = run_child("work", test, &img);
     killed(&out);
     assert!(
         unsynced_path(&img).exists(),
         "the child left its unsynced memory"
     );
+    eprintln!("unsynced memory: {}", unsynced_path(&img).display());
     // The same model the child built (it is deterministic).
     let want = {
         let scratch = BlobFs::mkfs(
@@ -246,15 +290,17 @@ fn a_killed_process_loses_no_acknowledged_write() {
     assert_eq!(fs.unsynced_recovery().files, 0);
     check(&fs, &want);
     fs.unmount().unwrap();
-    std::fs::remove_file(&img).unwrap();
+    if img.is_absolute() {
+        std::fs::remove_file(&img).unwrap();
+    }
 }
 
 #[test]
 fn stale_or_foreign_unsynced_memory_is_never_applied() {
     maybe_child();
     let img = image("stale");
-    mkfs(&img);
     let test = "stale_or_foreign_unsynced_memory_is_never_applied";
+    mkfs(&img, test);
     killed(&run_child("one", test, &img));
     let mem = unsynced_path(&img);
     // Set aside as it is: a sparse file (16 GiB long, a few MiB in use).

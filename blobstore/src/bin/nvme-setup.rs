@@ -184,6 +184,42 @@ fn hugepages(count: u64) -> Result<(), String> {
             "only {got} of {count} hugepages could be reserved (memory fragmented?)"
         ));
     }
+    if got > 0 {
+        mount_hugetlbfs()?;
+    }
+    Ok(())
+}
+
+/// Where hugepage files go: BlobFS keeps the unsynced data of `nvme:`
+/// devices there (DMA memory that outlives the process), so a hugetlbfs of
+/// 2 MiB pages must be mounted. Mounts one at `/dev/hugepages` if none is.
+fn mount_hugetlbfs() -> Result<(), String> {
+    if let Some(dir) = blobstore::device::huge_unsynced_dir() {
+        println!("hugetlbfs: {}", dir.display());
+        return Ok(());
+    }
+    if std::env::var_os(blobstore::device::UNSYNCED_DIR_ENV).is_some() {
+        return Ok(());
+    }
+    let dir = "/dev/hugepages";
+    fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
+    // SAFETY: NUL-terminated strings; no memory is handed over.
+    let rc = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/dev/hugepages".as_ptr(),
+            c"hugetlbfs".as_ptr(),
+            0,
+            c"pagesize=2M,mode=1770".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "mounting hugetlbfs at {dir}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    println!("hugetlbfs: mounted at {dir}");
     Ok(())
 }
 
@@ -207,6 +243,12 @@ fn status() {
     }
     let huge = fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
     println!("hugepages reserved: {}", huge.trim());
+    println!(
+        "unsynced memory of nvme: devices: {}",
+        blobstore::device::huge_unsynced_dir()
+            .unwrap_or_else(blobstore::device::unsynced_dir)
+            .display()
+    );
 }
 
 fn targets(arg: &str) -> Vec<String> {

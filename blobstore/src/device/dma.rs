@@ -37,6 +37,54 @@ pub trait DmaRelease: Send + Sync {
     fn release(&mut self);
 }
 
+/// Memory its owner keeps (a shared mapping, say) made reachable by a device
+/// at an [`Iova`] (see [`crate::BlockDevice::map_dma`]); the device loses
+/// it when this is dropped.
+pub struct DmaMapping {
+    iova: Iova,
+    len: usize,
+    unmap: Box<dyn DmaRelease>,
+}
+
+impl DmaMapping {
+    /// A mapping of `len` bytes seen by the device at `iova`, taken away by
+    /// `unmap` on drop.
+    pub fn new(iova: Iova, len: usize, unmap: Box<dyn DmaRelease>) -> DmaMapping {
+        DmaMapping { iova, len, unmap }
+    }
+
+    /// Where the device sees the first byte.
+    pub fn iova(&self) -> Iova {
+        self.iova
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty mapping.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl std::fmt::Debug for DmaMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DmaMapping({} bytes at iova {:#x})",
+            self.len, self.iova.0
+        )
+    }
+}
+
+impl Drop for DmaMapping {
+    fn drop(&mut self) {
+        self.unmap.release();
+    }
+}
+
 enum AllocOwner {
     /// `alloc_zeroed` with this layout.
     Heap(Layout),
@@ -129,17 +177,21 @@ impl DmaBuf {
     /// A buffer over memory its caller owns (a slot of a shared mapping,
     /// say): `capacity` bytes at `ptr`, of which the first `len_bytes` are
     /// visible, given back through `release` when the last reference goes
-    /// (the buffer's, or an in-flight operation's). Devices that need
-    /// IOVA-mapped memory copy through their own buffers.
+    /// (the buffer's, or an in-flight operation's). `iova` is where the
+    /// device that will do I/O with it sees `ptr`, when the memory was
+    /// mapped for it ([`crate::BlockDevice::map_dma`]); devices that need
+    /// IOVA-mapped memory copy buffers without one through their own.
     ///
     /// # Safety
     /// `ptr` must be aligned to [`DMA_ALIGN`], valid for reads and writes of
     /// `capacity` initialised bytes, and reached by nobody else until
-    /// `release` runs.
+    /// `release` runs; with an `iova`, the mapping it comes from must cover
+    /// `capacity` bytes and outlive the buffer and every I/O on it.
     pub unsafe fn from_external(
         ptr: NonNull<u8>,
         capacity: usize,
         len_bytes: usize,
+        iova: Option<Iova>,
         release: Box<dyn DmaRelease>,
     ) -> Result<DmaBuf> {
         if len_bytes > capacity || !(ptr.as_ptr() as usize).is_multiple_of(DMA_ALIGN) {
@@ -149,7 +201,7 @@ impl DmaBuf {
             )));
         }
         // SAFETY: the caller's promises are from_pool's.
-        Ok(unsafe { DmaBuf::from_pool(ptr, capacity, len_bytes, None, release) })
+        Ok(unsafe { DmaBuf::from_pool(ptr, capacity, len_bytes, iova, release) })
     }
 
     /// Where devices see the first byte, when the memory is IOVA-mapped

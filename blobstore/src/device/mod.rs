@@ -21,7 +21,7 @@ pub mod nvme;
 pub mod powerloss;
 mod spec;
 
-pub use dma::{DmaBuf, DmaRelease, Iova, Segment, Segments, DMA_ALIGN};
+pub use dma::{DmaBuf, DmaMapping, DmaRelease, Iova, Segment, Segments, DMA_ALIGN};
 pub use file::{FileDevice, FileOptions};
 pub use lock::{wait_unlocked, FileLock};
 pub use mem::{MemDevice, ShmOptions};
@@ -34,6 +34,7 @@ use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::ptr::NonNull;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -173,6 +174,22 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn unsynced_memory(&self) -> Option<PathBuf> {
         None
     }
+    /// Makes `len` bytes at `ptr`, memory its caller owns (a slot of the
+    /// [`BlockDevice::unsynced_memory`] mapping, say), reachable by the
+    /// device without a copy for as long as the returned mapping lives:
+    /// buffers over it made with [`DmaBuf::from_external`] and the mapping's
+    /// IOVA go to the device as they are. `Ok(None)` (the default): the
+    /// device reaches any memory (io_uring, RAM), or copies through its own
+    /// buffers.
+    ///
+    /// # Safety
+    /// The memory must stay mapped, and keep the same pages behind it (no
+    /// hole punched, no `munmap`), until the mapping is dropped; the
+    /// mapping must be dropped before then.
+    unsafe fn map_dma(&self, ptr: NonNull<u8>, len: usize) -> Result<Option<DmaMapping>> {
+        let _ = (ptr, len);
+        Ok(None)
+    }
 }
 
 /// Environment variable naming the directory of unsynced memory files
@@ -198,6 +215,42 @@ pub fn unsynced_dir() -> PathBuf {
     std::env::var_os(UNSYNCED_DIR_ENV)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/dev/shm"))
+}
+
+/// The hugetlbfs mount (of 2 MiB pages) that unsynced memory of NVMe
+/// devices goes to, which makes it hugepage DMA memory as the driver's own
+/// buffers are: `None` when [`UNSYNCED_DIR_ENV`] is set (it wins), when no
+/// hugepages are reserved (`/proc/sys/vm/nr_hugepages`), or when no
+/// hugetlbfs of 2 MiB pages is mounted (`nvme-setup hugepages` mounts one
+/// at `/dev/hugepages`). Stable across a process restart as long as the
+/// reservation and the mount stay, which is what lets the next owner find
+/// a dead one's memory.
+pub fn huge_unsynced_dir() -> Option<PathBuf> {
+    if std::env::var_os(UNSYNCED_DIR_ENV).is_some() {
+        return None;
+    }
+    let reserved = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .is_some_and(|n| n > 0);
+    if !reserved {
+        return None;
+    }
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    hugetlbfs_2m_mount(&mounts)
+}
+
+/// The first hugetlbfs mount of 2 MiB pages in a `/proc/mounts` text.
+fn hugetlbfs_2m_mount(mounts: &str) -> Option<PathBuf> {
+    mounts.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (dir, fstype, opts) = (f.get(1)?, f.get(2)?, f.get(3)?);
+        let two_mib = opts
+            .split(',')
+            .find_map(|o| o.strip_prefix("pagesize="))
+            .is_none_or(|p| p == "2M" || p == "2048k");
+        (*fstype == "hugetlbfs" && two_mib).then(|| PathBuf::from(dir.replace("\\040", " ")))
+    })
 }
 
 /// [`unsynced_memory_path`] of the file at `path`.
@@ -659,4 +712,26 @@ fn open_maybe_creating<T>(
         let _ = std::fs::remove_file(path);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_hugetlbfs_of_2mib_pages_is_the_unsynced_dir() {
+        let mounts = "tmpfs /dev/shm tmpfs rw,nosuid 0 0\n\
+                      hugetlbfs /mnt/huge1g hugetlbfs rw,relatime,pagesize=1024M 0 0\n\
+                      hugetlbfs /dev/hugepages hugetlbfs rw,relatime,pagesize=2M 0 0\n\
+                      hugetlbfs /other hugetlbfs rw 0 0\n";
+        assert_eq!(
+            hugetlbfs_2m_mount(mounts),
+            Some(PathBuf::from("/dev/hugepages"))
+        );
+        assert_eq!(
+            hugetlbfs_2m_mount("none /my\\040pages hugetlbfs rw 0 0\n"),
+            Some(PathBuf::from("/my pages"))
+        );
+        assert_eq!(hugetlbfs_2m_mount("tmpfs /dev/shm tmpfs rw 0 0\n"), None);
+    }
 }

@@ -4,7 +4,10 @@
 # guest, and runs there:
 #   - tests/nvme_vm.rs (identify, I/O, threads, errors, blobstore + reset),
 #   - the core blobstore suite (tests/blobstore.rs) on NvmeDevice,
-#   - the perf tool on the controller and on MemDevice.
+#   - the perf tool on the controller and on MemDevice,
+#   - BlobFS's kill test (blobfs/tests/kill.rs) on both namespaces: a child
+#     killed with unsynced appends in hugepage memory and live queues; the
+#     next open resets the controller and the mount writes them back.
 # Reports pass/fail per test from the serial console; exits non-zero on any
 # failure, or when the VM does not finish within VM_TIMEOUT seconds.
 #
@@ -42,11 +45,14 @@ cd "$ROOT"
 log "building (release)"
 $CARGO build --release -q -p blobstore --bins
 json=$($CARGO test --release -q -p blobstore --test nvme_vm --test blobstore --no-run --message-format=json)
+json="$json
+$($CARGO test --release -q -p blobfs --features cli --test kill --no-run --message-format=json)"
 exe_of() { echo "$json" | grep -o "\"executable\":\"[^\"]*/$1-[0-9a-f]*\"" | tail -1 | cut -d'"' -f4; }
 NVME_VM=$(exe_of nvme_vm)
 SUITE=$(exe_of blobstore)
+KILL=$(exe_of kill)
 TARGET=$(dirname "$(dirname "$NVME_VM")")
-[ -x "$NVME_VM" ] && [ -x "$SUITE" ] || { echo "test binaries not found" >&2; exit 1; }
+[ -x "$NVME_VM" ] && [ -x "$SUITE" ] && [ -x "$KILL" ] || { echo "test binaries not found" >&2; exit 1; }
 
 # 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
 IRD="$WORK/initramfs"
@@ -55,8 +61,9 @@ mkdir -p "$IRD"/{bin,dev,proc,sys,tmp,lib/modules}
 cp /bin/busybox "$IRD/bin/busybox"
 cp "$NVME_VM" "$IRD/bin/nvme_vm"
 cp "$SUITE" "$IRD/bin/blobstore_suite"
+cp "$KILL" "$IRD/bin/blobfs_kill"
 cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
-for b in "$IRD"/bin/{nvme_vm,blobstore_suite,perf,nvme-setup}; do
+for b in "$IRD"/bin/{nvme_vm,blobstore_suite,blobfs_kill,perf,nvme-setup}; do
   ldd "$b" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
     mkdir -p "$IRD$(dirname "$lib")"
     cp -nL "$lib" "$IRD$lib"
@@ -87,7 +94,7 @@ for m in $(cat /modules.order); do
 done
 export RUST_BACKTRACE=1 PATH=/bin
 echo "VMTEST: guest up, kernel $(uname -r), $(nproc) cpus"
-nvme-setup hugepages 64
+nvme-setup hugepages 256
 PCI=""
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat $d/class)" = 0x010802 ] && PCI=$(basename $d)
@@ -117,6 +124,12 @@ run perf-nvme-randread perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randr
 run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
 run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
 run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
+# A killed BlobFS process loses no acknowledged write on NVMe either.
+for ns in 1 2; do
+  BLOBFS_KILL_DEVICE=nvme:$PCI/ns=$ns run blobfs-kill-on-nvme-ns$ns \
+    blobfs_kill a_killed_process_loses_no_acknowledged_write --exact --test-threads=1 --nocapture
+done
+ls -l /dev/hugepages
 run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 sync

@@ -11,7 +11,13 @@
 //! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss|plain]
 //!                   [--rounds N] [--seed S] [--dir DIR] [--min-secs A]
 //!                   [--max-secs B] [--size 4G] [--faults] [--ops N]
+//!                   [--device SPEC]
 //! ```
+//!
+//! The database lives on an image file in `--dir`, or on the device
+//! `--device` names (`nvme:<pci>/ns=<n>`, say: the VM test runs kill rounds
+//! on NVMe namespaces; not with `powerloss`, which plays the cut on an
+//! image file). The first round formats it (`mkfs=force`).
 //!
 //! Modes:
 //! - `kill`: SIGKILL only. BlobFS keeps appends in the process until a sync,
@@ -136,12 +142,14 @@ struct Config {
     faults: bool,
     /// Operations per thread of a `plain` round.
     ops: u64,
+    /// A device spec to run on instead of an image file in `dir`.
+    device: Option<String>,
 }
 
 const USAGE: &str =
     "usage: rocksdb-crashtest --db-stress <path> [--mode kill|strict|powerloss|plain] \
 [--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G] [--faults] \
-[--ops N]";
+[--ops N] [--device SPEC]";
 
 fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut cfg = Config {
@@ -158,6 +166,7 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
         size: "4G".into(),
         faults: false,
         ops: 5_000,
+        device: None,
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
@@ -206,6 +215,12 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
             "--max-secs" => cfg.max_secs = num(value()?, "--max-secs")?,
             "--size" => cfg.size = value()?,
             "--faults" => cfg.faults = true,
+            "--device" => {
+                let v = value()?;
+                blobstore::device::DeviceSpec::parse(&v)
+                    .map_err(|e| format!("--device {v:?}: {e}"))?;
+                cfg.device = Some(v)
+            }
             "--ops" => {
                 let v = value()?;
                 cfg.ops = v
@@ -220,6 +235,9 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
     }
     if cfg.db_stress.as_os_str().is_empty() {
         return Err(format!("--db-stress is required\n{USAGE}"));
+    }
+    if cfg.device.is_some() && cfg.mode == Mode::PowerLoss {
+        return Err("--device: the powerloss mode plays its cuts on an image file".into());
     }
     if cfg.min_secs > cfg.max_secs {
         return Err(format!(
@@ -415,13 +433,22 @@ fn stress_args(
             "&powerloss_cut_after={n}&powerloss_cut_when={when}"
         );
     }
-    let mkfs = if first { "always" } else { "never" };
-    let mut a = vec![
-        format!(
-            "--fs_uri=blobfs://file:{}?size={}{powerloss};mkfs={mkfs}",
-            paths.image.display(),
-            cfg.size
+    let fs_uri = match &cfg.device {
+        // Whatever the device held before (a device is reused from run to
+        // run) is formatted over.
+        Some(spec) => format!(
+            "--fs_uri=blobfs://{spec};mkfs={}",
+            if first { "force" } else { "never" }
         ),
+        None => format!(
+            "--fs_uri=blobfs://file:{}?size={}{powerloss};mkfs={}",
+            paths.image.display(),
+            cfg.size,
+            if first { "always" } else { "never" }
+        ),
+    };
+    let mut a = vec![
+        fs_uri,
         "--db=/crashtest".into(),
         format!("--expected_values_dir={}", paths.expected.display()),
         format!("--destroy_db_initially={}", u8::from(first)),
@@ -1049,7 +1076,12 @@ fn run(cfg: &Config) -> Result<Summary, String> {
                 return Ok(s);
             }
         }
-        if let Err(e) = wait_unlocked(&paths.image) {
+        // A device (NVMe: its VFIO group) is free once db_stress is
+        // reaped, which it is by now.
+        if let Err(e) = match cfg.device {
+            Some(_) => Ok(()),
+            None => wait_unlocked(&paths.image),
+        } {
             println!("{line}");
             fail(&mut s, format!("after round {round}"), e, &args, &log);
             print_summary(cfg, &s, start.elapsed(), &run);
@@ -1198,6 +1230,28 @@ mod tests {
         }
         let kill = stress_args(&cfg(&[]), &p, &run, Some(&round_knobs(&c, 1)), 1, None);
         assert!(kill.contains(&"--sync_fault_injection=1".to_string()));
+    }
+
+    #[test]
+    fn a_device_is_formatted_over_once_and_refused_for_power_cuts() {
+        let spec = "nvme:0000:00:03.0/ns=2";
+        let c = cfg(&["--mode", "strict", "--device", spec]);
+        let p = Paths::new(Path::new("/w"));
+        let run = run_knobs(1);
+        let k = round_knobs(&c, 1);
+        let first = stress_args(&c, &p, &run, Some(&k), 1, None);
+        assert_eq!(first[0], format!("--fs_uri=blobfs://{spec};mkfs=force"));
+        let later = stress_args(&c, &p, &run, Some(&k), 2, None);
+        assert_eq!(later[0], format!("--fs_uri=blobfs://{spec};mkfs=never"));
+        let bad = |a: &[&str]| parse_args(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert!(
+            bad(&["--db-stress", "x", "--mode", "powerloss", "--device", spec])
+                .unwrap_err()
+                .contains("image file")
+        );
+        assert!(bad(&["--db-stress", "x", "--device", "floppy:0"])
+            .unwrap_err()
+            .contains("--device"));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::device::dma::DmaRelease;
+use crate::device::dma::{DmaMapping, DmaRelease};
 use crate::device::{DmaBuf, Iova, DMA_ALIGN};
 use crate::error::{Error, Result};
 
@@ -199,6 +199,9 @@ impl Chunk {
 struct PoolState {
     chunks: Vec<Chunk>,
     large: HashMap<u64, Mapping>,
+    /// Memory of callers mapped with [`DmaPool::map_external`]: IOVA ->
+    /// (address, length).
+    external: BTreeMap<u64, (usize, usize)>,
     iovas: IovaAllocator,
 }
 
@@ -225,6 +228,7 @@ impl DmaPool {
             state: Mutex::new(PoolState {
                 chunks: Vec::new(),
                 large: HashMap::new(),
+                external: BTreeMap::new(),
                 iovas: IovaAllocator::new(IOVA_BASE, IOVA_LIMIT),
             }),
             try_huge,
@@ -343,6 +347,48 @@ impl DmaPool {
         Ok(unsafe { DmaBuf::from_pool(ptr, pages * DMA_ALIGN, len_bytes, Some(iova), release) })
     }
 
+    /// Maps `len` bytes at `ptr`, memory the caller owns, at a fresh IOVA
+    /// (2 MiB-aligned, so hugepages stay whole in the IOMMU), until the
+    /// returned mapping is dropped.
+    ///
+    /// # Safety
+    /// As [`crate::BlockDevice::map_dma`]: the memory stays mapped, with the
+    /// same pages behind it, until the mapping is dropped.
+    pub unsafe fn map_external(
+        self: &Arc<Self>,
+        ptr: NonNull<u8>,
+        len: usize,
+    ) -> Result<DmaMapping> {
+        if len == 0 || !(ptr.as_ptr() as usize).is_multiple_of(DMA_ALIGN) {
+            return Err(Error::InvalidArgument(format!(
+                "DMA map of {len} bytes at {:p}: empty or not page-aligned",
+                ptr.as_ptr()
+            )));
+        }
+        let len = len.div_ceil(DMA_ALIGN) * DMA_ALIGN;
+        let mut st = self.state.lock();
+        let iova = st
+            .iovas
+            .alloc(len as u64, CHUNK_BYTES as u64)
+            .ok_or_else(|| Error::NoSpace("IOVA space for DMA memory".into()))?;
+        // SAFETY: the caller keeps the memory mapped until the mapping is
+        // dropped, which unmaps it first.
+        if let Err(e) = unsafe { self.mapper.map(ptr.as_ptr(), len, iova) } {
+            st.iovas.free(iova, len as u64);
+            return Err(e);
+        }
+        st.external.insert(iova.0, (ptr.as_ptr() as usize, len));
+        Ok(DmaMapping::new(
+            iova,
+            len,
+            Box::new(ExternalLease {
+                pool: self.clone(),
+                iova,
+                len,
+            }),
+        ))
+    }
+
     /// Where `len` bytes at `iova` are in this process, if the pool mapped
     /// them (the software controller, [`super::soft`], plays the device
     /// through it).
@@ -363,7 +409,8 @@ impl DmaPool {
                 return Some(unsafe { m.va.as_ptr().add((iova - base) as usize) });
             }
         }
-        None
+        let (&base, &(va, mlen)) = st.external.range(..=iova).next_back()?;
+        inside(Iova(base), mlen).then(|| (va + (iova - base) as usize) as *mut u8)
     }
 }
 
@@ -475,6 +522,22 @@ impl DmaRelease for LargeLease {
         let _ = self.pool.mapper.unmap(self.iova, self.len);
         st.iovas.free(self.iova, self.len as u64);
         st.large.remove(&self.iova.0);
+    }
+}
+
+/// A caller's memory mapped by [`DmaPool::map_external`].
+struct ExternalLease {
+    pool: Arc<DmaPool>,
+    iova: Iova,
+    len: usize,
+}
+
+impl DmaRelease for ExternalLease {
+    fn release(&mut self) {
+        let mut st = self.pool.state.lock();
+        let _ = self.pool.mapper.unmap(self.iova, self.len);
+        st.iovas.free(self.iova, self.len as u64);
+        st.external.remove(&self.iova.0);
     }
 }
 

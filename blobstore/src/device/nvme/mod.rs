@@ -853,15 +853,29 @@ impl BlockDevice for NvmeDevice {
         self.ctrl.pool.alloc(len_bytes)
     }
     /// For a namespace opened through [`NvmeDevice::open`] (which holds it
-    /// for this process alone): a file on tmpfs named by the controller's
-    /// PCI address and the namespace. Its memory is not IOVA-mapped: the
-    /// driver copies those buffers through its DMA pool, as any heap buffer.
+    /// for this process alone): a file named by the controller's PCI
+    /// address and the namespace, on hugetlbfs when the system has
+    /// hugepages reserved and mounted (see [`super::huge_unsynced_dir`]),
+    /// else on tmpfs. Its owner maps it for DMA with
+    /// [`BlockDevice::map_dma`], so appends go to the device from where
+    /// they landed.
     fn unsynced_memory(&self) -> Option<std::path::PathBuf> {
         self._claim.as_ref()?;
-        Some(super::unsynced_dir().join(format!(
+        let dir = super::huge_unsynced_dir().unwrap_or_else(super::unsynced_dir);
+        Some(dir.join(format!(
             "blobstack-nvme-{}-ns{}.unsynced",
             self.ctrl.name, self.nsid
         )))
+    }
+    /// Maps the memory in the controller's IOVA space (VFIO DMA map; on
+    /// the software controller, its translation table).
+    unsafe fn map_dma(
+        &self,
+        ptr: std::ptr::NonNull<u8>,
+        len: usize,
+    ) -> Result<Option<crate::device::DmaMapping>> {
+        // SAFETY: the caller's promise is map_external's.
+        unsafe { self.ctrl.pool.map_external(ptr, len) }.map(Some)
     }
 }
 
