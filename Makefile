@@ -59,8 +59,8 @@ BENCH_ARGS ?=
 # emulated IOMMU, vfio-pci in the guest): driver tests, the blobstore suite on
 # NvmeDevice, perf. Installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing. See blobstore/NVME.md.
-test-vm: deps
-	CARGO="$(CARGO)" blobstore/tests/vm/run.sh
+test-vm: deps rocksdb-tools
+	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
 
 # cargo-fuzz targets of blobstore/fuzz (decoders, image load, model-based
 # API with failing I/O). `make fuzz` builds them all and runs each for

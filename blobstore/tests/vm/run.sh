@@ -7,14 +7,22 @@
 #   - the perf tool on the controller and on MemDevice,
 #   - BlobFS's kill test (blobfs/tests/kill.rs) on both namespaces: a child
 #     killed with unsynced appends in hugepage memory and live queues; the
-#     next open resets the controller and the mount writes them back.
+#     next open resets the controller and the mount writes them back,
+#   - RocksDB on BlobFS on both namespaces: env_basic_test, db_bench,
+#     db_stress with verification, and strict kill rounds of
+#     rocksdb-crashtest (every acknowledged write back after each kill),
+#   - nvme-setup's refusals (a function that is not NVMe, a namespace that
+#     holds data) and db_bench on nvme: as an unprivileged user, after
+#     `nvme-setup bind --user` (and refused with a clear message when its
+#     locked-memory limit is too low).
 # Reports pass/fail per test from the serial console; exits non-zero on any
 # failure, or when the VM does not finish within VM_TIMEOUT seconds.
 #
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing). Environment:
 #   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800), VM_WORK (a temp dir),
-#   VM_CPUS (2), VM_KEEP=1 keeps the work dir.
+#   VM_CPUS (2), VM_KEEP=1 keeps the work dir, ROCKSDB_TOOLS (the directory
+#   of `make rocksdb-tools`' db_bench, db_stress and env_basic_test: required).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
@@ -53,17 +61,31 @@ SUITE=$(exe_of blobstore)
 KILL=$(exe_of kill)
 TARGET=$(dirname "$(dirname "$NVME_VM")")
 [ -x "$NVME_VM" ] && [ -x "$SUITE" ] && [ -x "$KILL" ] || { echo "test binaries not found" >&2; exit 1; }
+$CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
+TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
+for t in db_bench db_stress env_basic_test; do
+  [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
+done
 
 # 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
 IRD="$WORK/initramfs"
 rm -rf "$IRD"
-mkdir -p "$IRD"/{bin,dev,proc,sys,tmp,lib/modules}
+mkdir -p "$IRD"/{bin,dev,proc,sys,tmp,etc,lib/modules}
+# A user to run the database as (nvme-setup bind --user).
+printf 'root:x:0:0:root:/:/bin/sh\ndbuser:x:1000:1000:db:/tmp:/bin/sh\n' > "$IRD/etc/passwd"
+printf 'root:x:0:\ndbuser:x:1000:\n' > "$IRD/etc/group"
 cp /bin/busybox "$IRD/bin/busybox"
 cp "$NVME_VM" "$IRD/bin/nvme_vm"
 cp "$SUITE" "$IRD/bin/blobstore_suite"
 cp "$KILL" "$IRD/bin/blobfs_kill"
+cp "$TOOLS/db_bench" "$TOOLS/db_stress" "$TOOLS/env_basic_test" "$TARGET/rocksdb-crashtest" "$IRD/bin/"
+# rocksdb-crashtest line-buffers db_stress's output through stdbuf, to see
+# when the workload starts (and time the kill from there).
+mkdir -p "$IRD/usr/bin" "$IRD/usr/libexec/coreutils"
+cp /usr/bin/stdbuf "$IRD/usr/bin/"
+cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
 cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
-for b in "$IRD"/bin/{nvme_vm,blobstore_suite,blobfs_kill,perf,nvme-setup}; do
+for b in "$IRD"/bin/{nvme_vm,blobstore_suite,blobfs_kill,perf,nvme-setup,db_bench,db_stress,env_basic_test,rocksdb-crashtest}; do
   ldd "$b" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
     mkdir -p "$IRD$(dirname "$lib")"
     cp -nL "$lib" "$IRD$lib"
@@ -115,6 +137,13 @@ mkswap /dev/nvme0n1 >/dev/null && swapon /dev/nvme0n1
 nvme-setup status
 run setup-refuses-busy-device sh -c "! nvme-setup bind $PCI"
 swapoff /dev/nvme0n1
+# Not in use any more, but it still holds swap: refused too, until wiped.
+run setup-refuses-device-holding-data sh -c \
+  "nvme-setup bind $PCI 2>&1 | grep -q 'holds a Linux swap area' && ! nvme-setup bind $PCI"
+dd if=/dev/zero of=/dev/nvme0n1 bs=4096 count=17 2>/dev/null
+# A typo must not take the host bridge (or a NIC, a GPU) from the kernel.
+run setup-refuses-non-nvme-function sh -c \
+  "nvme-setup bind 0000:00:00.0 2>&1 | grep -q 'host bridge' && ! nvme-setup bind 0000:00:00.0"
 run setup-bind nvme-setup bind "$PCI"
 ls -l /dev/vfio
 export NVME_TEST_PCI=$PCI
@@ -129,7 +158,45 @@ for ns in 1 2; do
   BLOBFS_KILL_DEVICE=nvme:$PCI/ns=$ns run blobfs-kill-on-nvme-ns$ns \
     blobfs_kill a_killed_process_loses_no_acknowledged_write --exact --test-threads=1 --nocapture
 done
+# RocksDB on BlobFS on NVMe, both namespace formats: the same tools and
+# flags as make test-rocksdb on file:, at a scale TCG runs in minutes.
+mkdir -p /tmp/rocksdbtest-0
+for ns in 1 2; do
+  U="blobfs://nvme:$PCI/ns=$ns;cache=64M"
+  TEST_FS_URI="$U;mkfs=force" run rocksdb-env-basic-ns$ns env_basic_test
+  run rocksdb-db-bench-ns$ns db_bench --fs_uri="$U;mkfs=force" --db=/db_bench \
+    --benchmarks=fillseq,readrandom,overwrite --num=50000 --reads=10000 --value_size=100 \
+    --compression_type=none --threads=1 --progress_reports=0 --statistics=0
+  rm -rf /tmp/expected && mkdir -p /tmp/expected
+  run rocksdb-db-stress-ns$ns db_stress --fs_uri="$U;mkfs=force" --db=/db_stress \
+    --expected_values_dir=/tmp/expected --ops_per_thread=5000 --threads=2 --reopen=2 \
+    --max_key=10000 --verify_db_one_in=100000 --destroy_db_initially=1 \
+    --compression_manager=none --compression_type=none --read_fault_one_in=0 \
+    --metadata_read_fault_one_in=0 --clear_column_family_one_in=0 --progress_reports=0
+  # Seed 2: 10,000 keys, one column family. Kills must land in the
+  # workload (past the open), not only in recovery.
+  run rocksdb-crashtest-strict-ns$ns sh -c "set -o pipefail; \
+    rocksdb-crashtest --db-stress /bin/db_stress --device nvme:$PCI/ns=$ns --mode strict \
+      --rounds 3 --seed 2 --min-secs 5 --max-secs 10 --dir /tmp/crashtest-ns$ns \
+      | tee /tmp/crashtest.log && grep -q 'rounds past the open: *[1-9]' /tmp/crashtest.log"
+done
 ls -l /dev/hugepages
+# The database without root: the VFIO group goes to dbuser, who runs
+# db_bench with the limit nvme-setup asks for, and gets a message naming
+# `ulimit -l` when the limit is too low. The root runs above left their
+# (root-only) unsynced memory files, which a clean handover removes.
+rm -f /dev/hugepages/blobstack-*
+cat > /tmp/user-bench.sh <<EOS
+db_bench --fs_uri='blobfs://nvme:$PCI/ns=2;cache=64M;mkfs=force' --db=/db_user \
+  --num=20000 --reads=5000 --value_size=100 --compression_type=none --progress_reports=0 "\$@"
+EOS
+run setup-bind-for-user sh -c \
+  "nvme-setup bind $PCI --user dbuser 2>&1 | tee /tmp/bind.log; grep -q 'owned by dbuser' /tmp/bind.log"
+run db-bench-as-user-low-memlock-refused sh -c \
+  "ulimit -l 64; ! su dbuser -s /bin/sh -c 'sh /tmp/user-bench.sh --benchmarks=fillseq' >/tmp/low.out 2>&1; \
+   grep -o 'ulimit -l.*' /tmp/low.out | head -1; grep -q 'ulimit -l' /tmp/low.out"
+run db-bench-as-user sh -c \
+  "ulimit -l unlimited; su dbuser -s /bin/sh -c 'id; sh /tmp/user-bench.sh --benchmarks=fillseq,readrandom'"
 run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 sync
@@ -149,7 +216,7 @@ log "booting QEMU (TCG, $CPUS vCPUs, timeout ${TIMEOUT}s)"
 start=$(date +%s)
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp "$CPUS" -m 2048 \
+  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp "$CPUS" -m 3072 \
   -device intel-iommu,intremap=on \
   -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.gz" \
   -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4" \

@@ -52,7 +52,13 @@ impl DmaMapper for ContainerMapper {
         // SAFETY: the caller keeps the memory allocated until unmap and
         // never makes a Rust reference to it while mapped.
         unsafe { self.0.vfio_dma_map(iova.0, len, va) }.map_err(|e| Error::Os {
-            context: format!("VFIO DMA map of {len} bytes at IOVA {:#x}: {e}", iova.0),
+            context: format!(
+                "VFIO DMA map of {len} bytes at IOVA {:#x}: {e} (VFIO pins DMA memory \
+                 against the locked-memory limit, `ulimit -l`, {} for this process; \
+                 `nvme-setup bind --user` says how to raise it)",
+                iova.0,
+                memlock_limit()
+            ),
             source: std::io::Error::other(e.to_string()),
         })
     }
@@ -61,6 +67,23 @@ impl DmaMapper for ContainerMapper {
             context: format!("VFIO DMA unmap at IOVA {:#x}", iova.0),
             source: std::io::Error::other(e.to_string()),
         })
+    }
+}
+
+/// This process's locked-memory limit (RLIMIT_MEMLOCK), for messages.
+fn memlock_limit() -> String {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
+        return "unknown".into();
+    }
+    if r.rlim_cur == libc::RLIM_INFINITY {
+        "unlimited".into()
+    } else {
+        format!("{} KiB", r.rlim_cur / 1024)
     }
 }
 
