@@ -30,7 +30,7 @@ pub use device::{
     IoChannel, MemDevice,
 };
 #[cfg(feature = "nvme")]
-pub use device::{NvmeController, NvmeDevice};
+pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;

@@ -26,7 +26,7 @@ pub use file::{FileDevice, FileOptions};
 pub use lock::{wait_unlocked, FileLock};
 pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
-pub use nvme::{NvmeController, NvmeDevice};
+pub use nvme::{ControllerOptions, NvmeController, NvmeDevice};
 pub use powerloss::PowerLossDevice;
 pub use spec::{open_device, DeviceSpec, PciAddress};
 

@@ -32,6 +32,8 @@ pub mod admin_op {
     pub const ABORT: u8 = 0x08;
     /// Set Features.
     pub const SET_FEATURES: u8 = 0x09;
+    /// Doorbell Buffer Config (shadow doorbells and EventIdx).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }
 
 /// NVM command set opcodes.
@@ -208,6 +210,19 @@ impl Command {
         }
     }
 
+    /// Doorbell Buffer Config: the shadow doorbell page at `shadow` and the
+    /// EventIdx page at `event_idx` (both page aligned), laid out as the
+    /// doorbell registers are (queue `q`'s SQ tail at `2q * stride`, its CQ
+    /// head at `(2q + 1) * stride`).
+    pub fn doorbell_buffer_config(shadow: Iova, event_idx: Iova) -> Command {
+        Command {
+            opcode: admin_op::DOORBELL_BUFFER_CONFIG,
+            prp1: shadow.0,
+            prp2: event_idx.0,
+            ..Default::default()
+        }
+    }
+
     /// Abort command `cid` of submission queue `sqid`.
     pub fn abort(sqid: u16, cid: u16) -> Command {
         Command {
@@ -322,6 +337,8 @@ pub struct ControllerIdentity {
     pub cntlid: u16,
     /// Number of namespaces (largest valid namespace id).
     pub nn: u32,
+    /// Optional Admin Command Support (OACS).
+    pub oacs: u16,
     /// Optional NVM commands supported (ONCS).
     pub oncs: u16,
     /// A volatile write cache is present (Flush does something).
@@ -340,9 +357,15 @@ impl ControllerIdentity {
             mdts: page[77],
             cntlid: le16(page, 78),
             nn: le32(page, 516),
+            oacs: le16(page, 256),
             oncs: le16(page, 520),
             volatile_write_cache: page[525] & 1 == 1,
         })
+    }
+
+    /// Doorbell Buffer Config (shadow doorbells) is supported (OACS bit 8).
+    pub fn supports_doorbell_buffer(&self) -> bool {
+        self.oacs & (1 << 8) != 0
     }
 
     /// Dataset Management is supported.
@@ -546,6 +569,9 @@ mod tests {
         assert_eq!(d[10], 77 << 16 | 5);
         let d = Command::deallocate(2, Iova(0x4000), 3).encode(0);
         assert_eq!((d[1], d[10], d[11]), (2, 2, 4));
+        let d = Command::doorbell_buffer_config(Iova(0x1_0000_5000), Iova(0x6000)).encode(3);
+        assert_eq!(d[0], 0x7C | 3 << 16);
+        assert_eq!((d[6], d[7], d[8], d[9]), (0x5000, 1, 0x6000, 0));
     }
 
     #[test]
@@ -591,6 +617,11 @@ mod tests {
         assert_eq!((c.serial.as_str(), c.model.as_str()), ("SER123", "MODEL"));
         assert_eq!(c.max_transfer_bytes(4096), Some(128 << 10));
         assert!(c.supports_dsm() && c.supports_write_zeroes() && c.volatile_write_cache);
+        assert!(!c.supports_doorbell_buffer());
+        p[257] = 1; // OACS bit 8
+        assert!(ControllerIdentity::parse(&p)
+            .unwrap()
+            .supports_doorbell_buffer());
         assert!(ControllerIdentity::parse(&p[..100]).is_err());
 
         let mut n = vec![0u8; 4096];

@@ -55,6 +55,7 @@ pub mod dma;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod shadow;
 #[doc(hidden)]
 pub mod soft;
 #[cfg(test)]
@@ -75,6 +76,7 @@ use self::dma::DmaPool;
 use self::prp::{Transfer, MAX_TRANSFER_BYTES, PAGE};
 use self::queue::QueuePair;
 use self::regs::{Bar, Capabilities, CSTS, CSTS_CFS};
+use self::shadow::ShadowDoorbells;
 use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Segment, Tag};
 use crate::error::{Error, Result};
 
@@ -157,6 +159,37 @@ struct AtomicCounters {
     fatal: AtomicU64,
 }
 
+/// Environment variable that turns shadow doorbells off for controllers
+/// attached afterwards (`0`, `off` or `no`); see [`ControllerOptions`].
+pub const SHADOW_DOORBELLS_ENV: &str = "BLOBSTACK_NVME_SHADOW_DOORBELLS";
+
+/// Choices made when a controller is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControllerOptions {
+    /// Use shadow doorbells (Doorbell Buffer Config) when the controller
+    /// offers them (OACS bit 8). On by default; off lets `perf` compare.
+    pub shadow_doorbells: bool,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            shadow_doorbells: true,
+        }
+    }
+}
+
+impl ControllerOptions {
+    /// The defaults, with [`SHADOW_DOORBELLS_ENV`] applied.
+    pub fn from_env() -> ControllerOptions {
+        let off = std::env::var(SHADOW_DOORBELLS_ENV)
+            .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false"));
+        ControllerOptions {
+            shadow_doorbells: !off,
+        }
+    }
+}
+
 /// One NVMe controller, shared by its namespaces' devices.
 pub struct NvmeController {
     name: String,
@@ -166,6 +199,8 @@ pub struct NvmeController {
     identity: ControllerIdentity,
     max_transfer_bytes: u64,
     io_queue_pairs: u16,
+    /// Shadow doorbell pages, when the controller took them.
+    shadow: Option<Arc<ShadowDoorbells>>,
     admin: Mutex<AdminState>,
     qids: Mutex<Vec<bool>>,
     generation: AtomicU64,
@@ -228,26 +263,34 @@ fn read_page(buf: &DmaBuf, len: usize) -> Vec<u8> {
 
 impl NvmeController {
     /// The controller at PCI address `pci` (bound to vfio-pci), attached on
-    /// first use and shared afterwards.
+    /// first use and shared afterwards, with [`ControllerOptions::from_env`].
     pub fn open(pci: &str) -> Result<Arc<NvmeController>> {
+        NvmeController::open_with(pci, ControllerOptions::from_env())
+    }
+
+    /// As [`NvmeController::open`] with `opts`, which only matter when this
+    /// call attaches the controller (a controller stays attached for the
+    /// life of the process).
+    pub fn open_with(pci: &str, opts: ControllerOptions) -> Result<Arc<NvmeController>> {
         let mut all = CONTROLLERS.lock();
         if let Some((_, c)) = all.iter().find(|(p, _)| p == pci) {
             return Ok(c.clone());
         }
         let v = vfio::open(pci)?;
         let (bar, pool) = (v.bar.clone(), v.pool.clone());
-        let ctrl = Arc::new(NvmeController::start(pci.into(), bar, pool, Some(v))?);
+        let ctrl = Arc::new(NvmeController::start(pci.into(), bar, pool, Some(v), opts)?);
         all.push((pci.into(), ctrl.clone()));
         Ok(ctrl)
     }
 
     /// Brings up the controller behind `bar`: disable, admin queue, enable,
-    /// Identify, number of queues.
+    /// Identify, number of queues, shadow doorbells.
     fn start(
         name: String,
         bar: Arc<dyn Bar>,
         pool: Arc<DmaPool>,
         vfio: Option<vfio::VfioPci>,
+        opts: ControllerOptions,
     ) -> Result<NvmeController> {
         let cap = Capabilities::decode(bar.read64(regs::CAP));
         if !cap.nvm_command_set || cap.min_page_size > PAGE as usize {
@@ -256,7 +299,7 @@ impl NvmeController {
             )));
         }
         let admin_entries = ADMIN_ENTRIES.min(cap.max_queue_entries);
-        let qp = QueuePair::new(&pool, &cap, 0, admin_entries)?;
+        let qp = QueuePair::new(&pool, &cap, 0, admin_entries, None)?;
         regs::disable(&*bar, &cap, &name)?;
         regs::enable(
             &*bar,
@@ -275,6 +318,7 @@ impl NvmeController {
             identity: ControllerIdentity::parse(&[0u8; 4096])?,
             max_transfer_bytes: 0,
             io_queue_pairs: 0,
+            shadow: None,
             admin: Mutex::new(AdminState {
                 qp,
                 page,
@@ -295,7 +339,24 @@ impl NvmeController {
             .map_or(MAX_TRANSFER_BYTES, |m| (m as u64).min(MAX_TRANSFER_BYTES));
         ctrl.io_queue_pairs = ctrl.set_num_queues()?;
         *ctrl.qids.lock() = vec![false; ctrl.io_queue_pairs as usize + 1];
+        if opts.shadow_doorbells && ctrl.identity.supports_doorbell_buffer() {
+            let pages = ShadowDoorbells::new(&ctrl.pool, &cap, ctrl.io_queue_pairs)?;
+            let cmd = Command::doorbell_buffer_config(pages.shadow_iova(), pages.event_idx_iova());
+            match ctrl.admin_cmd(cmd, "doorbell buffer config") {
+                Ok(_) => ctrl.shadow = Some(Arc::new(pages)),
+                Err(e) => eprintln!(
+                    "nvme {}: Doorbell Buffer Config failed ({e}): MMIO doorbells only",
+                    ctrl.name
+                ),
+            }
+        }
         Ok(ctrl)
+    }
+
+    /// True when I/O queues use shadow doorbells (the controller offers
+    /// them and [`ControllerOptions::shadow_doorbells`] was on).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
     }
 
     fn set_num_queues(&self) -> Result<u16> {
@@ -673,6 +734,12 @@ impl NvmeController {
         if granted < self.io_queue_pairs {
             return Err(self.failed_error("fewer queues granted after reset"));
         }
+        if let Some(pages) = &self.shadow {
+            // A reset forgets the pages; every I/O queue is created again
+            // afterwards, its entries cleared first.
+            let cmd = Command::doorbell_buffer_config(pages.shadow_iova(), pages.event_idx_iova());
+            self.admin_locked(st, cmd, "doorbell buffer config")?;
+        }
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -725,6 +792,7 @@ fn admin_name(opcode: u8) -> &'static str {
         IDENTIFY => "identify",
         ABORT => "abort",
         SET_FEATURES => "set features",
+        DOORBELL_BUFFER_CONFIG => "doorbell buffer config",
         _ => "admin command",
     }
 }
@@ -1008,12 +1076,13 @@ impl NvmeBackend {
         }
         let entries = IO_ENTRIES.min(ctrl.cap.max_queue_entries);
         let qid = ctrl.alloc_qid()?;
-        let made = QueuePair::new(&ctrl.pool, &ctrl.cap, qid, entries).and_then(|qp| {
-            let pages = ctrl.pool.alloc(entries as usize * PAGE as usize)?;
-            let generation = ctrl.generation.load(Ordering::Acquire);
-            ctrl.create_io_queues(&qp)?;
-            Ok((qp, pages, generation))
-        });
+        let made = QueuePair::new(&ctrl.pool, &ctrl.cap, qid, entries, ctrl.shadow.as_ref())
+            .and_then(|qp| {
+                let pages = ctrl.pool.alloc(entries as usize * PAGE as usize)?;
+                let generation = ctrl.generation.load(Ordering::Acquire);
+                ctrl.create_io_queues(&qp)?;
+                Ok((qp, pages, generation))
+            });
         let (qp, pages, generation) = match made {
             Ok(m) => m,
             Err(e) => {

@@ -10,6 +10,13 @@
 //! status, failing statuses, completions for ids that are not outstanding,
 //! aborts that do or do not abort.
 //!
+//! Optional features ([`SoftFeatures`]): shadow doorbells (Doorbell Buffer
+//! Config). With them the model checks that every MMIO doorbell value
+//! equals the shadow value, keeps EventIdx as an idle controller does (the
+//! value it last saw: every batch needs a doorbell) or, with
+//! `shadow_polling`, as a controller that polls the shadow page
+//! ([`SoftController::poll_shadow`]) and wants no doorbell at all.
+//!
 //! Invariants:
 //! - Memory is reached only through [`DmaPool::translate`]: an IOVA outside
 //!   the pool is a driver bug and panics the model (a test failure).
@@ -25,7 +32,7 @@ use parking_lot::Mutex;
 use super::cmd::{self, Completion};
 use super::dma::{DmaPool, NoMapper};
 use super::regs::{self, Bar};
-use super::NvmeController;
+use super::{ControllerOptions, NvmeController};
 use crate::error::Result;
 
 const PAGE: u64 = 4096;
@@ -45,6 +52,13 @@ struct Cq {
     size: u32,
     tail: u32,
     phase: bool,
+}
+
+/// What the software controller offers beyond the basics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SoftFeatures {
+    /// Doorbell Buffer Config (OACS bit 8).
+    pub shadow_doorbells: bool,
 }
 
 impl SoftState {
@@ -97,6 +111,14 @@ pub struct SoftState {
     pub io_sq_doorbells: u64,
     /// Completion head doorbell writes of I/O queues.
     pub io_cq_doorbells: u64,
+    /// Shadow doorbell and EventIdx pages (Doorbell Buffer Config).
+    pub dbbuf: Option<(u64, u64)>,
+    /// Doorbell Buffer Config commands accepted.
+    pub dbbuf_configs: u32,
+    /// With shadow doorbells: act as a controller polling the shadow page
+    /// (EventIdx always one behind, so no doorbell is needed; commands run
+    /// at [`SoftController::poll_shadow`]).
+    pub shadow_polling: bool,
 }
 
 /// A software NVMe controller over the memory of a [`DmaPool`].
@@ -106,6 +128,7 @@ pub struct SoftController {
     pub namespaces: Vec<(u32, Mutex<Vec<u8>>)>,
     mdts: u8,
     oncs: u16,
+    features: SoftFeatures,
     /// Registers, queues and fault knobs.
     pub st: Mutex<SoftState>,
 }
@@ -134,6 +157,12 @@ fn rd_u64(pool: &DmaPool, iova: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
+fn rd_u32(pool: &DmaPool, iova: u64) -> u32 {
+    let mut b = [0u8; 4];
+    rd(pool, iova, &mut b);
+    u32::from_le_bytes(b)
+}
+
 impl SoftController {
     /// A controller with two namespaces (8 MiB of 512-byte blocks, 16 MiB
     /// of 4 KiB blocks), MDTS `mdts` and ONCS `oncs`, attached as an
@@ -148,6 +177,24 @@ impl SoftController {
         oncs: u16,
         namespaces: &[(u32, usize)],
     ) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
+        Self::attach_featured(
+            mdts,
+            oncs,
+            namespaces,
+            SoftFeatures::default(),
+            ControllerOptions::default(),
+        )
+    }
+
+    /// A controller offering `features`, attached with the driver's
+    /// options `opts`.
+    pub fn attach_featured(
+        mdts: u8,
+        oncs: u16,
+        namespaces: &[(u32, usize)],
+        features: SoftFeatures,
+        opts: ControllerOptions,
+    ) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
         let pool = DmaPool::new(Box::new(NoMapper), false);
         let model = Arc::new(SoftController {
             pool: pool.clone(),
@@ -157,9 +204,10 @@ impl SoftController {
                 .collect(),
             mdts,
             oncs,
+            features,
             st: Mutex::new(SoftState::default()),
         });
-        let ctrl = NvmeController::start("model".into(), model.clone(), pool, None)?;
+        let ctrl = NvmeController::start("model".into(), model.clone(), pool, None, opts)?;
         Ok((model, Arc::new(ctrl)))
     }
 
@@ -200,6 +248,9 @@ impl SoftController {
                         page[4..12].copy_from_slice(b"MODEL001");
                         page[24..34].copy_from_slice(b"Model NVMe");
                         page[77] = self.mdts;
+                        if self.features.shadow_doorbells {
+                            page[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
+                        }
                         page[516..520]
                             .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
                         page[520..522].copy_from_slice(&self.oncs.to_le_bytes());
@@ -260,6 +311,13 @@ impl SoftController {
                     head: 0,
                     cqid,
                 });
+                if let Some((dbs, _)) = st.dbbuf {
+                    for db in [2 * qid as u64, 2 * qid as u64 + 1] {
+                        let v = rd_u32(&self.pool, dbs + 4 * db);
+                        assert_eq!(v, 0, "shadow doorbell {db} not cleared before queue {qid}");
+                    }
+                    self.set_event_idx(st, qid as u16);
+                }
                 (0, 0, 0)
             }
             cmd::admin_op::DELETE_SQ => {
@@ -284,6 +342,18 @@ impl SoftController {
                     page[3] = 100;
                 }
                 wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::DOORBELL_BUFFER_CONFIG => {
+                let eis = d[8] as u64 | (d[9] as u64) << 32;
+                if !self.features.shadow_doorbells {
+                    return (0, 0x01, 0);
+                }
+                if !prp1.is_multiple_of(PAGE) || !eis.is_multiple_of(PAGE) {
+                    return (0, 0x02, 0);
+                }
+                st.dbbuf = Some((prp1, eis));
+                st.dbbuf_configs += 1;
                 (0, 0, 0)
             }
             cmd::admin_op::ABORT => {
@@ -451,6 +521,45 @@ impl SoftController {
         }
     }
 
+    /// Writes queue `qid`'s EventIdx entries: the SQ tail and CQ head last
+    /// seen (idle: the next move needs a doorbell), or one behind them
+    /// (polling: no doorbell needed).
+    fn set_event_idx(&self, st: &mut SoftState, qid: u16) {
+        let Some((dbs, eis)) = st.dbbuf else { return };
+        let polling = st.shadow_polling;
+        let behind = |v: u32, size: u32| if polling { (v + size - 1) % size } else { v };
+        if let Some(sq) = st.sqs.get(qid as usize).and_then(|s| s.as_ref()) {
+            let v = behind(sq.head, sq.size);
+            wr(&self.pool, eis + 8 * qid as u64, &v.to_le_bytes());
+            let cq_size = st
+                .cqs
+                .get(sq.cqid as usize)
+                .and_then(|c| c.as_ref())
+                .map_or(1, |c| c.size);
+            let cqid = sq.cqid as u64;
+            let head = rd_u32(&self.pool, dbs + 8 * cqid + 4);
+            assert!(head < cq_size, "shadow CQ head {head} past the ring");
+            let v = behind(head, cq_size);
+            wr(&self.pool, eis + 8 * cqid + 4, &v.to_le_bytes());
+        }
+    }
+
+    /// Plays a controller that polls the shadow doorbells: runs every I/O
+    /// submission queue up to its shadow tail.
+    pub fn poll_shadow(&self) {
+        let mut st = self.st.lock();
+        let Some((dbs, _)) = st.dbbuf else { return };
+        for qid in 1..st.sqs.len() as u16 {
+            let Some(size) = st.sqs[qid as usize].as_ref().map(|s| s.size) else {
+                continue;
+            };
+            let tail = rd_u32(&self.pool, dbs + 8 * qid as u64);
+            assert!(tail < size, "shadow SQ tail {tail} past the ring");
+            self.ring(&mut st, qid, tail);
+            self.set_event_idx(&mut st, qid);
+        }
+    }
+
     /// Completes every held command successfully (their data untouched).
     pub fn release_held(&self) {
         let mut st = self.st.lock();
@@ -489,6 +598,13 @@ impl Bar for SoftController {
             o if o >= regs::DOORBELLS => {
                 let idx = (o - regs::DOORBELLS) / 4;
                 let qid = (idx / 2) as u16;
+                if let (Some((dbs, _)), true) = (st.dbbuf, qid != 0) {
+                    let shadow = rd_u32(&self.pool, dbs + 4 * idx as u64);
+                    assert_eq!(
+                        shadow, val,
+                        "doorbell {idx}: MMIO value is not the shadow's"
+                    );
+                }
                 if idx.is_multiple_of(2) {
                     if qid != 0 {
                         st.io_sq_doorbells += 1;
@@ -496,6 +612,9 @@ impl Bar for SoftController {
                     self.ring(&mut st, qid, val);
                 } else if qid != 0 {
                     st.io_cq_doorbells += 1;
+                }
+                if qid != 0 {
+                    self.set_event_idx(&mut st, qid);
                 }
             }
             regs::CC => {
@@ -525,6 +644,7 @@ impl Bar for SoftController {
                     st.sqs.clear();
                     st.cqs.clear();
                     st.held.clear();
+                    st.dbbuf = None;
                     st.fatal = false;
                     st.csts = 0;
                 }

@@ -7,14 +7,44 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::soft::SoftController;
-use super::{NvmeController, NvmeDevice};
+use super::soft::{SoftController, SoftFeatures};
+use super::{ControllerOptions, NvmeController, NvmeDevice};
 use crate::device::{channel, BlockDevice, DmaBuf};
 use crate::error::{Error, NvmeStatus};
 use crate::{block_on, BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 
 fn setup(mdts: u8, oncs: u16) -> (Arc<SoftController>, Arc<NvmeController>) {
     SoftController::attach(mdts, oncs).unwrap()
+}
+
+/// A plain controller and one with shadow doorbells, for tests that must
+/// hold on both.
+fn setups(mdts: u8, oncs: u16) -> Vec<(Arc<SoftController>, Arc<NvmeController>)> {
+    let shadow = setup_featured(mdts, oncs, true, true);
+    assert!(shadow.1.shadow_doorbells());
+    vec![setup(mdts, oncs), shadow]
+}
+
+/// A controller offering shadow doorbells (`offered`), attached with them
+/// on or off (`used`).
+fn setup_featured(
+    mdts: u8,
+    oncs: u16,
+    offered: bool,
+    used: bool,
+) -> (Arc<SoftController>, Arc<NvmeController>) {
+    SoftController::attach_featured(
+        mdts,
+        oncs,
+        &[(512, 8 << 20), (4096, 16 << 20)],
+        SoftFeatures {
+            shadow_doorbells: offered,
+        },
+        ControllerOptions {
+            shadow_doorbells: used,
+        },
+    )
+    .unwrap()
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -125,7 +155,12 @@ fn write_read_back_across_mdts_prp_lists_and_bounces() {
 
 #[test]
 fn many_ops_wrap_the_rings() {
-    let (_m, ctrl) = setup(5, 0b1100);
+    for (_m, ctrl) in setups(5, 0b1100) {
+        many_ops_wrap_the_rings_on(ctrl);
+    }
+}
+
+fn many_ops_wrap_the_rings_on(ctrl: Arc<NvmeController>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
     let ch = channel(&dev).unwrap();
     block_on(async {
@@ -152,7 +187,12 @@ fn many_ops_wrap_the_rings() {
 
 #[test]
 fn four_threads_each_with_a_queue_pair() {
-    let (_m, ctrl) = setup(5, 0b1100);
+    for (_m, ctrl) in setups(5, 0b1100) {
+        four_threads_on(ctrl);
+    }
+}
+
+fn four_threads_on(ctrl: Arc<NvmeController>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
@@ -282,7 +322,13 @@ fn timeout_fails_the_op_keeps_memory_and_recovers() {
 
 #[test]
 fn reset_fails_in_flight_and_queues_come_back() {
-    let (model, ctrl) = setup(5, 0b1100);
+    for (model, ctrl) in setups(5, 0b1100) {
+        reset_fails_in_flight_on(model, ctrl);
+    }
+}
+
+fn reset_fails_in_flight_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
+    let shadow = ctrl.shadow_doorbells();
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
     let ch = channel(&dev).unwrap();
     block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
@@ -310,6 +356,8 @@ fn reset_fails_in_flight_and_queues_come_back() {
     ctrl.set_io_timeout(Duration::from_secs(5));
     let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 9));
+    // Each reset gave the controller its shadow pages again.
+    assert_eq!(model.st.lock().dbbuf_configs, if shadow { 3 } else { 0 });
 }
 
 #[test]
@@ -770,4 +818,86 @@ fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
         total += backend.reap(&mut |_, r| r.unwrap());
     }
     assert_eq!(total, 200);
+}
+
+#[test]
+fn shadow_doorbells_ring_only_when_the_event_index_asks() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup_featured(5, 0b1100, true, true);
+    assert!(ctrl.shadow_doorbells());
+    assert_eq!(model.st.lock().dbbuf_configs, 1);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..100)
+        .map(|i| {
+            let mut b = dev.alloc_buf(4096).unwrap();
+            b.copy_from_slice(&pattern(i, 4096));
+            b
+        })
+        .collect();
+    let write = |i: usize| IoOp {
+        kind: IoKind::Write,
+        lba: i as u64,
+        blocks: 1,
+        segs: Segments::one(bufs[i].segment(0, 4096)),
+    };
+    let doorbells = || {
+        let st = model.st.lock();
+        (st.io_sq_doorbells, st.io_cq_doorbells)
+    };
+    let reap_all = |backend: &mut Box<dyn crate::device::ChannelBackend>| {
+        let mut n = 0;
+        for _ in 0..4 {
+            n += backend.reap(&mut |_, r| r.unwrap());
+        }
+        n
+    };
+    // An idle controller (EventIdx = what it last saw) needs a doorbell
+    // for each batch: one SQ and one CQ write, as without shadows.
+    for k in 0..8 {
+        backend.submit(k as u32, &write(k)).unwrap();
+    }
+    assert_eq!(reap_all(&mut backend), 8);
+    assert_eq!(doorbells(), (1, 1));
+    // A polling controller keeps EventIdx behind: batches reach it through
+    // the shadow page alone, across ring wrap-arounds (3,000 commands on a
+    // 256-entry ring).
+    model.st.lock().shadow_polling = true;
+    model.poll_shadow();
+    for round in 0..30 {
+        for k in 0..100 {
+            backend.submit(k as u32, &write(k)).unwrap();
+        }
+        assert_eq!(reap_all(&mut backend), 0, "round {round}: nothing ran yet");
+        model.poll_shadow();
+        assert_eq!(reap_all(&mut backend), 100, "round {round}");
+    }
+    assert_eq!(doorbells(), (1, 1), "no MMIO doorbell while it polls");
+    // Idle again: the next batch rings.
+    model.st.lock().shadow_polling = false;
+    model.poll_shadow();
+    for k in 0..8 {
+        backend.submit(k as u32, &write(k)).unwrap();
+    }
+    assert_eq!(reap_all(&mut backend), 8);
+    assert_eq!(doorbells(), (2, 2));
+    let data = model.namespaces[1].1.lock();
+    for (i, b) in bufs.iter().enumerate() {
+        assert!(data[i * 4096..(i + 1) * 4096] == b[..], "block {i}");
+    }
+}
+
+#[test]
+fn shadow_doorbells_are_used_only_when_offered_and_wanted() {
+    for (offered, used) in [(true, false), (false, true), (false, false)] {
+        let (model, ctrl) = setup_featured(5, 0b1100, offered, used);
+        assert!(!ctrl.shadow_doorbells());
+        assert_eq!(model.st.lock().dbbuf_configs, 0);
+        let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+        let ch = channel(&dev).unwrap();
+        block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+        let b = block_on(ch.read(3, dev.alloc_buf(4096).unwrap())).unwrap();
+        assert!(b[..] == pattern(3, 4096)[..]);
+        assert!(model.st.lock().io_sq_doorbells >= 2);
+    }
 }
