@@ -101,7 +101,10 @@ fn open(spec: &str, shadow_doorbells: bool) -> Result<Arc<dyn BlockDevice>, Stri
         };
         // Attach the controller with the chosen options first; the device
         // then finds it attached.
-        let opts = blobstore::ControllerOptions { shadow_doorbells };
+        let opts = blobstore::ControllerOptions {
+            shadow_doorbells,
+            ..Default::default()
+        };
         let ctrl = blobstore::NvmeController::open_with(pci, opts).map_err(|e| e.to_string())?;
         println!(
             "controller {pci}: shadow doorbells {} (offered: {}, asked: {})",

@@ -60,6 +60,31 @@ pub mod cns {
     pub const ACTIVE_NS_LIST: u32 = 0x02;
 }
 
+/// SGL descriptor types (the high nibble of a descriptor's last byte).
+pub mod sgl_type {
+    /// Data Block: `len` bytes of data at `addr`.
+    pub const DATA_BLOCK: u8 = 0x0;
+    /// Segment: a list of descriptors at `addr`, `len` bytes long, whose
+    /// last descriptor may point to the next segment.
+    pub const SEGMENT: u8 = 0x2;
+    /// Last Segment: a list of descriptors none of which is a segment.
+    pub const LAST_SEGMENT: u8 = 0x3;
+}
+
+/// Bytes of one SGL descriptor.
+pub const SGL_DESCRIPTOR_BYTES: usize = 16;
+
+/// The second quadword of an SGL descriptor (address subtype): length in
+/// bytes 8..12, type in the high nibble of byte 15.
+pub fn sgl_descriptor_high(len: u32, kind: u8) -> u64 {
+    len as u64 | ((kind as u64 & 0xf) << 4) << 56
+}
+
+/// Length and type of an SGL descriptor from its second quadword.
+pub fn sgl_descriptor_decode(high: u64) -> (u32, u8) {
+    (high as u32, (high >> 60) as u8)
+}
+
 /// Feature id: Number of Queues.
 pub const FEAT_NUM_QUEUES: u32 = 0x07;
 /// Log page: Error Information.
@@ -78,6 +103,9 @@ pub struct Command {
     pub prp1: u64,
     /// PRP entry 2 (second page or PRP list).
     pub prp2: u64,
+    /// PRP or SGL for data transfer (PSDT): 0 PRPs; 1 an SGL, its first
+    /// descriptor in place of PRP1 and PRP2 (see [`Command::set_sgl`]).
+    pub psdt: u8,
     /// Command dwords 10 to 15.
     pub cdw: [u32; 6],
 }
@@ -86,8 +114,8 @@ impl Command {
     /// The 16 dwords of the entry with command id `cid`.
     pub fn encode(&self, cid: u16) -> [u32; 16] {
         let mut d = [0u32; 16];
-        // FUSE = 0, PSDT = 0 (PRPs).
-        d[0] = self.opcode as u32 | (cid as u32) << 16;
+        // FUSE = 0; PSDT in bits 15:14.
+        d[0] = self.opcode as u32 | ((self.psdt as u32) & 3) << 14 | (cid as u32) << 16;
         d[1] = self.nsid;
         d[6] = self.prp1 as u32;
         d[7] = (self.prp1 >> 32) as u32;
@@ -95,6 +123,14 @@ impl Command {
         d[9] = (self.prp2 >> 32) as u32;
         d[10..16].copy_from_slice(&self.cdw);
         d
+    }
+
+    /// Describes the data with an SGL whose first descriptor (in the
+    /// command) is of `kind` ([`sgl_type`]) at `addr`, `len` bytes long.
+    pub fn set_sgl(&mut self, addr: u64, len: u32, kind: u8) {
+        self.psdt = 1;
+        self.prp1 = addr;
+        self.prp2 = sgl_descriptor_high(len, kind);
     }
 
     /// Read or write of `blocks` blocks at `lba` (NLB is zero-based).
@@ -341,6 +377,8 @@ pub struct ControllerIdentity {
     pub oacs: u16,
     /// Optional NVM commands supported (ONCS).
     pub oncs: u16,
+    /// SGL Support (SGLS).
+    pub sgls: u32,
     /// A volatile write cache is present (Flush does something).
     pub volatile_write_cache: bool,
 }
@@ -359,6 +397,7 @@ impl ControllerIdentity {
             nn: le32(page, 516),
             oacs: le16(page, 256),
             oncs: le16(page, 520),
+            sgls: le32(page, 536),
             volatile_write_cache: page[525] & 1 == 1,
         })
     }
@@ -366,6 +405,17 @@ impl ControllerIdentity {
     /// Doorbell Buffer Config (shadow doorbells) is supported (OACS bit 8).
     pub fn supports_doorbell_buffer(&self) -> bool {
         self.oacs & (1 << 8) != 0
+    }
+
+    /// SGLs are supported for the NVM command set (SGLS bits 1:0 are 01b,
+    /// any alignment, or 10b, dword alignment and granularity).
+    pub fn supports_sgl(&self) -> bool {
+        matches!(self.sgls & 3, 1 | 2)
+    }
+
+    /// SGL data blocks must start and end on dword boundaries.
+    pub fn sgl_needs_dword_alignment(&self) -> bool {
+        self.sgls & 3 == 2
     }
 
     /// Dataset Management is supported.
@@ -572,6 +622,15 @@ mod tests {
         let d = Command::doorbell_buffer_config(Iova(0x1_0000_5000), Iova(0x6000)).encode(3);
         assert_eq!(d[0], 0x7C | 3 << 16);
         assert_eq!((d[6], d[7], d[8], d[9]), (0x5000, 1, 0x6000, 0));
+        let mut c = Command::rw(io_op::WRITE, 1, 0, 8);
+        c.set_sgl(0x1_0000_2000, 4096, sgl_type::LAST_SEGMENT);
+        let d = c.encode(9);
+        assert_eq!(d[0], 0x01 | 1 << 14 | 9 << 16, "PSDT 01b");
+        assert_eq!((d[6], d[7], d[8], d[9]), (0x2000, 1, 4096, 0x30 << 24));
+        assert_eq!(
+            sgl_descriptor_decode(sgl_descriptor_high(4096, 3)),
+            (4096, 3)
+        );
     }
 
     #[test]
@@ -617,7 +676,13 @@ mod tests {
         assert_eq!((c.serial.as_str(), c.model.as_str()), ("SER123", "MODEL"));
         assert_eq!(c.max_transfer_bytes(4096), Some(128 << 10));
         assert!(c.supports_dsm() && c.supports_write_zeroes() && c.volatile_write_cache);
-        assert!(!c.supports_doorbell_buffer());
+        assert!(!c.supports_doorbell_buffer() && !c.supports_sgl());
+        p[536] = 2;
+        let c2 = ControllerIdentity::parse(&p).unwrap();
+        assert!(c2.supports_sgl() && c2.sgl_needs_dword_alignment());
+        p[536] = 3; // reserved
+        assert!(!ControllerIdentity::parse(&p).unwrap().supports_sgl());
+        p[536] = 0;
         p[257] = 1; // OACS bit 8
         assert!(ControllerIdentity::parse(&p)
             .unwrap()

@@ -55,6 +55,7 @@ pub mod dma;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod sgl;
 pub mod shadow;
 #[doc(hidden)]
 pub mod soft;
@@ -70,12 +71,14 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use self::cmd::{
-    cns, io_op, Command, Completion, ControllerIdentity, ErrorLogEntry, NamespaceIdentity, SmartLog,
+    cns, io_op, sgl_type, Command, Completion, ControllerIdentity, ErrorLogEntry,
+    NamespaceIdentity, SmartLog,
 };
 use self::dma::DmaPool;
 use self::prp::{Transfer, MAX_TRANSFER_BYTES, PAGE};
 use self::queue::QueuePair;
 use self::regs::{Bar, Capabilities, CSTS, CSTS_CFS};
+use self::sgl::{SglTransfer, LIST_DESCRIPTORS, MAX_SGL_TRANSFER_BYTES};
 use self::shadow::ShadowDoorbells;
 use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Segment, Tag};
 use crate::error::{Error, Result};
@@ -169,12 +172,16 @@ pub struct ControllerOptions {
     /// Use shadow doorbells (Doorbell Buffer Config) when the controller
     /// offers them (OACS bit 8). On by default; off lets `perf` compare.
     pub shadow_doorbells: bool,
+    /// Describe data with SGLs when the controller takes them (SGLS);
+    /// else, and when off, with PRPs. On by default.
+    pub sgl: bool,
 }
 
 impl Default for ControllerOptions {
     fn default() -> Self {
         ControllerOptions {
             shadow_doorbells: true,
+            sgl: true,
         }
     }
 }
@@ -186,6 +193,7 @@ impl ControllerOptions {
             .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false"));
         ControllerOptions {
             shadow_doorbells: !off,
+            ..ControllerOptions::default()
         }
     }
 }
@@ -198,6 +206,8 @@ pub struct NvmeController {
     cap: Capabilities,
     identity: ControllerIdentity,
     max_transfer_bytes: u64,
+    /// Data goes in SGLs (else PRPs).
+    sgl: bool,
     io_queue_pairs: u16,
     /// Shadow doorbell pages, when the controller took them.
     shadow: Option<Arc<ShadowDoorbells>>,
@@ -317,6 +327,7 @@ impl NvmeController {
             cap,
             identity: ControllerIdentity::parse(&[0u8; 4096])?,
             max_transfer_bytes: 0,
+            sgl: false,
             io_queue_pairs: 0,
             shadow: None,
             admin: Mutex::new(AdminState {
@@ -333,10 +344,17 @@ impl NvmeController {
         };
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
         ctrl.identity = ControllerIdentity::parse(&page)?;
+        // One PRP list page describes at most 2 MiB; SGLs only MDTS limits.
+        ctrl.sgl = opts.sgl && ctrl.identity.supports_sgl();
+        let most = if ctrl.sgl {
+            MAX_SGL_TRANSFER_BYTES
+        } else {
+            MAX_TRANSFER_BYTES
+        };
         ctrl.max_transfer_bytes = ctrl
             .identity
             .max_transfer_bytes(cap.min_page_size)
-            .map_or(MAX_TRANSFER_BYTES, |m| (m as u64).min(MAX_TRANSFER_BYTES));
+            .map_or(most, |m| (m as u64).min(most));
         ctrl.io_queue_pairs = ctrl.set_num_queues()?;
         *ctrl.qids.lock() = vec![false; ctrl.io_queue_pairs as usize + 1];
         if opts.shadow_doorbells && ctrl.identity.supports_doorbell_buffer() {
@@ -351,6 +369,12 @@ impl NvmeController {
             }
         }
         Ok(ctrl)
+    }
+
+    /// True when data is described with SGLs (the controller takes them
+    /// and [`ControllerOptions::sgl`] was on), else with PRPs.
+    pub fn uses_sgl(&self) -> bool {
+        self.sgl
     }
 
     /// True when I/O queues use shadow doorbells (the controller offers
@@ -949,6 +973,7 @@ const NO_TRACKER: u16 = u16::MAX;
 enum CmdData {
     None,
     Prp(Transfer),
+    Sgl(SglTransfer),
     /// One deallocate range, written into the command's page.
     Range {
         lba: u64,
@@ -1042,6 +1067,12 @@ struct NvmeBackend {
     nsid: u32,
     block_size: u64,
     max_transfer_bytes: u64,
+    /// Largest PRP command (one list page).
+    prp_max_bytes: u64,
+    /// Data in SGLs when PRPs cannot describe it in one command.
+    sgl: bool,
+    /// SGL data blocks must be dword aligned.
+    sgl_dword: bool,
     dsm: bool,
     write_zeroes: bool,
     qp: QueuePair,
@@ -1106,6 +1137,9 @@ impl NvmeBackend {
             nsid: dev.nsid,
             block_size: dev.geometry.block_size as u64,
             max_transfer_bytes: ctrl.max_transfer_bytes,
+            prp_max_bytes: ctrl.max_transfer_bytes.min(MAX_TRANSFER_BYTES),
+            sgl: ctrl.sgl,
+            sgl_dword: ctrl.identity.sgl_needs_dword_alignment(),
             dsm: dev.dsm,
             write_zeroes: dev.write_zeroes,
             qp,
@@ -1227,6 +1261,70 @@ impl NvmeBackend {
         Some((prp1, prp2, total))
     }
 
+    /// Writes the SGL of `segs` for command `cid` (its descriptors into the
+    /// tracker's page when there are several) when they fit one command;
+    /// returns the command's descriptor (address, length, type) and the
+    /// bytes, or `None` when the op needs the general planner.
+    fn direct_sgl(&self, cid: u16, segs: &[Segment]) -> Option<(u64, u32, u8, u64)> {
+        if segs.is_empty() || segs.len() > LIST_DESCRIPTORS {
+            return None;
+        }
+        let mut total = 0u64;
+        for (i, s) in segs.iter().enumerate() {
+            let (addr, len) = (s.iova()?.0, s.len() as u64);
+            if len == 0 || len > self.max_transfer_bytes {
+                return None;
+            }
+            if self.sgl_dword && !(addr.is_multiple_of(4) && len.is_multiple_of(4)) {
+                return None;
+            }
+            total += len;
+            if segs.len() > 1 {
+                self.write_page_u64(cid, 2 * i, addr);
+                let high = cmd::sgl_descriptor_high(len as u32, sgl_type::DATA_BLOCK);
+                self.write_page_u64(cid, 2 * i + 1, high);
+            }
+        }
+        if total > self.max_transfer_bytes || !total.is_multiple_of(self.block_size) {
+            return None;
+        }
+        if segs.len() == 1 {
+            let addr = segs[0].iova()?.0;
+            return Some((addr, total as u32, sgl_type::DATA_BLOCK, total));
+        }
+        let list_bytes = (segs.len() * cmd::SGL_DESCRIPTOR_BYTES) as u32;
+        Some((
+            self.page_iova(cid),
+            list_bytes,
+            sgl_type::LAST_SEGMENT,
+            total,
+        ))
+    }
+
+    /// The commands for `pieces` of pool memory: SGLs when the controller
+    /// takes them, else PRPs; `None` when they cannot be described.
+    /// Each as (first block relative to the op, blocks, data pointer).
+    fn plan_transfers(
+        &self,
+        pieces: &[(crate::device::Iova, u64)],
+    ) -> Option<Vec<(u64, u32, CmdData)>> {
+        let bs = self.block_size;
+        if self.sgl {
+            let plan = sgl::plan(pieces, bs, self.max_transfer_bytes, self.sgl_dword)?;
+            return Some(
+                plan.into_iter()
+                    .map(|t| (t.first_block, t.blocks, CmdData::Sgl(t)))
+                    .collect(),
+            );
+        }
+        let plan = prp::plan(pieces, bs, self.prp_max_bytes)?;
+        Some(
+            plan.into_iter()
+                .map(|t| (t.first_block, t.blocks, CmdData::Prp(t)))
+                .collect(),
+        )
+    }
+
     /// The steady-state path: a read or write that fits one command goes
     /// straight into the ring. False when it does not (nothing changed).
     #[inline]
@@ -1235,17 +1333,25 @@ impl NvmeBackend {
         if cid == NO_TRACKER || self.qp.sq_full() || !self.pending.is_empty() {
             return false;
         }
-        let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) else {
-            return false;
-        };
         let opcode = if op.kind == IoKind::Read {
             io_op::READ
         } else {
             io_op::WRITE
         };
-        let mut cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
-        cmd.prp1 = prp1;
-        cmd.prp2 = prp2;
+        let mut cmd;
+        if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) {
+            cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
+            cmd.prp1 = prp1;
+            cmd.prp2 = prp2;
+        } else if self.sgl {
+            let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs) else {
+                return false;
+            };
+            cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
+            cmd.set_sgl(addr, len, kind);
+        } else {
+            return false;
+        }
         let o = self.op_slot(tag);
         debug_assert!(!o.live, "tag {tag} reused while live");
         o.live = true;
@@ -1278,8 +1384,7 @@ impl NvmeBackend {
                     .iter()
                     .map(|s| s.iova().map(|i| (i, s.len() as u64)))
                     .collect();
-                let max = self.max_transfer_bytes;
-                let plan = pieces.and_then(|p| prp::plan(&p, bs, max));
+                let plan = pieces.and_then(|p| self.plan_transfers(&p));
                 let plan = match plan {
                     Some(p) => p,
                     None => {
@@ -1306,15 +1411,16 @@ impl NvmeBackend {
                             copy_back = op.segs.iter().map(|s| s.clone_ref()).collect();
                         }
                         let iova = b.iova().expect("pool memory");
-                        let p = prp::plan(&[(iova, total as u64)], bs, max)
+                        let p = self
+                            .plan_transfers(&[(iova, total as u64)])
                             .expect("one pool buffer always plans");
                         bounce = Some(b);
                         p
                     }
                 };
-                for t in plan {
-                    let cmd = Command::rw(opcode, self.nsid, op.lba + t.first_block, t.blocks);
-                    cmds.push((cmd, CmdData::Prp(t)));
+                for (first_block, blocks, data) in plan {
+                    let cmd = Command::rw(opcode, self.nsid, op.lba + first_block, blocks);
+                    cmds.push((cmd, data));
                 }
             }
             IoKind::Flush => cmds.push((Command::flush(self.nsid), CmdData::None)),
@@ -1350,7 +1456,7 @@ impl NvmeBackend {
                     }
                 } else {
                     // Emulated: writes from one zeroed buffer.
-                    let max = self.max_transfer_bytes;
+                    let max = self.prp_max_bytes;
                     if self.zeroes.is_none() {
                         self.zeroes = Some(self.ctrl.pool.alloc(max as usize)?);
                     }
@@ -1416,6 +1522,18 @@ impl NvmeBackend {
                     cmd.prp1 = p1;
                     cmd.prp2 = p2;
                 }
+                CmdData::Sgl(t) => match t.descriptors[..] {
+                    [(addr, len)] => cmd.set_sgl(addr, len, sgl_type::DATA_BLOCK),
+                    ref ds => {
+                        for (i, &(addr, len)) in ds.iter().enumerate() {
+                            self.write_page_u64(cid, 2 * i, addr);
+                            let high = cmd::sgl_descriptor_high(len, sgl_type::DATA_BLOCK);
+                            self.write_page_u64(cid, 2 * i + 1, high);
+                        }
+                        let list_bytes = (ds.len() * cmd::SGL_DESCRIPTOR_BYTES) as u32;
+                        cmd.set_sgl(self.page_iova(cid), list_bytes, sgl_type::LAST_SEGMENT);
+                    }
+                },
                 CmdData::Range { lba, blocks } => {
                     // Context attributes 0, length, starting LBA.
                     self.write_page_u64(cid, 0, (*blocks as u64) << 32);

@@ -59,6 +59,10 @@ struct Cq {
 pub struct SoftFeatures {
     /// Doorbell Buffer Config (OACS bit 8).
     pub shadow_doorbells: bool,
+    /// SGL Support as Identify Controller reports it (SGLS bits 1:0: 0
+    /// none, 1 any alignment, 2 dword alignment); Read and Write then
+    /// accept data block, segment and last segment descriptors.
+    pub sgls: u32,
 }
 
 impl SoftState {
@@ -111,6 +115,10 @@ pub struct SoftState {
     pub io_sq_doorbells: u64,
     /// Completion head doorbell writes of I/O queues.
     pub io_cq_doorbells: u64,
+    /// Read/Write commands whose data came in an SGL.
+    pub sgl_commands: u64,
+    /// Data block descriptors of the last SGL command.
+    pub last_sgl_descriptors: usize,
     /// Shadow doorbell and EventIdx pages (Doorbell Buffer Config).
     pub dbbuf: Option<(u64, u64)>,
     /// Doorbell Buffer Config commands accepted.
@@ -238,6 +246,73 @@ impl SoftController {
         }
     }
 
+    /// The pieces (address, bytes) an SGL describes, starting with the
+    /// descriptor in dwords 6..10 of the command; an NVMe status code on a
+    /// malformed list.
+    fn sgl_pieces(&self, d: &[u32; 16], len: u64) -> std::result::Result<Vec<(u64, u64)>, u8> {
+        const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
+        const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
+        let dword = self.features.sgls & 3 == 2;
+        let mut desc = (
+            d[6] as u64 | (d[7] as u64) << 32,
+            d[8] as u64 | (d[9] as u64) << 32,
+        );
+        let mut out = Vec::new();
+        let mut segments = 0;
+        loop {
+            let (addr, (n, kind)) = (desc.0, cmd::sgl_descriptor_decode(desc.1));
+            match kind {
+                cmd::sgl_type::DATA_BLOCK => {
+                    if dword && !(addr.is_multiple_of(4) && n.is_multiple_of(4)) {
+                        return Err(DATA_SGL_LENGTH_INVALID);
+                    }
+                    out.push((addr, n as u64));
+                    break;
+                }
+                cmd::sgl_type::SEGMENT | cmd::sgl_type::LAST_SEGMENT => {
+                    segments += 1;
+                    let count = n as usize / cmd::SGL_DESCRIPTOR_BYTES;
+                    if !(n as usize).is_multiple_of(cmd::SGL_DESCRIPTOR_BYTES)
+                        || count == 0
+                        || segments > 16
+                    {
+                        return Err(SGL_DESCRIPTOR_TYPE_INVALID);
+                    }
+                    let mut next = None;
+                    for i in 0..count as u64 {
+                        let lo = rd_u64(&self.pool, addr + 16 * i);
+                        let hi = rd_u64(&self.pool, addr + 16 * i + 8);
+                        let (l, t) = cmd::sgl_descriptor_decode(hi);
+                        let last = i + 1 == count as u64;
+                        match t {
+                            cmd::sgl_type::DATA_BLOCK => {
+                                if dword && !(lo.is_multiple_of(4) && l.is_multiple_of(4)) {
+                                    return Err(DATA_SGL_LENGTH_INVALID);
+                                }
+                                out.push((lo, l as u64));
+                            }
+                            cmd::sgl_type::SEGMENT | cmd::sgl_type::LAST_SEGMENT
+                                if last && kind == cmd::sgl_type::SEGMENT =>
+                            {
+                                next = Some((lo, hi));
+                            }
+                            _ => return Err(SGL_DESCRIPTOR_TYPE_INVALID),
+                        }
+                    }
+                    match next {
+                        Some(n) => desc = n,
+                        None => break,
+                    }
+                }
+                _ => return Err(SGL_DESCRIPTOR_TYPE_INVALID),
+            }
+        }
+        if out.iter().map(|p| p.1).sum::<u64>() != len {
+            return Err(DATA_SGL_LENGTH_INVALID);
+        }
+        Ok(out)
+    }
+
     fn exec_admin(&self, st: &mut SoftState, d: &[u32; 16]) -> (u8, u8, u32) {
         let prp1 = d[6] as u64 | (d[7] as u64) << 32;
         match d[0] as u8 {
@@ -248,6 +323,7 @@ impl SoftController {
                         page[4..12].copy_from_slice(b"MODEL001");
                         page[24..34].copy_from_slice(b"Model NVMe");
                         page[77] = self.mdts;
+                        page[536..540].copy_from_slice(&self.features.sgls.to_le_bytes());
                         if self.features.shadow_doorbells {
                             page[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
                         }
@@ -404,7 +480,7 @@ impl SoftController {
                 let limit = PAGE << self.mdts;
                 assert!(nlb * bs <= limit, "transfer beyond MDTS");
                 let mut at = (lba * bs) as usize;
-                self.prp_pages(prp1, prp2, nlb * bs, |a, l| {
+                let mut copy = |a: u64, l: u64| {
                     let l = l as usize;
                     if opcode == cmd::io_op::READ {
                         wr(&self.pool, a, &data[at..at + l]);
@@ -412,7 +488,22 @@ impl SoftController {
                         rd(&self.pool, a, &mut data[at..at + l]);
                     }
                     at += l;
-                });
+                };
+                match (d[0] >> 14) & 3 {
+                    0 => self.prp_pages(prp1, prp2, nlb * bs, copy),
+                    1 => {
+                        assert!(self.features.sgls & 3 != 0, "SGL not advertised");
+                        st.sgl_commands += 1;
+                        match self.sgl_pieces(d, nlb * bs) {
+                            Ok(pieces) => {
+                                st.last_sgl_descriptors = pieces.len();
+                                pieces.into_iter().for_each(|(a, l)| copy(a, l));
+                            }
+                            Err(sc) => return Some((0, sc, 0)),
+                        }
+                    }
+                    psdt => panic!("PSDT {psdt}: the driver sends no metadata SGLs"),
+                }
                 Some((0, 0, 0))
             }
             cmd::io_op::FLUSH => Some((0, 0, 0)),

@@ -17,12 +17,37 @@ fn setup(mdts: u8, oncs: u16) -> (Arc<SoftController>, Arc<NvmeController>) {
     SoftController::attach(mdts, oncs).unwrap()
 }
 
-/// A plain controller and one with shadow doorbells, for tests that must
-/// hold on both.
+/// A plain controller, one with shadow doorbells and one with SGLs (dword
+/// aligned), for tests that must hold on each.
 fn setups(mdts: u8, oncs: u16) -> Vec<(Arc<SoftController>, Arc<NvmeController>)> {
     let shadow = setup_featured(mdts, oncs, true, true);
     assert!(shadow.1.shadow_doorbells());
-    vec![setup(mdts, oncs), shadow]
+    let sgl = attach(mdts, oncs, sgl_features(2), ControllerOptions::default());
+    assert!(sgl.1.uses_sgl());
+    vec![setup(mdts, oncs), shadow, sgl]
+}
+
+fn attach(
+    mdts: u8,
+    oncs: u16,
+    features: SoftFeatures,
+    opts: ControllerOptions,
+) -> (Arc<SoftController>, Arc<NvmeController>) {
+    SoftController::attach_featured(
+        mdts,
+        oncs,
+        &[(512, 8 << 20), (4096, 16 << 20)],
+        features,
+        opts,
+    )
+    .unwrap()
+}
+
+fn sgl_features(sgls: u32) -> SoftFeatures {
+    SoftFeatures {
+        sgls,
+        ..Default::default()
+    }
 }
 
 /// A controller offering shadow doorbells (`offered`), attached with them
@@ -33,18 +58,18 @@ fn setup_featured(
     offered: bool,
     used: bool,
 ) -> (Arc<SoftController>, Arc<NvmeController>) {
-    SoftController::attach_featured(
+    attach(
         mdts,
         oncs,
-        &[(512, 8 << 20), (4096, 16 << 20)],
         SoftFeatures {
             shadow_doorbells: offered,
+            ..Default::default()
         },
         ControllerOptions {
             shadow_doorbells: used,
+            ..Default::default()
         },
     )
-    .unwrap()
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -80,7 +105,13 @@ fn bring_up_identify_and_logs() {
 
 #[test]
 fn write_read_back_across_mdts_prp_lists_and_bounces() {
-    let (model, ctrl) = setup(3, 0b1100); // 32 KiB per command
+    // 32 KiB per command.
+    for (model, ctrl) in setups(3, 0b1100) {
+        write_read_back_on(model, ctrl);
+    }
+}
+
+fn write_read_back_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
     model.st.lock().log_io = true;
     for nsid in [1, 2] {
         let dev: Arc<dyn BlockDevice> =
@@ -900,4 +931,92 @@ fn shadow_doorbells_are_used_only_when_offered_and_wanted() {
         assert!(b[..] == pattern(3, 4096)[..]);
         assert!(model.st.lock().io_sq_doorbells >= 2);
     }
+}
+
+#[test]
+fn sgl_commands_cross_two_mib_and_unaligned_joins() {
+    // MDTS 10: 4 MiB. PRPs stop at 2 MiB (one list page); SGLs do not.
+    let (_p, prp_ctrl) = attach(10, 0b1100, SoftFeatures::default(), Default::default());
+    assert!(!prp_ctrl.uses_sgl());
+    assert_eq!(prp_ctrl.max_transfer_bytes(), 2 << 20);
+    let no = ControllerOptions {
+        sgl: false,
+        ..Default::default()
+    };
+    let (_q, refused) = attach(10, 0b1100, sgl_features(1), no);
+    assert!(!refused.uses_sgl(), "turned off by the option");
+    let (model, ctrl) = attach(10, 0b1100, sgl_features(1), Default::default());
+    assert!(ctrl.uses_sgl());
+    assert_eq!(ctrl.max_transfer_bytes(), 4 << 20);
+    model.st.lock().log_io = true;
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    // 4 MiB in one command each way.
+    let data = pattern(1, 4 << 20);
+    let mut b = dev.alloc_buf(data.len()).unwrap();
+    b.copy_from_slice(&data);
+    block_on(ch.write(8, b)).unwrap();
+    let back = block_on(ch.read(8, dev.alloc_buf(data.len()).unwrap())).unwrap();
+    assert!(back[..] == data[..]);
+    {
+        let mut st = model.st.lock();
+        let log = std::mem::take(&mut st.io_log);
+        assert_eq!(log, vec![(0x01, 1024), (0x02, 1024)]);
+        assert_eq!((st.sgl_commands, st.last_sgl_descriptors), (2, 1));
+    }
+    // Pieces joined inside pages and inside blocks (512-byte blocks): one
+    // command, one descriptor per piece, no bounce.
+    let dev1: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
+    let ch1 = channel(&dev1).unwrap();
+    let parts = [300usize, 724, 1500, 548];
+    let bufs: Vec<DmaBuf> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut b = dev1.alloc_buf(n).unwrap();
+            b.copy_from_slice(&pattern(10 + i as u64, n));
+            b
+        })
+        .collect();
+    let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+    block_on(ch1.writev(40, bufs)).unwrap();
+    {
+        let mut st = model.st.lock();
+        assert_eq!(std::mem::take(&mut st.io_log), vec![(0x01, 6)]);
+        assert_eq!(st.last_sgl_descriptors, 4);
+    }
+    let back = block_on(ch1.read(40, dev1.alloc_buf(all.len()).unwrap())).unwrap();
+    assert!(back[..] == all[..]);
+    assert!(model.namespaces[0].1.lock()[40 * 512..][..all.len()] == all[..]);
+}
+
+#[test]
+fn sgl_pieces_off_dword_boundaries_are_bounced_when_the_controller_asks() {
+    let (model, ctrl) = attach(5, 0b1100, sgl_features(2), Default::default());
+    assert!(ctrl.identity().sgl_needs_dword_alignment());
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    // 301 + 211 bytes: the join is not on a dword, so one bounce buffer
+    // (a single descriptor) carries the block.
+    let bufs: Vec<DmaBuf> = [301usize, 211]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut b = dev.alloc_buf(n).unwrap();
+            b.copy_from_slice(&pattern(20 + i as u64, n));
+            b
+        })
+        .collect();
+    let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+    block_on(ch.writev(3, bufs)).unwrap();
+    assert_eq!(model.st.lock().last_sgl_descriptors, 1);
+    let back = block_on(ch.read(3, dev.alloc_buf(512).unwrap())).unwrap();
+    assert!(back[..] == all[..]);
+    // Dword-aligned pieces go as they are.
+    let bufs: Vec<DmaBuf> = [200usize, 312]
+        .iter()
+        .map(|&n| dev.alloc_buf(n).unwrap())
+        .collect();
+    block_on(ch.writev(4, bufs)).unwrap();
+    assert_eq!(model.st.lock().last_sgl_descriptors, 2);
 }
