@@ -32,6 +32,8 @@ pub mod admin_op {
     pub const ABORT: u8 = 0x08;
     /// Set Features.
     pub const SET_FEATURES: u8 = 0x09;
+    /// Asynchronous Event Request.
+    pub const ASYNC_EVENT_REQUEST: u8 = 0x0C;
     /// Doorbell Buffer Config (shadow doorbells and EventIdx).
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }
@@ -91,6 +93,58 @@ pub const FEAT_NUM_QUEUES: u32 = 0x07;
 pub const LOG_ERROR_INFO: u8 = 0x01;
 /// Log page: SMART / Health Information.
 pub const LOG_SMART: u8 = 0x02;
+/// Log page: Changed Namespace List.
+pub const LOG_CHANGED_NS: u8 = 0x04;
+/// Feature id: Asynchronous Event Configuration.
+pub const FEAT_ASYNC_EVENT_CONFIG: u32 = 0x0B;
+/// Asynchronous Event Configuration: every SMART critical warning (bits
+/// 7:0) and Namespace Attribute Notices (bit 8).
+pub const ASYNC_EVENTS_WANTED: u32 = 0xff | 1 << 8;
+
+/// Asynchronous event types (completion dword 0 bits 2:0).
+pub mod event_type {
+    /// Error status.
+    pub const ERROR: u8 = 0;
+    /// SMART / Health status.
+    pub const SMART: u8 = 1;
+    /// Notice (information 0: namespace attribute changed).
+    pub const NOTICE: u8 = 2;
+}
+
+/// What an Asynchronous Event Request completion reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncEvent {
+    /// Event type ([`event_type`]).
+    pub kind: u8,
+    /// Event information (type specific).
+    pub info: u8,
+    /// The log page to read to clear the event (0: none).
+    pub log_page: u8,
+}
+
+impl AsyncEvent {
+    /// Decodes completion dword 0.
+    pub fn decode(dw0: u32) -> AsyncEvent {
+        AsyncEvent {
+            kind: (dw0 & 7) as u8,
+            info: (dw0 >> 8) as u8,
+            log_page: (dw0 >> 16) as u8,
+        }
+    }
+
+    /// Completion dword 0 (for the software controller).
+    pub fn encode(&self) -> u32 {
+        (self.kind & 7) as u32 | (self.info as u32) << 8 | (self.log_page as u32) << 16
+    }
+
+    /// Bytes of the log page to read for it.
+    pub fn log_bytes(&self) -> u32 {
+        match self.log_page {
+            LOG_ERROR_INFO | LOG_CHANGED_NS => 4096,
+            _ => 512,
+        }
+    }
+}
 
 /// A submission queue entry, as dwords (CID is set at submission).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -259,6 +313,23 @@ impl Command {
         }
     }
 
+    /// Asynchronous Event Request (completes when an event happens).
+    pub fn async_event_request() -> Command {
+        Command {
+            opcode: admin_op::ASYNC_EVENT_REQUEST,
+            ..Default::default()
+        }
+    }
+
+    /// Set Features, Asynchronous Event Configuration, to `events`.
+    pub fn set_async_event_config(events: u32) -> Command {
+        Command {
+            opcode: admin_op::SET_FEATURES,
+            cdw: [FEAT_ASYNC_EVENT_CONFIG, events, 0, 0, 0, 0],
+            ..Default::default()
+        }
+    }
+
     /// Abort command `cid` of submission queue `sqid`.
     pub fn abort(sqid: u16, cid: u16) -> Command {
         Command {
@@ -371,6 +442,9 @@ pub struct ControllerIdentity {
     pub mdts: u8,
     /// Controller id.
     pub cntlid: u16,
+    /// Asynchronous Event Request Limit (zero-based: AERL + 1 requests may
+    /// be outstanding).
+    pub aerl: u8,
     /// Number of namespaces (largest valid namespace id).
     pub nn: u32,
     /// Optional Admin Command Support (OACS).
@@ -394,6 +468,7 @@ impl ControllerIdentity {
             firmware: ascii(&page[64..72]),
             mdts: page[77],
             cntlid: le16(page, 78),
+            aerl: page[259],
             nn: le32(page, 516),
             oacs: le16(page, 256),
             oncs: le16(page, 520),
@@ -622,6 +697,15 @@ mod tests {
         let d = Command::doorbell_buffer_config(Iova(0x1_0000_5000), Iova(0x6000)).encode(3);
         assert_eq!(d[0], 0x7C | 3 << 16);
         assert_eq!((d[6], d[7], d[8], d[9]), (0x5000, 1, 0x6000, 0));
+        let d = Command::set_async_event_config(ASYNC_EVENTS_WANTED).encode(1);
+        assert_eq!((d[0] & 0xff, d[10], d[11]), (0x09, 0x0B, 0x1ff));
+        assert_eq!(Command::async_event_request().encode(4)[0], 0x0C | 4 << 16);
+        let e = AsyncEvent::decode(0x04_00_02);
+        assert_eq!(
+            (e.kind, e.info, e.log_page),
+            (event_type::NOTICE, 0, LOG_CHANGED_NS)
+        );
+        assert_eq!(AsyncEvent::decode(e.encode()), e);
         let mut c = Command::rw(io_op::WRITE, 1, 0, 8);
         c.set_sgl(0x1_0000_2000, 4096, sgl_type::LAST_SEGMENT);
         let d = c.encode(9);
@@ -677,6 +761,7 @@ mod tests {
         assert_eq!(c.max_transfer_bytes(4096), Some(128 << 10));
         assert!(c.supports_dsm() && c.supports_write_zeroes() && c.volatile_write_cache);
         assert!(!c.supports_doorbell_buffer() && !c.supports_sgl());
+        assert_eq!(c.aerl, 0);
         p[536] = 2;
         let c2 = ControllerIdentity::parse(&p).unwrap();
         assert!(c2.supports_sgl() && c2.sgl_needs_dword_alignment());

@@ -71,8 +71,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use self::cmd::{
-    cns, io_op, sgl_type, Command, Completion, ControllerIdentity, ErrorLogEntry,
-    NamespaceIdentity, SmartLog,
+    cns, event_type, io_op, sgl_type, AsyncEvent, Command, Completion, ControllerIdentity,
+    ErrorLogEntry, NamespaceIdentity, SmartLog,
 };
 use self::dma::DmaPool;
 use self::prp::{Transfer, MAX_TRANSFER_BYTES, PAGE};
@@ -91,9 +91,11 @@ const IO_ENTRIES: u32 = 256;
 const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for admin commands.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin command ids never taken by commands nobody waits for (Aborts), so
-/// queue creation and resets always find one.
+/// Admin command ids never taken by commands nobody waits for (Aborts,
+/// event requests), so queue creation and resets always find one.
 const ADMIN_RESERVED_CIDS: usize = 4;
+/// Most Asynchronous Event Requests kept outstanding (AERL + 1 if lower).
+const MAX_AERS: usize = 4;
 
 /// What an admin command id is used for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -104,6 +106,10 @@ enum AdminCid {
     /// Nobody waits (an Abort, or a command whose wait timed out): freed by
     /// whoever polls the admin queue when it completes.
     Detached,
+    /// An Asynchronous Event Request, outstanding until an event.
+    Event,
+    /// Get Log Page clearing an event, into `AdminState::event_page`.
+    EventLog,
 }
 
 struct AdminState {
@@ -112,6 +118,17 @@ struct AdminState {
     page: DmaBuf,
     /// Use of each command id (entries - 1 of them).
     cids: Vec<AdminCid>,
+    /// Asynchronous Event Requests to keep outstanding.
+    aers_wanted: usize,
+    /// Asynchronous Event Requests outstanding.
+    aers_posted: usize,
+    /// Log pages that events named, not yet read (each read clears its
+    /// event, which the controller masks until then).
+    logs_to_read: VecDeque<AsyncEvent>,
+    /// The event whose log page is being read into `event_page`.
+    reading: Option<AsyncEvent>,
+    /// Log data for events (nobody waits for it: not `page`).
+    event_page: DmaBuf,
 }
 
 impl AdminState {
@@ -119,6 +136,18 @@ impl AdminState {
         let cid = self.cids.iter().position(|&c| c == AdminCid::Free)?;
         self.cids[cid] = how;
         Some(cid as u16)
+    }
+
+    fn free_cids(&self) -> usize {
+        self.cids.iter().filter(|&&c| c == AdminCid::Free).count()
+    }
+
+    /// Forgets every command (the controller was disabled).
+    fn forget_commands(&mut self) {
+        self.cids.fill(AdminCid::Free);
+        self.aers_posted = 0;
+        self.reading = None;
+        self.logs_to_read.clear();
     }
 }
 
@@ -151,6 +180,30 @@ pub struct ErrorCounters {
     pub resets: u64,
     /// Times a fatal status (CSTS.CFS) was seen and the controller disabled.
     pub fatal: u64,
+}
+
+/// Asynchronous events the controller reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AsyncEventCounters {
+    /// SMART / health events (a critical warning was raised).
+    pub smart: u64,
+    /// Namespace attribute changed notices.
+    pub namespace_changes: u64,
+    /// Error status events.
+    pub errors: u64,
+    /// Any other event.
+    pub other: u64,
+    /// Critical warning bits of the last SMART log read for an event.
+    pub critical_warning: u8,
+}
+
+#[derive(Default)]
+struct AtomicEventCounters {
+    smart: AtomicU64,
+    namespace_changes: AtomicU64,
+    errors: AtomicU64,
+    other: AtomicU64,
+    critical_warning: AtomicU8,
 }
 
 #[derive(Default)]
@@ -218,6 +271,7 @@ pub struct NvmeController {
     state: AtomicU8,
     io_timeout_us: AtomicU64,
     counters: AtomicCounters,
+    events: AtomicEventCounters,
     _vfio: Option<vfio::VfioPci>,
 }
 
@@ -320,6 +374,7 @@ impl NvmeController {
             &name,
         )?;
         let page = pool.alloc(PAGE as usize)?;
+        let event_page = pool.alloc(PAGE as usize)?;
         let mut ctrl = NvmeController {
             name,
             bar,
@@ -334,12 +389,18 @@ impl NvmeController {
                 qp,
                 page,
                 cids: vec![AdminCid::Free; admin_entries as usize - 1],
+                aers_wanted: 0,
+                aers_posted: 0,
+                logs_to_read: VecDeque::new(),
+                reading: None,
+                event_page,
             }),
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             state: AtomicU8::new(state::LIVE),
             io_timeout_us: AtomicU64::new(DEFAULT_IO_TIMEOUT.as_micros() as u64),
             counters: AtomicCounters::default(),
+            events: AtomicEventCounters::default(),
             _vfio: vfio,
         };
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
@@ -368,7 +429,156 @@ impl NvmeController {
                 ),
             }
         }
+        {
+            let mut st = ctrl.admin.lock();
+            st.aers_wanted = (ctrl.identity.aerl as usize + 1).min(MAX_AERS);
+            ctrl.enable_async_events(&mut st);
+        }
         Ok(ctrl)
+    }
+
+    /// Asks for SMART critical warning and namespace attribute events and
+    /// posts the event requests (at bring-up and after a reset).
+    fn enable_async_events(&self, st: &mut AdminState) {
+        let cmd = Command::set_async_event_config(cmd::ASYNC_EVENTS_WANTED);
+        if let Err(e) = self.admin_locked(st, cmd, "set features (async events)") {
+            eprintln!(
+                "nvme {}: asynchronous event configuration refused ({e}): only the controller's \
+                 default events are reported",
+                self.name
+            );
+        }
+        self.service_events(st);
+    }
+
+    /// Events reported so far (each also logged).
+    pub fn async_events(&self) -> AsyncEventCounters {
+        let e = &self.events;
+        AsyncEventCounters {
+            smart: e.smart.load(Ordering::Relaxed),
+            namespace_changes: e.namespace_changes.load(Ordering::Relaxed),
+            errors: e.errors.load(Ordering::Relaxed),
+            other: e.other.load(Ordering::Relaxed),
+            critical_warning: e.critical_warning.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes the admin queue's completions now: events are counted, their
+    /// log pages read and their requests posted again. I/O threads do this
+    /// on their own every timeout tick while they have commands
+    /// outstanding; a caller with no I/O may call it now and then.
+    pub fn poll_events(&self) {
+        let mut st = self.admin.lock();
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return;
+        }
+        while let Some(c) = st.qp.next_completion() {
+            self.admin_completion(&mut st, &c, None);
+        }
+        st.qp.release_completions(&*self.bar);
+        self.service_events(&mut st);
+    }
+
+    /// Sends what events need without waiting: the next event log page
+    /// read, and event requests up to `aers_wanted`, leaving
+    /// `ADMIN_RESERVED_CIDS` ids free.
+    fn service_events(&self, st: &mut AdminState) {
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return;
+        }
+        if st.reading.is_none() && st.free_cids() > ADMIN_RESERVED_CIDS {
+            if let Some(ev) = st.logs_to_read.pop_front() {
+                let iova = st.event_page.iova().expect("pool memory");
+                let cmd = Command::get_log_page(ev.log_page, ev.log_bytes(), iova);
+                let cid = st.alloc_cid(AdminCid::EventLog).expect("a free id");
+                if st.qp.push(&cmd, cid) {
+                    st.reading = Some(ev);
+                } else {
+                    st.cids[cid as usize] = AdminCid::Free;
+                    st.logs_to_read.push_front(ev);
+                }
+            }
+        }
+        while st.aers_posted < st.aers_wanted && st.free_cids() > ADMIN_RESERVED_CIDS {
+            let cid = st.alloc_cid(AdminCid::Event).expect("a free id");
+            if !st.qp.push(&Command::async_event_request(), cid) {
+                st.cids[cid as usize] = AdminCid::Free;
+                break;
+            }
+            st.aers_posted += 1;
+        }
+        st.qp.ring(&*self.bar);
+    }
+
+    /// An event request completed: counts and logs the event and queues
+    /// the read of the log page it names.
+    fn async_event(&self, st: &mut AdminState, c: &Completion) {
+        st.aers_posted -= 1;
+        if let Err(status) = c.status() {
+            // Aborted, or more requests than the controller takes: keep
+            // one fewer outstanding so a refusing controller is not asked
+            // again and again.
+            st.aers_wanted = st.aers_wanted.saturating_sub(1);
+            eprintln!(
+                "nvme {}: asynchronous event request failed ({status:?}); keeping {} posted",
+                self.name, st.aers_wanted
+            );
+            return;
+        }
+        let ev = AsyncEvent::decode(c.dw0);
+        let e = &self.events;
+        let what = match (ev.kind, ev.info) {
+            (event_type::SMART, _) => {
+                e.smart.fetch_add(1, Ordering::Relaxed);
+                "SMART/health warning"
+            }
+            (event_type::NOTICE, 0) => {
+                e.namespace_changes.fetch_add(1, Ordering::Relaxed);
+                "namespace attribute changed"
+            }
+            (event_type::ERROR, _) => {
+                e.errors.fetch_add(1, Ordering::Relaxed);
+                "error status"
+            }
+            _ => {
+                e.other.fetch_add(1, Ordering::Relaxed);
+                "event"
+            }
+        };
+        eprintln!(
+            "nvme {}: asynchronous {what} (type {}, info {:#x}, log page {:#x})",
+            self.name, ev.kind, ev.info, ev.log_page
+        );
+        if ev.log_page != 0 {
+            st.logs_to_read.push_back(ev);
+        }
+    }
+
+    /// The log page read for an event completed: the event is cleared.
+    fn event_log_read(&self, st: &mut AdminState, c: &Completion) {
+        let Some(ev) = st.reading.take() else { return };
+        if let Err(status) = c.status() {
+            eprintln!(
+                "nvme {}: reading log page {:#x} for an event failed ({status:?})",
+                self.name, ev.log_page
+            );
+            return;
+        }
+        if ev.log_page == cmd::LOG_SMART {
+            let page = read_page(&st.event_page, 512);
+            if let Ok(smart) = SmartLog::parse(&page) {
+                self.events
+                    .critical_warning
+                    .store(smart.critical_warning, Ordering::Relaxed);
+                eprintln!(
+                    "nvme {}: SMART critical warning {:#04x}, {} K, spare {}%",
+                    self.name,
+                    smart.critical_warning,
+                    smart.temperature_kelvin,
+                    smart.available_spare_pct
+                );
+            }
+        }
     }
 
     /// True when data is described with SGLs (the controller takes them
@@ -510,7 +720,7 @@ impl NvmeController {
         );
         let disabled = regs::disable(&*self.bar, &self.cap, &self.name);
         st.qp.reset();
-        st.cids.fill(AdminCid::Free);
+        st.forget_commands();
         let next = match disabled {
             Ok(()) => state::FAILED,
             Err(e) => {
@@ -539,6 +749,16 @@ impl NvmeController {
             }
             Some(AdminCid::Detached) => {
                 st.cids[c.cid as usize] = AdminCid::Free;
+                false
+            }
+            Some(AdminCid::Event) => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                self.async_event(st, c);
+                false
+            }
+            Some(AdminCid::EventLog) => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                self.event_log_read(st, c);
                 false
             }
             _ => {
@@ -616,8 +836,8 @@ impl NvmeController {
             self.admin_completion(&mut st, &c, None);
         }
         st.qp.release_completions(&*self.bar);
-        let free = st.cids.iter().filter(|&&c| c == AdminCid::Free).count();
-        if free <= ADMIN_RESERVED_CIDS {
+        self.service_events(&mut st);
+        if st.free_cids() <= ADMIN_RESERVED_CIDS {
             return false;
         }
         let Some(cid) = st.alloc_cid(AdminCid::Detached) else {
@@ -644,6 +864,7 @@ impl NvmeController {
             self.admin_completion(&mut st, &c, None);
         }
         st.qp.release_completions(&*self.bar);
+        self.service_events(&mut st);
     }
 
     /// Runs Identify with `cns` for `nsid` and returns the 4 KiB page.
@@ -712,7 +933,11 @@ impl NvmeController {
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         let res = self.reset_locked(&mut st, was);
         match &res {
-            Ok(()) => self.state.store(state::LIVE, Ordering::Release),
+            Ok(()) => {
+                self.state.store(state::LIVE, Ordering::Release);
+                // Event requests go only to a live controller.
+                self.service_events(&mut st);
+            }
             Err(_) => {
                 // Disabled unless the disable itself failed.
                 let disabled = self.bar.read32(CSTS) & regs::CSTS_RDY == 0;
@@ -741,7 +966,7 @@ impl NvmeController {
         }
         regs::disable(&*self.bar, &self.cap, &self.name)?;
         st.qp.reset();
-        st.cids.fill(AdminCid::Free);
+        st.forget_commands();
         let entries = st.qp.entries();
         regs::enable(
             &*self.bar,
@@ -764,6 +989,7 @@ impl NvmeController {
             let cmd = Command::doorbell_buffer_config(pages.shadow_iova(), pages.event_idx_iova());
             self.admin_locked(st, cmd, "doorbell buffer config")?;
         }
+        self.enable_async_events(st);
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -817,6 +1043,7 @@ fn admin_name(opcode: u8) -> &'static str {
         ABORT => "abort",
         SET_FEATURES => "set features",
         DOORBELL_BUFFER_CONFIG => "doorbell buffer config",
+        ASYNC_EVENT_REQUEST => "asynchronous event request",
         _ => "admin command",
     }
 }
@@ -1722,9 +1949,8 @@ impl NvmeBackend {
             self.ctrl.disable_after_fatal();
             return;
         }
-        if self.aborting > 0 {
-            self.ctrl.poll_admin();
-        }
+        // Abort completions and asynchronous events.
+        self.ctrl.poll_admin();
         // Ticks a timeout lasts: TICKS_PER_TIMEOUT, or fewer when the tick's
         // floor makes each tick longer than timeout / TICKS_PER_TIMEOUT (a
         // zero timeout: none, so the first tick after a command's own finds

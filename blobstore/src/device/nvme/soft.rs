@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::cmd::{self, Completion};
+use super::cmd::{self, AsyncEvent, Completion};
 use super::dma::{DmaPool, NoMapper};
 use super::regs::{self, Bar};
 use super::{ControllerOptions, NvmeController};
@@ -63,6 +63,8 @@ pub struct SoftFeatures {
     /// none, 1 any alignment, 2 dword alignment); Read and Write then
     /// accept data block, segment and last segment descriptors.
     pub sgls: u32,
+    /// Asynchronous Event Request Limit (zero-based), Identify byte 259.
+    pub aerl: u8,
 }
 
 impl SoftState {
@@ -115,6 +117,19 @@ pub struct SoftState {
     pub io_sq_doorbells: u64,
     /// Completion head doorbell writes of I/O queues.
     pub io_cq_doorbells: u64,
+    /// Outstanding Asynchronous Event Requests (command ids, oldest first).
+    pub aers: VecDeque<u16>,
+    /// Events raised and not yet reported (no request outstanding, or
+    /// their log page not read since the last one of that page).
+    pub pending_events: VecDeque<AsyncEvent>,
+    /// Log pages of reported events not yet read (their events masked).
+    pub masked_logs: Vec<u8>,
+    /// Log pages read (Get Log Page), in order.
+    pub log_reads: Vec<u8>,
+    /// Asynchronous Event Configuration (Set Features 0x0B).
+    pub async_event_config: u32,
+    /// Critical warning byte of the SMART log.
+    pub critical_warning: u8,
     /// Read/Write commands whose data came in an SGL.
     pub sgl_commands: u64,
     /// Data block descriptors of the last SGL command.
@@ -323,6 +338,7 @@ impl SoftController {
                         page[4..12].copy_from_slice(b"MODEL001");
                         page[24..34].copy_from_slice(b"Model NVMe");
                         page[77] = self.mdts;
+                        page[259] = self.features.aerl;
                         page[536..540].copy_from_slice(&self.features.sgls.to_le_bytes());
                         if self.features.shadow_doorbells {
                             page[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
@@ -355,6 +371,10 @@ impl SoftController {
                     _ => return (0, 0x02, 0),
                 }
                 wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::SET_FEATURES if d[10] & 0xff == cmd::FEAT_ASYNC_EVENT_CONFIG => {
+                st.async_event_config = d[11];
                 (0, 0, 0)
             }
             cmd::admin_op::SET_FEATURES => (0, 0, 15 << 16 | 15),
@@ -413,10 +433,15 @@ impl SoftController {
             cmd::admin_op::GET_LOG_PAGE => {
                 let bytes = ((d[10] >> 16) + 1) * 4;
                 let mut page = vec![0u8; bytes as usize];
-                if d[10] & 0xff == cmd::LOG_SMART as u32 {
+                let lid = d[10] as u8;
+                if lid == cmd::LOG_SMART {
+                    page[0] = st.critical_warning;
                     page[1..3].copy_from_slice(&300u16.to_le_bytes());
                     page[3] = 100;
                 }
+                st.log_reads.push(lid);
+                // Reading the page clears (unmasks) its event.
+                st.masked_logs.retain(|&l| l != lid);
                 wr(&self.pool, prp1, &page);
                 (0, 0, 0)
             }
@@ -594,6 +619,15 @@ impl SoftController {
                     st.aborts += 1;
                     continue;
                 }
+                if d[0] as u8 == cmd::admin_op::ASYNC_EVENT_REQUEST {
+                    if st.aers.len() > self.features.aerl as usize {
+                        // Asynchronous Event Request Limit Exceeded.
+                        self.post(st, 0, cid, (1, 0x05, 0), true);
+                    } else {
+                        st.aers.push_back(cid);
+                    }
+                    continue;
+                }
                 let r = self.exec_admin(st, &d);
                 self.post(st, sqid, cid, r, r.0 != 0 || r.1 != 0);
                 continue;
@@ -651,6 +685,32 @@ impl SoftController {
         }
     }
 
+    /// Raises an asynchronous event: reported on an outstanding request
+    /// once none of the same log page is waiting to be read.
+    pub fn raise_event(&self, ev: AsyncEvent) {
+        let mut st = self.st.lock();
+        st.pending_events.push_back(ev);
+        self.deliver_events(&mut st);
+    }
+
+    /// Reports pending events on outstanding requests.
+    fn deliver_events(&self, st: &mut SoftState) {
+        while !st.aers.is_empty() {
+            let masked = &st.masked_logs;
+            let Some(i) = st
+                .pending_events
+                .iter()
+                .position(|e| !masked.contains(&e.log_page))
+            else {
+                return;
+            };
+            let ev = st.pending_events.remove(i).expect("found");
+            let cid = st.aers.pop_front().expect("not empty");
+            st.masked_logs.push(ev.log_page);
+            self.post(st, 0, cid, (0, 0, ev.encode()), false);
+        }
+    }
+
     /// Completes every held command successfully (their data untouched).
     pub fn release_held(&self) {
         let mut st = self.st.lock();
@@ -701,6 +761,10 @@ impl Bar for SoftController {
                         st.io_sq_doorbells += 1;
                     }
                     self.ring(&mut st, qid, val);
+                    if qid == 0 {
+                        // New requests, or a log read that unmasked events.
+                        self.deliver_events(&mut st);
+                    }
                 } else if qid != 0 {
                     st.io_cq_doorbells += 1;
                 }
@@ -736,6 +800,8 @@ impl Bar for SoftController {
                     st.cqs.clear();
                     st.held.clear();
                     st.dbbuf = None;
+                    st.aers.clear();
+                    st.masked_logs.clear();
                     st.fatal = false;
                     st.csts = 0;
                 }

@@ -1020,3 +1020,77 @@ fn sgl_pieces_off_dword_boundaries_are_bounced_when_the_controller_asks() {
     block_on(ch.writev(4, bufs)).unwrap();
     assert_eq!(model.st.lock().last_sgl_descriptors, 2);
 }
+
+#[test]
+fn async_events_are_counted_cleared_and_their_requests_posted_again() {
+    use super::cmd::{event_type, AsyncEvent, LOG_CHANGED_NS, LOG_SMART};
+    let features = SoftFeatures {
+        aerl: 3,
+        ..Default::default()
+    };
+    let (model, ctrl) = attach(5, 0b1100, features, Default::default());
+    {
+        let st = model.st.lock();
+        assert_eq!(st.aers.len(), 4, "AERL + 1 requests posted");
+        assert_eq!(
+            st.async_event_config, 0x1ff,
+            "critical warnings and notices"
+        );
+    }
+    let settle = |what: &str, done: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            ctrl.poll_events();
+            if done() {
+                // The model ran the driver's last commands at once; take
+                // their completions.
+                ctrl.poll_events();
+                return;
+            }
+        }
+        panic!("{what}: not settled");
+    };
+    let smart = AsyncEvent {
+        kind: event_type::SMART,
+        info: 1, // temperature threshold
+        log_page: LOG_SMART,
+    };
+    // A SMART warning: counted, its log read (which clears it), and the
+    // request posted again.
+    model.st.lock().critical_warning = 0x02;
+    model.raise_event(smart);
+    settle("smart", &|| {
+        let st = model.st.lock();
+        st.log_reads == [LOG_SMART] && st.aers.len() == 4
+    });
+    let ev = ctrl.async_events();
+    assert_eq!((ev.smart, ev.critical_warning), (1, 0x02));
+    // Two more before the driver looks: the second waits (masked) until
+    // the first one's log is read.
+    model.raise_event(smart);
+    model.raise_event(smart);
+    assert_eq!(model.st.lock().pending_events.len(), 1);
+    settle("two smart", &|| {
+        let st = model.st.lock();
+        st.log_reads.len() == 3 && st.pending_events.is_empty() && st.aers.len() == 4
+    });
+    assert_eq!(ctrl.async_events().smart, 3);
+    // A namespace change notice reads the Changed Namespace List.
+    model.raise_event(AsyncEvent {
+        kind: event_type::NOTICE,
+        info: 0,
+        log_page: LOG_CHANGED_NS,
+    });
+    settle("notice", &|| {
+        let st = model.st.lock();
+        st.log_reads.last() == Some(&LOG_CHANGED_NS) && st.aers.len() == 4
+    });
+    let ev = ctrl.async_events();
+    assert_eq!((ev.namespace_changes, ev.smart, ev.other), (1, 3, 0));
+    // A reset drops the requests; they are posted again.
+    ctrl.reset().unwrap();
+    assert_eq!(model.st.lock().aers.len(), 4);
+    // I/O still works alongside them.
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(1, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
+}
