@@ -163,6 +163,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         DmaBuf::new(len_bytes)
     }
+    /// As [`BlockDevice::alloc_buf`], for a buffer the caller overwrites
+    /// whole (a read target): it need not be zeroed, and on devices with
+    /// their own DMA memory it is not (its bytes are stale data of this
+    /// process). The default zeroes.
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.alloc_buf(len_bytes)
+    }
     /// Where the device's owner keeps what it wrote and has not synced yet,
     /// in memory that outlives the owning process but not the machine (a
     /// file on tmpfs, see [`unsynced_memory_path`]), as the kernel's page

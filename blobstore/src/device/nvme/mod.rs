@@ -1171,6 +1171,9 @@ impl BlockDevice for NvmeDevice {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.ctrl.pool.alloc(len_bytes)
     }
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.ctrl.pool.alloc_for_overwrite(len_bytes)
+    }
     /// For a namespace opened through [`NvmeDevice::open`] (which holds it
     /// for this process alone): a file on tmpfs named by the controller's
     /// PCI address and the namespace. Its memory is not IOVA-mapped: the
@@ -1616,8 +1619,9 @@ impl NvmeBackend {
                     Some(p) => p,
                     None => {
                         // Not pool memory (or not describable): one copy.
+                        // The copy (write) or the device (read) fills it.
                         let total: usize = op.segs.iter().map(|s| s.len()).sum();
-                        let b = self.ctrl.pool.alloc(total)?;
+                        let b = self.ctrl.pool.alloc_for_overwrite(total)?;
                         if op.kind == IoKind::Write {
                             let mut at = 0;
                             for s in &op.segs {
