@@ -63,7 +63,9 @@ pub mod soft;
 mod tests;
 mod vfio;
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -1166,7 +1168,7 @@ impl BlockDevice for NvmeDevice {
         format!("nvme:{}/ns={}", self.ctrl.name, self.nsid)
     }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
-        Ok(Box::new(NvmeBackend::new(self)?))
+        Ok(Box::new(NamespaceBackend::new(self)?))
     }
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.ctrl.pool.alloc(len_bytes)
@@ -1214,6 +1216,7 @@ enum CmdData {
 /// A command of a multi-command (or bounced, or backlogged) operation not
 /// yet in the ring.
 struct PendingCmd {
+    owner: u16,
     tag: Tag,
     cmd: Command,
     data: CmdData,
@@ -1233,6 +1236,8 @@ enum TrackerState {
 #[derive(Clone, Copy)]
 struct Tracker {
     state: TrackerState,
+    /// The namespace channel ([`Owner`]) the command's operation is of.
+    owner: u16,
     /// The operation (channel tag) the command belongs to.
     tag: Tag,
     /// Times the command was sent again after a retryable status.
@@ -1278,7 +1283,22 @@ impl OpState {
     }
 }
 
-/// A thread's I/O queue pair on one namespace.
+/// One namespace channel served by a thread's queue pair.
+struct Owner {
+    /// A [`NamespaceBackend`] uses this slot.
+    live: bool,
+    nsid: u32,
+    block_size: u64,
+    /// Indexed by the channel's tag.
+    ops: Vec<OpState>,
+    /// Its ops finished while it was not the one reaping (or failed
+    /// outside a reap), reported by its next reap.
+    ready: Vec<(Tag, Result<()>)>,
+}
+
+/// A thread's I/O queue pair on one controller, serving the thread's
+/// channels of every namespace of it (each a [`NamespaceBackend`], an
+/// [`Owner`] here).
 ///
 /// Invariants:
 /// - A tracker is `Free` exactly when it is on the free list; `active`
@@ -1292,10 +1312,14 @@ impl OpState {
 ///   nothing, hashes nothing and takes no lock: the command and its PRPs
 ///   go straight into the ring and the tracker's page, and completions are
 ///   handed to the channel as they are read.
+/// - A completion goes to the channel that reaps when its op is that
+///   channel's (`cur`), else to its owner's `ready` list: every op is
+///   reported once, by its own channel.
 struct NvmeBackend {
     ctrl: Arc<NvmeController>,
-    nsid: u32,
-    block_size: u64,
+    /// The owner on whose behalf `submit` or `reap` runs now.
+    cur: u16,
+    owners: Vec<Owner>,
     max_transfer_bytes: u64,
     /// Largest PRP command (one list page).
     prp_max_bytes: u64,
@@ -1316,12 +1340,8 @@ struct NvmeBackend {
     active: usize,
     /// Trackers aborting.
     aborting: usize,
-    /// Indexed by channel tag.
-    ops: Vec<OpState>,
     /// Commands waiting for a tracker or ring slot, in order.
     pending: VecDeque<PendingCmd>,
-    /// Ops finished outside a reap (failures), reported by the next reap.
-    ready: Vec<(Tag, Result<()>)>,
     zeroes: Option<DmaBuf>,
     reaps_since_clock: u32,
     /// Timeout ticks seen (see `check_clock`).
@@ -1330,8 +1350,7 @@ struct NvmeBackend {
 }
 
 impl NvmeBackend {
-    fn new(dev: &NvmeDevice) -> Result<NvmeBackend> {
-        let ctrl = dev.ctrl.clone();
+    fn new(ctrl: Arc<NvmeController>) -> Result<NvmeBackend> {
         if ctrl.state.load(Ordering::Acquire) != state::LIVE {
             return Err(ctrl.failed_error("controller failed or resetting; reset it first"));
         }
@@ -1356,6 +1375,7 @@ impl NvmeBackend {
         let trackers = (0..n)
             .map(|i| Tracker {
                 state: TrackerState::Free,
+                owner: 0,
                 tag: 0,
                 retries: 0,
                 tick: 0,
@@ -1364,14 +1384,14 @@ impl NvmeBackend {
             })
             .collect();
         Ok(NvmeBackend {
-            nsid: dev.nsid,
-            block_size: dev.geometry.block_size as u64,
+            cur: 0,
+            owners: Vec::new(),
             max_transfer_bytes: ctrl.max_transfer_bytes,
             prp_max_bytes: ctrl.max_transfer_bytes.min(MAX_TRANSFER_BYTES),
             sgl: ctrl.sgl,
             sgl_dword: ctrl.identity.sgl_needs_dword_alignment(),
-            dsm: dev.dsm,
-            write_zeroes: dev.write_zeroes,
+            dsm: ctrl.identity.supports_dsm(),
+            write_zeroes: ctrl.identity.supports_write_zeroes(),
             qp,
             generation,
             pages_iova: pages.iova().expect("pool memory").0,
@@ -1380,9 +1400,7 @@ impl NvmeBackend {
             free_head: 0,
             active: 0,
             aborting: 0,
-            ops: Vec::new(),
             pending: VecDeque::new(),
-            ready: Vec::new(),
             zeroes: None,
             reaps_since_clock: 0,
             tick: 0,
@@ -1403,24 +1421,60 @@ impl NvmeBackend {
         unsafe { std::ptr::write_volatile(base.add(cid as usize * 512 + index), val.to_le()) };
     }
 
-    fn op_slot(&mut self, tag: Tag) -> &mut OpState {
-        let i = tag as usize;
-        if i >= self.ops.len() {
-            self.ops.resize_with(i + 1, OpState::idle);
+    /// A slot for namespace `nsid` (`block_size` bytes per block); its
+    /// index names it in trackers and pending commands.
+    fn add_owner(&mut self, nsid: u32, block_size: u64) -> u16 {
+        let o = Owner {
+            live: true,
+            nsid,
+            block_size,
+            ops: Vec::new(),
+            ready: Vec::new(),
+        };
+        match self.owners.iter().position(|o| !o.live) {
+            Some(i) => {
+                self.owners[i] = o;
+                i as u16
+            }
+            None => {
+                self.owners.push(o);
+                (self.owners.len() - 1) as u16
+            }
         }
-        &mut self.ops[i]
+    }
+
+    /// True while an op of `owner` has not been reported.
+    fn owner_busy(&self, owner: u16) -> bool {
+        let o = &self.owners[owner as usize];
+        o.ops.iter().any(|op| op.live) || !o.ready.is_empty()
+    }
+
+    /// Block size of the current owner's namespace.
+    #[inline]
+    fn block_size(&self) -> u64 {
+        self.owners[self.cur as usize].block_size
+    }
+
+    fn op_slot(&mut self, tag: Tag) -> &mut OpState {
+        let ops = &mut self.owners[self.cur as usize].ops;
+        let i = tag as usize;
+        if i >= ops.len() {
+            ops.resize_with(i + 1, OpState::idle);
+        }
+        &mut ops[i]
     }
 
     /// Takes a free tracker for `cmd` of op `tag` and puts the command in
     /// the ring (the doorbell is rung by the next reap). The caller checked
     /// that a tracker is free and the ring has room.
-    fn start_command(&mut self, cid: u16, tag: Tag, cmd: Command) {
+    fn start_command(&mut self, cid: u16, owner: u16, tag: Tag, cmd: Command) {
         debug_assert_eq!(cid, self.free_head);
         let t = &mut self.trackers[cid as usize];
         debug_assert_eq!(t.state, TrackerState::Free);
         self.free_head = t.next_free;
         *t = Tracker {
             state: TrackerState::Active,
+            owner,
             tag,
             retries: 0,
             tick: self.tick,
@@ -1480,7 +1534,7 @@ impl NvmeBackend {
             }
             last_end = end;
         }
-        if n == 0 || !total.is_multiple_of(self.block_size) {
+        if n == 0 || !total.is_multiple_of(self.block_size()) {
             return None;
         }
         let prp2 = match n {
@@ -1515,7 +1569,7 @@ impl NvmeBackend {
                 self.write_page_u64(cid, 2 * i + 1, high);
             }
         }
-        if total > self.max_transfer_bytes || !total.is_multiple_of(self.block_size) {
+        if total > self.max_transfer_bytes || !total.is_multiple_of(self.block_size()) {
             return None;
         }
         if segs.len() == 1 {
@@ -1538,7 +1592,7 @@ impl NvmeBackend {
         &self,
         pieces: &[(crate::device::Iova, u64)],
     ) -> Option<Vec<(u64, u32, CmdData)>> {
-        let bs = self.block_size;
+        let bs = self.block_size();
         if self.sgl {
             let plan = sgl::plan(pieces, bs, self.max_transfer_bytes, self.sgl_dword)?;
             return Some(
@@ -1568,16 +1622,20 @@ impl NvmeBackend {
         } else {
             io_op::WRITE
         };
+        let (nsid, bs) = {
+            let o = &self.owners[self.cur as usize];
+            (o.nsid, o.block_size)
+        };
         let mut cmd;
         if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) {
-            cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
+            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
             cmd.prp1 = prp1;
             cmd.prp2 = prp2;
         } else if self.sgl {
             let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs) else {
                 return false;
             };
-            cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
+            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
             cmd.set_sgl(addr, len, kind);
         } else {
             return false;
@@ -1591,14 +1649,15 @@ impl NvmeBackend {
         o.remaining = 1;
         o.error = None;
         o.timed_out = false;
-        self.start_command(cid, tag, cmd);
+        self.start_command(cid, self.cur, tag, cmd);
         true
     }
 
     /// The general path: builds the commands of `op` (into `pending`) and
     /// its state.
     fn plan(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
-        let bs = self.block_size;
+        let (owner, nsid) = (self.cur, self.owners[self.cur as usize].nsid);
+        let bs = self.block_size();
         let mut cmds: Vec<(Command, CmdData)> = Vec::new();
         let mut bounce = None;
         let mut copy_back = Vec::new();
@@ -1650,11 +1709,11 @@ impl NvmeBackend {
                     }
                 };
                 for (first_block, blocks, data) in plan {
-                    let cmd = Command::rw(opcode, self.nsid, op.lba + first_block, blocks);
+                    let cmd = Command::rw(opcode, nsid, op.lba + first_block, blocks);
                     cmds.push((cmd, data));
                 }
             }
-            IoKind::Flush => cmds.push((Command::flush(self.nsid), CmdData::None)),
+            IoKind::Flush => cmds.push((Command::flush(nsid), CmdData::None)),
             IoKind::Unmap => {
                 if !self.dsm {
                     return Err(Error::Unsupported(format!(
@@ -1665,7 +1724,7 @@ impl NvmeBackend {
                 let mut at = 0;
                 while at < op.blocks {
                     let n = (op.blocks - at).min(u32::MAX as u64) as u32;
-                    let cmd = Command::deallocate(self.nsid, crate::device::Iova(0), 1);
+                    let cmd = Command::deallocate(nsid, crate::device::Iova(0), 1);
                     cmds.push((
                         cmd,
                         CmdData::Range {
@@ -1681,7 +1740,7 @@ impl NvmeBackend {
                 if self.write_zeroes {
                     while at < op.blocks {
                         let n = (op.blocks - at).min(65536) as u32;
-                        let cmd = Command::rw(io_op::WRITE_ZEROES, self.nsid, op.lba + at, n);
+                        let cmd = Command::rw(io_op::WRITE_ZEROES, nsid, op.lba + at, n);
                         cmds.push((cmd, CmdData::None));
                         at += n as u64;
                     }
@@ -1697,7 +1756,7 @@ impl NvmeBackend {
                         let t = prp::plan(&[(iova, n * bs)], bs, max)
                             .expect("one pool buffer always plans")
                             .remove(0);
-                        let cmd = Command::rw(io_op::WRITE, self.nsid, op.lba + at, n as u32);
+                        let cmd = Command::rw(io_op::WRITE, nsid, op.lba + at, n as u32);
                         cmds.push((cmd, CmdData::Prp(t)));
                         at += n;
                     }
@@ -1718,7 +1777,12 @@ impl NvmeBackend {
             segs: copy_back,
         };
         for (cmd, data) in cmds {
-            self.pending.push_back(PendingCmd { tag, cmd, data });
+            self.pending.push_back(PendingCmd {
+                owner,
+                tag,
+                cmd,
+                data,
+            });
         }
         Ok(())
     }
@@ -1729,7 +1793,9 @@ impl NvmeBackend {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let op = &mut self.ops[p.tag as usize];
+            let Some(op) = self.owners[p.owner as usize].ops.get_mut(p.tag as usize) else {
+                continue;
+            };
             if !op.live {
                 continue;
             }
@@ -1737,8 +1803,8 @@ impl NvmeBackend {
                 // The operation already failed: do not send the rest.
                 op.remaining -= 1;
                 if op.remaining == 0 {
-                    let r = self.finish(p.tag);
-                    self.ready.push((p.tag, r));
+                    let r = self.finish(p.owner, p.tag);
+                    self.owners[p.owner as usize].ready.push((p.tag, r));
                 }
                 continue;
             }
@@ -1772,26 +1838,26 @@ impl NvmeBackend {
                     cmd.prp1 = self.page_iova(cid);
                 }
             }
-            self.start_command(cid, p.tag, cmd);
+            self.start_command(cid, p.owner, p.tag, cmd);
         }
     }
 
     /// The op's result; marks it reported. Copies a bounced read back.
     #[inline]
-    fn finish(&mut self, tag: Tag) -> Result<()> {
-        let op = &mut self.ops[tag as usize];
+    fn finish(&mut self, owner: u16, tag: Tag) -> Result<()> {
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         debug_assert!(op.live);
         op.live = false;
         if !op.timed_out && op.error.is_none() && op.bounce.is_none() {
             return Ok(());
         }
-        self.finish_slow(tag)
+        self.finish_slow(owner, tag)
     }
 
     #[cold]
-    fn finish_slow(&mut self, tag: Tag) -> Result<()> {
+    fn finish_slow(&mut self, owner: u16, tag: Tag) -> Result<()> {
         let after_ms = self.ctrl.io_timeout().as_millis() as u64;
-        let op = &mut self.ops[tag as usize];
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         let bounce = op.bounce.take();
         let segs = std::mem::take(&mut op.segs);
         if op.timed_out {
@@ -1832,7 +1898,8 @@ impl NvmeBackend {
             return 0;
         }
         let t = &mut self.trackers[cid as usize];
-        let (tag, aborting) = (t.tag, t.state == TrackerState::Aborting);
+        let (owner, tag) = (t.owner, t.tag);
+        let aborting = t.state == TrackerState::Aborting;
         if let Err(status) = c.status() {
             if !aborting && !c.dnr && t.retries < MAX_RETRIES && !self.qp.sq_full() {
                 // Retryable: the same command again, under the same id.
@@ -1843,7 +1910,8 @@ impl NvmeBackend {
                 self.ctrl.counters.retries.fetch_add(1, Ordering::Relaxed);
                 return 0;
             }
-            let (nsid, op) = (self.nsid, &mut self.ops[tag as usize]);
+            let o = &mut self.owners[owner as usize];
+            let (nsid, op) = (o.nsid, &mut o.ops[tag as usize]);
             if !aborting {
                 op.error.get_or_insert(Error::Nvme {
                     op: op.kind.name(),
@@ -1855,14 +1923,19 @@ impl NvmeBackend {
             }
         }
         self.free_tracker(cid);
-        let op = &mut self.ops[tag as usize];
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         op.remaining -= 1;
         if op.remaining > 0 {
             return 0;
         }
-        let r = self.finish(tag);
-        done(tag, r);
-        1
+        let r = self.finish(owner, tag);
+        if owner == self.cur {
+            done(tag, r);
+            return 1;
+        }
+        // Another namespace's channel on this queue reports it.
+        self.owners[owner as usize].ready.push((tag, r));
+        0
     }
 
     /// Fails every op the backend holds (reported by the next reap). Only
@@ -1872,24 +1945,26 @@ impl NvmeBackend {
             let t = self.trackers[cid];
             if t.state != TrackerState::Free {
                 if t.state == TrackerState::Aborting {
-                    self.ops[t.tag as usize].timed_out = true;
+                    self.owners[t.owner as usize].ops[t.tag as usize].timed_out = true;
                 }
                 self.free_tracker(cid as u16);
             }
         }
         debug_assert_eq!((self.active, self.aborting), (0, 0));
         self.pending.clear();
-        for tag in 0..self.ops.len() {
-            let op = &mut self.ops[tag];
-            if !op.live {
-                continue;
+        for owner in 0..self.owners.len() {
+            for tag in 0..self.owners[owner].ops.len() {
+                let op = &mut self.owners[owner].ops[tag];
+                if !op.live {
+                    continue;
+                }
+                op.error.get_or_insert_with(|| Error::DeviceFailed {
+                    device: self.ctrl.name.clone(),
+                    reason: reason.to_string(),
+                });
+                let r = self.finish(owner as u16, tag as Tag);
+                self.owners[owner].ready.push((tag as Tag, r));
             }
-            op.error.get_or_insert_with(|| Error::DeviceFailed {
-                device: self.ctrl.name.clone(),
-                reason: reason.to_string(),
-            });
-            let r = self.finish(tag as Tag);
-            self.ready.push((tag as Tag, r));
         }
     }
 
@@ -1971,7 +2046,7 @@ impl NvmeBackend {
             match t.state {
                 TrackerState::Active => {
                     // Past its deadline: a timeout, however it ends.
-                    self.ops[t.tag as usize].timed_out = true;
+                    self.owners[t.owner as usize].ops[t.tag as usize].timed_out = true;
                     let abort = Command::abort(self.qp.qid, cid as u16);
                     if self.ctrl.admin_detached(abort) {
                         self.ctrl.counters.aborts.fetch_add(1, Ordering::Relaxed);
@@ -2000,7 +2075,8 @@ impl NvmeBackend {
     }
 }
 
-impl ChannelBackend for NvmeBackend {
+impl NvmeBackend {
+    /// Starts `op` of the current owner (`cur`).
     #[inline]
     fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
         self.check_controller()?;
@@ -2012,13 +2088,11 @@ impl ChannelBackend for NvmeBackend {
         Ok(())
     }
 
+    /// Reaps the queue for the current owner (`cur`): its ops go to
+    /// `done`, other owners' to their `ready` lists.
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
         let usable = self.check_controller().is_ok();
-        let mut n = 0;
-        while let Some((t, r)) = self.ready.pop() {
-            done(t, r);
-            n += 1;
-        }
+        let mut n = self.drain_ready(done);
         if !usable {
             return n;
         }
@@ -2048,11 +2122,97 @@ impl ChannelBackend for NvmeBackend {
         if self.qp.unrung() && self.check_controller().is_ok() {
             self.qp.ring(&*self.ctrl.bar);
         }
-        while let Some((t, r)) = self.ready.pop() {
+        n + self.drain_ready(done)
+    }
+
+    /// Reports the current owner's ops that finished elsewhere.
+    #[inline]
+    fn drain_ready(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        let ready = &mut self.owners[self.cur as usize].ready;
+        let mut n = 0;
+        while let Some((t, r)) = ready.pop() {
             done(t, r);
             n += 1;
         }
         n
+    }
+}
+
+thread_local! {
+    /// This thread's queue pairs, one per controller (keyed by the
+    /// controller's address, which the queue's `Arc` keeps alive).
+    static THREAD_QUEUES: RefCell<Vec<(usize, Weak<RefCell<NvmeBackend>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// A thread's channel on one namespace: its share ([`Owner`]) of the
+/// thread's queue pair on the controller, created with the first channel
+/// of the thread on any namespace of it and deleted with the last.
+struct NamespaceBackend {
+    queue: Rc<RefCell<NvmeBackend>>,
+    owner: u16,
+}
+
+impl NamespaceBackend {
+    fn new(dev: &NvmeDevice) -> Result<NamespaceBackend> {
+        let key = Arc::as_ptr(&dev.ctrl) as usize;
+        let found = THREAD_QUEUES.with(|t| {
+            t.borrow()
+                .iter()
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, w)| w.upgrade())
+        });
+        let queue = match found {
+            Some(q) => q,
+            None => {
+                let q = Rc::new(RefCell::new(NvmeBackend::new(dev.ctrl.clone())?));
+                THREAD_QUEUES.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.retain(|(_, w)| w.strong_count() > 0);
+                    t.push((key, Rc::downgrade(&q)));
+                });
+                q
+            }
+        };
+        let owner = queue
+            .borrow_mut()
+            .add_owner(dev.nsid, dev.geometry.block_size as u64);
+        Ok(NamespaceBackend { queue, owner })
+    }
+}
+
+impl ChannelBackend for NamespaceBackend {
+    #[inline]
+    fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        q.submit(tag, op)
+    }
+
+    #[inline]
+    fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        q.reap(done)
+    }
+}
+
+impl Drop for NamespaceBackend {
+    fn drop(&mut self) {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        // The queue outlives this channel: its ops' memory must not be
+        // released while the controller may still reach it, so wait for
+        // them (timeouts, aborts and resets bound the wait); a wedged
+        // controller keeps it.
+        while q.owner_busy(self.owner) && q.ctrl.state.load(Ordering::Acquire) != state::WEDGED {
+            q.reap(&mut |_, _| {});
+            std::hint::spin_loop();
+        }
+        let o = &mut q.owners[self.owner as usize];
+        o.live = false;
+        o.ops = Vec::new();
+        o.ready = Vec::new();
     }
 }
 

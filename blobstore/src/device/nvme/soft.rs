@@ -724,6 +724,12 @@ impl SoftController {
         }
     }
 
+    /// I/O submission queues the controller has now.
+    pub fn io_queues(&self) -> usize {
+        let st = self.st.lock();
+        st.sqs.iter().skip(1).filter(|q| q.is_some()).count()
+    }
+
     /// Completes every held command successfully (their data untouched).
     pub fn release_held(&self) {
         let mut st = self.st.lock();

@@ -1094,3 +1094,81 @@ fn async_events_are_counted_cleared_and_their_requests_posted_again() {
     let ch = channel(&dev).unwrap();
     block_on(ch.write(1, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
 }
+
+#[test]
+fn one_queue_pair_per_thread_serves_every_namespace() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup(5, 0b1100);
+    let ns1 = NvmeDevice::from_controller(ctrl.clone(), 1).unwrap();
+    let ns2 = NvmeDevice::from_controller(ctrl.clone(), 2).unwrap();
+    let mut b1 = ns1.new_backend().unwrap();
+    let mut b2 = ns2.new_backend().unwrap();
+    assert_eq!(model.io_queues(), 1, "both namespaces on one queue pair");
+    // Another thread gets its own.
+    let other = NvmeDevice::from_controller(ctrl.clone(), 1).unwrap();
+    let m = model.clone();
+    std::thread::spawn(move || {
+        let _b = other.new_backend().unwrap();
+        assert_eq!(m.io_queues(), 2);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        model.io_queues(),
+        1,
+        "deleted with the thread's last channel"
+    );
+    // The same tag on both channels; each channel reports only its own
+    // ops, whichever reaps the completions.
+    let (d1, d2) = (pattern(1, 4096), pattern(2, 4096));
+    let buf = |d: &[u8]| {
+        let mut b = ctrl.pool().alloc(4096).unwrap();
+        b.copy_from_slice(d);
+        b
+    };
+    let (w1, w2) = (buf(&d1), buf(&d2));
+    let op = |b: &DmaBuf, blocks| IoOp {
+        kind: IoKind::Write,
+        lba: 16,
+        blocks,
+        segs: Segments::one(b.segment(0, 4096)),
+    };
+    model.st.lock().hold_reads = true;
+    let r1 = ctrl.pool().alloc(4096).unwrap();
+    let read1 = IoOp {
+        kind: IoKind::Read,
+        lba: 16,
+        blocks: 8,
+        segs: Segments::one(r1.segment(0, 4096)),
+    };
+    b1.submit(0, &op(&w1, 8)).unwrap();
+    b2.submit(0, &op(&w2, 1)).unwrap();
+    b1.submit(1, &read1).unwrap();
+    let mut seen2 = Vec::new();
+    b2.reap(&mut |t, r| seen2.push((t, r.is_ok())));
+    assert_eq!(seen2, vec![(0, true)], "only its own write");
+    let mut seen1 = Vec::new();
+    b1.reap(&mut |t, r| seen1.push((t, r.is_ok())));
+    assert_eq!(
+        seen1,
+        vec![(0, true)],
+        "its write, reaped by the other channel"
+    );
+    // The held read completes while the other channel reaps (the model
+    // completes held commands without running them).
+    model.release_held();
+    b2.reap(&mut |_, _| panic!("nothing of channel 2 is in flight"));
+    let mut seen1 = Vec::new();
+    b1.reap(&mut |t, r| seen1.push((t, r.is_ok())));
+    assert_eq!(
+        seen1,
+        vec![(1, true)],
+        "its held read (completed untouched)"
+    );
+    assert!(model.namespaces[0].1.lock()[16 * 512..][..4096] == d1[..]);
+    assert!(model.namespaces[1].1.lock()[16 * 4096..][..4096] == d2[..]);
+    drop(b1);
+    assert_eq!(model.io_queues(), 1, "still serving namespace 2");
+    drop(b2);
+    assert_eq!(model.io_queues(), 0);
+}
