@@ -1,16 +1,20 @@
 //! `NvmeDevice`: a userspace NVMe driver over VFIO, polled, one I/O queue
-//! pair per thread.
+//! pair per thread and controller, serving every namespace.
 //!
 //! Layout: [`regs`] (registers, enable/disable), [`cmd`] (command and
-//! completion encoding, Identify data), [`prp`] (PRP planning), [`queue`]
-//! (a queue pair), [`dma`] (IOVA-mapped memory), `vfio` (the VFIO glue),
-//! and here the controller (admin commands, reset) and the per-thread I/O
-//! backend.
+//! completion encoding, Identify data), [`prp`] and [`sgl`] (data pointer
+//! planning), [`queue`] (a queue pair), [`shadow`] (shadow doorbells),
+//! [`dma`] (IOVA-mapped memory), `vfio` (the VFIO glue), and here the
+//! controller (admin commands, asynchronous events, reset) and the
+//! per-thread I/O backend.
 //!
 //! What the driver does with each operation:
-//! - Read and Write: split at the transfer limit (MDTS, at most 2 MiB) and
-//!   wherever the buffers cannot share one PRP list; memory that is not from
-//!   the DMA pool is bounced through one pool buffer (one copy).
+//! - Read and Write: with PRPs, split at the transfer limit (MDTS, at most
+//!   2 MiB) and wherever the buffers cannot share one PRP list; with SGLs
+//!   (when the controller takes them and PRPs cannot describe the op in one
+//!   command), split at MDTS only (at most 32 MiB) and every 256 pieces;
+//!   memory that is not from the DMA pool is bounced through one pool
+//!   buffer (one copy).
 //! - Flush: always sent (a no-op for controllers without a volatile cache).
 //! - Unmap: Dataset Management with the deallocate attribute when ONCS says
 //!   it is supported; otherwise [`Error::Unsupported`].
@@ -23,7 +27,13 @@
 //! command and the tracker's page, with no allocation, hashing or lock. The
 //! SQ doorbell is written once per batch (at the next reap, whatever was
 //! submitted since), the CQ doorbell once per reap, and a reap takes at most
-//! `REAP_MAX` completions.
+//! `REAP_MAX` completions. With shadow doorbells, a doorbell is a store to
+//! the shadow page and an MMIO write only when the controller's EventIdx
+//! asks for one.
+//!
+//! Asynchronous event requests stay posted on the admin queue; each event
+//! is counted, logged and cleared by reading its log page, and its request
+//! posted again, without waiting (see [`NvmeController::async_events`]).
 //!
 //! Errors, as real controllers produce them:
 //! - A completion for a command id that is not outstanding is counted
@@ -38,9 +48,10 @@
 //!   CSTS.RDY = 0) before any op is failed.
 //!
 //! Invariants:
-//! - A queue pair belongs to one thread's channel; the admin queue is shared
-//!   behind a mutex and only used for setup, queue creation, Abort and logs;
-//!   the I/O path only ever try-locks it.
+//! - A queue pair belongs to one thread's channels on one controller (one
+//!   owner per namespace); the admin queue is shared behind a mutex and only
+//!   used for setup, queue creation, Abort, events and logs; the I/O path
+//!   only ever try-locks it.
 //! - An operation is reported once, and only when the controller no longer
 //!   owns any of its commands (they completed, or the controller was
 //!   disabled by a reset or after a fatal status): its memory is never
