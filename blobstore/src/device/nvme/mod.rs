@@ -1331,6 +1331,9 @@ struct NvmeBackend {
     /// The owner on whose behalf `submit` or `reap` runs now.
     cur: u16,
     owners: Vec<Owner>,
+    /// Entries in all owners' `ready` lists (so a reap looks at its list
+    /// only when there is something).
+    ready_count: usize,
     max_transfer_bytes: u64,
     /// Largest PRP command (one list page).
     prp_max_bytes: u64,
@@ -1397,6 +1400,7 @@ impl NvmeBackend {
         Ok(NvmeBackend {
             cur: 0,
             owners: Vec::new(),
+            ready_count: 0,
             max_transfer_bytes: ctrl.max_transfer_bytes,
             prp_max_bytes: ctrl.max_transfer_bytes.min(MAX_TRANSFER_BYTES),
             sgl: ctrl.sgl,
@@ -1509,11 +1513,12 @@ impl NvmeBackend {
         self.active -= 1;
     }
 
-    /// Writes the PRPs of `segs` for command `cid` (its list into the
-    /// tracker's page) when they fit one command; returns (PRP1, PRP2,
-    /// bytes), or `None` when the op needs the general planner.
+    /// Writes the PRPs of `segs` (whole blocks of `bs` bytes) for command
+    /// `cid` (its list into the tracker's page) when they fit one command;
+    /// returns (PRP1, PRP2, bytes), or `None` when the op needs the general
+    /// planner.
     #[inline]
-    fn direct_prps(&self, cid: u16, segs: &[Segment]) -> Option<(u64, u64, u64)> {
+    fn direct_prps(&self, cid: u16, segs: &[Segment], bs: u64) -> Option<(u64, u64, u64)> {
         let (mut n, mut prp1, mut second, mut total, mut last_end) = (0usize, 0, 0, 0u64, 0);
         for s in segs {
             let start = s.iova()?.0;
@@ -1545,7 +1550,7 @@ impl NvmeBackend {
             }
             last_end = end;
         }
-        if n == 0 || !total.is_multiple_of(self.block_size()) {
+        if n == 0 || !total.is_multiple_of(bs) {
             return None;
         }
         let prp2 = match n {
@@ -1556,11 +1561,12 @@ impl NvmeBackend {
         Some((prp1, prp2, total))
     }
 
-    /// Writes the SGL of `segs` for command `cid` (its descriptors into the
-    /// tracker's page when there are several) when they fit one command;
-    /// returns the command's descriptor (address, length, type) and the
-    /// bytes, or `None` when the op needs the general planner.
-    fn direct_sgl(&self, cid: u16, segs: &[Segment]) -> Option<(u64, u32, u8, u64)> {
+    /// Writes the SGL of `segs` (whole blocks of `bs` bytes) for command
+    /// `cid` (its descriptors into the tracker's page when there are
+    /// several) when they fit one command; returns the command's descriptor
+    /// (address, length, type) and the bytes, or `None` when the op needs
+    /// the general planner.
+    fn direct_sgl(&self, cid: u16, segs: &[Segment], bs: u64) -> Option<(u64, u32, u8, u64)> {
         if segs.is_empty() || segs.len() > LIST_DESCRIPTORS {
             return None;
         }
@@ -1580,7 +1586,7 @@ impl NvmeBackend {
                 self.write_page_u64(cid, 2 * i + 1, high);
             }
         }
-        if total > self.max_transfer_bytes || !total.is_multiple_of(self.block_size()) {
+        if total > self.max_transfer_bytes || !total.is_multiple_of(bs) {
             return None;
         }
         if segs.len() == 1 {
@@ -1638,12 +1644,12 @@ impl NvmeBackend {
             (o.nsid, o.block_size)
         };
         let mut cmd;
-        if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) {
+        if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs, bs) {
             cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
             cmd.prp1 = prp1;
             cmd.prp2 = prp2;
         } else if self.sgl {
-            let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs) else {
+            let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs, bs) else {
                 return false;
             };
             cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
@@ -1815,7 +1821,7 @@ impl NvmeBackend {
                 op.remaining -= 1;
                 if op.remaining == 0 {
                     let r = self.finish(p.owner, p.tag);
-                    self.owners[p.owner as usize].ready.push((p.tag, r));
+                    self.push_ready(p.owner, p.tag, r);
                 }
                 continue;
             }
@@ -1945,7 +1951,7 @@ impl NvmeBackend {
             return 1;
         }
         // Another namespace's channel on this queue reports it.
-        self.owners[owner as usize].ready.push((tag, r));
+        self.push_ready(owner, tag, r);
         0
     }
 
@@ -1974,7 +1980,7 @@ impl NvmeBackend {
                     reason: reason.to_string(),
                 });
                 let r = self.finish(owner as u16, tag as Tag);
-                self.owners[owner].ready.push((tag as Tag, r));
+                self.push_ready(owner as u16, tag as Tag, r);
             }
         }
     }
@@ -2136,15 +2142,25 @@ impl NvmeBackend {
         n + self.drain_ready(done)
     }
 
+    /// Leaves a finished op for its owner's next reap.
+    fn push_ready(&mut self, owner: u16, tag: Tag, r: Result<()>) {
+        self.owners[owner as usize].ready.push((tag, r));
+        self.ready_count += 1;
+    }
+
     /// Reports the current owner's ops that finished elsewhere.
     #[inline]
     fn drain_ready(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        if self.ready_count == 0 {
+            return 0;
+        }
         let ready = &mut self.owners[self.cur as usize].ready;
         let mut n = 0;
         while let Some((t, r)) = ready.pop() {
             done(t, r);
             n += 1;
         }
+        self.ready_count -= n;
         n
     }
 }
@@ -2223,7 +2239,8 @@ impl Drop for NamespaceBackend {
         let o = &mut q.owners[self.owner as usize];
         o.live = false;
         o.ops = Vec::new();
-        o.ready = Vec::new();
+        let left = std::mem::take(&mut o.ready).len();
+        q.ready_count -= left;
     }
 }
 
