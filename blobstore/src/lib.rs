@@ -21,7 +21,7 @@ pub mod reactor;
 mod snapshot;
 mod store;
 
-pub use blob::Blob;
+pub use blob::{Blob, BlobIo};
 pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;

@@ -492,7 +492,7 @@ impl IoChannel {
         }
     }
 
-    fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
+    pub(crate) fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
         let segs = bufs.iter().map(|b| b.segment(0, b.len())).collect();
         self.submit(IoOp {
             kind,
