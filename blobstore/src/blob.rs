@@ -11,12 +11,15 @@
 //!   store's metadata lock, zeroes what the write does not cover, writes the
 //!   data, and makes the new mapping durable before it completes.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use futures::future::try_join_all;
 
-use crate::device::{DmaBuf, IoChannel, IoKind, IoOp, Segments};
+use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segments};
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::snapshot::ancestor_cluster;
@@ -464,33 +467,42 @@ impl Blob {
         })
     }
 
-    /// Reads `buf.len()` bytes starting at io unit `offset`.
-    pub async fn read(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
-        // Plain locals: temporaries of an `if let` or of a `?` expression
-        // would live across the await and bloat the future.
-        let units = self.units_of_one(&buf)?;
-        let lba = self.map_one(offset, units, false)?;
-        if let Some(lba) = lba {
-            let ch = self.store.chan()?;
-            return ch.read(lba, buf).await;
-        }
-        // Boxed: the general path's state would make every read's future
-        // (moved around by executors) several times larger.
-        let mut v = Box::pin(self.readv(offset, vec![buf])).await?;
-        Ok(v.pop().expect("one buffer in, one out"))
+    /// Reads `buf.len()` bytes starting at io unit `offset`. The I/O is
+    /// submitted when this is called (when it fits one command), so the
+    /// future need not be polled for the device to start.
+    #[inline]
+    pub fn read(&self, offset: u64, buf: DmaBuf) -> BlobIo<'_> {
+        self.one(IoKind::Read, offset, buf)
     }
 
     /// Writes `buf` starting at io unit `offset`.
-    pub async fn write(&self, offset: u64, buf: DmaBuf) -> Result<DmaBuf> {
-        let units = self.units_of_one(&buf)?;
-        let lba = self.map_one(offset, units, true)?;
-        if let Some(lba) = lba {
-            let ch = self.store.chan()?;
-            return ch.write(lba, buf).await;
-        }
-        // Boxed, as in `read`.
-        let mut v = Box::pin(self.writev(offset, vec![buf])).await?;
-        Ok(v.pop().expect("one buffer in, one out"))
+    #[inline]
+    pub fn write(&self, offset: u64, buf: DmaBuf) -> BlobIo<'_> {
+        self.one(IoKind::Write, offset, buf)
+    }
+
+    /// One buffer's I/O: when it lies in one allocated cluster, the
+    /// channel's I/O future itself (no async state machine around it);
+    /// otherwise the vectored path, boxed, whose state would make every
+    /// future (moved around by executors) several times larger.
+    fn one(&self, kind: IoKind, offset: u64, buf: DmaBuf) -> BlobIo<'_> {
+        let write = kind == IoKind::Write;
+        let direct = self
+            .units_of_one(&buf)
+            .and_then(|units| self.map_one(offset, units, write));
+        let state = match direct {
+            Err(e) => BlobIoState::Failed(Some(e)),
+            Ok(Some(lba)) => match self.store.chan() {
+                Ok(ch) => BlobIoState::Direct {
+                    io: ch.submit_bufs(kind, lba, std::slice::from_ref(&buf)),
+                    buf: Some(buf),
+                },
+                Err(e) => BlobIoState::Failed(Some(e)),
+            },
+            Ok(None) if write => BlobIoState::General(Box::pin(self.writev(offset, vec![buf]))),
+            Ok(None) => BlobIoState::General(Box::pin(self.readv(offset, vec![buf]))),
+        };
+        BlobIo { state }
     }
 
     /// Writes `bufs` (in order) starting at io unit `offset`.
@@ -628,4 +640,47 @@ impl Blob {
     pub async fn write_zeroes(&self, offset: u64, units: u64) -> Result<()> {
         self.zero_like(offset, units, false).await
     }
+}
+
+/// The future of [`Blob::read`] and [`Blob::write`]: the buffer back once
+/// the I/O is done.
+pub struct BlobIo<'a> {
+    state: BlobIoState<'a>,
+}
+
+/// The vectored path's future.
+type VectoredIo<'a> = Pin<Box<dyn Future<Output = Result<Vec<DmaBuf>>> + 'a>>;
+
+enum BlobIoState<'a> {
+    /// One command on the channel; the buffer waits here for it.
+    Direct { io: IoFuture, buf: Option<DmaBuf> },
+    /// Across clusters, unallocated, or a snapshot's: the vectored path.
+    General(VectoredIo<'a>),
+    /// Refused before any I/O (the error once, then a shutdown error).
+    Failed(Option<Error>),
+}
+
+impl Future for BlobIo<'_> {
+    type Output = Result<DmaBuf>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<DmaBuf>> {
+        match &mut self.get_mut().state {
+            BlobIoState::Direct { io, buf } => match Pin::new(io).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) => Poll::Ready(buf.take().ok_or_else(polled_after_completion)),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            },
+            BlobIoState::General(f) => f
+                .as_mut()
+                .poll(cx)
+                .map(|r| r.map(|mut v| v.pop().expect("one buffer in, one out"))),
+            BlobIoState::Failed(e) => {
+                Poll::Ready(Err(e.take().unwrap_or_else(polled_after_completion)))
+            }
+        }
+    }
+}
+
+fn polled_after_completion() -> Error {
+    Error::Shutdown("blob I/O future polled after completion".into())
 }

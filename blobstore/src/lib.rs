@@ -21,7 +21,7 @@ pub mod reactor;
 mod snapshot;
 mod store;
 
-pub use blob::Blob;
+pub use blob::{Blob, BlobIo};
 pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
@@ -30,7 +30,7 @@ pub use device::{
     IoChannel, MemDevice,
 };
 #[cfg(feature = "nvme")]
-pub use device::{NvmeController, NvmeDevice};
+pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;

@@ -50,7 +50,9 @@ pub async fn probe(dev: &Arc<dyn BlockDevice>) -> Result<Option<Signature>> {
         return Ok(None);
     }
     let ch = channel(dev)?;
-    let buf = ch.read(0, dev.alloc_buf(len as usize)?).await?;
+    let buf = ch
+        .read(0, dev.alloc_buf_for_overwrite(len as usize)?)
+        .await?;
     Ok(identify(&buf))
 }
 

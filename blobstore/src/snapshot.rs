@@ -206,7 +206,8 @@ impl StoreInner {
             let Some(src) = src else { continue };
             let b = match buf.take() {
                 Some(b) => b,
-                None => self.dev.alloc_buf(cs)?,
+                // Read into before it is written from: no zeroing.
+                None => self.dev.alloc_buf_for_overwrite(cs)?,
             };
             let b = ch.read(self.layout.cluster_lba(src), b).await?;
             let b = ch.write(self.layout.cluster_lba(dst), b).await?;

@@ -310,7 +310,7 @@ impl StoreInner {
     }
 
     pub(crate) async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
-        let buf = self.dev.alloc_buf(len)?;
+        let buf = self.dev.alloc_buf_for_overwrite(len)?;
         ch.read(lba, buf).await
     }
 
@@ -945,7 +945,9 @@ impl Blobstore {
     ) -> Result<Blobstore> {
         let geo = dev.geometry();
         let ch = channel(&dev)?;
-        let first = ch.read(0, dev.alloc_buf(format::SUPER_BLOCK_LEN)?).await?;
+        let first = ch
+            .read(0, dev.alloc_buf_for_overwrite(format::SUPER_BLOCK_LEN)?)
+            .await?;
         let sb = SuperBlock::decode(&first)?;
         let found = String::from_utf8_lossy(&sb.bstype)
             .trim_end_matches('\0')

@@ -4,13 +4,15 @@
 //!
 //! ```text
 //! perf --device <spec> [--qd 32] [--bs 4096] [--rw randread] [--mix 70]
-//!      [--seconds 10] [--threads 1]
+//!      [--seconds 10] [--threads 1] [--shadow-doorbells on|off]
 //! ```
 //! `--rw` is one of read, write, randread, randwrite, randrw (`--mix` is the
 //! read percentage of randrw). Devices: `mem:<bytes>[/bs=<512|4096>]`,
 //! `nvme:<pci>[/ns=<n>]`, or any spec the library's `open_device` takes.
 //! Each thread has its own channel (an NVMe queue pair) and keeps `qd`
 //! operations in flight; it prints IOPS, MiB/s and latency percentiles.
+//! `--shadow-doorbells off` attaches an NVMe controller without shadow
+//! doorbells (they are used by default when the controller offers them).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ struct Args {
     mix: u64,
     seconds: f64,
     threads: usize,
+    shadow_doorbells: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -37,6 +40,7 @@ fn parse() -> Result<Args, String> {
         mix: 70,
         seconds: 10.0,
         threads: 1,
+        shadow_doorbells: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -50,6 +54,13 @@ fn parse() -> Result<Args, String> {
             "--mix" | "-M" => a.mix = num(v()?)?,
             "--seconds" | "-t" => a.seconds = v()?.parse().map_err(|e| format!("seconds: {e}"))?,
             "--threads" | "-c" => a.threads = num(v()?)? as usize,
+            "--shadow-doorbells" => {
+                a.shadow_doorbells = match v()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    o => return Err(format!("--shadow-doorbells {o}: on|off")),
+                }
+            }
             "--help" | "-h" => return Err(String::new()),
             _ => return Err(format!("unknown argument {k}")),
         }
@@ -69,7 +80,9 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn open(spec: &str) -> Result<Arc<dyn BlockDevice>, String> {
+fn open(spec: &str, shadow_doorbells: bool) -> Result<Arc<dyn BlockDevice>, String> {
+    #[cfg(not(feature = "nvme"))]
+    let _ = shadow_doorbells;
     if let Some(rest) = spec.strip_prefix("mem:") {
         let (size, bs) = match rest.split_once("/bs=") {
             Some((s, b)) => (s, b.parse::<u32>().map_err(|e| e.to_string())?),
@@ -86,6 +99,23 @@ fn open(spec: &str) -> Result<Arc<dyn BlockDevice>, String> {
             Some((p, n)) => (p, n.parse::<u32>().map_err(|e| e.to_string())?),
             None => (rest, 1),
         };
+        // Attach the controller with the chosen options first; the device
+        // then finds it attached.
+        let opts = blobstore::ControllerOptions {
+            shadow_doorbells,
+            ..Default::default()
+        };
+        let ctrl = blobstore::NvmeController::open_with(pci, opts).map_err(|e| e.to_string())?;
+        println!(
+            "controller {pci}: shadow doorbells {} (offered: {}, asked: {})",
+            if ctrl.shadow_doorbells() { "on" } else { "off" },
+            if ctrl.identity().supports_doorbell_buffer() {
+                "yes"
+            } else {
+                "no"
+            },
+            if shadow_doorbells { "on" } else { "off" },
+        );
         let dev = blobstore::NvmeDevice::open(pci, nsid).map_err(|e| e.to_string())?;
         return Ok(Arc::new(dev));
     }
@@ -197,12 +227,12 @@ fn main() -> std::process::ExitCode {
             }
             eprintln!(
                 "usage: perf --device <spec> [--qd N] [--bs BYTES] \
-                 [--rw read|write|randread|randwrite|randrw] [--mix READ%] [--seconds S] [--threads N]"
+                 [--rw read|write|randread|randwrite|randrw] [--mix READ%] [--seconds S] [--threads N] [--shadow-doorbells on|off]"
             );
             return std::process::ExitCode::FAILURE;
         }
     };
-    let dev = match open(&a.device) {
+    let dev = match open(&a.device, a.shadow_doorbells) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("perf: opening {}: {e}", a.device);

@@ -412,6 +412,9 @@ impl BlockDevice for FaultDevice {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.inner.alloc_buf(len_bytes)
     }
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.inner.alloc_buf_for_overwrite(len_bytes)
+    }
 }
 
 struct FaultBackend {

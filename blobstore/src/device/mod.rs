@@ -26,7 +26,7 @@ pub use file::{FileDevice, FileOptions};
 pub use lock::{wait_unlocked, FileLock};
 pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
-pub use nvme::{NvmeController, NvmeDevice};
+pub use nvme::{ControllerOptions, NvmeController, NvmeDevice};
 pub use powerloss::PowerLossDevice;
 pub use spec::{open_device, DeviceSpec, PciAddress};
 
@@ -163,6 +163,13 @@ pub trait BlockDevice: Send + Sync + 'static {
     /// Allocates a DMA-able buffer for this device.
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         DmaBuf::new(len_bytes)
+    }
+    /// As [`BlockDevice::alloc_buf`], for a buffer the caller overwrites
+    /// whole (a read target): it need not be zeroed, and on devices with
+    /// their own DMA memory it is not (its bytes are stale data of this
+    /// process). The default zeroes.
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.alloc_buf(len_bytes)
     }
     /// Where the device's owner keeps what it wrote and has not synced yet,
     /// in memory that outlives the owning process but not the machine (a
@@ -538,7 +545,7 @@ impl IoChannel {
         }
     }
 
-    fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
+    pub(crate) fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
         let segs = bufs.iter().map(|b| b.segment(0, b.len())).collect();
         self.submit(IoOp {
             kind,

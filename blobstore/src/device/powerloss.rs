@@ -354,6 +354,9 @@ impl BlockDevice for PowerLossDevice {
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.inner.alloc_buf(len_bytes)
     }
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.inner.alloc_buf_for_overwrite(len_bytes)
+    }
 }
 
 /// What an in-flight tag is.

@@ -4,7 +4,10 @@
 # guest, and runs there:
 #   - tests/nvme_vm.rs (identify, I/O, threads, errors, blobstore + reset),
 #   - the core blobstore suite (tests/blobstore.rs) on NvmeDevice,
-#   - the perf tool on the controller and on MemDevice,
+#   - the perf tool on the controller and on MemDevice, and a QD32 read
+#     with and without shadow doorbells: IOPS, IOPS per guest CPU second
+#     (from the guest's /proc/stat) and the ratio, three runs each,
+#     alternating, medians,
 #   - BlobFS's kill test (blobfs/tests/kill.rs) on both namespaces: a child
 #     killed with unsynced appends in hugepage memory and live queues; the
 #     next open resets the controller and the mount writes them back,
@@ -153,6 +156,38 @@ run perf-nvme-randread perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randr
 run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
 run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
 run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
+# Shadow doorbells: the same QD32 random read with and without, sides
+# alternating. Guest CPU = non-idle jiffies of every CPU in /proc/stat
+# (USER_HZ 100), so time QEMU spends trapping a doorbell counts.
+cpu_busy() {
+  read -r _ u n s _ _ irq sirq steal _ < /proc/stat
+  echo $((u + n + s + irq + sirq + steal))
+}
+perf_cpu() { # on|off: prints "IOPS OPS_PER_CPU_SECOND"
+  b0=$(cpu_busy)
+  out=$(perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 3 --shadow-doorbells "$1") || return 1
+  b1=$(cpu_busy)
+  echo "$out" | sed 's/^/    /' >&2
+  ops=$(echo "$out" | sed -n 's/^  thread [0-9]*: \([0-9]*\) ops.*/\1/p' | head -1)
+  iops=$(echo "$out" | sed -n 's/^total: \([0-9]*\) IOPS.*/\1/p')
+  echo "$iops $(( ops * 100 / ( (b1 - b0) > 0 ? (b1 - b0) : 1 ) ))"
+}
+median() { sort -n | sed -n 2p; }
+ratio() { r=$(( $1 * 1000 / ($2 > 0 ? $2 : 1) )); printf '%d.%03d' $((r / 1000)) $((r % 1000)); }
+shadow_compare() {
+  : > /tmp/on; : > /tmp/off
+  for i in 1 2 3; do
+    for side in on off; do
+      r=$(perf_cpu $side) || return 1
+      echo "VMTEST-PERF shadow-doorbells=$side run=$i iops=${r% *} iops_per_cpu_s=${r#* }"
+      echo "$r" >> /tmp/$side
+    done
+  done
+  on_iops=$(cut -d' ' -f1 /tmp/on | median); off_iops=$(cut -d' ' -f1 /tmp/off | median)
+  on_cpu=$(cut -d' ' -f2 /tmp/on | median); off_cpu=$(cut -d' ' -f2 /tmp/off | median)
+  echo "VMTEST-PERF shadow-doorbells median: on iops=$on_iops iops_per_cpu_s=$on_cpu; off iops=$off_iops iops_per_cpu_s=$off_cpu; ratio on/off iops=$(ratio $on_iops $off_iops) iops_per_cpu_s=$(ratio $on_cpu $off_cpu)"
+}
+run perf-nvme-shadow-doorbells-on-vs-off shadow_compare
 # A killed BlobFS process loses no acknowledged write on NVMe either.
 for ns in 1 2; do
   BLOBFS_KILL_DEVICE=nvme:$PCI/ns=$ns run blobfs-kill-on-nvme-ns$ns \
@@ -233,7 +268,7 @@ elapsed=$(( $(date +%s) - start ))
 # 6. Verdict.
 echo
 log "VM finished in ${elapsed}s (qemu exit $qrc)"
-grep -a -E "^test .* \.\.\. |VMTEST-END" "$CONSOLE" | sed 's/\r$//' || true
+grep -a -E "^test .* \.\.\. |VMTEST-END|VMTEST-PERF" "$CONSOLE" | sed 's/\r$//' || true
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
   log "FAIL: the VM did not finish within ${TIMEOUT}s"; exit 1
 fi

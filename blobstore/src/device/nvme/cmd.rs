@@ -32,6 +32,10 @@ pub mod admin_op {
     pub const ABORT: u8 = 0x08;
     /// Set Features.
     pub const SET_FEATURES: u8 = 0x09;
+    /// Asynchronous Event Request.
+    pub const ASYNC_EVENT_REQUEST: u8 = 0x0C;
+    /// Doorbell Buffer Config (shadow doorbells and EventIdx).
+    pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }
 
 /// NVM command set opcodes.
@@ -58,12 +62,89 @@ pub mod cns {
     pub const ACTIVE_NS_LIST: u32 = 0x02;
 }
 
+/// SGL descriptor types (the high nibble of a descriptor's last byte).
+pub mod sgl_type {
+    /// Data Block: `len` bytes of data at `addr`.
+    pub const DATA_BLOCK: u8 = 0x0;
+    /// Segment: a list of descriptors at `addr`, `len` bytes long, whose
+    /// last descriptor may point to the next segment.
+    pub const SEGMENT: u8 = 0x2;
+    /// Last Segment: a list of descriptors none of which is a segment.
+    pub const LAST_SEGMENT: u8 = 0x3;
+}
+
+/// Bytes of one SGL descriptor.
+pub const SGL_DESCRIPTOR_BYTES: usize = 16;
+
+/// The second quadword of an SGL descriptor (address subtype): length in
+/// bytes 8..12, type in the high nibble of byte 15.
+pub fn sgl_descriptor_high(len: u32, kind: u8) -> u64 {
+    len as u64 | ((kind as u64 & 0xf) << 4) << 56
+}
+
+/// Length and type of an SGL descriptor from its second quadword.
+pub fn sgl_descriptor_decode(high: u64) -> (u32, u8) {
+    (high as u32, (high >> 60) as u8)
+}
+
 /// Feature id: Number of Queues.
 pub const FEAT_NUM_QUEUES: u32 = 0x07;
 /// Log page: Error Information.
 pub const LOG_ERROR_INFO: u8 = 0x01;
 /// Log page: SMART / Health Information.
 pub const LOG_SMART: u8 = 0x02;
+/// Log page: Changed Namespace List.
+pub const LOG_CHANGED_NS: u8 = 0x04;
+/// Feature id: Asynchronous Event Configuration.
+pub const FEAT_ASYNC_EVENT_CONFIG: u32 = 0x0B;
+/// Asynchronous Event Configuration: every SMART critical warning (bits
+/// 7:0) and Namespace Attribute Notices (bit 8).
+pub const ASYNC_EVENTS_WANTED: u32 = 0xff | 1 << 8;
+
+/// Asynchronous event types (completion dword 0 bits 2:0).
+pub mod event_type {
+    /// Error status.
+    pub const ERROR: u8 = 0;
+    /// SMART / Health status.
+    pub const SMART: u8 = 1;
+    /// Notice (information 0: namespace attribute changed).
+    pub const NOTICE: u8 = 2;
+}
+
+/// What an Asynchronous Event Request completion reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AsyncEvent {
+    /// Event type ([`event_type`]).
+    pub kind: u8,
+    /// Event information (type specific).
+    pub info: u8,
+    /// The log page to read to clear the event (0: none).
+    pub log_page: u8,
+}
+
+impl AsyncEvent {
+    /// Decodes completion dword 0.
+    pub fn decode(dw0: u32) -> AsyncEvent {
+        AsyncEvent {
+            kind: (dw0 & 7) as u8,
+            info: (dw0 >> 8) as u8,
+            log_page: (dw0 >> 16) as u8,
+        }
+    }
+
+    /// Completion dword 0 (for the software controller).
+    pub fn encode(&self) -> u32 {
+        (self.kind & 7) as u32 | (self.info as u32) << 8 | (self.log_page as u32) << 16
+    }
+
+    /// Bytes of the log page to read for it.
+    pub fn log_bytes(&self) -> u32 {
+        match self.log_page {
+            LOG_ERROR_INFO | LOG_CHANGED_NS => 4096,
+            _ => 512,
+        }
+    }
+}
 
 /// A submission queue entry, as dwords (CID is set at submission).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,6 +157,9 @@ pub struct Command {
     pub prp1: u64,
     /// PRP entry 2 (second page or PRP list).
     pub prp2: u64,
+    /// PRP or SGL for data transfer (PSDT): 0 PRPs; 1 an SGL, its first
+    /// descriptor in place of PRP1 and PRP2 (see [`Command::set_sgl`]).
+    pub psdt: u8,
     /// Command dwords 10 to 15.
     pub cdw: [u32; 6],
 }
@@ -84,8 +168,8 @@ impl Command {
     /// The 16 dwords of the entry with command id `cid`.
     pub fn encode(&self, cid: u16) -> [u32; 16] {
         let mut d = [0u32; 16];
-        // FUSE = 0, PSDT = 0 (PRPs).
-        d[0] = self.opcode as u32 | (cid as u32) << 16;
+        // FUSE = 0; PSDT in bits 15:14.
+        d[0] = self.opcode as u32 | ((self.psdt as u32) & 3) << 14 | (cid as u32) << 16;
         d[1] = self.nsid;
         d[6] = self.prp1 as u32;
         d[7] = (self.prp1 >> 32) as u32;
@@ -93,6 +177,14 @@ impl Command {
         d[9] = (self.prp2 >> 32) as u32;
         d[10..16].copy_from_slice(&self.cdw);
         d
+    }
+
+    /// Describes the data with an SGL whose first descriptor (in the
+    /// command) is of `kind` ([`sgl_type`]) at `addr`, `len` bytes long.
+    pub fn set_sgl(&mut self, addr: u64, len: u32, kind: u8) {
+        self.psdt = 1;
+        self.prp1 = addr;
+        self.prp2 = sgl_descriptor_high(len, kind);
     }
 
     /// Read or write of `blocks` blocks at `lba` (NLB is zero-based).
@@ -204,6 +296,36 @@ impl Command {
             nsid: u32::MAX,
             prp1: buf.0,
             cdw: [(numd & 0xffff) << 16 | lid as u32, numd >> 16, 0, 0, 0, 0],
+            ..Default::default()
+        }
+    }
+
+    /// Doorbell Buffer Config: the shadow doorbell page at `shadow` and the
+    /// EventIdx page at `event_idx` (both page aligned), laid out as the
+    /// doorbell registers are (queue `q`'s SQ tail at `2q * stride`, its CQ
+    /// head at `(2q + 1) * stride`).
+    pub fn doorbell_buffer_config(shadow: Iova, event_idx: Iova) -> Command {
+        Command {
+            opcode: admin_op::DOORBELL_BUFFER_CONFIG,
+            prp1: shadow.0,
+            prp2: event_idx.0,
+            ..Default::default()
+        }
+    }
+
+    /// Asynchronous Event Request (completes when an event happens).
+    pub fn async_event_request() -> Command {
+        Command {
+            opcode: admin_op::ASYNC_EVENT_REQUEST,
+            ..Default::default()
+        }
+    }
+
+    /// Set Features, Asynchronous Event Configuration, to `events`.
+    pub fn set_async_event_config(events: u32) -> Command {
+        Command {
+            opcode: admin_op::SET_FEATURES,
+            cdw: [FEAT_ASYNC_EVENT_CONFIG, events, 0, 0, 0, 0],
             ..Default::default()
         }
     }
@@ -320,10 +442,17 @@ pub struct ControllerIdentity {
     pub mdts: u8,
     /// Controller id.
     pub cntlid: u16,
+    /// Asynchronous Event Request Limit (zero-based: AERL + 1 requests may
+    /// be outstanding).
+    pub aerl: u8,
     /// Number of namespaces (largest valid namespace id).
     pub nn: u32,
+    /// Optional Admin Command Support (OACS).
+    pub oacs: u16,
     /// Optional NVM commands supported (ONCS).
     pub oncs: u16,
+    /// SGL Support (SGLS).
+    pub sgls: u32,
     /// A volatile write cache is present (Flush does something).
     pub volatile_write_cache: bool,
 }
@@ -339,10 +468,29 @@ impl ControllerIdentity {
             firmware: ascii(&page[64..72]),
             mdts: page[77],
             cntlid: le16(page, 78),
+            aerl: page[259],
             nn: le32(page, 516),
+            oacs: le16(page, 256),
             oncs: le16(page, 520),
+            sgls: le32(page, 536),
             volatile_write_cache: page[525] & 1 == 1,
         })
+    }
+
+    /// Doorbell Buffer Config (shadow doorbells) is supported (OACS bit 8).
+    pub fn supports_doorbell_buffer(&self) -> bool {
+        self.oacs & (1 << 8) != 0
+    }
+
+    /// SGLs are supported for the NVM command set (SGLS bits 1:0 are 01b,
+    /// any alignment, or 10b, dword alignment and granularity).
+    pub fn supports_sgl(&self) -> bool {
+        matches!(self.sgls & 3, 1 | 2)
+    }
+
+    /// SGL data blocks must start and end on dword boundaries.
+    pub fn sgl_needs_dword_alignment(&self) -> bool {
+        self.sgls & 3 == 2
     }
 
     /// Dataset Management is supported.
@@ -546,6 +694,27 @@ mod tests {
         assert_eq!(d[10], 77 << 16 | 5);
         let d = Command::deallocate(2, Iova(0x4000), 3).encode(0);
         assert_eq!((d[1], d[10], d[11]), (2, 2, 4));
+        let d = Command::doorbell_buffer_config(Iova(0x1_0000_5000), Iova(0x6000)).encode(3);
+        assert_eq!(d[0], 0x7C | 3 << 16);
+        assert_eq!((d[6], d[7], d[8], d[9]), (0x5000, 1, 0x6000, 0));
+        let d = Command::set_async_event_config(ASYNC_EVENTS_WANTED).encode(1);
+        assert_eq!((d[0] & 0xff, d[10], d[11]), (0x09, 0x0B, 0x1ff));
+        assert_eq!(Command::async_event_request().encode(4)[0], 0x0C | 4 << 16);
+        let e = AsyncEvent::decode(0x04_00_02);
+        assert_eq!(
+            (e.kind, e.info, e.log_page),
+            (event_type::NOTICE, 0, LOG_CHANGED_NS)
+        );
+        assert_eq!(AsyncEvent::decode(e.encode()), e);
+        let mut c = Command::rw(io_op::WRITE, 1, 0, 8);
+        c.set_sgl(0x1_0000_2000, 4096, sgl_type::LAST_SEGMENT);
+        let d = c.encode(9);
+        assert_eq!(d[0], 0x01 | 1 << 14 | 9 << 16, "PSDT 01b");
+        assert_eq!((d[6], d[7], d[8], d[9]), (0x2000, 1, 4096, 0x30 << 24));
+        assert_eq!(
+            sgl_descriptor_decode(sgl_descriptor_high(4096, 3)),
+            (4096, 3)
+        );
     }
 
     #[test]
@@ -591,6 +760,18 @@ mod tests {
         assert_eq!((c.serial.as_str(), c.model.as_str()), ("SER123", "MODEL"));
         assert_eq!(c.max_transfer_bytes(4096), Some(128 << 10));
         assert!(c.supports_dsm() && c.supports_write_zeroes() && c.volatile_write_cache);
+        assert!(!c.supports_doorbell_buffer() && !c.supports_sgl());
+        assert_eq!(c.aerl, 0);
+        p[536] = 2;
+        let c2 = ControllerIdentity::parse(&p).unwrap();
+        assert!(c2.supports_sgl() && c2.sgl_needs_dword_alignment());
+        p[536] = 3; // reserved
+        assert!(!ControllerIdentity::parse(&p).unwrap().supports_sgl());
+        p[536] = 0;
+        p[257] = 1; // OACS bit 8
+        assert!(ControllerIdentity::parse(&p)
+            .unwrap()
+            .supports_doorbell_buffer());
         assert!(ControllerIdentity::parse(&p[..100]).is_err());
 
         let mut n = vec![0u8; 4096];

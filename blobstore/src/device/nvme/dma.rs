@@ -12,11 +12,22 @@
 //! no bitmap. Cached pages stay marked used; they go back to the pool when
 //! the cache is full or the thread exits.
 //!
+//! Freed large buffers keep their mapping (up to [`LARGE_CACHE_MAPPINGS`]
+//! of them, [`LARGE_CACHE_BYTES`] in all) for the next large buffer of the
+//! same size: no mmap, VFIO map and unmap per large I/O buffer.
+//!
+//! [`DmaPool::alloc`] zeroes what it lends; [`DmaPool::alloc_for_overwrite`]
+//! does not, for buffers the device or the caller overwrites whole (read
+//! targets, bounce buffers): their bytes are whatever this process last
+//! left there.
+//!
 //! Invariants:
 //! - Every byte of a buffer from the pool lies inside one mapping, so a
 //!   buffer is contiguous in IOVA space: `iova(ptr + k) = iova(ptr) + k`.
 //! - A page is lent to at most one buffer or one thread cache at a time
-//!   (the chunk bitmap), and is zeroed before it is lent to a buffer.
+//!   (the chunk bitmap), and is zeroed before it is lent to a buffer by
+//!   `alloc`. A large mapping is lent to at most one buffer or held by the
+//!   large cache, and stays in `large` (mapped) while either holds it.
 //! - IOVA ranges never overlap and stay clear of the x86 MSI window below
 //!   4 GiB (the allocator starts at 4 GiB).
 //! - The pool's memory is only touched through raw pointers here; safe code
@@ -44,6 +55,10 @@ pub const CACHE_PER_THREAD: usize = 64;
 pub const IOVA_BASE: u64 = 1 << 32;
 /// End of the IOVA space used (QEMU's intel-iommu has 39 address bits).
 pub const IOVA_LIMIT: u64 = 1 << 38;
+/// Freed large mappings kept for reuse.
+pub const LARGE_CACHE_MAPPINGS: usize = 8;
+/// Bytes of freed large mappings kept for reuse, at most.
+pub const LARGE_CACHE_BYTES: usize = 64 << 20;
 
 /// Makes memory visible to the device at an IOVA (VFIO DMA map on
 /// hardware, nothing in tests).
@@ -210,6 +225,9 @@ struct PoolState {
 pub struct DmaPool {
     mapper: Box<dyn DmaMapper>,
     state: Mutex<PoolState>,
+    /// Freed large mappings, still mapped and in `PoolState::large`, as
+    /// (IOVA, bytes). Locked only with `state` held.
+    large_free: Mutex<Vec<(Iova, usize)>>,
     try_huge: bool,
 }
 
@@ -231,6 +249,7 @@ impl DmaPool {
                 external: BTreeMap::new(),
                 iovas: IovaAllocator::new(IOVA_BASE, IOVA_LIMIT),
             }),
+            large_free: Mutex::new(Vec::new()),
             try_huge,
         })
     }
@@ -268,12 +287,25 @@ impl DmaPool {
 
     /// A zeroed buffer of `len_bytes` whose memory the device can reach.
     pub fn alloc(self: &Arc<Self>, len_bytes: usize) -> Result<DmaBuf> {
+        self.lend(len_bytes, true)
+    }
+
+    /// As [`DmaPool::alloc`], without zeroing: for a buffer that will be
+    /// overwritten whole (a read target, a bounce buffer). Its bytes are
+    /// whatever this process last left in that memory.
+    pub fn alloc_for_overwrite(self: &Arc<Self>, len_bytes: usize) -> Result<DmaBuf> {
+        self.lend(len_bytes, false)
+    }
+
+    fn lend(self: &Arc<Self>, len_bytes: usize, zero: bool) -> Result<DmaBuf> {
         let pages = len_bytes.max(1).div_ceil(DMA_ALIGN);
         if pages <= CACHE_MAX_PAGES {
             if let Some(c) = take_cached(self, pages) {
-                // SAFETY: the cached pages are lent to no buffer (the cache
-                // held them) and lie inside a live chunk mapping.
-                unsafe { std::ptr::write_bytes(c.ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+                if zero {
+                    // SAFETY: the cached pages are lent to no buffer (the
+                    // cache held them) and lie inside a live chunk mapping.
+                    unsafe { std::ptr::write_bytes(c.ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+                }
                 // SAFETY: as for a fresh lease below: aligned, initialised,
                 // owned by this buffer until the lease is released.
                 return Ok(unsafe {
@@ -327,9 +359,20 @@ impl DmaPool {
                 )
             } else {
                 let len = pages.div_ceil(PAGES_PER_CHUNK) * CHUNK_BYTES;
-                let (mem, iova) = self.map_new(&mut st, len)?;
-                let ptr = mem.va;
-                st.large.insert(iova.0, mem);
+                let reused = {
+                    let mut free = self.large_free.lock();
+                    let at = free.iter().position(|&(_, l)| l == len);
+                    at.map(|i| free.swap_remove(i).0)
+                };
+                let (ptr, iova) = match reused.and_then(|i| st.large.get(&i.0).map(|m| (m.va, i))) {
+                    Some(found) => found,
+                    None => {
+                        let (mem, iova) = self.map_new(&mut st, len)?;
+                        let ptr = mem.va;
+                        st.large.insert(iova.0, mem);
+                        (ptr, iova)
+                    }
+                };
                 let lease = LargeLease {
                     pool: self.clone(),
                     iova,
@@ -338,9 +381,11 @@ impl DmaPool {
                 (ptr, iova, Box::new(lease))
             };
         drop(st);
-        // SAFETY: the pages are lent to this buffer alone (bitmap or own
-        // mapping) and lie inside a live mapping.
-        unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+        if zero {
+            // SAFETY: the pages are lent to this buffer alone (bitmap or own
+            // mapping) and lie inside a live mapping.
+            unsafe { std::ptr::write_bytes(ptr.as_ptr(), 0, pages * DMA_ALIGN) };
+        }
         // SAFETY: aligned (page offsets of page-aligned mappings), valid and
         // initialised for pages * DMA_ALIGN bytes, owned by this buffer
         // until the lease is released.
@@ -419,6 +464,10 @@ impl Drop for DmaPool {
         let st = self.state.get_mut();
         for c in &st.chunks {
             let _ = self.mapper.unmap(c.iova, CHUNK_BYTES);
+        }
+        // Only cached large mappings are left (a lent one holds the pool).
+        for &(iova, len) in self.large_free.get_mut().iter() {
+            let _ = self.mapper.unmap(iova, len);
         }
     }
 }
@@ -519,6 +568,15 @@ struct LargeLease {
 impl DmaRelease for LargeLease {
     fn release(&mut self) {
         let mut st = self.pool.state.lock();
+        {
+            let mut free = self.pool.large_free.lock();
+            let cached: usize = free.iter().map(|f| f.1).sum();
+            if free.len() < LARGE_CACHE_MAPPINGS && cached + self.len <= LARGE_CACHE_BYTES {
+                // Kept mapped for the next large buffer of this size.
+                free.push((self.iova, self.len));
+                return;
+            }
+        }
         let _ = self.pool.mapper.unmap(self.iova, self.len);
         st.iovas.free(self.iova, self.len as u64);
         st.large.remove(&self.iova.0);
@@ -598,7 +656,7 @@ mod tests {
         assert_eq!(pool.stats(), (1, 0, 1));
         assert_eq!(big.iova().unwrap().0 % CHUNK_BYTES as u64, 0);
         drop(big);
-        assert_eq!(pool.stats(), (1, 0, 0));
+        assert_eq!(pool.stats(), (1, 0, 1), "kept mapped for reuse");
         // A full chunk makes the pool grow.
         let fill = pool.alloc(CHUNK_BYTES).unwrap();
         assert_eq!(pool.stats().0, 2);
@@ -646,5 +704,72 @@ mod tests {
         drop(big);
         assert_eq!(used_pages(&pool), 2);
         drop(c);
+    }
+}
+
+#[cfg(test)]
+mod reuse_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Counts maps and unmaps.
+    struct CountingMapper(Arc<(AtomicUsize, AtomicUsize)>);
+
+    impl DmaMapper for CountingMapper {
+        unsafe fn map(&self, _va: *mut u8, _len: usize, _iova: Iova) -> Result<()> {
+            self.0 .0.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        fn unmap(&self, _iova: Iova, _len: usize) -> Result<()> {
+            self.0 .1.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn large_mappings_are_reused_not_mapped_per_buffer() {
+        let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let pool = DmaPool::new(Box::new(CountingMapper(counts.clone())), false);
+        let maps = || counts.0.load(Ordering::Relaxed);
+        let unmaps = || counts.1.load(Ordering::Relaxed);
+        let mut first = pool.alloc(5 << 20).unwrap();
+        let iova = first.iova().unwrap();
+        first.fill(0x5A);
+        drop(first);
+        assert_eq!((maps(), unmaps()), (1, 0));
+        for _ in 0..100 {
+            let b = pool.alloc(5 << 20).unwrap();
+            assert_eq!(b.iova(), Some(iova), "the same mapping again");
+            assert!(b.iter().all(|&x| x == 0), "alloc still zeroes");
+        }
+        assert_eq!((maps(), unmaps()), (1, 0), "no map or unmap per buffer");
+        // Another size maps its own; the cache is bounded.
+        let bufs: Vec<DmaBuf> = (0..LARGE_CACHE_MAPPINGS + 2)
+            .map(|_| pool.alloc(6 << 20).unwrap())
+            .collect();
+        drop(bufs);
+        let cached: usize = pool.large_free.lock().iter().map(|f| f.1).sum();
+        assert!(pool.large_free.lock().len() <= LARGE_CACHE_MAPPINGS);
+        assert!(cached <= LARGE_CACHE_BYTES);
+        assert!(unmaps() >= 2, "past the bound, mappings are unmapped");
+        drop(pool);
+        assert_eq!(maps(), unmaps(), "everything unmapped with the pool");
+    }
+
+    #[test]
+    fn buffers_for_overwrite_are_not_zeroed() {
+        let pool = DmaPool::new(Box::new(NoMapper), false);
+        for len in [4096, 3 << 20] {
+            let mut a = pool.alloc(len).unwrap();
+            let iova = a.iova();
+            a.fill(0x77);
+            drop(a);
+            let b = pool.alloc_for_overwrite(len).unwrap();
+            assert_eq!(b.iova(), iova);
+            assert!(b.iter().all(|&x| x == 0x77), "{len}: left as it was");
+            drop(b);
+            let c = pool.alloc(len).unwrap();
+            assert!(c.iter().all(|&x| x == 0), "{len}: alloc zeroes");
+        }
     }
 }

@@ -1,16 +1,20 @@
 //! `NvmeDevice`: a userspace NVMe driver over VFIO, polled, one I/O queue
-//! pair per thread.
+//! pair per thread and controller, serving every namespace.
 //!
 //! Layout: [`regs`] (registers, enable/disable), [`cmd`] (command and
-//! completion encoding, Identify data), [`prp`] (PRP planning), [`queue`]
-//! (a queue pair), [`dma`] (IOVA-mapped memory), `vfio` (the VFIO glue),
-//! and here the controller (admin commands, reset) and the per-thread I/O
-//! backend.
+//! completion encoding, Identify data), [`prp`] and [`sgl`] (data pointer
+//! planning), [`queue`] (a queue pair), [`shadow`] (shadow doorbells),
+//! [`dma`] (IOVA-mapped memory), `vfio` (the VFIO glue), and here the
+//! controller (admin commands, asynchronous events, reset) and the
+//! per-thread I/O backend.
 //!
 //! What the driver does with each operation:
-//! - Read and Write: split at the transfer limit (MDTS, at most 2 MiB) and
-//!   wherever the buffers cannot share one PRP list; memory that is not from
-//!   the DMA pool is bounced through one pool buffer (one copy).
+//! - Read and Write: with PRPs, split at the transfer limit (MDTS, at most
+//!   2 MiB) and wherever the buffers cannot share one PRP list; with SGLs
+//!   (when the controller takes them and PRPs cannot describe the op in one
+//!   command), split at MDTS only (at most 32 MiB) and every 256 pieces;
+//!   memory that is not from the DMA pool is bounced through one pool
+//!   buffer (one copy).
 //! - Flush: always sent (a no-op for controllers without a volatile cache).
 //! - Unmap: Dataset Management with the deallocate attribute when ONCS says
 //!   it is supported; otherwise [`Error::Unsupported`].
@@ -23,7 +27,13 @@
 //! command and the tracker's page, with no allocation, hashing or lock. The
 //! SQ doorbell is written once per batch (at the next reap, whatever was
 //! submitted since), the CQ doorbell once per reap, and a reap takes at most
-//! `REAP_MAX` completions.
+//! `REAP_MAX` completions. With shadow doorbells, a doorbell is a store to
+//! the shadow page and an MMIO write only when the controller's EventIdx
+//! asks for one.
+//!
+//! Asynchronous event requests stay posted on the admin queue; each event
+//! is counted, logged and cleared by reading its log page, and its request
+//! posted again, without waiting (see [`NvmeController::async_events`]).
 //!
 //! Errors, as real controllers produce them:
 //! - A completion for a command id that is not outstanding is counted
@@ -38,9 +48,10 @@
 //!   CSTS.RDY = 0) before any op is failed.
 //!
 //! Invariants:
-//! - A queue pair belongs to one thread's channel; the admin queue is shared
-//!   behind a mutex and only used for setup, queue creation, Abort and logs;
-//!   the I/O path only ever try-locks it.
+//! - A queue pair belongs to one thread's channels on one controller (one
+//!   owner per namespace); the admin queue is shared behind a mutex and only
+//!   used for setup, queue creation, Abort, events and logs; the I/O path
+//!   only ever try-locks it.
 //! - An operation is reported once, and only when the controller no longer
 //!   owns any of its commands (they completed, or the controller was
 //!   disabled by a reset or after a fatal status): its memory is never
@@ -55,13 +66,17 @@ pub mod dma;
 pub mod prp;
 pub mod queue;
 pub mod regs;
+pub mod sgl;
+pub mod shadow;
 #[doc(hidden)]
 pub mod soft;
 #[cfg(test)]
 mod tests;
 mod vfio;
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -69,12 +84,15 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use self::cmd::{
-    cns, io_op, Command, Completion, ControllerIdentity, ErrorLogEntry, NamespaceIdentity, SmartLog,
+    cns, event_type, io_op, sgl_type, AsyncEvent, Command, Completion, ControllerIdentity,
+    ErrorLogEntry, NamespaceIdentity, SmartLog,
 };
 use self::dma::DmaPool;
 use self::prp::{Transfer, MAX_TRANSFER_BYTES, PAGE};
 use self::queue::QueuePair;
 use self::regs::{Bar, Capabilities, CSTS, CSTS_CFS};
+use self::sgl::{SglTransfer, LIST_DESCRIPTORS, MAX_SGL_TRANSFER_BYTES};
+use self::shadow::ShadowDoorbells;
 use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Segment, Tag};
 use crate::error::{Error, Result};
 
@@ -86,9 +104,11 @@ const IO_ENTRIES: u32 = 256;
 const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Timeout for admin commands.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Admin command ids never taken by commands nobody waits for (Aborts), so
-/// queue creation and resets always find one.
+/// Admin command ids never taken by commands nobody waits for (Aborts,
+/// event requests), so queue creation and resets always find one.
 const ADMIN_RESERVED_CIDS: usize = 4;
+/// Most Asynchronous Event Requests kept outstanding (AERL + 1 if lower).
+const MAX_AERS: usize = 4;
 
 /// What an admin command id is used for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -99,6 +119,10 @@ enum AdminCid {
     /// Nobody waits (an Abort, or a command whose wait timed out): freed by
     /// whoever polls the admin queue when it completes.
     Detached,
+    /// An Asynchronous Event Request, outstanding until an event.
+    Event,
+    /// Get Log Page clearing an event, into `AdminState::event_page`.
+    EventLog,
 }
 
 struct AdminState {
@@ -107,6 +131,17 @@ struct AdminState {
     page: DmaBuf,
     /// Use of each command id (entries - 1 of them).
     cids: Vec<AdminCid>,
+    /// Asynchronous Event Requests to keep outstanding.
+    aers_wanted: usize,
+    /// Asynchronous Event Requests outstanding.
+    aers_posted: usize,
+    /// Log pages that events named, not yet read (each read clears its
+    /// event, which the controller masks until then).
+    logs_to_read: VecDeque<AsyncEvent>,
+    /// The event whose log page is being read into `event_page`.
+    reading: Option<AsyncEvent>,
+    /// Log data for events (nobody waits for it: not `page`).
+    event_page: DmaBuf,
 }
 
 impl AdminState {
@@ -114,6 +149,18 @@ impl AdminState {
         let cid = self.cids.iter().position(|&c| c == AdminCid::Free)?;
         self.cids[cid] = how;
         Some(cid as u16)
+    }
+
+    fn free_cids(&self) -> usize {
+        self.cids.iter().filter(|&&c| c == AdminCid::Free).count()
+    }
+
+    /// Forgets every command (the controller was disabled).
+    fn forget_commands(&mut self) {
+        self.cids.fill(AdminCid::Free);
+        self.aers_posted = 0;
+        self.reading = None;
+        self.logs_to_read.clear();
     }
 }
 
@@ -148,6 +195,30 @@ pub struct ErrorCounters {
     pub fatal: u64,
 }
 
+/// Asynchronous events the controller reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AsyncEventCounters {
+    /// SMART / health events (a critical warning was raised).
+    pub smart: u64,
+    /// Namespace attribute changed notices.
+    pub namespace_changes: u64,
+    /// Error status events.
+    pub errors: u64,
+    /// Any other event.
+    pub other: u64,
+    /// Critical warning bits of the last SMART log read for an event.
+    pub critical_warning: u8,
+}
+
+#[derive(Default)]
+struct AtomicEventCounters {
+    smart: AtomicU64,
+    namespace_changes: AtomicU64,
+    errors: AtomicU64,
+    other: AtomicU64,
+    critical_warning: AtomicU8,
+}
+
 #[derive(Default)]
 struct AtomicCounters {
     stray_completions: AtomicU64,
@@ -155,6 +226,42 @@ struct AtomicCounters {
     aborts: AtomicU64,
     resets: AtomicU64,
     fatal: AtomicU64,
+}
+
+/// Environment variable that turns shadow doorbells off for controllers
+/// attached afterwards (`0`, `off` or `no`); see [`ControllerOptions`].
+pub const SHADOW_DOORBELLS_ENV: &str = "BLOBSTACK_NVME_SHADOW_DOORBELLS";
+
+/// Choices made when a controller is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControllerOptions {
+    /// Use shadow doorbells (Doorbell Buffer Config) when the controller
+    /// offers them (OACS bit 8). On by default; off lets `perf` compare.
+    pub shadow_doorbells: bool,
+    /// Describe data with SGLs when the controller takes them (SGLS);
+    /// else, and when off, with PRPs. On by default.
+    pub sgl: bool,
+}
+
+impl Default for ControllerOptions {
+    fn default() -> Self {
+        ControllerOptions {
+            shadow_doorbells: true,
+            sgl: true,
+        }
+    }
+}
+
+impl ControllerOptions {
+    /// The defaults, with [`SHADOW_DOORBELLS_ENV`] applied.
+    pub fn from_env() -> ControllerOptions {
+        let off = std::env::var(SHADOW_DOORBELLS_ENV)
+            .is_ok_and(|v| matches!(v.trim(), "0" | "off" | "no" | "false"));
+        ControllerOptions {
+            shadow_doorbells: !off,
+            ..ControllerOptions::default()
+        }
+    }
 }
 
 /// One NVMe controller, shared by its namespaces' devices.
@@ -165,7 +272,11 @@ pub struct NvmeController {
     cap: Capabilities,
     identity: ControllerIdentity,
     max_transfer_bytes: u64,
+    /// Data goes in SGLs (else PRPs).
+    sgl: bool,
     io_queue_pairs: u16,
+    /// Shadow doorbell pages, when the controller took them.
+    shadow: Option<Arc<ShadowDoorbells>>,
     admin: Mutex<AdminState>,
     qids: Mutex<Vec<bool>>,
     generation: AtomicU64,
@@ -173,6 +284,7 @@ pub struct NvmeController {
     state: AtomicU8,
     io_timeout_us: AtomicU64,
     counters: AtomicCounters,
+    events: AtomicEventCounters,
     _vfio: Option<vfio::VfioPci>,
 }
 
@@ -228,26 +340,34 @@ fn read_page(buf: &DmaBuf, len: usize) -> Vec<u8> {
 
 impl NvmeController {
     /// The controller at PCI address `pci` (bound to vfio-pci), attached on
-    /// first use and shared afterwards.
+    /// first use and shared afterwards, with [`ControllerOptions::from_env`].
     pub fn open(pci: &str) -> Result<Arc<NvmeController>> {
+        NvmeController::open_with(pci, ControllerOptions::from_env())
+    }
+
+    /// As [`NvmeController::open`] with `opts`, which only matter when this
+    /// call attaches the controller (a controller stays attached for the
+    /// life of the process).
+    pub fn open_with(pci: &str, opts: ControllerOptions) -> Result<Arc<NvmeController>> {
         let mut all = CONTROLLERS.lock();
         if let Some((_, c)) = all.iter().find(|(p, _)| p == pci) {
             return Ok(c.clone());
         }
         let v = vfio::open(pci)?;
         let (bar, pool) = (v.bar.clone(), v.pool.clone());
-        let ctrl = Arc::new(NvmeController::start(pci.into(), bar, pool, Some(v))?);
+        let ctrl = Arc::new(NvmeController::start(pci.into(), bar, pool, Some(v), opts)?);
         all.push((pci.into(), ctrl.clone()));
         Ok(ctrl)
     }
 
     /// Brings up the controller behind `bar`: disable, admin queue, enable,
-    /// Identify, number of queues.
+    /// Identify, number of queues, shadow doorbells.
     fn start(
         name: String,
         bar: Arc<dyn Bar>,
         pool: Arc<DmaPool>,
         vfio: Option<vfio::VfioPci>,
+        opts: ControllerOptions,
     ) -> Result<NvmeController> {
         let cap = Capabilities::decode(bar.read64(regs::CAP));
         if !cap.nvm_command_set || cap.min_page_size > PAGE as usize {
@@ -256,7 +376,7 @@ impl NvmeController {
             )));
         }
         let admin_entries = ADMIN_ENTRIES.min(cap.max_queue_entries);
-        let qp = QueuePair::new(&pool, &cap, 0, admin_entries)?;
+        let qp = QueuePair::new(&pool, &cap, 0, admin_entries, None)?;
         regs::disable(&*bar, &cap, &name)?;
         regs::enable(
             &*bar,
@@ -267,6 +387,7 @@ impl NvmeController {
             &name,
         )?;
         let page = pool.alloc(PAGE as usize)?;
+        let event_page = pool.alloc(PAGE as usize)?;
         let mut ctrl = NvmeController {
             name,
             bar,
@@ -274,28 +395,215 @@ impl NvmeController {
             cap,
             identity: ControllerIdentity::parse(&[0u8; 4096])?,
             max_transfer_bytes: 0,
+            sgl: false,
             io_queue_pairs: 0,
+            shadow: None,
             admin: Mutex::new(AdminState {
                 qp,
                 page,
                 cids: vec![AdminCid::Free; admin_entries as usize - 1],
+                aers_wanted: 0,
+                aers_posted: 0,
+                logs_to_read: VecDeque::new(),
+                reading: None,
+                event_page,
             }),
             qids: Mutex::new(Vec::new()),
             generation: AtomicU64::new(0),
             state: AtomicU8::new(state::LIVE),
             io_timeout_us: AtomicU64::new(DEFAULT_IO_TIMEOUT.as_micros() as u64),
             counters: AtomicCounters::default(),
+            events: AtomicEventCounters::default(),
             _vfio: vfio,
         };
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
         ctrl.identity = ControllerIdentity::parse(&page)?;
+        // One PRP list page describes at most 2 MiB; SGLs only MDTS limits.
+        ctrl.sgl = opts.sgl && ctrl.identity.supports_sgl();
+        let most = if ctrl.sgl {
+            MAX_SGL_TRANSFER_BYTES
+        } else {
+            MAX_TRANSFER_BYTES
+        };
         ctrl.max_transfer_bytes = ctrl
             .identity
             .max_transfer_bytes(cap.min_page_size)
-            .map_or(MAX_TRANSFER_BYTES, |m| (m as u64).min(MAX_TRANSFER_BYTES));
+            .map_or(most, |m| (m as u64).min(most));
         ctrl.io_queue_pairs = ctrl.set_num_queues()?;
         *ctrl.qids.lock() = vec![false; ctrl.io_queue_pairs as usize + 1];
+        if opts.shadow_doorbells && ctrl.identity.supports_doorbell_buffer() {
+            let pages = ShadowDoorbells::new(&ctrl.pool, &cap, ctrl.io_queue_pairs)?;
+            let cmd = Command::doorbell_buffer_config(pages.shadow_iova(), pages.event_idx_iova());
+            match ctrl.admin_cmd(cmd, "doorbell buffer config") {
+                Ok(_) => ctrl.shadow = Some(Arc::new(pages)),
+                Err(e) => eprintln!(
+                    "nvme {}: Doorbell Buffer Config failed ({e}): MMIO doorbells only",
+                    ctrl.name
+                ),
+            }
+        }
+        {
+            let mut st = ctrl.admin.lock();
+            st.aers_wanted = (ctrl.identity.aerl as usize + 1).min(MAX_AERS);
+            ctrl.enable_async_events(&mut st);
+        }
         Ok(ctrl)
+    }
+
+    /// Asks for SMART critical warning and namespace attribute events and
+    /// posts the event requests (at bring-up and after a reset).
+    fn enable_async_events(&self, st: &mut AdminState) {
+        let cmd = Command::set_async_event_config(cmd::ASYNC_EVENTS_WANTED);
+        if let Err(e) = self.admin_locked(st, cmd, "set features (async events)") {
+            eprintln!(
+                "nvme {}: asynchronous event configuration refused ({e}): only the controller's \
+                 default events are reported",
+                self.name
+            );
+        }
+        self.service_events(st);
+    }
+
+    /// Events reported so far (each also logged).
+    pub fn async_events(&self) -> AsyncEventCounters {
+        let e = &self.events;
+        AsyncEventCounters {
+            smart: e.smart.load(Ordering::Relaxed),
+            namespace_changes: e.namespace_changes.load(Ordering::Relaxed),
+            errors: e.errors.load(Ordering::Relaxed),
+            other: e.other.load(Ordering::Relaxed),
+            critical_warning: e.critical_warning.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Takes the admin queue's completions now: events are counted, their
+    /// log pages read and their requests posted again. I/O threads do this
+    /// on their own every timeout tick while they have commands
+    /// outstanding; a caller with no I/O may call it now and then.
+    pub fn poll_events(&self) {
+        let mut st = self.admin.lock();
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return;
+        }
+        while let Some(c) = st.qp.next_completion() {
+            self.admin_completion(&mut st, &c, None);
+        }
+        st.qp.release_completions(&*self.bar);
+        self.service_events(&mut st);
+    }
+
+    /// Sends what events need without waiting: the next event log page
+    /// read, and event requests up to `aers_wanted`, leaving
+    /// `ADMIN_RESERVED_CIDS` ids free.
+    fn service_events(&self, st: &mut AdminState) {
+        if self.state.load(Ordering::Acquire) != state::LIVE {
+            return;
+        }
+        if st.reading.is_none() && st.free_cids() > ADMIN_RESERVED_CIDS {
+            if let Some(ev) = st.logs_to_read.pop_front() {
+                let iova = st.event_page.iova().expect("pool memory");
+                let cmd = Command::get_log_page(ev.log_page, ev.log_bytes(), iova);
+                let cid = st.alloc_cid(AdminCid::EventLog).expect("a free id");
+                if st.qp.push(&cmd, cid) {
+                    st.reading = Some(ev);
+                } else {
+                    st.cids[cid as usize] = AdminCid::Free;
+                    st.logs_to_read.push_front(ev);
+                }
+            }
+        }
+        while st.aers_posted < st.aers_wanted && st.free_cids() > ADMIN_RESERVED_CIDS {
+            let cid = st.alloc_cid(AdminCid::Event).expect("a free id");
+            if !st.qp.push(&Command::async_event_request(), cid) {
+                st.cids[cid as usize] = AdminCid::Free;
+                break;
+            }
+            st.aers_posted += 1;
+        }
+        st.qp.ring(&*self.bar);
+    }
+
+    /// An event request completed: counts and logs the event and queues
+    /// the read of the log page it names.
+    fn async_event(&self, st: &mut AdminState, c: &Completion) {
+        st.aers_posted -= 1;
+        if let Err(status) = c.status() {
+            // Aborted, or more requests than the controller takes: keep
+            // one fewer outstanding so a refusing controller is not asked
+            // again and again.
+            st.aers_wanted = st.aers_wanted.saturating_sub(1);
+            eprintln!(
+                "nvme {}: asynchronous event request failed ({status:?}); keeping {} posted",
+                self.name, st.aers_wanted
+            );
+            return;
+        }
+        let ev = AsyncEvent::decode(c.dw0);
+        let e = &self.events;
+        let what = match (ev.kind, ev.info) {
+            (event_type::SMART, _) => {
+                e.smart.fetch_add(1, Ordering::Relaxed);
+                "SMART/health warning"
+            }
+            (event_type::NOTICE, 0) => {
+                e.namespace_changes.fetch_add(1, Ordering::Relaxed);
+                "namespace attribute changed"
+            }
+            (event_type::ERROR, _) => {
+                e.errors.fetch_add(1, Ordering::Relaxed);
+                "error status"
+            }
+            _ => {
+                e.other.fetch_add(1, Ordering::Relaxed);
+                "event"
+            }
+        };
+        eprintln!(
+            "nvme {}: asynchronous {what} (type {}, info {:#x}, log page {:#x})",
+            self.name, ev.kind, ev.info, ev.log_page
+        );
+        if ev.log_page != 0 {
+            st.logs_to_read.push_back(ev);
+        }
+    }
+
+    /// The log page read for an event completed: the event is cleared.
+    fn event_log_read(&self, st: &mut AdminState, c: &Completion) {
+        let Some(ev) = st.reading.take() else { return };
+        if let Err(status) = c.status() {
+            eprintln!(
+                "nvme {}: reading log page {:#x} for an event failed ({status:?})",
+                self.name, ev.log_page
+            );
+            return;
+        }
+        if ev.log_page == cmd::LOG_SMART {
+            let page = read_page(&st.event_page, 512);
+            if let Ok(smart) = SmartLog::parse(&page) {
+                self.events
+                    .critical_warning
+                    .store(smart.critical_warning, Ordering::Relaxed);
+                eprintln!(
+                    "nvme {}: SMART critical warning {:#04x}, {} K, spare {}%",
+                    self.name,
+                    smart.critical_warning,
+                    smart.temperature_kelvin,
+                    smart.available_spare_pct
+                );
+            }
+        }
+    }
+
+    /// True when data is described with SGLs (the controller takes them
+    /// and [`ControllerOptions::sgl`] was on), else with PRPs.
+    pub fn uses_sgl(&self) -> bool {
+        self.sgl
+    }
+
+    /// True when I/O queues use shadow doorbells (the controller offers
+    /// them and [`ControllerOptions::shadow_doorbells`] was on).
+    pub fn shadow_doorbells(&self) -> bool {
+        self.shadow.is_some()
     }
 
     fn set_num_queues(&self) -> Result<u16> {
@@ -425,7 +733,7 @@ impl NvmeController {
         );
         let disabled = regs::disable(&*self.bar, &self.cap, &self.name);
         st.qp.reset();
-        st.cids.fill(AdminCid::Free);
+        st.forget_commands();
         let next = match disabled {
             Ok(()) => state::FAILED,
             Err(e) => {
@@ -454,6 +762,16 @@ impl NvmeController {
             }
             Some(AdminCid::Detached) => {
                 st.cids[c.cid as usize] = AdminCid::Free;
+                false
+            }
+            Some(AdminCid::Event) => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                self.async_event(st, c);
+                false
+            }
+            Some(AdminCid::EventLog) => {
+                st.cids[c.cid as usize] = AdminCid::Free;
+                self.event_log_read(st, c);
                 false
             }
             _ => {
@@ -531,8 +849,8 @@ impl NvmeController {
             self.admin_completion(&mut st, &c, None);
         }
         st.qp.release_completions(&*self.bar);
-        let free = st.cids.iter().filter(|&&c| c == AdminCid::Free).count();
-        if free <= ADMIN_RESERVED_CIDS {
+        self.service_events(&mut st);
+        if st.free_cids() <= ADMIN_RESERVED_CIDS {
             return false;
         }
         let Some(cid) = st.alloc_cid(AdminCid::Detached) else {
@@ -559,6 +877,7 @@ impl NvmeController {
             self.admin_completion(&mut st, &c, None);
         }
         st.qp.release_completions(&*self.bar);
+        self.service_events(&mut st);
     }
 
     /// Runs Identify with `cns` for `nsid` and returns the 4 KiB page.
@@ -627,7 +946,11 @@ impl NvmeController {
         self.counters.resets.fetch_add(1, Ordering::Relaxed);
         let res = self.reset_locked(&mut st, was);
         match &res {
-            Ok(()) => self.state.store(state::LIVE, Ordering::Release),
+            Ok(()) => {
+                self.state.store(state::LIVE, Ordering::Release);
+                // Event requests go only to a live controller.
+                self.service_events(&mut st);
+            }
             Err(_) => {
                 // Disabled unless the disable itself failed.
                 let disabled = self.bar.read32(CSTS) & regs::CSTS_RDY == 0;
@@ -656,7 +979,7 @@ impl NvmeController {
         }
         regs::disable(&*self.bar, &self.cap, &self.name)?;
         st.qp.reset();
-        st.cids.fill(AdminCid::Free);
+        st.forget_commands();
         let entries = st.qp.entries();
         regs::enable(
             &*self.bar,
@@ -673,6 +996,13 @@ impl NvmeController {
         if granted < self.io_queue_pairs {
             return Err(self.failed_error("fewer queues granted after reset"));
         }
+        if let Some(pages) = &self.shadow {
+            // A reset forgets the pages; every I/O queue is created again
+            // afterwards, its entries cleared first.
+            let cmd = Command::doorbell_buffer_config(pages.shadow_iova(), pages.event_idx_iova());
+            self.admin_locked(st, cmd, "doorbell buffer config")?;
+        }
+        self.enable_async_events(st);
         self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
@@ -725,6 +1055,8 @@ fn admin_name(opcode: u8) -> &'static str {
         IDENTIFY => "identify",
         ABORT => "abort",
         SET_FEATURES => "set features",
+        DOORBELL_BUFFER_CONFIG => "doorbell buffer config",
+        ASYNC_EVENT_REQUEST => "asynchronous event request",
         _ => "admin command",
     }
 }
@@ -847,10 +1179,13 @@ impl BlockDevice for NvmeDevice {
         format!("nvme:{}/ns={}", self.ctrl.name, self.nsid)
     }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
-        Ok(Box::new(NvmeBackend::new(self)?))
+        Ok(Box::new(NamespaceBackend::new(self)?))
     }
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.ctrl.pool.alloc(len_bytes)
+    }
+    fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
+        self.ctrl.pool.alloc_for_overwrite(len_bytes)
     }
     /// For a namespace opened through [`NvmeDevice::open`] (which holds it
     /// for this process alone): a file named by the controller's PCI
@@ -895,6 +1230,7 @@ const NO_TRACKER: u16 = u16::MAX;
 enum CmdData {
     None,
     Prp(Transfer),
+    Sgl(SglTransfer),
     /// One deallocate range, written into the command's page.
     Range {
         lba: u64,
@@ -905,6 +1241,7 @@ enum CmdData {
 /// A command of a multi-command (or bounced, or backlogged) operation not
 /// yet in the ring.
 struct PendingCmd {
+    owner: u16,
     tag: Tag,
     cmd: Command,
     data: CmdData,
@@ -924,6 +1261,8 @@ enum TrackerState {
 #[derive(Clone, Copy)]
 struct Tracker {
     state: TrackerState,
+    /// The namespace channel ([`Owner`]) the command's operation is of.
+    owner: u16,
     /// The operation (channel tag) the command belongs to.
     tag: Tag,
     /// Times the command was sent again after a retryable status.
@@ -969,7 +1308,22 @@ impl OpState {
     }
 }
 
-/// A thread's I/O queue pair on one namespace.
+/// One namespace channel served by a thread's queue pair.
+struct Owner {
+    /// A [`NamespaceBackend`] uses this slot.
+    live: bool,
+    nsid: u32,
+    block_size: u64,
+    /// Indexed by the channel's tag.
+    ops: Vec<OpState>,
+    /// Its ops finished while it was not the one reaping (or failed
+    /// outside a reap), reported by its next reap.
+    ready: Vec<(Tag, Result<()>)>,
+}
+
+/// A thread's I/O queue pair on one controller, serving the thread's
+/// channels of every namespace of it (each a [`NamespaceBackend`], an
+/// [`Owner`] here).
 ///
 /// Invariants:
 /// - A tracker is `Free` exactly when it is on the free list; `active`
@@ -983,11 +1337,24 @@ impl OpState {
 ///   nothing, hashes nothing and takes no lock: the command and its PRPs
 ///   go straight into the ring and the tracker's page, and completions are
 ///   handed to the channel as they are read.
+/// - A completion goes to the channel that reaps when its op is that
+///   channel's (`cur`), else to its owner's `ready` list: every op is
+///   reported once, by its own channel.
 struct NvmeBackend {
     ctrl: Arc<NvmeController>,
-    nsid: u32,
-    block_size: u64,
+    /// The owner on whose behalf `submit` or `reap` runs now.
+    cur: u16,
+    owners: Vec<Owner>,
+    /// Entries in all owners' `ready` lists (so a reap looks at its list
+    /// only when there is something).
+    ready_count: usize,
     max_transfer_bytes: u64,
+    /// Largest PRP command (one list page).
+    prp_max_bytes: u64,
+    /// Data in SGLs when PRPs cannot describe it in one command.
+    sgl: bool,
+    /// SGL data blocks must be dword aligned.
+    sgl_dword: bool,
     dsm: bool,
     write_zeroes: bool,
     qp: QueuePair,
@@ -1001,12 +1368,8 @@ struct NvmeBackend {
     active: usize,
     /// Trackers aborting.
     aborting: usize,
-    /// Indexed by channel tag.
-    ops: Vec<OpState>,
     /// Commands waiting for a tracker or ring slot, in order.
     pending: VecDeque<PendingCmd>,
-    /// Ops finished outside a reap (failures), reported by the next reap.
-    ready: Vec<(Tag, Result<()>)>,
     zeroes: Option<DmaBuf>,
     reaps_since_clock: u32,
     /// Timeout ticks seen (see `check_clock`).
@@ -1015,19 +1378,19 @@ struct NvmeBackend {
 }
 
 impl NvmeBackend {
-    fn new(dev: &NvmeDevice) -> Result<NvmeBackend> {
-        let ctrl = dev.ctrl.clone();
+    fn new(ctrl: Arc<NvmeController>) -> Result<NvmeBackend> {
         if ctrl.state.load(Ordering::Acquire) != state::LIVE {
             return Err(ctrl.failed_error("controller failed or resetting; reset it first"));
         }
         let entries = IO_ENTRIES.min(ctrl.cap.max_queue_entries);
         let qid = ctrl.alloc_qid()?;
-        let made = QueuePair::new(&ctrl.pool, &ctrl.cap, qid, entries).and_then(|qp| {
-            let pages = ctrl.pool.alloc(entries as usize * PAGE as usize)?;
-            let generation = ctrl.generation.load(Ordering::Acquire);
-            ctrl.create_io_queues(&qp)?;
-            Ok((qp, pages, generation))
-        });
+        let made = QueuePair::new(&ctrl.pool, &ctrl.cap, qid, entries, ctrl.shadow.as_ref())
+            .and_then(|qp| {
+                let pages = ctrl.pool.alloc(entries as usize * PAGE as usize)?;
+                let generation = ctrl.generation.load(Ordering::Acquire);
+                ctrl.create_io_queues(&qp)?;
+                Ok((qp, pages, generation))
+            });
         let (qp, pages, generation) = match made {
             Ok(m) => m,
             Err(e) => {
@@ -1040,6 +1403,7 @@ impl NvmeBackend {
         let trackers = (0..n)
             .map(|i| Tracker {
                 state: TrackerState::Free,
+                owner: 0,
                 tag: 0,
                 retries: 0,
                 tick: 0,
@@ -1048,11 +1412,15 @@ impl NvmeBackend {
             })
             .collect();
         Ok(NvmeBackend {
-            nsid: dev.nsid,
-            block_size: dev.geometry.block_size as u64,
+            cur: 0,
+            owners: Vec::new(),
+            ready_count: 0,
             max_transfer_bytes: ctrl.max_transfer_bytes,
-            dsm: dev.dsm,
-            write_zeroes: dev.write_zeroes,
+            prp_max_bytes: ctrl.max_transfer_bytes.min(MAX_TRANSFER_BYTES),
+            sgl: ctrl.sgl,
+            sgl_dword: ctrl.identity.sgl_needs_dword_alignment(),
+            dsm: ctrl.identity.supports_dsm(),
+            write_zeroes: ctrl.identity.supports_write_zeroes(),
             qp,
             generation,
             pages_iova: pages.iova().expect("pool memory").0,
@@ -1061,9 +1429,7 @@ impl NvmeBackend {
             free_head: 0,
             active: 0,
             aborting: 0,
-            ops: Vec::new(),
             pending: VecDeque::new(),
-            ready: Vec::new(),
             zeroes: None,
             reaps_since_clock: 0,
             tick: 0,
@@ -1084,24 +1450,60 @@ impl NvmeBackend {
         unsafe { std::ptr::write_volatile(base.add(cid as usize * 512 + index), val.to_le()) };
     }
 
-    fn op_slot(&mut self, tag: Tag) -> &mut OpState {
-        let i = tag as usize;
-        if i >= self.ops.len() {
-            self.ops.resize_with(i + 1, OpState::idle);
+    /// A slot for namespace `nsid` (`block_size` bytes per block); its
+    /// index names it in trackers and pending commands.
+    fn add_owner(&mut self, nsid: u32, block_size: u64) -> u16 {
+        let o = Owner {
+            live: true,
+            nsid,
+            block_size,
+            ops: Vec::new(),
+            ready: Vec::new(),
+        };
+        match self.owners.iter().position(|o| !o.live) {
+            Some(i) => {
+                self.owners[i] = o;
+                i as u16
+            }
+            None => {
+                self.owners.push(o);
+                (self.owners.len() - 1) as u16
+            }
         }
-        &mut self.ops[i]
+    }
+
+    /// True while an op of `owner` has not been reported.
+    fn owner_busy(&self, owner: u16) -> bool {
+        let o = &self.owners[owner as usize];
+        o.ops.iter().any(|op| op.live) || !o.ready.is_empty()
+    }
+
+    /// Block size of the current owner's namespace.
+    #[inline]
+    fn block_size(&self) -> u64 {
+        self.owners[self.cur as usize].block_size
+    }
+
+    fn op_slot(&mut self, tag: Tag) -> &mut OpState {
+        let ops = &mut self.owners[self.cur as usize].ops;
+        let i = tag as usize;
+        if i >= ops.len() {
+            ops.resize_with(i + 1, OpState::idle);
+        }
+        &mut ops[i]
     }
 
     /// Takes a free tracker for `cmd` of op `tag` and puts the command in
     /// the ring (the doorbell is rung by the next reap). The caller checked
     /// that a tracker is free and the ring has room.
-    fn start_command(&mut self, cid: u16, tag: Tag, cmd: Command) {
+    fn start_command(&mut self, cid: u16, owner: u16, tag: Tag, cmd: Command) {
         debug_assert_eq!(cid, self.free_head);
         let t = &mut self.trackers[cid as usize];
         debug_assert_eq!(t.state, TrackerState::Free);
         self.free_head = t.next_free;
         *t = Tracker {
             state: TrackerState::Active,
+            owner,
             tag,
             retries: 0,
             tick: self.tick,
@@ -1125,11 +1527,12 @@ impl NvmeBackend {
         self.active -= 1;
     }
 
-    /// Writes the PRPs of `segs` for command `cid` (its list into the
-    /// tracker's page) when they fit one command; returns (PRP1, PRP2,
-    /// bytes), or `None` when the op needs the general planner.
+    /// Writes the PRPs of `segs` (whole blocks of `bs` bytes) for command
+    /// `cid` (its list into the tracker's page) when they fit one command;
+    /// returns (PRP1, PRP2, bytes), or `None` when the op needs the general
+    /// planner.
     #[inline]
-    fn direct_prps(&self, cid: u16, segs: &[Segment]) -> Option<(u64, u64, u64)> {
+    fn direct_prps(&self, cid: u16, segs: &[Segment], bs: u64) -> Option<(u64, u64, u64)> {
         let (mut n, mut prp1, mut second, mut total, mut last_end) = (0usize, 0, 0, 0u64, 0);
         for s in segs {
             let start = s.iova()?.0;
@@ -1161,7 +1564,7 @@ impl NvmeBackend {
             }
             last_end = end;
         }
-        if n == 0 || !total.is_multiple_of(self.block_size) {
+        if n == 0 || !total.is_multiple_of(bs) {
             return None;
         }
         let prp2 = match n {
@@ -1172,6 +1575,71 @@ impl NvmeBackend {
         Some((prp1, prp2, total))
     }
 
+    /// Writes the SGL of `segs` (whole blocks of `bs` bytes) for command
+    /// `cid` (its descriptors into the tracker's page when there are
+    /// several) when they fit one command; returns the command's descriptor
+    /// (address, length, type) and the bytes, or `None` when the op needs
+    /// the general planner.
+    fn direct_sgl(&self, cid: u16, segs: &[Segment], bs: u64) -> Option<(u64, u32, u8, u64)> {
+        if segs.is_empty() || segs.len() > LIST_DESCRIPTORS {
+            return None;
+        }
+        let mut total = 0u64;
+        for (i, s) in segs.iter().enumerate() {
+            let (addr, len) = (s.iova()?.0, s.len() as u64);
+            if len == 0 || len > self.max_transfer_bytes {
+                return None;
+            }
+            if self.sgl_dword && !(addr.is_multiple_of(4) && len.is_multiple_of(4)) {
+                return None;
+            }
+            total += len;
+            if segs.len() > 1 {
+                self.write_page_u64(cid, 2 * i, addr);
+                let high = cmd::sgl_descriptor_high(len as u32, sgl_type::DATA_BLOCK);
+                self.write_page_u64(cid, 2 * i + 1, high);
+            }
+        }
+        if total > self.max_transfer_bytes || !total.is_multiple_of(bs) {
+            return None;
+        }
+        if segs.len() == 1 {
+            let addr = segs[0].iova()?.0;
+            return Some((addr, total as u32, sgl_type::DATA_BLOCK, total));
+        }
+        let list_bytes = (segs.len() * cmd::SGL_DESCRIPTOR_BYTES) as u32;
+        Some((
+            self.page_iova(cid),
+            list_bytes,
+            sgl_type::LAST_SEGMENT,
+            total,
+        ))
+    }
+
+    /// The commands for `pieces` of pool memory: SGLs when the controller
+    /// takes them, else PRPs; `None` when they cannot be described.
+    /// Each as (first block relative to the op, blocks, data pointer).
+    fn plan_transfers(
+        &self,
+        pieces: &[(crate::device::Iova, u64)],
+    ) -> Option<Vec<(u64, u32, CmdData)>> {
+        let bs = self.block_size();
+        if self.sgl {
+            let plan = sgl::plan(pieces, bs, self.max_transfer_bytes, self.sgl_dword)?;
+            return Some(
+                plan.into_iter()
+                    .map(|t| (t.first_block, t.blocks, CmdData::Sgl(t)))
+                    .collect(),
+            );
+        }
+        let plan = prp::plan(pieces, bs, self.prp_max_bytes)?;
+        Some(
+            plan.into_iter()
+                .map(|t| (t.first_block, t.blocks, CmdData::Prp(t)))
+                .collect(),
+        )
+    }
+
     /// The steady-state path: a read or write that fits one command goes
     /// straight into the ring. False when it does not (nothing changed).
     #[inline]
@@ -1180,17 +1648,29 @@ impl NvmeBackend {
         if cid == NO_TRACKER || self.qp.sq_full() || !self.pending.is_empty() {
             return false;
         }
-        let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs) else {
-            return false;
-        };
         let opcode = if op.kind == IoKind::Read {
             io_op::READ
         } else {
             io_op::WRITE
         };
-        let mut cmd = Command::rw(opcode, self.nsid, op.lba, (bytes / self.block_size) as u32);
-        cmd.prp1 = prp1;
-        cmd.prp2 = prp2;
+        let (nsid, bs) = {
+            let o = &self.owners[self.cur as usize];
+            (o.nsid, o.block_size)
+        };
+        let mut cmd;
+        if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs, bs) {
+            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
+            cmd.prp1 = prp1;
+            cmd.prp2 = prp2;
+        } else if self.sgl {
+            let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs, bs) else {
+                return false;
+            };
+            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
+            cmd.set_sgl(addr, len, kind);
+        } else {
+            return false;
+        }
         let o = self.op_slot(tag);
         debug_assert!(!o.live, "tag {tag} reused while live");
         o.live = true;
@@ -1200,14 +1680,15 @@ impl NvmeBackend {
         o.remaining = 1;
         o.error = None;
         o.timed_out = false;
-        self.start_command(cid, tag, cmd);
+        self.start_command(cid, self.cur, tag, cmd);
         true
     }
 
     /// The general path: builds the commands of `op` (into `pending`) and
     /// its state.
     fn plan(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
-        let bs = self.block_size;
+        let (owner, nsid) = (self.cur, self.owners[self.cur as usize].nsid);
+        let bs = self.block_size();
         let mut cmds: Vec<(Command, CmdData)> = Vec::new();
         let mut bounce = None;
         let mut copy_back = Vec::new();
@@ -1223,14 +1704,14 @@ impl NvmeBackend {
                     .iter()
                     .map(|s| s.iova().map(|i| (i, s.len() as u64)))
                     .collect();
-                let max = self.max_transfer_bytes;
-                let plan = pieces.and_then(|p| prp::plan(&p, bs, max));
+                let plan = pieces.and_then(|p| self.plan_transfers(&p));
                 let plan = match plan {
                     Some(p) => p,
                     None => {
                         // Not pool memory (or not describable): one copy.
+                        // The copy (write) or the device (read) fills it.
                         let total: usize = op.segs.iter().map(|s| s.len()).sum();
-                        let b = self.ctrl.pool.alloc(total)?;
+                        let b = self.ctrl.pool.alloc_for_overwrite(total)?;
                         if op.kind == IoKind::Write {
                             let mut at = 0;
                             for s in &op.segs {
@@ -1251,18 +1732,19 @@ impl NvmeBackend {
                             copy_back = op.segs.iter().map(|s| s.clone_ref()).collect();
                         }
                         let iova = b.iova().expect("pool memory");
-                        let p = prp::plan(&[(iova, total as u64)], bs, max)
+                        let p = self
+                            .plan_transfers(&[(iova, total as u64)])
                             .expect("one pool buffer always plans");
                         bounce = Some(b);
                         p
                     }
                 };
-                for t in plan {
-                    let cmd = Command::rw(opcode, self.nsid, op.lba + t.first_block, t.blocks);
-                    cmds.push((cmd, CmdData::Prp(t)));
+                for (first_block, blocks, data) in plan {
+                    let cmd = Command::rw(opcode, nsid, op.lba + first_block, blocks);
+                    cmds.push((cmd, data));
                 }
             }
-            IoKind::Flush => cmds.push((Command::flush(self.nsid), CmdData::None)),
+            IoKind::Flush => cmds.push((Command::flush(nsid), CmdData::None)),
             IoKind::Unmap => {
                 if !self.dsm {
                     return Err(Error::Unsupported(format!(
@@ -1273,7 +1755,7 @@ impl NvmeBackend {
                 let mut at = 0;
                 while at < op.blocks {
                     let n = (op.blocks - at).min(u32::MAX as u64) as u32;
-                    let cmd = Command::deallocate(self.nsid, crate::device::Iova(0), 1);
+                    let cmd = Command::deallocate(nsid, crate::device::Iova(0), 1);
                     cmds.push((
                         cmd,
                         CmdData::Range {
@@ -1289,13 +1771,13 @@ impl NvmeBackend {
                 if self.write_zeroes {
                     while at < op.blocks {
                         let n = (op.blocks - at).min(65536) as u32;
-                        let cmd = Command::rw(io_op::WRITE_ZEROES, self.nsid, op.lba + at, n);
+                        let cmd = Command::rw(io_op::WRITE_ZEROES, nsid, op.lba + at, n);
                         cmds.push((cmd, CmdData::None));
                         at += n as u64;
                     }
                 } else {
                     // Emulated: writes from one zeroed buffer.
-                    let max = self.max_transfer_bytes;
+                    let max = self.prp_max_bytes;
                     if self.zeroes.is_none() {
                         self.zeroes = Some(self.ctrl.pool.alloc(max as usize)?);
                     }
@@ -1305,7 +1787,7 @@ impl NvmeBackend {
                         let t = prp::plan(&[(iova, n * bs)], bs, max)
                             .expect("one pool buffer always plans")
                             .remove(0);
-                        let cmd = Command::rw(io_op::WRITE, self.nsid, op.lba + at, n as u32);
+                        let cmd = Command::rw(io_op::WRITE, nsid, op.lba + at, n as u32);
                         cmds.push((cmd, CmdData::Prp(t)));
                         at += n;
                     }
@@ -1326,7 +1808,12 @@ impl NvmeBackend {
             segs: copy_back,
         };
         for (cmd, data) in cmds {
-            self.pending.push_back(PendingCmd { tag, cmd, data });
+            self.pending.push_back(PendingCmd {
+                owner,
+                tag,
+                cmd,
+                data,
+            });
         }
         Ok(())
     }
@@ -1337,7 +1824,9 @@ impl NvmeBackend {
             let Some(p) = self.pending.pop_front() else {
                 break;
             };
-            let op = &mut self.ops[p.tag as usize];
+            let Some(op) = self.owners[p.owner as usize].ops.get_mut(p.tag as usize) else {
+                continue;
+            };
             if !op.live {
                 continue;
             }
@@ -1345,8 +1834,8 @@ impl NvmeBackend {
                 // The operation already failed: do not send the rest.
                 op.remaining -= 1;
                 if op.remaining == 0 {
-                    let r = self.finish(p.tag);
-                    self.ready.push((p.tag, r));
+                    let r = self.finish(p.owner, p.tag);
+                    self.push_ready(p.owner, p.tag, r);
                 }
                 continue;
             }
@@ -1361,6 +1850,18 @@ impl NvmeBackend {
                     cmd.prp1 = p1;
                     cmd.prp2 = p2;
                 }
+                CmdData::Sgl(t) => match t.descriptors[..] {
+                    [(addr, len)] => cmd.set_sgl(addr, len, sgl_type::DATA_BLOCK),
+                    ref ds => {
+                        for (i, &(addr, len)) in ds.iter().enumerate() {
+                            self.write_page_u64(cid, 2 * i, addr);
+                            let high = cmd::sgl_descriptor_high(len, sgl_type::DATA_BLOCK);
+                            self.write_page_u64(cid, 2 * i + 1, high);
+                        }
+                        let list_bytes = (ds.len() * cmd::SGL_DESCRIPTOR_BYTES) as u32;
+                        cmd.set_sgl(self.page_iova(cid), list_bytes, sgl_type::LAST_SEGMENT);
+                    }
+                },
                 CmdData::Range { lba, blocks } => {
                     // Context attributes 0, length, starting LBA.
                     self.write_page_u64(cid, 0, (*blocks as u64) << 32);
@@ -1368,26 +1869,26 @@ impl NvmeBackend {
                     cmd.prp1 = self.page_iova(cid);
                 }
             }
-            self.start_command(cid, p.tag, cmd);
+            self.start_command(cid, p.owner, p.tag, cmd);
         }
     }
 
     /// The op's result; marks it reported. Copies a bounced read back.
     #[inline]
-    fn finish(&mut self, tag: Tag) -> Result<()> {
-        let op = &mut self.ops[tag as usize];
+    fn finish(&mut self, owner: u16, tag: Tag) -> Result<()> {
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         debug_assert!(op.live);
         op.live = false;
         if !op.timed_out && op.error.is_none() && op.bounce.is_none() {
             return Ok(());
         }
-        self.finish_slow(tag)
+        self.finish_slow(owner, tag)
     }
 
     #[cold]
-    fn finish_slow(&mut self, tag: Tag) -> Result<()> {
+    fn finish_slow(&mut self, owner: u16, tag: Tag) -> Result<()> {
         let after_ms = self.ctrl.io_timeout().as_millis() as u64;
-        let op = &mut self.ops[tag as usize];
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         let bounce = op.bounce.take();
         let segs = std::mem::take(&mut op.segs);
         if op.timed_out {
@@ -1428,7 +1929,8 @@ impl NvmeBackend {
             return 0;
         }
         let t = &mut self.trackers[cid as usize];
-        let (tag, aborting) = (t.tag, t.state == TrackerState::Aborting);
+        let (owner, tag) = (t.owner, t.tag);
+        let aborting = t.state == TrackerState::Aborting;
         if let Err(status) = c.status() {
             if !aborting && !c.dnr && t.retries < MAX_RETRIES && !self.qp.sq_full() {
                 // Retryable: the same command again, under the same id.
@@ -1439,7 +1941,8 @@ impl NvmeBackend {
                 self.ctrl.counters.retries.fetch_add(1, Ordering::Relaxed);
                 return 0;
             }
-            let (nsid, op) = (self.nsid, &mut self.ops[tag as usize]);
+            let o = &mut self.owners[owner as usize];
+            let (nsid, op) = (o.nsid, &mut o.ops[tag as usize]);
             if !aborting {
                 op.error.get_or_insert(Error::Nvme {
                     op: op.kind.name(),
@@ -1451,14 +1954,19 @@ impl NvmeBackend {
             }
         }
         self.free_tracker(cid);
-        let op = &mut self.ops[tag as usize];
+        let op = &mut self.owners[owner as usize].ops[tag as usize];
         op.remaining -= 1;
         if op.remaining > 0 {
             return 0;
         }
-        let r = self.finish(tag);
-        done(tag, r);
-        1
+        let r = self.finish(owner, tag);
+        if owner == self.cur {
+            done(tag, r);
+            return 1;
+        }
+        // Another namespace's channel on this queue reports it.
+        self.push_ready(owner, tag, r);
+        0
     }
 
     /// Fails every op the backend holds (reported by the next reap). Only
@@ -1468,24 +1976,26 @@ impl NvmeBackend {
             let t = self.trackers[cid];
             if t.state != TrackerState::Free {
                 if t.state == TrackerState::Aborting {
-                    self.ops[t.tag as usize].timed_out = true;
+                    self.owners[t.owner as usize].ops[t.tag as usize].timed_out = true;
                 }
                 self.free_tracker(cid as u16);
             }
         }
         debug_assert_eq!((self.active, self.aborting), (0, 0));
         self.pending.clear();
-        for tag in 0..self.ops.len() {
-            let op = &mut self.ops[tag];
-            if !op.live {
-                continue;
+        for owner in 0..self.owners.len() {
+            for tag in 0..self.owners[owner].ops.len() {
+                let op = &mut self.owners[owner].ops[tag];
+                if !op.live {
+                    continue;
+                }
+                op.error.get_or_insert_with(|| Error::DeviceFailed {
+                    device: self.ctrl.name.clone(),
+                    reason: reason.to_string(),
+                });
+                let r = self.finish(owner as u16, tag as Tag);
+                self.push_ready(owner as u16, tag as Tag, r);
             }
-            op.error.get_or_insert_with(|| Error::DeviceFailed {
-                device: self.ctrl.name.clone(),
-                reason: reason.to_string(),
-            });
-            let r = self.finish(tag as Tag);
-            self.ready.push((tag as Tag, r));
         }
     }
 
@@ -1549,9 +2059,8 @@ impl NvmeBackend {
             self.ctrl.disable_after_fatal();
             return;
         }
-        if self.aborting > 0 {
-            self.ctrl.poll_admin();
-        }
+        // Abort completions and asynchronous events.
+        self.ctrl.poll_admin();
         // Ticks a timeout lasts: TICKS_PER_TIMEOUT, or fewer when the tick's
         // floor makes each tick longer than timeout / TICKS_PER_TIMEOUT (a
         // zero timeout: none, so the first tick after a command's own finds
@@ -1568,7 +2077,7 @@ impl NvmeBackend {
             match t.state {
                 TrackerState::Active => {
                     // Past its deadline: a timeout, however it ends.
-                    self.ops[t.tag as usize].timed_out = true;
+                    self.owners[t.owner as usize].ops[t.tag as usize].timed_out = true;
                     let abort = Command::abort(self.qp.qid, cid as u16);
                     if self.ctrl.admin_detached(abort) {
                         self.ctrl.counters.aborts.fetch_add(1, Ordering::Relaxed);
@@ -1597,7 +2106,8 @@ impl NvmeBackend {
     }
 }
 
-impl ChannelBackend for NvmeBackend {
+impl NvmeBackend {
+    /// Starts `op` of the current owner (`cur`).
     #[inline]
     fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
         self.check_controller()?;
@@ -1609,13 +2119,11 @@ impl ChannelBackend for NvmeBackend {
         Ok(())
     }
 
+    /// Reaps the queue for the current owner (`cur`): its ops go to
+    /// `done`, other owners' to their `ready` lists.
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
         let usable = self.check_controller().is_ok();
-        let mut n = 0;
-        while let Some((t, r)) = self.ready.pop() {
-            done(t, r);
-            n += 1;
-        }
+        let mut n = self.drain_ready(done);
         if !usable {
             return n;
         }
@@ -1645,11 +2153,108 @@ impl ChannelBackend for NvmeBackend {
         if self.qp.unrung() && self.check_controller().is_ok() {
             self.qp.ring(&*self.ctrl.bar);
         }
-        while let Some((t, r)) = self.ready.pop() {
+        n + self.drain_ready(done)
+    }
+
+    /// Leaves a finished op for its owner's next reap.
+    fn push_ready(&mut self, owner: u16, tag: Tag, r: Result<()>) {
+        self.owners[owner as usize].ready.push((tag, r));
+        self.ready_count += 1;
+    }
+
+    /// Reports the current owner's ops that finished elsewhere.
+    #[inline]
+    fn drain_ready(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        if self.ready_count == 0 {
+            return 0;
+        }
+        let ready = &mut self.owners[self.cur as usize].ready;
+        let mut n = 0;
+        while let Some((t, r)) = ready.pop() {
             done(t, r);
             n += 1;
         }
+        self.ready_count -= n;
         n
+    }
+}
+
+thread_local! {
+    /// This thread's queue pairs, one per controller (keyed by the
+    /// controller's address, which the queue's `Arc` keeps alive).
+    static THREAD_QUEUES: RefCell<Vec<(usize, Weak<RefCell<NvmeBackend>>)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// A thread's channel on one namespace: its share ([`Owner`]) of the
+/// thread's queue pair on the controller, created with the first channel
+/// of the thread on any namespace of it and deleted with the last.
+struct NamespaceBackend {
+    queue: Rc<RefCell<NvmeBackend>>,
+    owner: u16,
+}
+
+impl NamespaceBackend {
+    fn new(dev: &NvmeDevice) -> Result<NamespaceBackend> {
+        let key = Arc::as_ptr(&dev.ctrl) as usize;
+        let found = THREAD_QUEUES.with(|t| {
+            t.borrow()
+                .iter()
+                .find(|(k, _)| *k == key)
+                .and_then(|(_, w)| w.upgrade())
+        });
+        let queue = match found {
+            Some(q) => q,
+            None => {
+                let q = Rc::new(RefCell::new(NvmeBackend::new(dev.ctrl.clone())?));
+                THREAD_QUEUES.with(|t| {
+                    let mut t = t.borrow_mut();
+                    t.retain(|(_, w)| w.strong_count() > 0);
+                    t.push((key, Rc::downgrade(&q)));
+                });
+                q
+            }
+        };
+        let owner = queue
+            .borrow_mut()
+            .add_owner(dev.nsid, dev.geometry.block_size as u64);
+        Ok(NamespaceBackend { queue, owner })
+    }
+}
+
+impl ChannelBackend for NamespaceBackend {
+    #[inline]
+    fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        q.submit(tag, op)
+    }
+
+    #[inline]
+    fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        q.reap(done)
+    }
+}
+
+impl Drop for NamespaceBackend {
+    fn drop(&mut self) {
+        let mut q = self.queue.borrow_mut();
+        q.cur = self.owner;
+        // The queue outlives this channel: its ops' memory must not be
+        // released while the controller may still reach it, so wait for
+        // them (timeouts, aborts and resets bound the wait); a wedged
+        // controller keeps it.
+        while q.owner_busy(self.owner) && q.ctrl.state.load(Ordering::Acquire) != state::WEDGED {
+            q.reap(&mut |_, _| {});
+            std::hint::spin_loop();
+        }
+        let o = &mut q.owners[self.owner as usize];
+        o.live = false;
+        o.ops = Vec::new();
+        let left = std::mem::take(&mut o.ready).len();
+        q.ready_count -= left;
     }
 }
 

@@ -14,6 +14,9 @@
 //!   fields are read after the tag (an acquire fence); the head doorbell is
 //!   written once per [`QueuePair::release_completions`] that follows
 //!   consumed entries (one write per reap).
+//! - With shadow doorbells ([`super::shadow`]), every tail and head goes
+//!   to the shadow page first, and the MMIO doorbell is written only when
+//!   the controller's EventIdx asks for it.
 
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -21,8 +24,16 @@ use std::sync::Arc;
 use super::cmd::{Command, Completion, CQE_BYTES, SQE_BYTES};
 use super::dma::DmaPool;
 use super::regs::{Bar, Capabilities};
+use super::shadow::ShadowDoorbells;
 use crate::device::{DmaBuf, Iova};
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// A queue's entries in the shadow doorbell and EventIdx pages.
+struct Shadow {
+    pages: Arc<ShadowDoorbells>,
+    sq: usize,
+    cq: usize,
+}
 
 /// One queue pair (the admin pair has id 0).
 pub struct QueuePair {
@@ -39,6 +50,9 @@ pub struct QueuePair {
     cq_head: u32,
     /// Completions consumed since the head doorbell was last written.
     cq_unreleased: bool,
+    /// The head the doorbell (or its shadow) last told the controller.
+    cq_head_rung: u32,
+    shadow: Option<Shadow>,
     phase: bool,
     sq_doorbell: usize,
     cq_doorbell: usize,
@@ -56,9 +70,37 @@ fn doorbell_fence() {
 }
 
 impl QueuePair {
-    /// Allocates the rings of a pair with `entries` slots each.
-    pub fn new(pool: &Arc<DmaPool>, cap: &Capabilities, qid: u16, entries: u32) -> Result<Self> {
+    /// Allocates the rings of a pair with `entries` slots each; its
+    /// doorbells go through `shadow` when given (I/O queues only), whose
+    /// entries for this queue are cleared here.
+    pub fn new(
+        pool: &Arc<DmaPool>,
+        cap: &Capabilities,
+        qid: u16,
+        entries: u32,
+        shadow: Option<&Arc<ShadowDoorbells>>,
+    ) -> Result<Self> {
         debug_assert!((2..=4096).contains(&entries));
+        let shadow = match shadow {
+            None => None,
+            Some(pages) => {
+                let at = |db| {
+                    pages.offset(db).ok_or_else(|| {
+                        Error::InvalidArgument(format!(
+                            "queue {qid} is past the shadow doorbell pages"
+                        ))
+                    })
+                };
+                let (sq, cq) = (at(cap.sq_doorbell(qid))?, at(cap.cq_doorbell(qid))?);
+                pages.clear(sq);
+                pages.clear(cq);
+                Some(Shadow {
+                    pages: pages.clone(),
+                    sq,
+                    cq,
+                })
+            }
+        };
         let sq = pool.alloc(entries as usize * SQE_BYTES)?;
         let cq = pool.alloc(entries as usize * CQE_BYTES)?;
         Ok(QueuePair {
@@ -71,6 +113,8 @@ impl QueuePair {
             sq_head: 0,
             cq_head: 0,
             cq_unreleased: false,
+            cq_head_rung: 0,
+            shadow,
             phase: true,
             sq_doorbell: cap.sq_doorbell(qid),
             cq_doorbell: cap.cq_doorbell(qid),
@@ -115,7 +159,17 @@ impl QueuePair {
         self.sq_head = 0;
         self.cq_head = 0;
         self.cq_unreleased = false;
+        self.cq_head_rung = 0;
         self.phase = true;
+        if let Some(s) = &self.shadow {
+            s.pages.clear(s.sq);
+            s.pages.clear(s.cq);
+        }
+    }
+
+    /// True when this pair's doorbells go through the shadow page.
+    pub fn shadowed(&self) -> bool {
+        self.shadow.is_some()
     }
 
     /// Puts `cmd` with command id `cid` in the ring without ringing the
@@ -152,8 +206,13 @@ impl QueuePair {
     pub fn ring(&mut self, bar: &dyn Bar) {
         if self.sq_tail != self.sq_tail_rung {
             doorbell_fence();
+            let old = std::mem::replace(&mut self.sq_tail_rung, self.sq_tail);
+            if let Some(s) = &self.shadow {
+                if !s.pages.publish(s.sq, old, self.sq_tail) {
+                    return; // the controller is still reading the shadow
+                }
+            }
             bar.write32(self.sq_doorbell, self.sq_tail);
-            self.sq_tail_rung = self.sq_tail;
         }
     }
 
@@ -200,8 +259,16 @@ impl QueuePair {
     #[inline]
     pub fn release_completions(&mut self, bar: &dyn Bar) {
         if self.cq_unreleased {
-            bar.write32(self.cq_doorbell, self.cq_head);
             self.cq_unreleased = false;
+            let old = std::mem::replace(&mut self.cq_head_rung, self.cq_head);
+            if let Some(s) = &self.shadow {
+                // The completions were read before the head says so.
+                doorbell_fence();
+                if !s.pages.publish(s.cq, old, self.cq_head) {
+                    return;
+                }
+            }
+            bar.write32(self.cq_doorbell, self.cq_head);
         }
     }
 }

@@ -10,6 +10,13 @@
 //! status, failing statuses, completions for ids that are not outstanding,
 //! aborts that do or do not abort.
 //!
+//! Optional features ([`SoftFeatures`]): shadow doorbells (Doorbell Buffer
+//! Config). With them the model checks that every MMIO doorbell value
+//! equals the shadow value, keeps EventIdx as an idle controller does (the
+//! value it last saw: every batch needs a doorbell) or, with
+//! `shadow_polling`, as a controller that polls the shadow page
+//! ([`SoftController::poll_shadow`]) and wants no doorbell at all.
+//!
 //! Invariants:
 //! - Memory is reached only through [`DmaPool::translate`]: an IOVA outside
 //!   the pool is a driver bug and panics the model (a test failure).
@@ -22,10 +29,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::cmd::{self, Completion};
+use super::cmd::{self, AsyncEvent, Completion};
 use super::dma::{DmaPool, NoMapper};
 use super::regs::{self, Bar};
-use super::NvmeController;
+use super::{ControllerOptions, NvmeController};
 use crate::error::Result;
 
 const PAGE: u64 = 4096;
@@ -45,6 +52,19 @@ struct Cq {
     size: u32,
     tail: u32,
     phase: bool,
+}
+
+/// What the software controller offers beyond the basics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SoftFeatures {
+    /// Doorbell Buffer Config (OACS bit 8).
+    pub shadow_doorbells: bool,
+    /// SGL Support as Identify Controller reports it (SGLS bits 1:0: 0
+    /// none, 1 any alignment, 2 dword alignment); Read and Write then
+    /// accept data block, segment and last segment descriptors.
+    pub sgls: u32,
+    /// Asynchronous Event Request Limit (zero-based), Identify byte 259.
+    pub aerl: u8,
 }
 
 impl SoftState {
@@ -97,6 +117,31 @@ pub struct SoftState {
     pub io_sq_doorbells: u64,
     /// Completion head doorbell writes of I/O queues.
     pub io_cq_doorbells: u64,
+    /// Outstanding Asynchronous Event Requests (command ids, oldest first).
+    pub aers: VecDeque<u16>,
+    /// Events raised and not yet reported (no request outstanding, or
+    /// their log page not read since the last one of that page).
+    pub pending_events: VecDeque<AsyncEvent>,
+    /// Log pages of reported events not yet read (their events masked).
+    pub masked_logs: Vec<u8>,
+    /// Log pages read (Get Log Page), in order.
+    pub log_reads: Vec<u8>,
+    /// Asynchronous Event Configuration (Set Features 0x0B).
+    pub async_event_config: u32,
+    /// Critical warning byte of the SMART log.
+    pub critical_warning: u8,
+    /// Read/Write commands whose data came in an SGL.
+    pub sgl_commands: u64,
+    /// Data block descriptors of the last SGL command.
+    pub last_sgl_descriptors: usize,
+    /// Shadow doorbell and EventIdx pages (Doorbell Buffer Config).
+    pub dbbuf: Option<(u64, u64)>,
+    /// Doorbell Buffer Config commands accepted.
+    pub dbbuf_configs: u32,
+    /// With shadow doorbells: act as a controller polling the shadow page
+    /// (EventIdx always one behind, so no doorbell is needed; commands run
+    /// at [`SoftController::poll_shadow`]).
+    pub shadow_polling: bool,
 }
 
 /// A software NVMe controller over the memory of a [`DmaPool`].
@@ -106,6 +151,7 @@ pub struct SoftController {
     pub namespaces: Vec<(u32, Mutex<Vec<u8>>)>,
     mdts: u8,
     oncs: u16,
+    features: SoftFeatures,
     /// Registers, queues and fault knobs.
     pub st: Mutex<SoftState>,
 }
@@ -134,6 +180,12 @@ fn rd_u64(pool: &DmaPool, iova: u64) -> u64 {
     u64::from_le_bytes(b)
 }
 
+fn rd_u32(pool: &DmaPool, iova: u64) -> u32 {
+    let mut b = [0u8; 4];
+    rd(pool, iova, &mut b);
+    u32::from_le_bytes(b)
+}
+
 impl SoftController {
     /// A controller with two namespaces (8 MiB of 512-byte blocks, 16 MiB
     /// of 4 KiB blocks), MDTS `mdts` and ONCS `oncs`, attached as an
@@ -148,6 +200,24 @@ impl SoftController {
         oncs: u16,
         namespaces: &[(u32, usize)],
     ) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
+        Self::attach_featured(
+            mdts,
+            oncs,
+            namespaces,
+            SoftFeatures::default(),
+            ControllerOptions::default(),
+        )
+    }
+
+    /// A controller offering `features`, attached with the driver's
+    /// options `opts`.
+    pub fn attach_featured(
+        mdts: u8,
+        oncs: u16,
+        namespaces: &[(u32, usize)],
+        features: SoftFeatures,
+        opts: ControllerOptions,
+    ) -> Result<(Arc<SoftController>, Arc<NvmeController>)> {
         let pool = DmaPool::new(Box::new(NoMapper), false);
         let model = Arc::new(SoftController {
             pool: pool.clone(),
@@ -157,9 +227,10 @@ impl SoftController {
                 .collect(),
             mdts,
             oncs,
+            features,
             st: Mutex::new(SoftState::default()),
         });
-        let ctrl = NvmeController::start("model".into(), model.clone(), pool, None)?;
+        let ctrl = NvmeController::start("model".into(), model.clone(), pool, None, opts)?;
         Ok((model, Arc::new(ctrl)))
     }
 
@@ -190,6 +261,73 @@ impl SoftController {
         }
     }
 
+    /// The pieces (address, bytes) an SGL describes, starting with the
+    /// descriptor in dwords 6..10 of the command; an NVMe status code on a
+    /// malformed list.
+    fn sgl_pieces(&self, d: &[u32; 16], len: u64) -> std::result::Result<Vec<(u64, u64)>, u8> {
+        const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
+        const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
+        let dword = self.features.sgls & 3 == 2;
+        let mut desc = (
+            d[6] as u64 | (d[7] as u64) << 32,
+            d[8] as u64 | (d[9] as u64) << 32,
+        );
+        let mut out = Vec::new();
+        let mut segments = 0;
+        loop {
+            let (addr, (n, kind)) = (desc.0, cmd::sgl_descriptor_decode(desc.1));
+            match kind {
+                cmd::sgl_type::DATA_BLOCK => {
+                    if dword && !(addr.is_multiple_of(4) && n.is_multiple_of(4)) {
+                        return Err(DATA_SGL_LENGTH_INVALID);
+                    }
+                    out.push((addr, n as u64));
+                    break;
+                }
+                cmd::sgl_type::SEGMENT | cmd::sgl_type::LAST_SEGMENT => {
+                    segments += 1;
+                    let count = n as usize / cmd::SGL_DESCRIPTOR_BYTES;
+                    if !(n as usize).is_multiple_of(cmd::SGL_DESCRIPTOR_BYTES)
+                        || count == 0
+                        || segments > 16
+                    {
+                        return Err(SGL_DESCRIPTOR_TYPE_INVALID);
+                    }
+                    let mut next = None;
+                    for i in 0..count as u64 {
+                        let lo = rd_u64(&self.pool, addr + 16 * i);
+                        let hi = rd_u64(&self.pool, addr + 16 * i + 8);
+                        let (l, t) = cmd::sgl_descriptor_decode(hi);
+                        let last = i + 1 == count as u64;
+                        match t {
+                            cmd::sgl_type::DATA_BLOCK => {
+                                if dword && !(lo.is_multiple_of(4) && l.is_multiple_of(4)) {
+                                    return Err(DATA_SGL_LENGTH_INVALID);
+                                }
+                                out.push((lo, l as u64));
+                            }
+                            cmd::sgl_type::SEGMENT | cmd::sgl_type::LAST_SEGMENT
+                                if last && kind == cmd::sgl_type::SEGMENT =>
+                            {
+                                next = Some((lo, hi));
+                            }
+                            _ => return Err(SGL_DESCRIPTOR_TYPE_INVALID),
+                        }
+                    }
+                    match next {
+                        Some(n) => desc = n,
+                        None => break,
+                    }
+                }
+                _ => return Err(SGL_DESCRIPTOR_TYPE_INVALID),
+            }
+        }
+        if out.iter().map(|p| p.1).sum::<u64>() != len {
+            return Err(DATA_SGL_LENGTH_INVALID);
+        }
+        Ok(out)
+    }
+
     fn exec_admin(&self, st: &mut SoftState, d: &[u32; 16]) -> (u8, u8, u32) {
         let prp1 = d[6] as u64 | (d[7] as u64) << 32;
         match d[0] as u8 {
@@ -200,6 +338,11 @@ impl SoftController {
                         page[4..12].copy_from_slice(b"MODEL001");
                         page[24..34].copy_from_slice(b"Model NVMe");
                         page[77] = self.mdts;
+                        page[259] = self.features.aerl;
+                        page[536..540].copy_from_slice(&self.features.sgls.to_le_bytes());
+                        if self.features.shadow_doorbells {
+                            page[256..258].copy_from_slice(&(1u16 << 8).to_le_bytes());
+                        }
                         page[516..520]
                             .copy_from_slice(&(self.namespaces.len() as u32).to_le_bytes());
                         page[520..522].copy_from_slice(&self.oncs.to_le_bytes());
@@ -228,6 +371,10 @@ impl SoftController {
                     _ => return (0, 0x02, 0),
                 }
                 wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::SET_FEATURES if d[10] & 0xff == cmd::FEAT_ASYNC_EVENT_CONFIG => {
+                st.async_event_config = d[11];
                 (0, 0, 0)
             }
             cmd::admin_op::SET_FEATURES => (0, 0, 15 << 16 | 15),
@@ -260,6 +407,13 @@ impl SoftController {
                     head: 0,
                     cqid,
                 });
+                if let Some((dbs, _)) = st.dbbuf {
+                    for db in [2 * qid as u64, 2 * qid as u64 + 1] {
+                        let v = rd_u32(&self.pool, dbs + 4 * db);
+                        assert_eq!(v, 0, "shadow doorbell {db} not cleared before queue {qid}");
+                    }
+                    self.set_event_idx(st, qid as u16);
+                }
                 (0, 0, 0)
             }
             cmd::admin_op::DELETE_SQ => {
@@ -279,11 +433,28 @@ impl SoftController {
             cmd::admin_op::GET_LOG_PAGE => {
                 let bytes = ((d[10] >> 16) + 1) * 4;
                 let mut page = vec![0u8; bytes as usize];
-                if d[10] & 0xff == cmd::LOG_SMART as u32 {
+                let lid = d[10] as u8;
+                if lid == cmd::LOG_SMART {
+                    page[0] = st.critical_warning;
                     page[1..3].copy_from_slice(&300u16.to_le_bytes());
                     page[3] = 100;
                 }
+                st.log_reads.push(lid);
+                // Reading the page clears (unmasks) its event.
+                st.masked_logs.retain(|&l| l != lid);
                 wr(&self.pool, prp1, &page);
+                (0, 0, 0)
+            }
+            cmd::admin_op::DOORBELL_BUFFER_CONFIG => {
+                let eis = d[8] as u64 | (d[9] as u64) << 32;
+                if !self.features.shadow_doorbells {
+                    return (0, 0x01, 0);
+                }
+                if !prp1.is_multiple_of(PAGE) || !eis.is_multiple_of(PAGE) {
+                    return (0, 0x02, 0);
+                }
+                st.dbbuf = Some((prp1, eis));
+                st.dbbuf_configs += 1;
                 (0, 0, 0)
             }
             cmd::admin_op::ABORT => {
@@ -334,7 +505,7 @@ impl SoftController {
                 let limit = PAGE << self.mdts;
                 assert!(nlb * bs <= limit, "transfer beyond MDTS");
                 let mut at = (lba * bs) as usize;
-                self.prp_pages(prp1, prp2, nlb * bs, |a, l| {
+                let mut copy = |a: u64, l: u64| {
                     let l = l as usize;
                     if opcode == cmd::io_op::READ {
                         wr(&self.pool, a, &data[at..at + l]);
@@ -342,7 +513,22 @@ impl SoftController {
                         rd(&self.pool, a, &mut data[at..at + l]);
                     }
                     at += l;
-                });
+                };
+                match (d[0] >> 14) & 3 {
+                    0 => self.prp_pages(prp1, prp2, nlb * bs, copy),
+                    1 => {
+                        assert!(self.features.sgls & 3 != 0, "SGL not advertised");
+                        st.sgl_commands += 1;
+                        match self.sgl_pieces(d, nlb * bs) {
+                            Ok(pieces) => {
+                                st.last_sgl_descriptors = pieces.len();
+                                pieces.into_iter().for_each(|(a, l)| copy(a, l));
+                            }
+                            Err(sc) => return Some((0, sc, 0)),
+                        }
+                    }
+                    psdt => panic!("PSDT {psdt}: the driver sends no metadata SGLs"),
+                }
                 Some((0, 0, 0))
             }
             cmd::io_op::FLUSH => Some((0, 0, 0)),
@@ -433,6 +619,15 @@ impl SoftController {
                     st.aborts += 1;
                     continue;
                 }
+                if d[0] as u8 == cmd::admin_op::ASYNC_EVENT_REQUEST {
+                    if st.aers.len() > self.features.aerl as usize {
+                        // Asynchronous Event Request Limit Exceeded.
+                        self.post(st, 0, cid, (1, 0x05, 0), true);
+                    } else {
+                        st.aers.push_back(cid);
+                    }
+                    continue;
+                }
                 let r = self.exec_admin(st, &d);
                 self.post(st, sqid, cid, r, r.0 != 0 || r.1 != 0);
                 continue;
@@ -449,6 +644,90 @@ impl SoftController {
                 None => st.held.push((sqid, cid)),
             }
         }
+    }
+
+    /// Writes queue `qid`'s EventIdx entries: the SQ tail and CQ head last
+    /// seen (idle: the next move needs a doorbell), or one behind them
+    /// (polling: no doorbell needed).
+    #[cold]
+    fn set_event_idx(&self, st: &mut SoftState, qid: u16) {
+        let Some((dbs, eis)) = st.dbbuf else { return };
+        let polling = st.shadow_polling;
+        let behind = |v: u32, size: u32| if polling { (v + size - 1) % size } else { v };
+        if let Some(sq) = st.sqs.get(qid as usize).and_then(|s| s.as_ref()) {
+            let v = behind(sq.head, sq.size);
+            wr(&self.pool, eis + 8 * qid as u64, &v.to_le_bytes());
+            let cq_size = st
+                .cqs
+                .get(sq.cqid as usize)
+                .and_then(|c| c.as_ref())
+                .map_or(1, |c| c.size);
+            let cqid = sq.cqid as u64;
+            let head = rd_u32(&self.pool, dbs + 8 * cqid + 4);
+            assert!(head < cq_size, "shadow CQ head {head} past the ring");
+            let v = behind(head, cq_size);
+            wr(&self.pool, eis + 8 * cqid + 4, &v.to_le_bytes());
+        }
+    }
+
+    /// Checks that an MMIO doorbell value is the shadow's (the driver
+    /// writes the shadow first).
+    #[cold]
+    fn check_shadow(&self, st: &SoftState, idx: usize, val: u32) {
+        let Some((dbs, _)) = st.dbbuf else { return };
+        let shadow = rd_u32(&self.pool, dbs + 4 * idx as u64);
+        assert_eq!(
+            shadow, val,
+            "doorbell {idx}: MMIO value is not the shadow's"
+        );
+    }
+
+    /// Plays a controller that polls the shadow doorbells: runs every I/O
+    /// submission queue up to its shadow tail.
+    pub fn poll_shadow(&self) {
+        let mut st = self.st.lock();
+        let Some((dbs, _)) = st.dbbuf else { return };
+        for qid in 1..st.sqs.len() as u16 {
+            let Some(size) = st.sqs[qid as usize].as_ref().map(|s| s.size) else {
+                continue;
+            };
+            let tail = rd_u32(&self.pool, dbs + 8 * qid as u64);
+            assert!(tail < size, "shadow SQ tail {tail} past the ring");
+            self.ring(&mut st, qid, tail);
+            self.set_event_idx(&mut st, qid);
+        }
+    }
+
+    /// Raises an asynchronous event: reported on an outstanding request
+    /// once none of the same log page is waiting to be read.
+    pub fn raise_event(&self, ev: AsyncEvent) {
+        let mut st = self.st.lock();
+        st.pending_events.push_back(ev);
+        self.deliver_events(&mut st);
+    }
+
+    /// Reports pending events on outstanding requests.
+    fn deliver_events(&self, st: &mut SoftState) {
+        while !st.aers.is_empty() {
+            let masked = &st.masked_logs;
+            let Some(i) = st
+                .pending_events
+                .iter()
+                .position(|e| !masked.contains(&e.log_page))
+            else {
+                return;
+            };
+            let ev = st.pending_events.remove(i).expect("found");
+            let cid = st.aers.pop_front().expect("not empty");
+            st.masked_logs.push(ev.log_page);
+            self.post(st, 0, cid, (0, 0, ev.encode()), false);
+        }
+    }
+
+    /// I/O submission queues the controller has now.
+    pub fn io_queues(&self) -> usize {
+        let st = self.st.lock();
+        st.sqs.iter().skip(1).filter(|q| q.is_some()).count()
     }
 
     /// Completes every held command successfully (their data untouched).
@@ -489,13 +768,24 @@ impl Bar for SoftController {
             o if o >= regs::DOORBELLS => {
                 let idx = (o - regs::DOORBELLS) / 4;
                 let qid = (idx / 2) as u16;
+                let shadowed = qid != 0 && st.dbbuf.is_some();
+                if shadowed {
+                    self.check_shadow(&st, idx, val);
+                }
                 if idx.is_multiple_of(2) {
                     if qid != 0 {
                         st.io_sq_doorbells += 1;
                     }
                     self.ring(&mut st, qid, val);
+                    if qid == 0 {
+                        // New requests, or a log read that unmasked events.
+                        self.deliver_events(&mut st);
+                    }
                 } else if qid != 0 {
                     st.io_cq_doorbells += 1;
+                }
+                if shadowed {
+                    self.set_event_idx(&mut st, qid);
                 }
             }
             regs::CC => {
@@ -525,6 +815,9 @@ impl Bar for SoftController {
                     st.sqs.clear();
                     st.cqs.clear();
                     st.held.clear();
+                    st.dbbuf = None;
+                    st.aers.clear();
+                    st.masked_logs.clear();
                     st.fatal = false;
                     st.csts = 0;
                 }

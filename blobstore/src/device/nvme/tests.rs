@@ -7,14 +7,69 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::soft::SoftController;
-use super::{NvmeController, NvmeDevice};
+use super::soft::{SoftController, SoftFeatures};
+use super::{ControllerOptions, NvmeController, NvmeDevice};
 use crate::device::{channel, BlockDevice, DmaBuf};
 use crate::error::{Error, NvmeStatus};
 use crate::{block_on, BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 
 fn setup(mdts: u8, oncs: u16) -> (Arc<SoftController>, Arc<NvmeController>) {
     SoftController::attach(mdts, oncs).unwrap()
+}
+
+/// A plain controller, one with shadow doorbells and one with SGLs (dword
+/// aligned), for tests that must hold on each.
+fn setups(mdts: u8, oncs: u16) -> Vec<(Arc<SoftController>, Arc<NvmeController>)> {
+    let shadow = setup_featured(mdts, oncs, true, true);
+    assert!(shadow.1.shadow_doorbells());
+    let sgl = attach(mdts, oncs, sgl_features(2), ControllerOptions::default());
+    assert!(sgl.1.uses_sgl());
+    vec![setup(mdts, oncs), shadow, sgl]
+}
+
+fn attach(
+    mdts: u8,
+    oncs: u16,
+    features: SoftFeatures,
+    opts: ControllerOptions,
+) -> (Arc<SoftController>, Arc<NvmeController>) {
+    SoftController::attach_featured(
+        mdts,
+        oncs,
+        &[(512, 8 << 20), (4096, 16 << 20)],
+        features,
+        opts,
+    )
+    .unwrap()
+}
+
+fn sgl_features(sgls: u32) -> SoftFeatures {
+    SoftFeatures {
+        sgls,
+        ..Default::default()
+    }
+}
+
+/// A controller offering shadow doorbells (`offered`), attached with them
+/// on or off (`used`).
+fn setup_featured(
+    mdts: u8,
+    oncs: u16,
+    offered: bool,
+    used: bool,
+) -> (Arc<SoftController>, Arc<NvmeController>) {
+    attach(
+        mdts,
+        oncs,
+        SoftFeatures {
+            shadow_doorbells: offered,
+            ..Default::default()
+        },
+        ControllerOptions {
+            shadow_doorbells: used,
+            ..Default::default()
+        },
+    )
 }
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -50,7 +105,13 @@ fn bring_up_identify_and_logs() {
 
 #[test]
 fn write_read_back_across_mdts_prp_lists_and_bounces() {
-    let (model, ctrl) = setup(3, 0b1100); // 32 KiB per command
+    // 32 KiB per command.
+    for (model, ctrl) in setups(3, 0b1100) {
+        write_read_back_on(model, ctrl);
+    }
+}
+
+fn write_read_back_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
     model.st.lock().log_io = true;
     for nsid in [1, 2] {
         let dev: Arc<dyn BlockDevice> =
@@ -125,7 +186,12 @@ fn write_read_back_across_mdts_prp_lists_and_bounces() {
 
 #[test]
 fn many_ops_wrap_the_rings() {
-    let (_m, ctrl) = setup(5, 0b1100);
+    for (_m, ctrl) in setups(5, 0b1100) {
+        many_ops_wrap_the_rings_on(ctrl);
+    }
+}
+
+fn many_ops_wrap_the_rings_on(ctrl: Arc<NvmeController>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
     let ch = channel(&dev).unwrap();
     block_on(async {
@@ -152,7 +218,12 @@ fn many_ops_wrap_the_rings() {
 
 #[test]
 fn four_threads_each_with_a_queue_pair() {
-    let (_m, ctrl) = setup(5, 0b1100);
+    for (_m, ctrl) in setups(5, 0b1100) {
+        four_threads_on(ctrl);
+    }
+}
+
+fn four_threads_on(ctrl: Arc<NvmeController>) {
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
@@ -282,7 +353,13 @@ fn timeout_fails_the_op_keeps_memory_and_recovers() {
 
 #[test]
 fn reset_fails_in_flight_and_queues_come_back() {
-    let (model, ctrl) = setup(5, 0b1100);
+    for (model, ctrl) in setups(5, 0b1100) {
+        reset_fails_in_flight_on(model, ctrl);
+    }
+}
+
+fn reset_fails_in_flight_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
+    let shadow = ctrl.shadow_doorbells();
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
     let ch = channel(&dev).unwrap();
     block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
@@ -310,6 +387,8 @@ fn reset_fails_in_flight_and_queues_come_back() {
     ctrl.set_io_timeout(Duration::from_secs(5));
     let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 9));
+    // Each reset gave the controller its shadow pages again.
+    assert_eq!(model.st.lock().dbbuf_configs, if shadow { 3 } else { 0 });
 }
 
 #[test]
@@ -770,4 +849,326 @@ fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
         total += backend.reap(&mut |_, r| r.unwrap());
     }
     assert_eq!(total, 200);
+}
+
+#[test]
+fn shadow_doorbells_ring_only_when_the_event_index_asks() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup_featured(5, 0b1100, true, true);
+    assert!(ctrl.shadow_doorbells());
+    assert_eq!(model.st.lock().dbbuf_configs, 1);
+    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+    let mut backend = dev.new_backend().unwrap();
+    let bufs: Vec<DmaBuf> = (0..100)
+        .map(|i| {
+            let mut b = dev.alloc_buf(4096).unwrap();
+            b.copy_from_slice(&pattern(i, 4096));
+            b
+        })
+        .collect();
+    let write = |i: usize| IoOp {
+        kind: IoKind::Write,
+        lba: i as u64,
+        blocks: 1,
+        segs: Segments::one(bufs[i].segment(0, 4096)),
+    };
+    let doorbells = || {
+        let st = model.st.lock();
+        (st.io_sq_doorbells, st.io_cq_doorbells)
+    };
+    let reap_all = |backend: &mut Box<dyn crate::device::ChannelBackend>| {
+        let mut n = 0;
+        for _ in 0..4 {
+            n += backend.reap(&mut |_, r| r.unwrap());
+        }
+        n
+    };
+    // An idle controller (EventIdx = what it last saw) needs a doorbell
+    // for each batch: one SQ and one CQ write, as without shadows.
+    for k in 0..8 {
+        backend.submit(k as u32, &write(k)).unwrap();
+    }
+    assert_eq!(reap_all(&mut backend), 8);
+    assert_eq!(doorbells(), (1, 1));
+    // A polling controller keeps EventIdx behind: batches reach it through
+    // the shadow page alone, across ring wrap-arounds (3,000 commands on a
+    // 256-entry ring).
+    model.st.lock().shadow_polling = true;
+    model.poll_shadow();
+    for round in 0..30 {
+        for k in 0..100 {
+            backend.submit(k as u32, &write(k)).unwrap();
+        }
+        assert_eq!(reap_all(&mut backend), 0, "round {round}: nothing ran yet");
+        model.poll_shadow();
+        assert_eq!(reap_all(&mut backend), 100, "round {round}");
+    }
+    assert_eq!(doorbells(), (1, 1), "no MMIO doorbell while it polls");
+    // Idle again: the next batch rings.
+    model.st.lock().shadow_polling = false;
+    model.poll_shadow();
+    for k in 0..8 {
+        backend.submit(k as u32, &write(k)).unwrap();
+    }
+    assert_eq!(reap_all(&mut backend), 8);
+    assert_eq!(doorbells(), (2, 2));
+    let data = model.namespaces[1].1.lock();
+    for (i, b) in bufs.iter().enumerate() {
+        assert!(data[i * 4096..(i + 1) * 4096] == b[..], "block {i}");
+    }
+}
+
+#[test]
+fn shadow_doorbells_are_used_only_when_offered_and_wanted() {
+    for (offered, used) in [(true, false), (false, true), (false, false)] {
+        let (model, ctrl) = setup_featured(5, 0b1100, offered, used);
+        assert!(!ctrl.shadow_doorbells());
+        assert_eq!(model.st.lock().dbbuf_configs, 0);
+        let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+        let ch = channel(&dev).unwrap();
+        block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+        let b = block_on(ch.read(3, dev.alloc_buf(4096).unwrap())).unwrap();
+        assert!(b[..] == pattern(3, 4096)[..]);
+        assert!(model.st.lock().io_sq_doorbells >= 2);
+    }
+}
+
+#[test]
+fn sgl_commands_cross_two_mib_and_unaligned_joins() {
+    // MDTS 10: 4 MiB. PRPs stop at 2 MiB (one list page); SGLs do not.
+    let (_p, prp_ctrl) = attach(10, 0b1100, SoftFeatures::default(), Default::default());
+    assert!(!prp_ctrl.uses_sgl());
+    assert_eq!(prp_ctrl.max_transfer_bytes(), 2 << 20);
+    let no = ControllerOptions {
+        sgl: false,
+        ..Default::default()
+    };
+    let (_q, refused) = attach(10, 0b1100, sgl_features(1), no);
+    assert!(!refused.uses_sgl(), "turned off by the option");
+    let (model, ctrl) = attach(10, 0b1100, sgl_features(1), Default::default());
+    assert!(ctrl.uses_sgl());
+    assert_eq!(ctrl.max_transfer_bytes(), 4 << 20);
+    model.st.lock().log_io = true;
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    // 4 MiB in one command each way.
+    let data = pattern(1, 4 << 20);
+    let mut b = dev.alloc_buf(data.len()).unwrap();
+    b.copy_from_slice(&data);
+    block_on(ch.write(8, b)).unwrap();
+    let back = block_on(ch.read(8, dev.alloc_buf(data.len()).unwrap())).unwrap();
+    assert!(back[..] == data[..]);
+    {
+        let mut st = model.st.lock();
+        let log = std::mem::take(&mut st.io_log);
+        assert_eq!(log, vec![(0x01, 1024), (0x02, 1024)]);
+        assert_eq!((st.sgl_commands, st.last_sgl_descriptors), (2, 1));
+    }
+    // Pieces joined inside pages and inside blocks (512-byte blocks): one
+    // command, one descriptor per piece, no bounce.
+    let dev1: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
+    let ch1 = channel(&dev1).unwrap();
+    let parts = [300usize, 724, 1500, 548];
+    let bufs: Vec<DmaBuf> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut b = dev1.alloc_buf(n).unwrap();
+            b.copy_from_slice(&pattern(10 + i as u64, n));
+            b
+        })
+        .collect();
+    let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+    block_on(ch1.writev(40, bufs)).unwrap();
+    {
+        let mut st = model.st.lock();
+        assert_eq!(std::mem::take(&mut st.io_log), vec![(0x01, 6)]);
+        assert_eq!(st.last_sgl_descriptors, 4);
+    }
+    let back = block_on(ch1.read(40, dev1.alloc_buf(all.len()).unwrap())).unwrap();
+    assert!(back[..] == all[..]);
+    assert!(model.namespaces[0].1.lock()[40 * 512..][..all.len()] == all[..]);
+}
+
+#[test]
+fn sgl_pieces_off_dword_boundaries_are_bounced_when_the_controller_asks() {
+    let (model, ctrl) = attach(5, 0b1100, sgl_features(2), Default::default());
+    assert!(ctrl.identity().sgl_needs_dword_alignment());
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
+    let ch = channel(&dev).unwrap();
+    // 301 + 211 bytes: the join is not on a dword, so one bounce buffer
+    // (a single descriptor) carries the block.
+    let bufs: Vec<DmaBuf> = [301usize, 211]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let mut b = dev.alloc_buf(n).unwrap();
+            b.copy_from_slice(&pattern(20 + i as u64, n));
+            b
+        })
+        .collect();
+    let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+    block_on(ch.writev(3, bufs)).unwrap();
+    assert_eq!(model.st.lock().last_sgl_descriptors, 1);
+    let back = block_on(ch.read(3, dev.alloc_buf(512).unwrap())).unwrap();
+    assert!(back[..] == all[..]);
+    // Dword-aligned pieces go as they are.
+    let bufs: Vec<DmaBuf> = [200usize, 312]
+        .iter()
+        .map(|&n| dev.alloc_buf(n).unwrap())
+        .collect();
+    block_on(ch.writev(4, bufs)).unwrap();
+    assert_eq!(model.st.lock().last_sgl_descriptors, 2);
+}
+
+#[test]
+fn async_events_are_counted_cleared_and_their_requests_posted_again() {
+    use super::cmd::{event_type, AsyncEvent, LOG_CHANGED_NS, LOG_SMART};
+    let features = SoftFeatures {
+        aerl: 3,
+        ..Default::default()
+    };
+    let (model, ctrl) = attach(5, 0b1100, features, Default::default());
+    {
+        let st = model.st.lock();
+        assert_eq!(st.aers.len(), 4, "AERL + 1 requests posted");
+        assert_eq!(
+            st.async_event_config, 0x1ff,
+            "critical warnings and notices"
+        );
+    }
+    let settle = |what: &str, done: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            ctrl.poll_events();
+            if done() {
+                // The model ran the driver's last commands at once; take
+                // their completions.
+                ctrl.poll_events();
+                return;
+            }
+        }
+        panic!("{what}: not settled");
+    };
+    let smart = AsyncEvent {
+        kind: event_type::SMART,
+        info: 1, // temperature threshold
+        log_page: LOG_SMART,
+    };
+    // A SMART warning: counted, its log read (which clears it), and the
+    // request posted again.
+    model.st.lock().critical_warning = 0x02;
+    model.raise_event(smart);
+    settle("smart", &|| {
+        let st = model.st.lock();
+        st.log_reads == [LOG_SMART] && st.aers.len() == 4
+    });
+    let ev = ctrl.async_events();
+    assert_eq!((ev.smart, ev.critical_warning), (1, 0x02));
+    // Two more before the driver looks: the second waits (masked) until
+    // the first one's log is read.
+    model.raise_event(smart);
+    model.raise_event(smart);
+    assert_eq!(model.st.lock().pending_events.len(), 1);
+    settle("two smart", &|| {
+        let st = model.st.lock();
+        st.log_reads.len() == 3 && st.pending_events.is_empty() && st.aers.len() == 4
+    });
+    assert_eq!(ctrl.async_events().smart, 3);
+    // A namespace change notice reads the Changed Namespace List.
+    model.raise_event(AsyncEvent {
+        kind: event_type::NOTICE,
+        info: 0,
+        log_page: LOG_CHANGED_NS,
+    });
+    settle("notice", &|| {
+        let st = model.st.lock();
+        st.log_reads.last() == Some(&LOG_CHANGED_NS) && st.aers.len() == 4
+    });
+    let ev = ctrl.async_events();
+    assert_eq!((ev.namespace_changes, ev.smart, ev.other), (1, 3, 0));
+    // A reset drops the requests; they are posted again.
+    ctrl.reset().unwrap();
+    assert_eq!(model.st.lock().aers.len(), 4);
+    // I/O still works alongside them.
+    let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(1, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
+}
+
+#[test]
+fn one_queue_pair_per_thread_serves_every_namespace() {
+    use crate::device::{IoKind, IoOp, Segments};
+    let (model, ctrl) = setup(5, 0b1100);
+    let ns1 = NvmeDevice::from_controller(ctrl.clone(), 1).unwrap();
+    let ns2 = NvmeDevice::from_controller(ctrl.clone(), 2).unwrap();
+    let mut b1 = ns1.new_backend().unwrap();
+    let mut b2 = ns2.new_backend().unwrap();
+    assert_eq!(model.io_queues(), 1, "both namespaces on one queue pair");
+    // Another thread gets its own.
+    let other = NvmeDevice::from_controller(ctrl.clone(), 1).unwrap();
+    let m = model.clone();
+    std::thread::spawn(move || {
+        let _b = other.new_backend().unwrap();
+        assert_eq!(m.io_queues(), 2);
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        model.io_queues(),
+        1,
+        "deleted with the thread's last channel"
+    );
+    // The same tag on both channels; each channel reports only its own
+    // ops, whichever reaps the completions.
+    let (d1, d2) = (pattern(1, 4096), pattern(2, 4096));
+    let buf = |d: &[u8]| {
+        let mut b = ctrl.pool().alloc(4096).unwrap();
+        b.copy_from_slice(d);
+        b
+    };
+    let (w1, w2) = (buf(&d1), buf(&d2));
+    let op = |b: &DmaBuf, blocks| IoOp {
+        kind: IoKind::Write,
+        lba: 16,
+        blocks,
+        segs: Segments::one(b.segment(0, 4096)),
+    };
+    model.st.lock().hold_reads = true;
+    let r1 = ctrl.pool().alloc(4096).unwrap();
+    let read1 = IoOp {
+        kind: IoKind::Read,
+        lba: 16,
+        blocks: 8,
+        segs: Segments::one(r1.segment(0, 4096)),
+    };
+    b1.submit(0, &op(&w1, 8)).unwrap();
+    b2.submit(0, &op(&w2, 1)).unwrap();
+    b1.submit(1, &read1).unwrap();
+    let mut seen2 = Vec::new();
+    b2.reap(&mut |t, r| seen2.push((t, r.is_ok())));
+    assert_eq!(seen2, vec![(0, true)], "only its own write");
+    let mut seen1 = Vec::new();
+    b1.reap(&mut |t, r| seen1.push((t, r.is_ok())));
+    assert_eq!(
+        seen1,
+        vec![(0, true)],
+        "its write, reaped by the other channel"
+    );
+    // The held read completes while the other channel reaps (the model
+    // completes held commands without running them).
+    model.release_held();
+    b2.reap(&mut |_, _| panic!("nothing of channel 2 is in flight"));
+    let mut seen1 = Vec::new();
+    b1.reap(&mut |t, r| seen1.push((t, r.is_ok())));
+    assert_eq!(
+        seen1,
+        vec![(1, true)],
+        "its held read (completed untouched)"
+    );
+    assert!(model.namespaces[0].1.lock()[16 * 512..][..4096] == d1[..]);
+    assert!(model.namespaces[1].1.lock()[16 * 4096..][..4096] == d2[..]);
+    drop(b1);
+    assert_eq!(model.io_queues(), 1, "still serving namespace 2");
+    drop(b2);
+    assert_eq!(model.io_queues(), 0);
 }
