@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm lint bench bench-iopath bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
+.PHONY: all deps test test-rust test-vm bench-vm lint bench bench-iopath bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
 
 all: test
 
@@ -61,6 +61,12 @@ BENCH_ARGS ?=
 # busybox-static and cpio when missing. See blobstore/NVME.md.
 test-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
+
+# The VM's measurements (not a test): our NVMe driver against the kernel's
+# NVMe path (fio: io_uring, polled io_uring, io_uring passthrough) on the
+# same emulated namespace. BENCH_ROUNDS, BENCH_SECONDS.
+bench-vm: deps
+	CARGO="$(CARGO)" VM_MODE=bench blobstore/tests/vm/run.sh
 
 # cargo-fuzz targets of blobstore/fuzz (decoders, image load, model-based
 # API with failing I/O). `make fuzz` builds them all and runs each for

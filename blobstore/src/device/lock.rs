@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 
 /// An open file and the exclusive lock on it, released when this is
-/// dropped (or handed on with [`FileLock::into_file`]).
+/// dropped (or handed on to the device that locked it, which then owns the lock).
 #[derive(Debug)]
 pub struct FileLock {
     /// `Some` until [`FileLock::into_file`] takes it.

@@ -21,6 +21,16 @@
 # Reports pass/fail per test from the serial console; exits non-zero on any
 # failure, or when the VM does not finish within VM_TIMEOUT seconds.
 #
+# VM_MODE=bench (make bench-vm) boots the same VM to measure instead: the
+# device layer alone, our driver (`perf`) against the kernel's NVMe path on
+# the same namespace (fio: io_uring with O_DIRECT on the block device, with
+# interrupts and on polled queues, and io_uring passthrough on the generic
+# char device), 4 KiB random read and write at QD1 and QD32, sides
+# alternating (the controller is rebound between vfio-pci and nvme),
+# BENCH_ROUNDS (3) rounds of BENCH_SECONDS (5) each; IOPS and IOPS per
+# guest CPU second (all of the guest's non-idle CPU in /proc/stat, so the
+# kernel's interrupt and completion work counts), medians, as a table.
+#
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing). Environment:
 #   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800), VM_WORK (a temp dir),
@@ -28,6 +38,10 @@
 #   of `make rocksdb-tools`' db_bench, db_stress and env_basic_test: required).
 set -euo pipefail
 
+MODE=${VM_MODE:-test}
+case $MODE in test|bench) ;; *) echo "VM_MODE=$MODE: test or bench" >&2; exit 1 ;; esac
+BENCH_ROUNDS=${BENCH_ROUNDS:-3}
+BENCH_SECONDS=${BENCH_SECONDS:-5}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 CARGO=${CARGO:-cargo}
 TIMEOUT=${VM_TIMEOUT:-1800}
@@ -39,6 +53,7 @@ log() { echo "[vm-test $(date +%T)] $*"; }
 
 # 1. Host packages.
 PKGS="qemu-system-x86 busybox-static linux-image-amd64 cpio"
+[ "$MODE" = bench ] && PKGS="$PKGS fio"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -64,11 +79,13 @@ SUITE=$(exe_of blobstore)
 KILL=$(exe_of kill)
 TARGET=$(dirname "$(dirname "$NVME_VM")")
 [ -x "$NVME_VM" ] && [ -x "$SUITE" ] && [ -x "$KILL" ] || { echo "test binaries not found" >&2; exit 1; }
-$CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
-TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
-for t in db_bench db_stress env_basic_test; do
-  [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
-done
+if [ "$MODE" = test ]; then
+  $CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
+  TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
+  for t in db_bench db_stress env_basic_test; do
+    [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
+  done
+fi
 
 # 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
 IRD="$WORK/initramfs"
@@ -81,14 +98,20 @@ cp /bin/busybox "$IRD/bin/busybox"
 cp "$NVME_VM" "$IRD/bin/nvme_vm"
 cp "$SUITE" "$IRD/bin/blobstore_suite"
 cp "$KILL" "$IRD/bin/blobfs_kill"
-cp "$TOOLS/db_bench" "$TOOLS/db_stress" "$TOOLS/env_basic_test" "$TARGET/rocksdb-crashtest" "$IRD/bin/"
-# rocksdb-crashtest line-buffers db_stress's output through stdbuf, to see
-# when the workload starts (and time the kill from there).
-mkdir -p "$IRD/usr/bin" "$IRD/usr/libexec/coreutils"
-cp /usr/bin/stdbuf "$IRD/usr/bin/"
-cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
 cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
-for b in "$IRD"/bin/{nvme_vm,blobstore_suite,blobfs_kill,perf,nvme-setup,db_bench,db_stress,env_basic_test,rocksdb-crashtest}; do
+if [ "$MODE" = test ]; then
+  cp "$TOOLS/db_bench" "$TOOLS/db_stress" "$TOOLS/env_basic_test" "$TARGET/rocksdb-crashtest" "$IRD/bin/"
+  # rocksdb-crashtest line-buffers db_stress's output through stdbuf, to see
+  # when the workload starts (and time the kill from there).
+  mkdir -p "$IRD/usr/bin" "$IRD/usr/libexec/coreutils"
+  cp /usr/bin/stdbuf "$IRD/usr/bin/"
+  cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
+else
+  cp "$(command -v fio)" "$IRD/bin/fio"
+fi
+for b in "$IRD"/bin/*; do
+  # busybox is static (ldd fails on it).
+  case $b in */busybox) continue ;; esac
   ldd "$b" 2>/dev/null | grep -o '/[^ ]*' | while read -r lib; do
     mkdir -p "$IRD$(dirname "$lib")"
     cp -nL "$lib" "$IRD$lib"
@@ -115,6 +138,8 @@ cat > "$IRD/init" <<'EOF'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /modules.order); do
   case $m in vfio_iommu_type1.ko) insmod /lib/modules/$m allow_unsafe_interrupts=1 ;;
+             # Polled queues, for the bench's io_uring hipri side.
+             nvme.ko) insmod /lib/modules/$m poll_queues=1 ;;
              *) insmod /lib/modules/$m ;; esac
 done
 export RUST_BACKTRACE=1 PATH=/bin
@@ -133,6 +158,14 @@ run() { # name, command...
   echo "VMTEST-END $name rc=$rc seconds=$(( $(date +%s) - start ))"
   [ $rc = 0 ] || FAILED="$FAILED $name"
 }
+# Non-idle jiffies (USER_HZ 100) of every CPU, from /proc/stat: the guest's
+# whole CPU, kernel threads and interrupts included.
+cpu_busy() {
+  read -r _ u n s _ _ irq sirq steal _ < /proc/stat
+  echo $((u + n + s + irq + sirq + steal))
+}
+EOF
+if [ "$MODE" = test ]; then cat >> "$IRD/init" <<'EOF'
 # The setup helper: the kernel's nvme driver has the function; namespace 1
 # in use (as swap) must make `bind` refuse; once free, bind takes it.
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
@@ -157,12 +190,8 @@ run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --r
 run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
 run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
 # Shadow doorbells: the same QD32 random read with and without, sides
-# alternating. Guest CPU = non-idle jiffies of every CPU in /proc/stat
-# (USER_HZ 100), so time QEMU spends trapping a doorbell counts.
-cpu_busy() {
-  read -r _ u n s _ _ irq sirq steal _ < /proc/stat
-  echo $((u + n + s + irq + sirq + steal))
-}
+# alternating. Guest CPU = cpu_busy, so time QEMU spends trapping a
+# doorbell counts.
 perf_cpu() { # on|off: prints "IOPS OPS_PER_CPU_SECOND"
   b0=$(cpu_busy)
   out=$(perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 3 --shadow-doorbells "$1") || return 1
@@ -234,6 +263,56 @@ run db-bench-as-user sh -c \
   "ulimit -l unlimited; su dbuser -s /bin/sh -c 'id; sh /tmp/user-bench.sh --benchmarks=fillseq,readrandom'"
 run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
+EOF
+else
+  printf 'ROUNDS=%s\nSECS=%s\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" > "$IRD/bench.conf"
+  cat >> "$IRD/init" <<'EOF'
+# The device layer alone: our driver against the kernel's NVMe path on the
+# same namespace (2: 4096-byte blocks), sides alternating.
+. /bench.conf
+NS=2
+measure() { # path qd rw command...: one VMBENCH line
+  p=$1 qd=$2 rw=$3; shift 3
+  b0=$(cpu_busy)
+  out=$("$@" 2>&1); rc=$?
+  b1=$(cpu_busy)
+  case $p in
+    ours) iops=$(echo "$out" | sed -n 's/^total: \([0-9]*\) IOPS.*/\1/p') ;;
+    *) f=8; [ "$rw" = randwrite ] && f=49
+       iops=$(echo "$out" | tail -1 | cut -d';' -f$f | cut -d. -f1) ;;
+  esac
+  busy=$((b1 - b0)); [ $busy -gt 0 ] || busy=1
+  if [ $rc != 0 ] || [ -z "$iops" ]; then
+    echo "$out" | tail -5; echo "VMBENCH-FAIL $p qd=$qd $rw"; FAILED="$FAILED $p-$qd-$rw"; return
+  fi
+  echo "VMBENCH $p $qd $rw $iops $((iops * SECS * 100 / busy))"
+}
+fio_run() { # fio's flags for the engine and target
+  fio --name=b --bs=4096 --direct=1 --time_based --runtime=$SECS --norandommap \
+    --randrepeat=0 --output-format=terse --terse-version=3 "$@"
+}
+to_kernel() {
+  nvme-setup unbind $PCI >/dev/null
+  for i in $(seq 1 50); do [ -b /dev/nvme0n$NS ] && [ -c /dev/ng0n$NS ] && break; sleep 0.2; done
+}
+to_kernel
+echo "VMBENCH-SHAPE $(nproc) vCPUs, kernel $(uname -r), namespace $NS of $(( $(cat /sys/block/nvme0n$NS/size) / 2048 )) MiB, $(cat /sys/block/nvme0n$NS/queue/logical_block_size)-byte blocks, io_poll=$(cat /sys/block/nvme0n$NS/queue/io_poll)"
+for r in $(seq 1 $ROUNDS); do
+  nvme-setup bind $PCI >/dev/null
+  for qd in 1 32; do for rw in randread randwrite; do
+    measure ours $qd $rw perf --device nvme:$PCI/ns=$NS --qd $qd --bs 4096 --rw $rw --seconds $SECS
+  done; done
+  to_kernel
+  for qd in 1 32; do for rw in randread randwrite; do
+    measure io_uring $qd $rw fio_run --ioengine=io_uring --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
+    measure io_uring-polled $qd $rw fio_run --ioengine=io_uring --hipri=1 --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
+    measure io_uring-passthru $qd $rw fio_run --ioengine=io_uring_cmd --cmd_type=nvme --filename=/dev/ng0n$NS --rw=$rw --iodepth=$qd
+  done; done
+done
+if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
+EOF
+fi
+cat >> "$IRD/init" <<'EOF'
 sync
 poweroff -f
 EOF
@@ -269,6 +348,22 @@ elapsed=$(( $(date +%s) - start ))
 echo
 log "VM finished in ${elapsed}s (qemu exit $qrc)"
 grep -a -E "^test .* \.\.\. |VMTEST-END|VMTEST-PERF" "$CONSOLE" | sed 's/\r$//' || true
+if [ "$MODE" = bench ]; then
+  grep -a "^VMBENCH-SHAPE" "$CONSOLE" | tr -d '\r' | head -1
+  # Medians per path, queue depth and operation.
+  echo "| path | qd | op | IOPS | IOPS per guest CPU s | runs |"
+  echo "| --- | ---: | --- | ---: | ---: | ---: |"
+  grep -a "^VMBENCH " "$CONSOLE" | tr -d '\r' | awk '
+    { k = $2 " " $3 " " $4; n[k]++; iops[k, n[k]] = $5; cpu[k, n[k]] = $6
+      if (!(k in seen)) { seen[k] = 1; order[++m] = k } }
+    function med(a, k, c,   i, j, t, v) {
+      for (i = 1; i <= c; i++) v[i] = a[k, i] + 0
+      for (i = 1; i <= c; i++) for (j = i + 1; j <= c; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+      return v[int((c + 1) / 2)]
+    }
+    END { for (i = 1; i <= m; i++) { k = order[i]; split(k, f, " ")
+      printf "| %s | %s | %s | %d | %d | %d |\n", f[1], f[2], f[3], med(iops, k, n[k]), med(cpu, k, n[k]), n[k] } }'
+fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
   log "FAIL: the VM did not finish within ${TIMEOUT}s"; exit 1
 fi
