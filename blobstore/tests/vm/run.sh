@@ -288,7 +288,7 @@ measure() { # path qd rw command...: one VMBENCH line
   echo "VMBENCH $p $qd $rw $iops $((iops * SECS * 100 / busy))"
 }
 fio_run() { # fio's flags for the engine and target
-  fio --name=b --bs=4096 --direct=1 --time_based --runtime=$SECS --norandommap \
+  fio --name=b --bs=4096 --time_based --runtime=$SECS --norandommap \
     --randrepeat=0 --output-format=terse --terse-version=3 "$@"
 }
 to_kernel() {
@@ -304,8 +304,9 @@ for r in $(seq 1 $ROUNDS); do
   done; done
   to_kernel
   for qd in 1 32; do for rw in randread randwrite; do
-    measure io_uring $qd $rw fio_run --ioengine=io_uring --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
-    measure io_uring-polled $qd $rw fio_run --ioengine=io_uring --hipri=1 --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
+    measure io_uring $qd $rw fio_run --ioengine=io_uring --direct=1 --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
+    measure io_uring-polled $qd $rw fio_run --ioengine=io_uring --direct=1 --hipri=1 --filename=/dev/nvme0n$NS --rw=$rw --iodepth=$qd
+    # The generic char device has no page cache (and refuses O_DIRECT).
     measure io_uring-passthru $qd $rw fio_run --ioengine=io_uring_cmd --cmd_type=nvme --filename=/dev/ng0n$NS --rw=$rw --iodepth=$qd
   done; done
 done
