@@ -73,6 +73,20 @@ IOStatus ToIOStatus(const Status& s) {
 
 rust::Str Str(const std::string& s) { return rust::Str(s.data(), s.size()); }
 
+// A path as POSIX resolves it: a run of `/` is one separator (DBTestBase's
+// names start with `/`, so its paths hold `//`), and a trailing `/` names
+// the same entry. BlobFS itself accepts only single separators.
+std::string PosixPath(const std::string& p) {
+  std::string out;
+  out.reserve(p.size());
+  for (char c : p) {
+    if (c == '/' && !out.empty() && out.back() == '/') continue;
+    out.push_back(c);
+  }
+  if (out.size() > 1 && out.back() == '/') out.pop_back();
+  return out;
+}
+
 rust::Slice<std::uint8_t> Out(char* p, size_t n) {
   return rust::Slice<std::uint8_t>(reinterpret_cast<std::uint8_t*>(p), n);
 }
@@ -351,7 +365,7 @@ class BlobFileSystem : public FileSystem {
                              std::unique_ptr<FSSequentialFile>* result,
                              IODebugContext*) override {
     Status st;
-    auto h = fs_->open_file(Str(fname), OpenMode::Read, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     result->reset(new BlobSequentialFile(std::move(h)));
     return IOStatus::OK();
@@ -362,7 +376,7 @@ class BlobFileSystem : public FileSystem {
                                std::unique_ptr<FSRandomAccessFile>* result,
                                IODebugContext*) override {
     Status st;
-    auto h = fs_->open_file(Str(fname), OpenMode::Read, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     if (opts.use_mmap_reads) {
       const uint64_t size = h->len();
@@ -396,7 +410,9 @@ class BlobFileSystem : public FileSystem {
                            std::unique_ptr<FSRandomRWFile>* result,
                            IODebugContext*) override {
     Status st;
-    auto h = fs_->open_file(Str(fname), OpenMode::CreateKeep, st);
+    // As POSIX's: an existing file only (the contract: "if file doesn't
+    // exist the file will not be created").
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::ReadWrite, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     result->reset(new BlobRandomRWFile(std::move(h)));
     return IOStatus::OK();
@@ -406,7 +422,7 @@ class BlobFileSystem : public FileSystem {
                         std::unique_ptr<FSDirectory>* result,
                         IODebugContext*) override {
     bool is_dir = false;
-    IOStatus s = ToIOStatus(fs_->is_dir(Str(name), is_dir));
+    IOStatus s = ToIOStatus(fs_->is_dir(Str(PosixPath(name)), is_dir));
     if (!s.ok()) return s;
     if (!is_dir) return IOStatus::IOError(name + ": not a directory");
     result->reset(new BlobDirectory());
@@ -415,7 +431,7 @@ class BlobFileSystem : public FileSystem {
 
   IOStatus FileExists(const std::string& fname, const IOOptions&,
                       IODebugContext*) override {
-    return ToIOStatus(fs_->file_exists(Str(fname)));
+    return ToIOStatus(fs_->file_exists(Str(PosixPath(fname))));
   }
 
   IOStatus GetChildren(const std::string& dir, const IOOptions&,
@@ -423,7 +439,7 @@ class BlobFileSystem : public FileSystem {
                        IODebugContext*) override {
     result->clear();
     rust::Vec<ChildAttr> out;
-    IOStatus s = ToIOStatus(fs_->children(Str(dir), false, out));
+    IOStatus s = ToIOStatus(fs_->children(Str(PosixPath(dir)), false, out));
     if (!s.ok()) return s;
     result->reserve(out.size());
     for (const auto& c : out) result->emplace_back(std::string(c.name));
@@ -435,7 +451,7 @@ class BlobFileSystem : public FileSystem {
                                      IODebugContext*) override {
     result->clear();
     rust::Vec<ChildAttr> out;
-    IOStatus s = ToIOStatus(fs_->children(Str(dir), true, out));
+    IOStatus s = ToIOStatus(fs_->children(Str(PosixPath(dir)), true, out));
     if (!s.ok()) return s;
     result->reserve(out.size());
     for (const auto& c : out) {
@@ -449,15 +465,15 @@ class BlobFileSystem : public FileSystem {
 
   IOStatus DeleteFile(const std::string& fname, const IOOptions&,
                       IODebugContext*) override {
-    return ToIOStatus(fs_->delete_file(Str(fname)));
+    return ToIOStatus(fs_->delete_file(Str(PosixPath(fname))));
   }
 
   IOStatus Truncate(const std::string& fname, size_t size, const IOOptions&,
                     IODebugContext*) override {
-    IOStatus s = ToIOStatus(fs_->file_exists(Str(fname)));
+    IOStatus s = ToIOStatus(fs_->file_exists(Str(PosixPath(fname))));
     if (!s.ok()) return s;
     Status st;
-    auto h = fs_->open_file(Str(fname), OpenMode::CreateKeep, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::CreateKeep, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     s = ToIOStatus(h->truncate(size));
     IOStatus c = ToIOStatus(h->close());
@@ -466,33 +482,33 @@ class BlobFileSystem : public FileSystem {
 
   IOStatus CreateDir(const std::string& dirname, const IOOptions&,
                      IODebugContext*) override {
-    return ToIOStatus(fs_->create_dir(Str(dirname), false));
+    return ToIOStatus(fs_->create_dir(Str(PosixPath(dirname)), false));
   }
 
   IOStatus CreateDirIfMissing(const std::string& dirname, const IOOptions&,
                               IODebugContext*) override {
-    return ToIOStatus(fs_->create_dir(Str(dirname), true));
+    return ToIOStatus(fs_->create_dir(Str(PosixPath(dirname)), true));
   }
 
   IOStatus DeleteDir(const std::string& dirname, const IOOptions&,
                      IODebugContext*) override {
-    return ToIOStatus(fs_->delete_dir(Str(dirname)));
+    return ToIOStatus(fs_->delete_dir(Str(PosixPath(dirname))));
   }
 
   IOStatus GetFileSize(const std::string& fname, const IOOptions&,
                        uint64_t* file_size, IODebugContext*) override {
-    return ToIOStatus(fs_->file_size(Str(fname), *file_size));
+    return ToIOStatus(fs_->file_size(Str(PosixPath(fname)), *file_size));
   }
 
   IOStatus GetFileModificationTime(const std::string& fname, const IOOptions&,
                                    uint64_t* file_mtime,
                                    IODebugContext*) override {
-    return ToIOStatus(fs_->mtime_secs(Str(fname), *file_mtime));
+    return ToIOStatus(fs_->mtime_secs(Str(PosixPath(fname)), *file_mtime));
   }
 
   IOStatus RenameFile(const std::string& src, const std::string& target,
                       const IOOptions&, IODebugContext*) override {
-    return ToIOStatus(fs_->rename(Str(src), Str(target)));
+    return ToIOStatus(fs_->rename(Str(PosixPath(src)), Str(PosixPath(target))));
   }
 
   // BlobFS has one name per file. RocksDB falls back to copying (backups,
@@ -506,7 +522,7 @@ class BlobFileSystem : public FileSystem {
   IOStatus IsDirectory(const std::string& path, const IOOptions&,
                        bool* is_dir, IODebugContext*) override {
     bool d = false;
-    IOStatus s = ToIOStatus(fs_->is_dir(Str(path), d));
+    IOStatus s = ToIOStatus(fs_->is_dir(Str(PosixPath(path)), d));
     if (s.ok() && is_dir != nullptr) *is_dir = d;
     return s;
   }
@@ -515,7 +531,12 @@ class BlobFileSystem : public FileSystem {
                     FileLock** lock, IODebugContext*) override {
     *lock = nullptr;
     Status st;
-    auto h = fs_->lock(Str(fname), st);
+    auto h = fs_->lock(Str(PosixPath(fname)), st);
+    // A held lock is an IO error naming the lock file, as POSIX's
+    // ("lock hold by current process"): DB::Open reports it as such.
+    if (st.code == Code::Busy) {
+      return IOStatus::IOError("lock held: " + std::string(st.message), fname);
+    }
     if (st.code != Code::Ok) return ToIOStatus(st);
     *lock = new BlobLock(std::move(h));
     return IOStatus::OK();
@@ -560,7 +581,7 @@ class BlobFileSystem : public FileSystem {
                         const FileOptions& opts,
                         std::unique_ptr<FSWritableFile>* result) {
     Status st;
-    auto h = fs_->open_file(Str(fname), mode, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), mode, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     result->reset(new BlobWritableFile(std::move(h), opts));
     return IOStatus::OK();

@@ -42,6 +42,8 @@ pub(crate) mod ffi {
         CreateTruncate,
         /// Create if missing, keep contents; read and write (appends at end).
         CreateKeep,
+        /// Existing file, keep contents; read and write at any offset.
+        ReadWrite,
     }
 
     /// One directory entry with its size (0 for directories).
@@ -153,6 +155,7 @@ fn fs_open(uri: &str, status: &mut Status) -> Box<Fs> {
                     source: blobfs::Error::Store(_, blobstore::Error::Busy(_)),
                     ..
                 } => Code::Busy,
+                crate::Error::Conflict { .. } => Code::InvalidArgument,
                 _ => Code::IoError,
             };
             *status = Status::new(code, e.to_string());
@@ -189,6 +192,11 @@ impl Fs {
                 read: true,
                 write: true,
                 create: true,
+                ..Default::default()
+            },
+            OpenMode::ReadWrite => OpenOptions {
+                read: true,
+                write: true,
                 ..Default::default()
             },
             _ => {
@@ -463,4 +471,33 @@ impl FileHandle {
 /// Registers the factories (see [`crate::register`]).
 pub(crate) fn register() -> i32 {
     ffi::register_blobfs()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_rw_files_open_existing_files_only() {
+        let mut st = Status::ok();
+        let fs = fs_open("blobfs://mem:32M;mkfs=always", &mut st);
+        assert_eq!(st.code, Code::Ok, "{}", st.message);
+        // NewRandomRWFile's mode: a missing file is NotFound, not created.
+        let h = fs.open_file("/rw/missing", OpenMode::ReadWrite, &mut st);
+        assert_eq!(st.code, Code::NotFound, "{}", st.message);
+        assert!(h.file.is_none());
+        assert_eq!(fs.file_exists("/rw/missing").code, Code::NotFound);
+        // An existing one opens for reads and writes at any offset.
+        assert_eq!(fs.create_dir("/rw", true).code, Code::Ok);
+        let w = fs.open_file("/rw/f", OpenMode::CreateKeep, &mut st);
+        assert_eq!(w.append(b"0123456789").code, Code::Ok);
+        assert_eq!(w.sync().code, Code::Ok);
+        let h = fs.open_file("/rw/f", OpenMode::ReadWrite, &mut st);
+        assert_eq!(st.code, Code::Ok, "{}", st.message);
+        assert_eq!(h.write_at(2, b"ab").code, Code::Ok);
+        let mut buf = [0u8; 10];
+        let mut n = 0;
+        assert_eq!(h.read_at(0, &mut buf, &mut n).code, Code::Ok);
+        assert_eq!(&buf[..n], b"01ab456789");
+    }
 }

@@ -62,6 +62,19 @@ pub enum Error {
         /// References other than the mount table's.
         holders: usize,
     },
+    /// The device is already mounted in this process with other options
+    /// (one mount per device: see [`mount`]).
+    #[error("{uri}: {spec} is already mounted in this process as {mounted}: {what}")]
+    Conflict {
+        /// The URI asked for.
+        uri: String,
+        /// The device spec.
+        spec: String,
+        /// The URI the device was mounted with.
+        mounted: String,
+        /// Which option differs.
+        what: String,
+    },
     /// RocksDB refused the options or the open.
     #[error("rocksdb: {0}")]
     RocksDb(#[from] rocksdb::Error),

@@ -3,8 +3,11 @@
 //!
 //! Invariants:
 //! - A device spec (canonical form, see [`Uri::mount_key`]) is mounted at
-//!   most once per process; later URIs naming it share that mount, and the
-//!   options of the first mount (cache, mkfs) are the ones in force.
+//!   most once per process; later URIs naming it share that mount when
+//!   they ask for the same options, and are refused with
+//!   [`Error::Conflict`] (naming both) when they do not: a different
+//!   cache, warm-read extent, cluster size or fault injection, or a format
+//!   (`mkfs=always|force`) the first mount did not ask for.
 //! - A mount stays until [`unmount`] finds nothing else holding it; an `Env`
 //!   RocksDB built from an options string holds it for the life of the
 //!   process (RocksDB keeps raw `Env*` pointers).
@@ -41,6 +44,14 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     let mut table = MOUNTS.lock();
     let table = table.get_or_insert_with(HashMap::new);
     if let Some(m) = table.get(uri.mount_key()) {
+        if let Some(what) = conflict(&m.uri, uri) {
+            return Err(Error::Conflict {
+                uri: uri.to_uri(),
+                spec: uri.spec.clone(),
+                mounted: m.uri.to_uri(),
+                what,
+            });
+        }
         return Ok(m.clone());
     }
     let dev = blobstore::open_device(&uri.spec).map_err(|e| Error::Device {
@@ -108,6 +119,46 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     });
     table.insert(uri.mount_key().to_string(), m.clone());
     Ok(m)
+}
+
+/// How `asked` differs from the options `mounted` is in force with, if it
+/// does in a way the shared mount cannot honour.
+fn conflict(mounted: &Uri, asked: &Uri) -> Option<String> {
+    let differ =
+        |what: &str, a: u64, b: u64| (a != b).then(|| format!("{what} {b} asked, {a} in force"));
+    differ("cache", mounted.cache_bytes, asked.cache_bytes)
+        .or_else(|| differ("warm_read", mounted.warm_read_bytes, asked.warm_read_bytes))
+        .or_else(|| {
+            differ(
+                "cluster",
+                mounted.cluster_bytes.into(),
+                asked.cluster_bytes.into(),
+            )
+        })
+        .or_else(|| {
+            (mounted.fault_injection != asked.fault_injection).then(|| {
+                format!(
+                    "fault_injection={} asked, {} in force",
+                    on_off(asked.fault_injection),
+                    on_off(mounted.fault_injection)
+                )
+            })
+        })
+        .or_else(|| {
+            // A later URI may not ask to format what is mounted (unless it
+            // is the very URI that mounted it: each FileSystem RocksDB makes
+            // from one URI string opens it again).
+            (matches!(asked.mkfs, Mkfs::Always | Mkfs::Force) && asked.mkfs != mounted.mkfs)
+                .then(|| "asks to format a device that is mounted".to_string())
+        })
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// Unmounts `uri`'s device. Returns false if this process has not mounted

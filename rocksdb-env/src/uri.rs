@@ -165,6 +165,12 @@ impl Uri {
     /// This URI in the form RocksDB options strings accept (`=` and `;`
     /// escaped), e.g. for `env=<this>`.
     pub fn to_options_value(&self) -> String {
+        self.to_uri().replace('=', "%3D").replace(';', "%3B")
+    }
+
+    /// This URI with every option spelled out, as a reader would write it
+    /// (for messages).
+    pub fn to_uri(&self) -> String {
         let mut s = format!("{SCHEME}{}", self.spec);
         s.push_str(&format!(";cache={}", self.cache_bytes));
         s.push_str(&format!(";warm_read={}", self.warm_read_bytes));
@@ -178,7 +184,7 @@ impl Uri {
         if self.fault_injection {
             s.push_str(";fault_injection=on");
         }
-        s.replace('=', "%3D").replace(';', "%3B")
+        s
     }
 }
 

@@ -140,13 +140,59 @@ fn two_filesystems_share_one_mount() {
     let mut o = Options::default();
     o.create_if_missing(true);
     let a = rocksdb_env::open_db(uri, "/share/a", &o).unwrap();
-    let b = rocksdb_env::open_db(&format!("{uri};cache=1M"), "/share/b", &o).unwrap();
+    let b = rocksdb_env::open_db(uri, "/share/b", &o).unwrap();
     a.put(b"k", b"a").unwrap();
     b.put(b"k", b"b").unwrap();
     let fs = rocksdb_env::mount(uri).unwrap();
     assert!(fs.exists("share/a/CURRENT") && fs.exists("share/b/CURRENT"));
-    // The same DB cannot be opened twice at once (LOCK held in BlobFS).
-    assert!(rocksdb_env::open_db(uri, "/share/a", &o).is_err());
+    // The same DB cannot be opened twice at once: the LOCK is held, and
+    // the error is RocksDB's IOError naming the lock file, as on POSIX.
+    let e = rocksdb_env::open_db(uri, "/share/a", &o).unwrap_err();
+    let rocksdb_env::Error::RocksDb(e) = &e else {
+        panic!("not RocksDB's error: {e}")
+    };
+    assert_eq!(e.kind(), rocksdb::ErrorKind::IOError, "{e}");
+    assert!(e.to_string().contains("/share/a/LOCK"), "{e}");
+    // Other options for a mounted device are an error naming both, never
+    // silently the first mount's.
+    for (other, what) in [
+        (format!("{uri};cache=1M"), "cache 1048576 asked"),
+        (format!("{uri};warm_read=4K"), "warm_read 4096 asked"),
+        (
+            format!("{uri};mkfs=always"),
+            "asks to format a device that is mounted",
+        ),
+    ] {
+        let e = rocksdb_env::mount(&other)
+            .err()
+            .expect("a conflict")
+            .to_string();
+        // Both URIs, every option spelled out, and what differs.
+        assert!(e.starts_with("blobfs://mem:256M;cache="), "{e}");
+        assert!(
+            e.contains("already mounted in this process as blobfs://mem:256M;cache=268435456;"),
+            "{e}"
+        );
+        assert!(e.contains(what), "{other}: {e}");
+        assert!(rocksdb_env::open_db(&other, "/share/c", &o).is_err());
+    }
+}
+
+#[test]
+fn paths_with_double_slashes_resolve_as_on_posix() {
+    let uri = "blobfs://mem:128M";
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    {
+        // DBTestBase names start with `/`, so its paths hold `//`.
+        let db = rocksdb_env::open_db(uri, "//slashes//db/", &o).unwrap();
+        db.put(b"k", b"v").unwrap();
+        db.flush().unwrap();
+    }
+    let fs = rocksdb_env::mount(uri).unwrap();
+    assert!(fs.exists("slashes/db/CURRENT"));
+    let db = rocksdb_env::open_db(uri, "/slashes/db", &o).unwrap();
+    assert_eq!(db.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
 }
 
 fn image_path(name: &str) -> PathBuf {
@@ -325,7 +371,9 @@ fn injected_write_error_reaches_rocksdb() {
 fn mmap_reads_serve_plain_and_block_tables() {
     use rocksdb::{KeyEncodingType, PlainTableFactoryOptions, SliceTransform};
     for plain in [true, false] {
-        let uri = "blobfs://mem:512M;cache=8M";
+        // Its own memory device: one mount per device and process, and
+        // the fault test's `mem:512M` has other options.
+        let uri = "blobfs://mem:384M;cache=8M";
         let path = if plain { "/mmap/plain" } else { "/mmap/block" };
         let mut opts = small_options();
         opts.set_allow_mmap_reads(true);

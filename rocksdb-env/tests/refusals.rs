@@ -186,10 +186,22 @@ fn other_specs_of_one_file_do_not_become_a_second_writer() {
     std::os::unix::fs::symlink(&img, &link).unwrap();
     let first = format!("blobfs://file:{}?size=64M", img.display());
     let db = rocksdb_env::open_db(&first, "/db", &create()).unwrap();
-    // The same spec with other BlobFS options shares the mount, by design.
-    let fs = rocksdb_env::mount(&format!("{first};cache=1M")).unwrap();
+    // The same URI shares the mount; the same spec with other BlobFS
+    // options is refused, naming both, not silently given the first's.
+    let fs = rocksdb_env::mount(&first).unwrap();
     assert!(fs.exists("db/CURRENT"));
     drop(fs);
+    let e = rocksdb_env::mount(&format!("{first};cache=1M"))
+        .err()
+        .expect("other options for a mounted device")
+        .to_string();
+    assert!(
+        e.contains("cache 1048576 asked, 268435456 in force")
+            && e.contains(&format!(
+                "already mounted in this process as {first};cache=268435456"
+            )),
+        "{e}"
+    );
     // Other specs naming the same file (other device options, a symlink)
     // are other devices: the file lock turns them away.
     for (spec, path) in [
