@@ -104,6 +104,17 @@ fn cli_commands_on_a_file_image() {
     assert!(cat.status.success());
     assert!(cat.stdout == data, "cat differs");
     ok(&["export", dev, "db/in.bin", &host("out.bin")]);
+    // To a device or a pipe: nothing to sync, no error.
+    ok(&["export", dev, "db/in.bin", "/dev/null"]);
+    // An import that fails part way (here: its source is a directory)
+    // leaves nothing under the final name, and no hidden copy.
+    let err = fails(&["import", dev, &host(""), "db/half.bin"]);
+    assert!(err.contains("reading"), "{err}");
+    let listing = ok(&["ls", dev, "db"]);
+    assert!(
+        listing.contains("in.bin") && !listing.contains("half.bin"),
+        "a failed import left a file: {listing}"
+    );
     assert!(
         std::fs::read(host("out.bin")).unwrap() == data,
         "export differs"

@@ -195,37 +195,56 @@ pub fn stat(spec: &str, name: &str) -> CliResult {
     })
 }
 
+/// Copies host file `host` to `name`. The bytes go to a hidden name beside
+/// it (`.<name>.importing`), are synced, and only then renamed over `name`
+/// (atomically): an import that fails or is killed leaves no partial file
+/// under the final name, and a retry starts afresh.
 pub fn import(spec: &str, host: &Path, name: &str, parents: bool, force: bool) -> CliResult {
     let mut src = std::fs::File::open(host).ctx(host.display())?;
     with_fs(spec, |fs| {
+        let norm = blobfs::name::normalize_entry(name)?;
+        let parent = blobfs::name::parent(&norm).to_string();
         if parents {
-            let parent = blobfs::name::parent(&blobfs::name::normalize_entry(name)?).to_string();
             fs.create_dir_all(&parent)?;
         }
-        let opts = OpenOptions {
-            read: true,
-            write: true,
-            create: true,
-            create_new: !force,
-            truncate: true,
-        };
-        let f = match fs.open(name, opts) {
-            Err(Error::AlreadyExists(n)) => {
-                return fail(format!("{n}: already exists (use --force to replace it)"))
-            }
-            r => r?,
-        };
-        let mut buf = vec![0u8; COPY_CHUNK];
-        loop {
-            let n = src
-                .read(&mut buf)
-                .ctx(format!("reading {}", host.display()))?;
-            if n == 0 {
-                break;
-            }
-            f.append(&buf[..n])?;
+        if !force && fs.exists(&norm) {
+            return fail(format!(
+                "{norm}: already exists (use --force to replace it)"
+            ));
         }
-        f.close()?;
+        let base = blobfs::name::base(&norm);
+        let tmp = if parent.is_empty() {
+            format!(".{base}.importing")
+        } else {
+            format!("{parent}/.{base}.importing")
+        };
+        let f = fs.open(&tmp, OpenOptions::create_truncate())?;
+        let mut buf = vec![0u8; COPY_CHUNK];
+        let copied = (|| -> CliResult {
+            loop {
+                let n = src
+                    .read(&mut buf)
+                    .ctx(format!("reading {}", host.display()))?;
+                if n == 0 {
+                    break;
+                }
+                f.append(&buf[..n])?;
+            }
+            f.close()?;
+            Ok(())
+        })();
+        if let Err(e) = copied {
+            let _ = fs.remove_file(&tmp);
+            return Err(e);
+        }
+        // Another import may have made `name` meanwhile.
+        if !force && fs.exists(&norm) {
+            let _ = fs.remove_file(&tmp);
+            return fail(format!(
+                "{norm}: already exists (use --force to replace it)"
+            ));
+        }
+        fs.rename(&tmp, &norm)?;
         Ok(())
     })
 }
@@ -257,7 +276,17 @@ pub fn export(spec: &str, name: &str, host: &Path) -> CliResult {
         copy_out(fs, name, |b| {
             dst.write_all(b).ctx(format!("writing {}", host.display()))
         })?;
-        dst.sync_all().ctx(format!("syncing {}", host.display()))
+        // A regular file is synced; a pipe or a device (/dev/null, a tty)
+        // has nothing to sync and refuses fsync.
+        let regular = dst
+            .metadata()
+            .ctx(format!("stat of {}", host.display()))?
+            .file_type()
+            .is_file();
+        if regular {
+            dst.sync_all().ctx(format!("syncing {}", host.display()))?;
+        }
+        Ok(())
     })
 }
 
