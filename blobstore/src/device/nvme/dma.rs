@@ -434,6 +434,13 @@ impl DmaPool {
         ))
     }
 
+    /// Takes `len` bytes at `iova` away from the device and frees the IOVA
+    /// range (the caller drops its own record of the mapping).
+    fn unmap_locked(&self, st: &mut PoolState, iova: Iova, len: usize) {
+        let _ = self.mapper.unmap(iova, len);
+        st.iovas.free(iova, len as u64);
+    }
+
     /// Where `len` bytes at `iova` are in this process, if the pool mapped
     /// them (the software controller, [`super::soft`], plays the device
     /// through it).
@@ -577,8 +584,7 @@ impl DmaRelease for LargeLease {
                 return;
             }
         }
-        let _ = self.pool.mapper.unmap(self.iova, self.len);
-        st.iovas.free(self.iova, self.len as u64);
+        self.pool.unmap_locked(&mut st, self.iova, self.len);
         st.large.remove(&self.iova.0);
     }
 }
@@ -593,8 +599,7 @@ struct ExternalLease {
 impl DmaRelease for ExternalLease {
     fn release(&mut self) {
         let mut st = self.pool.state.lock();
-        let _ = self.pool.mapper.unmap(self.iova, self.len);
-        st.iovas.free(self.iova, self.len as u64);
+        self.pool.unmap_locked(&mut st, self.iova, self.len);
         st.external.remove(&self.iova.0);
     }
 }

@@ -481,15 +481,20 @@ impl NvmeController {
     /// on their own every timeout tick while they have commands
     /// outstanding; a caller with no I/O may call it now and then.
     pub fn poll_events(&self) {
-        let mut st = self.admin.lock();
+        self.drain_admin(&mut self.admin.lock());
+    }
+
+    /// Takes the admin queue's completions (a live controller only), then
+    /// does what events need.
+    fn drain_admin(&self, st: &mut AdminState) {
         if self.state.load(Ordering::Acquire) != state::LIVE {
             return;
         }
         while let Some(c) = st.qp.next_completion() {
-            self.admin_completion(&mut st, &c, None);
+            self.admin_completion(st, &c, None);
         }
         st.qp.release_completions(&*self.bar);
-        self.service_events(&mut st);
+        self.service_events(st);
     }
 
     /// Sends what events need without waiting: the next event log page
@@ -867,17 +872,9 @@ impl NvmeController {
     /// Consumes admin completions if the admin queue is free now (frees the
     /// ids of detached commands).
     fn poll_admin(&self) {
-        let Some(mut st) = self.admin.try_lock() else {
-            return;
-        };
-        if self.state.load(Ordering::Acquire) != state::LIVE {
-            return;
+        if let Some(mut st) = self.admin.try_lock() {
+            self.drain_admin(&mut st);
         }
-        while let Some(c) = st.qp.next_completion() {
-            self.admin_completion(&mut st, &c, None);
-        }
-        st.qp.release_completions(&*self.bar);
-        self.service_events(&mut st);
     }
 
     /// Runs Identify with `cns` for `nsid` and returns the 4 KiB page.
