@@ -21,11 +21,12 @@ ROUNDS=${ROUNDS:-3}
 OUT=${OUT:-$(mktemp -d /tmp/ab-kvbench.XXXXXX)}
 mkdir -p "$OUT"
 
-# "config phase ratio" for each BlobFS row of a kvbench table.
+# "config phase ratio" for each BlobFS row of a kvbench table (the ops/s
+# ratio: third column from the end).
 ratios() {
   awk '/^### / { config = $2 }
        /^\| [a-z]+ \| BlobFS \|/ {
-         n = split($0, f, "|"); r = f[n - 2]; gsub(/[ x]/, "", r)
+         n = split($0, f, "|"); r = f[n - 3]; gsub(/[ x]/, "", r)
          p = f[2]; gsub(/ /, "", p); print config, p, r }' "$1"
 }
 

@@ -15,7 +15,9 @@
 //!   BlobFS, `--db=<dir>` for POSIX) and, in `direct`, the switch that turns
 //!   the page cache off on each side (O_DIRECT flags for POSIX, `cache=0` for
 //!   BlobFS); in `memory` BlobFS runs with `cache=0` too, its device being
-//!   memory already;
+//!   memory already; in `nvme` BlobFS runs on our userspace driver and
+//!   POSIX on ext4 through the kernel's driver, on two namespaces of one
+//!   controller;
 //! - a ratio is always BlobFS divided by POSIX: above 1.0 is better for
 //!   ops/s, below 1.0 is better for latency and CPU.
 
@@ -150,11 +152,16 @@ pub enum Config {
     /// Memory: BlobFS on a `shm:` device (a shared mapping of a tmpfs
     /// file, I/O by memcpy; BlobFS cache off) vs POSIX on tmpfs.
     Memory,
+    /// An NVMe controller: BlobFS on one namespace through the userspace
+    /// driver (`nvme:`) vs POSIX on ext4 on another namespace of the same
+    /// size and format through the kernel's `nvme` driver, the controller
+    /// rebound between vfio-pci and nvme for each side's runs.
+    Nvme,
 }
 
 impl Config {
     /// All configurations in run order.
-    pub const ALL: [Config; 3] = [Config::Disk, Config::Direct, Config::Memory];
+    pub const ALL: [Config; 4] = [Config::Disk, Config::Direct, Config::Memory, Config::Nvme];
 
     /// The configuration's name on the command line and in reports.
     pub fn name(self) -> &'static str {
@@ -162,6 +169,7 @@ impl Config {
             Config::Disk => "disk",
             Config::Direct => "direct",
             Config::Memory => "memory",
+            Config::Nvme => "nvme",
         }
     }
 
@@ -171,7 +179,7 @@ impl Config {
             .into_iter()
             .find(|c| c.name() == s)
             .ok_or_else(|| {
-                format!("unknown configuration {s:?} (configurations: disk, direct, memory)")
+                format!("unknown configuration {s:?} (configurations: disk, direct, memory, nvme)")
             })
     }
 
@@ -182,7 +190,7 @@ impl Config {
                 "--use_direct_reads=1".to_string(),
                 "--use_direct_io_for_flush_and_compaction=1".to_string(),
             ],
-            Config::Disk | Config::Memory => Vec::new(),
+            Config::Disk | Config::Memory | Config::Nvme => Vec::new(),
         }
     }
 }
@@ -309,6 +317,12 @@ pub struct RunFigures {
     pub result: DbBenchResult,
     /// User + system CPU seconds of the child (all its threads).
     pub cpu_s: f64,
+    /// Non-idle CPU seconds of the whole machine while the child ran (every
+    /// CPU's user, nice, system, irq, softirq and steal time in
+    /// `/proc/stat`): the kernel's writeback, journal and completion work
+    /// that the child is never charged for counts here. Meaningful on an
+    /// otherwise idle machine.
+    pub machine_cpu_s: f64,
     /// The child's peak resident set, bytes.
     pub max_rss_bytes: u64,
     /// Growth of the kernel's page cache (`Cached` in /proc/meminfo) over
@@ -329,6 +343,14 @@ impl RunFigures {
         self.cpu_s / (self.result.operations as f64 / 1e6)
     }
 
+    /// The whole machine's CPU seconds per million operations.
+    pub fn machine_cpu_s_per_mops(&self) -> f64 {
+        if self.result.operations == 0 {
+            return f64::NAN;
+        }
+        self.machine_cpu_s / (self.result.operations as f64 / 1e6)
+    }
+
     /// Memory used, MiB: the child's peak RSS plus the page-cache growth.
     pub fn memory_mib(&self) -> f64 {
         (self.max_rss_bytes + self.page_cache_growth_bytes) as f64 / (1 << 20) as f64
@@ -346,8 +368,11 @@ pub struct Ratio {
     pub ops: f64,
     /// p99 latency ratio: below 1.0 means BlobFS's tail is shorter.
     pub p99: f64,
-    /// CPU per operation ratio: below 1.0 means BlobFS uses less CPU.
+    /// CPU per operation ratio (the child's own): below 1.0 means BlobFS
+    /// uses less CPU.
     pub cpu: f64,
+    /// The whole machine's CPU per operation ratio: below 1.0 means less.
+    pub machine_cpu: f64,
     /// Memory ratio: below 1.0 means BlobFS uses less memory.
     pub memory: f64,
 }
@@ -375,6 +400,7 @@ pub fn ratios(runs: &[RunFigures]) -> Vec<Ratio> {
             ops: b.result.ops_per_sec / p.result.ops_per_sec,
             p99: b.result.latency_us_p99 / p.result.latency_us_p99,
             cpu: b.cpu_s_per_mops() / p.cpu_s_per_mops(),
+            machine_cpu: b.machine_cpu_s_per_mops() / p.machine_cpu_s_per_mops(),
             memory: b.memory_mib() / p.memory_mib(),
         });
     }
@@ -422,8 +448,10 @@ fn ratio_str(r: f64) -> String {
 pub fn table(config: Config, runs: &[RunFigures]) -> String {
     let rs = ratios(runs);
     let mut t = String::new();
-    t.push_str("| phase | side | ops/s | p50 µs | p99 µs | p99.9 µs | CPU s/Mops | memory MiB | ops/s BlobFS/POSIX | p99 BlobFS/POSIX |\n");
-    t.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    t.push_str("| phase | side | ops/s | p50 µs | p99 µs | p99.9 µs | CPU s/Mops | machine CPU s/Mops | memory MiB | ops/s BlobFS/POSIX | p99 BlobFS/POSIX | machine CPU/op BlobFS/POSIX |\n");
+    t.push_str(
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+    );
     for phase in Phase::ALL {
         for side in [Side::BlobFs, Side::Posix] {
             let Some(r) = runs
@@ -437,7 +465,7 @@ pub fn table(config: Config, runs: &[RunFigures]) -> String {
                 .find(|x| x.config == config && x.phase == phase && side == Side::BlobFs);
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 phase.name(),
                 side.name(),
                 group(r.result.ops_per_sec),
@@ -445,9 +473,11 @@ pub fn table(config: Config, runs: &[RunFigures]) -> String {
                 num(r.result.latency_us_p99),
                 num(r.result.latency_us_p999),
                 num(r.cpu_s_per_mops()),
+                num(r.machine_cpu_s_per_mops()),
                 group(r.memory_mib()),
                 ratio.map_or(String::new(), |x| ratio_str(x.ops)),
                 ratio.map_or(String::new(), |x| ratio_str(x.p99)),
+                ratio.map_or(String::new(), |x| ratio_str(x.machine_cpu)),
             );
         }
     }
@@ -474,6 +504,11 @@ fn run_json(r: &RunFigures) -> Json {
         ("latency_us_p999", Json::Num(r.result.latency_us_p999)),
         ("cpu_s", Json::Num(r.cpu_s)),
         ("cpu_s_per_mops", Json::Num(r.cpu_s_per_mops())),
+        ("machine_cpu_s", Json::Num(r.machine_cpu_s)),
+        (
+            "machine_cpu_s_per_mops",
+            Json::Num(r.machine_cpu_s_per_mops()),
+        ),
         ("max_rss_mib", mib(r.max_rss_bytes)),
         ("page_cache_growth_mib", mib(r.page_cache_growth_bytes)),
         ("memory_mib", Json::Num(r.memory_mib())),
@@ -494,6 +529,7 @@ pub fn report_json(machine: Json, params: Json, runs: &[RunFigures]) -> Json {
                 ("ops_ratio", Json::Num(r.ops)),
                 ("p99_ratio", Json::Num(r.p99)),
                 ("cpu_per_op_ratio", Json::Num(r.cpu)),
+                ("machine_cpu_per_op_ratio", Json::Num(r.machine_cpu)),
                 ("memory_ratio", Json::Num(r.memory)),
             ])
         })
@@ -514,7 +550,7 @@ fn esc(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-const CONFIG_COLORS: [&str; 3] = ["#4c72b0", "#dd8452", "#55a868"];
+const CONFIG_COLORS: [&str; 4] = ["#4c72b0", "#dd8452", "#55a868", "#c44e52"];
 const SIDE_COLORS: [(Side, &str); 2] = [(Side::BlobFs, "#4c72b0"), (Side::Posix, "#dd8452")];
 
 /// A bar panel of one ratio per (phase, configuration), with a line at 1.0.
@@ -858,6 +894,8 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
                 latency_us_p999: p99 * 2.0,
             },
             cpu_s,
+            // The kernel's threads: more of them on the POSIX side.
+            machine_cpu_s: cpu_s + if side == Side::Posix { 1.0 } else { 0.5 },
             max_rss_bytes: 100 << 20,
             page_cache_growth_bytes: if side == Side::Posix { 50 << 20 } else { 0 },
             wall_s: 1.5,
@@ -910,6 +948,8 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
         assert_eq!(rs[0].p99, 0.5);
         // CPU per op: 1 s / 0.2 Mops = 5 vs 1 s / 0.1 Mops = 10.
         assert_eq!(rs[0].cpu, 0.5);
+        // The machine's: 1.5 s / 0.2 Mops = 7.5 vs 2 s / 0.1 Mops = 20.
+        assert_eq!(rs[0].machine_cpu, 0.375);
         assert_eq!(rs[0].memory, 100.0 / 150.0);
         assert_eq!(rs[1].phase, Phase::Randread);
         assert_eq!(rs[1].ops, 0.75);
@@ -920,12 +960,14 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
         let t = table(Config::Disk, &runs);
         assert!(
             t.contains(
-                "| insert | BlobFS | 200,000 | 1.00 | 10.0 | 20.0 | 5.00 | 100 | 2.00x | 0.50x |"
+                "| insert | BlobFS | 200,000 | 1.00 | 10.0 | 20.0 | 5.00 | 7.50 | 100 | 2.00x | 0.50x | 0.38x |"
             ),
             "{t}"
         );
         assert!(
-            t.contains("| insert | POSIX | 100,000 | 1.00 | 20.0 | 40.0 | 10.0 | 150 |  |  |"),
+            t.contains(
+                "| insert | POSIX | 100,000 | 1.00 | 20.0 | 40.0 | 10.0 | 20.0 | 150 |  |  |  |"
+            ),
             "{t}"
         );
         assert!(t.contains("| randread | BlobFS | 300,000 |"), "{t}");
@@ -961,7 +1003,7 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
         .to_string();
         assert!(j.starts_with(r#"{"benchmark":"kvbench","ratio_definition":"BlobFS / POSIX","machine":{"cores":2},"params":{"keys":10},"runs":[{"config":"direct","phase":"overwrite","side":"POSIX","benchmark":"overwrite","command":["db_bench","--num=10"],"ops_per_sec":1000,"#), "{j}");
         assert!(j.contains(r#""memory_mib":150,"#), "{j}");
-        assert!(j.ends_with(r#""ratios":[{"config":"direct","phase":"overwrite","ops_ratio":1.5,"p99_ratio":0.5,"cpu_per_op_ratio":0.3333333333333333,"memory_ratio":0.6666666666666666}]}"#), "{j}");
+        assert!(j.ends_with(r#""ratios":[{"config":"direct","phase":"overwrite","ops_ratio":1.5,"p99_ratio":0.5,"cpu_per_op_ratio":0.3333333333333333,"machine_cpu_per_op_ratio":0.3333333333333333,"memory_ratio":0.6666666666666666}]}"#), "{j}");
     }
 
     #[test]

@@ -10,6 +10,9 @@
 //! - [`kv`]: the key-value acceleration benchmark (`kvbench`): `db_bench`
 //!   phases on BlobFS vs POSIX, its output parser, ratios, tables, JSON
 //!   and chart.
+//! - [`nvme_sides`]: the two sides of `kvbench`'s `nvme` configuration on
+//!   one controller (rebinding it between our driver and the kernel's),
+//!   and the whole machine's CPU time from `/proc/stat`.
 //! - [`stats`] and [`json`]: medians and a small JSON writer for reports.
 //!
 //! Speed is always reported as a ratio against a baseline measured in the
@@ -20,6 +23,7 @@ pub mod hist;
 pub mod json;
 pub mod kv;
 pub mod load;
+pub mod nvme_sides;
 pub mod scenario;
 pub mod stats;
 pub mod target;

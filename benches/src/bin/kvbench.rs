@@ -21,6 +21,18 @@
 //!   BlobFS runs with `cache=0` there: its blocks are already memory a
 //!   memcpy away, and a cache on top only copied them again, with more CPU
 //!   per op and a far worse randread p99 at 16 threads in our runs.
+//! - `nvme` (with `--nvme PCI`, as root): BlobFS on one namespace of an
+//!   NVMe controller through our userspace driver vs POSIX on ext4 on
+//!   another namespace of the same size and format through the kernel's
+//!   `nvme` driver, the controller rebound between the two with
+//!   `nvme-setup` for each side's runs (see [`benches::nvme_sides`]). Both
+//!   namespaces are erased. BlobFS gets `--blobfs-cache` as in `disk`.
+//!
+//! Every run records the child's own CPU time and the whole machine's
+//! (`/proc/stat`, all CPUs, kernel threads and interrupts included): ext4's
+//! writeback and journal run in kernel threads the child is never charged
+//! for, while BlobFS's writer thread and our driver's polling are the
+//! child's.
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -33,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use benches::json::Json;
 use benches::kv::{self, Config, Phase, RunFigures, Side};
+use benches::nvme_sides::{machine_busy_s, NvmeSides};
 use benches::stats::{format_size, parse_size};
 use clap::Parser;
 
@@ -68,7 +81,7 @@ struct Args {
     /// RocksDB block cache of both sides (db_bench --cache_size).
     #[arg(long, default_value = "32M")]
     cache_size: String,
-    /// BlobFS read cache in the disk configuration (`cache=` of the URI;
+    /// BlobFS read cache in the disk and nvme configurations (`cache=` of the URI;
     /// `direct` and `memory` always use 0). The default follows SPDK's RocksDB
     /// test, which gave BlobFS a 4 GiB cache (`CACHE_SIZE=4096`), while POSIX
     /// has the whole page cache; the memory column shows what each side used.
@@ -77,6 +90,18 @@ struct Args {
     /// The db_bench binary [default: <target dir>/rocksdb/db_bench].
     #[arg(long)]
     db_bench: Option<PathBuf>,
+    /// The NVMe controller (PCI address, e.g. 0000:00:04.0) of the `nvme`
+    /// configuration. Both of its namespaces named by --nvme-namespaces
+    /// are erased.
+    #[arg(long)]
+    nvme: Option<String>,
+    /// The `nvme` configuration's namespaces: BLOBFS,POSIX (same size and
+    /// block size).
+    #[arg(long, default_value = "1,2")]
+    nvme_namespaces: String,
+    /// The nvme-setup binary [default: next to kvbench].
+    #[arg(long)]
+    nvme_setup: Option<PathBuf>,
     /// A run of under 3 minutes (the smoke test of `make test`).
     #[arg(long, conflicts_with = "full")]
     quick: bool,
@@ -236,44 +261,85 @@ fn drop_caches() -> Dropped {
 
 /// Where one configuration keeps its two databases.
 struct Layout {
-    /// The BlobFS image file.
-    image: PathBuf,
-    /// Image size, bytes.
-    image_bytes: u64,
-    /// The device over the image.
-    device: ImageDevice,
+    /// The device BlobFS runs on.
+    device: BlobDevice,
     /// BlobFS read cache (`cache=` in the URI).
     blobfs_cache: String,
     /// The POSIX database directory.
     posix_db: PathBuf,
 }
 
-/// Which device BlobFS opens on its image file.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ImageDevice {
-    /// `file:...&prealloc=true`: io_uring + O_DIRECT on a preallocated file.
-    File,
-    /// `shm:`: a shared mapping of the file (memory), I/O by memcpy.
-    Shm,
+/// The device BlobFS opens.
+enum BlobDevice {
+    /// `file:<image>?size=..&prealloc=true`: io_uring + O_DIRECT on a
+    /// preallocated image file.
+    File { image: PathBuf, bytes: u64 },
+    /// `shm:<image>?size=..`: a shared mapping of the file (memory), I/O by
+    /// memcpy.
+    Shm { image: PathBuf, bytes: u64 },
+    /// A namespace through our userspace NVMe driver, the other side on
+    /// ext4 on the same controller.
+    Nvme(NvmeSides),
 }
 
 impl Layout {
-    fn uri(&self, mkfs: &str) -> String {
-        let (scheme, extra) = match self.device {
-            ImageDevice::File => ("file", "&prealloc=true"),
-            ImageDevice::Shm => ("shm", ""),
+    /// The BlobFS URI; `fresh` (the insert phase) formats a new BlobFS.
+    fn uri(&self, fresh: bool) -> String {
+        let mkfs = if fresh { "always" } else { "never" };
+        let spec = match &self.device {
+            BlobDevice::File { image, bytes } => format!(
+                "file:{}?size={}&prealloc=true",
+                image.display(),
+                format_size(*bytes)
+            ),
+            BlobDevice::Shm { image, bytes } => {
+                format!("shm:{}?size={}", image.display(), format_size(*bytes))
+            }
+            BlobDevice::Nvme(n) => {
+                // The namespace may hold anything (a BlobFS of an earlier
+                // run, ext4 of another): --nvme gave it to the benchmark.
+                let mkfs = if fresh { "force" } else { "never" };
+                return format!(
+                    "blobfs://{};cache={};mkfs={mkfs}",
+                    n.blobfs_spec(),
+                    self.blobfs_cache
+                );
+            }
         };
-        format!(
-            "blobfs://{scheme}:{}?size={}{extra};cache={};mkfs={mkfs}",
-            self.image.display(),
-            format_size(self.image_bytes),
-            self.blobfs_cache
-        )
+        format!("blobfs://{spec};cache={};mkfs={mkfs}", self.blobfs_cache)
+    }
+
+    /// Gets the machine ready for a run of `side` of `phase` (a fresh
+    /// database on the insert phase).
+    fn prepare(&self, side: Side, phase: Phase) -> Result<(), String> {
+        let fresh = phase == Phase::Insert;
+        match (&self.device, side) {
+            (BlobDevice::Nvme(n), _) => n.prepare(side, fresh)?,
+            (BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. }, Side::BlobFs) => {
+                if fresh {
+                    let _ = fs::remove_file(image);
+                }
+            }
+            (_, Side::Posix) => {}
+        }
+        if fresh && side == Side::Posix {
+            let _ = fs::remove_dir_all(&self.posix_db);
+        }
+        Ok(())
     }
 
     fn clean(&self) {
-        let _ = fs::remove_file(&self.image);
         let _ = fs::remove_dir_all(&self.posix_db);
+        match &self.device {
+            BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. } => {
+                let _ = fs::remove_file(image);
+            }
+            BlobDevice::Nvme(n) => {
+                if let Err(e) = n.release() {
+                    eprintln!("\nnote: leaving the NVMe controller: {e}");
+                }
+            }
+        }
     }
 }
 
@@ -307,12 +373,7 @@ impl Bench {
         ));
         match side {
             Side::BlobFs => {
-                let mkfs = if phase == Phase::Insert {
-                    "always"
-                } else {
-                    "never"
-                };
-                cmd.push(format!("--fs_uri={}", layout.uri(mkfs)));
+                cmd.push(format!("--fs_uri={}", layout.uri(phase == Phase::Insert)));
                 cmd.push("--db=/kvbench".to_string());
             }
             Side::Posix => {
@@ -333,18 +394,9 @@ impl Bench {
         label: &str,
     ) -> Result<RunFigures, String> {
         let cmd = self.command(config, phase, side, layout);
-        if phase == Phase::Insert {
-            // A fresh image each time (mkfs=always on a new file) and a
-            // fresh POSIX directory.
-            match side {
-                Side::BlobFs => {
-                    let _ = fs::remove_file(&layout.image);
-                }
-                Side::Posix => {
-                    let _ = fs::remove_dir_all(&layout.posix_db);
-                }
-            }
-        }
+        layout
+            .prepare(side, phase)
+            .map_err(|e| format!("{label}: {e}"))?;
         if self.can_drop_caches {
             let why = match drop_caches() {
                 Dropped::Yes => None,
@@ -370,6 +422,7 @@ impl Bench {
             .try_clone()
             .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
         let cached_before = meminfo("Cached").unwrap_or(0);
+        let busy_before = machine_busy_s();
         let t0 = Instant::now();
         let child = Command::new(&cmd[0])
             .args(&cmd[1..])
@@ -411,6 +464,7 @@ impl Bench {
             break rc;
         };
         let wall_s = t0.elapsed().as_secs_f64();
+        let busy_after = machine_busy_s();
         done.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         drop(child);
@@ -447,6 +501,10 @@ impl Bench {
             command: cmd,
             result,
             cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
+            machine_cpu_s: match (busy_before, busy_after) {
+                (Some(a), Some(b)) => b - a,
+                _ => f64::NAN,
+            },
             max_rss_bytes: ru.ru_maxrss.max(0) as u64 * 1024,
             page_cache_growth_bytes: cached_after.saturating_sub(cached_before),
             wall_s,
@@ -496,7 +554,13 @@ fn run(args: Args) -> Result<(), String> {
     if keys == 0 || duration == 0 {
         return Err("--keys and --duration must be at least 1".into());
     }
-    let configs = parse_list(&args.configs, Config::parse)?;
+    let mut configs = parse_list(&args.configs, Config::parse)?;
+    let mut seen = Vec::new();
+    configs.retain(|c| {
+        let first = !seen.contains(c);
+        seen.push(*c);
+        first
+    });
     let mut phases = parse_list(&args.phases, Phase::parse)?;
     if configs.is_empty() || phases.is_empty() {
         return Err("--configs and --phases must name at least one".into());
@@ -547,6 +611,7 @@ fn run(args: Args) -> Result<(), String> {
     // front so a long run does not die half way.
     let per_side = side_bytes(keys);
     let shm = PathBuf::from("/dev/shm").join(format!("kvbench-{}", std::process::id()));
+    let mut nvme_sides = None;
     for config in &configs {
         match config {
             Config::Disk | Config::Direct => {
@@ -557,6 +622,29 @@ fn run(args: Args) -> Result<(), String> {
                         config.name(), keys, human(per_side), human(per_side), dir.display(), human(avail), config.name()
                     ));
                 }
+            }
+            Config::Nvme => {
+                let pci = args.nvme.as_deref().ok_or(
+                    "configuration nvme needs --nvme PCI (the controller whose namespaces it erases)",
+                )?;
+                let ns: Vec<u32> = parse_list(&args.nvme_namespaces, |s| {
+                    s.parse::<u32>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("--nvme-namespaces: {s:?} is not a namespace id"))
+                })?;
+                let [blobfs_ns, posix_ns] = ns[..] else {
+                    return Err("--nvme-namespaces wants two ids, BLOBFS,POSIX".into());
+                };
+                let setup = args.nvme_setup.clone().unwrap_or_else(|| {
+                    std::env::current_exe()
+                        .ok()
+                        .and_then(|e| Some(e.parent()?.join("nvme-setup")))
+                        .unwrap_or_else(|| PathBuf::from("nvme-setup"))
+                });
+                let sides = NvmeSides::new(pci, blobfs_ns, posix_ns, dir.join("nvme-ext4"), setup);
+                eprintln!("kvbench nvme: {}", sides.check(per_side)?);
+                nvme_sides = Some(sides);
             }
             Config::Memory => {
                 let avail_shm = statvfs_avail(Path::new("/dev/shm"))?;
@@ -599,9 +687,10 @@ fn run(args: Args) -> Result<(), String> {
     'configs: for (ci, &config) in configs.iter().enumerate() {
         let layout = match config {
             Config::Disk | Config::Direct => Layout {
-                image: dir.join("kvbench.img"),
-                image_bytes: per_side,
-                device: ImageDevice::File,
+                device: BlobDevice::File {
+                    image: dir.join("kvbench.img"),
+                    bytes: per_side,
+                },
                 blobfs_cache: if config == Config::Direct {
                     "0".into()
                 } else {
@@ -612,12 +701,23 @@ fn run(args: Args) -> Result<(), String> {
             Config::Memory => {
                 fs::create_dir_all(&shm).map_err(|e| format!("creating {}: {e}", shm.display()))?;
                 Layout {
-                    image: shm.join("kvbench.img"),
-                    image_bytes: per_side,
-                    device: ImageDevice::Shm,
+                    device: BlobDevice::Shm {
+                        image: shm.join("kvbench.img"),
+                        bytes: per_side,
+                    },
                     // The device is memory already: see the module docs.
                     blobfs_cache: "0".into(),
                     posix_db: shm.join("posix-db"),
+                }
+            }
+            Config::Nvme => {
+                let sides = nvme_sides
+                    .take()
+                    .ok_or("configuration nvme: controller not checked")?;
+                Layout {
+                    posix_db: sides.posix_db(),
+                    device: BlobDevice::Nvme(sides),
+                    blobfs_cache: format_size(blobfs_cache_bytes),
                 }
             }
         };

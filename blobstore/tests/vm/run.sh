@@ -30,21 +30,31 @@
 # BENCH_ROUNDS (3) rounds of BENCH_SECONDS (5) each; IOPS and IOPS per
 # guest CPU second (all of the guest's non-idle CPU in /proc/stat, so the
 # kernel's interrupt and completion work counts), medians, as a table.
+# Then, in the same VM, `kvbench --configs nvme`: RocksDB's db_bench on
+# BlobFS on our driver (namespace 3) against db_bench on ext4 on the
+# kernel's nvme driver (namespace 4, same size and format, same
+# controller), sides alternating, the controller rebound between them,
+# page cache dropped before each run, the guest's whole CPU per op;
+# KVBENCH_VM_ARGS (--keys 500000 --duration 40) sets the scale. Its tables
+# are printed and its JSON kept as $VM_WORK/kvbench.json.
 #
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing). Environment:
-#   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800), VM_WORK (a temp dir),
+#   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800; bench 4800), VM_WORK (a temp dir),
 #   VM_CPUS (2), VM_KEEP=1 keeps the work dir, ROCKSDB_TOOLS (the directory
 #   of `make rocksdb-tools`' db_bench, db_stress and env_basic_test: required).
+#   VM_MEM (MiB; 3072, bench 4096).
 set -euo pipefail
 
 MODE=${VM_MODE:-test}
 case $MODE in test|bench) ;; *) echo "VM_MODE=$MODE: test or bench" >&2; exit 1 ;; esac
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_SECONDS=${BENCH_SECONDS:-5}
+KVBENCH_VM_ARGS=${KVBENCH_VM_ARGS:---keys 500000 --duration 40}
+if [ "$MODE" = bench ]; then MEM=${VM_MEM:-4096}; else MEM=${VM_MEM:-3072}; fi
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 CARGO=${CARGO:-cargo}
-TIMEOUT=${VM_TIMEOUT:-1800}
+if [ "$MODE" = bench ]; then TIMEOUT=${VM_TIMEOUT:-4800}; else TIMEOUT=${VM_TIMEOUT:-1800}; fi
 CPUS=${VM_CPUS:-2}
 WORK=${VM_WORK:-$(mktemp -d /tmp/nvme-vm.XXXXXX)}
 mkdir -p "$WORK"
@@ -79,12 +89,16 @@ SUITE=$(exe_of blobstore)
 KILL=$(exe_of kill)
 TARGET=$(dirname "$(dirname "$NVME_VM")")
 [ -x "$NVME_VM" ] && [ -x "$SUITE" ] && [ -x "$KILL" ] || { echo "test binaries not found" >&2; exit 1; }
+TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
 if [ "$MODE" = test ]; then
   $CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
-  TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
   for t in db_bench db_stress env_basic_test; do
     [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
   done
+else
+  $CARGO build --release -q -p benches --bin kvbench
+  [ -x "$TOOLS/db_bench" ] || { echo "$TOOLS/db_bench not found (make rocksdb-tools)" >&2; exit 1; }
+  command -v mkfs.ext4 >/dev/null || { echo "mkfs.ext4 not found (apt-get install e2fsprogs)" >&2; exit 1; }
 fi
 
 # 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
@@ -108,6 +122,9 @@ if [ "$MODE" = test ]; then
   cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
 else
   cp "$(command -v fio)" "$IRD/bin/fio"
+  cp "$TOOLS/db_bench" "$TARGET/kvbench" "$(command -v mkfs.ext4)" "$IRD/bin/"
+  [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
+  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" "$KVBENCH_VM_ARGS" > "$IRD/bench.conf"
 fi
 for b in "$IRD"/bin/*; do
   # busybox is static (ldd fails on it).
@@ -132,6 +149,10 @@ for m in kernel/drivers/vfio/vfio_iommu_type1.ko kernel/drivers/vfio/pci/vfio-pc
          kernel/drivers/nvme/host/nvme.ko; do
   add_module "$m"
 done
+# ext4 for kvbench's POSIX side (crc32c: its metadata checksums).
+if [ "$MODE" = bench ]; then
+  for m in kernel/crypto/crc32c_generic.ko kernel/fs/ext4/ext4.ko; do add_module "$m"; done
+fi
 cat > "$IRD/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -265,7 +286,6 @@ run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup stat
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 else
-  printf 'ROUNDS=%s\nSECS=%s\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" > "$IRD/bench.conf"
   cat >> "$IRD/init" <<'EOF'
 # The device layer alone: our driver against the kernel's NVMe path on the
 # same namespace (2: 4096-byte blocks), sides alternating.
@@ -310,6 +330,15 @@ for r in $(seq 1 $ROUNDS); do
     measure io_uring-passthru $qd $rw fio_run --ioengine=io_uring_cmd --cmd_type=nvme --filename=/dev/ng0n$NS --rw=$rw --iodepth=$qd
   done; done
 done
+# RocksDB: BlobFS on our driver (namespace 3) vs ext4 on the kernel's
+# (namespace 4); kvbench rebinds the controller for each side.
+echo "VMKV-BEGIN"
+kvbench --configs nvme --nvme $PCI --nvme-namespaces 3,4 --blobfs-cache 1G \
+  --db-bench /bin/db_bench --nvme-setup /bin/nvme-setup --dir /tmp/kvbench \
+  --out /tmp/kvbench-out $KVBENCH_ARGS 2>/tmp/kvbench.err || { FAILED="$FAILED kvbench"; tail -30 /tmp/kvbench.err; }
+echo "VMKV-END"
+tr '\r' '\n' < /tmp/kvbench.err | grep -a -e 'ops/s' -e '^kvbench' -e '^note' | grep -av '(total'
+echo "VMKV-JSON-BEGIN"; cat /tmp/kvbench-out/kvbench.json 2>/dev/null; echo "VMKV-JSON-END"
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 fi
@@ -321,9 +350,18 @@ chmod +x "$IRD/init"
 (cd "$IRD" && find . | cpio -o -H newc --quiet | gzip -1) > "$WORK/initramfs.gz"
 log "initramfs $(du -h "$WORK/initramfs.gz" | cut -f1), modules: $(tr '\n' ' ' < "$IRD/modules.order")"
 
-# 4. Two namespaces: 512-byte and 4096-byte blocks.
+# 4. Two namespaces: 512-byte and 4096-byte blocks; for the bench, two more
+# of one size and format for kvbench's two sides.
 truncate -s 256M "$WORK/ns1.img"
 truncate -s 128M "$WORK/ns2.img"
+KVNS=()
+if [ "$MODE" = bench ]; then
+  for n in 3 4; do
+    truncate -s 3G "$WORK/ns$n.img"
+    KVNS+=(-drive file="$WORK/ns$n.img",if=none,id=ns$n,format=raw,discard=unmap
+           -device nvme-ns,drive=ns$n,bus=nvme0,nsid=$n,logical_block_size=4096,physical_block_size=4096)
+  done
+fi
 
 # 5. Boot and watch the console.
 CONSOLE="$WORK/console.log"
@@ -331,7 +369,7 @@ log "booting QEMU (TCG, $CPUS vCPUs, timeout ${TIMEOUT}s)"
 start=$(date +%s)
 set +e
 timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
-  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp "$CPUS" -m 3072 \
+  -machine q35,accel=tcg,kernel-irqchip=split -cpu max -smp "$CPUS" -m "$MEM" \
   -device intel-iommu,intremap=on \
   -kernel "/boot/vmlinuz-$KVER" -initrd "$WORK/initramfs.gz" \
   -append "console=ttyS0 intel_iommu=on panic=-1 loglevel=4" \
@@ -340,6 +378,7 @@ timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 \
   -device nvme,id=nvme0,serial=blobstore-vm0 \
   -device nvme-ns,drive=ns1,bus=nvme0,nsid=1,logical_block_size=512,physical_block_size=512 \
   -device nvme-ns,drive=ns2,bus=nvme0,nsid=2,logical_block_size=4096,physical_block_size=4096 \
+  "${KVNS[@]}" \
   -display none -monitor none -serial stdio -no-reboot </dev/null 2>&1 | tee "$CONSOLE"
 qrc=${PIPESTATUS[0]}
 set -e
@@ -364,6 +403,10 @@ if [ "$MODE" = bench ]; then
     }
     END { for (i = 1; i <= m; i++) { k = order[i]; split(k, f, " ")
       printf "| %s | %s | %s | %d | %d | %d |\n", f[1], f[2], f[3], med(iops, k, n[k]), med(cpu, k, n[k]), n[k] } }'
+  # kvbench's tables, and its JSON kept beside the console log.
+  sed -n '/^VMKV-BEGIN/,/^VMKV-END/p' "$CONSOLE" | tr -d '\r' | grep -av '^VMKV'
+  sed -n '/^VMKV-JSON-BEGIN/,/^VMKV-JSON-END/p' "$CONSOLE" | tr -d '\r' | grep -av '^VMKV' > "$WORK/kvbench.json" || true
+  log "kvbench JSON: $WORK/kvbench.json"
 fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
   log "FAIL: the VM did not finish within ${TIMEOUT}s"; exit 1
