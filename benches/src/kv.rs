@@ -317,8 +317,8 @@ pub struct RunFigures {
     pub result: DbBenchResult,
     /// User + system CPU seconds of the child (all its threads).
     pub cpu_s: f64,
-    /// Non-idle CPU seconds of the whole machine while the child ran (every
-    /// CPU's user, nice, system, irq, softirq and steal time in
+    /// Non-idle CPU seconds of the whole machine while the child ran
+    /// (elapsed time times CPUs minus the idle and iowait time in
     /// `/proc/stat`): the kernel's writeback, journal and completion work
     /// that the child is never charged for counts here. Meaningful on an
     /// otherwise idle machine.

@@ -13,8 +13,8 @@
 //! Both namespaces are erased: BlobFS is formatted with `mkfs=force` and
 //! ext4 with `mkfs.ext4 -F` on every insert phase.
 //!
-//! Also here: [`machine_busy_s`], the whole machine's non-idle CPU time
-//! from `/proc/stat`, which both sides' figures are counted with.
+//! Also here: [`CpuSample`], the whole machine's non-idle CPU time, which
+//! both sides' figures are counted with.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,21 +25,49 @@ use crate::kv::Side;
 
 const PCI: &str = "/sys/bus/pci/devices";
 
-/// Non-idle CPU seconds of the whole machine since boot: the sum over
-/// every CPU of user, nice, system, irq, softirq and steal time in the
-/// first line of `/proc/stat` (idle and iowait left out; guest time is
-/// inside user already). `None` when `/proc/stat` cannot be read.
-pub fn machine_busy_s() -> Option<f64> {
-    let stat = fs::read_to_string("/proc/stat").ok()?;
-    parse_busy_jiffies(&stat).map(|j| {
-        // SAFETY: sysconf has no memory effects.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        j as f64 / if hz > 0 { hz as f64 } else { 100.0 }
-    })
+/// A reading of the whole machine's CPU: when it was taken, and how long
+/// all CPUs together had been idle (idle + iowait in `/proc/stat`).
+///
+/// Busy time is the elapsed time times the CPU count minus the idle time
+/// that passed: the kernel measures idle time exactly (from the clock, at
+/// every idle entry and exit on tickless kernels), while `/proc/stat`'s
+/// user and system times are sampled at timer ticks, and a virtual machine
+/// under emulation loses ticks: summing those undercounted a polling
+/// process's CPU by a third in our TCG guest (less CPU for the whole guest
+/// than `getrusage` gave the one process).
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSample {
+    at: Instant,
+    idle_s: f64,
+    cpus: u32,
 }
 
-/// Non-idle jiffies from the text of `/proc/stat`.
-fn parse_busy_jiffies(stat: &str) -> Option<u64> {
+impl CpuSample {
+    /// Reads `/proc/stat` now; `None` when it cannot be read.
+    pub fn now() -> Option<CpuSample> {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let at = Instant::now();
+        let (idle, cpus) = parse_idle(&stat)?;
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        Some(CpuSample {
+            at,
+            idle_s: idle as f64 / if hz > 0 { hz as f64 } else { 100.0 },
+            cpus,
+        })
+    }
+
+    /// Non-idle CPU seconds of the whole machine (every CPU, kernel
+    /// threads and interrupts included) from `earlier` to this sample.
+    pub fn busy_since(&self, earlier: &CpuSample) -> f64 {
+        let wall = self.at.saturating_duration_since(earlier.at).as_secs_f64();
+        (wall * self.cpus as f64 - (self.idle_s - earlier.idle_s)).max(0.0)
+    }
+}
+
+/// Idle + iowait jiffies of all CPUs and the number of CPUs, from the
+/// text of `/proc/stat`.
+fn parse_idle(stat: &str) -> Option<(u64, u32)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
     let f: Vec<u64> = line
         .split_whitespace()
@@ -47,10 +75,14 @@ fn parse_busy_jiffies(stat: &str) -> Option<u64> {
         .map(|w| w.parse().ok())
         .collect::<Option<_>>()?;
     // user nice system idle iowait irq softirq steal [guest guest_nice]
-    if f.len() < 8 {
+    if f.len() < 5 {
         return None;
     }
-    Some(f[0] + f[1] + f[2] + f[5] + f[6] + f[7])
+    let cpus = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count() as u32;
+    (cpus > 0).then_some((f[3] + f[4], cpus))
 }
 
 /// Which driver has the controller.
@@ -309,11 +341,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_time_leaves_idle_and_iowait_out() {
-        let stat = "cpu  100 2 30 5000 40 6 7 8 9 10\ncpu0 50 1 15 2500 20 3 3 4 0 0\nintr 1\n";
-        assert_eq!(parse_busy_jiffies(stat), Some(100 + 2 + 30 + 6 + 7 + 8));
-        assert_eq!(parse_busy_jiffies("cpu  1 2 3\n"), None);
-        assert_eq!(parse_busy_jiffies("intr 1\n"), None);
-        assert!(machine_busy_s().is_some_and(|s| s > 0.0));
+    fn busy_time_is_elapsed_time_times_cpus_minus_idle() {
+        let stat = "cpu  100 2 30 5000 40 6 7 8 9 10\ncpu0 50 1 15 2500 20 3 3 4 0 0\ncpu1 50 1 15 2500 20 3 4 4 0 0\nintr 1\n";
+        assert_eq!(parse_idle(stat), Some((5040, 2)));
+        assert_eq!(parse_idle("cpu  1 2 3\n"), None);
+        assert_eq!(parse_idle("intr 1\n"), None);
+        let t = Instant::now();
+        let a = CpuSample {
+            at: t,
+            idle_s: 10.0,
+            cpus: 2,
+        };
+        let b = CpuSample {
+            at: t + Duration::from_secs(3),
+            idle_s: 11.5,
+            cpus: 2,
+        };
+        // 3 s on 2 CPUs, 1.5 s of it idle.
+        assert_eq!(b.busy_since(&a), 4.5);
+        let now = CpuSample::now().expect("/proc/stat");
+        assert!(now.cpus >= 1);
+        // Spin a little: some busy time must show.
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_millis(50) {
+            std::hint::spin_loop();
+        }
+        let later = CpuSample::now().unwrap();
+        assert!(later.busy_since(&now) >= 0.0);
     }
 }

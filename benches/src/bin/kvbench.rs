@@ -29,7 +29,8 @@
 //!   namespaces are erased. BlobFS gets `--blobfs-cache` as in `disk`.
 //!
 //! Every run records the child's own CPU time and the whole machine's
-//! (`/proc/stat`, all CPUs, kernel threads and interrupts included): ext4's
+//! (elapsed time times CPUs minus idle time in `/proc/stat`, so kernel
+//! threads and interrupts count; see [`benches::nvme_sides::CpuSample`]): ext4's
 //! writeback and journal run in kernel threads the child is never charged
 //! for, while BlobFS's writer thread and our driver's polling are the
 //! child's.
@@ -45,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use benches::json::Json;
 use benches::kv::{self, Config, Phase, RunFigures, Side};
-use benches::nvme_sides::{machine_busy_s, NvmeSides};
+use benches::nvme_sides::{CpuSample, NvmeSides};
 use benches::stats::{format_size, parse_size};
 use clap::Parser;
 
@@ -422,7 +423,7 @@ impl Bench {
             .try_clone()
             .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
         let cached_before = meminfo("Cached").unwrap_or(0);
-        let busy_before = machine_busy_s();
+        let busy_before = CpuSample::now();
         let t0 = Instant::now();
         let child = Command::new(&cmd[0])
             .args(&cmd[1..])
@@ -464,7 +465,7 @@ impl Bench {
             break rc;
         };
         let wall_s = t0.elapsed().as_secs_f64();
-        let busy_after = machine_busy_s();
+        let busy_after = CpuSample::now();
         done.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         drop(child);
@@ -502,7 +503,7 @@ impl Bench {
             result,
             cpu_s: tv(ru.ru_utime) + tv(ru.ru_stime),
             machine_cpu_s: match (busy_before, busy_after) {
-                (Some(a), Some(b)) => b - a,
+                (Some(a), Some(b)) => b.busy_since(&a),
                 _ => f64::NAN,
             },
             max_rss_bytes: ru.ru_maxrss.max(0) as u64 * 1024,
