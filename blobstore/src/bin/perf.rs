@@ -5,6 +5,7 @@
 //! ```text
 //! perf --device <spec> [--qd 32] [--bs 4096] [--rw randread] [--mix 70]
 //!      [--seconds 10] [--threads 1] [--shadow-doorbells on|off]
+//!      [--interrupts on|off]
 //! ```
 //! `--rw` is one of read, write, randread, randwrite, randrw (`--mix` is the
 //! read percentage of randrw). Devices: `mem:<bytes>[/bs=<512|4096>]`,
@@ -12,7 +13,10 @@
 //! Each thread has its own channel (an NVMe queue pair) and keeps `qd`
 //! operations in flight; it prints IOPS, MiB/s and latency percentiles.
 //! `--shadow-doorbells off` attaches an NVMe controller without shadow
-//! doorbells (they are used by default when the controller offers them).
+//! doorbells (they are used by default when the controller offers them);
+//! `--interrupts off` without completion interrupts (a thread that waits
+//! for its queue then always polls; with them it sleeps on the queue's
+//! interrupt after a short spin, and perf reports how often it slept).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +33,15 @@ struct Args {
     seconds: f64,
     threads: usize,
     shadow_doorbells: bool,
+    interrupts: bool,
+}
+
+fn on_off(k: &str, v: String) -> Result<bool, String> {
+    match v.as_str() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        o => Err(format!("{k} {o}: on|off")),
+    }
 }
 
 fn parse() -> Result<Args, String> {
@@ -41,6 +54,7 @@ fn parse() -> Result<Args, String> {
         seconds: 10.0,
         threads: 1,
         shadow_doorbells: true,
+        interrupts: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -54,13 +68,8 @@ fn parse() -> Result<Args, String> {
             "--mix" | "-M" => a.mix = num(v()?)?,
             "--seconds" | "-t" => a.seconds = v()?.parse().map_err(|e| format!("seconds: {e}"))?,
             "--threads" | "-c" => a.threads = num(v()?)? as usize,
-            "--shadow-doorbells" => {
-                a.shadow_doorbells = match v()?.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    o => return Err(format!("--shadow-doorbells {o}: on|off")),
-                }
-            }
+            "--shadow-doorbells" => a.shadow_doorbells = on_off(&k, v()?)?,
+            "--interrupts" => a.interrupts = on_off(&k, v()?)?,
             "--help" | "-h" => return Err(String::new()),
             _ => return Err(format!("unknown argument {k}")),
         }
@@ -80,17 +89,22 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
-fn open(spec: &str, shadow_doorbells: bool) -> Result<Arc<dyn BlockDevice>, String> {
+/// The device, and for `nvme:` a report of the controller's interrupt
+/// sleeps to print at the end.
+type Opened = (Arc<dyn BlockDevice>, Option<Box<dyn Fn() -> String>>);
+
+fn open(spec: &str, shadow_doorbells: bool, interrupts: bool) -> Result<Opened, String> {
     #[cfg(not(feature = "nvme"))]
-    let _ = shadow_doorbells;
+    let _ = (shadow_doorbells, interrupts);
     if let Some(rest) = spec.strip_prefix("mem:") {
         let (size, bs) = match rest.split_once("/bs=") {
             Some((s, b)) => (s, b.parse::<u32>().map_err(|e| e.to_string())?),
             None => (rest, 4096),
         };
         let size = parse_size(size)?;
-        return Ok(Arc::new(
-            MemDevice::new(size, bs).map_err(|e| e.to_string())?,
+        return Ok((
+            Arc::new(MemDevice::new(size, bs).map_err(|e| e.to_string())?),
+            None,
         ));
     }
     #[cfg(feature = "nvme")]
@@ -103,6 +117,7 @@ fn open(spec: &str, shadow_doorbells: bool) -> Result<Arc<dyn BlockDevice>, Stri
         // then finds it attached.
         let opts = blobstore::ControllerOptions {
             shadow_doorbells,
+            interrupts,
             ..Default::default()
         };
         let ctrl = blobstore::NvmeController::open_with(pci, opts).map_err(|e| e.to_string())?;
@@ -116,10 +131,17 @@ fn open(spec: &str, shadow_doorbells: bool) -> Result<Arc<dyn BlockDevice>, Stri
             },
             if shadow_doorbells { "on" } else { "off" },
         );
+        println!(
+            "controller {pci}: completion interrupts {} (asked: {})",
+            if ctrl.interrupts() { "on" } else { "off" },
+            if interrupts { "on" } else { "off" },
+        );
         let dev = blobstore::NvmeDevice::open(pci, nsid).map_err(|e| e.to_string())?;
-        return Ok(Arc::new(dev));
+        let report = move || format!("interrupt sleeps: {}", ctrl.interrupt_sleeps());
+        return Ok((Arc::new(dev), Some(Box::new(report))));
     }
-    blobstore::device::open_device(spec).map_err(|e| e.to_string())
+    let dev = blobstore::device::open_device(spec).map_err(|e| e.to_string())?;
+    Ok((dev, None))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -227,12 +249,12 @@ fn main() -> std::process::ExitCode {
             }
             eprintln!(
                 "usage: perf --device <spec> [--qd N] [--bs BYTES] \
-                 [--rw read|write|randread|randwrite|randrw] [--mix READ%] [--seconds S] [--threads N] [--shadow-doorbells on|off]"
+                 [--rw read|write|randread|randwrite|randrw] [--mix READ%] [--seconds S] [--threads N] [--shadow-doorbells on|off] [--interrupts on|off]"
             );
             return std::process::ExitCode::FAILURE;
         }
     };
-    let dev = match open(&a.device, a.shadow_doorbells) {
+    let (dev, report) = match open(&a.device, a.shadow_doorbells, a.interrupts) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("perf: opening {}: {e}", a.device);
@@ -315,6 +337,9 @@ fn main() -> std::process::ExitCode {
         lat.last().copied().unwrap_or(0) as f64 / 1000.0,
         errors
     );
+    if let Some(r) = report {
+        println!("{}", r());
+    }
     if errors > 0 {
         std::process::ExitCode::FAILURE
     } else {

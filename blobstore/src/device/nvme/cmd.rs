@@ -247,12 +247,18 @@ impl Command {
     }
 
     /// Create I/O Completion Queue `qid` of `entries` entries at `base`,
-    /// physically contiguous, interrupts off.
-    pub fn create_cq(qid: u16, entries: u32, base: Iova) -> Command {
+    /// physically contiguous; with `vector`, its completions raise that
+    /// MSI-X vector (interrupts enabled), else interrupts are off.
+    pub fn create_cq(qid: u16, entries: u32, base: Iova, vector: Option<u16>) -> Command {
+        // PC (bit 0), IEN (bit 1), IV (bits 31:16).
+        let cdw11 = match vector {
+            Some(v) => (v as u32) << 16 | 0b11,
+            None => 1,
+        };
         Command {
             opcode: admin_op::CREATE_CQ,
             prp1: base.0,
-            cdw: [(entries - 1) << 16 | qid as u32, 1, 0, 0, 0, 0],
+            cdw: [(entries - 1) << 16 | qid as u32, cdw11, 0, 0, 0, 0],
             ..Default::default()
         }
     }
@@ -679,10 +685,12 @@ mod tests {
 
     #[test]
     fn admin_command_layouts() {
-        let d = Command::create_cq(3, 256, Iova(0x10000)).encode(1);
+        let d = Command::create_cq(3, 256, Iova(0x10000), None).encode(1);
         assert_eq!(d[0] & 0xff, 0x05);
         assert_eq!(d[10], 255 << 16 | 3);
         assert_eq!(d[11], 1, "physically contiguous, no interrupts");
+        let d = Command::create_cq(3, 256, Iova(0x10000), Some(2)).encode(1);
+        assert_eq!(d[11], 2 << 16 | 0b11, "vector 2, interrupts enabled");
         let d = Command::create_sq(3, 256, Iova(0x20000), 3).encode(2);
         assert_eq!(d[10], 255 << 16 | 3);
         assert_eq!(d[11], 3 << 16 | 1);

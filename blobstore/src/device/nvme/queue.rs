@@ -221,6 +221,17 @@ impl QueuePair {
         self.sq_tail != self.sq_tail_rung
     }
 
+    /// True when the controller has posted a completion not consumed yet
+    /// (nothing is consumed).
+    #[inline]
+    pub fn completion_posted(&self) -> bool {
+        let base = self.cq.as_ptr().cast::<u32>();
+        let at = self.cq_head as usize * 4;
+        // SAFETY: as in `next_completion`.
+        let dw3 = u32::from_le(unsafe { std::ptr::read_volatile(base.add(at + 3)) });
+        ((dw3 >> 16) & 1 == 1) == self.phase
+    }
+
     /// Consumes the next completion, if the controller posted one. The
     /// head doorbell is written by [`QueuePair::release_completions`].
     #[inline]

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioOps};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::dma::{DmaMapper, DmaPool};
 use super::regs::{Bar, MmioBar};
@@ -94,7 +95,7 @@ pub struct VfioPci {
     /// The process-wide DMA pool (valid for this device).
     pub pool: Arc<DmaPool>,
     /// Keeps the VFIO device (and its group in the container) open.
-    _device: Arc<VfioDevice>,
+    device: Arc<VfioDevice>,
     mmap: Option<(*mut u8, usize)>,
 }
 
@@ -338,12 +339,43 @@ pub fn open(pci: &str) -> Result<VfioPci> {
     Ok(VfioPci {
         bar,
         pool,
-        _device: device,
+        device,
         mmap,
     })
 }
 
+/// VFIO's interrupt index of MSI-X (`VFIO_PCI_MSIX_IRQ_INDEX`).
+const MSIX_IRQ_INDEX: u32 = 2;
+
 impl VfioPci {
+    /// Connects MSI-X vectors `0..n` of the function to one eventfd each
+    /// (non-blocking), `n` being `want` or the function's vector count if
+    /// lower; the i-th eventfd counts vector i's interrupts. All at once:
+    /// kernels before 6.5 cannot add vectors to enabled MSI-X later.
+    pub fn enable_msix(&self, want: u32) -> Result<Vec<EventFd>> {
+        let have = self
+            .device
+            .get_irq_info(MSIX_IRQ_INDEX)
+            .map_or(0, |i| i.count);
+        let n = want.min(have);
+        if n == 0 {
+            return Err(Error::Unsupported(
+                "the function has no MSI-X vectors".into(),
+            ));
+        }
+        let fds = (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| Error::Os {
+                context: "creating eventfds for MSI-X".into(),
+                source: e,
+            })?;
+        self.device
+            .enable_msix(fds.iter().collect())
+            .map_err(os_err(format!("enabling {n} MSI-X vectors")))?;
+        Ok(fds)
+    }
+
     /// True when BAR0 is memory-mapped (else register access is by syscall).
     pub fn bar_mmapped(&self) -> bool {
         self.mmap.is_some()
