@@ -10,7 +10,9 @@
 //! restrict itself to it, e.g.
 //! `valgrind --tool=callgrind --toggle-collect='*iopath*measured*' iopath blob read 1 100000`.
 //! `make bench-iopath` (benches/iopath.sh) instead counts whole runs of N
-//! and of fewer operations and divides the difference, so setup cancels out.
+//! and of fewer operations and divides the difference, so setup cancels out;
+//! for the driver's own share (`nvme-driver`) it collects only inside the
+//! driver's entry points, minus the software controller (see that script).
 
 use std::sync::Arc;
 

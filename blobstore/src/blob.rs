@@ -489,15 +489,16 @@ impl Blob {
         let write = kind == IoKind::Write;
         let direct = self
             .units_of_one(&buf)
-            .and_then(|units| self.map_one(offset, units, write));
+            .and_then(|units| self.map_one(offset, units, write))
+            .map(|lba| lba.map(|lba| (lba, self.store.chan())));
         let state = match direct {
-            Err(e) => BlobIoState::Failed(Some(e)),
-            Ok(Some(lba)) => match self.store.chan() {
-                Ok(ch) => BlobIoState::Direct {
-                    io: ch.submit_bufs(kind, lba, std::slice::from_ref(&buf)),
-                    buf: Some(buf),
-                },
-                Err(e) => BlobIoState::Failed(Some(e)),
+            Ok(Some((lba, Ok(ch)))) => BlobIoState::Direct {
+                io: ch.submit_buf_owned(kind, lba, &buf),
+                buf: Some(buf),
+            },
+            Ok(Some((_, Err(e)))) | Err(e) => BlobIoState::Direct {
+                io: IoFuture::failed(e),
+                buf: None,
             },
             Ok(None) if write => BlobIoState::General(Box::pin(self.writev(offset, vec![buf]))),
             Ok(None) => BlobIoState::General(Box::pin(self.readv(offset, vec![buf]))),
@@ -652,17 +653,19 @@ pub struct BlobIo<'a> {
 type VectoredIo<'a> = Pin<Box<dyn Future<Output = Result<Vec<DmaBuf>>> + 'a>>;
 
 enum BlobIoState<'a> {
-    /// One command on the channel; the buffer waits here for it.
+    /// One command on the channel; the buffer waits here for it. An I/O
+    /// refused before any command is a failed channel future (its error
+    /// boxed there) without a buffer: the future stays small, and it is
+    /// moved by every executor.
     Direct { io: IoFuture, buf: Option<DmaBuf> },
     /// Across clusters, unallocated, or a snapshot's: the vectored path.
     General(VectoredIo<'a>),
-    /// Refused before any I/O (the error once, then a shutdown error).
-    Failed(Option<Error>),
 }
 
 impl Future for BlobIo<'_> {
     type Output = Result<DmaBuf>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<DmaBuf>> {
         match &mut self.get_mut().state {
             BlobIoState::Direct { io, buf } => match Pin::new(io).poll(cx) {
@@ -674,9 +677,6 @@ impl Future for BlobIo<'_> {
                 .as_mut()
                 .poll(cx)
                 .map(|r| r.map(|mut v| v.pop().expect("one buffer in, one out"))),
-            BlobIoState::Failed(e) => {
-                Poll::Ready(Err(e.take().unwrap_or_else(polled_after_completion)))
-            }
         }
     }
 }

@@ -24,7 +24,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::Allocator;
 use crate::blob::Blob;
-use crate::device::{channel, BlockDevice, DmaBuf, Geometry, IoChannel};
+use crate::device::{channel, channel_with_id, BlockDevice, DeviceId, DmaBuf, Geometry, IoChannel};
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
 use crate::BlobId;
@@ -221,6 +221,9 @@ impl BlobInner {
 
 pub(crate) struct StoreInner {
     pub dev: Arc<dyn BlockDevice>,
+    /// `dev.id()`, kept so the data path's channel lookup makes no
+    /// virtual call.
+    pub dev_id: DeviceId,
     pub geo: Geometry,
     pub layout: Layout,
     pub bstype: [u8; format::BSTYPE_LEN],
@@ -285,11 +288,12 @@ fn give_back_md_page(buf: DmaBuf) {
 }
 
 impl StoreInner {
+    #[inline]
     pub fn chan(&self) -> Result<IoChannel> {
         if self.unloaded.load(Ordering::Acquire) {
             return Err(Error::Shutdown("the blobstore was unloaded".into()));
         }
-        channel(&self.dev)
+        channel_with_id(&self.dev, self.dev_id)
     }
 
     pub fn blob_id(page: u32) -> BlobId {
@@ -891,6 +895,7 @@ impl Blobstore {
         };
         let layout = Layout::from_super(&sb);
         let inner = Arc::new(StoreInner {
+            dev_id: dev.id(),
             geo,
             layout,
             bstype,
@@ -988,6 +993,7 @@ impl Blobstore {
             layout.total_clusters = fits;
         }
         let inner = Arc::new(StoreInner {
+            dev_id: dev.id(),
             geo,
             layout,
             bstype: sb.bstype,

@@ -272,17 +272,21 @@ pub fn unsynced_memory_path_of(path: &Path) -> Result<PathBuf> {
 /// A thread's channels, with a weak link to each device so channels of
 /// dropped devices can be closed. A thread talks to a handful of devices, so
 /// a linear scan beats hashing; the channel list is shared as one `Rc` so
-/// polling every channel allocates nothing.
+/// polling every channel allocates nothing. Const-initialised (no lazy
+/// state to test on every access of the data path's lookup).
 struct ChannelMap {
     ids: Vec<(DeviceId, Weak<dyn BlockDevice>)>,
-    chans: Rc<[IoChannel]>,
+    /// `None` until the thread's first channel; then one per `ids` entry.
+    chans: Option<Rc<[IoChannel]>>,
 }
 
 thread_local! {
-    static CHANNELS: RefCell<ChannelMap> = RefCell::new(ChannelMap {
-        ids: Vec::new(),
-        chans: Rc::from(Vec::new()),
-    });
+    static CHANNELS: RefCell<ChannelMap> = const {
+        RefCell::new(ChannelMap {
+            ids: Vec::new(),
+            chans: None,
+        })
+    };
     static IN_FLIGHT: Cell<usize> = const { Cell::new(0) };
 }
 
@@ -295,17 +299,33 @@ pub fn thread_in_flight() -> usize {
 
 /// The calling thread's channel for `dev`, created on first use.
 pub fn channel(dev: &Arc<dyn BlockDevice>) -> Result<IoChannel> {
-    let id = dev.id();
-    let found = CHANNELS.with(|m| {
-        let m = m.borrow();
-        m.ids
-            .iter()
-            .position(|(i, _)| *i == id)
-            .map(|k| m.chans[k].clone())
-    });
-    if let Some(ch) = found {
-        return Ok(ch);
+    channel_with_id(dev, dev.id())
+}
+
+/// [`channel`] for a caller that knows `dev`'s id (`id == dev.id()`), as
+/// the blob data path does: no virtual call on the way, and (inlined) no
+/// `Result` to build when the thread has the channel already.
+#[inline]
+pub(crate) fn channel_with_id(dev: &Arc<dyn BlockDevice>, id: DeviceId) -> Result<IoChannel> {
+    debug_assert_eq!(id, dev.id());
+    match thread_channel(id) {
+        Some(ch) => Ok(ch),
+        None => new_channel(dev, id),
     }
+}
+
+/// The calling thread's channel to the device `id`, if it has one.
+#[inline]
+fn thread_channel(id: DeviceId) -> Option<IoChannel> {
+    CHANNELS.with(|m| {
+        let m = m.borrow();
+        let k = m.ids.iter().position(|(i, _)| *i == id)?;
+        m.chans.as_ref()?.get(k).cloned()
+    })
+}
+
+#[cold]
+fn new_channel(dev: &Arc<dyn BlockDevice>, id: DeviceId) -> Result<IoChannel> {
     let backend = dev.new_backend()?;
     let ch = IoChannel::new(dev.geometry(), dev.name(), backend);
     CHANNELS.with(|m| {
@@ -314,7 +334,8 @@ pub fn channel(dev: &Arc<dyn BlockDevice>) -> Result<IoChannel> {
         // Drop channels of devices that are gone, so their fds and rings close.
         let mut ids = Vec::new();
         let mut chans = Vec::new();
-        let old = m.chans.clone();
+        let old = m.chans.take();
+        let old = old.as_deref().unwrap_or_default();
         for ((i, w), c) in m.ids.drain(..).zip(old.iter()) {
             if w.strong_count() > 0 || c.in_flight() > 0 {
                 ids.push((i, w));
@@ -324,19 +345,19 @@ pub fn channel(dev: &Arc<dyn BlockDevice>) -> Result<IoChannel> {
         ids.push((id, Arc::downgrade(dev)));
         chans.push(ch.clone());
         m.ids = ids;
-        m.chans = Rc::from(chans);
+        m.chans = Some(Rc::from(chans));
     });
     Ok(ch)
 }
 
 /// The thread's channels (a shared list: cloning it allocates nothing).
-fn thread_channels() -> Rc<[IoChannel]> {
+fn thread_channels() -> Option<Rc<[IoChannel]>> {
     CHANNELS.with(|m| m.borrow().chans.clone())
 }
 
 /// Drives every channel of this thread once; returns completions seen.
 pub fn poll_thread_channels() -> usize {
-    thread_channels().iter().map(|c| c.poll()).sum()
+    thread_channels().map_or(0, |chans| chans.iter().map(|c| c.poll()).sum())
 }
 
 /// Blocks until an operation of this thread completes, when that can be
@@ -344,7 +365,9 @@ pub fn poll_thread_channels() -> usize {
 /// operations in flight and its backend can block. Returns false (at once)
 /// otherwise; the caller then keeps polling.
 pub fn wait_thread_channels() -> bool {
-    let chans = thread_channels();
+    let Some(chans) = thread_channels() else {
+        return false;
+    };
     let mut busy = chans.iter().filter(|c| c.in_flight() > 0);
     match (busy.next(), busy.next()) {
         (Some(c), None) => c.wait(),
@@ -471,45 +494,82 @@ impl IoChannel {
         st.in_flight > 0 && st.backend.wait()
     }
 
+    /// Ok when the operation fits the geometry; the error is built out of
+    /// line (the data path only tests).
+    #[inline(always)]
     fn check(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Result<()> {
         let g = self.0.geometry;
-        let end = lba.checked_add(blocks);
-        if end.is_none_or(|e| e > g.block_count) {
-            return Err(Error::OutOfRange {
+        let in_range = lba.checked_add(blocks).is_some_and(|e| e <= g.block_count);
+        let sized = if matches!(kind, IoKind::Read | IoKind::Write) {
+            bytes != 0 && bytes.is_multiple_of(g.block_size as usize)
+        } else {
+            kind == IoKind::Flush || blocks != 0
+        };
+        if in_range && sized {
+            return Ok(());
+        }
+        Err(self.refusal(kind, lba, blocks, bytes))
+    }
+
+    /// Why [`IoChannel::check`] refused an operation.
+    #[cold]
+    fn refusal(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Error {
+        let g = self.0.geometry;
+        if lba.checked_add(blocks).is_none_or(|e| e > g.block_count) {
+            return Error::OutOfRange {
                 what: format!("{} on device {}", kind.name(), self.0.name),
                 offset: lba,
                 len: blocks,
                 size: g.block_count,
-            });
+            };
         }
         if matches!(kind, IoKind::Read | IoKind::Write) {
-            if bytes == 0 || !bytes.is_multiple_of(g.block_size as usize) {
-                return Err(Error::InvalidArgument(format!(
-                    "{} of {bytes} bytes is not a positive multiple of the block size {}",
-                    kind.name(),
-                    g.block_size
-                )));
-            }
-        } else if kind != IoKind::Flush && blocks == 0 {
-            return Err(Error::InvalidArgument(format!(
-                "{} of 0 blocks",
-                kind.name()
-            )));
+            return Error::InvalidArgument(format!(
+                "{} of {bytes} bytes is not a positive multiple of the block size {}",
+                kind.name(),
+                g.block_size
+            ));
         }
-        Ok(())
+        Error::InvalidArgument(format!("{} of 0 blocks", kind.name()))
     }
 
     /// Starts a checked operation and returns the future for its completion.
     pub(crate) fn submit(&self, op: IoOp) -> IoFuture {
+        match self.start(op) {
+            Ok(tag) => IoFuture {
+                chan: Some(self.clone()),
+                tag,
+                early: None,
+            },
+            Err(e) => IoFuture::failed(e),
+        }
+    }
+
+    /// [`IoChannel::submit`] by a caller that hands over its reference to
+    /// the channel (the future keeps it): no reference count taken and
+    /// dropped again.
+    pub(crate) fn submit_owned(self, op: IoOp) -> IoFuture {
+        match self.start(op) {
+            Ok(tag) => IoFuture {
+                chan: Some(self),
+                tag,
+                early: None,
+            },
+            Err(e) => IoFuture::failed(e),
+        }
+    }
+
+    /// Checks `op`, takes a slot for it and hands it to the backend;
+    /// returns its tag.
+    #[inline(always)]
+    fn start(&self, op: IoOp) -> Result<Tag> {
         let bytes: usize = op.segs.iter().map(|s| s.len()).sum();
         let blocks = if matches!(op.kind, IoKind::Read | IoKind::Write) {
             (bytes / self.0.geometry.block_size as usize) as u64
         } else {
             op.blocks
         };
-        if let Err(e) = self.check(op.kind, op.lba, blocks, bytes) {
-            return IoFuture::failed(e);
-        }
+        self.check(op.kind, op.lba, blocks, bytes)?;
         let op = IoOp { blocks, ..op };
         let mut st = self.0.state.borrow_mut();
         let tag = match st.free_head {
@@ -525,11 +585,10 @@ impl IoChannel {
                 (st.slots.len() - 1) as Tag
             }
         };
-        let res = st.backend.submit(tag, &op);
-        if let Err(e) = res {
+        if let Err(e) = st.backend.submit(tag, &op) {
             st.slots[tag as usize] = Slot::Free { next: st.free_head };
             st.free_head = Some(tag);
-            return IoFuture::failed(e);
+            return Err(e);
         }
         st.slots[tag as usize] = Slot::InFlight {
             _op: op,
@@ -538,20 +597,36 @@ impl IoChannel {
         };
         st.in_flight += 1;
         IN_FLIGHT.with(|c| c.set(c.get() + 1));
-        IoFuture {
-            chan: Some(self.clone()),
-            tag,
-            early: None,
+        Ok(tag)
+    }
+
+    /// The segments of `bufs`, one whole buffer each.
+    #[inline]
+    fn buf_segments(bufs: &[DmaBuf]) -> Segments {
+        match bufs {
+            // The data path's case: no iterator to collect.
+            [b] => Segments::one(b.segment(0, b.len())),
+            _ => bufs.iter().map(|b| b.segment(0, b.len())).collect(),
         }
     }
 
     pub(crate) fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
-        let segs = bufs.iter().map(|b| b.segment(0, b.len())).collect();
         self.submit(IoOp {
             kind,
             lba,
             blocks: 0,
-            segs,
+            segs: Self::buf_segments(bufs),
+        })
+    }
+
+    /// [`IoChannel::submit_bufs`] of one buffer, handing over the channel
+    /// reference ([`IoChannel::submit_owned`]).
+    pub(crate) fn submit_buf_owned(self, kind: IoKind, lba: u64, buf: &DmaBuf) -> IoFuture {
+        self.submit_owned(IoOp {
+            kind,
+            lba,
+            blocks: 0,
+            segs: Segments::one(buf.segment(0, buf.len())),
         })
     }
 
@@ -626,7 +701,8 @@ pub struct IoFuture {
 }
 
 impl IoFuture {
-    fn failed(e: Error) -> IoFuture {
+    /// A future that yields `e` (an operation refused before submission).
+    pub(crate) fn failed(e: Error) -> IoFuture {
         IoFuture {
             chan: None,
             tag: 0,

@@ -142,6 +142,10 @@ pub struct SoftState {
     /// (EventIdx always one behind, so no doorbell is needed; commands run
     /// at [`SoftController::poll_shadow`]).
     pub shadow_polling: bool,
+    /// The pieces of the SGL being executed, kept between commands so the
+    /// model allocates nothing per I/O either (the zero-allocation tests
+    /// count every allocation of the thread the model runs on).
+    sgl_scratch: Vec<(u64, u64)>,
 }
 
 /// A software NVMe controller over the memory of a [`DmaPool`].
@@ -262,9 +266,14 @@ impl SoftController {
     }
 
     /// The pieces (address, bytes) an SGL describes, starting with the
-    /// descriptor in dwords 6..10 of the command; an NVMe status code on a
-    /// malformed list.
-    fn sgl_pieces(&self, d: &[u32; 16], len: u64) -> std::result::Result<Vec<(u64, u64)>, u8> {
+    /// descriptor in dwords 6..10 of the command, into `out` (cleared
+    /// first); an NVMe status code on a malformed list.
+    fn sgl_pieces(
+        &self,
+        d: &[u32; 16],
+        len: u64,
+        out: &mut Vec<(u64, u64)>,
+    ) -> std::result::Result<(), u8> {
         const DATA_SGL_LENGTH_INVALID: u8 = 0x0f;
         const SGL_DESCRIPTOR_TYPE_INVALID: u8 = 0x11;
         let dword = self.features.sgls & 3 == 2;
@@ -272,7 +281,7 @@ impl SoftController {
             d[6] as u64 | (d[7] as u64) << 32,
             d[8] as u64 | (d[9] as u64) << 32,
         );
-        let mut out = Vec::new();
+        out.clear();
         let mut segments = 0;
         loop {
             let (addr, (n, kind)) = (desc.0, cmd::sgl_descriptor_decode(desc.1));
@@ -325,7 +334,7 @@ impl SoftController {
         if out.iter().map(|p| p.1).sum::<u64>() != len {
             return Err(DATA_SGL_LENGTH_INVALID);
         }
-        Ok(out)
+        Ok(())
     }
 
     fn exec_admin(&self, st: &mut SoftState, d: &[u32; 16]) -> (u8, u8, u32) {
@@ -519,12 +528,15 @@ impl SoftController {
                     1 => {
                         assert!(self.features.sgls & 3 != 0, "SGL not advertised");
                         st.sgl_commands += 1;
-                        match self.sgl_pieces(d, nlb * bs) {
-                            Ok(pieces) => {
-                                st.last_sgl_descriptors = pieces.len();
-                                pieces.into_iter().for_each(|(a, l)| copy(a, l));
-                            }
-                            Err(sc) => return Some((0, sc, 0)),
+                        let mut pieces = std::mem::take(&mut st.sgl_scratch);
+                        let walked = self.sgl_pieces(d, nlb * bs, &mut pieces);
+                        if walked.is_ok() {
+                            st.last_sgl_descriptors = pieces.len();
+                            pieces.iter().for_each(|&(a, l)| copy(a, l));
+                        }
+                        st.sgl_scratch = pieces;
+                        if let Err(sc) = walked {
+                            return Some((0, sc, 0));
                         }
                     }
                     psdt => panic!("PSDT {psdt}: the driver sends no metadata SGLs"),

@@ -713,59 +713,107 @@ mod counting {
 #[global_allocator]
 static COUNTING: counting::Counting = counting::Counting;
 
-#[test]
-fn steady_state_io_on_the_driver_allocates_nothing() {
-    use crate::device::{IoKind, IoOp};
-    let (_model, ctrl) = setup(5, 0b1100);
-    let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
-    let mut backend = dev.new_backend().unwrap();
-    let bufs: Vec<DmaBuf> = (0..4).map(|_| dev.alloc_buf(4096).unwrap()).collect();
-    let ops: Vec<IoOp> = [IoKind::Write, IoKind::Read]
-        .iter()
-        .flat_map(|&kind| {
-            bufs.iter().enumerate().map(move |(i, b)| IoOp {
-                kind,
-                lba: 8 * i as u64,
-                blocks: 1,
-                segs: crate::device::Segments::one(b.segment(0, 4096)),
-            })
-        })
-        .collect();
-    let mut run = |rounds: usize, qd: usize| {
-        let mut done = 0;
-        for round in 0..rounds {
-            for (k, op) in ops.iter().enumerate().skip(round % 2 * 4).take(qd) {
-                backend.submit(k as u32, op).unwrap();
-            }
-            let mut left = qd;
-            while left > 0 {
-                left -= backend.reap(&mut |_, r| {
-                    r.unwrap();
-                    done += 1;
-                });
-            }
-        }
-        done
-    };
-    run(100, 4); // warm up: op table, rings
-    for qd in [1, 4] {
-        let before = counting::allocations();
-        let done = run(5000, qd);
-        let allocs = counting::allocations() - before;
-        assert_eq!(done, 5000 * qd);
-        assert_eq!(
-            allocs, 0,
-            "{allocs} allocations in {done} I/Os at queue depth {qd}"
-        );
-    }
+/// The controllers the zero-allocation tests run on: plain, shadow
+/// doorbells, SGLs (dword aligned).
+fn named_setups() -> Vec<(&'static str, Arc<SoftController>, Arc<NvmeController>)> {
+    ["plain", "shadow doorbells", "SGL"]
+        .into_iter()
+        .zip(setups(5, 0b1100))
+        .map(|(name, (model, ctrl))| (name, model, ctrl))
+        .collect()
 }
 
 #[test]
-fn steady_state_blob_io_allocates_nothing() {
-    let (_model, ctrl) = setup(5, 0b1100);
-    let nvme: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
-    let mem: Arc<dyn BlockDevice> = Arc::new(crate::MemDevice::new(16 << 20, 4096).unwrap());
-    for dev in [nvme, mem] {
+fn steady_state_io_on_the_driver_allocates_nothing() {
+    use crate::device::{IoKind, IoOp, Segments};
+    for (name, model, ctrl) in named_setups() {
+        let sgl = ctrl.uses_sgl();
+        let dev = NvmeDevice::from_controller(ctrl, 2).unwrap();
+        let mut backend = dev.new_backend().unwrap();
+        let bufs: Vec<DmaBuf> = (0..4).map(|_| dev.alloc_buf(4096).unwrap()).collect();
+        // 4 KiB in one piece (PRPs); on the SGL controller in two halves
+        // that join mid-page, which PRPs cannot describe in one command
+        // and one SGL command (its descriptor list in the tracker's page)
+        // can: the direct SGL path.
+        let segs = |i: usize| -> Segments {
+            if sgl {
+                [
+                    bufs[i].segment(0, 2048),
+                    bufs[(i + 1) % 4].segment(2048, 2048),
+                ]
+                .into_iter()
+                .collect()
+            } else {
+                Segments::one(bufs[i].segment(0, 4096))
+            }
+        };
+        let ops: Vec<IoOp> = [IoKind::Write, IoKind::Read]
+            .iter()
+            .flat_map(|&kind| {
+                (0..4).map(move |i| IoOp {
+                    kind,
+                    lba: 8 * i as u64,
+                    blocks: 1,
+                    segs: segs(i),
+                })
+            })
+            .collect();
+        let mut run = |rounds: usize, qd: usize| {
+            let mut done = 0;
+            for round in 0..rounds {
+                for (k, op) in ops.iter().enumerate().skip(round % 2 * 4).take(qd) {
+                    backend.submit(k as u32, op).unwrap();
+                }
+                let mut left = qd;
+                while left > 0 {
+                    left -= backend.reap(&mut |_, r| {
+                        r.unwrap();
+                        done += 1;
+                    });
+                }
+            }
+            done
+        };
+        run(100, 4); // warm up: op table, rings
+        for qd in [1, 4] {
+            let sgl_before = model.st.lock().sgl_commands;
+            let before = counting::allocations();
+            let done = run(5000, qd);
+            let allocs = counting::allocations() - before;
+            assert_eq!(done, 5000 * qd);
+            assert_eq!(
+                allocs, 0,
+                "{name}: {allocs} allocations in {done} I/Os at queue depth {qd}"
+            );
+            let sgl_commands = model.st.lock().sgl_commands - sgl_before;
+            assert_eq!(sgl_commands, if sgl { done as u64 } else { 0 }, "{name}");
+        }
+    }
+}
+
+/// The whole data path on the calling thread: blob reads and writes and
+/// raw channel reads and writes through [`block_on`], at queue depth 1 and
+/// 4, with a second device's channel in use at the same time (on NVMe a
+/// second namespace of the controller, so the thread's one queue pair
+/// reaps completions for the other channel too), on every controller
+/// setup and on `MemDevice`.
+#[test]
+fn steady_state_data_path_allocates_nothing() {
+    /// What runs on, the device with the blob, the other device.
+    type Case = (String, Arc<dyn BlockDevice>, Arc<dyn BlockDevice>);
+    let mut cases: Vec<Case> = named_setups()
+        .into_iter()
+        .map(|(name, _model, ctrl)| {
+            let ns2: Arc<dyn BlockDevice> =
+                Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
+            let ns1: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 1).unwrap());
+            (format!("nvme ({name})"), ns2, ns1)
+        })
+        .collect();
+    let mem =
+        |size| -> Arc<dyn BlockDevice> { Arc::new(crate::MemDevice::new(size, 4096).unwrap()) };
+    cases.push(("mem".into(), mem(16 << 20), mem(1 << 20)));
+    for (name, dev, other) in cases {
         let opts = BlobstoreOptions {
             cluster_size: 1 << 20,
             ..Default::default()
@@ -781,24 +829,44 @@ fn steady_state_blob_io_allocates_nothing() {
                 .unwrap();
             bs.open_blob(id).await.unwrap()
         });
-        let mut buf = Some(dev.alloc_buf(4096).unwrap());
+        let raw = channel(&dev).unwrap();
+        let other = channel(&other).unwrap();
+        // A block of the blob's own data region, for the raw I/O: read and
+        // written back unchanged, so the store is not disturbed.
+        let raw_lba = dev.geometry().block_count - 1;
+        let mut bufs: Vec<Option<DmaBuf>> =
+            (0..4).map(|_| Some(dev.alloc_buf(4096).unwrap())).collect();
         let mut run = |n: u64| {
             for i in 0..n {
                 let at = (i * 7) % 1000;
-                let b = buf.take().unwrap();
-                let b = block_on(blob.write(at, b)).unwrap();
-                buf = Some(block_on(blob.read(at, b)).unwrap());
+                let [b0, b1, b2, b3] = [0, 1, 2, 3].map(|k| bufs[k].take().unwrap());
+                // Queue depth 1: blob write and read, raw read and write.
+                let b0 = block_on(blob.write(at, b0)).unwrap();
+                let b0 = block_on(blob.read(at, b0)).unwrap();
+                let b1 = block_on(raw.read(raw_lba, b1)).unwrap();
+                let b1 = block_on(raw.write(raw_lba, b1)).unwrap();
+                // Queue depth 4, two channels: their completions share a
+                // queue pair on NVMe.
+                let (r0, r1, r2, r3) = block_on(async {
+                    futures::join!(
+                        blob.write(at, b0),
+                        other.read(i % 64, b1),
+                        blob.read((at + 500) % 1000, b2),
+                        other.write(64 + i % 64, b3),
+                    )
+                });
+                for (k, r) in [r0, r1, r2, r3].into_iter().enumerate() {
+                    bufs[k] = Some(r.unwrap());
+                }
             }
         };
         run(100);
         let before = counting::allocations();
-        run(2000);
+        run(1000);
         let allocs = counting::allocations() - before;
         assert_eq!(
-            allocs,
-            0,
-            "{}: {allocs} allocations in 4000 blob I/Os",
-            dev.name()
+            allocs, 0,
+            "{name}: {allocs} allocations in 8000 I/Os (blob, raw channel, two channels at queue depth 4)"
         );
     }
 }
