@@ -186,6 +186,36 @@ fn thread_cpu() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// 16 writes and reads of 4 MiB through `block_on`, read back and
+/// checked; returns the thread CPU and wall time spent in the waits alone
+/// (not the test's own copying and comparing).
+fn big_ops_waiting(dev: &Arc<dyn BlockDevice>, seed: u64) -> (Duration, Duration) {
+    let ch = channel(dev).unwrap();
+    let (mut cpu, mut wall) = (Duration::ZERO, Duration::ZERO);
+    let mut timed = |f: &mut dyn FnMut()| {
+        let (c0, t0) = (thread_cpu(), Instant::now());
+        f();
+        cpu += thread_cpu() - c0;
+        wall += t0.elapsed();
+    };
+    for i in 0..16u64 {
+        let data = pattern(seed + i, 4 << 20);
+        let mut b = dev.alloc_buf(data.len()).unwrap();
+        b.copy_from_slice(&data);
+        let mut b = Some(b);
+        timed(&mut || {
+            block_on(ch.write(i * 1024, b.take().unwrap())).unwrap();
+        });
+        let mut back = Some(dev.alloc_buf(data.len()).unwrap());
+        timed(&mut || {
+            back = Some(block_on(ch.read(i * 1024, back.take().unwrap())).unwrap());
+        });
+        let back = back.unwrap();
+        assert!(back[..] == data[..], "4 MiB at block {}", i * 1024);
+    }
+    (cpu, wall)
+}
+
 #[test]
 #[ignore = "needs NVME_TEST_PCI: a vfio-pci bound NVMe controller (make test-vm)"]
 fn a_waiting_thread_sleeps_on_the_completion_interrupt() {
@@ -195,28 +225,33 @@ fn a_waiting_thread_sleeps_on_the_completion_interrupt() {
         "completion interrupts (MSI-X through VFIO) should be on by default"
     );
     let dev = ns(4096);
-    let ch = channel(&dev).unwrap();
-    let (slept0, cpu0, t0) = (c.interrupt_sleeps(), thread_cpu(), Instant::now());
-    // 4 MiB writes and reads outlast block_on's spin many times over: the
-    // thread sleeps on its queue's interrupt, and every op still completes
-    // with the right bytes.
-    for i in 0..16u64 {
-        let data = pattern(0x1dea + i, 4 << 20);
-        let mut b = dev.alloc_buf(data.len()).unwrap();
-        b.copy_from_slice(&data);
-        block_on(ch.write(i * 1024, b)).unwrap();
-        let back = block_on(ch.read(i * 1024, dev.alloc_buf(data.len()).unwrap())).unwrap();
-        assert!(back[..] == data[..], "4 MiB at block {}", i * 1024);
-    }
-    let (slept, cpu, wall) = (
+    // 4 MiB ops (8 commands each here) outlast block_on's spin many times
+    // over: the thread sleeps on its queue's interrupt, and every op still
+    // completes with the right bytes. The same ops polled spend a larger
+    // share of their waits on the CPU.
+    let slept0 = c.interrupt_sleeps();
+    let (cpu, wall) = big_ops_waiting(&dev, 0x1dea);
+    let slept = c.interrupt_sleeps() - slept0;
+    c.set_interrupt_waits(false);
+    let (pcpu, pwall) = big_ops_waiting(&dev, 0x2dea);
+    c.set_interrupt_waits(true);
+    assert_eq!(
         c.interrupt_sleeps() - slept0,
-        thread_cpu() - cpu0,
-        t0.elapsed(),
+        slept,
+        "polled waits do not sleep"
     );
+    let share = |c: Duration, w: Duration| c.as_secs_f64() / w.as_secs_f64().max(1e-9);
     println!(
-        "32 ops of 4 MiB: {slept} sleeps on the interrupt, thread CPU {cpu:?} of {wall:?} wall"
+        "32 ops of 4 MiB: {slept} sleeps on the interrupt, waits {cpu:?} of thread CPU in {wall:?} \
+         ({:.0}%); polled {pcpu:?} in {pwall:?} ({:.0}%)",
+        100.0 * share(cpu, wall),
+        100.0 * share(pcpu, pwall)
     );
     assert!(slept > 0, "the waits never slept on the interrupt");
+    assert!(
+        share(cpu, wall) < share(pcpu, pwall),
+        "sleeping on the interrupt should take a smaller share of the waits' time on the CPU than polling"
+    );
 }
 
 #[test]

@@ -317,6 +317,8 @@ pub struct NvmeController {
     irqs: Vec<vmm_sys_util::eventfd::EventFd>,
     /// Sleeps of waiting threads on their queue's interrupt.
     irq_sleeps: AtomicU64,
+    /// Waiting threads sleep on the interrupt (else they poll).
+    irq_waits: std::sync::atomic::AtomicBool,
     _vfio: Option<vfio::VfioPci>,
 }
 
@@ -448,6 +450,7 @@ impl NvmeController {
             events: AtomicEventCounters::default(),
             irqs: Vec::new(),
             irq_sleeps: AtomicU64::new(0),
+            irq_waits: std::sync::atomic::AtomicBool::new(true),
             _vfio: vfio,
         };
         let page = ctrl.identify(cns::CONTROLLER, 0)?;
@@ -1083,7 +1086,15 @@ impl NvmeController {
     /// True when I/O completions raise interrupts that waiting threads
     /// sleep on (see [`ControllerOptions::interrupts`]).
     pub fn interrupts(&self) -> bool {
-        !self.irqs.is_empty()
+        !self.irqs.is_empty() && self.irq_waits.load(Ordering::Relaxed)
+    }
+
+    /// Lets waiting threads sleep on the completion interrupts (`true`, as
+    /// at attach) or makes them poll (`false`) from their next wait on;
+    /// the interrupts themselves stay enabled. Does nothing on a
+    /// controller without interrupts.
+    pub fn set_interrupt_waits(&self, on: bool) {
+        self.irq_waits.store(on, Ordering::Relaxed);
     }
 
     /// Creates the controller side of `qp` (completion queue, then
@@ -2226,39 +2237,57 @@ impl NvmeBackend {
         n + self.drain_ready(done)
     }
 
-    /// Sleeps until the queue's completion interrupt (or at most
-    /// `IRQ_WAIT_SLICE_MS`); false without interrupts (the caller polls).
-    /// Returns at once when a completion is already posted or nothing is
-    /// in flight. Interrupts counted before the CQ was last looked at are
-    /// drained first, so a sleep ends only for a completion posted after
-    /// the check, or a shared vector's.
+    /// Sleeps on the queue's completion interrupt until an op of the
+    /// current owner has finished (it then waits in the owner's ready list
+    /// for the next reap), or at most `IRQ_WAIT_SLICE_MS`; false without
+    /// interrupts (the caller polls). Completions that only finish a part
+    /// of an op (a multi-command transfer) are taken here and the thread
+    /// sleeps again, instead of waking its caller for each. Interrupts
+    /// counted before the queue was last looked at are drained first, so
+    /// a sleep ends only for a completion posted after the look (or a
+    /// shared vector's).
     fn wait(&mut self) -> bool {
         let Some(fd) = self.irq_fd else {
             return false;
         };
-        if self.active == 0 || self.check_controller().is_err() {
-            return true;
+        if !self.ctrl.irq_waits.load(Ordering::Relaxed) {
+            return false;
         }
-        // Everything submitted must be announced before sleeping on it.
-        if self.qp.unrung() {
-            self.qp.ring(&*self.ctrl.bar);
+        loop {
+            if self.active == 0 || self.check_controller().is_err() {
+                return true;
+            }
+            let cur = self.cur as usize;
+            let mut mine = std::mem::take(&mut self.owners[cur].ready);
+            let had = mine.len();
+            // Rings what was submitted, takes what completed: the current
+            // owner's finished ops go to `mine`, others' to their lists.
+            self.reap(&mut |t, r| mine.push((t, r)));
+            let finished = mine.len() - had;
+            self.ready_count += finished;
+            self.owners[cur].ready = mine;
+            if finished > 0 || !self.owners[cur].ready.is_empty() {
+                return true;
+            }
+            let mut count = 0u64;
+            // SAFETY: a non-blocking eventfd the controller keeps open;
+            // reads 8 bytes into `count`. EAGAIN (nothing counted) is fine.
+            unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
+            if self.qp.completion_posted() {
+                continue;
+            }
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            self.ctrl.irq_sleeps.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: one valid pollfd for the duration of the call.
+            if unsafe { libc::poll(&mut pfd, 1, IRQ_WAIT_SLICE_MS) } <= 0 {
+                // The slice ran out (or a signal): let the caller poll.
+                return true;
+            }
         }
-        let mut count = 0u64;
-        // SAFETY: a non-blocking eventfd the controller keeps open; reads
-        // 8 bytes into `count`. EAGAIN (nothing counted) is fine.
-        unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
-        if self.qp.completion_posted() {
-            return true;
-        }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        self.ctrl.irq_sleeps.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, IRQ_WAIT_SLICE_MS) };
-        true
     }
 
     /// Leaves a finished op for its owner's next reap.
