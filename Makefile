@@ -62,12 +62,14 @@ BENCH_ARGS ?=
 test-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
 
-# The VM's measurements (not a test), about 40 minutes under TCG: our NVMe
-# driver against the kernel's NVMe path (fio: io_uring, polled io_uring,
-# io_uring passthrough) on the same emulated namespace, then kvbench's nvme
-# configuration (RocksDB on BlobFS on our driver vs RocksDB on ext4 on the
-# kernel's driver, two namespaces of one controller). BENCH_ROUNDS,
-# BENCH_SECONDS, KVBENCH_VM_ARGS (default --keys 500000 --duration 40).
+# The VM's measurements (not a test), about 25 minutes under TCG on an
+# idle 2-core machine: our NVMe driver (with and without completion
+# interrupts) against the kernel's NVMe path (fio: io_uring, polled
+# io_uring, io_uring passthrough) on the same emulated namespace, then
+# kvbench's nvme configuration (RocksDB on BlobFS on our driver vs RocksDB
+# on ext4 on the kernel's driver, two namespaces of one controller), with
+# and without interrupts. BENCH_ROUNDS, BENCH_SECONDS, KV_MODES,
+# KVBENCH_VM_ARGS (default --keys 500000 --duration 30).
 bench-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) VM_MODE=bench blobstore/tests/vm/run.sh
 

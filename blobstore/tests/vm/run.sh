@@ -36,8 +36,10 @@
 # kernel's nvme driver (namespace 4, same size and format, same
 # controller), sides alternating, the controller rebound between them,
 # page cache dropped before each run, the guest's whole CPU per op;
-# KVBENCH_VM_ARGS (--keys 500000 --duration 40) sets the scale. Its tables
-# are printed and its JSON kept as $VM_WORK/kvbench.json.
+# KVBENCH_VM_ARGS (--keys 500000 --duration 30) sets the scale. It runs
+# once per KV_MODES entry ("interrupts polled": BlobFS with the driver's
+# completion interrupts, the default, and without); the tables are printed
+# and the JSON kept as $VM_WORK/kvbench-<mode>.json.
 #
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing). Environment:
@@ -51,7 +53,8 @@ MODE=${VM_MODE:-test}
 case $MODE in test|bench) ;; *) echo "VM_MODE=$MODE: test or bench" >&2; exit 1 ;; esac
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_SECONDS=${BENCH_SECONDS:-5}
-KVBENCH_VM_ARGS=${KVBENCH_VM_ARGS:---keys 500000 --duration 40}
+KVBENCH_VM_ARGS=${KVBENCH_VM_ARGS:---keys 500000 --duration 30}
+KV_MODES=${KV_MODES:-interrupts polled}
 if [ "$MODE" = bench ]; then MEM=${VM_MEM:-4096}; else MEM=${VM_MEM:-3072}; fi
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 CARGO=${CARGO:-cargo}
@@ -125,7 +128,8 @@ else
   cp "$(command -v fio)" "$IRD/bin/fio"
   cp "$TOOLS/db_bench" "$TARGET/kvbench" "$(command -v mkfs.ext4)" "$IRD/bin/"
   [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
-  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" "$KVBENCH_VM_ARGS" > "$IRD/bench.conf"
+  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\nKV_MODES="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" \
+    "$KVBENCH_VM_ARGS" "$KV_MODES" > "$IRD/bench.conf"
 fi
 for b in "$IRD"/bin/*; do
   # busybox is static (ldd fails on it).
@@ -339,14 +343,19 @@ for r in $(seq 1 $ROUNDS); do
   done; done
 done
 # RocksDB: BlobFS on our driver (namespace 3) vs ext4 on the kernel's
-# (namespace 4); kvbench rebinds the controller for each side.
-echo "VMKV-BEGIN"
-kvbench --configs nvme --nvme $PCI --nvme-namespaces 3,4 --blobfs-cache 1G \
-  --db-bench /bin/db_bench --nvme-setup /bin/nvme-setup --dir /tmp/kvbench \
-  --out /tmp/kvbench-out $KVBENCH_ARGS 2>/tmp/kvbench.err || { FAILED="$FAILED kvbench"; tail -30 /tmp/kvbench.err; }
-echo "VMKV-END"
-tr '\r' '\n' < /tmp/kvbench.err | grep -a -e 'ops/s' -e '^kvbench' -e '^note' | grep -av '(total'
-echo "VMKV-JSON-BEGIN"; cat /tmp/kvbench-out/kvbench.json 2>/dev/null; echo "VMKV-JSON-END"
+# (namespace 4); kvbench rebinds the controller for each side. Once with
+# the driver's completion interrupts (the default), once without.
+for mode in $KV_MODES; do
+  case $mode in polled) irq=off ;; *) irq=on ;; esac
+  echo "VMKV-BEGIN $mode"
+  echo "BlobFS with BLOBSTACK_NVME_INTERRUPTS=$irq"
+  BLOBSTACK_NVME_INTERRUPTS=$irq kvbench --configs nvme --nvme $PCI --nvme-namespaces 3,4 \
+    --blobfs-cache 1G --db-bench /bin/db_bench --nvme-setup /bin/nvme-setup --dir /tmp/kvbench \
+    --out /tmp/kv-$mode $KVBENCH_ARGS 2>/tmp/kv-$mode.err || { FAILED="$FAILED kvbench-$mode"; tail -30 /tmp/kv-$mode.err; }
+  tr '\r' '\n' < /tmp/kv-$mode.err | grep -a -e 'ops/s' -e '^kvbench' -e '^note' | grep -av '(total'
+  echo "VMKV-END $mode"
+  echo "VMKV-JSON-BEGIN $mode"; cat /tmp/kv-$mode/kvbench.json 2>/dev/null; echo "VMKV-JSON-END $mode"
+done
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 fi
@@ -412,9 +421,12 @@ if [ "$MODE" = bench ]; then
     END { for (i = 1; i <= m; i++) { k = order[i]; split(k, f, " ")
       printf "| %s | %s | %s | %d | %d | %d |\n", f[1], f[2], f[3], med(iops, k, n[k]), med(cpu, k, n[k]), n[k] } }'
   # kvbench's tables, and its JSON kept beside the console log.
-  sed -n '/^VMKV-BEGIN/,/^VMKV-END/p' "$CONSOLE" | tr -d '\r' | grep -av '^VMKV'
-  sed -n '/^VMKV-JSON-BEGIN/,/^VMKV-JSON-END/p' "$CONSOLE" | tr -d '\r' | grep -av '^VMKV' > "$WORK/kvbench.json" || true
-  log "kvbench JSON: $WORK/kvbench.json"
+  for mode in $KV_MODES; do
+    sed -n "/^VMKV-BEGIN $mode/,/^VMKV-END $mode/p" "$CONSOLE" | tr -d '\r' | grep -av '^VMKV'
+    sed -n "/^VMKV-JSON-BEGIN $mode/,/^VMKV-JSON-END $mode/p" "$CONSOLE" | tr -d '\r' |
+      grep -av '^VMKV' > "$WORK/kvbench-$mode.json" || true
+    log "kvbench JSON ($mode): $WORK/kvbench-$mode.json"
+  done
 fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
   log "FAIL: the VM did not finish within ${TIMEOUT}s"; exit 1
