@@ -62,7 +62,7 @@ BENCH_ARGS ?=
 test-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
 
-# The VM's measurements (not a test), about 25 minutes under TCG on an
+# The VM's measurements (not a test), about 20 minutes under TCG on an
 # idle 2-core machine: our NVMe driver (with and without completion
 # interrupts) against the kernel's NVMe path (fio: io_uring, polled
 # io_uring, io_uring passthrough) on the same emulated namespace, then
@@ -115,8 +115,9 @@ bench-micro: deps
 
 # Instructions per 4 KiB I/O at queue depth 1, submit to completion, counted
 # with callgrind (valgrind): the NVMe driver on its software controller
-# (nvme-raw), a blob on it (nvme-blob), MemDevice (mem-raw) and a blob on it
-# (mem-blob); prints `iopath PATH OP INSTRUCTIONS_PER_IO`. Each figure is
+# (nvme-raw), the driver's own share of it (nvme-driver), a blob on it
+# (nvme-blob), MemDevice (mem-raw) and a blob on it (mem-blob); prints
+# `iopath PATH OP INSTRUCTIONS_PER_IO`. Each figure is
 # (instructions of IOPATH_OPS ops - of IOPATH_BASE_OPS ops) / the difference,
 # so setup cancels out. See benches/iopath.sh.
 bench-iopath: deps
