@@ -130,8 +130,17 @@ impl NvmeSides {
     /// are there with the same size and block size, at least `need_bytes`
     /// each. Returns a line describing them.
     pub fn check(&self, need_bytes: u64) -> Result<String, String> {
-        if !Path::new(PCI).join(&self.pci).exists() {
+        let dir = Path::new(PCI).join(&self.pci);
+        if !dir.exists() {
             return Err(format!("--nvme {}: no such PCI function", self.pci));
+        }
+        let class = fs::read_to_string(dir.join("class")).unwrap_or_default();
+        if class.trim() != "0x010802" {
+            return Err(format!(
+                "--nvme {}: not an NVMe controller (PCI class {}, NVMe is 0x010802)",
+                self.pci,
+                class.trim()
+            ));
         }
         if !self.setup.is_file() {
             return Err(format!(
