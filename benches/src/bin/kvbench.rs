@@ -284,29 +284,27 @@ enum BlobDevice {
 }
 
 impl Layout {
-    /// The BlobFS URI; `fresh` (the insert phase) formats a new BlobFS.
+    /// The BlobFS URI; `fresh` (the insert phase) formats a new BlobFS:
+    /// `always` on an image file, `force` on an NVMe namespace, which may
+    /// hold anything (a BlobFS of an earlier run, ext4 of another): --nvme
+    /// gave it to the benchmark.
     fn uri(&self, fresh: bool) -> String {
-        let mkfs = if fresh { "always" } else { "never" };
-        let spec = match &self.device {
-            BlobDevice::File { image, bytes } => format!(
-                "file:{}?size={}&prealloc=true",
-                image.display(),
-                format_size(*bytes)
+        let (spec, mkfs) = match &self.device {
+            BlobDevice::File { image, bytes } => (
+                format!(
+                    "file:{}?size={}&prealloc=true",
+                    image.display(),
+                    format_size(*bytes)
+                ),
+                "always",
             ),
-            BlobDevice::Shm { image, bytes } => {
-                format!("shm:{}?size={}", image.display(), format_size(*bytes))
-            }
-            BlobDevice::Nvme(n) => {
-                // The namespace may hold anything (a BlobFS of an earlier
-                // run, ext4 of another): --nvme gave it to the benchmark.
-                let mkfs = if fresh { "force" } else { "never" };
-                return format!(
-                    "blobfs://{};cache={};mkfs={mkfs}",
-                    n.blobfs_spec(),
-                    self.blobfs_cache
-                );
-            }
+            BlobDevice::Shm { image, bytes } => (
+                format!("shm:{}?size={}", image.display(), format_size(*bytes)),
+                "always",
+            ),
+            BlobDevice::Nvme(n) => (n.blobfs_spec(), "force"),
         };
+        let mkfs = if fresh { mkfs } else { "never" };
         format!("blobfs://{spec};cache={};mkfs={mkfs}", self.blobfs_cache)
     }
 
