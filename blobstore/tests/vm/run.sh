@@ -42,7 +42,8 @@
 # and the JSON kept as $VM_WORK/kvbench-<mode>.json.
 #
 # Needs Debian (as root: installs qemu-system-x86, linux-image-amd64,
-# busybox-static and cpio when missing). Environment:
+# busybox-static and cpio when missing; for the bench also fio and
+# e2fsprogs). Environment:
 #   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800; bench 4800), VM_WORK (a temp dir),
 #   VM_CPUS (2), VM_KEEP=1 keeps the work dir, ROCKSDB_TOOLS (the directory
 #   of `make rocksdb-tools`' db_bench, db_stress and env_basic_test: required).
@@ -67,7 +68,7 @@ log() { echo "[vm-test $(date +%T)] $*"; }
 
 # 1. Host packages.
 PKGS="qemu-system-x86 busybox-static linux-image-amd64 cpio"
-[ "$MODE" = bench ] && PKGS="$PKGS fio"
+[ "$MODE" = bench ] && PKGS="$PKGS fio e2fsprogs"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -102,7 +103,6 @@ if [ "$MODE" = test ]; then
 else
   $CARGO build --release -q -p benches --bin kvbench
   [ -x "$TOOLS/db_bench" ] || { echo "$TOOLS/db_bench not found (make rocksdb-tools)" >&2; exit 1; }
-  command -v mkfs.ext4 >/dev/null || { echo "mkfs.ext4 not found (apt-get install e2fsprogs)" >&2; exit 1; }
 fi
 
 # 3. Initramfs: busybox, vfio modules of the Debian kernel, binaries, libs.
