@@ -1,8 +1,8 @@
 //! fsck: checks a BlobFS on a device without mounting it.
 //!
 //! Mounting repairs what a crash leaves behind (it deletes blobs of files
-//! deleted while open, the losers of an interrupted rename, and recreates
-//! missing parent directories), so a check that mounted first would see
+//! deleted while open, the losers of an interrupted rename, finishes an
+//! interrupted directory rename, and recreates missing parent directories), so a check that mounted first would see
 //! nothing. This module loads only the blobstore and reads every blob's
 //! metadata itself.
 //!
