@@ -444,11 +444,11 @@ impl FsInner {
         })
     }
 
-    /// Moves the locks held on `from`, or on names below it, to the names
-    /// a rename of `from` to `to` gives them.
-    fn move_locks(&self, from: &str, to: &str) {
+    /// Moves the locks held on `from`, and with `tree` (a directory) on
+    /// names below it, to the names a rename of `from` to `to` gives them.
+    fn move_locks(&self, from: &str, to: &str, tree: bool) {
         for n in self.locks.lock().values_mut() {
-            if let Some(moved) = name::rebase(n, from, to) {
+            if let Some(moved) = name::rebase(n, from, to).filter(|_| tree || n == from) {
                 *n = moved;
             }
         }
@@ -1449,7 +1449,7 @@ impl BlobFs {
             *node.name.write() = to.clone();
             idx.insert(to.clone(), Entry::File(node));
         }
-        fs.move_locks(&from, &to);
+        fs.move_locks(&from, &to, false);
         if let Some(old) = replaced {
             self.unlink_node(old, &to).await?;
         }
@@ -1540,7 +1540,7 @@ impl BlobFs {
             }
             idx.move_tree(from, to);
         }
-        fs.move_locks(from, to);
+        fs.move_locks(from, to, true);
         let finished = fs.finish_move(to, &dir.blob).await;
         if finished.is_err() {
             fs.unfinished.lock().push((to.to_string(), dir.blob.id()));

@@ -298,9 +298,12 @@ fn open_handles_and_locks_follow_a_directory_rename() {
     assert!(matches!(fs.lock("db2/LOCK"), Err(Error::Locked(n)) if n == "db2/LOCK"));
     drop(fs.lock("db/LOCK").unwrap());
     assert_eq!(other.name(), "elsewhere");
-    // A file rename moves it too.
+    // A file rename moves it too (and only it).
+    let beside = fs.lock("db2/LOCK/x").unwrap();
     fs.rename("db2/LOCK", "db2/LOCK.old").unwrap();
     assert_eq!(l.name(), "db2/LOCK.old");
+    assert_eq!(beside.name(), "db2/LOCK/x");
+    drop(beside);
     drop(l);
     drop(fs.lock("db2/LOCK.old").unwrap());
     // A directory rename while the file keeps unsynced bytes, then a crash
