@@ -205,8 +205,8 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
     let mut open: BTreeMap<String, blobfs::File> = BTreeMap::new();
     for _ in 0..120 {
         let slot = slot_name(model.dir, rng.gen_range(0..4));
-        match rng.gen_range(0..11) {
-            0..=3 => {
+        match rng.gen_range(0..21) {
+            0..=7 => {
                 // Append (creating the file if missing).
                 if !model.names.contains_key(&slot) {
                     let f = fs.create(&slot).unwrap();
@@ -230,14 +230,14 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                 l.0 += add;
                 l.2 = l.2.max(l.0);
             }
-            4..=5 => {
+            8..=11 => {
                 if let (Some(&inc), Some(f)) = (model.names.get(&slot), open.get(&slot)) {
                     f.sync().unwrap();
                     let l = model.lens.get_mut(&inc).unwrap();
                     *l = (l.0, l.0, l.0);
                 }
             }
-            6 => {
+            12..=13 => {
                 let to = slot_name(model.dir, rng.gen_range(0..4));
                 if model.names.contains_key(&slot) && to != slot {
                     fs.rename(&slot, &to).unwrap();
@@ -251,14 +251,14 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                     }
                 }
             }
-            7 => {
+            14..=15 => {
                 if let Some(inc) = model.names.remove(&slot) {
                     fs.remove_file(&slot).unwrap();
                     model.lens.remove(&inc);
                     open.remove(&slot);
                 }
             }
-            8 => {
+            16..=17 => {
                 if let (Some(&inc), Some(f)) = (model.names.get(&slot), open.get(&slot)) {
                     let len = model.lens[&inc].0;
                     let new = rng.gen_range(0..=len / 8) * 8;
@@ -268,7 +268,7 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                     *l = (new, new, new);
                 }
             }
-            10 => {
+            20 => {
                 // The directory, with its files, open ones too.
                 let to = if model.dir == DIRS[0] {
                     DIRS[1]
