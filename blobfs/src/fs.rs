@@ -8,10 +8,16 @@
 //!   and are O(1).
 //! - A create or rename becomes durable with one metadata sync of the blob
 //!   it names (the commit point); a replaced rename target is deleted after
-//!   that, and a crash in between is resolved at mount by `fs.seq`.
+//!   that, and a crash in between is resolved at mount by `fs.seq`. A
+//!   directory rename commits its directory's blob with an intent marker
+//!   (`fs.moved_from`), then renames the entries below it, then clears
+//!   the marker; mount finishes any rename it finds marked.
+//! - At most one directory rename's marker is set at a time: one that an
+//!   error left unfinished (`unfinished`) is finished before the next
+//!   directory rename starts, and at unmount.
 //! - A file deleted while open keeps its blob until the last handle goes.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -191,6 +197,43 @@ impl Index {
     fn is_dir(&self, name: &str) -> bool {
         name.is_empty() || matches!(self.entries.get(name), Some(Entry::Dir(_)))
     }
+
+    /// Every name below directory `dir` (not `dir` itself), each directory
+    /// before what is in it.
+    fn below(&self, dir: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut todo = vec![dir.to_string()];
+        while let Some(d) = todo.pop() {
+            for c in self.children.get(&d).into_iter().flatten() {
+                out.push(c.clone());
+                if self.children.contains_key(c) {
+                    todo.push(c.clone());
+                }
+            }
+        }
+        out
+    }
+
+    /// Moves directory `from`, with everything below it, to `to` (which
+    /// must be free, its parent a directory), and gives each file node its
+    /// new name.
+    fn move_tree(&mut self, from: &str, to: &str) {
+        let names: Vec<String> = std::iter::once(from.to_string())
+            .chain(self.below(from))
+            .collect();
+        let moved: Vec<(String, Entry)> = names
+            .iter()
+            .filter_map(|n| Some((name::rebase(n, from, to)?, self.remove(n)?)))
+            .collect();
+        debug_assert_eq!(moved.len(), names.len(), "every name below {from}");
+        debug_assert!(!self.entries.contains_key(to) && self.is_dir(name::parent(to)));
+        for (n, e) in moved {
+            if let Entry::File(f) = &e {
+                *f.name.write() = n.clone();
+            }
+            self.insert(n, e);
+        }
+    }
 }
 
 pub(crate) struct FsInner {
@@ -200,7 +243,14 @@ pub(crate) struct FsInner {
     index: RwLock<Index>,
     seq: AtomicU64,
     pub cache: Cache,
-    locks: Mutex<HashSet<String>>,
+    /// Held locks: lock number -> the name it holds, which a rename moves.
+    locks: Mutex<HashMap<u64, String>>,
+    next_lock: AtomicU64,
+    /// Directory renames whose commit is durable but whose entries' new
+    /// names, or the clearing of the `fs.moved_from` marker, failed: the
+    /// directory's name and blob. Finished before the next directory rename
+    /// and at unmount (and by the next mount after a crash).
+    unfinished: Mutex<Vec<(String, BlobId)>>,
     pending: Mutex<Vec<Arc<FileNode>>>,
     /// The writer thread's queue (started on first use): appends' full
     /// buffers go there to be written behind the appender.
@@ -394,6 +444,70 @@ impl FsInner {
         })
     }
 
+    /// Moves the locks held on `from`, and with `tree` (a directory) on
+    /// names below it, to the names a rename of `from` to `to` gives them.
+    fn move_locks(&self, from: &str, to: &str, tree: bool) {
+        for n in self.locks.lock().values_mut() {
+            if let Some(moved) = name::rebase(n, from, to).filter(|_| tree || n == from) {
+                *n = moved;
+            }
+        }
+    }
+
+    /// Makes entry `e`'s name `name` durable. A file's write lock is held
+    /// meanwhile: a sync of the file sets its length before it writes its
+    /// data, and a metadata sync of ours in between would make that length
+    /// durable over bytes not written yet.
+    async fn sync_name(&self, name: &str, e: &Entry) -> Result<()> {
+        let (blob, _st) = match e {
+            Entry::File(n) => (&n.blob, Some(n.state.lock().await)),
+            Entry::Dir(d) => (&d.blob, None),
+        };
+        blob.set_xattr(meta::NAME, name.as_bytes()).ctx(name)?;
+        blob.sync_metadata().await.ctx(name)
+    }
+
+    /// Finishes the durable part of directory `dir`'s rename (its blob
+    /// `dir_blob` holds the `fs.moved_from` marker, durable): every entry
+    /// below it gets its name made durable, then the marker goes.
+    async fn finish_move(&self, dir: &str, dir_blob: &Blob) -> Result<()> {
+        let below: Vec<(String, Entry)> = {
+            let idx = self.index.read();
+            idx.below(dir)
+                .into_iter()
+                .filter_map(|n| idx.entries.get(&n).cloned().map(|e| (n, e)))
+                .collect()
+        };
+        for (n, e) in &below {
+            self.sync_name(n, e).await?;
+        }
+        if dir_blob.get_xattr(meta::MOVED_FROM).is_some() {
+            dir_blob.remove_xattr(meta::MOVED_FROM).ctx(dir)?;
+        }
+        dir_blob.sync_metadata().await.ctx(dir)
+    }
+
+    /// Finishes the directory renames an error left unfinished (ns lock
+    /// held); those that fail again stay for the next try.
+    async fn finish_unfinished(&self) -> Result<()> {
+        let todo = std::mem::take(&mut *self.unfinished.lock());
+        let mut first_err = None;
+        for (dir, id) in todo {
+            // Gone (removed, with its marker) when no longer there.
+            let Some(Entry::Dir(d)) = self.lookup(&dir) else {
+                continue;
+            };
+            if d.blob.id() != id {
+                continue;
+            }
+            if let Err(e) = self.finish_move(&dir, &d.blob).await {
+                first_err.get_or_insert(e);
+                self.unfinished.lock().push((dir, id));
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     fn handle(self: &Arc<Self>, node: Arc<FileNode>, opts: OpenOptions) -> File {
         node.handles.fetch_add(1, Ordering::AcqRel);
         File {
@@ -415,22 +529,29 @@ pub struct BlobFs {
     inner: Arc<FsInner>,
 }
 
-/// A held file lock; released on drop.
+/// A held file lock; released on drop. Like a POSIX record lock, which
+/// belongs to the file and not to its name, it moves with a rename of the
+/// file or of a directory above it.
 pub struct FileLock {
     fs: Arc<FsInner>,
-    name: String,
+    id: u64,
 }
 
 impl FileLock {
-    /// The locked name.
-    pub fn name(&self) -> &str {
-        &self.name
+    /// The locked name (after any rename that moved it).
+    pub fn name(&self) -> String {
+        self.fs
+            .locks
+            .lock()
+            .get(&self.id)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        self.fs.locks.lock().remove(&self.name);
+        self.fs.locks.lock().remove(&self.id);
     }
 }
 
@@ -564,6 +685,81 @@ pub(crate) async fn not_blobfs_reason(dev: &Arc<dyn BlockDevice>, e: blobstore::
         Ok(None) => format!("{name} holds no known signature (blank or unknown data)"),
         Err(_) => format!("{name}: {e}"),
     }
+}
+
+/// A directory rename a crash interrupted: the `fs.moved_from` marker on
+/// directory blob `dir` (see [`meta`]).
+pub(crate) struct Moved {
+    /// The directory's blob.
+    pub dir: BlobId,
+    /// The rename's sequence number.
+    pub seq: u64,
+    /// The directory's old name.
+    pub old: String,
+}
+
+impl Moved {
+    /// The marker `v` found on blob `id` of kind `kind` (`what` names it in
+    /// errors): only a directory carries one.
+    pub fn decode(id: BlobId, kind: u8, v: &[u8], what: &str) -> Result<Moved> {
+        if kind != meta::KIND_DIR {
+            return Err(Error::Corrupt(format!(
+                "{what}: a file with the directory rename marker {}",
+                meta::MOVED_FROM
+            )));
+        }
+        let (seq, old) = meta::dec_moved_from(v, what)?;
+        Ok(Moved { dir: id, seq, old })
+    }
+}
+
+/// Finishes, in `names` (each blob's id, `fs.seq` and name), the directory
+/// renames that `marks` say were interrupted: every name below a mark's
+/// old name with a lower `fs.seq` than the mark's (a name given before
+/// that rename) moves below the directory's name. Oldest mark first (it
+/// sorts `marks`). Returns, for each mark in that order, the indices of
+/// the names it changed. Names that would break the naming rules are
+/// [`Error::Corrupt`]: no rename makes them.
+pub(crate) fn roll_forward(
+    marks: &mut [Moved],
+    names: &mut [(BlobId, u64, &mut String)],
+) -> Result<Vec<Vec<usize>>> {
+    marks.sort_by_key(|m| m.seq);
+    let mut out = Vec::with_capacity(marks.len());
+    for m in marks.iter() {
+        let Some(to) = names
+            .iter()
+            .find(|(id, ..)| *id == m.dir)
+            .map(|(_, _, n)| n.to_string())
+        else {
+            out.push(Vec::new());
+            continue;
+        };
+        if name::is_within(&to, &m.old) {
+            return Err(Error::Corrupt(format!(
+                "blob {}: directory {to} was moved from {:?}, which holds it",
+                m.dir, m.old
+            )));
+        }
+        let mut changed = Vec::new();
+        for (i, (id, seq, n)) in names.iter_mut().enumerate() {
+            if *id == m.dir || *seq >= m.seq || n.as_str() == m.old {
+                continue;
+            }
+            if let Some(new) = name::rebase(n, &m.old, &to) {
+                if new.len() > name::MAX_NAME_LEN {
+                    return Err(Error::Corrupt(format!(
+                        "blob {id}: {n} would become {new}, longer than {} bytes",
+                        name::MAX_NAME_LEN
+                    )));
+                }
+                **n = new;
+                changed.push(i);
+            }
+        }
+        out.push(changed);
+    }
+    Ok(out)
 }
 
 struct Found {
@@ -722,7 +918,8 @@ impl BlobFs {
                 )),
             }
         }
-        let mut found: HashMap<String, Vec<Found>> = HashMap::new();
+        let mut found: Vec<Found> = Vec::new();
+        let mut marks: Vec<Moved> = Vec::new();
         let mut max_seq = 0;
         for id in bs.blob_ids() {
             if id == sb {
@@ -745,6 +942,9 @@ impl BlobFs {
             };
             let seq = meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &what)?;
             let mtime = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what)?;
+            if let Some(m) = blob.get_xattr(meta::MOVED_FROM) {
+                marks.push(Moved::decode(id, kind, &m, &format!("{what} ({name})"))?);
+            }
             let mut len = if kind == meta::KIND_FILE {
                 meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what)?
             } else {
@@ -768,7 +968,7 @@ impl BlobFs {
                 }
             }
             max_seq = max_seq.max(seq);
-            found.entry(name.clone()).or_default().push(Found {
+            found.push(Found {
                 id,
                 blob,
                 name,
@@ -787,6 +987,35 @@ impl BlobFs {
                     rec.header.file_off + rec.header.used
                 ));
             }
+        }
+        // Directory renames a crash interrupted: every entry below the old
+        // name gets its new name, synced, before the marker goes.
+        if !marks.is_empty() {
+            let mut names: Vec<(BlobId, u64, &mut String)> = found
+                .iter_mut()
+                .map(|f| (f.id, f.seq, &mut f.name))
+                .collect();
+            let moved: BTreeSet<usize> = roll_forward(&mut marks, &mut names)?
+                .into_iter()
+                .flatten()
+                .collect();
+            for i in moved {
+                let f = &found[i];
+                f.blob
+                    .set_xattr(meta::NAME, f.name.as_bytes())
+                    .ctx(&f.name)?;
+                f.blob.sync_metadata().await.ctx(&f.name)?;
+            }
+            for m in &marks {
+                if let Some(f) = found.iter().find(|f| f.id == m.dir) {
+                    f.blob.remove_xattr(meta::MOVED_FROM).ctx(&f.name)?;
+                    f.blob.sync_metadata().await.ctx(&f.name)?;
+                }
+            }
+        }
+        let mut by_name: HashMap<String, Vec<Found>> = HashMap::new();
+        for f in found {
+            by_name.entry(f.name.clone()).or_default().push(f);
         }
         // Everything applied is synced: only now does the memory go, and a
         // new generation starts, so what an earlier mount wrote is stale
@@ -812,7 +1041,9 @@ impl BlobFs {
             ns: futures::lock::Mutex::new(()),
             index: RwLock::new(Index::default()),
             seq: AtomicU64::new(max_seq + 1),
-            locks: Mutex::new(HashSet::new()),
+            locks: Mutex::new(HashMap::new()),
+            next_lock: AtomicU64::new(0),
+            unfinished: Mutex::new(Vec::new()),
             pending: Mutex::new(Vec::new()),
             writer: Mutex::new(None),
             unsynced: region,
@@ -821,7 +1052,7 @@ impl BlobFs {
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.
         let mut winners = Vec::new();
-        for (_, mut v) in found {
+        for (_, mut v) in by_name {
             v.sort_by_key(|f| std::cmp::Reverse(f.seq));
             let mut it = v.into_iter();
             winners.push(it.next().expect("non-empty group"));
@@ -893,6 +1124,7 @@ impl BlobFs {
         let inner = self.inner;
         {
             let _g = inner.ns.lock().await;
+            inner.finish_unfinished().await?;
             let nodes: Vec<Arc<FileNode>> = inner
                 .index
                 .read()
@@ -1162,7 +1394,23 @@ impl BlobFs {
         Ok(())
     }
 
-    /// Renames a file atomically, replacing an existing target file.
+    /// Renames a file or a directory atomically, as POSIX `rename(2)`.
+    ///
+    /// A file replaces an existing target file (a directory target is
+    /// [`Error::IsADirectory`]). A directory moves with everything below
+    /// it; its target must not exist or be an empty directory, which it
+    /// replaces ([`Error::DirectoryNotEmpty`] otherwise, and
+    /// [`Error::NotADirectory`] for a file); a directory cannot move into
+    /// itself or below itself ([`Error::InvalidArgument`]). The target's
+    /// parent must be a directory. Renaming a name to itself does nothing.
+    ///
+    /// Open files keep working and what they write later is kept under
+    /// their new names; locks ([`BlobFs::lock`]) move with their names.
+    /// After a crash at any point, the next mount finds the whole file or
+    /// tree under the old name or under the new one, never both, never
+    /// split. An error after a directory rename's commit point leaves it
+    /// done in memory and durable, with its last steps finished by the
+    /// next directory rename, the unmount or the next mount.
     pub async fn rename_async(&self, from: &str, to: &str) -> Result<()> {
         let from = normalize_entry(from)?;
         let to = normalize_entry(to)?;
@@ -1170,11 +1418,7 @@ impl BlobFs {
         let _g = fs.ns.lock().await;
         let node = match fs.lookup(&from) {
             None => return Err(Error::NotFound(from)),
-            Some(Entry::Dir(_)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "{from}: renaming directories is not supported"
-                )))
-            }
+            Some(Entry::Dir(d)) => return self.rename_dir(&from, &to, d).await,
             Some(Entry::File(n)) => n,
         };
         if from == to {
@@ -1205,10 +1449,113 @@ impl BlobFs {
             *node.name.write() = to.clone();
             idx.insert(to.clone(), Entry::File(node));
         }
+        fs.move_locks(&from, &to, false);
         if let Some(old) = replaced {
             self.unlink_node(old, &to).await?;
         }
         fs.reap_pending().await
+    }
+
+    /// [`BlobFs::rename_async`] of directory `from` (ns lock held).
+    ///
+    /// The commit point is one metadata sync of the directory's blob: its
+    /// new name and `fs.seq`, with the intent marker `fs.moved_from`
+    /// naming the old name (see [`meta`]). Then each entry below gets its
+    /// new name, synced; then the marker goes. A mount that finds the
+    /// marker finishes the rename before anything else.
+    async fn rename_dir(&self, from: &str, to: &str, dir: Arc<DirNode>) -> Result<()> {
+        let fs = &self.inner;
+        if from == to {
+            return Ok(());
+        }
+        if name::is_within(to, from) {
+            return Err(Error::InvalidArgument(format!(
+                "cannot move directory {from} into itself ({to} is below it)"
+            )));
+        }
+        let replaced = match fs.lookup(to) {
+            Some(Entry::File(_)) => return Err(Error::NotADirectory(to.to_string())),
+            Some(Entry::Dir(d)) => {
+                let empty = fs
+                    .index
+                    .read()
+                    .children
+                    .get(to)
+                    .is_none_or(|c| c.is_empty());
+                if !empty {
+                    return Err(Error::DirectoryNotEmpty(to.to_string()));
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        fs.check_parent(to)?;
+        let below = fs.index.read().below(from);
+        if let Some(long) = below
+            .iter()
+            .filter_map(|n| name::rebase(n, from, to))
+            .find(|n| n.len() > name::MAX_NAME_LEN)
+        {
+            return Err(Error::InvalidName {
+                name: long,
+                reason: format!(
+                    "the rename would make it longer than {} bytes",
+                    name::MAX_NAME_LEN
+                ),
+            });
+        }
+        // One rename with its marker at a time: an earlier one's first.
+        fs.finish_unfinished().await?;
+        let seq = fs.next_seq();
+        let old_seq = dir.blob.get_xattr(meta::SEQ);
+        let commit = async {
+            dir.blob.set_xattr(meta::NAME, to.as_bytes()).ctx(from)?;
+            dir.blob
+                .set_xattr(meta::SEQ, &meta::enc_u64(seq))
+                .ctx(from)?;
+            dir.blob
+                .set_xattr(meta::MOVED_FROM, &meta::enc_moved_from(seq, from))
+                .ctx(from)?;
+            dir.blob.sync_metadata().await.ctx(from)
+        };
+        if let Err(e) = commit.await {
+            // Not committed: the old metadata back in memory, and on the
+            // device too if it can take it (the failed sync may have
+            // landed).
+            let _ = dir.blob.set_xattr(meta::NAME, from.as_bytes());
+            if let Some(s) = old_seq {
+                let _ = dir.blob.set_xattr(meta::SEQ, &s);
+            }
+            if dir.blob.get_xattr(meta::MOVED_FROM).is_some() {
+                let _ = dir.blob.remove_xattr(meta::MOVED_FROM);
+            }
+            let _ = dir.blob.sync_metadata().await;
+            return Err(e);
+        }
+        // Committed: the rename is done, in memory from here on.
+        {
+            let mut idx = fs.index.write();
+            if replaced.is_some() {
+                idx.remove(to);
+            }
+            idx.move_tree(from, to);
+        }
+        fs.move_locks(from, to, true);
+        let finished = fs.finish_move(to, &dir.blob).await;
+        if finished.is_err() {
+            fs.unfinished.lock().push((to.to_string(), dir.blob.id()));
+        }
+        let deleted = match replaced {
+            // Its name is taken by a higher `fs.seq`: a crash before this
+            // delete leaves it to the next mount to delete.
+            Some(old) => {
+                let id = old.blob.id();
+                drop(old);
+                fs.bs.delete_blob(id).await.ctx(to)
+            }
+            None => Ok(()),
+        };
+        finished.and(deleted)
     }
 
     /// Synchronous [`BlobFs::rename_async`].
@@ -1218,14 +1565,20 @@ impl BlobFs {
 
     /// Takes the lock named `name` (a file need not exist). A second lock of
     /// the same name fails with [`Error::Locked`] until the first is dropped.
+    /// A rename of the name (or of a directory above it) moves the lock to
+    /// the new name, as a POSIX lock stays with its file; a lock on a
+    /// replaced rename target stays on its name.
     pub fn lock(&self, name: &str) -> Result<FileLock> {
         let name = normalize_entry(name)?;
-        if !self.inner.locks.lock().insert(name.clone()) {
+        let mut locks = self.inner.locks.lock();
+        if locks.values().any(|n| *n == name) {
             return Err(Error::Locked(name));
         }
+        let id = self.inner.next_lock.fetch_add(1, Ordering::Relaxed);
+        locks.insert(id, name);
         Ok(FileLock {
             fs: self.inner.clone(),
-            name,
+            id,
         })
     }
 

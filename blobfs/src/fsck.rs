@@ -1,8 +1,8 @@
 //! fsck: checks a BlobFS on a device without mounting it.
 //!
 //! Mounting repairs what a crash leaves behind (it deletes blobs of files
-//! deleted while open, the losers of an interrupted rename, and recreates
-//! missing parent directories), so a check that mounted first would see
+//! deleted while open, the losers of an interrupted rename, finishes an
+//! interrupted directory rename, and recreates missing parent directories), so a check that mounted first would see
 //! nothing. This module loads only the blobstore and reads every blob's
 //! metadata itself.
 //!
@@ -13,6 +13,12 @@
 //!   files an 8-byte `fs.len` no larger than the blob;
 //! - bytes past a file's length in its last block are zero (so growing it
 //!   can never show stale bytes);
+//! - a directory rename marker (`fs.moved_from`) on a directory is the
+//!   trace of an interrupted directory rename (a warning naming the old
+//!   and new names and how many entries still carry the old one; the next
+//!   mount finishes the rename): the checks below see the names as that
+//!   mount will. A marker on a file, or one that does not decode, is
+//!   damage;
 //! - names are unique: several blobs with one name are the trace of an
 //!   interrupted rename (a warning; the next mount keeps the highest
 //!   `fs.seq`), unless the highest `fs.seq` is shared, which no crash can
@@ -88,6 +94,9 @@ pub struct FsckReport {
     pub unsynced_buffers: u64,
     /// Their bytes.
     pub unsynced_bytes: u64,
+    /// Directory renames a crash interrupted, which the next mount
+    /// finishes (each is also a warning finding).
+    pub interrupted_renames: u64,
 }
 
 impl FsckReport {
@@ -231,6 +240,7 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
     let unit = bs.io_unit_size() as u64;
     let mut allocated = 0u64;
     let mut claims: Vec<Claim> = Vec::new();
+    let mut marks: Vec<crate::fs::Moved> = Vec::new();
     let ids = bs.blob_ids();
     r.blobs = ids.len() as u64;
     for id in ids {
@@ -295,6 +305,12 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
         if let Err(e) = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what) {
             r.add(Damage, Some(id), e.to_string());
         }
+        if let Some(v) = blob.get_xattr(meta::MOVED_FROM) {
+            match crate::fs::Moved::decode(id, kind, &v, &what) {
+                Ok(m) => marks.push(m),
+                Err(e) => r.add(Damage, Some(id), e.to_string()),
+            }
+        }
         if kind == meta::KIND_FILE {
             match meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what) {
                 Err(e) => r.add(Damage, Some(id), e.to_string()),
@@ -333,6 +349,38 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
             kind,
             seq,
         });
+    }
+
+    // Interrupted directory renames: names as the next mount makes them.
+    if !marks.is_empty() {
+        let mut names: Vec<(BlobId, u64, &mut String)> = claims
+            .iter_mut()
+            .map(|c| (c.id, c.seq, &mut c.name))
+            .collect();
+        match crate::fs::roll_forward(&mut marks, &mut names) {
+            Ok(moved) => {
+                for (m, moved) in marks.iter().zip(moved) {
+                    let to = claims
+                        .iter()
+                        .find(|c| c.id == m.dir)
+                        .map_or("?", |c| c.name.as_str());
+                    r.interrupted_renames += 1;
+                    r.add(
+                        Warning,
+                        Some(m.dir),
+                        format!(
+                            "{to}: an interrupted rename of directory {:?} ({} {}): {} entries \
+                             below it still carry the old name; the next mount finishes it",
+                            m.old,
+                            meta::MOVED_FROM,
+                            m.seq,
+                            moved.len()
+                        ),
+                    );
+                }
+            }
+            Err(e) => r.add(Damage, None, e.to_string()),
+        }
     }
 
     // Names: group the claims, keep the winner of each group.

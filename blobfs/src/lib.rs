@@ -7,8 +7,12 @@
 //!
 //! Guarantees: after [`File::sync`] returns, the file's data and length up
 //! to that point survive a crash; [`BlobFs::rename`] is atomic, also when it
-//! replaces an existing file; a file deleted while open stays readable
-//! through its handles; no file ever shows another file's bytes.
+//! replaces an existing file, and for a directory with everything below it
+//! (after a crash at any point the whole tree is under the old name or
+//! under the new one, never split: see [`meta::MOVED_FROM`]); a file
+//! deleted while open stays readable through its handles, and one open
+//! under a renamed directory keeps working under its new name; no file
+//! ever shows another file's bytes.
 //!
 //! What was written and not synced lives in memory that outlives the
 //! process but not the machine ([`unsynced`]): when the process dies, the

@@ -6,7 +6,8 @@
 //! - `fs.kind`: one byte, 1 = file, 2 = directory.
 //! - `fs.len`: file length in bytes, u64 little-endian (files only).
 //! - `fs.seq`: u64 little-endian; each create and rename takes the next
-//!   number, so when a crash leaves two blobs claiming one name (a rename
+//!   number (a directory rename numbers the directory; the entries below
+//!   it keep theirs), so when a crash leaves two blobs claiming one name (a rename
 //!   over an existing file that did not get to delete the old one), the
 //!   higher number wins and the other is deleted at mount.
 //! - `fs.mtime`: modification time, u64 little-endian nanoseconds since the
@@ -21,6 +22,20 @@
 //!   checks those bytes and, when they do not match, rolls the length back
 //!   to `prev_len` (durable since the sync before). Syncs that do not write
 //!   it remove it.
+//! - `fs.moved_from` (directories, optional): the intent of a directory
+//!   rename in progress, on the renamed directory's own blob: the rename's
+//!   sequence number (u64 little-endian, the `fs.seq` the rename gave the
+//!   directory) followed by the directory's old full name (UTF-8). It is
+//!   synced together with the directory's new `fs.name` and `fs.seq` (one
+//!   blob, one atomic metadata write: the commit point of the rename);
+//!   then each entry below the directory gets its new `fs.name` (its
+//!   `fs.seq` unchanged); then the marker is removed. A mount that finds
+//!   it finishes the rename first: every blob whose name is below the old
+//!   name and whose `fs.seq` is lower than the marker's (so it existed
+//!   before the rename; anything named there later has a higher number)
+//!   is renamed below the directory's name, synced, and only then is the
+//!   marker removed. So a crash at any point leaves the whole tree under
+//!   one name: the old one when the commit did not land, else the new.
 //!
 //! The super blob carries `blobfs.version` (u32 little-endian, now 1),
 //! `blobfs.id` (16 random bytes chosen at mkfs, or at the first mount of an
@@ -47,6 +62,8 @@ pub const TAIL: &str = "fs.tail";
 pub const TAIL_MAX: u64 = 64 << 10;
 /// Xattr: deleted while open.
 pub const UNLINKED: &str = "fs.unlinked";
+/// Xattr: a directory rename in progress (see above).
+pub const MOVED_FROM: &str = "fs.moved_from";
 /// Super blob xattr: format version.
 pub const VERSION: &str = "blobfs.version";
 /// Super blob xattr: the file system's id (16 bytes).
@@ -96,6 +113,31 @@ pub fn dec_tail(v: &[u8], what: &str) -> Result<(u64, u32)> {
         u64::from_le_bytes(prev.try_into().expect("8 bytes")),
         u32::from_le_bytes(crc.try_into().expect("4 bytes")),
     ))
+}
+
+/// Encodes a [`MOVED_FROM`] value: the rename's sequence number, then the
+/// directory's old name.
+pub fn enc_moved_from(seq: u64, old: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + old.len());
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(old.as_bytes());
+    v
+}
+
+/// Decodes a [`MOVED_FROM`] value of blob `what`: `(seq, old name)`. The
+/// old name must be a valid, normalized entry name.
+pub fn dec_moved_from(v: &[u8], what: &str) -> Result<(u64, String)> {
+    let bad = |why: &str| Error::Corrupt(format!("{what}: xattr {MOVED_FROM} {why}"));
+    if v.len() <= 8 {
+        return Err(bad(&format!("is {} bytes, too short", v.len())));
+    }
+    let (seq, old) = v.split_at(8);
+    let seq = u64::from_le_bytes(seq.try_into().map_err(|_| bad("has no sequence number"))?);
+    let old = std::str::from_utf8(old).map_err(|_| bad("names no UTF-8 name"))?;
+    if crate::name::normalize_entry(old).ok().as_deref() != Some(old) {
+        return Err(bad(&format!("names an invalid name {old:?}")));
+    }
+    Ok((seq, old.to_string()))
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` for a time in nanoseconds since the Unix

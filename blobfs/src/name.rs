@@ -69,6 +69,23 @@ pub fn base(name: &str) -> &str {
     name.rfind('/').map_or(name, |i| &name[i + 1..])
 }
 
+/// The name `name` takes when `from` (a file or a directory with
+/// everything below it) is renamed to `to`: `to` for `from` itself,
+/// `to/rest` for `from/rest`, `None` for a name outside `from`. All three
+/// are normalized names.
+pub fn rebase(name: &str, from: &str, to: &str) -> Option<String> {
+    let rest = name.strip_prefix(from)?;
+    if rest.is_empty() {
+        return Some(to.to_string());
+    }
+    rest.starts_with('/').then(|| format!("{to}{rest}"))
+}
+
+/// True when `name` is `dir` or below it.
+pub fn is_within(name: &str, dir: &str) -> bool {
+    rebase(name, dir, "").is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +105,10 @@ mod tests {
         assert_eq!(parent("a/b/c"), "a/b");
         assert_eq!(parent("c"), "");
         assert_eq!(base("a/b/c"), "c");
+        assert_eq!(rebase("a/b/c", "a/b", "x").as_deref(), Some("x/c"));
+        assert_eq!(rebase("a/b", "a/b", "x/y").as_deref(), Some("x/y"));
+        assert_eq!(rebase("a/bc", "a/b", "x"), None);
+        assert_eq!(rebase("a", "a/b", "x"), None);
+        assert!(is_within("a/b/c", "a") && is_within("a", "a") && !is_within("ab", "a"));
     }
 }

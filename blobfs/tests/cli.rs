@@ -129,6 +129,15 @@ fn cli_commands_on_a_file_image() {
         ok(&["ls", dev, "-R"]),
         "a/\na/b/\na/b/c/\ndb/\ndb/moved.bin\nlogs/\n"
     );
+    // A directory moves with what is in it; not into itself.
+    ok(&["mv", dev, "a", "z"]);
+    assert_eq!(
+        ok(&["ls", dev, "-R"]),
+        "db/\ndb/moved.bin\nlogs/\nz/\nz/b/\nz/b/c/\n"
+    );
+    let err = fails(&["mv", dev, "z", "z/b/c/z"]);
+    assert!(err.contains("into itself"), "{err}");
+    ok(&["mv", dev, "z", "a"]);
     // A prefix that is not a name lists the names it starts.
     assert_eq!(ok(&["ls", dev, "db/mo"]), "db/moved.bin\n");
     fails(&["rm", dev, "a"]);
@@ -369,10 +378,34 @@ fn fuse_mount_copy_diff_remount_diff() {
         std::fs::rename(&path, mnt.join("tree/renamed.bin")).unwrap();
         std::fs::remove_file(mnt.join("tree/renamed.bin")).unwrap();
     }
+    // Directory renames through the mount, one with a file open below it,
+    // mirrored on the host tree: the kernel sees the tree under its new
+    // names at once, and so does the remount below.
+    {
+        use std::io::Write;
+        let append = |p: PathBuf| std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        let mut f = append(mnt.join("tree/a/b/c/f0.bin"));
+        std::fs::rename(mnt.join("tree/a"), mnt.join("tree/a2")).unwrap();
+        std::fs::rename(tree.join("a"), tree.join("a2")).unwrap();
+        f.write_all(b"written after the rename").unwrap();
+        drop(f);
+        append(tree.join("a2/b/c/f0.bin"))
+            .write_all(b"written after the rename")
+            .unwrap();
+        // Over an empty directory, and refused into itself or over a
+        // non-empty one.
+        std::fs::rename(mnt.join("tree/d"), mnt.join("tree/empty/dir")).unwrap();
+        std::fs::rename(tree.join("d"), tree.join("empty/dir")).unwrap();
+        let e = std::fs::rename(mnt.join("tree/a2"), mnt.join("tree/a2/b/x")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e}");
+        let e = std::fs::rename(mnt.join("tree/a2"), mnt.join("tree/empty")).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTEMPTY), "{e}");
+        diff(&tree, &mnt.join("tree"));
+    }
     m.unmount();
 
     // Everything is on the image: the tool sees it, fsck is happy.
-    let ls = ok(&["ls", &dev, "tree/d/e f"]);
+    let ls = ok(&["ls", &dev, "tree/empty/dir/e f"]);
     assert_eq!(ls, "f1.bin\nf4.bin\nf7.bin\n");
     assert!(ok(&["fsck", &dev]).contains("0 damaged"));
 

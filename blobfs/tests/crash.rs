@@ -10,6 +10,9 @@
 //! - a rename is all or nothing: a file is found under its old or its new
 //!   name, never both, never neither; a replaced target is either intact or
 //!   gone with the rename done;
+//! - so is a rename of the directory that holds three of the files (`d`
+//!   and `e` in turn): after a crash exactly one of them exists, the
+//!   directory before or after the rename, with every file in it;
 //! - a completed create or delete is durable.
 //!
 //! `BLOBFS_CRASH_SEEDS=N` runs more seeds (default 16); `BLOBFS_CRASH_SEED=S` only seed S.
@@ -61,15 +64,35 @@ struct Model {
     /// incarnation -> (length written, length a completed sync made
     /// durable, largest length that may have reached the disk since)
     lens: BTreeMap<u64, (u64, u64, u64)>,
+    /// The directory that holds the slots other than `top`.
+    dir: &'static str,
 }
 
-const SLOTS: [&str; 4] = ["d/a", "d/b", "d/c", "top"];
+/// The two names the directory takes in turn.
+const DIRS: [&str; 2] = ["d", "e"];
+
+/// Slot `i` of four: three files in the directory `dir`, one at the top.
+fn slot_name(dir: &str, i: usize) -> String {
+    match ["a", "b", "c"].get(i) {
+        Some(f) => format!("{dir}/{f}"),
+        None => "top".to_string(),
+    }
+}
 
 fn check_image(dev: Arc<dyn BlockDevice>, done: &Model, next: &Model) -> Result<(), String> {
     let fs = BlobFs::mount(dev, MountOptions::default()).map_err(|e| format!("mount: {e}"))?;
     let rep = block_on(fs.blobstore().check()).map_err(|e| format!("check: {e}"))?;
     if !rep.is_consistent() {
         return Err(format!("blobstore check: {:?}", rep.problems));
+    }
+    // The directory under one name, before or after its rename: never
+    // both (a split tree), never neither.
+    let dirs: Vec<&str> = DIRS.into_iter().filter(|d| fs.exists(d)).collect();
+    if dirs.len() != 1 || (dirs[0] != done.dir && dirs[0] != next.dir) {
+        return Err(format!(
+            "directories {dirs:?}, expected {} or {}",
+            done.dir, next.dir
+        ));
     }
     let incs: Vec<u64> = done.lens.keys().chain(next.lens.keys()).copied().collect();
     let mut found: BTreeMap<u64, (String, u64)> = BTreeMap::new();
@@ -164,7 +187,10 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
     )
     .unwrap();
     fs.create_dir("d").unwrap();
-    let mut model = Model::default();
+    let mut model = Model {
+        dir: DIRS[0],
+        ..Model::default()
+    };
     // Snapshots of the model after each call, with the device operation
     // count when it returned.
     let mut history: Vec<(u64, Model)> = vec![(fault.op_count(), model.clone())];
@@ -178,9 +204,9 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
     fault.capture_at(at);
     let mut open: BTreeMap<String, blobfs::File> = BTreeMap::new();
     for _ in 0..120 {
-        let slot = SLOTS[rng.gen_range(0..SLOTS.len())].to_string();
-        match rng.gen_range(0..10) {
-            0..=3 => {
+        let slot = slot_name(model.dir, rng.gen_range(0..4));
+        match rng.gen_range(0..21) {
+            0..=7 => {
                 // Append (creating the file if missing).
                 if !model.names.contains_key(&slot) {
                     let f = fs.create(&slot).unwrap();
@@ -204,15 +230,15 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                 l.0 += add;
                 l.2 = l.2.max(l.0);
             }
-            4..=5 => {
+            8..=11 => {
                 if let (Some(&inc), Some(f)) = (model.names.get(&slot), open.get(&slot)) {
                     f.sync().unwrap();
                     let l = model.lens.get_mut(&inc).unwrap();
                     *l = (l.0, l.0, l.0);
                 }
             }
-            6 => {
-                let to = SLOTS[rng.gen_range(0..SLOTS.len())].to_string();
+            12..=13 => {
+                let to = slot_name(model.dir, rng.gen_range(0..4));
                 if model.names.contains_key(&slot) && to != slot {
                     fs.rename(&slot, &to).unwrap();
                     let inc = model.names.remove(&slot).unwrap();
@@ -225,14 +251,14 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                     }
                 }
             }
-            7 => {
+            14..=15 => {
                 if let Some(inc) = model.names.remove(&slot) {
                     fs.remove_file(&slot).unwrap();
                     model.lens.remove(&inc);
                     open.remove(&slot);
                 }
             }
-            8 => {
+            16..=17 => {
                 if let (Some(&inc), Some(f)) = (model.names.get(&slot), open.get(&slot)) {
                     let len = model.lens[&inc].0;
                     let new = rng.gen_range(0..=len / 8) * 8;
@@ -241,6 +267,23 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
                     let l = model.lens.get_mut(&inc).unwrap();
                     *l = (new, new, new);
                 }
+            }
+            20 => {
+                // The directory, with its files, open ones too.
+                let to = if model.dir == DIRS[0] {
+                    DIRS[1]
+                } else {
+                    DIRS[0]
+                };
+                fs.rename(model.dir, to).unwrap();
+                let moved = |n: &String| {
+                    n.strip_prefix(model.dir)
+                        .filter(|r| r.starts_with('/'))
+                        .map_or_else(|| n.clone(), |r| format!("{to}{r}"))
+                };
+                model.names = model.names.iter().map(|(n, i)| (moved(n), *i)).collect();
+                open = open.into_iter().map(|(n, f)| (moved(&n), f)).collect();
+                model.dir = to;
             }
             _ => {
                 if let Some(f) = open.remove(&slot) {

@@ -2,7 +2,8 @@
 //! cache outlives the process). A child process writes files without
 //! syncing them, through every path that moves unsynced bytes around
 //! (write-behind of full buffers, a sync in the middle, a rename, a
-//! truncate, a write below the buffer, a delete) and kills itself with
+//! rename of the directory above an open file, a truncate, a write below
+//! the buffer, a delete) and kills itself with
 //! SIGKILL; the test mounts the image again and checks every byte and every
 //! length. Then: buffers of an earlier mount, or of another file system on
 //! the same image, are ignored and said so, never applied.
@@ -96,6 +97,15 @@ fn child_work(fs: &BlobFs) -> BTreeMap<String, Vec<u8>> {
     fs.rename("d/old", "d/new").unwrap();
     append(&old, 4, 10_001);
     want.insert("d/new".into(), pattern(4, 0, 60_001));
+    // A directory renamed under an open, unsynced file (with a write-behind
+    // before and a partial buffer after), and its old name made again.
+    fs.create_dir_all("m/sub").unwrap();
+    let moved = open("m/sub/f");
+    append(&moved, 8, 5 << 20);
+    fs.rename("m", "n").unwrap();
+    append(&moved, 8, 7_777);
+    fs.create_dir("m").unwrap();
+    want.insert("n/sub/f".into(), pattern(8, 0, (5 << 20) + 7_777));
     // A truncate between appends.
     let t = open("t");
     append(&t, 5, 2 << 20);
@@ -120,7 +130,7 @@ fn child_work(fs: &BlobFs) -> BTreeMap<String, Vec<u8>> {
     drop(open("empty"));
     want.insert("empty".into(), Vec::new());
     // Keep every handle open (a crash does not close files).
-    std::mem::forget((a, b, c, old, t, w));
+    std::mem::forget((a, b, c, old, moved, t, w));
     want
 }
 

@@ -48,6 +48,11 @@ fn show_xattr(name: &str, v: &[u8]) -> String {
                 return format!("from {prev} crc32c {crc:08x}");
             }
         }
+        meta::MOVED_FROM => {
+            if let Ok((seq, old)) = meta::dec_moved_from(v, "") {
+                return format!("{old:?}@{seq}");
+            }
+        }
         meta::VERSION => {
             if let Ok(b) = <[u8; 4]>::try_from(v) {
                 return u32::from_le_bytes(b).to_string();

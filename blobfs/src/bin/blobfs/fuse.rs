@@ -9,7 +9,8 @@
 //!
 //! Invariants:
 //! - `by_name` and `by_ino` are inverse maps; a rename moves the number
-//!   with the file, a delete drops the name's number.
+//!   with the file (with a directory, every number below it too), a
+//!   delete drops the name's number.
 //! - Every handle in `handles` is closed (synced) by `release` or, for
 //!   those the kernel never released, before the file system is unmounted.
 //! - The session runs on one thread (FUSE requests one at a time); the
@@ -83,11 +84,27 @@ impl Inodes {
         }
     }
 
-    fn rename(&mut self, from: &str, to: &str) {
+    /// `from` (with everything below it when `is_dir`) is now `to`.
+    fn rename(&mut self, from: &str, to: &str, is_dir: bool) {
         self.forget_name(to);
-        if let Some(i) = self.by_name.remove(from) {
-            self.by_ino.insert(i, to.to_string());
-            self.by_name.insert(to.to_string(), i);
+        let mut moved = vec![from.to_string()];
+        if is_dir {
+            let below = format!("{from}/");
+            moved.extend(
+                self.by_name
+                    .keys()
+                    .filter(|n| n.starts_with(&below))
+                    .cloned(),
+            );
+        }
+        for old in moved {
+            let Some(new) = blobfs::name::rebase(&old, from, to) else {
+                continue;
+            };
+            if let Some(i) = self.by_name.remove(&old) {
+                self.by_ino.insert(i, new.clone());
+                self.by_name.insert(new, i);
+            }
         }
     }
 }
@@ -267,13 +284,9 @@ impl State {
         if flags.contains(RenameFlags::RENAME_NOREPLACE) && self.fs.exists(to) {
             return Err(Errno::EEXIST);
         }
-        if self.fs.stat(from).map_err(|e| errno(&e))?.is_dir {
-            // BlobFS renames files only. EXDEV makes `mv` copy the tree and
-            // delete the original instead.
-            return Err(Errno::EXDEV);
-        }
+        let is_dir = self.fs.stat(from).map_err(|e| errno(&e))?.is_dir;
         self.fs.rename(from, to).map_err(|e| errno(&e))?;
-        self.inodes.lock().rename(from, to);
+        self.inodes.lock().rename(from, to, is_dir);
         Ok(())
     }
 }

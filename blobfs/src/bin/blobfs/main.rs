@@ -124,7 +124,8 @@ enum Cmd {
         #[arg(short, long)]
         recursive: bool,
     },
-    /// Rename a file (atomically, replacing an existing target file).
+    /// Rename a file or a directory with everything in it (atomically;
+    /// replacing an existing target file, or an empty target directory).
     Mv {
         /// Device spec
         device: String,
