@@ -127,15 +127,19 @@ bench-iopath: deps
 bench-criterion: deps
 	$(CARGO) bench -p benches --bench blobstore
 
+# The RocksDB sources and the compression libraries' headers (shell
+# command substitutions for recipes; cpp/rocksdb-src.sh says why).
+ROCKSDB_SRC_DIR = $$(cpp/rocksdb-src.sh $(CARGO) src)
+COMPRESSION_INCLUDES = $$(cpp/rocksdb-src.sh $(CARGO) includes)
+
 # RocksDB tools from the librocksdb-sys sources, linked with the plugin. The
 # cargo build is the one RocksDB build; the tools link its librocksdb.a
 # (bundled into librocksdb_env.a) and compile only their own sources.
 rocksdb-tools: deps
 	$(CARGO) build --release -p rocksdb-env
-	@src=$$($(CARGO) metadata --format-version 1 | grep -o '"manifest_path":"[^"]*/librocksdb-sys-[^"]*/Cargo.toml"' | head -1 | sed 's/^"manifest_path":"//; s/Cargo.toml"$$/rocksdb/'); \
-	test -d "$$src" || { echo "librocksdb-sys sources not found"; exit 1; }; \
+	@src=$(ROCKSDB_SRC_DIR) && inc=$(COMPRESSION_INCLUDES) && \
 	$(MAKE) -f cpp/rocksdb-tools.mk -j$$(nproc) ROCKSDB_SRC="$$src" \
-	  PLUGIN_LIB=$(TARGET_DIR)/release/librocksdb_env.a OUT=$(ROCKSDB_TOOLS)
+	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(TARGET_DIR)/release/librocksdb_env.a OUT=$(ROCKSDB_TOOLS)
 
 test-rocksdb: rocksdb-tools
 	$(CARGO) test --release -p rocksdb-env
@@ -202,15 +206,13 @@ kill-dbbench: rocksdb-tools
 #   ROUNDS=100 make crashtest-rocksdb-debug
 ROCKSDB_DEBUG := $(TARGET_DIR)/rocksdb-debug
 PLAIN_OPS ?= 10000
-ROCKSDB_SRC_DIR = $$($(CARGO) metadata --format-version 1 | grep -o '"manifest_path":"[^"]*/librocksdb-sys-[^"]*/Cargo.toml"' | head -1 | sed 's/^"manifest_path":"//; s/Cargo.toml"$$/rocksdb/')
 DEBUG_CARGO_ENV := CARGO_TARGET_DIR=$(abspath $(ROCKSDB_DEBUG))/cargo \
   ROCKSDB_LIB_DIR=$(abspath $(ROCKSDB_DEBUG))/lib ROCKSDB_STATIC=1 ROCKSDB_ENV_DEBUG_ROCKSDB=1
 
 rocksdb-debug-tools: deps
-	@src=$(ROCKSDB_SRC_DIR); \
-	test -d "$$src" || { echo "librocksdb-sys sources not found"; exit 1; }; \
+	@src=$(ROCKSDB_SRC_DIR) && inc=$(COMPRESSION_INCLUDES) || exit 1; \
 	nice -n 10 $(MAKE) -f cpp/rocksdb-debug.mk -j$$(nproc) ROCKSDB_SRC="$$src" \
-	  OUT=$(ROCKSDB_DEBUG) lib tool-objects || exit 1; \
+	  COMPRESSION_INCLUDES="$$inc" OUT=$(ROCKSDB_DEBUG) lib tool-objects || exit 1; \
 	stamp=$(ROCKSDB_DEBUG)/cargo/bundled.stamp; \
 	if [ -e "$$stamp" ] && [ $(ROCKSDB_DEBUG)/lib/librocksdb.a -nt "$$stamp" ]; then \
 	  echo "debug librocksdb.a changed: rebuilding the crates that bundle it"; \
@@ -218,7 +220,7 @@ rocksdb-debug-tools: deps
 	$(DEBUG_CARGO_ENV) nice -n 10 $(CARGO) build --release -p rocksdb-env --lib || exit 1; \
 	touch "$$stamp"; \
 	$(MAKE) -f cpp/rocksdb-debug.mk ROCKSDB_SRC="$$src" OUT=$(ROCKSDB_DEBUG) \
-	  PLUGIN_LIB=$(ROCKSDB_DEBUG)/cargo/release/librocksdb_env.a db_stress
+	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(ROCKSDB_DEBUG)/cargo/release/librocksdb_env.a db_stress
 	@# One RocksDB, the debug one: the plugin archive defines DB::Open once
 	@# and SyncPoint (compiled only without NDEBUG) once, db_stress has
 	@# SyncPoint, and its link map names no release-profile archive.

@@ -11,6 +11,9 @@
 #   ROCKSDB_SRC  librocksdb-sys's rocksdb/ directory (from `cargo metadata`);
 #                read only, every object goes under OUT
 #   OUT          e.g. target/rocksdb-debug
+#   COMPRESSION_INCLUDES  -I flags for snappy.h, lz4.h, zstd.h, zlib.h
+#                (cpp/rocksdb-src.sh includes); the libraries themselves
+#                come bundled in PLUGIN_LIB from their -sys crates
 #   PLUGIN_LIB   librocksdb_env.a built by cargo with
 #                ROCKSDB_LIB_DIR=OUT/lib ROCKSDB_STATIC=1 (so rustc bundles
 #                this debug librocksdb.a, not a release one) and
@@ -25,6 +28,7 @@
 
 ROCKSDB_SRC ?= $(error ROCKSDB_SRC is not set)
 OUT ?= $(error OUT is not set)
+COMPRESSION_INCLUDES ?= $(error COMPRESSION_INCLUDES is not set)
 
 CXX ?= g++
 AR ?= ar
@@ -34,7 +38,7 @@ OBJ := $(OUT)/obj
 
 DEBUG_FLAGS := $(filter-out -DNDEBUG%,$(shell cat $(HERE)rocksdb-flags.txt))
 LIB_CXXFLAGS := $(DEBUG_FLAGS) -I$(ROCKSDB_SRC)/include -I$(ROCKSDB_SRC) \
-  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src -I$(SYS) \
+  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src -I$(SYS) $(COMPRESSION_INCLUDES) \
   -O1 -fno-omit-frame-pointer -w
 # As in rocksdb-tools.mk: the tools' copy of RocksDbIOUringEnable renamed.
 TOOL_CXXFLAGS := $(LIB_CXXFLAGS) -DGFLAGS=1 \

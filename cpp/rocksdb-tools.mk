@@ -1,11 +1,15 @@
-# Builds db_bench, db_stress and env_basic_test from the RocksDB sources of
-# the librocksdb-sys crate, linked with the BlobFS plugin. Called by the main
-# Makefile's `rocksdb-tools` target, which passes:
+# Builds db_bench, db_stress, env_basic_test, ldb and sst_dump from the
+# RocksDB sources of the librocksdb-sys crate, linked with the BlobFS
+# plugin. Called by the main Makefile's `rocksdb-tools` target, which
+# passes:
 #   ROCKSDB_SRC  the crate's rocksdb/ directory (from `cargo metadata`)
 #   PLUGIN_LIB   target/release/librocksdb_env.a: the Rust staticlib, which
 #                holds BlobFS, the cxx bridge, cpp/blobfs_fs.cc and (bundled
 #                by rustc from librocksdb-sys) the one librocksdb.a build
 #   OUT          where the binaries go (target/rocksdb)
+#   COMPRESSION_INCLUDES  -I flags for the compression libraries' headers
+#                (cpp/rocksdb-src.sh includes), which util/compression.h
+#                includes under the library's -DSNAPPY -DLZ4 -DZSTD -DZLIB
 #
 # RocksDB's library is never compiled here: only the tools' own sources,
 # with the library's defines (cpp/rocksdb-flags.txt) plus GFLAGS=1.
@@ -13,6 +17,7 @@
 ROCKSDB_SRC ?= $(error ROCKSDB_SRC is not set)
 PLUGIN_LIB ?= $(error PLUGIN_LIB is not set)
 OUT ?= $(error OUT is not set)
+COMPRESSION_INCLUDES ?= $(error COMPRESSION_INCLUDES is not set)
 
 CXX ?= g++
 HERE := $(dir $(lastword $(MAKEFILE_LIST)))
@@ -24,7 +29,7 @@ OBJ := $(OUT)/obj
 TOOL_CXXFLAGS := $(shell cat $(HERE)rocksdb-flags.txt) -DGFLAGS=1 \
   -DRocksDbIOUringEnable=RocksDbIOUringEnable_unused_in_tools \
   -I$(ROCKSDB_SRC)/include -I$(ROCKSDB_SRC) \
-  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src \
+  -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src $(COMPRESSION_INCLUDES) \
   -O2 -fno-omit-frame-pointer -w
 
 # Everything the Rust staticlib needs from the system (rustc
@@ -40,10 +45,17 @@ include $(HERE)rocksdb-stress-srcs.mk
 ENV_TEST_SRCS := env/env_basic_test.cc test_util/testharness.cc \
   test_util/testutil.cc third-party/gtest-1.8.1/fused-src/gtest/gtest-all.cc
 
+# ldb and sst_dump: RocksDB's inspection tools (their mains and
+# TOOL_LIB_SOURCES of src.mk), which take --env_uri/--fs_uri like the others.
+LDB_SRCS := tools/ldb.cc tools/ldb_cmd.cc tools/ldb_tool.cc \
+  tools/sst_dump_tool.cc utilities/blob_db/blob_dump_tool.cc \
+  db_stress_tool/db_stress_compression_manager.cc
+SST_DUMP_SRCS := tools/sst_dump.cc $(filter-out tools/ldb.cc,$(LDB_SRCS))
+
 objs = $(patsubst %.cc,$(OBJ)/%.o,$(1))
 
 .PHONY: all
-all: $(OUT)/db_bench $(OUT)/db_stress $(OUT)/env_basic_test
+all: $(OUT)/db_bench $(OUT)/db_stress $(OUT)/env_basic_test $(OUT)/ldb $(OUT)/sst_dump
 
 # The objects depend on the flags' content, not on the file's mtime: a
 # fresh checkout gives rocksdb-flags.txt a new mtime, which made every CI
@@ -71,6 +83,12 @@ $(OUT)/db_stress: $(call objs,$(STRESS_SRCS)) $(PLUGIN_LIB)
 $(OUT)/env_basic_test: $(call objs,$(ENV_TEST_SRCS)) $(PLUGIN_LIB)
 	$(CXX) -o $@ $(call objs,$(ENV_TEST_SRCS)) $(TOOL_LIBS)
 
+$(OUT)/ldb: $(call objs,$(LDB_SRCS)) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(LDB_SRCS)) $(TOOL_LIBS)
+
+$(OUT)/sst_dump: $(call objs,$(SST_DUMP_SRCS)) $(PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(SST_DUMP_SRCS)) $(TOOL_LIBS)
+
 # Just the tool objects (they need RocksDB's headers, not its library).
 .PHONY: objects
-objects: $(call objs,$(sort $(BENCH_SRCS) $(STRESS_SRCS) $(ENV_TEST_SRCS)))
+objects: $(call objs,$(sort $(BENCH_SRCS) $(STRESS_SRCS) $(ENV_TEST_SRCS) $(LDB_SRCS) $(SST_DUMP_SRCS)))

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # RocksDB's own tools on BlobFS: env_basic_test (memory and file device),
-# db_bench smoke on a file device, db_stress for a minute with verification.
+# the README's db_bench command as written, ldb and sst_dump on the database
+# it leaves, db_bench smoke on a file device, db_stress for a minute with
+# verification (with its default compression), db_stress fault injection.
 # Called by `make test-rocksdb` after `make rocksdb-tools`; the Rust
 # integration tests (rocksdb-env/tests) run from the Makefile too.
 #
-#   cpp/test-rocksdb.sh <dir with db_bench, db_stress, env_basic_test>
+#   cpp/test-rocksdb.sh <dir with db_bench, db_stress, env_basic_test, ldb, sst_dump>
 #
 # Images go to $BLOBFS_TEST_DIR (default: a fresh directory under /tmp) and
 # are removed at the end.
@@ -32,6 +34,40 @@ step "env_basic_test on BlobFS, file device"
 TEST_FS_URI="blobfs://file:$WORK/env_basic.img?size=1G;mkfs=always" \
   "$TOOLS/env_basic_test"
 
+step "README: the 'RocksDB on BlobFS' commands as written (db_bench's default compression, Snappy)"
+# The sh block under that heading, with target/rocksdb/ meaning $TOOLS and
+# `make rocksdb-tools` already done. Its image path is the README's.
+README=$(dirname "$0")/../README.md
+readme_cmds=$(awk '/^### RocksDB on BlobFS/ { f = 1; next }
+  f && /^```sh/ { g = 1; next }  g && /^```/ { exit }  g' "$README" |
+  grep -v '^make ' | sed "s#target/rocksdb/#$TOOLS/#g")
+readme_img=$(printf '%s\n' "$readme_cmds" | grep -o "file:[^?;']*" | head -1)
+readme_img=${readme_img#file:}
+[ -n "$readme_cmds" ] && [ -n "$readme_img" ] ||
+  { echo "no RocksDB on BlobFS command block in $README"; exit 1; }
+trap 'rm -rf "$WORK"/*.img "$WORK/expected" "$readme_img"' EXIT
+printf '%s\n' "$readme_cmds"
+bash -euo pipefail -c "$readme_cmds" 2>&1 | tee "$WORK/readme.log"
+grep -q '^readrandom' "$WORK/readme.log" ||
+  { echo "the README's db_bench printed no readrandom result"; exit 1; }
+
+step "ldb and sst_dump on the README's database"
+URI="blobfs://file:$readme_img;mkfs=never"
+"$TOOLS/ldb" --fs_uri="$URI" --db=/bench put blobfs-key blobfs-value
+got=$("$TOOLS/ldb" --fs_uri="$URI" --db=/bench get blobfs-key)
+[ "$got" = blobfs-value ] || { echo "ldb get: '$got'"; exit 1; }
+keys=$("$TOOLS/ldb" --fs_uri="$URI" --db=/bench scan --max_keys=1000 --hex | wc -l)
+[ "$keys" -eq 1000 ] || { echo "ldb scan listed $keys keys, not 1000"; exit 1; }
+"$TOOLS/ldb" --fs_uri="$URI" --db=/bench checkconsistency
+"$TOOLS/sst_dump" --fs_uri="$URI" --file=/bench --command=check --show_properties \
+  > "$WORK/sst_dump.log"
+# RocksDB 11 names the compression of an SST file by its compression
+# manager and type byte: BuiltinV2 with 01, kSnappyCompression.
+grep -q 'SST file compression algo: BuiltinV2;01;' "$WORK/sst_dump.log" ||
+  { grep 'compression algo' "$WORK/sst_dump.log" | head -5
+    echo "sst_dump: no Snappy-compressed SST file"; exit 1; }
+echo "ldb put/get/scan/checkconsistency and sst_dump check: OK ($(grep -c 'Process ' "$WORK/sst_dump.log") SST files)"
+
 step "db_bench on BlobFS, file device"
 "$TOOLS/db_bench" \
   --fs_uri="blobfs://file:$WORK/db_bench.img?size=4G;mkfs=always" \
@@ -40,15 +76,12 @@ step "db_bench on BlobFS, file device"
   --threads=1 --progress_reports=0 --statistics=0
 
 step "db_stress on BlobFS, file device, 4 x $STRESS_OPS ops, 5 reopens, verification on"
-# Flags that differ from db_stress's defaults, and why:
-#   --compression_manager=none  the default "mixed" manager crashes (SIGSEGV in
-#       MultiCompressorWrapper::MaybeCloneSpecialized) in a RocksDB built
-#       without compression libraries, on the POSIX file system too
+# Flags that differ from db_stress's defaults, and why (its compression
+# defaults stand: Snappy and the "mixed" compression manager):
 #   --read_fault_one_in=0 --metadata_read_fault_one_in=0  db_stress refuses
 #       read faults in a release (NDEBUG) build (they need SyncPoint); the
 #       write faults run in their own step below
 #   --clear_column_family_one_in=0  required with --expected_values_dir
-#   --compression_type=none  no compression libraries are linked
 # Expected values live on the host (db_stress keeps them in Env::Default()).
 rm -rf "$WORK/expected" && mkdir -p "$WORK/expected"
 "$TOOLS/db_stress" \
@@ -56,7 +89,6 @@ rm -rf "$WORK/expected" && mkdir -p "$WORK/expected"
   --db=/db_stress --expected_values_dir="$WORK/expected" \
   --ops_per_thread="$STRESS_OPS" --threads=4 --reopen=5 --max_key=100000 \
   --verify_db_one_in=100000 --destroy_db_initially=1 \
-  --compression_manager=none --compression_type=none \
   --read_fault_one_in=0 --metadata_read_fault_one_in=0 \
   --clear_column_family_one_in=0 \
   --progress_reports=0
@@ -84,7 +116,7 @@ rm -rf "$WORK/expected" && mkdir -p "$WORK/expected"
   --fs_uri="blobfs://file:$WORK/db_fault.img?size=2G;mkfs=always" \
   --db=/db_fault --expected_values_dir="$WORK/expected" \
   --ops_per_thread="$((STRESS_OPS / 4))" --threads=2 --reopen=0 --max_key=20000 \
-  --destroy_db_initially=1 --compression_manager=none --compression_type=none \
+  --destroy_db_initially=1 \
   --read_fault_one_in=0 --metadata_read_fault_one_in=0 \
   --write_fault_one_in=1000 --metadata_write_fault_one_in=1000 \
   --open_write_fault_one_in=16 --open_metadata_write_fault_one_in=16 \

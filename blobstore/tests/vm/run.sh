@@ -283,7 +283,7 @@ ls -l /dev/hugepages
 rm -f /dev/hugepages/blobstack-*
 cat > /tmp/user-bench.sh <<EOS
 db_bench --fs_uri='blobfs://nvme:$PCI/ns=2;cache=64M;mkfs=force' --db=/db_user \
-  --num=20000 --reads=5000 --value_size=100 --compression_type=none --progress_reports=0 "\$@"
+  --num=20000 --reads=5000 --value_size=100 --progress_reports=0 "\$@"
 EOS
 run setup-bind-for-user sh -c \
   "nvme-setup bind $PCI --user dbuser 2>&1 | tee /tmp/bind.log; grep -q 'owned by dbuser' /tmp/bind.log"
