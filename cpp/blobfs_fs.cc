@@ -26,12 +26,22 @@
 #include "rocksdb/env.h"
 #include "rocksdb/file_system.h"
 #include "rocksdb/io_status.h"
+#include "rocksdb/convenience.h"
 #include "rocksdb/utilities/object_registry.h"
+
+// The C API's Env handle, as RocksDB 11.8.1's db/c.cc defines it (c.h only
+// declares it). The `rocksdb` crate's Env::from_raw takes one, which is how
+// Rust hands our Env to the RocksDB APIs that take an Env (BackupEngine);
+// new_env_handle makes them. A RocksDB upgrade must check this layout.
+using ROCKSDB_NAMESPACE::Env;
+struct rocksdb_env_t {
+  Env* rep;
+  bool is_default;
+};
 
 namespace blobfs_rocksdb {
 namespace {
 
-using ROCKSDB_NAMESPACE::Env;
 using ROCKSDB_NAMESPACE::FileAttributes;
 using ROCKSDB_NAMESPACE::FileLock;
 using ROCKSDB_NAMESPACE::FileOptions;
@@ -113,10 +123,21 @@ IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
   return s;
 }
 
+// Direct I/O (RocksDB's use_direct_reads / use_direct_io_for_flush_and_
+// compaction): the handle reads around BlobFS's cache, reads must be aligned
+// to the device block (the bridge refuses others, as O_DIRECT does), and
+// RocksDB is told both, so it aligns its buffers and keeps its own cache.
+
 class BlobSequentialFile : public FSSequentialFile {
  public:
-  explicit BlobSequentialFile(rust::Box<FileHandle> h) : h_(std::move(h)) {}
+  BlobSequentialFile(rust::Box<FileHandle> h, bool direct)
+      : h_(std::move(h)), direct_(direct) {}
   ~BlobSequentialFile() override { h_->close(); }
+
+  bool use_direct_io() const override { return direct_; }
+  size_t GetRequiredBufferAlignment() const override {
+    return direct_ ? h_->alignment() : FSSequentialFile::GetRequiredBufferAlignment();
+  }
 
   IOStatus Read(size_t n, const IOOptions&, Slice* result, char* scratch,
                 IODebugContext*) override {
@@ -136,13 +157,21 @@ class BlobSequentialFile : public FSSequentialFile {
 
  private:
   rust::Box<FileHandle> h_;
+  const bool direct_;
   uint64_t pos_ = 0;
 };
 
 class BlobRandomAccessFile : public FSRandomAccessFile {
  public:
-  explicit BlobRandomAccessFile(rust::Box<FileHandle> h) : h_(std::move(h)) {}
+  BlobRandomAccessFile(rust::Box<FileHandle> h, bool direct)
+      : h_(std::move(h)), direct_(direct) {}
   ~BlobRandomAccessFile() override { h_->close(); }
+
+  bool use_direct_io() const override { return direct_; }
+  size_t GetRequiredBufferAlignment() const override {
+    return direct_ ? h_->alignment()
+                   : FSRandomAccessFile::GetRequiredBufferAlignment();
+  }
 
   IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
                 char* scratch, IODebugContext*) const override {
@@ -171,6 +200,7 @@ class BlobRandomAccessFile : public FSRandomAccessFile {
 
  private:
   rust::Box<FileHandle> h_;
+  const bool direct_;
 };
 
 // A file opened with use_mmap_reads: RocksDB then reads with a null
@@ -256,8 +286,17 @@ class BlobMmapReadFile : public FSRandomAccessFile {
 class BlobWritableFile : public FSWritableFile {
  public:
   BlobWritableFile(rust::Box<FileHandle> h, const FileOptions& opts)
-      : FSWritableFile(opts), h_(std::move(h)) {}
+      : FSWritableFile(opts), h_(std::move(h)), direct_(opts.use_direct_writes) {}
   ~BlobWritableFile() override { h_->close(); }
+
+  // Direct writes: RocksDB then writes whole aligned blocks with
+  // PositionedAppend (rewriting the last partial one) and truncates to the
+  // real length at close; BlobFS takes both as any write.
+  bool use_direct_io() const override { return direct_; }
+  size_t GetRequiredBufferAlignment() const override {
+    return direct_ ? h_->alignment()
+                   : FSWritableFile::GetRequiredBufferAlignment();
+  }
 
   IOStatus Append(const Slice& data, const IOOptions&,
                   IODebugContext*) override {
@@ -303,6 +342,7 @@ class BlobWritableFile : public FSWritableFile {
 
  private:
   rust::Box<FileHandle> h_;
+  const bool direct_;
 };
 
 class BlobRandomRWFile : public FSRandomRWFile {
@@ -361,13 +401,23 @@ class BlobFileSystem : public FileSystem {
   const char* Name() const override { return kClassName(); }
   std::string GetId() const override { return uri_; }
 
-  IOStatus NewSequentialFile(const std::string& fname, const FileOptions&,
+  // What RocksDB may use beyond the plain calls. Not kAsyncIO: ReadAsync is
+  // RocksDB's default, which completes inline, so advertising it would make
+  // RocksDB plan overlapped reads that are not; without it RocksDB reads
+  // synchronously and says so. kFSPrefetch: Prefetch warms BlobFS's cache
+  // (NotSupported with cache=0, which RocksDB answers with its own buffer).
+  void SupportedOps(int64_t& supported_ops) override {
+    supported_ops = 1 << ROCKSDB_NAMESPACE::FSSupportedOps::kFSPrefetch;
+  }
+
+  IOStatus NewSequentialFile(const std::string& fname, const FileOptions& opts,
                              std::unique_ptr<FSSequentialFile>* result,
                              IODebugContext*) override {
     Status st;
-    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read,
+                            opts.use_direct_reads, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
-    result->reset(new BlobSequentialFile(std::move(h)));
+    result->reset(new BlobSequentialFile(std::move(h), opts.use_direct_reads));
     return IOStatus::OK();
   }
 
@@ -376,7 +426,9 @@ class BlobFileSystem : public FileSystem {
                                std::unique_ptr<FSRandomAccessFile>* result,
                                IODebugContext*) override {
     Status st;
-    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read, st);
+    // RocksDB refuses mmap reads together with direct reads.
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::Read,
+                            opts.use_direct_reads && !opts.use_mmap_reads, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     if (opts.use_mmap_reads) {
       const uint64_t size = h->len();
@@ -389,7 +441,8 @@ class BlobFileSystem : public FileSystem {
       result->reset(new BlobMmapReadFile(std::move(h), size, mem));
       return IOStatus::OK();
     }
-    result->reset(new BlobRandomAccessFile(std::move(h)));
+    result->reset(
+        new BlobRandomAccessFile(std::move(h), opts.use_direct_reads));
     return IOStatus::OK();
   }
 
@@ -412,7 +465,8 @@ class BlobFileSystem : public FileSystem {
     Status st;
     // As POSIX's: an existing file only (the contract: "if file doesn't
     // exist the file will not be created").
-    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::ReadWrite, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::ReadWrite, false,
+                            st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     result->reset(new BlobRandomRWFile(std::move(h)));
     return IOStatus::OK();
@@ -473,7 +527,8 @@ class BlobFileSystem : public FileSystem {
     IOStatus s = ToIOStatus(fs_->file_exists(Str(PosixPath(fname))));
     if (!s.ok()) return s;
     Status st;
-    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::CreateKeep, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), OpenMode::CreateKeep, false,
+                            st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     s = ToIOStatus(h->truncate(size));
     IOStatus c = ToIOStatus(h->close());
@@ -581,7 +636,8 @@ class BlobFileSystem : public FileSystem {
                         const FileOptions& opts,
                         std::unique_ptr<FSWritableFile>* result) {
     Status st;
-    auto h = fs_->open_file(Str(PosixPath(fname)), mode, st);
+    auto h = fs_->open_file(Str(PosixPath(fname)), mode,
+                            opts.use_direct_writes, st);
     if (st.code != Code::Ok) return ToIOStatus(st);
     result->reset(new BlobWritableFile(std::move(h), opts));
     return IOStatus::OK();
@@ -645,6 +701,24 @@ int RegisterFactories() {
 std::int32_t register_blobfs() {
   static const int registered = RegisterFactories();
   return registered;
+}
+
+rocksdb_env_t* new_env_handle(rust::Str options_value, Status& status) {
+  register_blobfs();
+  const std::string value(options_value.data(), options_value.size());
+  Env* env = nullptr;
+  std::shared_ptr<Env> guard;
+  const auto s = Env::CreateFromString(ROCKSDB_NAMESPACE::ConfigOptions(),
+                                       value, &env, &guard);
+  if (!s.ok() || env == nullptr || guard) {
+    status.code = Code::InvalidArgument;
+    status.message = rust::String(
+        s.ok() ? value + ": not a process-lived BlobFS Env" : s.ToString());
+    return nullptr;
+  }
+  // The factory's Env lives for the process, so the handle must not own
+  // it: is_default tells rocksdb_env_destroy to free the handle only.
+  return new rocksdb_env_t{env, true};
 }
 
 }  // namespace blobfs_rocksdb

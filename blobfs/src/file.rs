@@ -743,6 +743,7 @@ impl FileNode {
         ra: &Readahead,
         off: u64,
         dst: &mut [u8],
+        direct: bool,
     ) -> Result<usize> {
         let len = self.len.load(Ordering::Acquire);
         if off >= len || dst.is_empty() {
@@ -764,31 +765,37 @@ impl FileNode {
                 } else {
                     // Not loaded yet: the partial block is still on the blob.
                     drop(st);
-                    return self.read_blob(fs, ra, off, &mut dst[..n]).await.map(|_| n);
+                    return self
+                        .read_blob(fs, ra, off, &mut dst[..n], direct)
+                        .await
+                        .map(|_| n);
                 }
                 dev_end = from;
             }
         }
         if dev_end > off {
-            self.read_blob(fs, ra, off, &mut dst[..(dev_end - off) as usize])
+            self.read_blob(fs, ra, off, &mut dst[..(dev_end - off) as usize], direct)
                 .await?;
         }
         Ok(n)
     }
 
-    /// Reads blob bytes `[off, off+dst.len())` through the cache.
+    /// Reads blob bytes `[off, off+dst.len())` through the cache, or
+    /// straight from the device when the mount has no cache or the handle
+    /// is `direct`.
     async fn read_blob(
         &self,
         fs: &FsInner,
         ra: &Readahead,
         off: u64,
         dst: &mut [u8],
+        direct: bool,
     ) -> Result<()> {
         // The name only for errors: taking it costs a lock and a copy.
         let err = |e| Error::store(&self.name(), e);
         let end = off + dst.len() as u64;
         let cache = &fs.cache;
-        if !cache.enabled() {
+        if !cache.enabled() || direct {
             let (a, b) = (self.align_down(off), self.align_up(end));
             self.behind.wait_clear(a, b);
             let buf = read_buf((b - a) as usize).map_err(err)?;
@@ -958,6 +965,8 @@ pub struct File {
     pub(crate) node: Arc<FileNode>,
     pub(crate) read: bool,
     pub(crate) write: bool,
+    /// Reads bypass the cache ([`crate::OpenOptions::direct`]).
+    pub(crate) direct: bool,
     pub(crate) ra: Readahead,
 }
 
@@ -1001,7 +1010,10 @@ impl File {
     /// Reads at `off` into `dst`; returns the bytes read (0 at the end).
     pub async fn read_at_async(&self, off: u64, dst: &mut [u8]) -> Result<usize> {
         self.check(false)?;
-        let n = self.node.read_at(&self.fs, &self.ra, off, dst).await?;
+        let n = self
+            .node
+            .read_at(&self.fs, &self.ra, off, dst, self.direct)
+            .await?;
         self.ra.note(off + n as u64);
         Ok(n)
     }

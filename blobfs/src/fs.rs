@@ -102,6 +102,13 @@ pub struct OpenOptions {
     pub create_new: bool,
     /// Cut the file to length 0.
     pub truncate: bool,
+    /// Reads through this handle bypass the read cache and readahead, as
+    /// `O_DIRECT` bypasses the page cache: each read goes to the device
+    /// (whole device blocks around the range asked for) and nothing it reads
+    /// is cached. Bytes written and not yet on the device are still read
+    /// from memory, so the handle sees every write. For callers that keep
+    /// their own cache (RocksDB's `use_direct_reads`).
+    pub direct: bool,
 }
 
 impl OpenOptions {
@@ -515,6 +522,7 @@ impl FsInner {
             node,
             read: opts.read || !opts.write,
             write: opts.write,
+            direct: opts.direct,
             ra: Readahead::default(),
         }
     }

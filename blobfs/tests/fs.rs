@@ -792,3 +792,48 @@ fn append_buffers_move_between_files_without_their_bytes() {
     assert_eq!(contents(&fs, "a"), a_all);
     assert_eq!(contents(&fs, "b"), b_bytes);
 }
+
+#[test]
+fn direct_handles_read_the_device_and_leave_the_cache_alone() {
+    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let dev: Arc<dyn BlockDevice> = fault.clone();
+    let fs = mkfs(&dev, MountOptions::default());
+    let data = pattern(9, 3 << 20);
+    let w = fs.create("f").unwrap();
+    w.append(&data[..2 << 20]).unwrap();
+    // Closed, so the first 2 MiB are on the device only (an open writer's
+    // buffer would still serve them from memory).
+    w.close().unwrap();
+    let w = fs.open("f", OpenOptions::append()).unwrap();
+    // Appended, not synced: a direct reader sees it too.
+    w.append(&data[2 << 20..]).unwrap();
+    let direct = fs
+        .open(
+            "f",
+            OpenOptions {
+                direct: true,
+                ..OpenOptions::read()
+            },
+        )
+        .unwrap();
+    let cached = fs.open("f", OpenOptions::read()).unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    for round in 0..2 {
+        for off in [0u64, 1 << 20, (2 << 20) - 4096, (3 << 20) - (64 << 10)] {
+            let (stats, ops) = (fs.cache_stats(), fault.op_count());
+            assert_eq!(direct.read_at(off, &mut buf).unwrap(), buf.len());
+            assert_eq!(&buf[..], &data[off as usize..off as usize + buf.len()]);
+            assert_eq!(fs.cache_stats(), stats, "a direct read touched the cache");
+            // Every direct read of device bytes goes to the device, even
+            // after a buffered read cached them (round 1).
+            if off + (buf.len() as u64) <= 2 << 20 {
+                assert!(fault.op_count() > ops, "direct read at {off} in round {round}");
+            }
+            assert_eq!(cached.read_at(off, &mut buf).unwrap(), buf.len());
+        }
+    }
+    assert!(fs.cache_stats().bytes > 0, "the buffered reads cached nothing");
+    for f in [direct, cached, w] {
+        f.close().unwrap();
+    }
+}

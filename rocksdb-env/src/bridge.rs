@@ -59,8 +59,13 @@ pub(crate) mod ffi {
 
         fn fs_open(uri: &str, status: &mut Status) -> Box<Fs>;
         fn describe(self: &Fs) -> String;
-        fn open_file(self: &Fs, name: &str, mode: OpenMode, status: &mut Status)
-            -> Box<FileHandle>;
+        fn open_file(
+            self: &Fs,
+            name: &str,
+            mode: OpenMode,
+            direct: bool,
+            status: &mut Status,
+        ) -> Box<FileHandle>;
         fn file_exists(self: &Fs, name: &str) -> Status;
         fn children(self: &Fs, dir: &str, with_sizes: bool, out: &mut Vec<ChildAttr>) -> Status;
         fn delete_file(self: &Fs, name: &str) -> Status;
@@ -82,6 +87,7 @@ pub(crate) mod ffi {
         fn close(self: &mut FileHandle) -> Status;
         fn len(self: &FileHandle) -> u64;
         fn file_id(self: &FileHandle) -> u64;
+        fn alignment(self: &FileHandle) -> usize;
     }
 
     unsafe extern "C++" {
@@ -91,6 +97,15 @@ pub(crate) mod ffi {
         /// RocksDB's default object library (idempotent); returns how many
         /// factories this call added.
         fn register_blobfs() -> i32;
+
+        /// RocksDB C API's Env handle (`rocksdb/c.h`).
+        #[namespace = ""]
+        type rocksdb_env_t;
+
+        /// A C API handle of the process-lived Env that `env=<options_value>`
+        /// names (null with `status` set on failure); the handle does not own
+        /// the Env.
+        fn new_env_handle(options_value: &str, status: &mut Status) -> *mut rocksdb_env_t;
     }
 }
 
@@ -184,8 +199,16 @@ impl Fs {
         }
     }
 
-    fn open_file(&self, name: &str, mode: OpenMode, status: &mut Status) -> Box<FileHandle> {
-        let opts = match mode {
+    /// Opens `name`; `direct` for RocksDB's direct I/O: reads bypass
+    /// BlobFS's cache and must be aligned to the device block.
+    fn open_file(
+        &self,
+        name: &str,
+        mode: OpenMode,
+        direct: bool,
+        status: &mut Status,
+    ) -> Box<FileHandle> {
+        let mut opts = match mode {
             OpenMode::Read => OpenOptions::read(),
             OpenMode::CreateTruncate => OpenOptions::create_truncate(),
             OpenMode::CreateKeep => OpenOptions {
@@ -204,12 +227,14 @@ impl Fs {
                 return Box::new(FileHandle::none());
             }
         };
+        opts.direct = direct;
         match self.fs().open(name, opts) {
             Ok(f) => {
                 *status = Status::ok();
                 Box::new(FileHandle {
                     file: Some(f),
-                    cached: self.cached(),
+                    cached: self.cached() && !direct,
+                    direct_align: direct.then(|| self.fs().blobstore().io_unit_size() as usize),
                 })
             }
             Err(e) => {
@@ -348,8 +373,12 @@ impl Fs {
 /// An open file; `None` after close or a failed open.
 pub struct FileHandle {
     file: Option<blobfs::File>,
-    /// The mount has a read cache, so prefetching warms it.
+    /// The mount has a read cache and the handle uses it, so prefetching
+    /// warms it.
     cached: bool,
+    /// For a direct-I/O handle, the alignment its reads must have (the
+    /// device block); `None` for a buffered one.
+    direct_align: Option<usize>,
 }
 
 /// A held lock, released when C++ drops it.
@@ -365,7 +394,14 @@ impl FileHandle {
         FileHandle {
             file: None,
             cached: false,
+            direct_align: None,
         }
+    }
+
+    /// The alignment RocksDB must give direct-I/O buffers, offsets and
+    /// lengths: the device block for a direct handle (1 otherwise).
+    fn alignment(&self) -> usize {
+        self.direct_align.unwrap_or(1)
     }
 
     fn prefetch(&self, off: u64, len: usize) -> Status {
@@ -400,6 +436,24 @@ impl FileHandle {
     }
 
     fn read_at(&self, off: u64, buf: &mut [u8], n_read: &mut usize) -> Status {
+        // A direct read is aligned, as O_DIRECT requires of POSIX reads: a
+        // caller that forgot would otherwise pass here and fail elsewhere.
+        if let Some(a) = self.direct_align {
+            if !off.is_multiple_of(a as u64)
+                || !buf.len().is_multiple_of(a)
+                || !(buf.as_ptr() as usize).is_multiple_of(a)
+            {
+                *n_read = 0;
+                return Status::new(
+                    Code::InvalidArgument,
+                    format!(
+                        "direct read of {} bytes at {off} into {:p}: not aligned to {a} bytes",
+                        buf.len(),
+                        buf.as_ptr()
+                    ),
+                );
+            }
+        }
         // Fill the whole buffer unless the end of the file comes first.
         let r = self.with(|f| {
             let mut done = 0;
@@ -469,6 +523,19 @@ impl FileHandle {
 }
 
 /// Registers the factories (see [`crate::register`]).
+/// A C API Env handle for the Env of `env=<options_value>` (see
+/// `new_env_handle`), or RocksDB's message.
+pub(crate) fn env_handle(
+    options_value: &str,
+) -> Result<*mut librocksdb_sys::rocksdb_env_t, String> {
+    let mut status = Status::ok();
+    let raw = ffi::new_env_handle(options_value, &mut status);
+    if status.code != Code::Ok || raw.is_null() {
+        return Err(status.message);
+    }
+    Ok(raw.cast())
+}
+
 pub(crate) fn register() -> i32 {
     ffi::register_blobfs()
 }
@@ -483,16 +550,16 @@ mod tests {
         let fs = fs_open("blobfs://mem:32M;mkfs=always", &mut st);
         assert_eq!(st.code, Code::Ok, "{}", st.message);
         // NewRandomRWFile's mode: a missing file is NotFound, not created.
-        let h = fs.open_file("/rw/missing", OpenMode::ReadWrite, &mut st);
+        let h = fs.open_file("/rw/missing", OpenMode::ReadWrite, false, &mut st);
         assert_eq!(st.code, Code::NotFound, "{}", st.message);
         assert!(h.file.is_none());
         assert_eq!(fs.file_exists("/rw/missing").code, Code::NotFound);
         // An existing one opens for reads and writes at any offset.
         assert_eq!(fs.create_dir("/rw", true).code, Code::Ok);
-        let w = fs.open_file("/rw/f", OpenMode::CreateKeep, &mut st);
+        let w = fs.open_file("/rw/f", OpenMode::CreateKeep, false, &mut st);
         assert_eq!(w.append(b"0123456789").code, Code::Ok);
         assert_eq!(w.sync().code, Code::Ok);
-        let h = fs.open_file("/rw/f", OpenMode::ReadWrite, &mut st);
+        let h = fs.open_file("/rw/f", OpenMode::ReadWrite, false, &mut st);
         assert_eq!(st.code, Code::Ok, "{}", st.message);
         assert_eq!(h.write_at(2, b"ab").code, Code::Ok);
         let mut buf = [0u8; 10];

@@ -20,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod backup;
 mod bridge;
 pub mod fault;
 pub mod mount;
@@ -27,6 +28,12 @@ pub mod uri;
 
 use std::sync::Arc;
 
+/// The `rocksdb` crate this crate is built with (one RocksDB, with its
+/// compression libraries): use it from here rather than pinning a second
+/// copy, whose types would not mix with these.
+pub use rocksdb;
+
+pub use backup::{BackupEngine, BackupInfo, BackupTo};
 pub use fault::FaultControl;
 pub use uri::{Mkfs, Uri, UriError, SCHEME};
 
@@ -78,6 +85,9 @@ pub enum Error {
     /// RocksDB refused the options or the open.
     #[error("rocksdb: {0}")]
     RocksDb(#[from] rocksdb::Error),
+    /// A RocksDB call made through its C API failed (RocksDB's message).
+    #[error("rocksdb: {0}")]
+    RocksDbCall(String),
 }
 
 /// Registers `blobfs://` in RocksDB's default object library. Idempotent;
@@ -103,6 +113,22 @@ pub fn options_for(uri: &str, base: &rocksdb::Options) -> Result<rocksdb::Option
     mount::get(&u)?;
     let mut base = base.clone();
     Ok(base.get_options_from_string(format!("env={}", u.to_options_value()))?)
+}
+
+/// A [`rocksdb::Env`] on BlobFS at `uri`, for the RocksDB APIs that take an
+/// `Env` rather than options (the crate's `BackupEngine`, or
+/// [`BackupEngine`] here). It is the same process-lived Env that
+/// [`options_for`] gives RocksDB, so files written through either are one
+/// file system; dropping it does not unmount anything.
+pub fn env(uri: &str) -> Result<rocksdb::Env, Error> {
+    register();
+    let u = Uri::parse(uri)?;
+    mount::get(&u)?;
+    let raw = bridge::env_handle(&u.to_options_value()).map_err(Error::RocksDbCall)?;
+    // SAFETY: `raw` is a fresh rocksdb_env_t from the C++ side, owned by
+    // nobody else; it does not own its Env (is_default), so the crate's
+    // rocksdb_env_destroy frees only the handle.
+    Ok(unsafe { rocksdb::Env::from_raw(raw) })
 }
 
 /// Opens (with `create_if_missing` in `options`, creates) the RocksDB

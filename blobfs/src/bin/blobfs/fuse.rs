@@ -433,6 +433,7 @@ impl Filesystem for FuseFs {
             create: true,
             create_new: flags & libc::O_EXCL != 0,
             truncate: flags & libc::O_TRUNC != 0,
+            direct: false,
         };
         let res = self.0.child(parent, name).and_then(|n| {
             let f = self.0.fs.open(&n, opts).map_err(|e| errno(&e))?;
