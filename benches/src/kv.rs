@@ -38,16 +38,23 @@ pub enum Phase {
     Writesync,
     /// `readrandom`, 16 threads.
     Randread,
+    /// `fillseq` as `insert`, with LZ4 compression: a fresh database that
+    /// `randread-lz4` reads (the `disk` configuration only).
+    InsertLz4,
+    /// `readrandom` as `randread`, on the LZ4 database.
+    RandreadLz4,
 }
 
 impl Phase {
-    /// All phases in SPDK's order.
-    pub const ALL: [Phase; 5] = [
+    /// All phases in run order: SPDK's five, then the LZ4 pair.
+    pub const ALL: [Phase; 7] = [
         Phase::Insert,
         Phase::Overwrite,
         Phase::Readwrite,
         Phase::Writesync,
         Phase::Randread,
+        Phase::InsertLz4,
+        Phase::RandreadLz4,
     ];
 
     /// The phase's name on the command line and in reports.
@@ -58,6 +65,8 @@ impl Phase {
             Phase::Readwrite => "readwrite",
             Phase::Writesync => "writesync",
             Phase::Randread => "randread",
+            Phase::InsertLz4 => "insert-lz4",
+            Phase::RandreadLz4 => "randread-lz4",
         }
     }
 
@@ -67,39 +76,63 @@ impl Phase {
             .into_iter()
             .find(|p| p.name() == s)
             .ok_or_else(|| {
-                format!("unknown phase {s:?} (phases: insert, overwrite, readwrite, writesync, randread)")
+                let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+                format!("unknown phase {s:?} (phases: {})", names.join(", "))
             })
     }
 
     /// The `db_bench` benchmark the phase runs (the name on its result line).
     pub fn benchmark(self) -> &'static str {
         match self {
-            Phase::Insert => "fillseq",
+            Phase::Insert | Phase::InsertLz4 => "fillseq",
             Phase::Overwrite | Phase::Writesync => "overwrite",
             Phase::Readwrite => "readwhilewriting",
-            Phase::Randread => "readrandom",
+            Phase::Randread | Phase::RandreadLz4 => "readrandom",
+        }
+    }
+
+    /// The phase that builds the database this phase uses (itself for the
+    /// two inserts, which start from an empty one).
+    pub fn builds_on(self) -> Phase {
+        match self {
+            Phase::InsertLz4 | Phase::RandreadLz4 => Phase::InsertLz4,
+            _ => Phase::Insert,
+        }
+    }
+
+    /// Whether the phase starts from a fresh, empty database.
+    pub fn fresh(self) -> bool {
+        self.builds_on() == self
+    }
+
+    /// Whether the phase runs in `config`: the LZ4 pair shows compression's
+    /// cost on one configuration, `disk`, where RocksDB users run it.
+    pub fn runs_in(self, config: Config) -> bool {
+        match self {
+            Phase::InsertLz4 | Phase::RandreadLz4 => config == Config::Disk,
+            _ => true,
         }
     }
 
     /// SPDK's thread count for the phase.
     pub fn default_threads(self) -> u32 {
         match self {
-            Phase::Insert | Phase::Overwrite | Phase::Writesync => 1,
+            Phase::Insert | Phase::InsertLz4 | Phase::Overwrite | Phase::Writesync => 1,
             Phase::Readwrite => 4,
-            Phase::Randread => 16,
+            Phase::Randread | Phase::RandreadLz4 => 16,
         }
     }
 
     /// Whether the phase runs for a fixed time (`--duration`); `insert`
     /// writes every key once instead.
     pub fn timed(self) -> bool {
-        self != Phase::Insert
+        !self.fresh()
     }
 
     /// The RocksDB flags of the phase, the same on both sides: SPDK's common
     /// flags (16-byte keys, 1000-byte values, 4 KiB blocks, 10 bloom bits, no
-    /// compression, 64 MiB target files, statistics and histograms) and the
-    /// phase's own. `keys` is `--num`, `duration_s` applies to timed phases,
+    /// compression but LZ4 in the LZ4 pair, 64 MiB target files, statistics
+    /// and histograms) and the phase's own. `keys` is `--num`, `duration_s` applies to timed phases,
     /// `cache_bytes` is RocksDB's block cache.
     pub fn flags(self, keys: u64, duration_s: u32, threads: u32, cache_bytes: u64) -> Vec<String> {
         let mut f: Vec<String> = [
@@ -107,7 +140,6 @@ impl Phase {
             "--value_size=1000",
             "--block_size=4096",
             "--bloom_bits=10",
-            "--compression_type=none",
             "--target_file_size_base=67108864",
             "--statistics=1",
             "--histogram=1",
@@ -119,6 +151,11 @@ impl Phase {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let lz4 = self.builds_on() == Phase::InsertLz4;
+        f.push(format!(
+            "--compression_type={}",
+            if lz4 { "lz4" } else { "none" }
+        ));
         f.push(format!("--cache_size={cache_bytes}"));
         f.push(format!("--num={keys}"));
         f.push(format!("--benchmarks={}", self.benchmark()));
@@ -132,10 +169,7 @@ impl Phase {
         };
         f.push(format!("--disable_wal={}", u8::from(wal_off)));
         f.push(format!("--sync={}", u8::from(sync)));
-        f.push(format!(
-            "--use_existing_db={}",
-            u8::from(self != Phase::Insert)
-        ));
+        f.push(format!("--use_existing_db={}", u8::from(!self.fresh())));
         f
     }
 }
@@ -1036,6 +1070,17 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
             .flags(1, 1, 16, 0)
             .contains(&"--threads=16".to_string()));
         assert_eq!(Phase::parse("readwrite"), Ok(Phase::Readwrite));
+        // The LZ4 pair: its own fresh database, compressed, disk only.
+        let l = Phase::InsertLz4.flags(1000, 20, 1, 0);
+        assert!(l.iter().any(|x| x == "--compression_type=lz4"));
+        assert!(l.iter().any(|x| x == "--use_existing_db=0"));
+        let r = Phase::RandreadLz4.flags(1000, 20, 16, 0);
+        assert!(r.iter().any(|x| x == "--compression_type=lz4"));
+        assert!(r.iter().any(|x| x == "--use_existing_db=1"));
+        assert!(r.iter().any(|x| x == "--benchmarks=readrandom"));
+        assert_eq!(Phase::RandreadLz4.builds_on(), Phase::InsertLz4);
+        assert!(Phase::RandreadLz4.runs_in(Config::Disk));
+        assert!(!Phase::InsertLz4.runs_in(Config::Memory));
         assert!(Phase::parse("fill").is_err());
         assert_eq!(Config::parse("memory"), Ok(Config::Memory));
     }

@@ -827,12 +827,18 @@ fn direct_handles_read_the_device_and_leave_the_cache_alone() {
             // Every direct read of device bytes goes to the device, even
             // after a buffered read cached them (round 1).
             if off + (buf.len() as u64) <= 2 << 20 {
-                assert!(fault.op_count() > ops, "direct read at {off} in round {round}");
+                assert!(
+                    fault.op_count() > ops,
+                    "direct read at {off} in round {round}"
+                );
             }
             assert_eq!(cached.read_at(off, &mut buf).unwrap(), buf.len());
         }
     }
-    assert!(fs.cache_stats().bytes > 0, "the buffered reads cached nothing");
+    assert!(
+        fs.cache_stats().bytes > 0,
+        "the buffered reads cached nothing"
+    );
     for f in [direct, cached, w] {
         f.close().unwrap();
     }

@@ -69,8 +69,14 @@ struct Args {
     /// Configurations to run, in order.
     #[arg(long, default_value = "disk,direct,memory")]
     configs: String,
-    /// Phases to run, in order (insert always runs: the others reuse its database).
-    #[arg(long, default_value = "insert,overwrite,readwrite,writesync,randread")]
+    /// Phases to run (in this order whatever the order given; a phase's
+    /// insert always runs: the others reuse its database). The LZ4 pair
+    /// (`insert-lz4`, `randread-lz4`: the same with LZ4 compression) runs in
+    /// the `disk` configuration only.
+    #[arg(
+        long,
+        default_value = "insert,overwrite,readwrite,writesync,randread,insert-lz4,randread-lz4"
+    )]
     phases: String,
     /// Directory on the disk under test, for the BlobFS image and the POSIX
     /// database [default: <target dir>/kvbench].
@@ -311,7 +317,7 @@ impl Layout {
     /// Gets the machine ready for a run of `side` of `phase` (a fresh
     /// database on the insert phase).
     fn prepare(&self, side: Side, phase: Phase) -> Result<(), String> {
-        let fresh = phase == Phase::Insert;
+        let fresh = phase.fresh();
         match (&self.device, side) {
             (BlobDevice::Nvme(n), _) => n.prepare(side, fresh)?,
             (BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. }, Side::BlobFs) => {
@@ -372,7 +378,7 @@ impl Bench {
         ));
         match side {
             Side::BlobFs => {
-                cmd.push(format!("--fs_uri={}", layout.uri(phase == Phase::Insert)));
+                cmd.push(format!("--fs_uri={}", layout.uri(phase.fresh())));
                 cmd.push("--db=/kvbench".to_string());
             }
             Side::Posix => {
@@ -564,9 +570,14 @@ fn run(args: Args) -> Result<(), String> {
     if configs.is_empty() || phases.is_empty() {
         return Err("--configs and --phases must name at least one".into());
     }
-    if !phases.contains(&Phase::Insert) {
-        eprintln!("note: adding the insert phase: the other phases reuse the database it builds");
-        phases.insert(0, Phase::Insert);
+    for base in phases.iter().map(|p| p.builds_on()).collect::<Vec<_>>() {
+        if !phases.contains(&base) {
+            eprintln!(
+                "note: adding the {} phase: the phases after it reuse the database it builds",
+                base.name()
+            );
+            phases.push(base);
+        }
     }
     // SPDK's order whatever the order given.
     phases.sort_by_key(|p| Phase::ALL.iter().position(|x| x == p));
@@ -720,6 +731,11 @@ fn run(args: Args) -> Result<(), String> {
                 }
             }
         };
+        let phases: Vec<Phase> = phases
+            .iter()
+            .copied()
+            .filter(|p| p.runs_in(config))
+            .collect();
         for (pi, &phase) in phases.iter().enumerate() {
             // Alternate which side goes first, phase by phase and across
             // configurations.
