@@ -40,9 +40,17 @@ lint: deps
 	# --release: the same profile as the tests, so RocksDB (librocksdb-sys,
 	# ~14 min on 2 cores) is built once, not once per profile.
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	# Every crate's rustdoc, warnings denied (--release reuses RocksDB's
+	# build-script output instead of building it for another profile).
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --workspace --no-deps
 
+# The Rust suites (with the READMEs' Rust snippets as rocksdb-env's
+# doctests), then the three examples a newcomer starts from.
 test-rust: deps
 	$(CARGO) test --workspace --release
+	$(CARGO) run --release -p blobstore --example hello_blob
+	$(CARGO) run --release -p blobfs --example hello_blobfs
+	$(CARGO) run --release -p rocksdb-env --example hello_rocksdb
 
 test: lint test-rust test-rocksdb crashtest-rocksdb kvbench-smoke test-vm fuzz
 

@@ -2,14 +2,14 @@
 //! one-call way to open a [`rocksdb::DB`] on a BlobFS device.
 //!
 //! Layers (see `DESIGN.md`): the C++ `FileSystem` in `cpp/` is a thin shell
-//! whose every method calls [`bridge`]'s functions through `cxx`; those call
+//! whose every method calls the bridge module's functions through `cxx`; those call
 //! BlobFS on the caller's thread. The C++ side registers `blobfs://` in
 //! RocksDB's object library for both `FileSystem` (`--fs_uri`,
 //! `TEST_FS_URI`) and `Env` (the `env=` option), so db_bench, db_stress,
 //! env_basic_test and the Rust `rocksdb` crate all reach BlobFS the same way.
 //!
 //! The URI syntax is in [`uri`]. One process mounts a device once (see
-//! [`mount`]); a second process that opens the same file device fails with
+//! [`mod@mount`]); a second process that opens the same file device fails with
 //! "in use".
 //!
 //! ```no_run
@@ -36,6 +36,15 @@ pub use rocksdb;
 pub use backup::{BackupEngine, BackupInfo, BackupTo};
 pub use fault::FaultControl;
 pub use uri::{Mkfs, Uri, UriError, SCHEME};
+
+// The READMEs' Rust snippets, compiled and run as this crate's doctests
+// (`cargo test --doc`), so the examples a newcomer copies stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct RootReadme;
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ThisReadme;
 
 /// What can go wrong opening RocksDB on BlobFS.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +79,7 @@ pub enum Error {
         holders: usize,
     },
     /// The device is already mounted in this process with other options
-    /// (one mount per device: see [`mount`]).
+    /// (one mount per device: see [`mod@mount`]).
     #[error("{uri}: {spec} is already mounted in this process as {mounted}: {what}")]
     Conflict {
         /// The URI asked for.

@@ -166,7 +166,7 @@ fn on_off(b: bool) -> &'static str {
 /// `FileSystem` or `Env` still holds it (an `Env` RocksDB created from an
 /// options string lives for the process, so a device used through
 /// [`crate::open_db`] stays mounted until exit). Drop `BlobFs` handles from
-/// [`crate::mount`] first: BlobFS's own unmount decides about those.
+/// [`crate::mount()`] first: BlobFS's own unmount decides about those.
 pub fn unmount(uri: &Uri) -> Result<bool, Error> {
     let mut table = MOUNTS.lock();
     let Some(table) = table.as_mut() else {

@@ -79,10 +79,10 @@ struct Args {
     )]
     phases: String,
     /// Directory on the disk under test, for the BlobFS image and the POSIX
-    /// database [default: <target dir>/kvbench].
+    /// database [default: kvbench/ in the cargo target dir].
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Where the JSON, the chart and db_bench's logs go [default: <target dir>/kvbench-out].
+    /// Where the JSON, the chart and db_bench's logs go [default: kvbench-out/ in the cargo target dir].
     #[arg(long)]
     out: Option<PathBuf>,
     /// RocksDB block cache of both sides (db_bench --cache_size).
@@ -94,7 +94,7 @@ struct Args {
     /// has the whole page cache; the memory column shows what each side used.
     #[arg(long, default_value = "4G")]
     blobfs_cache: String,
-    /// The db_bench binary [default: <target dir>/rocksdb/db_bench].
+    /// The db_bench binary [default: rocksdb/db_bench in the cargo target dir].
     #[arg(long)]
     db_bench: Option<PathBuf>,
     /// The NVMe controller (PCI address, e.g. 0000:00:04.0) of the `nvme`
