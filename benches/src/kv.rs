@@ -702,8 +702,9 @@ pub fn chart_svg(runs: &[RunFigures]) -> String {
     let (x0, y0, w, h) = (70.0, 680.0, 860.0, 300.0);
     let _ = writeln!(
         svg,
-        r#"<text x="{x0}" y="{}" font-size="15" font-weight="bold">latency percentiles, µs (log scale): circle p50, square p99, triangle p99.9</text>"#,
-        y0 - 12.0
+        r#"<text x="{x0}" y="{}" font-size="15" font-weight="bold">latency percentiles, µs (log scale)</text><text x="380" y="{}" font-size="12">circle p50, square p99, triangle p99.9</text>"#,
+        y0 - 12.0,
+        y0 - 15.0
     );
     let _ = writeln!(
         svg,
@@ -801,9 +802,10 @@ pub fn chart_svg(runs: &[RunFigures]) -> String {
         let _ = writeln!(
             svg,
             r#"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}" font-size="12">{}</text>"#,
-            500 + si * 110,
+            // Right of the title and the marker key, not over them.
+            700 + si * 110,
             y0 - 26.0,
-            516 + si * 110,
+            716 + si * 110,
             y0 - 15.0,
             side.name()
         );
