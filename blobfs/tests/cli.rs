@@ -460,3 +460,70 @@ fn cli_refuses_foreign_signatures_and_held_devices() {
     ok(&["mkfs", &dev, "--force"]);
     assert_eq!(ok(&["ls", &dev]), "");
 }
+
+#[test]
+fn df_and_json_output_add_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    let dev = format!("file:{}", img.display());
+    ok(&["mkfs", &format!("{dev}?size=64M")]);
+    let host = tmp.path().join("data");
+    // 1.5 clusters and 0.25 of one (1 MiB clusters): used < allocated.
+    std::fs::write(&host, pattern(3, 3 << 19)).unwrap();
+    let small = tmp.path().join("small");
+    std::fs::write(&small, pattern(4, 1 << 18)).unwrap();
+    let h = host.to_str().unwrap();
+    ok(&["import", "-p", &dev, h, "db/sst/1.sst"]);
+    ok(&["import", "-p", &dev, h, "db/2.sst"]);
+    ok(&["import", &dev, small.to_str().unwrap(), "top"]);
+    ok(&["mkdir", &dev, "empty"]);
+
+    let df: serde_json::Value = serde_json::from_str(&ok(&["df", &dev, "--json"])).unwrap();
+    let entry = |name: &str| {
+        df["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {df}"))
+            .clone()
+    };
+    let db = entry("db");
+    assert_eq!(db["files"], 2);
+    assert_eq!(db["used_bytes"], 2 * (3 << 19));
+    assert_eq!(db["allocated_bytes"], 2 * (2 << 20), "two clusters per file");
+    assert_eq!(entry("empty")["files"], 0);
+    assert_eq!(entry("top")["allocated_bytes"], 1 << 20);
+    assert_eq!(df["files"], 3);
+    assert_eq!(df["used_bytes"], 2 * (3 << 19) + (1 << 18));
+    // df of a subdirectory, and its text form.
+    let sub: serde_json::Value = serde_json::from_str(&ok(&["df", &dev, "db", "--json"])).unwrap();
+    assert_eq!(sub["files"], 2);
+    let text = ok(&["df", &dev]);
+    assert!(text.contains("db/") && text.contains("total of /"), "{text}");
+    assert!(fails(&["df", &dev, "top"]).contains("not a directory"));
+
+    // ls/stat/info/fsck --json agree with each other and with df.
+    let ls: serde_json::Value = serde_json::from_str(&ok(&["ls", &dev, "-R", "--json"])).unwrap();
+    let files: Vec<_> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "file")
+        .collect();
+    assert_eq!(files.len(), 3, "{ls}");
+    let stat: serde_json::Value =
+        serde_json::from_str(&ok(&["stat", &dev, "db/2.sst", "--json"])).unwrap();
+    assert_eq!(stat["len"], 3 << 19);
+    assert_eq!(stat["clusters"], 2);
+    assert!(ls.as_array().unwrap().contains(&stat), "{stat} not in {ls}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &dev, "--json"])).unwrap();
+    assert_eq!(info["files"], 3);
+    assert_eq!(info["directories"], 3);
+    assert_eq!(info["free_bytes"], df["fs_free_bytes"]);
+    let fsck: serde_json::Value = serde_json::from_str(&ok(&["fsck", &dev, "--json"])).unwrap();
+    assert_eq!(fsck["clean"], true);
+    assert_eq!(fsck["files"], 3);
+    assert_eq!(fsck["file_bytes"], df["used_bytes"]);
+    assert_eq!(fsck["findings"], serde_json::json!([]));
+}

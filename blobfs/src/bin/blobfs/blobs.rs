@@ -160,9 +160,41 @@ pub fn dump(spec: &str, id: &str) -> CliResult {
     })
 }
 
-pub fn fsck(spec: &str) -> CliResult {
+pub fn fsck(spec: &str, as_json: bool) -> CliResult {
     let dev = open_device(spec)?;
     let r = check(dev).ctx(format!("fsck {spec}"))?;
+    if as_json {
+        let findings: Vec<serde_json::Value> = r
+            .findings
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "severity": match f.severity {
+                        Severity::Warning => "warning",
+                        Severity::Damage => "damage",
+                    },
+                    "blob": f.blob.map(|b| b.to_string()),
+                    "what": f.what,
+                })
+            })
+            .collect();
+        crate::ops::print_json(&serde_json::json!({
+            "device": spec,
+            "clean": r.is_clean(),
+            "blobs": r.blobs,
+            "files": r.files,
+            "directories": r.dirs,
+            "file_bytes": r.file_bytes,
+            "unsynced_buffers": r.unsynced_buffers,
+            "unsynced_bytes": r.unsynced_bytes,
+            "interrupted_renames": r.interrupted_renames,
+            "findings": findings,
+        }))?;
+        if !r.is_clean() {
+            return fail(format!("{spec}: the file system is damaged"));
+        }
+        return Ok(());
+    }
     let mut s = String::new();
     for f in &r.findings {
         s += &format!("{f}\n");

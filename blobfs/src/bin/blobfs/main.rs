@@ -61,6 +61,20 @@ enum Cmd {
     Info {
         /// Device spec
         device: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Space by directory: files, bytes used (their lengths) and bytes
+    /// allocated (their clusters) below each entry of a directory.
+    Df {
+        /// Device spec
+        device: String,
+        /// Directory whose entries to sum (default: the root).
+        dir: Option<String>,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// List a directory, a file, or every name starting with a prefix.
     Ls {
@@ -74,6 +88,9 @@ enum Cmd {
         /// List everything below the directory, with full names.
         #[arg(short = 'R', long)]
         recursive: bool,
+        /// A JSON array of entries (full names, kinds, sizes, times).
+        #[arg(long)]
+        json: bool,
     },
     /// Show a file's or directory's metadata.
     Stat {
@@ -81,6 +98,9 @@ enum Cmd {
         device: String,
         /// Name in the file system
         name: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Copy a host file into the file system.
     Import {
@@ -148,6 +168,10 @@ enum Cmd {
     Fsck {
         /// Device spec
         device: String,
+        /// One JSON object (the report and every finding) instead of text;
+        /// the exit code still says whether there is damage.
+        #[arg(long)]
+        json: bool,
     },
     /// Throw away the file data a process that died left unsynced for the
     /// device (the next mount would write it back; fsck lists it).
@@ -189,14 +213,22 @@ fn run(cli: Cli) -> CliResult {
             cluster_size,
             force,
         } => ops::mkfs(&device, cluster_size, force),
-        Cmd::Info { device } => ops::info(&device),
+        Cmd::Info { device, json } => ops::info(&device, json),
+        Cmd::Df { device, dir, json } => ops::df(&device, dir.as_deref().unwrap_or(""), json),
         Cmd::Ls {
             device,
             path,
             long,
             recursive,
-        } => ops::ls(&device, path.as_deref().unwrap_or(""), long, recursive),
-        Cmd::Stat { device, name } => ops::stat(&device, &name),
+            json,
+        } => ops::ls(
+            &device,
+            path.as_deref().unwrap_or(""),
+            long,
+            recursive,
+            json,
+        ),
+        Cmd::Stat { device, name, json } => ops::stat(&device, &name, json),
         Cmd::Import {
             device,
             host_file,
@@ -221,7 +253,7 @@ fn run(cli: Cli) -> CliResult {
             dir,
             parents,
         } => ops::mkdir(&device, &dir, parents),
-        Cmd::Fsck { device } => blobs::fsck(&device),
+        Cmd::Fsck { device, json } => blobs::fsck(&device, json),
         Cmd::Blobs { device } => blobs::list(&device),
         Cmd::DiscardUnsynced { device } => blobs::discard_unsynced(&device),
         Cmd::Dump { device, blob_id } => blobs::dump(&device, &blob_id),

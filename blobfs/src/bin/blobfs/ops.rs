@@ -1,12 +1,15 @@
-//! The file commands: mkfs, info, ls, stat, import, export, cat, rm, mv,
-//! mkdir. Each mounts the file system, does its work and unmounts, so what
-//! it changed is durable when it exits.
+//! The file commands: mkfs, info, df, ls, stat, import, export, cat, rm,
+//! mv, mkdir. Each mounts the file system, does its work and unmounts, so
+//! what it changed is durable when it exits. `--json` output is one JSON
+//! value on stdout (an object, or an array for `ls`), sizes in bytes and
+//! times in nanoseconds since the Unix epoch beside their UTC text.
 
 use std::io::{Read, Write};
 use std::path::Path;
 
 use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
 use blobstore::block_on;
+use serde_json::{json, Value};
 
 use crate::util::{fail, human, open_device, print, utc, write_stdout, CliResult, Ctx};
 
@@ -62,7 +65,13 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool) -> CliResult {
     ))
 }
 
-pub fn info(spec: &str) -> CliResult {
+/// Prints `v` as JSON on stdout.
+pub fn print_json(v: &Value) -> CliResult {
+    let text = serde_json::to_string_pretty(v).ctx("encoding JSON")?;
+    print(&format!("{text}\n"))
+}
+
+pub fn info(spec: &str, as_json: bool) -> CliResult {
     with_fs(spec, |fs| {
         let bs = fs.blobstore();
         let geo = bs.device().geometry();
@@ -73,6 +82,25 @@ pub fn info(spec: &str) -> CliResult {
             .filter(|n| fs.stat(n).is_ok_and(|m| m.is_dir))
             .count();
         let used = space.total_bytes - space.free_bytes;
+        if as_json {
+            return print_json(&json!({
+                "device": bs.device().name(),
+                "device_bytes": geo.size_bytes(),
+                "block_size": geo.block_size,
+                "blocks": geo.block_count,
+                "cluster_bytes": space.cluster_bytes,
+                "metadata_page_bytes": bs.page_size(),
+                "clusters": bs.total_clusters(),
+                "data_clusters": bs.data_clusters(),
+                "metadata_clusters": bs.total_clusters() - bs.data_clusters(),
+                "total_bytes": space.total_bytes,
+                "used_bytes": used,
+                "free_bytes": space.free_bytes,
+                "free_metadata_pages": bs.free_md_pages(),
+                "files": names.len() - dirs,
+                "directories": dirs,
+            }));
+        }
         let mut s = String::new();
         s += &format!("device:          {}\n", bs.device().name());
         s += &format!(
@@ -105,6 +133,23 @@ pub fn info(spec: &str) -> CliResult {
     })
 }
 
+/// A file's or directory's metadata as JSON (`allocated_bytes`: the
+/// clusters it holds).
+fn meta_json(fs: &BlobFs, m: &blobfs::Metadata) -> CliResult<Value> {
+    let blob = block_on(fs.blobstore().open_blob(m.blob_id))?;
+    let cluster = fs.space().cluster_bytes;
+    Ok(json!({
+        "name": if m.name.is_empty() { "/" } else { &m.name },
+        "kind": if m.is_dir { "directory" } else { "file" },
+        "len": m.len,
+        "mtime_ns": m.mtime_ns,
+        "mtime": utc(m.mtime_ns),
+        "blob": m.blob_id.to_string(),
+        "clusters": blob.num_clusters(),
+        "allocated_bytes": blob.allocated_clusters() * cluster,
+    }))
+}
+
 fn long_line(m: &blobfs::Metadata, shown: &str) -> String {
     let kind = if m.is_dir { 'd' } else { '-' };
     format!(
@@ -115,19 +160,10 @@ fn long_line(m: &blobfs::Metadata, shown: &str) -> String {
     )
 }
 
-pub fn ls(spec: &str, path: &str, long: bool, recursive: bool) -> CliResult {
+pub fn ls(spec: &str, path: &str, long: bool, recursive: bool, as_json: bool) -> CliResult {
     with_fs(spec, |fs| {
-        let line = |full: &str, shown: &str| -> CliResult<String> {
-            let m = fs.stat(full)?;
-            Ok(if long {
-                long_line(&m, shown)
-            } else if m.is_dir {
-                format!("{shown}/\n")
-            } else {
-                format!("{shown}\n")
-            })
-        };
-        let mut out = String::new();
+        // (full name, name as shown) of every entry to list.
+        let mut shown: Vec<(String, String)> = Vec::new();
         match fs.stat(path) {
             Ok(m) if m.is_dir && recursive => {
                 let prefix = if m.name.is_empty() {
@@ -135,9 +171,7 @@ pub fn ls(spec: &str, path: &str, long: bool, recursive: bool) -> CliResult {
                 } else {
                     format!("{}/", m.name)
                 };
-                for n in fs.list(&prefix) {
-                    out += &line(&n, &n)?;
-                }
+                shown.extend(fs.list(&prefix).into_iter().map(|n| (n.clone(), n)));
             }
             Ok(m) if m.is_dir => {
                 for e in fs.read_dir(&m.name)? {
@@ -146,29 +180,147 @@ pub fn ls(spec: &str, path: &str, long: bool, recursive: bool) -> CliResult {
                     } else {
                         format!("{}/{}", m.name, e.name)
                     };
-                    out += &line(&full, &e.name)?;
+                    shown.push((full, e.name));
                 }
             }
-            Ok(m) => out += &line(&m.name, &m.name)?,
+            Ok(m) => shown.push((m.name.clone(), m.name)),
             Err(Error::NotFound(_)) => {
                 // Not a name: list every name that starts with it.
                 let names = fs.list(path);
                 if names.is_empty() {
                     return fail(format!("{path}: no such file, directory or prefix"));
                 }
-                for n in names {
-                    out += &line(&n, &n)?;
-                }
+                shown.extend(names.into_iter().map(|n| (n.clone(), n)));
             }
             Err(e) => return Err(e.into()),
+        }
+        if as_json {
+            let list = shown
+                .iter()
+                .map(|(full, _)| meta_json(fs, &fs.stat(full)?))
+                .collect::<CliResult<Vec<Value>>>()?;
+            return print_json(&Value::Array(list));
+        }
+        let mut out = String::new();
+        for (full, name) in &shown {
+            let m = fs.stat(full)?;
+            out += &if long {
+                long_line(&m, name)
+            } else if m.is_dir {
+                format!("{name}/\n")
+            } else {
+                format!("{name}\n")
+            };
         }
         print(&out)
     })
 }
 
-pub fn stat(spec: &str, name: &str) -> CliResult {
+/// Space below each entry of `dir`: files, the bytes they hold (lengths)
+/// and the bytes their clusters take (allocation).
+pub fn df(spec: &str, dir: &str, as_json: bool) -> CliResult {
+    with_fs(spec, |fs| {
+        let m = fs.stat(dir)?;
+        if !m.is_dir {
+            return fail(format!("{dir}: not a directory"));
+        }
+        let cluster = fs.space().cluster_bytes;
+        // (files, used bytes, allocated bytes) of one name: itself if a
+        // file, everything below it if a directory.
+        let usage = |name: &str| -> CliResult<(u64, u64, u64)> {
+            let m = fs.stat(name)?;
+            let names = if m.is_dir {
+                fs.list(&format!("{name}/"))
+            } else {
+                vec![name.to_string()]
+            };
+            let mut t = (0, 0, 0);
+            for n in names {
+                let m = fs.stat(&n)?;
+                if m.is_dir {
+                    continue;
+                }
+                let blob = block_on(fs.blobstore().open_blob(m.blob_id))?;
+                t.0 += 1;
+                t.1 += m.len;
+                t.2 += blob.allocated_clusters() * cluster;
+            }
+            Ok(t)
+        };
+        let mut rows = Vec::new();
+        for e in fs.read_dir(&m.name)? {
+            let full = if m.name.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{}/{}", m.name, e.name)
+            };
+            let (files, used, allocated) = usage(&full)?;
+            rows.push((full, e.is_dir, files, used, allocated));
+        }
+        let sum = rows
+            .iter()
+            .fold((0, 0, 0), |a, r| (a.0 + r.2, a.1 + r.3, a.2 + r.4));
+        let space = fs.space();
+        let free_md = fs.blobstore().free_md_pages();
+        if as_json {
+            let entries: Vec<Value> = rows
+                .iter()
+                .map(|(name, is_dir, files, used, allocated)| {
+                    json!({
+                        "name": name,
+                        "kind": if *is_dir { "directory" } else { "file" },
+                        "files": files,
+                        "used_bytes": used,
+                        "allocated_bytes": allocated,
+                    })
+                })
+                .collect();
+            return print_json(&json!({
+                "dir": if m.name.is_empty() { "/" } else { &m.name },
+                "entries": entries,
+                "files": sum.0,
+                "used_bytes": sum.1,
+                "allocated_bytes": sum.2,
+                "fs_total_bytes": space.total_bytes,
+                "fs_free_bytes": space.free_bytes,
+                "fs_free_metadata_pages": free_md,
+            }));
+        }
+        let mut out = format!(
+            "{:>8} {:>12} {:>12}  {}\n",
+            "files", "used", "allocated", "name"
+        );
+        for (name, is_dir, files, used, allocated) in &rows {
+            out += &format!(
+                "{files:>8} {:>12} {:>12}  {name}{}\n",
+                human(*used),
+                human(*allocated),
+                if *is_dir { "/" } else { "" }
+            );
+        }
+        out += &format!(
+            "{:>8} {:>12} {:>12}  total of {}\n",
+            sum.0,
+            human(sum.1),
+            human(sum.2),
+            if m.name.is_empty() { "/" } else { &m.name }
+        );
+        out += &format!(
+            "file system: {} total, {} free; {} metadata pages free\n",
+            human(space.total_bytes),
+            human(space.free_bytes),
+            free_md
+        );
+        print(&out)
+    })
+}
+
+pub fn stat(spec: &str, name: &str, as_json: bool) -> CliResult {
     with_fs(spec, |fs| {
         let m = fs.stat(name)?;
+        if as_json {
+            return print_json(&meta_json(fs, &m)?);
+        }
         let mut s = String::new();
         s += &format!(
             "name:      {}\n",
