@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm bench-vm lint bench bench-iopath bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug kill-dbbench
+.PHONY: all deps test test-rust test-vm bench-vm lint bench bench-iopath bench-micro kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug test-rocksdb-suites kill-dbbench
 
 all: test
 
@@ -242,6 +242,19 @@ rocksdb-debug-tools: deps
 	  || { echo "db_stress has no SyncPoint: not a debug RocksDB"; exit 1; }
 	@! grep -q '$(TARGET_DIR)/release/' $(ROCKSDB_DEBUG)/db_stress.map \
 	  || { echo "db_stress links release objects"; exit 1; }
+
+# RocksDB's own DB test suites (DBTestBase and the other TEST_FS_URI
+# ones), built against the debug RocksDB and the plugin, each run on POSIX
+# and on BlobFS (blobfs://mem:6G): a table per suite and every test that
+# fails only on BlobFS, with why. Opt-in, like the debug RocksDB it needs.
+# SUITES picks them, e.g. make test-rocksdb-suites SUITES=db_flush_test
+SUITES ?= db_basic_test db_flush_test fault_injection_test db_compaction_filter_test column_family_test
+test-rocksdb-suites: rocksdb-debug-tools
+	@src=$(ROCKSDB_SRC_DIR) && inc=$(COMPRESSION_INCLUDES) || exit 1; \
+	$(MAKE) -f cpp/rocksdb-debug.mk -j$$(nproc) ROCKSDB_SRC="$$src" OUT=$(ROCKSDB_DEBUG) \
+	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(ROCKSDB_DEBUG)/cargo/release/librocksdb_env.a \
+	  SUITES="$(SUITES)" suites
+	cpp/test-rocksdb-suites.sh $(ROCKSDB_DEBUG)/suites $(SUITES)
 
 crashtest-rocksdb-debug: rocksdb-debug-tools
 	$(CARGO) build --release -p rocksdb-env --bin rocksdb-crashtest

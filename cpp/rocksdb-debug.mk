@@ -80,3 +80,22 @@ $(OUT)/db_stress: $(STRESS_OBJS) $(PLUGIN_LIB)
 # The tool's objects alone (they need RocksDB's headers, not its library).
 .PHONY: tool-objects
 tool-objects: $(STRESS_OBJS)
+
+# RocksDB's own DB test suites (the DBTestBase ones and the others that
+# take TEST_FS_URI), built from the same sources against the debug
+# library and the plugin, for `make test-rocksdb-suites`:
+#   make -f cpp/rocksdb-debug.mk suites SUITES="db_basic_test ..." (needs PLUGIN_LIB)
+# Test helpers are RocksDB's src.mk TEST_LIB_SOURCES and MOCK_LIB_SOURCES.
+SUITE_LIB_SRCS := db/db_test_util.cc db/db_with_timestamp_test_util.cc \
+  test_util/mock_time_env.cc test_util/secondary_cache_test_util.cc \
+  test_util/testharness.cc test_util/testutil.cc utilities/agg_merge/test_agg_merge.cc \
+  utilities/cassandra/test_utils.cc table/mock_table.cc \
+  third-party/gtest-1.8.1/fused-src/gtest/gtest-all.cc
+SUITE_LIB_OBJS := $(patsubst %.cc,$(OBJ)/tool/%.o,$(SUITE_LIB_SRCS))
+
+$(OUT)/suites/%: $(OBJ)/tool/db/%.o $(SUITE_LIB_OBJS) $(PLUGIN_LIB)
+	@mkdir -p $(dir $@)
+	$(CXX) -o $@ $< $(SUITE_LIB_OBJS) $(TOOL_LIBS)
+
+.PHONY: suites
+suites: $(addprefix $(OUT)/suites/,$(SUITES))

@@ -929,6 +929,9 @@ impl BlobFs {
         let mut found: Vec<Found> = Vec::new();
         let mut marks: Vec<Moved> = Vec::new();
         let mut max_seq = 0;
+        // What this mount finished for a stop that was not clean (events).
+        let mut reaped_unlinked = 0usize;
+        let mut replaced_names = 0usize;
         for id in bs.blob_ids() {
             if id == sb {
                 continue;
@@ -938,6 +941,7 @@ impl BlobFs {
             if blob.get_xattr(meta::UNLINKED).is_some() {
                 drop(blob);
                 bs.delete_blob(id).await.ctx(&what)?;
+                reaped_unlinked += 1;
                 continue;
             }
             let name = blob
@@ -998,6 +1002,7 @@ impl BlobFs {
         }
         // Directory renames a crash interrupted: every entry below the old
         // name gets its new name, synced, before the marker goes.
+        let finished_renames = marks.len();
         if !marks.is_empty() {
             let mut names: Vec<(BlobId, u64, &mut String)> = found
                 .iter_mut()
@@ -1068,6 +1073,7 @@ impl BlobFs {
                 let id = loser.id;
                 drop(loser.blob);
                 bs.delete_blob(id).await.ctx(&loser.name)?;
+                replaced_names += 1;
             }
         }
         // Parents first, so every name's parent is in the index.
@@ -1104,6 +1110,7 @@ impl BlobFs {
                 idx.insert(f.name, e);
             }
         }
+        let orphaned = orphans.len();
         for o in orphans {
             // A parent can only be missing after damage; recreate it so the
             // file stays reachable (fsck reports it).
@@ -1117,6 +1124,27 @@ impl BlobFs {
                 let e = fs.inner.create_node(&d, meta::KIND_DIR).await?;
                 fs.inner.index.write().insert(d, e);
             }
+        }
+        let r = &fs.inner.recovery;
+        let entries = fs.inner.index.read().entries.len();
+        if reaped_unlinked + replaced_names + orphaned + finished_renames > 0
+            || r.buffers > 0
+            || !r.ignored.is_empty()
+        {
+            tracing::warn!(
+                device = %bs.device().name(),
+                entries,
+                unsynced_files_written_back = r.files,
+                unsynced_bytes_written_back = r.bytes,
+                unsynced_buffers_ignored = r.ignored.len(),
+                directory_renames_finished = finished_renames,
+                deleted_while_open_reaped = reaped_unlinked,
+                replaced_by_rename_reaped = replaced_names,
+                parents_recreated = orphaned,
+                "BlobFS mounted after an unclean stop; finished what it left"
+            );
+        } else {
+            tracing::info!(device = %bs.device().name(), entries, "BlobFS mounted");
         }
         Ok(fs)
     }

@@ -491,7 +491,11 @@ fn df_and_json_output_add_up() {
     let db = entry("db");
     assert_eq!(db["files"], 2);
     assert_eq!(db["used_bytes"], 2 * (3 << 19));
-    assert_eq!(db["allocated_bytes"], 2 * (2 << 20), "two clusters per file");
+    assert_eq!(
+        db["allocated_bytes"],
+        2 * (2 << 20),
+        "two clusters per file"
+    );
     assert_eq!(entry("empty")["files"], 0);
     assert_eq!(entry("top")["allocated_bytes"], 1 << 20);
     assert_eq!(df["files"], 3);
@@ -500,7 +504,10 @@ fn df_and_json_output_add_up() {
     let sub: serde_json::Value = serde_json::from_str(&ok(&["df", &dev, "db", "--json"])).unwrap();
     assert_eq!(sub["files"], 2);
     let text = ok(&["df", &dev]);
-    assert!(text.contains("db/") && text.contains("total of /"), "{text}");
+    assert!(
+        text.contains("db/") && text.contains("total of /"),
+        "{text}"
+    );
     assert!(fails(&["df", &dev, "top"]).contains("not a directory"));
 
     // ls/stat/info/fsck --json agree with each other and with df.

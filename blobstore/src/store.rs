@@ -868,6 +868,12 @@ impl Blobstore {
         }
         if !opts.force {
             if let Some(sig) = crate::probe::probe(&dev).await? {
+                tracing::warn!(
+                    device = %dev.name(),
+                    holds = %sig.what,
+                    offset = sig.offset,
+                    "refusing to format a device that is not blank"
+                );
                 return Err(Error::DeviceNotBlank {
                     device: dev.name(),
                     what: sig.what,
@@ -1031,6 +1037,7 @@ impl Blobstore {
                 clean = Some((alloc, blobs));
             }
         }
+        let was_clean = clean.is_some();
         let (alloc, mut blobs, discard, finish) = match clean {
             Some((alloc, blobs)) => (alloc, blobs, Vec::new(), Vec::new()),
             None => {
@@ -1041,6 +1048,19 @@ impl Blobstore {
                 (inner.claim_all(&blobs)?, blobs, discard, finish)
             }
         };
+        if was_clean {
+            tracing::info!(device = %inner.dev.name(), blobs = blobs.len(), "blobstore loaded (clean)");
+        } else {
+            tracing::warn!(
+                device = %inner.dev.name(),
+                blobs = blobs.len(),
+                discarded = discard.len(),
+                finished = finish.len(),
+                "blobstore loaded after an unclean stop: bitmaps rebuilt from every blob's \
+                 metadata, blobs whose creation or deletion was cut short discarded, cut-short \
+                 resizes and syncs finished"
+            );
+        }
         *inner.alloc.lock() = alloc;
         for (page, md) in &blobs {
             inner.link_clone(md.parent, StoreInner::blob_id(*page));

@@ -152,6 +152,7 @@ pub struct Fs {
 }
 
 fn fs_open(uri: &str, status: &mut Status) -> Box<Fs> {
+    crate::init_events();
     let parsed = match Uri::parse(uri) {
         Ok(u) => u,
         Err(e) => {
@@ -537,6 +538,7 @@ pub(crate) fn env_handle(
 }
 
 pub(crate) fn register() -> i32 {
+    crate::init_events();
     ffi::register_blobfs()
 }
 

@@ -99,6 +99,23 @@ pub enum Error {
     RocksDbCall(String),
 }
 
+/// Sends BlobFS's and the blobstore's events (mounts and what they
+/// recovered, refusals, device errors) to stderr when `RUST_LOG` is set and
+/// the program has no `tracing` subscriber of its own, so db_bench and
+/// db_stress users see them too. Called at registration and at every
+/// mount through RocksDB; does its work once.
+pub fn init_events() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .try_init();
+        }
+    });
+}
+
 /// Registers `blobfs://` in RocksDB's default object library. Idempotent;
 /// the other functions here call it. Needed before RocksDB parses a
 /// `blobfs://` URI that this crate did not hand it.

@@ -34,6 +34,7 @@ impl FileLock {
         if try_lock(&file, path)? {
             Ok(FileLock { file: Some(file) })
         } else {
+            tracing::warn!(path = %path.display(), "device refused: locked by another opener");
             Err(Error::Busy(format!(
                 "{} is in use by another process/blobstore (it holds an exclusive lock on it)",
                 path.display()

@@ -442,7 +442,11 @@ impl IoChannel {
         let slots = &mut st.slots;
         let free_head = &mut st.free_head;
         let mut wakers = std::mem::take(&mut st.wakers);
+        let name = &self.0.name;
         let n = st.backend.reap(&mut |tag, result| {
+            if let Err(e) = &result {
+                tracing::warn!(device = %name, error = %e, "device I/O failed");
+            }
             let Some(slot) = slots.get_mut(tag as usize) else {
                 debug_assert!(false, "completion for unknown tag {tag}");
                 return;

@@ -9,7 +9,9 @@
 //! is refused with "busy".
 //!
 //! Exit codes: 0 success, 1 any error (or damage found by `fsck`), 2 bad
-//! usage (from clap). Errors are one line on stderr.
+//! usage (from clap). Errors are one line on stderr. `RUST_LOG=info` (or
+//! `warn`, `blobstore=debug`, ...) adds the libraries' events on stderr:
+//! what a mount or a load found and recovered, refusals, device errors.
 
 mod blobs;
 mod fuse;
@@ -267,6 +269,14 @@ fn run(cli: Cli) -> CliResult {
 }
 
 fn main() -> ExitCode {
+    // Events (mount, recovery, fsck, refusals, device errors) on stderr
+    // when RUST_LOG asks for them, e.g. RUST_LOG=info; silent otherwise.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
