@@ -827,13 +827,80 @@ fn direct_handles_read_the_device_and_leave_the_cache_alone() {
             // Every direct read of device bytes goes to the device, even
             // after a buffered read cached them (round 1).
             if off + (buf.len() as u64) <= 2 << 20 {
-                assert!(fault.op_count() > ops, "direct read at {off} in round {round}");
+                assert!(
+                    fault.op_count() > ops,
+                    "direct read at {off} in round {round}"
+                );
             }
             assert_eq!(cached.read_at(off, &mut buf).unwrap(), buf.len());
         }
     }
-    assert!(fs.cache_stats().bytes > 0, "the buffered reads cached nothing");
+    assert!(
+        fs.cache_stats().bytes > 0,
+        "the buffered reads cached nothing"
+    );
     for f in [direct, cached, w] {
         f.close().unwrap();
     }
+}
+
+/// Every write and flush of a `remove_dir` and of a `remove_file` fails in
+/// turn: the error is reported, and after the unmount (and after a crash
+/// right after the failure) the file system passes fsck and mounts, with
+/// the other file intact and the removed entry gone or whole (gone when the
+/// removal returned `Ok`).
+#[test]
+fn an_io_error_in_a_removal_leaves_a_file_system_that_mounts() {
+    use blobstore::IoKind;
+    let keep = pattern(11, 70_000);
+    let gone = pattern(12, 9000);
+    let mut errors = 0;
+    for dir in [true, false] {
+        for kind in [IoKind::Write, IoKind::Flush] {
+            for n in 1.. {
+                let (fault, dev, fs) = fault_fs();
+                let f = fs.create("keep").unwrap();
+                f.append(&keep).unwrap();
+                f.close().unwrap();
+                fs.create_dir("d").unwrap();
+                let f = fs.create("f").unwrap();
+                f.append(&gone).unwrap();
+                f.close().unwrap();
+                let name = if dir { "d" } else { "f" };
+                fault.fail_nth(kind, n);
+                let res = if dir {
+                    fs.remove_dir(name)
+                } else {
+                    fs.remove_file(name)
+                };
+                fault.clear_failures();
+                if fault.injected_failures() == 0 {
+                    res.unwrap();
+                    break;
+                }
+                errors += usize::from(res.is_err());
+                let what = format!("remove {name}, {kind:?} {n} fails ({res:?})");
+                let crash = fault.crash_image();
+                fs.unmount()
+                    .unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
+                let report =
+                    blobfs::fsck::fsck(dev.clone()).unwrap_or_else(|e| panic!("{what}: fsck: {e}"));
+                assert!(report.is_clean(), "{what}: {:?}", report.findings);
+                let crashed: Arc<dyn BlockDevice> = Arc::new(crash.to_device(n).unwrap());
+                for (dev, when) in [(dev, "unmounted"), (crashed, "crashed")] {
+                    let fs = BlobFs::mount(dev, MountOptions::default())
+                        .unwrap_or_else(|e| panic!("{what}, {when}: mount: {e}"));
+                    assert_eq!(contents(&fs, "keep"), keep, "{what}, {when}");
+                    if fs.exists(name) {
+                        assert!(res.is_err(), "{what}, {when}: removed, and back");
+                        if !dir {
+                            assert_eq!(contents(&fs, name), gone, "{what}, {when}");
+                        }
+                    }
+                    fs.unmount().unwrap();
+                }
+            }
+        }
+    }
+    assert!(errors > 0);
 }
