@@ -16,6 +16,11 @@
 //!   error left unfinished (`unfinished`) is finished before the next
 //!   directory rename starts, and at unmount.
 //! - A file deleted while open keeps its blob until the last handle goes.
+//! - A namespace change that syncs a file's metadata (a rename of the file
+//!   or of a directory above it) holds that file's write lock around the
+//!   sync, taken after `ns` (never the other way round: a file operation
+//!   gives up its write lock before it takes `ns`), so the sync never makes
+//!   a length durable that the file's own sync set before writing the data.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -1467,14 +1472,22 @@ impl BlobFs {
         };
         fs.check_parent(&to)?;
         let seq = fs.next_seq();
-        node.blob.set_xattr(meta::NAME, to.as_bytes()).ctx(&from)?;
-        node.blob
-            .set_xattr(meta::SEQ, &meta::enc_u64(seq))
-            .ctx(&from)?;
-        if let Err(e) = node.blob.sync_metadata().await.ctx(&from) {
-            // Not committed: put the old name back in memory.
-            let _ = node.blob.set_xattr(meta::NAME, from.as_bytes());
-            return Err(e);
+        {
+            // The file's write lock over the metadata sync (after the ns
+            // lock, as everywhere): a sync of the file sets its length
+            // before it writes its data, and our sync in between would make
+            // that length durable over bytes not written yet (see
+            // `sync_name`).
+            let _st = node.state.lock().await;
+            node.blob.set_xattr(meta::NAME, to.as_bytes()).ctx(&from)?;
+            node.blob
+                .set_xattr(meta::SEQ, &meta::enc_u64(seq))
+                .ctx(&from)?;
+            if let Err(e) = node.blob.sync_metadata().await.ctx(&from) {
+                // Not committed: put the old name back in memory.
+                let _ = node.blob.set_xattr(meta::NAME, from.as_bytes());
+                return Err(e);
+            }
         }
         {
             let mut idx = fs.index.write();

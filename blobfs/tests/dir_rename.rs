@@ -451,23 +451,6 @@ fn killed_process_at_every_operation_of_a_directory_rename() {
     }
 }
 
-/// A known blobstore bug, not this crate's: when the flush after
-/// `Blobstore::delete_blob` zeroes a blob's metadata page fails, the blob
-/// stays in the in-memory bitmaps, so the next clean unload writes a store
-/// whose load fails on that zeroed page ("not a metadata page"). It happens
-/// the same with `remove_dir`; here it is the delete of the replaced target
-/// `dst`, the last step of the rename. True when `res` and `fsck` show it.
-fn delete_flush_bug(res: &Result<(), Error>, fsck: &Error) -> bool {
-    let rename_err = res
-        .as_ref()
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    rename_err.starts_with("dst: ")
-        && rename_err.contains("flush")
-        && fsck.to_string().contains("not a metadata page")
-}
-
 #[test]
 fn io_error_at_every_write_and_flush_of_a_directory_rename() {
     for to in ["n", "dst"] {
@@ -495,14 +478,7 @@ fn io_error_at_every_write_and_flush_of_a_directory_rename() {
                 // holds what memory showed, with no marker left.
                 fs.unmount()
                     .unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
-                let r = match fsck(fault.clone()) {
-                    Err(e) if delete_flush_bug(&res, &e) => {
-                        println!("{what}: the known Blobstore::delete_blob bug: {e}");
-                        *outcomes.entry(("delete_blob bug", false)).or_insert(0) += 1;
-                        continue;
-                    }
-                    r => r.unwrap(),
-                };
+                let r = fsck(fault.clone()).unwrap_or_else(|e| panic!("{what}: fsck: {e}"));
                 assert!(r.is_clean(), "{what}: {:?}", r.findings);
                 assert_eq!(r.interrupted_renames, 0, "{what}: {:?}", r.findings);
                 let fs = BlobFs::mount(fault.clone(), MountOptions::default()).unwrap();

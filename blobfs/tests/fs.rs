@@ -843,3 +843,166 @@ fn direct_handles_read_the_device_and_leave_the_cache_alone() {
         f.close().unwrap();
     }
 }
+
+/// Polls `fut` once on this thread with a waker that does nothing, then
+/// this thread's device channels (only polling completes I/O): a test
+/// steps several operations in an order of its choosing.
+fn step<F: std::future::Future>(fut: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let p = fut.poll(&mut cx);
+    blobstore::device::poll_thread_channels();
+    p
+}
+
+/// A rename of a file whose sync has set the new length in memory but not
+/// yet written the data must not make that length durable first: a crash
+/// right after the rename returns shows the file (under either name) with
+/// a length its durable bytes back. The three operations are stepped on one
+/// thread so the interleaving is the bad one every time: another file's
+/// sync holds the blobstore's metadata lock while `a`'s sync sets its
+/// length and then waits for that lock; the rename is given the lock
+/// first as soon as it is free.
+#[test]
+fn a_file_rename_never_makes_a_length_durable_before_its_data() {
+    use std::pin::pin;
+    let (fault, _dev, fs) = fault_fs();
+    let old = pattern(1, 4096);
+    let more = pattern(3, 128 << 10); // past what a tail check covers
+    let a = fs.create("a").unwrap();
+    a.append(&old).unwrap();
+    a.sync().unwrap();
+    let b = fs.create("b").unwrap();
+    b.append(&pattern(2, 4096)).unwrap();
+    b.sync().unwrap();
+    // Buffered, not on the device: `a` grows inside its first cluster, so
+    // its sync takes no metadata lock before it sets the length.
+    a.append(&more).unwrap();
+    b.append(&pattern(4, 8192)).unwrap();
+    // Each completion waits a few polls, so b's sync holds the lock a while.
+    fault.set_reap_delay(3);
+    let image = {
+        let mut hold = pin!(b.sync_async());
+        let mut sync = pin!(a.sync_async());
+        let mut rename = pin!(fs.rename_async("a", "a2"));
+        assert!(
+            step(hold.as_mut()).is_pending(),
+            "b's sync waits for its I/O"
+        );
+        assert!(
+            step(sync.as_mut()).is_pending(),
+            "a's sync waits for the lock"
+        );
+        while step(hold.as_mut()).is_pending() {}
+        let (mut renamed, mut synced, mut image) = (false, false, None);
+        for _ in 0..100_000 {
+            if !renamed {
+                if let std::task::Poll::Ready(r) = step(rename.as_mut()) {
+                    r.unwrap();
+                    renamed = true;
+                    image = Some(fault.crash_image());
+                }
+            }
+            if !synced {
+                if let std::task::Poll::Ready(r) = step(sync.as_mut()) {
+                    r.unwrap();
+                    synced = true;
+                }
+            }
+            if renamed && synced {
+                break;
+            }
+        }
+        assert!(renamed && synced, "the rename and the sync never finished");
+        image.unwrap()
+    };
+    fault.set_reap_delay(0);
+    let mut want = old.clone();
+    want.extend_from_slice(&more);
+    for seed in 0..8 {
+        let what = format!("crash right after the rename (seed {seed})");
+        let dev: Arc<dyn BlockDevice> = Arc::new(image.to_device(seed).unwrap());
+        let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
+        let names: Vec<String> = ["a", "a2"]
+            .into_iter()
+            .filter(|n| fs.exists(n))
+            .map(String::from)
+            .collect();
+        assert_eq!(names.len(), 1, "{what}: {names:?}");
+        let got = contents(&fs, &names[0]);
+        assert!(
+            got.len() == old.len() || got.len() == want.len(),
+            "{what}: length {}",
+            got.len()
+        );
+        assert!(
+            got[..] == want[..got.len()],
+            "{what}: {} shows {} bytes it never had on the device",
+            names[0],
+            got.len() - old.len()
+        );
+        fs.unmount().unwrap();
+    }
+    drop((a, b));
+    fs.unmount().unwrap();
+}
+
+/// Every write and flush of a `remove_dir` and of a `remove_file` fails in
+/// turn: the error is reported, and after the unmount (and after a crash
+/// right after the failure) the file system passes fsck and mounts, with
+/// the other file intact and the removed entry gone or whole (gone when the
+/// removal returned `Ok`).
+#[test]
+fn an_io_error_in_a_removal_leaves_a_file_system_that_mounts() {
+    use blobstore::IoKind;
+    let keep = pattern(11, 70_000);
+    let gone = pattern(12, 9000);
+    let mut errors = 0;
+    for dir in [true, false] {
+        for kind in [IoKind::Write, IoKind::Flush] {
+            for n in 1.. {
+                let (fault, dev, fs) = fault_fs();
+                let f = fs.create("keep").unwrap();
+                f.append(&keep).unwrap();
+                f.close().unwrap();
+                fs.create_dir("d").unwrap();
+                let f = fs.create("f").unwrap();
+                f.append(&gone).unwrap();
+                f.close().unwrap();
+                let name = if dir { "d" } else { "f" };
+                fault.fail_nth(kind, n);
+                let res = if dir {
+                    fs.remove_dir(name)
+                } else {
+                    fs.remove_file(name)
+                };
+                fault.clear_failures();
+                if fault.injected_failures() == 0 {
+                    res.unwrap();
+                    break;
+                }
+                errors += usize::from(res.is_err());
+                let what = format!("remove {name}, {kind:?} {n} fails ({res:?})");
+                let crash = fault.crash_image();
+                fs.unmount()
+                    .unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
+                let report =
+                    blobfs::fsck::fsck(dev.clone()).unwrap_or_else(|e| panic!("{what}: fsck: {e}"));
+                assert!(report.is_clean(), "{what}: {:?}", report.findings);
+                let crashed: Arc<dyn BlockDevice> = Arc::new(crash.to_device(n).unwrap());
+                for (dev, when) in [(dev, "unmounted"), (crashed, "crashed")] {
+                    let fs = BlobFs::mount(dev, MountOptions::default())
+                        .unwrap_or_else(|e| panic!("{what}, {when}: mount: {e}"));
+                    assert_eq!(contents(&fs, "keep"), keep, "{what}, {when}");
+                    if fs.exists(name) {
+                        assert!(res.is_err(), "{what}, {when}: removed, and back");
+                        if !dir {
+                            assert_eq!(contents(&fs, name), gone, "{what}, {when}");
+                        }
+                    }
+                    fs.unmount().unwrap();
+                }
+            }
+        }
+    }
+    assert!(errors > 0);
+}

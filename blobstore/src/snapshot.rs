@@ -146,8 +146,9 @@ impl StoreInner {
     }
 
     /// Makes the super block stop naming `id`, durably, before `id` goes:
-    /// a super block naming a missing blob would not load.
-    pub(crate) async fn retire_super_blob(&self, ch: &IoChannel, id: BlobId) -> Result<()> {
+    /// a super block naming a missing blob would not load. True if `id` was
+    /// the super blob.
+    pub(crate) async fn retire_super_blob(&self, ch: &IoChannel, id: BlobId) -> Result<bool> {
         let was_super = {
             let mut sb = self.super_blob.lock();
             let was = *sb == id.0;
@@ -162,7 +163,7 @@ impl StoreInner {
                 return Err(e);
             }
         }
-        Ok(())
+        Ok(was_super)
     }
 
     /// Clears clusters that no durable metadata references any more, as the
@@ -268,12 +269,19 @@ impl StoreInner {
         clone_id: BlobId,
     ) -> Result<()> {
         let clone = self.load_blob_locked(ch, clone_id).await?;
-        self.retire_super_blob(ch, snap.id).await?;
+        let was_super = self.retire_super_blob(ch, snap.id).await?;
         // (a) The marker: from here on, load finishes the removal as soon
         // as no blob names the snapshot as its parent.
         snap.md.write().pending = Some(PendingOp::Removal);
         snap.md.write().touch();
-        self.sync_blob_locked(ch, snap).await?;
+        if let Err(e) = self.sync_blob_locked(ch, snap).await {
+            // The marker may be on the device or not; the snapshot stays
+            // (load keeps it while its clone names it) and is written again
+            // without the marker.
+            snap.md.write().pending = None;
+            self.undo_delete_locked(ch, snap, was_super).await;
+            return Err(e);
+        }
         // (b) The clone takes what it reads through the snapshot.
         let per = self.layout.extent_per_page;
         let (snap_md, mut taken) = {
@@ -301,12 +309,24 @@ impl StoreInner {
         // recovery reclaims), never reused while the disk may name them.
         self.blobs.lock().remove(&snap.id);
         self.alloc.lock().set_blobid(snap.page, false);
-        self.sync_blob_locked(ch, &clone).await?;
-        // (c) The snapshot goes.
-        let zero = vec![0u8; self.layout.page_size as usize];
-        self.write_bytes(ch, self.layout.md_lba(snap.page), &zero)
-            .await?;
-        ch.flush().await?;
+        let finished = async {
+            self.sync_blob_locked(ch, &clone).await?;
+            // (c) The snapshot goes.
+            let zero = vec![0u8; self.layout.page_size as usize];
+            self.write_bytes(ch, self.layout.md_lba(snap.page), &zero)
+                .await?;
+            ch.flush().await
+        }
+        .await;
+        if let Err(e) = finished {
+            // The snapshot's first page, with its marker, may stay on the
+            // device, which the bitmaps in memory no longer say: the next
+            // load must scan, and it then discards the snapshot once the
+            // clone (still changed in memory, synced at the latest by
+            // unload) no longer names it, or keeps it if the clone does.
+            self.needs_scan.store(true, Ordering::Release);
+            return Err(e);
+        }
         taken.sort_unstable();
         let freed: Vec<u32> = snap_md
             .clusters

@@ -12,6 +12,11 @@
 //! - After a clean unload the bitmaps on disk are exact; loading marks the
 //!   store dirty on disk before anything else is written, so a crash after
 //!   load makes the next load rebuild the bitmaps from the metadata pages.
+//! - A failed delete never leaves memory saying less than the device may
+//!   hold: a blob whose first page may have been zeroed stays, with all it
+//!   owns, and is written back before unload (or `set_super_blob`) can
+//!   describe it as existing; what memory can no longer describe (a
+//!   snapshot dropped half way) makes unload leave the store not clean.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -205,6 +210,10 @@ pub(crate) struct BlobInner {
     pub handles: AtomicUsize,
     /// The loaded parent (`md.parent`), so reads resolve without I/O.
     pub parent: RwLock<Option<Arc<BlobInner>>>,
+    /// A delete of this blob failed once its first page may have been
+    /// zeroed on the device; the next successful sync, which writes that
+    /// page again, clears it (see [`StoreInner::undo_delete_locked`]).
+    pub first_page_doubtful: AtomicBool,
 }
 
 impl BlobInner {
@@ -215,6 +224,7 @@ impl BlobInner {
             md: RwLock::new(md),
             handles: AtomicUsize::new(handles),
             parent: RwLock::new(None),
+            first_page_doubtful: AtomicBool::new(false),
         }
     }
 }
@@ -232,6 +242,12 @@ pub(crate) struct StoreInner {
     pub blobs: Mutex<HashMap<BlobId, Arc<BlobInner>>>,
     pub super_blob: Mutex<u64>,
     pub unloaded: AtomicBool,
+    /// Set when a failed operation may have left metadata on the device
+    /// that the bitmaps in memory do not describe (a snapshot dropped from
+    /// memory whose first page could not be zeroed): unload then leaves the
+    /// super block not clean, so the next load rebuilds the bitmaps from a
+    /// scan and finishes the operation (FORMAT.md, "Recovery").
+    pub needs_scan: AtomicBool,
     /// Clones of each snapshot (built at load from every blob's parent).
     pub clones: Mutex<HashMap<BlobId, BTreeSet<BlobId>>>,
     /// What happens to clusters a blob gives up.
@@ -355,6 +371,35 @@ impl StoreInner {
             .await
             .is_ok()
             && ch.flush().await.is_ok()
+    }
+
+    /// Takes back, in memory, a delete of `blob` that failed once it may
+    /// have changed the blob's first page on the device (zeroed it, or
+    /// written a removal marker into it). The blob stays, with all its pages
+    /// and clusters, and with the super block's name if it had it
+    /// (`was_super`); its metadata is marked changed, so its first page is
+    /// written again: here if the device lets us, else at its next sync,
+    /// at the latest at unload, which syncs every blob before it writes the
+    /// bitmaps and the super block. Until then `set_super_blob` syncs it
+    /// before naming it. A crash before that leaves the blob deleted or
+    /// whole, both of which load.
+    pub(crate) async fn undo_delete_locked(
+        &self,
+        ch: &IoChannel,
+        blob: &BlobInner,
+        was_super: bool,
+    ) {
+        blob.md.write().touch();
+        blob.first_page_doubtful.store(true, Ordering::Release);
+        if was_super {
+            *self.super_blob.lock() = blob.id.0;
+        }
+        // Best effort: on an error the blob stays changed (and doubtful),
+        // for the next sync or unload.
+        if self.sync_blob_locked(ch, blob).await.is_ok() && was_super {
+            // The blob is durable again, so the super block may name it.
+            let _ = self.write_super(ch, false).await;
+        }
     }
 
     /// Zeroes freshly allocated clusters so they never show old data.
@@ -732,6 +777,9 @@ impl StoreInner {
                 .drain(..n_clusters)
                 .collect::<Vec<_>>()
         };
+        // The first page is on the device again, whatever a failed delete
+        // did to it.
+        blob.first_page_doubtful.store(false, Ordering::Release);
         self.clear_clusters(ch, &freed_clusters).await;
         let mut alloc = self.alloc.lock();
         for p in to_free {
@@ -914,6 +962,7 @@ impl Blobstore {
             blobs: Mutex::new(HashMap::new()),
             super_blob: Mutex::new(0),
             unloaded: AtomicBool::new(false),
+            needs_scan: AtomicBool::new(false),
             clones: Mutex::new(HashMap::new()),
             clear_method: Mutex::new(ClearMethod::None),
             dev,
@@ -1012,6 +1061,7 @@ impl Blobstore {
             blobs: Mutex::new(HashMap::new()),
             super_blob: Mutex::new(sb.super_blob),
             unloaded: AtomicBool::new(false),
+            needs_scan: AtomicBool::new(false),
             clones: Mutex::new(HashMap::new()),
             clear_method: Mutex::new(ClearMethod::None),
             dev,
@@ -1104,6 +1154,12 @@ impl Blobstore {
         let blobs: Vec<Arc<BlobInner>> = inner.blobs.lock().values().cloned().collect();
         for b in blobs {
             inner.sync_blob_locked(&ch, &b).await?;
+        }
+        if inner.needs_scan.load(Ordering::Acquire) {
+            // The bitmaps would not describe what is on the device: leave
+            // the super block not clean (as load wrote it) for a rebuild.
+            inner.unloaded.store(true, Ordering::Release);
+            return Ok(());
         }
         let l = inner.layout;
         let (pages, clusters, blobids) = inner.alloc.lock().bits();
@@ -1226,12 +1282,21 @@ impl Blobstore {
             }
         }
         let md = blob.md.read().clone();
-        inner.retire_super_blob(&ch, id).await?;
+        let was_super = inner.retire_super_blob(&ch, id).await?;
         let zero = vec![0u8; inner.layout.page_size as usize];
-        inner
-            .write_bytes(&ch, inner.layout.md_lba(page), &zero)
-            .await?;
-        ch.flush().await?;
+        let zeroed = async {
+            inner
+                .write_bytes(&ch, inner.layout.md_lba(page), &zero)
+                .await?;
+            ch.flush().await
+        }
+        .await;
+        if let Err(e) = zeroed {
+            // The zeroed page may reach the media (now or with any later
+            // flush) or not: keep the blob and write it again.
+            inner.undo_delete_locked(&ch, &blob, was_super).await;
+            return Err(e);
+        }
         inner.blobs.lock().remove(&id);
         inner.unlink_clone(id, md.parent);
         let freed: Vec<u32> = md
@@ -1277,6 +1342,17 @@ impl Blobstore {
             let p = inner.page_of(id)?;
             if !inner.alloc.lock().is_blobid(p) {
                 return Err(Error::NotFound(id));
+            }
+            // A blob whose failed delete may have zeroed its first page must
+            // be on the device again before the super block names it.
+            let doubtful = inner
+                .blobs
+                .lock()
+                .get(&id)
+                .filter(|b| b.first_page_doubtful.load(Ordering::Acquire))
+                .cloned();
+            if let Some(b) = doubtful {
+                inner.sync_blob_locked(&ch, &b).await?;
             }
         }
         *inner.super_blob.lock() = id.map_or(0, |b| b.0);
