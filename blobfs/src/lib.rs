@@ -35,3 +35,22 @@ pub use error::{Error, Result};
 pub use file::{File, Metadata};
 pub use fs::{BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo};
 pub use unsynced::UnsyncedRecovery;
+
+/// Sends BlobFS's and the blobstore's events (mounts and what they
+/// recovered, refusals, device errors) to stderr when `RUST_LOG` is set
+/// (`info`, `warn`, `blobfs=debug`, ...) and the program has no `tracing`
+/// subscriber of its own; colours only on a terminal. Does its work once
+/// per process; later calls return at once.
+#[cfg(feature = "stderr-events")]
+pub fn stderr_events() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .try_init();
+        }
+    });
+}

@@ -105,17 +105,7 @@ pub enum Error {
 /// db_stress users see them too. Called at registration and at every
 /// mount through RocksDB; does its work once.
 pub fn init_events() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("RUST_LOG").is_some() {
-            let _ = tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-                .with_writer(std::io::stderr)
-                // Colours only on a terminal, not in logs and pipes.
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .try_init();
-        }
-    });
+    blobfs::stderr_events();
 }
 
 /// Registers `blobfs://` in RocksDB's default object library. Idempotent;

@@ -271,14 +271,7 @@ fn run(cli: Cli) -> CliResult {
 fn main() -> ExitCode {
     // Events (mount, recovery, fsck, refusals, device errors) on stderr
     // when RUST_LOG asks for them, e.g. RUST_LOG=info; silent otherwise.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            // Colours only on a terminal, not in logs and pipes.
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init();
-    }
+    blobfs::stderr_events();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
