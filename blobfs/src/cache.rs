@@ -176,6 +176,8 @@ struct Shard {
     /// Lookups of this shard that found their chunk, and that did not.
     hits: u64,
     misses: u64,
+    /// Chunks this shard evicted to make room.
+    evictions: u64,
 }
 
 /// Cache statistics.
@@ -185,6 +187,8 @@ pub struct CacheStats {
     pub hits: u64,
     /// Lookups that did not.
     pub misses: u64,
+    /// Chunks evicted to make room for others.
+    pub evictions: u64,
     /// Bytes held now.
     pub bytes: u64,
 }
@@ -222,6 +226,7 @@ impl Cache {
                         next_stamp: 0,
                         hits: 0,
                         misses: 0,
+                        evictions: 0,
                     })
                 })
                 .collect(),
@@ -380,6 +385,7 @@ impl Cache {
                 }
                 Some(e) if e.stamp == slot.1 => {
                     s.map.remove(&slot.0);
+                    s.evictions += 1;
                     self.chunks.fetch_sub(1, Ordering::Relaxed);
                     self.evicted.store(true, Ordering::Relaxed);
                 }
@@ -415,15 +421,17 @@ impl Cache {
     }
 
     pub fn stats(&self) -> CacheStats {
-        let (mut hits, mut misses) = (0, 0);
+        let (mut hits, mut misses, mut evictions) = (0, 0, 0);
         for s in &self.shards {
             let s = s.lock();
             hits += s.hits;
             misses += s.misses;
+            evictions += s.evictions;
         }
         CacheStats {
             hits,
             misses,
+            evictions,
             bytes: self.chunks.load(Ordering::Relaxed) * self.chunk_bytes as u64,
         }
     }

@@ -32,6 +32,8 @@
 //!   truncate make the blob's state durable before a buffer lets bytes go.
 //!   So a killed process loses nothing an append returned for.
 
+use crate::metrics::FsShard;
+use blobstore::metrics::{Shards, Stamp};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -104,11 +106,17 @@ impl Behind {
     /// Waits until no write is in flight; returns the last one's outcome
     /// (once).
     pub fn wait_idle(&self) -> Option<std::result::Result<DmaBuf, String>> {
+        self.wait_idle_timed().1
+    }
+
+    /// [`Behind::wait_idle`], saying whether it had to wait.
+    fn wait_idle_timed(&self) -> (bool, Option<std::result::Result<DmaBuf, String>>) {
         let mut s = self.state.lock();
+        let waited = s.range.is_some();
         while s.range.is_some() {
             self.cv.wait(&mut s);
         }
-        s.done.take()
+        (waited, s.done.take())
     }
 
     /// True when no write is in flight and no outcome waits to be taken.
@@ -286,8 +294,13 @@ impl FileNode {
     /// Waits for this file's write-behind, if one is in flight; returns its
     /// buffer for reuse, or marks the file failed (the bytes are lost) and
     /// reports it.
-    fn settle(&self, st: &mut WriteState) -> Result<Option<DmaBuf>> {
-        match self.behind.wait_idle() {
+    fn settle(&self, st: &mut WriteState, fs: &FsInner) -> Result<Option<DmaBuf>> {
+        let start = Stamp::now();
+        let (waited, outcome) = self.behind.wait_idle_timed();
+        if waited {
+            fs.metrics.with(|m| m.stall.record(start, 0, true));
+        }
+        match outcome {
             Some(Ok(buf)) => Ok(Some(buf)),
             Some(Err(reason)) => {
                 st.failed = Some(reason);
@@ -300,7 +313,7 @@ impl FileNode {
     /// [`FileNode::settle`], giving the written buffer back (its slot of
     /// unsynced memory, pages kept, serves the next buffer).
     fn settle_into(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
-        if let Some(buf) = self.settle(st)? {
+        if let Some(buf) = self.settle(st, fs)? {
             fs.give_back_buf(buf);
         }
         Ok(())
@@ -402,7 +415,7 @@ impl FileNode {
             self.flushed.store(st.buf_start, Ordering::Release);
             return Ok(());
         }
-        let spare = self.settle(st)?;
+        let spare = self.settle(st, fs)?;
         let (from, to) = (st.buf_start, st.buf_start + full as u64);
         self.ensure_capacity(to).await?;
         let mut next = match spare {
@@ -438,7 +451,7 @@ impl FileNode {
         let lba = from / self.unit;
         if let Err(buf) = fs.write_behind(self.clone(), lba, buf) {
             // No writer thread: write it here.
-            let outcome = self.land_behind(&fs.unsynced, lba, buf).await;
+            let outcome = self.land_behind(&fs.unsynced, &fs.metrics, lba, buf).await;
             self.behind.finish(outcome);
         }
         Ok(())
@@ -450,11 +463,20 @@ impl FileNode {
     pub async fn land_behind(
         &self,
         unsynced: &Unsynced,
+        metrics: &Shards<FsShard>,
         lba: u64,
         buf: DmaBuf,
     ) -> std::result::Result<DmaBuf, String> {
-        let buf = self.blob.write(lba, buf).await.map_err(|e| e.to_string())?;
-        self.persist_clusters().await.map_err(|e| e.to_string())?;
+        let start = Stamp::now();
+        let bytes = buf.len() as u64;
+        let res = async {
+            let buf = self.blob.write(lba, buf).await.map_err(|e| e.to_string())?;
+            self.persist_clusters().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(buf)
+        }
+        .await;
+        metrics.with(|m| m.behind.record(start, bytes, res.is_ok()));
+        let buf = res?;
         unsynced.retire(&buf);
         Ok(buf)
     }
@@ -967,6 +989,8 @@ pub struct File {
     pub(crate) write: bool,
     /// Reads bypass the cache ([`crate::OpenOptions::direct`]).
     pub(crate) direct: bool,
+    /// A WAL, by its name when opened (its syncs are counted apart).
+    pub(crate) wal: bool,
     pub(crate) ra: Readahead,
 }
 
@@ -1010,10 +1034,16 @@ impl File {
     /// Reads at `off` into `dst`; returns the bytes read (0 at the end).
     pub async fn read_at_async(&self, off: u64, dst: &mut [u8]) -> Result<usize> {
         self.check(false)?;
-        let n = self
+        let start = Stamp::now();
+        let res = self
             .node
             .read_at(&self.fs, &self.ra, off, dst, self.direct)
-            .await?;
+            .await;
+        let n = *res.as_ref().unwrap_or(&0);
+        self.fs
+            .metrics
+            .with(|m| m.read.record(start, n as u64, res.is_ok()));
+        let n = res?;
         self.ra.note(off + n as u64);
         Ok(n)
     }
@@ -1042,7 +1072,17 @@ impl File {
     pub async fn append_async(&self, data: &[u8]) -> Result<()> {
         self.check(true)?;
         let off = self.len();
-        self.node.write_at(&self.fs, off, data).await
+        self.write_counted(off, data).await
+    }
+
+    /// Writes through the node, counted as an append.
+    async fn write_counted(&self, off: u64, data: &[u8]) -> Result<()> {
+        let start = Stamp::now();
+        let res = self.node.write_at(&self.fs, off, data).await;
+        self.fs
+            .metrics
+            .with(|m| m.append.record(start, data.len() as u64, res.is_ok()));
+        res
     }
 
     /// Synchronous [`File::append_async`].
@@ -1053,7 +1093,7 @@ impl File {
     /// Writes `data` at `off`, which may be at most the current length.
     pub async fn write_at_async(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check(true)?;
-        self.node.write_at(&self.fs, off, data).await
+        self.write_counted(off, data).await
     }
 
     /// Synchronous [`File::write_at_async`].
@@ -1074,7 +1114,14 @@ impl File {
 
     /// Makes all data and the length durable.
     pub async fn sync_async(&self) -> Result<()> {
-        self.node.sync(&self.fs).await
+        let start = Stamp::now();
+        let res = self.node.sync(&self.fs).await;
+        let ok = res.is_ok();
+        self.fs.metrics.with(|m| {
+            let c = if self.wal { &m.wal_sync } else { &m.sync };
+            c.record(start, 0, ok)
+        });
+        res
     }
 
     /// Synchronous [`File::sync_async`].

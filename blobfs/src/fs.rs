@@ -22,6 +22,8 @@
 //!   gives up its write lock before it takes `ns`), so the sync never makes
 //!   a length durable that the file's own sync set before writing the data.
 
+use crate::metrics::{FsShard, Metrics};
+use blobstore::metrics::Shards;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -154,7 +156,7 @@ pub struct DirEntry {
 }
 
 /// Space figures.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SpaceInfo {
     /// Bytes files can use, used or not.
     pub total_bytes: u64,
@@ -273,6 +275,8 @@ pub(crate) struct FsInner {
     pub unsynced: Arc<Unsynced>,
     /// What this mount found in the unsynced memory a dead process left.
     recovery: UnsyncedRecovery,
+    /// File operations counted per thread ([`BlobFs::metrics`]).
+    pub metrics: Arc<Shards<FsShard>>,
 }
 
 /// The writer thread and its queue.
@@ -285,9 +289,13 @@ struct Writer {
 type BehindJob = (Arc<FileNode>, u64, blobstore::DmaBuf);
 
 /// The writer thread: writes each job's buffer and reports to the file.
-fn run_writer(jobs: std::sync::mpsc::Receiver<BehindJob>, unsynced: Arc<Unsynced>) {
+fn run_writer(
+    jobs: std::sync::mpsc::Receiver<BehindJob>,
+    unsynced: Arc<Unsynced>,
+    metrics: Arc<Shards<FsShard>>,
+) {
     while let Ok((node, lba, buf)) = jobs.recv() {
-        let outcome = block_on(node.land_behind(&unsynced, lba, buf));
+        let outcome = block_on(node.land_behind(&unsynced, &metrics, lba, buf));
         let behind = node.behind.clone();
         // Let go of the node before waking anyone: a delete waiting for
         // this write then finds the node free.
@@ -330,9 +338,10 @@ impl FsInner {
         if w.is_none() {
             let (tx, rx) = std::sync::mpsc::channel();
             let unsynced = self.unsynced.clone();
+            let metrics = self.metrics.clone();
             let Ok(thread) = std::thread::Builder::new()
                 .name("blobfs-writer".into())
-                .spawn(move || run_writer(rx, unsynced))
+                .spawn(move || run_writer(rx, unsynced, metrics))
             else {
                 return Err(buf);
             };
@@ -522,12 +531,14 @@ impl FsInner {
 
     fn handle(self: &Arc<Self>, node: Arc<FileNode>, opts: OpenOptions) -> File {
         node.handles.fetch_add(1, Ordering::AcqRel);
+        let node_name = node.name();
         File {
             fs: self.clone(),
             node,
             read: opts.read || !opts.write,
             write: opts.write,
             direct: opts.direct,
+            wal: crate::metrics::is_wal(&node_name),
             ra: Readahead::default(),
         }
     }
@@ -1066,6 +1077,7 @@ impl BlobFs {
             writer: Mutex::new(None),
             unsynced: region,
             recovery,
+            metrics: Arc::new(Shards::new()),
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.
@@ -1641,6 +1653,32 @@ impl BlobFs {
             entries: self.inner.index.read().entries.len() as u64,
             cluster_bytes: cs,
         }
+    }
+
+    /// The file system `inner` belongs to.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn from_inner(inner: Arc<FsInner>) -> BlobFs {
+        BlobFs { inner }
+    }
+
+    /// A reference that does not keep the file system mounted.
+    #[cfg(feature = "prometheus")]
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<FsInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    /// What the file system has done since the mount: file reads,
+    /// appends, syncs (WALs apart), write-behinds and their stalls, metadata
+    /// syncs, the cache, the device's I/O and the space, with latency
+    /// quantiles ([`Metrics`]; [`Metrics::to_prometheus`] renders it).
+    /// Counting is always on: per-thread counters, folded here.
+    pub fn metrics(&self) -> Metrics {
+        Metrics::fold(
+            &self.inner.metrics.all(),
+            self.inner.bs.metrics(),
+            self.inner.cache.stats(),
+            self.space(),
+        )
     }
 
     /// Read-cache statistics.

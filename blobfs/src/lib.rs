@@ -23,17 +23,23 @@
 
 mod cache;
 mod error;
+#[cfg(feature = "prometheus")]
+mod exporter;
 mod file;
 mod fs;
 pub mod fsck;
 pub mod meta;
+pub mod metrics;
 pub mod name;
 pub mod unsynced;
 
 pub use cache::CacheStats;
 pub use error::{Error, Result};
+#[cfg(feature = "prometheus")]
+pub use exporter::MetricsServer;
 pub use file::{File, Metadata};
 pub use fs::{BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo};
+pub use metrics::Metrics;
 pub use unsynced::UnsyncedRecovery;
 
 /// Sends BlobFS's and the blobstore's events (mounts and what they

@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod exec;
 pub mod format;
+pub mod metrics;
 pub mod probe;
 pub mod reactor;
 mod snapshot;
@@ -26,15 +27,15 @@ pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
 pub use device::{
-    channel, open_device, BlockDevice, DeviceSpec, DmaBuf, FileDevice, FileOptions, Geometry,
-    IoChannel, MemDevice,
+    channel, device_metrics, open_device, BlockDevice, DeviceMetrics, DeviceSpec, DmaBuf,
+    FileDevice, FileOptions, Geometry, IoChannel, MemDevice,
 };
 #[cfg(feature = "nvme")]
 pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;
-pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions};
+pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, StoreMetrics};
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -29,9 +29,13 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::alloc::Allocator;
 use crate::blob::Blob;
-use crate::device::{channel, channel_with_id, BlockDevice, DeviceId, DmaBuf, Geometry, IoChannel};
+use crate::device::{
+    channel, channel_with_id, device_metrics, BlockDevice, DeviceId, DeviceMetrics, DmaBuf,
+    Geometry, IoChannel,
+};
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
+use crate::metrics::{OpCounter, OpStats, Shards, Stamp};
 use crate::BlobId;
 
 /// No caller data for [`StoreInner::sync_blob_locked_with`] (whose outer
@@ -252,6 +256,18 @@ pub(crate) struct StoreInner {
     pub clones: Mutex<HashMap<BlobId, BTreeSet<BlobId>>>,
     /// What happens to clusters a blob gives up.
     pub clear_method: Mutex<ClearMethod>,
+    /// Metadata syncs, per thread.
+    pub md_syncs: Shards<OpCounter>,
+}
+
+/// A blobstore's figures so far ([`Blobstore::metrics`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StoreMetrics {
+    /// Metadata syncs (every [`Blob::sync_metadata`] and its variants, and
+    /// the store's own), with their latency; bytes are 0.
+    pub metadata_syncs: OpStats,
+    /// The device's I/O, every user of it included.
+    pub device: DeviceMetrics,
 }
 
 /// What the store does with the clusters a blob gives up (on delete and on
@@ -568,6 +584,21 @@ impl StoreInner {
         ordered: bool,
         data: Option<impl Future<Output = std::result::Result<(), E>>>,
     ) -> std::result::Result<Result<()>, E> {
+        let start = Stamp::now();
+        let res = self.sync_blob_untimed(ch, blob, ordered, data).await;
+        self.md_syncs
+            .with(|c| c.record(start, 0, matches!(res, Ok(Ok(())))));
+        res
+    }
+
+    /// [`StoreInner::sync_blob_locked_with`] without counting it.
+    async fn sync_blob_untimed<E>(
+        &self,
+        ch: &IoChannel,
+        blob: &BlobInner,
+        ordered: bool,
+        data: Option<impl Future<Output = std::result::Result<(), E>>>,
+    ) -> std::result::Result<Result<()>, E> {
         let had_data = data.is_some();
         let mut data = pin!(async move {
             match data {
@@ -867,6 +898,14 @@ impl StoreInner {
 }
 
 impl Blobstore {
+    /// Metadata syncs and device I/O so far (see [`crate::metrics`]).
+    pub fn metrics(&self) -> StoreMetrics {
+        StoreMetrics {
+            metadata_syncs: OpStats::fold(&self.inner.md_syncs.all(), |c| c),
+            device: device_metrics(self.inner.dev_id),
+        }
+    }
+
     /// Makes a new, empty blobstore on `dev`. Unless `opts.force` is set,
     /// first probes the device ([`crate::probe`]) and fails with
     /// [`Error::DeviceNotBlank`] if it holds a known signature, our own
@@ -949,6 +988,7 @@ impl Blobstore {
         };
         let layout = Layout::from_super(&sb);
         let inner = Arc::new(StoreInner {
+            md_syncs: Shards::new(),
             dev_id: dev.id(),
             geo,
             layout,
@@ -1048,6 +1088,7 @@ impl Blobstore {
             layout.total_clusters = fits;
         }
         let inner = Arc::new(StoreInner {
+            md_syncs: Shards::new(),
             dev_id: dev.id(),
             geo,
             layout,

@@ -34,6 +34,8 @@ pub struct Mount {
     pub uri: Uri,
     /// The fault switch, if mounted with `fault_injection=on`.
     pub faults: Option<Arc<FaultControl>>,
+    /// The metrics endpoint, if mounted with `metrics=HOST:PORT`.
+    pub metrics: Option<blobfs::MetricsServer>,
 }
 
 static MOUNTS: Mutex<Option<HashMap<String, Arc<Mount>>>> = Mutex::new(None);
@@ -112,10 +114,25 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
         spec: uri.spec.clone(),
         source: e,
     })?;
+    let metrics = match &uri.metrics {
+        Some(addr) => match fs.serve_metrics(addr) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // Leave nothing mounted behind the refusal.
+                let _ = fs.unmount();
+                return Err(Error::Mount {
+                    spec: uri.spec.clone(),
+                    source: e,
+                });
+            }
+        },
+        None => None,
+    };
     let m = Arc::new(Mount {
         fs,
         uri: uri.clone(),
         faults,
+        metrics,
     });
     table.insert(uri.mount_key().to_string(), m.clone());
     Ok(m)
@@ -141,6 +158,15 @@ fn conflict(mounted: &Uri, asked: &Uri) -> Option<String> {
                     "fault_injection={} asked, {} in force",
                     on_off(asked.fault_injection),
                     on_off(mounted.fault_injection)
+                )
+            })
+        })
+        .or_else(|| {
+            (mounted.metrics != asked.metrics).then(|| {
+                format!(
+                    "metrics={} asked, {} in force",
+                    asked.metrics.as_deref().unwrap_or("(none)"),
+                    mounted.metrics.as_deref().unwrap_or("(none)")
                 )
             })
         })
@@ -176,7 +202,13 @@ pub fn unmount(uri: &Uri) -> Result<bool, Error> {
         return Ok(false);
     };
     match Arc::try_unwrap(m) {
-        Ok(m) => m.fs.unmount().map(|()| true).map_err(|e| Error::Mount {
+        // The endpoint goes first: a scrape in flight holds the mount.
+        Ok(Mount { fs, metrics, .. }) => {
+            drop(metrics);
+            fs.unmount()
+        }
+        .map(|()| true)
+        .map_err(|e| Error::Mount {
             spec: uri.spec.clone(),
             source: e,
         }),

@@ -13,6 +13,10 @@
 //!   cluster=<size>          cluster size when formatting (default 1M)
 //!   fault_injection=on      put a fault-injecting wrapper under BlobFS
 //!                           (tests; armed with `inject_write_faults`)
+//!   metrics=<host>:<port>   serve the mount's metrics in Prometheus' text
+//!                           format at http://<host>:<port>/metrics; the
+//!                           host must be a loopback address (127.0.0.1,
+//!                           ::1, localhost); port 0 picks a free one
 //! ```
 //!
 //! The mkfs modes, and what each does with what the device holds:
@@ -77,6 +81,8 @@ pub struct Uri {
     pub cluster_bytes: u32,
     /// Wrap the device with the fault injector.
     pub fault_injection: bool,
+    /// Where to serve the mount's metrics (`HOST:PORT`, loopback only).
+    pub metrics: Option<String>,
 }
 
 /// A URI that does not parse, with the reason.
@@ -112,6 +118,7 @@ impl Uri {
             mkfs: Mkfs::IfBlank,
             cluster_bytes: 1 << 20,
             fault_injection: false,
+            metrics: None,
         };
         for opt in parts.filter(|p| !p.is_empty()) {
             let (key, value) = opt
@@ -147,9 +154,17 @@ impl Uri {
                         }
                     }
                 }
+                "metrics" => {
+                    if value.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.is_empty()) {
+                        return Err(bad(format!(
+                            "metrics={value}: expected HOST:PORT, e.g. 127.0.0.1:9464"
+                        )));
+                    }
+                    out.metrics = Some(value.to_string());
+                }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection)"
+                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection, metrics)"
                     )))
                 }
             }
@@ -184,6 +199,9 @@ impl Uri {
         if self.fault_injection {
             s.push_str(";fault_injection=on");
         }
+        if let Some(m) = &self.metrics {
+            s.push_str(&format!(";metrics={m}"));
+        }
         s
     }
 }
@@ -211,6 +229,18 @@ fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_takes_host_and_port_and_round_trips() {
+        let u = Uri::parse("blobfs://mem:64M;metrics=127.0.0.1:9464").unwrap();
+        assert_eq!(u.metrics.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(Uri::parse(&u.to_uri()).unwrap(), u);
+        assert_eq!(Uri::parse("blobfs://mem:64M").unwrap().metrics, None);
+        for bad in ["9464", ":9464", "localhost:"] {
+            let e = Uri::parse(&format!("blobfs://mem:64M;metrics={bad}")).unwrap_err();
+            assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        }
+    }
 
     #[test]
     fn plain_spec_and_options() {

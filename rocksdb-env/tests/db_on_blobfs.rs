@@ -412,3 +412,70 @@ fn mmap_reads_serve_plain_and_block_tables() {
         assert_eq!(db.get(key(1)).unwrap(), None);
     }
 }
+
+/// GET `path` from `127.0.0.1:port`; the status line and the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of the Prometheus sample `name` (no labels) in `text`.
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.split(' ').next() == Some(name))
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+}
+
+#[test]
+fn metrics_endpoint_serves_what_rocksdb_did() {
+    // A free port: bind, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let uri = format!("blobfs://mem:96M;metrics=127.0.0.1:{port}");
+    let db = rocksdb_env::open_db(&uri, "/metrics/db", &small_options()).unwrap();
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    for i in 0..200 {
+        db.put_opt(key(i), value(i, 0), &synced).unwrap();
+    }
+    db.flush().unwrap();
+    let (status, text) = http_get(port, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    // Every synced put synced the WAL; the flush synced an SST.
+    assert!(sample(&text, "blobfs_wal_sync_total") >= 200.0, "{text}");
+    assert!(sample(&text, "blobfs_append_total") >= 200.0);
+    assert!(sample(&text, "blobfs_sync_total") >= 1.0);
+    assert!(sample(&text, "blobfs_device_flush_total") >= 200.0);
+    assert!(text.contains("# TYPE blobfs_wal_sync_seconds summary"));
+    assert!(text.contains("blobfs_wal_sync_seconds{quantile=\"0.99\"} "));
+    assert!(sample(&text, "blobfs_space_free_bytes") > 0.0);
+    let (status, _) = http_get(port, "/other");
+    assert!(status.contains("404"), "{status}");
+    drop(db);
+
+    // Only a loopback address, and a clear error otherwise.
+    let e = rocksdb_env::open_db(
+        "blobfs://mem:80M;metrics=192.0.2.1:9464",
+        "/m2",
+        &small_options(),
+    )
+    .err()
+    .expect("a non-loopback address is refused")
+    .to_string();
+    assert!(e.contains("loopback"), "{e}");
+    let e = rocksdb_env::open_db("blobfs://mem:80M;metrics=9464", "/m3", &small_options())
+        .err()
+        .expect("no port")
+        .to_string();
+    assert!(e.contains("HOST:PORT"), "{e}");
+}

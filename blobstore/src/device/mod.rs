@@ -41,6 +41,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{Error, Result};
+use crate::metrics::{OpCounter, OpStats, Shards, Stamp};
 
 /// Shape of a block device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -327,7 +328,8 @@ fn thread_channel(id: DeviceId) -> Option<IoChannel> {
 #[cold]
 fn new_channel(dev: &Arc<dyn BlockDevice>, id: DeviceId) -> Result<IoChannel> {
     let backend = dev.new_backend()?;
-    let ch = IoChannel::new(dev.geometry(), dev.name(), backend);
+    let metrics = device_shards(dev, id).add();
+    let ch = IoChannel::new(dev.geometry(), dev.name(), backend, metrics);
     CHANNELS.with(|m| {
         let mut guard = m.borrow_mut();
         let m = &mut *guard;
@@ -375,15 +377,81 @@ pub fn wait_thread_channels() -> bool {
     }
 }
 
+/// One channel's device I/O counters, by [`IoKind`].
+#[derive(Default)]
+pub struct DeviceShard {
+    ops: [OpCounter; 5],
+}
+
+impl DeviceShard {
+    fn op(&self, kind: IoKind) -> &OpCounter {
+        &self.ops[kind as usize]
+    }
+}
+
+/// A device's I/O, folded over every thread's channel to it: count, bytes,
+/// errors and latency (submission to completion seen by a poll) by kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DeviceMetrics {
+    /// Reads.
+    pub reads: OpStats,
+    /// Writes.
+    pub writes: OpStats,
+    /// Flushes.
+    pub flushes: OpStats,
+    /// Deallocations.
+    pub unmaps: OpStats,
+    /// Writes of zeroes.
+    pub write_zeroes: OpStats,
+}
+
+/// The counters of each open device (dropped with the device).
+type DeviceShardList = Vec<(DeviceId, Weak<dyn BlockDevice>, Arc<Shards<DeviceShard>>)>;
+
+static DEVICE_SHARDS: parking_lot::Mutex<DeviceShardList> = parking_lot::Mutex::new(Vec::new());
+
+/// The counters of `dev` (whose id is `id`), created on first use.
+fn device_shards(dev: &Arc<dyn BlockDevice>, id: DeviceId) -> Arc<Shards<DeviceShard>> {
+    let mut all = DEVICE_SHARDS.lock();
+    all.retain(|(_, d, _)| d.strong_count() > 0);
+    if let Some((_, _, s)) = all.iter().find(|(i, _, _)| *i == id) {
+        return s.clone();
+    }
+    let s = Arc::new(Shards::new());
+    all.push((id, Arc::downgrade(dev), s.clone()));
+    s
+}
+
+/// The I/O figures of the device `id` so far (every thread's channel;
+/// zeroes for a device no thread has used).
+pub fn device_metrics(id: DeviceId) -> DeviceMetrics {
+    let shards = DEVICE_SHARDS
+        .lock()
+        .iter()
+        .find(|(i, _, _)| *i == id)
+        .map(|(_, _, s)| s.all())
+        .unwrap_or_default();
+    let fold = |k: IoKind| OpStats::fold(&shards, |s: &DeviceShard| s.op(k));
+    DeviceMetrics {
+        reads: fold(IoKind::Read),
+        writes: fold(IoKind::Write),
+        flushes: fold(IoKind::Flush),
+        unmaps: fold(IoKind::Unmap),
+        write_zeroes: fold(IoKind::WriteZeroes),
+    }
+}
+
 enum Slot {
     Free {
         next: Option<Tag>,
     },
     InFlight {
         /// Held so the op's buffers outlive the device's use of them.
-        _op: IoOp,
+        op: IoOp,
         waker: Option<Waker>,
         abandoned: bool,
+        /// When it was submitted.
+        start: Stamp,
     },
     Done {
         result: Result<()>,
@@ -404,6 +472,8 @@ struct ChannelInner {
     geometry: Geometry,
     name: String,
     state: RefCell<ChannelState>,
+    /// This channel's shard of the device's counters.
+    metrics: Arc<DeviceShard>,
 }
 
 /// A thread's channel to one device. Cheap to clone; not `Send`.
@@ -411,10 +481,16 @@ struct ChannelInner {
 pub struct IoChannel(Rc<ChannelInner>);
 
 impl IoChannel {
-    fn new(geometry: Geometry, name: String, backend: Box<dyn ChannelBackend>) -> IoChannel {
+    fn new(
+        geometry: Geometry,
+        name: String,
+        backend: Box<dyn ChannelBackend>,
+        metrics: Arc<DeviceShard>,
+    ) -> IoChannel {
         IoChannel(Rc::new(ChannelInner {
             geometry,
             name,
+            metrics,
             state: RefCell::new(ChannelState {
                 backend,
                 slots: Vec::new(),
@@ -443,6 +519,7 @@ impl IoChannel {
         let free_head = &mut st.free_head;
         let mut wakers = std::mem::take(&mut st.wakers);
         let name = &self.0.name;
+        let metrics = &self.0.metrics;
         let n = st.backend.reap(&mut |tag, result| {
             if let Err(e) = &result {
                 tracing::warn!(device = %name, error = %e, "device I/O failed");
@@ -451,10 +528,16 @@ impl IoChannel {
                 debug_assert!(false, "completion for unknown tag {tag}");
                 return;
             };
+            let ok = result.is_ok();
             match std::mem::replace(slot, Slot::Done { result }) {
                 Slot::InFlight {
-                    waker, abandoned, ..
+                    op,
+                    waker,
+                    abandoned,
+                    start,
                 } => {
+                    let bytes = op.blocks * u64::from(self.0.geometry.block_size);
+                    metrics.op(op.kind).record(start, bytes, ok);
                     if abandoned {
                         *slot = Slot::Free { next: *free_head };
                         *free_head = Some(tag);
@@ -589,15 +672,17 @@ impl IoChannel {
                 (st.slots.len() - 1) as Tag
             }
         };
+        let start = Stamp::now();
         if let Err(e) = st.backend.submit(tag, &op) {
             st.slots[tag as usize] = Slot::Free { next: st.free_head };
             st.free_head = Some(tag);
             return Err(e);
         }
         st.slots[tag as usize] = Slot::InFlight {
-            _op: op,
+            op,
             waker: None,
             abandoned: false,
+            start,
         };
         st.in_flight += 1;
         IN_FLIGHT.with(|c| c.set(c.get() + 1));
