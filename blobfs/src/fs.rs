@@ -59,6 +59,13 @@ pub struct MountOptions {
     /// never pushes out chunks for bytes nobody asked for. Default 128 KiB
     /// (the kernel's default readahead); up to one chunk turns it off.
     pub warm_read_bytes: u64,
+    /// `discard=on`: when a file is deleted (or truncated, or replaced by a
+    /// rename), its clusters are unmapped on the device before they return
+    /// to the free pool, so a thin-provisioned device, an SSD or a sparse
+    /// image file gets the space back at once (as `mount -o discard`).
+    /// Each delete then waits for the unmap. Default off: `blobfs trim`
+    /// (`Blobstore::trim_free`) does the same for all free space at once.
+    pub discard: bool,
 }
 
 impl Default for MountOptions {
@@ -67,6 +74,7 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             cache_chunk_bytes: 4 << 10,
             warm_read_bytes: 128 << 10,
+            discard: false,
         }
     }
 }
@@ -884,6 +892,11 @@ impl BlobFs {
             }
             Err(e) => return Err(Error::store("mount", e)),
         };
+        if opts.discard {
+            // Deletes (also those the mount finishes below) and shrinks
+            // unmap clusters before the allocator gets them back.
+            bs.set_clear_method(blobstore::ClearMethod::Unmap);
+        }
         let sb = bs
             .super_blob()
             .ok_or_else(|| Error::Corrupt("no super blob".into()))?;

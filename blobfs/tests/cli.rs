@@ -534,3 +534,42 @@ fn df_and_json_output_add_up() {
     assert_eq!(fsck["file_bytes"], df["used_bytes"]);
     assert_eq!(fsck["findings"], serde_json::json!([]));
 }
+
+/// Bytes the host file system has allocated for `path`.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn trim_gives_deleted_files_blocks_back_to_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    let create = format!("file:{}?size=64M", img.display());
+    let dev = format!("file:{}", img.display());
+    let dev = dev.as_str();
+    ok(&["mkfs", &create, "--cluster-size", "64K"]);
+    let big = tmp.path().join("big.bin");
+    std::fs::write(&big, pattern(9, 20 << 20)).unwrap();
+    ok(&["import", dev, big.to_str().unwrap(), "big.bin"]);
+    ok(&["import", dev, big.to_str().unwrap(), "d/other.bin", "-p"]);
+    ok(&["rm", dev, "big.bin"]);
+    let before = allocated(&img);
+    let out = ok(&["trim", dev]);
+    assert!(
+        out.starts_with("trimmed ") && out.contains("free clusters"),
+        "{out}"
+    );
+    let after = allocated(&img);
+    assert!(
+        after + (18 << 20) <= before,
+        "trim left {after} of {before} bytes allocated"
+    );
+    // The file left is whole, and a second trim (JSON) trims the same.
+    assert!(run(&["cat", dev, "d/other.bin"]).stdout == pattern(9, 20 << 20));
+    let v: serde_json::Value = serde_json::from_str(&ok(&["trim", dev, "--json"])).unwrap();
+    let clusters = v["clusters"].as_u64().unwrap();
+    assert!(clusters >= 320, "{v}");
+    assert_eq!(v["bytes"].as_u64().unwrap(), clusters * (64 << 10));
+    assert!(v["runs"].as_u64().unwrap() >= 1, "{v}");
+}

@@ -45,6 +45,14 @@ fn parse_cluster(s: &str) -> Result<u32, String> {
     u32::try_from(n).map_err(|_| format!("{s:?} is too large for a cluster"))
 }
 
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: use on or off")),
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Make a new, empty BlobFS (erases the device).
@@ -166,6 +174,15 @@ enum Cmd {
         #[arg(short, long)]
         parents: bool,
     },
+    /// Deallocate every free cluster on the device (as fstrim): a sparse
+    /// image file shrinks, an SSD or thin device gets the space back.
+    Trim {
+        /// Device spec
+        device: String,
+        /// One JSON object (clusters, bytes, runs, requests) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the file system without mounting it; exit 1 on damage.
     Fsck {
         /// Device spec
@@ -205,6 +222,11 @@ enum Cmd {
         /// Read-cache memory.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         cache: u64,
+        /// `on`: unmap a deleted file's clusters on the device before they
+        /// are free again (as `mount -o discard`); `off`: leave that to
+        /// `blobfs trim`.
+        #[arg(long, default_value = "off", value_parser = parse_on_off)]
+        discard: bool,
     },
 }
 
@@ -255,6 +277,7 @@ fn run(cli: Cli) -> CliResult {
             dir,
             parents,
         } => ops::mkdir(&device, &dir, parents),
+        Cmd::Trim { device, json } => ops::trim(&device, json),
         Cmd::Fsck { device, json } => blobs::fsck(&device, json),
         Cmd::Blobs { device } => blobs::list(&device),
         Cmd::DiscardUnsynced { device } => blobs::discard_unsynced(&device),
@@ -264,7 +287,8 @@ fn run(cli: Cli) -> CliResult {
             dir,
             foreground,
             cache,
-        } => fuse::mount(&device, &dir, foreground, cache),
+            discard,
+        } => fuse::mount(&device, &dir, foreground, cache, discard),
     }
 }
 

@@ -1,5 +1,5 @@
 //! The file commands: mkfs, info, df, ls, stat, import, export, cat, rm,
-//! mv, mkdir. Each mounts the file system, does its work and unmounts, so
+//! mv, mkdir, trim. Each mounts the file system, does its work and unmounts, so
 //! what it changed is durable when it exits. `--json` output is one JSON
 //! value on stdout (an object, or an array for `ls`), sizes in bytes and
 //! times in nanoseconds since the Unix epoch beside their UTC text.
@@ -487,5 +487,33 @@ pub fn mkdir(spec: &str, dir: &str, parents: bool) -> CliResult {
             fs.create_dir(dir)?;
         }
         Ok(())
+    })
+}
+
+/// Unmaps every free cluster of the device (as `fstrim`), after mounting,
+/// so deletes a crash cut short are finished and their clusters trimmed.
+pub fn trim(spec: &str, as_json: bool) -> CliResult {
+    with_fs(spec, |fs| {
+        let r = block_on(fs.blobstore().trim_free()).map_err(|e| match e {
+            blobstore::Error::Unsupported(why) => {
+                crate::util::CliError(format!("{spec}: not supported: {why}"))
+            }
+            e => crate::util::CliError(format!("trimming {spec}: {e}")),
+        })?;
+        if as_json {
+            return print_json(&json!({
+                "device": spec,
+                "clusters": r.clusters,
+                "bytes": r.bytes,
+                "runs": r.runs,
+                "requests": r.requests,
+            }));
+        }
+        print(&format!(
+            "trimmed {} free clusters ({}) in {} runs on {spec}\n",
+            r.clusters,
+            human(r.bytes),
+            r.runs
+        ))
     })
 }
