@@ -16,6 +16,7 @@
 mod blobs;
 mod fuse;
 mod ops;
+mod tree;
 mod util;
 
 use std::path::PathBuf;
@@ -135,6 +136,33 @@ enum Cmd {
         name: String,
         /// File on the host (created or replaced)
         host_file: PathBuf,
+    },
+    /// Copy every file and directory, with modification times, into a new
+    /// (or empty) host directory.
+    Backup {
+        /// Device spec
+        device: String,
+        /// Host directory to create (or an empty one)
+        host_dir: PathBuf,
+        /// One JSON object (files, bytes, directories) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a host directory tree (as `backup` made it) into the file
+    /// system, with modification times; symlinks and special files are
+    /// skipped with a warning.
+    Restore {
+        /// Host directory
+        host_dir: PathBuf,
+        /// Device spec
+        device: String,
+        /// Replace files that exist in the file system (without it, restore
+        /// refuses before writing anything).
+        #[arg(short, long)]
+        force: bool,
+        /// One JSON object (files, bytes, directories, skipped) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Write a file's contents to stdout.
     Cat {
@@ -265,6 +293,17 @@ fn run(cli: Cli) -> CliResult {
             name,
             host_file,
         } => ops::export(&device, &name, &host_file),
+        Cmd::Backup {
+            device,
+            host_dir,
+            json,
+        } => tree::backup(&device, &host_dir, json),
+        Cmd::Restore {
+            host_dir,
+            device,
+            force,
+            json,
+        } => tree::restore(&host_dir, &device, force, json),
         Cmd::Cat { device, name } => ops::cat(&device, &name),
         Cmd::Rm {
             device,
