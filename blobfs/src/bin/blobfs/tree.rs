@@ -100,6 +100,13 @@ pub fn backup(spec: &str, dir: &Path, as_json: bool) -> CliResult {
         let progress = Progress::bytes(total, "backup");
         let mut sum = Summary::default();
         for m in entries.iter() {
+            // A damaged image must not send a file outside `dir`.
+            if blobfs::name::normalize_entry(&m.name).ok().as_deref() != Some(m.name.as_str()) {
+                return fail(format!(
+                    "{:?}: not a normalized name (run fsck); nothing more backed up",
+                    m.name
+                ));
+            }
             let host = dir.join(&m.name);
             if m.is_dir {
                 std::fs::create_dir_all(&host).ctx(format!("creating {}", host.display()))?;
