@@ -582,6 +582,15 @@ impl FileNode {
         Ok(())
     }
 
+    /// Sets the modification time (as `touch -d`) and makes it durable,
+    /// with everything written before. A later write sets it to its own time.
+    pub async fn set_mtime(&self, fs: &FsInner, mtime_ns: u64) -> Result<()> {
+        let mut st = self.state.lock().await;
+        self.mtime.store(mtime_ns, Ordering::Release);
+        st.md_dirty = true;
+        self.sync_locked(&mut st, fs).await
+    }
+
     /// Makes data and length durable.
     pub async fn sync(&self, fs: &FsInner) -> Result<()> {
         let mut st = self.state.lock().await;

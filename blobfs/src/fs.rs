@@ -61,6 +61,13 @@ pub struct MountOptions {
     /// never pushes out chunks for bytes nobody asked for. Default 128 KiB
     /// (the kernel's default readahead); up to one chunk turns it off.
     pub warm_read_bytes: u64,
+    /// `discard=on`: when a file is deleted (or truncated, or replaced by a
+    /// rename), its clusters are unmapped on the device before they return
+    /// to the free pool, so a thin-provisioned device, an SSD or a sparse
+    /// image file gets the space back at once (as `mount -o discard`).
+    /// Each delete then waits for the unmap. Default off: `blobfs trim`
+    /// (`Blobstore::trim_free`) does the same for all free space at once.
+    pub discard: bool,
 }
 
 impl Default for MountOptions {
@@ -69,6 +76,7 @@ impl Default for MountOptions {
             cache_bytes: 256 << 20,
             cache_chunk_bytes: 4 << 10,
             warm_read_bytes: 128 << 10,
+            discard: false,
         }
     }
 }
@@ -170,7 +178,8 @@ pub struct SpaceInfo {
 
 pub(crate) struct DirNode {
     blob: blobstore::Blob,
-    mtime: u64,
+    /// Set at creation, changed only by [`BlobFs::set_mtime_async`].
+    mtime: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -461,7 +470,10 @@ impl FsInner {
                 self.bs.cluster_size() as u64,
             )))
         } else {
-            Entry::Dir(Arc::new(DirNode { blob, mtime: now }))
+            Entry::Dir(Arc::new(DirNode {
+                blob,
+                mtime: AtomicU64::new(now),
+            }))
         })
     }
 
@@ -895,6 +907,11 @@ impl BlobFs {
             }
             Err(e) => return Err(Error::store("mount", e)),
         };
+        if opts.discard {
+            // Deletes (also those the mount finishes below) and shrinks
+            // unmap clusters before the allocator gets them back.
+            bs.set_clear_method(blobstore::ClearMethod::Unmap);
+        }
         let sb = bs
             .super_blob()
             .ok_or_else(|| Error::Corrupt("no super blob".into()))?;
@@ -1118,7 +1135,7 @@ impl BlobFs {
                 } else {
                     Entry::Dir(Arc::new(DirNode {
                         blob: f.blob,
-                        mtime: f.mtime,
+                        mtime: AtomicU64::new(f.mtime),
                     }))
                 };
                 if !idx.is_dir(name::parent(&f.name)) {
@@ -1295,10 +1312,43 @@ impl BlobFs {
                 name,
                 is_dir: true,
                 len: 0,
-                mtime_ns: d.mtime,
+                mtime_ns: d.mtime.load(Ordering::Acquire),
                 blob_id: d.blob.id(),
             }),
         }
+    }
+
+    /// Sets the modification time of a file or directory, in nanoseconds
+    /// since the Unix epoch, and makes it durable (with a file's data
+    /// written before). The root directory has no time of its own: it is
+    /// [`Error::InvalidArgument`]. A later write to a file sets its time to
+    /// the time of that write, as on any file system.
+    pub async fn set_mtime_async(&self, name: &str, mtime_ns: u64) -> Result<()> {
+        let name = normalize(name)?;
+        if name.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the root directory has no modification time to set".into(),
+            ));
+        }
+        let fs = &self.inner;
+        let _g = fs.ns.lock().await;
+        match fs.lookup(&name) {
+            None => Err(Error::NotFound(name)),
+            Some(Entry::File(n)) => n.set_mtime(fs, mtime_ns).await,
+            Some(Entry::Dir(d)) => {
+                d.blob
+                    .set_xattr(meta::MTIME, &meta::enc_u64(mtime_ns))
+                    .ctx(&name)?;
+                d.blob.sync_metadata().await.ctx(&name)?;
+                d.mtime.store(mtime_ns, Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+
+    /// Synchronous [`BlobFs::set_mtime_async`].
+    pub fn set_mtime(&self, name: &str, mtime_ns: u64) -> Result<()> {
+        block_on(self.set_mtime_async(name, mtime_ns))
     }
 
     /// True if a file or directory of that name exists.

@@ -534,3 +534,228 @@ fn df_and_json_output_add_up() {
     assert_eq!(fsck["file_bytes"], df["used_bytes"]);
     assert_eq!(fsck["findings"], serde_json::json!([]));
 }
+
+/// Bytes the host file system has allocated for `path`.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn trim_gives_deleted_files_blocks_back_to_the_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    let create = format!("file:{}?size=64M", img.display());
+    let dev = format!("file:{}", img.display());
+    let dev = dev.as_str();
+    ok(&["mkfs", &create, "--cluster-size", "64K"]);
+    let big = tmp.path().join("big.bin");
+    std::fs::write(&big, pattern(9, 20 << 20)).unwrap();
+    ok(&["import", dev, big.to_str().unwrap(), "big.bin"]);
+    ok(&["import", dev, big.to_str().unwrap(), "d/other.bin", "-p"]);
+    ok(&["rm", dev, "big.bin"]);
+    let before = allocated(&img);
+    let out = ok(&["trim", dev]);
+    assert!(
+        out.starts_with("trimmed ") && out.contains("free clusters"),
+        "{out}"
+    );
+    let after = allocated(&img);
+    assert!(
+        after + (18 << 20) <= before,
+        "trim left {after} of {before} bytes allocated"
+    );
+    // The file left is whole, and a second trim (JSON) trims the same.
+    assert!(run(&["cat", dev, "d/other.bin"]).stdout == pattern(9, 20 << 20));
+    let v: serde_json::Value = serde_json::from_str(&ok(&["trim", dev, "--json"])).unwrap();
+    let clusters = v["clusters"].as_u64().unwrap();
+    assert!(clusters >= 320, "{v}");
+    assert_eq!(v["bytes"].as_u64().unwrap(), clusters * (64 << 10));
+    assert!(v["runs"].as_u64().unwrap() >= 1, "{v}");
+}
+
+/// Every entry of an image as (name, kind, len, mtime_ns), from `ls -R --json`.
+fn tree_of(dev: &str) -> Vec<(String, String, u64, u64)> {
+    let v: serde_json::Value = serde_json::from_str(&ok(&["ls", dev, "-R", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["kind"].as_str().unwrap().to_string(),
+                e["len"].as_u64().unwrap(),
+                e["mtime_ns"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn host_mtime_ns(p: &Path) -> u64 {
+    let t = std::fs::metadata(p).unwrap().modified().unwrap();
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+fn set_host_mtime(p: &Path, ns: u64) {
+    let t = std::time::UNIX_EPOCH + Duration::from_nanos(ns);
+    std::fs::File::open(p).unwrap().set_modified(t).unwrap();
+}
+
+#[test]
+fn backup_then_restore_keeps_names_directories_bytes_and_times() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mk = |n: &str| {
+        let img = tmp.path().join(n);
+        ok(&["mkfs", &format!("file:{}?size=64M", img.display())]);
+        format!("file:{}", img.display())
+    };
+    let (a, b) = (mk("a.img"), mk("b.img"));
+
+    // A host tree with files, empty and nested directories, odd times.
+    let src = tmp.path().join("src");
+    let files: [(&str, usize); 5] = [
+        ("top.txt", 10),
+        ("db/000001.sst", 3_000_001),
+        ("db/CURRENT", 16),
+        ("db/archive/old.log", 0),
+        ("logs/2024/x y.log", 70_000),
+    ];
+    for (i, (name, len)) in files.iter().enumerate() {
+        let p = src.join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, pattern(i as u64 + 20, *len)).unwrap();
+        set_host_mtime(
+            &p,
+            1_000_000_000_123_456_789 + i as u64 * 86_400_000_000_007,
+        );
+    }
+    std::fs::create_dir_all(src.join("empty")).unwrap();
+    for (i, d) in ["db/archive", "db", "logs/2024", "logs", "empty"]
+        .iter()
+        .enumerate()
+    {
+        set_host_mtime(&src.join(d), 900_000_000_000_000_001 + i as u64 * 1_000_003);
+    }
+    // A symlink on the host is skipped, with a warning.
+    std::os::unix::fs::symlink("top.txt", src.join("link")).unwrap();
+
+    let out = run(&["restore", src.to_str().unwrap(), &a]);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("skipping") && err.contains("symbolic link"),
+        "{err}"
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("restored 5 files"), "{said}");
+    let tree_a = tree_of(&a);
+    assert!(!tree_a.iter().any(|e| e.0 == "link"), "{tree_a:?}");
+    for (name, len) in files {
+        let e = tree_a.iter().find(|e| e.0 == name).unwrap();
+        assert_eq!((e.1.as_str(), e.2), ("file", len as u64), "{name}");
+        assert_eq!(e.3, host_mtime_ns(&src.join(name)), "{name}");
+        assert!(run(&["cat", &a, name]).stdout == std::fs::read(src.join(name)).unwrap());
+    }
+    let empty = tree_a.iter().find(|e| e.0 == "empty").unwrap();
+    assert_eq!(
+        (empty.1.as_str(), empty.3),
+        ("directory", host_mtime_ns(&src.join("empty")))
+    );
+    let db = tree_a.iter().find(|e| e.0 == "db").unwrap();
+    assert_eq!(db.3, host_mtime_ns(&src.join("db")));
+
+    // Backup into a new directory, then restore that into a fresh image.
+    let bak = tmp.path().join("bak");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["backup", &a, bak.to_str().unwrap(), "--json"])).unwrap();
+    assert_eq!(v["files"], 5);
+    assert_eq!(v["directories"], 5);
+    let total: usize = files.iter().map(|f| f.1).sum();
+    assert_eq!(v["bytes"], total as u64);
+    for e in &tree_a {
+        let p = bak.join(&e.0);
+        assert_eq!(host_mtime_ns(&p), e.3, "{}", e.0);
+        assert_eq!(p.is_dir(), e.1 == "directory", "{}", e.0);
+        if e.1 == "file" {
+            assert!(std::fs::read(&p).unwrap() == run(&["cat", &a, &e.0]).stdout);
+        }
+    }
+    // No temporary names left behind.
+    let listing = Command::new("find").arg(&bak).output().unwrap();
+    assert!(!String::from_utf8_lossy(&listing.stdout).contains("partial"));
+
+    ok(&["restore", bak.to_str().unwrap(), &b]);
+    assert_eq!(tree_of(&b), tree_a);
+    for e in tree_a.iter().filter(|e| e.1 == "file") {
+        assert!(run(&["cat", &b, &e.0]).stdout == run(&["cat", &a, &e.0]).stdout);
+    }
+
+    // A backup never writes into a directory that holds something.
+    let err = fails(&["backup", &a, bak.to_str().unwrap()]);
+    assert!(err.contains("not empty"), "{err}");
+}
+
+#[test]
+fn restore_refuses_to_clobber_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    ok(&["mkfs", &format!("file:{}?size=64M", img.display())]);
+    let dev = format!("file:{}", img.display());
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("d/a"), b"new a").unwrap();
+    std::fs::write(src.join("d/b"), b"new b").unwrap();
+    let old = tmp.path().join("old");
+    std::fs::write(&old, b"old b").unwrap();
+    ok(&["import", &dev, old.to_str().unwrap(), "d/b", "-p"]);
+
+    let err = fails(&["restore", src.to_str().unwrap(), &dev]);
+    assert!(err.contains("d/b: already exists"), "{err}");
+    assert!(err.contains("--force"), "{err}");
+    // Nothing was written: not even the file that did not clash.
+    assert_eq!(ok(&["ls", &dev, "d"]), "b\n");
+    assert_eq!(run(&["cat", &dev, "d/b"]).stdout, b"old b");
+
+    let out = ok(&["restore", src.to_str().unwrap(), &dev, "--force"]);
+    assert!(out.starts_with("restored 2 files"), "{out}");
+    assert_eq!(run(&["cat", &dev, "d/b"]).stdout, b"new b");
+    assert_eq!(run(&["cat", &dev, "d/a"]).stdout, b"new a");
+    assert_eq!(ok(&["ls", &dev, "d"]), "a\nb\n");
+}
+
+#[test]
+fn no_progress_output_when_stderr_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    ok(&["mkfs", &format!("file:{}?size=64M", img.display())]);
+    let dev = format!("file:{}", img.display());
+    let data = tmp.path().join("data");
+    std::fs::write(&data, pattern(3, 5 << 20)).unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), pattern(4, 3 << 20)).unwrap();
+    let out_file = tmp.path().join("out");
+    let bak = tmp.path().join("bak");
+    // run() gives the command a pipe for stderr: nothing but errors may
+    // appear there, and nothing (not a bar, not a control sequence) on stdout
+    // but the commands' own output.
+    for args in [
+        vec!["import", &dev, data.to_str().unwrap(), "big"],
+        vec!["export", &dev, "big", out_file.to_str().unwrap()],
+        vec!["restore", src.to_str().unwrap(), &dev],
+        vec!["backup", &dev, bak.to_str().unwrap()],
+        vec!["fsck", &dev],
+    ] {
+        let out = run(&args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?} wrote to stderr: {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !out.stdout.contains(&0x1b),
+            "{args:?}: escape sequences on stdout"
+        );
+    }
+}

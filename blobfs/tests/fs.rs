@@ -706,6 +706,7 @@ fn a_cold_cache_fills_by_extents_until_it_is_full() {
         cache_bytes: CACHE,
         cache_chunk_bytes: 4096,
         warm_read_bytes: EXTENT,
+        ..Default::default()
     };
     let fs = BlobFs::mount(dev, opts).unwrap();
     let f = fs.open("sst", OpenOptions::read()).unwrap();

@@ -107,6 +107,18 @@ impl Allocator {
         }
     }
 
+    /// The free clusters as `(first, count)` runs of neighbours, in order.
+    pub fn free_cluster_runs(&self) -> Vec<(u32, u32)> {
+        let mut runs: Vec<(u32, u32)> = Vec::new();
+        for c in self.clusters.iter_zeros() {
+            match runs.last_mut() {
+                Some((first, n)) if (*first + *n) as usize == c => *n += 1,
+                _ => runs.push((c as u32, 1)),
+            }
+        }
+        runs
+    }
+
     /// Marks a cluster used during a rebuild; false if it already was.
     pub fn claim_cluster(&mut self, c: u32) -> bool {
         let c = c as usize;

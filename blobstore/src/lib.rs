@@ -21,6 +21,7 @@ pub mod probe;
 pub mod reactor;
 mod snapshot;
 mod store;
+mod trim;
 
 pub use blob::{Blob, BlobIo};
 pub use check::CheckReport;
@@ -36,6 +37,7 @@ pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, StoreMetrics};
+pub use trim::TrimReport;
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -174,13 +174,13 @@ impl StoreInner {
         if method == ClearMethod::None || clusters.is_empty() {
             return;
         }
-        let upc = self.layout.units_per_cluster();
-        for &c in clusters {
-            let lba = self.layout.cluster_lba(c);
+        // Neighbouring clusters (a blob's are often in order) go in one
+        // request.
+        for (lba, blocks) in self.block_runs(clusters) {
             let res = if method == ClearMethod::Unmap && self.geo.unmap_reads_zeroes {
-                ch.unmap(lba, upc).await
+                ch.unmap(lba, blocks).await
             } else {
-                ch.write_zeroes(lba, upc).await
+                ch.write_zeroes(lba, blocks).await
             };
             if res.is_err() {
                 return;

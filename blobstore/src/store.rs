@@ -420,6 +420,14 @@ impl StoreInner {
 
     /// Zeroes freshly allocated clusters so they never show old data.
     pub async fn zero_clusters(&self, ch: &IoChannel, clusters: &[u32]) -> Result<()> {
+        let runs = self.block_runs(clusters);
+        try_join_all(runs.into_iter().map(|(lba, n)| ch.write_zeroes(lba, n))).await?;
+        Ok(())
+    }
+
+    /// `clusters` as `(lba, blocks)` runs, neighbours (in the order given)
+    /// merged, so one device request covers each run.
+    pub fn block_runs(&self, clusters: &[u32]) -> Vec<(u64, u64)> {
         let upc = self.layout.units_per_cluster();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for &c in clusters {
@@ -429,8 +437,7 @@ impl StoreInner {
                 _ => runs.push((lba, upc)),
             }
         }
-        try_join_all(runs.into_iter().map(|(lba, n)| ch.write_zeroes(lba, n))).await?;
-        Ok(())
+        runs
     }
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).

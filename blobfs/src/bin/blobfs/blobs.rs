@@ -8,7 +8,7 @@ use blobfs::fsck::{fsck as check, Severity};
 use blobfs::meta;
 use blobstore::{block_on, Blob, BlobId, Blobstore, LoadOptions};
 
-use crate::util::{fail, human, open_device, print, utc, CliResult, Ctx};
+use crate::util::{fail, human, open_device, print, utc, CliResult, Ctx, Progress};
 
 /// Loads the blobstore on `spec` (of any type), runs `f`, unloads.
 fn with_store<T>(spec: &str, f: impl FnOnce(&Blobstore) -> CliResult<T>) -> CliResult<T> {
@@ -162,7 +162,9 @@ pub fn dump(spec: &str, id: &str) -> CliResult {
 
 pub fn fsck(spec: &str, as_json: bool) -> CliResult {
     let dev = open_device(spec)?;
+    let progress = Progress::spinner(&format!("checking {spec}"));
     let r = check(dev).ctx(format!("fsck {spec}"))?;
+    drop(progress);
     if as_json {
         let findings: Vec<serde_json::Value> = r
             .findings

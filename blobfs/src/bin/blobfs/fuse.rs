@@ -649,7 +649,13 @@ fn unmount_signals() -> libc::sigset_t {
     }
 }
 
-pub fn mount(spec: &str, dir: &Path, foreground: bool, cache_bytes: u64) -> CliResult {
+pub fn mount(
+    spec: &str,
+    dir: &Path,
+    foreground: bool,
+    cache_bytes: u64,
+    discard: bool,
+) -> CliResult {
     if !dir.is_dir() {
         return fail(format!("{}: not a directory", dir.display()));
     }
@@ -667,6 +673,7 @@ pub fn mount(spec: &str, dir: &Path, foreground: bool, cache_bytes: u64) -> CliR
         dev,
         MountOptions {
             cache_bytes,
+            discard,
             ..Default::default()
         },
     )

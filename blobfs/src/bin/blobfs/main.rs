@@ -16,6 +16,7 @@
 mod blobs;
 mod fuse;
 mod ops;
+mod tree;
 mod util;
 
 use std::path::PathBuf;
@@ -43,6 +44,14 @@ struct Cli {
 fn parse_cluster(s: &str) -> Result<u32, String> {
     let n = parse_size(s)?;
     u32::try_from(n).map_err(|_| format!("{s:?} is too large for a cluster"))
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?}: use on or off")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -128,6 +137,33 @@ enum Cmd {
         /// File on the host (created or replaced)
         host_file: PathBuf,
     },
+    /// Copy every file and directory, with modification times, into a new
+    /// (or empty) host directory.
+    Backup {
+        /// Device spec
+        device: String,
+        /// Host directory to create (or an empty one)
+        host_dir: PathBuf,
+        /// One JSON object (files, bytes, directories) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy a host directory tree (as `backup` made it) into the file
+    /// system, with modification times; symlinks and special files are
+    /// skipped with a warning.
+    Restore {
+        /// Host directory
+        host_dir: PathBuf,
+        /// Device spec
+        device: String,
+        /// Replace files that exist in the file system (without it, restore
+        /// refuses before writing anything).
+        #[arg(short, long)]
+        force: bool,
+        /// One JSON object (files, bytes, directories, skipped) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write a file's contents to stdout.
     Cat {
         /// Device spec
@@ -165,6 +201,15 @@ enum Cmd {
         /// Create missing parents; no error if it exists.
         #[arg(short, long)]
         parents: bool,
+    },
+    /// Deallocate every free cluster on the device (as fstrim): a sparse
+    /// image file shrinks, an SSD or thin device gets the space back.
+    Trim {
+        /// Device spec
+        device: String,
+        /// One JSON object (clusters, bytes, runs, requests) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Check the file system without mounting it; exit 1 on damage.
     Fsck {
@@ -205,6 +250,11 @@ enum Cmd {
         /// Read-cache memory.
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         cache: u64,
+        /// `on`: unmap a deleted file's clusters on the device before they
+        /// are free again (as `mount -o discard`); `off`: leave that to
+        /// `blobfs trim`.
+        #[arg(long, default_value = "off", value_parser = parse_on_off)]
+        discard: bool,
     },
 }
 
@@ -243,6 +293,17 @@ fn run(cli: Cli) -> CliResult {
             name,
             host_file,
         } => ops::export(&device, &name, &host_file),
+        Cmd::Backup {
+            device,
+            host_dir,
+            json,
+        } => tree::backup(&device, &host_dir, json),
+        Cmd::Restore {
+            host_dir,
+            device,
+            force,
+            json,
+        } => tree::restore(&host_dir, &device, force, json),
         Cmd::Cat { device, name } => ops::cat(&device, &name),
         Cmd::Rm {
             device,
@@ -255,6 +316,7 @@ fn run(cli: Cli) -> CliResult {
             dir,
             parents,
         } => ops::mkdir(&device, &dir, parents),
+        Cmd::Trim { device, json } => ops::trim(&device, json),
         Cmd::Fsck { device, json } => blobs::fsck(&device, json),
         Cmd::Blobs { device } => blobs::list(&device),
         Cmd::DiscardUnsynced { device } => blobs::discard_unsynced(&device),
@@ -264,7 +326,8 @@ fn run(cli: Cli) -> CliResult {
             dir,
             foreground,
             cache,
-        } => fuse::mount(&device, &dir, foreground, cache),
+            discard,
+        } => fuse::mount(&device, &dir, foreground, cache, discard),
     }
 }
 

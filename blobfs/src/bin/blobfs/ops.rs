@@ -1,5 +1,5 @@
 //! The file commands: mkfs, info, df, ls, stat, import, export, cat, rm,
-//! mv, mkdir. Each mounts the file system, does its work and unmounts, so
+//! mv, mkdir, trim. Each mounts the file system, does its work and unmounts, so
 //! what it changed is durable when it exits. `--json` output is one JSON
 //! value on stdout (an object, or an array for `ls`), sizes in bytes and
 //! times in nanoseconds since the Unix epoch beside their UTC text.
@@ -11,7 +11,7 @@ use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
 use blobstore::block_on;
 use serde_json::{json, Value};
 
-use crate::util::{fail, human, open_device, print, utc, write_stdout, CliResult, Ctx};
+use crate::util::{fail, human, open_device, print, utc, write_stdout, CliResult, Ctx, Progress};
 
 /// Bytes moved per read or write when copying.
 const COPY_CHUNK: usize = 1 << 20;
@@ -347,62 +347,98 @@ pub fn stat(spec: &str, name: &str, as_json: bool) -> CliResult {
     })
 }
 
-/// Copies host file `host` to `name`. The bytes go to a hidden name beside
-/// it (`.<name>.importing`), are synced, and only then renamed over `name`
-/// (atomically): an import that fails or is killed leaves no partial file
-/// under the final name, and a retry starts afresh.
-pub fn import(spec: &str, host: &Path, name: &str, parents: bool, force: bool) -> CliResult {
-    let mut src = std::fs::File::open(host).ctx(host.display())?;
-    with_fs(spec, |fs| {
-        let norm = blobfs::name::normalize_entry(name)?;
-        let parent = blobfs::name::parent(&norm).to_string();
-        if parents {
-            fs.create_dir_all(&parent)?;
-        }
-        if !force && fs.exists(&norm) {
-            return fail(format!(
-                "{norm}: already exists (use --force to replace it)"
-            ));
-        }
-        let base = blobfs::name::base(&norm);
-        let tmp = if parent.is_empty() {
-            format!(".{base}.importing")
-        } else {
-            format!("{parent}/.{base}.importing")
-        };
-        let f = fs.open(&tmp, OpenOptions::create_truncate())?;
-        let mut buf = vec![0u8; COPY_CHUNK];
-        let copied = (|| -> CliResult {
-            loop {
-                let n = src
-                    .read(&mut buf)
-                    .ctx(format!("reading {}", host.display()))?;
-                if n == 0 {
-                    break;
-                }
-                f.append(&buf[..n])?;
+/// Fails if `norm` exists and `force` does not allow replacing it.
+fn refuse_existing(fs: &BlobFs, norm: &str, force: bool) -> CliResult {
+    if !force && fs.exists(norm) {
+        return fail(format!(
+            "{norm}: already exists (use --force to replace it)"
+        ));
+    }
+    Ok(())
+}
+
+/// Writes everything `src` (host file `host`) yields to file `norm`, whose
+/// parent exists. The bytes go to a hidden name beside it
+/// (`.<name>.importing`), are synced, get `mtime_ns` if given, and only
+/// then are renamed over `norm` (atomically): a copy that fails or is
+/// killed leaves no partial file under the final name, and a retry starts
+/// afresh. Returns the bytes copied.
+pub(crate) fn write_via_temp(
+    fs: &BlobFs,
+    src: &mut dyn Read,
+    host: &Path,
+    norm: &str,
+    force: bool,
+    mtime_ns: Option<u64>,
+    progress: &Progress,
+) -> CliResult<u64> {
+    let parent = blobfs::name::parent(norm);
+    let base = blobfs::name::base(norm);
+    let tmp = if parent.is_empty() {
+        format!(".{base}.importing")
+    } else {
+        format!("{parent}/.{base}.importing")
+    };
+    let f = fs.open(&tmp, OpenOptions::create_truncate())?;
+    let mut buf = vec![0u8; COPY_CHUNK];
+    let copied = (|| -> CliResult<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = src
+                .read(&mut buf)
+                .ctx(format!("reading {}", host.display()))?;
+            if n == 0 {
+                break;
             }
-            f.close()?;
-            Ok(())
-        })();
-        if let Err(e) = copied {
+            f.append(&buf[..n])?;
+            progress.inc(n as u64);
+            total += n as u64;
+        }
+        f.close()?;
+        if let Some(t) = mtime_ns {
+            fs.set_mtime(&tmp, t)?;
+        }
+        Ok(total)
+    })();
+    let total = match copied {
+        Ok(total) => total,
+        Err(e) => {
             let _ = fs.remove_file(&tmp);
             return Err(e);
         }
-        // Another import may have made `name` meanwhile.
-        if !force && fs.exists(&norm) {
-            let _ = fs.remove_file(&tmp);
-            return fail(format!(
-                "{norm}: already exists (use --force to replace it)"
-            ));
+    };
+    // Another command may have made `norm` meanwhile.
+    if let Err(e) = refuse_existing(fs, norm, force) {
+        let _ = fs.remove_file(&tmp);
+        return Err(e);
+    }
+    fs.rename(&tmp, norm)?;
+    Ok(total)
+}
+
+/// Copies host file `host` to `name` (see [`write_via_temp`]).
+pub fn import(spec: &str, host: &Path, name: &str, parents: bool, force: bool) -> CliResult {
+    let mut src = std::fs::File::open(host).ctx(host.display())?;
+    let total = src.metadata().map_or(0, |m| m.len());
+    with_fs(spec, |fs| {
+        let norm = blobfs::name::normalize_entry(name)?;
+        if parents {
+            fs.create_dir_all(blobfs::name::parent(&norm))?;
         }
-        fs.rename(&tmp, &norm)?;
+        refuse_existing(fs, &norm, force)?;
+        let progress = Progress::bytes(total, &norm);
+        write_via_temp(fs, &mut src, host, &norm, force, None, &progress)?;
         Ok(())
     })
 }
 
 /// Streams file `name` into `out`.
-fn copy_out(fs: &BlobFs, name: &str, mut out: impl FnMut(&[u8]) -> CliResult) -> CliResult {
+fn copy_out(
+    fs: &BlobFs,
+    name: &str,
+    progress: &Progress,
+    mut out: impl FnMut(&[u8]) -> CliResult,
+) -> CliResult<u64> {
     let f = fs.open(name, OpenOptions::read())?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut off = 0u64;
@@ -412,38 +448,55 @@ fn copy_out(fs: &BlobFs, name: &str, mut out: impl FnMut(&[u8]) -> CliResult) ->
             break;
         }
         out(&buf[..n])?;
+        progress.inc(n as u64);
         off += n as u64;
     }
     f.close()?;
-    Ok(())
+    Ok(off)
+}
+
+/// Copies file `name` to host file `host` (created or replaced) and syncs
+/// it; returns the bytes copied.
+pub(crate) fn export_file(
+    fs: &BlobFs,
+    name: &str,
+    host: &Path,
+    progress: &Progress,
+) -> CliResult<u64> {
+    let mut dst = std::fs::File::create(host).ctx(host.display())?;
+    let n = copy_out(fs, name, progress, |b| {
+        dst.write_all(b).ctx(format!("writing {}", host.display()))
+    })?;
+    // A regular file is synced; a pipe or a device (/dev/null, a tty)
+    // has nothing to sync and refuses fsync.
+    let regular = dst
+        .metadata()
+        .ctx(format!("stat of {}", host.display()))?
+        .file_type()
+        .is_file();
+    if regular {
+        dst.sync_all().ctx(format!("syncing {}", host.display()))?;
+    }
+    Ok(n)
 }
 
 pub fn export(spec: &str, name: &str, host: &Path) -> CliResult {
     with_fs(spec, |fs| {
         // Fail on a missing name before creating the host file.
-        if fs.stat(name)?.is_dir {
+        let m = fs.stat(name)?;
+        if m.is_dir {
             return fail(format!("{name}: is a directory"));
         }
-        let mut dst = std::fs::File::create(host).ctx(host.display())?;
-        copy_out(fs, name, |b| {
-            dst.write_all(b).ctx(format!("writing {}", host.display()))
-        })?;
-        // A regular file is synced; a pipe or a device (/dev/null, a tty)
-        // has nothing to sync and refuses fsync.
-        let regular = dst
-            .metadata()
-            .ctx(format!("stat of {}", host.display()))?
-            .file_type()
-            .is_file();
-        if regular {
-            dst.sync_all().ctx(format!("syncing {}", host.display()))?;
-        }
+        export_file(fs, name, host, &Progress::bytes(m.len, &m.name))?;
         Ok(())
     })
 }
 
 pub fn cat(spec: &str, name: &str) -> CliResult {
-    with_fs(spec, |fs| copy_out(fs, name, write_stdout))
+    with_fs(spec, |fs| {
+        copy_out(fs, name, &Progress::hidden(), write_stdout)?;
+        Ok(())
+    })
 }
 
 pub fn rm(spec: &str, names: &[String], recursive: bool) -> CliResult {
@@ -487,5 +540,33 @@ pub fn mkdir(spec: &str, dir: &str, parents: bool) -> CliResult {
             fs.create_dir(dir)?;
         }
         Ok(())
+    })
+}
+
+/// Unmaps every free cluster of the device (as `fstrim`), after mounting,
+/// so deletes a crash cut short are finished and their clusters trimmed.
+pub fn trim(spec: &str, as_json: bool) -> CliResult {
+    with_fs(spec, |fs| {
+        let r = block_on(fs.blobstore().trim_free()).map_err(|e| match e {
+            blobstore::Error::Unsupported(why) => {
+                crate::util::CliError(format!("{spec}: not supported: {why}"))
+            }
+            e => crate::util::CliError(format!("trimming {spec}: {e}")),
+        })?;
+        if as_json {
+            return print_json(&json!({
+                "device": spec,
+                "clusters": r.clusters,
+                "bytes": r.bytes,
+                "runs": r.runs,
+                "requests": r.requests,
+            }));
+        }
+        print(&format!(
+            "trimmed {} free clusters ({}) in {} runs on {spec}\n",
+            r.clusters,
+            human(r.bytes),
+            r.runs
+        ))
     })
 }

@@ -93,6 +93,71 @@ pub fn write_stdout(bytes: &[u8]) -> CliResult {
     }
 }
 
+/// A progress bar on stderr, drawn only when stderr is a terminal: piped or
+/// redirected, every call is a no-op and nothing is printed. Commands that
+/// copy bytes (import, export, backup, restore) count bytes; others (fsck)
+/// can show a spinner with [`Progress::spinner`] and its message.
+pub struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    /// A bar for `total` bytes, labelled `what`.
+    pub fn bytes(total: u64, what: &str) -> Progress {
+        Progress::drawn(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_message(what.to_string());
+            bar
+        })
+    }
+
+    /// A spinner for work of unknown length, showing `what`.
+    pub fn spinner(what: &str) -> Progress {
+        Progress::drawn(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_message(what.to_string());
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            bar
+        })
+    }
+
+    /// No bar at all (for output that is itself the point, as `cat`).
+    pub fn hidden() -> Progress {
+        Progress(None)
+    }
+
+    fn drawn(make: impl FnOnce() -> indicatif::ProgressBar) -> Progress {
+        use std::io::IsTerminal;
+        Progress(std::io::stderr().is_terminal().then(make))
+    }
+
+    /// Counts `n` more bytes (or steps) done.
+    pub fn inc(&self, n: u64) {
+        if let Some(bar) = &self.0 {
+            bar.inc(n);
+        }
+    }
+
+    /// Changes the label (the file being copied, the phase of a check).
+    pub fn set_message(&self, what: &str) {
+        if let Some(bar) = &self.0 {
+            bar.set_message(what.to_string());
+        }
+    }
+}
+
+impl Drop for Progress {
+    /// Clears the bar, so the command's own output starts on a clean line.
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
