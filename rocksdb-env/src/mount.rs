@@ -69,6 +69,7 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     let mount_opts = MountOptions {
         cache_bytes: uri.cache_bytes,
         warm_read_bytes: uri.warm_read_bytes,
+        discard: uri.discard,
         ..Default::default()
     };
     let mkfs_opts = MkfsOptions {
@@ -158,6 +159,15 @@ fn conflict(mounted: &Uri, asked: &Uri) -> Option<String> {
                     "fault_injection={} asked, {} in force",
                     on_off(asked.fault_injection),
                     on_off(mounted.fault_injection)
+                )
+            })
+        })
+        .or_else(|| {
+            (mounted.discard != asked.discard).then(|| {
+                format!(
+                    "discard={} asked, {} in force",
+                    on_off(asked.discard),
+                    on_off(mounted.discard)
                 )
             })
         })

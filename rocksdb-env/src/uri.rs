@@ -13,6 +13,9 @@
 //!   cluster=<size>          cluster size when formatting (default 1M)
 //!   fault_injection=on      put a fault-injecting wrapper under BlobFS
 //!                           (tests; armed with `inject_write_faults`)
+//!   discard=on              unmap a deleted file's clusters on the device
+//!                           before reuse (SSDs, thin devices, sparse
+//!                           images get the space back; default off)
 //!   metrics=<host>:<port>   serve the mount's metrics in Prometheus' text
 //!                           format at http://<host>:<port>/metrics; the
 //!                           host must be a loopback address (127.0.0.1,
@@ -83,6 +86,8 @@ pub struct Uri {
     pub fault_injection: bool,
     /// Where to serve the mount's metrics (`HOST:PORT`, loopback only).
     pub metrics: Option<String>,
+    /// Unmap deleted files' clusters ([`MountOptions::discard`]).
+    pub discard: bool,
 }
 
 /// A URI that does not parse, with the reason.
@@ -119,6 +124,7 @@ impl Uri {
             cluster_bytes: 1 << 20,
             fault_injection: false,
             metrics: None,
+            discard: false,
         };
         for opt in parts.filter(|p| !p.is_empty()) {
             let (key, value) = opt
@@ -145,15 +151,8 @@ impl Uri {
                         }
                     }
                 }
-                "fault_injection" => {
-                    out.fault_injection = match value {
-                        "on" | "true" | "1" => true,
-                        "off" | "false" | "0" => false,
-                        _ => {
-                            return Err(bad(format!("fault_injection={value}: expected on or off")))
-                        }
-                    }
-                }
+                "fault_injection" => out.fault_injection = on_off(key, value).map_err(&bad)?,
+                "discard" => out.discard = on_off(key, value).map_err(&bad)?,
                 "metrics" => {
                     if value.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.is_empty()) {
                         return Err(bad(format!(
@@ -164,7 +163,7 @@ impl Uri {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection, metrics)"
+                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection, discard, metrics)"
                     )))
                 }
             }
@@ -199,10 +198,22 @@ impl Uri {
         if self.fault_injection {
             s.push_str(";fault_injection=on");
         }
+        if self.discard {
+            s.push_str(";discard=on");
+        }
         if let Some(m) = &self.metrics {
             s.push_str(&format!(";metrics={m}"));
         }
         s
+    }
+}
+
+/// Parses a switch: `on`/`true`/`1` or `off`/`false`/`0`.
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{key}={value}: expected on or off")),
     }
 }
 
@@ -236,6 +247,11 @@ mod tests {
         assert_eq!(u.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(Uri::parse(&u.to_uri()).unwrap(), u);
         assert_eq!(Uri::parse("blobfs://mem:64M").unwrap().metrics, None);
+        let d = Uri::parse("blobfs://mem:64M;discard=on").unwrap();
+        assert!(d.discard);
+        assert_eq!(Uri::parse(&d.to_uri()).unwrap(), d);
+        let e = Uri::parse("blobfs://mem:64M;discard=maybe").unwrap_err();
+        assert!(e.to_string().contains("expected on or off"), "{e}");
         for bad in ["9464", ":9464", "localhost:"] {
             let e = Uri::parse(&format!("blobfs://mem:64M;metrics={bad}")).unwrap_err();
             assert!(e.to_string().contains("HOST:PORT"), "{e}");
