@@ -198,6 +198,9 @@ pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
         Err(e) => return Err(Error::store("fsck: loading the blobstore", e)),
     };
     let mut res = check_store(&bs).await;
+    if let Ok(r) = &mut res {
+        note_load_repairs(&bs.load_report(), r);
+    }
     if let (Ok(r), Some(path)) = (&mut res, &unsynced) {
         if let Err(e) = check_unsynced(&bs, path, r).await {
             res = Err(e);
@@ -208,6 +211,36 @@ pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
     let report = res?;
     unloaded?;
     Ok(report)
+}
+
+/// Warnings for what loading the store found and worked around (the load
+/// itself repaired these on the device).
+fn note_load_repairs(l: &blobstore::LoadReport, r: &mut FsckReport) {
+    if let Some(why) = &l.super_from_backup {
+        r.add(
+            Severity::Warning,
+            None,
+            format!(
+                "primary super block unreadable ({why}): loaded from the backup super block, \
+                 primary rewritten"
+            ),
+        );
+    }
+    if let Some(why) = &l.backup_rewritten {
+        r.add(
+            Severity::Warning,
+            None,
+            format!("backup super block damaged ({why}): rewritten from the primary"),
+        );
+    }
+    if l.bitmap_damaged {
+        let why = l.bitmaps_rebuilt.as_deref().unwrap_or("damaged bitmap");
+        r.add(
+            Severity::Warning,
+            None,
+            format!("{why}: every bitmap rebuilt from the blobs' metadata"),
+        );
+    }
 }
 
 /// Synchronous [`fsck_async`].

@@ -34,7 +34,7 @@ pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;
-pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions};
+pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, LoadReport};
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
