@@ -18,6 +18,7 @@ pub mod exec;
 pub mod format;
 pub mod probe;
 pub mod reactor;
+mod repair;
 mod snapshot;
 mod store;
 
@@ -34,6 +35,7 @@ pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;
+pub use repair::{DroppedBlob, RepairReport};
 pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, LoadReport};
 
 /// Identifies a blob within its blobstore.

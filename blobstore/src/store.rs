@@ -455,6 +455,19 @@ impl StoreInner {
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
     pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+        let (sequence, rec, cont_pages) = self.read_record(ch, page).await?;
+        self.md_from_record(ch, page, sequence, rec, cont_pages)
+            .await
+    }
+
+    /// A blob's descriptors as its first and continuation pages hold them
+    /// (its extent pages not read): the sequence, the record and the
+    /// continuation pages.
+    pub(crate) async fn read_record(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let ps = l.page_size as usize;
@@ -485,8 +498,7 @@ impl StoreInner {
         }
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         let rec = BlobRecord::decode(&slices, &loc(page))?;
-        self.md_from_record(ch, page, fp.sequence, rec, cont_pages)
-            .await
+        Ok((fp.sequence, rec, cont_pages))
     }
 
     async fn md_from_record(
@@ -1540,10 +1552,30 @@ impl StoreInner {
     /// Pages in the metadata region that hold a blob's first page (the
     /// dirty-load scan).
     async fn scan_first_pages(&self, ch: &IoChannel) -> Result<Vec<u32>> {
+        let mut firsts = Vec::new();
+        for (page, found) in self.scan_md_pages(ch).await? {
+            // Writes are atomic per page, so a page that carries the
+            // magic and fails its checks is damage, not a torn write:
+            // report it rather than silently dropping a blob.
+            if found?.is_some() {
+                firsts.push(page);
+            }
+        }
+        Ok(firsts)
+    }
+
+    /// Every page of the metadata region that carries the metadata magic,
+    /// decoded: `Some(())` for a blob's first page (at the page its id
+    /// names), `None` for another kind, an error for a page that fails its
+    /// checks or a first page naming another blob.
+    pub(crate) async fn scan_md_pages(
+        &self,
+        ch: &IoChannel,
+    ) -> Result<Vec<(u32, Result<Option<()>>)>> {
         let l = self.layout;
         let ps = l.page_size as usize;
         let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
-        let mut firsts = Vec::new();
+        let mut out = Vec::new();
         let mut p = 0;
         while p < l.md_len {
             let n = chunk_pages.min(l.md_len - p);
@@ -1556,24 +1588,24 @@ impl StoreInner {
                 if !format::looks_like_md_page(bytes) {
                     continue;
                 }
-                // Writes are atomic per page, so a page that carries the
-                // magic and fails its checks is damage, not a torn write:
-                // report it rather than silently dropping a blob.
-                let fp = format::decode_md_page(bytes, &format!("metadata page {page}"))?;
-                if fp.kind != PageKind::First {
-                    continue;
-                }
-                if fp.blob_id != Self::blob_id(page).0 {
-                    return Err(Error::corrupt(
-                        format!("metadata page {page}"),
-                        format!("first page names blob {:#x}", fp.blob_id),
-                    ));
-                }
-                firsts.push(page);
+                let loc = format!("metadata page {page}");
+                let found = format::decode_md_page(bytes, &loc).and_then(|fp| {
+                    if fp.kind != PageKind::First {
+                        Ok(None)
+                    } else if fp.blob_id != Self::blob_id(page).0 {
+                        Err(Error::corrupt(
+                            loc,
+                            format!("first page names blob {:#x}", fp.blob_id),
+                        ))
+                    } else {
+                        Ok(Some(()))
+                    }
+                });
+                out.push((page, found));
             }
             p += n;
         }
-        Ok(firsts)
+        Ok(out)
     }
 
     /// Every blob's metadata, as on disk.
@@ -1586,7 +1618,7 @@ impl StoreInner {
     }
 
     /// Bitmaps rebuilt from every blob's metadata after an unclean stop.
-    fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
+    pub(crate) fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
         let l = self.layout;
         let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
         for (first, md) in blobs {
