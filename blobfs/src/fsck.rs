@@ -97,6 +97,17 @@ pub struct FsckReport {
     /// Directory renames a crash interrupted, which the next mount
     /// finishes (each is also a warning finding).
     pub interrupted_renames: u64,
+    /// `fsck --repair` only: what the repair did, in words (the findings
+    /// are then those of the check after it).
+    pub repairs: Vec<String>,
+    /// `fsck --repair` only: files and directories whose BlobFS metadata
+    /// could not be read, moved to `lost+found/<blob id>` with their data,
+    /// each as "old name or blob id -> new name (bytes)".
+    pub moved_to_lost_found: Vec<String>,
+    /// `fsck --repair` only: blobs whose blobstore metadata could not be
+    /// read, dropped with their data (named by `fs.name` where that still
+    /// read, else by blob id).
+    pub lost: Vec<String>,
 }
 
 impl FsckReport {
@@ -176,28 +187,12 @@ struct Claim {
 /// when the check cannot run at all (no BlobFS, unreadable metadata, I/O
 /// errors); damage it can describe is in the report.
 pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
-    if crate::fs::is_mounted(dev.id()) {
-        return Err(Error::store(
-            "fsck",
-            blobstore::Error::Busy(format!("{} is mounted", dev.name())),
-        ));
-    }
     let unsynced = dev.unsynced_memory();
-    let bs = match Blobstore::load(
-        dev,
-        LoadOptions {
-            bstype: meta::BSTYPE.into(),
-        },
-    )
-    .await
-    {
-        Ok(bs) => bs,
-        Err(e @ (blobstore::Error::NotABlobstore(_) | blobstore::Error::WrongType { .. })) => {
-            return Err(Error::NotBlobFs(e.to_string()))
-        }
-        Err(e) => return Err(Error::store("fsck: loading the blobstore", e)),
-    };
+    let bs = load_unmounted(dev).await?;
     let mut res = check_store(&bs).await;
+    if let Ok(r) = &mut res {
+        note_load_repairs(&bs.load_report(), r);
+    }
     if let (Ok(r), Some(path)) = (&mut res, &unsynced) {
         if let Err(e) = check_unsynced(&bs, path, r).await {
             res = Err(e);
@@ -208,6 +203,252 @@ pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
     let report = res?;
     unloaded?;
     Ok(report)
+}
+
+/// Loads the blobstore of an unmounted BlobFS.
+async fn load_unmounted(dev: Arc<dyn BlockDevice>) -> Result<Blobstore> {
+    if crate::fs::is_mounted(dev.id()) {
+        return Err(Error::store(
+            "fsck",
+            blobstore::Error::Busy(format!("{} is mounted", dev.name())),
+        ));
+    }
+    match Blobstore::load(
+        dev,
+        LoadOptions {
+            bstype: meta::BSTYPE.into(),
+        },
+    )
+    .await
+    {
+        Ok(bs) => Ok(bs),
+        Err(e @ (blobstore::Error::NotABlobstore(_) | blobstore::Error::WrongType { .. })) => {
+            Err(Error::NotBlobFs(e.to_string()))
+        }
+        Err(e) => Err(Error::store("fsck: loading the blobstore", e)),
+    }
+}
+
+/// Checks and repairs the BlobFS on `dev`, which must not be mounted, then
+/// checks it again; the report is that of the second check, with what the
+/// repair did in [`FsckReport::repairs`], [`FsckReport::moved_to_lost_found`]
+/// and [`FsckReport::lost`]. The repair:
+/// - loads the store, which falls back to the backup super block and
+///   rebuilds damaged bitmaps (rewriting both);
+/// - drops blobs whose blobstore metadata cannot be read and rebuilds the
+///   bitmaps from the rest (`Blobstore::repair`), naming the files lost;
+/// - recreates the root record (super blob) if it was lost;
+/// - moves every blob whose BlobFS metadata (name, kind, sequence, time,
+///   length) cannot be read to `lost+found/<blob id>`, as a file holding
+///   its data (its length where that still reads, else the whole blob).
+///
+/// What it does not repair stays damage in the report (two blobs claiming
+/// one cluster, a name claimed twice with one sequence number).
+pub async fn fsck_repair_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
+    let bs = load_unmounted(dev.clone()).await?;
+    let mut load = FsckReport::default();
+    note_load_repairs(&bs.load_report(), &mut load);
+    let res = repair_store(&bs).await;
+    let unloaded = bs.unload().await.ctx("fsck: unloading the blobstore");
+    let (mut repairs, moved, lost) = res?;
+    unloaded?;
+    let mut r = fsck_async(dev).await?;
+    repairs.splice(0..0, load.findings.into_iter().map(|f| f.what));
+    r.repairs = repairs;
+    r.moved_to_lost_found = moved;
+    r.lost = lost;
+    Ok(r)
+}
+
+/// Synchronous [`fsck_repair_async`].
+pub fn fsck_repair(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
+    block_on(fsck_repair_async(dev))
+}
+
+/// Name of the directory repaired files go to.
+pub const LOST_FOUND: &str = "lost+found";
+
+/// Why blob `blob`'s BlobFS metadata does not read, or `None` with its
+/// sequence number when it does.
+fn bad_fs_metadata(blob: &blobstore::Blob) -> std::result::Result<u64, String> {
+    let name = match blob.get_xattr(meta::NAME).map(String::from_utf8) {
+        Some(Ok(n)) if name::normalize_entry(&n).ok().as_deref() == Some(n.as_str()) => n,
+        Some(Ok(n)) => return Err(format!("invalid name {n:?}")),
+        _ => return Err(format!("no valid {}", meta::NAME)),
+    };
+    let kind = match blob.get_xattr(meta::KIND).as_deref() {
+        Some([k]) if *k == meta::KIND_FILE || *k == meta::KIND_DIR => *k,
+        _ => return Err(format!("{name}: bad {}", meta::KIND)),
+    };
+    let seq =
+        meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &name).map_err(|e| e.to_string())?;
+    meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &name).map_err(|e| e.to_string())?;
+    if kind == meta::KIND_FILE {
+        let len = meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &name)
+            .map_err(|e| e.to_string())?;
+        if len > blob.size_bytes() {
+            return Err(format!("{name}: length {len} past the end of its blob"));
+        }
+    }
+    Ok(seq)
+}
+
+/// The repair steps of [`fsck_repair_async`] on a loaded store: what was
+/// done, what was moved to lost+found, what was lost.
+async fn repair_store(bs: &Blobstore) -> Result<(Vec<String>, Vec<String>, Vec<String>)> {
+    let (mut repairs, mut moved, mut lost) = (Vec::new(), Vec::new(), Vec::new());
+    let old_root = bs.super_blob();
+    let rep = bs.repair().await.ctx("fsck --repair")?;
+    // The root record, if dropped, is named below with its recreation.
+    for d in rep.dropped.iter().filter(|d| Some(d.id) != old_root) {
+        let name = d
+            .xattrs
+            .iter()
+            .find(|(k, _)| k == meta::NAME)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        lost.push(match name {
+            Some(n) => format!("{n} (blob {}): {}", d.id, d.why),
+            None => format!("blob {}: {}", d.id, d.why),
+        });
+    }
+    let bits = rep.page_bits_fixed + rep.cluster_bits_fixed + rep.blobid_bits_fixed;
+    if bits > 0 {
+        repairs.push(format!(
+            "bitmaps rebuilt from the metadata: {} page, {} cluster and {} blob-id bits corrected",
+            rep.page_bits_fixed, rep.cluster_bits_fixed, rep.blobid_bits_fixed
+        ));
+    }
+    if !rep.zeroed_pages.is_empty() {
+        repairs.push(format!(
+            "{} damaged metadata pages zeroed",
+            rep.zeroed_pages.len()
+        ));
+    }
+    let now = meta::now_ns();
+    if bs.super_blob().is_none() {
+        let sb = bs
+            .create_blob(blobstore::BlobOptions {
+                xattrs: vec![
+                    (
+                        meta::VERSION.into(),
+                        meta::FORMAT_VERSION.to_le_bytes().to_vec(),
+                    ),
+                    (meta::FS_ID.into(), crate::unsynced::random_id()?.to_vec()),
+                ],
+                ..Default::default()
+            })
+            .await
+            .ctx("fsck --repair: recreating the root record")?;
+        bs.set_super_blob(Some(sb))
+            .await
+            .ctx("fsck --repair: recreating the root record")?;
+        repairs.push(format!(
+            "root record (super blob) {}: recreated as blob {sb}",
+            if rep.super_blob_dropped {
+                "unreadable"
+            } else {
+                "missing"
+            }
+        ));
+    }
+    let sb = bs.super_blob();
+    let mut max_seq = 0;
+    let mut bad = Vec::new();
+    let mut have_lost_found = false;
+    for id in bs.blob_ids() {
+        if Some(id) == sb {
+            continue;
+        }
+        let blob = bs.open_blob(id).await.ctx(&format!("blob {id}"))?;
+        if blob.get_xattr(meta::UNLINKED).is_some() {
+            continue;
+        }
+        match bad_fs_metadata(&blob) {
+            Ok(seq) => {
+                max_seq = max_seq.max(seq);
+                have_lost_found |= blob.get_xattr(meta::NAME).as_deref()
+                    == Some(LOST_FOUND.as_bytes())
+                    && blob.get_xattr(meta::KIND).as_deref() == Some(&[meta::KIND_DIR][..]);
+            }
+            Err(why) => bad.push((blob, why)),
+        }
+    }
+    if !bad.is_empty() && !have_lost_found {
+        max_seq += 1;
+        bs.create_blob(blobstore::BlobOptions {
+            xattrs: vec![
+                (meta::NAME.into(), LOST_FOUND.as_bytes().to_vec()),
+                (meta::KIND.into(), vec![meta::KIND_DIR]),
+                (meta::SEQ.into(), meta::enc_u64(max_seq).to_vec()),
+                (meta::MTIME.into(), meta::enc_u64(now).to_vec()),
+            ],
+            ..Default::default()
+        })
+        .await
+        .ctx("fsck --repair: creating lost+found")?;
+        repairs.push(format!("created {LOST_FOUND}/"));
+    }
+    for (blob, why) in bad {
+        let id = blob.id();
+        let old = blob
+            .get_xattr(meta::NAME)
+            .and_then(|n| String::from_utf8(n).ok())
+            .unwrap_or_else(|| format!("blob {id}"));
+        let len = meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &old)
+            .ok()
+            .filter(|&l| l <= blob.size_bytes())
+            .unwrap_or(blob.size_bytes());
+        let new = format!("{LOST_FOUND}/{id}");
+        max_seq += 1;
+        let what = format!("fsck --repair: moving blob {id} to {new}");
+        for (k, v) in [
+            (meta::NAME, new.as_bytes().to_vec()),
+            (meta::KIND, vec![meta::KIND_FILE]),
+            (meta::SEQ, meta::enc_u64(max_seq).to_vec()),
+            (meta::MTIME, meta::enc_u64(now).to_vec()),
+            (meta::LEN, meta::enc_u64(len).to_vec()),
+        ] {
+            blob.set_xattr(k, &v).ctx(&what)?;
+        }
+        for k in [meta::MOVED_FROM, meta::TAIL] {
+            if blob.get_xattr(k).is_some() {
+                blob.remove_xattr(k).ctx(&what)?;
+            }
+        }
+        blob.sync_metadata().await.ctx(&what)?;
+        moved.push(format!("{old} -> {new} ({len} bytes; {why})"));
+    }
+    Ok((repairs, moved, lost))
+}
+
+/// Warnings for what loading the store found and worked around (the load
+/// itself repaired these on the device).
+fn note_load_repairs(l: &blobstore::LoadReport, r: &mut FsckReport) {
+    if let Some(why) = &l.super_from_backup {
+        r.add(
+            Severity::Warning,
+            None,
+            format!(
+                "primary super block unreadable ({why}): loaded from the backup super block, \
+                 primary rewritten"
+            ),
+        );
+    }
+    if let Some(why) = &l.backup_rewritten {
+        r.add(
+            Severity::Warning,
+            None,
+            format!("backup super block damaged ({why}): rewritten from the primary"),
+        );
+    }
+    if l.bitmap_damaged {
+        let why = l.bitmaps_rebuilt.as_deref().unwrap_or("damaged bitmap");
+        r.add(
+            Severity::Warning,
+            None,
+            format!("{why}: every bitmap rebuilt from the blobs' metadata"),
+        );
+    }
 }
 
 /// Synchronous [`fsck_async`].

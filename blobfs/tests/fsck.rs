@@ -176,9 +176,23 @@ fn nonzero_tail_is_damage() {
 }
 
 #[test]
-fn broken_super_block_fails_the_check() {
+fn broken_super_block_falls_back_to_the_backup() {
     let (mem, dev) = fresh();
     mem.store_bytes(0, &[0xFF; 64]);
+    let r = fsck(dev.clone()).unwrap();
+    assert!(r.is_clean(), "{:?}", r.findings);
+    assert!(
+        r.findings
+            .iter()
+            .any(|f| f.what.contains("loaded from the backup super block")),
+        "{:?}",
+        r.findings
+    );
+    // The primary was rewritten: a second check finds nothing.
+    assert!(fsck(dev.clone()).unwrap().findings.is_empty());
+    // Both copies broken: the check cannot run.
+    mem.store_bytes(0, &[0xFF; 64]);
+    mem.store_bytes(4096, &[0xFF; 64]);
     assert!(fsck(dev).is_err());
 }
 

@@ -19,8 +19,24 @@ use crate::error::{Error, Result};
 pub const SUPER_BLOCK_LEN: usize = 4096;
 /// Super block magic.
 pub const SUPER_MAGIC: [u8; 8] = *b"RBLOBSTR";
-/// Current format version, written by this code.
-pub const FORMAT_VERSION: u32 = 1;
+/// Current format version, written by this code: 2, a store with a backup
+/// super block at page [`BACKUP_SUPER_PAGE`].
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this code loads: 1, a store without a backup
+/// super block (its first bitmap may start at page 1). Such a store keeps
+/// version 1 and gets no backup.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
+/// First format version with a backup super block.
+pub const BACKUP_SUPER_VERSION: u32 = 2;
+/// The metadata page that holds the backup super block (format 2 on): a
+/// byte-for-byte copy of page 0's super block. Its byte offset is this times
+/// the page size, which a reader that cannot read the primary does not
+/// know: [`backup_super_candidates`] lists the places to try.
+pub const BACKUP_SUPER_PAGE: u64 = 1;
+/// Smallest metadata page size.
+pub const MIN_PAGE_SIZE: u32 = 4096;
+/// Largest metadata page size.
+pub const MAX_PAGE_SIZE: u32 = 65536;
 /// Length of the blobstore type tag.
 pub const BSTYPE_LEN: usize = 16;
 
@@ -82,6 +98,17 @@ pub fn super_block_type(buf: &[u8]) -> Option<String> {
             .trim_end_matches('\0')
             .to_string(),
     )
+}
+
+/// Where a backup super block may sit, for each page size a store can have:
+/// `(page size, byte offset)`, smallest first. A copy found at one of them
+/// counts only if its own page size is that one (see
+/// [`SuperBlock::decode_backup`]).
+pub fn backup_super_candidates() -> impl Iterator<Item = (u32, u64)> {
+    std::iter::successors(Some(MIN_PAGE_SIZE), |&p| {
+        (p < MAX_PAGE_SIZE).then_some(p * 2)
+    })
+    .map(|p| (p, p as u64 * BACKUP_SUPER_PAGE))
 }
 
 /// Super block flag: the store was unloaded cleanly and its bitmaps are valid.
@@ -213,7 +240,7 @@ impl SuperBlock {
     pub fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; SUPER_BLOCK_LEN];
         b[SUPER_OFF_MAGIC..SUPER_OFF_MAGIC + 8].copy_from_slice(&SUPER_MAGIC);
-        put_u32(&mut b, SUPER_OFF_VERSION, FORMAT_VERSION);
+        put_u32(&mut b, SUPER_OFF_VERSION, self.version);
         put_u32(
             &mut b,
             SUPER_OFF_FLAGS,
@@ -250,10 +277,13 @@ impl SuperBlock {
         let mut r = Reader::new(buf, LOC);
         r.bytes(8)?;
         let version = r.u32()?;
-        if version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(Error::corrupt(
                 LOC,
-                format!("format version {version}, this build reads {FORMAT_VERSION}"),
+                format!(
+                    "format version {version}, this build reads \
+                     {OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}"
+                ),
             ));
         }
         let flags = r.u32()?;
@@ -284,9 +314,52 @@ impl SuperBlock {
         Ok(sb)
     }
 
+    /// Decodes the copy found at the backup place of `page_size`-byte
+    /// pages ([`backup_super_candidates`]): besides every check of
+    /// [`SuperBlock::decode`], the copy must be of a format that has a
+    /// backup and say that page size, so a copy is never taken from a place
+    /// its own store would not put it.
+    pub fn decode_backup(buf: &[u8], page_size: u32) -> Result<SuperBlock> {
+        const LOC: &str = "backup super block";
+        let sb = SuperBlock::decode(buf).map_err(|e| match e {
+            Error::NotABlobstore(_) => Error::corrupt(LOC, "no blobstore magic"),
+            Error::Corrupt { what, .. } => Error::corrupt(LOC, what),
+            e => e,
+        })?;
+        if sb.version < BACKUP_SUPER_VERSION || sb.page_size != page_size {
+            return Err(Error::corrupt(
+                LOC,
+                format!(
+                    "a version {} super block of {}-byte pages at the backup place of \
+                     {page_size}-byte pages",
+                    sb.version, sb.page_size
+                ),
+            ));
+        }
+        Ok(sb)
+    }
+
+    /// True when the store keeps a backup super block at page
+    /// [`BACKUP_SUPER_PAGE`] (format 2 on).
+    pub fn has_backup(&self) -> bool {
+        self.version >= BACKUP_SUPER_VERSION
+    }
+
+    /// The first page a bitmap may start at: after the super block, and
+    /// after its backup where the format has one.
+    pub fn first_mask_page(version: u32) -> u64 {
+        if version >= BACKUP_SUPER_VERSION {
+            BACKUP_SUPER_PAGE + 1
+        } else {
+            1
+        }
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(Error::corrupt("super block", what));
-        if !self.page_size.is_power_of_two() || !(4096..=65536).contains(&self.page_size) {
+        if !self.page_size.is_power_of_two()
+            || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&self.page_size)
+        {
             return bad(format!("page size {}", self.page_size));
         }
         if self.io_unit_size != 512 && self.io_unit_size != 4096 {
@@ -313,7 +386,11 @@ impl SuperBlock {
             .and_then(|v| v.checked_add(self.blobid_mask_len));
         let md_end = self.md_start.checked_add(self.md_len);
         match (total_pages, masks_end, md_end) {
-            (Some(t), Some(m), Some(e)) if self.mask_start >= 1 && m <= self.md_start && e <= t => {
+            (Some(t), Some(m), Some(e))
+                if self.mask_start >= Self::first_mask_page(self.version)
+                    && m <= self.md_start
+                    && e <= t =>
+            {
                 Ok(())
             }
             _ => bad("bitmap or metadata region outside the store".into()),
@@ -982,11 +1059,11 @@ mod tests {
             cluster_size: 1 << 20,
             io_unit_size: 512,
             total_clusters: 64,
-            mask_start: 1,
+            mask_start: 2,
             page_mask_len: 1,
             cluster_mask_len: 1,
             blobid_mask_len: 1,
-            md_start: 4,
+            md_start: 5,
             md_len: 64,
             super_blob: 0,
             bstype: *b"test\0\0\0\0\0\0\0\0\0\0\0\0",
@@ -997,6 +1074,55 @@ mod tests {
     fn super_block_round_trips() {
         let s = sb();
         assert_eq!(SuperBlock::decode(&s.encode()).unwrap(), s);
+    }
+
+    /// Version 1 (no backup, bitmaps from page 1) still decodes and
+    /// encodes as version 1; version 2 keeps page 1 for the backup, and no
+    /// other version is read.
+    #[test]
+    fn super_block_versions() {
+        let v1 = SuperBlock {
+            version: 1,
+            mask_start: 1,
+            ..sb()
+        };
+        assert_eq!(SuperBlock::decode(&v1.encode()).unwrap(), v1);
+        assert!(!v1.has_backup() && sb().has_backup());
+        let v2_on_page_1 = SuperBlock {
+            mask_start: 1,
+            ..sb()
+        };
+        assert!(SuperBlock::decode(&v2_on_page_1.encode()).is_err());
+        let v3 = SuperBlock { version: 3, ..sb() };
+        assert!(SuperBlock::decode(&v3.encode()).is_err());
+    }
+
+    #[test]
+    fn backup_is_taken_only_from_its_own_place() {
+        let enc = sb().encode();
+        assert_eq!(SuperBlock::decode_backup(&enc, 4096).unwrap(), sb());
+        assert!(SuperBlock::decode_backup(&enc, 8192).is_err());
+        let v1 = SuperBlock {
+            version: 1,
+            mask_start: 1,
+            ..sb()
+        };
+        assert!(SuperBlock::decode_backup(&v1.encode(), 4096).is_err());
+        assert!(matches!(
+            SuperBlock::decode_backup(&[0u8; 4096], 4096),
+            Err(Error::Corrupt { .. })
+        ));
+        let places: Vec<(u32, u64)> = backup_super_candidates().collect();
+        assert_eq!(
+            places,
+            vec![
+                (4096, 4096),
+                (8192, 8192),
+                (16384, 16384),
+                (32768, 32768),
+                (65536, 65536)
+            ]
+        );
     }
 
     #[test]

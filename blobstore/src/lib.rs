@@ -19,6 +19,7 @@ pub mod format;
 pub mod metrics;
 pub mod probe;
 pub mod reactor;
+mod repair;
 mod snapshot;
 mod store;
 mod trim;
@@ -36,7 +37,10 @@ pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::block_on;
 pub use probe::Signature;
-pub use store::{BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, StoreMetrics};
+pub use repair::{DroppedBlob, RepairReport};
+pub use store::{
+    BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, LoadReport, StoreMetrics,
+};
 pub use trim::TrimReport;
 
 /// Identifies a blob within its blobstore.

@@ -104,6 +104,8 @@ pub(crate) struct Layout {
     pub mask_start: u64,
     pub reserved_clusters: u32,
     pub extent_per_page: usize,
+    /// Format version of the super block (1: no backup super block).
+    pub version: u32,
 }
 
 impl Layout {
@@ -136,6 +138,7 @@ impl Layout {
             mask_start: sb.mask_start,
             reserved_clusters: pages_total.div_ceil(ppc) as u32,
             extent_per_page: format::extent_entries_per_page(sb.page_size),
+            version: sb.version,
         }
     }
 }
@@ -258,6 +261,8 @@ pub(crate) struct StoreInner {
     pub clear_method: Mutex<ClearMethod>,
     /// Metadata syncs, per thread.
     pub md_syncs: Shards<OpCounter>,
+    /// What the load that made this store found and repaired.
+    pub load_report: Mutex<LoadReport>,
 }
 
 /// A blobstore's figures so far ([`Blobstore::metrics`]).
@@ -268,6 +273,26 @@ pub struct StoreMetrics {
     pub metadata_syncs: OpStats,
     /// The device's I/O, every user of it included.
     pub device: DeviceMetrics,
+}
+
+/// What [`Blobstore::load`] found damaged or missing and worked around
+/// (each also a `tracing` event); see [`Blobstore::load_report`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// The primary super block could not be read (why): the store was
+    /// loaded from the backup super block and the primary rewritten.
+    pub super_from_backup: Option<String>,
+    /// The primary was fine but the backup super block was not (why): the
+    /// load rewrote it.
+    pub backup_rewritten: Option<String>,
+    /// The store is of format version 1, which has no backup super block.
+    pub no_backup: bool,
+    /// The bitmaps were rebuilt from every blob's metadata (why: an
+    /// unclean stop, a recovery marker, or a damaged bitmap).
+    pub bitmaps_rebuilt: Option<String>,
+    /// True when a bitmap on disk was damaged (so `bitmaps_rebuilt` is a
+    /// repair, not the recovery of an unclean stop).
+    pub bitmap_damaged: bool,
 }
 
 /// What the store does with the clusters a blob gives up (on delete and on
@@ -355,7 +380,7 @@ impl StoreInner {
         let pmask = format::mask_region_pages(l.md_len, l.page_size);
         let cmask = format::mask_region_pages(l.total_clusters, l.page_size);
         SuperBlock {
-            version: format::FORMAT_VERSION,
+            version: l.version,
             clean,
             page_size: l.page_size,
             cluster_size: l.cluster_size,
@@ -372,11 +397,22 @@ impl StoreInner {
         }
     }
 
+    /// Writes the super block, then (format 2 on) its backup, each made
+    /// durable before the next: a write torn by a power cut leaves the
+    /// other copy whole, holding this state or the one before, both of
+    /// which load (FORMAT.md, "Backup super block").
     pub(crate) async fn write_super(&self, ch: &IoChannel, clean: bool) -> Result<()> {
-        let mut page = vec![0u8; self.layout.page_size as usize];
+        let l = self.layout;
+        let mut page = vec![0u8; l.page_size as usize];
         page[..format::SUPER_BLOCK_LEN].copy_from_slice(&self.super_block(clean).encode());
         self.write_bytes(ch, 0, &page).await?;
-        ch.flush().await
+        ch.flush().await?;
+        if l.version >= format::BACKUP_SUPER_VERSION {
+            let lba = format::BACKUP_SUPER_PAGE * l.blocks_per_page();
+            self.write_bytes(ch, lba, &page).await?;
+            ch.flush().await?;
+        }
+        Ok(())
     }
 
     /// Zeroes the first page of a blob whose creation failed, durably;
@@ -442,6 +478,19 @@ impl StoreInner {
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
     pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+        let (sequence, rec, cont_pages) = self.read_record(ch, page).await?;
+        self.md_from_record(ch, page, sequence, rec, cont_pages)
+            .await
+    }
+
+    /// A blob's descriptors as its first and continuation pages hold them
+    /// (its extent pages not read): the sequence, the record and the
+    /// continuation pages.
+    pub(crate) async fn read_record(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let ps = l.page_size as usize;
@@ -472,8 +521,7 @@ impl StoreInner {
         }
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         let rec = BlobRecord::decode(&slices, &loc(page))?;
-        self.md_from_record(ch, page, fp.sequence, rec, cont_pages)
-            .await
+        Ok((fp.sequence, rec, cont_pages))
     }
 
     async fn md_from_record(
@@ -950,7 +998,8 @@ impl Blobstore {
         }
         let pmask = format::mask_region_pages(md_len, ps);
         let cmask = format::mask_region_pages(total_clusters, ps);
-        let md_start = 1 + 2 * pmask + cmask;
+        let mask_start = SuperBlock::first_mask_page(format::FORMAT_VERSION);
+        let md_start = mask_start + 2 * pmask + cmask;
         let ppc = (opts.cluster_size / ps) as u64;
         let reserved = (md_start + md_len).div_ceil(ppc);
         if reserved >= total_clusters {
@@ -984,7 +1033,7 @@ impl Blobstore {
             cluster_size: opts.cluster_size,
             io_unit_size: geo.block_size,
             total_clusters,
-            mask_start: 1,
+            mask_start,
             page_mask_len: pmask,
             cluster_mask_len: cmask,
             blobid_mask_len: pmask,
@@ -1012,6 +1061,7 @@ impl Blobstore {
             needs_scan: AtomicBool::new(false),
             clones: Mutex::new(HashMap::new()),
             clear_method: Mutex::new(ClearMethod::None),
+            load_report: Mutex::new(LoadReport::default()),
             dev,
         });
         let ch = inner.chan()?;
@@ -1020,7 +1070,26 @@ impl Blobstore {
         // store at all, never the new super block over old metadata: first
         // retire the old super block durably, then clear the rest durably,
         // and only then write the new super block.
+        // An old store's backup super block goes first, durably (only
+        // where one is found: the places between hold its metadata, which
+        // must stay whole while its primary does), then its primary.
         let bpp = layout.blocks_per_page();
+        let block = geo.block_size as u64;
+        let mut retired = false;
+        for (page_size, off) in format::backup_super_candidates() {
+            if off + format::SUPER_BLOCK_LEN as u64 > geo.size_bytes() {
+                break;
+            }
+            let len = format::SUPER_BLOCK_LEN;
+            let buf = inner.read_bytes(&ch, off / block, len).await?;
+            if SuperBlock::decode_backup(&buf, page_size).is_ok() {
+                ch.write_zeroes(off / block, len as u64 / block).await?;
+                retired = true;
+            }
+        }
+        if retired {
+            ch.flush().await?;
+        }
         ch.write_zeroes(0, bpp).await?;
         ch.flush().await?;
         ch.write_zeroes(bpp, (md_start + md_len - 1) * bpp).await?;
@@ -1052,10 +1121,8 @@ impl Blobstore {
     ) -> Result<Blobstore> {
         let geo = dev.geometry();
         let ch = channel(&dev)?;
-        let first = ch
-            .read(0, dev.alloc_buf_for_overwrite(format::SUPER_BLOCK_LEN)?)
-            .await?;
-        let sb = SuperBlock::decode(&first)?;
+        let mut report = LoadReport::default();
+        let sb = read_super_blocks(&dev, &ch, &mut report).await?;
         let found = String::from_utf8_lossy(&sb.bstype)
             .trim_end_matches('\0')
             .to_string();
@@ -1112,14 +1179,37 @@ impl Blobstore {
             needs_scan: AtomicBool::new(false),
             clones: Mutex::new(HashMap::new()),
             clear_method: Mutex::new(ClearMethod::None),
+            load_report: Mutex::new(LoadReport::default()),
             dev,
         });
         // Every blob's metadata: from the blob-id bitmap after a clean
         // unload, from a scan of the metadata region otherwise (or when a
         // recovery marker says an operation was cut short).
         let mut clean = None;
-        if sb.clean {
-            let alloc = inner.read_masks(&ch, &sb).await?;
+        let masks = if sb.clean {
+            match inner.read_masks(&ch, &sb).await {
+                Ok(alloc) => Some(alloc),
+                // Every bitmap can be rebuilt from the blobs' metadata, as
+                // after an unclean stop: damage to one is no reason to
+                // refuse the store.
+                Err(e @ Error::Corrupt { .. }) => {
+                    tracing::warn!(
+                        device = %inner.dev.name(),
+                        error = %e,
+                        "a bitmap of a clean blobstore is damaged: rebuilding every bitmap \
+                         from the blobs' metadata"
+                    );
+                    report.bitmap_damaged = true;
+                    report.bitmaps_rebuilt = Some(format!("damaged bitmap: {e}"));
+                    None
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            report.bitmaps_rebuilt = Some("the store was not unloaded cleanly".into());
+            None
+        };
+        if let Some(alloc) = masks {
             let pages: Vec<u32> = alloc.blobids().collect();
             // A blob whose metadata is damaged is reported when opened,
             // as before; it names no parent here.
@@ -1133,6 +1223,8 @@ impl Blobstore {
             }
             if blobs.iter().all(|(_, md)| md.pending.is_none()) {
                 clean = Some((alloc, blobs));
+            } else {
+                report.bitmaps_rebuilt = Some("a blob carries a recovery marker".into());
             }
         }
         let was_clean = clean.is_some();
@@ -1154,12 +1246,14 @@ impl Blobstore {
                 blobs = blobs.len(),
                 discarded = discard.len(),
                 finished = finish.len(),
-                "blobstore loaded after an unclean stop: bitmaps rebuilt from every blob's \
+                why = report.bitmaps_rebuilt.as_deref().unwrap_or(""),
+                "blobstore loaded after an unclean stop or damaged bitmap: bitmaps rebuilt from every blob's \
                  metadata, blobs whose creation or deletion was cut short discarded, cut-short \
                  resizes and syncs finished"
             );
         }
         *inner.alloc.lock() = alloc;
+        *inner.load_report.lock() = report;
         for (page, md) in &blobs {
             inner.link_clone(md.parent, StoreInner::blob_id(*page));
         }
@@ -1407,6 +1501,12 @@ impl Blobstore {
         inner.write_super(&ch, false).await
     }
 
+    /// What the load that made this store found damaged or missing and
+    /// worked around: a super block read from its backup, bitmaps rebuilt.
+    pub fn load_report(&self) -> LoadReport {
+        self.inner.load_report.lock().clone()
+    }
+
     /// The super blob, if one is set.
     pub fn super_blob(&self) -> Option<BlobId> {
         let v = *self.inner.super_blob.lock();
@@ -1500,10 +1600,30 @@ impl StoreInner {
     /// Pages in the metadata region that hold a blob's first page (the
     /// dirty-load scan).
     async fn scan_first_pages(&self, ch: &IoChannel) -> Result<Vec<u32>> {
+        let mut firsts = Vec::new();
+        for (page, found) in self.scan_md_pages(ch).await? {
+            // Writes are atomic per page, so a page that carries the
+            // magic and fails its checks is damage, not a torn write:
+            // report it rather than silently dropping a blob.
+            if found?.is_some() {
+                firsts.push(page);
+            }
+        }
+        Ok(firsts)
+    }
+
+    /// Every page of the metadata region that carries the metadata magic,
+    /// decoded: `Some(())` for a blob's first page (at the page its id
+    /// names), `None` for another kind, an error for a page that fails its
+    /// checks or a first page naming another blob.
+    pub(crate) async fn scan_md_pages(
+        &self,
+        ch: &IoChannel,
+    ) -> Result<Vec<(u32, Result<Option<()>>)>> {
         let l = self.layout;
         let ps = l.page_size as usize;
         let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
-        let mut firsts = Vec::new();
+        let mut out = Vec::new();
         let mut p = 0;
         while p < l.md_len {
             let n = chunk_pages.min(l.md_len - p);
@@ -1516,24 +1636,24 @@ impl StoreInner {
                 if !format::looks_like_md_page(bytes) {
                     continue;
                 }
-                // Writes are atomic per page, so a page that carries the
-                // magic and fails its checks is damage, not a torn write:
-                // report it rather than silently dropping a blob.
-                let fp = format::decode_md_page(bytes, &format!("metadata page {page}"))?;
-                if fp.kind != PageKind::First {
-                    continue;
-                }
-                if fp.blob_id != Self::blob_id(page).0 {
-                    return Err(Error::corrupt(
-                        format!("metadata page {page}"),
-                        format!("first page names blob {:#x}", fp.blob_id),
-                    ));
-                }
-                firsts.push(page);
+                let loc = format!("metadata page {page}");
+                let found = format::decode_md_page(bytes, &loc).and_then(|fp| {
+                    if fp.kind != PageKind::First {
+                        Ok(None)
+                    } else if fp.blob_id != Self::blob_id(page).0 {
+                        Err(Error::corrupt(
+                            loc,
+                            format!("first page names blob {:#x}", fp.blob_id),
+                        ))
+                    } else {
+                        Ok(Some(()))
+                    }
+                });
+                out.push((page, found));
             }
             p += n;
         }
-        Ok(firsts)
+        Ok(out)
     }
 
     /// Every blob's metadata, as on disk.
@@ -1546,7 +1666,7 @@ impl StoreInner {
     }
 
     /// Bitmaps rebuilt from every blob's metadata after an unclean stop.
-    fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
+    pub(crate) fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
         let l = self.layout;
         let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
         for (first, md) in blobs {
@@ -1571,6 +1691,68 @@ impl StoreInner {
         }
         alloc.check();
         Ok(alloc)
+    }
+}
+
+/// Reads the super block for a load: the primary, else (format 2 on) the
+/// backup, trying each place a backup can have ([`format::backup_super_candidates`]).
+/// Notes in `report` which copy served and, with a readable primary of
+/// format 2, whether the backup needs the rewrite every load gives it.
+/// Without a usable copy the primary's error is returned (a blank device
+/// stays [`Error::NotABlobstore`]).
+async fn read_super_blocks(
+    dev: &Arc<dyn BlockDevice>,
+    ch: &IoChannel,
+    report: &mut LoadReport,
+) -> Result<SuperBlock> {
+    let block = dev.geometry().block_size as u64;
+    let size = dev.geometry().size_bytes();
+    let read_at = |off: u64| async move {
+        let buf = dev.alloc_buf_for_overwrite(format::SUPER_BLOCK_LEN)?;
+        ch.read(off / block, buf).await
+    };
+    let primary = SuperBlock::decode(&read_at(0).await?);
+    match primary {
+        Ok(sb) if sb.has_backup() => {
+            let off = format::BACKUP_SUPER_PAGE * sb.page_size as u64;
+            let backup = SuperBlock::decode_backup(&read_at(off).await?, sb.page_size);
+            if let Err(e) = backup {
+                tracing::warn!(
+                    device = %dev.name(),
+                    error = %e,
+                    "the backup super block is damaged: rewriting it from the primary"
+                );
+                report.backup_rewritten = Some(e.to_string());
+            }
+            Ok(sb)
+        }
+        Ok(sb) => {
+            tracing::info!(
+                device = %dev.name(),
+                version = sb.version,
+                "blobstore of format version 1: it has no backup super block (loaded as before)"
+            );
+            report.no_backup = true;
+            Ok(sb)
+        }
+        Err(primary_err) => {
+            for (ps, off) in format::backup_super_candidates() {
+                if off + format::SUPER_BLOCK_LEN as u64 > size {
+                    break;
+                }
+                if let Ok(sb) = SuperBlock::decode_backup(&read_at(off).await?, ps) {
+                    tracing::warn!(
+                        device = %dev.name(),
+                        error = %primary_err,
+                        "the primary super block is unreadable: loaded from the backup super \
+                         block; the primary is rewritten"
+                    );
+                    report.super_from_backup = Some(primary_err.to_string());
+                    return Ok(sb);
+                }
+            }
+            Err(primary_err)
+        }
     }
 }
 

@@ -344,12 +344,25 @@ fn damage_is_reported_not_panicked() {
         }
     ))
     .is_ok());
-    // A flipped bit in the super block.
+    // A flipped bit in the super block: the backup serves, and the load
+    // rewrites the primary.
     let d = MemDevice::from_image(&image, cfg.block_size).unwrap();
-    let mut b = [0u8; 1];
-    d.load_bytes(40, &mut b);
-    d.store_bytes(40, &[b[0] ^ 1]);
-    let e = load(&(Arc::new(d) as Arc<dyn BlockDevice>)).err().unwrap();
+    let flip = |off: usize| {
+        let mut b = [0u8; 1];
+        d.load_bytes(off, &mut b);
+        d.store_bytes(off, &[b[0] ^ 1]);
+    };
+    flip(40);
+    let dev: Arc<dyn BlockDevice> = Arc::new(d.clone());
+    let bs = load(&dev).unwrap();
+    assert!(bs.load_report().super_from_backup.is_some());
+    assert_eq!(bs.blob_ids(), vec![id]);
+    block_on(bs.unload()).unwrap();
+    assert_eq!(load(&dev).unwrap().load_report(), Default::default());
+    // Both copies flipped: corrupt.
+    flip(40);
+    flip(4096 + 40);
+    let e = load(&dev).err().unwrap();
     assert!(matches!(e, Error::Corrupt { .. }), "{e}");
     // A flipped bit in the blob's first metadata page: found at open after a
     // clean load, and at load time after a dirty one.

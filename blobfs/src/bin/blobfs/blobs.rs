@@ -160,10 +160,14 @@ pub fn dump(spec: &str, id: &str) -> CliResult {
     })
 }
 
-pub fn fsck(spec: &str, as_json: bool) -> CliResult {
+pub fn fsck(spec: &str, as_json: bool, repair: bool) -> CliResult {
     let dev = open_device(spec)?;
     let progress = Progress::spinner(&format!("checking {spec}"));
-    let r = check(dev).ctx(format!("fsck {spec}"))?;
+    let r = if repair {
+        blobfs::fsck::fsck_repair(dev).ctx(format!("fsck --repair {spec}"))?
+    } else {
+        check(dev).ctx(format!("fsck {spec}"))?
+    };
     drop(progress);
     if as_json {
         let findings: Vec<serde_json::Value> = r
@@ -191,6 +195,10 @@ pub fn fsck(spec: &str, as_json: bool) -> CliResult {
             "unsynced_bytes": r.unsynced_bytes,
             "interrupted_renames": r.interrupted_renames,
             "findings": findings,
+            "repaired": repair,
+            "repairs": r.repairs,
+            "moved_to_lost_found": r.moved_to_lost_found,
+            "lost": r.lost,
         }))?;
         if !r.is_clean() {
             return fail(format!("{spec}: the file system is damaged"));
@@ -198,6 +206,15 @@ pub fn fsck(spec: &str, as_json: bool) -> CliResult {
         return Ok(());
     }
     let mut s = String::new();
+    for what in &r.repairs {
+        s += &format!("repaired: {what}\n");
+    }
+    for what in &r.moved_to_lost_found {
+        s += &format!("moved to lost+found: {what}\n");
+    }
+    for what in &r.lost {
+        s += &format!("lost: {what}\n");
+    }
     for f in &r.findings {
         s += &format!("{f}\n");
     }

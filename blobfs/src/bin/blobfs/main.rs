@@ -219,6 +219,12 @@ enum Cmd {
         /// the exit code still says whether there is damage.
         #[arg(long)]
         json: bool,
+        /// Repair, then check again: rebuild damaged bitmaps, drop blobs
+        /// whose metadata cannot be read, recreate a lost root record, move
+        /// files whose BlobFS metadata cannot be read to lost+found/<blob
+        /// id>; report what was done and lost.
+        #[arg(long)]
+        repair: bool,
     },
     /// Throw away the file data a process that died left unsynced for the
     /// device (the next mount would write it back; fsck lists it).
@@ -317,7 +323,11 @@ fn run(cli: Cli) -> CliResult {
             parents,
         } => ops::mkdir(&device, &dir, parents),
         Cmd::Trim { device, json } => ops::trim(&device, json),
-        Cmd::Fsck { device, json } => blobs::fsck(&device, json),
+        Cmd::Fsck {
+            device,
+            json,
+            repair,
+        } => blobs::fsck(&device, json, repair),
         Cmd::Blobs { device } => blobs::list(&device),
         Cmd::DiscardUnsynced { device } => blobs::discard_unsynced(&device),
         Cmd::Dump { device, blob_id } => blobs::dump(&device, &blob_id),
