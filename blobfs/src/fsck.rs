@@ -187,6 +187,14 @@ struct Claim {
 /// when the check cannot run at all (no BlobFS, unreadable metadata, I/O
 /// errors); damage it can describe is in the report.
 pub async fn fsck_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
+    let name = dev.name();
+    let r = check_device(dev).await?;
+    report_event(&name, &r);
+    Ok(r)
+}
+
+/// [`fsck_async`] without its event (a repair reports once, at its end).
+async fn check_device(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
     let unsynced = dev.unsynced_memory();
     let bs = load_unmounted(dev).await?;
     let mut res = check_store(&bs).await;
@@ -252,11 +260,12 @@ pub async fn fsck_repair_async(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> 
     let unloaded = bs.unload().await.ctx("fsck: unloading the blobstore");
     let (mut repairs, moved, lost) = res?;
     unloaded?;
-    let mut r = fsck_async(dev).await?;
+    let mut r = check_device(dev.clone()).await?;
     repairs.splice(0..0, load.findings.into_iter().map(|f| f.what));
     r.repairs = repairs;
     r.moved_to_lost_found = moved;
     r.lost = lost;
+    report_event(&dev.name(), &r);
     Ok(r)
 }
 
@@ -454,6 +463,44 @@ fn note_load_repairs(l: &blobstore::LoadReport, r: &mut FsckReport) {
 /// Synchronous [`fsck_async`].
 pub fn fsck(dev: Arc<dyn BlockDevice>) -> Result<FsckReport> {
     block_on(fsck_async(dev))
+}
+
+/// The event an operator sees for a finished check (or repair): info when
+/// clean, a warning with the damage otherwise.
+fn report_event(dev: &str, r: &FsckReport) {
+    let damage = r
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Damage)
+        .count();
+    let warnings = r.findings.len() - damage;
+    let repaired = r.repairs.len() + r.moved_to_lost_found.len() + r.lost.len();
+    if damage == 0 {
+        tracing::info!(
+            device = dev,
+            files = r.files,
+            dirs = r.dirs,
+            bytes = r.file_bytes,
+            warnings,
+            repaired,
+            "fsck: clean"
+        );
+    } else {
+        let first = r
+            .findings
+            .iter()
+            .find(|f| f.severity == Severity::Damage)
+            .map(|f| f.what.as_str())
+            .unwrap_or_default();
+        tracing::warn!(
+            device = dev,
+            damage,
+            warnings,
+            repaired,
+            first,
+            "fsck: damage found"
+        );
+    }
 }
 
 async fn check_store(bs: &Blobstore) -> Result<FsckReport> {

@@ -124,3 +124,20 @@ fn refusals_and_device_errors_are_warnings() {
     });
     assert!(failed.contains("device I/O failed"), "{failed}");
 }
+
+#[test]
+fn fsck_says_clean_or_what_is_damaged() {
+    let dev = mem();
+    let fs = BlobFs::mkfs(dev.clone(), MkfsOptions::default(), MountOptions::default()).unwrap();
+    let f = fs.create("a").unwrap();
+    f.append(&[1u8; 5000]).unwrap();
+    f.close().unwrap();
+    fs.unmount().unwrap();
+    let clean = events(|| {
+        let r = blobfs::fsck::fsck(dev.clone()).unwrap();
+        assert!(r.is_clean());
+    });
+    assert!(clean.contains("fsck: clean"), "{clean}");
+    assert!(clean.contains("files=1"), "{clean}");
+    assert!(clean.contains("bytes=5000"), "{clean}");
+}
