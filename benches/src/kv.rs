@@ -366,6 +366,66 @@ pub struct RunFigures {
     pub wall_s: f64,
     /// Where the child's output was kept.
     pub log: String,
+    /// The host disk holding the side's files, its I/O while the child ran
+    /// (`/proc/diskstats`); `None` where the files live on no disk the
+    /// kernel counts (tmpfs, our NVMe driver).
+    pub disk: Option<DiskIo>,
+    /// BlobFS side: every sample of BlobFS's metrics at the child's exit
+    /// (Prometheus text, `metrics_file=`); empty on the POSIX side.
+    pub blobfs_metrics: Vec<(String, f64)>,
+}
+
+/// I/O the kernel counted on one disk (`/proc/diskstats` deltas).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct DiskIo {
+    /// Reads completed.
+    pub reads: u64,
+    /// Bytes read.
+    pub read_bytes: u64,
+    /// Writes completed.
+    pub writes: u64,
+    /// Bytes written.
+    pub write_bytes: u64,
+}
+
+impl DiskIo {
+    /// The counters of one `/proc/diskstats` line (sectors are 512 bytes).
+    pub fn parse_line(line: &str) -> Option<(u32, u32, DiskIo)> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let n = |i: usize| f.get(i)?.parse::<u64>().ok();
+        Some((
+            n(0)? as u32,
+            n(1)? as u32,
+            DiskIo {
+                reads: n(3)?,
+                read_bytes: n(5)? * 512,
+                writes: n(7)?,
+                write_bytes: n(9)? * 512,
+            },
+        ))
+    }
+
+    /// What happened between `before` and `self`.
+    pub fn since(&self, before: &DiskIo) -> DiskIo {
+        DiskIo {
+            reads: self.reads.saturating_sub(before.reads),
+            read_bytes: self.read_bytes.saturating_sub(before.read_bytes),
+            writes: self.writes.saturating_sub(before.writes),
+            write_bytes: self.write_bytes.saturating_sub(before.write_bytes),
+        }
+    }
+}
+
+/// The samples of a Prometheus text exposition: `name{labels}` and value,
+/// comments left out.
+pub fn parse_prometheus(text: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
 }
 
 impl RunFigures {
@@ -388,6 +448,46 @@ impl RunFigures {
     /// Memory used, MiB: the child's peak RSS plus the page-cache growth.
     pub fn memory_mib(&self) -> f64 {
         (self.max_rss_bytes + self.page_cache_growth_bytes) as f64 / (1 << 20) as f64
+    }
+
+    /// A BlobFS metric sample by name (`None` on the POSIX side).
+    pub fn blobfs_metric(&self, name: &str) -> Option<f64> {
+        self.blobfs_metrics
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
+
+    /// The device I/O of the run, reads and bytes written: BlobFS's own
+    /// device counters on the BlobFS side (what it submitted, whatever the
+    /// device), the kernel's disk counters on the POSIX side.
+    fn device_io(&self) -> Option<(f64, f64)> {
+        match self.side {
+            Side::BlobFs => Some((
+                self.blobfs_metric("blobfs_device_read_total")?,
+                self.blobfs_metric("blobfs_device_write_bytes_total")?,
+            )),
+            Side::Posix => self.disk.map(|d| (d.reads as f64, d.write_bytes as f64)),
+        }
+    }
+
+    /// Device reads per operation (NaN when not measured).
+    pub fn device_reads_per_op(&self) -> f64 {
+        match self.device_io() {
+            Some((r, _)) if self.result.operations > 0 => r / self.result.operations as f64,
+            _ => f64::NAN,
+        }
+    }
+
+    /// KiB written to the device per operation: the write amplification a
+    /// user compares (NaN when not measured).
+    pub fn device_write_kib_per_op(&self) -> f64 {
+        match self.device_io() {
+            Some((_, w)) if self.result.operations > 0 => {
+                w / 1024.0 / self.result.operations as f64
+            }
+            _ => f64::NAN,
+        }
     }
 }
 
@@ -482,9 +582,9 @@ fn ratio_str(r: f64) -> String {
 pub fn table(config: Config, runs: &[RunFigures]) -> String {
     let rs = ratios(runs);
     let mut t = String::new();
-    t.push_str("| phase | side | ops/s | p50 µs | p99 µs | p99.9 µs | CPU s/Mops | machine CPU s/Mops | memory MiB | ops/s BlobFS/POSIX | p99 BlobFS/POSIX | machine CPU/op BlobFS/POSIX |\n");
+    t.push_str("| phase | side | ops/s | p50 µs | p99 µs | p99.9 µs | CPU s/Mops | machine CPU s/Mops | memory MiB | dev reads/op | KiB written/op | ops/s BlobFS/POSIX | p99 BlobFS/POSIX | machine CPU/op BlobFS/POSIX |\n");
     t.push_str(
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for phase in Phase::ALL {
         for side in [Side::BlobFs, Side::Posix] {
@@ -499,7 +599,7 @@ pub fn table(config: Config, runs: &[RunFigures]) -> String {
                 .find(|x| x.config == config && x.phase == phase && side == Side::BlobFs);
             let _ = writeln!(
                 t,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 phase.name(),
                 side.name(),
                 group(r.result.ops_per_sec),
@@ -509,6 +609,8 @@ pub fn table(config: Config, runs: &[RunFigures]) -> String {
                 num(r.cpu_s_per_mops()),
                 num(r.machine_cpu_s_per_mops()),
                 group(r.memory_mib()),
+                num(r.device_reads_per_op()),
+                num(r.device_write_kib_per_op()),
                 ratio.map_or(String::new(), |x| ratio_str(x.ops)),
                 ratio.map_or(String::new(), |x| ratio_str(x.p99)),
                 ratio.map_or(String::new(), |x| ratio_str(x.machine_cpu)),
@@ -547,6 +649,32 @@ fn run_json(r: &RunFigures) -> Json {
         ("page_cache_growth_mib", mib(r.page_cache_growth_bytes)),
         ("memory_mib", Json::Num(r.memory_mib())),
         ("wall_s", Json::Num(r.wall_s)),
+        ("device_reads_per_op", Json::Num(r.device_reads_per_op())),
+        (
+            "device_write_kib_per_op",
+            Json::Num(r.device_write_kib_per_op()),
+        ),
+        (
+            "host_disk",
+            match r.disk {
+                Some(d) => Json::obj([
+                    ("reads", Json::from(d.reads)),
+                    ("read_bytes", Json::from(d.read_bytes)),
+                    ("writes", Json::from(d.writes)),
+                    ("write_bytes", Json::from(d.write_bytes)),
+                ]),
+                None => Json::Null,
+            },
+        ),
+        (
+            "blobfs_metrics",
+            Json::Obj(
+                r.blobfs_metrics
+                    .iter()
+                    .map(|(n, v)| (n.clone(), Json::Num(*v)))
+                    .collect(),
+            ),
+        ),
         ("log", Json::str(r.log.clone())),
     ])
 }
@@ -936,6 +1064,20 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
             page_cache_growth_bytes: if side == Side::Posix { 50 << 20 } else { 0 },
             wall_s: 1.5,
             log: "x.log".into(),
+            disk: (side == Side::Posix).then_some(DiskIo {
+                reads: ops as u64 / 2,
+                read_bytes: 0,
+                writes: 10,
+                write_bytes: ops as u64 * 2048,
+            }),
+            blobfs_metrics: if side == Side::BlobFs {
+                parse_prometheus(
+                    "# TYPE blobfs_device_read_total counter\nblobfs_device_read_total 5\n\
+                     blobfs_device_write_bytes_total 1024\nblobfs_read_seconds{quantile=\"0.5\"} 0.000001\n",
+                )
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -996,13 +1138,13 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
         let t = table(Config::Disk, &runs);
         assert!(
             t.contains(
-                "| insert | BlobFS | 200,000 | 1.00 | 10.0 | 20.0 | 5.00 | 7.50 | 100 | 2.00x | 0.50x | 0.38x |"
+                "| insert | BlobFS | 200,000 | 1.00 | 10.0 | 20.0 | 5.00 | 7.50 | 100 | 0.00 | 0.00 | 2.00x | 0.50x | 0.38x |"
             ),
             "{t}"
         );
         assert!(
             t.contains(
-                "| insert | POSIX | 100,000 | 1.00 | 20.0 | 40.0 | 10.0 | 20.0 | 150 |  |  |  |"
+                "| insert | POSIX | 100,000 | 1.00 | 20.0 | 40.0 | 10.0 | 20.0 | 150 | 0.50 | 2.00 |  |  |  |"
             ),
             "{t}"
         );
@@ -1085,6 +1227,51 @@ Percentiles: P50: 217.17 P75: 246.00 P99: 378.61 P99.9: 4402.20 P99.99: 34701.70
         assert!(!Phase::InsertLz4.runs_in(Config::Memory));
         assert!(Phase::parse("fill").is_err());
         assert_eq!(Config::parse("memory"), Ok(Config::Memory));
+    }
+
+    #[test]
+    fn device_io_per_op_comes_from_blobfs_metrics_and_diskstats() {
+        let line = "   8       0 sda 1000 3 16000 50 200 9 40960 70 0 100 120 0 0 0 0";
+        let (maj, min, d) = DiskIo::parse_line(line).unwrap();
+        assert_eq!((maj, min), (8, 0));
+        assert_eq!(d.reads, 1000);
+        assert_eq!(d.read_bytes, 16000 * 512);
+        assert_eq!(d.writes, 200);
+        assert_eq!(d.write_bytes, 40960 * 512);
+        let later = DiskIo { reads: 1500, ..d };
+        assert_eq!(later.since(&d).reads, 500);
+        assert!(DiskIo::parse_line("garbage").is_none());
+
+        let m =
+            parse_prometheus("# HELP x y\nx_total 3\nx_seconds{quantile=\"0.5\"} 0.25\nbad line\n");
+        assert_eq!(
+            m,
+            vec![
+                ("x_total".to_string(), 3.0),
+                ("x_seconds{quantile=\"0.5\"}".to_string(), 0.25)
+            ]
+        );
+
+        let b = run(Config::Disk, Phase::Randread, Side::BlobFs, 10.0, 1.0, 1.0);
+        assert_eq!(b.device_reads_per_op(), 0.5);
+        assert_eq!(b.device_write_kib_per_op(), 0.1);
+        let p = run(Config::Disk, Phase::Randread, Side::Posix, 10.0, 1.0, 1.0);
+        assert_eq!(p.device_reads_per_op(), 0.5);
+        assert_eq!(p.device_write_kib_per_op(), 2.0);
+        let none = RunFigures {
+            disk: None,
+            ..p.clone()
+        };
+        assert!(none.device_reads_per_op().is_nan());
+        let t = table(Config::Disk, &[b.clone(), p]);
+        assert!(t.contains("dev reads/op | KiB written/op"), "{t}");
+        assert!(
+            t.contains("| 0.50 | 0.10 |") || t.contains("| 0.5 | 0.1 |"),
+            "{t}"
+        );
+        let j = report_json(Json::Null, Json::Null, &[b]).to_string();
+        assert!(j.contains("\"blobfs_device_read_total\":5"), "{j}");
+        assert!(j.contains("\"device_reads_per_op\":0.5"), "{j}");
     }
 
     #[test]

@@ -135,6 +135,9 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
         faults,
         metrics,
     });
+    if let Some(path) = &uri.metrics_file {
+        dump_at_exit(&m, path);
+    }
     table.insert(uri.mount_key().to_string(), m.clone());
     Ok(m)
 }
@@ -154,31 +157,24 @@ fn conflict(mounted: &Uri, asked: &Uri) -> Option<String> {
             )
         })
         .or_else(|| {
-            (mounted.fault_injection != asked.fault_injection).then(|| {
-                format!(
-                    "fault_injection={} asked, {} in force",
-                    on_off(asked.fault_injection),
-                    on_off(mounted.fault_injection)
+            let words = |what: &str, a: &str, b: &str| {
+                (a != b).then(|| format!("{what}={b} asked, {a} in force"))
+            };
+            let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "(none)".into());
+            words(
+                "fault_injection",
+                on_off(mounted.fault_injection),
+                on_off(asked.fault_injection),
+            )
+            .or_else(|| words("discard", on_off(mounted.discard), on_off(asked.discard)))
+            .or_else(|| {
+                words(
+                    "metrics_file",
+                    &opt(&mounted.metrics_file),
+                    &opt(&asked.metrics_file),
                 )
             })
-        })
-        .or_else(|| {
-            (mounted.discard != asked.discard).then(|| {
-                format!(
-                    "discard={} asked, {} in force",
-                    on_off(asked.discard),
-                    on_off(mounted.discard)
-                )
-            })
-        })
-        .or_else(|| {
-            (mounted.metrics != asked.metrics).then(|| {
-                format!(
-                    "metrics={} asked, {} in force",
-                    asked.metrics.as_deref().unwrap_or("(none)"),
-                    mounted.metrics.as_deref().unwrap_or("(none)")
-                )
-            })
+            .or_else(|| words("metrics", &opt(&mounted.metrics), &opt(&asked.metrics)))
         })
         .or_else(|| {
             // A later URI may not ask to format what is mounted (unless it
@@ -215,6 +211,9 @@ pub fn unmount(uri: &Uri) -> Result<bool, Error> {
         // The endpoint goes first: a scrape in flight holds the mount.
         Ok(Mount { fs, metrics, .. }) => {
             drop(metrics);
+            if let Some(path) = &uri.metrics_file {
+                write_metrics(&fs, path);
+            }
             fs.unmount()
         }
         .map(|()| true)
@@ -230,5 +229,73 @@ pub fn unmount(uri: &Uri) -> Result<bool, Error> {
                 holders,
             })
         }
+    }
+}
+
+/// Mounts whose metrics go to a file when the process exits.
+static EXIT_DUMPS: Mutex<Vec<(std::sync::Weak<Mount>, String)>> = Mutex::new(Vec::new());
+
+/// Writes `m`'s metrics to `path` when the process exits normally
+/// (`exit`, the end of `main`: how db_bench ends), if it is still mounted.
+fn dump_at_exit(m: &Arc<Mount>, path: &str) {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    EXIT_DUMPS
+        .lock()
+        .push((Arc::downgrade(m), path.to_string()));
+    REGISTER.call_once(|| {
+        extern "C" fn at_exit() {
+            // try_lock: a thread that exits while holding the table must
+            // not hang the process's exit.
+            let Some(dumps) = EXIT_DUMPS.try_lock() else {
+                return;
+            };
+            for (m, path) in dumps.iter() {
+                if let Some(m) = m.upgrade() {
+                    write_metrics(&m.fs, path);
+                }
+            }
+        }
+        // SAFETY: `at_exit` is a plain function that lives for the
+        // program; atexit only records its address.
+        if unsafe { libc::atexit(at_exit) } != 0 {
+            tracing::warn!("metrics_file: atexit refused the handler; no metrics at exit");
+        }
+    });
+}
+
+/// Writes `fs`'s metrics to `path` (through a temporary name, so a reader
+/// never sees half a file); a failure is an event, not an error.
+fn write_metrics(fs: &BlobFs, path: &str) {
+    let tmp = format!("{path}.tmp");
+    let res = std::fs::write(&tmp, fs.metrics().to_prometheus())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        tracing::warn!(path, error = %e, "could not write the metrics file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_uri_with_other_switches_is_a_conflict_naming_them() {
+        let base = Uri::parse("blobfs://mem:64M").unwrap();
+        let with = |opt: &str| Uri::parse(&format!("blobfs://mem:64M;{opt}")).unwrap();
+        assert_eq!(conflict(&base, &base), None);
+        let c = |opt: &str| conflict(&base, &with(opt)).unwrap();
+        assert_eq!(c("discard=on"), "discard=on asked, off in force");
+        assert_eq!(
+            c("fault_injection=on"),
+            "fault_injection=on asked, off in force"
+        );
+        assert_eq!(
+            c("metrics=127.0.0.1:9"),
+            "metrics=127.0.0.1:9 asked, (none) in force"
+        );
+        assert_eq!(
+            conflict(&with("metrics_file=/a"), &with("metrics_file=/b")).unwrap(),
+            "metrics_file=/b asked, /a in force"
+        );
     }
 }

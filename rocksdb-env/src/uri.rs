@@ -20,6 +20,9 @@
 //!                           format at http://<host>:<port>/metrics; the
 //!                           host must be a loopback address (127.0.0.1,
 //!                           ::1, localhost); port 0 picks a free one
+//!   metrics_file=<path>     write the mount's metrics (the same text) to
+//!                           this host file when the process exits (and at
+//!                           unmount): benchmarks read what a whole run did
 //! ```
 //!
 //! The mkfs modes, and what each does with what the device holds:
@@ -88,6 +91,8 @@ pub struct Uri {
     pub metrics: Option<String>,
     /// Unmap deleted files' clusters ([`MountOptions::discard`]).
     pub discard: bool,
+    /// Where to write the metrics at exit (a host path).
+    pub metrics_file: Option<String>,
 }
 
 /// A URI that does not parse, with the reason.
@@ -125,6 +130,7 @@ impl Uri {
             fault_injection: false,
             metrics: None,
             discard: false,
+            metrics_file: None,
         };
         for opt in parts.filter(|p| !p.is_empty()) {
             let (key, value) = opt
@@ -153,6 +159,12 @@ impl Uri {
                 }
                 "fault_injection" => out.fault_injection = on_off(key, value).map_err(&bad)?,
                 "discard" => out.discard = on_off(key, value).map_err(&bad)?,
+                "metrics_file" => {
+                    if value.is_empty() {
+                        return Err(bad("metrics_file= needs a path".into()));
+                    }
+                    out.metrics_file = Some(value.to_string());
+                }
                 "metrics" => {
                     if value.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.is_empty()) {
                         return Err(bad(format!(
@@ -163,7 +175,7 @@ impl Uri {
                 }
                 _ => {
                     return Err(bad(format!(
-                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection, discard, metrics)"
+                        "unknown option {key:?} (known: cache, warm_read, cluster, mkfs, fault_injection, discard, metrics, metrics_file)"
                     )))
                 }
             }
@@ -203,6 +215,9 @@ impl Uri {
         }
         if let Some(m) = &self.metrics {
             s.push_str(&format!(";metrics={m}"));
+        }
+        if let Some(f) = &self.metrics_file {
+            s.push_str(&format!(";metrics_file={f}"));
         }
         s
     }
@@ -247,6 +262,9 @@ mod tests {
         assert_eq!(u.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(Uri::parse(&u.to_uri()).unwrap(), u);
         assert_eq!(Uri::parse("blobfs://mem:64M").unwrap().metrics, None);
+        let f = Uri::parse("blobfs://mem:64M;metrics_file=/tmp/x.prom").unwrap();
+        assert_eq!(f.metrics_file.as_deref(), Some("/tmp/x.prom"));
+        assert_eq!(Uri::parse(&f.to_uri()).unwrap(), f);
         let d = Uri::parse("blobfs://mem:64M;discard=on").unwrap();
         assert!(d.discard);
         assert_eq!(Uri::parse(&d.to_uri()).unwrap(), d);

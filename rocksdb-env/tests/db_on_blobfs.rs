@@ -241,6 +241,19 @@ fn child_probes_device(uri: &str) -> ! {
     }
 }
 
+/// Writes 300 synced keys and exits (as db_bench does: `exit`, the DB
+/// never closed).
+fn child_writes_then_exits(uri: &str) -> ! {
+    let db = rocksdb_env::open_db(uri, "/exit/db", &small_options()).unwrap();
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    for i in 0..300 {
+        db.put_opt(key(i), value(i, 0), &synced).unwrap();
+    }
+    std::mem::forget(db);
+    std::process::exit(0)
+}
+
 /// Runs this test binary as a child doing `what`.
 fn run_child(what: &str, test: &str, uri: &str) -> std::process::Output {
     Command::new(std::env::current_exe().unwrap())
@@ -257,6 +270,7 @@ fn maybe_child() {
         match what.as_str() {
             "write-abort" => child_writes_then_aborts(&uri),
             "probe" => child_probes_device(&uri),
+            "write-exit" => child_writes_then_exits(&uri),
             other => panic!("unknown child job {other}"),
         }
     }
@@ -472,4 +486,25 @@ fn metrics_endpoint_serves_what_rocksdb_did() {
     assert!(e.contains("loopback"), "{e}");
     let e = refusal("blobfs://mem:80M;metrics=9464", "/m3");
     assert!(e.contains("HOST:PORT"), "{e}");
+}
+
+#[test]
+fn metrics_file_is_written_at_exit() {
+    maybe_child();
+    let prom = image_path("metrics-file").with_extension("prom");
+    let _ = std::fs::remove_file(&prom);
+    let uri = format!("blobfs://mem:72M;metrics_file={}", prom.display());
+    let out = run_child("write-exit", "metrics_file_is_written_at_exit", &uri);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&prom).expect("the metrics file after exit");
+    assert!(sample(&text, "blobfs_wal_sync_total") >= 300.0, "{text}");
+    assert!(
+        sample(&text, "blobfs_device_flush_total") >= 300.0,
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&prom);
 }

@@ -314,6 +314,25 @@ impl Layout {
         format!("blobfs://{spec};cache={};mkfs={mkfs}", self.blobfs_cache)
     }
 
+    /// The host disk (major, minor) that holds `side`'s files, if the
+    /// kernel counts one for it in `/proc/diskstats` (not tmpfs, not a
+    /// namespace our driver owns).
+    fn disk_of(&self, side: Side) -> Option<(u32, u32)> {
+        let path = match (&self.device, side) {
+            (BlobDevice::Nvme(_), Side::BlobFs) => return None,
+            (BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. }, Side::BlobFs) => {
+                image.clone()
+            }
+            (_, Side::Posix) => self.posix_db.clone(),
+        };
+        // The nearest ancestor that exists (the database may not yet).
+        let meta = path.ancestors().find_map(|p| fs::metadata(p).ok())?;
+        use std::os::unix::fs::MetadataExt;
+        let dev = meta.dev();
+        let id = (libc::major(dev), libc::minor(dev));
+        disk_sample(id).map(|_| id)
+    }
+
     /// Gets the machine ready for a run of `side` of `phase` (a fresh
     /// database on the insert phase).
     fn prepare(&self, side: Side, phase: Phase) -> Result<(), String> {
@@ -378,7 +397,11 @@ impl Bench {
         ));
         match side {
             Side::BlobFs => {
-                cmd.push(format!("--fs_uri={}", layout.uri(phase.fresh())));
+                cmd.push(format!(
+                    "--fs_uri={};metrics_file={}",
+                    layout.uri(phase.fresh()),
+                    self.metrics_path(config, phase).display()
+                ));
                 cmd.push("--db=/kvbench".to_string());
             }
             Side::Posix => {
@@ -387,6 +410,12 @@ impl Bench {
             }
         }
         cmd
+    }
+
+    /// Where the BlobFS side's db_bench leaves its metrics at exit.
+    fn metrics_path(&self, config: Config, phase: Phase) -> PathBuf {
+        self.out
+            .join(format!("{}-{}-blobfs.prom", config.name(), phase.name()))
     }
 
     /// Runs one db_bench child and measures it.
@@ -427,6 +456,10 @@ impl Bench {
             .try_clone()
             .map_err(|e| format!("creating {}: {e}", log_path.display()))?;
         let cached_before = meminfo("Cached").unwrap_or(0);
+        let disk = layout.disk_of(side);
+        let disk_before = disk.and_then(disk_sample);
+        let metrics_path = self.metrics_path(config, phase);
+        let _ = fs::remove_file(&metrics_path);
         let busy_before = CpuSample::now();
         let t0 = Instant::now();
         let child = Command::new(&cmd[0])
@@ -470,6 +503,7 @@ impl Bench {
         };
         let wall_s = t0.elapsed().as_secs_f64();
         let busy_after = CpuSample::now();
+        let disk_after = disk.and_then(disk_sample);
         done.store(true, Ordering::Relaxed);
         let _ = ticker.join();
         drop(child);
@@ -514,6 +548,23 @@ impl Bench {
             page_cache_growth_bytes: cached_after.saturating_sub(cached_before),
             wall_s,
             log: log_path.display().to_string(),
+            disk: match (disk_before, disk_after) {
+                (Some(a), Some(b)) => Some(b.since(&a)),
+                _ => None,
+            },
+            blobfs_metrics: match side {
+                Side::BlobFs => match fs::read_to_string(&metrics_path) {
+                    Ok(t) => kv::parse_prometheus(&t),
+                    Err(e) => {
+                        eprintln!(
+                            "\nnote: {label}: no BlobFS metrics ({}: {e})",
+                            metrics_path.display()
+                        );
+                        Vec::new()
+                    }
+                },
+                Side::Posix => Vec::new(),
+            },
         })
     }
 }
@@ -534,6 +585,15 @@ fn read_log(path: &Path) -> Result<String, String> {
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The `/proc/diskstats` counters of disk `(major, minor)`.
+fn disk_sample((major, minor): (u32, u32)) -> Option<kv::DiskIo> {
+    let text = fs::read_to_string("/proc/diskstats").ok()?;
+    text.lines()
+        .filter_map(kv::DiskIo::parse_line)
+        .find(|(a, b, _)| (*a, *b) == (major, minor))
+        .map(|(_, _, d)| d)
 }
 
 fn main() -> ExitCode {
