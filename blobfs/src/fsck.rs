@@ -503,6 +503,27 @@ fn report_event(dev: &str, r: &FsckReport) {
     }
 }
 
+/// Blob `id`, or `None` with a damage finding when its blobstore metadata
+/// does not read (a device error is still the check's error).
+async fn readable(
+    bs: &Blobstore,
+    id: BlobId,
+    r: &mut FsckReport,
+) -> Result<Option<blobstore::Blob>> {
+    match bs.open_blob(id).await {
+        Ok(b) => Ok(Some(b)),
+        Err(e @ blobstore::Error::Corrupt { .. }) => {
+            r.add(
+                Severity::Damage,
+                Some(id),
+                format!("blob {id}: metadata does not read ({e}); `fsck --repair` drops it"),
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e).ctx(&format!("blob {id}")),
+    }
+}
+
 async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
     use Severity::{Damage, Warning};
     let mut r = FsckReport::default();
@@ -510,7 +531,10 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
     match sb {
         None => r.add(Damage, None, "no super blob (the BlobFS root record)"),
         Some(id) => {
-            let b = bs.open_blob(id).await.ctx("super blob")?;
+            let b = match readable(bs, id, &mut r).await? {
+                Some(b) => b,
+                None => return Ok(r),
+            };
             let v = b.get_xattr(meta::VERSION);
             if v.as_deref() != Some(&meta::FORMAT_VERSION.to_le_bytes()[..]) {
                 r.add(
@@ -532,7 +556,9 @@ async fn check_store(bs: &Blobstore) -> Result<FsckReport> {
     let ids = bs.blob_ids();
     r.blobs = ids.len() as u64;
     for id in ids {
-        let blob = bs.open_blob(id).await.ctx(&format!("blob {id}"))?;
+        let Some(blob) = readable(bs, id, &mut r).await? else {
+            continue;
+        };
         let alloc = blob.allocated_clusters();
         allocated += alloc;
         if !blob.is_thin() && alloc != blob.num_clusters() {
