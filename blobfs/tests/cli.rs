@@ -759,3 +759,50 @@ fn no_progress_output_when_stderr_is_not_a_terminal() {
         );
     }
 }
+
+#[test]
+fn mkfs_max_files_sizes_the_metadata_region_and_running_out_says_how_to_get_more() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("fs.img");
+    let create = format!("file:{}?size=64M", img.display());
+    let dev = format!("file:{}", img.display());
+    let out = ok(&[
+        "mkfs",
+        &create,
+        "--cluster-size",
+        "64K",
+        "--max-files",
+        "40",
+    ]);
+    assert!(out.contains("room for about"), "{out}");
+    let info: serde_json::Value = serde_json::from_str(&ok(&["info", &dev, "--json"])).unwrap();
+    let free = info["free_metadata_pages"].as_u64().unwrap();
+    // 40 files of two pages, 64 spare, minus the root record's.
+    assert!((130..=144).contains(&free), "{free}");
+
+    let fs = blobfs::BlobFs::mount(
+        blobstore::open_device(&dev).unwrap(),
+        blobfs::MountOptions::default(),
+    )
+    .unwrap();
+    let mut made = 0;
+    let err = loop {
+        // The file's first page or, at its first sync, its cluster map's.
+        let res = fs.create(&format!("f{made}")).and_then(|f| {
+            f.append(&[7u8; 100])?;
+            f.close()
+        });
+        match res {
+            Ok(()) => made += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(made < 1000, "the metadata region never filled");
+    };
+    assert!(made >= 40, "only {made} files");
+    assert!(err.contains("--max-files"), "{err}");
+    // The file that did not fit goes; the rest unmount and stay.
+    fs.remove_file(&format!("f{made}")).unwrap();
+    fs.unmount().unwrap();
+    let ls = ok(&["ls", &dev]);
+    assert_eq!(ls.lines().count(), made, "{ls}");
+}

@@ -39,7 +39,7 @@ use crate::blob::{check_xattr, Blob};
 use crate::device::IoChannel;
 use crate::error::{Error, Result};
 use crate::format::{self, PendingOp, NO_PAGE};
-use crate::store::{BlobInner, BlobMd, Blobstore, ClearMethod, StoreInner};
+use crate::store::{BlobInner, BlobMd, Blobstore, ClearMethod, StoreInner, NO_MD_PAGE};
 use crate::BlobId;
 
 /// Longest parent chain followed (a guard against cycles in bad metadata).
@@ -377,7 +377,7 @@ impl StoreInner {
             let mut a = self.alloc.lock();
             let p = a
                 .alloc_pages(1)
-                .ok_or_else(|| Error::NoSpace("no metadata page left for a new blob".into()))?[0];
+                .ok_or_else(|| Error::NoSpace(NO_MD_PAGE.into()))?[0];
             a.set_blobid(p, true);
             p
         };

@@ -265,6 +265,16 @@ pub(crate) struct StoreInner {
     pub load_report: Mutex<LoadReport>,
 }
 
+/// Why a new blob cannot be made when the metadata region is full, and
+/// how to get more (the count is fixed when the store is formatted).
+pub(crate) const NO_MD_PAGE: &str = "no metadata page left for a new blob: every metadata page \
+     is in use (their number is set at format time: BlobstoreOptions::md_pages, \
+     `blobfs mkfs --max-files N`)";
+
+/// [`NO_MD_PAGE`]'s explanation, for a sync that needs more pages.
+const MD_FULL: &str = "every metadata page is in use (their number is set at format time: \
+     BlobstoreOptions::md_pages, `blobfs mkfs --max-files N`)";
+
 /// A blobstore's figures so far ([`Blobstore::metrics`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoreMetrics {
@@ -687,7 +697,7 @@ impl StoreInner {
             let mut alloc = self.alloc.lock();
             let Some(ext_pages) = alloc.alloc_pages(extent_payloads.len()) else {
                 return Ok(Err(Error::NoSpace(format!(
-                    "no metadata page left to sync blob {id}"
+                    "no metadata page left to sync blob {id}: {MD_FULL}"
                 ))));
             };
             for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
@@ -708,7 +718,7 @@ impl StoreInner {
                     alloc.free_page(p);
                 }
                 return Ok(Err(Error::NoSpace(format!(
-                    "no metadata page left to sync blob {id}"
+                    "no metadata page left to sync blob {id}: {MD_FULL}"
                 ))));
             };
             drop(alloc);
@@ -1337,7 +1347,7 @@ impl Blobstore {
             let mut a = inner.alloc.lock();
             let p = a
                 .alloc_pages(1)
-                .ok_or_else(|| Error::NoSpace("no metadata page left for a new blob".into()))?[0];
+                .ok_or_else(|| Error::NoSpace(NO_MD_PAGE.into()))?[0];
             a.set_blobid(p, true);
             p
         };

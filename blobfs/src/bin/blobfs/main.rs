@@ -67,6 +67,11 @@ enum Cmd {
         /// blobstore or a BlobFS (without it, mkfs refuses and says what it found).
         #[arg(long)]
         force: bool,
+        /// Files and directories to leave room for in the metadata region
+        /// (like mke2fs's inode count; fixed at format time). Each takes
+        /// two metadata pages today. Default: one page per cluster.
+        #[arg(long)]
+        max_files: Option<u64>,
     },
     /// Show geometry, space and the number of files.
     Info {
@@ -270,7 +275,8 @@ fn run(cli: Cli) -> CliResult {
             device,
             cluster_size,
             force,
-        } => ops::mkfs(&device, cluster_size, force),
+            max_files,
+        } => ops::mkfs(&device, cluster_size, force, max_files),
         Cmd::Info { device, json } => ops::info(&device, json),
         Cmd::Df { device, dir, json } => ops::df(&device, dir.as_deref().unwrap_or(""), json),
         Cmd::Ls {

@@ -28,7 +28,13 @@ pub fn with_fs<T>(spec: &str, f: impl FnOnce(&BlobFs) -> CliResult<T>) -> CliRes
     Ok(v)
 }
 
-pub fn mkfs(spec: &str, cluster_size: u32, force: bool) -> CliResult {
+/// Metadata pages a file or directory takes (its first page and one for
+/// its cluster map), and the pages kept beyond `--max-files` for the root
+/// record and growth.
+const PAGES_PER_FILE: u64 = 2;
+const SPARE_PAGES: u64 = 64;
+
+pub fn mkfs(spec: &str, cluster_size: u32, force: bool, max_files: Option<u64>) -> CliResult {
     let dev = open_device(spec)?;
     if force {
         // Say what is being erased (mkfs itself refuses without --force).
@@ -44,7 +50,8 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool) -> CliResult {
         MkfsOptions {
             cluster_size,
             force,
-            ..Default::default()
+            md_pages: max_files
+                .map(|n| n.saturating_mul(PAGES_PER_FILE).saturating_add(SPARE_PAGES)),
         },
         MountOptions::default(),
     )
@@ -56,12 +63,15 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool) -> CliResult {
         e => crate::util::CliError(format!("mkfs on {spec}: {e}")),
     })?;
     let space = fs.space();
+    let md_free = fs.blobstore().free_md_pages();
     fs.unmount().ctx(format!("unmounting {spec}"))?;
     print(&format!(
-        "made a BlobFS on {spec}: {} clusters of {}, {} for files\n",
+        "made a BlobFS on {spec}: {} clusters of {}, {} for files, room for about {} files \
+         ({md_free} metadata pages)\n",
         space.total_bytes / space.cluster_bytes,
         human(space.cluster_bytes),
-        human(space.total_bytes)
+        human(space.total_bytes),
+        md_free / PAGES_PER_FILE
     ))
 }
 
