@@ -324,16 +324,20 @@ impl<T: Default + Send + Sync + 'static> Shards<T> {
         s
     }
 
-    /// Runs `f` on this thread's shard (created on first use).
+    /// Runs `f` on this thread's shard (created on first use). The shard
+    /// is used in place, with no reference count taken: this is on every
+    /// counted operation's path.
     #[inline]
     pub fn with<R>(&self, f: impl FnOnce(&T) -> R) -> R {
-        let found = LOCAL.with(|l| {
+        let mut f = Some(f);
+        let hit = LOCAL.with(|l| {
             let l = l.try_borrow().ok()?;
             let (_, s) = l.iter().find(|(id, _)| *id == self.id)?;
-            s.clone().downcast::<T>().ok()
+            let t = s.downcast_ref::<T>()?;
+            f.take().map(|f| f(t))
         });
-        if let Some(s) = found {
-            return f(&s);
+        if let Some(r) = hit {
+            return r;
         }
         let s = self.add();
         LOCAL.with(|l| {
@@ -343,7 +347,11 @@ impl<T: Default + Send + Sync + 'static> Shards<T> {
                 l.push((self.id, s.clone()));
             }
         });
-        f(&s)
+        match f {
+            Some(f) => f(&s),
+            // `hit` is None only when `f` was never called.
+            None => unreachable!("a shard's closure ran and returned nothing"),
+        }
     }
 
     /// Every shard so far.
