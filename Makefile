@@ -210,7 +210,8 @@ kill-dbbench: rocksdb-tools
 # stderr (db_crashtest.py's rule) and no verification or corruption line.
 # ROUNDS, MIN_SECS, MAX_SECS, CRASH_SEED, CRASHTEST_DIR as above; MODE picks
 # some of kill, powerloss, plain (all by default); PLAIN_OPS is the plain
-# rounds' operations per thread. E.g.
+# rounds' operations per thread; WRITE_FAULTS=N injects write and
+# metadata-write faults at 1 in N instead of db_crashtest's odds. E.g.
 #   ROUNDS=100 make crashtest-rocksdb-debug
 ROCKSDB_DEBUG := $(TARGET_DIR)/rocksdb-debug
 PLAIN_OPS ?= 10000
@@ -261,5 +262,6 @@ crashtest-rocksdb-debug: rocksdb-debug-tools
 	@for m in $(or $(MODE),kill powerloss plain); do \
 	  $(TARGET_DIR)/release/rocksdb-crashtest --db-stress $(ROCKSDB_DEBUG)/db_stress \
 	    --faults --mode $$m --rounds $(ROUNDS) --min-secs $(MIN_SECS) --max-secs $(MAX_SECS) \
-	    --ops $(PLAIN_OPS) --dir $(CRASHTEST_DIR)/debug-$$m $(if $(CRASH_SEED),--seed $(CRASH_SEED)) || exit 1; \
+	    --ops $(PLAIN_OPS) --dir $(CRASHTEST_DIR)/debug-$$m $(if $(CRASH_SEED),--seed $(CRASH_SEED)) \
+	    $(if $(WRITE_FAULTS),--write-faults $(WRITE_FAULTS)) || exit 1; \
 	done
