@@ -12,6 +12,7 @@
 //   keyed by the device spec; these objects only hold references to it.
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -76,6 +77,8 @@ IOStatus ToIOStatus(const Status& s) {
       return IOStatus::InvalidArgument(msg);
     case Code::Busy:
       return IOStatus::Busy(msg);
+    case Code::TimedOut:
+      return IOStatus::TimedOut(msg);
     default:
       return IOStatus::IOError(msg);
   }
@@ -109,8 +112,37 @@ rust::Slice<const std::uint8_t> In(const Slice& s) {
 // Reads [offset, offset + n) into scratch; *result is the bytes read. A
 // null scratch (what RocksDB passes to a file opened for mmap reads) is
 // refused: no slice is ever built from a null pointer.
+// A read's time limit (IOOptions::timeout, from ReadOptions::io_timeout or
+// deadline; 0 for none) across the device reads it takes: each gets what is
+// left of it, and one that starts with nothing left times out at once.
+class ReadLimit {
+ public:
+  explicit ReadLimit(const IOOptions& opts)
+      : us_(static_cast<uint64_t>(
+            std::max<int64_t>(0, static_cast<int64_t>(opts.timeout.count())))),
+        start_(std::chrono::steady_clock::now()) {}
+  bool none() const { return us_ == 0; }
+  // Microseconds left (at least 1), or 0 when the limit has passed.
+  uint64_t left_us() const {
+    const auto spent = std::chrono::duration_cast<std::chrono::microseconds>(
+                           std::chrono::steady_clock::now() - start_)
+                           .count();
+    return spent < 0 || static_cast<uint64_t>(spent) < us_
+               ? us_ - static_cast<uint64_t>(std::max<int64_t>(0, spent))
+               : 0;
+  }
+  IOStatus Expired() const {
+    return IOStatus::TimedOut("read not started: its " + std::to_string(us_) +
+                              " us time limit had passed");
+  }
+
+ private:
+  const uint64_t us_;
+  const std::chrono::steady_clock::time_point start_;
+};
+
 IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
-                char* scratch) {
+                char* scratch, const ReadLimit& limit) {
   if (scratch == nullptr && n > 0) {
     *result = Slice();
     return IOStatus::InvalidArgument(
@@ -118,7 +150,15 @@ IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
         "take one)");
   }
   size_t got = 0;
-  IOStatus s = ToIOStatus(h.read_at(offset, Out(scratch, n), got));
+  uint64_t timeout_us = 0;
+  if (!limit.none()) {
+    timeout_us = limit.left_us();
+    if (timeout_us == 0) {
+      *result = Slice();
+      return limit.Expired();
+    }
+  }
+  IOStatus s = ToIOStatus(h.read_at(offset, Out(scratch, n), timeout_us, got));
   *result = Slice(scratch, s.ok() ? got : 0);
   return s;
 }
@@ -139,16 +179,16 @@ class BlobSequentialFile : public FSSequentialFile {
     return direct_ ? h_->alignment() : FSSequentialFile::GetRequiredBufferAlignment();
   }
 
-  IOStatus Read(size_t n, const IOOptions&, Slice* result, char* scratch,
+  IOStatus Read(size_t n, const IOOptions& opts, Slice* result, char* scratch,
                 IODebugContext*) override {
-    IOStatus s = ReadAt(*h_, pos_, n, result, scratch);
+    IOStatus s = ReadAt(*h_, pos_, n, result, scratch, ReadLimit(opts));
     pos_ += result->size();
     return s;
   }
-  IOStatus PositionedRead(uint64_t offset, size_t n, const IOOptions&,
+  IOStatus PositionedRead(uint64_t offset, size_t n, const IOOptions& opts,
                           Slice* result, char* scratch,
                           IODebugContext*) override {
-    return ReadAt(*h_, offset, n, result, scratch);
+    return ReadAt(*h_, offset, n, result, scratch, ReadLimit(opts));
   }
   IOStatus Skip(uint64_t n) override {
     pos_ = std::min(pos_ + n, h_->len());
@@ -173,17 +213,19 @@ class BlobRandomAccessFile : public FSRandomAccessFile {
                    : FSRandomAccessFile::GetRequiredBufferAlignment();
   }
 
-  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
-                char* scratch, IODebugContext*) const override {
-    return ReadAt(*h_, offset, n, result, scratch);
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions& opts,
+                Slice* result, char* scratch, IODebugContext*) const override {
+    return ReadAt(*h_, offset, n, result, scratch, ReadLimit(opts));
   }
   // Each request is read on this thread in turn; BlobFS's cache and
-  // readahead serve neighbours, so there is nothing to batch here.
-  IOStatus MultiRead(FSReadRequest* reqs, size_t num_reqs, const IOOptions&,
-                     IODebugContext*) override {
+  // readahead serve neighbours, so there is nothing to batch here. The time
+  // limit is the whole call's: requests after it passed time out.
+  IOStatus MultiRead(FSReadRequest* reqs, size_t num_reqs,
+                     const IOOptions& opts, IODebugContext*) override {
+    const ReadLimit limit(opts);
     for (size_t i = 0; i < num_reqs; ++i) {
       FSReadRequest& r = reqs[i];
-      r.status = ReadAt(*h_, r.offset, r.len, &r.result, r.scratch);
+      r.status = ReadAt(*h_, r.offset, r.len, &r.result, r.scratch, limit);
     }
     return IOStatus::OK();
   }
@@ -232,20 +274,16 @@ class BlobMmapReadFile : public FSRandomAccessFile {
     return p == MAP_FAILED ? nullptr : static_cast<char*>(p);
   }
 
-  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
-                char*, IODebugContext*) const override {
-    *result = Slice();
-    if (offset >= size_ || n == 0) return IOStatus::OK();
-    const uint64_t end = std::min<uint64_t>(size_, offset + n);
-    IOStatus s = Fill(offset, end);
-    if (s.ok()) *result = Slice(mem_ + offset, end - offset);
-    return s;
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions& opts,
+                Slice* result, char*, IODebugContext*) const override {
+    return ReadWithin(offset, n, result, ReadLimit(opts));
   }
   IOStatus MultiRead(FSReadRequest* reqs, size_t num_reqs,
-                     const IOOptions& opts, IODebugContext* dbg) override {
+                     const IOOptions& opts, IODebugContext*) override {
+    const ReadLimit limit(opts);
     for (size_t i = 0; i < num_reqs; ++i) {
       FSReadRequest& r = reqs[i];
-      r.status = Read(r.offset, r.len, opts, &r.result, nullptr, dbg);
+      r.status = ReadWithin(r.offset, r.len, &r.result, limit);
     }
     return IOStatus::OK();
   }
@@ -255,19 +293,30 @@ class BlobMmapReadFile : public FSRandomAccessFile {
   }
 
  private:
-  // Copies the chunks under [from, to) in, once each.
-  IOStatus Fill(uint64_t from, uint64_t to) const {
+  IOStatus ReadWithin(uint64_t offset, size_t n, Slice* result,
+                      const ReadLimit& limit) const {
+    *result = Slice();
+    if (offset >= size_ || n == 0) return IOStatus::OK();
+    const uint64_t end = std::min<uint64_t>(size_, offset + n);
+    IOStatus s = Fill(offset, end, limit);
+    if (s.ok()) *result = Slice(mem_ + offset, end - offset);
+    return s;
+  }
+
+  // Copies the chunks under [from, to) in, once each, within `limit` (a
+  // chunk that timed out stays unfilled).
+  IOStatus Fill(uint64_t from, uint64_t to, const ReadLimit& limit) const {
     std::lock_guard<std::mutex> g(mu_);
     for (uint64_t c = from / kChunk; c * kChunk < to; ++c) {
       if (filled_[c]) continue;
       const uint64_t at = c * kChunk;
       const size_t len = static_cast<size_t>(std::min(kChunk, size_ - at));
-      size_t got = 0;
-      IOStatus s = ToIOStatus(h_->read_at(at, Out(mem_ + at, len), got));
+      Slice got;
+      IOStatus s = ReadAt(*h_, at, len, &got, mem_ + at, limit);
       if (!s.ok()) return s;
-      if (got != len) {
+      if (got.size() != len) {
         return IOStatus::Corruption("file shorter than at open: read " +
-                                    std::to_string(got) + " of " +
+                                    std::to_string(got.size()) + " of " +
                                     std::to_string(len) + " bytes at " +
                                     std::to_string(at));
       }
@@ -354,9 +403,9 @@ class BlobRandomRWFile : public FSRandomRWFile {
                  IODebugContext*) override {
     return ToIOStatus(h_->write_at(offset, In(data)));
   }
-  IOStatus Read(uint64_t offset, size_t n, const IOOptions&, Slice* result,
-                char* scratch, IODebugContext*) const override {
-    return ReadAt(*h_, offset, n, result, scratch);
+  IOStatus Read(uint64_t offset, size_t n, const IOOptions& opts,
+                Slice* result, char* scratch, IODebugContext*) const override {
+    return ReadAt(*h_, offset, n, result, scratch, ReadLimit(opts));
   }
   IOStatus Flush(const IOOptions&, IODebugContext*) override {
     return IOStatus::OK();

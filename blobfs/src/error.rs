@@ -55,6 +55,10 @@ pub enum Error {
     /// An error from the blobstore, with the file it concerns.
     #[error("{0}: {1}")]
     Store(String, #[source] blobstore::Error),
+    /// A read with a time limit did not complete within it (the device
+    /// operation, if any, completes later and is dropped).
+    #[error("{0}: read timed out after {1:?}")]
+    TimedOut(String, std::time::Duration),
 }
 
 impl Error {

@@ -36,6 +36,7 @@ use crate::metrics::FsShard;
 use blobstore::metrics::{Shards, Stamp};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use blobstore::{Blob, DmaBuf};
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -811,6 +812,39 @@ impl FileNode {
         Ok(n)
     }
 
+    /// A direct handle's read of `[off, ...)` straight from the device
+    /// into `dst` (see [`blobstore::Blob::read_into`]), when `off` is on an
+    /// io unit, `dst` holds whole units and the bytes asked for are all on
+    /// the device (none in the write buffer). `Ok(None)`: the general path
+    /// must serve it. The device may fill `dst` beyond the file's end up
+    /// to the unit boundary, as an `O_DIRECT` read may.
+    pub fn read_direct_into(&self, off: u64, dst: &mut [u8]) -> Result<Option<(usize, bool)>> {
+        let len = self.len.load(Ordering::Acquire);
+        if off >= len || dst.is_empty() || !off.is_multiple_of(self.unit) {
+            return Ok(None);
+        }
+        let n = (dst.len() as u64).min(len - off);
+        let span = self.align_up(off + n) - off;
+        if span > dst.len() as u64 || off + span > self.blob.size_bytes() {
+            return Ok(None);
+        }
+        if off + n > self.flushed.load(Ordering::Acquire) {
+            // The file's last, partial block: on the blob unless the write
+            // buffer holds it (then, or when a writer holds the state, the
+            // general path reads it).
+            match self.state.try_lock() {
+                Some(st) if st.buf.is_none() => {}
+                _ => return Ok(None),
+            }
+        }
+        self.behind.wait_clear(off, off + span);
+        let straight = self
+            .blob
+            .read_into(off / self.unit, &mut dst[..span as usize])
+            .map_err(|e| Error::store(&self.name(), e))?;
+        Ok(Some((n as usize, straight)))
+    }
+
     /// Reads blob bytes `[off, off+dst.len())` through the cache, or
     /// straight from the device when the mount has no cache or the handle
     /// is `direct`.
@@ -1057,9 +1091,48 @@ impl File {
         Ok(n)
     }
 
-    /// Synchronous [`File::read_at_async`].
+    /// Synchronous [`File::read_at_async`]. On a direct handle, an aligned
+    /// read goes from the device straight into `dst` where the device
+    /// allows it (see [`crate::OpenOptions::direct`]).
     pub fn read_at(&self, off: u64, dst: &mut [u8]) -> Result<usize> {
+        if self.direct {
+            self.check(false)?;
+            let start = Stamp::now();
+            let res = self.node.read_direct_into(off, dst);
+            if !matches!(res, Ok(None)) {
+                let n = res.as_ref().map_or(0, |r| r.map_or(0, |(n, _)| n as u64));
+                let straight = matches!(res, Ok(Some((_, true))));
+                self.fs.metrics.with(|m| {
+                    m.read.record(start, n, res.is_ok());
+                    if straight {
+                        m.direct_read.record(start, n, true);
+                    }
+                });
+                let (n, _) = res?.unwrap_or_default();
+                self.ra.note(off + n as u64);
+                return Ok(n);
+            }
+        }
         blobstore::block_on(self.read_at_async(off, dst))
+    }
+
+    /// [`File::read_at`] within `timeout`: [`Error::TimedOut`] when the
+    /// device has not answered by then (what RocksDB's `io_timeout` and
+    /// `deadline` ask of a read). Bytes the cache or the write buffer holds
+    /// are returned at once. A read given up on leaves `dst` unspecified and
+    /// changes nothing else: its device operation completes later into
+    /// memory of its own, and what it read is not cached.
+    pub fn read_at_timeout(&self, off: u64, dst: &mut [u8], timeout: Duration) -> Result<usize> {
+        let start = Stamp::now();
+        let deadline = std::time::Instant::now() + timeout;
+        match blobstore::block_on_deadline(self.read_at_async(off, dst), deadline) {
+            Some(res) => res,
+            None => {
+                // Counted as a failed read of the time it took.
+                self.fs.metrics.with(|m| m.read.record(start, 0, false));
+                Err(Error::TimedOut(self.name(), timeout))
+            }
+        }
     }
 
     /// Reads the whole file.

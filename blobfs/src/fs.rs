@@ -122,7 +122,12 @@ pub struct OpenOptions {
     /// (whole device blocks around the range asked for) and nothing it reads
     /// is cached. Bytes written and not yet on the device are still read
     /// from memory, so the handle sees every write. For callers that keep
-    /// their own cache (RocksDB's `use_direct_reads`).
+    /// their own cache (RocksDB's `use_direct_reads`). A synchronous read
+    /// ([`crate::File::read_at`]) at a block-aligned offset into a
+    /// block-aligned buffer of whole blocks goes from the device straight
+    /// into the caller's buffer where the device allows it (`file:` through
+    /// io_uring, `mem:`), with no DMA buffer between; otherwise, and for
+    /// NVMe (which reads only into its own DMA memory), through one.
     pub direct: bool,
 }
 

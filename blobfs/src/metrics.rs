@@ -15,6 +15,7 @@ use crate::{CacheStats, SpaceInfo};
 #[derive(Default)]
 pub(crate) struct FsShard {
     pub read: OpCounter,
+    pub direct_read: OpCounter,
     pub append: OpCounter,
     pub sync: OpCounter,
     pub wal_sync: OpCounter,
@@ -34,6 +35,10 @@ pub(crate) fn is_wal(name: &str) -> bool {
 pub struct Metrics {
     /// [`crate::File::read_at`] calls (bytes: what they returned).
     pub reads: OpStats,
+    /// The reads among them that went from the device straight into the
+    /// caller's buffer (direct handles, on devices that allow it; see
+    /// [`crate::OpenOptions::direct`]).
+    pub direct_reads: OpStats,
     /// Appends and writes ([`crate::File::append`], [`crate::File::write_at`]).
     pub appends: OpStats,
     /// Syncs of files other than WALs.
@@ -64,6 +69,7 @@ impl Metrics {
     ) -> Metrics {
         Metrics {
             reads: OpStats::fold(shards, |s| &s.read),
+            direct_reads: OpStats::fold(shards, |s| &s.direct_read),
             appends: OpStats::fold(shards, |s| &s.append),
             syncs: OpStats::fold(shards, |s| &s.sync),
             wal_syncs: OpStats::fold(shards, |s| &s.wal_sync),
@@ -77,9 +83,14 @@ impl Metrics {
     }
 
     /// The operations, each with its Prometheus name and help text.
-    fn ops(&self) -> [(&'static str, &'static str, &OpStats); 11] {
+    fn ops(&self) -> [(&'static str, &'static str, &OpStats); 12] {
         [
             ("blobfs_read", "File reads", &self.reads),
+            (
+                "blobfs_direct_read",
+                "File reads straight from the device into the caller's buffer",
+                &self.direct_reads,
+            ),
             ("blobfs_append", "File appends and writes", &self.appends),
             ("blobfs_sync", "Syncs of files other than WALs", &self.syncs),
             ("blobfs_wal_sync", "Syncs of WAL files", &self.wal_syncs),

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use futures::future::try_join_all;
 
-use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segments};
+use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segment, Segments};
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::snapshot::ancestor_cluster;
@@ -443,6 +443,65 @@ impl Blob {
         let ch = self.store.chan()?;
         self.submit_runs(&ch, IoKind::Read, &runs, &bufs).await?;
         Ok(bufs)
+    }
+
+    /// Reads `dst.len()` bytes starting at io unit `offset` straight into
+    /// `dst`, without a DMA buffer between, when the device reads into any
+    /// memory ([`crate::BlockDevice::reads_into_any_memory`]: io_uring,
+    /// RAM) and `dst` starts on a device block; otherwise through a DMA
+    /// buffer and one copy. Returns which of the two it did (true: straight).
+    ///
+    /// It blocks the calling thread (as [`crate::block_on`]) until every
+    /// device operation it started has completed, whatever their outcome,
+    /// so the device never touches `dst` after it returns. That is why this
+    /// is not `async`: a future can be dropped while its I/O is in flight.
+    pub fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<bool> {
+        let unit = self.store.layout.io_unit as usize;
+        if dst.is_empty() || !dst.len().is_multiple_of(unit) {
+            return Err(Error::InvalidArgument(format!(
+                "read of {} bytes from blob {}: not a whole number of {unit}-byte io units",
+                dst.len(),
+                self.id()
+            )));
+        }
+        let block = self.store.dev.geometry().block_size as usize;
+        if !self.store.dev.reads_into_any_memory() || !(dst.as_ptr() as usize).is_multiple_of(block)
+        {
+            let buf = self.store.dev.alloc_buf_for_overwrite(dst.len())?;
+            let buf = crate::block_on(self.read(offset, buf))?;
+            dst.copy_from_slice(&buf);
+            return Ok(false);
+        }
+        let (runs, _) = self.map(offset, (dst.len() / unit) as u64, true)?;
+        let ch = self.store.chan()?;
+        // Never-written units read as zeroes; filled before any op starts.
+        for r in runs.iter().filter(|r| r.lba.is_none()) {
+            let at = r.buf_unit as usize * unit;
+            dst[at..at + r.units as usize * unit].fill(0);
+        }
+        let base = dst.as_mut_ptr();
+        let mut ops = Vec::with_capacity(runs.len());
+        for r in &runs {
+            let Some(lba) = r.lba else { continue };
+            let (at, len) = (r.buf_unit as usize * unit, r.units as usize * unit);
+            debug_assert!(at + len <= dst.len());
+            ops.push(ch.submit(IoOp {
+                kind: IoKind::Read,
+                lba,
+                blocks: r.units,
+                // SAFETY: `[at, at+len)` lies in `dst` (the runs cover the
+                // read's units, `dst` has that many), no run overlaps
+                // another, and `dst` stays borrowed mutably, untouched,
+                // while `join_all` below waits for every op to complete
+                // before this returns.
+                segs: Segments::one(unsafe { Segment::borrowed(base.add(at), len) }),
+            }));
+        }
+        // Every op, not the first error: each must be done before `dst` is
+        // handed back.
+        let results = crate::block_on(futures::future::join_all(ops));
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+        Ok(true)
     }
 
     /// The device block of io unit `offset` when `units` units from there

@@ -35,7 +35,7 @@ pub use device::{
 #[cfg(feature = "nvme")]
 pub use device::{ControllerOptions, NvmeController, NvmeDevice};
 pub use error::{Error, NvmeStatus, Result};
-pub use exec::block_on;
+pub use exec::{block_on, block_on_deadline};
 pub use probe::Signature;
 pub use repair::{DroppedBlob, RepairReport};
 pub use store::{

@@ -113,6 +113,62 @@ fn thin_blobs_read_zeroes_and_allocate_on_write() {
     }
 }
 
+/// `Blob::read_into` reads into the caller's memory: straight from the
+/// device when the device allows it and the buffer is block-aligned (never
+/// for NVMe, which reads only into its own DMA memory), through a DMA
+/// buffer otherwise, the same bytes either way, holes of a thin blob as
+/// zeroes, across clusters.
+#[test]
+fn read_into_lands_in_the_callers_memory() {
+    for cfg in configs() {
+        let dev = dev(cfg);
+        let bs = block_on(Blobstore::init(dev.clone(), opts(cfg))).unwrap();
+        let unit = cfg.block_size as usize;
+        let upc = (cfg.cluster_size / cfg.block_size) as u64;
+        let id = block_on(bs.create_blob(BlobOptions {
+            num_clusters: 4,
+            thin_provision: true,
+            ..Default::default()
+        }))
+        .unwrap();
+        let b = block_on(bs.open_blob(id)).unwrap();
+        // Cluster 0 and cluster 2 written, cluster 1 a hole; a read from the
+        // last unit of cluster 0 to the second unit of cluster 2.
+        let c = cfg.cluster_size as usize;
+        let d0 = pattern(11, c);
+        let d2 = pattern(12, c);
+        block_on(b.write(0, buf(&d0))).unwrap();
+        block_on(b.write(2 * upc, buf(&d2))).unwrap();
+        let from = upc - 1;
+        let len = c + 3 * unit;
+        let mut want = vec![0u8; len];
+        want[..unit].copy_from_slice(&d0[c - unit..]);
+        want[unit + c..].copy_from_slice(&d2[..2 * unit]);
+
+        // An aligned buffer (DmaBuf memory, used here only as plain memory).
+        let mut aligned = DmaBuf::new(len).unwrap();
+        aligned.fill(0xee);
+        let straight = b.read_into(from, &mut aligned).unwrap();
+        assert_eq!(&aligned[..], &want[..], "{cfg:?}");
+        assert_eq!(straight, dev.reads_into_any_memory(), "{cfg:?}");
+        // A buffer off the block alignment: always through a DMA buffer.
+        let mut backing = vec![0xeeu8; len + 1];
+        let odd = &mut backing[1..];
+        assert!(!(odd.as_ptr() as usize).is_multiple_of(unit));
+        assert!(!b.read_into(from, odd).unwrap(), "{cfg:?}");
+        assert_eq!(odd, &want[..], "{cfg:?}");
+        // Refused: part of a unit, past the end.
+        assert!(matches!(
+            b.read_into(0, &mut aligned[..unit - 1]),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            b.read_into(4 * upc - 1, &mut aligned[..2 * unit]),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+}
+
 #[test]
 fn resize_grow_and_shrink() {
     for cfg in configs() {

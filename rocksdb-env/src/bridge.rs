@@ -25,6 +25,7 @@ pub(crate) mod ffi {
         NotSupported,
         InvalidArgument,
         Busy,
+        TimedOut,
     }
 
     /// A call's outcome; `message` is empty on success.
@@ -78,7 +79,13 @@ pub(crate) mod ffi {
         fn lock(self: &Fs, name: &str, status: &mut Status) -> Box<LockHandle>;
         fn free_bytes(self: &Fs) -> u64;
 
-        fn read_at(self: &FileHandle, off: u64, buf: &mut [u8], n_read: &mut usize) -> Status;
+        fn read_at(
+            self: &FileHandle,
+            off: u64,
+            buf: &mut [u8],
+            timeout_us: u64,
+            n_read: &mut usize,
+        ) -> Status;
         fn prefetch(self: &FileHandle, off: u64, len: usize) -> Status;
         fn append(self: &FileHandle, data: &[u8]) -> Status;
         fn write_at(self: &FileHandle, off: u64, data: &[u8]) -> Status;
@@ -134,6 +141,7 @@ fn status_of(e: blobfs::Error) -> Status {
         E::Store(_, blobstore::Error::NoSpace(_)) => Code::NoSpace,
         E::Store(_, blobstore::Error::Busy(_)) | E::Locked(_) => Code::Busy,
         E::InvalidName { .. } | E::InvalidArgument(_) | E::BadMode(..) => Code::InvalidArgument,
+        E::TimedOut(..) => Code::TimedOut,
         _ => Code::IoError,
     };
     Status::new(code, e.to_string())
@@ -417,7 +425,7 @@ impl FileHandle {
         while done < len {
             let step = (len - done).min(buf.len());
             let mut n = 0;
-            let st = self.read_at(off + done as u64, &mut buf[..step], &mut n);
+            let st = self.read_at(off + done as u64, &mut buf[..step], 0, &mut n);
             if st.code != Code::Ok {
                 return st;
             }
@@ -436,7 +444,11 @@ impl FileHandle {
         }
     }
 
-    fn read_at(&self, off: u64, buf: &mut [u8], n_read: &mut usize) -> Status {
+    /// Reads `buf.len()` bytes at `off` (fewer only at the end of the
+    /// file); with `timeout_us` > 0 (RocksDB's `IOOptions::timeout`) the
+    /// whole read gives up with `TimedOut` when the device has not answered
+    /// within that many microseconds.
+    fn read_at(&self, off: u64, buf: &mut [u8], timeout_us: u64, n_read: &mut usize) -> Status {
         // A direct read is aligned, as O_DIRECT requires of POSIX reads: a
         // caller that forgot would otherwise pass here and fail elsewhere.
         if let Some(a) = self.direct_align {
@@ -455,17 +467,11 @@ impl FileHandle {
                 );
             }
         }
-        // Fill the whole buffer unless the end of the file comes first.
-        let r = self.with(|f| {
-            let mut done = 0;
-            while done < buf.len() {
-                let n = f.read_at(off + done as u64, &mut buf[done..])?;
-                if n == 0 {
-                    break;
-                }
-                done += n;
-            }
-            Ok(done)
+        // One call fills the whole buffer unless the end of the file comes
+        // first (BlobFS reads short only there).
+        let r = self.with(|f| match timeout_us {
+            0 => f.read_at(off, buf),
+            us => f.read_at_timeout(off, buf, std::time::Duration::from_micros(us)),
         });
         match r {
             Ok(n) => {
@@ -566,7 +572,7 @@ mod tests {
         assert_eq!(h.write_at(2, b"ab").code, Code::Ok);
         let mut buf = [0u8; 10];
         let mut n = 0;
-        assert_eq!(h.read_at(0, &mut buf, &mut n).code, Code::Ok);
+        assert_eq!(h.read_at(0, &mut buf, 0, &mut n).code, Code::Ok);
         assert_eq!(&buf[..n], b"01ab456789");
     }
 }

@@ -4,13 +4,17 @@
 //! around the real device. While disarmed it passes every operation through
 //! unchanged. Armed with [`FaultControl::fail_writes_after`], it lets `n`
 //! more device writes (and flushes) through and then fails every later one
-//! with an I/O error until disarmed, the way a dying disk does.
+//! with an I/O error until disarmed, the way a dying disk does. With
+//! [`FaultControl::stall_reads`] every device read takes at least that long
+//! to complete, the way a disk retrying a bad sector does (for RocksDB's
+//! read time limits).
 //!
 //! Invariant: an injected failure is reported at submit time, so the device
 //! under the wrapper never sees a failed operation (nothing half-written).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use blobstore::device::{BlockDevice, ChannelBackend, DeviceId, Geometry, IoKind, IoOp, Tag};
 use blobstore::{DmaBuf, Result};
@@ -23,6 +27,8 @@ pub struct FaultControl {
     allowance: AtomicU64,
     /// Operations failed so far.
     injected: AtomicU64,
+    /// Least time a read takes, in microseconds (0: as the device answers).
+    read_stall_us: AtomicU64,
 }
 
 impl FaultControl {
@@ -35,6 +41,13 @@ impl FaultControl {
     /// Let every operation through again.
     pub fn disarm(&self) {
         self.armed.store(false, Ordering::SeqCst);
+    }
+
+    /// Make every device read submitted from now on complete no sooner than
+    /// `stall` after its submission (`Duration::ZERO` to stop).
+    pub fn stall_reads(&self, stall: Duration) {
+        let us = u64::try_from(stall.as_micros()).unwrap_or(u64::MAX);
+        self.read_stall_us.store(us, Ordering::SeqCst);
     }
 
     /// How many operations were failed on purpose.
@@ -92,16 +105,27 @@ impl BlockDevice for FaultDevice {
         Ok(Box::new(FaultBackend {
             inner: self.inner.new_backend()?,
             control: self.control.clone(),
+            stalled: Vec::new(),
+            held: Vec::new(),
         }))
     }
     fn alloc_buf(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.inner.alloc_buf(len_bytes)
+    }
+    // Safe to pass on: a failure is refused before the device starts the
+    // op, and a stalled read completes only after the device did.
+    fn reads_into_any_memory(&self) -> bool {
+        self.inner.reads_into_any_memory()
     }
 }
 
 struct FaultBackend {
     inner: Box<dyn ChannelBackend>,
     control: Arc<FaultControl>,
+    /// Stalled reads in flight: tag and the moment it may complete.
+    stalled: Vec<(Tag, Instant)>,
+    /// Completions of stalled reads not yet due.
+    held: Vec<(Tag, Result<()>, Instant)>,
 }
 
 impl ChannelBackend for FaultBackend {
@@ -110,10 +134,41 @@ impl ChannelBackend for FaultBackend {
         if is_write && self.control.should_fail() {
             return Err(op.error("injected fault (fault_injection=on)"));
         }
-        self.inner.submit(tag, op)
+        self.inner.submit(tag, op)?;
+        let stall = self.control.read_stall_us.load(Ordering::Acquire);
+        if stall > 0 && matches!(op.kind, IoKind::Read) {
+            self.stalled
+                .push((tag, Instant::now() + Duration::from_micros(stall)));
+        }
+        Ok(())
     }
     fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
-        self.inner.reap(done)
+        if self.stalled.is_empty() && self.held.is_empty() {
+            return self.inner.reap(done);
+        }
+        let (stalled, held) = (&mut self.stalled, &mut self.held);
+        let mut n = self.inner.reap(&mut |tag, result| match stalled
+            .iter()
+            .position(|(t, _)| *t == tag)
+        {
+            Some(i) => {
+                let (_, due) = stalled.swap_remove(i);
+                held.push((tag, result, due));
+            }
+            None => done(tag, result),
+        });
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].2 <= now {
+                let (tag, result, _) = self.held.swap_remove(i);
+                done(tag, result);
+                n += 1;
+            } else {
+                i += 1;
+            }
+        }
+        n
     }
 }
 

@@ -376,6 +376,83 @@ fn injected_write_error_reaches_rocksdb() {
     db.put_opt(key(200), value(200, 0), &synced).unwrap();
 }
 
+/// RocksDB's read time limits (`ReadOptions::io_timeout`, `deadline`)
+/// reach BlobFS as `IOOptions::timeout`: a read the device has not answered
+/// by then fails with `TimedOut` soon after the limit, not when the device
+/// answers; without a limit the same read waits and succeeds; and once the
+/// device answers again, limited reads succeed.
+#[test]
+fn read_time_limits_are_honoured() {
+    use std::time::{Duration, Instant};
+    // No BlobFS cache and no block cache, so every Get reads the device.
+    // (Each test's device has a size of its own: mounts are shared by
+    // spec within the process.)
+    let uri = "blobfs://mem:200M;cache=0;fault_injection=on";
+    let path = "/timeouts/db";
+    let faults = rocksdb_env::fault_control(uri)
+        .unwrap()
+        .expect("fault switch");
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    let mut t = rocksdb::BlockBasedOptions::default();
+    t.disable_cache();
+    o.set_block_based_table_factory(&t);
+    {
+        let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+        for i in 0..1000u32 {
+            db.put(key(i), value(i, 0)).unwrap();
+        }
+        db.flush().unwrap();
+    }
+    // Reopened: the table's index and filter are read at open, before the
+    // stall; a Get then reads one data block.
+    let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+    assert_eq!(db.get(key(1)).unwrap(), Some(value(1, 0)));
+
+    let stall = Duration::from_millis(400);
+    faults.stall_reads(stall);
+    let mut limited = rocksdb::ReadOptions::default();
+    limited.set_io_timeout(20_000);
+    let start = Instant::now();
+    let err = db
+        .get_opt(key(500), &limited)
+        .expect_err("a read past its io_timeout must fail");
+    let took = start.elapsed();
+    eprintln!("RocksDB reported after {took:?}: {err}");
+    assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
+    assert!(
+        took < stall,
+        "gave up only after the device answered: {took:?}"
+    );
+
+    // The same read without a limit waits for the device.
+    let start = Instant::now();
+    assert_eq!(db.get(key(500)).unwrap(), Some(value(500, 0)));
+    assert!(start.elapsed() >= stall / 2, "the stall did not apply");
+
+    // A deadline (absolute, on RocksDB's clock) is honoured as well.
+    let mut deadline = rocksdb::ReadOptions::default();
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    deadline.set_deadline(now_us + 20_000);
+    let err = db
+        .get_opt(key(700), &deadline)
+        .expect_err("a read past its deadline must fail");
+    assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
+
+    // A healthy device again: limited reads succeed, every key is intact.
+    faults.stall_reads(Duration::ZERO);
+    for i in (0..1000u32).step_by(37) {
+        assert_eq!(
+            db.get_opt(key(i), &limited).unwrap(),
+            Some(value(i, 0)),
+            "key {i}"
+        );
+    }
+}
+
 /// `allow_mmap_reads` makes RocksDB read with a null buffer and keep the
 /// slice it gets back (PlainTable reads a whole file that way): on BlobFS
 /// such files are served from a mapping the file object owns, for the

@@ -265,7 +265,7 @@ impl DmaBuf {
             // guaranteed by callers, which slice by the buffer's length).
             ptr: unsafe { self.alloc.ptr.as_ptr().add(start) },
             len,
-            _keep: self.alloc.clone(),
+            _keep: Some(self.alloc.clone()),
         }
     }
 }
@@ -293,11 +293,13 @@ impl std::fmt::Debug for DmaBuf {
 }
 
 /// A piece of DMA memory that an in-flight operation reads or writes. It
-/// keeps its allocation alive; it is not a Rust reference to the bytes.
+/// keeps its allocation alive (unless it borrows memory of its caller, see
+/// [`Segment::borrowed`]); it is not a Rust reference to the bytes.
 pub struct Segment {
     ptr: *mut u8,
     len: usize,
-    _keep: Arc<DmaAlloc>,
+    /// The allocation kept alive; `None` for borrowed memory.
+    _keep: Option<Arc<DmaAlloc>>,
 }
 
 // SAFETY: a segment is an address plus a keep-alive; the memory is plain heap
@@ -323,12 +325,25 @@ impl Segment {
     /// Where devices see the segment's first byte, when its memory is
     /// IOVA-mapped; `None` for heap memory (a device then bounces it).
     pub fn iova(&self) -> Option<Iova> {
-        let base = self.alloc_iova()?;
-        Some(base.offset(self.ptr as u64 - self._keep.ptr.as_ptr() as u64))
+        let keep = self._keep.as_ref()?;
+        let base = keep.iova?;
+        Some(base.offset(self.ptr as u64 - keep.ptr.as_ptr() as u64))
     }
 
-    fn alloc_iova(&self) -> Option<Iova> {
-        self._keep.iova
+    /// A segment over `len` bytes at `ptr`, memory its caller owns (not a
+    /// DMA allocation: no IOVA, nothing kept alive), for devices that reach
+    /// any memory ([`crate::BlockDevice::reads_into_any_memory`]).
+    ///
+    /// # Safety
+    /// The memory must stay valid, and untouched by anything else, until
+    /// the operation that carries the segment has completed: its future
+    /// must be polled to completion, never dropped while in flight.
+    pub(crate) unsafe fn borrowed(ptr: *mut u8, len: usize) -> Segment {
+        Segment {
+            ptr,
+            len,
+            _keep: None,
+        }
     }
 
     /// Another handle on the same memory, keeping the allocation alive (a

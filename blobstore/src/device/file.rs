@@ -301,6 +301,11 @@ impl BlockDevice for FileDevice {
         Some(self.unsynced.clone())
     }
 
+    /// io_uring reads into any block-aligned memory, O_DIRECT or not.
+    fn reads_into_any_memory(&self) -> bool {
+        true
+    }
+
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
         let ring = IoUring::new(self.queue_depth).map_err(|e| Error::Os {
             context: format!(

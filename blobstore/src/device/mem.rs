@@ -527,6 +527,10 @@ impl BlockDevice for MemDevice {
     fn unsynced_memory(&self) -> Option<PathBuf> {
         self.shared.as_ref().map(|s| s.unsynced.clone())
     }
+    /// A read is a copy into whatever memory the segment names.
+    fn reads_into_any_memory(&self) -> bool {
+        true
+    }
     fn new_backend(&self) -> Result<Box<dyn ChannelBackend>> {
         Ok(Box::new(MemBackend {
             store: self.store.clone(),

@@ -172,6 +172,14 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn alloc_buf_for_overwrite(&self, len_bytes: usize) -> Result<DmaBuf> {
         self.alloc_buf(len_bytes)
     }
+    /// True when reads can land in any memory of this process, aligned to
+    /// the block size (io_uring, RAM copies): [`crate::Blob::read_into`]
+    /// then reads straight into its caller's buffer. False (the default)
+    /// for devices that need their own DMA memory (NVMe through VFIO) and
+    /// for wrappers that do not say.
+    fn reads_into_any_memory(&self) -> bool {
+        false
+    }
     /// Where the device's owner keeps what it wrote and has not synced yet,
     /// in memory that outlives the owning process but not the machine (a
     /// file on tmpfs, see [`unsynced_memory_path`]), as the kernel's page
