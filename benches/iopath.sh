@@ -13,6 +13,9 @@
 #   nvme-blob    a blob read/write on that driver
 #   mem-raw      MemDevice
 #   mem-blob     a blob read/write on MemDevice
+#   mem-fs-straight, mem-fs-bounce (reads only)  a BlobFS direct read of
+#                4 KiB on MemDevice straight into the caller's buffer, and
+#                the same through a DMA buffer and a copy (see iopath.rs)
 #
 # nvme-driver runs nvme-raw again with callgrind collecting nothing at start
 # and --toggle-collect on five functions, so that what is counted is:
@@ -65,14 +68,16 @@ driver_only=(
   "--toggle-collect=blobstore::device::IoChannel::poll::{{closure}}"
 )
 
-for path in nvme-raw nvme-driver nvme-blob mem-raw mem-blob; do
+for path in nvme-raw nvme-driver nvme-blob mem-raw mem-blob mem-fs-straight mem-fs-bounce; do
   opts=()
+  ops_of=(read write)
   case $path in
     nvme-driver) dev=soft-nvme target=raw opts=("${driver_only[@]}") ;;
     nvme-*) dev=soft-nvme target=${path#*-} ;;
+    mem-fs-*) dev=mem:67108864 target=${path#mem-} ops_of=(read) ;;
     mem-*) dev=mem:67108864 target=${path#*-} ;;
   esac
-  for op in read write; do
+  for op in "${ops_of[@]}"; do
     hi=$(count "$target" "$op" "$ops" "$dev" "${opts[@]}")
     lo=$(count "$target" "$op" "$base" "$dev" "${opts[@]}")
     [ -n "$hi" ] && [ -n "$lo" ] || { echo "iopath $path $op: callgrind gave no count"; exit 1; }

@@ -1,6 +1,13 @@
 //! One load on one target, for profilers: `iopath <raw|blob> <read|write>
 //! <queue depth> <ops> [device]` (default device `mem:64M`).
 //!
+//! `fs-straight` and `fs-bounce` (reads, queue depth 1) read 4 KiB at random
+//! block offsets of a 32 MiB BlobFS file through a direct handle: with
+//! `File::read_at`, which lands the device's bytes straight in the caller's
+//! buffer where the device allows it, and with `File::read_at_async`, which
+//! reads into a DMA buffer and copies (the path every direct read took
+//! before): the A/B of that change.
+//!
 //! `device` is a device spec, or `soft-nvme`: the NVMe driver on its
 //! software controller (`blobstore::device::nvme::soft`, commands completed
 //! in memory), one 64 MiB namespace of 4 KiB blocks. That controller is a
@@ -34,9 +41,53 @@ fn soft_nvme() -> Arc<dyn BlockDevice> {
     Arc::new(blobstore::NvmeDevice::from_controller(ctrl, 1).expect("namespace 1"))
 }
 
+/// `ops` direct 4 KiB reads of a BlobFS file on `spec`, straight or through
+/// a DMA buffer.
+fn fs_reads(spec: &str, straight: bool, ops: u64) {
+    use blobfs::{BlobFs, MkfsOptions, MountOptions, OpenOptions};
+    const FILE: u64 = 32 << 20;
+    let dev = blobstore::device::open_device(spec).expect("device");
+    let fs = BlobFs::mkfs(dev, MkfsOptions::default(), MountOptions::default()).expect("mkfs");
+    let f = fs.create("data").expect("create");
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..FILE / chunk.len() as u64 {
+        f.append(&chunk).expect("append");
+    }
+    f.sync().expect("sync");
+    f.close().expect("close");
+    let mut o = OpenOptions::read();
+    o.direct = true;
+    let f = fs.open("data", o).expect("open");
+    let buf = blobstore::DmaBuf::new(4096).expect("buffer");
+    let n = measured_fs(&f, straight, ops, buf);
+    println!(
+        "fs-{} read qd1: {n} ops",
+        if straight { "straight" } else { "bounce" }
+    );
+    drop(f);
+    fs.unmount().expect("unmount");
+}
+
+#[inline(never)]
+fn measured_fs(f: &blobfs::File, straight: bool, ops: u64, mut buf: blobstore::DmaBuf) -> u64 {
+    let mut rng = benches::load::SplitMix64::new(7);
+    let blocks = (32 << 20) / 4096;
+    for _ in 0..ops {
+        let off = rng.below(blocks) * 4096;
+        let n = if straight {
+            f.read_at(off, &mut buf)
+        } else {
+            blobstore::block_on(f.read_at_async(off, &mut buf))
+        }
+        .expect("read");
+        assert_eq!(n, 4096);
+    }
+    ops
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: iopath <raw|blob> <read|write> <queue depth> <ops> [spec|soft-nvme]";
+    let usage = "usage: iopath <raw|blob|fs-straight|fs-bounce> <read|write> <queue depth> <ops> [spec|soft-nvme]";
     let [target, kind, qd, ops, rest @ ..] = &args[..] else {
         eprintln!("{usage}");
         std::process::exit(2);
@@ -52,6 +103,13 @@ fn main() {
     };
     let qd: usize = qd.parse().expect("queue depth");
     let ops: u64 = ops.parse().expect("ops");
+    if let Some(how) = target.strip_prefix("fs-") {
+        if kind != "read" || qd != 1 || !matches!(how, "straight" | "bounce") {
+            eprintln!("{usage}");
+            std::process::exit(2);
+        }
+        return fs_reads(spec_text, how == "straight", ops);
+    }
     let setup = if spec_text == "soft-nvme" {
         BlobVsRaw::on_device(soft_nvme(), spec_text, &Default::default())
     } else {

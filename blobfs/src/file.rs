@@ -1102,10 +1102,11 @@ impl File {
             if !matches!(res, Ok(None)) {
                 let n = res.as_ref().map_or(0, |r| r.map_or(0, |(n, _)| n as u64));
                 let straight = matches!(res, Ok(Some((_, true))));
+                let ticks = start.elapsed_ticks();
                 self.fs.metrics.with(|m| {
-                    m.read.record(start, n, res.is_ok());
+                    m.read.record_ticks(ticks, n, res.is_ok());
                     if straight {
-                        m.direct_read.record(start, n, true);
+                        m.direct_read.record_ticks(ticks, n, true);
                     }
                 });
                 let (n, _) = res?.unwrap_or_default();

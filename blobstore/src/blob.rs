@@ -472,7 +472,22 @@ impl Blob {
             dst.copy_from_slice(&buf);
             return Ok(false);
         }
-        let (runs, _) = self.map(offset, (dst.len() / unit) as u64, true)?;
+        let units = (dst.len() / unit) as u64;
+        if let Some(lba) = self.map_one(offset, units, false)? {
+            // The common case: one piece of one cluster, one op.
+            let op = IoOp {
+                kind: IoKind::Read,
+                lba,
+                blocks: units,
+                // SAFETY: the segment is exactly `dst`, borrowed mutably
+                // and untouched until `block_on` below has seen the op
+                // complete (its future is not dropped before that).
+                segs: Segments::one(unsafe { Segment::borrowed(dst.as_mut_ptr(), dst.len()) }),
+            };
+            crate::block_on(self.store.chan()?.submit_owned(op))?;
+            return Ok(true);
+        }
+        let (runs, _) = self.map(offset, units, true)?;
         let ch = self.store.chan()?;
         // Never-written units read as zeroes; filled before any op starts.
         for r in runs.iter().filter(|r| r.lba.is_none()) {
