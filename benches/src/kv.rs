@@ -38,6 +38,13 @@ pub enum Phase {
     Writesync,
     /// `readrandom`, 16 threads.
     Randread,
+    /// `multireadrandom`: batches of 32 keys per `MultiGet`, with
+    /// `--async_io=1` (RocksDB reads a batch's blocks in parallel where the
+    /// file system offers it), 4 threads.
+    Multiget,
+    /// `seekrandom` with 100 `Next`s per seek (range scans through
+    /// iterators, RocksDB's own readahead), 4 threads.
+    Scan,
     /// `fillseq` as `insert`, with LZ4 compression: a fresh database that
     /// `randread-lz4` reads (the `disk` configuration only).
     InsertLz4,
@@ -46,13 +53,16 @@ pub enum Phase {
 }
 
 impl Phase {
-    /// All phases in run order: SPDK's five, then the LZ4 pair.
-    pub const ALL: [Phase; 7] = [
+    /// All phases in run order: SPDK's five, the batched and range reads,
+    /// then the LZ4 pair.
+    pub const ALL: [Phase; 9] = [
         Phase::Insert,
         Phase::Overwrite,
         Phase::Readwrite,
         Phase::Writesync,
         Phase::Randread,
+        Phase::Multiget,
+        Phase::Scan,
         Phase::InsertLz4,
         Phase::RandreadLz4,
     ];
@@ -65,6 +75,8 @@ impl Phase {
             Phase::Readwrite => "readwrite",
             Phase::Writesync => "writesync",
             Phase::Randread => "randread",
+            Phase::Multiget => "multiget",
+            Phase::Scan => "scan",
             Phase::InsertLz4 => "insert-lz4",
             Phase::RandreadLz4 => "randread-lz4",
         }
@@ -88,6 +100,8 @@ impl Phase {
             Phase::Overwrite | Phase::Writesync => "overwrite",
             Phase::Readwrite => "readwhilewriting",
             Phase::Randread | Phase::RandreadLz4 => "readrandom",
+            Phase::Multiget => "multireadrandom",
+            Phase::Scan => "seekrandom",
         }
     }
 
@@ -118,7 +132,7 @@ impl Phase {
     pub fn default_threads(self) -> u32 {
         match self {
             Phase::Insert | Phase::InsertLz4 | Phase::Overwrite | Phase::Writesync => 1,
-            Phase::Readwrite => 4,
+            Phase::Readwrite | Phase::Multiget | Phase::Scan => 4,
             Phase::Randread | Phase::RandreadLz4 => 16,
         }
     }
@@ -170,6 +184,14 @@ impl Phase {
         f.push(format!("--disable_wal={}", u8::from(wal_off)));
         f.push(format!("--sync={}", u8::from(sync)));
         f.push(format!("--use_existing_db={}", u8::from(!self.fresh())));
+        match self {
+            Phase::Multiget => {
+                f.push("--batch_size=32".into());
+                f.push("--async_io=1".into());
+            }
+            Phase::Scan => f.push("--seek_nexts=100".into()),
+            _ => {}
+        }
         f
     }
 }
