@@ -396,9 +396,10 @@ fn fault_knobs(cfg: &Config, round: u32, k: &RoundKnobs) -> FaultKnobs {
     // Not in rounds without a WAL: those flush atomically, and RocksDB's
     // recovery from a failed atomic flush can wait forever for the flush it
     // retries (a flush thread waiting to install its result, the recovery
-    // thread in WaitForFlushMemTables), on POSIX as on BlobFS. At 1 in 8
-    // metadata-write faults it did so in seconds; at db_crashtest's odds it
-    // has not been seen.
+    // thread in WaitForFlushMemTables), on POSIX as on BlobFS; at 1 in 8
+    // metadata-write faults it did so in seconds. Those rounds also keep
+    // db_stress's fixed fault seeding (see RESEED_FAULTS_ENV), with which
+    // it has not been seen at db_crashtest's odds.
     let metadata_write = match cfg.write_faults {
         Some(n) if !k.disable_wal => n,
         _ => drawn,
@@ -415,6 +416,16 @@ fn fault_knobs(cfg: &Config, round: u32, k: &RoundKnobs) -> FaultKnobs {
         cache_size: r.pick(&[8 << 20, 32 << 20]),
     }
 }
+
+/// Set in db_stress's environment, our debug db_stress seeds the fault
+/// injection of each flush and subcompaction afresh (with `--seed` plus the
+/// clock) instead of with `--seed` alone, with which a flush that failed
+/// once fails the same way at every retry, forever (cpp/rocksdb-debug.mk).
+/// Only in rounds with a WAL: rounds without one flush atomically, and
+/// RocksDB's recovery from a failed atomic flush can wait forever on POSIX
+/// as on BlobFS (a hang seen at db_crashtest's odds once retries drew
+/// fresh faults).
+const RESEED_FAULTS_ENV: &str = "BLOBSTACK_RESEED_FAULTS";
 
 /// The device op a mid-I/O cut lands at: uniform in 1..=`estimate`.
 fn cut_op(k: &RoundKnobs, estimate: f64) -> u64 {
@@ -693,6 +704,13 @@ fn run_stress(
     } else {
         Command::new(&cfg.db_stress)
     };
+    // Fresh fault draws at every flush retry (our debug db_stress, see
+    // cpp/rocksdb-debug.mk), in rounds with a WAL only.
+    if cfg.faults && args.iter().any(|a| a == "--disable_wal=0") {
+        cmd.env(RESEED_FAULTS_ENV, "1");
+    } else {
+        cmd.env_remove(RESEED_FAULTS_ENV);
+    }
     let mut child = match cmd
         .args(args)
         .stdin(Stdio::null())
