@@ -1136,6 +1136,38 @@ impl File {
         }
     }
 
+    /// Reads several ranges, each `(offset, buffer)` as [`File::read_at`]
+    /// would, with every device read of the batch submitted before any is
+    /// waited for, so the device queue sees the whole batch (what RocksDB's
+    /// `MultiRead` asks for). Each range gets its own result, in order.
+    pub fn read_many(&self, reqs: &mut [(u64, &mut [u8])]) -> Vec<Result<usize>> {
+        let reads = reqs
+            .iter_mut()
+            .map(|(off, dst)| self.read_at_async(*off, dst));
+        blobstore::block_on(futures::future::join_all(reads))
+    }
+
+    /// [`File::read_many`] within `timeout` for the whole batch: when it
+    /// passes first, every range of the batch fails with
+    /// [`Error::TimedOut`] (as [`File::read_at_timeout`]).
+    pub fn read_many_timeout(
+        &self,
+        reqs: &mut [(u64, &mut [u8])],
+        timeout: Duration,
+    ) -> Vec<Result<usize>> {
+        let n = reqs.len();
+        let deadline = std::time::Instant::now() + timeout;
+        let reads = reqs
+            .iter_mut()
+            .map(|(off, dst)| self.read_at_async(*off, dst));
+        match blobstore::block_on_deadline(futures::future::join_all(reads), deadline) {
+            Some(results) => results,
+            None => (0..n)
+                .map(|_| Err(Error::TimedOut(self.name(), timeout)))
+                .collect(),
+        }
+    }
+
     /// Reads the whole file.
     pub fn read_all(&self) -> Result<Vec<u8>> {
         let mut out = vec![0u8; self.len() as usize];

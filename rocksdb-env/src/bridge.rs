@@ -47,6 +47,13 @@ pub(crate) mod ffi {
         ReadWrite,
     }
 
+    /// One request of a `MultiRead`: where and how much (its buffer is
+    /// passed beside it).
+    struct ReadSpan {
+        offset: u64,
+        len: usize,
+    }
+
     /// One directory entry with its size (0 for directories).
     struct ChildAttr {
         name: String,
@@ -86,6 +93,18 @@ pub(crate) mod ffi {
             timeout_us: u64,
             n_read: &mut usize,
         ) -> Status;
+        /// # Safety
+        /// `bufs` points to `spans.len()` buffers, the i-th of
+        /// `spans[i].len` writable bytes, none overlapping another, all
+        /// valid for the call.
+        unsafe fn multi_read(
+            self: &FileHandle,
+            spans: &[ReadSpan],
+            bufs: *const *mut u8,
+            timeout_us: u64,
+            got: &mut [usize],
+            statuses: &mut Vec<Status>,
+        );
         fn prefetch(self: &FileHandle, off: u64, len: usize) -> Status;
         fn append(self: &FileHandle, data: &[u8]) -> Status;
         fn write_at(self: &FileHandle, off: u64, data: &[u8]) -> Status;
@@ -116,7 +135,7 @@ pub(crate) mod ffi {
     }
 }
 
-use ffi::{ChildAttr, Code, OpenMode, Status};
+use ffi::{ChildAttr, Code, OpenMode, ReadSpan, Status};
 
 impl Status {
     fn ok() -> Status {
@@ -413,6 +432,86 @@ impl FileHandle {
         self.direct_align.unwrap_or(1)
     }
 
+    /// RocksDB's `MultiRead`: every request's device reads submitted
+    /// before any is waited for (see `blobfs::File::read_many`), each
+    /// request with its own status and length; a time limit covers the
+    /// whole batch.
+    ///
+    /// # Safety
+    /// As declared in the bridge: `bufs` holds `spans.len()` valid,
+    /// distinct buffers of the spans' lengths.
+    unsafe fn multi_read(
+        &self,
+        spans: &[ReadSpan],
+        bufs: *const *mut u8,
+        timeout_us: u64,
+        got: &mut [usize],
+        statuses: &mut Vec<Status>,
+    ) {
+        statuses.clear();
+        let n = spans.len().min(got.len());
+        // SAFETY: the caller passes one pointer per span.
+        let ptrs = unsafe { std::slice::from_raw_parts(bufs, n) };
+        let Some(file) = &self.file else {
+            got.fill(0);
+            statuses.extend((0..n).map(|_| Status::new(Code::IoError, "file is closed".into())));
+            return;
+        };
+        // Requests refused up front keep their place: their status in
+        // `early`, false in `sent`.
+        let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(n);
+        let mut sent = Vec::with_capacity(n);
+        let mut early: Vec<Option<Status>> = (0..n).map(|_| None).collect();
+        for (i, (span, &p)) in spans.iter().zip(ptrs).enumerate() {
+            if p.is_null() {
+                early[i] = Some(Status::new(
+                    Code::InvalidArgument,
+                    "MultiRead request with a null buffer".into(),
+                ));
+                sent.push(false);
+                continue;
+            }
+            // SAFETY: a valid buffer of `span.len` bytes that no other
+            // request shares, alive for the call (the caller's promise).
+            let buf = unsafe { std::slice::from_raw_parts_mut(p, span.len) };
+            if let Some(st) = self.misaligned(span.offset, buf) {
+                early[i] = Some(st);
+                sent.push(false);
+                continue;
+            }
+            sent.push(true);
+            reqs.push((span.offset, buf));
+        }
+        let mut results = match timeout_us {
+            0 => file.read_many(&mut reqs),
+            us => file.read_many_timeout(&mut reqs, std::time::Duration::from_micros(us)),
+        }
+        .into_iter();
+        for (i, was_sent) in sent.into_iter().enumerate() {
+            let st = match was_sent {
+                false => {
+                    got[i] = 0;
+                    early[i].take().unwrap_or_else(Status::ok)
+                }
+                true => match results.next() {
+                    Some(Ok(k)) => {
+                        got[i] = k;
+                        Status::ok()
+                    }
+                    Some(Err(e)) => {
+                        got[i] = 0;
+                        status_of(e)
+                    }
+                    None => {
+                        got[i] = 0;
+                        Status::new(Code::IoError, "MultiRead lost a result".into())
+                    }
+                },
+            };
+            statuses.push(st);
+        }
+    }
+
     fn prefetch(&self, off: u64, len: usize) -> Status {
         if !self.cached {
             return Status::new(
@@ -448,24 +547,30 @@ impl FileHandle {
     /// file); with `timeout_us` > 0 (RocksDB's `IOOptions::timeout`) the
     /// whole read gives up with `TimedOut` when the device has not answered
     /// within that many microseconds.
+    /// The refusal of a direct read that is not aligned, as O_DIRECT
+    /// requires of POSIX reads (a caller that forgot would otherwise pass
+    /// here and fail elsewhere); `None` for an aligned or buffered read.
+    fn misaligned(&self, off: u64, buf: &[u8]) -> Option<Status> {
+        let a = self.direct_align?;
+        let aligned = off.is_multiple_of(a as u64)
+            && buf.len().is_multiple_of(a)
+            && (buf.as_ptr() as usize).is_multiple_of(a);
+        (!aligned).then(|| {
+            Status::new(
+                Code::InvalidArgument,
+                format!(
+                    "direct read of {} bytes at {off} into {:p}: not aligned to {a} bytes",
+                    buf.len(),
+                    buf.as_ptr()
+                ),
+            )
+        })
+    }
+
     fn read_at(&self, off: u64, buf: &mut [u8], timeout_us: u64, n_read: &mut usize) -> Status {
-        // A direct read is aligned, as O_DIRECT requires of POSIX reads: a
-        // caller that forgot would otherwise pass here and fail elsewhere.
-        if let Some(a) = self.direct_align {
-            if !off.is_multiple_of(a as u64)
-                || !buf.len().is_multiple_of(a)
-                || !(buf.as_ptr() as usize).is_multiple_of(a)
-            {
-                *n_read = 0;
-                return Status::new(
-                    Code::InvalidArgument,
-                    format!(
-                        "direct read of {} bytes at {off} into {:p}: not aligned to {a} bytes",
-                        buf.len(),
-                        buf.as_ptr()
-                    ),
-                );
-            }
+        if let Some(st) = self.misaligned(off, buf) {
+            *n_read = 0;
+            return st;
         }
         // One call fills the whole buffer unless the end of the file comes
         // first (BlobFS reads short only there).
@@ -574,5 +679,57 @@ mod tests {
         let mut n = 0;
         assert_eq!(h.read_at(0, &mut buf, 0, &mut n).code, Code::Ok);
         assert_eq!(&buf[..n], b"01ab456789");
+    }
+
+    #[test]
+    fn multi_read_gives_each_request_its_own_bytes_and_status() {
+        let mut st = Status::ok();
+        let fs = fs_open("blobfs://mem:40M;mkfs=always", &mut st);
+        assert_eq!(st.code, Code::Ok, "{}", st.message);
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let w = fs.open_file("/m", OpenMode::CreateKeep, false, &mut st);
+        assert_eq!(w.append(&data).code, Code::Ok);
+        assert_eq!(w.sync().code, Code::Ok);
+        let h = fs.open_file("/m", OpenMode::Read, false, &mut st);
+        assert_eq!(st.code, Code::Ok, "{}", st.message);
+        // In the middle, at the start, across the end, past the end, and a
+        // request without a buffer between them.
+        let spans = [
+            (5_000u64, 3_000usize),
+            (0, 100),
+            (19_990, 50),
+            (30_000, 10),
+            (7, 8),
+        ];
+        let mut bufs: Vec<Vec<u8>> = spans.iter().map(|&(_, l)| vec![0xee; l]).collect();
+        let mut ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        ptrs[4] = std::ptr::null_mut();
+        let rs: Vec<ReadSpan> = spans
+            .iter()
+            .map(|&(offset, len)| ReadSpan { offset, len })
+            .collect();
+        let mut got = vec![usize::MAX; spans.len()];
+        let mut statuses = Vec::new();
+        // SAFETY: one valid, distinct buffer per span (or null).
+        unsafe { h.multi_read(&rs, ptrs.as_ptr(), 0, &mut got, &mut statuses) };
+        let codes: Vec<Code> = statuses.iter().map(|s| s.code).collect();
+        assert_eq!(
+            codes,
+            [
+                Code::Ok,
+                Code::Ok,
+                Code::Ok,
+                Code::Ok,
+                Code::InvalidArgument
+            ]
+        );
+        assert_eq!(got, [3_000, 100, 10, 0, 0]);
+        for (i, &(off, _)) in spans.iter().enumerate().take(4) {
+            let o = off as usize;
+            assert_eq!(
+                &bufs[i][..got[i]],
+                &data[o.min(data.len())..o.min(data.len()) + got[i]]
+            );
+        }
     }
 }
