@@ -81,12 +81,20 @@ impl Default for MountOptions {
     }
 }
 
+/// Metadata pages mkfs adds by default to one per cluster: the root
+/// record, directories (a page each and no cluster), and the fresh pages a
+/// large file's metadata sync writes before it frees the old ones.
+pub const SPARE_MD_PAGES: u64 = 64;
+
 /// Options for [`BlobFs::mkfs`].
 #[derive(Clone, Debug)]
 pub struct MkfsOptions {
     /// Cluster size of the blobstore (the file allocation unit). Default 1 MiB.
     pub cluster_size: u32,
-    /// Metadata pages (at least one per file); default one per cluster.
+    /// Metadata pages: one per file or directory (a file of more than about
+    /// 900 clusters takes one more per 1,012 clusters). Default: one per
+    /// cluster and [`SPARE_MD_PAGES`] more, so files of a cluster or more
+    /// each use up every cluster before the pages run out.
     pub md_pages: Option<u64>,
     /// Format even when the device holds a known signature (a file system,
     /// a partition table, a blobstore or BlobFS). Default false: mkfs then
@@ -827,7 +835,10 @@ impl BlobFs {
             dev.clone(),
             BlobstoreOptions {
                 cluster_size: mkfs.cluster_size,
-                md_pages: mkfs.md_pages,
+                md_pages: Some(mkfs.md_pages.unwrap_or_else(|| {
+                    let clusters = dev.geometry().size_bytes() / mkfs.cluster_size.max(1) as u64;
+                    clusters + SPARE_MD_PAGES
+                })),
                 bstype: meta::BSTYPE.into(),
                 force: mkfs.force,
                 ..Default::default()

@@ -104,7 +104,8 @@ pub(crate) struct Layout {
     pub mask_start: u64,
     pub reserved_clusters: u32,
     pub extent_per_page: usize,
-    /// Format version of the super block (1: no backup super block).
+    /// Format version of the super block (1: no backup super block; 3:
+    /// inline cluster maps).
     pub version: u32,
 }
 
@@ -124,6 +125,10 @@ impl Layout {
     }
     pub fn cluster_lba(&self, c: u32) -> u64 {
         c as u64 * self.units_per_cluster()
+    }
+    /// True when blobs may keep their cluster map inline (format 3 on).
+    pub fn inline_map(&self) -> bool {
+        self.version >= format::INLINE_MAP_VERSION
     }
     fn from_super(sb: &SuperBlock) -> Layout {
         let pages_total = sb.md_start + sb.md_len;
@@ -150,9 +155,14 @@ pub(crate) struct BlobMd {
     /// Device cluster of each blob cluster; 0 = not allocated.
     pub clusters: Vec<u32>,
     /// Metadata page of each extent page ([`NO_PAGE`] if none on disk).
+    /// All [`NO_PAGE`] while `map_inline`.
     pub extent_pages: Vec<u32>,
     /// Extent pages whose entries changed since the last sync.
     pub dirty_extents: BTreeSet<usize>,
+    /// The map on disk is inline in the first page's descriptors (format
+    /// 3), so no extent page holds it: a sync that moves it to extent pages
+    /// writes every one that maps a cluster, not only the dirty ones.
+    pub map_inline: bool,
     pub xattrs: BTreeMap<String, Vec<u8>>,
     pub invalid_flags: u64,
     pub data_ro_flags: u64,
@@ -179,6 +189,7 @@ impl BlobMd {
             clusters: Vec::new(),
             extent_pages: Vec::new(),
             dirty_extents: BTreeSet::new(),
+            map_inline: false,
             xattrs,
             invalid_flags: if thin { format::BLOB_INVALID_THIN } else { 0 },
             data_ro_flags: 0,
@@ -552,7 +563,40 @@ impl StoreInner {
                 rec.invalid_flags
             )));
         }
-        if rec.num_clusters > l.total_clusters
+        let bad_cluster =
+            |c: u32| c != 0 && (c < l.reserved_clusters || c as u64 >= l.total_clusters);
+        let map_inline = !rec.cluster_map.is_empty();
+        if map_inline {
+            if !l.inline_map() {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!(
+                        "an inline cluster map in a store of format {} (inline maps came \
+                         with format {})",
+                        l.version,
+                        format::INLINE_MAP_VERSION
+                    ),
+                ));
+            }
+            if rec.cluster_map.len() as u64 != rec.num_clusters
+                || rec.num_clusters > l.total_clusters
+            {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!(
+                        "{} clusters with an inline map of {}",
+                        rec.num_clusters,
+                        rec.cluster_map.len()
+                    ),
+                ));
+            }
+            if let Some(c) = rec.cluster_map.iter().find(|&&c| bad_cluster(c)) {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!("cluster {c} out of range"),
+                ));
+            }
+        } else if rec.num_clusters > l.total_clusters
             || rec.extent_table.len() as u64 != rec.num_clusters.div_ceil(per as u64)
         {
             return Err(Error::corrupt(
@@ -565,47 +609,53 @@ impl StoreInner {
             ));
         }
         let n = rec.num_clusters as usize;
-        let mut clusters = vec![0u32; n];
-        for (k, &ep) in rec.extent_table.iter().enumerate() {
-            if ep == NO_PAGE {
-                continue;
-            }
-            if ep as u64 >= l.md_len {
-                return Err(Error::corrupt(
-                    loc(page),
-                    format!("extent page {ep} out of range"),
-                ));
-            }
-            let buf = self
-                .read_bytes(ch, l.md_lba(ep), l.page_size as usize)
-                .await?;
-            let p = format::decode_md_page(&buf, &loc(ep))?;
-            if p.kind != PageKind::Extent || p.blob_id != id.0 {
-                return Err(Error::corrupt(
-                    loc(ep),
-                    "extent page does not belong to the blob",
-                ));
-            }
-            let (first, entries) = format::decode_extent_payload(p.payload, &loc(ep))?;
-            let want = per.min(n - k * per);
-            if first != (k * per) as u64 || entries.len() != want {
-                return Err(Error::corrupt(
-                    loc(ep),
-                    "extent page covers the wrong clusters",
-                ));
-            }
-            for (i, &c) in entries.iter().enumerate() {
-                if c != 0 && (c < l.reserved_clusters || c as u64 >= l.total_clusters) {
-                    return Err(Error::corrupt(loc(ep), format!("cluster {c} out of range")));
+        let (clusters, extent_pages) = if map_inline {
+            (rec.cluster_map, vec![NO_PAGE; n.div_ceil(per)])
+        } else {
+            let mut clusters = vec![0u32; n];
+            for (k, &ep) in rec.extent_table.iter().enumerate() {
+                if ep == NO_PAGE {
+                    continue;
                 }
-                clusters[k * per + i] = c;
+                if ep as u64 >= l.md_len {
+                    return Err(Error::corrupt(
+                        loc(page),
+                        format!("extent page {ep} out of range"),
+                    ));
+                }
+                let buf = self
+                    .read_bytes(ch, l.md_lba(ep), l.page_size as usize)
+                    .await?;
+                let p = format::decode_md_page(&buf, &loc(ep))?;
+                if p.kind != PageKind::Extent || p.blob_id != id.0 {
+                    return Err(Error::corrupt(
+                        loc(ep),
+                        "extent page does not belong to the blob",
+                    ));
+                }
+                let (first, entries) = format::decode_extent_payload(p.payload, &loc(ep))?;
+                let want = per.min(n - k * per);
+                if first != (k * per) as u64 || entries.len() != want {
+                    return Err(Error::corrupt(
+                        loc(ep),
+                        "extent page covers the wrong clusters",
+                    ));
+                }
+                for (i, &c) in entries.iter().enumerate() {
+                    if bad_cluster(c) {
+                        return Err(Error::corrupt(loc(ep), format!("cluster {c} out of range")));
+                    }
+                    clusters[k * per + i] = c;
+                }
             }
-        }
+            (clusters, rec.extent_table)
+        };
         Ok(BlobMd {
             num_clusters: rec.num_clusters,
             clusters,
-            extent_pages: rec.extent_table,
+            extent_pages,
             dirty_extents: BTreeSet::new(),
+            map_inline,
             xattrs: rec.xattrs.into_iter().collect(),
             invalid_flags: rec.invalid_flags,
             data_ro_flags: rec.data_ro_flags,
@@ -682,9 +732,36 @@ impl StoreInner {
         // 1. Capture what to write, and take fresh pages for it.
         let (first_page, cont_writes, extent_writes, new_table, new_conts, to_free, captured) = {
             let md = blob.md.read();
-            let mut table = md.extent_pages.clone();
+            let header = format::BlobHeader {
+                invalid_flags: md.invalid_flags,
+                data_ro_flags: md.data_ro_flags,
+                md_ro_flags: md.md_ro_flags,
+                num_clusters: md.num_clusters,
+                parent: md.parent.map(|p| p.0),
+                pending: md.pending,
+            };
+            let xattrs = || md.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+            // The map goes inline when the whole record then fits the
+            // first page (format 3): the blob takes that one page.
+            let inline = l.inline_map()
+                && format::inline_map_fits(&header, md.clusters.len(), xattrs(), l.page_size);
+            debug_assert!(!md.map_inline || md.extent_pages.iter().all(|&p| p == NO_PAGE));
+            // Extent pages to write: the changed ones, or every one when no
+            // extent page holds the map on disk yet (it was inline).
+            let rewrite: Vec<usize> = if inline {
+                Vec::new()
+            } else if md.map_inline {
+                (0..md.extent_pages.len()).collect()
+            } else {
+                md.dirty_extents.iter().copied().collect()
+            };
+            let mut table = if inline {
+                vec![NO_PAGE; md.extent_pages.len()]
+            } else {
+                md.extent_pages.clone()
+            };
             let mut extent_payloads = Vec::new();
-            for &k in &md.dirty_extents {
+            for &k in &rewrite {
                 let end = (k * per + per).min(md.clusters.len());
                 let entries = &md.clusters[k * per..end];
                 if entries.iter().all(|&c| c == 0) {
@@ -703,16 +780,15 @@ impl StoreInner {
             for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
                 table[*k] = p;
             }
-            let header = format::BlobHeader {
-                invalid_flags: md.invalid_flags,
-                data_ro_flags: md.data_ro_flags,
-                md_ro_flags: md.md_ro_flags,
-                num_clusters: md.num_clusters,
-                parent: md.parent.map(|p| p.0),
-                pending: md.pending,
+            let payloads = if inline {
+                format::encode_blob_payloads(&header, &[], &md.clusters, xattrs(), l.page_size)
+            } else {
+                format::encode_blob_payloads(&header, &table, &[], xattrs(), l.page_size)
             };
-            let xattrs = md.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-            let payloads = format::encode_blob_payloads(&header, &table, xattrs, l.page_size);
+            debug_assert!(
+                !inline || payloads.len() == 1,
+                "an inline map that does not fit"
+            );
             let Some(conts) = alloc.alloc_pages(payloads.len() - 1) else {
                 for p in ext_pages {
                     alloc.free_page(p);
@@ -765,11 +841,19 @@ impl StoreInner {
                     )
                 })
                 .collect();
+            // What the durable metadata holds now and the new one will not:
+            // the old continuation pages, the old extent pages rewritten
+            // (all of them when the map moves inline), pages a shrink gave up.
             let mut to_free: Vec<u32> = md.cont_pages.clone();
-            for &k in &md.dirty_extents {
-                if md.extent_pages[k] != NO_PAGE {
-                    to_free.push(md.extent_pages[k]);
-                }
+            if inline {
+                to_free.extend(md.extent_pages.iter().filter(|&&p| p != NO_PAGE));
+            } else {
+                to_free.extend(
+                    rewrite
+                        .iter()
+                        .map(|&k| md.extent_pages[k])
+                        .filter(|&p| p != NO_PAGE),
+                );
             }
             to_free.extend_from_slice(&md.pending_free_pages);
             let frees = !md.pending_free_clusters.is_empty() || !md.pending_free_pages.is_empty();
@@ -780,6 +864,7 @@ impl StoreInner {
                 md.pending_free_clusters.len(),
                 md.pending_free_pages.len(),
                 frees,
+                inline,
             );
             (
                 first,
@@ -800,8 +885,10 @@ impl StoreInner {
         // the blob wrote before this sync must be durable before the first
         // page can point at it (BlobFS relies on this for its lengths),
         // unless the caller checks that itself (`ordered` false) and the
-        // first page references nothing new.
-        let barrier = ordered || !new_pages.is_empty() || captured.5;
+        // first page references nothing new: no fresh page, nothing freed,
+        // and no cluster map change (an inline map can name new clusters
+        // without a fresh page).
+        let barrier = ordered || !new_pages.is_empty() || captured.5 || !captured.2.is_empty();
         let free_new_pages = |pages: Vec<u32>| {
             let mut alloc = self.alloc.lock();
             for p in pages {
@@ -858,10 +945,11 @@ impl StoreInner {
             return Ok(Err(e));
         }
         // 4. Adopt the new state and release what the old one held.
-        let (version, seq, dirty, n_clusters, n_pages, _) = captured;
+        let (version, seq, dirty, n_clusters, n_pages, _, inline) = captured;
         let freed_clusters = {
             let mut md = blob.md.write();
             md.extent_pages = new_table;
+            md.map_inline = inline;
             md.cont_pages = new_conts;
             md.sequence = seq;
             md.synced_version = version;
