@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod exec;
 pub mod format;
+mod mdread;
 pub mod metrics;
 pub mod probe;
 pub mod reactor;

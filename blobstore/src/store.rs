@@ -35,6 +35,7 @@ use crate::device::{
 };
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
+use crate::mdread::{OwnedMdPage, PageMap};
 use crate::metrics::{OpCounter, OpStats, Shards, Stamp};
 use crate::BlobId;
 
@@ -339,6 +340,11 @@ pub struct Blobstore {
 
 const BLOB_ID_BASE: u64 = 1 << 32;
 
+/// How errors name metadata page `p` of blob `id`.
+fn md_loc(p: u32, id: BlobId) -> String {
+    format!("metadata page {p} (blob {id})")
+}
+
 thread_local! {
     /// The first-page buffer of this thread's last metadata sync, for the
     /// next one: a sync writes a first page every time (a log synced per
@@ -499,9 +505,41 @@ impl StoreInner {
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
     pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
-        let (sequence, rec, cont_pages) = self.read_record(ch, page).await?;
-        self.md_from_record(ch, page, sequence, rec, cont_pages)
+        self.read_blob_md_from(ch, page, &mut PageMap::default())
             .await
+    }
+
+    /// [`StoreInner::read_blob_md`], taking its pages from `map` where the
+    /// bulk read of a load has them.
+    pub(crate) async fn read_blob_md_from(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+        map: &mut PageMap,
+    ) -> Result<BlobMd> {
+        let (sequence, rec, cont_pages) = self.read_record_from(ch, page, map).await?;
+        self.md_from_record(ch, page, sequence, rec, cont_pages, map)
+            .await
+    }
+
+    /// Metadata page `p` of blob `id`: from `map` when it holds it, else
+    /// read from the device and checked.
+    async fn md_page(
+        &self,
+        ch: &IoChannel,
+        p: u32,
+        id: BlobId,
+        map: &mut PageMap,
+    ) -> Result<OwnedMdPage> {
+        if let Some(page) = map.take(p) {
+            return Ok(page);
+        }
+        let l = self.layout;
+        let buf = self
+            .read_bytes(ch, l.md_lba(p), l.page_size as usize)
+            .await?;
+        let page = format::decode_md_page(&buf, &md_loc(p, id))?;
+        Ok(OwnedMdPage::from_page(&page))
     }
 
     /// A blob's descriptors as its first and continuation pages hold them
@@ -512,36 +550,51 @@ impl StoreInner {
         ch: &IoChannel,
         page: u32,
     ) -> Result<(u32, BlobRecord, Vec<u32>)> {
+        self.read_record_from(ch, page, &mut PageMap::default())
+            .await
+    }
+
+    /// [`StoreInner::read_record`], taking pages from `map` where it has
+    /// them.
+    async fn read_record_from(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+        map: &mut PageMap,
+    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
         let l = self.layout;
         let id = Self::blob_id(page);
-        let ps = l.page_size as usize;
-        let loc = |p: u32| format!("metadata page {p} (blob {id})");
-        let first = self.read_bytes(ch, l.md_lba(page), ps).await?;
-        let fp = format::decode_md_page(&first, &loc(page))?;
+        let fp = self.md_page(ch, page, id, map).await?;
         if fp.kind != PageKind::First || fp.blob_id != id.0 {
             return Err(Error::NotFound(id));
         }
-        let mut payloads = vec![fp.payload.to_vec()];
+        let mut payloads = vec![fp.payload];
         let mut cont_pages = Vec::new();
         let mut next = fp.next;
         while next != NO_PAGE {
             if next as u64 >= l.md_len || cont_pages.len() as u64 >= l.md_len {
-                return Err(Error::corrupt(loc(page), format!("bad chain link {next}")));
+                return Err(Error::corrupt(
+                    md_loc(page, id),
+                    format!("bad chain link {next}"),
+                ));
             }
-            let buf = self.read_bytes(ch, l.md_lba(next), ps).await?;
-            let p = format::decode_md_page(&buf, &loc(next))?;
+            let p = self.md_page(ch, next, id, map).await?;
             if p.kind != PageKind::Continuation || p.blob_id != id.0 || p.sequence != fp.sequence {
                 return Err(Error::corrupt(
-                    loc(next),
+                    md_loc(next, id),
                     "continuation page does not belong",
                 ));
             }
-            payloads.push(p.payload.to_vec());
+            payloads.push(p.payload);
             cont_pages.push(next);
             next = p.next;
         }
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
-        let rec = BlobRecord::decode(&slices, &loc(page))?;
+        // Named only on failure: a load decodes every blob.
+        let rec = BlobRecord::decode(&slices, "").map_err(|e| match e {
+            Error::Corrupt { what, .. } => Error::corrupt(md_loc(page, id), what),
+            e => e,
+        })?;
         Ok((fp.sequence, rec, cont_pages))
     }
 
@@ -552,11 +605,12 @@ impl StoreInner {
         sequence: u32,
         rec: BlobRecord,
         cont_pages: Vec<u32>,
+        map: &mut PageMap,
     ) -> Result<BlobMd> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let per = l.extent_per_page;
-        let loc = |p: u32| format!("metadata page {p} (blob {id})");
+        let loc = |p: u32| md_loc(p, id);
         if rec.invalid_flags & !format::BLOB_INVALID_THIN != 0 {
             return Err(Error::Unsupported(format!(
                 "blob {id} has unknown invalid flags {:#x}",
@@ -623,17 +677,14 @@ impl StoreInner {
                         format!("extent page {ep} out of range"),
                     ));
                 }
-                let buf = self
-                    .read_bytes(ch, l.md_lba(ep), l.page_size as usize)
-                    .await?;
-                let p = format::decode_md_page(&buf, &loc(ep))?;
+                let p = self.md_page(ch, ep, id, map).await?;
                 if p.kind != PageKind::Extent || p.blob_id != id.0 {
                     return Err(Error::corrupt(
                         loc(ep),
                         "extent page does not belong to the blob",
                     ));
                 }
-                let (first, entries) = format::decode_extent_payload(p.payload, &loc(ep))?;
+                let (first, entries) = format::decode_extent_payload(&p.payload, &loc(ep))?;
                 let want = per.min(n - k * per);
                 if first != (k * per) as u64 || entries.len() != want {
                     return Err(Error::corrupt(
@@ -1309,11 +1360,13 @@ impl Blobstore {
         };
         if let Some(alloc) = masks {
             let pages: Vec<u32> = alloc.blobids().collect();
+            // Every used page in large reads, not a read per page.
+            let mut map = inner.read_used_pages(&ch, &alloc).await?;
             // A blob whose metadata is damaged is reported when opened,
             // as before; it names no parent here.
             let mut blobs = Vec::with_capacity(pages.len());
             for p in pages {
-                match inner.read_blob_md(&ch, p).await {
+                match inner.read_blob_md_from(&ch, p, &mut map).await {
                     Ok(md) => blobs.push((p, md)),
                     Err(Error::Corrupt { .. }) | Err(Error::NotFound(_)) => {}
                     Err(e) => return Err(e),
@@ -1329,8 +1382,8 @@ impl Blobstore {
         let (alloc, mut blobs, discard, finish) = match clean {
             Some((alloc, blobs)) => (alloc, blobs, Vec::new(), Vec::new()),
             None => {
-                let pages = inner.scan_first_pages(&ch).await?;
-                let mut blobs = inner.read_blobs(&ch, &pages).await?;
+                let (pages, mut map) = inner.scan_first_pages(&ch).await?;
+                let mut blobs = inner.read_blobs(&ch, &pages, &mut map).await?;
                 let (discard, finish) = resolve_pending(&blobs);
                 blobs.retain(|(p, _)| !discard.contains(p));
                 (inner.claim_all(&blobs)?, blobs, discard, finish)
@@ -1355,7 +1408,9 @@ impl Blobstore {
         for (page, md) in &blobs {
             inner.link_clone(md.parent, StoreInner::blob_id(*page));
         }
-        blobs.clear();
+        // Kept: opening a blob then reads nothing (a file system opens
+        // every one at mount).
+        inner.cache_loaded(std::mem::take(&mut blobs));
         let sbid = sb.super_blob;
         if sbid != 0 {
             let ok = inner
@@ -1696,10 +1751,12 @@ impl StoreInner {
     }
 
     /// Pages in the metadata region that hold a blob's first page (the
-    /// dirty-load scan).
-    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<Vec<u32>> {
+    /// dirty-load scan), and every page that decoded, for reading the
+    /// blobs without another read per page.
+    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<(Vec<u32>, PageMap)> {
         let mut firsts = Vec::new();
-        for (page, found) in self.scan_md_pages(ch).await? {
+        let (found, map) = self.scan_md_pages(ch).await?;
+        for (page, found) in found {
             // Writes are atomic per page, so a page that carries the
             // magic and fails its checks is damage, not a torn write:
             // report it rather than silently dropping a blob.
@@ -1707,60 +1764,125 @@ impl StoreInner {
                 firsts.push(page);
             }
         }
-        Ok(firsts)
+        Ok((firsts, map))
     }
 
     /// Every page of the metadata region that carries the metadata magic,
     /// decoded: `Some(())` for a blob's first page (at the page its id
     /// names), `None` for another kind, an error for a page that fails its
-    /// checks or a first page naming another blob.
+    /// checks or a first page naming another blob. Also the pages that
+    /// decoded, for the blobs' readers. The whole region is read in large
+    /// reads ([`crate::mdread`]).
     pub(crate) async fn scan_md_pages(
         &self,
         ch: &IoChannel,
-    ) -> Result<Vec<(u32, Result<Option<()>>)>> {
-        let l = self.layout;
-        let ps = l.page_size as usize;
-        let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
+    ) -> Result<(Vec<(u32, Result<Option<()>>)>, PageMap)> {
         let mut out = Vec::new();
-        let mut p = 0;
-        while p < l.md_len {
-            let n = chunk_pages.min(l.md_len - p);
-            let buf = self
-                .read_bytes(ch, l.md_lba(p as u32), n as usize * ps)
-                .await?;
-            for i in 0..n as usize {
-                let page = (p as usize + i) as u32;
-                let bytes = &buf[i * ps..(i + 1) * ps];
-                if !format::looks_like_md_page(bytes) {
-                    continue;
-                }
-                let loc = format!("metadata page {page}");
-                let found = format::decode_md_page(bytes, &loc).and_then(|fp| {
+        let mut map = PageMap::default();
+        let whole = [(0, self.layout.md_len as u32)];
+        self.for_each_md_page(ch, &whole, |page, bytes| {
+            if !format::looks_like_md_page(bytes) {
+                return;
+            }
+            let loc = || format!("metadata page {page}");
+            let found = match format::decode_md_page(bytes, "") {
+                Err(Error::Corrupt { what, .. }) => Err(Error::corrupt(loc(), what)),
+                Err(e) => Err(e),
+                Ok(fp) => {
+                    map.push(page, &fp);
                     if fp.kind != PageKind::First {
                         Ok(None)
                     } else if fp.blob_id != Self::blob_id(page).0 {
                         Err(Error::corrupt(
-                            loc,
+                            loc(),
                             format!("first page names blob {:#x}", fp.blob_id),
                         ))
                     } else {
                         Ok(Some(()))
                     }
-                });
-                out.push((page, found));
-            }
-            p += n;
+                }
+            };
+            out.push((page, found));
+        })
+        .await?;
+        Ok((out, map))
+    }
+
+    /// Every blob's metadata, as on disk, its pages from `map` where it
+    /// has them.
+    async fn read_blobs(
+        &self,
+        ch: &IoChannel,
+        pages: &[u32],
+        map: &mut PageMap,
+    ) -> Result<Vec<(u32, BlobMd)>> {
+        let mut out = Vec::with_capacity(pages.len());
+        for &p in pages {
+            out.push((p, self.read_blob_md_from(ch, p, map).await?));
         }
         Ok(out)
     }
 
-    /// Every blob's metadata, as on disk.
-    async fn read_blobs(&self, ch: &IoChannel, pages: &[u32]) -> Result<Vec<(u32, BlobMd)>> {
-        let mut out = Vec::with_capacity(pages.len());
-        for &p in pages {
-            out.push((p, self.read_blob_md(ch, p).await?));
+    /// Puts the blobs a load read into the cache, each with its parent
+    /// chain linked, so that opening one costs no device read. A blob
+    /// whose chain does not resolve to blobs read here (a parent missing
+    /// or unreadable, or a chain longer than the longest followed: a
+    /// cycle) stays out: opening it reads it again and says why, as before.
+    fn cache_loaded(&self, blobs: Vec<(u32, BlobMd)>) {
+        if blobs.iter().all(|(_, md)| md.parent.is_none()) {
+            // No snapshots or clones (a file system's store): no chains.
+            let mut cache = self.blobs.lock();
+            cache.reserve(blobs.len());
+            for (p, md) in blobs {
+                let id = Self::blob_id(p);
+                cache.insert(id, Arc::new(BlobInner::new(id, p, md, 0)));
+            }
+            return;
         }
-        Ok(out)
+        let by_id: HashMap<BlobId, Arc<BlobInner>> = blobs
+            .into_iter()
+            .map(|(p, md)| {
+                let id = Self::blob_id(p);
+                (id, Arc::new(BlobInner::new(id, p, md, 0)))
+            })
+            .collect();
+        // Whether each blob's chain resolves, found once per blob.
+        let mut resolves: HashMap<BlobId, bool> = HashMap::with_capacity(by_id.len());
+        for &start in by_id.keys() {
+            let mut chain = Vec::new();
+            let mut cur = start;
+            let verdict = loop {
+                if let Some(&v) = resolves.get(&cur) {
+                    break v;
+                }
+                let Some(b) = by_id.get(&cur) else {
+                    break false;
+                };
+                if chain.len() > crate::snapshot::MAX_CHAIN {
+                    break false;
+                }
+                chain.push(cur);
+                match b.md.read().parent {
+                    None => break true,
+                    Some(p) => cur = p,
+                }
+            };
+            for id in chain {
+                resolves.insert(id, verdict);
+            }
+        }
+        let mut cache = self.blobs.lock();
+        cache.reserve(by_id.len());
+        for (id, b) in &by_id {
+            if !resolves[id] {
+                continue;
+            }
+            let parent = b.md.read().parent;
+            if let Some(p) = parent {
+                *b.parent.write() = Some(by_id[&p].clone());
+            }
+            cache.insert(*id, b.clone());
+        }
     }
 
     /// Bitmaps rebuilt from every blob's metadata after an unclean stop.
