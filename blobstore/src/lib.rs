@@ -25,7 +25,7 @@ mod snapshot;
 mod store;
 mod trim;
 
-pub use blob::{Blob, BlobIo};
+pub use blob::{Blob, BlobIo, Xattrs};
 pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
