@@ -81,12 +81,20 @@ impl Default for MountOptions {
     }
 }
 
+/// Metadata pages mkfs adds by default to one per cluster: the root
+/// record, directories (a page each and no cluster), and the fresh pages a
+/// large file's metadata sync writes before it frees the old ones.
+pub const SPARE_MD_PAGES: u64 = 64;
+
 /// Options for [`BlobFs::mkfs`].
 #[derive(Clone, Debug)]
 pub struct MkfsOptions {
     /// Cluster size of the blobstore (the file allocation unit). Default 1 MiB.
     pub cluster_size: u32,
-    /// Metadata pages (at least one per file); default one per cluster.
+    /// Metadata pages: one per file or directory (a file of more than about
+    /// 900 clusters takes one more per 1,012 clusters). Default: one per
+    /// cluster and [`SPARE_MD_PAGES`] more, so files of a cluster or more
+    /// each use up every cluster before the pages run out.
     pub md_pages: Option<u64>,
     /// Format even when the device holds a known signature (a file system,
     /// a partition table, a blobstore or BlobFS). Default false: mkfs then
@@ -204,10 +212,17 @@ impl Index {
         if matches!(e, Entry::Dir(_)) {
             self.children.entry(name.clone()).or_default();
         }
-        self.children
-            .entry(name::parent(&name).to_string())
-            .or_default()
-            .insert(name.clone());
+        let parent = name::parent(&name);
+        // The parent's key is made only the first time (a mount inserts
+        // every name).
+        match self.children.get_mut(parent) {
+            Some(set) => set.insert(name.clone()),
+            None => self
+                .children
+                .entry(parent.to_string())
+                .or_default()
+                .insert(name.clone()),
+        };
         self.entries.insert(name, e);
     }
 
@@ -291,6 +306,9 @@ pub(crate) struct FsInner {
     recovery: UnsyncedRecovery,
     /// File operations counted per thread ([`BlobFs::metrics`]).
     pub metrics: Arc<Shards<FsShard>>,
+    /// This mount's generation (`blobfs.mountgen`), which a clean unmount
+    /// writes as `blobfs.clean`.
+    mount_gen: u64,
 }
 
 /// The writer thread and its queue.
@@ -813,6 +831,64 @@ struct Found {
     mtime: u64,
 }
 
+/// What blob `id`'s xattrs say about its file or directory, checked (the
+/// length against the blob's size). Errors name the blob, and its name
+/// once that is known.
+fn found_entry(id: BlobId, blob: blobstore::Blob) -> Result<Found> {
+    let corrupt = |name: &str, why: String| {
+        let at = if name.is_empty() {
+            format!("blob {id}")
+        } else {
+            format!("blob {id} ({name})")
+        };
+        Error::Corrupt(format!("{at}: {why}"))
+    };
+    let (name, kind, seq, mtime, len) = {
+        let md = blob.xattrs();
+        let name = md
+            .get(meta::NAME)
+            .and_then(|n| std::str::from_utf8(n).ok())
+            .ok_or_else(|| corrupt("", "no valid name".into()))?
+            .to_string();
+        let kind = match md.get(meta::KIND) {
+            Some([k]) if *k == meta::KIND_FILE || *k == meta::KIND_DIR => *k,
+            _ => return Err(corrupt(&name, "bad kind".into())),
+        };
+        let u64_of = |key: &str| -> Result<u64> {
+            let v = md
+                .get(key)
+                .ok_or_else(|| corrupt(&name, format!("xattr {key} missing")))?;
+            let b: [u8; 8] = v
+                .try_into()
+                .map_err(|_| corrupt(&name, format!("xattr {key} is {} bytes, not 8", v.len())))?;
+            Ok(u64::from_le_bytes(b))
+        };
+        let seq = u64_of(meta::SEQ)?;
+        let mtime = u64_of(meta::MTIME)?;
+        let len = if kind == meta::KIND_FILE {
+            u64_of(meta::LEN)?
+        } else {
+            0
+        };
+        (name, kind, seq, mtime, len)
+    };
+    if len > blob.size_bytes() {
+        return Err(corrupt(
+            &name,
+            format!("length {len} exceeds its {} bytes", blob.size_bytes()),
+        ));
+    }
+    Ok(Found {
+        id,
+        blob,
+        name,
+        kind,
+        seq,
+        len,
+        mtime,
+    })
+}
+
 impl BlobFs {
     /// Makes a new, empty BlobFS on `dev` and mounts it. Refuses a device
     /// that holds a known signature (a file system, a partition table, any
@@ -832,7 +908,10 @@ impl BlobFs {
             dev.clone(),
             BlobstoreOptions {
                 cluster_size: mkfs.cluster_size,
-                md_pages: mkfs.md_pages,
+                md_pages: Some(mkfs.md_pages.unwrap_or_else(|| {
+                    let clusters = dev.geometry().size_bytes() / mkfs.cluster_size.max(1) as u64;
+                    clusters + SPARE_MD_PAGES
+                })),
                 bstype: meta::BSTYPE.into(),
                 force: mkfs.force,
                 ..Default::default()
@@ -945,6 +1024,9 @@ impl BlobFs {
             fs: fs_id,
             gen,
         };
+        // The last mount was unmounted cleanly: every file's bytes were
+        // flushed, so no `fs.tail` needs checking against the device.
+        let clean = sb_blob.get_xattr(meta::CLEAN).as_deref() == Some(&meta::enc_u64(gen)[..]);
         // What a process that died with this device left in memory: this
         // mount's to write back if the last mount wrote it.
         let mut recovery = UnsyncedRecovery {
@@ -974,59 +1056,45 @@ impl BlobFs {
             if id == sb {
                 continue;
             }
-            let blob = bs.open_blob(id).await.ctx(&format!("blob {id}"))?;
-            let what = format!("blob {id}");
+            // Names for errors are made only on the way out: a mount goes
+            // through every file.
+            let what = || format!("blob {id}");
+            let blob = bs
+                .open_blob(id)
+                .await
+                .map_err(|e| Error::store(&what(), e))?;
             if blob.get_xattr(meta::UNLINKED).is_some() {
                 drop(blob);
-                bs.delete_blob(id).await.ctx(&what)?;
+                bs.delete_blob(id).await.ctx(&what())?;
                 reaped_unlinked += 1;
                 continue;
             }
-            let name = blob
-                .get_xattr(meta::NAME)
-                .and_then(|n| String::from_utf8(n).ok())
-                .ok_or_else(|| Error::Corrupt(format!("{what}: no valid name")))?;
-            let kind = match blob.get_xattr(meta::KIND).as_deref() {
-                Some([k]) if *k == meta::KIND_FILE || *k == meta::KIND_DIR => *k,
-                _ => return Err(Error::Corrupt(format!("{what} ({name}): bad kind"))),
-            };
-            let seq = meta::dec_u64(blob.get_xattr(meta::SEQ), meta::SEQ, &what)?;
-            let mtime = meta::dec_u64(blob.get_xattr(meta::MTIME), meta::MTIME, &what)?;
-            if let Some(m) = blob.get_xattr(meta::MOVED_FROM) {
-                marks.push(Moved::decode(id, kind, &m, &format!("{what} ({name})"))?);
-            }
-            let mut len = if kind == meta::KIND_FILE {
-                meta::dec_u64(blob.get_xattr(meta::LEN), meta::LEN, &what)?
-            } else {
-                0
-            };
-            if len > blob.size_bytes() {
-                return Err(Error::Corrupt(format!(
-                    "{what} ({name}): length {len} exceeds its {} bytes",
-                    blob.size_bytes()
-                )));
-            }
-            if let Some(tail) = blob.get_xattr(meta::TAIL) {
-                len = check_tail(&blob, len, &tail, &format!("{what} ({name})")).await?;
-            }
-            if kind == meta::KIND_FILE {
-                if let Some(recs) = by_blob.remove(&id.0) {
-                    let what = format!("{what} ({name})");
-                    let cluster = bs.cluster_size() as u64;
-                    len = write_back(&blob, len, recs, &region, cluster, &what, &mut recovery)
-                        .await?;
+            let mut f = found_entry(id, blob)?;
+            if !clean {
+                if let Some(tail) = f.blob.get_xattr(meta::TAIL) {
+                    let what = format!("{} ({})", what(), f.name);
+                    f.len = check_tail(&f.blob, f.len, &tail, &what).await?;
                 }
             }
-            max_seq = max_seq.max(seq);
-            found.push(Found {
-                id,
-                blob,
-                name,
-                kind,
-                seq,
-                len,
-                mtime,
-            });
+            if f.kind == meta::KIND_FILE {
+                if let Some(recs) = by_blob.remove(&id.0) {
+                    let what = format!("{} ({})", what(), f.name);
+                    let cluster = bs.cluster_size() as u64;
+                    f.len =
+                        write_back(&f.blob, f.len, recs, &region, cluster, &what, &mut recovery)
+                            .await?;
+                }
+            }
+            if let Some(m) = f.blob.get_xattr(meta::MOVED_FROM) {
+                marks.push(Moved::decode(
+                    id,
+                    f.kind,
+                    &m,
+                    &format!("{} ({})", what(), f.name),
+                )?);
+            }
+            max_seq = max_seq.max(f.seq);
+            found.push(f);
         }
         for (blob, recs) in by_blob {
             for rec in recs {
@@ -1064,10 +1132,9 @@ impl BlobFs {
                 }
             }
         }
-        let mut by_name: HashMap<String, Vec<Found>> = HashMap::new();
-        for f in found {
-            by_name.entry(f.name.clone()).or_default().push(f);
-        }
+        // By name (parents before what is in them), the newest of a name
+        // first: see the winners below.
+        found.sort_unstable_by(|a, b| a.name.cmp(&b.name).then(b.seq.cmp(&a.seq)));
         // Everything applied is synced: only now does the memory go, and a
         // new generation starts, so what an earlier mount wrote is stale
         // from here on.
@@ -1100,30 +1167,31 @@ impl BlobFs {
             unsynced: region,
             recovery,
             metrics: Arc::new(Shards::new()),
+            mount_gen: gen + 1,
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.
-        let mut winners = Vec::new();
-        for (_, mut v) in by_name {
-            v.sort_by_key(|f| std::cmp::Reverse(f.seq));
-            let mut it = v.into_iter();
-            winners.push(it.next().expect("non-empty group"));
-            for loser in it {
-                let id = loser.id;
-                drop(loser.blob);
-                bs.delete_blob(id).await.ctx(&loser.name)?;
-                replaced_names += 1;
+        let mut winners: Vec<Found> = Vec::with_capacity(found.len());
+        for f in found {
+            if winners.last().is_none_or(|w| w.name != f.name) {
+                winners.push(f);
+                continue;
             }
+            let id = f.id;
+            drop(f.blob);
+            bs.delete_blob(id).await.ctx(&f.name)?;
+            replaced_names += 1;
         }
-        // Parents first, so every name's parent is in the index.
-        winners.sort_by(|a, b| a.name.cmp(&b.name));
+        // Parents first (sorted above), so every name's parent is in the
+        // index.
+        debug_assert!(winners.windows(2).all(|w| w[0].name < w[1].name));
         let fs = BlobFs { inner };
         let mut orphans = Vec::new();
         {
             let mut idx = fs.inner.index.write();
             let cluster = bs.cluster_size() as u64;
             for f in winners {
-                if normalize_entry(&f.name).ok().as_deref() != Some(f.name.as_str()) {
+                if !name::is_normal_entry(&f.name) {
                     return Err(Error::Corrupt(format!(
                         "blob {}: bad name {:?}",
                         f.id, f.name
@@ -1223,7 +1291,18 @@ impl BlobFs {
                 blobstore::Error::Busy("files or clones of the file system are still open".into()),
             )
         })?;
+        // Nothing can write any more: say so for the next mount, which
+        // then need not check files' last bytes against the device.
         let bs = inner.bs.clone();
+        let sb = bs
+            .super_blob()
+            .ok_or_else(|| Error::Corrupt("no super blob".into()))?;
+        let sb_blob = bs.open_blob(sb).await.ctx("super blob")?;
+        sb_blob
+            .set_xattr(meta::CLEAN, &meta::enc_u64(inner.mount_gen))
+            .ctx("super blob")?;
+        sb_blob.sync_metadata().await.ctx("super blob")?;
+        drop(sb_blob);
         drop(inner);
         bs.unload().await.ctx("unmount")
     }

@@ -38,7 +38,9 @@ pub use error::{Error, Result};
 #[cfg(feature = "prometheus")]
 pub use exporter::MetricsServer;
 pub use file::{File, Metadata};
-pub use fs::{BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo};
+pub use fs::{
+    BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo, SPARE_MD_PAGES,
+};
 pub use metrics::Metrics;
 pub use unsynced::UnsyncedRecovery;
 

@@ -21,7 +21,8 @@
 //!   power cut can leave the metadata durable without the data; mount
 //!   checks those bytes and, when they do not match, rolls the length back
 //!   to `prev_len` (durable since the sync before). Syncs that do not write
-//!   it remove it.
+//!   it remove it. A mount after a clean unmount (`blobfs.clean` below)
+//!   checks none: that unmount flushed every file's bytes.
 //! - `fs.moved_from` (directories, optional): the intent of a directory
 //!   rename in progress, on the renamed directory's own blob: the rename's
 //!   sequence number (u64 little-endian, the `fs.seq` the rename gave the
@@ -41,7 +42,13 @@
 //! `blobfs.id` (16 random bytes chosen at mkfs, or at the first mount of an
 //! older BlobFS: the file system's identity in its unsynced memory) and
 //! `blobfs.mountgen` (u64 little-endian, one more at every mount: unsynced
-//! memory written by any other mount than the last is stale).
+//! memory written by any other mount than the last is stale) and, once a
+//! mount has been unmounted cleanly, `blobfs.clean` (u64 little-endian, the
+//! generation of that mount: written after every file was synced and
+//! nothing could write any more, so when it equals `blobfs.mountgen` no
+//! mount has run since and every file's bytes are on the device; a build
+//! that does not know it never writes it, and a mount always moves
+//! `blobfs.mountgen` on, so a stale value never matches).
 
 use crate::error::{Error, Result};
 
@@ -70,6 +77,8 @@ pub const VERSION: &str = "blobfs.version";
 pub const FS_ID: &str = "blobfs.id";
 /// Super blob xattr: the mount generation.
 pub const MOUNT_GEN: &str = "blobfs.mountgen";
+/// Super blob xattr: the generation of the last mount unmounted cleanly.
+pub const CLEAN: &str = "blobfs.clean";
 /// The format version written by this code.
 pub const FORMAT_VERSION: u32 = 1;
 /// Blobstore type tag of a BlobFS.

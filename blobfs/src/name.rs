@@ -15,6 +15,17 @@ pub const MAX_COMPONENT_LEN: usize = 255;
 
 /// Checks a name and returns its normal form.
 pub fn normalize(name: &str) -> Result<String> {
+    normalized(name).map(str::to_string)
+}
+
+/// True when `name` is a valid entry name in its normal form (not the
+/// root), checked without copying it (a mount checks every name).
+pub fn is_normal_entry(name: &str) -> bool {
+    normalized(name).is_ok_and(|n| !n.is_empty() && n.len() == name.len())
+}
+
+/// Checks a name and returns its normal form, a slice of it.
+fn normalized(name: &str) -> Result<&str> {
     let bad = |reason: &str| {
         Err(Error::InvalidName {
             name: name.to_string(),
@@ -29,7 +40,7 @@ pub fn normalize(name: &str) -> Result<String> {
         return bad("contains a NUL byte");
     }
     if trimmed.is_empty() {
-        return Ok(String::new());
+        return Ok("");
     }
     for comp in trimmed.split('/') {
         if comp.is_empty() {
@@ -44,7 +55,7 @@ pub fn normalize(name: &str) -> Result<String> {
             ));
         }
     }
-    Ok(trimmed.to_string())
+    Ok(trimmed)
 }
 
 /// A normalized non-root name, or an error naming the root.
@@ -102,6 +113,10 @@ mod tests {
         assert!(normalize(&"x".repeat(256)).is_err());
         assert!(normalize(&"abc/".repeat(300)).is_err());
         assert!(normalize_entry("/").is_err());
+        assert!(is_normal_entry("db/CURRENT") && is_normal_entry("x"));
+        for bad in ["", "/db", "db/", "a//b", "a/../b", "a\0b"] {
+            assert!(!is_normal_entry(bad), "{bad:?}");
+        }
         assert_eq!(parent("a/b/c"), "a/b");
         assert_eq!(parent("c"), "");
         assert_eq!(base("a/b/c"), "c");

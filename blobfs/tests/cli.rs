@@ -774,11 +774,12 @@ fn mkfs_max_files_sizes_the_metadata_region_and_running_out_says_how_to_get_more
         "--max-files",
         "40",
     ]);
-    assert!(out.contains("room for about"), "{out}");
+    assert!(out.contains("room for about 103 files"), "{out}");
     let info: serde_json::Value = serde_json::from_str(&ok(&["info", &dev, "--json"])).unwrap();
     let free = info["free_metadata_pages"].as_u64().unwrap();
-    // 40 files of two pages, 64 spare, minus the root record's.
-    assert!((130..=144).contains(&free), "{free}");
+    // 40 files of one page, 64 spare, 3 for the maps of large files on
+    // 1,024 clusters, minus the root record's.
+    assert_eq!(free, 40 + 64 + 3 - 1);
 
     let fs = blobfs::BlobFs::mount(
         blobstore::open_device(&dev).unwrap(),
@@ -787,7 +788,7 @@ fn mkfs_max_files_sizes_the_metadata_region_and_running_out_says_how_to_get_more
     .unwrap();
     let mut made = 0;
     let err = loop {
-        // The file's first page or, at its first sync, its cluster map's.
+        // The file's one page, taken when it is made.
         let res = fs.create(&format!("f{made}")).and_then(|f| {
             f.append(&[7u8; 100])?;
             f.close()
@@ -798,10 +799,11 @@ fn mkfs_max_files_sizes_the_metadata_region_and_running_out_says_how_to_get_more
         }
         assert!(made < 1000, "the metadata region never filled");
     };
-    assert!(made >= 40, "only {made} files");
+    // A page each: as many files as pages.
+    assert_eq!(made as u64, free, "{err}");
     assert!(err.contains("--max-files"), "{err}");
-    // The file that did not fit goes; the rest unmount and stay.
-    fs.remove_file(&format!("f{made}")).unwrap();
+    // The file that did not fit was never made; the rest unmount and stay.
+    assert!(!fs.exists(&format!("f{made}")));
     fs.unmount().unwrap();
     let ls = ok(&["ls", &dev]);
     assert_eq!(ls.lines().count(), made, "{ls}");

@@ -3,9 +3,11 @@
 //! then mount, `fsck` and `fsck --repair`. Mount and fsck may refuse but
 //! never panic; after the repair the file system mounts, is clean, and
 //! every file whose own metadata was not hit is intact, while a file whose
-//! metadata was hit is reported lost (or moved to lost+found). The table
-//! this prints (`cargo test --test repair -- --nocapture`) is the one in
-//! the READMEs.
+//! metadata was hit is reported lost (or moved to lost+found). A small
+//! file's one metadata page holds its cluster map; a large file's map has
+//! extent pages of its own, each a region of the matrix. The table this
+//! prints (`cargo test --test repair -- --nocapture`) is the one in the
+//! READMEs.
 
 use std::sync::Arc;
 
@@ -17,25 +19,41 @@ use rand::{Rng, SeedableRng};
 
 const PAGE: usize = 4096;
 
-/// Files and their contents; directories `a`, `b`, `b/c`.
+/// Files and their contents; directories `a`, `b`, `b/c`. `b/big` has
+/// 1,280 clusters: more than its first page holds a map of, so its map is
+/// in extent pages.
 fn files() -> Vec<(&'static str, Vec<u8>)> {
     let fill = |seed: u8, len: usize| (0..len).map(|i| (i as u8).wrapping_mul(seed)).collect();
     vec![
         ("a/one", fill(3, 10_000)),
         ("a/two", fill(5, 100_000)),
+        ("b/big", fill(13, 1280 * CLUSTER as usize)),
         ("b/c/three", fill(7, 3 << 20)),
         ("top", fill(11, 5_000)),
     ]
 }
 
 const DIRS: [&str; 3] = ["a", "b", "b/c"];
-/// The file whose metadata pages the matrix hits.
+/// The file whose first metadata page the matrix hits.
 const VICTIM: &str = "a/two";
+/// The file whose extent page the matrix hits.
+const BIG_VICTIM: &str = "b/big";
+/// Cluster size of the image: small, so that a file with extent pages
+/// fits the device.
+const CLUSTER: u32 = 16 << 10;
 
 fn image() -> Vec<u8> {
     let mem = MemDevice::new(64 << 20, 4096).unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
-    let fs = BlobFs::mkfs(dev, MkfsOptions::default(), MountOptions::default()).unwrap();
+    let fs = BlobFs::mkfs(
+        dev,
+        MkfsOptions {
+            cluster_size: CLUSTER,
+            ..Default::default()
+        },
+        MountOptions::default(),
+    )
+    .unwrap();
     for d in DIRS {
         fs.create_dir(d).unwrap();
     }
@@ -62,27 +80,36 @@ fn md_page(img: &[u8], id: u64, kind: u8) -> usize {
 }
 
 /// The regions of the matrix: name, byte offset of the page to overwrite,
-/// and whether the victim file's own metadata is hit.
-fn regions(img: &[u8]) -> Vec<(&'static str, usize, bool)> {
+/// and the file whose own metadata is hit, if any.
+fn regions(img: &[u8]) -> Vec<(&'static str, usize, Option<&'static str>)> {
     let sb = SuperBlock::decode(&img[..4096]).unwrap();
     let m = sb.mask_start as usize;
     let (pm, cm) = (sb.page_mask_len as usize, sb.cluster_mask_len as usize);
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::from_image(img, 4096).unwrap());
     let fs = BlobFs::mount(dev, MountOptions::default()).unwrap();
     let victim = fs.stat(VICTIM).unwrap().blob_id.0;
+    let big = fs.stat(BIG_VICTIM).unwrap().blob_id.0;
     fs.unmount().unwrap();
     vec![
-        ("primary super block", 0, false),
-        ("used-page bitmap", m * PAGE, false),
-        ("used-cluster bitmap", (m + pm) * PAGE, false),
-        ("used-blob-id bitmap", (m + pm + cm) * PAGE, false),
+        ("primary super block", 0, None),
+        ("used-page bitmap", m * PAGE, None),
+        ("used-cluster bitmap", (m + pm) * PAGE, None),
+        ("used-blob-id bitmap", (m + pm + cm) * PAGE, None),
         (
             "super blob (root record) first page",
             md_page(img, sb.super_blob, 1),
-            false,
+            None,
         ),
-        ("file's first metadata page", md_page(img, victim, 1), true),
-        ("file's extent page", md_page(img, victim, 3), true),
+        (
+            "file's metadata page (its map inline)",
+            md_page(img, victim, 1),
+            Some(VICTIM),
+        ),
+        (
+            "large file's extent page",
+            md_page(img, big, 3),
+            Some(BIG_VICTIM),
+        ),
     ]
 }
 
@@ -132,7 +159,8 @@ fn corruption_matrix() {
             .to_string(),
         "| --- | --- | --- | --- | --- |".to_string(),
     ];
-    for (region, off, hits_victim) in regions(&img) {
+    for (region, off, victim) in regions(&img) {
+        let hits_victim = victim.is_some();
         for seed in 0..4u64 {
             let what = format!("{region}, seed {seed}");
             // Mount and a plain check never panic (each on its own copy:
@@ -175,7 +203,7 @@ fn corruption_matrix() {
             }
             // Exactly the victim is gone when its metadata was hit, and
             // the repair says so; nothing is gone otherwise.
-            let expect: Vec<&str> = if hits_victim { vec![VICTIM] } else { vec![] };
+            let expect: Vec<&str> = victim.into_iter().collect();
             assert_eq!(lost, expect, "{what}");
             assert_eq!(r.lost.len(), expect.len(), "{what}: {:?}", r.lost);
             assert!(
@@ -183,8 +211,8 @@ fn corruption_matrix() {
                 "{what}: {:?}",
                 r.moved_to_lost_found
             );
-            if hits_victim && region.contains("extent") {
-                assert!(r.lost[0].starts_with(VICTIM), "{what}: {:?}", r.lost);
+            if let (Some(v), true) = (victim, region.contains("extent")) {
+                assert!(r.lost[0].starts_with(v), "{what}: {:?}", r.lost);
             }
             let after = if lost.is_empty() {
                 "all files intact".to_string()
@@ -249,7 +277,7 @@ fn unreadable_fs_metadata_moves_to_lost_and_found() {
         .unwrap()
         .read_all()
         .unwrap();
-    assert_eq!(got, files()[3].1);
+    assert_eq!(got, files()[4].1);
     assert!(!fs.exists("top"));
     fs.unmount().unwrap();
 }

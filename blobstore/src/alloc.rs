@@ -119,6 +119,25 @@ impl Allocator {
         runs
     }
 
+    /// The used metadata pages as `(first, count)` ranges to read: pages at
+    /// most `gap` pages apart share a range (the pages between are read
+    /// too: cheaper than another request), and no range is longer than
+    /// `max` pages.
+    pub fn used_page_ranges(&self, gap: u32, max: u32) -> Vec<(u32, u32)> {
+        debug_assert!(max > 0);
+        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        for p in self.pages.iter_ones() {
+            let p = p as u32;
+            match ranges.last_mut() {
+                Some((first, n)) if p - (*first + *n) <= gap && p - *first < max => {
+                    *n = p - *first + 1
+                }
+                _ => ranges.push((p, 1)),
+            }
+        }
+        ranges
+    }
+
     /// Marks a cluster used during a rebuild; false if it already was.
     pub fn claim_cluster(&mut self, c: u32) -> bool {
         let c = c as usize;
@@ -185,5 +204,24 @@ impl Allocator {
     pub fn check(&self) {
         debug_assert_eq!(self.free_clusters, self.clusters.count_zeros() as u64);
         debug_assert_eq!(self.free_pages, self.pages.count_zeros() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn used_page_ranges_span_small_gaps_and_split_long_runs() {
+        let mut a = Allocator::new(100, 10, 1);
+        for p in [0, 1, 2, 5, 30, 31, 60] {
+            assert!(a.claim_page(p));
+        }
+        assert_eq!(a.used_page_ranges(3, 100), vec![(0, 6), (30, 2), (60, 1)]);
+        assert_eq!(
+            a.used_page_ranges(0, 2),
+            vec![(0, 2), (2, 1), (5, 1), (30, 2), (60, 1)]
+        );
+        assert!(Allocator::new(8, 10, 1).used_page_ranges(4, 4).is_empty());
     }
 }

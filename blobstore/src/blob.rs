@@ -23,7 +23,7 @@ use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segment, Segments
 use crate::error::{Error, Result};
 use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::snapshot::ancestor_cluster;
-use crate::store::{BlobInner, StoreInner, NO_DATA};
+use crate::store::{BlobInner, BlobMd, StoreInner, NO_DATA};
 use crate::BlobId;
 
 /// Checks an xattr name and value against the format's limits.
@@ -218,6 +218,15 @@ impl Blob {
     /// Names of all xattrs, sorted.
     pub fn xattr_names(&self) -> Vec<String> {
         self.inner.md.read().xattrs.keys().cloned().collect()
+    }
+
+    /// The xattrs, borrowed instead of copied (for reading many blobs'
+    /// xattrs, as a mount does). Changes to this blob's metadata wait while
+    /// the view lives: drop it soon.
+    pub fn xattrs(&self) -> Xattrs<'_> {
+        Xattrs {
+            md: self.inner.md.read(),
+        }
     }
 
     /// Sets the size in clusters. Growing a thick blob allocates (and zeroes)
@@ -714,6 +723,26 @@ impl Blob {
     /// Sets `units` io units at `offset` to zero.
     pub async fn write_zeroes(&self, offset: u64, units: u64) -> Result<()> {
         self.zero_like(offset, units, false).await
+    }
+}
+
+/// A borrowed view of a blob's xattrs ([`Blob::xattrs`]).
+pub struct Xattrs<'a> {
+    md: parking_lot::RwLockReadGuard<'a, BlobMd>,
+}
+
+impl Xattrs<'_> {
+    /// The value of an xattr, if set.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.md.xattrs.get(name).map(Vec::as_slice)
+    }
+
+    /// Every xattr, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.md
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_slice()))
     }
 }
 

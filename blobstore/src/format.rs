@@ -19,15 +19,22 @@ use crate::error::{Error, Result};
 pub const SUPER_BLOCK_LEN: usize = 4096;
 /// Super block magic.
 pub const SUPER_MAGIC: [u8; 8] = *b"RBLOBSTR";
-/// Current format version, written by this code: 2, a store with a backup
-/// super block at page [`BACKUP_SUPER_PAGE`].
-pub const FORMAT_VERSION: u32 = 2;
+/// Current format version, written by this code: 3, a store with a backup
+/// super block at page [`BACKUP_SUPER_PAGE`] whose blobs may carry their
+/// cluster map inline ([`BlobRecord::cluster_map`]).
+pub const FORMAT_VERSION: u32 = 3;
 /// The oldest format version this code loads: 1, a store without a backup
 /// super block (its first bitmap may start at page 1). Such a store keeps
 /// version 1 and gets no backup.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;
 /// First format version with a backup super block.
 pub const BACKUP_SUPER_VERSION: u32 = 2;
+/// First format version whose blobs may carry their cluster map inline in
+/// their descriptors (tag 8, [`BlobRecord::cluster_map`]) instead of in
+/// extent pages: a small blob then takes one metadata page. A store of an
+/// older version keeps its version, and its blobs keep extent pages, so
+/// the builds that made it still read it.
+pub const INLINE_MAP_VERSION: u32 = 3;
 /// The metadata page that holds the backup super block (format 2 on): a
 /// byte-for-byte copy of page 0's super block. Its byte offset is this times
 /// the page size, which a reader that cannot read the primary does not
@@ -345,6 +352,12 @@ impl SuperBlock {
         self.version >= BACKUP_SUPER_VERSION
     }
 
+    /// True when the store's blobs may carry their cluster map inline
+    /// (format [`INLINE_MAP_VERSION`] on).
+    pub fn has_inline_map(&self) -> bool {
+        self.version >= INLINE_MAP_VERSION
+    }
+
     /// The first page a bitmap may start at: after the super block, and
     /// after its backup where the format has one.
     pub fn first_mask_page(version: u32) -> u64 {
@@ -609,6 +622,8 @@ mod tag {
     pub const SNAPSHOT_PENDING: u8 = 6;
     /// This snapshot is being deleted into its one clone (recovery marker).
     pub const REMOVAL_PENDING: u8 = 7;
+    /// The cluster map itself, instead of an extent table (format 3).
+    pub const CLUSTER_MAP: u8 = 8;
 }
 
 /// A multi-blob operation that was in progress when the record was written;
@@ -636,7 +651,13 @@ pub struct BlobRecord {
     /// Size in clusters.
     pub num_clusters: u64,
     /// Metadata page of each extent page, [`NO_PAGE`] where none is needed.
+    /// Empty when the map is inline ([`BlobRecord::cluster_map`]).
     pub extent_table: Vec<u32>,
+    /// The cluster map inline (format [`INLINE_MAP_VERSION`] on): the
+    /// device cluster of each blob cluster, 0 where none is allocated.
+    /// Empty when the map is in extent pages, or the blob has no clusters;
+    /// never both this and [`BlobRecord::extent_table`].
+    pub cluster_map: Vec<u32>,
     /// Extended attributes, in name order.
     pub xattrs: Vec<(String, Vec<u8>)>,
     /// The snapshot this blob reads its unallocated clusters from.
@@ -686,16 +707,66 @@ impl PayloadWriter {
     }
 }
 
+/// Bytes of a descriptor with a body of `body` bytes.
+const fn desc_len(body: usize) -> usize {
+    3 + body
+}
+
+/// Entries of one EXTENT_TABLE or CLUSTER_MAP descriptor (after its u32
+/// first index) that fit one page's payload of `cap` bytes.
+fn entries_per_desc(cap: usize) -> usize {
+    (cap - desc_len(4)) / 4
+}
+
+/// True when a blob's whole descriptor stream, with its map of `clusters`
+/// clusters inline (tag CLUSTER_MAP), fits its first page: the blob then
+/// takes one metadata page. Counts exactly what [`encode_blob_payloads`]
+/// writes for it.
+pub fn inline_map_fits<'a>(
+    h: &BlobHeader,
+    clusters: usize,
+    xattrs: impl Iterator<Item = (&'a str, &'a [u8])>,
+    page_size: u32,
+) -> bool {
+    let cap = md_payload_len(page_size);
+    if clusters > entries_per_desc(cap) {
+        return false;
+    }
+    let mut len = desc_len(24) + desc_len(8);
+    if clusters > 0 {
+        len += desc_len(4 + 4 * clusters);
+    }
+    for (name, value) in xattrs {
+        len += desc_len(2 + name.len() + value.len());
+        if len > cap {
+            return false;
+        }
+    }
+    if h.parent.is_some() {
+        len += desc_len(8);
+    }
+    len += match h.pending {
+        Some(PendingOp::Snapshot { .. }) => desc_len(8),
+        Some(PendingOp::Removal) => desc_len(0),
+        None => 0,
+    };
+    len <= cap
+}
+
 /// Encodes a blob record as page payloads (see [`BlobRecord::encode_payloads`])
 /// from its parts, borrowed: the store's metadata sync encodes straight from
 /// a blob's in-memory state instead of copying it into a [`BlobRecord`]
-/// first. `xattrs` come in name order.
+/// first. The cluster map goes either in extent pages, named by
+/// `extent_table`, or inline as `cluster_map` (one of them empty).
+/// `xattrs` come in name order.
 pub fn encode_blob_payloads<'a>(
     h: &BlobHeader,
     extent_table: &[u32],
+    cluster_map: &[u32],
     xattrs: impl Iterator<Item = (&'a str, &'a [u8])>,
     page_size: u32,
 ) -> Vec<Vec<u8>> {
+    debug_assert!(extent_table.is_empty() || cluster_map.is_empty());
     let cap = md_payload_len(page_size);
     let mut w = PayloadWriter {
         cap,
@@ -709,14 +780,19 @@ pub fn encode_blob_payloads<'a>(
     w.desc(tag::SIZE, 8, |p| {
         p.extend_from_slice(&h.num_clusters.to_le_bytes())
     });
-    let per_desc = (cap - 3 - 4) / 4;
-    for (chunk_idx, chunk) in extent_table.chunks(per_desc).enumerate() {
-        w.desc(tag::EXTENT_TABLE, 4 + chunk.len() * 4, |p| {
-            p.extend_from_slice(&((chunk_idx * per_desc) as u32).to_le_bytes());
-            for e in chunk {
-                p.extend_from_slice(&e.to_le_bytes());
-            }
-        });
+    let per_desc = entries_per_desc(cap);
+    for (t, entries) in [
+        (tag::EXTENT_TABLE, extent_table),
+        (tag::CLUSTER_MAP, cluster_map),
+    ] {
+        for (chunk_idx, chunk) in entries.chunks(per_desc).enumerate() {
+            w.desc(t, 4 + chunk.len() * 4, |p| {
+                p.extend_from_slice(&((chunk_idx * per_desc) as u32).to_le_bytes());
+                for e in chunk {
+                    p.extend_from_slice(&e.to_le_bytes());
+                }
+            });
+        }
     }
     for (name, value) in xattrs {
         debug_assert!(name.len() <= MAX_XATTR_NAME_LEN && value.len() <= MAX_XATTR_VALUE_LEN);
@@ -756,11 +832,12 @@ impl BlobRecord {
 
     /// Encodes the record as page payloads: the first is the first page's,
     /// the rest go to continuation pages. Descriptors never straddle pages;
-    /// a long extent table is split into several descriptors.
+    /// a long extent table or cluster map is split into several descriptors.
     pub fn encode_payloads(&self, page_size: u32) -> Vec<Vec<u8>> {
         encode_blob_payloads(
             &self.header(),
             &self.extent_table,
+            &self.cluster_map,
             self.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
             page_size,
         )
@@ -789,13 +866,19 @@ impl BlobRecord {
                         rec.num_clusters = b.u64()?;
                         saw_size = true;
                     }
-                    tag::EXTENT_TABLE => {
+                    tag::EXTENT_TABLE | tag::CLUSTER_MAP => {
+                        let (entries, what) = if t == tag::EXTENT_TABLE {
+                            (&mut rec.extent_table, "extent table")
+                        } else {
+                            (&mut rec.cluster_map, "cluster map")
+                        };
                         let start = b.u32()? as usize;
-                        if start != rec.extent_table.len() || !b.remaining().is_multiple_of(4) {
-                            return Err(Error::corrupt(location, "extent table out of order"));
+                        if start != entries.len() || !b.remaining().is_multiple_of(4) {
+                            return Err(Error::corrupt(location, format!("{what} out of order")));
                         }
+                        entries.reserve(b.remaining() / 4);
                         while b.remaining() > 0 {
-                            rec.extent_table.push(b.u32()?);
+                            entries.push(b.u32()?);
                         }
                     }
                     tag::XATTR => {
@@ -832,6 +915,12 @@ impl BlobRecord {
         }
         if !saw_flags || !saw_size {
             return Err(Error::corrupt(location, "flags or size descriptor missing"));
+        }
+        if !rec.extent_table.is_empty() && !rec.cluster_map.is_empty() {
+            return Err(Error::corrupt(
+                location,
+                "both an extent table and an inline cluster map",
+            ));
         }
         Ok(rec)
     }
@@ -1077,8 +1166,9 @@ mod tests {
     }
 
     /// Version 1 (no backup, bitmaps from page 1) still decodes and
-    /// encodes as version 1; version 2 keeps page 1 for the backup, and no
-    /// other version is read.
+    /// encodes as version 1; version 2 keeps page 1 for the backup, and so
+    /// does version 3, which adds inline cluster maps; no other version is
+    /// read.
     #[test]
     fn super_block_versions() {
         let v1 = SuperBlock {
@@ -1088,13 +1178,22 @@ mod tests {
         };
         assert_eq!(SuperBlock::decode(&v1.encode()).unwrap(), v1);
         assert!(!v1.has_backup() && sb().has_backup());
-        let v2_on_page_1 = SuperBlock {
-            mask_start: 1,
-            ..sb()
-        };
-        assert!(SuperBlock::decode(&v2_on_page_1.encode()).is_err());
-        let v3 = SuperBlock { version: 3, ..sb() };
-        assert!(SuperBlock::decode(&v3.encode()).is_err());
+        let v2 = SuperBlock { version: 2, ..sb() };
+        assert_eq!(SuperBlock::decode(&v2.encode()).unwrap(), v2);
+        assert!(v2.has_backup() && !v2.has_inline_map());
+        assert!(!v1.has_inline_map() && sb().has_inline_map());
+        for version in [2, 3] {
+            let on_page_1 = SuperBlock {
+                version,
+                mask_start: 1,
+                ..sb()
+            };
+            assert!(SuperBlock::decode(&on_page_1.encode()).is_err());
+        }
+        let v4 = SuperBlock { version: 4, ..sb() };
+        assert!(SuperBlock::decode(&v4.encode()).is_err());
+        let v0 = SuperBlock { version: 0, ..sb() };
+        assert!(SuperBlock::decode(&v0.encode()).is_err());
     }
 
     #[test]
@@ -1164,6 +1263,7 @@ mod tests {
             md_ro_flags: 0,
             num_clusters: 123_456,
             extent_table: (0..3000).map(|i| i * 7 + 1).collect(),
+            cluster_map: vec![],
             xattrs: (0..40)
                 .map(|i| (format!("x{i:03}"), vec![i as u8; i * 37 % 700]))
                 .collect(),
@@ -1190,6 +1290,7 @@ mod tests {
             md_ro_flags: 0,
             num_clusters: 5_000_000,
             extent_table: (0..5000).collect(),
+            cluster_map: vec![],
             xattrs: vec![("name".into(), vec![7; 3000]), ("b".into(), vec![])],
             parent: Some(0x1_0000_0007),
             pending: Some(PendingOp::Snapshot {
@@ -1208,6 +1309,106 @@ mod tests {
             .collect();
         let slices: Vec<&[u8]> = decoded.iter().map(|p| p.payload).collect();
         assert_eq!(BlobRecord::decode(&slices, "test").unwrap(), rec);
+    }
+
+    /// A small blob's inline cluster map: these exact bytes (tag 8, first
+    /// index, one u32 per cluster, where the extent table would be), one
+    /// page, and the same record back.
+    #[test]
+    fn inline_cluster_map_bytes_and_round_trip() {
+        let rec = BlobRecord {
+            num_clusters: 3,
+            cluster_map: vec![17, 0, 0x0102_0304],
+            xattrs: vec![("fs.name".into(), b"db/000001.sst".to_vec())],
+            ..Default::default()
+        };
+        let payloads = rec.encode_payloads(4096);
+        assert_eq!(payloads.len(), 1);
+        let mut want = vec![1, 24, 0];
+        want.extend([0u8; 24]);
+        want.extend([2, 8, 0, 3, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend([8, 16, 0, 0, 0, 0, 0, 17, 0, 0, 0, 0, 0, 0, 0, 4, 3, 2, 1]);
+        want.extend([4, 22, 0, 7, 0]);
+        want.extend(b"fs.namedb/000001.sst");
+        assert_eq!(payloads[0], want);
+        assert_eq!(BlobRecord::decode(&[&payloads[0]], "t").unwrap(), rec);
+        // A long map spans descriptors, in order, and comes back whole.
+        let long = BlobRecord {
+            num_clusters: 5000,
+            cluster_map: (0..5000).map(|i| i * 3).collect(),
+            ..Default::default()
+        };
+        let payloads = long.encode_payloads(4096);
+        assert!(payloads.len() > 4);
+        let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        assert_eq!(BlobRecord::decode(&slices, "t").unwrap(), long);
+    }
+
+    /// Both an extent table and an inline map, or map pieces out of order:
+    /// corruption, never a guess.
+    #[test]
+    fn inline_cluster_map_refusals() {
+        let both = BlobRecord {
+            num_clusters: 1,
+            extent_table: vec![5],
+            cluster_map: vec![9],
+            ..Default::default()
+        };
+        let payloads = both.encode_payloads(4096);
+        let err = BlobRecord::decode(&[&payloads[0]], "t").unwrap_err();
+        assert!(err.to_string().contains("both"), "{err}");
+        let mut p = BlobRecord {
+            num_clusters: 1,
+            cluster_map: vec![9],
+            ..Default::default()
+        }
+        .encode_payloads(4096)
+        .remove(0);
+        // The map descriptor's first index (after FLAGS and SIZE) says 1.
+        let at = desc_len(24) + desc_len(8) + 3;
+        p[at] = 1;
+        let err = BlobRecord::decode(&[&p], "t").unwrap_err();
+        assert!(
+            err.to_string().contains("cluster map out of order"),
+            "{err}"
+        );
+    }
+
+    /// `inline_map_fits` says yes exactly when the inline encoding is one
+    /// page, over map sizes, xattr sizes, parents, markers and page sizes.
+    #[test]
+    fn inline_map_fits_matches_the_encoding() {
+        for page_size in [4096u32, 16384] {
+            let cap = md_payload_len(page_size);
+            for clusters in [0usize, 1, 2, 100, 900, 1000, 1012, 1013, 4000, 16380] {
+                for value_len in [0usize, 100, 300, 1500, 3584] {
+                    for (parent, pending) in [
+                        (None, None),
+                        (Some(9), Some(PendingOp::Removal)),
+                        (Some(9), Some(PendingOp::Snapshot { origin: 3 })),
+                    ] {
+                        let rec = BlobRecord {
+                            num_clusters: clusters as u64,
+                            cluster_map: vec![7; clusters],
+                            xattrs: vec![
+                                ("fs.name".into(), vec![b'n'; value_len]),
+                                ("fs.len".into(), vec![0; 8]),
+                            ],
+                            parent,
+                            pending,
+                            ..Default::default()
+                        };
+                        let xattrs = rec.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+                        let fits = inline_map_fits(&rec.header(), clusters, xattrs, page_size);
+                        let one = rec.encode_payloads(page_size).len() == 1;
+                        assert_eq!(
+                            fits, one,
+                            "page {page_size} cap {cap} clusters {clusters} value {value_len}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod exec;
 pub mod format;
+mod mdread;
 pub mod metrics;
 pub mod probe;
 pub mod reactor;
@@ -24,7 +25,7 @@ mod snapshot;
 mod store;
 mod trim;
 
-pub use blob::{Blob, BlobIo};
+pub use blob::{Blob, BlobIo, Xattrs};
 pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;

@@ -82,7 +82,8 @@ impl Blobstore {
         }
         let mut rep = RepairReport::default();
         let mut firsts = Vec::new();
-        for (page, found) in inner.scan_md_pages(&ch).await? {
+        let (found, mut map) = inner.scan_md_pages(&ch).await?;
+        for (page, found) in found {
             match found {
                 Ok(Some(())) => firsts.push(page),
                 Ok(None) => {}
@@ -92,7 +93,7 @@ impl Blobstore {
         let mut good = Vec::new();
         for &page in &firsts {
             let id = StoreInner::blob_id(page);
-            match inner.read_blob_md(&ch, page).await {
+            match inner.read_blob_md_from(&ch, page, &mut map).await {
                 Ok(md) => good.push((page, md)),
                 Err(e @ (Error::Corrupt { .. } | Error::NotFound(_))) => {
                     let xattrs = match inner.read_record(&ch, page).await {

@@ -43,7 +43,7 @@ use crate::store::{BlobInner, BlobMd, Blobstore, ClearMethod, StoreInner, NO_MD_
 use crate::BlobId;
 
 /// Longest parent chain followed (a guard against cycles in bad metadata).
-const MAX_CHAIN: usize = 4096;
+pub(crate) const MAX_CHAIN: usize = 4096;
 
 /// The device cluster a blob reads for its cluster `idx` when it does not
 /// own it: the nearest ancestor's, or `None` for zeroes.

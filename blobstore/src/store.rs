@@ -35,6 +35,7 @@ use crate::device::{
 };
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, MaskKind, PageKind, PendingOp, SuperBlock, NO_PAGE};
+use crate::mdread::{OwnedMdPage, PageMap};
 use crate::metrics::{OpCounter, OpStats, Shards, Stamp};
 use crate::BlobId;
 
@@ -104,7 +105,8 @@ pub(crate) struct Layout {
     pub mask_start: u64,
     pub reserved_clusters: u32,
     pub extent_per_page: usize,
-    /// Format version of the super block (1: no backup super block).
+    /// Format version of the super block (1: no backup super block; 3:
+    /// inline cluster maps).
     pub version: u32,
 }
 
@@ -124,6 +126,10 @@ impl Layout {
     }
     pub fn cluster_lba(&self, c: u32) -> u64 {
         c as u64 * self.units_per_cluster()
+    }
+    /// True when blobs may keep their cluster map inline (format 3 on).
+    pub fn inline_map(&self) -> bool {
+        self.version >= format::INLINE_MAP_VERSION
     }
     fn from_super(sb: &SuperBlock) -> Layout {
         let pages_total = sb.md_start + sb.md_len;
@@ -150,9 +156,14 @@ pub(crate) struct BlobMd {
     /// Device cluster of each blob cluster; 0 = not allocated.
     pub clusters: Vec<u32>,
     /// Metadata page of each extent page ([`NO_PAGE`] if none on disk).
+    /// All [`NO_PAGE`] while `map_inline`.
     pub extent_pages: Vec<u32>,
     /// Extent pages whose entries changed since the last sync.
     pub dirty_extents: BTreeSet<usize>,
+    /// The map on disk is inline in the first page's descriptors (format
+    /// 3), so no extent page holds it: a sync that moves it to extent pages
+    /// writes every one that maps a cluster, not only the dirty ones.
+    pub map_inline: bool,
     pub xattrs: BTreeMap<String, Vec<u8>>,
     pub invalid_flags: u64,
     pub data_ro_flags: u64,
@@ -179,6 +190,7 @@ impl BlobMd {
             clusters: Vec::new(),
             extent_pages: Vec::new(),
             dirty_extents: BTreeSet::new(),
+            map_inline: false,
             xattrs,
             invalid_flags: if thin { format::BLOB_INVALID_THIN } else { 0 },
             data_ro_flags: 0,
@@ -327,6 +339,11 @@ pub struct Blobstore {
 }
 
 const BLOB_ID_BASE: u64 = 1 << 32;
+
+/// How errors name metadata page `p` of blob `id`.
+fn md_loc(p: u32, id: BlobId) -> String {
+    format!("metadata page {p} (blob {id})")
+}
 
 thread_local! {
     /// The first-page buffer of this thread's last metadata sync, for the
@@ -488,9 +505,41 @@ impl StoreInner {
 
     /// Loads a blob's metadata from disk (md_lock held by the caller).
     pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
-        let (sequence, rec, cont_pages) = self.read_record(ch, page).await?;
-        self.md_from_record(ch, page, sequence, rec, cont_pages)
+        self.read_blob_md_from(ch, page, &mut PageMap::default())
             .await
+    }
+
+    /// [`StoreInner::read_blob_md`], taking its pages from `map` where the
+    /// bulk read of a load has them.
+    pub(crate) async fn read_blob_md_from(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+        map: &mut PageMap,
+    ) -> Result<BlobMd> {
+        let (sequence, rec, cont_pages) = self.read_record_from(ch, page, map).await?;
+        self.md_from_record(ch, page, sequence, rec, cont_pages, map)
+            .await
+    }
+
+    /// Metadata page `p` of blob `id`: from `map` when it holds it, else
+    /// read from the device and checked.
+    async fn md_page(
+        &self,
+        ch: &IoChannel,
+        p: u32,
+        id: BlobId,
+        map: &mut PageMap,
+    ) -> Result<OwnedMdPage> {
+        if let Some(page) = map.take(p) {
+            return Ok(page);
+        }
+        let l = self.layout;
+        let buf = self
+            .read_bytes(ch, l.md_lba(p), l.page_size as usize)
+            .await?;
+        let page = format::decode_md_page(&buf, &md_loc(p, id))?;
+        Ok(OwnedMdPage::from_page(&page))
     }
 
     /// A blob's descriptors as its first and continuation pages hold them
@@ -501,36 +550,51 @@ impl StoreInner {
         ch: &IoChannel,
         page: u32,
     ) -> Result<(u32, BlobRecord, Vec<u32>)> {
+        self.read_record_from(ch, page, &mut PageMap::default())
+            .await
+    }
+
+    /// [`StoreInner::read_record`], taking pages from `map` where it has
+    /// them.
+    async fn read_record_from(
+        &self,
+        ch: &IoChannel,
+        page: u32,
+        map: &mut PageMap,
+    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
         let l = self.layout;
         let id = Self::blob_id(page);
-        let ps = l.page_size as usize;
-        let loc = |p: u32| format!("metadata page {p} (blob {id})");
-        let first = self.read_bytes(ch, l.md_lba(page), ps).await?;
-        let fp = format::decode_md_page(&first, &loc(page))?;
+        let fp = self.md_page(ch, page, id, map).await?;
         if fp.kind != PageKind::First || fp.blob_id != id.0 {
             return Err(Error::NotFound(id));
         }
-        let mut payloads = vec![fp.payload.to_vec()];
+        let mut payloads = vec![fp.payload];
         let mut cont_pages = Vec::new();
         let mut next = fp.next;
         while next != NO_PAGE {
             if next as u64 >= l.md_len || cont_pages.len() as u64 >= l.md_len {
-                return Err(Error::corrupt(loc(page), format!("bad chain link {next}")));
+                return Err(Error::corrupt(
+                    md_loc(page, id),
+                    format!("bad chain link {next}"),
+                ));
             }
-            let buf = self.read_bytes(ch, l.md_lba(next), ps).await?;
-            let p = format::decode_md_page(&buf, &loc(next))?;
+            let p = self.md_page(ch, next, id, map).await?;
             if p.kind != PageKind::Continuation || p.blob_id != id.0 || p.sequence != fp.sequence {
                 return Err(Error::corrupt(
-                    loc(next),
+                    md_loc(next, id),
                     "continuation page does not belong",
                 ));
             }
-            payloads.push(p.payload.to_vec());
+            payloads.push(p.payload);
             cont_pages.push(next);
             next = p.next;
         }
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
-        let rec = BlobRecord::decode(&slices, &loc(page))?;
+        // Named only on failure: a load decodes every blob.
+        let rec = BlobRecord::decode(&slices, "").map_err(|e| match e {
+            Error::Corrupt { what, .. } => Error::corrupt(md_loc(page, id), what),
+            e => e,
+        })?;
         Ok((fp.sequence, rec, cont_pages))
     }
 
@@ -541,18 +605,52 @@ impl StoreInner {
         sequence: u32,
         rec: BlobRecord,
         cont_pages: Vec<u32>,
+        map: &mut PageMap,
     ) -> Result<BlobMd> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let per = l.extent_per_page;
-        let loc = |p: u32| format!("metadata page {p} (blob {id})");
+        let loc = |p: u32| md_loc(p, id);
         if rec.invalid_flags & !format::BLOB_INVALID_THIN != 0 {
             return Err(Error::Unsupported(format!(
                 "blob {id} has unknown invalid flags {:#x}",
                 rec.invalid_flags
             )));
         }
-        if rec.num_clusters > l.total_clusters
+        let bad_cluster =
+            |c: u32| c != 0 && (c < l.reserved_clusters || c as u64 >= l.total_clusters);
+        let map_inline = !rec.cluster_map.is_empty();
+        if map_inline {
+            if !l.inline_map() {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!(
+                        "an inline cluster map in a store of format {} (inline maps came \
+                         with format {})",
+                        l.version,
+                        format::INLINE_MAP_VERSION
+                    ),
+                ));
+            }
+            if rec.cluster_map.len() as u64 != rec.num_clusters
+                || rec.num_clusters > l.total_clusters
+            {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!(
+                        "{} clusters with an inline map of {}",
+                        rec.num_clusters,
+                        rec.cluster_map.len()
+                    ),
+                ));
+            }
+            if let Some(c) = rec.cluster_map.iter().find(|&&c| bad_cluster(c)) {
+                return Err(Error::corrupt(
+                    loc(page),
+                    format!("cluster {c} out of range"),
+                ));
+            }
+        } else if rec.num_clusters > l.total_clusters
             || rec.extent_table.len() as u64 != rec.num_clusters.div_ceil(per as u64)
         {
             return Err(Error::corrupt(
@@ -565,47 +663,50 @@ impl StoreInner {
             ));
         }
         let n = rec.num_clusters as usize;
-        let mut clusters = vec![0u32; n];
-        for (k, &ep) in rec.extent_table.iter().enumerate() {
-            if ep == NO_PAGE {
-                continue;
-            }
-            if ep as u64 >= l.md_len {
-                return Err(Error::corrupt(
-                    loc(page),
-                    format!("extent page {ep} out of range"),
-                ));
-            }
-            let buf = self
-                .read_bytes(ch, l.md_lba(ep), l.page_size as usize)
-                .await?;
-            let p = format::decode_md_page(&buf, &loc(ep))?;
-            if p.kind != PageKind::Extent || p.blob_id != id.0 {
-                return Err(Error::corrupt(
-                    loc(ep),
-                    "extent page does not belong to the blob",
-                ));
-            }
-            let (first, entries) = format::decode_extent_payload(p.payload, &loc(ep))?;
-            let want = per.min(n - k * per);
-            if first != (k * per) as u64 || entries.len() != want {
-                return Err(Error::corrupt(
-                    loc(ep),
-                    "extent page covers the wrong clusters",
-                ));
-            }
-            for (i, &c) in entries.iter().enumerate() {
-                if c != 0 && (c < l.reserved_clusters || c as u64 >= l.total_clusters) {
-                    return Err(Error::corrupt(loc(ep), format!("cluster {c} out of range")));
+        let (clusters, extent_pages) = if map_inline {
+            (rec.cluster_map, vec![NO_PAGE; n.div_ceil(per)])
+        } else {
+            let mut clusters = vec![0u32; n];
+            for (k, &ep) in rec.extent_table.iter().enumerate() {
+                if ep == NO_PAGE {
+                    continue;
                 }
-                clusters[k * per + i] = c;
+                if ep as u64 >= l.md_len {
+                    return Err(Error::corrupt(
+                        loc(page),
+                        format!("extent page {ep} out of range"),
+                    ));
+                }
+                let p = self.md_page(ch, ep, id, map).await?;
+                if p.kind != PageKind::Extent || p.blob_id != id.0 {
+                    return Err(Error::corrupt(
+                        loc(ep),
+                        "extent page does not belong to the blob",
+                    ));
+                }
+                let (first, entries) = format::decode_extent_payload(&p.payload, &loc(ep))?;
+                let want = per.min(n - k * per);
+                if first != (k * per) as u64 || entries.len() != want {
+                    return Err(Error::corrupt(
+                        loc(ep),
+                        "extent page covers the wrong clusters",
+                    ));
+                }
+                for (i, &c) in entries.iter().enumerate() {
+                    if bad_cluster(c) {
+                        return Err(Error::corrupt(loc(ep), format!("cluster {c} out of range")));
+                    }
+                    clusters[k * per + i] = c;
+                }
             }
-        }
+            (clusters, rec.extent_table)
+        };
         Ok(BlobMd {
             num_clusters: rec.num_clusters,
             clusters,
-            extent_pages: rec.extent_table,
+            extent_pages,
             dirty_extents: BTreeSet::new(),
+            map_inline,
             xattrs: rec.xattrs.into_iter().collect(),
             invalid_flags: rec.invalid_flags,
             data_ro_flags: rec.data_ro_flags,
@@ -682,9 +783,36 @@ impl StoreInner {
         // 1. Capture what to write, and take fresh pages for it.
         let (first_page, cont_writes, extent_writes, new_table, new_conts, to_free, captured) = {
             let md = blob.md.read();
-            let mut table = md.extent_pages.clone();
+            let header = format::BlobHeader {
+                invalid_flags: md.invalid_flags,
+                data_ro_flags: md.data_ro_flags,
+                md_ro_flags: md.md_ro_flags,
+                num_clusters: md.num_clusters,
+                parent: md.parent.map(|p| p.0),
+                pending: md.pending,
+            };
+            let xattrs = || md.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
+            // The map goes inline when the whole record then fits the
+            // first page (format 3): the blob takes that one page.
+            let inline = l.inline_map()
+                && format::inline_map_fits(&header, md.clusters.len(), xattrs(), l.page_size);
+            debug_assert!(!md.map_inline || md.extent_pages.iter().all(|&p| p == NO_PAGE));
+            // Extent pages to write: the changed ones, or every one when no
+            // extent page holds the map on disk yet (it was inline).
+            let rewrite: Vec<usize> = if inline {
+                Vec::new()
+            } else if md.map_inline {
+                (0..md.extent_pages.len()).collect()
+            } else {
+                md.dirty_extents.iter().copied().collect()
+            };
+            let mut table = if inline {
+                vec![NO_PAGE; md.extent_pages.len()]
+            } else {
+                md.extent_pages.clone()
+            };
             let mut extent_payloads = Vec::new();
-            for &k in &md.dirty_extents {
+            for &k in &rewrite {
                 let end = (k * per + per).min(md.clusters.len());
                 let entries = &md.clusters[k * per..end];
                 if entries.iter().all(|&c| c == 0) {
@@ -703,16 +831,15 @@ impl StoreInner {
             for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
                 table[*k] = p;
             }
-            let header = format::BlobHeader {
-                invalid_flags: md.invalid_flags,
-                data_ro_flags: md.data_ro_flags,
-                md_ro_flags: md.md_ro_flags,
-                num_clusters: md.num_clusters,
-                parent: md.parent.map(|p| p.0),
-                pending: md.pending,
+            let payloads = if inline {
+                format::encode_blob_payloads(&header, &[], &md.clusters, xattrs(), l.page_size)
+            } else {
+                format::encode_blob_payloads(&header, &table, &[], xattrs(), l.page_size)
             };
-            let xattrs = md.xattrs.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
-            let payloads = format::encode_blob_payloads(&header, &table, xattrs, l.page_size);
+            debug_assert!(
+                !inline || payloads.len() == 1,
+                "an inline map that does not fit"
+            );
             let Some(conts) = alloc.alloc_pages(payloads.len() - 1) else {
                 for p in ext_pages {
                     alloc.free_page(p);
@@ -765,11 +892,19 @@ impl StoreInner {
                     )
                 })
                 .collect();
+            // What the durable metadata holds now and the new one will not:
+            // the old continuation pages, the old extent pages rewritten
+            // (all of them when the map moves inline), pages a shrink gave up.
             let mut to_free: Vec<u32> = md.cont_pages.clone();
-            for &k in &md.dirty_extents {
-                if md.extent_pages[k] != NO_PAGE {
-                    to_free.push(md.extent_pages[k]);
-                }
+            if inline {
+                to_free.extend(md.extent_pages.iter().filter(|&&p| p != NO_PAGE));
+            } else {
+                to_free.extend(
+                    rewrite
+                        .iter()
+                        .map(|&k| md.extent_pages[k])
+                        .filter(|&p| p != NO_PAGE),
+                );
             }
             to_free.extend_from_slice(&md.pending_free_pages);
             let frees = !md.pending_free_clusters.is_empty() || !md.pending_free_pages.is_empty();
@@ -780,6 +915,7 @@ impl StoreInner {
                 md.pending_free_clusters.len(),
                 md.pending_free_pages.len(),
                 frees,
+                inline,
             );
             (
                 first,
@@ -800,8 +936,10 @@ impl StoreInner {
         // the blob wrote before this sync must be durable before the first
         // page can point at it (BlobFS relies on this for its lengths),
         // unless the caller checks that itself (`ordered` false) and the
-        // first page references nothing new.
-        let barrier = ordered || !new_pages.is_empty() || captured.5;
+        // first page references nothing new: no fresh page, nothing freed,
+        // and no cluster map change (an inline map can name new clusters
+        // without a fresh page).
+        let barrier = ordered || !new_pages.is_empty() || captured.5 || !captured.2.is_empty();
         let free_new_pages = |pages: Vec<u32>| {
             let mut alloc = self.alloc.lock();
             for p in pages {
@@ -858,10 +996,11 @@ impl StoreInner {
             return Ok(Err(e));
         }
         // 4. Adopt the new state and release what the old one held.
-        let (version, seq, dirty, n_clusters, n_pages, _) = captured;
+        let (version, seq, dirty, n_clusters, n_pages, _, inline) = captured;
         let freed_clusters = {
             let mut md = blob.md.write();
             md.extent_pages = new_table;
+            md.map_inline = inline;
             md.cont_pages = new_conts;
             md.sequence = seq;
             md.synced_version = version;
@@ -1221,11 +1360,13 @@ impl Blobstore {
         };
         if let Some(alloc) = masks {
             let pages: Vec<u32> = alloc.blobids().collect();
+            // Every used page in large reads, not a read per page.
+            let mut map = inner.read_used_pages(&ch, &alloc).await?;
             // A blob whose metadata is damaged is reported when opened,
             // as before; it names no parent here.
             let mut blobs = Vec::with_capacity(pages.len());
             for p in pages {
-                match inner.read_blob_md(&ch, p).await {
+                match inner.read_blob_md_from(&ch, p, &mut map).await {
                     Ok(md) => blobs.push((p, md)),
                     Err(Error::Corrupt { .. }) | Err(Error::NotFound(_)) => {}
                     Err(e) => return Err(e),
@@ -1241,8 +1382,8 @@ impl Blobstore {
         let (alloc, mut blobs, discard, finish) = match clean {
             Some((alloc, blobs)) => (alloc, blobs, Vec::new(), Vec::new()),
             None => {
-                let pages = inner.scan_first_pages(&ch).await?;
-                let mut blobs = inner.read_blobs(&ch, &pages).await?;
+                let (pages, mut map) = inner.scan_first_pages(&ch).await?;
+                let mut blobs = inner.read_blobs(&ch, &pages, &mut map).await?;
                 let (discard, finish) = resolve_pending(&blobs);
                 blobs.retain(|(p, _)| !discard.contains(p));
                 (inner.claim_all(&blobs)?, blobs, discard, finish)
@@ -1267,7 +1408,9 @@ impl Blobstore {
         for (page, md) in &blobs {
             inner.link_clone(md.parent, StoreInner::blob_id(*page));
         }
-        blobs.clear();
+        // Kept: opening a blob then reads nothing (a file system opens
+        // every one at mount).
+        inner.cache_loaded(std::mem::take(&mut blobs));
         let sbid = sb.super_blob;
         if sbid != 0 {
             let ok = inner
@@ -1608,10 +1751,12 @@ impl StoreInner {
     }
 
     /// Pages in the metadata region that hold a blob's first page (the
-    /// dirty-load scan).
-    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<Vec<u32>> {
+    /// dirty-load scan), and every page that decoded, for reading the
+    /// blobs without another read per page.
+    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<(Vec<u32>, PageMap)> {
         let mut firsts = Vec::new();
-        for (page, found) in self.scan_md_pages(ch).await? {
+        let (found, map) = self.scan_md_pages(ch).await?;
+        for (page, found) in found {
             // Writes are atomic per page, so a page that carries the
             // magic and fails its checks is damage, not a torn write:
             // report it rather than silently dropping a blob.
@@ -1619,60 +1764,125 @@ impl StoreInner {
                 firsts.push(page);
             }
         }
-        Ok(firsts)
+        Ok((firsts, map))
     }
 
     /// Every page of the metadata region that carries the metadata magic,
     /// decoded: `Some(())` for a blob's first page (at the page its id
     /// names), `None` for another kind, an error for a page that fails its
-    /// checks or a first page naming another blob.
+    /// checks or a first page naming another blob. Also the pages that
+    /// decoded, for the blobs' readers. The whole region is read in large
+    /// reads ([`crate::mdread`]).
     pub(crate) async fn scan_md_pages(
         &self,
         ch: &IoChannel,
-    ) -> Result<Vec<(u32, Result<Option<()>>)>> {
-        let l = self.layout;
-        let ps = l.page_size as usize;
-        let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
+    ) -> Result<(Vec<(u32, Result<Option<()>>)>, PageMap)> {
         let mut out = Vec::new();
-        let mut p = 0;
-        while p < l.md_len {
-            let n = chunk_pages.min(l.md_len - p);
-            let buf = self
-                .read_bytes(ch, l.md_lba(p as u32), n as usize * ps)
-                .await?;
-            for i in 0..n as usize {
-                let page = (p as usize + i) as u32;
-                let bytes = &buf[i * ps..(i + 1) * ps];
-                if !format::looks_like_md_page(bytes) {
-                    continue;
-                }
-                let loc = format!("metadata page {page}");
-                let found = format::decode_md_page(bytes, &loc).and_then(|fp| {
+        let mut map = PageMap::default();
+        let whole = [(0, self.layout.md_len as u32)];
+        self.for_each_md_page(ch, &whole, |page, bytes| {
+            if !format::looks_like_md_page(bytes) {
+                return;
+            }
+            let loc = || format!("metadata page {page}");
+            let found = match format::decode_md_page(bytes, "") {
+                Err(Error::Corrupt { what, .. }) => Err(Error::corrupt(loc(), what)),
+                Err(e) => Err(e),
+                Ok(fp) => {
+                    map.push(page, &fp);
                     if fp.kind != PageKind::First {
                         Ok(None)
                     } else if fp.blob_id != Self::blob_id(page).0 {
                         Err(Error::corrupt(
-                            loc,
+                            loc(),
                             format!("first page names blob {:#x}", fp.blob_id),
                         ))
                     } else {
                         Ok(Some(()))
                     }
-                });
-                out.push((page, found));
-            }
-            p += n;
+                }
+            };
+            out.push((page, found));
+        })
+        .await?;
+        Ok((out, map))
+    }
+
+    /// Every blob's metadata, as on disk, its pages from `map` where it
+    /// has them.
+    async fn read_blobs(
+        &self,
+        ch: &IoChannel,
+        pages: &[u32],
+        map: &mut PageMap,
+    ) -> Result<Vec<(u32, BlobMd)>> {
+        let mut out = Vec::with_capacity(pages.len());
+        for &p in pages {
+            out.push((p, self.read_blob_md_from(ch, p, map).await?));
         }
         Ok(out)
     }
 
-    /// Every blob's metadata, as on disk.
-    async fn read_blobs(&self, ch: &IoChannel, pages: &[u32]) -> Result<Vec<(u32, BlobMd)>> {
-        let mut out = Vec::with_capacity(pages.len());
-        for &p in pages {
-            out.push((p, self.read_blob_md(ch, p).await?));
+    /// Puts the blobs a load read into the cache, each with its parent
+    /// chain linked, so that opening one costs no device read. A blob
+    /// whose chain does not resolve to blobs read here (a parent missing
+    /// or unreadable, or a chain longer than the longest followed: a
+    /// cycle) stays out: opening it reads it again and says why, as before.
+    fn cache_loaded(&self, blobs: Vec<(u32, BlobMd)>) {
+        if blobs.iter().all(|(_, md)| md.parent.is_none()) {
+            // No snapshots or clones (a file system's store): no chains.
+            let mut cache = self.blobs.lock();
+            cache.reserve(blobs.len());
+            for (p, md) in blobs {
+                let id = Self::blob_id(p);
+                cache.insert(id, Arc::new(BlobInner::new(id, p, md, 0)));
+            }
+            return;
         }
-        Ok(out)
+        let by_id: HashMap<BlobId, Arc<BlobInner>> = blobs
+            .into_iter()
+            .map(|(p, md)| {
+                let id = Self::blob_id(p);
+                (id, Arc::new(BlobInner::new(id, p, md, 0)))
+            })
+            .collect();
+        // Whether each blob's chain resolves, found once per blob.
+        let mut resolves: HashMap<BlobId, bool> = HashMap::with_capacity(by_id.len());
+        for &start in by_id.keys() {
+            let mut chain = Vec::new();
+            let mut cur = start;
+            let verdict = loop {
+                if let Some(&v) = resolves.get(&cur) {
+                    break v;
+                }
+                let Some(b) = by_id.get(&cur) else {
+                    break false;
+                };
+                if chain.len() > crate::snapshot::MAX_CHAIN {
+                    break false;
+                }
+                chain.push(cur);
+                match b.md.read().parent {
+                    None => break true,
+                    Some(p) => cur = p,
+                }
+            };
+            for id in chain {
+                resolves.insert(id, verdict);
+            }
+        }
+        let mut cache = self.blobs.lock();
+        cache.reserve(by_id.len());
+        for (id, b) in &by_id {
+            if !resolves[id] {
+                continue;
+            }
+            let parent = b.md.read().parent;
+            if let Some(p) = parent {
+                *b.parent.write() = Some(by_id[&p].clone());
+            }
+            cache.insert(*id, b.clone());
+        }
     }
 
     /// Bitmaps rebuilt from every blob's metadata after an unclean stop.

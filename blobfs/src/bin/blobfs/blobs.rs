@@ -33,7 +33,7 @@ fn show_xattr(name: &str, v: &[u8]) -> String {
             [k] if *k == meta::KIND_DIR => return "dir".into(),
             _ => {}
         },
-        meta::LEN | meta::SEQ => {
+        meta::LEN | meta::SEQ | meta::MOUNT_GEN | meta::CLEAN => {
             if let Some(n) = as_u64() {
                 return n.to_string();
             }

@@ -69,7 +69,9 @@ enum Cmd {
         force: bool,
         /// Files and directories to leave room for in the metadata region
         /// (like mke2fs's inode count; fixed at format time). Each takes
-        /// two metadata pages today. Default: one page per cluster.
+        /// one metadata page (a file of more than about 900 clusters takes
+        /// more, which mkfs allows for). Default: one page per cluster, so
+        /// files of a cluster each fill the space before the pages run out.
         #[arg(long)]
         max_files: Option<u64>,
     },

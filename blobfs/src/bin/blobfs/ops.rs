@@ -28,14 +28,28 @@ pub fn with_fs<T>(spec: &str, f: impl FnOnce(&BlobFs) -> CliResult<T>) -> CliRes
     Ok(v)
 }
 
-/// Metadata pages a file or directory takes (its first page and one for
-/// its cluster map), and the pages kept beyond `--max-files` for the root
-/// record and growth.
-const PAGES_PER_FILE: u64 = 2;
-const SPARE_PAGES: u64 = 64;
+/// Metadata pages a file or directory takes: one, its map of clusters
+/// inline, unless the file has so many clusters (about 900 with 4 KiB
+/// pages) that its map needs pages of its own (see [`map_pages`]).
+const PAGES_PER_FILE: u64 = 1;
+/// Pages kept beyond `--max-files`: the root record, and room for the
+/// copy-on-write pages of a large file's metadata sync.
+const SPARE_PAGES: u64 = blobfs::SPARE_MD_PAGES;
+
+/// Metadata pages the cluster maps of large files can take on a store of
+/// `clusters` clusters, at most: a file whose map is not inline takes one
+/// page per 1,012 clusters (4 KiB pages), rounded up, and has at least
+/// 900 or so, so twice the clusters over 1,012 bounds them all. mkfs keeps
+/// them on top of `--max-files` so that large files never run out of
+/// metadata pages before the space does.
+fn map_pages(clusters: u64) -> u64 {
+    let per = blobstore::format::extent_entries_per_page(4096) as u64;
+    (2 * clusters).div_ceil(per)
+}
 
 pub fn mkfs(spec: &str, cluster_size: u32, force: bool, max_files: Option<u64>) -> CliResult {
     let dev = open_device(spec)?;
+    let clusters = dev.geometry().size_bytes() / cluster_size.max(1) as u64;
     if force {
         // Say what is being erased (mkfs itself refuses without --force).
         if let Some(sig) = blobstore::probe::probe_sync(&dev).ctx(format!("probing {spec}"))? {
@@ -50,8 +64,11 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool, max_files: Option<u64>) 
         MkfsOptions {
             cluster_size,
             force,
-            md_pages: max_files
-                .map(|n| n.saturating_mul(PAGES_PER_FILE).saturating_add(SPARE_PAGES)),
+            md_pages: max_files.map(|n| {
+                n.saturating_mul(PAGES_PER_FILE)
+                    .saturating_add(SPARE_PAGES)
+                    .saturating_add(map_pages(clusters))
+            }),
         },
         MountOptions::default(),
     )
@@ -71,7 +88,7 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool, max_files: Option<u64>) 
         space.total_bytes / space.cluster_bytes,
         human(space.cluster_bytes),
         human(space.total_bytes),
-        md_free / PAGES_PER_FILE
+        md_free.saturating_sub(map_pages(clusters)) / PAGES_PER_FILE
     ))
 }
 
