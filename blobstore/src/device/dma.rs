@@ -293,8 +293,8 @@ impl std::fmt::Debug for DmaBuf {
 }
 
 /// A piece of DMA memory that an in-flight operation reads or writes. It
-/// keeps its allocation alive (unless it borrows memory of its caller, see
-/// [`Segment::borrowed`]); it is not a Rust reference to the bytes.
+/// keeps its allocation alive (unless it borrows memory of its caller, for
+/// `Blob::read_into`); it is not a Rust reference to the bytes.
 pub struct Segment {
     ptr: *mut u8,
     len: usize,
