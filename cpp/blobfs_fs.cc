@@ -118,26 +118,28 @@ rust::Slice<const std::uint8_t> In(const Slice& s) {
 class ReadLimit {
  public:
   explicit ReadLimit(const IOOptions& opts)
-      : us_(static_cast<uint64_t>(
-            std::max<int64_t>(0, static_cast<int64_t>(opts.timeout.count())))),
+      : us_(std::max<int64_t>(0, static_cast<int64_t>(opts.timeout.count()))),
         start_(std::chrono::steady_clock::now()) {}
-  bool none() const { return us_ == 0; }
-  // Microseconds left (at least 1), or 0 when the limit has passed.
-  uint64_t left_us() const {
-    const auto spent = std::chrono::duration_cast<std::chrono::microseconds>(
-                           std::chrono::steady_clock::now() - start_)
-                           .count();
-    return spent < 0 || static_cast<uint64_t>(spent) < us_
-               ? us_ - static_cast<uint64_t>(std::max<int64_t>(0, spent))
-               : 0;
-  }
-  IOStatus Expired() const {
-    return IOStatus::TimedOut("read not started: its " + std::to_string(us_) +
-                              " us time limit had passed");
+  // The time limit for the next device read: `*timeout_us` is what is left
+  // (0 for no limit), or TimedOut when nothing is left.
+  IOStatus Next(uint64_t* timeout_us) const {
+    *timeout_us = 0;
+    if (us_ == 0) return IOStatus::OK();
+    const int64_t spent =
+        std::chrono::duration_cast<std::chrono::microseconds>(
+            std::chrono::steady_clock::now() - start_)
+            .count();
+    if (spent >= us_) {
+      return IOStatus::TimedOut("read not started: its " +
+                                std::to_string(us_) +
+                                " us time limit had passed");
+    }
+    *timeout_us = static_cast<uint64_t>(us_ - std::max<int64_t>(0, spent));
+    return IOStatus::OK();
   }
 
  private:
-  const uint64_t us_;
+  const int64_t us_;
   const std::chrono::steady_clock::time_point start_;
 };
 
@@ -151,12 +153,10 @@ IOStatus ReadAt(const FileHandle& h, uint64_t offset, size_t n, Slice* result,
   }
   size_t got = 0;
   uint64_t timeout_us = 0;
-  if (!limit.none()) {
-    timeout_us = limit.left_us();
-    if (timeout_us == 0) {
-      *result = Slice();
-      return limit.Expired();
-    }
+  IOStatus left = limit.Next(&timeout_us);
+  if (!left.ok()) {
+    *result = Slice();
+    return left;
   }
   IOStatus s = ToIOStatus(h.read_at(offset, Out(scratch, n), timeout_us, got));
   *result = Slice(scratch, s.ok() ? got : 0);
@@ -229,17 +229,14 @@ class BlobRandomAccessFile : public FSRandomAccessFile {
       spans[i] = ReadSpan{reqs[i].offset, reqs[i].len};
       bufs[i] = reinterpret_cast<uint8_t*>(reqs[i].scratch);
     }
-    const ReadLimit limit(opts);
     uint64_t timeout_us = 0;
-    if (!limit.none()) {
-      timeout_us = limit.left_us();
-      if (timeout_us == 0) {
-        for (size_t i = 0; i < num_reqs; ++i) {
-          reqs[i].result = Slice();
-          reqs[i].status = limit.Expired();
-        }
-        return IOStatus::OK();
+    IOStatus left = ReadLimit(opts).Next(&timeout_us);
+    if (!left.ok()) {
+      for (size_t i = 0; i < num_reqs; ++i) {
+        reqs[i].result = Slice();
+        reqs[i].status = left;
       }
+      return IOStatus::OK();
     }
     rust::Vec<Status> statuses;
     h_->multi_read(rust::Slice<const ReadSpan>(spans.data(), spans.size()),

@@ -1124,16 +1124,10 @@ impl File {
     /// changes nothing else: its device operation completes later into
     /// memory of its own, and what it read is not cached.
     pub fn read_at_timeout(&self, off: u64, dst: &mut [u8], timeout: Duration) -> Result<usize> {
-        let start = Stamp::now();
-        let deadline = std::time::Instant::now() + timeout;
-        match blobstore::block_on_deadline(self.read_at_async(off, dst), deadline) {
-            Some(res) => res,
-            None => {
-                // Counted as a failed read of the time it took.
-                self.fs.metrics.with(|m| m.read.record(start, 0, false));
-                Err(Error::TimedOut(self.name(), timeout))
-            }
-        }
+        let mut one = [(off, dst)];
+        let mut res = self.read_many_timeout(&mut one, timeout);
+        res.pop()
+            .unwrap_or_else(|| Err(Error::TimedOut(self.name(), timeout)))
     }
 
     /// Reads several ranges, each `(offset, buffer)` as [`File::read_at`]
@@ -1156,15 +1150,25 @@ impl File {
         timeout: Duration,
     ) -> Vec<Result<usize>> {
         let n = reqs.len();
+        let start = Stamp::now();
         let deadline = std::time::Instant::now() + timeout;
         let reads = reqs
             .iter_mut()
             .map(|(off, dst)| self.read_at_async(*off, dst));
         match blobstore::block_on_deadline(futures::future::join_all(reads), deadline) {
             Some(results) => results,
-            None => (0..n)
-                .map(|_| Err(Error::TimedOut(self.name(), timeout)))
-                .collect(),
+            None => {
+                // Each counted as a failed read of the time it took.
+                let ticks = start.elapsed_ticks();
+                self.fs.metrics.with(|m| {
+                    for _ in 0..n {
+                        m.read.record_ticks(ticks, 0, false);
+                    }
+                });
+                (0..n)
+                    .map(|_| Err(Error::TimedOut(self.name(), timeout)))
+                    .collect()
+            }
         }
     }
 

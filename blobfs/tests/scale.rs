@@ -186,33 +186,16 @@ fn a_clean_mount_does_no_per_file_io() {
     fs.unmount().unwrap();
 }
 
-/// An image of `tests/images/<name>` (the sparse layout of
-/// `blobstore/tests/common/mod.rs`'s `fixture`).
+#[path = "../../blobstore/tests/common/image.rs"]
+mod image;
+
+/// The image `tests/images/<name>` (blobstore's sparse test-image layout).
 fn fixture(name: &str) -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/images")
-        .join(name);
-    let raw = std::fs::read(&path).unwrap();
-    let u64_at = |o: usize| u64::from_le_bytes(raw[o..o + 8].try_into().unwrap());
-    let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
-    assert_eq!(&raw[..8], b"BSIMAGE1");
-    let (size, page, count) = (u64_at(8) as usize, u32_at(16) as usize, u32_at(20));
-    let mut img = vec![0u8; size];
-    let mut at = 24;
-    for _ in 0..count {
-        let off = u64_at(at) as usize * page;
-        let kind = raw[at + 8];
-        at += 9;
-        if kind == 0 {
-            img[off..off + page].copy_from_slice(&raw[at..at + page]);
-            at += page;
-        } else {
-            img[off..off + page].fill(raw[at]);
-            at += 1;
-        }
-    }
-    assert_eq!(at, raw.len());
-    img
+    image::read_image(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/images")
+            .join(name),
+    )
 }
 
 fn store_version(mem: &MemDevice) -> u32 {

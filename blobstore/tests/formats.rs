@@ -105,21 +105,26 @@ fn a_format_2_store_loads_and_keeps_its_format() {
     }
 }
 
+/// A fresh store on a memory device of `size` bytes (4 KiB blocks).
+fn new_store(size: u64, opts: BlobstoreOptions) -> (MemDevice, Arc<dyn BlockDevice>, Blobstore) {
+    let mem = MemDevice::new(size, 4096).unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
+    let bs = block_on(Blobstore::init(dev.clone(), opts)).unwrap();
+    (mem, dev, bs)
+}
+
 /// Blobs of one cluster with file-system-like xattrs (a name of a few
 /// hundred bytes): exactly one metadata page each, through syncs, clean
 /// and dirty loads.
 #[test]
 fn a_one_cluster_blob_takes_one_page() {
-    let mem = MemDevice::new(32 << 20, 4096).unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
-    let bs = block_on(Blobstore::init(
-        dev.clone(),
+    let (mem, dev, bs) = new_store(
+        32 << 20,
         BlobstoreOptions {
             cluster_size: 64 << 10,
             ..Default::default()
         },
-    ))
-    .unwrap();
+    );
     assert_eq!(version(&mem), 3);
     let mut ids = Vec::new();
     for i in 0..40u64 {
@@ -164,16 +169,13 @@ fn a_one_cluster_blob_takes_one_page() {
 #[test]
 fn the_map_moves_to_extent_pages_and_back() {
     let cluster = 16 << 10;
-    let mem = MemDevice::new(64 << 20, 4096).unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
-    let bs = block_on(Blobstore::init(
-        dev.clone(),
+    let (mem, dev, bs) = new_store(
+        64 << 20,
         BlobstoreOptions {
             cluster_size: cluster,
             ..Default::default()
         },
-    ))
-    .unwrap();
+    );
     // 200 clusters: 807 bytes of map inline, too many next to a 3,584-byte
     // xattr in one page.
     let id = block_on(bs.create_blob(BlobOptions {
@@ -241,16 +243,13 @@ fn mem_md_len(mem: &MemDevice) -> u64 {
 /// load after a dirty one, never misread.
 #[test]
 fn an_inline_map_in_a_format_2_store_is_corruption() {
-    let mem = MemDevice::new(16 << 20, 4096).unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
-    let bs = block_on(Blobstore::init(
-        dev.clone(),
+    let (mem, dev, bs) = new_store(
+        16 << 20,
         BlobstoreOptions {
             cluster_size: 64 << 10,
             ..Default::default()
         },
-    ))
-    .unwrap();
+    );
     let id = block_on(bs.create_blob(BlobOptions {
         num_clusters: 1,
         ..Default::default()
@@ -284,17 +283,14 @@ fn an_inline_map_in_a_format_2_store_is_corruption() {
 /// nothing more.
 #[test]
 fn a_clean_load_reads_the_metadata_region_in_large_reads() {
-    let mem = MemDevice::new(256 << 20, 4096).unwrap();
-    let dev: Arc<dyn BlockDevice> = Arc::new(mem.clone());
-    let bs = block_on(Blobstore::init(
-        dev,
+    let (mem, _dev, bs) = new_store(
+        256 << 20,
         BlobstoreOptions {
             cluster_size: 16 << 10,
             md_pages: Some(4096),
             ..Default::default()
         },
-    ))
-    .unwrap();
+    );
     let ids: Vec<BlobId> = (0..3000u32)
         .map(|i| {
             block_on(bs.create_blob(BlobOptions {

@@ -457,43 +457,39 @@ impl FileHandle {
             statuses.extend((0..n).map(|_| Status::new(Code::IoError, "file is closed".into())));
             return;
         };
-        // Requests refused up front keep their place: their status in
-        // `early`, false in `sent`.
+        // A request refused up front keeps its place with its status in
+        // `refused`; the others are read together.
         let mut reqs: Vec<(u64, &mut [u8])> = Vec::with_capacity(n);
-        let mut sent = Vec::with_capacity(n);
-        let mut early: Vec<Option<Status>> = (0..n).map(|_| None).collect();
-        for (i, (span, &p)) in spans.iter().zip(ptrs).enumerate() {
+        let mut refused: Vec<Option<Status>> = Vec::with_capacity(n);
+        for (span, &p) in spans.iter().zip(ptrs) {
             if p.is_null() {
-                early[i] = Some(Status::new(
+                refused.push(Some(Status::new(
                     Code::InvalidArgument,
                     "MultiRead request with a null buffer".into(),
-                ));
-                sent.push(false);
+                )));
                 continue;
             }
             // SAFETY: a valid buffer of `span.len` bytes that no other
             // request shares, alive for the call (the caller's promise).
             let buf = unsafe { std::slice::from_raw_parts_mut(p, span.len) };
-            if let Some(st) = self.misaligned(span.offset, buf) {
-                early[i] = Some(st);
-                sent.push(false);
-                continue;
+            let st = self.misaligned(span.offset, buf);
+            if st.is_none() {
+                reqs.push((span.offset, buf));
             }
-            sent.push(true);
-            reqs.push((span.offset, buf));
+            refused.push(st);
         }
         let mut results = match timeout_us {
             0 => file.read_many(&mut reqs),
             us => file.read_many_timeout(&mut reqs, std::time::Duration::from_micros(us)),
         }
         .into_iter();
-        for (i, was_sent) in sent.into_iter().enumerate() {
-            let st = match was_sent {
-                false => {
+        for (i, refusal) in refused.into_iter().enumerate() {
+            let st = match refusal {
+                Some(st) => {
                     got[i] = 0;
-                    early[i].take().unwrap_or_else(Status::ok)
+                    st
                 }
-                true => match results.next() {
+                None => match results.next() {
                     Some(Ok(k)) => {
                         got[i] = k;
                         Status::ok()

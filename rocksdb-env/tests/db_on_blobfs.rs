@@ -349,9 +349,7 @@ fn injected_write_error_reaches_rocksdb() {
     o.create_if_missing(true);
     let mut synced = WriteOptions::default();
     synced.set_sync(true);
-    let faults = rocksdb_env::fault_control(uri)
-        .unwrap()
-        .expect("fault switch");
+    let faults = fault_switch(uri);
     {
         let db = rocksdb_env::open_db(uri, path, &o).unwrap();
         for i in 0..100u32 {
@@ -376,6 +374,23 @@ fn injected_write_error_reaches_rocksdb() {
     db.put_opt(key(200), value(200, 0), &synced).unwrap();
 }
 
+/// The fault switch of a `fault_injection=on` URI.
+fn fault_switch(uri: &str) -> std::sync::Arc<rocksdb_env::FaultControl> {
+    rocksdb_env::fault_control(uri)
+        .unwrap()
+        .expect("fault switch")
+}
+
+/// Options creating the database, with table options `t` and no RocksDB
+/// block cache: every block a Get needs is a file-system read.
+fn uncached_options(mut t: rocksdb::BlockBasedOptions) -> Options {
+    let mut o = Options::default();
+    o.create_if_missing(true);
+    t.disable_cache();
+    o.set_block_based_table_factory(&t);
+    o
+}
+
 /// RocksDB's read time limits (`ReadOptions::io_timeout`, `deadline`)
 /// reach BlobFS as `IOOptions::timeout`: a read the device has not answered
 /// by then fails with `TimedOut` soon after the limit, not when the device
@@ -389,14 +404,8 @@ fn read_time_limits_are_honoured() {
     // spec within the process.)
     let uri = "blobfs://mem:200M;cache=0;fault_injection=on";
     let path = "/timeouts/db";
-    let faults = rocksdb_env::fault_control(uri)
-        .unwrap()
-        .expect("fault switch");
-    let mut o = Options::default();
-    o.create_if_missing(true);
-    let mut t = rocksdb::BlockBasedOptions::default();
-    t.disable_cache();
-    o.set_block_based_table_factory(&t);
+    let faults = fault_switch(uri);
+    let o = uncached_options(rocksdb::BlockBasedOptions::default());
     {
         let db = rocksdb_env::open_db(uri, path, &o).unwrap();
         for i in 0..1000u32 {
@@ -463,15 +472,10 @@ fn multi_get_reads_a_batch_in_parallel() {
     // No BlobFS cache and no block cache: every block is a device read.
     let uri = "blobfs://mem:176M;cache=0;fault_injection=on";
     let path = "/multiget/db";
-    let faults = rocksdb_env::fault_control(uri)
-        .unwrap()
-        .expect("fault switch");
-    let mut o = Options::default();
-    o.create_if_missing(true);
+    let faults = fault_switch(uri);
     let mut t = rocksdb::BlockBasedOptions::default();
-    t.disable_cache();
     t.set_block_size(4096);
-    o.set_block_based_table_factory(&t);
+    let o = uncached_options(t);
     // One key per block: 4000-byte values.
     let big = |i: u32| {
         let mut v = value(i, 7);

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+mod image;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use blobstore::device::FileOptions;
@@ -115,35 +117,12 @@ pub fn buf(data: &[u8]) -> DmaBuf {
     DmaBuf::from_slice(data).unwrap()
 }
 
-/// An image of `tests/images/<name>`, stored sparse: magic `BSIMAGE1`,
-/// image size u64, page size u32, record count u32, then per record a page
-/// index u64 and a kind byte: 0, the page's bytes follow; 1, one byte
-/// follows that every byte of the page holds. Pages without a record are
-/// zero. (`tests/images/README.md` says how each image was made.)
+/// The image `tests/images/<name>` (layout in `image.rs`;
+/// `tests/images/README.md` says how each image was made).
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/images")
-        .join(name);
-    let raw = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let u64_at = |o: usize| u64::from_le_bytes(raw[o..o + 8].try_into().unwrap());
-    let u32_at = |o: usize| u32::from_le_bytes(raw[o..o + 4].try_into().unwrap());
-    assert_eq!(&raw[..8], b"BSIMAGE1", "{}", path.display());
-    let (size, page, count) = (u64_at(8) as usize, u32_at(16) as usize, u32_at(20));
-    let mut img = vec![0u8; size];
-    let mut at = 24;
-    for _ in 0..count {
-        let off = u64_at(at) as usize * page;
-        at += 8;
-        let kind = raw[at];
-        at += 1;
-        if kind == 0 {
-            img[off..off + page].copy_from_slice(&raw[at..at + page]);
-            at += page;
-        } else {
-            img[off..off + page].fill(raw[at]);
-            at += 1;
-        }
-    }
-    assert_eq!(at, raw.len(), "{}: trailing bytes", path.display());
-    img
+    image::read_image(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/images")
+            .join(name),
+    )
 }
