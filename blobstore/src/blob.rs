@@ -533,6 +533,7 @@ impl Blob {
     /// no run list, no parent lookup); `None` when the general path must
     /// decide. Checks the range, and for a `write` that the blob is
     /// writable (under the same lock).
+    #[inline(always)]
     fn map_one(&self, offset: u64, units: u64, write: bool) -> Result<Option<u64>> {
         let md = self.inner.md.read();
         if write && md.read_only() {

@@ -643,6 +643,7 @@ impl IoChannel {
     /// [`IoChannel::submit`] by a caller that hands over its reference to
     /// the channel (the future keeps it): no reference count taken and
     /// dropped again.
+    #[inline(always)]
     pub(crate) fn submit_owned(self, op: IoOp) -> IoFuture {
         match self.start(op) {
             Ok(tag) => IoFuture {
