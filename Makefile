@@ -101,9 +101,10 @@ fuzz: fuzz-build
 	    -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -print_final_stats=1 || exit 1; \
 	done
 
-# The key-value acceleration benchmark: db_bench (SPDK's RocksDB suite) on
-# BlobFS vs the kernel file system in three configurations (disk, direct,
-# memory), about 15 minutes on 2 cores. Tables on stdout; JSON, chart and
+# The key-value acceleration benchmark: db_bench (SPDK's RocksDB suite plus
+# multiget and scan) on BlobFS vs the kernel file system in four
+# configurations (disk, direct, memory, and budget: a memory cgroup of a
+# third of the database; as root), about 25 minutes on 2 cores. Tables on stdout; JSON, chart and
 # db_bench logs in $(TARGET_DIR)/kvbench-out. Options through KVBENCH_ARGS,
 # e.g. make bench KVBENCH_ARGS='--configs memory --keys 500000 --duration 10'
 KVBENCH_ARGS ?=

@@ -10,6 +10,7 @@
 //! - [`kv`]: the key-value acceleration benchmark (`kvbench`): `db_bench`
 //!   phases on BlobFS vs POSIX, its output parser, ratios, tables, JSON
 //!   and chart.
+//! - [`cgroup`]: the memory cgroups of `kvbench`'s `budget` configuration.
 //! - [`nvme_sides`]: the two sides of `kvbench`'s `nvme` configuration on
 //!   one controller (rebinding it between our driver and the kernel's),
 //!   and the whole machine's CPU time from `/proc/stat`.
@@ -19,6 +20,7 @@
 //! same process: the machines are shared and noisy.
 #![deny(missing_docs)]
 
+pub mod cgroup;
 pub mod hist;
 pub mod json;
 pub mod kv;

@@ -2,7 +2,8 @@
 //! BlobFS than on the kernel file system, on the same machine and disk?
 //!
 //! Runs SPDK's RocksDB suite (insert, overwrite, readwrite, writesync,
-//! randread) with `db_bench`, one child process per (configuration, phase,
+//! randread), batched point reads (multiget) and range scans (scan) with
+//! `db_bench`, one child process per (configuration, phase,
 //! side), the side that goes first alternating from phase to phase, and
 //! prints a table per configuration; writes `kvbench.json` and
 //! `kvbench.svg` under `--out`. See [`benches::kv`] for the workload.
@@ -21,6 +22,13 @@
 //!   BlobFS runs with `cache=0` there: its blocks are already memory a
 //!   memcpy away, and a cache on top only copied them again, with more CPU
 //!   per op and a far worse randread p99 at 16 threads in our runs.
+//! - `budget`: as `disk`, each db_bench inside a fresh memory cgroup
+//!   ([`benches::cgroup`]) whose limit (`--budget`; by default a third of
+//!   the database) counts its memory and the page cache it fills, as a
+//!   container's limit does; BlobFS's cache is what the budget leaves after
+//!   RocksDB's block cache and memtables, BlobFS's append buffers and the
+//!   process ([`budget_blobfs_cache`]). The memory column is the cgroup's
+//!   peak; a run the OOM killer ends is an error saying so. Needs root.
 //! - `nvme` (with `--nvme PCI`, as root): BlobFS on one namespace of an
 //!   NVMe controller through our userspace driver vs POSIX on ext4 on
 //!   another namespace of the same size and format through the kernel's
@@ -44,6 +52,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use benches::cgroup::MemCgroup;
 use benches::json::Json;
 use benches::kv::{self, Config, Phase, RunFigures, Side};
 use benches::nvme_sides::{CpuSample, NvmeSides};
@@ -67,7 +76,7 @@ struct Args {
     #[arg(long, default_value = "")]
     threads: String,
     /// Configurations to run, in order.
-    #[arg(long, default_value = "disk,direct,memory")]
+    #[arg(long, default_value = "disk,direct,memory,budget")]
     configs: String,
     /// Phases to run (in this order whatever the order given; a phase's
     /// insert always runs: the others reuse its database). The LZ4 pair
@@ -75,7 +84,7 @@ struct Args {
     /// the `disk` configuration only.
     #[arg(
         long,
-        default_value = "insert,overwrite,readwrite,writesync,randread,insert-lz4,randread-lz4"
+        default_value = "insert,overwrite,readwrite,writesync,randread,multiget,scan,insert-lz4,randread-lz4"
     )]
     phases: String,
     /// Directory on the disk under test, for the BlobFS image and the POSIX
@@ -94,6 +103,11 @@ struct Args {
     /// has the whole page cache; the memory column shows what each side used.
     #[arg(long, default_value = "4G")]
     blobfs_cache: String,
+    /// The `budget` configuration's memory limit per db_bench (process
+    /// memory and page cache together), e.g. `2G`; `auto` is a third of
+    /// the database's size (about 1,100 bytes per key), at least 512 MiB.
+    #[arg(long, default_value = "auto")]
+    budget: String,
     /// The db_bench binary [default: rocksdb/db_bench in the cargo target dir].
     #[arg(long)]
     db_bench: Option<PathBuf>,
@@ -148,6 +162,41 @@ fn side_bytes(keys: u64) -> u64 {
         .saturating_mul(3)
         .saturating_add(1 << 30);
     b.div_ceil(1 << 20) << 20
+}
+
+/// The `budget` configuration's limit: `--budget` as given, or for `auto`
+/// a third of the database (about 1,100 bytes per key, as in
+/// [`side_bytes`]), rounded up to 64 MiB, at least 512 MiB (below that
+/// db_bench's own memtables and block cache leave no room for a cache on
+/// either side).
+fn budget_bytes(arg: &str, keys: u64) -> Result<u64, String> {
+    if arg != "auto" {
+        let b = parse_size(arg)?;
+        if b < 256 << 20 {
+            return Err(format!(
+                "--budget {arg}: at least 256M (db_bench's memtables alone take 128 MiB)"
+            ));
+        }
+        return Ok(b);
+    }
+    let third = keys.saturating_mul(1100) / 3;
+    Ok((third.div_ceil(64 << 20) << 26).max(512 << 20))
+}
+
+/// BlobFS's cache in the `budget` configuration: what the budget leaves
+/// after RocksDB's block cache, its memtables (db_bench's defaults: two of
+/// 64 MiB), BlobFS's append buffers (unsynced memory on tmpfs, charged to
+/// the cgroup and never reclaimable: 96 MiB, the buffers of a flush, a
+/// compaction and the free ones kept for reuse) and the process itself
+/// (96 MiB: code, heap, thread stacks). The POSIX side's page cache gets
+/// whatever its process leaves, as the kernel decides.
+fn budget_blobfs_cache(budget: u64, block_cache: u64) -> u64 {
+    const MEMTABLES: u64 = 128 << 20;
+    const APPEND_BUFFERS: u64 = 96 << 20;
+    const PROCESS: u64 = 96 << 20;
+    budget
+        .saturating_sub(block_cache + MEMTABLES + APPEND_BUFFERS + PROCESS)
+        .max(16 << 20)
 }
 
 fn statvfs_avail(path: &Path) -> Result<u64, String> {
@@ -377,6 +426,8 @@ struct Bench {
     out: PathBuf,
     can_drop_caches: bool,
     started: Instant,
+    /// The `budget` configuration's memory limit, bytes.
+    budget: u64,
 }
 
 impl Bench {
@@ -460,13 +511,27 @@ impl Bench {
         let disk_before = disk.and_then(disk_sample);
         let metrics_path = self.metrics_path(config, phase);
         let _ = fs::remove_file(&metrics_path);
-        let busy_before = CpuSample::now();
-        let t0 = Instant::now();
-        let child = Command::new(&cmd[0])
+        // A fresh cgroup per run: its peak is this run's.
+        let cgroup = match config {
+            Config::Budget => Some(
+                MemCgroup::create(&format!("kvbench-{}", std::process::id()), self.budget)
+                    .map_err(|e| format!("{label}: {e}"))?,
+            ),
+            _ => None,
+        };
+        let mut command = Command::new(&cmd[0]);
+        command
             .args(&cmd[1..])
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log_err)
+            .stderr(log_err);
+        if let Some(cg) = &cgroup {
+            cg.join_before_exec(&mut command)
+                .map_err(|e| format!("{label}: {e}"))?;
+        }
+        let busy_before = CpuSample::now();
+        let t0 = Instant::now();
+        let child = command
             .spawn()
             .map_err(|e| format!("{label}: starting {}: {e}", cmd[0]))?;
         let pid = child.id() as libc::pid_t;
@@ -516,6 +581,16 @@ impl Bench {
         let cached_after = meminfo("Cached").unwrap_or(0);
         let output = read_log(&log_path)?;
         let exit = std::process::ExitStatus::from_raw(status);
+        let cgroup_peak_bytes = cgroup.as_ref().and_then(MemCgroup::peak);
+        if let Some(cg) = cgroup.as_ref().filter(|cg| cg.oom_kills() > 0) {
+            return Err(format!(
+                "{label}: the OOM killer ended db_bench in its memory cgroup of {} ({exit})\ncommand: {}\nlast lines of its output ({}):\n{}",
+                format_size(cg.limit()),
+                cmd.join(" "),
+                log_path.display(),
+                tail(&output, 25)
+            ));
+        }
         if !exit.success() {
             return Err(format!(
                 "{label}: db_bench failed ({exit})\ncommand: {}\nlast lines of its output ({}):\n{}",
@@ -546,6 +621,7 @@ impl Bench {
             },
             max_rss_bytes: ru.ru_maxrss.max(0) as u64 * 1024,
             page_cache_growth_bytes: cached_after.saturating_sub(cached_before),
+            cgroup_peak_bytes,
             wall_s,
             log: log_path.display().to_string(),
             disk: match (disk_before, disk_after) {
@@ -655,6 +731,8 @@ fn run(args: Args) -> Result<(), String> {
     })?;
     let cache_bytes = parse_size(&args.cache_size)?;
     let blobfs_cache_bytes = parse_size(&args.blobfs_cache)?;
+    let budget = budget_bytes(&args.budget, keys)?;
+    let budget_cache = budget_blobfs_cache(budget, cache_bytes);
 
     let target = target_dir();
     let db_bench = args
@@ -684,7 +762,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut nvme_sides = None;
     for config in &configs {
         match config {
-            Config::Disk | Config::Direct => {
+            Config::Disk | Config::Direct | Config::Budget => {
                 let avail = statvfs_avail(&dir)?;
                 if avail < 2 * per_side {
                     return Err(format!(
@@ -751,20 +829,21 @@ fn run(args: Args) -> Result<(), String> {
         out: out.clone(),
         can_drop_caches: true,
         started: Instant::now(),
+        budget,
     };
     let mut runs: Vec<RunFigures> = Vec::new();
     let mut failure = None;
     'configs: for (ci, &config) in configs.iter().enumerate() {
         let layout = match config {
-            Config::Disk | Config::Direct => Layout {
+            Config::Disk | Config::Direct | Config::Budget => Layout {
                 device: BlobDevice::File {
                     image: dir.join("kvbench.img"),
                     bytes: per_side,
                 },
-                blobfs_cache: if config == Config::Direct {
-                    "0".into()
-                } else {
-                    format_size(blobfs_cache_bytes)
+                blobfs_cache: match config {
+                    Config::Direct => "0".into(),
+                    Config::Budget => format_size(budget_cache),
+                    _ => format_size(blobfs_cache_bytes),
                 },
                 posix_db: dir.join("posix-db"),
             },
@@ -857,6 +936,8 @@ fn run(args: Args) -> Result<(), String> {
         ),
         ("cache_size_bytes", Json::from(cache_bytes)),
         ("blobfs_cache_bytes", Json::from(blobfs_cache_bytes)),
+        ("budget_bytes", Json::from(budget)),
+        ("budget_blobfs_cache_bytes", Json::from(budget_cache)),
         ("image_bytes", Json::from(per_side)),
         (
             "page_cache_dropped_before_each_run",
@@ -878,6 +959,13 @@ fn run(args: Args) -> Result<(), String> {
         "\nkvbench, {started_at}: {keys} keys, {duration} s per timed phase, RocksDB block cache {}; ratio = BlobFS / POSIX",
         format_size(cache_bytes)
     );
+    if configs.contains(&Config::Budget) {
+        println!(
+            "budget: each db_bench in a memory cgroup of {} (process and page cache), BlobFS cache {}; memory MiB is the cgroup's peak",
+            format_size(budget),
+            format_size(budget_cache)
+        );
+    }
     for config in &configs {
         if !runs.iter().any(|r| r.config == *config) {
             continue;
