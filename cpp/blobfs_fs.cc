@@ -54,6 +54,7 @@ using ROCKSDB_NAMESPACE::FSReadRequest;
 using ROCKSDB_NAMESPACE::FSSequentialFile;
 using ROCKSDB_NAMESPACE::FSWritableFile;
 using ROCKSDB_NAMESPACE::IODebugContext;
+using ROCKSDB_NAMESPACE::IOHandleDeleter;
 using ROCKSDB_NAMESPACE::IOOptions;
 using ROCKSDB_NAMESPACE::IOStatus;
 using ROCKSDB_NAMESPACE::ObjectLibrary;
@@ -201,6 +202,35 @@ class BlobSequentialFile : public FSSequentialFile {
   uint64_t pos_ = 0;
 };
 
+// A ReadAsync whose device reads are in flight: finished by the file
+// system's Poll (the callback gets the bytes) or given up by AbortIO (the
+// callback gets Aborted), on the thread that started it; deleted by
+// RocksDB through the deleter ReadAsync hands out.
+struct AsyncReadHandle {
+  rust::Box<AsyncRead> read;
+  FSReadRequest req;
+  std::function<void(FSReadRequest&, void*)> cb;
+  void* cb_arg;
+  bool done = false;
+
+  void Finish() {
+    if (done) return;
+    size_t n = 0;
+    req.status = ToIOStatus(read->finish(n));
+    req.result = Slice(req.scratch, req.status.ok() ? n : 0);
+    done = true;
+    cb(req, cb_arg);
+  }
+  void Abort() {
+    if (done) return;
+    read->abort();
+    req.status = IOStatus::Aborted("ReadAsync aborted");
+    req.result = Slice();
+    done = true;
+    cb(req, cb_arg);
+  }
+};
+
 class BlobRandomAccessFile : public FSRandomAccessFile {
  public:
   BlobRandomAccessFile(rust::Box<FileHandle> h, bool direct)
@@ -256,6 +286,39 @@ class BlobRandomAccessFile : public FSRandomAccessFile {
   IOStatus Prefetch(uint64_t offset, size_t n, const IOOptions&,
                     IODebugContext*) override {
     return ToIOStatus(h_->prefetch(offset, n));
+  }
+  // The read's device I/O is submitted before this returns; the file
+  // system's Poll finishes it (or AbortIO gives it up) on this thread, while
+  // RocksDB's iterator works on the buffer before it. A read served from
+  // memory (BlobFS's cache, a write buffer) or refused calls back at once.
+  // A read with a time limit is read synchronously, where the limit holds.
+  IOStatus ReadAsync(FSReadRequest& req, const IOOptions& opts,
+                     std::function<void(FSReadRequest&, void*)> cb,
+                     void* cb_arg, void** io_handle, IOHandleDeleter* del_fn,
+                     IODebugContext* dbg) override {
+    *io_handle = nullptr;
+    *del_fn = nullptr;
+    if (opts.timeout.count() > 0) {
+      return FSRandomAccessFile::ReadAsync(req, opts, std::move(cb), cb_arg,
+                                           io_handle, del_fn, dbg);
+    }
+    auto h = std::make_unique<AsyncReadHandle>(AsyncReadHandle{
+        h_->start_read(req.offset, reinterpret_cast<uint8_t*>(req.scratch),
+                       req.len),
+        FSReadRequest(), std::move(cb), cb_arg});
+    // The request's fields the callback reads (it is not copyable).
+    h->req.offset = req.offset;
+    h->req.len = req.len;
+    h->req.scratch = req.scratch;
+    if (h->read->poll()) {
+      h->Finish();
+      req.status = h->req.status;
+      req.result = h->req.result;
+      return IOStatus::OK();
+    }
+    *io_handle = h.release();
+    *del_fn = [](void* p) { delete static_cast<AsyncReadHandle*>(p); };
+    return IOStatus::OK();
   }
   IOStatus GetFileSize(uint64_t* size) override {
     *size = h_->len();
@@ -472,13 +535,31 @@ class BlobFileSystem : public FileSystem {
   const char* Name() const override { return kClassName(); }
   std::string GetId() const override { return uri_; }
 
-  // What RocksDB may use beyond the plain calls. Not kAsyncIO: ReadAsync is
-  // RocksDB's default, which completes inline, so advertising it would make
-  // RocksDB plan overlapped reads that are not; without it RocksDB reads
-  // synchronously and says so. kFSPrefetch: Prefetch warms BlobFS's cache
+  // What RocksDB may use beyond the plain calls. kAsyncIO: ReadAsync
+  // submits its device reads and returns, Poll finishes them, AbortIO gives
+  // them up (RocksDB's iterators with ReadOptions::async_io read ahead
+  // while they work). kFSPrefetch: Prefetch warms BlobFS's cache
   // (NotSupported with cache=0, which RocksDB answers with its own buffer).
   void SupportedOps(int64_t& supported_ops) override {
-    supported_ops = 1 << ROCKSDB_NAMESPACE::FSSupportedOps::kFSPrefetch;
+    supported_ops = (1 << ROCKSDB_NAMESPACE::FSSupportedOps::kFSPrefetch) |
+                    (1 << ROCKSDB_NAMESPACE::FSSupportedOps::kAsyncIO);
+  }
+
+  // Finishes every handle of ReadAsync given (waiting for its device reads
+  // on this thread) and calls its callback: at least min_completions.
+  IOStatus Poll(std::vector<void*>& io_handles, size_t) override {
+    for (void* p : io_handles) {
+      if (p != nullptr) static_cast<AsyncReadHandle*>(p)->Finish();
+    }
+    return IOStatus::OK();
+  }
+  // Gives the reads up: their buffers are not written from now on, and
+  // each callback gets Aborted (as RocksDB's POSIX file system does).
+  IOStatus AbortIO(std::vector<void*>& io_handles) override {
+    for (void* p : io_handles) {
+      if (p != nullptr) static_cast<AsyncReadHandle*>(p)->Abort();
+    }
+    return IOStatus::OK();
   }
 
   IOStatus NewSequentialFile(const std::string& fname, const FileOptions& opts,

@@ -37,7 +37,7 @@ pub use cache::CacheStats;
 pub use error::{Error, Result};
 #[cfg(feature = "prometheus")]
 pub use exporter::MetricsServer;
-pub use file::{File, Metadata};
+pub use file::{File, Metadata, PendingRead};
 pub use fs::{
     BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo, SPARE_MD_PAGES,
 };

@@ -16,6 +16,7 @@ use crate::{CacheStats, SpaceInfo};
 pub(crate) struct FsShard {
     pub read: OpCounter,
     pub direct_read: OpCounter,
+    pub async_read: OpCounter,
     pub append: OpCounter,
     pub sync: OpCounter,
     pub wal_sync: OpCounter,
@@ -39,6 +40,10 @@ pub struct Metrics {
     /// caller's buffer (direct handles, on devices that allow it; see
     /// [`crate::OpenOptions::direct`]).
     pub direct_reads: OpStats,
+    /// The reads among them started by [`crate::File::start_read`] that
+    /// were still in flight when it returned (RocksDB's `ReadAsync` that
+    /// overlapped the caller's work); latency from start to finish.
+    pub async_reads: OpStats,
     /// Appends and writes ([`crate::File::append`], [`crate::File::write_at`]).
     pub appends: OpStats,
     /// Syncs of files other than WALs.
@@ -70,6 +75,7 @@ impl Metrics {
         Metrics {
             reads: OpStats::fold(shards, |s| &s.read),
             direct_reads: OpStats::fold(shards, |s| &s.direct_read),
+            async_reads: OpStats::fold(shards, |s| &s.async_read),
             appends: OpStats::fold(shards, |s| &s.append),
             syncs: OpStats::fold(shards, |s| &s.sync),
             wal_syncs: OpStats::fold(shards, |s| &s.wal_sync),
@@ -83,13 +89,18 @@ impl Metrics {
     }
 
     /// The operations, each with its Prometheus name and help text.
-    fn ops(&self) -> [(&'static str, &'static str, &OpStats); 12] {
+    fn ops(&self) -> [(&'static str, &'static str, &OpStats); 13] {
         [
             ("blobfs_read", "File reads", &self.reads),
             (
                 "blobfs_direct_read",
                 "File reads straight from the device into the caller's buffer",
                 &self.direct_reads,
+            ),
+            (
+                "blobfs_async_read",
+                "File reads still in flight when their asynchronous start returned",
+                &self.async_reads,
             ),
             ("blobfs_append", "File appends and writes", &self.appends),
             ("blobfs_sync", "Syncs of files other than WALs", &self.syncs),

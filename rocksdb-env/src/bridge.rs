@@ -64,6 +64,7 @@ pub(crate) mod ffi {
         type Fs;
         type FileHandle;
         type LockHandle;
+        type AsyncRead;
 
         fn fs_open(uri: &str, status: &mut Status) -> Box<Fs>;
         fn describe(self: &Fs) -> String;
@@ -105,6 +106,18 @@ pub(crate) mod ffi {
             got: &mut [usize],
             statuses: &mut Vec<Status>,
         );
+        /// # Safety
+        /// `buf` is valid for writes of `len` bytes, used by nothing else,
+        /// until the returned read is finished (`finish`) or dropped.
+        unsafe fn start_read(
+            self: &FileHandle,
+            off: u64,
+            buf: *mut u8,
+            len: usize,
+        ) -> Box<AsyncRead>;
+        fn poll(self: &mut AsyncRead) -> bool;
+        fn finish(self: &mut AsyncRead, n_read: &mut usize) -> Status;
+        fn abort(self: &mut AsyncRead);
         fn prefetch(self: &FileHandle, off: u64, len: usize) -> Status;
         fn append(self: &FileHandle, data: &[u8]) -> Status;
         fn write_at(self: &FileHandle, off: u64, data: &[u8]) -> Status;
@@ -414,6 +427,48 @@ pub struct LockHandle {
     _lock: Option<blobfs::FileLock>,
 }
 
+/// A read started by RocksDB's `ReadAsync` (`FileHandle::start_read`):
+/// refused up front, running, or finished.
+pub struct AsyncRead {
+    /// Why it was refused before it started (the outcome `finish` gives).
+    refused: Option<Status>,
+    read: Option<blobfs::PendingRead>,
+}
+
+impl AsyncRead {
+    /// Reaps completions without waiting; true once the read is finished
+    /// (then `finish` returns at once).
+    fn poll(&mut self) -> bool {
+        self.read.as_mut().is_none_or(blobfs::PendingRead::poll)
+    }
+
+    /// Waits for the read; `n_read` is the bytes read.
+    fn finish(&mut self, n_read: &mut usize) -> Status {
+        *n_read = 0;
+        if let Some(st) = self.refused.take() {
+            return st;
+        }
+        let Some(read) = self.read.as_mut() else {
+            return Status::new(Code::IoError, "asynchronous read already finished".into());
+        };
+        let r = read.wait();
+        self.read = None;
+        match r {
+            Ok(n) => {
+                *n_read = n;
+                Status::ok()
+            }
+            Err(e) => status_of(e),
+        }
+    }
+
+    /// Gives the read up: its buffer is not written from now on (device
+    /// reads land in the channel's own memory, which outlives them).
+    fn abort(&mut self) {
+        self.read = None;
+    }
+}
+
 /// Bytes read per step when prefetching.
 const PREFETCH_STEP_BYTES: usize = 256 << 10;
 
@@ -506,6 +561,42 @@ impl FileHandle {
             };
             statuses.push(st);
         }
+    }
+
+    /// RocksDB's `ReadAsync`: `len` bytes at `off` into `buf`, the device
+    /// reads submitted before this returns (see `blobfs::File::start_read`).
+    ///
+    /// # Safety
+    /// As declared in the bridge.
+    unsafe fn start_read(&self, off: u64, buf: *mut u8, len: usize) -> Box<AsyncRead> {
+        let refuse = |st: Status| {
+            Box::new(AsyncRead {
+                refused: Some(st),
+                read: None,
+            })
+        };
+        if buf.is_null() && len > 0 {
+            return refuse(Status::new(
+                Code::InvalidArgument,
+                "ReadAsync into a null buffer".into(),
+            ));
+        }
+        let Some(file) = &self.file else {
+            return refuse(Status::new(Code::IoError, "file is closed".into()));
+        };
+        if len > 0 {
+            // SAFETY: the caller's promise; only its address and length
+            // are looked at here.
+            let view = unsafe { std::slice::from_raw_parts(buf, len) };
+            if let Some(st) = self.misaligned(off, view) {
+                return refuse(st);
+            }
+        }
+        Box::new(AsyncRead {
+            refused: None,
+            // SAFETY: forwarded from the caller.
+            read: Some(unsafe { file.start_read(off, buf, len) }),
+        })
     }
 
     fn prefetch(&self, off: u64, len: usize) -> Status {

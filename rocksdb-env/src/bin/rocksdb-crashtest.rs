@@ -328,6 +328,11 @@ struct RoundKnobs {
     /// `powerloss_cut_when=after` (the cut op is issued) rather than
     /// `before`.
     cut_issued: bool,
+    /// `--async_io=1`: db_stress's iterators read ahead through BlobFS's
+    /// `ReadAsync`, `Poll` and `AbortIO` (one round in four, as
+    /// db_crashtest draws it sometimes). Drawn last, so the draws before it
+    /// stay what a seed gave before it was added.
+    async_io: bool,
 }
 
 fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
@@ -349,6 +354,7 @@ fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
         mid_io_cut: cfg.mode == Mode::PowerLoss && round > 1 && r.next() & 1 == 0,
         cut_point: r.unit(),
         cut_issued: r.next() & 1 == 0,
+        async_io: r.next().is_multiple_of(4),
     }
 }
 
@@ -584,6 +590,7 @@ fn stress_args(
                 a.push("--ops_per_thread=100000000".into());
             }
             a.push(format!("--threads={}", k.threads));
+            a.push(format!("--async_io={}", u8::from(k.async_io)));
             a.push(format!("--disable_wal={}", u8::from(k.disable_wal)));
             // With several column families and no WAL, only atomic flush
             // keeps recovery a prefix across them (as db_crashtest sets).
@@ -1093,17 +1100,19 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         s.rounds += 1;
         let mut line = if cfg.mode == Mode::Plain {
             format!(
-                "round {round:3}: {} ops x {} threads{}: ",
+                "round {round:3}: {} ops x {} threads{}{}: ",
                 cfg.ops,
                 k.threads,
-                if k.disable_wal { ", no WAL" } else { "" }
+                if k.disable_wal { ", no WAL" } else { "" },
+                if k.async_io { ", async I/O" } else { "" }
             )
         } else {
             format!(
-                "round {round:3}: {:.1} s, {} threads{}: ",
+                "round {round:3}: {:.1} s, {} threads{}{}: ",
                 k.run_secs,
                 k.threads,
-                if k.disable_wal { ", no WAL" } else { "" }
+                if k.disable_wal { ", no WAL" } else { "" },
+                if k.async_io { ", async I/O" } else { "" }
             )
         };
         if let (true, Some(pid)) = (cfg.faults, pid) {
