@@ -2,7 +2,12 @@
 //
 // Every method forwards to rocksdb-env/src/bridge.rs and turns the returned
 // Status into an IOStatus; no file-system logic lives here. Calls run on the
-// calling RocksDB thread (BlobFS completes them there, no hand-off).
+// calling RocksDB thread: every read, sync and metadata change BlobFS does
+// for them is submitted and completed there. The one hand-off is BlobFS's
+// write-behind: a full 4 MiB append buffer goes to the mount's writer
+// thread (one per mount, shared by all files, one write at a time); a call
+// waits for it only when it needs those bytes on the blob (a sync of the
+// file, a read of them) or fills the file's next buffer first.
 //
 // Invariants:
 // - A file object exists only for a file BlobFS opened; its Rust handle is

@@ -3,7 +3,11 @@
 //! Every call returns a [`ffi::Status`] (never panics across the boundary,
 //! never throws): the C++ side turns it into the matching `IOStatus`. The
 //! message always names the file. Calls run on the caller's thread and block
-//! it until BlobFS is done (run to completion, no hand-off to other threads).
+//! it until BlobFS is done: reads, syncs and metadata run to completion
+//! there. BlobFS hands one thing to another thread: a file's full append
+//! buffer, written behind the appender by the mount's writer thread (see
+//! `blobfs::fs`), which a sync or read of those bytes, or the file's next
+//! full buffer, waits for.
 
 use std::sync::Arc;
 

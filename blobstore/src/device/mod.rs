@@ -3,7 +3,12 @@
 //!
 //! Invariants:
 //! - A channel belongs to the thread that created it ([`IoChannel`] is not
-//!   `Send`); submitting and completing take no lock shared with other threads.
+//!   `Send`); the channel's queue, trackers and counters are the thread's
+//!   own, so submitting and completing take no lock of the device layer
+//!   shared with other threads. A backend's medium may arbitrate inside:
+//!   `MemDevice` copies under a per-MiB-chunk `RwLock` (readers share it,
+//!   a writer of that chunk excludes them), as a drive arbitrates
+//!   internally; io_uring and NVMe queues take none.
 //! - An operation's buffers stay alive until the device completes it, even if
 //!   the future waiting for it is dropped.
 //! - Every operation is checked against the geometry before it reaches a
