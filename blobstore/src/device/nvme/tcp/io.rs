@@ -1,0 +1,853 @@
+//! The per-thread I/O queue: one TCP connection, non-blocking, driven by
+//! its owning thread's channel (submit encodes, reap sends and receives).
+//!
+//! Fixed per-queue trackers indexed by command id, one transmit buffer
+//! (sent once per reap, so a batch of submissions is one `send`), one
+//! receive buffer parsed in place: reads are copied from it straight into
+//! the operation's memory. Nothing is allocated per I/O once the buffers
+//! have grown to the working size.
+//!
+//! Invariants:
+//! - A command id is busy from its capsule's encoding to its completion
+//!   (response capsule, or C2HData with SUCCESS), or to the connection's
+//!   death; data for it lands only inside its range of its operation.
+//! - An operation is reported once all its commands are done, or at once
+//!   when the connection dies (then nothing reaches its memory again).
+//! - A dead queue reports every later submission as failed.
+
+use std::collections::VecDeque;
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::super::cmd::{io_op, Command, Completion};
+use super::link::{header_name, success};
+use super::pdu::{self, DataHeader, Framing, Header, TcpError, COMMON_HEADER_BYTES};
+use super::{sgl, NvmeTcpController, NvmeTcpDevice};
+use crate::device::{ChannelBackend, IoKind, IoOp, Tag};
+use crate::error::{Error, Result};
+
+/// Receive buffer size (a PDU header always fits: at most 256 bytes).
+const RX_BYTES: usize = 256 << 10;
+/// Reaps between clock reads.
+const REAPS_PER_CLOCK: u32 = 32;
+/// Most `recv` calls per reap.
+const RECVS_PER_REAP: usize = 8;
+/// Wait slice of [`ChannelBackend::wait`], milliseconds.
+const WAIT_SLICE_MS: i32 = 10;
+
+#[derive(Clone, Copy)]
+struct Cmd {
+    busy: bool,
+    tag: Tag,
+    /// Byte offset of this command's data within its operation.
+    op_off: usize,
+    /// Data bytes (0 for commands without data).
+    len: usize,
+    /// Reads: bytes received; writes: bytes asked for by R2Ts.
+    xfer: usize,
+    /// Data goes to the target by R2T (not in the capsule).
+    r2t_write: bool,
+    /// Expects C2HData.
+    read: bool,
+    /// When it was sent, ms on the queue's clock.
+    sent_ms: u64,
+    /// Dataset Management range (Unmap commands).
+    range: [u8; 16],
+    has_range: bool,
+}
+
+const FREE_CMD: Cmd = Cmd {
+    busy: false,
+    tag: 0,
+    op_off: 0,
+    len: 0,
+    xfer: 0,
+    r2t_write: false,
+    read: false,
+    sent_ms: 0,
+    range: [0; 16],
+    has_range: false,
+};
+
+struct Op {
+    active: bool,
+    kind: IoKind,
+    lba: u64,
+    blocks: u64,
+    /// The operation's memory (pointer, length), in order.
+    segs: Vec<(*mut u8, usize)>,
+    /// Units (bytes for reads and writes, blocks otherwise; 1 for flush)
+    /// in all, and already turned into commands.
+    total: u64,
+    issued: u64,
+    /// Commands outstanding.
+    out: u32,
+    error: Option<Error>,
+}
+
+enum Rx {
+    /// Waiting for a PDU header.
+    Header,
+    /// Receiving C2HData for `cid`: `left` bytes to go, at `off` within
+    /// the command's data.
+    Data {
+        cid: u16,
+        off: usize,
+        left: usize,
+        crc: u32,
+        digest: bool,
+        success: bool,
+    },
+    /// The data digest of the C2HData just received.
+    Digest { cid: u16, crc: u32, success: bool },
+}
+
+pub(super) struct TcpQueue {
+    ctrl: Arc<NvmeTcpController>,
+    name: String,
+    nsid: u32,
+    qid: u16,
+    block_size: u64,
+    max_cmd_bytes: usize,
+    in_capsule_bytes: usize,
+    dsm: bool,
+    write_zeroes: bool,
+    sock: TcpStream,
+    framing: Framing,
+    maxh2cdata: u32,
+    h2c_align: usize,
+    cmds: Vec<Cmd>,
+    free: Vec<u16>,
+    ops: Vec<Op>,
+    /// Operations with commands still to issue, oldest first.
+    pending: VecDeque<Tag>,
+    done: Vec<(Tag, Result<()>)>,
+    tx: Vec<u8>,
+    tx_sent: usize,
+    rx: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    rx_state: Rx,
+    /// Why the connection is dead.
+    dead: Option<String>,
+    busy: usize,
+    clock: Instant,
+    now_ms: u64,
+    reaps: u32,
+    timeout_ms: u64,
+}
+
+impl TcpQueue {
+    pub(super) fn new(dev: &NvmeTcpDevice) -> Result<TcpQueue> {
+        let ctrl = dev.ctrl.clone();
+        let depth = ctrl
+            .opts
+            .queue_depth
+            .min((ctrl.max_queue_entries.saturating_sub(1)).max(1) as u16);
+        let qid = ctrl.alloc_qid()?;
+        let link = match ctrl.connect_io_queue(qid, depth) {
+            Ok(l) => l,
+            Err(e) => {
+                ctrl.free_qid(qid);
+                return Err(e);
+            }
+        };
+        link.sock.set_nonblocking(true).map_err(|e| Error::Os {
+            context: format!("nvme-tcp:{}: non-blocking socket", ctrl.name()),
+            source: e,
+        })?;
+        let mut cmds = vec![FREE_CMD; depth as usize];
+        cmds.shrink_to_fit();
+        Ok(TcpQueue {
+            name: format!("nvme-tcp:{}/ns={}", ctrl.name(), dev.nsid),
+            nsid: dev.nsid,
+            qid,
+            block_size: dev.geometry.block_size as u64,
+            max_cmd_bytes: dev.max_cmd_bytes.min(link.maxh2cdata as usize),
+            in_capsule_bytes: ctrl.in_capsule_bytes,
+            dsm: dev.dsm,
+            write_zeroes: dev.write_zeroes,
+            framing: link.framing,
+            maxh2cdata: link.maxh2cdata,
+            h2c_align: link.h2c_align,
+            sock: link.sock,
+            cmds,
+            free: (0..depth).rev().collect(),
+            ops: Vec::new(),
+            pending: VecDeque::new(),
+            done: Vec::new(),
+            tx: Vec::with_capacity(64 << 10),
+            tx_sent: 0,
+            rx: vec![0u8; RX_BYTES].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            rx_state: Rx::Header,
+            dead: None,
+            busy: 0,
+            clock: Instant::now(),
+            now_ms: 0,
+            reaps: 0,
+            timeout_ms: ctrl.opts.io_timeout.as_millis() as u64,
+            ctrl,
+        })
+    }
+
+    fn device_failed(&self, reason: &str) -> Error {
+        Error::DeviceFailed {
+            device: self.name.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// Turns as many of `tag`'s remaining units into commands as there
+    /// are free command ids; true when all are issued.
+    fn issue(&mut self, tag: Tag) -> bool {
+        loop {
+            let op = &self.ops[tag as usize];
+            if op.issued >= op.total {
+                return true;
+            }
+            let Some(&cid) = self.free.last() else {
+                return false;
+            };
+            let bs = self.block_size;
+            let left = op.total - op.issued;
+            let (units, cmd, mut c) = match op.kind {
+                IoKind::Read | IoKind::Write => {
+                    let bytes = left.min(self.max_cmd_bytes as u64);
+                    let lba = op.lba + op.issued / bs;
+                    let opcode = if op.kind == IoKind::Read {
+                        io_op::READ
+                    } else {
+                        io_op::WRITE
+                    };
+                    let cmd = Command::rw(opcode, self.nsid, lba, (bytes / bs) as u32);
+                    let c = Cmd {
+                        busy: true,
+                        tag,
+                        op_off: op.issued as usize,
+                        len: bytes as usize,
+                        read: op.kind == IoKind::Read,
+                        r2t_write: op.kind == IoKind::Write
+                            && bytes as usize > self.in_capsule_bytes,
+                        ..FREE_CMD
+                    };
+                    (bytes, cmd, c)
+                }
+                IoKind::Flush => (
+                    1,
+                    Command::flush(self.nsid),
+                    Cmd {
+                        busy: true,
+                        tag,
+                        ..FREE_CMD
+                    },
+                ),
+                IoKind::WriteZeroes => {
+                    let blocks = left.min(65536);
+                    let lba = op.lba + op.issued;
+                    let cmd = Command::rw(io_op::WRITE_ZEROES, self.nsid, lba, blocks as u32);
+                    (
+                        blocks,
+                        cmd,
+                        Cmd {
+                            busy: true,
+                            tag,
+                            ..FREE_CMD
+                        },
+                    )
+                }
+                IoKind::Unmap => {
+                    let blocks = left.min(u32::MAX as u64);
+                    let lba = op.lba + op.issued;
+                    let mut range = [0u8; 16];
+                    range[4..8].copy_from_slice(&(blocks as u32).to_le_bytes());
+                    range[8..16].copy_from_slice(&lba.to_le_bytes());
+                    let cmd = Command {
+                        opcode: io_op::DSM,
+                        nsid: self.nsid,
+                        // One range; attribute: deallocate.
+                        cdw: [0, 1 << 2, 0, 0, 0, 0],
+                        ..Default::default()
+                    };
+                    let c = Cmd {
+                        busy: true,
+                        tag,
+                        len: 16,
+                        r2t_write: 16 > self.in_capsule_bytes,
+                        range,
+                        has_range: true,
+                        ..FREE_CMD
+                    };
+                    (blocks, cmd, c)
+                }
+            };
+            self.free.pop();
+            c.sent_ms = self.now_ms;
+            self.cmds[cid as usize] = c;
+            self.encode_capsule(cid, cmd);
+            let op = &mut self.ops[tag as usize];
+            op.issued += units;
+            op.out += 1;
+            self.busy += 1;
+        }
+    }
+
+    /// Appends command `cid`'s capsule (with its data when it goes in the
+    /// capsule) to the transmit buffer.
+    fn encode_capsule(&mut self, cid: u16, mut cmd: Command) {
+        let c = self.cmds[cid as usize];
+        let in_capsule = c.len > 0 && !c.read && !c.r2t_write;
+        if in_capsule {
+            sgl::set_in_capsule(&mut cmd, c.len as u32);
+        } else {
+            sgl::set_transport(&mut cmd, c.len as u32);
+        }
+        let header = Header::CapsuleCmd(cmd.encode(cid));
+        if !in_capsule {
+            pdu::encode_pdu(&mut self.tx, &header, &[], self.framing, self.h2c_align);
+            return;
+        }
+        self.encode_with_data(&header, cid, 0, c.len);
+    }
+
+    /// Encodes `header` with bytes `off..off + len` of command `cid`'s data.
+    fn encode_with_data(&mut self, header: &Header, cid: u16, off: usize, len: usize) {
+        let c = &self.cmds[cid as usize];
+        if c.has_range {
+            let range = c.range;
+            pdu::encode_pdu(
+                &mut self.tx,
+                header,
+                &[&range[off..off + len]],
+                self.framing,
+                self.h2c_align,
+            );
+            return;
+        }
+        let op = &self.ops[c.tag as usize];
+        let mut pieces: [&[u8]; 4] = [&[]; 4];
+        let mut n = 0;
+        let mut many = Vec::new();
+        for_each_piece(&op.segs, c.op_off + off, len, |p, l| {
+            // SAFETY: the segment belongs to this in-flight write; the
+            // device only reads it until the operation is reported.
+            let s = unsafe { std::slice::from_raw_parts(p as *const u8, l) };
+            if n < pieces.len() {
+                pieces[n] = s;
+            } else {
+                if many.is_empty() {
+                    many.extend_from_slice(&pieces);
+                }
+                many.push(s);
+            }
+            n += 1;
+        });
+        let data: &[&[u8]] = if n <= pieces.len() {
+            &pieces[..n]
+        } else {
+            &many
+        };
+        pdu::encode_pdu(&mut self.tx, header, data, self.framing, self.h2c_align);
+    }
+
+    /// Sends what the transmit buffer holds, as far as the socket takes it.
+    fn flush_tx(&mut self) -> std::result::Result<(), String> {
+        while self.tx_sent < self.tx.len() {
+            let rest = &self.tx[self.tx_sent..];
+            // SAFETY: a valid buffer of `rest.len()` bytes; MSG_NOSIGNAL: a
+            // closed peer is an error, not SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    self.sock.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    return Ok(());
+                }
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(format!("send: {e}"));
+            }
+            self.tx_sent += n as usize;
+        }
+        self.tx.clear();
+        self.tx_sent = 0;
+        Ok(())
+    }
+
+    /// Receives and handles PDUs; `Err` kills the connection.
+    fn receive(&mut self) -> std::result::Result<(), TcpError> {
+        for _ in 0..RECVS_PER_REAP {
+            self.parse_buffered()?;
+            if self.rx_start == self.rx_end {
+                self.rx_start = 0;
+                self.rx_end = 0;
+            } else if self.rx_end == self.rx.len() {
+                self.rx.copy_within(self.rx_start..self.rx_end, 0);
+                self.rx_end -= self.rx_start;
+                self.rx_start = 0;
+            }
+            match self.sock.read(&mut self.rx[self.rx_end..]) {
+                Ok(0) => return Err(TcpError::Closed),
+                Ok(n) => self.rx_end += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(TcpError::Connection(e.to_string())),
+            }
+        }
+        self.parse_buffered()
+    }
+
+    /// Handles every whole piece of PDU in the receive buffer.
+    fn parse_buffered(&mut self) -> std::result::Result<(), TcpError> {
+        loop {
+            let avail = self.rx_end - self.rx_start;
+            match self.rx_state {
+                Rx::Header => {
+                    if avail < COMMON_HEADER_BYTES {
+                        return Ok(());
+                    }
+                    let at = self.rx_start;
+                    let plan =
+                        pdu::plan(&self.rx[at..at + COMMON_HEADER_BYTES], self.framing, false)?;
+                    if avail < plan.header_bytes {
+                        return Ok(());
+                    }
+                    let (header, plan) = pdu::parse_header(
+                        &self.rx[at..at + plan.header_bytes],
+                        self.framing,
+                        false,
+                    )?;
+                    self.rx_start += plan.header_bytes;
+                    self.on_header(header, plan.data_digest)?;
+                }
+                Rx::Data {
+                    cid,
+                    off,
+                    left,
+                    crc,
+                    digest,
+                    success,
+                } => {
+                    if avail == 0 {
+                        return Ok(());
+                    }
+                    let n = avail.min(left);
+                    let bytes = &self.rx[self.rx_start..self.rx_start + n];
+                    let c = self.cmds[cid as usize];
+                    let op = &self.ops[c.tag as usize];
+                    let mut at = 0;
+                    for_each_piece(&op.segs, c.op_off + off, n, |p, l| {
+                        // SAFETY: the piece lies in this in-flight read's
+                        // memory (range checked against the command when
+                        // the header came); nothing else touches it.
+                        unsafe { std::ptr::copy_nonoverlapping(bytes[at..].as_ptr(), p, l) };
+                        at += l;
+                    });
+                    let crc = if digest {
+                        crc32c::crc32c_append(crc, bytes)
+                    } else {
+                        crc
+                    };
+                    self.rx_start += n;
+                    self.rx_state = if n < left {
+                        Rx::Data {
+                            cid,
+                            off: off + n,
+                            left: left - n,
+                            crc,
+                            digest,
+                            success,
+                        }
+                    } else if digest {
+                        Rx::Digest { cid, crc, success }
+                    } else {
+                        self.data_done(cid, success);
+                        Rx::Header
+                    };
+                }
+                Rx::Digest { cid, crc, success } => {
+                    if avail < pdu::DIGEST_BYTES {
+                        return Ok(());
+                    }
+                    let at = self.rx_start;
+                    pdu::check_data_digest("C2HData", crc, &self.rx[at..at + 4])?;
+                    self.rx_start += 4;
+                    self.data_done(cid, success);
+                    self.rx_state = Rx::Header;
+                }
+            }
+        }
+    }
+
+    fn data_done(&mut self, cid: u16, success: bool) {
+        if success {
+            self.complete(success_completion(cid));
+        }
+    }
+
+    fn on_header(&mut self, header: Header, digest: bool) -> std::result::Result<(), TcpError> {
+        match header {
+            Header::CapsuleResp(c) => {
+                self.check_cid("CapsuleResp", c.cid, |_| true, "an outstanding command")?;
+                let cmd = self.cmds[c.cid as usize];
+                if c.status().is_ok() && cmd.read && cmd.xfer != cmd.len {
+                    return Err(TcpError::Unexpected {
+                        pdu: "CapsuleResp",
+                        why: format!(
+                            "success for read command {} after {} of its {} bytes",
+                            c.cid, cmd.xfer, cmd.len
+                        ),
+                    });
+                }
+                self.complete(c);
+                Ok(())
+            }
+            Header::C2hData(d) => self.on_c2h(d, digest),
+            Header::R2t(r) => {
+                self.check_cid(
+                    "R2T",
+                    r.cccid,
+                    |c| c.r2t_write,
+                    "a write waiting for an R2T",
+                )?;
+                let c = self.cmds[r.cccid as usize];
+                if r.r2tl > self.maxh2cdata {
+                    return Err(TcpError::R2tBeyondMaxH2cData {
+                        cid: r.cccid,
+                        r2tl: r.r2tl,
+                        max: self.maxh2cdata,
+                    });
+                }
+                let (off, len) = (r.r2to as usize, r.r2tl as usize);
+                if len == 0 || off != c.xfer || off + len > c.len {
+                    return Err(TcpError::DataOutOfRange {
+                        pdu: "R2T",
+                        cid: r.cccid,
+                        offset: r.r2to,
+                        len: r.r2tl,
+                        cmd_len: c.len,
+                        why: ", or not where the last R2T ended",
+                    });
+                }
+                self.cmds[r.cccid as usize].xfer = off + len;
+                let h = Header::H2cData(DataHeader {
+                    cccid: r.cccid,
+                    ttag: r.ttag,
+                    datao: r.r2to,
+                    datal: r.r2tl,
+                    last: true,
+                    success: false,
+                });
+                self.encode_with_data(&h, r.cccid, off, len);
+                Ok(())
+            }
+            Header::TermReq { fes, fei, .. } => Err(TcpError::TerminatedByController { fes, fei }),
+            other => Err(TcpError::Unexpected {
+                pdu: header_name(&other),
+                why: "on an I/O queue".into(),
+            }),
+        }
+    }
+
+    fn on_c2h(&mut self, d: DataHeader, digest: bool) -> std::result::Result<(), TcpError> {
+        self.check_cid("C2HData", d.cccid, |c| c.read, "an outstanding read")?;
+        let c = self.cmds[d.cccid as usize];
+        let (off, len) = (d.datao as usize, d.datal as usize);
+        if off != c.xfer || off + len > c.len || (d.success && off + len != c.len) {
+            return Err(TcpError::DataOutOfRange {
+                pdu: "C2HData",
+                cid: d.cccid,
+                offset: d.datao,
+                len: d.datal,
+                cmd_len: c.len,
+                why: ", or not in order, or SUCCESS before the last byte",
+            });
+        }
+        self.cmds[d.cccid as usize].xfer = off + len;
+        self.rx_state = Rx::Data {
+            cid: d.cccid,
+            off,
+            left: len,
+            crc: 0,
+            digest,
+            success: d.success,
+        };
+        Ok(())
+    }
+
+    fn check_cid(
+        &self,
+        pdu: &'static str,
+        cid: u16,
+        ok: impl Fn(&Cmd) -> bool,
+        why: &'static str,
+    ) -> std::result::Result<(), TcpError> {
+        match self.cmds.get(cid as usize) {
+            Some(c) if c.busy && ok(c) => Ok(()),
+            _ => Err(TcpError::UnknownCid { pdu, cid, why }),
+        }
+    }
+
+    /// Command `c.cid` finished with `c`'s status.
+    fn complete(&mut self, c: Completion) {
+        let cmd = std::mem::replace(&mut self.cmds[c.cid as usize], FREE_CMD);
+        debug_assert!(cmd.busy);
+        self.free.push(c.cid);
+        self.busy -= 1;
+        let op = &mut self.ops[cmd.tag as usize];
+        op.out -= 1;
+        if let Err(status) = c.status() {
+            if op.error.is_none() {
+                op.error = Some(Error::Nvme {
+                    op: op.kind.name(),
+                    nsid: self.nsid,
+                    lba: op.lba,
+                    blocks: op.blocks,
+                    status,
+                });
+            }
+        }
+        if op.out == 0 && op.issued >= op.total {
+            op.active = false;
+            let r = op.error.take().map_or(Ok(()), Err);
+            self.done.push((cmd.tag, r));
+        }
+    }
+
+    /// The connection is dead: every operation fails, now and later.
+    fn kill(&mut self, why: String, timed_out: Option<Tag>) {
+        tracing::warn!(device = %self.name, qid = self.qid, reason = %why, "nvme-tcp I/O queue failed");
+        if self.dead.is_none() {
+            let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        }
+        let reason = format!("I/O queue {} lost: {why}", self.qid);
+        for (tag, op) in self.ops.iter_mut().enumerate() {
+            if !op.active {
+                continue;
+            }
+            op.active = false;
+            let e = if timed_out == Some(tag as Tag) {
+                Error::Timeout {
+                    op: op.kind.name(),
+                    lba: op.lba,
+                    blocks: op.blocks,
+                    after_ms: self.timeout_ms,
+                }
+            } else {
+                Error::DeviceFailed {
+                    device: self.name.clone(),
+                    reason: reason.clone(),
+                }
+            };
+            self.done.push((tag as Tag, Err(e)));
+        }
+        self.cmds.fill(FREE_CMD);
+        self.free = (0..self.cmds.len() as u16).rev().collect();
+        self.pending.clear();
+        self.busy = 0;
+        self.tx.clear();
+        self.tx_sent = 0;
+        self.dead = Some(reason);
+    }
+
+    /// Sends a H2CTermReq for `e` (best effort) before the connection closes.
+    fn terminate(&mut self, e: &TcpError) {
+        let Some(fes) = e.fes() else { return };
+        let mut out = Vec::new();
+        let h = Header::TermReq {
+            from_host: true,
+            fes,
+            fei: 0,
+        };
+        pdu::encode_pdu(&mut out, &h, &[], self.framing, 4);
+        // SAFETY: a valid buffer; a failure changes nothing (closing next).
+        unsafe {
+            libc::send(
+                self.sock.as_raw_fd(),
+                out.as_ptr().cast(),
+                out.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+    }
+
+    fn tick(&mut self) {
+        self.now_ms = self.clock.elapsed().as_millis() as u64;
+        if self.busy == 0 {
+            return;
+        }
+        let late = self
+            .cmds
+            .iter()
+            .find(|c| c.busy && self.now_ms.saturating_sub(c.sent_ms) > self.timeout_ms);
+        if let Some(c) = late {
+            let tag = c.tag;
+            self.kill(
+                format!("a command got no answer within {} ms", self.timeout_ms),
+                Some(tag),
+            );
+        }
+    }
+
+    fn issue_pending(&mut self) {
+        while let Some(&tag) = self.pending.front() {
+            if !self.issue(tag) {
+                return;
+            }
+            self.pending.pop_front();
+        }
+    }
+}
+
+fn success_completion(cid: u16) -> Completion {
+    success(cid)
+}
+
+/// Calls `f(ptr, len)` for the pieces of `segs` covering bytes
+/// `off..off + len` of their concatenation.
+fn for_each_piece(
+    segs: &[(*mut u8, usize)],
+    mut off: usize,
+    mut len: usize,
+    mut f: impl FnMut(*mut u8, usize),
+) {
+    for &(p, l) in segs {
+        if len == 0 {
+            return;
+        }
+        if off >= l {
+            off -= l;
+            continue;
+        }
+        let n = (l - off).min(len);
+        // SAFETY (of the pointer arithmetic): `off < l`, inside the segment.
+        f(unsafe { p.add(off) }, n);
+        off = 0;
+        len -= n;
+    }
+    debug_assert_eq!(len, 0, "range past the operation's memory");
+}
+
+impl ChannelBackend for TcpQueue {
+    fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
+        if let Some(why) = &self.dead {
+            return Err(self.device_failed(why));
+        }
+        match op.kind {
+            IoKind::Unmap if !self.dsm => {
+                return Err(Error::Unsupported(format!(
+                    "{}: the controller has no Dataset Management (unmap)",
+                    self.name
+                )))
+            }
+            IoKind::WriteZeroes if !self.write_zeroes => {
+                return Err(Error::Unsupported(format!(
+                    "{}: the controller has no Write Zeroes",
+                    self.name
+                )))
+            }
+            _ => {}
+        }
+        if self.busy == 0 {
+            self.now_ms = self.clock.elapsed().as_millis() as u64;
+        }
+        let t = tag as usize;
+        if self.ops.len() <= t {
+            self.ops.resize_with(t + 1, || Op {
+                active: false,
+                kind: IoKind::Flush,
+                lba: 0,
+                blocks: 0,
+                segs: Vec::new(),
+                total: 0,
+                issued: 0,
+                out: 0,
+                error: None,
+            });
+        }
+        let o = &mut self.ops[t];
+        debug_assert!(!o.active, "tag {tag} reused while in flight");
+        o.active = true;
+        o.kind = op.kind;
+        o.lba = op.lba;
+        o.blocks = op.blocks;
+        o.segs.clear();
+        o.segs.extend(op.segs.iter().map(|s| (s.ptr(), s.len())));
+        o.total = match op.kind {
+            IoKind::Read | IoKind::Write => o.segs.iter().map(|s| s.1 as u64).sum(),
+            IoKind::Flush => 1,
+            IoKind::Unmap | IoKind::WriteZeroes => op.blocks,
+        };
+        o.issued = 0;
+        o.out = 0;
+        o.error = None;
+        if !self.pending.is_empty() || !self.issue(tag) {
+            self.pending.push_back(tag);
+        }
+        Ok(())
+    }
+
+    fn reap(&mut self, done: &mut dyn FnMut(Tag, Result<()>)) -> usize {
+        if self.dead.is_none() {
+            if let Err(why) = self.flush_tx() {
+                self.kill(why, None);
+            }
+        }
+        if self.dead.is_none() && self.busy > 0 {
+            if let Err(e) = self.receive() {
+                self.terminate(&e);
+                self.kill(e.to_string(), None);
+            }
+        }
+        if self.dead.is_none() {
+            self.issue_pending();
+            self.reaps += 1;
+            if self.reaps >= REAPS_PER_CLOCK {
+                self.reaps = 0;
+                self.tick();
+            }
+        }
+        let n = self.done.len();
+        for (tag, r) in self.done.drain(..) {
+            done(tag, r);
+        }
+        n
+    }
+
+    fn wait(&mut self) -> bool {
+        if self.dead.is_some() || !self.done.is_empty() || self.busy == 0 {
+            return true;
+        }
+        let mut events = libc::POLLIN;
+        if self.tx_sent < self.tx.len() {
+            events |= libc::POLLOUT;
+        }
+        let mut fd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut fd, 1, WAIT_SLICE_MS) };
+        self.tick();
+        true
+    }
+}
+
+impl Drop for TcpQueue {
+    fn drop(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        self.ctrl.free_qid(self.qid);
+    }
+}

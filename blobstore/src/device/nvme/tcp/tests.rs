@@ -1,0 +1,480 @@
+//! The transport against a small in-process NVMe/TCP target on loopback:
+//! the whole I/O path (in-capsule writes, R2T and H2CData, C2HData with and
+//! without SUCCESS, digests, multi-command operations) and what a target
+//! that breaks the protocol or goes away does to the I/O in flight. The
+//! real target (Linux nvmet) is exercised in the VM test.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::pdu::{self, DataHeader, Framing, Header, IcResp, R2t, COMMON_HEADER_BYTES};
+use super::*;
+use crate::device::{channel, BlockDevice, DmaBuf};
+use crate::exec::block_on;
+
+const NQN: &str = "nqn.2024-01.io.blobstack:fake";
+const BLOCK: usize = 512;
+const BLOCKS: usize = 16384; // 8 MiB
+
+/// What the fake target does wrong.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fault {
+    None,
+    /// C2HData for a command id that is not outstanding.
+    UnknownCid,
+    /// A C2HTermReq in place of read data.
+    TermReq,
+    /// Closes the connection on a read.
+    Close,
+    /// Never answers a read.
+    Silent,
+    /// C2HData past the command's data.
+    OutOfRange,
+    /// A wrong data digest on read data.
+    BadDataDigest,
+    /// An R2T larger than MAXH2CDATA.
+    BigR2t,
+    /// An error status on reads.
+    MediaError,
+}
+
+struct Target {
+    port: u16,
+    disk: Arc<Mutex<Vec<u8>>>,
+    /// Read commands seen on I/O queues.
+    reads: Arc<AtomicUsize>,
+}
+
+fn target(fault: Fault) -> Target {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let disk = Arc::new(Mutex::new(vec![0u8; BLOCK * BLOCKS]));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let (d, r) = (disk.clone(), reads.clone());
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { return };
+            let (d, r) = (d.clone(), r.clone());
+            std::thread::spawn(move || {
+                let _ = serve(s, fault, &d, &r);
+            });
+        }
+    });
+    Target { port, disk, reads }
+}
+
+fn read_pdu(s: &mut TcpStream, f: Framing) -> std::io::Result<(Header, Vec<u8>)> {
+    let mut common = [0u8; COMMON_HEADER_BYTES];
+    s.read_exact(&mut common)?;
+    let p = pdu::plan(&common, f, true).expect("host PDU header");
+    let mut buf = vec![0u8; p.pdu_bytes()];
+    buf[..8].copy_from_slice(&common);
+    s.read_exact(&mut buf[8..])?;
+    let (h, data) = pdu::parse_pdu(&buf, f, true).expect("host PDU");
+    Ok((h, data.to_vec()))
+}
+
+fn resp(cid: u16, dw0: u32, sct: u8, sc: u8) -> Header {
+    Header::CapsuleResp(Completion {
+        dw0,
+        sq_head: 0,
+        sq_id: 0,
+        cid,
+        phase: false,
+        sc,
+        sct,
+        dnr: true,
+    })
+}
+
+fn serve(
+    mut s: TcpStream,
+    fault: Fault,
+    disk: &Mutex<Vec<u8>>,
+    reads: &AtomicUsize,
+) -> std::io::Result<()> {
+    let mut out = Vec::new();
+    let (h, _) = read_pdu(&mut s, Framing::default())?;
+    let Header::IcReq(req) = h else {
+        panic!("no ICReq")
+    };
+    let f = req.digests;
+    pdu::encode_pdu(
+        &mut out,
+        &Header::IcResp(IcResp {
+            pfv: 0,
+            cpda: 0,
+            digests: f,
+            maxh2cdata: 64 << 10,
+        }),
+        &[],
+        Framing::default(),
+        4,
+    );
+    let mut qid = 0;
+    let mut sqflow_off = false;
+    // Commands that came while a write waited for its data.
+    let mut backlog = std::collections::VecDeque::new();
+    loop {
+        s.write_all(&out)?;
+        out.clear();
+        let (h, data) = match backlog.pop_front() {
+            Some(p) => p,
+            None => read_pdu(&mut s, f)?,
+        };
+        let Header::CapsuleCmd(d) = h else {
+            panic!("expected a command, got {h:?}")
+        };
+        let (opcode, cid) = (d[0] as u8, (d[0] >> 16) as u16);
+        let sgl_len = d[8] as usize;
+        let lba = d[10] as usize | (d[11] as usize) << 32;
+        let blocks = (d[12] & 0xffff) as usize + 1;
+        let send_data = |out: &mut Vec<u8>, bytes: &[u8], success: bool| {
+            let h = Header::C2hData(DataHeader {
+                cccid: cid,
+                ttag: 0,
+                datao: 0,
+                datal: bytes.len() as u32,
+                last: true,
+                success,
+            });
+            pdu::encode_pdu(out, &h, &[bytes], f, 4);
+        };
+        match (qid, opcode) {
+            (_, 0x7F) => match d[1] as u8 {
+                0x01 => {
+                    qid = (d[10] >> 16) as u16;
+                    sqflow_off = (d[11] >> 16) & 4 != 0;
+                    assert_eq!(&data[256..256 + NQN.len()], NQN.as_bytes());
+                    pdu::encode_pdu(&mut out, &resp(cid, 1, 0, 0), &[], f, 4);
+                }
+                0x04 => {
+                    // CAP: MQES 255, TO 1; CSTS: ready.
+                    let v = if d[11] == 0 { 255 | 1 << 24 } else { 1 };
+                    pdu::encode_pdu(&mut out, &resp(cid, v, 0, 0), &[], f, 4);
+                }
+                _ => pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4),
+            },
+            (0, 0x06) => {
+                let mut page = vec![0u8; 4096];
+                if d[10] == 1 {
+                    page[516..520].copy_from_slice(&1u32.to_le_bytes());
+                    page[520] = 0b1100; // DSM, Write Zeroes
+                                        // IOCCSZ: the SQE and 8 KiB.
+                    page[1792..1796].copy_from_slice(&(((64 + 8192) / 16) as u32).to_le_bytes());
+                } else {
+                    page[0..8].copy_from_slice(&(BLOCKS as u64).to_le_bytes());
+                    page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
+                }
+                send_data(&mut out, &page, false);
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
+            (0, _) => pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4),
+            (_, 0x02) => {
+                let n = reads.fetch_add(1, Ordering::SeqCst);
+                let bytes = disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK].to_vec();
+                assert_eq!(bytes.len(), sgl_len);
+                // Let the first read of each connection through, so faults
+                // hit a queue in use.
+                let fault = if n.is_multiple_of(2) {
+                    Fault::None
+                } else {
+                    fault
+                };
+                match fault {
+                    Fault::UnknownCid => {
+                        let h = Header::C2hData(DataHeader {
+                            cccid: cid ^ 0x200,
+                            ttag: 0,
+                            datao: 0,
+                            datal: 512,
+                            last: true,
+                            success: false,
+                        });
+                        pdu::encode_pdu(&mut out, &h, &[&bytes[..512]], f, 4);
+                    }
+                    Fault::TermReq => {
+                        let h = Header::TermReq {
+                            from_host: false,
+                            fes: pdu::fes::DATA_OUT_OF_RANGE,
+                            fei: 0,
+                        };
+                        pdu::encode_pdu(&mut out, &h, &[], f, 4);
+                    }
+                    Fault::Close => return Ok(()),
+                    Fault::Silent => {}
+                    Fault::OutOfRange => {
+                        let mut more = bytes.clone();
+                        more.extend_from_slice(&[0; 512]);
+                        send_data(&mut out, &more, false);
+                    }
+                    Fault::BadDataDigest => {
+                        send_data(&mut out, &bytes, sqflow_off);
+                        let n = out.len();
+                        out[n - 1] ^= 0xff;
+                    }
+                    Fault::MediaError => {
+                        pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
+                    }
+                    Fault::None | Fault::BigR2t => {
+                        // Big reads in two PDUs, to cover datao.
+                        if bytes.len() > 8192 {
+                            let h = Header::C2hData(DataHeader {
+                                cccid: cid,
+                                ttag: 0,
+                                datao: 0,
+                                datal: 4096,
+                                last: false,
+                                success: false,
+                            });
+                            pdu::encode_pdu(&mut out, &h, &[&bytes[..4096]], f, 4);
+                            let h = Header::C2hData(DataHeader {
+                                cccid: cid,
+                                ttag: 0,
+                                datao: 4096,
+                                datal: bytes.len() as u32 - 4096,
+                                last: true,
+                                success: sqflow_off,
+                            });
+                            pdu::encode_pdu(&mut out, &h, &[&bytes[4096..]], f, 4);
+                        } else {
+                            send_data(&mut out, &bytes, sqflow_off);
+                        }
+                        if !sqflow_off {
+                            pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+                        }
+                    }
+                }
+            }
+            (_, 0x01) => {
+                let bytes = if data.is_empty() {
+                    // Ask for the data (two R2Ts for large writes).
+                    let mut got = Vec::new();
+                    while got.len() < sgl_len {
+                        let want = (sgl_len - got.len()).min(32 << 10);
+                        let r2tl = if fault == Fault::BigR2t {
+                            128 << 10
+                        } else {
+                            want as u32
+                        };
+                        let h = Header::R2t(R2t {
+                            cccid: cid,
+                            ttag: 7,
+                            r2to: got.len() as u32,
+                            r2tl,
+                        });
+                        pdu::encode_pdu(&mut out, &h, &[], f, 4);
+                        s.write_all(&out)?;
+                        out.clear();
+                        let end = got.len() + want;
+                        while got.len() < end {
+                            let (h, d) = read_pdu(&mut s, f)?;
+                            if let Header::CapsuleCmd(_) = h {
+                                backlog.push_back((h, d));
+                                continue;
+                            }
+                            let Header::H2cData(dh) = h else {
+                                panic!("expected H2CData, got {h:?}")
+                            };
+                            assert_eq!((dh.cccid, dh.ttag, dh.datao as usize), (cid, 7, got.len()));
+                            got.extend_from_slice(&d);
+                        }
+                    }
+                    got
+                } else {
+                    data
+                };
+                assert_eq!(bytes.len(), blocks * BLOCK);
+                disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK].copy_from_slice(&bytes);
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
+            (_, 0x08) => {
+                disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK].fill(0);
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
+            (_, 0x09) => {
+                let n = u32::from_le_bytes(data[4..8].try_into().unwrap()) as usize;
+                let at = u64::from_le_bytes(data[8..16].try_into().unwrap()) as usize;
+                disk.lock().unwrap()[at * BLOCK..(at + n) * BLOCK].fill(0);
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
+            _ => pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4),
+        }
+    }
+}
+
+fn open(t: &Target, digest: bool, io_timeout: Duration) -> Arc<dyn BlockDevice> {
+    let opts = TcpOptions {
+        header_digest: digest,
+        data_digest: digest,
+        queue_depth: 8,
+        io_timeout,
+        ..Default::default()
+    };
+    Arc::new(NvmeTcpDevice::open(&format!("127.0.0.1:{}", t.port), NQN, 1, opts).unwrap())
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i * 31 + seed * 7 + i / 512) as u8)
+        .collect()
+}
+
+#[test]
+fn reads_and_writes_of_every_shape_reach_the_target() {
+    for digest in [false, true] {
+        let t = target(Fault::None);
+        let dev = open(&t, digest, Duration::from_secs(30));
+        assert_eq!(dev.geometry().block_size, 512);
+        assert_eq!(dev.geometry().block_count, BLOCKS as u64);
+        assert!(
+            dev.name().starts_with("nvme-tcp:127.0.0.1:"),
+            "{}",
+            dev.name()
+        );
+        let ch = channel(&dev).unwrap();
+        // In-capsule (4 KiB, 8 KiB), R2T (12 KiB, 100 KiB: several R2Ts),
+        // several commands (3 MiB).
+        for (i, blocks) in [8usize, 16, 24, 200, 6144].into_iter().enumerate() {
+            let lba = (i * 977) % (BLOCKS - blocks);
+            let data = pattern(i + digest as usize, blocks * BLOCK);
+            block_on(ch.write(lba as u64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            assert_eq!(
+                &t.disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK],
+                &data[..],
+                "write of {blocks} blocks landed"
+            );
+            let back = block_on(ch.read(lba as u64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            assert!(back[..] == data[..], "read of {blocks} blocks");
+        }
+        // Several segments in one operation.
+        let parts = [pattern(9, 4096), pattern(10, 16384), pattern(11, 512)];
+        let bufs: Vec<DmaBuf> = parts
+            .iter()
+            .map(|p| DmaBuf::from_slice(p).unwrap())
+            .collect();
+        block_on(ch.writev(100, bufs)).unwrap();
+        let outs = vec![
+            DmaBuf::new(512).unwrap(),
+            DmaBuf::new(16384).unwrap(),
+            DmaBuf::new(4096).unwrap(),
+        ];
+        let outs = block_on(ch.readv(100, outs)).unwrap();
+        let all: Vec<u8> = outs.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(all, parts.concat());
+        block_on(ch.flush()).unwrap();
+        block_on(ch.write_zeroes(100, 8)).unwrap();
+        block_on(ch.unmap(108, 8)).unwrap();
+        assert!(t.disk.lock().unwrap()[100 * BLOCK..116 * BLOCK]
+            .iter()
+            .all(|&b| b == 0));
+        assert_ne!(t.disk.lock().unwrap()[116 * BLOCK], 0);
+    }
+}
+
+#[test]
+fn many_operations_in_flight_on_several_threads() {
+    let t = target(Fault::None);
+    let dev = open(&t, false, Duration::from_secs(30));
+    let threads: Vec<_> = (0..3)
+        .map(|th| {
+            let dev = dev.clone();
+            std::thread::spawn(move || {
+                let ch = channel(&dev).unwrap();
+                // 20 operations at once on a queue of depth 8: some wait
+                // for command ids.
+                let base = th * 4096;
+                let futs: Vec<_> = (0..20)
+                    .map(|k| {
+                        let data = pattern(th * 100 + k, 8 * BLOCK);
+                        let ch = ch.clone();
+                        async move {
+                            ch.write((base + k * 8) as u64, DmaBuf::from_slice(&data).unwrap())
+                                .await
+                                .unwrap();
+                        }
+                    })
+                    .collect();
+                block_on(futures::future::join_all(futs));
+                for k in 0..20 {
+                    let b =
+                        block_on(ch.read((base + k * 8) as u64, DmaBuf::new(8 * BLOCK).unwrap()))
+                            .unwrap();
+                    assert!(b[..] == pattern(th * 100 + k, 8 * BLOCK)[..]);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// A read after a good one meets `fault`: the error it gives, in bounded
+/// time; later operations on the queue fail too (unless the fault is a
+/// plain status).
+fn fault_error(fault: Fault, digest: bool) -> String {
+    let t = target(fault);
+    let dev = open(&t, digest, Duration::from_millis(1500));
+    let ch = channel(&dev).unwrap();
+    block_on(ch.write(0, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
+    // The first read passes.
+    block_on(ch.read(0, DmaBuf::new(4096).unwrap())).unwrap();
+    let start = Instant::now();
+    let e = block_on(ch.read(0, DmaBuf::new(4096).unwrap())).unwrap_err();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{fault:?} took {:?}",
+        start.elapsed()
+    );
+    assert!(t.reads.load(Ordering::SeqCst) >= 2);
+    let after = block_on(ch.read(0, DmaBuf::new(4096).unwrap()));
+    if fault == Fault::MediaError {
+        assert!(after.is_ok(), "a status error leaves the queue working");
+    } else {
+        let a = after.unwrap_err().to_string();
+        assert!(a.contains("lost"), "{fault:?}: later I/O: {a}");
+    }
+    e.to_string()
+}
+
+#[test]
+fn target_misbehaviour_fails_the_io_with_a_clear_error() {
+    let cases = [
+        (Fault::UnknownCid, false, "not an outstanding read"),
+        (Fault::TermReq, false, "data transfer out of range"),
+        (Fault::Close, false, "connection closed by the controller"),
+        (Fault::Silent, false, "device timeout"),
+        (Fault::OutOfRange, false, "outside its 4096 bytes"),
+        (Fault::BadDataDigest, true, "data digest"),
+        (Fault::MediaError, false, "UnrecoveredReadError"),
+    ];
+    for (fault, digest, want) in cases {
+        let e = fault_error(fault, digest);
+        assert!(e.contains(want), "{fault:?}: {e}");
+    }
+}
+
+#[test]
+fn an_r2t_beyond_maxh2cdata_is_refused() {
+    let t = target(Fault::BigR2t);
+    let dev = open(&t, false, Duration::from_secs(5));
+    let ch = channel(&dev).unwrap();
+    let e = block_on(ch.write(0, DmaBuf::from_slice(&pattern(1, 64 << 10)).unwrap())).unwrap_err();
+    assert!(e.to_string().contains("more than MAXH2CDATA 65536"), "{e}");
+}
+
+#[test]
+fn a_missing_namespace_is_refused_clearly() {
+    let t = target(Fault::None);
+    let ctrl =
+        NvmeTcpController::connect(&format!("127.0.0.1:{}", t.port), NQN, TcpOptions::default())
+            .unwrap();
+    assert_eq!(ctrl.cntlid(), 1);
+    assert_eq!(ctrl.in_capsule_bytes(), 8192);
+    let e = NvmeTcpDevice::from_controller(ctrl, 2).err().unwrap();
+    assert!(e.to_string().contains("namespace 2 does not exist"), "{e}");
+}
