@@ -110,7 +110,6 @@ TARGET=$(dirname "$(dirname "$NVME_VM")")
 [ -x "$NVME_VM" ] && [ -x "$NVME_TCP_VM" ] && [ -x "$SUITE" ] || { echo "test binaries not found" >&2; exit 1; }
 [ -n "$ONLY" ] || [ -x "$KILL" ] || { echo "blobfs kill test binary not found" >&2; exit 1; }
 if [ -n "$ONLY" ]; then
-  [ "$MODE" = test ] || { echo "VM_ONLY=$ONLY is for VM_MODE=test" >&2; exit 1; }
   TOOLS=""
 else
   TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
@@ -144,6 +143,11 @@ cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
 cp "$(command -v mkfs.ext4)" "$IRD/bin/"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
 echo "VM_ONLY=$ONLY" > "$IRD/vm.conf"
+if [ "$MODE" = bench ]; then
+  cp "$(command -v fio)" "$IRD/bin/fio"
+  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\nKV_MODES="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" \
+    "$KVBENCH_VM_ARGS" "$KV_MODES" > "$IRD/bench.conf"
+fi
 if [ -n "$ONLY" ]; then
   :
 elif [ "$MODE" = test ]; then
@@ -154,10 +158,7 @@ elif [ "$MODE" = test ]; then
   cp /usr/bin/stdbuf "$IRD/usr/bin/"
   cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
 else
-  cp "$(command -v fio)" "$IRD/bin/fio"
   cp "$TOOLS/db_bench" "$TARGET/kvbench" "$IRD/bin/"
-  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\nKV_MODES="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" \
-    "$KVBENCH_VM_ARGS" "$KV_MODES" > "$IRD/bench.conf"
 fi
 for b in "$IRD"/bin/*; do
   # busybox is static (ldd fails on it).
@@ -405,6 +406,41 @@ fio_run() { # fio's flags for the engine and target
   fio --name=b --bs=4096 --time_based --runtime=$SECS --norandommap \
     --randrepeat=0 --output-format=terse --terse-version=3 "$@"
 }
+# NVMe/TCP: `perf` on nvme-tcp: against fio (io_uring, O_DIRECT) on the
+# kernel's own NVMe/TCP initiator, both on the same nvmet-tcp target on
+# loopback (namespace 2), 4 KiB random reads at QD1 and QD32, sides
+# alternating. The kernel initiator is connected once, through
+# /dev/nvme-fabrics, and stays connected (idle) while ours runs.
+tcp_bench() {
+  tcp_target_up || { echo "VMBENCH-FAIL nvmet-tcp target"; FAILED="$FAILED nvmet-tcp"; return; }
+  before=$(ls /sys/block)
+  echo "transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$NQN" > /dev/nvme-fabrics ||
+    { echo "VMBENCH-FAIL kernel nvme-tcp connect"; FAILED="$FAILED kernel-tcp-connect"; return; }
+  KDEV=""
+  for i in $(seq 1 50); do
+    for b in $(ls /sys/block); do
+      case " $(echo $before) " in *" $b "*) continue ;; esac
+      # Namespace 2: 192 MiB.
+      [ "$(cat /sys/block/$b/size)" = 393216 ] && KDEV=$b
+    done
+    [ -n "$KDEV" ] && [ -b /dev/$KDEV ] && break
+    sleep 0.2
+  done
+  [ -n "$KDEV" ] || { echo "VMBENCH-FAIL no kernel nvme-tcp namespace"; FAILED="$FAILED kernel-tcp-dev"; return; }
+  echo "VMBENCH-TCP-SHAPE kernel initiator /dev/$KDEV ($(cat /sys/block/$KDEV/queue/logical_block_size)-byte blocks), ours $TCP_SPEC/ns=2"
+  for r in $(seq 1 $ROUNDS); do
+    for qd in 1 32; do
+      measure ours-tcp $qd randread perf --device $TCP_SPEC/ns=2 --qd $qd --bs 4096 --rw randread --seconds $SECS
+      measure kernel-tcp-io_uring $qd randread fio_run --ioengine=io_uring --direct=1 --filename=/dev/$KDEV --rw=randread --iodepth=$qd
+    done
+  done
+  # Disconnect the kernel's initiator (the PCIe steps count controllers).
+  for c in /sys/class/nvme/*; do
+    [ "$(cat $c/transport 2>/dev/null)" = tcp ] && echo 1 > $c/delete_controller
+  done
+}
+tcp_bench
+if [ -z "$VM_ONLY" ]; then
 to_kernel() {
   nvme-setup unbind $PCI >/dev/null
   for i in $(seq 1 50); do [ -b /dev/nvme0n$NS ] && [ -c /dev/ng0n$NS ] && break; sleep 0.2; done
@@ -440,6 +476,7 @@ for mode in $KV_MODES; do
   echo "VMKV-END $mode"
   echo "VMKV-JSON-BEGIN $mode"; cat /tmp/kv-$mode/kvbench.json 2>/dev/null; echo "VMKV-JSON-END $mode"
 done
+fi
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 fi
@@ -490,7 +527,7 @@ echo
 log "VM finished in ${elapsed}s (qemu exit $qrc)"
 grep -a -E "^test .* \.\.\. |VMTEST-END|VMTEST-PERF" "$CONSOLE" | sed 's/\r$//' || true
 if [ "$MODE" = bench ]; then
-  grep -a "^VMBENCH-SHAPE" "$CONSOLE" | tr -d '\r' | head -1
+  grep -a "^VMBENCH-SHAPE" "$CONSOLE" | tr -d '\r' | head -1 || true
   # Medians per path, queue depth and operation.
   echo "| path | qd | op | IOPS | IOPS per guest CPU s | runs |"
   echo "| --- | ---: | --- | ---: | ---: | ---: |"
@@ -504,8 +541,9 @@ if [ "$MODE" = bench ]; then
     }
     END { for (i = 1; i <= m; i++) { k = order[i]; split(k, f, " ")
       printf "| %s | %s | %s | %d | %d | %d |\n", f[1], f[2], f[3], med(iops, k, n[k]), med(cpu, k, n[k]), n[k] } }'
+  grep -a "^VMBENCH-TCP-SHAPE" "$CONSOLE" | tr -d '\r' | head -1 || true
   # kvbench's tables, and its JSON kept beside the console log.
-  for mode in $KV_MODES; do
+  [ -n "$ONLY" ] || for mode in $KV_MODES; do
     sed -n "/^VMKV-BEGIN $mode/,/^VMKV-END $mode/p" "$CONSOLE" | tr -d '\r' | grep -av '^VMKV'
     sed -n "/^VMKV-JSON-BEGIN $mode/,/^VMKV-JSON-END $mode/p" "$CONSOLE" | tr -d '\r' |
       grep -av '^VMKV' > "$WORK/kvbench-$mode.json" || true

@@ -399,7 +399,14 @@ impl TcpQueue {
             }
             match self.sock.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err(TcpError::Closed),
-                Ok(n) => self.rx_end += n,
+                Ok(n) => {
+                    self.rx_end += n;
+                    if self.rx_end < self.rx.len() {
+                        // The socket had less than the buffer's room: it is
+                        // drained, and another recv would only say so.
+                        return self.parse_buffered();
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(TcpError::Connection(e.to_string())),
