@@ -39,6 +39,8 @@ enum Fault {
     BigR2t,
     /// An error status on reads.
     MediaError,
+    /// Closes the admin connection at the first Keep Alive.
+    CloseOnKeepAlive,
 }
 
 struct Target {
@@ -46,6 +48,8 @@ struct Target {
     disk: Arc<Mutex<Vec<u8>>>,
     /// Read commands seen on I/O queues.
     reads: Arc<AtomicUsize>,
+    /// Keep Alive commands seen.
+    keep_alives: Arc<AtomicUsize>,
 }
 
 fn target(fault: Fault) -> Target {
@@ -53,17 +57,23 @@ fn target(fault: Fault) -> Target {
     let port = l.local_addr().unwrap().port();
     let disk = Arc::new(Mutex::new(vec![0u8; BLOCK * BLOCKS]));
     let reads = Arc::new(AtomicUsize::new(0));
-    let (d, r) = (disk.clone(), reads.clone());
+    let keep_alives = Arc::new(AtomicUsize::new(0));
+    let (d, r, k) = (disk.clone(), reads.clone(), keep_alives.clone());
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
-            let (d, r) = (d.clone(), r.clone());
+            let (d, r, k) = (d.clone(), r.clone(), k.clone());
             std::thread::spawn(move || {
-                let _ = serve(s, fault, &d, &r);
+                let _ = serve(s, fault, &d, &r, &k);
             });
         }
     });
-    Target { port, disk, reads }
+    Target {
+        port,
+        disk,
+        reads,
+        keep_alives,
+    }
 }
 
 fn read_pdu(s: &mut TcpStream, f: Framing) -> std::io::Result<(Header, Vec<u8>)> {
@@ -95,6 +105,7 @@ fn serve(
     fault: Fault,
     disk: &Mutex<Vec<u8>>,
     reads: &AtomicUsize,
+    keep_alives: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut out = Vec::new();
     let (h, _) = read_pdu(&mut s, Framing::default())?;
@@ -172,6 +183,13 @@ fn serve(
                 send_data(&mut out, &page, false);
                 pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
             }
+            (0, 0x18) => {
+                keep_alives.fetch_add(1, Ordering::SeqCst);
+                if fault == Fault::CloseOnKeepAlive {
+                    return Ok(());
+                }
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
             (0, _) => pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4),
             (_, 0x02) => {
                 let n = reads.fetch_add(1, Ordering::SeqCst);
@@ -219,7 +237,7 @@ fn serve(
                     Fault::MediaError => {
                         pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
                     }
-                    Fault::None | Fault::BigR2t => {
+                    Fault::None | Fault::BigR2t | Fault::CloseOnKeepAlive => {
                         // Big reads in two PDUs, to cover datao.
                         if bytes.len() > 8192 {
                             let h = Header::C2hData(DataHeader {
@@ -477,4 +495,41 @@ fn a_missing_namespace_is_refused_clearly() {
     assert_eq!(ctrl.in_capsule_bytes(), 8192);
     let e = NvmeTcpDevice::from_controller(ctrl, 2).err().unwrap();
     assert!(e.to_string().contains("namespace 2 does not exist"), "{e}");
+}
+
+#[test]
+fn keep_alives_go_on_the_admin_queue_and_a_lost_one_marks_the_controller_failed() {
+    let opts = TcpOptions {
+        keep_alive: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let t = target(Fault::None);
+    let target_addr = format!("127.0.0.1:{}", t.port);
+    let ctrl = NvmeTcpController::connect(&target_addr, NQN, opts.clone()).unwrap();
+    std::thread::sleep(Duration::from_millis(650));
+    let n = t.keep_alives.load(Ordering::SeqCst);
+    assert!(
+        (3..=8).contains(&n),
+        "{n} keep-alives in 650 ms at one per 100 ms"
+    );
+    assert!(!ctrl.is_failed());
+    // Dropping the controller stops its keep-alive thread at once.
+    let start = Instant::now();
+    drop(ctrl);
+    assert!(start.elapsed() < Duration::from_millis(500));
+    let n = t.keep_alives.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        t.keep_alives.load(Ordering::SeqCst),
+        n,
+        "no keep-alive after the drop"
+    );
+
+    let t = target(Fault::CloseOnKeepAlive);
+    let ctrl = NvmeTcpController::connect(&format!("127.0.0.1:{}", t.port), NQN, opts).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !ctrl.is_failed() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(ctrl.is_failed(), "a keep-alive the target never answered");
 }
