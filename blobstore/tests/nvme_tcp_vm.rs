@@ -42,9 +42,13 @@ fn ctrl_with(opts: TcpOptions) -> Arc<NvmeTcpController> {
 /// The namespace with `block_size`-byte blocks.
 fn ns_with(block_size: u32, opts: TcpOptions) -> Arc<dyn BlockDevice> {
     let c = ctrl_with(opts);
-    let nsid = (1..=c.identity().nn)
-        .find(|&n| matches!(c.namespace(n), Ok(Some(ns)) if ns.block_size == block_size))
-        .expect("namespace with that block size");
+    let nsid = c
+        .namespaces()
+        .unwrap()
+        .into_iter()
+        .find(|(_, ns)| ns.block_size == block_size)
+        .expect("namespace with that block size")
+        .0;
     Arc::new(NvmeTcpDevice::from_controller(c, nsid).unwrap())
 }
 
@@ -68,17 +72,15 @@ fn identify_controller_and_namespaces() {
         c.in_capsule_bytes()
     );
     let mut sizes = Vec::new();
-    for nsid in 1..=id.nn {
-        if let Some(n) = c.namespace(nsid).unwrap() {
-            println!(
-                "namespace {nsid}: {} blocks of {} bytes ({} MiB), deallocated reads zeroes {}",
-                n.size_blocks,
-                n.block_size,
-                (n.size_blocks * n.block_size as u64) >> 20,
-                n.deallocated_reads_zeroes
-            );
-            sizes.push(n.block_size);
-        }
+    for (nsid, n) in c.namespaces().unwrap() {
+        println!(
+            "namespace {nsid}: {} blocks of {} bytes ({} MiB), deallocated reads zeroes {}",
+            n.size_blocks,
+            n.block_size,
+            (n.size_blocks * n.block_size as u64) >> 20,
+            n.deallocated_reads_zeroes
+        );
+        sizes.push(n.block_size);
     }
     assert_eq!(
         sizes,
@@ -227,9 +229,13 @@ fn errors_are_typed_and_the_device_keeps_working() {
     let r = block_on(ch.read(n - 1, DmaBuf::new(1024).unwrap()));
     assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
     let c = ctrl_with(TcpOptions::default());
-    let nsid = (1..=c.identity().nn)
-        .find(|&i| matches!(c.namespace(i), Ok(Some(ns)) if ns.block_size == 512))
-        .unwrap();
+    let nsid = c
+        .namespaces()
+        .unwrap()
+        .into_iter()
+        .find(|(_, ns)| ns.block_size == 512)
+        .unwrap()
+        .0;
     let wide: Arc<dyn BlockDevice> =
         Arc::new(NvmeTcpDevice::unchecked(c.clone(), nsid, 512, n * 4));
     let r = block_on(

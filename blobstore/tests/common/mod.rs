@@ -119,11 +119,11 @@ fn nvme_tcp_window(spec: &str, cfg: Config) -> Arc<dyn BlockDevice> {
         panic!("BLOBSTORE_TEST_NVME_TCP is not an nvme-tcp: spec: {spec}");
     };
     let ctrl = NvmeTcpController::connect(&target, &subnqn, TcpOptions::default()).unwrap();
-    let (nsid, ns) = (1..=ctrl.identity().nn)
-        .find_map(|n| match ctrl.namespace(n) {
-            Ok(Some(ns)) if ns.block_size == cfg.block_size => Some((n, ns)),
-            _ => None,
-        })
+    let (nsid, ns) = ctrl
+        .namespaces()
+        .unwrap()
+        .into_iter()
+        .find(|(_, ns)| ns.block_size == cfg.block_size)
         .expect("a namespace with the block size of the config");
     let blocks = window_blocks(cfg, nsid, ns.size_blocks);
     zeroed(Arc::new(NvmeTcpDevice::unchecked(

@@ -35,6 +35,9 @@ const RX_BYTES: usize = 256 << 10;
 const REAPS_PER_CLOCK: u32 = 32;
 /// Most `recv` calls per reap.
 const RECVS_PER_REAP: usize = 8;
+/// Data still to come of a C2HData at which, with nothing buffered, it is
+/// received straight into the read's memory.
+const DIRECT_RECV_MIN: usize = 16 << 10;
 /// Wait slice of [`ChannelBackend::wait`], milliseconds.
 const WAIT_SLICE_MS: i32 = 10;
 
@@ -397,6 +400,13 @@ impl TcpQueue {
                 self.rx_end -= self.rx_start;
                 self.rx_start = 0;
             }
+            if self.rx_start == self.rx_end {
+                match self.recv_direct()? {
+                    Some(true) => continue,
+                    Some(false) => return Ok(()),
+                    None => {}
+                }
+            }
             match self.sock.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err(TcpError::Closed),
                 Ok(n) => {
@@ -444,7 +454,7 @@ impl TcpQueue {
                     left,
                     crc,
                     digest,
-                    success,
+                    ..
                 } => {
                     if avail == 0 {
                         return Ok(());
@@ -467,21 +477,7 @@ impl TcpQueue {
                         crc
                     };
                     self.rx_start += n;
-                    self.rx_state = if n < left {
-                        Rx::Data {
-                            cid,
-                            off: off + n,
-                            left: left - n,
-                            crc,
-                            digest,
-                            success,
-                        }
-                    } else if digest {
-                        Rx::Digest { cid, crc, success }
-                    } else {
-                        self.data_done(cid, success);
-                        Rx::Header
-                    };
+                    self.data_received(n, crc);
                 }
                 Rx::Digest { cid, crc, success } => {
                     if avail < pdu::DIGEST_BYTES {
@@ -495,6 +491,96 @@ impl TcpQueue {
                 }
             }
         }
+    }
+
+    /// `n` more bytes of the C2HData being received have landed; `crc` is
+    /// the data digest so far (with them).
+    fn data_received(&mut self, n: usize, crc: u32) {
+        let Rx::Data {
+            cid,
+            off,
+            left,
+            digest,
+            success,
+            ..
+        } = self.rx_state
+        else {
+            debug_assert!(false, "data outside a C2HData");
+            return;
+        };
+        debug_assert!(n <= left);
+        self.rx_state = if n < left {
+            Rx::Data {
+                cid,
+                off: off + n,
+                left: left - n,
+                crc,
+                digest,
+                success,
+            }
+        } else if digest {
+            Rx::Digest { cid, crc, success }
+        } else {
+            self.data_done(cid, success);
+            Rx::Header
+        };
+    }
+
+    /// With the receive buffer empty in the middle of a large C2HData,
+    /// receives straight into the read's memory (no copy through the
+    /// buffer). `None` when that does not apply; else whether the socket
+    /// may have more.
+    fn recv_direct(&mut self) -> std::result::Result<Option<bool>, TcpError> {
+        let Rx::Data {
+            cid,
+            off,
+            left,
+            crc,
+            digest,
+            ..
+        } = self.rx_state
+        else {
+            return Ok(None);
+        };
+        if left < DIRECT_RECV_MIN {
+            return Ok(None);
+        }
+        let c = self.cmds[cid as usize];
+        let mut piece = None;
+        for_each_piece(
+            &self.ops[c.tag as usize].segs,
+            c.op_off + off,
+            left,
+            |p, l| {
+                piece.get_or_insert((p, l));
+            },
+        );
+        let Some((p, l)) = piece else { return Ok(None) };
+        // SAFETY: `p..p + l` lies in this in-flight read's memory, inside the
+        // command's range (checked when the C2HData header came); nothing
+        // else touches it until the read is reported. Raw recv: the memory
+        // may not be initialised.
+        let n = unsafe { libc::recv(self.sock.as_raw_fd(), p.cast(), l, libc::MSG_DONTWAIT) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.kind() {
+                std::io::ErrorKind::WouldBlock => Ok(Some(false)),
+                std::io::ErrorKind::Interrupted => Ok(Some(true)),
+                _ => Err(TcpError::Connection(e.to_string())),
+            };
+        }
+        if n == 0 {
+            return Err(TcpError::Closed);
+        }
+        let n = n as usize;
+        let crc = if digest {
+            // SAFETY: recv initialised these `n` bytes of the piece.
+            crc32c::crc32c_append(crc, unsafe { std::slice::from_raw_parts(p, n) })
+        } else {
+            crc
+        };
+        self.data_received(n, crc);
+        Ok(Some(n == l))
     }
 
     fn data_done(&mut self, cid: u16, success: bool) {

@@ -8,8 +8,9 @@
 //! - A PDU is read whole before it is parsed; its length is bounded
 //!   (`MAX_BLOCKING_PDU_BYTES`) before any buffer is sized from it.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::super::cmd::{Command, Completion};
@@ -129,10 +130,36 @@ impl Link {
     }
 
     fn send_out(&mut self) -> Result<()> {
-        let Link {
-            sock, out, peer, ..
-        } = self;
-        sock.write_all(out).map_err(|e| io_error(peer, "send", e))
+        let mut sent = 0;
+        while sent < self.out.len() {
+            let rest = &self.out[sent..];
+            // SAFETY: a valid buffer of `rest.len()` bytes. MSG_NOSIGNAL: a
+            // target that closed the connection is an error here, not a
+            // SIGPIPE that kills a host process whose main is C++ (db_bench).
+            let n = unsafe {
+                libc::send(
+                    self.sock.as_raw_fd(),
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => setup_error(
+                        &self.peer,
+                        "the target took nothing within the admin timeout",
+                    ),
+                    _ => io_error(&self.peer, "send", e),
+                });
+            }
+            sent += n as usize;
+        }
+        Ok(())
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {

@@ -45,7 +45,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use super::cmd::{admin_op, cns, Command, Completion, ControllerIdentity, NamespaceIdentity};
+use super::cmd::{
+    admin_op, cns, parse_ns_list, Command, Completion, ControllerIdentity, NamespaceIdentity,
+};
 use crate::device::{BlockDevice, ChannelBackend, DeviceId, Geometry};
 use crate::error::{Error, Result};
 use link::{setup_error, Link};
@@ -449,6 +451,24 @@ impl NvmeTcpController {
             "Identify Namespace",
         )?;
         NamespaceIdentity::parse(&page)
+    }
+
+    /// The active namespaces (Identify, active namespace id list) and what
+    /// Identify Namespace says of each.
+    pub fn namespaces(&self) -> Result<Vec<(u32, NamespaceIdentity)>> {
+        let (_, page) = self.admin.lock().run(
+            Command::identify(cns::ACTIVE_NS_LIST, 0, crate::device::Iova(0)),
+            &[],
+            4096,
+            "Identify Active Namespace List",
+        )?;
+        let mut out = Vec::new();
+        for nsid in parse_ns_list(&page) {
+            if let Some(ns) = self.namespace(nsid)? {
+                out.push((nsid, ns));
+            }
+        }
+        Ok(out)
     }
 
     /// Takes a free I/O queue id.

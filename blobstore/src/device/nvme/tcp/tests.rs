@@ -41,6 +41,9 @@ enum Fault {
     MediaError,
     /// Closes the admin connection at the first Keep Alive.
     CloseOnKeepAlive,
+    /// Sends large read data in two bursts with a pause between them (the
+    /// host finds its buffer empty in the middle of a PDU's data).
+    Trickle,
 }
 
 struct Target {
@@ -176,6 +179,8 @@ fn serve(
                     page[520] = 0b1100; // DSM, Write Zeroes
                                         // IOCCSZ: the SQE and 8 KiB.
                     page[1792..1796].copy_from_slice(&(((64 + 8192) / 16) as u32).to_le_bytes());
+                } else if d[10] == 2 {
+                    page[0] = 1; // the active namespace list: 1
                 } else {
                     page[0..8].copy_from_slice(&(BLOCKS as u64).to_le_bytes());
                     page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
@@ -237,7 +242,7 @@ fn serve(
                     Fault::MediaError => {
                         pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
                     }
-                    Fault::None | Fault::BigR2t | Fault::CloseOnKeepAlive => {
+                    Fault::None | Fault::BigR2t | Fault::CloseOnKeepAlive | Fault::Trickle => {
                         // Big reads in two PDUs, to cover datao.
                         if bytes.len() > 8192 {
                             let h = Header::C2hData(DataHeader {
@@ -263,6 +268,12 @@ fn serve(
                         }
                         if !sqflow_off {
                             pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+                        }
+                        if fault == Fault::Trickle && bytes.len() > 8192 {
+                            let cut = out.len() / 3;
+                            s.write_all(&out[..cut])?;
+                            std::thread::sleep(Duration::from_millis(30));
+                            out.drain(..cut);
                         }
                     }
                 }
@@ -394,6 +405,22 @@ fn reads_and_writes_of_every_shape_reach_the_target() {
 }
 
 #[test]
+fn large_reads_arriving_in_bursts_land_intact() {
+    for digest in [false, true] {
+        let t = target(Fault::Trickle);
+        let dev = open(&t, digest, Duration::from_secs(30));
+        let ch = channel(&dev).unwrap();
+        let data = pattern(5, 1 << 20);
+        block_on(ch.write(64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+        for _ in 0..3 {
+            let back = block_on(ch.read(64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            assert!(back[..] == data[..], "digest {digest}");
+        }
+        assert!(t.reads.load(Ordering::SeqCst) >= 48);
+    }
+}
+
+#[test]
 fn many_operations_in_flight_on_several_threads() {
     let t = target(Fault::None);
     let dev = open(&t, false, Duration::from_secs(30));
@@ -493,6 +520,9 @@ fn a_missing_namespace_is_refused_clearly() {
             .unwrap();
     assert_eq!(ctrl.cntlid(), 1);
     assert_eq!(ctrl.in_capsule_bytes(), 8192);
+    let all = ctrl.namespaces().unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!((all[0].0, all[0].1.block_size), (1, 512));
     let e = NvmeTcpDevice::from_controller(ctrl, 2).err().unwrap();
     assert!(e.to_string().contains("namespace 2 does not exist"), "{e}");
 }
