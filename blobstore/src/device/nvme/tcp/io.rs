@@ -484,10 +484,16 @@ impl TcpQueue {
                         return Ok(());
                     }
                     let at = self.rx_start;
-                    pdu::check_data_digest("C2HData", crc, &self.rx[at..at + 4])?;
+                    let checked = pdu::check_data_digest("C2HData", crc, &self.rx[at..at + 4]);
                     self.rx_start += 4;
-                    self.data_done(cid, success);
                     self.rx_state = Rx::Header;
+                    if let Err(e) = checked {
+                        // The PDU was framed right, only its data is bad:
+                        // that read fails, the connection goes on (as the
+                        // spec has it; Linux's host does the same).
+                        self.fail_command(cid, format!("data digest error: {e}"));
+                    }
+                    self.data_done(cid, success);
                 }
             }
         }
@@ -689,6 +695,22 @@ impl TcpQueue {
         match self.cmds.get(cid as usize) {
             Some(c) if c.busy && ok(c) => Ok(()),
             _ => Err(TcpError::UnknownCid { pdu, cid, why }),
+        }
+    }
+
+    /// Command `cid` (outstanding) failed on the host's side for `why`:
+    /// its operation will fail with that error when its commands are done.
+    fn fail_command(&mut self, cid: u16, why: String) {
+        let c = &self.cmds[cid as usize];
+        let op = &mut self.ops[c.tag as usize];
+        tracing::warn!(device = %self.name, qid = self.qid, cid, reason = %why, "nvme-tcp command failed");
+        if op.error.is_none() {
+            op.error = Some(Error::Io {
+                op: op.kind.name(),
+                lba: op.lba,
+                blocks: op.blocks,
+                reason: format!("{}: command {cid}: {why}", self.name),
+            });
         }
     }
 

@@ -395,8 +395,10 @@ pub enum TcpError {
 }
 
 impl TcpError {
-    /// The FES of the H2CTermReq a host sends for this violation (`None`
-    /// when the connection ended on the controller's side).
+    /// The FES of the H2CTermReq a host sends for this violation: `None`
+    /// when the connection ended on the controller's side, and for a data
+    /// digest error, which is no connection error (the spec has the host
+    /// fail the command whose data it was and keep the connection).
     pub fn fes(&self) -> Option<u16> {
         Some(match self {
             TcpError::UnknownType(_)
@@ -408,11 +410,12 @@ impl TcpError {
             | TcpError::Truncated { .. }
             | TcpError::UnknownCid { .. } => fes::INVALID_HEADER_FIELD,
             TcpError::Unexpected { .. } => fes::PDU_SEQUENCE_ERROR,
-            TcpError::HeaderDigest { .. } | TcpError::DataDigest { .. } => fes::HEADER_DIGEST_ERROR,
+            TcpError::HeaderDigest { .. } => fes::HEADER_DIGEST_ERROR,
             TcpError::DataOutOfRange { .. } => fes::DATA_OUT_OF_RANGE,
             TcpError::R2tBeyondMaxH2cData { .. } => fes::DATA_LIMIT_EXCEEDED,
             TcpError::Unsupported(_) => fes::UNSUPPORTED_PARAMETER,
-            TcpError::TerminatedByController { .. }
+            TcpError::DataDigest { .. }
+            | TcpError::TerminatedByController { .. }
             | TcpError::Closed
             | TcpError::Connection(_) => return None,
         })
@@ -1102,7 +1105,17 @@ mod tests {
         pdu[n - 10] ^= 0x80; // a data byte
         let e = parse_pdu(&pdu, f, false).unwrap_err();
         assert!(matches!(e, TcpError::DataDigest { .. }), "{e}");
-        assert_eq!(e.fes(), Some(fes::HEADER_DIGEST_ERROR));
+        // A data digest error fails the command, not the connection: no
+        // TermReq (and never FES 0x03, which is the header digest's).
+        assert_eq!(e.fes(), None);
+        let h = parse_pdu(&c2h_data(f)[..], f, false).map(|_| ());
+        assert_eq!(h, Ok(()));
+        let mut pdu = c2h_data(f);
+        pdu[9] ^= 1;
+        assert_eq!(
+            parse_pdu(&pdu, f, false).unwrap_err().fes(),
+            Some(fes::HEADER_DIGEST_ERROR)
+        );
     }
 
     #[test]

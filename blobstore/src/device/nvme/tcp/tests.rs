@@ -33,8 +33,11 @@ enum Fault {
     Silent,
     /// C2HData past the command's data.
     OutOfRange,
-    /// A wrong data digest on read data.
+    /// A wrong data digest on read data (C2HData with SUCCESS).
     BadDataDigest,
+    /// A wrong data digest on the first of two C2HData PDUs of a read,
+    /// then a successful response capsule.
+    BadDataDigestThenResp,
     /// An R2T larger than MAXH2CDATA.
     BigR2t,
     /// An error status on reads.
@@ -238,6 +241,25 @@ fn serve(
                         send_data(&mut out, &bytes, sqflow_off);
                         let n = out.len();
                         out[n - 1] ^= 0xff;
+                    }
+                    Fault::BadDataDigestThenResp => {
+                        let half = bytes.len() / 2;
+                        for (at, last) in [(0, false), (half, true)] {
+                            let h = Header::C2hData(DataHeader {
+                                cccid: cid,
+                                ttag: 0,
+                                datao: at as u32,
+                                datal: half as u32,
+                                last,
+                                success: false,
+                            });
+                            pdu::encode_pdu(&mut out, &h, &[&bytes[at..at + half]], f, 4);
+                            if at == 0 {
+                                let n = out.len();
+                                out[n - 2] ^= 0x10;
+                            }
+                        }
+                        pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
                     }
                     Fault::MediaError => {
                         pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
@@ -477,8 +499,14 @@ fn fault_error(fault: Fault, digest: bool) -> String {
     );
     assert!(t.reads.load(Ordering::SeqCst) >= 2);
     let after = block_on(ch.read(0, DmaBuf::new(4096).unwrap()));
-    if fault == Fault::MediaError {
-        assert!(after.is_ok(), "a status error leaves the queue working");
+    if matches!(
+        fault,
+        Fault::MediaError | Fault::BadDataDigest | Fault::BadDataDigestThenResp
+    ) {
+        // A status error, or bad data (a data digest error), fails that
+        // operation only.
+        let back = after.unwrap_or_else(|e| panic!("{fault:?}: the queue goes on: {e}"));
+        assert!(back[..] == pattern(1, 4096)[..], "{fault:?}");
     } else {
         let a = after.unwrap_err().to_string();
         assert!(a.contains("lost"), "{fault:?}: later I/O: {a}");
@@ -494,12 +522,37 @@ fn target_misbehaviour_fails_the_io_with_a_clear_error() {
         (Fault::Close, false, "connection closed by the controller"),
         (Fault::Silent, false, "device timeout"),
         (Fault::OutOfRange, false, "outside its 4096 bytes"),
-        (Fault::BadDataDigest, true, "data digest"),
+        (Fault::BadDataDigest, true, "data digest error"),
+        (Fault::BadDataDigestThenResp, true, "data digest error"),
         (Fault::MediaError, false, "UnrecoveredReadError"),
     ];
     for (fault, digest, want) in cases {
         let e = fault_error(fault, digest);
         assert!(e.contains(want), "{fault:?}: {e}");
+    }
+}
+
+#[test]
+fn a_bad_data_digest_fails_only_its_read() {
+    for fault in [Fault::BadDataDigest, Fault::BadDataDigestThenResp] {
+        let t = target(fault);
+        let dev = open(&t, true, Duration::from_secs(5));
+        let ch = channel(&dev).unwrap();
+        let data = pattern(3, 8192);
+        block_on(ch.write(8, DmaBuf::from_slice(&data).unwrap())).unwrap();
+        // Reads alternate: good, bad digest, good, ...
+        for i in 0..4 {
+            let r = block_on(ch.read(8, DmaBuf::new(data.len()).unwrap()));
+            if i % 2 == 0 {
+                assert!(r.unwrap()[..] == data[..], "{fault:?} read {i}");
+            } else {
+                let e = r.unwrap_err();
+                assert!(
+                    matches!(e, Error::Io { .. }) && e.to_string().contains("data digest error"),
+                    "{fault:?}: {e}"
+                );
+            }
+        }
     }
 }
 
