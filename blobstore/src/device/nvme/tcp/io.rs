@@ -31,7 +31,7 @@ use crate::error::{Error, Result};
 
 /// Receive buffer size (a PDU header always fits: at most 256 bytes).
 const RX_BYTES: usize = 256 << 10;
-/// Reaps between clock reads.
+/// Reaps between timeout checks (issuing reads the clock on its own).
 const REAPS_PER_CLOCK: u32 = 32;
 /// Most `recv` calls per reap.
 const RECVS_PER_REAP: usize = 8;
@@ -55,7 +55,8 @@ struct Cmd {
     r2t_write: bool,
     /// Expects C2HData.
     read: bool,
-    /// When it was sent, ms on the queue's clock.
+    /// When it was issued, ms on the queue's clock (read when the batch of
+    /// commands it is part of was issued).
     sent_ms: u64,
     /// Dataset Management range (Unmap commands).
     range: [u8; 16],
@@ -797,8 +798,12 @@ impl TcpQueue {
         };
     }
 
+    fn clock_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
     fn tick(&mut self) {
-        self.now_ms = self.clock.elapsed().as_millis() as u64;
+        self.now_ms = self.clock_ms();
         if self.busy == 0 {
             return;
         }
@@ -816,6 +821,11 @@ impl TcpQueue {
     }
 
     fn issue_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        // One clock read per batch: what is issued now is stamped now.
+        self.now_ms = self.clock_ms();
         while let Some(&tag) = self.pending.front() {
             if !self.issue(tag) {
                 return;
@@ -874,9 +884,9 @@ impl ChannelBackend for TcpQueue {
             }
             _ => {}
         }
-        if self.busy == 0 {
-            self.now_ms = self.clock.elapsed().as_millis() as u64;
-        }
+        // A command's timeout counts from now, not from the last reap's
+        // clock (a thread may have been busy elsewhere since).
+        self.now_ms = self.clock_ms();
         let t = tag as usize;
         if self.ops.len() <= t {
             self.ops.resize_with(t + 1, || Op {

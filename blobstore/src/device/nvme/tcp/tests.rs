@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::pdu::{self, DataHeader, Framing, Header, IcResp, R2t, COMMON_HEADER_BYTES};
 use super::*;
-use crate::device::{channel, BlockDevice, DmaBuf};
+use crate::device::{channel, BlockDevice, ChannelBackend, DmaBuf, IoKind, IoOp, Segments};
 use crate::exec::block_on;
 
 const NQN: &str = "nqn.2024-01.io.blobstack:fake";
@@ -47,7 +47,12 @@ enum Fault {
     /// Sends large read data in two bursts with a pause between them (the
     /// host finds its buffer empty in the middle of a PDU's data).
     Trickle,
+    /// Answers every read after `SLOW_READ_MS`.
+    SlowReads,
 }
+
+/// How long a [`Fault::SlowReads`] target takes per read.
+const SLOW_READ_MS: u64 = 1000;
 
 struct Target {
     port: u16,
@@ -201,6 +206,9 @@ fn serve(
             (0, _) => pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4),
             (_, 0x02) => {
                 let n = reads.fetch_add(1, Ordering::SeqCst);
+                if fault == Fault::SlowReads {
+                    std::thread::sleep(Duration::from_millis(SLOW_READ_MS));
+                }
                 let bytes = disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK].to_vec();
                 assert_eq!(bytes.len(), sgl_len);
                 // Let the first read of each connection through, so faults
@@ -264,7 +272,11 @@ fn serve(
                     Fault::MediaError => {
                         pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
                     }
-                    Fault::None | Fault::BigR2t | Fault::CloseOnKeepAlive | Fault::Trickle => {
+                    Fault::None
+                    | Fault::BigR2t
+                    | Fault::CloseOnKeepAlive
+                    | Fault::Trickle
+                    | Fault::SlowReads => {
                         // Big reads in two PDUs, to cover datao.
                         if bytes.len() > 8192 {
                             let h = Header::C2hData(DataHeader {
@@ -358,14 +370,46 @@ fn serve(
 }
 
 fn open(t: &Target, digest: bool, io_timeout: Duration) -> Arc<dyn BlockDevice> {
+    Arc::new(open_with(t, digest, 8, io_timeout))
+}
+
+fn open_with(t: &Target, digest: bool, depth: u16, io_timeout: Duration) -> NvmeTcpDevice {
     let opts = TcpOptions {
         header_digest: digest,
         data_digest: digest,
-        queue_depth: 8,
+        queue_depth: depth,
         io_timeout,
         ..Default::default()
     };
-    Arc::new(NvmeTcpDevice::open(&format!("127.0.0.1:{}", t.port), NQN, 1, opts).unwrap())
+    NvmeTcpDevice::open(&format!("127.0.0.1:{}", t.port), NQN, 1, opts).unwrap()
+}
+
+/// An operation on `buf` (all of it) at `lba`, for driving a queue by hand.
+fn op_on(kind: IoKind, lba: u64, buf: &DmaBuf) -> IoOp {
+    IoOp {
+        kind,
+        lba,
+        blocks: (buf.len() / BLOCK) as u64,
+        segs: Segments::one(buf.segment(0, buf.len())),
+    }
+}
+
+/// Reaps (and waits) until `n` more operations of `q` are reported, or
+/// `within` passes; returns what was reported.
+fn reap_until(
+    q: &mut io::TcpQueue,
+    n: usize,
+    within: Duration,
+) -> Vec<(crate::device::Tag, crate::error::Result<()>)> {
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n && Instant::now() < deadline {
+        q.reap(&mut |tag, r| got.push((tag, r)));
+        if got.len() < n {
+            q.wait();
+        }
+    }
+    got
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
@@ -529,6 +573,29 @@ fn target_misbehaviour_fails_the_io_with_a_clear_error() {
     for (fault, digest, want) in cases {
         let e = fault_error(fault, digest);
         assert!(e.contains(want), "{fault:?}: {e}");
+    }
+}
+
+#[test]
+fn a_command_issued_after_an_idle_spell_gets_its_whole_timeout() {
+    // Each read takes the target SLOW_READ_MS; the I/O timeout is twice
+    // that. Read A goes out, the thread does something else (no reap) for
+    // longer than A takes, then submits read B: B's timeout must count
+    // from B's submission, not from the last time the queue read its clock.
+    let t = target(Fault::SlowReads);
+    let dev = open_with(&t, false, 8, Duration::from_millis(2 * SLOW_READ_MS));
+    let mut q = io::TcpQueue::new(&dev).unwrap();
+    let (a, b) = (DmaBuf::new(4096).unwrap(), DmaBuf::new(4096).unwrap());
+    q.submit(1, &op_on(IoKind::Read, 0, &a)).unwrap();
+    // One reap sends A's capsule.
+    assert_eq!(q.reap(&mut |_, _| panic!("nothing done yet")), 0);
+    std::thread::sleep(Duration::from_millis(SLOW_READ_MS * 3 / 2));
+    q.submit(2, &op_on(IoKind::Read, 8, &b)).unwrap();
+    let mut got = reap_until(&mut q, 2, Duration::from_millis(6 * SLOW_READ_MS));
+    got.sort_by_key(|g| g.0);
+    assert_eq!(got.len(), 2);
+    for (tag, r) in got {
+        assert!(r.is_ok(), "read {tag}: {}", r.unwrap_err());
     }
 }
 
