@@ -7,6 +7,12 @@
 //! the operation's memory. Nothing is allocated per I/O once the buffers
 //! have grown to the working size.
 //!
+//! The transmit buffer is bounded: what the socket took is dropped from
+//! its front, and nothing new is encoded into it (no command capsule, no
+//! H2CData) while more than [`TX_BACKLOG_MAX`] bytes wait to go. Operations
+//! then wait in the pending queue, and R2Ts in the H2CData queue, for the
+//! target to read again (or for a command's timeout).
+//!
 //! Invariants:
 //! - A command id is busy from its capsule's encoding to its completion
 //!   (response capsule, or C2HData with SUCCESS), or to the connection's
@@ -40,6 +46,10 @@ const RECVS_PER_REAP: usize = 8;
 const DIRECT_RECV_MIN: usize = 16 << 10;
 /// Wait slice of [`ChannelBackend::wait`], milliseconds.
 const WAIT_SLICE_MS: i32 = 10;
+/// Unsent bytes in the transmit buffer at which no more command capsules
+/// or H2CData are encoded (the buffer then holds at most about twice this
+/// and one PDU: see `flush_tx`).
+pub(super) const TX_BACKLOG_MAX: usize = 256 << 10;
 
 #[derive(Clone, Copy)]
 struct Cmd {
@@ -51,6 +61,12 @@ struct Cmd {
     len: usize,
     /// Reads: bytes received; writes: bytes asked for by R2Ts.
     xfer: usize,
+    /// R2T writes: the next byte to encode as H2CData (up to `xfer`).
+    h2c_next: usize,
+    /// R2T writes: the transfer tag of the last R2T.
+    ttag: u16,
+    /// R2T writes: in the H2CData queue (an R2T's data not all encoded).
+    h2c_queued: bool,
     /// Data goes to the target by R2T (not in the capsule).
     r2t_write: bool,
     /// Expects C2HData.
@@ -69,6 +85,9 @@ const FREE_CMD: Cmd = Cmd {
     op_off: 0,
     len: 0,
     xfer: 0,
+    h2c_next: 0,
+    ttag: 0,
+    h2c_queued: false,
     r2t_write: false,
     read: false,
     sent_ms: 0,
@@ -128,9 +147,18 @@ pub(super) struct TcpQueue {
     ops: Vec<Op>,
     /// Operations with commands still to issue, oldest first.
     pending: VecDeque<Tag>,
+    /// R2T writes with data asked for and not yet encoded, oldest first
+    /// (each command at most once: MAXR2T is 1).
+    h2c: VecDeque<u16>,
     done: Vec<(Tag, Result<()>)>,
+    /// Encoded PDUs; `tx[..tx_sent]` has gone to the socket.
     tx: Vec<u8>,
     tx_sent: usize,
+    /// Bytes the socket took in all, and that count at the last tick that
+    /// saw it move (or found nothing to send), at `tx_moved_ms`.
+    tx_total: u64,
+    tx_seen: u64,
+    tx_moved_ms: u64,
     rx: Box<[u8]>,
     rx_start: usize,
     rx_end: usize,
@@ -182,9 +210,13 @@ impl TcpQueue {
             free: (0..depth).rev().collect(),
             ops: Vec::new(),
             pending: VecDeque::new(),
+            h2c: VecDeque::new(),
             done: Vec::new(),
             tx: Vec::with_capacity(64 << 10),
             tx_sent: 0,
+            tx_total: 0,
+            tx_seen: 0,
+            tx_moved_ms: 0,
             rx: vec![0u8; RX_BYTES].into_boxed_slice(),
             rx_start: 0,
             rx_end: 0,
@@ -206,8 +238,14 @@ impl TcpQueue {
         }
     }
 
+    /// True while the transmit buffer may take more PDUs.
+    fn tx_room(&self) -> bool {
+        self.tx.len() - self.tx_sent < TX_BACKLOG_MAX
+    }
+
     /// Turns as many of `tag`'s remaining units into commands as there
-    /// are free command ids; true when all are issued.
+    /// are free command ids and room in the transmit buffer; true when all
+    /// are issued.
     fn issue(&mut self, tag: Tag) -> bool {
         loop {
             let op = &self.ops[tag as usize];
@@ -217,6 +255,9 @@ impl TcpQueue {
             let Some(&cid) = self.free.last() else {
                 return false;
             };
+            if !self.tx_room() {
+                return false;
+            }
             let bs = self.block_size;
             let left = op.total - op.issued;
             let (units, cmd, mut c) = match op.kind {
@@ -375,6 +416,7 @@ impl TcpQueue {
             if n < 0 {
                 let e = std::io::Error::last_os_error();
                 if e.kind() == std::io::ErrorKind::WouldBlock {
+                    self.compact_tx();
                     return Ok(());
                 }
                 if e.kind() == std::io::ErrorKind::Interrupted {
@@ -383,10 +425,21 @@ impl TcpQueue {
                 return Err(format!("send: {e}"));
             }
             self.tx_sent += n as usize;
+            self.tx_total += n as u64;
         }
         self.tx.clear();
         self.tx_sent = 0;
         Ok(())
+    }
+
+    /// Drops the sent front of the transmit buffer once it is at least as
+    /// long as the unsent rest: each byte moves at most once per byte sent
+    /// (amortised), and the buffer stays under twice its unsent bytes.
+    fn compact_tx(&mut self) {
+        if self.tx_sent > 0 && self.tx_sent >= self.tx.len() - self.tx_sent {
+            self.tx.drain(..self.tx_sent);
+            self.tx_sent = 0;
+        }
     }
 
     /// Receives and handles PDUs; `Err` kills the connection.
@@ -640,16 +693,17 @@ impl TcpQueue {
                         why: ", or not where the last R2T ended",
                     });
                 }
-                self.cmds[r.cccid as usize].xfer = off + len;
-                let h = Header::H2cData(DataHeader {
-                    cccid: r.cccid,
-                    ttag: r.ttag,
-                    datao: r.r2to,
-                    datal: r.r2tl,
-                    last: true,
-                    success: false,
-                });
-                self.encode_with_data(&h, r.cccid, off, len);
+                if c.h2c_queued {
+                    // We said MAXR2T 0: one R2T outstanding per command,
+                    // and the last one's data has not even been encoded.
+                    return Err(TcpError::R2tLimitExceeded { cid: r.cccid });
+                }
+                let c = &mut self.cmds[r.cccid as usize];
+                c.xfer = off + len;
+                c.h2c_next = off;
+                c.ttag = r.ttag;
+                c.h2c_queued = true;
+                self.h2c.push_back(r.cccid);
                 Ok(())
             }
             Header::TermReq { fes, fei, .. } => Err(TcpError::TerminatedByController { fes, fei }),
@@ -715,10 +769,41 @@ impl TcpQueue {
         }
     }
 
+    /// Encodes the next H2CData PDU (at most MAXH2CDATA bytes) of the R2T
+    /// of command `cid`; true when that R2T's data is all encoded.
+    fn encode_h2c(&mut self, cid: u16) -> bool {
+        let c = self.cmds[cid as usize];
+        if !c.busy || !c.h2c_queued {
+            debug_assert!(false, "command {cid} in the H2CData queue");
+            return true;
+        }
+        let off = c.h2c_next;
+        let n = (c.xfer - off).min(self.maxh2cdata as usize);
+        let last = off + n == c.xfer;
+        let h = Header::H2cData(DataHeader {
+            cccid: cid,
+            ttag: c.ttag,
+            datao: off as u32,
+            datal: n as u32,
+            last,
+            success: false,
+        });
+        self.encode_with_data(&h, cid, off, n);
+        let c = &mut self.cmds[cid as usize];
+        c.h2c_next = off + n;
+        c.h2c_queued = !last;
+        last
+    }
+
     /// Command `c.cid` finished with `c`'s status.
     fn complete(&mut self, c: Completion) {
         let cmd = std::mem::replace(&mut self.cmds[c.cid as usize], FREE_CMD);
         debug_assert!(cmd.busy);
+        if cmd.h2c_queued {
+            // Done (an error status, say) before its data went: the data
+            // never will, and the id may be reused at once.
+            self.h2c.retain(|&q| q != c.cid);
+        }
         self.free.push(c.cid);
         self.busy -= 1;
         let op = &mut self.ops[cmd.tag as usize];
@@ -771,6 +856,7 @@ impl TcpQueue {
         self.cmds.fill(FREE_CMD);
         self.free = (0..self.cmds.len() as u16).rev().collect();
         self.pending.clear();
+        self.h2c.clear();
         self.busy = 0;
         self.tx.clear();
         self.tx_sent = 0;
@@ -804,6 +890,18 @@ impl TcpQueue {
 
     fn tick(&mut self) {
         self.now_ms = self.clock_ms();
+        if self.tx_sent == self.tx.len() || self.tx_total != self.tx_seen {
+            self.tx_seen = self.tx_total;
+            self.tx_moved_ms = self.now_ms;
+        } else if self.now_ms - self.tx_moved_ms > self.timeout_ms {
+            // Nothing outstanding may time out (all done, the rest waiting
+            // to go), yet the target reads nothing: that fails too.
+            self.kill(
+                format!("the target took no data for {} ms", self.timeout_ms),
+                None,
+            );
+            return;
+        }
         if self.busy == 0 {
             return;
         }
@@ -820,8 +918,21 @@ impl TcpQueue {
         }
     }
 
+    /// Fills the transmit buffer while it has room: the H2CData the
+    /// target asked for first (its commands hold resources on the target),
+    /// then the commands of pending operations.
+    fn pump(&mut self) {
+        while self.tx_room() {
+            let Some(&cid) = self.h2c.front() else { break };
+            if self.encode_h2c(cid) {
+                self.h2c.pop_front();
+            }
+        }
+        self.issue_pending();
+    }
+
     fn issue_pending(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() || self.free.is_empty() || !self.tx_room() {
             return;
         }
         // One clock read per batch: what is issued now is stamped now.
@@ -936,7 +1047,7 @@ impl ChannelBackend for TcpQueue {
             }
         }
         if self.dead.is_none() {
-            self.issue_pending();
+            self.pump();
             self.reaps += 1;
             if self.reaps >= REAPS_PER_CLOCK {
                 self.reaps = 0;
@@ -951,7 +1062,8 @@ impl ChannelBackend for TcpQueue {
     }
 
     fn wait(&mut self) -> bool {
-        if self.dead.is_some() || !self.done.is_empty() || self.busy == 0 {
+        let idle = self.busy == 0 && self.pending.is_empty();
+        if self.dead.is_some() || !self.done.is_empty() || idle {
             return true;
         }
         let mut events = libc::POLLIN;
@@ -967,6 +1079,24 @@ impl ChannelBackend for TcpQueue {
         unsafe { libc::poll(&mut fd, 1, WAIT_SLICE_MS) };
         self.tick();
         true
+    }
+}
+
+#[cfg(test)]
+impl TcpQueue {
+    /// The transmit buffer's length and unsent bytes, operations pending
+    /// and free command ids.
+    pub(super) fn tx_state(&self) -> (usize, usize, usize, usize) {
+        (
+            self.tx.len(),
+            self.tx.len() - self.tx_sent,
+            self.pending.len(),
+            self.free.len(),
+        )
+    }
+
+    pub(super) fn socket(&self) -> &TcpStream {
+        &self.sock
     }
 }
 

@@ -86,7 +86,8 @@ pub mod fes {
     pub const HEADER_DIGEST_ERROR: u16 = 0x03;
     /// Data outside the command's range.
     pub const DATA_OUT_OF_RANGE: u16 = 0x04;
-    /// More data than the limit (R2T or H2C data limit exceeded).
+    /// More R2Ts outstanding than MAXR2T allows, or more data than the
+    /// limit (R2T limit exceeded, H2C data limit exceeded: both 0x05).
     pub const DATA_LIMIT_EXCEEDED: u16 = 0x05;
     /// An unsupported parameter (ICReq/ICResp).
     pub const UNSUPPORTED_PARAMETER: u16 = 0x06;
@@ -378,6 +379,13 @@ pub enum TcpError {
         /// The negotiated MAXH2CDATA.
         max: u32,
     },
+    /// A second R2T for a command while the data of its last one has not
+    /// gone yet (the host allows one outstanding R2T per command: MAXR2T 0).
+    #[error("a second R2T for command {cid} before the data of its last one went (MAXR2T 0)")]
+    R2tLimitExceeded {
+        /// The command id.
+        cid: u16,
+    },
     /// The controller terminated the connection with a C2HTermReq.
     #[error("the controller terminated the connection: {} (FES {fes:#x}, FEI {fei:#x})", fes_reason(*fes))]
     TerminatedByController {
@@ -412,7 +420,9 @@ impl TcpError {
             TcpError::Unexpected { .. } => fes::PDU_SEQUENCE_ERROR,
             TcpError::HeaderDigest { .. } => fes::HEADER_DIGEST_ERROR,
             TcpError::DataOutOfRange { .. } => fes::DATA_OUT_OF_RANGE,
-            TcpError::R2tBeyondMaxH2cData { .. } => fes::DATA_LIMIT_EXCEEDED,
+            TcpError::R2tBeyondMaxH2cData { .. } | TcpError::R2tLimitExceeded { .. } => {
+                fes::DATA_LIMIT_EXCEEDED
+            }
             TcpError::Unsupported(_) => fes::UNSUPPORTED_PARAMETER,
             TcpError::DataDigest { .. }
             | TcpError::TerminatedByController { .. }

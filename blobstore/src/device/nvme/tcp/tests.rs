@@ -6,7 +6,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -61,30 +62,81 @@ struct Target {
     reads: Arc<AtomicUsize>,
     /// Keep Alive commands seen.
     keep_alives: Arc<AtomicUsize>,
+    /// While set, I/O queues read nothing from their sockets.
+    paused: Arc<AtomicBool>,
+}
+
+/// How the fake target is set up.
+#[derive(Clone, Copy)]
+struct Cfg {
+    /// MAXH2CDATA in the ICResp.
+    maxh2cdata: u32,
+    /// SO_RCVBUF of its sockets (small: the host's sends fill up soon).
+    rcvbuf: Option<i32>,
+}
+
+const CFG: Cfg = Cfg {
+    maxh2cdata: 64 << 10,
+    rcvbuf: None,
+};
+
+/// State a serving thread shares with the test.
+#[derive(Clone)]
+struct Shared {
+    disk: Arc<Mutex<Vec<u8>>>,
+    reads: Arc<AtomicUsize>,
+    keep_alives: Arc<AtomicUsize>,
+    paused: Arc<AtomicBool>,
 }
 
 fn target(fault: Fault) -> Target {
+    target_cfg(fault, CFG)
+}
+
+fn set_buf(fd: std::os::fd::RawFd, opt: libc::c_int, bytes: i32) {
+    // SAFETY: a valid socket and a c_int option value.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&bytes as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "setsockopt");
+}
+
+fn target_cfg(fault: Fault, cfg: Cfg) -> Target {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    if let Some(b) = cfg.rcvbuf {
+        // Accepted sockets inherit it.
+        set_buf(l.as_raw_fd(), libc::SO_RCVBUF, b);
+    }
     let port = l.local_addr().unwrap().port();
-    let disk = Arc::new(Mutex::new(vec![0u8; BLOCK * BLOCKS]));
-    let reads = Arc::new(AtomicUsize::new(0));
-    let keep_alives = Arc::new(AtomicUsize::new(0));
-    let (d, r, k) = (disk.clone(), reads.clone(), keep_alives.clone());
+    let t = Target {
+        port,
+        disk: Arc::new(Mutex::new(vec![0u8; BLOCK * BLOCKS])),
+        reads: Arc::new(AtomicUsize::new(0)),
+        keep_alives: Arc::new(AtomicUsize::new(0)),
+        paused: Arc::new(AtomicBool::new(false)),
+    };
+    let sh = Shared {
+        disk: t.disk.clone(),
+        reads: t.reads.clone(),
+        keep_alives: t.keep_alives.clone(),
+        paused: t.paused.clone(),
+    };
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(s) = s else { return };
-            let (d, r, k) = (d.clone(), r.clone(), k.clone());
+            let sh = sh.clone();
             std::thread::spawn(move || {
-                let _ = serve(s, fault, &d, &r, &k);
+                let _ = serve(s, fault, cfg, &sh);
             });
         }
     });
-    Target {
-        port,
-        disk,
-        reads,
-        keep_alives,
-    }
+    t
 }
 
 fn read_pdu(s: &mut TcpStream, f: Framing) -> std::io::Result<(Header, Vec<u8>)> {
@@ -111,13 +163,8 @@ fn resp(cid: u16, dw0: u32, sct: u8, sc: u8) -> Header {
     })
 }
 
-fn serve(
-    mut s: TcpStream,
-    fault: Fault,
-    disk: &Mutex<Vec<u8>>,
-    reads: &AtomicUsize,
-    keep_alives: &AtomicUsize,
-) -> std::io::Result<()> {
+fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Result<()> {
+    let (disk, reads, keep_alives) = (&*sh.disk, &*sh.reads, &*sh.keep_alives);
     let mut out = Vec::new();
     let (h, _) = read_pdu(&mut s, Framing::default())?;
     let Header::IcReq(req) = h else {
@@ -130,7 +177,7 @@ fn serve(
             pfv: 0,
             cpda: 0,
             digests: f,
-            maxh2cdata: 64 << 10,
+            maxh2cdata: cfg.maxh2cdata,
         }),
         &[],
         Framing::default(),
@@ -143,6 +190,9 @@ fn serve(
     loop {
         s.write_all(&out)?;
         out.clear();
+        while qid != 0 && sh.paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let (h, data) = match backlog.pop_front() {
             Some(p) => p,
             None => read_pdu(&mut s, f)?,
@@ -596,6 +646,79 @@ fn a_command_issued_after_an_idle_spell_gets_its_whole_timeout() {
     assert_eq!(got.len(), 2);
     for (tag, r) in got {
         assert!(r.is_ok(), "read {tag}: {}", r.unwrap_err());
+    }
+}
+
+#[test]
+fn a_target_that_stops_reading_holds_submissions_back_not_the_transmit_buffer() {
+    for resume in [true, false] {
+        let cfg = Cfg {
+            rcvbuf: Some(16 << 10),
+            ..CFG
+        };
+        let t = target_cfg(Fault::None, cfg);
+        let dev = open_with(&t, false, 128, Duration::from_millis(1500));
+        let mut q = io::TcpQueue::new(&dev).unwrap();
+        set_buf(q.socket().as_raw_fd(), libc::SO_SNDBUF, 16 << 10);
+        t.paused.store(true, Ordering::SeqCst);
+        // 128 in-capsule writes of 8 KiB, 1 MiB in all: far more than the
+        // socket buffers and the backlog cap hold.
+        let n = 128;
+        let bufs: Vec<DmaBuf> = (0..n)
+            .map(|i| DmaBuf::from_slice(&pattern(i, 8192)).unwrap())
+            .collect();
+        let pdu_max = 8192 + 256;
+        let bound = 2 * (io::TX_BACKLOG_MAX + pdu_max);
+        for (i, b) in bufs.iter().enumerate() {
+            q.submit(i as u32, &op_on(IoKind::Write, i as u64 * 16, b))
+                .unwrap();
+            assert!(q.tx_state().0 <= bound);
+        }
+        // The target's thread was already waiting for the first command
+        // when it was paused: that one may complete.
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            q.reap(&mut |tag, r| got.push((tag, r)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            got.len() <= 1,
+            "{} done while the target reads nothing",
+            got.len()
+        );
+        let (len, unsent, pending, free) = q.tx_state();
+        assert!(len <= bound, "transmit buffer {len} bytes");
+        assert!(unsent >= io::TX_BACKLOG_MAX, "{unsent} bytes unsent");
+        assert!(
+            pending > 0 && free > 0,
+            "held back by the backlog cap, not by command ids: {pending} pending, {free} free"
+        );
+        if resume {
+            t.paused.store(false, Ordering::SeqCst);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while got.len() < n && Instant::now() < deadline {
+                q.reap(&mut |tag, r| got.push((tag, r)));
+                assert!(q.tx_state().0 <= bound);
+                q.wait();
+            }
+            assert_eq!(got.len(), n);
+            assert!(got.iter().all(|g| g.1.is_ok()));
+            let disk = t.disk.lock().unwrap();
+            for i in 0..n {
+                let at = i * 16 * BLOCK;
+                assert!(disk[at..at + 8192] == pattern(i, 8192)[..], "write {i}");
+            }
+        } else {
+            // The target never reads again: everything fails, the oldest
+            // commands with the timeout, in bounded time.
+            let rest = reap_until(&mut q, n - got.len(), Duration::from_secs(10));
+            assert_eq!(got.len() + rest.len(), n);
+            assert!(rest.iter().all(|g| g.1.is_err()));
+            assert!(rest
+                .iter()
+                .any(|g| matches!(g.1, Err(Error::Timeout { .. }))));
+            t.paused.store(false, Ordering::SeqCst);
+        }
     }
 }
 
