@@ -198,7 +198,9 @@ impl TcpQueue {
             nsid: dev.nsid,
             qid,
             block_size: dev.geometry.block_size as u64,
-            max_cmd_bytes: dev.max_cmd_bytes.min(link.maxh2cdata as usize),
+            // Not capped by MAXH2CDATA: an R2T's data goes in as many
+            // H2CData PDUs as that takes (a multiple of the block size).
+            max_cmd_bytes: dev.max_cmd_bytes,
             in_capsule_bytes: ctrl.in_capsule_bytes,
             dsm: dev.dsm,
             write_zeroes: dev.write_zeroes,
@@ -675,13 +677,8 @@ impl TcpQueue {
                     "a write waiting for an R2T",
                 )?;
                 let c = self.cmds[r.cccid as usize];
-                if r.r2tl > self.maxh2cdata {
-                    return Err(TcpError::R2tBeyondMaxH2cData {
-                        cid: r.cccid,
-                        r2tl: r.r2tl,
-                        max: self.maxh2cdata,
-                    });
-                }
+                // R2TL may exceed MAXH2CDATA: the data then goes in several
+                // H2CData PDUs (`encode_h2c`), as the spec has the host do.
                 let (off, len) = (r.r2to as usize, r.r2tl as usize);
                 if len == 0 || off != c.xfer || off + len > c.len {
                     return Err(TcpError::DataOutOfRange {

@@ -658,11 +658,12 @@ impl NvmeTcpDevice {
         let dsm = ctrl.identity.supports_dsm();
         // MDTS (in 4 KiB units here: CAP.MPSMIN is 4 KiB on fabrics), at
         // most 65536 blocks (NLB), and at most 1 MiB so one command never
-        // holds the connection for long.
+        // holds the connection for long; whole blocks, so a command's LBA
+        // and its data's offset agree. MAXH2CDATA plays no part: an R2T's
+        // data goes in as many H2CData PDUs as it takes.
+        let bs = block_size as usize;
         let mdts = ctrl.identity.max_transfer_bytes(4096).unwrap_or(usize::MAX);
-        let max_cmd_bytes = mdts.min(65536 * block_size as usize).min(1 << 20)
-            / block_size as usize
-            * block_size as usize;
+        let max_cmd_bytes = (mdts.min(65536 * bs).min(1 << 20) / bs * bs).max(bs);
         NvmeTcpDevice {
             geometry: Geometry {
                 block_size,
@@ -672,7 +673,7 @@ impl NvmeTcpDevice {
             },
             dsm,
             write_zeroes: ctrl.identity.supports_write_zeroes(),
-            max_cmd_bytes: max_cmd_bytes.max(block_size as usize),
+            max_cmd_bytes,
             ctrl,
             nsid,
             id: DeviceId::fresh(),

@@ -369,16 +369,6 @@ pub enum TcpError {
         /// More detail (empty, or starting with a separator).
         why: &'static str,
     },
-    /// An R2T asking for more than MAXH2CDATA in one go.
-    #[error("R2T for command {cid} asks for {r2tl} bytes, more than MAXH2CDATA {max}")]
-    R2tBeyondMaxH2cData {
-        /// The command id.
-        cid: u16,
-        /// R2TL.
-        r2tl: u32,
-        /// The negotiated MAXH2CDATA.
-        max: u32,
-    },
     /// A second R2T for a command while the data of its last one has not
     /// gone yet (the host allows one outstanding R2T per command: MAXR2T 0).
     #[error("a second R2T for command {cid} before the data of its last one went (MAXR2T 0)")]
@@ -420,9 +410,7 @@ impl TcpError {
             TcpError::Unexpected { .. } => fes::PDU_SEQUENCE_ERROR,
             TcpError::HeaderDigest { .. } => fes::HEADER_DIGEST_ERROR,
             TcpError::DataOutOfRange { .. } => fes::DATA_OUT_OF_RANGE,
-            TcpError::R2tBeyondMaxH2cData { .. } | TcpError::R2tLimitExceeded { .. } => {
-                fes::DATA_LIMIT_EXCEEDED
-            }
+            TcpError::R2tLimitExceeded { .. } => fes::DATA_LIMIT_EXCEEDED,
             TcpError::Unsupported(_) => fes::UNSUPPORTED_PARAMETER,
             TcpError::DataDigest { .. }
             | TcpError::TerminatedByController { .. }
@@ -1262,12 +1250,7 @@ mod tests {
         assert_eq!(e.fes(), None);
         assert!(fes_reason(0x77).contains("unknown"));
         assert_eq!(
-            TcpError::R2tBeyondMaxH2cData {
-                cid: 1,
-                r2tl: 2,
-                max: 1
-            }
-            .fes(),
+            TcpError::R2tLimitExceeded { cid: 1 }.fes(),
             Some(fes::DATA_LIMIT_EXCEEDED)
         );
     }

@@ -39,8 +39,8 @@ enum Fault {
     /// A wrong data digest on the first of two C2HData PDUs of a read,
     /// then a successful response capsule.
     BadDataDigestThenResp,
-    /// An R2T larger than MAXH2CDATA.
-    BigR2t,
+    /// One R2T for all of a write's data (maybe more than MAXH2CDATA).
+    WholeR2t,
     /// An error status on reads.
     MediaError,
     /// Closes the admin connection at the first Keep Alive.
@@ -64,6 +64,8 @@ struct Target {
     keep_alives: Arc<AtomicUsize>,
     /// While set, I/O queues read nothing from their sockets.
     paused: Arc<AtomicBool>,
+    /// H2CData PDUs received.
+    h2c_pdus: Arc<AtomicUsize>,
 }
 
 /// How the fake target is set up.
@@ -87,6 +89,7 @@ struct Shared {
     reads: Arc<AtomicUsize>,
     keep_alives: Arc<AtomicUsize>,
     paused: Arc<AtomicBool>,
+    h2c_pdus: Arc<AtomicUsize>,
 }
 
 fn target(fault: Fault) -> Target {
@@ -120,12 +123,14 @@ fn target_cfg(fault: Fault, cfg: Cfg) -> Target {
         reads: Arc::new(AtomicUsize::new(0)),
         keep_alives: Arc::new(AtomicUsize::new(0)),
         paused: Arc::new(AtomicBool::new(false)),
+        h2c_pdus: Arc::new(AtomicUsize::new(0)),
     };
     let sh = Shared {
         disk: t.disk.clone(),
         reads: t.reads.clone(),
         keep_alives: t.keep_alives.clone(),
         paused: t.paused.clone(),
+        h2c_pdus: t.h2c_pdus.clone(),
     };
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -165,6 +170,7 @@ fn resp(cid: u16, dw0: u32, sct: u8, sc: u8) -> Header {
 
 fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Result<()> {
     let (disk, reads, keep_alives) = (&*sh.disk, &*sh.reads, &*sh.keep_alives);
+    let h2c_pdus = &*sh.h2c_pdus;
     let mut out = Vec::new();
     let (h, _) = read_pdu(&mut s, Framing::default())?;
     let Header::IcReq(req) = h else {
@@ -323,7 +329,7 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                         pdu::encode_pdu(&mut out, &resp(cid, 0, 2, 0x81), &[], f, 4);
                     }
                     Fault::None
-                    | Fault::BigR2t
+                    | Fault::WholeR2t
                     | Fault::CloseOnKeepAlive
                     | Fault::Trickle
                     | Fault::SlowReads => {
@@ -367,17 +373,16 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                     // Ask for the data (two R2Ts for large writes).
                     let mut got = Vec::new();
                     while got.len() < sgl_len {
-                        let want = (sgl_len - got.len()).min(32 << 10);
-                        let r2tl = if fault == Fault::BigR2t {
-                            128 << 10
+                        let want = if fault == Fault::WholeR2t {
+                            sgl_len
                         } else {
-                            want as u32
+                            (sgl_len - got.len()).min(32 << 10)
                         };
                         let h = Header::R2t(R2t {
                             cccid: cid,
                             ttag: 7,
                             r2to: got.len() as u32,
-                            r2tl,
+                            r2tl: want as u32,
                         });
                         pdu::encode_pdu(&mut out, &h, &[], f, 4);
                         s.write_all(&out)?;
@@ -393,6 +398,12 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                                 panic!("expected H2CData, got {h:?}")
                             };
                             assert_eq!((dh.cccid, dh.ttag, dh.datao as usize), (cid, 7, got.len()));
+                            assert!(
+                                d.len() <= cfg.maxh2cdata as usize,
+                                "H2CData over MAXH2CDATA"
+                            );
+                            assert_eq!(dh.last, got.len() + d.len() == end, "LAST_PDU");
+                            h2c_pdus.fetch_add(1, Ordering::SeqCst);
                             got.extend_from_slice(&d);
                         }
                     }
@@ -532,7 +543,8 @@ fn large_reads_arriving_in_bursts_land_intact() {
             let back = block_on(ch.read(64, DmaBuf::new(data.len()).unwrap())).unwrap();
             assert!(back[..] == data[..], "digest {digest}");
         }
-        assert!(t.reads.load(Ordering::SeqCst) >= 48);
+        // Three 1 MiB reads, one command each.
+        assert_eq!(t.reads.load(Ordering::SeqCst), 3);
     }
 }
 
@@ -747,12 +759,40 @@ fn a_bad_data_digest_fails_only_its_read() {
 }
 
 #[test]
-fn an_r2t_beyond_maxh2cdata_is_refused() {
-    let t = target(Fault::BigR2t);
-    let dev = open(&t, false, Duration::from_secs(5));
-    let ch = channel(&dev).unwrap();
-    let e = block_on(ch.write(0, DmaBuf::from_slice(&pattern(1, 64 << 10)).unwrap())).unwrap_err();
-    assert!(e.to_string().contains("more than MAXH2CDATA 65536"), "{e}");
+fn an_r2t_beyond_maxh2cdata_goes_in_several_h2cdata_pdus() {
+    // MAXH2CDATA 5000: a multiple of 4 and of no block size. Commands stay
+    // whole blocks (their size does not depend on it), and one R2T for a
+    // whole 1 MiB command is answered with H2CData PDUs of at most 5000
+    // bytes (the fake target checks each, and LAST_PDU on the last).
+    for digest in [false, true] {
+        let cfg = Cfg {
+            maxh2cdata: 5000,
+            ..CFG
+        };
+        let t = target_cfg(Fault::WholeR2t, cfg);
+        let dev: Arc<dyn BlockDevice> = Arc::new(open_with(&t, digest, 8, Duration::from_secs(30)));
+        let g = dev.geometry();
+        assert_eq!(g.max_transfer_bytes, 1 << 20);
+        let ch = channel(&dev).unwrap();
+        for (i, blocks) in [24usize, 200, 4096 + 7].into_iter().enumerate() {
+            let lba = 3 + i * 5000;
+            let data = pattern(i + 40, blocks * BLOCK);
+            block_on(ch.write(lba as u64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            assert!(
+                t.disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK] == data[..],
+                "write of {blocks} blocks landed where it belongs"
+            );
+            let back = block_on(ch.read(lba as u64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            assert!(back[..] == data[..], "read of {blocks} blocks");
+        }
+        // R2Ts of 12 KiB, 100 KiB, and 1 MiB twice (the last 3.5 KiB of
+        // the 2 MiB write go in its capsule): at 5000 bytes a PDU.
+        let want: usize = [12288usize, 102400, 1 << 20, 1 << 20]
+            .iter()
+            .map(|b| b.div_ceil(5000))
+            .sum();
+        assert_eq!(t.h2c_pdus.load(Ordering::SeqCst), want);
+    }
 }
 
 #[test]
