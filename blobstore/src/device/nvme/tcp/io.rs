@@ -51,9 +51,25 @@ const WAIT_SLICE_MS: i32 = 10;
 /// and one PDU: see `flush_tx`).
 pub(super) const TX_BACKLOG_MAX: usize = 256 << 10;
 
+/// Low bits of a command id: its slot in the trackers; the high bits are
+/// a generation, bumped each time the slot is reused, so that a late or
+/// duplicated PDU for a finished command never matches the next command
+/// in its slot (as Linux's host does).
+const SLOT_BITS: u32 = 10;
+const SLOT_MASK: u16 = (1 << SLOT_BITS) - 1;
+const _: () = assert!(super::MAX_QUEUE_DEPTH as u32 <= 1 << SLOT_BITS);
+
+/// The tracker slot of command id `cid`.
+fn slot(cid: u16) -> usize {
+    (cid & SLOT_MASK) as usize
+}
+
 #[derive(Clone, Copy)]
 struct Cmd {
     busy: bool,
+    /// The command id on the wire (slot and generation); kept when the
+    /// slot is free, for the next generation.
+    cid: u16,
     tag: Tag,
     /// Byte offset of this command's data within its operation.
     op_off: usize,
@@ -81,6 +97,7 @@ struct Cmd {
 
 const FREE_CMD: Cmd = Cmd {
     busy: false,
+    cid: 0,
     tag: 0,
     op_off: 0,
     len: 0,
@@ -143,6 +160,7 @@ pub(super) struct TcpQueue {
     maxh2cdata: u32,
     h2c_align: usize,
     cmds: Vec<Cmd>,
+    /// Free slots of `cmds`.
     free: Vec<u16>,
     ops: Vec<Op>,
     /// Operations with commands still to issue, oldest first.
@@ -254,12 +272,15 @@ impl TcpQueue {
             if op.issued >= op.total {
                 return true;
             }
-            let Some(&cid) = self.free.last() else {
+            let Some(&free) = self.free.last() else {
                 return false;
             };
             if !self.tx_room() {
                 return false;
             }
+            let last = self.cmds[free as usize].cid >> SLOT_BITS;
+            let generation = (last + 1) % (1 << (16 - SLOT_BITS));
+            let cid = free | generation << SLOT_BITS;
             let bs = self.block_size;
             let left = op.total - op.issued;
             let (units, cmd, mut c) = match op.kind {
@@ -334,7 +355,8 @@ impl TcpQueue {
             };
             self.free.pop();
             c.sent_ms = self.now_ms;
-            self.cmds[cid as usize] = c;
+            c.cid = cid;
+            self.cmds[slot(cid)] = c;
             self.encode_capsule(cid, cmd);
             let op = &mut self.ops[tag as usize];
             op.issued += units;
@@ -346,7 +368,7 @@ impl TcpQueue {
     /// Appends command `cid`'s capsule (with its data when it goes in the
     /// capsule) to the transmit buffer.
     fn encode_capsule(&mut self, cid: u16, mut cmd: Command) {
-        let c = self.cmds[cid as usize];
+        let c = self.cmds[slot(cid)];
         let in_capsule = c.len > 0 && !c.read && !c.r2t_write;
         if in_capsule {
             sgl::set_in_capsule(&mut cmd, c.len as u32);
@@ -363,7 +385,7 @@ impl TcpQueue {
 
     /// Encodes `header` with bytes `off..off + len` of command `cid`'s data.
     fn encode_with_data(&mut self, header: &Header, cid: u16, off: usize, len: usize) {
-        let c = &self.cmds[cid as usize];
+        let c = &self.cmds[slot(cid)];
         if c.has_range {
             let range = c.range;
             pdu::encode_pdu(
@@ -517,7 +539,7 @@ impl TcpQueue {
                     }
                     let n = avail.min(left);
                     let bytes = &self.rx[self.rx_start..self.rx_start + n];
-                    let c = self.cmds[cid as usize];
+                    let c = self.cmds[slot(cid)];
                     let op = &self.ops[c.tag as usize];
                     let mut at = 0;
                     for_each_piece(&op.segs, c.op_off + off, n, |p, l| {
@@ -607,7 +629,7 @@ impl TcpQueue {
         if left < DIRECT_RECV_MIN {
             return Ok(None);
         }
-        let c = self.cmds[cid as usize];
+        let c = self.cmds[slot(cid)];
         let mut piece = None;
         for_each_piece(
             &self.ops[c.tag as usize].segs,
@@ -655,13 +677,27 @@ impl TcpQueue {
         match header {
             Header::CapsuleResp(c) => {
                 self.check_cid("CapsuleResp", c.cid, |_| true, "an outstanding command")?;
-                let cmd = self.cmds[c.cid as usize];
-                if c.status().is_ok() && cmd.read && cmd.xfer != cmd.len {
+                let cmd = self.cmds[slot(c.cid)];
+                // Success means all the data moved: every byte of a read
+                // came, every byte of an R2T write was asked for and sent.
+                let moved = if cmd.read || cmd.r2t_write {
+                    cmd.xfer
+                } else {
+                    cmd.len
+                };
+                if c.status().is_ok() && (moved != cmd.len || cmd.h2c_queued) {
                     return Err(TcpError::Unexpected {
                         pdu: "CapsuleResp",
                         why: format!(
-                            "success for read command {} after {} of its {} bytes",
-                            c.cid, cmd.xfer, cmd.len
+                            "success for {} command {} after {moved} of its {} bytes{}",
+                            if cmd.read { "read" } else { "write" },
+                            c.cid,
+                            cmd.len,
+                            if cmd.h2c_queued {
+                                " (and before the last R2T's data went)"
+                            } else {
+                                ""
+                            }
                         ),
                     });
                 }
@@ -676,7 +712,7 @@ impl TcpQueue {
                     |c| c.r2t_write,
                     "a write waiting for an R2T",
                 )?;
-                let c = self.cmds[r.cccid as usize];
+                let c = self.cmds[slot(r.cccid)];
                 // R2TL may exceed MAXH2CDATA: the data then goes in several
                 // H2CData PDUs (`encode_h2c`), as the spec has the host do.
                 let (off, len) = (r.r2to as usize, r.r2tl as usize);
@@ -695,7 +731,7 @@ impl TcpQueue {
                     // and the last one's data has not even been encoded.
                     return Err(TcpError::R2tLimitExceeded { cid: r.cccid });
                 }
-                let c = &mut self.cmds[r.cccid as usize];
+                let c = &mut self.cmds[slot(r.cccid)];
                 c.xfer = off + len;
                 c.h2c_next = off;
                 c.ttag = r.ttag;
@@ -713,7 +749,7 @@ impl TcpQueue {
 
     fn on_c2h(&mut self, d: DataHeader, digest: bool) -> std::result::Result<(), TcpError> {
         self.check_cid("C2HData", d.cccid, |c| c.read, "an outstanding read")?;
-        let c = self.cmds[d.cccid as usize];
+        let c = self.cmds[slot(d.cccid)];
         let (off, len) = (d.datao as usize, d.datal as usize);
         if off != c.xfer || off + len > c.len || (d.success && off + len != c.len) {
             return Err(TcpError::DataOutOfRange {
@@ -725,7 +761,7 @@ impl TcpQueue {
                 why: ", or not in order, or SUCCESS before the last byte",
             });
         }
-        self.cmds[d.cccid as usize].xfer = off + len;
+        self.cmds[slot(d.cccid)].xfer = off + len;
         self.rx_state = Rx::Data {
             cid: d.cccid,
             off,
@@ -744,8 +780,8 @@ impl TcpQueue {
         ok: impl Fn(&Cmd) -> bool,
         why: &'static str,
     ) -> std::result::Result<(), TcpError> {
-        match self.cmds.get(cid as usize) {
-            Some(c) if c.busy && ok(c) => Ok(()),
+        match self.cmds.get(slot(cid)) {
+            Some(c) if c.busy && c.cid == cid && ok(c) => Ok(()),
             _ => Err(TcpError::UnknownCid { pdu, cid, why }),
         }
     }
@@ -753,7 +789,7 @@ impl TcpQueue {
     /// Command `cid` (outstanding) failed on the host's side for `why`:
     /// its operation will fail with that error when its commands are done.
     fn fail_command(&mut self, cid: u16, why: String) {
-        let c = &self.cmds[cid as usize];
+        let c = &self.cmds[slot(cid)];
         let op = &mut self.ops[c.tag as usize];
         tracing::warn!(device = %self.name, qid = self.qid, cid, reason = %why, "nvme-tcp command failed");
         if op.error.is_none() {
@@ -769,8 +805,8 @@ impl TcpQueue {
     /// Encodes the next H2CData PDU (at most MAXH2CDATA bytes) of the R2T
     /// of command `cid`; true when that R2T's data is all encoded.
     fn encode_h2c(&mut self, cid: u16) -> bool {
-        let c = self.cmds[cid as usize];
-        if !c.busy || !c.h2c_queued {
+        let c = self.cmds[slot(cid)];
+        if !c.busy || c.cid != cid || !c.h2c_queued {
             debug_assert!(false, "command {cid} in the H2CData queue");
             return true;
         }
@@ -786,7 +822,7 @@ impl TcpQueue {
             success: false,
         });
         self.encode_with_data(&h, cid, off, n);
-        let c = &mut self.cmds[cid as usize];
+        let c = &mut self.cmds[slot(cid)];
         c.h2c_next = off + n;
         c.h2c_queued = !last;
         last
@@ -794,14 +830,20 @@ impl TcpQueue {
 
     /// Command `c.cid` finished with `c`'s status.
     fn complete(&mut self, c: Completion) {
-        let cmd = std::mem::replace(&mut self.cmds[c.cid as usize], FREE_CMD);
-        debug_assert!(cmd.busy);
+        let cmd = std::mem::replace(
+            &mut self.cmds[slot(c.cid)],
+            Cmd {
+                cid: c.cid,
+                ..FREE_CMD
+            },
+        );
+        debug_assert!(cmd.busy && cmd.cid == c.cid);
         if cmd.h2c_queued {
             // Done (an error status, say) before its data went: the data
             // never will, and the id may be reused at once.
             self.h2c.retain(|&q| q != c.cid);
         }
-        self.free.push(c.cid);
+        self.free.push(slot(c.cid) as u16);
         self.busy -= 1;
         let op = &mut self.ops[cmd.tag as usize];
         op.out -= 1;

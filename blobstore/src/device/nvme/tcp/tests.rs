@@ -50,6 +50,11 @@ enum Fault {
     Trickle,
     /// Answers every read after `SLOW_READ_MS`.
     SlowReads,
+    /// Before each write after the first, sends the last write's response
+    /// again (a late duplicate).
+    StaleResp,
+    /// Reports writes that need an R2T done without asking for the data.
+    EarlyWriteSuccess,
 }
 
 /// How long a [`Fault::SlowReads`] target takes per read.
@@ -193,6 +198,7 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
     let mut sqflow_off = false;
     // Commands that came while a write waited for its data.
     let mut backlog = std::collections::VecDeque::new();
+    let mut last_write = None;
     loop {
         s.write_all(&out)?;
         out.clear();
@@ -332,7 +338,9 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                     | Fault::WholeR2t
                     | Fault::CloseOnKeepAlive
                     | Fault::Trickle
-                    | Fault::SlowReads => {
+                    | Fault::SlowReads
+                    | Fault::StaleResp
+                    | Fault::EarlyWriteSuccess => {
                         // Big reads in two PDUs, to cover datao.
                         if bytes.len() > 8192 {
                             let h = Header::C2hData(DataHeader {
@@ -368,7 +376,19 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                     }
                 }
             }
+            (_, 0x01) if fault == Fault::EarlyWriteSuccess && data.is_empty() => {
+                pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+            }
             (_, 0x01) => {
+                if let Some(last) = last_write
+                    .replace(cid)
+                    .filter(|_| fault == Fault::StaleResp)
+                {
+                    pdu::encode_pdu(&mut out, &resp(last, 0, 0, 0), &[], f, 4);
+                    s.write_all(&out)?;
+                    out.clear();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 let bytes = if data.is_empty() {
                     // Ask for the data (two R2Ts for large writes).
                     let mut got = Vec::new();
@@ -732,6 +752,40 @@ fn a_target_that_stops_reading_holds_submissions_back_not_the_transmit_buffer() 
             t.paused.store(false, Ordering::SeqCst);
         }
     }
+}
+
+#[test]
+fn responses_that_cannot_be_true_fail_the_queue_not_complete_the_wrong_command() {
+    // A late duplicate of a write's response, arriving once the next write
+    // took its slot: the generation in the command id tells them apart.
+    let t = target(Fault::StaleResp);
+    let dev = open_with(&t, false, 1, Duration::from_secs(5));
+    let mut q = io::TcpQueue::new(&dev).unwrap();
+    let (a, b) = (
+        DmaBuf::from_slice(&pattern(1, 4096)).unwrap(),
+        DmaBuf::from_slice(&pattern(2, 4096)).unwrap(),
+    );
+    q.submit(1, &op_on(IoKind::Write, 0, &a)).unwrap();
+    let got = reap_until(&mut q, 1, Duration::from_secs(5));
+    assert!(matches!(got[..], [(1, Ok(()))]));
+    q.submit(2, &op_on(IoKind::Write, 8, &b)).unwrap();
+    let got = reap_until(&mut q, 1, Duration::from_secs(5));
+    let [(2, Err(e))] = &got[..] else {
+        panic!("the duplicate must not complete write 2")
+    };
+    assert!(e.to_string().contains("not an outstanding command"), "{e}");
+
+    // Success for a write that needs an R2T, with no R2T: its data never
+    // moved.
+    let t = target(Fault::EarlyWriteSuccess);
+    let dev = open(&t, false, Duration::from_secs(5));
+    let ch = channel(&dev).unwrap();
+    let e = block_on(ch.write(0, DmaBuf::from_slice(&pattern(3, 64 << 10)).unwrap())).unwrap_err();
+    assert!(
+        e.to_string().contains("success for write command")
+            && e.to_string().contains("after 0 of its 65536 bytes"),
+        "{e}"
+    );
 }
 
 #[test]
