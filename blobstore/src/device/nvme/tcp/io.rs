@@ -172,6 +172,9 @@ pub(super) struct TcpQueue {
     /// Encoded PDUs; `tx[..tx_sent]` has gone to the socket.
     tx: Vec<u8>,
     tx_sent: usize,
+    /// Where a PDU starts in `tx`; walking PDU lengths from it reaches the
+    /// end of the PDU being sent (see `tx_pdu_end`).
+    tx_pdu: usize,
     /// Bytes the socket took in all, and that count at the last tick that
     /// saw it move (or found nothing to send), at `tx_moved_ms`.
     tx_total: u64,
@@ -205,10 +208,13 @@ impl TcpQueue {
                 return Err(e);
             }
         };
-        link.sock.set_nonblocking(true).map_err(|e| Error::Os {
-            context: format!("nvme-tcp:{}: non-blocking socket", ctrl.name()),
-            source: e,
-        })?;
+        if let Err(e) = link.sock.set_nonblocking(true) {
+            ctrl.free_qid(qid);
+            return Err(Error::Os {
+                context: format!("nvme-tcp:{}: non-blocking socket", ctrl.name()),
+                source: e,
+            });
+        }
         let mut cmds = vec![FREE_CMD; depth as usize];
         cmds.shrink_to_fit();
         Ok(TcpQueue {
@@ -234,6 +240,7 @@ impl TcpQueue {
             done: Vec::new(),
             tx: Vec::with_capacity(64 << 10),
             tx_sent: 0,
+            tx_pdu: 0,
             tx_total: 0,
             tx_seen: 0,
             tx_moved_ms: 0,
@@ -453,7 +460,28 @@ impl TcpQueue {
         }
         self.tx.clear();
         self.tx_sent = 0;
+        self.tx_pdu = 0;
         Ok(())
+    }
+
+    /// Moves `tx_pdu` to the first PDU boundary at or after `tx_sent` (the
+    /// end of the PDU the socket has part of, or `tx_sent` itself) and
+    /// returns it. The buffer holds whole PDUs only: each PLEN leads to
+    /// the next.
+    fn tx_pdu_end(&mut self) -> usize {
+        while self.tx_pdu < self.tx_sent {
+            let at = self.tx_pdu;
+            let Some(p) = self.tx.get(at + 4..at + 8) else {
+                break;
+            };
+            let plen = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+            if plen == 0 {
+                break;
+            }
+            self.tx_pdu += plen;
+        }
+        debug_assert!(self.tx_pdu >= self.tx_sent && self.tx_pdu <= self.tx.len());
+        self.tx_pdu
     }
 
     /// Drops the sent front of the transmit buffer once it is at least as
@@ -461,6 +489,7 @@ impl TcpQueue {
     /// (amortised), and the buffer stays under twice its unsent bytes.
     fn compact_tx(&mut self) {
         if self.tx_sent > 0 && self.tx_sent >= self.tx.len() - self.tx_sent {
+            self.tx_pdu = self.tx_pdu_end().saturating_sub(self.tx_sent);
             self.tx.drain(..self.tx_sent);
             self.tx_sent = 0;
         }
@@ -899,12 +928,22 @@ impl TcpQueue {
         self.busy = 0;
         self.tx.clear();
         self.tx_sent = 0;
+        self.tx_pdu = 0;
         self.dead = Some(reason);
     }
 
-    /// Sends a H2CTermReq for `e` (best effort) before the connection closes.
+    /// Sends a H2CTermReq for `e` (best effort, never blocking) before the
+    /// connection closes. When the socket has part of a PDU, the rest of
+    /// that PDU goes first (the target would read a TermReq in its middle
+    /// as its data); if the socket will not take it now, no TermReq goes.
     fn terminate(&mut self, e: &TcpError) {
         let Some(fes) = e.fes() else { return };
+        let end = self.tx_pdu_end();
+        let rest = self.tx.get(self.tx_sent..end).unwrap_or_default();
+        if send_now(&self.sock, rest) < rest.len() {
+            return;
+        }
+        self.tx_sent = end;
         let mut out = Vec::new();
         let h = Header::TermReq {
             from_host: true,
@@ -912,15 +951,8 @@ impl TcpQueue {
             fei: 0,
         };
         pdu::encode_pdu(&mut out, &h, &[], self.framing, 4);
-        // SAFETY: a valid buffer; a failure changes nothing (closing next).
-        unsafe {
-            libc::send(
-                self.sock.as_raw_fd(),
-                out.as_ptr().cast(),
-                out.len(),
-                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-            )
-        };
+        // A failure changes nothing: the connection closes next.
+        send_now(&self.sock, &out);
     }
 
     fn clock_ms(&self) -> u64 {
@@ -983,6 +1015,32 @@ impl TcpQueue {
             self.pending.pop_front();
         }
     }
+}
+
+/// Sends as much of `b` as the socket takes now; returns how much.
+fn send_now(sock: &TcpStream, b: &[u8]) -> usize {
+    let mut sent = 0;
+    while sent < b.len() {
+        let rest = &b[sent..];
+        // SAFETY: a valid buffer of `rest.len()` bytes; MSG_NOSIGNAL: a
+        // closed peer is an error, not SIGPIPE.
+        let n = unsafe {
+            libc::send(
+                sock.as_raw_fd(),
+                rest.as_ptr().cast(),
+                rest.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break;
+        }
+        sent += n as usize;
+    }
+    sent
 }
 
 fn success_completion(cid: u16) -> Completion {
@@ -1136,6 +1194,17 @@ impl TcpQueue {
 
     pub(super) fn socket(&self) -> &TcpStream {
         &self.sock
+    }
+
+    /// True when the socket has part of a PDU.
+    pub(super) fn tx_mid_pdu(&mut self) -> bool {
+        self.tx_pdu_end() != self.tx_sent
+    }
+
+    /// What `reap` does on a protocol violation.
+    pub(super) fn fail_for_test(&mut self, e: TcpError) {
+        self.terminate(&e);
+        self.kill(e.to_string(), None);
     }
 }
 

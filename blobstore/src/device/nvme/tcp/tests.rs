@@ -71,6 +71,8 @@ struct Target {
     paused: Arc<AtomicBool>,
     /// H2CData PDUs received.
     h2c_pdus: Arc<AtomicUsize>,
+    /// H2CTermReqs received (each at a PDU boundary: framing held).
+    term_reqs: Arc<AtomicUsize>,
 }
 
 /// How the fake target is set up.
@@ -95,6 +97,7 @@ struct Shared {
     keep_alives: Arc<AtomicUsize>,
     paused: Arc<AtomicBool>,
     h2c_pdus: Arc<AtomicUsize>,
+    term_reqs: Arc<AtomicUsize>,
 }
 
 fn target(fault: Fault) -> Target {
@@ -129,6 +132,7 @@ fn target_cfg(fault: Fault, cfg: Cfg) -> Target {
         keep_alives: Arc::new(AtomicUsize::new(0)),
         paused: Arc::new(AtomicBool::new(false)),
         h2c_pdus: Arc::new(AtomicUsize::new(0)),
+        term_reqs: Arc::new(AtomicUsize::new(0)),
     };
     let sh = Shared {
         disk: t.disk.clone(),
@@ -136,6 +140,7 @@ fn target_cfg(fault: Fault, cfg: Cfg) -> Target {
         keep_alives: t.keep_alives.clone(),
         paused: t.paused.clone(),
         h2c_pdus: t.h2c_pdus.clone(),
+        term_reqs: t.term_reqs.clone(),
     };
     std::thread::spawn(move || {
         for s in l.incoming() {
@@ -209,6 +214,10 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
             Some(p) => p,
             None => read_pdu(&mut s, f)?,
         };
+        if let Header::TermReq { .. } = h {
+            sh.term_reqs.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
         let Header::CapsuleCmd(d) = h else {
             panic!("expected a command, got {h:?}")
         };
@@ -786,6 +795,49 @@ fn responses_that_cannot_be_true_fail_the_queue_not_complete_the_wrong_command()
             && e.to_string().contains("after 0 of its 65536 bytes"),
         "{e}"
     );
+}
+
+#[test]
+fn a_term_req_never_lands_in_the_middle_of_a_pdu() {
+    let cfg = Cfg {
+        rcvbuf: Some(16 << 10),
+        ..CFG
+    };
+    let t = target_cfg(Fault::None, cfg);
+    let dev = open_with(&t, false, 64, Duration::from_secs(30));
+    let mut q = io::TcpQueue::new(&dev).unwrap();
+    set_buf(q.socket().as_raw_fd(), libc::SO_SNDBUF, 16 << 10);
+    t.paused.store(true, Ordering::SeqCst);
+    let bufs: Vec<DmaBuf> = (0..64)
+        .map(|i| DmaBuf::from_slice(&pattern(i, 8192)).unwrap())
+        .collect();
+    for (i, b) in bufs.iter().enumerate() {
+        q.submit(i as u32, &op_on(IoKind::Write, i as u64 * 16, b))
+            .unwrap();
+    }
+    let mut done = 0;
+    for _ in 0..20 {
+        done += q.reap(&mut |_, _| {});
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // The socket is full, with part of a PDU in it.
+    assert!(q.tx_mid_pdu());
+    // The target reads what the socket has (and waits for the rest of
+    // that PDU); then the host meets a violation.
+    t.paused.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(300));
+    q.fail_for_test(pdu::TcpError::UnknownType(0x42));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.term_reqs.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        t.term_reqs.load(Ordering::SeqCst),
+        1,
+        "the target found no H2CTermReq at a PDU boundary"
+    );
+    done += reap_until(&mut q, 64 - done, Duration::from_secs(1)).len();
+    assert_eq!(done, 64);
 }
 
 #[test]
