@@ -3,20 +3,23 @@
 //! admin queue and each I/O queue's Fabrics Connect need them.
 //!
 //! Invariants:
-//! - Every socket read and write has a timeout: a silent target gives an
-//!   error, never a hang.
-//! - A PDU is read whole before it is parsed; its length is bounded
-//!   (`MAX_BLOCKING_PDU_BYTES`) before any buffer is sized from it.
+//! - Every exchange (the connection setup, each command) has a deadline,
+//!   the admin timeout from its start: each socket read and write waits at
+//!   most for the time left, so a silent target, or one that trickles a
+//!   byte at a time, gives `Error::Timeout`, never a hang.
+//! - A PDU is read whole before it is parsed, its common header first; its
+//!   length is bounded (`MAX_BLOCKING_PDU_BYTES`) before any buffer is
+//!   sized from it.
+//! - A successful completion means all the data asked for came.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::super::cmd::{Command, Completion};
 use super::pdu::{
-    self, DataHeader, Framing, Header, IcReq, TcpError, COMMON_HEADER_BYTES, IC_PDU_BYTES,
-    MIN_MAXH2CDATA,
+    self, DataHeader, Framing, Header, IcReq, TcpError, COMMON_HEADER_BYTES, MIN_MAXH2CDATA,
 };
 use super::{sgl, TcpOptions};
 use crate::error::{Error, Result};
@@ -37,6 +40,11 @@ pub(crate) struct Link {
     pub(crate) peer: String,
     /// Scratch for encoding PDUs.
     out: Vec<u8>,
+    /// How long one exchange may take.
+    timeout: Duration,
+    /// When the exchange under way must be done, and what it is.
+    deadline: Instant,
+    what: &'static str,
 }
 
 /// An error of a setup exchange with `peer`.
@@ -69,8 +77,11 @@ impl Link {
             h2c_align: 4,
             peer: peer.to_string(),
             out: Vec::with_capacity(2048),
+            timeout: opts.admin_timeout,
+            deadline: Instant::now(),
+            what: "",
         };
-        link.set_timeout(opts.admin_timeout)?;
+        link.begin("connection setup (ICReq)");
         let want = Framing {
             header_digest: opts.header_digest,
             data_digest: opts.data_digest,
@@ -84,10 +95,10 @@ impl Link {
         link.out.clear();
         pdu::encode_pdu(&mut link.out, &req, &[], Framing::default(), 4);
         link.send_out()?;
-        let mut resp = [0u8; IC_PDU_BYTES];
-        link.read_exact(&mut resp)?;
-        let (header, _) = pdu::parse_pdu(&resp, Framing::default(), false)
-            .map_err(|e| setup_error(peer, format!("connection setup: {e}")))?;
+        // The common header first, then the rest as PLEN says: a target
+        // that refuses the ICReq answers with a C2HTermReq (24 bytes and
+        // up), whose reason is the error, not a wait for 128 bytes.
+        let (header, _) = link.recv_pdu()?;
         let Header::IcResp(r) = header else {
             return Err(setup_error(
                 peer,
@@ -121,17 +132,40 @@ impl Link {
         Ok(link)
     }
 
-    /// Sets the read and write timeouts of the blocking socket.
-    pub(crate) fn set_timeout(&self, t: Duration) -> Result<()> {
-        self.sock
-            .set_read_timeout(Some(t))
-            .and_then(|_| self.sock.set_write_timeout(Some(t)))
-            .map_err(|e| io_error(&self.peer, "socket timeout", e))
+    /// Starts the exchange `what`: it must be done within the timeout.
+    fn begin(&mut self, what: &'static str) {
+        self.what = what;
+        self.deadline = Instant::now() + self.timeout;
+    }
+
+    fn timed_out(&self) -> Error {
+        Error::Timeout {
+            op: self.what,
+            lba: 0,
+            blocks: 0,
+            after_ms: self.timeout.as_millis() as u64,
+        }
+    }
+
+    /// The time left before the deadline, as the socket's read or write
+    /// timeout; `Err` when none is left.
+    fn arm(&self, write: bool) -> Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(self.timed_out());
+        }
+        let r = if write {
+            self.sock.set_write_timeout(Some(left))
+        } else {
+            self.sock.set_read_timeout(Some(left))
+        };
+        r.map_err(|e| io_error(&self.peer, "socket timeout", e))
     }
 
     fn send_out(&mut self) -> Result<()> {
         let mut sent = 0;
         while sent < self.out.len() {
+            self.arm(true)?;
             let rest = &self.out[sent..];
             // SAFETY: a valid buffer of `rest.len()` bytes. MSG_NOSIGNAL: a
             // target that closed the connection is an error here, not a
@@ -150,10 +184,9 @@ impl Link {
                     continue;
                 }
                 return Err(match e.kind() {
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => setup_error(
-                        &self.peer,
-                        "the target took nothing within the admin timeout",
-                    ),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        self.timed_out()
+                    }
                     _ => io_error(&self.peer, "send", e),
                 });
             }
@@ -162,15 +195,24 @@ impl Link {
         Ok(())
     }
 
+    /// Fills `buf` from the socket by the exchange's deadline.
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {
-        let peer = &self.peer;
-        self.sock.read_exact(buf).map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => setup_error(peer, TcpError::Closed),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                setup_error(peer, "no answer from the target within the admin timeout")
+        let mut got = 0;
+        while got < buf.len() {
+            self.arm(false)?;
+            match self.sock.read(&mut buf[got..]) {
+                Ok(0) => return Err(setup_error(&self.peer, TcpError::Closed)),
+                Ok(n) => got += n,
+                Err(e) => match e.kind() {
+                    std::io::ErrorKind::Interrupted => {}
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                        return Err(self.timed_out())
+                    }
+                    _ => return Err(io_error(&self.peer, "receive", e)),
+                },
             }
-            _ => io_error(peer, "receive", e),
-        })
+        }
+        Ok(())
     }
 
     /// Reads one whole PDU from the controller.
@@ -194,17 +236,21 @@ impl Link {
         Ok((h, data.to_vec()))
     }
 
-    /// Runs `cmd` as command `cid` and waits for its completion: `write`
-    /// goes in the capsule; `read_len` bytes come back in C2HData PDUs.
-    /// Returns the completion (status unchecked) and the data read.
+    /// Runs `cmd` (`what`, for errors) as command `cid` and waits for its
+    /// completion, within the timeout: `write` goes in the capsule;
+    /// `read_len` bytes come back in C2HData PDUs. Returns the completion
+    /// (status unchecked) and the data read, all of it on success. After an
+    /// `Err` the connection may be in the middle of a PDU: close it.
     pub(crate) fn exec(
         &mut self,
         cid: u16,
         mut cmd: Command,
         write: &[u8],
         read_len: usize,
+        what: &'static str,
     ) -> Result<(Completion, Vec<u8>)> {
         debug_assert!(write.is_empty() || read_len == 0);
+        self.begin(what);
         if write.is_empty() {
             sgl::set_transport(&mut cmd, read_len as u32);
         } else {
@@ -222,10 +268,19 @@ impl Link {
         self.send_out()?;
         let mut got = vec![0u8; read_len];
         let mut filled = 0usize;
+        let short = |filled: usize| TcpError::Unexpected {
+            pdu: "CapsuleResp",
+            why: format!("success for command {cid} after {filled} of its {read_len} data bytes"),
+        };
         loop {
             let (h, data) = self.recv_pdu()?;
             match h {
-                Header::CapsuleResp(c) if c.cid == cid => return Ok((c, got)),
+                Header::CapsuleResp(c) if c.cid == cid => {
+                    if c.status().is_ok() && filled != read_len {
+                        return Err(setup_error(&self.peer, short(filled)));
+                    }
+                    return Ok((c, got));
+                }
                 Header::C2hData(d) if d.cccid == cid => {
                     let end = d.datao as usize + data.len();
                     if d.datao as usize != filled || end > read_len {
@@ -244,6 +299,9 @@ impl Link {
                     got[filled..end].copy_from_slice(&data);
                     filled = end;
                     if d.success {
+                        if filled != read_len {
+                            return Err(setup_error(&self.peer, short(filled)));
+                        }
                         return Ok((success(cid), got));
                     }
                 }

@@ -24,8 +24,8 @@
 //!
 //! Invariants:
 //! - Nothing the network sends makes the host panic or hang: every
-//!   protocol violation is a [`pdu::TcpError`], every blocking read has a
-//!   timeout, every command a deadline.
+//!   protocol violation is a [`pdu::TcpError`], every admin exchange and
+//!   every I/O command has a deadline.
 //! - An operation is reported once; when a connection dies, every
 //!   operation on it is reported failed (no memory of an operation is
 //!   reached after it is reported: TCP has no DMA, and a dead connection is
@@ -271,10 +271,10 @@ impl Admin {
         cmd: Command,
         write: &[u8],
         read_len: usize,
-        what: &str,
+        what: &'static str,
     ) -> Result<(Completion, Vec<u8>)> {
         self.next_cid = (self.next_cid + 1) % ADMIN_QUEUE_ENTRIES;
-        let (c, data) = self.link.exec(self.next_cid, cmd, write, read_len)?;
+        let (c, data) = self.link.exec(self.next_cid, cmd, write, read_len, what)?;
         status_ok(&c, &self.link.peer, what)?;
         Ok((c, data))
     }
@@ -333,7 +333,7 @@ impl NvmeTcpController {
         let data = fabrics::connect_data(&host_id, 0xFFFF, subnqn, &opts.host_nqn);
         let kato_ms = opts.keep_alive.as_millis().min(u32::MAX as u128) as u32;
         let connect = fabrics::connect(0, ADMIN_QUEUE_ENTRIES - 1, 0, kato_ms);
-        let (c, _) = link.exec(0, connect, &data, 0)?;
+        let (c, _) = link.exec(0, connect, &data, 0, "Fabrics Connect")?;
         connect_status(&c, target, subnqn, &opts.host_nqn)?;
         let cntlid = c.dw0 as u16;
         let mut admin = Admin { link, next_cid: 0 };
@@ -507,7 +507,7 @@ impl NvmeTcpController {
             &self.opts.host_nqn,
         );
         let connect = fabrics::connect(qid, depth, fabrics::DISABLE_SQ_FLOW, 0);
-        let (c, _) = link.exec(0, connect, &data, 0)?;
+        let (c, _) = link.exec(0, connect, &data, 0, "Fabrics Connect")?;
         connect_status(&c, &self.peer, &self.subnqn, &self.opts.host_nqn)?;
         Ok(link)
     }

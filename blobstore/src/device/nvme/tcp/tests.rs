@@ -55,7 +55,16 @@ enum Fault {
     StaleResp,
     /// Reports writes that need an R2T done without asking for the data.
     EarlyWriteSuccess,
+    /// Answers the ICReq with a C2HTermReq (and keeps the connection open).
+    RefuseIcReq,
+    /// Sends the answer to Identify Namespace a byte every `TRICKLE_MS`.
+    TrickleAdmin,
+    /// Reports Identify Namespace successful after half of its data.
+    ShortIdentify,
 }
+
+/// Pause between the bytes of a [`Fault::TrickleAdmin`] answer.
+const TRICKLE_MS: u64 = 100;
 
 /// How long a [`Fault::SlowReads`] target takes per read.
 const SLOW_READ_MS: u64 = 1000;
@@ -187,6 +196,17 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
         panic!("no ICReq")
     };
     let f = req.digests;
+    if fault == Fault::RefuseIcReq {
+        let h = Header::TermReq {
+            from_host: false,
+            fes: pdu::fes::UNSUPPORTED_PARAMETER,
+            fei: 11,
+        };
+        pdu::encode_pdu(&mut out, &h, &[], Framing::default(), 4);
+        s.write_all(&out)?;
+        std::thread::sleep(Duration::from_secs(5));
+        return Ok(());
+    }
     pdu::encode_pdu(
         &mut out,
         &Header::IcResp(IcResp {
@@ -264,8 +284,21 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                     page[0..8].copy_from_slice(&(BLOCKS as u64).to_le_bytes());
                     page[128..132].copy_from_slice(&(9u32 << 16).to_le_bytes());
                 }
-                send_data(&mut out, &page, false);
+                let page = if fault == Fault::ShortIdentify && d[10] == 0 {
+                    &page[..2048]
+                } else {
+                    &page[..]
+                };
+                send_data(&mut out, page, false);
                 pdu::encode_pdu(&mut out, &resp(cid, 0, 0, 0), &[], f, 4);
+                if fault == Fault::TrickleAdmin && d[10] == 0 {
+                    // Never silent for long, never done: stops only when the
+                    // host closes the connection.
+                    for b in out.drain(..) {
+                        s.write_all(&[b])?;
+                        std::thread::sleep(Duration::from_millis(TRICKLE_MS));
+                    }
+                }
             }
             (0, 0x18) => {
                 keep_alives.fetch_add(1, Ordering::SeqCst);
@@ -349,7 +382,10 @@ fn serve(mut s: TcpStream, fault: Fault, cfg: Cfg, sh: &Shared) -> std::io::Resu
                     | Fault::Trickle
                     | Fault::SlowReads
                     | Fault::StaleResp
-                    | Fault::EarlyWriteSuccess => {
+                    | Fault::EarlyWriteSuccess
+                    | Fault::RefuseIcReq
+                    | Fault::TrickleAdmin
+                    | Fault::ShortIdentify => {
                         // Big reads in two PDUs, to cover datao.
                         if bytes.len() > 8192 {
                             let h = Header::C2hData(DataHeader {
@@ -914,6 +950,63 @@ fn a_missing_namespace_is_refused_clearly() {
     assert_eq!((all[0].0, all[0].1.block_size), (1, 512));
     let e = NvmeTcpDevice::from_controller(ctrl, 2).err().unwrap();
     assert!(e.to_string().contains("namespace 2 does not exist"), "{e}");
+}
+
+#[test]
+fn an_admin_command_has_a_deadline() {
+    let t = target(Fault::TrickleAdmin);
+    let opts = TcpOptions {
+        admin_timeout: Duration::from_millis(10 * TRICKLE_MS),
+        keep_alive: Duration::ZERO,
+        ..Default::default()
+    };
+    let ctrl = NvmeTcpController::connect(&format!("127.0.0.1:{}", t.port), NQN, opts).unwrap();
+    assert!(!ctrl.is_failed());
+    // The answer comes a byte per TRICKLE_MS: no read waits the whole
+    // timeout, but the command as a whole must end by it.
+    let start = Instant::now();
+    let e = ctrl.namespace(1).unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(e, Error::Timeout { op: "Identify Namespace", after_ms, .. } if after_ms == 10 * TRICKLE_MS),
+        "{e}"
+    );
+    assert!(took < Duration::from_millis(15 * TRICKLE_MS), "{took:?}");
+    // Dropping it does not wait on anything.
+    let start = Instant::now();
+    drop(ctrl);
+    assert!(start.elapsed() < Duration::from_millis(TRICKLE_MS));
+}
+
+#[test]
+fn an_admin_success_without_all_its_data_is_an_error() {
+    let t = target(Fault::ShortIdentify);
+    let ctrl =
+        NvmeTcpController::connect(&format!("127.0.0.1:{}", t.port), NQN, TcpOptions::default())
+            .unwrap();
+    let e = ctrl.namespace(1).unwrap_err();
+    assert!(
+        e.to_string().contains("after 2048 of its 4096 data bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_refused_icreq_is_reported_with_its_reason_at_once() {
+    let t = target(Fault::RefuseIcReq);
+    let opts = TcpOptions {
+        admin_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let e = NvmeTcpController::connect(&format!("127.0.0.1:{}", t.port), NQN, opts)
+        .err()
+        .unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "waited for 128 bytes"
+    );
+    assert!(e.to_string().contains("unsupported parameter"), "{e}");
 }
 
 #[test]
