@@ -18,8 +18,10 @@
 //!
 //! Keep-alive: a small thread per controller sends Keep Alive on the admin
 //! queue every KATO/2 and does nothing else; the data path never waits
-//! for it (it only shares the admin mutex with setup). A controller whose
-//! keep-alive fails is marked failed ([`NvmeTcpController::is_failed`]);
+//! for it (it only shares the admin mutex with setup). A transport error
+//! or timeout on the admin queue (a keep-alive's or any command's) closes
+//! the admin connection and marks the controller failed
+//! ([`NvmeTcpController::is_failed`]): later admin commands fail at once;
 //! its I/O queues find out on their own connections.
 //!
 //! Invariants:
@@ -261,10 +263,17 @@ mod prop {
 struct Admin {
     link: Link,
     next_cid: u16,
+    /// Why the connection was closed: after a transport error (a timeout
+    /// or a bad PDU, maybe mid-PDU) the stream is no longer framed, and a
+    /// late answer could match a later command id; nothing goes on it again.
+    closed: Option<String>,
+    /// The controller's failed flag, set when the connection is closed.
+    failed: Arc<AtomicBool>,
 }
 
 impl Admin {
-    /// Runs an admin command; `Err` for a transport failure or an error
+    /// Runs an admin command; `Err` for a transport failure (which closes
+    /// the admin connection and marks the controller failed) or an error
     /// status (`what` names the command).
     fn run(
         &mut self,
@@ -273,8 +282,23 @@ impl Admin {
         read_len: usize,
         what: &'static str,
     ) -> Result<(Completion, Vec<u8>)> {
+        if let Some(why) = &self.closed {
+            return Err(setup_error(
+                &self.link.peer,
+                format!("{what}: the admin queue closed after an earlier error ({why})"),
+            ));
+        }
         self.next_cid = (self.next_cid + 1) % ADMIN_QUEUE_ENTRIES;
-        let (c, data) = self.link.exec(self.next_cid, cmd, write, read_len, what)?;
+        let (c, data) = match self.link.exec(self.next_cid, cmd, write, read_len, what) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(target = %self.link.peer, error = %e, "nvme-tcp admin queue closed");
+                let _ = self.link.sock.shutdown(std::net::Shutdown::Both);
+                self.closed = Some(e.to_string());
+                self.failed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         status_ok(&c, &self.link.peer, what)?;
         Ok((c, data))
     }
@@ -336,7 +360,13 @@ impl NvmeTcpController {
         let (c, _) = link.exec(0, connect, &data, 0, "Fabrics Connect")?;
         connect_status(&c, target, subnqn, &opts.host_nqn)?;
         let cntlid = c.dw0 as u16;
-        let mut admin = Admin { link, next_cid: 0 };
+        let failed = Arc::new(AtomicBool::new(false));
+        let mut admin = Admin {
+            link,
+            next_cid: 0,
+            closed: None,
+            failed: failed.clone(),
+        };
         let cap = property_get(&mut admin, prop::CAP, true)?;
         let max_queue_entries = (cap & 0xffff) as u32 + 1;
         // CAP.TO: worst-case time to ready, in 500 ms units.
@@ -386,7 +416,6 @@ impl NvmeTcpController {
             0
         };
         let admin = Arc::new(Mutex::new(admin));
-        let failed = Arc::new(AtomicBool::new(false));
         let keep_alive = (!opts.keep_alive.is_zero())
             .then(|| spawn_keep_alive(admin.clone(), failed.clone(), opts.keep_alive / 2, target))
             .transpose()?;
@@ -431,7 +460,8 @@ impl NvmeTcpController {
         self.in_capsule_bytes
     }
 
-    /// True once a keep-alive failed (the admin connection is gone).
+    /// True once the admin connection failed (a keep-alive, or any admin
+    /// command, met a transport error or timeout) and was closed.
     pub fn is_failed(&self) -> bool {
         self.failed.load(Ordering::Relaxed)
     }

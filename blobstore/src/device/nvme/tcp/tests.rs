@@ -953,7 +953,7 @@ fn a_missing_namespace_is_refused_clearly() {
 }
 
 #[test]
-fn an_admin_command_has_a_deadline() {
+fn an_admin_command_has_a_deadline_and_its_failure_closes_the_admin_queue() {
     let t = target(Fault::TrickleAdmin);
     let opts = TcpOptions {
         admin_timeout: Duration::from_millis(10 * TRICKLE_MS),
@@ -972,6 +972,14 @@ fn an_admin_command_has_a_deadline() {
         "{e}"
     );
     assert!(took < Duration::from_millis(15 * TRICKLE_MS), "{took:?}");
+    // The admin connection is mid-PDU now: closed, the controller failed,
+    // and the next command says so at once (no late bytes taken for its
+    // answer).
+    assert!(ctrl.is_failed());
+    let start = Instant::now();
+    let e = ctrl.namespace(1).unwrap_err();
+    assert!(start.elapsed() < Duration::from_millis(TRICKLE_MS));
+    assert!(e.to_string().contains("admin queue closed"), "{e}");
     // Dropping it does not wait on anything.
     let start = Instant::now();
     drop(ctrl);
