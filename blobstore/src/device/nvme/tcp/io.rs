@@ -964,7 +964,7 @@ impl TcpQueue {
         if self.tx_sent == self.tx.len() || self.tx_total != self.tx_seen {
             self.tx_seen = self.tx_total;
             self.tx_moved_ms = self.now_ms;
-        } else if self.now_ms - self.tx_moved_ms > self.timeout_ms {
+        } else if self.now_ms.saturating_sub(self.tx_moved_ms) > self.timeout_ms {
             // Nothing outstanding may time out (all done, the rest waiting
             // to go), yet the target reads nothing: that fails too.
             self.kill(
