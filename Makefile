@@ -21,7 +21,7 @@ APT_PACKAGES := build-essential pkg-config fuse3 libclang-dev libgflags-dev
 TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
 ROCKSDB_TOOLS := $(TARGET_DIR)/rocksdb
 
-.PHONY: all deps test test-rust test-vm bench-vm lint bench bench-iopath bench-micro bench-mount kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug test-rocksdb-suites kill-dbbench
+.PHONY: all deps test test-rust test-vm test-vm-tcp bench-vm lint bench bench-iopath bench-micro bench-mount kvbench-smoke bench-criterion crashtest fuzz fuzz-build fmt clippy rocksdb-tools test-rocksdb crashtest-rocksdb rocksdb-debug-tools crashtest-rocksdb-debug test-rocksdb-suites kill-dbbench
 
 all: test
 
@@ -70,6 +70,12 @@ BENCH_ARGS ?=
 test-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
 
+# Only the NVMe/TCP steps of the VM test that need neither BlobFS nor the
+# RocksDB tools: our initiator against the kernel's nvmet-tcp target in the
+# guest (driver tests, the blobstore suite, perf). See blobstore/NVME-TCP.md.
+test-vm-tcp: deps
+	CARGO="$(CARGO)" VM_ONLY=tcp blobstore/tests/vm/run.sh
+
 # The VM's measurements (not a test), about 20 minutes under TCG on an
 # idle 2-core machine: our NVMe driver (with and without completion
 # interrupts) against the kernel's NVMe path (fio: io_uring, polled
@@ -86,7 +92,7 @@ bench-vm: deps rocksdb-tools
 # FUZZ_SECONDS (default 10); FUZZ_SECONDS=600 make fuzz for a real run.
 # Stable toolchain: cargo-fuzz's nightly flags through RUSTC_BOOTSTRAP=1.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := super_block md_page load_image model
+FUZZ_TARGETS := super_block md_page load_image model tcp_pdu
 FUZZ_ENV := RUSTC_BOOTSTRAP=1
 
 fuzz-build: deps

@@ -34,7 +34,9 @@ pub use device::{
     FileDevice, FileOptions, Geometry, IoChannel, MemDevice,
 };
 #[cfg(feature = "nvme")]
-pub use device::{ControllerOptions, NvmeController, NvmeDevice};
+pub use device::{
+    ControllerOptions, NvmeController, NvmeDevice, NvmeTcpController, NvmeTcpDevice, TcpOptions,
+};
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::{block_on, block_on_deadline};
 pub use probe::Signature;

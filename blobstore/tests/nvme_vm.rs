@@ -17,7 +17,7 @@ use blobstore::{
     block_on, channel, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error,
     LoadOptions, NvmeController, NvmeDevice, NvmeStatus,
 };
-use common::pattern;
+use common::{pattern, Rng};
 
 const NEEDS: &str = "needs NVME_TEST_PCI: a vfio-pci bound NVMe controller (make test-vm)";
 
@@ -36,19 +36,6 @@ fn ns(block_size: u32) -> Arc<dyn BlockDevice> {
         .find(|(_, n)| n.block_size == block_size)
         .expect("namespace with that block size");
     Arc::new(NvmeDevice::from_controller(c, nsid).unwrap())
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 #[test]

@@ -31,9 +31,11 @@ pub use file::{FileDevice, FileOptions};
 pub use lock::{wait_unlocked, FileLock};
 pub use mem::{MemDevice, ShmOptions};
 #[cfg(feature = "nvme")]
+pub use nvme::tcp::{NvmeTcpController, NvmeTcpDevice, TcpOptions};
+#[cfg(feature = "nvme")]
 pub use nvme::{ControllerOptions, NvmeController, NvmeDevice};
 pub use powerloss::PowerLossDevice;
-pub use spec::{open_device, DeviceSpec, PciAddress};
+pub use spec::{open_device, DeviceSpec, PciAddress, TcpDigest};
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

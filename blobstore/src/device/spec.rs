@@ -7,7 +7,12 @@
 //! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on
 //!              [&powerloss_cut_after=<n>&powerloss_cut_when=before|after]]
 //! nvme:<DDDD:BB:DD.F>[/ns=<n>]
+//! nvme-tcp:<host>:<port>/<subsystem NQN>[/ns=<n>][?hostnqn=<NQN>&qd=<n>
+//!          &digest=none|header|data|both]
 //! ```
+//!
+//! In `nvme-tcp:`, the host is a name, an IPv4 address or a bracketed IPv6
+//! address (`[::1]:4420`); the port is required (4420 is the usual one).
 //!
 //! Sizes are plain bytes or carry a binary suffix: `K`, `M`, `G`, `T` (or
 //! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`. In a `file:` or `shm:` path,
@@ -28,12 +33,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use super::file::{FileOptions, MAX_QUEUE_DEPTH};
+
 use super::mem::ShmOptions;
 use super::{BlockDevice, FileDevice, MemDevice};
 use crate::error::{Error, Result};
 
 /// Schemes a spec may start with, for error messages.
-const SCHEMES: &str = "mem, shm, file, nvme";
+const SCHEMES: &str = "mem, shm, file, nvme, nvme-tcp";
 /// Block size of a `mem:` device when the spec does not give one.
 const DEFAULT_MEM_BLOCK_SIZE: u32 = 4096;
 /// Namespace of an `nvme:` device when the spec does not give one.
@@ -102,6 +108,31 @@ impl fmt::Display for PciAddress {
     }
 }
 
+/// Digests asked for on an `nvme-tcp:` connection (`digest=`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcpDigest {
+    /// No digests (the default).
+    #[default]
+    None,
+    /// Header digests.
+    Header,
+    /// Data digests.
+    Data,
+    /// Header and data digests.
+    Both,
+}
+
+impl TcpDigest {
+    fn name(self) -> &'static str {
+        match self {
+            TcpDigest::None => "none",
+            TcpDigest::Header => "header",
+            TcpDigest::Data => "data",
+            TcpDigest::Both => "both",
+        }
+    }
+}
+
 /// A parsed device spec: which device, and how to open it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSpec {
@@ -151,6 +182,23 @@ pub enum DeviceSpec {
         /// Namespace id, 1 or more (default 1).
         namespace: u32,
     },
+    /// `nvme-tcp:<host>:<port>/<NQN>[/ns=<n>][?hostnqn=..&qd=..&digest=..]`:
+    /// a namespace of a remote controller over NVMe/TCP.
+    NvmeTcp {
+        /// `host:port` of the target.
+        target: String,
+        /// The subsystem's NQN.
+        subnqn: String,
+        /// Namespace id, 1 or more (default 1).
+        namespace: u32,
+        /// This host's NQN (default: the system's, see
+        /// [`default_host_nqn`](super::nvme::tcp::default_host_nqn)).
+        host_nqn: Option<String>,
+        /// I/O queue depth per thread (default 128).
+        queue_depth: Option<u16>,
+        /// Digests to ask for.
+        digest: TcpDigest,
+    },
 }
 
 impl DeviceSpec {
@@ -189,6 +237,32 @@ impl DeviceSpec {
             )?)),
             #[cfg(not(feature = "nvme"))]
             DeviceSpec::Nvme { .. } => Err(Error::Unsupported(format!(
+                "this build has no NVMe driver (cargo feature `nvme`); cannot open {self}"
+            ))),
+            #[cfg(feature = "nvme")]
+            DeviceSpec::NvmeTcp {
+                target,
+                subnqn,
+                namespace,
+                host_nqn,
+                queue_depth,
+                digest,
+            } => {
+                let mut opts = super::nvme::tcp::TcpOptions::default();
+                if let Some(h) = host_nqn {
+                    opts.host_nqn = h.clone();
+                }
+                if let Some(qd) = queue_depth {
+                    opts.queue_depth = *qd;
+                }
+                opts.header_digest = matches!(digest, TcpDigest::Header | TcpDigest::Both);
+                opts.data_digest = matches!(digest, TcpDigest::Data | TcpDigest::Both);
+                Ok(Arc::new(crate::device::NvmeTcpDevice::open(
+                    target, subnqn, *namespace, opts,
+                )?))
+            }
+            #[cfg(not(feature = "nvme"))]
+            DeviceSpec::NvmeTcp { .. } => Err(Error::Unsupported(format!(
                 "this build has no NVMe driver (cargo feature `nvme`); cannot open {self}"
             ))),
         }
@@ -285,6 +359,33 @@ impl fmt::Display for DeviceSpec {
                 }
                 Ok(())
             }
+            DeviceSpec::NvmeTcp {
+                target,
+                subnqn,
+                namespace,
+                host_nqn,
+                queue_depth,
+                digest,
+            } => {
+                write!(f, "nvme-tcp:{target}/{subnqn}")?;
+                if *namespace != DEFAULT_NVME_NAMESPACE {
+                    write!(f, "/ns={namespace}")?;
+                }
+                let mut opts = Vec::new();
+                if let Some(h) = host_nqn {
+                    opts.push(format!("hostnqn={h}"));
+                }
+                if let Some(qd) = queue_depth {
+                    opts.push(format!("qd={qd}"));
+                }
+                if *digest != TcpDigest::None {
+                    opts.push(format!("digest={}", digest.name()));
+                }
+                if !opts.is_empty() {
+                    write!(f, "?{}", opts.join("&"))?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -349,6 +450,7 @@ fn parse_spec(spec: &str) -> std::result::Result<DeviceSpec, String> {
         "file" => parse_file(rest),
         "shm" => parse_shm(rest),
         "nvme" => parse_nvme(rest),
+        "nvme-tcp" => parse_nvme_tcp(rest),
         other => Err(format!("unknown scheme {other:?} (known: {SCHEMES})")),
     }
 }
@@ -571,6 +673,125 @@ fn parse_shm(rest: &str) -> std::result::Result<DeviceSpec, String> {
     Ok(DeviceSpec::Shm { path, options })
 }
 
+/// Largest `qd=` of an `nvme-tcp:` device.
+pub(crate) const MAX_TCP_QUEUE_DEPTH: u16 = 1024;
+/// Largest NQN, in bytes.
+pub(crate) const MAX_NQN_BYTES: usize = 223;
+
+/// Checks an NQN's text: 1 to 223 bytes of printable ASCII.
+pub(crate) fn check_nqn(nqn: &str) -> std::result::Result<(), String> {
+    if nqn.is_empty() || nqn.len() > MAX_NQN_BYTES {
+        return Err(format!(
+            "NQN {nqn:?} must be 1 to {MAX_NQN_BYTES} bytes long"
+        ));
+    }
+    if !nqn.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "NQN {nqn:?} must be printable ASCII without spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `/ns=<n>` (the text after the `/`) into a namespace id.
+fn parse_namespace(s: &str, after: &str) -> std::result::Result<u32, String> {
+    let Some(n) = s.strip_prefix("ns=") else {
+        return Err(format!(
+            "unexpected {s:?} after the {after}; expected /ns=<namespace id>"
+        ));
+    };
+    n.parse::<u32>()
+        .ok()
+        .filter(|&n| n != 0 && n != u32::MAX)
+        .ok_or_else(|| {
+            format!(
+                "namespace id {n:?} is not a number from 1 to {}",
+                u32::MAX - 1
+            )
+        })
+}
+
+fn parse_nvme_tcp(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let form = "expected nvme-tcp:<host>:<port>/<subsystem NQN>[/ns=<n>] \
+                (e.g. nvme-tcp:10.0.0.2:4420/nqn.2024-01.io.example:disk1/ns=1)";
+    let (main, query) = match rest.split_once('?') {
+        Some((m, q)) => (m, Some(q)),
+        None => (rest, None),
+    };
+    let Some((target, path)) = main.split_once('/') else {
+        return Err(format!("missing /<subsystem NQN> after the target; {form}"));
+    };
+    let Some((host, port)) = target.rsplit_once(':') else {
+        return Err(format!("target {target:?} has no :<port>; {form}"));
+    };
+    let bracketed = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    if host.is_empty() || (host.contains(':') && !bracketed) {
+        return Err(format!(
+            "host {host:?} is empty, or an IPv6 address without [brackets]; {form}"
+        ));
+    }
+    if port.parse::<u16>().ok().filter(|&p| p != 0).is_none() {
+        return Err(format!("port {port:?} is not a number from 1 to 65535"));
+    }
+    let (subnqn, ns) = match path.split_once('/') {
+        Some((n, s)) => (n, Some(s)),
+        None => (path, None),
+    };
+    if subnqn.is_empty() {
+        return Err(format!("missing subsystem NQN after the target; {form}"));
+    }
+    check_nqn(subnqn)?;
+    let namespace = match ns {
+        None => DEFAULT_NVME_NAMESPACE,
+        Some(s) => parse_namespace(s, "subsystem NQN")?,
+    };
+    let (mut host_nqn, mut queue_depth, mut digest) = (None, None, TcpDigest::None);
+    if let Some(q) = query {
+        for (key, value) in parse_query(q, "nvme-tcp", &["hostnqn", "qd", "digest"])? {
+            match key {
+                "hostnqn" => {
+                    check_nqn(value)?;
+                    host_nqn = Some(value.to_string());
+                }
+                "qd" => {
+                    let max = MAX_TCP_QUEUE_DEPTH;
+                    queue_depth = Some(
+                        value
+                            .parse::<u16>()
+                            .ok()
+                            .filter(|&n| n != 0 && n <= max)
+                            .ok_or_else(|| {
+                                format!("qd={value:?} is not a number from 1 to {max}")
+                            })?,
+                    );
+                }
+                "digest" => {
+                    digest = match value {
+                        "none" => TcpDigest::None,
+                        "header" => TcpDigest::Header,
+                        "data" => TcpDigest::Data,
+                        "both" => TcpDigest::Both,
+                        _ => {
+                            return Err(format!(
+                                "digest={value:?} must be none, header, data or both"
+                            ))
+                        }
+                    }
+                }
+                _ => unreachable!("parse_query let an unknown key through"),
+            }
+        }
+    }
+    Ok(DeviceSpec::NvmeTcp {
+        target: target.to_string(),
+        subnqn: subnqn.to_string(),
+        namespace,
+        host_nqn,
+        queue_depth,
+        digest,
+    })
+}
+
 fn parse_nvme(rest: &str) -> std::result::Result<DeviceSpec, String> {
     let (addr, suffix) = match rest.split_once('/') {
         Some((a, s)) => (a, Some(s)),
@@ -582,22 +803,7 @@ fn parse_nvme(rest: &str) -> std::result::Result<DeviceSpec, String> {
     let addr = PciAddress::parse(addr)?;
     let namespace = match suffix {
         None => DEFAULT_NVME_NAMESPACE,
-        Some(s) => {
-            let Some(n) = s.strip_prefix("ns=") else {
-                return Err(format!(
-                    "unexpected {s:?} after the PCI address; expected /ns=<namespace id>"
-                ));
-            };
-            n.parse::<u32>()
-                .ok()
-                .filter(|&n| n != 0 && n != u32::MAX)
-                .ok_or_else(|| {
-                    format!(
-                        "namespace id {n:?} is not a number from 1 to {}",
-                        u32::MAX - 1
-                    )
-                })?
-        }
+        Some(s) => parse_namespace(s, "PCI address")?,
     };
     Ok(DeviceSpec::Nvme { addr, namespace })
 }
@@ -928,6 +1134,82 @@ mod tests {
         assert!(reason("nvme:0000:01:00.0/nsid=1").contains("expected /ns="));
         assert!(reason("nvme:0000:01:00.0/ns=0").contains("from 1 to"));
         assert!(reason("nvme:0000:01:00.0/ns=x").contains("from 1 to"));
+    }
+
+    #[test]
+    fn nvme_tcp_specs() {
+        let s = DeviceSpec::parse("nvme-tcp:127.0.0.1:4420/nqn.2024-01.io.blobstack:t1").unwrap();
+        assert_eq!(
+            s,
+            DeviceSpec::NvmeTcp {
+                target: "127.0.0.1:4420".into(),
+                subnqn: "nqn.2024-01.io.blobstack:t1".into(),
+                namespace: 1,
+                host_nqn: None,
+                queue_depth: None,
+                digest: TcpDigest::None,
+            }
+        );
+        assert_eq!(
+            s.to_string(),
+            "nvme-tcp:127.0.0.1:4420/nqn.2024-01.io.blobstack:t1"
+        );
+        round_trip(&s);
+        let full = "nvme-tcp:[fe80::1]:4421/nqn.x:y/ns=2?hostnqn=nqn.2014-08.org.nvmexpress:uuid:1&qd=64&digest=both";
+        let s = DeviceSpec::parse(full).unwrap();
+        assert_eq!(s.to_string(), full);
+        let DeviceSpec::NvmeTcp {
+            target,
+            namespace,
+            queue_depth,
+            digest,
+            ..
+        } = &s
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (target.as_str(), *namespace, *queue_depth, *digest),
+            ("[fe80::1]:4421", 2, Some(64), TcpDigest::Both)
+        );
+        round_trip(&s);
+        round_trip(&DeviceSpec::parse("nvme-tcp:target.example:4420/nqn.a?digest=header").unwrap());
+        // Nothing listens there: a clear error naming the target, no panic.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        match open_device(&format!("nvme-tcp:127.0.0.1:{port}/nqn.a:b")) {
+            Err(e) => assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}"),
+            Ok(d) => panic!("opened {}", d.name()),
+        }
+    }
+
+    #[test]
+    fn nvme_tcp_errors() {
+        assert!(reason("nvme-tcp:").contains("missing /<subsystem NQN>"));
+        assert!(reason("nvme-tcp:10.0.0.1:4420").contains("missing /<subsystem NQN>"));
+        assert!(reason("nvme-tcp:10.0.0.1/nqn.a").contains("has no :<port>"));
+        assert!(reason("nvme-tcp::4420/nqn.a").contains("is empty"));
+        assert!(reason("nvme-tcp:fe80::1:4420/nqn.a").contains("without [brackets]"));
+        assert!(reason("nvme-tcp:h:0/nqn.a").contains("from 1 to 65535"));
+        assert!(reason("nvme-tcp:h:99999/nqn.a").contains("from 1 to 65535"));
+        assert!(reason("nvme-tcp:h:4420/").contains("missing subsystem NQN"));
+        assert!(reason("nvme-tcp:h:4420//ns=1").contains("missing subsystem NQN"));
+        assert!(reason(&format!("nvme-tcp:h:4420/{}", "n".repeat(224))).contains("1 to 223 bytes"));
+        assert!(reason("nvme-tcp:h:4420/nqn.a/nsid=1").contains("expected /ns="));
+        assert!(reason("nvme-tcp:h:4420/nqn.a/ns=0").contains("from 1 to"));
+        assert!(reason("nvme-tcp:h:4420/nqn.a?qd=0")
+            .contains("qd=\"0\" is not a number from 1 to 1024"));
+        assert!(reason("nvme-tcp:h:4420/nqn.a?qd=2000").contains("from 1 to 1024"));
+        assert!(reason("nvme-tcp:h:4420/nqn.a?digest=crc").contains("none, header, data or both"));
+        assert!(reason("nvme-tcp:h:4420/nqn.a?hostnqn=a\tb").contains("printable ASCII"));
+        let r = reason("nvme-tcp:h:4420/nqn.a?bs=512");
+        assert!(
+            r.contains("unknown option \"bs\" for nvme-tcp:") && r.contains("hostnqn, qd, digest"),
+            "{r}"
+        );
+        assert!(reason("nvme-tcp:h:4420/nqn.a?qd=1&qd=2").contains("given twice"));
+        assert!(reason("nvmetcp:h:4420/nqn.a").contains("nvme-tcp"));
     }
 
     #[test]

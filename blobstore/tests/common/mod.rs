@@ -41,11 +41,17 @@ pub fn configs() -> Vec<Config> {
 /// unlinked temporary file (its descriptor keeps it alive; nothing to clean);
 /// or, when `BLOBSTORE_TEST_NVME` names a PCI address (the VM test sets it),
 /// the first `cfg.size` bytes of the namespace with `cfg.block_size`-byte
-/// blocks on that NVMe controller, zeroed.
+/// blocks on that NVMe controller, zeroed; or, when
+/// `BLOBSTORE_TEST_NVME_TCP` holds an `nvme-tcp:HOST:PORT/NQN` spec, the
+/// same window of the remote namespace with that block size.
 pub fn dev(cfg: Config) -> Arc<dyn BlockDevice> {
     #[cfg(feature = "nvme")]
     if let Ok(pci) = std::env::var("BLOBSTORE_TEST_NVME") {
         return nvme_window(&pci, cfg);
+    }
+    #[cfg(feature = "nvme")]
+    if let Ok(spec) = std::env::var("BLOBSTORE_TEST_NVME_TCP") {
+        return nvme_tcp_window(&spec, cfg);
     }
     if !cfg.file {
         return Arc::new(MemDevice::new(cfg.size, cfg.block_size).unwrap());
@@ -79,16 +85,53 @@ fn nvme_window(pci: &str, cfg: Config) -> Arc<dyn BlockDevice> {
         .into_iter()
         .find(|(_, ns)| ns.block_size == cfg.block_size)
         .expect("a namespace with the block size of the config");
+    let blocks = window_blocks(cfg, nsid, ns.size_blocks);
+    zeroed(Arc::new(NvmeDevice::unchecked(
+        ctrl,
+        nsid,
+        cfg.block_size,
+        blocks,
+    )))
+}
+
+/// Blocks of a namespace window for `cfg` (checked against the
+/// namespace's `size_blocks`).
+fn window_blocks(cfg: Config, nsid: u32, size_blocks: u64) -> u64 {
     let blocks = cfg.size / cfg.block_size as u64;
     assert!(
-        blocks <= ns.size_blocks,
+        blocks <= size_blocks,
         "namespace {nsid} is smaller than {cfg:?}"
     );
-    let dev: Arc<dyn BlockDevice> =
-        Arc::new(NvmeDevice::unchecked(ctrl, nsid, cfg.block_size, blocks));
+    blocks
+}
+
+/// `dev` after writing zeroes over all of it.
+fn zeroed(dev: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
     let ch = blobstore::channel(&dev).unwrap();
-    blobstore::block_on(ch.write_zeroes(0, blocks)).unwrap();
+    blobstore::block_on(ch.write_zeroes(0, dev.geometry().block_count)).unwrap();
     dev
+}
+
+#[cfg(feature = "nvme")]
+fn nvme_tcp_window(spec: &str, cfg: Config) -> Arc<dyn BlockDevice> {
+    use blobstore::{DeviceSpec, NvmeTcpController, NvmeTcpDevice, TcpOptions};
+    let DeviceSpec::NvmeTcp { target, subnqn, .. } = DeviceSpec::parse(spec).unwrap() else {
+        panic!("BLOBSTORE_TEST_NVME_TCP is not an nvme-tcp: spec: {spec}");
+    };
+    let ctrl = NvmeTcpController::connect(&target, &subnqn, TcpOptions::default()).unwrap();
+    let (nsid, ns) = ctrl
+        .namespaces()
+        .unwrap()
+        .into_iter()
+        .find(|(_, ns)| ns.block_size == cfg.block_size)
+        .expect("a namespace with the block size of the config");
+    let blocks = window_blocks(cfg, nsid, ns.size_blocks);
+    zeroed(Arc::new(NvmeTcpDevice::unchecked(
+        ctrl,
+        nsid,
+        cfg.block_size,
+        blocks,
+    )))
 }
 
 /// Options for `cfg`.
@@ -97,6 +140,22 @@ pub fn opts(cfg: Config) -> blobstore::BlobstoreOptions {
         cluster_size: cfg.cluster_size,
         bstype: "test".into(),
         ..Default::default()
+    }
+}
+
+/// A small xorshift generator for test workloads.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
     }
 }
 

@@ -18,8 +18,19 @@
 #     holds data) and db_bench on nvme: as an unprivileged user, after
 #     `nvme-setup bind --user` (and refused with a clear message when its
 #     locked-memory limit is too low).
+#   - the NVMe/TCP transport against the kernel's own target (nvmet and
+#     nvmet-tcp on 127.0.0.1, one subsystem, namespace 1 on a ramdisk with
+#     512-byte blocks, namespace 2 on a file of ext4 on a ramdisk with
+#     4096-byte blocks): tests/nvme_tcp_vm.rs (identify, I/O, digests,
+#     threads, errors, the target going away mid-I/O and coming back), the
+#     core blobstore suite on nvme-tcp:, perf, and BlobFS's kill test and
+#     RocksDB (env_basic_test, db_bench) on nvme-tcp:.
 # Reports pass/fail per test from the serial console; exits non-zero on any
 # failure, or when the VM does not finish within VM_TIMEOUT seconds.
+#
+# VM_ONLY=tcp runs only the NVMe/TCP steps that need no RocksDB tools or
+# BlobFS (nvme_tcp_vm, the blobstore suite and perf on nvme-tcp:): no
+# ROCKSDB_TOOLS needed, a few minutes.
 #
 # VM_MODE=bench (make bench-vm) boots the same VM to measure instead: the
 # device layer alone, our driver (`perf`) against the kernel's NVMe path on
@@ -47,11 +58,13 @@
 #   CARGO (cargo), CARGO_TARGET_DIR, VM_TIMEOUT (1800; bench 4800), VM_WORK (a temp dir),
 #   VM_CPUS (2), VM_KEEP=1 keeps the work dir, ROCKSDB_TOOLS (the directory
 #   of `make rocksdb-tools`' db_bench, db_stress and env_basic_test: required).
-#   VM_MEM (MiB; 3072, bench 4096).
+#   VM_MEM (MiB; 3072, bench 4096), VM_ONLY (empty, or tcp: see above).
 set -euo pipefail
 
 MODE=${VM_MODE:-test}
 case $MODE in test|bench) ;; *) echo "VM_MODE=$MODE: test or bench" >&2; exit 1 ;; esac
+ONLY=${VM_ONLY:-}
+case $ONLY in ""|tcp) ;; *) echo "VM_ONLY=$ONLY: empty or tcp" >&2; exit 1 ;; esac
 BENCH_ROUNDS=${BENCH_ROUNDS:-3}
 BENCH_SECONDS=${BENCH_SECONDS:-5}
 KVBENCH_VM_ARGS=${KVBENCH_VM_ARGS:---keys 500000 --duration 30}
@@ -67,8 +80,8 @@ mkdir -p "$WORK"
 log() { echo "[vm-test $(date +%T)] $*"; }
 
 # 1. Host packages.
-PKGS="qemu-system-x86 busybox-static linux-image-amd64 cpio"
-[ "$MODE" = bench ] && PKGS="$PKGS fio e2fsprogs"
+PKGS="qemu-system-x86 busybox-static linux-image-amd64 cpio e2fsprogs"
+[ "$MODE" = bench ] && PKGS="$PKGS fio"
 missing=""
 for p in $PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
@@ -85,17 +98,25 @@ log "guest kernel $KVER"
 cd "$ROOT"
 log "building (release)"
 $CARGO build --release -q -p blobstore --bins
-json=$($CARGO test --release -q -p blobstore --test nvme_vm --test blobstore --no-run --message-format=json)
-json="$json
+json=$($CARGO test --release -q -p blobstore --test nvme_vm --test nvme_tcp_vm --test blobstore --no-run --message-format=json)
+[ -n "$ONLY" ] || json="$json
 $($CARGO test --release -q -p blobfs --features cli --test kill --no-run --message-format=json)"
 exe_of() { echo "$json" | grep -o "\"executable\":\"[^\"]*/$1-[0-9a-f]*\"" | tail -1 | cut -d'"' -f4; }
 NVME_VM=$(exe_of nvme_vm)
+NVME_TCP_VM=$(exe_of nvme_tcp_vm)
 SUITE=$(exe_of blobstore)
-KILL=$(exe_of kill)
+KILL=$(exe_of kill || true)
 TARGET=$(dirname "$(dirname "$NVME_VM")")
-[ -x "$NVME_VM" ] && [ -x "$SUITE" ] && [ -x "$KILL" ] || { echo "test binaries not found" >&2; exit 1; }
-TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
-if [ "$MODE" = test ]; then
+[ -x "$NVME_VM" ] && [ -x "$NVME_TCP_VM" ] && [ -x "$SUITE" ] || { echo "test binaries not found" >&2; exit 1; }
+[ -n "$ONLY" ] || [ -x "$KILL" ] || { echo "blobfs kill test binary not found" >&2; exit 1; }
+if [ -n "$ONLY" ]; then
+  TOOLS=""
+else
+  TOOLS=${ROCKSDB_TOOLS:?set ROCKSDB_TOOLS to the directory of make rocksdb-tools}
+fi
+if [ -n "$ONLY" ]; then
+  :
+elif [ "$MODE" = test ]; then
   $CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
   for t in db_bench db_stress env_basic_test; do
     [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
@@ -114,10 +135,22 @@ printf 'root:x:0:0:root:/:/bin/sh\ndbuser:x:1000:1000:db:/tmp:/bin/sh\n' > "$IRD
 printf 'root:x:0:\ndbuser:x:1000:\n' > "$IRD/etc/group"
 cp /bin/busybox "$IRD/bin/busybox"
 cp "$NVME_VM" "$IRD/bin/nvme_vm"
+cp "$NVME_TCP_VM" "$IRD/bin/nvme_tcp_vm"
 cp "$SUITE" "$IRD/bin/blobstore_suite"
-cp "$KILL" "$IRD/bin/blobfs_kill"
+[ -n "$ONLY" ] || cp "$KILL" "$IRD/bin/blobfs_kill"
 cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
-if [ "$MODE" = test ]; then
+# The NVMe/TCP target's namespace 2 is a file on ext4 (on a ramdisk).
+cp "$(command -v mkfs.ext4)" "$IRD/bin/"
+[ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
+echo "VM_ONLY=$ONLY" > "$IRD/vm.conf"
+if [ "$MODE" = bench ]; then
+  cp "$(command -v fio)" "$IRD/bin/fio"
+  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\nKV_MODES="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" \
+    "$KVBENCH_VM_ARGS" "$KV_MODES" > "$IRD/bench.conf"
+fi
+if [ -n "$ONLY" ]; then
+  :
+elif [ "$MODE" = test ]; then
   cp "$TOOLS/db_bench" "$TOOLS/db_stress" "$TOOLS/env_basic_test" "$TARGET/rocksdb-crashtest" "$IRD/bin/"
   # rocksdb-crashtest line-buffers db_stress's output through stdbuf, to see
   # when the workload starts (and time the kill from there).
@@ -125,11 +158,7 @@ if [ "$MODE" = test ]; then
   cp /usr/bin/stdbuf "$IRD/usr/bin/"
   cp /usr/libexec/coreutils/libstdbuf.so "$IRD/usr/libexec/coreutils/"
 else
-  cp "$(command -v fio)" "$IRD/bin/fio"
-  cp "$TOOLS/db_bench" "$TARGET/kvbench" "$(command -v mkfs.ext4)" "$IRD/bin/"
-  [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
-  printf 'ROUNDS=%s\nSECS=%s\nKVBENCH_ARGS="%s"\nKV_MODES="%s"\n' "$BENCH_ROUNDS" "$BENCH_SECONDS" \
-    "$KVBENCH_VM_ARGS" "$KV_MODES" > "$IRD/bench.conf"
+  cp "$TOOLS/db_bench" "$TARGET/kvbench" "$IRD/bin/"
 fi
 for b in "$IRD"/bin/*; do
   # busybox is static (ldd fails on it).
@@ -154,10 +183,16 @@ for m in kernel/drivers/vfio/vfio_iommu_type1.ko kernel/drivers/vfio/pci/vfio-pc
          kernel/drivers/nvme/host/nvme.ko; do
   add_module "$m"
 done
-# ext4 for kvbench's POSIX side (crc32c: its metadata checksums).
-if [ "$MODE" = bench ]; then
-  for m in kernel/crypto/crc32c_generic.ko kernel/fs/ext4/ext4.ko; do add_module "$m"; done
-fi
+# ext4 for kvbench's POSIX side and the NVMe/TCP target's file namespace
+# (crc32c: its metadata checksums); the kernel's NVMe/TCP target, and a
+# ramdisk to back it.
+for m in kernel/crypto/crc32c_generic.ko kernel/fs/ext4/ext4.ko \
+         kernel/drivers/nvme/target/nvmet.ko kernel/drivers/nvme/target/nvmet-tcp.ko \
+         kernel/drivers/block/brd.ko; do
+  add_module "$m"
+done
+# The kernel's NVMe/TCP initiator, for the bench's comparison.
+[ "$MODE" = bench ] && add_module kernel/drivers/nvme/host/nvme-tcp.ko
 cat > "$IRD/init" <<'EOF'
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -166,9 +201,12 @@ for m in $(cat /modules.order); do
   case $m in vfio_iommu_type1.ko) insmod /lib/modules/$m allow_unsafe_interrupts=1 ;;
              # Polled queues, for the bench's io_uring hipri side.
              nvme.ko) insmod /lib/modules/$m poll_queues=1 ;;
+             # Two 256 MiB ramdisks for the NVMe/TCP target.
+             brd.ko) insmod /lib/modules/$m rd_nr=2 rd_size=262144 ;;
              *) insmod /lib/modules/$m ;; esac
 done
 export RUST_BACKTRACE=1 PATH=/bin
+. /vm.conf
 echo "VMTEST: guest up, kernel $(uname -r), $(nproc) cpus"
 nvme-setup hugepages 256
 PCI=""
@@ -195,8 +233,54 @@ cpu_busy() {
   read -r _ _ _ _ idle iow _ < /proc/stat
   echo $(( ${up%.*}${up#*.} * NCPU - idle - iow ))
 }
+# The kernel's NVMe/TCP target on loopback: one subsystem, namespace 1 on
+# a ramdisk (512-byte blocks), namespace 2 on a file of ext4 on another
+# (4096-byte blocks: the file's block size), port 1 on 127.0.0.1:4420.
+NQN=nqn.2024-01.io.blobstack:vm
+NVMET=/sys/kernel/config/nvmet
+TCP_SPEC=nvme-tcp:127.0.0.1:4420/$NQN
+tcp_target_up() {
+  mount -t configfs none /sys/kernel/config 2>/dev/null
+  ip link set lo up || return 1
+  mkfs.ext4 -q -F -b 4096 /dev/ram1 && mkdir -p /mnt/tcpns && mount -t ext4 /dev/ram1 /mnt/tcpns || return 1
+  dd if=/dev/zero of=/mnt/tcpns/ns2.img bs=1M count=0 seek=192 2>/dev/null || return 1
+  S=$NVMET/subsystems/$NQN
+  mkdir $S && echo 1 > $S/attr_allow_any_host || return 1
+  mkdir $S/namespaces/1 && echo -n /dev/ram0 > $S/namespaces/1/device_path &&
+    echo 1 > $S/namespaces/1/enable || return 1
+  mkdir $S/namespaces/2 && echo -n /mnt/tcpns/ns2.img > $S/namespaces/2/device_path &&
+    echo 1 > $S/namespaces/2/enable || return 1
+  P=$NVMET/ports/1
+  mkdir $P && echo tcp > $P/addr_trtype && echo ipv4 > $P/addr_adrfam &&
+    echo 127.0.0.1 > $P/addr_traddr && echo 4420 > $P/addr_trsvcid || return 1
+  ln -s $S $P/subsystems/$NQN
+}
 EOF
 if [ "$MODE" = test ]; then cat >> "$IRD/init" <<'EOF'
+# NVMe/TCP: our initiator against the kernel's target on loopback.
+run nvme-tcp-target-up tcp_target_up
+NVME_TCP_TEST_SPEC=$TCP_SPEC NVME_TCP_TEST_CONFIGFS=$NVMET run nvme-tcp-driver \
+  nvme_tcp_vm --ignored --test-threads=1 --nocapture
+BLOBSTORE_TEST_NVME_TCP=$TCP_SPEC run blobstore-suite-on-nvme-tcp blobstore_suite --test-threads=1
+run perf-nvme-tcp-randread perf --device $TCP_SPEC/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
+run perf-nvme-tcp-randrw-2threads perf --device $TCP_SPEC/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
+run perf-nvme-tcp-seqwrite-128k perf --device "$TCP_SPEC/ns=2?digest=both" --qd 8 --bs 131072 --rw write --seconds 4
+if [ -z "$VM_ONLY" ]; then
+  # BlobFS and RocksDB on nvme-tcp: (need the blobfs kill test and the
+  # RocksDB tools). Unsynced appends of an nvme-tcp: device live on tmpfs.
+  mkdir -p /dev/shm && mount -t tmpfs tmpfs /dev/shm
+  for ns in 1 2; do
+    BLOBFS_KILL_DEVICE=$TCP_SPEC/ns=$ns run blobfs-kill-on-nvme-tcp-ns$ns \
+      blobfs_kill a_killed_process_loses_no_acknowledged_write --exact --test-threads=1 --nocapture
+    U="blobfs://$TCP_SPEC/ns=$ns;cache=64M"
+    mkdir -p /tmp/rocksdbtest-0
+    TEST_FS_URI="$U;mkfs=force" run rocksdb-env-basic-nvme-tcp-ns$ns env_basic_test
+    run rocksdb-db-bench-nvme-tcp-ns$ns db_bench --fs_uri="$U;mkfs=force" --db=/db_bench \
+      --benchmarks=fillseq,readrandom,overwrite --num=50000 --reads=10000 --value_size=100 \
+      --compression_type=none --threads=1 --progress_reports=0 --statistics=0
+  done
+fi
+if [ -z "$VM_ONLY" ]; then
 # The setup helper: the kernel's nvme driver has the function; namespace 1
 # in use (as swap) must make `bind` refuse; once free, bind takes it.
 for i in 1 2 3 4 5 6 7 8 9 10; do [ -b /dev/nvme0n1 ] && break; sleep 1; done
@@ -293,6 +377,7 @@ run db-bench-as-user-low-memlock-refused sh -c \
 run db-bench-as-user sh -c \
   "ulimit -l unlimited; su dbuser -s /bin/sh -c 'id; sh /tmp/user-bench.sh --benchmarks=fillseq,readrandom'"
 run setup-unbind-and-bind-again sh -c "nvme-setup unbind $PCI && nvme-setup status && nvme-setup bind $PCI"
+fi
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 else
@@ -321,6 +406,41 @@ fio_run() { # fio's flags for the engine and target
   fio --name=b --bs=4096 --time_based --runtime=$SECS --norandommap \
     --randrepeat=0 --output-format=terse --terse-version=3 "$@"
 }
+# NVMe/TCP: `perf` on nvme-tcp: against fio (io_uring, O_DIRECT) on the
+# kernel's own NVMe/TCP initiator, both on the same nvmet-tcp target on
+# loopback (namespace 2), 4 KiB random reads at QD1 and QD32, sides
+# alternating. The kernel initiator is connected once, through
+# /dev/nvme-fabrics, and stays connected (idle) while ours runs.
+tcp_bench() {
+  tcp_target_up || { echo "VMBENCH-FAIL nvmet-tcp target"; FAILED="$FAILED nvmet-tcp"; return; }
+  before=$(ls /sys/block)
+  echo "transport=tcp,traddr=127.0.0.1,trsvcid=4420,nqn=$NQN" > /dev/nvme-fabrics ||
+    { echo "VMBENCH-FAIL kernel nvme-tcp connect"; FAILED="$FAILED kernel-tcp-connect"; return; }
+  KDEV=""
+  for i in $(seq 1 50); do
+    for b in $(ls /sys/block); do
+      case " $(echo $before) " in *" $b "*) continue ;; esac
+      # Namespace 2: 192 MiB.
+      [ "$(cat /sys/block/$b/size)" = 393216 ] && KDEV=$b
+    done
+    [ -n "$KDEV" ] && [ -b /dev/$KDEV ] && break
+    sleep 0.2
+  done
+  [ -n "$KDEV" ] || { echo "VMBENCH-FAIL no kernel nvme-tcp namespace"; FAILED="$FAILED kernel-tcp-dev"; return; }
+  echo "VMBENCH-TCP-SHAPE kernel initiator /dev/$KDEV ($(cat /sys/block/$KDEV/queue/logical_block_size)-byte blocks), ours $TCP_SPEC/ns=2"
+  for r in $(seq 1 $ROUNDS); do
+    for qd in 1 32; do
+      measure ours-tcp $qd randread perf --device $TCP_SPEC/ns=2 --qd $qd --bs 4096 --rw randread --seconds $SECS
+      measure kernel-tcp-io_uring $qd randread fio_run --ioengine=io_uring --direct=1 --filename=/dev/$KDEV --rw=randread --iodepth=$qd
+    done
+  done
+  # Disconnect the kernel's initiator (the PCIe steps count controllers).
+  for c in /sys/class/nvme/*; do
+    [ "$(cat $c/transport 2>/dev/null)" = tcp ] && echo 1 > $c/delete_controller
+  done
+}
+tcp_bench
+if [ -z "$VM_ONLY" ]; then
 to_kernel() {
   nvme-setup unbind $PCI >/dev/null
   for i in $(seq 1 50); do [ -b /dev/nvme0n$NS ] && [ -c /dev/ng0n$NS ] && break; sleep 0.2; done
@@ -356,6 +476,7 @@ for mode in $KV_MODES; do
   echo "VMKV-END $mode"
   echo "VMKV-JSON-BEGIN $mode"; cat /tmp/kv-$mode/kvbench.json 2>/dev/null; echo "VMKV-JSON-END $mode"
 done
+fi
 if [ -z "$FAILED" ]; then echo "VMTEST-RESULT: PASS"; else echo "VMTEST-RESULT: FAIL:$FAILED"; fi
 EOF
 fi
@@ -406,7 +527,7 @@ echo
 log "VM finished in ${elapsed}s (qemu exit $qrc)"
 grep -a -E "^test .* \.\.\. |VMTEST-END|VMTEST-PERF" "$CONSOLE" | sed 's/\r$//' || true
 if [ "$MODE" = bench ]; then
-  grep -a "^VMBENCH-SHAPE" "$CONSOLE" | tr -d '\r' | head -1
+  grep -a "^VMBENCH-SHAPE" "$CONSOLE" | tr -d '\r' | head -1 || true
   # Medians per path, queue depth and operation.
   echo "| path | qd | op | IOPS | IOPS per guest CPU s | runs |"
   echo "| --- | ---: | --- | ---: | ---: | ---: |"
@@ -420,8 +541,9 @@ if [ "$MODE" = bench ]; then
     }
     END { for (i = 1; i <= m; i++) { k = order[i]; split(k, f, " ")
       printf "| %s | %s | %s | %d | %d | %d |\n", f[1], f[2], f[3], med(iops, k, n[k]), med(cpu, k, n[k]), n[k] } }'
+  grep -a "^VMBENCH-TCP-SHAPE" "$CONSOLE" | tr -d '\r' | head -1 || true
   # kvbench's tables, and its JSON kept beside the console log.
-  for mode in $KV_MODES; do
+  [ -n "$ONLY" ] || for mode in $KV_MODES; do
     sed -n "/^VMKV-BEGIN $mode/,/^VMKV-END $mode/p" "$CONSOLE" | tr -d '\r' | grep -av '^VMKV'
     sed -n "/^VMKV-JSON-BEGIN $mode/,/^VMKV-JSON-END $mode/p" "$CONSOLE" | tr -d '\r' |
       grep -av '^VMKV' > "$WORK/kvbench-$mode.json" || true

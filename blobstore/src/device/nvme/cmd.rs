@@ -34,6 +34,8 @@ pub mod admin_op {
     pub const SET_FEATURES: u8 = 0x09;
     /// Asynchronous Event Request.
     pub const ASYNC_EVENT_REQUEST: u8 = 0x0C;
+    /// Keep Alive (fabrics controllers expect one within KATO).
+    pub const KEEP_ALIVE: u8 = 0x18;
     /// Doorbell Buffer Config (shadow doorbells and EventIdx).
     pub const DOORBELL_BUFFER_CONFIG: u8 = 0x7C;
 }

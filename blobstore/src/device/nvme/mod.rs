@@ -80,6 +80,7 @@ pub mod sgl;
 pub mod shadow;
 #[doc(hidden)]
 pub mod soft;
+pub mod tcp;
 #[cfg(test)]
 mod tests;
 mod vfio;
