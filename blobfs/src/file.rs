@@ -592,6 +592,14 @@ impl FileNode {
         self.sync_locked(&mut st, fs).await
     }
 
+    /// Waits for the file's write-behind and reports whether any write of
+    /// its bytes failed (a sync on a volatile device: nothing to write).
+    pub async fn settled(&self, fs: &FsInner) -> Result<()> {
+        let mut st = self.state.lock().await;
+        self.settle_into(&mut st, fs)?;
+        self.check_failed(&st)
+    }
+
     /// Makes data and length durable.
     pub async fn sync(&self, fs: &FsInner) -> Result<()> {
         let mut st = self.state.lock().await;
@@ -1376,10 +1384,19 @@ impl File {
         blobstore::block_on(self.truncate_async(len))
     }
 
-    /// Makes all data and the length durable.
+    /// Makes all data and the length durable: as durable as the device is.
+    /// On a device whose blocks live exactly as long as its unsynced memory
+    /// (`shm:`, [`blobstore::BlockDevice::volatile`]) every acknowledged
+    /// append already is, and a killed process's next mount writes it
+    /// back, so the sync writes nothing (as tmpfs's fsync); it still waits
+    /// for the file's write-behind and reports one that failed.
     pub async fn sync_async(&self) -> Result<()> {
         let start = Stamp::now();
-        let res = self.node.sync(&self.fs).await;
+        let res = if self.fs.volatile {
+            self.node.settled(&self.fs).await
+        } else {
+            self.node.sync(&self.fs).await
+        };
         let ok = res.is_ok();
         self.fs.metrics.with(|m| {
             let c = if self.wal { &m.wal_sync } else { &m.sync };

@@ -309,6 +309,10 @@ pub(crate) struct FsInner {
     /// This mount's generation (`blobfs.mountgen`), which a clean unmount
     /// writes as `blobfs.clean`.
     mount_gen: u64,
+    /// The device keeps nothing past a power cut ([`BlockDevice::volatile`]):
+    /// [`crate::File::sync`] then writes nothing, the unsynced memory being
+    /// as durable as the device.
+    pub volatile: bool,
 }
 
 /// The writer thread and its queue.
@@ -1168,6 +1172,7 @@ impl BlobFs {
             recovery,
             metrics: Arc::new(Shards::new()),
             mount_gen: gen + 1,
+            volatile: dev.volatile(),
         });
         // Two blobs with one name: a rename over an existing file crashed
         // before deleting the old one. The newer one wins.

@@ -1007,3 +1007,61 @@ fn an_io_error_in_a_removal_leaves_a_file_system_that_mounts() {
     }
     assert!(errors > 0);
 }
+
+/// Device writes and flushes so far.
+fn device_io(dev: &Arc<dyn BlockDevice>) -> (u64, u64) {
+    let m = blobstore::device::device_metrics(dev.id());
+    (m.writes.count, m.flushes.count)
+}
+
+/// A sync on a shared-memory device (`shm:`, whose blocks live exactly as
+/// long as the mount's unsynced memory) writes nothing, as tmpfs's fsync,
+/// and the appends still survive a mount that dies without unmounting; on a
+/// heap device (whose blocks outlive the mount's memory) the same sync
+/// writes the data and the length.
+#[test]
+fn a_sync_on_shared_memory_writes_nothing_and_loses_nothing() {
+    let path = format!("/dev/shm/blobfs-test-volatile-{}.img", std::process::id());
+    let spec = format!("shm:{path}?size=64M&create=true");
+    let open = || blobstore::device::open_device(&spec).unwrap();
+    let dev = open();
+    assert!(dev.volatile());
+    let unsynced = dev.unsynced_memory();
+    let fs = mkfs(&dev, MountOptions::default());
+    let f = fs.create("wal").unwrap();
+    let a = pattern(7, 300_000);
+    f.append(&a).unwrap();
+    let before = device_io(&dev);
+    f.sync().unwrap();
+    assert_eq!(device_io(&dev), before, "the sync wrote to the device");
+    f.append(&a[..1000]).unwrap();
+    f.sync().unwrap();
+    drop(f);
+    drop(fs); // dies without unmounting
+    drop(dev);
+    let dev = open();
+    let fs = BlobFs::mount(dev.clone(), MountOptions::default()).unwrap();
+    assert_eq!(fs.unsynced_recovery().files, 1);
+    let mut want = a.clone();
+    want.extend_from_slice(&a[..1000]);
+    assert_eq!(contents(&fs, "wal"), want);
+    fs.unmount().unwrap();
+    drop(dev);
+    let _ = std::fs::remove_file(&path);
+    if let Some(p) = unsynced {
+        let _ = std::fs::remove_file(p);
+    }
+
+    let dev = mem(4096, 64 << 20);
+    assert!(!dev.volatile());
+    let fs = mkfs(&dev, MountOptions::default());
+    let f = fs.create("wal").unwrap();
+    f.append(&a).unwrap();
+    let before = device_io(&dev);
+    f.sync().unwrap();
+    let after = device_io(&dev);
+    assert!(
+        after.0 > before.0 && after.1 > before.1,
+        "{before:?} {after:?}"
+    );
+}

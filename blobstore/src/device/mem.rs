@@ -527,6 +527,14 @@ impl BlockDevice for MemDevice {
     fn unsynced_memory(&self) -> Option<PathBuf> {
         self.shared.as_ref().map(|s| s.unsynced.clone())
     }
+    /// A shared device's blocks are a tmpfs file beside its unsynced
+    /// memory: both survive a killed process and neither a reboot, and no
+    /// flush forces them anywhere (see the module docs). A heap device's
+    /// blocks can outlive a mount's unsynced memory (a mount dropped
+    /// without unmounting, the device kept), so it says false.
+    fn volatile(&self) -> bool {
+        self.shared.is_some()
+    }
     /// A read is a copy into whatever memory the segment names.
     fn reads_into_any_memory(&self) -> bool {
         true

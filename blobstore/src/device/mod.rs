@@ -187,6 +187,18 @@ pub trait BlockDevice: Send + Sync + 'static {
     fn reads_into_any_memory(&self) -> bool {
         false
     }
+    /// True when the device's blocks survive exactly what its unsynced
+    /// memory ([`BlockDevice::unsynced_memory`]) survives: memory is the
+    /// medium and lives beside it (`shm:`: both tmpfs files, kept across a
+    /// killed process, lost with the machine, and a flush only orders; see
+    /// [`MemDevice`]). A sync then has nothing to make more durable:
+    /// BlobFS's syncs write nothing, as tmpfs's fsync. False (the default)
+    /// for devices with a persistent medium, for devices that play power
+    /// cuts, for a heap `mem:` device (its blocks can outlive a mount), and
+    /// for wrappers that do not say.
+    fn volatile(&self) -> bool {
+        false
+    }
     /// Where the device's owner keeps what it wrote and has not synced yet,
     /// in memory that outlives the owning process but not the machine (a
     /// file on tmpfs, see [`unsynced_memory_path`]), as the kernel's page
