@@ -36,6 +36,14 @@
 //!   `nvme-setup` for each side's runs (see [`benches::nvme_sides`]). Both
 //!   namespaces are erased. BlobFS gets `--blobfs-cache` as in `disk`.
 //!
+//! `--device SPEC` puts BlobFS's side of `disk`, `direct` and `budget` on
+//! any device spec instead of the image file, formatted afresh by the insert
+//! phase: a remote namespace (`nvme-tcp:HOST:PORT/NQN/ns=1`), a raw
+//! partition (`file:/dev/sdb1`). The POSIX side stays in `--dir`: for a
+//! like-for-like remote comparison, mount ext4 on another namespace of the
+//! same target through the kernel's initiator (`nvme connect`) and pass
+//! that as `--dir`.
+//!
 //! Every run records the child's own CPU time and the whole machine's
 //! (elapsed time times CPUs minus idle time in `/proc/stat`, so kernel
 //! threads and interrupts count; see [`benches::nvme_sides::CpuSample`]): ext4's
@@ -108,6 +116,13 @@ struct Args {
     /// the database's size (about 1,100 bytes per key), at least 512 MiB.
     #[arg(long, default_value = "auto")]
     budget: String,
+    /// BlobFS's device in the disk, direct and budget configurations
+    /// instead of an image file in --dir: any device spec (e.g.
+    /// `nvme-tcp:10.0.0.2:4420/nqn.2024-01.io.example:disk1/ns=1`), which the
+    /// insert phase formats (everything on it is lost). The POSIX side stays
+    /// in --dir.
+    #[arg(long)]
+    device: Option<String>,
     /// The db_bench binary [default: rocksdb/db_bench in the cargo target dir].
     #[arg(long)]
     db_bench: Option<PathBuf>,
@@ -336,6 +351,9 @@ enum BlobDevice {
     /// A namespace through our userspace NVMe driver, the other side on
     /// ext4 on the same controller.
     Nvme(NvmeSides),
+    /// A device spec the user gave (`--device`): formatted by the insert
+    /// phase, never removed.
+    Spec(String),
 }
 
 impl Layout {
@@ -358,6 +376,7 @@ impl Layout {
                 "always",
             ),
             BlobDevice::Nvme(n) => (n.blobfs_spec(), "force"),
+            BlobDevice::Spec(spec) => (spec.clone(), "force"),
         };
         let mkfs = if fresh { mkfs } else { "never" };
         format!("blobfs://{spec};cache={};mkfs={mkfs}", self.blobfs_cache)
@@ -368,7 +387,7 @@ impl Layout {
     /// namespace our driver owns).
     fn disk_of(&self, side: Side) -> Option<(u32, u32)> {
         let path = match (&self.device, side) {
-            (BlobDevice::Nvme(_), Side::BlobFs) => return None,
+            (BlobDevice::Nvme(_) | BlobDevice::Spec(_), Side::BlobFs) => return None,
             (BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. }, Side::BlobFs) => {
                 image.clone()
             }
@@ -393,7 +412,7 @@ impl Layout {
                     let _ = fs::remove_file(image);
                 }
             }
-            (_, Side::Posix) => {}
+            (BlobDevice::Spec(_), Side::BlobFs) | (_, Side::Posix) => {}
         }
         if fresh && side == Side::Posix {
             let _ = fs::remove_dir_all(&self.posix_db);
@@ -412,8 +431,24 @@ impl Layout {
                     eprintln!("\nnote: leaving the NVMe controller: {e}");
                 }
             }
+            BlobDevice::Spec(_) => {}
         }
     }
+}
+
+/// Refuses a `--device` that does not open or cannot hold a side's
+/// database, before any run (the device is closed again at once).
+fn check_device(spec: &str, need: u64) -> Result<(), String> {
+    let dev = blobstore::device::open_device(spec).map_err(|e| format!("--device {spec}: {e}"))?;
+    let size = dev.geometry().size_bytes();
+    if size < need {
+        return Err(format!(
+            "--device {spec}: {} is too small for this many keys (about {} for BlobFS); use fewer --keys",
+            human(size),
+            human(need)
+        ));
+    }
+    Ok(())
 }
 
 /// Everything that stays the same across runs.
@@ -764,7 +799,14 @@ fn run(args: Args) -> Result<(), String> {
         match config {
             Config::Disk | Config::Direct | Config::Budget => {
                 let avail = statvfs_avail(&dir)?;
-                if avail < 2 * per_side {
+                let need = match &args.device {
+                    Some(spec) => {
+                        check_device(spec, per_side)?;
+                        per_side
+                    }
+                    None => 2 * per_side,
+                };
+                if avail < need {
                     return Err(format!(
                         "configuration {}: {} keys need about {} for the BlobFS image and {} for the POSIX database, but {} has {} free; use fewer --keys, another --dir, or leave {} out of --configs",
                         config.name(), keys, human(per_side), human(per_side), dir.display(), human(avail), config.name()
@@ -836,9 +878,12 @@ fn run(args: Args) -> Result<(), String> {
     'configs: for (ci, &config) in configs.iter().enumerate() {
         let layout = match config {
             Config::Disk | Config::Direct | Config::Budget => Layout {
-                device: BlobDevice::File {
-                    image: dir.join("kvbench.img"),
-                    bytes: per_side,
+                device: match &args.device {
+                    Some(spec) => BlobDevice::Spec(spec.clone()),
+                    None => BlobDevice::File {
+                        image: dir.join("kvbench.img"),
+                        bytes: per_side,
+                    },
                 },
                 blobfs_cache: match config {
                     Config::Direct => "0".into(),
@@ -990,4 +1035,36 @@ fn run(args: Args) -> Result<(), String> {
 
 fn human(b: u64) -> String {
     format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_spec_is_formatted_by_the_insert_phase_only() {
+        let layout = Layout {
+            device: BlobDevice::Spec("nvme-tcp:10.0.0.2:4420/nqn.2024-01.io.example:d/ns=1".into()),
+            blobfs_cache: "1G".into(),
+            posix_db: PathBuf::from("/mnt/ext4/posix-db"),
+        };
+        assert_eq!(
+            layout.uri(true),
+            "blobfs://nvme-tcp:10.0.0.2:4420/nqn.2024-01.io.example:d/ns=1;cache=1G;mkfs=force"
+        );
+        assert!(layout.uri(false).ends_with(";cache=1G;mkfs=never"));
+        assert_eq!(layout.disk_of(Side::BlobFs), None);
+    }
+
+    #[test]
+    fn a_device_that_is_unknown_or_too_small_is_refused_up_front() {
+        let e = check_device("floppy:1", 1 << 20).unwrap_err();
+        assert!(
+            e.contains("--device floppy:1") && e.contains("unknown scheme"),
+            "{e}"
+        );
+        let e = check_device("mem:16M", 1 << 30).unwrap_err();
+        assert!(e.contains("too small"), "{e}");
+        check_device("mem:16M", 8 << 20).unwrap();
+    }
 }
