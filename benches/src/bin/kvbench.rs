@@ -795,16 +795,22 @@ fn run(args: Args) -> Result<(), String> {
     let per_side = side_bytes(keys);
     let shm = PathBuf::from("/dev/shm").join(format!("kvbench-{}", std::process::id()));
     let mut nvme_sides = None;
+    if let Some(spec) = &args.device {
+        if configs
+            .iter()
+            .any(|c| matches!(c, Config::Disk | Config::Direct | Config::Budget))
+        {
+            check_device(spec, per_side)?;
+        }
+    }
     for config in &configs {
         match config {
             Config::Disk | Config::Direct | Config::Budget => {
                 let avail = statvfs_avail(&dir)?;
-                let need = match &args.device {
-                    Some(spec) => {
-                        check_device(spec, per_side)?;
-                        per_side
-                    }
-                    None => 2 * per_side,
+                let need = if args.device.is_some() {
+                    per_side
+                } else {
+                    2 * per_side
                 };
                 if avail < need {
                     return Err(format!(
