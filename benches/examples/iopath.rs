@@ -70,7 +70,7 @@ fn fs_reads(spec: &str, straight: bool, ops: u64) {
 
 #[inline(never)]
 fn measured_fs(f: &blobfs::File, straight: bool, ops: u64, mut buf: blobstore::DmaBuf) -> u64 {
-    let mut rng = benches::load::SplitMix64::new(7);
+    let mut rng = blobstore::util::SplitMix64::new(7);
     let blocks = (32 << 20) / 4096;
     for _ in 0..ops {
         let off = rng.below(blocks) * 4096;

@@ -13,6 +13,7 @@
 
 use std::time::{Duration, Instant};
 
+use blobstore::util::SplitMix64;
 use blobstore::{Error, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
@@ -118,31 +119,6 @@ impl LoadReport {
         let mut h = self.read_latency.clone();
         h.merge(&self.write_latency);
         h
-    }
-}
-
-/// SplitMix64: tiny, fast and good enough to spread offsets.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> SplitMix64 {
-        SplitMix64(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// A number in `0..n` (n > 0), without modulo bias worth caring about.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
     }
 }
 

@@ -20,8 +20,9 @@ use blobstore::device::open_device;
 use blobstore::{BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, Error, Result};
 
 use crate::hist::LatencyHistogram;
-use crate::load::{run_load_blocking, Limit, LoadSpec, Pattern, Region, SplitMix64};
+use crate::load::{run_load_blocking, Limit, LoadSpec, Pattern, Region};
 use crate::target::{BlobTarget, IoTarget, OpKind, RawTarget};
+use blobstore::util::SplitMix64;
 
 /// How to build a [`BlobVsRaw`].
 #[derive(Clone, Debug)]

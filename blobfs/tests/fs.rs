@@ -7,15 +7,7 @@ use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
 use blobstore::{BlockDevice, MemDevice};
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    blobstore::util::SplitMix64::bytes(seed, len)
 }
 
 /// The whole of file `name`.

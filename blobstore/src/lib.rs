@@ -7,6 +7,7 @@
 //! - [`exec`] and [`reactor`]: running futures, on any thread with
 //!   [`block_on`] or on pinned per-core reactors.
 //! - The blobstore itself: [`Blobstore`] and [`Blob`].
+//! - [`util`]: the one size grammar and seeded generator the workspace uses.
 #![deny(missing_docs)]
 
 mod alloc;
@@ -24,6 +25,7 @@ mod repair;
 mod snapshot;
 mod store;
 mod trim;
+pub mod util;
 
 pub use blob::{Blob, BlobIo, Xattrs};
 pub use check::CheckReport;

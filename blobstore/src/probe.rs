@@ -323,16 +323,10 @@ mod tests {
 
     #[test]
     fn garbage_never_panics() {
-        let mut x: u64 = 0x9E3779B97F4A7C15;
+        let mut rng = crate::util::SplitMix64::new(0x9E37_79B9_7F4A_7C15);
         for len in [0, 1, 509, 511, 512, 1081, 4095, 32770, 65607, PROBE_LEN] {
-            let buf: Vec<u8> = (0..len)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x as u8
-                })
-                .collect();
+            let mut buf = vec![0u8; len];
+            rng.fill(&mut buf);
             let _ = identify(&buf);
         }
     }

@@ -105,7 +105,7 @@ fn write_read_back(dev: &Arc<dyn BlockDevice>, seed: u64) {
     let g = dev.geometry();
     let ch = channel(dev).unwrap();
     let bsz = g.block_size as usize;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let max_blocks = (6 << 20) / bsz;
     let t0 = Instant::now();
     let mut bytes = 0;

@@ -101,7 +101,7 @@ fn write_read_back_flush_deallocate_write_zeroes() {
         let g = dev.geometry();
         let ch = channel(&dev).unwrap();
         let bsz = bs as usize;
-        let mut rng = Rng(0x5eed + bs as u64);
+        let mut rng = Rng::new(0x5eed + bs as u64);
         let max_blocks = (6 << 20) / bsz; // several MiB: beyond MDTS, PRP lists
         let t0 = Instant::now();
         let mut bytes = 0;
@@ -112,7 +112,7 @@ fn write_read_back_flush_deallocate_write_zeroes() {
                 _ => 1 + rng.below(max_blocks as u64) as usize,
             };
             let lba = rng.below(g.block_count - blocks as u64);
-            let data = pattern(rng.next(), blocks * bsz);
+            let data = pattern(rng.next_u64(), blocks * bsz);
             // Pool buffers go to the device directly; heap ones are bounced.
             let wbuf = if i % 3 == 2 {
                 DmaBuf::from_slice(&data).unwrap()
@@ -265,14 +265,14 @@ fn four_threads_queue_depth_32_checked() {
                     async move {
                         let base = (t * 32 + l) * lane_blocks;
                         let mut model = vec![0u64; lane_blocks as usize];
-                        let mut rng = Rng(t * 1000 + l + 1);
+                        let mut rng = Rng::new(t * 1000 + l + 1);
                         for _ in 0..ops_per_lane {
                             let at = rng.below(lane_blocks - 4);
                             let n = 1 + rng.below(4);
                             if rng.below(2) == 0 {
                                 let mut b = dev.alloc_buf(n as usize * 4096).unwrap();
                                 for k in 0..n as usize {
-                                    let seed = rng.next() | 1;
+                                    let seed = rng.next_u64() | 1;
                                     model[at as usize + k] = seed;
                                     b[k * 4096..(k + 1) * 4096]
                                         .copy_from_slice(&pattern(seed, 4096));

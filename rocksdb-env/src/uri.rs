@@ -53,6 +53,7 @@
 
 use blobfs::MountOptions;
 use blobstore::device::DeviceSpec;
+use blobstore::util::parse_size;
 
 /// The scheme prefix, as registered in RocksDB's object library.
 pub const SCHEME: &str = "blobfs://";
@@ -230,26 +231,6 @@ fn on_off(key: &str, value: &str) -> Result<bool, String> {
         "off" | "false" | "0" => Ok(false),
         _ => Err(format!("{key}={value}: expected on or off")),
     }
-}
-
-/// Parses `123`, `64K`, `256M`, `1G`, `2T` (binary units; `KiB` forms too).
-fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("size {text:?} does not start with a number"))?;
-    let shift = match unit {
-        "" => 0,
-        "K" | "KiB" => 10,
-        "M" | "MiB" => 20,
-        "G" | "GiB" => 30,
-        "T" | "TiB" => 40,
-        _ => return Err(format!("size {text:?}: unknown unit {unit:?}")),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {text:?} overflows"))
 }
 
 #[cfg(test)]

@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use benches::load::SplitMix64;
-use benches::stats::{median, parse_size};
+use benches::stats::median;
 use blobfs::{BlobFs, MkfsOptions, MountOptions, OpenOptions};
+use blobstore::util::SplitMix64;
+use blobstore::util::{format_size, parse_size};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -231,7 +232,7 @@ fn run(args: &Args, size: u64, spec: &str, posix_dir: &Path) -> Result<(), Strin
     println!();
     println!(
         "BlobFS (file device, O_DIRECT) vs ext4 (std::fs), same disk, {} file, median of {} rounds",
-        benches::stats::format_size(size),
+        format_size(size),
         args.rounds
     );
     println!(

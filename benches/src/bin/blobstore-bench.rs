@@ -19,7 +19,8 @@ use benches::load::{run_load_blocking, Limit, LoadReport, LoadSpec};
 use benches::scenario::{
     metadata_cycle, resolve_device, run_repeated, run_synced_writes, BlobVsRaw, RepeatReport,
 };
-use benches::stats::{format_size, median, parse_size};
+use benches::stats::median;
+use blobstore::util::{format_size, parse_size};
 use blobstore::Result;
 use clap::Parser;
 

@@ -64,7 +64,7 @@ use benches::cgroup::MemCgroup;
 use benches::json::Json;
 use benches::kv::{self, Config, Phase, RunFigures, Side};
 use benches::nvme_sides::{CpuSample, NvmeSides};
-use benches::stats::{format_size, parse_size};
+use blobstore::util::{format_size, human_size, parse_size};
 use clap::Parser;
 
 #[derive(Parser, Debug)]
@@ -444,8 +444,8 @@ fn check_device(spec: &str, need: u64) -> Result<(), String> {
     if size < need {
         return Err(format!(
             "--device {spec}: {} is too small for this many keys (about {} for BlobFS); use fewer --keys",
-            human(size),
-            human(need)
+            human_size(size),
+            human_size(need)
         ));
     }
     Ok(())
@@ -815,7 +815,7 @@ fn run(args: Args) -> Result<(), String> {
                 if avail < need {
                     return Err(format!(
                         "configuration {}: {} keys need about {} for the BlobFS image and {} for the POSIX database, but {} has {} free; use fewer --keys, another --dir, or leave {} out of --configs",
-                        config.name(), keys, human(per_side), human(per_side), dir.display(), human(avail), config.name()
+                        config.name(), keys, human_size(per_side), human_size(per_side), dir.display(), human_size(avail), config.name()
                     ));
                 }
             }
@@ -849,7 +849,7 @@ fn run(args: Args) -> Result<(), String> {
                 if avail_shm < 2 * per_side || avail_mem < need {
                     return Err(format!(
                         "configuration memory: {} keys need about {} in /dev/shm for both sides plus 1 GiB for the processes, but /dev/shm has {} free and MemAvailable is {}; use fewer --keys or leave memory out of --configs",
-                        keys, human(2 * per_side), human(avail_shm), human(avail_mem)
+                        keys, human_size(2 * per_side), human_size(avail_shm), human_size(avail_mem)
                     ));
                 }
             }
@@ -1037,10 +1037,6 @@ fn run(args: Args) -> Result<(), String> {
         None => Ok(()),
         Some(e) => Err(e),
     }
-}
-
-fn human(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use super::{channel, BlockDevice, ChannelBackend, DeviceId, Geometry, IoKind, Io
 use super::{DmaBuf, MemDevice};
 use crate::error::{Error, Result};
 use crate::exec::block_on;
+use crate::util::SplitMix64;
 
 /// Default tearing granularity: writes reach the media in 4 KiB pieces.
 pub const DEFAULT_TEAR_BYTES: usize = 4096;
@@ -145,22 +146,6 @@ pub struct CrashImage {
     tear_bytes: usize,
 }
 
-/// SplitMix64: a tiny deterministic generator, so the crate needs no `rand`.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 impl CrashImage {
     /// Number of writes that were not durable at the crash.
     pub fn pending_writes(&self) -> usize {
@@ -172,7 +157,7 @@ impl CrashImage {
     /// in random order (so writes tear and reorder). `seed` picks the subset.
     pub fn materialize(&self, seed: u64) -> Vec<u8> {
         let mut img = self.durable.clone();
-        let mut rng = SplitMix(seed ^ 0x5EED_C0DE);
+        let mut rng = SplitMix64::new(seed ^ 0x5EED_C0DE);
         // Pieces: (pending index, byte offset, len), split at absolute
         // tear-size boundaries.
         let mut pieces = Vec::new();
@@ -182,7 +167,7 @@ impl CrashImage {
             while pos < end {
                 let next = ((pos / self.tear_bytes) + 1) * self.tear_bytes;
                 let n = next.min(end) - pos;
-                if rng.next() & 1 == 1 {
+                if rng.next_u64() & 1 == 1 {
                     pieces.push((i, pos, n));
                 }
                 pos += n;
@@ -190,7 +175,7 @@ impl CrashImage {
         }
         // Fisher-Yates.
         for i in (1..pieces.len()).rev() {
-            pieces.swap(i, rng.below(i + 1));
+            pieces.swap(i, rng.below(i as u64 + 1) as usize);
         }
         for (i, pos, n) in pieces {
             let p = &self.pending[i];

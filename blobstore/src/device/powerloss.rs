@@ -55,6 +55,7 @@ use crate::format::{
     encode_powerloss_record, PowerLossKind, PowerLossRecord, POWERLOSS_HEADER_LEN,
     POWERLOSS_MAX_PAYLOAD,
 };
+use crate::util::SplitMix64;
 
 /// The power-loss log of the image at `image`: the image's path with
 /// `.powerloss` appended.
@@ -585,20 +586,6 @@ impl std::fmt::Display for RecoveryReport {
     }
 }
 
-/// A small seeded generator (splitmix64): the same seed gives the same
-/// power cut.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-}
-
 /// What the power cut does to one write.
 #[derive(Clone, Copy)]
 enum Fate {
@@ -643,7 +630,8 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
         ..RecoveryReport::default()
     };
     let sector = log.sector as usize;
-    let mut rng = Rng(seed);
+    // The same seed gives the same power cut.
+    let mut rng = SplitMix64::new(seed);
     let mut fates: HashMap<u64, Fate> = HashMap::new();
     let mut durable_seen: HashSet<u64> = HashSet::new();
     let os = |what: &str, off: u64, e| Error::Os {
@@ -659,19 +647,17 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
             durable_seen.insert(rec.seq);
             continue;
         }
-        let fate = *fates
-            .entry(rec.seq)
-            .or_insert_with(|| match rng.next() % 3 {
-                0 => Fate::Undo,
-                1 => Fate::Keep,
-                _ => Fate::Tear,
-            });
+        let fate = *fates.entry(rec.seq).or_insert_with(|| match rng.below(3) {
+            0 => Fate::Undo,
+            1 => Fate::Keep,
+            _ => Fate::Tear,
+        });
         let sectors = (rec.range_len as usize) / sector;
         for i in 0..sectors {
             let restore = match fate {
                 Fate::Undo => true,
                 Fate::Keep => false,
-                Fate::Tear => rng.next() & 1 == 0,
+                Fate::Tear => rng.next_u64() & 1 == 0,
             };
             if !restore {
                 continue;

@@ -15,7 +15,8 @@
 //! address (`[::1]:4420`); the port is required (4420 is the usual one).
 //!
 //! Sizes are plain bytes or carry a binary suffix: `K`, `M`, `G`, `T` (or
-//! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`. In a `file:` or `shm:` path,
+//! `KiB`, `MiB`, `GiB`, `TiB`), e.g. `4G`, `512M`, `1GiB`: the grammar of
+//! [`crate::util::parse_size`], the same everywhere. In a `file:` or `shm:` path,
 //! `%` and `?` (and bytes that are not UTF-8) are written as `%XX`.
 //!
 //! Invariants:
@@ -37,6 +38,7 @@ use super::file::{FileOptions, MAX_QUEUE_DEPTH};
 use super::mem::ShmOptions;
 use super::{BlockDevice, FileDevice, MemDevice};
 use crate::error::{Error, Result};
+use crate::util::{format_size, parse_size};
 
 /// Schemes a spec may start with, for error messages.
 const SCHEMES: &str = "mem, shm, file, nvme, nvme-tcp";
@@ -388,50 +390,6 @@ impl fmt::Display for DeviceSpec {
             }
         }
     }
-}
-
-/// Parses a size: decimal digits and an optional binary unit (`K`, `M`, `G`,
-/// `T`, `KiB`, `MiB`, `GiB`, `TiB`, or `B` for bytes; case-insensitive).
-pub(crate) fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(digits_end);
-    if digits.is_empty() {
-        return Err(format!("size {s:?} does not start with a number"));
-    }
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("size {s:?} is too large"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        "t" | "tib" => 40,
-        "kb" | "mb" | "gb" | "tb" => {
-            return Err(format!(
-                "size {s:?}: unit {unit:?} is ambiguous; use {} or {}iB (binary units)",
-                &unit[..1].to_ascii_uppercase(),
-                &unit[..1].to_ascii_uppercase()
-            ))
-        }
-        _ => {
-            return Err(format!(
-                "size {s:?} has an unknown unit {unit:?} (use K, M, G, T or KiB, MiB, GiB, TiB)"
-            ))
-        }
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("size {s:?} does not fit in 64 bits"))
-}
-
-/// Writes `n` with the largest binary unit that divides it exactly.
-pub(crate) fn format_size(n: u64) -> String {
-    for (shift, unit) in [(40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-        if n != 0 && n.is_multiple_of(1u64 << shift) {
-            return format!("{}{unit}", n >> shift);
-        }
-    }
-    n.to_string()
 }
 
 fn parse_spec(spec: &str) -> std::result::Result<DeviceSpec, String> {
@@ -878,33 +836,6 @@ mod tests {
     fn round_trip(spec: &DeviceSpec) {
         let text = spec.to_string();
         assert_eq!(&DeviceSpec::parse(&text).unwrap(), spec, "{text}");
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("4G"), Ok(4 << 30));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("2T"), Ok(2 << 40));
-        assert_eq!(parse_size("100B"), Ok(100));
-        assert!(parse_size("")
-            .unwrap_err()
-            .contains("does not start with a number"));
-        assert!(parse_size("G")
-            .unwrap_err()
-            .contains("does not start with a number"));
-        assert!(parse_size("4X").unwrap_err().contains("unknown unit"));
-        assert!(parse_size("4GB").unwrap_err().contains("ambiguous"));
-        assert!(parse_size("99999999999999999999")
-            .unwrap_err()
-            .contains("too large"));
-        assert!(parse_size("16777216T").unwrap_err().contains("64 bits"));
-        assert_eq!(format_size(4 << 30), "4G");
-        assert_eq!(format_size(1536 << 10), "1536K");
-        assert_eq!(format_size(512), "512");
-        assert_eq!(format_size(0), "0");
     }
 
     #[test]

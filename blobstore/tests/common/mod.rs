@@ -143,33 +143,13 @@ pub fn opts(cfg: Config) -> blobstore::BlobstoreOptions {
     }
 }
 
-/// A small xorshift generator for test workloads.
-pub struct Rng(pub u64);
+/// The workspace's seeded generator, for test workloads.
+pub use blobstore::util::SplitMix64 as Rng;
 
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// A deterministic pattern for (seed, offset) so any byte can be checked.
+/// A deterministic pattern for a seed, so data can be checked without being
+/// kept.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    Rng::bytes(seed, len)
 }
 
 pub fn buf(data: &[u8]) -> DmaBuf {

@@ -271,16 +271,12 @@ fn parse_args(args: &[String]) -> Result<Config, String> {
     Ok(cfg)
 }
 
-/// splitmix64: the same seed gives the same knobs.
-struct Rng(u64);
+/// The workspace's generator: the same seed gives the same knobs.
+struct Rng(blobstore::util::SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[(self.next() % xs.len() as u64) as usize]
@@ -299,7 +295,7 @@ struct RunKnobs {
 }
 
 fn run_knobs(seed: u64) -> RunKnobs {
-    let mut r = Rng(seed ^ 0x5eed);
+    let mut r = Rng(blobstore::util::SplitMix64::new(seed ^ 0x5eed));
     RunKnobs {
         max_key: r.pick(&[10_000, 50_000, 100_000]),
         column_families: r.pick(&[1, 4]),
@@ -336,7 +332,9 @@ struct RoundKnobs {
 }
 
 fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
-    let mut r = Rng(cfg.seed.wrapping_mul(1_000_003).wrapping_add(round as u64));
+    let mut r = Rng(blobstore::util::SplitMix64::new(
+        cfg.seed.wrapping_mul(1_000_003).wrapping_add(round as u64),
+    ));
     RoundKnobs {
         threads: r.pick(&[1, 2, 4]),
         run_secs: cfg.min_secs + r.unit() * (cfg.max_secs - cfg.min_secs),
@@ -396,7 +394,9 @@ impl FaultKnobs {
 /// stream of its own so that `--faults` leaves the other knobs of a seed as
 /// they were. No write faults without a WAL, as db_crashtest.
 fn fault_knobs(cfg: &Config, round: u32, k: &RoundKnobs) -> FaultKnobs {
-    let mut r = Rng(cfg.seed.wrapping_mul(7_000_003).wrapping_add(round as u64) ^ 0xfa17);
+    let mut r = Rng(blobstore::util::SplitMix64::new(
+        cfg.seed.wrapping_mul(7_000_003).wrapping_add(round as u64) ^ 0xfa17,
+    ));
     let write = cfg.write_faults.unwrap_or(r.pick(&[128, 1_000]));
     let read = r.pick(&[32, 1_000]);
     let metadata_read = r.pick(&[32, 1_000]);

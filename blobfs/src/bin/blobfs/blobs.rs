@@ -8,7 +8,7 @@ use blobfs::fsck::{fsck as check, Severity};
 use blobfs::meta;
 use blobstore::{block_on, Blob, BlobId, Blobstore, LoadOptions};
 
-use crate::util::{fail, human, open_device, print, utc, CliResult, Ctx, Progress};
+use crate::util::{fail, human_size, open_device, print, utc, CliResult, Ctx, Progress};
 
 /// Loads the blobstore on `spec` (of any type), runs `f`, unloads.
 fn with_store<T>(spec: &str, f: impl FnOnce(&Blobstore) -> CliResult<T>) -> CliResult<T> {
@@ -84,7 +84,7 @@ pub fn list(spec: &str) -> CliResult {
             "blobstore type {:?}: {} blobs, cluster {}, {} of {} clusters free, super blob {}\n",
             bs.bstype(),
             ids.len(),
-            human(bs.cluster_size() as u64),
+            human_size(bs.cluster_size() as u64),
             bs.free_clusters(),
             bs.data_clusters(),
             bs.super_blob().map_or("none".into(), |b| b.to_string()),
@@ -227,7 +227,7 @@ pub fn fsck(spec: &str, as_json: bool, repair: bool) -> CliResult {
         "{spec}: {} blobs, {} files ({}), {} directories; {} damaged, {} warnings\n",
         r.blobs,
         r.files,
-        human(r.file_bytes),
+        human_size(r.file_bytes),
         r.dirs,
         damage,
         r.findings.len() - damage
@@ -260,7 +260,7 @@ pub fn discard_unsynced(spec: &str) -> CliResult {
             print(&format!(
                 "{spec}: discarded {} buffer(s) holding {} of unsynced file data ({shown})\n",
                 recs.len(),
-                human(bytes)
+                human_size(bytes)
             ))
         }
     }

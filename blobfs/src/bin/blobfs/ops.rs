@@ -11,7 +11,9 @@ use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
 use blobstore::block_on;
 use serde_json::{json, Value};
 
-use crate::util::{fail, human, open_device, print, utc, write_stdout, CliResult, Ctx, Progress};
+use crate::util::{
+    fail, human_size, open_device, print, utc, write_stdout, CliResult, Ctx, Progress,
+};
 
 /// Bytes moved per read or write when copying.
 const COPY_CHUNK: usize = 1 << 20;
@@ -86,8 +88,8 @@ pub fn mkfs(spec: &str, cluster_size: u32, force: bool, max_files: Option<u64>) 
         "made a BlobFS on {spec}: {} clusters of {}, {} for files, room for about {} files \
          ({md_free} metadata pages)\n",
         space.total_bytes / space.cluster_bytes,
-        human(space.cluster_bytes),
-        human(space.total_bytes),
+        human_size(space.cluster_bytes),
+        human_size(space.total_bytes),
         md_free.saturating_sub(map_pages(clusters)) / PAGES_PER_FILE
     ))
 }
@@ -132,11 +134,11 @@ pub fn info(spec: &str, as_json: bool) -> CliResult {
         s += &format!("device:          {}\n", bs.device().name());
         s += &format!(
             "device size:     {} ({} blocks of {} bytes)\n",
-            human(geo.size_bytes()),
+            human_size(geo.size_bytes()),
             geo.block_count,
             geo.block_size
         );
-        s += &format!("cluster size:    {}\n", human(space.cluster_bytes));
+        s += &format!("cluster size:    {}\n", human_size(space.cluster_bytes));
         s += &format!("metadata page:   {} bytes\n", bs.page_size());
         s += &format!(
             "clusters:        {} ({} for files, {} for metadata)\n",
@@ -146,9 +148,9 @@ pub fn info(spec: &str, as_json: bool) -> CliResult {
         );
         s += &format!(
             "space:           {} total, {} used, {} free\n",
-            human(space.total_bytes),
-            human(used),
-            human(space.free_bytes)
+            human_size(space.total_bytes),
+            human_size(used),
+            human_size(space.free_bytes)
         );
         s += &format!("metadata pages:  {} free\n", bs.free_md_pages());
         s += &format!(
@@ -320,22 +322,22 @@ pub fn df(spec: &str, dir: &str, as_json: bool) -> CliResult {
         for (name, is_dir, files, used, allocated) in &rows {
             out += &format!(
                 "{files:>8} {:>12} {:>12}  {name}{}\n",
-                human(*used),
-                human(*allocated),
+                human_size(*used),
+                human_size(*allocated),
                 if *is_dir { "/" } else { "" }
             );
         }
         out += &format!(
             "{:>8} {:>12} {:>12}  total of {}\n",
             sum.0,
-            human(sum.1),
-            human(sum.2),
+            human_size(sum.1),
+            human_size(sum.2),
             if m.name.is_empty() { "/" } else { &m.name }
         );
         out += &format!(
             "file system: {} total, {} free; {} metadata pages free\n",
-            human(space.total_bytes),
-            human(space.free_bytes),
+            human_size(space.total_bytes),
+            human_size(space.free_bytes),
             free_md
         );
         print(&out)
@@ -358,7 +360,7 @@ pub fn stat(spec: &str, name: &str, as_json: bool) -> CliResult {
             if m.is_dir { "directory" } else { "file" }
         );
         if !m.is_dir {
-            s += &format!("length:    {} bytes ({})\n", m.len, human(m.len));
+            s += &format!("length:    {} bytes ({})\n", m.len, human_size(m.len));
         }
         s += &format!("modified:  {} ({} ns)\n", utc(m.mtime_ns), m.mtime_ns);
         s += &format!("blob:      {}\n", m.blob_id);
@@ -592,7 +594,7 @@ pub fn trim(spec: &str, as_json: bool) -> CliResult {
         print(&format!(
             "trimmed {} free clusters ({}) in {} runs on {spec}\n",
             r.clusters,
-            human(r.bytes),
+            human_size(r.bytes),
             r.runs
         ))
     })

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use crate::ops::{export_file, print_json, with_fs, write_via_temp};
-use crate::util::{fail, human, print, CliResult, Ctx, Progress};
+use crate::util::{fail, human_size, print, CliResult, Ctx, Progress};
 
 /// What a backup or restore copied.
 #[derive(Default)]
@@ -35,7 +35,7 @@ impl Summary {
         let mut s = format!(
             "{verb} {} files ({}, {} bytes) and {} directories from {from} to {to}",
             self.files,
-            human(self.bytes),
+            human_size(self.bytes),
             self.bytes,
             self.directories
         );

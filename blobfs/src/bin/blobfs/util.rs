@@ -44,39 +44,7 @@ pub fn open_device(spec: &str) -> CliResult<Arc<dyn BlockDevice>> {
     blobstore::open_device(spec).ctx(format!("opening {spec}"))
 }
 
-/// Parses a size such as `4096`, `64K`, `1M`, `1MiB`, `2G`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} does not start with a number"))?;
-    let shift = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kib" => 10,
-        "m" | "mib" => 20,
-        "g" | "gib" => 30,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use K, M or G)")),
-    };
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
-
-/// Bytes for people: `1536` becomes `1.5 KiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
+pub use blobstore::util::{human_size, parse_size};
 
 /// Writes to stdout; a reader that went away (`| head`) ends the output
 /// quietly instead of failing.
@@ -169,8 +137,8 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("1MB").is_err());
         assert!(parse_size("M").is_err());
-        assert_eq!(human(1536), "1.5 KiB");
-        assert_eq!(human(10), "10 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(10), "10 B");
         assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
         assert_eq!(utc(951_782_400_000_000_000), "2000-02-29 00:00:00 UTC");
         assert_eq!(utc(1_700_000_000_000_000_000), "2023-11-14 22:13:20 UTC");

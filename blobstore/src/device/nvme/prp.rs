@@ -228,13 +228,8 @@ mod tests {
 
     #[test]
     fn random_layouts_obey_the_rules() {
-        let mut x = 0x1234_5678_9abc_def1u64;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rng = crate::util::SplitMix64::new(0x1234_5678_9abc_def1);
+        let mut rnd = |n: u64| rng.below(n);
         for _ in 0..2000 {
             let bs = if rnd(2) == 0 { 512 } else { 4096 };
             let max = bs.max(4096) * (1 + rnd(512));

@@ -209,13 +209,8 @@ mod tests {
 
     #[test]
     fn random_layouts_keep_the_rules() {
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = crate::util::SplitMix64::new(0x2545_F491_4F6C_DD1D);
+        let mut next = move || rng.next_u64();
         for _ in 0..2000 {
             let bs = if next() % 2 == 0 { 512 } else { 4096 };
             let max = bs * (1 + next() % 512);

@@ -1258,17 +1258,11 @@ mod tests {
     #[test]
     fn arbitrary_bytes_never_panic() {
         // A small deterministic sweep (the fuzz target does the real work).
-        let mut x = 0x1234_5678_9abc_def0u64;
+        let mut rng = crate::util::SplitMix64::new(0x1234_5678_9abc_def0);
         for len in 0..300 {
             for _ in 0..20 {
-                let mut b: Vec<u8> = (0..len)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                let mut b = vec![0u8; len];
+                rng.fill(&mut b);
                 if len > 3 {
                     b[0] %= 10; // mostly known types
                     b[2] = [24, 72, 128][len % 3];
