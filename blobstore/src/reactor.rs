@@ -17,6 +17,8 @@
 //!   on its thread, and no message, wake or poller work was seen for the
 //!   configured time. A wake or message pushed after the reactor decided to
 //!   sleep unparks it (both sides publish, fence, then check the other).
+//!   With [`IdlePolicy::Block`] it also blocks in the device while I/O is in
+//!   flight; a message or wake then waits for the next completion.
 //! - Once a reactor is closed no message is accepted; every message accepted
 //!   before runs exactly once (shutdown drains the queue after the last sender
 //!   that saw it open has finished pushing).
@@ -62,13 +64,15 @@ use crossbeam_queue::SegQueue;
 use futures::channel::oneshot;
 use futures::FutureExt;
 
-use crate::device::{poll_thread_channels, thread_in_flight};
+use crate::device::{poll_thread_channels, thread_in_flight, wait_thread_channels};
 use crate::error::{Error, Result};
 
 /// Messages run per loop iteration at most, before devices are polled again.
 const MESSAGE_BATCH: usize = 256;
 /// Task polls per loop iteration at most, before devices are polled again.
 const TASK_BATCH: usize = 256;
+/// Longest sleep of an [`IdlePolicy::Block`] reactor with nothing in flight.
+const BLOCK_POLICY_MAX_SLEEP: Duration = Duration::from_millis(1);
 /// Idle spins between `yield_now` calls while I/O is in flight and the
 /// policy is [`IdlePolicy::Sleep`] (be polite on a shared machine).
 const YIELD_EVERY: u32 = 64;
@@ -88,6 +92,20 @@ pub enum IdlePolicy {
         after: Duration,
         /// Longest single sleep.
         max_sleep: Duration,
+    },
+    /// As SPDK's interrupt mode: while I/O is in flight, poll for `spin`,
+    /// then block in the device until one of the thread's operations
+    /// completes (an NVMe queue's completion interrupt, io_uring's wait);
+    /// with nothing in flight, sleep as [`IdlePolicy::Sleep`] does with
+    /// `after = spin` and `max_sleep` 1 ms. A waiting core costs no CPU, at
+    /// the price of the wake-up latency. A message or wake from another
+    /// thread that arrives while the reactor blocks in the device runs
+    /// after the next completion (the device's I/O timeout bounds that
+    /// wait). Where the device cannot block (memory), the reactor yields
+    /// the core instead.
+    Block {
+        /// Time to poll in-flight I/O before blocking in the device.
+        spin: Duration,
     },
 }
 
@@ -455,6 +473,20 @@ impl Local {
             }
             match idle {
                 IdlePolicy::Spin => std::hint::spin_loop(),
+                IdlePolicy::Block { spin } => {
+                    let now = Instant::now();
+                    let since = *idle_since.get_or_insert(now);
+                    if now.duration_since(since) < spin {
+                        std::hint::spin_loop();
+                    } else if thread_in_flight() > 0 {
+                        if !wait_thread_channels() {
+                            thread::yield_now();
+                        }
+                        idle_since = None;
+                    } else {
+                        self.sleep(BLOCK_POLICY_MAX_SLEEP);
+                    }
+                }
                 IdlePolicy::Sleep { after, max_sleep } => {
                     if thread_in_flight() > 0 {
                         // Only polling completes our I/O: keep polling, but
@@ -1294,6 +1326,58 @@ mod tests {
         }
         let snap = mem.snapshot();
         assert!(snap[1000 * 512..1200 * 512].iter().all(|&x| x == 2));
+        r.shutdown().unwrap();
+    }
+
+    #[test]
+    fn block_policy_waits_in_the_device_and_still_runs_messages() {
+        // A file device blocks in io_uring; memory cannot block, so the
+        // reactor yields instead. Either way the I/O completes, checked.
+        let path = std::env::temp_dir().join(format!("reactor-block-{}", std::process::id()));
+        let file: Arc<dyn BlockDevice> = Arc::new(
+            crate::device::FileDevice::open(
+                &path,
+                crate::device::FileOptions {
+                    size_bytes: Some(4 << 20),
+                    create: Some(true),
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        );
+        let _ = std::fs::remove_file(&path);
+        let mem: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(4 << 20, 4096).unwrap());
+        let r = Reactors::builder()
+            .unpinned(1)
+            .idle_policy(IdlePolicy::Block {
+                spin: Duration::from_micros(5),
+            })
+            .start()
+            .unwrap();
+        for dev in [file, mem] {
+            let h = r
+                .handle(0)
+                .unwrap()
+                .spawn(move || async move {
+                    let ch = channel(&dev)?;
+                    for k in 0..100u64 {
+                        let data = vec![(k % 251) as u8 + 1; 4096];
+                        ch.write(k * 8, DmaBuf::from_slice(&data)?).await?;
+                        let back = ch.read(k * 8, DmaBuf::new(4096)?).await?;
+                        assert!(back[..] == data[..], "block {k}");
+                    }
+                    Ok::<(), Error>(())
+                })
+                .unwrap();
+            h.join().unwrap().unwrap();
+        }
+        // Idle now: a message from another thread still arrives promptly.
+        let (tx, rx) = mpsc::channel();
+        r.handle(0)
+            .unwrap()
+            .send(move || tx.send(7).unwrap())
+            .unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(7));
         r.shutdown().unwrap();
     }
 
