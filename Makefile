@@ -65,14 +65,14 @@ BENCH_ARGS ?=
 
 # The userspace NVMe driver against QEMU's NVMe controller in a VM (TCG, an
 # emulated IOMMU, vfio-pci in the guest): driver tests, the blobstore suite on
-# NvmeDevice, perf. Installs qemu-system-x86, linux-image-amd64,
+# NvmeDevice, bdevperf. Installs qemu-system-x86, linux-image-amd64,
 # busybox-static and cpio when missing. See blobstore/NVME.md.
 test-vm: deps rocksdb-tools
 	CARGO="$(CARGO)" ROCKSDB_TOOLS=$(ROCKSDB_TOOLS) blobstore/tests/vm/run.sh
 
 # Only the NVMe/TCP steps of the VM test that need neither BlobFS nor the
 # RocksDB tools: our initiator against the kernel's nvmet-tcp target in the
-# guest (driver tests, the blobstore suite, perf). See blobstore/NVME-TCP.md.
+# guest (driver tests, the blobstore suite, bdevperf). See blobstore/NVME-TCP.md.
 test-vm-tcp: deps
 	CARGO="$(CARGO)" VM_ONLY=tcp blobstore/tests/vm/run.sh
 

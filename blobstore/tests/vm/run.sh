@@ -4,7 +4,7 @@
 # guest, and runs there:
 #   - tests/nvme_vm.rs (identify, I/O, threads, errors, blobstore + reset),
 #   - the core blobstore suite (tests/blobstore.rs) on NvmeDevice,
-#   - the perf tool on the controller and on MemDevice, and a QD32 read
+#   - the bdevperf tool on the controller and on MemDevice, and a QD32 read
 #     with and without shadow doorbells: IOPS, IOPS per guest CPU second
 #     (from the guest's /proc/stat) and the ratio, three runs each,
 #     alternating, medians,
@@ -23,17 +23,17 @@
 #     512-byte blocks, namespace 2 on a file of ext4 on a ramdisk with
 #     4096-byte blocks): tests/nvme_tcp_vm.rs (identify, I/O, digests,
 #     threads, errors, the target going away mid-I/O and coming back), the
-#     core blobstore suite on nvme-tcp:, perf, and BlobFS's kill test and
+#     core blobstore suite on nvme-tcp:, bdevperf, and BlobFS's kill test and
 #     RocksDB (env_basic_test, db_bench) on nvme-tcp:.
 # Reports pass/fail per test from the serial console; exits non-zero on any
 # failure, or when the VM does not finish within VM_TIMEOUT seconds.
 #
 # VM_ONLY=tcp runs only the NVMe/TCP steps that need no RocksDB tools or
-# BlobFS (nvme_tcp_vm, the blobstore suite and perf on nvme-tcp:): no
+# BlobFS (nvme_tcp_vm, the blobstore suite and bdevperf on nvme-tcp:): no
 # ROCKSDB_TOOLS needed, a few minutes.
 #
 # VM_MODE=bench (make bench-vm) boots the same VM to measure instead: the
-# device layer alone, our driver (`perf`) against the kernel's NVMe path on
+# device layer alone, our driver (`bdevperf`) against the kernel's NVMe path on
 # the same namespace (fio: io_uring with O_DIRECT on the block device, with
 # interrupts and on polled queues, and io_uring passthrough on the generic
 # char device), 4 KiB random read and write at QD1 and QD32 (ours with
@@ -98,6 +98,7 @@ log "guest kernel $KVER"
 cd "$ROOT"
 log "building (release)"
 $CARGO build --release -q -p blobstore --bins
+$CARGO build --release -q -p benches --bin bdevperf
 json=$($CARGO test --release -q -p blobstore --test nvme_vm --test nvme_tcp_vm --test blobstore --no-run --message-format=json)
 [ -n "$ONLY" ] || json="$json
 $($CARGO test --release -q -p blobfs --features cli --test kill --no-run --message-format=json)"
@@ -138,7 +139,7 @@ cp "$NVME_VM" "$IRD/bin/nvme_vm"
 cp "$NVME_TCP_VM" "$IRD/bin/nvme_tcp_vm"
 cp "$SUITE" "$IRD/bin/blobstore_suite"
 [ -n "$ONLY" ] || cp "$KILL" "$IRD/bin/blobfs_kill"
-cp "$TARGET/perf" "$TARGET/nvme-setup" "$IRD/bin/"
+cp "$TARGET/bdevperf" "$TARGET/nvme-setup" "$IRD/bin/"
 # The NVMe/TCP target's namespace 2 is a file on ext4 (on a ramdisk).
 cp "$(command -v mkfs.ext4)" "$IRD/bin/"
 [ -f /etc/mke2fs.conf ] && cp /etc/mke2fs.conf "$IRD/etc/"
@@ -262,9 +263,9 @@ run nvme-tcp-target-up tcp_target_up
 NVME_TCP_TEST_SPEC=$TCP_SPEC NVME_TCP_TEST_CONFIGFS=$NVMET run nvme-tcp-driver \
   nvme_tcp_vm --ignored --test-threads=1 --nocapture
 BLOBSTORE_TEST_NVME_TCP=$TCP_SPEC run blobstore-suite-on-nvme-tcp blobstore_suite --test-threads=1
-run perf-nvme-tcp-randread perf --device $TCP_SPEC/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
-run perf-nvme-tcp-randrw-2threads perf --device $TCP_SPEC/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
-run perf-nvme-tcp-seqwrite-128k perf --device "$TCP_SPEC/ns=2?digest=both" --qd 8 --bs 131072 --rw write --seconds 4
+run bdevperf-nvme-tcp-randread bdevperf --device $TCP_SPEC/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
+run bdevperf-nvme-tcp-randrw-2threads bdevperf --device $TCP_SPEC/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
+run bdevperf-nvme-tcp-seqwrite-128k bdevperf --device "$TCP_SPEC/ns=2?digest=both" --qd 8 --bs 131072 --rw write --seconds 4
 if [ -z "$VM_ONLY" ]; then
   # BlobFS and RocksDB on nvme-tcp: (need the blobfs kill test and the
   # RocksDB tools). Unsynced appends of an nvme-tcp: device live on tmpfs.
@@ -300,19 +301,19 @@ ls -l /dev/vfio
 export NVME_TEST_PCI=$PCI
 run driver nvme_vm --ignored --test-threads=1 --nocapture
 BLOBSTORE_TEST_NVME=$PCI run blobstore-suite-on-nvme blobstore_suite --test-threads=1
-run perf-nvme-randread perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
-run perf-nvme-randrw-2threads perf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
-run perf-nvme-seqwrite-128k perf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
-run perf-mem-randread perf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
+run bdevperf-nvme-randread bdevperf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 4
+run bdevperf-nvme-randrw-2threads bdevperf --device nvme:$PCI/ns=1 --qd 32 --bs 4096 --rw randrw --mix 70 --seconds 4 --threads 2
+run bdevperf-nvme-seqwrite-128k bdevperf --device nvme:$PCI/ns=2 --qd 8 --bs 131072 --rw write --seconds 4
+run bdevperf-mem-randread bdevperf --device mem:256M --qd 32 --bs 4096 --rw randread --seconds 4
 # Shadow doorbells: the same QD32 random read with and without, sides
 # alternating. Guest CPU = cpu_busy, so time QEMU spends trapping a
 # doorbell counts.
 perf_cpu() { # on|off: prints "IOPS OPS_PER_CPU_SECOND"
   b0=$(cpu_busy)
-  out=$(perf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 3 --shadow-doorbells "$1") || return 1
+  out=$(bdevperf --device nvme:$PCI/ns=2 --qd 32 --bs 4096 --rw randread --seconds 3 --shadow-doorbells "$1") || return 1
   b1=$(cpu_busy)
   echo "$out" | sed 's/^/    /' >&2
-  ops=$(echo "$out" | sed -n 's/^  thread [0-9]*: \([0-9]*\) ops.*/\1/p' | head -1)
+  ops=$(echo "$out" | sed -n 's/^  worker [0-9]*: \([0-9]*\) ops.*/\1/p' | head -1)
   iops=$(echo "$out" | sed -n 's/^total: \([0-9]*\) IOPS.*/\1/p')
   echo "$iops $(( ops * 100 / ( (b1 - b0) > 0 ? (b1 - b0) : 1 ) ))"
 }
@@ -331,7 +332,7 @@ shadow_compare() {
   on_cpu=$(cut -d' ' -f2 /tmp/on | median); off_cpu=$(cut -d' ' -f2 /tmp/off | median)
   echo "VMTEST-PERF shadow-doorbells median: on iops=$on_iops iops_per_cpu_s=$on_cpu; off iops=$off_iops iops_per_cpu_s=$off_cpu; ratio on/off iops=$(ratio $on_iops $off_iops) iops_per_cpu_s=$(ratio $on_cpu $off_cpu)"
 }
-run perf-nvme-shadow-doorbells-on-vs-off shadow_compare
+run bdevperf-nvme-shadow-doorbells-on-vs-off shadow_compare
 # A killed BlobFS process loses no acknowledged write on NVMe either.
 for ns in 1 2; do
   BLOBFS_KILL_DEVICE=nvme:$PCI/ns=$ns run blobfs-kill-on-nvme-ns$ns \
@@ -406,7 +407,7 @@ fio_run() { # fio's flags for the engine and target
   fio --name=b --bs=4096 --time_based --runtime=$SECS --norandommap \
     --randrepeat=0 --output-format=terse --terse-version=3 "$@"
 }
-# NVMe/TCP: `perf` on nvme-tcp: against fio (io_uring, O_DIRECT) on the
+# NVMe/TCP: `bdevperf` on nvme-tcp: against fio (io_uring, O_DIRECT) on the
 # kernel's own NVMe/TCP initiator, both on the same nvmet-tcp target on
 # loopback (namespace 2), 4 KiB random reads at QD1 and QD32, sides
 # alternating. The kernel initiator is connected once, through
@@ -430,7 +431,7 @@ tcp_bench() {
   echo "VMBENCH-TCP-SHAPE kernel initiator /dev/$KDEV ($(cat /sys/block/$KDEV/queue/logical_block_size)-byte blocks), ours $TCP_SPEC/ns=2"
   for r in $(seq 1 $ROUNDS); do
     for qd in 1 32; do
-      measure ours-tcp $qd randread perf --device $TCP_SPEC/ns=2 --qd $qd --bs 4096 --rw randread --seconds $SECS
+      measure ours-tcp $qd randread bdevperf --device $TCP_SPEC/ns=2 --qd $qd --bs 4096 --rw randread --seconds $SECS
       measure kernel-tcp-io_uring $qd randread fio_run --ioengine=io_uring --direct=1 --filename=/dev/$KDEV --rw=randread --iodepth=$qd
     done
   done
@@ -450,9 +451,9 @@ echo "VMBENCH-SHAPE $(nproc) vCPUs, kernel $(uname -r), namespace $NS of $(( $(c
 for r in $(seq 1 $ROUNDS); do
   nvme-setup bind $PCI >/dev/null
   for qd in 1 32; do for rw in randread randwrite; do
-    measure ours $qd $rw perf --device nvme:$PCI/ns=$NS --qd $qd --bs 4096 --rw $rw --seconds $SECS
+    measure ours $qd $rw bdevperf --device nvme:$PCI/ns=$NS --qd $qd --bs 4096 --rw $rw --seconds $SECS
     # Without completion interrupts: every wait spins on the queue.
-    measure ours-polled $qd $rw perf --device nvme:$PCI/ns=$NS --qd $qd --bs 4096 --rw $rw --seconds $SECS --interrupts off
+    measure ours-polled $qd $rw bdevperf --device nvme:$PCI/ns=$NS --qd $qd --bs 4096 --rw $rw --seconds $SECS --interrupts off
   done; done
   to_kernel
   for qd in 1 32; do for rw in randread randwrite; do

@@ -256,7 +256,7 @@ const IRQ_WAIT_SLICE_MS: i32 = 10;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ControllerOptions {
     /// Use shadow doorbells (Doorbell Buffer Config) when the controller
-    /// offers them (OACS bit 8). On by default; off lets `perf` compare.
+    /// offers them (OACS bit 8). On by default; off lets `bdevperf` compare.
     pub shadow_doorbells: bool,
     /// Describe data with SGLs when the controller takes them (SGLS);
     /// else, and when off, with PRPs. On by default.
