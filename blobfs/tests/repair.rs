@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use blobfs::fsck::{fsck, fsck_repair, FsckReport, Severity};
 use blobfs::{BlobFs, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::format::SuperBlock;
+use blobstore::fuzzing::SuperBlock;
 use blobstore::{BlockDevice, MemDevice};
 use rand::{Rng, SeedableRng};
 

@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use blobfs::{BlobFs, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::format::{SuperBlock, SUPER_BLOCK_LEN};
+use blobstore::fuzzing::{SuperBlock, SUPER_BLOCK_LEN};
 use blobstore::{device_metrics, BlockDevice, MemDevice};
 
 fn mkfs(dev: &Arc<dyn BlockDevice>, cluster_size: u32) -> BlobFs {

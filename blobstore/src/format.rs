@@ -653,7 +653,7 @@ pub struct BlobRecord {
     /// Metadata page of each extent page, [`NO_PAGE`] where none is needed.
     /// Empty when the map is inline ([`BlobRecord::cluster_map`]).
     pub extent_table: Vec<u32>,
-    /// The cluster map inline (format [`INLINE_MAP_VERSION`] on): the
+    /// The cluster map inline (format `INLINE_MAP_VERSION` on): the
     /// device cluster of each blob cluster, 0 where none is allocated.
     /// Empty when the map is in extent pages, or the blob has no clusters;
     /// never both this and [`BlobRecord::extent_table`].

@@ -16,7 +16,7 @@ mod check;
 pub mod device;
 mod error;
 pub mod exec;
-pub mod format;
+mod format;
 mod mdread;
 pub mod metrics;
 pub mod probe;
@@ -26,6 +26,25 @@ mod snapshot;
 mod store;
 mod trim;
 pub mod util;
+
+/// Cluster entries one metadata page of a blob's cluster map holds, with
+/// metadata pages of `page_size` bytes: a blob whose map does not fit in
+/// its first page takes one more page per this many clusters.
+pub fn cluster_map_entries_per_page(page_size: u32) -> usize {
+    format::extent_entries_per_page(page_size)
+}
+
+/// The on-disk codecs and the NVMe/TCP PDU codec, for the fuzz targets and
+/// the tests that forge or damage images. Not an API: it changes with the
+/// formats (see `FORMAT.md` for the layouts themselves).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::device::nvme::tcp::pdu::{encode_pdu, parse_header, parse_pdu, plan, Framing};
+    pub use crate::format::{
+        decode_extent_payload, decode_md_page, encode_md_page, BlobRecord, PageKind, SuperBlock,
+        MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN, NO_PAGE, SUPER_BLOCK_LEN, SUPER_MAGIC,
+    };
+}
 
 pub use blob::{Blob, BlobIo, Xattrs};
 pub use check::CheckReport;

@@ -3,7 +3,7 @@
 //! another blobstore by mistake.
 //!
 //! This module only reads: it knows where other formats put their magic
-//! numbers and never writes them. Our own layout stays in [`crate::format`];
+//! numbers and never writes them. Our own layout stays in `format.rs`;
 //! the foreign offsets live here because they describe other software's
 //! disks, are used for nothing but detection, and grow as a table.
 //!

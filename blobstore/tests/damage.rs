@@ -8,7 +8,7 @@ mod common;
 
 use std::sync::Arc;
 
-use blobstore::format::{SuperBlock, SUPER_BLOCK_LEN};
+use blobstore::fuzzing::{SuperBlock, SUPER_BLOCK_LEN};
 use blobstore::{
     block_on, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, LoadOptions,
     LoadReport, MemDevice,

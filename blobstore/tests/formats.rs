@@ -14,7 +14,7 @@ mod common;
 
 use std::sync::Arc;
 
-use blobstore::format::{SuperBlock, SUPER_BLOCK_LEN};
+use blobstore::fuzzing::{SuperBlock, SUPER_BLOCK_LEN};
 use blobstore::{
     block_on, device_metrics, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice,
     DmaBuf, Error, LoadOptions, MemDevice,

@@ -2,7 +2,7 @@
 //! never panic, and a record they accept round-trips.
 #![no_main]
 
-use blobstore::format::{
+use blobstore::fuzzing::{
     decode_extent_payload, decode_md_page, encode_md_page, BlobRecord, PageKind, NO_PAGE,
 };
 use libfuzzer_sys::fuzz_target;
@@ -33,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
         // (unless it is too big for any page: then encoding is not asked).
         if rec.xattrs.iter().all(|(n, v)| {
             !n.is_empty()
-                && n.len() <= blobstore::format::MAX_XATTR_NAME_LEN
-                && v.len() <= blobstore::format::MAX_XATTR_VALUE_LEN
+                && n.len() <= blobstore::fuzzing::MAX_XATTR_NAME_LEN
+                && v.len() <= blobstore::fuzzing::MAX_XATTR_VALUE_LEN
         }) {
             let payloads = rec.encode_payloads(4096);
             let pages: Vec<Vec<u8>> = payloads

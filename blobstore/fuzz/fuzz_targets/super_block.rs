@@ -2,7 +2,7 @@
 //! it accepts encodes back to bytes that decode to the same value.
 #![no_main]
 
-use blobstore::format::{SuperBlock, SUPER_BLOCK_LEN, SUPER_MAGIC};
+use blobstore::fuzzing::{SuperBlock, SUPER_BLOCK_LEN, SUPER_MAGIC};
 use crc32c::crc32c;
 use libfuzzer_sys::fuzz_target;
 

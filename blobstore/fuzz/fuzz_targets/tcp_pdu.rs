@@ -4,7 +4,7 @@
 //! data; and the header plan never promises more than the parse needs.
 #![no_main]
 
-use blobstore::device::nvme::tcp::pdu::{encode_pdu, parse_header, parse_pdu, plan, Framing};
+use blobstore::fuzzing::{encode_pdu, parse_header, parse_pdu, plan, Framing};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -45,7 +45,7 @@ const SPARE_PAGES: u64 = blobfs::SPARE_MD_PAGES;
 /// them on top of `--max-files` so that large files never run out of
 /// metadata pages before the space does.
 fn map_pages(clusters: u64) -> u64 {
-    let per = blobstore::format::extent_entries_per_page(4096) as u64;
+    let per = blobstore::cluster_map_entries_per_page(4096) as u64;
     (2 * clusters).div_ceil(per)
 }
 

@@ -125,6 +125,7 @@ impl IovaAllocator {
     }
 
     /// Bytes free.
+    #[cfg(test)]
     pub fn free_bytes(&self) -> u64 {
         self.free.values().sum()
     }

@@ -1,10 +1,10 @@
 //! `NvmeDevice`: a userspace NVMe driver over VFIO, polled, one I/O queue
 //! pair per thread and controller, serving every namespace.
 //!
-//! Layout: [`regs`] (registers, enable/disable), [`cmd`] (command and
-//! completion encoding, Identify data), [`prp`] and [`sgl`] (data pointer
-//! planning), [`queue`] (a queue pair), [`shadow`] (shadow doorbells),
-//! [`dma`] (IOVA-mapped memory), `vfio` (the VFIO glue), and here the
+//! Layout (all crate-private): `regs` (registers, enable/disable), `cmd`
+//! (command and completion encoding, Identify data), `prp` and `sgl` (data
+//! pointer planning), `queue` (a queue pair), `shadow` (shadow doorbells),
+//! `dma` (IOVA-mapped memory), `vfio` (the VFIO glue), and here the
 //! controller (admin commands, asynchronous events, reset) and the
 //! per-thread I/O backend.
 //!
@@ -71,13 +71,13 @@
 //!   timed out) and each thread's queue pair is created again on its next
 //!   use.
 
-pub mod cmd;
-pub mod dma;
-pub mod prp;
-pub mod queue;
-pub mod regs;
-pub mod sgl;
-pub mod shadow;
+pub(crate) mod cmd;
+pub(crate) mod dma;
+pub(crate) mod prp;
+pub(crate) mod queue;
+pub(crate) mod regs;
+pub(crate) mod sgl;
+pub(crate) mod shadow;
 #[doc(hidden)]
 pub mod soft;
 pub mod tcp;
@@ -1193,7 +1193,8 @@ impl NvmeDevice {
 
     /// A device for namespace `nsid` with the given shape, trusted without
     /// asking the controller: for exercising the controller's own checks
-    /// (an unknown namespace, an LBA past the end).
+    /// (an unknown namespace, an LBA past the end). For tests only.
+    #[doc(hidden)]
     pub fn unchecked(ctrl: Arc<NvmeController>, nsid: u32, block_size: u32, blocks: u64) -> Self {
         NvmeDevice::with_shape(ctrl, nsid, block_size, blocks, false)
     }

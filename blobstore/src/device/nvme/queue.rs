@@ -167,11 +167,6 @@ impl QueuePair {
         }
     }
 
-    /// True when this pair's doorbells go through the shadow page.
-    pub fn shadowed(&self) -> bool {
-        self.shadow.is_some()
-    }
-
     /// Puts `cmd` with command id `cid` in the ring without ringing the
     /// doorbell; false when the ring is full.
     #[inline]

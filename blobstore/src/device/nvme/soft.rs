@@ -18,7 +18,7 @@
 //! ([`SoftController::poll_shadow`]) and wants no doorbell at all.
 //!
 //! Invariants:
-//! - Memory is reached only through [`DmaPool::translate`]: an IOVA outside
+//! - Memory is reached only through `DmaPool::translate`: an IOVA outside
 //!   the pool is a driver bug and panics the model (a test failure).
 //! - Clearing CC.EN drops every queue and every held command, as a
 //!   controller reset does; `disabled_with_held` records how many commands
@@ -148,7 +148,7 @@ pub struct SoftState {
     sgl_scratch: Vec<(u64, u64)>,
 }
 
-/// A software NVMe controller over the memory of a [`DmaPool`].
+/// A software NVMe controller over the memory of a `DmaPool`.
 pub struct SoftController {
     pool: Arc<DmaPool>,
     /// (block size, bytes) per namespace, namespace id = index + 1.

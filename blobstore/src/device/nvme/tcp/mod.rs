@@ -2,7 +2,7 @@
 //! of a remote controller (Linux `nvmet`, SPDK's `nvmf_tgt`, an array) as
 //! a [`BlockDevice`]; spec `nvme-tcp:HOST:PORT/NQN/ns=N`.
 //!
-//! Layout: [`pdu`] (PDU encoding and parsing, pure), `link` (a blocking
+//! Layout: `pdu` (PDU encoding and parsing, pure), `link` (a blocking
 //! connection: setup and one command at a time, for the admin queue and
 //! connecting I/O queues), `io` (the per-thread I/O queue, non-blocking),
 //! and here the controller and the device.
@@ -26,7 +26,7 @@
 //!
 //! Invariants:
 //! - Nothing the network sends makes the host panic or hang: every
-//!   protocol violation is a [`pdu::TcpError`], every admin exchange and
+//!   protocol violation is a `pdu::TcpError`, every admin exchange and
 //!   every I/O command has a deadline.
 //! - An operation is reported once; when a connection dies, every
 //!   operation on it is reported failed (no memory of an operation is
@@ -35,7 +35,7 @@
 
 mod io;
 mod link;
-pub mod pdu;
+pub(crate) mod pdu;
 #[cfg(test)]
 mod tests;
 
@@ -669,6 +669,7 @@ impl NvmeTcpDevice {
 
     /// The first `blocks` blocks of namespace `nsid`, trusted without
     /// asking the controller (tests use a window of a namespace).
+    #[doc(hidden)]
     pub fn unchecked(
         ctrl: Arc<NvmeTcpController>,
         nsid: u32,

@@ -106,6 +106,7 @@ pub const CAPSULE_RESP_HLEN: usize = COMMON_HEADER_BYTES + CQE_BYTES;
 /// Header length of H2CData, C2HData and R2T PDUs.
 pub const DATA_HLEN: usize = 24;
 /// Header length of the TermReq PDUs.
+#[cfg(test)]
 pub const TERM_REQ_HLEN: usize = 24;
 /// Largest TermReq PDU (header and up to 128 bytes of the bad PDU).
 pub const MAX_TERM_REQ_BYTES: usize = 152;
