@@ -93,9 +93,10 @@ pub enum IdlePolicy {
         /// Longest single sleep.
         max_sleep: Duration,
     },
-    /// As SPDK's interrupt mode: while I/O is in flight, poll for `spin`,
-    /// then block in the device until one of the thread's operations
-    /// completes (an NVMe queue's completion interrupt, io_uring's wait);
+    /// As SPDK's interrupt mode: while I/O is in flight, poll for `spin`
+    /// (not at all once the thread's recent waits average twice `spin` or
+    /// more: a disk, where the spin only burns the core), then block in the
+    /// device until one of the thread's operations completes (an NVMe queue's completion interrupt, io_uring's wait);
     /// with nothing in flight, sleep as [`IdlePolicy::Sleep`] does with
     /// `after = spin` and `max_sleep` 1 ms. A waiting core costs no CPU, at
     /// the price of the wake-up latency. A message or wake from another
@@ -461,12 +462,20 @@ impl Local {
     fn run(&self, idle: IdlePolicy) {
         let mut idle_since: Option<Instant> = None;
         let mut idle_spins = 0u32;
+        // IdlePolicy::Block: when the current wait for I/O began, and the
+        // moving average (1/8 weight) of such waits in nanoseconds.
+        let mut io_wait_since: Option<Instant> = None;
+        let mut avg_io_wait_ns = 0u64;
         while !self.shared.stop.load(Ordering::Acquire) {
             let mut work = poll_thread_channels();
             work += self.run_pollers();
             work += self.run_messages(MESSAGE_BATCH);
             work += self.run_ready(TASK_BATCH);
             if work > 0 {
+                if let Some(t) = io_wait_since.take() {
+                    let ns = t.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+                    avg_io_wait_ns = avg_io_wait_ns - avg_io_wait_ns / 8 + ns / 8;
+                }
                 idle_since = None;
                 idle_spins = 0;
                 continue;
@@ -476,13 +485,19 @@ impl Local {
                 IdlePolicy::Block { spin } => {
                     let now = Instant::now();
                     let since = *idle_since.get_or_insert(now);
-                    if now.duration_since(since) < spin {
+                    let in_flight = thread_in_flight() > 0;
+                    if in_flight {
+                        io_wait_since.get_or_insert(since);
+                    }
+                    // Waits that outlast the spin many times over (a disk)
+                    // skip it: it would only burn the core, as block_on's.
+                    let slow = avg_io_wait_ns >= 2 * spin.as_nanos() as u64;
+                    if now.duration_since(since) < spin && !(in_flight && slow) {
                         std::hint::spin_loop();
-                    } else if thread_in_flight() > 0 {
+                    } else if in_flight {
                         if !wait_thread_channels() {
                             thread::yield_now();
                         }
-                        idle_since = None;
                     } else {
                         self.sleep(BLOCK_POLICY_MAX_SLEEP);
                     }
