@@ -18,7 +18,17 @@ TOOLS=${1:?usage: test-rocksdb.sh <tools dir>}
 STRESS_OPS=${STRESS_OPS:-200000}
 WORK=${BLOBFS_TEST_DIR:-$(mktemp -d /tmp/blobfs-rocksdb.XXXXXX)}
 mkdir -p "$WORK"
-trap 'rm -rf "$WORK"/*.img "$WORK/expected"' EXIT
+# Removes images, each with its unsynced memory first (named by the
+# image's device and inode numbers, see blobstore::device::unsynced_memory_path).
+rm_images() {
+  for img in "$@"; do
+    [ -f "$img" ] || continue
+    read -r dev ino < <(stat -c '%d %i' "$img")
+    rm -f "$(printf '%s/blobstack-%x-%x.unsynced' "${BLOBSTACK_UNSYNCED_DIR:-/dev/shm}" "$dev" "$ino")"
+    rm -f "$img"
+  done
+}
+trap 'rm_images "$WORK"/*.img; rm -rf "$WORK/expected"' EXIT
 
 step() { printf '\n=== %s\n' "$*"; }
 
@@ -45,7 +55,7 @@ readme_img=$(printf '%s\n' "$readme_cmds" | grep -o "file:[^?;']*" | head -1)
 readme_img=${readme_img#file:}
 [ -n "$readme_cmds" ] && [ -n "$readme_img" ] ||
   { echo "no RocksDB on BlobFS command block in $README"; exit 1; }
-trap 'rm -rf "$WORK"/*.img "$WORK/expected" "$readme_img"' EXIT
+trap 'rm_images "$WORK"/*.img "$readme_img"; rm -rf "$WORK/expected"' EXIT
 printf '%s\n' "$readme_cmds"
 bash -euo pipefail -c "$readme_cmds" 2>&1 | tee "$WORK/readme.log"
 grep -q '^readrandom' "$WORK/readme.log" ||

@@ -214,6 +214,17 @@ fn budget_blobfs_cache(budget: u64, block_cache: u64) -> u64 {
         .max(16 << 20)
 }
 
+/// Removes a BlobFS image and, first, its unsynced memory (what the last
+/// db_bench left unsynced, or the free buffers of a process that never
+/// unmounted): nothing can mount the image again, and the memory file would
+/// otherwise stay on tmpfs until another mount collects it.
+fn remove_image(image: &Path) {
+    if let Ok(mem) = blobstore::device::unsynced_memory_path_of(image) {
+        let _ = fs::remove_file(mem);
+    }
+    let _ = fs::remove_file(image);
+}
+
 fn statvfs_avail(path: &Path) -> Result<u64, String> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
@@ -409,7 +420,7 @@ impl Layout {
             (BlobDevice::Nvme(n), _) => n.prepare(side, fresh)?,
             (BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. }, Side::BlobFs) => {
                 if fresh {
-                    let _ = fs::remove_file(image);
+                    remove_image(image);
                 }
             }
             (BlobDevice::Spec(_), Side::BlobFs) | (_, Side::Posix) => {}
@@ -423,9 +434,7 @@ impl Layout {
     fn clean(&self) {
         let _ = fs::remove_dir_all(&self.posix_db);
         match &self.device {
-            BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. } => {
-                let _ = fs::remove_file(image);
-            }
+            BlobDevice::File { image, .. } | BlobDevice::Shm { image, .. } => remove_image(image),
             BlobDevice::Nvme(n) => {
                 if let Err(e) = n.release() {
                     eprintln!("\nnote: leaving the NVMe controller: {e}");

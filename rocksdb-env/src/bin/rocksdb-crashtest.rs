@@ -1006,7 +1006,11 @@ fn run(cfg: &Config) -> Result<Summary, String> {
         .map_err(|e| format!("creating {}: {e}", cfg.dir.display()))?;
     let _lock = lock_dir(&cfg.dir)?;
     let paths = Paths::new(&cfg.dir);
-    // A fresh image and expected state: mkfs must not meet an old store.
+    // A fresh image and expected state: mkfs must not meet an old store, nor
+    // the new image the unsynced memory an earlier failed run left.
+    if let Ok(mem) = blobstore::device::unsynced_memory_path_of(&paths.image) {
+        let _ = std::fs::remove_file(mem);
+    }
     for p in [&paths.image, &powerloss::log_path(&paths.image)] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
