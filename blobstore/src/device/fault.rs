@@ -175,7 +175,7 @@ impl CrashImage {
         }
         // Fisher-Yates.
         for i in (1..pieces.len()).rev() {
-            pieces.swap(i, rng.below(i as u64 + 1) as usize);
+            pieces.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
         }
         for (i, pos, n) in pieces {
             let p = &self.pending[i];
