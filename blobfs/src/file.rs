@@ -18,13 +18,7 @@
 //!   flight, and its range is in `behind`. No blob read overlaps that range
 //!   until the write has landed, and every sync, truncate, rewrite below
 //!   the buffer, and blob delete waits for it first; its failure is
-//!   reported by the next write or sync (the bytes are lost). Those waits
-//!   are futures the writer wakes: no async function blocks its thread on
-//!   the writer (only the plain `read_direct_into`, called from a RocksDB
-//!   thread, waits in `block_on`). The hand-off stays because a file may be
-//!   appended on one thread and synced on another, and an `IoChannel`
-//!   cannot leave its thread: the writer thread owns the one channel that
-//!   writes every file's full buffers, one write per file at a time.
+//!   reported by the next write or sync (the bytes are lost).
 //! - After `sync` returns, the blob holds every byte below `len` and its
 //!   metadata holds `len`, both durable.
 //! - Appends copy the caller's bytes once, into DMA memory, and reach the
@@ -42,11 +36,10 @@ use crate::metrics::FsShard;
 use blobstore::metrics::{Shards, Stamp};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::Duration;
 
 use blobstore::{Blob, DmaBuf};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Context, Error, Result};
 use crate::fs::FsInner;
@@ -81,13 +74,11 @@ pub(crate) struct WriteState {
 }
 
 /// The write-behind state of one file: which bytes are on their way to the
-/// blob, and how the last such write ended. Its waits are futures: a task
-/// that waits for the writer thread yields its thread (to its reactor, or
-/// to `block_on`, which keeps polling the thread's channels) instead of
-/// blocking it; the writer wakes every waiter when a write ends.
+/// blob, and how the last such write ended.
 #[derive(Default)]
 pub(crate) struct Behind {
     state: Mutex<BehindState>,
+    cv: Condvar,
 }
 
 #[derive(Default)]
@@ -96,18 +87,6 @@ struct BehindState {
     range: Option<(u64, u64)>,
     /// The last write's outcome: its buffer back, or why it failed.
     done: Option<std::result::Result<DmaBuf, String>>,
-    /// Tasks waiting for the write in flight to end.
-    waiters: Vec<Waker>,
-}
-
-impl BehindState {
-    /// Registers `cx`'s task to be woken when the write in flight ends.
-    fn wait_with(&mut self, cx: &TaskContext<'_>) -> Poll<()> {
-        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            self.waiters.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
 }
 
 impl Behind {
@@ -119,34 +98,26 @@ impl Behind {
 
     /// Records how the write ended and wakes whoever waits for it.
     pub fn finish(&self, outcome: std::result::Result<DmaBuf, String>) {
-        let waiters = {
-            let mut s = self.state.lock();
-            s.range = None;
-            s.done = Some(outcome);
-            std::mem::take(&mut s.waiters)
-        };
-        // Woken outside the lock: a waker may run its task right here.
-        waiters.into_iter().for_each(Waker::wake);
+        let mut s = self.state.lock();
+        s.range = None;
+        s.done = Some(outcome);
+        self.cv.notify_all();
     }
 
     /// Waits until no write is in flight; returns the last one's outcome
     /// (once).
-    pub async fn idle(&self) -> Option<std::result::Result<DmaBuf, String>> {
-        self.idle_timed().await.1
+    pub fn wait_idle(&self) -> Option<std::result::Result<DmaBuf, String>> {
+        self.wait_idle_timed().1
     }
 
-    /// [`Behind::idle`], saying whether it had to wait.
-    async fn idle_timed(&self) -> (bool, Option<std::result::Result<DmaBuf, String>>) {
-        let mut waited = false;
-        std::future::poll_fn(|cx| {
-            let mut s = self.state.lock();
-            if s.range.is_some() {
-                waited = true;
-                return s.wait_with(cx).map(|()| (false, None));
-            }
-            Poll::Ready((waited, s.done.take()))
-        })
-        .await
+    /// [`Behind::wait_idle`], saying whether it had to wait.
+    fn wait_idle_timed(&self) -> (bool, Option<std::result::Result<DmaBuf, String>>) {
+        let mut s = self.state.lock();
+        let waited = s.range.is_some();
+        while s.range.is_some() {
+            self.cv.wait(&mut s);
+        }
+        (waited, s.done.take())
     }
 
     /// True when no write is in flight and no outcome waits to be taken.
@@ -156,15 +127,11 @@ impl Behind {
     }
 
     /// Waits until the write in flight, if any, does not overlap `[from, to)`.
-    async fn clear(&self, from: u64, to: u64) {
-        std::future::poll_fn(|cx| {
-            let mut s = self.state.lock();
-            if s.range.is_some_and(|(a, b)| a < to && from < b) {
-                return s.wait_with(cx);
-            }
-            Poll::Ready(())
-        })
-        .await
+    fn wait_clear(&self, from: u64, to: u64) {
+        let mut s = self.state.lock();
+        while s.range.is_some_and(|(a, b)| a < to && from < b) {
+            self.cv.wait(&mut s);
+        }
     }
 }
 
@@ -328,9 +295,9 @@ impl FileNode {
     /// Waits for this file's write-behind, if one is in flight; returns its
     /// buffer for reuse, or marks the file failed (the bytes are lost) and
     /// reports it.
-    async fn settle(&self, st: &mut WriteState, fs: &FsInner) -> Result<Option<DmaBuf>> {
+    fn settle(&self, st: &mut WriteState, fs: &FsInner) -> Result<Option<DmaBuf>> {
         let start = Stamp::now();
-        let (waited, outcome) = self.behind.idle_timed().await;
+        let (waited, outcome) = self.behind.wait_idle_timed();
         if waited {
             fs.metrics.with(|m| m.stall.record(start, 0, true));
         }
@@ -346,8 +313,8 @@ impl FileNode {
 
     /// [`FileNode::settle`], giving the written buffer back (its slot of
     /// unsynced memory, pages kept, serves the next buffer).
-    async fn settle_into(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
-        if let Some(buf) = self.settle(st, fs).await? {
+    fn settle_into(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
+        if let Some(buf) = self.settle(st, fs)? {
             fs.give_back_buf(buf);
         }
         Ok(())
@@ -449,7 +416,7 @@ impl FileNode {
             self.flushed.store(st.buf_start, Ordering::Release);
             return Ok(());
         }
-        let spare = self.settle(st, fs).await?;
+        let spare = self.settle(st, fs)?;
         let (from, to) = (st.buf_start, st.buf_start + full as u64);
         self.ensure_capacity(to).await?;
         let mut next = match spare {
@@ -629,7 +596,7 @@ impl FileNode {
     /// its bytes failed (a sync on a volatile device: nothing to write).
     pub async fn settled(&self, fs: &FsInner) -> Result<()> {
         let mut st = self.state.lock().await;
-        self.settle_into(&mut st, fs).await?;
+        self.settle_into(&mut st, fs)?;
         self.check_failed(&st)
     }
 
@@ -642,7 +609,7 @@ impl FileNode {
     /// [`FileNode::sync`] with the write lock held.
     async fn sync_locked(&self, st: &mut WriteState, fs: &FsInner) -> Result<()> {
         let name = self.name();
-        self.settle_into(st, fs).await?;
+        self.settle_into(st, fs)?;
         self.check_failed(st)?;
         // The buffer's bytes not on the blob yet, padded to a block.
         let pending =
@@ -743,7 +710,7 @@ impl FileNode {
         let name = self.name();
         // A failed write-behind marks the file failed; the truncate below
         // clears that, as it does for a failed write here.
-        let _ = self.settle_into(st, fs).await;
+        let _ = self.settle_into(st, fs);
         // Everything durable first, so the blob alone is the truth and the
         // buffer (with its unsynced memory) can go before the length moves.
         if st.failed.is_none() {
@@ -878,8 +845,7 @@ impl FileNode {
                 _ => return Ok(None),
             }
         }
-        // A plain call from a RocksDB thread: wait here for the writer.
-        blobstore::block_on(self.behind.clear(off, off + span));
+        self.behind.wait_clear(off, off + span);
         let straight = self
             .blob
             .read_into(off / self.unit, &mut dst[..span as usize])
@@ -904,7 +870,7 @@ impl FileNode {
         let cache = &fs.cache;
         if !cache.enabled() || direct {
             let (a, b) = (self.align_down(off), self.align_up(end));
-            self.behind.clear(a, b).await;
+            self.behind.wait_clear(a, b);
             let buf = read_buf((b - a) as usize).map_err(err)?;
             let buf = self.blob.read(a / self.unit, buf).await.map_err(err)?;
             let buf = ReadBuf(Some(buf));
@@ -961,7 +927,7 @@ impl FileNode {
             // After `seen` was taken: a write-behind started since then
             // either shows here or bumped the generation (then the chunks
             // read are not cached).
-            self.behind.clear(start * cb, start * cb + bytes).await;
+            self.behind.wait_clear(start * cb, start * cb + bytes);
             let buf = read_buf(bytes as usize).map_err(err)?;
             let buf = self
                 .blob
