@@ -647,11 +647,13 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
             durable_seen.insert(rec.seq);
             continue;
         }
-        let fate = *fates.entry(rec.seq).or_insert_with(|| match rng.next_u64() % 3 {
-            0 => Fate::Undo,
-            1 => Fate::Keep,
-            _ => Fate::Tear,
-        });
+        let fate = *fates
+            .entry(rec.seq)
+            .or_insert_with(|| match rng.next_u64() % 3 {
+                0 => Fate::Undo,
+                1 => Fate::Keep,
+                _ => Fate::Tear,
+            });
         let sectors = (rec.range_len as usize) / sector;
         for i in 0..sectors {
             let restore = match fate {
