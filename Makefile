@@ -48,6 +48,11 @@ lint: deps
 # doctests), then the three examples a newcomer starts from.
 test-rust: deps
 	$(CARGO) test --workspace --release
+	# The blobstore's suites again in a debug build, the one place its
+	# invariant checks (debug_assert!, and the store-wide check at the end
+	# of every metadata transaction) run: the release profile compiles them
+	# out. No RocksDB in it (the blobstore does not link it).
+	$(CARGO) test -p blobstore
 	$(CARGO) run --release -p blobstore --example hello_blob
 	$(CARGO) run --release -p blobfs --example hello_blobfs
 	$(CARGO) run --release -p rocksdb-env --example hello_rocksdb

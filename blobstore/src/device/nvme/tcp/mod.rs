@@ -123,7 +123,7 @@ pub fn default_host_nqn() -> String {
 fn host_id(seed: &str) -> [u8; 16] {
     let mut id = [0u8; 16];
     for (i, chunk) in id.chunks_mut(4).enumerate() {
-        let c = crc32c::crc32c_append(i as u32 * 0x9E37_79B9, seed.as_bytes());
+        let c = crc32c::crc32c_append((i as u32).wrapping_mul(0x9E37_79B9), seed.as_bytes());
         chunk.copy_from_slice(&c.to_le_bytes());
     }
     // A version 4 / variant 1 UUID layout.
