@@ -1,4 +1,7 @@
-//! Blob handles and blob I/O.
+//! Blob handles and blob I/O: the data path. It builds on the store
+//! (`crate::store`); the store does not depend on it. A handle's metadata
+//! operations (resize, sync, inflate) run in a metadata transaction of the
+//! store; reads and writes of clusters the blob owns take none.
 //!
 //! Invariants:
 //! - Every I/O is checked against the blob's size before any device
@@ -7,8 +10,8 @@
 //!   offsets into device blocks, never across an await.
 //! - A read of a cluster the blob has not allocated returns zeroes without
 //!   touching the device.
-//! - A write to an unallocated cluster of a thin blob allocates it under the
-//!   store's metadata lock, zeroes what the write does not cover, writes the
+//! - A write to an unallocated cluster of a thin blob allocates it in a
+//!   metadata transaction, zeroes what the write does not cover, writes the
 //!   data, and makes the new mapping durable before it completes.
 
 use std::future::Future;
@@ -21,26 +24,11 @@ use futures::future::try_join_all;
 
 use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segment, Segments};
 use crate::error::{Error, Result};
-use crate::format::{self, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
-use crate::snapshot::ancestor_cluster;
-use crate::store::{BlobInner, BlobMd, StoreInner, NO_DATA};
+use crate::format;
+use crate::store::snapshot::ancestor_cluster;
+use crate::store::state::{check_xattr, BlobInner, BlobMd, StoreInner};
+use crate::store::{Blobstore, NO_DATA};
 use crate::BlobId;
-
-/// Checks an xattr name and value against the format's limits.
-pub(crate) fn check_xattr(name: &str, value: &[u8]) -> Result<()> {
-    if name.is_empty() || name.len() > MAX_XATTR_NAME_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "xattr name {name:?}: must be 1 to {MAX_XATTR_NAME_LEN} bytes"
-        )));
-    }
-    if value.len() > MAX_XATTR_VALUE_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "xattr {name:?}: value of {} bytes exceeds {MAX_XATTR_VALUE_LEN}",
-            value.len()
-        )));
-    }
-    Ok(())
-}
 
 /// An open blob. Dropping the handle closes it without syncing; call
 /// [`Blob::close`] to sync changed metadata first.
@@ -103,8 +91,27 @@ fn zero_range(bufs: &mut [DmaBuf], off: usize, len: usize) {
     }
 }
 
+impl Blobstore {
+    /// Opens a blob. Handles of one blob share its state; the blob stays
+    /// open until every handle is closed or dropped.
+    pub async fn open_blob(&self, id: BlobId) -> Result<Blob> {
+        let inner = &self.inner;
+        inner.page_of(id)?;
+        if let Some(b) = inner.open_cached(id) {
+            return Ok(Blob::new(inner.clone(), b));
+        }
+        let txn = inner.begin().await?;
+        if let Some(b) = inner.open_cached(id) {
+            return Ok(Blob::new(inner.clone(), b));
+        }
+        let b = txn.load_blob(id).await?;
+        b.handles.fetch_add(1, Ordering::AcqRel);
+        Ok(Blob::new(inner.clone(), b))
+    }
+}
+
 impl Blob {
-    pub(crate) fn new(store: Arc<StoreInner>, inner: Arc<BlobInner>) -> Blob {
+    fn new(store: Arc<StoreInner>, inner: Arc<BlobInner>) -> Blob {
         Blob { store, inner }
     }
 
@@ -120,22 +127,22 @@ impl Blob {
 
     /// Size in metadata-page-sized pages.
     pub fn num_pages(&self) -> u64 {
-        self.num_clusters() * self.store.layout.pages_per_cluster()
+        self.num_clusters() * self.store.layout().pages_per_cluster()
     }
 
     /// Size in I/O units (device blocks).
     pub fn num_io_units(&self) -> u64 {
-        self.num_clusters() * self.store.layout.units_per_cluster()
+        self.num_clusters() * self.store.layout().units_per_cluster()
     }
 
     /// Size in bytes.
     pub fn size_bytes(&self) -> u64 {
-        self.num_clusters() * self.store.layout.cluster_size as u64
+        self.num_clusters() * self.store.layout().cluster_size as u64
     }
 
     /// Bytes per I/O unit.
     pub fn io_unit_size(&self) -> u32 {
-        self.store.layout.io_unit
+        self.store.layout().io_unit
     }
 
     /// Clusters actually allocated (less than the size for thin blobs).
@@ -233,11 +240,8 @@ impl Blob {
     /// clusters now; shrinking frees them at the next sync. Do not shrink
     /// below a range that has I/O in flight.
     pub async fn resize(&self, num_clusters: u64) -> Result<()> {
-        let ch = self.store.chan()?;
-        let _g = self.store.md_lock.lock().await;
-        self.store
-            .resize_locked(&ch, &self.inner, num_clusters, true)
-            .await
+        let txn = self.store.begin().await?;
+        txn.resize(&self.inner, num_clusters, true).await
     }
 
     /// Like [`Blob::resize`], but clusters added to a thick blob are not
@@ -246,18 +250,14 @@ impl Blob {
     /// (BlobFS clamps reads to a file length that only written bytes reach),
     /// and that saves a full write of every new cluster.
     pub async fn resize_uninit(&self, num_clusters: u64) -> Result<()> {
-        let ch = self.store.chan()?;
-        let _g = self.store.md_lock.lock().await;
-        self.store
-            .resize_locked(&ch, &self.inner, num_clusters, false)
-            .await
+        let txn = self.store.begin().await?;
+        txn.resize(&self.inner, num_clusters, false).await
     }
 
     /// Makes the blob's metadata (size, xattrs, flags, cluster map) durable.
     pub async fn sync_metadata(&self) -> Result<()> {
-        let ch = self.store.chan()?;
-        let _g = self.store.md_lock.lock().await;
-        self.store.sync_blob_locked(&ch, &self.inner).await
+        let txn = self.store.begin().await?;
+        txn.sync_blob(&self.inner).await
     }
 
     /// [`Blob::sync_metadata`] with one device flush instead of two where
@@ -297,14 +297,42 @@ impl Blob {
         ordered: bool,
         data: Option<impl std::future::Future<Output = std::result::Result<(), E>>>,
     ) -> std::result::Result<Result<()>, E> {
-        let ch = match self.store.chan() {
-            Ok(ch) => ch,
+        let txn = match self.store.begin().await {
+            Ok(txn) => txn,
             Err(e) => return Ok(Err(e)),
         };
-        let _g = self.store.md_lock.lock().await;
-        self.store
-            .sync_blob_locked_with(&ch, &self.inner, ordered, data)
-            .await
+        txn.sync_blob_with(&self.inner, ordered, data).await
+    }
+
+    /// The snapshot this blob reads unallocated clusters from, if any.
+    pub fn parent(&self) -> Option<BlobId> {
+        self.inner.md.read().parent
+    }
+
+    /// True for a blob with a parent (a clone, or a snapshotted blob).
+    pub fn is_clone(&self) -> bool {
+        self.parent().is_some()
+    }
+
+    /// Open handles of this blob (for diagnostics).
+    pub fn open_handles(&self) -> usize {
+        self.inner.handles.load(Ordering::Acquire)
+    }
+
+    /// Gives the blob every cluster it does not own, filled with what it
+    /// reads there now (its ancestors' data or zeroes), and drops its
+    /// parent: the blob becomes thick and independent. Durable on return.
+    pub async fn inflate(&self) -> Result<()> {
+        let txn = self.store.begin().await?;
+        txn.inflate(&self.inner).await
+    }
+
+    /// Copies the clusters the blob's parent owns (and the blob does not)
+    /// into the blob and makes the parent's parent its parent, so the blob
+    /// no longer depends on its parent. Durable on return.
+    pub async fn decouple_parent(&self) -> Result<()> {
+        let txn = self.store.begin().await?;
+        txn.decouple_parent(&self.inner).await
     }
 
     /// Syncs changed metadata, then closes the handle.
@@ -316,7 +344,7 @@ impl Blob {
     }
 
     fn check_range(&self, md_clusters: u64, offset: u64, units: u64) -> Result<()> {
-        let size = md_clusters * self.store.layout.units_per_cluster();
+        let size = md_clusters * self.store.layout().units_per_cluster();
         if units == 0 || offset.checked_add(units).is_none_or(|e| e > size) {
             return Err(Error::OutOfRange {
                 what: format!("blob {} (in io units)", self.id()),
@@ -331,7 +359,7 @@ impl Blob {
     /// `units_of` for one buffer.
     #[inline]
     fn units_of_one(&self, buf: &DmaBuf) -> Result<u64> {
-        let unit = self.store.layout.io_unit as usize;
+        let unit = self.store.layout().io_unit as usize;
         if buf.is_empty() || !buf.len().is_multiple_of(unit) {
             return self.units_of(std::slice::from_ref(buf));
         }
@@ -340,7 +368,7 @@ impl Blob {
 
     fn units_of(&self, bufs: &[DmaBuf]) -> Result<u64> {
         let bytes: usize = bufs.iter().map(|b| b.len()).sum();
-        let unit = self.store.layout.io_unit as usize;
+        let unit = self.store.layout().io_unit as usize;
         if bytes == 0 || !bytes.is_multiple_of(unit) || bufs.iter().any(|b| b.len() % unit != 0) {
             return Err(Error::InvalidArgument(format!(
                 "buffers of {bytes} bytes: each must be a positive multiple of the io unit {unit}"
@@ -365,7 +393,7 @@ impl Blob {
         };
         let md = self.inner.md.read();
         self.check_range(md.num_clusters, offset, units)?;
-        let upc = self.store.layout.units_per_cluster();
+        let upc = self.store.layout().units_per_cluster();
         let mut runs: Vec<Run> = Vec::new();
         let mut missing = Vec::new();
         let mut pos = offset;
@@ -381,7 +409,7 @@ impl Blob {
                 0 if parent.is_some() => ancestor_cluster(parent.clone(), idx).unwrap_or(0),
                 c => c,
             };
-            let lba = (c != 0).then(|| self.store.layout.cluster_lba(c) + within);
+            let lba = (c != 0).then(|| self.store.layout().cluster_lba(c) + within);
             let buf_unit = pos - offset;
             match runs.last_mut() {
                 Some(r)
@@ -411,7 +439,7 @@ impl Blob {
         runs: &[Run],
         bufs: &[DmaBuf],
     ) -> Result<()> {
-        let unit = self.store.layout.io_unit as usize;
+        let unit = self.store.layout().io_unit as usize;
         if let [r] = runs {
             // The common case: one contiguous piece, no join.
             let Some(lba) = r.lba else { return Ok(()) };
@@ -441,7 +469,7 @@ impl Blob {
     pub async fn readv(&self, offset: u64, mut bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
         let units = self.units_of(&bufs)?;
         let (runs, _) = self.map(offset, units, true)?;
-        let unit = self.store.layout.io_unit as usize;
+        let unit = self.store.layout().io_unit as usize;
         for r in runs.iter().filter(|r| r.lba.is_none()) {
             zero_range(
                 &mut bufs,
@@ -465,7 +493,7 @@ impl Blob {
     /// so the device never touches `dst` after it returns. That is why this
     /// is not `async`: a future can be dropped while its I/O is in flight.
     pub fn read_into(&self, offset: u64, dst: &mut [u8]) -> Result<bool> {
-        let unit = self.store.layout.io_unit as usize;
+        let unit = self.store.layout().io_unit as usize;
         if dst.is_empty() || !dst.len().is_multiple_of(unit) {
             return Err(Error::InvalidArgument(format!(
                 "read of {} bytes from blob {}: not a whole number of {unit}-byte io units",
@@ -473,10 +501,11 @@ impl Blob {
                 self.id()
             )));
         }
-        let block = self.store.dev.geometry().block_size as usize;
-        if !self.store.dev.reads_into_any_memory() || !(dst.as_ptr() as usize).is_multiple_of(block)
+        let block = self.store.device().geometry().block_size as usize;
+        if !self.store.device().reads_into_any_memory()
+            || !(dst.as_ptr() as usize).is_multiple_of(block)
         {
-            let buf = self.store.dev.alloc_buf_for_overwrite(dst.len())?;
+            let buf = self.store.device().alloc_buf_for_overwrite(dst.len())?;
             let buf = crate::block_on(self.read(offset, buf))?;
             dst.copy_from_slice(&buf);
             return Ok(false);
@@ -540,14 +569,14 @@ impl Blob {
             return Err(Error::ReadOnly(self.id()));
         }
         self.check_range(md.num_clusters, offset, units)?;
-        let upc = self.store.layout.units_per_cluster();
+        let upc = self.store.layout().units_per_cluster();
         let (idx, within) = ((offset / upc) as usize, offset % upc);
         if within + units > upc {
             return Ok(None);
         }
         Ok(match md.clusters[idx] {
             0 => None,
-            c => Some(self.store.layout.cluster_lba(c) + within),
+            c => Some(self.store.layout().cluster_lba(c) + within),
         })
     }
 
@@ -602,32 +631,28 @@ impl Blob {
             self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
             return Ok(bufs);
         }
-        // Thin allocation: serialized with every other metadata change.
-        let _g = self.store.md_lock.lock().await;
+        // Thin allocation: a metadata transaction, serialized with every
+        // other metadata change.
+        let txn = self.store.begin().await?;
         let (runs, missing) = self.map(offset, units, false)?;
         if missing.is_empty() {
-            drop(_g);
+            drop(txn);
             self.submit_runs(&ch, IoKind::Write, &runs, &bufs).await?;
             return Ok(bufs);
         }
-        let fresh = self
-            .store
-            .alloc
-            .lock()
-            .alloc_clusters(missing.len())
-            .ok_or_else(|| {
-                Error::NoSpace(format!(
-                    "{} clusters wanted by a write to thin blob {}",
-                    missing.len(),
-                    self.id()
-                ))
-            })?;
-        let upc = self.store.layout.units_per_cluster();
+        let fresh = txn.take_clusters(missing.len(), || {
+            format!(
+                "{} clusters wanted by a write to thin blob {}",
+                missing.len(),
+                self.id()
+            )
+        })?;
+        let layout = self.store.layout();
+        let upc = layout.units_per_cluster();
         // What the write does not cover gets what the blob read there
         // before: its ancestors' data (copy-on-write) or zeroes.
         let parent = self.inner.parent.read().clone();
         let mut fills = Vec::new();
-        let mut new_runs = runs.clone();
         for (&idx, &c) in missing.iter().zip(&fresh) {
             let (cs, ce) = (idx as u64 * upc, (idx as u64 + 1) * upc);
             if offset > cs || offset + units < ce {
@@ -635,11 +660,9 @@ impl Blob {
             }
         }
         // Point the runs that hit missing clusters at the fresh ones.
-        let mut fresh_of = std::collections::HashMap::new();
-        for (&idx, &c) in missing.iter().zip(&fresh) {
-            fresh_of.insert(idx, c);
-        }
-        new_runs.clear();
+        let fresh_of: std::collections::HashMap<usize, u32> =
+            missing.iter().copied().zip(fresh.iter().copied()).collect();
+        let mut new_runs = Vec::with_capacity(runs.len());
         let mut pos = offset;
         while pos < offset + units {
             let idx = (pos / upc) as usize;
@@ -650,32 +673,25 @@ impl Blob {
                 None => self.inner.md.read().clusters[idx],
             };
             new_runs.push(Run {
-                lba: Some(self.store.layout.cluster_lba(c) + within),
+                lba: Some(layout.cluster_lba(c) + within),
                 units: n,
                 buf_unit: pos - offset,
             });
             pos += n;
         }
         let res = async {
-            self.store.fill_clusters(&ch, &fills).await?;
-            self.submit_runs(&ch, IoKind::Write, &new_runs, &bufs).await
+            txn.fill_clusters(txn.ch(), &fills).await?;
+            self.submit_runs(txn.ch(), IoKind::Write, &new_runs, &bufs)
+                .await
         }
         .await;
         if let Err(e) = res {
-            let mut a = self.store.alloc.lock();
-            fresh.iter().for_each(|&c| a.free_cluster(c));
+            txn.give_back_clusters(&fresh);
             return Err(e);
         }
-        {
-            let per = self.store.layout.extent_per_page;
-            let mut md = self.inner.md.write();
-            for (&idx, &c) in missing.iter().zip(&fresh) {
-                debug_assert_eq!(md.clusters[idx], 0);
-                md.clusters[idx] = c;
-                md.dirty_extents.insert(idx / per);
-            }
-        }
-        self.store.sync_blob_locked(&ch, &self.inner).await?;
+        let mapped: Vec<(usize, u32)> = missing.iter().copied().zip(fresh).collect();
+        txn.map_clusters(&self.inner, &mapped);
+        txn.sync_blob(&self.inner).await?;
         Ok(bufs)
     }
 
@@ -686,8 +702,8 @@ impl Blob {
         if self.is_clone() {
             // Clusters it does not own read its parent's data: zeroes must be
             // written (copy-on-write) for the range to read back as zeroes.
-            let upc = self.store.layout.units_per_cluster();
-            let unit = self.store.layout.io_unit as u64;
+            let upc = self.store.layout().units_per_cluster();
+            let unit = self.store.layout().io_unit as u64;
             {
                 let md = self.inner.md.read();
                 self.check_range(md.num_clusters, offset, units)?;
@@ -702,7 +718,7 @@ impl Blob {
         }
         let (runs, _) = self.map(offset, units, false)?;
         let ch = self.store.chan()?;
-        let use_unmap = unmap && self.store.geo.unmap_reads_zeroes;
+        let use_unmap = unmap && self.store.geometry().unmap_reads_zeroes;
         let ops = runs.iter().filter_map(|r| {
             let lba = r.lba?;
             Some(if use_unmap {

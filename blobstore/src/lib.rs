@@ -6,25 +6,21 @@
 //!   polling, and the devices ([`MemDevice`], [`FileDevice`]).
 //! - [`exec`] and [`reactor`]: running futures, on any thread with
 //!   [`block_on`] or on pinned per-core reactors.
-//! - The blobstore itself: [`Blobstore`] and [`Blob`].
+//! - The blobstore itself: [`Blobstore`] (the `store` module tree: every
+//!   metadata concern, around one metadata transaction at a time) and the
+//!   data path, [`Blob`], built on it.
 //! - [`util`]: the one size grammar and seeded generator the workspace uses.
 #![deny(missing_docs)]
 
-mod alloc;
 mod blob;
-mod check;
 pub mod device;
 mod error;
 pub mod exec;
 mod format;
-mod mdread;
 pub mod metrics;
 pub mod probe;
 pub mod reactor;
-mod repair;
-mod snapshot;
 mod store;
-mod trim;
 pub mod util;
 
 /// Cluster entries one metadata page of a blob's cluster map holds, with
@@ -47,7 +43,6 @@ pub mod fuzzing {
 }
 
 pub use blob::{Blob, BlobIo, Xattrs};
-pub use check::CheckReport;
 pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
 pub use device::{
@@ -61,11 +56,12 @@ pub use device::{
 pub use error::{Error, NvmeStatus, Result};
 pub use exec::{block_on, block_on_deadline};
 pub use probe::Signature;
-pub use repair::{DroppedBlob, RepairReport};
+pub use store::check::CheckReport;
+pub use store::repair::{DroppedBlob, RepairReport};
+pub use store::trim::TrimReport;
 pub use store::{
     BlobOptions, Blobstore, BlobstoreOptions, ClearMethod, LoadOptions, LoadReport, StoreMetrics,
 };
-pub use trim::TrimReport;
 
 /// Identifies a blob within its blobstore.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

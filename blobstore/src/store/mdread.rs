@@ -17,11 +17,12 @@ use std::cell::RefCell;
 
 use futures::stream::{self, StreamExt};
 
-use crate::alloc::Allocator;
+use super::alloc::Allocator;
 use crate::device::{DmaBuf, IoChannel};
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+use super::state::StoreInner;
 use crate::format::{self, MdPage, PageKind};
-use crate::store::StoreInner;
 
 /// Bytes of one read of the metadata region: large enough that a device
 /// streams it, small enough that a few in flight cost little memory.
@@ -161,6 +162,47 @@ impl StoreInner {
         self.for_each_md_page(ch, &ranges, |page, bytes| map.insert(page, bytes))
             .await?;
         Ok(map)
+    }
+
+    /// Every page of the metadata region that carries the metadata magic,
+    /// decoded: `Some(())` for a blob's first page (at the page its id
+    /// names), `None` for another kind, an error for a page that fails its
+    /// checks or a first page naming another blob. Also the pages that
+    /// decoded, for the blobs' readers. The whole region is read in large
+    /// reads (this module).
+    pub(crate) async fn scan_md_pages(
+        &self,
+        ch: &IoChannel,
+    ) -> Result<(Vec<(u32, Result<Option<()>>)>, PageMap)> {
+        let mut out = Vec::new();
+        let mut map = PageMap::default();
+        let whole = [(0, self.layout.md_len as u32)];
+        self.for_each_md_page(ch, &whole, |page, bytes| {
+            if !format::looks_like_md_page(bytes) {
+                return;
+            }
+            let loc = || format!("metadata page {page}");
+            let found = match format::decode_md_page(bytes, "") {
+                Err(Error::Corrupt { what, .. }) => Err(Error::corrupt(loc(), what)),
+                Err(e) => Err(e),
+                Ok(fp) => {
+                    map.push(page, &fp);
+                    if fp.kind != PageKind::First {
+                        Ok(None)
+                    } else if fp.blob_id != Self::blob_id(page).0 {
+                        Err(Error::corrupt(
+                            loc(),
+                            format!("first page names blob {:#x}", fp.blob_id),
+                        ))
+                    } else {
+                        Ok(Some(()))
+                    }
+                }
+            };
+            out.push((page, found));
+        })
+        .await?;
+        Ok((out, map))
     }
 }
 

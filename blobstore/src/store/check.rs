@@ -18,9 +18,10 @@
 
 use std::collections::HashMap;
 
+use super::state::StoreInner;
+use super::Blobstore;
 use crate::error::Result;
 use crate::format::{self, PageKind, NO_PAGE};
-use crate::store::{Blobstore, StoreInner};
 use crate::BlobId;
 
 /// What [`Blobstore::check`] found.
@@ -54,8 +55,7 @@ impl Blobstore {
     /// undecodable metadata is a problem in the report.
     pub async fn check(&self) -> Result<CheckReport> {
         let inner = &self.inner;
-        let ch = inner.chan()?;
-        let _g = inner.md_lock.lock().await;
+        let txn = inner.begin().await?;
         let l = inner.layout;
         let ps = l.page_size as usize;
         let mut rep = CheckReport::default();
@@ -68,7 +68,7 @@ impl Blobstore {
         while p < l.md_len {
             let n = chunk_pages.min(l.md_len - p);
             let buf = inner
-                .read_bytes(&ch, l.md_lba(p as u32), n as usize * ps)
+                .read_bytes(txn.ch(), l.md_lba(p as u32), n as usize * ps)
                 .await?;
             for i in 0..n as usize {
                 let bytes = &buf[i * ps..(i + 1) * ps];
@@ -94,7 +94,7 @@ impl Blobstore {
                     "blob {id}: first page {first} is on disk but not in the blob-id bitmap"
                 ));
             }
-            let md = match inner.read_blob_md(&ch, first).await {
+            let md = match inner.read_blob_md(txn.ch(), first).await {
                 Ok(md) => md,
                 Err(e) => {
                     rep.problems.push(format!("blob {id}: {e}"));

@@ -2,17 +2,18 @@
 //! blobstore), so a thin-provisioned device, an SSD or a sparse image file
 //! gets the space that deleted blobs left behind.
 //!
-//! Invariant: a trim holds `md_lock` from the moment it reads the free
-//! clusters until its last unmap completes. Clusters are only handed out
-//! (create, resize, thin allocation, snapshots) under that lock, so no
+//! Invariant: a trim is one metadata transaction ([`super::txn::MdTxn`])
+//! from the moment it reads the free clusters until its last unmap
+//! completes. Clusters are only handed out (create, resize, thin
+//! allocation, snapshots) in a transaction, so no
 //! cluster being unmapped can meanwhile be given to a blob and written.
 //! Clusters that are free in memory are referenced by no durable metadata
 //! (a blob's clusters return to the allocator only after the metadata that
 //! released them is durable), and a cluster is zeroed again whenever it is
 //! handed out, so unmapping one never changes what any blob reads.
 
+use super::Blobstore;
 use crate::error::{Error, Result};
-use crate::store::Blobstore;
 
 /// Largest single unmap request a trim sends, in bytes. Large, so a mostly
 /// empty device takes few requests; bounded, so one request stays well
@@ -46,8 +47,7 @@ impl Blobstore {
     /// when it was opened with `preallocate`); a block device discards.
     pub async fn trim_free(&self) -> Result<TrimReport> {
         let inner = &self.inner;
-        let ch = inner.chan()?;
-        let _g = inner.md_lock.lock().await;
+        let txn = inner.begin().await?;
         let runs = inner.alloc.lock().free_cluster_runs();
         // Blocks per cluster (the io unit is the device block).
         let upc = inner.layout.units_per_cluster();
@@ -59,7 +59,7 @@ impl Blobstore {
             while done < count as u64 {
                 let n = per_request.min(count as u64 - done);
                 let lba = inner.layout.cluster_lba(first + done as u32);
-                ch.unmap(lba, n * upc).await.map_err(|e| match e {
+                txn.ch().unmap(lba, n * upc).await.map_err(|e| match e {
                     Error::Unsupported(why) => Error::Unsupported(format!(
                         "trim: {} cannot unmap ({why}); trimmed {} clusters before",
                         self.device().name(),

@@ -12,8 +12,9 @@
 
 use std::sync::atomic::Ordering;
 
+use super::state::StoreInner;
+use super::Blobstore;
 use crate::error::{Error, Result};
-use crate::store::{Blobstore, StoreInner};
 use crate::BlobId;
 
 /// A blob [`Blobstore::repair`] dropped.
@@ -67,8 +68,7 @@ impl Blobstore {
     /// format ([`Error::Unsupported`]) is never dropped.
     pub async fn repair(&self) -> Result<RepairReport> {
         let inner = &self.inner;
-        let ch = inner.chan()?;
-        let _g = inner.md_lock.lock().await;
+        let txn = inner.begin().await?;
         let cached: Vec<_> = inner.blobs.lock().values().cloned().collect();
         if let Some(b) = cached
             .iter()
@@ -78,11 +78,11 @@ impl Blobstore {
         }
         // What memory holds goes to the device first: the scan then sees it.
         for b in &cached {
-            inner.sync_blob_locked(&ch, b).await?;
+            txn.sync_blob(b).await?;
         }
         let mut rep = RepairReport::default();
         let mut firsts = Vec::new();
-        let (found, mut map) = inner.scan_md_pages(&ch).await?;
+        let (found, mut map) = inner.scan_md_pages(txn.ch()).await?;
         for (page, found) in found {
             match found {
                 Ok(Some(())) => firsts.push(page),
@@ -93,10 +93,10 @@ impl Blobstore {
         let mut good = Vec::new();
         for &page in &firsts {
             let id = StoreInner::blob_id(page);
-            match inner.read_blob_md_from(&ch, page, &mut map).await {
+            match inner.read_blob_md_from(txn.ch(), page, &mut map).await {
                 Ok(md) => good.push((page, md)),
                 Err(e @ (Error::Corrupt { .. } | Error::NotFound(_))) => {
-                    let xattrs = match inner.read_record(&ch, page).await {
+                    let xattrs = match inner.read_record(txn.ch(), page).await {
                         Ok((_, rec, _)) => rec.xattrs,
                         Err(_) => Vec::new(),
                     };
@@ -126,11 +126,11 @@ impl Blobstore {
         rep.zeroed_pages.sort_unstable();
         for &p in &rep.zeroed_pages {
             inner
-                .write_bytes(&ch, inner.layout.md_lba(p), &zero)
+                .write_bytes(txn.ch(), inner.layout.md_lba(p), &zero)
                 .await?;
         }
         if !rep.zeroed_pages.is_empty() {
-            ch.flush().await?;
+            txn.ch().flush().await?;
         }
         let new = alloc.bits();
         rep.page_bits_fixed = differing(&old.0, &new.0);
@@ -151,7 +151,7 @@ impl Blobstore {
         let sb = *inner.super_blob.lock();
         if sb != 0 && rep.dropped.iter().any(|d| d.id.0 == sb) {
             *inner.super_blob.lock() = 0;
-            inner.write_super(&ch, false).await?;
+            inner.write_super(txn.ch(), false).await?;
             rep.super_blob_dropped = true;
         }
         if !rep.is_empty() {

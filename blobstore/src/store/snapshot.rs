@@ -30,16 +30,14 @@
 //!   snapshot first ([`PendingOp`]) and clears it last; load finishes or
 //!   undoes whatever a crash interrupted (FORMAT.md, "Recovery").
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::blob::{check_xattr, Blob};
-use crate::device::IoChannel;
+use super::state::{check_xattr, BlobInner, BlobMd, StoreInner};
+use super::txn::MdTxn;
+use super::Blobstore;
 use crate::error::{Error, Result};
 use crate::format::{self, PendingOp, NO_PAGE};
-use crate::store::{BlobInner, BlobMd, Blobstore, ClearMethod, StoreInner, NO_MD_PAGE};
 use crate::BlobId;
 
 /// Longest parent chain followed (a guard against cycles in bad metadata).
@@ -64,60 +62,7 @@ pub(crate) fn ancestor_cluster(parent: Option<Arc<BlobInner>>, idx: usize) -> Op
     None
 }
 
-type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
-
 impl StoreInner {
-    /// The cached blob, or its metadata read from disk together with its
-    /// parent chain (md_lock held by the caller).
-    pub(crate) fn load_blob_locked<'a>(
-        &'a self,
-        ch: &'a IoChannel,
-        id: BlobId,
-    ) -> BoxFut<'a, Arc<BlobInner>> {
-        self.load_chain(ch, id, 0)
-    }
-
-    fn load_chain<'a>(
-        &'a self,
-        ch: &'a IoChannel,
-        id: BlobId,
-        depth: usize,
-    ) -> BoxFut<'a, Arc<BlobInner>> {
-        Box::pin(async move {
-            if let Some(b) = self.blobs.lock().get(&id) {
-                return Ok(b.clone());
-            }
-            let page = self.page_of(id)?;
-            if !self.alloc.lock().is_blobid(page) {
-                return Err(Error::NotFound(id));
-            }
-            if depth > MAX_CHAIN {
-                return Err(Error::corrupt(
-                    format!("blob {id}"),
-                    "parent chain too long (a cycle?)",
-                ));
-            }
-            let md = self.read_blob_md(ch, page).await?;
-            let parent = md.parent;
-            let b = Arc::new(BlobInner::new(id, page, md, 0));
-            if let Some(p) = parent {
-                let pb = self
-                    .load_chain(ch, p, depth + 1)
-                    .await
-                    .map_err(|e| match e {
-                        Error::NotFound(_) => Error::corrupt(
-                            format!("blob {id}"),
-                            format!("parent {p} does not exist"),
-                        ),
-                        e => e,
-                    })?;
-                *b.parent.write() = Some(pb);
-            }
-            let mut blobs = self.blobs.lock();
-            Ok(blobs.entry(id).or_insert(b).clone())
-        })
-    }
-
     /// Clones of `id`, in id order.
     pub(crate) fn clones_of(&self, id: BlobId) -> Vec<BlobId> {
         self.clones
@@ -144,142 +89,59 @@ impl StoreInner {
             }
         }
     }
+}
 
-    /// Makes the super block stop naming `id`, durably, before `id` goes:
-    /// a super block naming a missing blob would not load. True if `id` was
-    /// the super blob.
-    pub(crate) async fn retire_super_blob(&self, ch: &IoChannel, id: BlobId) -> Result<bool> {
-        let was_super = {
-            let mut sb = self.super_blob.lock();
-            let was = *sb == id.0;
-            if was {
-                *sb = 0;
-            }
-            was
-        };
-        if was_super {
-            if let Err(e) = self.write_super(ch, false).await {
-                *self.super_blob.lock() = id.0;
-                return Err(e);
-            }
-        }
-        Ok(was_super)
-    }
-
-    /// Clears clusters that no durable metadata references any more, as the
-    /// clear method says. Best effort: they are zeroed again when handed
-    /// out, so a failure here costs nothing but the clearing.
-    pub(crate) async fn clear_clusters(&self, ch: &IoChannel, clusters: &[u32]) {
-        let method = *self.clear_method.lock();
-        if method == ClearMethod::None || clusters.is_empty() {
-            return;
-        }
-        // Neighbouring clusters (a blob's are often in order) go in one
-        // request.
-        for (lba, blocks) in self.block_runs(clusters) {
-            let res = if method == ClearMethod::Unmap && self.geo.unmap_reads_zeroes {
-                ch.unmap(lba, blocks).await
-            } else {
-                ch.write_zeroes(lba, blocks).await
-            };
-            if res.is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Fills fresh clusters: each `(dst, Some(src))` gets a copy of cluster
-    /// `src`, each `(dst, None)` gets zeroes.
-    pub(crate) async fn fill_clusters(
-        &self,
-        ch: &IoChannel,
-        fills: &[(u32, Option<u32>)],
-    ) -> Result<()> {
-        let zeroes: Vec<u32> = fills
-            .iter()
-            .filter(|f| f.1.is_none())
-            .map(|f| f.0)
-            .collect();
-        self.zero_clusters(ch, &zeroes).await?;
-        let cs = self.layout.cluster_size as usize;
-        let mut buf = None;
-        for &(dst, src) in fills {
-            let Some(src) = src else { continue };
-            let b = match buf.take() {
-                Some(b) => b,
-                // Read into before it is written from: no zeroing.
-                None => self.dev.alloc_buf_for_overwrite(cs)?,
-            };
-            let b = ch.read(self.layout.cluster_lba(src), b).await?;
-            let b = ch.write(self.layout.cluster_lba(dst), b).await?;
-            buf = Some(b);
-        }
-        Ok(())
-    }
-
+impl MdTxn<'_> {
     /// Gives `blob` fresh clusters for `fills` (blob cluster index, source),
     /// filled from the source or with zeroes, and records them in memory.
     /// Nothing changes on failure.
-    async fn adopt_clusters(
-        &self,
-        ch: &IoChannel,
-        blob: &BlobInner,
-        fills: &[(usize, Option<u32>)],
-    ) -> Result<()> {
+    async fn adopt_clusters(&self, blob: &BlobInner, fills: &[(usize, Option<u32>)]) -> Result<()> {
         if fills.is_empty() {
             return Ok(());
         }
-        let fresh = self
-            .alloc
-            .lock()
-            .alloc_clusters(fills.len())
-            .ok_or_else(|| {
-                Error::NoSpace(format!(
-                    "{} clusters wanted to copy into blob {}",
-                    fills.len(),
-                    blob.id
-                ))
-            })?;
+        let fresh = self.take_clusters(fills.len(), || {
+            format!(
+                "{} clusters wanted to copy into blob {}",
+                fills.len(),
+                blob.id
+            )
+        })?;
         let pairs: Vec<(u32, Option<u32>)> = fresh
             .iter()
             .zip(fills)
             .map(|(&d, &(_, s))| (d, s))
             .collect();
-        if let Err(e) = self.fill_clusters(ch, &pairs).await {
-            let mut a = self.alloc.lock();
-            fresh.iter().for_each(|&c| a.free_cluster(c));
+        if let Err(e) = self.fill_clusters(self.ch(), &pairs).await {
+            self.give_back_clusters(&fresh);
             return Err(e);
         }
-        let per = self.layout.extent_per_page;
-        let mut md = blob.md.write();
-        for (&c, &(idx, _)) in fresh.iter().zip(fills) {
-            debug_assert_eq!(md.clusters[idx], 0);
-            md.clusters[idx] = c;
-            md.dirty_extents.insert(idx / per);
-        }
-        md.touch();
+        let mapped: Vec<(usize, u32)> = fills
+            .iter()
+            .zip(&fresh)
+            .map(|(&(i, _), &c)| (i, c))
+            .collect();
+        self.map_clusters(blob, &mapped);
         Ok(())
     }
 
-    /// Deletes snapshot `snap` into its only clone (md_lock held).
-    pub(crate) async fn delete_into_clone_locked(
+    /// Deletes snapshot `snap` into its only clone.
+    pub(crate) async fn delete_into_clone(
         &self,
-        ch: &IoChannel,
         snap: &Arc<BlobInner>,
         clone_id: BlobId,
     ) -> Result<()> {
-        let clone = self.load_blob_locked(ch, clone_id).await?;
-        let was_super = self.retire_super_blob(ch, snap.id).await?;
+        let clone = self.load_blob(clone_id).await?;
+        let was_super = self.retire_super_blob(snap.id).await?;
         // (a) The marker: from here on, load finishes the removal as soon
         // as no blob names the snapshot as its parent.
         snap.md.write().pending = Some(PendingOp::Removal);
         snap.md.write().touch();
-        if let Err(e) = self.sync_blob_locked(ch, snap).await {
+        if let Err(e) = self.sync_blob(snap).await {
             // The marker may be on the device or not; the snapshot stays
             // (load keeps it while its clone names it) and is written again
             // without the marker.
             snap.md.write().pending = None;
-            self.undo_delete_locked(ch, snap, was_super).await;
+            self.undo_delete(snap, was_super).await;
             return Err(e);
         }
         // (b) The clone takes what it reads through the snapshot.
@@ -298,6 +160,7 @@ impl StoreInner {
             }
             cmd.parent = smd.parent;
             cmd.touch();
+            cmd.debug_check(per);
             (smd, taken)
         };
         *clone.parent.write() = snap.parent.read().clone();
@@ -310,12 +173,12 @@ impl StoreInner {
         self.blobs.lock().remove(&snap.id);
         self.alloc.lock().set_blobid(snap.page, false);
         let finished = async {
-            self.sync_blob_locked(ch, &clone).await?;
+            self.sync_blob(&clone).await?;
             // (c) The snapshot goes.
             let zero = vec![0u8; self.layout.page_size as usize];
-            self.write_bytes(ch, self.layout.md_lba(snap.page), &zero)
+            self.write_bytes(self.ch(), self.layout.md_lba(snap.page), &zero)
                 .await?;
-            ch.flush().await
+            self.ch().flush().await
         }
         .await;
         if let Err(e) = finished {
@@ -334,7 +197,7 @@ impl StoreInner {
             .copied()
             .filter(|&c| c != 0 && taken.binary_search(&c).is_err())
             .collect();
-        self.clear_clusters(ch, &freed).await;
+        self.clear_clusters(self.ch(), &freed).await;
         let mut a = self.alloc.lock();
         freed.iter().for_each(|&c| a.free_cluster(c));
         snap_md
@@ -350,7 +213,7 @@ impl StoreInner {
     }
 
     /// Finishes an interrupted snapshot by clearing its marker.
-    pub(crate) async fn clear_marker_locked(&self, ch: &IoChannel, blob: &BlobInner) -> Result<()> {
+    pub(crate) async fn clear_marker(&self, blob: &BlobInner) -> Result<()> {
         if blob.md.read().pending.is_none() {
             return Ok(());
         }
@@ -359,7 +222,7 @@ impl StoreInner {
             md.pending = None;
             md.touch();
         }
-        self.sync_blob_locked(ch, blob).await
+        self.sync_blob(blob).await
     }
 
     /// Creates a blob from `md` (a fresh first page) and syncs it. If that
@@ -368,27 +231,17 @@ impl StoreInner {
     /// page stays allocated (load discards it: its origin never named it).
     async fn create_from_md(
         &self,
-        ch: &IoChannel,
         md: BlobMd,
         parent: Option<Arc<BlobInner>>,
     ) -> Result<Arc<BlobInner>> {
         let keep_on_failure = md.pending.is_none();
-        let page = {
-            let mut a = self.alloc.lock();
-            let p = a
-                .alloc_pages(1)
-                .ok_or_else(|| Error::NoSpace(NO_MD_PAGE.into()))?[0];
-            a.set_blobid(p, true);
-            p
-        };
+        let page = self.take_first_page()?;
         let id = StoreInner::blob_id(page);
         let blob = Arc::new(BlobInner::new(id, page, md, 0));
         *blob.parent.write() = parent;
-        if let Err(e) = self.sync_blob_locked(ch, &blob).await {
-            if self.undo_first_page(ch, page).await {
-                let mut a = self.alloc.lock();
-                a.set_blobid(page, false);
-                a.free_page(page);
+        if let Err(e) = self.sync_blob(&blob).await {
+            if self.undo_first_page(page).await {
+                self.give_back_first_page(page);
             } else if keep_on_failure {
                 let parent = blob.md.read().parent;
                 self.blobs.lock().insert(id, blob);
@@ -398,6 +251,63 @@ impl StoreInner {
         }
         self.blobs.lock().insert(id, blob.clone());
         Ok(blob)
+    }
+
+    /// [`crate::Blob::inflate`] of `b`.
+    pub(crate) async fn inflate(&self, b: &BlobInner) -> Result<()> {
+        if b.md.read().read_only() {
+            return Err(Error::ReadOnly(b.id));
+        }
+        let parent = b.parent.read().clone();
+        let fills: Vec<(usize, Option<u32>)> = {
+            let md = b.md.read();
+            (0..md.clusters.len())
+                .filter(|&i| md.clusters[i] == 0)
+                .map(|i| (i, ancestor_cluster(parent.clone(), i)))
+                .collect()
+        };
+        self.adopt_clusters(b, &fills).await?;
+        let old_parent = {
+            let mut md = b.md.write();
+            md.invalid_flags &= !format::BLOB_INVALID_THIN;
+            md.touch();
+            md.parent.take()
+        };
+        *b.parent.write() = None;
+        self.unlink_clone(b.id, old_parent);
+        self.sync_blob(b).await
+    }
+
+    /// [`crate::Blob::decouple_parent`] of `b`.
+    pub(crate) async fn decouple_parent(&self, b: &BlobInner) -> Result<()> {
+        if b.md.read().read_only() {
+            return Err(Error::ReadOnly(b.id));
+        }
+        let Some(parent) = b.parent.read().clone() else {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} has no parent",
+                b.id
+            )));
+        };
+        let fills: Vec<(usize, Option<u32>)> = {
+            let md = b.md.read();
+            let pmd = parent.md.read();
+            (0..md.clusters.len().min(pmd.clusters.len()))
+                .filter(|&i| md.clusters[i] == 0 && pmd.clusters[i] != 0)
+                .map(|i| (i, Some(pmd.clusters[i])))
+                .collect()
+        };
+        self.adopt_clusters(b, &fills).await?;
+        let grandparent = parent.md.read().parent;
+        {
+            let mut md = b.md.write();
+            md.parent = grandparent;
+            md.touch();
+        }
+        *b.parent.write() = parent.parent.read().clone();
+        self.unlink_clone(b.id, Some(parent.id));
+        self.link_clone(grandparent, b.id);
+        self.sync_blob(b).await
     }
 }
 
@@ -415,16 +325,15 @@ impl Blobstore {
             check_xattr(n, v)?;
         }
         let inner = &self.inner;
-        let ch = inner.chan()?;
-        let _g = inner.md_lock.lock().await;
-        let blob = inner.load_blob_locked(&ch, id).await?;
+        let txn = inner.begin().await?;
+        let blob = txn.load_blob(id).await?;
         if blob.md.read().read_only() {
             return Err(Error::InvalidArgument(format!(
                 "blob {id} is read-only: clone it instead of taking a snapshot"
             )));
         }
         // What the snapshot takes must be exactly what is on disk.
-        inner.sync_blob_locked(&ch, &blob).await?;
+        txn.sync_blob(&blob).await?;
         let per = inner.layout.extent_per_page;
         let (smd, old_parent) = {
             let b = blob.md.read();
@@ -446,7 +355,7 @@ impl Blobstore {
         // (a) The snapshot, marked: until the blob names it as its parent,
         // load discards it (both map the same clusters meanwhile).
         let parent_link = blob.parent.read().clone();
-        let snap = inner.create_from_md(&ch, smd, parent_link).await?;
+        let snap = txn.create_from_md(smd, parent_link).await?;
         let sid = snap.id;
         // (b) The blob gives its clusters to the snapshot.
         {
@@ -462,9 +371,9 @@ impl Blobstore {
         inner.unlink_clone(id, old_parent);
         inner.link_clone(old_parent, sid);
         inner.link_clone(Some(sid), id);
-        inner.sync_blob_locked(&ch, &blob).await?;
+        txn.sync_blob(&blob).await?;
         // (c) Done: clear the marker.
-        inner.clear_marker_locked(&ch, &snap).await?;
+        txn.clear_marker(&snap).await?;
         Ok(sid)
     }
 
@@ -476,9 +385,8 @@ impl Blobstore {
             check_xattr(n, v)?;
         }
         let inner = &self.inner;
-        let ch = inner.chan()?;
-        let _g = inner.md_lock.lock().await;
-        let snap = inner.load_blob_locked(&ch, id).await?;
+        let txn = inner.begin().await?;
+        let snap = txn.load_blob(id).await?;
         if !snap.md.read().read_only() {
             return Err(Error::InvalidArgument(format!(
                 "blob {id} is not read-only: only snapshots and read-only blobs can be cloned"
@@ -486,7 +394,7 @@ impl Blobstore {
         }
         // A snapshot whose creation was interrupted after its origin adopted
         // it is complete: clear the marker before anything else names it.
-        inner.clear_marker_locked(&ch, &snap).await?;
+        txn.clear_marker(&snap).await?;
         let per = inner.layout.extent_per_page;
         let mut md = BlobMd::empty(true, xattrs.into_iter().collect());
         let n = snap.md.read().num_clusters;
@@ -494,105 +402,8 @@ impl Blobstore {
         md.clusters = vec![0; n as usize];
         md.extent_pages = vec![NO_PAGE; (n as usize).div_ceil(per)];
         md.parent = Some(id);
-        let clone = inner.create_from_md(&ch, md, Some(snap)).await?;
+        let clone = txn.create_from_md(md, Some(snap)).await?;
         inner.link_clone(Some(id), clone.id);
         Ok(clone.id)
-    }
-
-    /// The clones of snapshot `id` (empty for a blob with none).
-    pub fn clones(&self, id: BlobId) -> Vec<BlobId> {
-        self.inner.clones_of(id)
-    }
-
-    /// Sets what happens to clusters blobs give up (on delete and shrink).
-    /// Not persistent; the default is [`ClearMethod::None`].
-    pub fn set_clear_method(&self, method: ClearMethod) {
-        *self.inner.clear_method.lock() = method;
-    }
-}
-
-impl Blob {
-    /// The snapshot this blob reads unallocated clusters from, if any.
-    pub fn parent(&self) -> Option<BlobId> {
-        self.inner.md.read().parent
-    }
-
-    /// True for a blob with a parent (a clone, or a snapshotted blob).
-    pub fn is_clone(&self) -> bool {
-        self.parent().is_some()
-    }
-
-    /// Gives the blob every cluster it does not own, filled with what it
-    /// reads there now (its ancestors' data or zeroes), and drops its
-    /// parent: the blob becomes thick and independent. Durable on return.
-    pub async fn inflate(&self) -> Result<()> {
-        let store = &self.store;
-        let ch = store.chan()?;
-        let _g = store.md_lock.lock().await;
-        let b = &self.inner;
-        if b.md.read().read_only() {
-            return Err(Error::ReadOnly(b.id));
-        }
-        let parent = b.parent.read().clone();
-        let fills: Vec<(usize, Option<u32>)> = {
-            let md = b.md.read();
-            (0..md.clusters.len())
-                .filter(|&i| md.clusters[i] == 0)
-                .map(|i| (i, ancestor_cluster(parent.clone(), i)))
-                .collect()
-        };
-        store.adopt_clusters(&ch, b, &fills).await?;
-        let old_parent = {
-            let mut md = b.md.write();
-            md.invalid_flags &= !format::BLOB_INVALID_THIN;
-            md.touch();
-            md.parent.take()
-        };
-        *b.parent.write() = None;
-        store.unlink_clone(b.id, old_parent);
-        store.sync_blob_locked(&ch, b).await
-    }
-
-    /// Copies the clusters the blob's parent owns (and the blob does not)
-    /// into the blob and makes the parent's parent its parent, so the blob
-    /// no longer depends on its parent. Durable on return.
-    pub async fn decouple_parent(&self) -> Result<()> {
-        let store = &self.store;
-        let ch = store.chan()?;
-        let _g = store.md_lock.lock().await;
-        let b = &self.inner;
-        if b.md.read().read_only() {
-            return Err(Error::ReadOnly(b.id));
-        }
-        let Some(parent) = b.parent.read().clone() else {
-            return Err(Error::InvalidArgument(format!(
-                "blob {} has no parent",
-                b.id
-            )));
-        };
-        let fills: Vec<(usize, Option<u32>)> = {
-            let md = b.md.read();
-            let pmd = parent.md.read();
-            (0..md.clusters.len().min(pmd.clusters.len()))
-                .filter(|&i| md.clusters[i] == 0 && pmd.clusters[i] != 0)
-                .map(|i| (i, Some(pmd.clusters[i])))
-                .collect()
-        };
-        store.adopt_clusters(&ch, b, &fills).await?;
-        let grandparent = parent.md.read().parent;
-        {
-            let mut md = b.md.write();
-            md.parent = grandparent;
-            md.touch();
-        }
-        *b.parent.write() = parent.parent.read().clone();
-        store.unlink_clone(b.id, Some(parent.id));
-        store.link_clone(grandparent, b.id);
-        store.sync_blob_locked(&ch, b).await
-    }
-
-    /// Open handles of this blob (for diagnostics).
-    pub fn open_handles(&self) -> usize {
-        self.inner.handles.load(Ordering::Acquire)
     }
 }

@@ -201,6 +201,16 @@ impl Allocator {
     }
 
     /// Debug check of the counters.
+    /// True when cluster `c` is in use.
+    pub fn cluster_used(&self, c: u32) -> bool {
+        self.clusters.get(c as usize).is_some_and(|b| *b)
+    }
+
+    /// True when metadata page `p` is in use.
+    pub fn page_used(&self, p: u32) -> bool {
+        self.pages.get(p as usize).is_some_and(|b| *b)
+    }
+
     pub fn check(&self) {
         debug_assert_eq!(self.free_clusters, self.clusters.count_zeros() as u64);
         debug_assert_eq!(self.free_pages, self.pages.count_zeros() as u64);
