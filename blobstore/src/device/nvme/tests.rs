@@ -428,16 +428,18 @@ fn a_namespace_has_one_opener_per_process() {
     // The claim NvmeDevice::open takes (the controller itself needs
     // hardware; the VM test opens a real one twice).
     let pci = "test:claims";
-    let first = super::NamespaceClaim::take(pci, 1).unwrap();
-    let other_ns = super::NamespaceClaim::take(pci, 2).unwrap();
-    let e = super::NamespaceClaim::take(pci, 1).err().unwrap();
+    let first = super::controller::NamespaceClaim::take(pci, 1).unwrap();
+    let other_ns = super::controller::NamespaceClaim::take(pci, 2).unwrap();
+    let e = super::controller::NamespaceClaim::take(pci, 1)
+        .err()
+        .unwrap();
     assert_eq!(
         e.to_string(),
         "busy: nvme:test:claims/ns=1 is in use by another device of this process (one opener \
          per namespace)"
     );
     drop(first);
-    let again = super::NamespaceClaim::take(pci, 1).unwrap();
+    let again = super::controller::NamespaceClaim::take(pci, 1).unwrap();
     drop((again, other_ns));
 }
 
@@ -646,7 +648,7 @@ fn retryable_statuses_are_retried_a_bounded_number_of_times() {
         let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
         assert!(matches!(r, Err(Error::Nvme { op: "read", .. })), "{r:?}");
     });
-    assert_eq!(n, 1 + super::MAX_RETRIES as usize);
+    assert_eq!(n, 1 + super::io::MAX_RETRIES as usize);
     model.st.lock().fail_next.clear();
     // DNR set: not retried.
     let n = attempts(&|| {
@@ -903,7 +905,7 @@ fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
         backend.submit(k as u32, op).unwrap();
     }
     let first = backend.reap(&mut |_, r| r.unwrap());
-    assert_eq!(first, super::REAP_MAX);
+    assert_eq!(first, super::io::REAP_MAX);
     let mut total = first;
     while total < 200 {
         total += backend.reap(&mut |_, r| r.unwrap());
