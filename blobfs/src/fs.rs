@@ -426,7 +426,7 @@ impl FsInner {
         };
         for node in ready {
             // Its blob's clusters must not be freed under a write in flight.
-            node.behind.wait_idle();
+            node.behind.idle().await;
             let id = node.blob.id();
             let name = node.name();
             match Arc::try_unwrap(node) {
