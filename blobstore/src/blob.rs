@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::format;
 use crate::store::snapshot::ancestor_cluster;
 use crate::store::state::{check_xattr, BlobInner, BlobMd, StoreInner};
+use crate::store::units::ClusterIdx;
 use crate::store::{Blobstore, NO_DATA};
 use crate::BlobId;
 
@@ -152,7 +153,7 @@ impl Blob {
             .read()
             .clusters
             .iter()
-            .filter(|&&c| c != 0)
+            .filter(|c| c.is_some())
             .count() as u64
     }
 
@@ -402,14 +403,14 @@ impl Blob {
             let within = pos % upc;
             let n = (upc - within).min(offset + units - pos);
             let own = md.clusters[idx];
-            if own == 0 {
+            if own.is_none() {
                 missing.push(idx);
             }
             let c = match own {
-                0 if parent.is_some() => ancestor_cluster(parent.clone(), idx).unwrap_or(0),
+                None if parent.is_some() => ancestor_cluster(parent.clone(), idx),
                 c => c,
             };
-            let lba = (c != 0).then(|| self.store.layout().cluster_lba(c) + within);
+            let lba = c.map(|c| self.store.layout().cluster_lba(c) + within);
             let buf_unit = pos - offset;
             match runs.last_mut() {
                 Some(r)
@@ -574,10 +575,7 @@ impl Blob {
         if within + units > upc {
             return Ok(None);
         }
-        Ok(match md.clusters[idx] {
-            0 => None,
-            c => Some(self.store.layout().cluster_lba(c) + within),
-        })
+        Ok(md.clusters[idx].map(|c| self.store.layout().cluster_lba(c) + within))
     }
 
     /// Reads `buf.len()` bytes starting at io unit `offset`. The I/O is
@@ -660,7 +658,7 @@ impl Blob {
             }
         }
         // Point the runs that hit missing clusters at the fresh ones.
-        let fresh_of: std::collections::HashMap<usize, u32> =
+        let fresh_of: std::collections::HashMap<usize, ClusterIdx> =
             missing.iter().copied().zip(fresh.iter().copied()).collect();
         let mut new_runs = Vec::with_capacity(runs.len());
         let mut pos = offset;
@@ -670,7 +668,9 @@ impl Blob {
             let n = (upc - within).min(offset + units - pos);
             let c = match fresh_of.get(&idx) {
                 Some(&c) => c,
-                None => self.inner.md.read().clusters[idx],
+                // Under the transaction, every cluster not missing is
+                // allocated.
+                None => self.inner.md.read().clusters[idx].expect("mapped cluster"),
             };
             new_runs.push(Run {
                 lba: Some(layout.cluster_lba(c) + within),
@@ -689,7 +689,7 @@ impl Blob {
             txn.give_back_clusters(&fresh);
             return Err(e);
         }
-        let mapped: Vec<(usize, u32)> = missing.iter().copied().zip(fresh).collect();
+        let mapped: Vec<(usize, ClusterIdx)> = missing.iter().copied().zip(fresh).collect();
         txn.map_clusters(&self.inner, &mapped);
         txn.sync_blob(&self.inner).await?;
         Ok(bufs)

@@ -8,6 +8,8 @@
 
 use bitvec::prelude::*;
 
+use super::units::ClusterIdx;
+
 /// The three bitmaps of a loaded store.
 pub(crate) struct Allocator {
     pages: BitVec<u64, Lsb0>,
@@ -75,7 +77,7 @@ impl Allocator {
     }
 
     /// Takes `n` free clusters, or none at all.
-    pub fn alloc_clusters(&mut self, n: usize) -> Option<Vec<u32>> {
+    pub fn alloc_clusters(&mut self, n: usize) -> Option<Vec<ClusterIdx>> {
         if (n as u64) > self.free_clusters {
             return None;
         }
@@ -88,14 +90,14 @@ impl Allocator {
             if self.cluster_hint >= self.clusters.len() {
                 self.cluster_hint = self.reserved_clusters as usize;
             }
-            out.push(c as u32);
+            out.push(ClusterIdx::new(c as u32).expect("cluster 0 is reserved"));
         }
         self.free_clusters -= n as u64;
         Some(out)
     }
 
-    pub fn free_cluster(&mut self, c: u32) {
-        let c = c as usize;
+    pub fn free_cluster(&mut self, c: ClusterIdx) {
+        let c = c.index();
         debug_assert!(
             c >= self.reserved_clusters as usize,
             "freeing a metadata cluster"
@@ -108,12 +110,12 @@ impl Allocator {
     }
 
     /// The free clusters as `(first, count)` runs of neighbours, in order.
-    pub fn free_cluster_runs(&self) -> Vec<(u32, u32)> {
-        let mut runs: Vec<(u32, u32)> = Vec::new();
+    pub fn free_cluster_runs(&self) -> Vec<(ClusterIdx, u32)> {
+        let mut runs: Vec<(ClusterIdx, u32)> = Vec::new();
         for c in self.clusters.iter_zeros() {
             match runs.last_mut() {
-                Some((first, n)) if (*first + *n) as usize == c => *n += 1,
-                _ => runs.push((c as u32, 1)),
+                Some((first, n)) if first.index() + *n as usize == c => *n += 1,
+                _ => runs.push((ClusterIdx::new(c as u32).expect("cluster 0 is reserved"), 1)),
             }
         }
         runs
@@ -139,8 +141,8 @@ impl Allocator {
     }
 
     /// Marks a cluster used during a rebuild; false if it already was.
-    pub fn claim_cluster(&mut self, c: u32) -> bool {
-        let c = c as usize;
+    pub fn claim_cluster(&mut self, c: ClusterIdx) -> bool {
+        let c = c.index();
         if c >= self.clusters.len() || self.clusters[c] {
             return false;
         }
@@ -202,8 +204,8 @@ impl Allocator {
 
     /// Debug check of the counters.
     /// True when cluster `c` is in use.
-    pub fn cluster_used(&self, c: u32) -> bool {
-        self.clusters.get(c as usize).is_some_and(|b| *b)
+    pub fn cluster_used(&self, c: ClusterIdx) -> bool {
+        self.clusters.get(c.index()).is_some_and(|b| *b)
     }
 
     /// True when metadata page `p` is in use.

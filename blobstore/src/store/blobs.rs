@@ -19,6 +19,7 @@ use std::sync::Arc;
 use super::snapshot::MAX_CHAIN;
 use super::state::{check_xattr, BlobInner, BlobMd, StoreInner};
 use super::txn::MdTxn;
+use super::units::ClusterIdx;
 use super::{BlobOptions, Blobstore};
 use crate::error::{Error, Result};
 use crate::format::NO_PAGE;
@@ -55,14 +56,8 @@ impl Blobstore {
                 inner.blobs.lock().insert(id, blob);
                 return Err(e);
             }
-            let owned: Vec<u32> = blob
-                .md
-                .read()
-                .clusters
-                .iter()
-                .copied()
-                .filter(|&c| c != 0)
-                .collect();
+            let owned: Vec<ClusterIdx> =
+                blob.md.read().clusters.iter().flatten().copied().collect();
             txn.give_back_clusters(&owned);
             txn.give_back_first_page(page);
             return Err(e);
@@ -114,12 +109,12 @@ impl Blobstore {
         }
         inner.blobs.lock().remove(&id);
         inner.unlink_clone(id, md.parent);
-        let freed: Vec<u32> = md
+        let freed: Vec<ClusterIdx> = md
             .clusters
             .iter()
+            .flatten()
             .chain(&md.pending_free_clusters)
             .copied()
-            .filter(|&c| c != 0)
             .collect();
         inner.clear_clusters(txn.ch(), &freed).await;
         {

@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 use super::state::StoreInner;
+use super::units::ClusterIdx;
 use super::Blobstore;
 use crate::error::Result;
 use crate::format::{self, PageKind, NO_PAGE};
@@ -61,7 +62,7 @@ impl Blobstore {
         let mut rep = CheckReport::default();
         // Owner of each page and cluster.
         let mut page_owner: HashMap<u32, BlobId> = HashMap::new();
-        let mut cluster_owner: HashMap<u32, BlobId> = HashMap::new();
+        let mut cluster_owner: HashMap<ClusterIdx, BlobId> = HashMap::new();
         let mut on_disk = Vec::new();
         let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
         let mut p = 0u64;
@@ -111,17 +112,16 @@ impl Blobstore {
             }
             let mut pages: Vec<u32> = vec![first];
             pages.extend(md.cont_pages.iter().chain(&md.extent_pages));
-            let mut clusters: Vec<u32> = md.clusters.clone();
+            let mut clusters: Vec<ClusterIdx> = md.clusters.iter().flatten().copied().collect();
             if let Some(b) = cached.get(&id) {
                 let m = b.md.read();
                 pages.extend(m.cont_pages.iter().chain(&m.extent_pages));
                 pages.extend(&m.pending_free_pages);
-                clusters.extend(m.clusters.iter().chain(&m.pending_free_clusters));
+                clusters.extend(m.clusters.iter().flatten().chain(&m.pending_free_clusters));
             }
             pages.retain(|&p| p != NO_PAGE);
             pages.sort_unstable();
             pages.dedup();
-            clusters.retain(|&c| c != 0);
             clusters.sort_unstable();
             clusters.dedup();
             for p in pages {
@@ -141,7 +141,7 @@ impl Blobstore {
                 }
             }
             for c in clusters {
-                if (c as u64) >= l.total_clusters || c < l.reserved_clusters {
+                if (c.get() as u64) >= l.total_clusters || c.get() < l.reserved_clusters {
                     rep.problems
                         .push(format!("blob {id}: cluster {c} out of range"));
                     continue;
@@ -150,7 +150,7 @@ impl Blobstore {
                     rep.problems
                         .push(format!("cluster {c} is owned by blobs {other} and {id}"));
                 }
-                if !clusters_used[c as usize] {
+                if !clusters_used[c.index()] {
                     rep.problems
                         .push(format!("blob {id}: cluster {c} is marked free"));
                 }
@@ -174,8 +174,9 @@ impl Blobstore {
                 .push(format!("metadata cluster {c} is marked free"));
         }
         rep.leaked_clusters = (l.reserved_clusters as usize..clusters_used.len())
-            .filter(|&c| clusters_used[c] && !cluster_owner.contains_key(&(c as u32)))
-            .map(|c| c as u32)
+            .filter_map(|c| ClusterIdx::new(c as u32))
+            .filter(|c| clusters_used[c.index()] && !cluster_owner.contains_key(c))
+            .map(ClusterIdx::get)
             .collect();
         rep.leaked_md_pages = (0..pages_used.len())
             .filter(|&p| pages_used[p] && !page_owner.contains_key(&(p as u32)))

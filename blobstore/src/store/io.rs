@@ -11,6 +11,7 @@
 use futures::future::try_join_all;
 
 use super::state::StoreInner;
+use super::units::ClusterIdx;
 use super::ClearMethod;
 use crate::device::{DmaBuf, IoChannel};
 use crate::error::Result;
@@ -70,7 +71,7 @@ impl StoreInner {
     }
 
     /// Zeroes freshly allocated clusters so they never show old data.
-    pub async fn zero_clusters(&self, ch: &IoChannel, clusters: &[u32]) -> Result<()> {
+    pub async fn zero_clusters(&self, ch: &IoChannel, clusters: &[ClusterIdx]) -> Result<()> {
         let runs = self.block_runs(clusters);
         try_join_all(runs.into_iter().map(|(lba, n)| ch.write_zeroes(lba, n))).await?;
         Ok(())
@@ -78,7 +79,7 @@ impl StoreInner {
 
     /// `clusters` as `(lba, blocks)` runs, neighbours (in the order given)
     /// merged, so one device request covers each run.
-    pub fn block_runs(&self, clusters: &[u32]) -> Vec<(u64, u64)> {
+    pub fn block_runs(&self, clusters: &[ClusterIdx]) -> Vec<(u64, u64)> {
         let upc = self.layout.units_per_cluster();
         let mut runs: Vec<(u64, u64)> = Vec::new();
         for &c in clusters {
@@ -94,7 +95,7 @@ impl StoreInner {
     /// Clears clusters that no durable metadata references any more, as the
     /// clear method says. Best effort: they are zeroed again when handed
     /// out, so a failure here costs nothing but the clearing.
-    pub(crate) async fn clear_clusters(&self, ch: &IoChannel, clusters: &[u32]) {
+    pub(crate) async fn clear_clusters(&self, ch: &IoChannel, clusters: &[ClusterIdx]) {
         let method = *self.clear_method.lock();
         if method == ClearMethod::None || clusters.is_empty() {
             return;
@@ -118,9 +119,9 @@ impl StoreInner {
     pub(crate) async fn fill_clusters(
         &self,
         ch: &IoChannel,
-        fills: &[(u32, Option<u32>)],
+        fills: &[(ClusterIdx, Option<ClusterIdx>)],
     ) -> Result<()> {
-        let zeroes: Vec<u32> = fills
+        let zeroes: Vec<ClusterIdx> = fills
             .iter()
             .filter(|f| f.1.is_none())
             .map(|f| f.0)

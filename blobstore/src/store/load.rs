@@ -352,7 +352,7 @@ impl StoreInner {
                     return Err(dup(format!("metadata page {p}")));
                 }
             }
-            for &c in md.clusters.iter().filter(|&&c| c != 0) {
+            for &c in md.clusters.iter().flatten() {
                 if !alloc.claim_cluster(c) {
                     return Err(dup(format!("cluster {c}")));
                 }

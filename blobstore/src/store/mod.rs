@@ -16,6 +16,7 @@
 //! - [`init`] and [`load`]: formatting and the clean unload; load and
 //!   recovery.
 //! - [`alloc`]: the page, cluster and blob-id bitmaps.
+//! - [`units`]: device cluster numbers as a type.
 //! - [`io`]: the store's own device I/O (super block, clusters).
 //! - [`check`], [`repair`], [`trim`]: verifying, repairing and trimming a
 //!   loaded store.
@@ -41,6 +42,7 @@ pub(crate) mod state;
 mod sync;
 pub(crate) mod trim;
 pub(crate) mod txn;
+pub(crate) mod units;
 
 use std::sync::Arc;
 

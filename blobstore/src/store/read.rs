@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 
 use super::mdread::{OwnedMdPage, PageMap};
 use super::state::{BlobMd, StoreInner};
+use super::units::cluster_map_from_raw;
 use crate::device::IoChannel;
 use crate::error::{Error, Result};
 use crate::format::{self, BlobRecord, PageKind, NO_PAGE};
@@ -224,7 +225,7 @@ impl StoreInner {
         };
         Ok(BlobMd {
             num_clusters: rec.num_clusters,
-            clusters,
+            clusters: cluster_map_from_raw(clusters),
             extent_pages,
             dirty_extents: BTreeSet::new(),
             map_inline,

@@ -35,6 +35,7 @@ use std::sync::Arc;
 
 use super::state::{check_xattr, BlobInner, BlobMd, StoreInner};
 use super::txn::MdTxn;
+use super::units::ClusterIdx;
 use super::Blobstore;
 use crate::error::{Error, Result};
 use crate::format::{self, PendingOp, NO_PAGE};
@@ -45,7 +46,7 @@ pub(crate) const MAX_CHAIN: usize = 4096;
 
 /// The device cluster a blob reads for its cluster `idx` when it does not
 /// own it: the nearest ancestor's, or `None` for zeroes.
-pub(crate) fn ancestor_cluster(parent: Option<Arc<BlobInner>>, idx: usize) -> Option<u32> {
+pub(crate) fn ancestor_cluster(parent: Option<Arc<BlobInner>>, idx: usize) -> Option<ClusterIdx> {
     let mut cur = parent;
     for _ in 0..MAX_CHAIN {
         let b = cur?;
@@ -53,8 +54,8 @@ pub(crate) fn ancestor_cluster(parent: Option<Arc<BlobInner>>, idx: usize) -> Op
             let md = b.md.read();
             match md.clusters.get(idx) {
                 None => return None,
-                Some(&c) if c != 0 => return Some(c),
-                Some(_) => {}
+                Some(&Some(c)) => return Some(c),
+                Some(None) => {}
             }
         }
         cur = b.parent.read().clone();
@@ -95,7 +96,11 @@ impl MdTxn<'_> {
     /// Gives `blob` fresh clusters for `fills` (blob cluster index, source),
     /// filled from the source or with zeroes, and records them in memory.
     /// Nothing changes on failure.
-    async fn adopt_clusters(&self, blob: &BlobInner, fills: &[(usize, Option<u32>)]) -> Result<()> {
+    async fn adopt_clusters(
+        &self,
+        blob: &BlobInner,
+        fills: &[(usize, Option<ClusterIdx>)],
+    ) -> Result<()> {
         if fills.is_empty() {
             return Ok(());
         }
@@ -106,7 +111,7 @@ impl MdTxn<'_> {
                 blob.id
             )
         })?;
-        let pairs: Vec<(u32, Option<u32>)> = fresh
+        let pairs: Vec<(ClusterIdx, Option<ClusterIdx>)> = fresh
             .iter()
             .zip(fills)
             .map(|(&d, &(_, s))| (d, s))
@@ -115,7 +120,7 @@ impl MdTxn<'_> {
             self.give_back_clusters(&fresh);
             return Err(e);
         }
-        let mapped: Vec<(usize, u32)> = fills
+        let mapped: Vec<(usize, ClusterIdx)> = fills
             .iter()
             .zip(&fresh)
             .map(|(&(i, _), &c)| (i, c))
@@ -152,10 +157,10 @@ impl MdTxn<'_> {
             let mut taken = Vec::new();
             let n = cmd.clusters.len().min(smd.clusters.len());
             for idx in 0..n {
-                if cmd.clusters[idx] == 0 && smd.clusters[idx] != 0 {
-                    cmd.clusters[idx] = smd.clusters[idx];
+                if let (None, Some(c)) = (cmd.clusters[idx], smd.clusters[idx]) {
+                    cmd.clusters[idx] = Some(c);
                     cmd.dirty_extents.insert(idx / per);
-                    taken.push(smd.clusters[idx]);
+                    taken.push(c);
                 }
             }
             cmd.parent = smd.parent;
@@ -191,11 +196,12 @@ impl MdTxn<'_> {
             return Err(e);
         }
         taken.sort_unstable();
-        let freed: Vec<u32> = snap_md
+        let freed: Vec<ClusterIdx> = snap_md
             .clusters
             .iter()
+            .flatten()
             .copied()
-            .filter(|&c| c != 0 && taken.binary_search(&c).is_err())
+            .filter(|c| taken.binary_search(c).is_err())
             .collect();
         self.clear_clusters(self.ch(), &freed).await;
         let mut a = self.alloc.lock();
@@ -259,10 +265,10 @@ impl MdTxn<'_> {
             return Err(Error::ReadOnly(b.id));
         }
         let parent = b.parent.read().clone();
-        let fills: Vec<(usize, Option<u32>)> = {
+        let fills: Vec<(usize, Option<ClusterIdx>)> = {
             let md = b.md.read();
             (0..md.clusters.len())
-                .filter(|&i| md.clusters[i] == 0)
+                .filter(|&i| md.clusters[i].is_none())
                 .map(|i| (i, ancestor_cluster(parent.clone(), i)))
                 .collect()
         };
@@ -289,12 +295,12 @@ impl MdTxn<'_> {
                 b.id
             )));
         };
-        let fills: Vec<(usize, Option<u32>)> = {
+        let fills: Vec<(usize, Option<ClusterIdx>)> = {
             let md = b.md.read();
             let pmd = parent.md.read();
             (0..md.clusters.len().min(pmd.clusters.len()))
-                .filter(|&i| md.clusters[i] == 0 && pmd.clusters[i] != 0)
-                .map(|i| (i, Some(pmd.clusters[i])))
+                .filter(|&i| md.clusters[i].is_none() && pmd.clusters[i].is_some())
+                .map(|i| (i, pmd.clusters[i]))
                 .collect()
         };
         self.adopt_clusters(b, &fills).await?;
@@ -346,7 +352,7 @@ impl Blobstore {
             s.clusters = b.clusters.clone();
             s.extent_pages = vec![NO_PAGE; n_ext];
             s.dirty_extents = (0..n_ext)
-                .filter(|&k| s.clusters[k * per..].iter().take(per).any(|&c| c != 0))
+                .filter(|&k| s.clusters[k * per..].iter().take(per).any(Option::is_some))
                 .collect();
             s.parent = b.parent;
             s.pending = Some(PendingOp::Snapshot { origin: id.0 });
@@ -361,7 +367,7 @@ impl Blobstore {
         {
             let mut m = blob.md.write();
             let n_ext = m.extent_pages.len();
-            m.clusters.iter_mut().for_each(|c| *c = 0);
+            m.clusters.iter_mut().for_each(|c| *c = None);
             m.dirty_extents = (0..n_ext).collect();
             m.invalid_flags |= format::BLOB_INVALID_THIN;
             m.parent = Some(sid);
@@ -399,7 +405,7 @@ impl Blobstore {
         let mut md = BlobMd::empty(true, xattrs.into_iter().collect());
         let n = snap.md.read().num_clusters;
         md.num_clusters = n;
-        md.clusters = vec![0; n as usize];
+        md.clusters = vec![None; n as usize];
         md.extent_pages = vec![NO_PAGE; (n as usize).div_ceil(per)];
         md.parent = Some(id);
         let clone = txn.create_from_md(md, Some(snap)).await?;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use super::alloc::Allocator;
+use super::units::ClusterIdx;
 use super::{ClearMethod, LoadReport};
 use crate::device::{channel_with_id, BlockDevice, DeviceId, Geometry, IoChannel};
 use crate::error::{Error, Result};
@@ -58,8 +59,9 @@ impl Layout {
     pub fn md_lba(&self, p: u32) -> u64 {
         (self.md_start + p as u64) * self.blocks_per_page()
     }
-    pub fn cluster_lba(&self, c: u32) -> u64 {
-        c as u64 * self.units_per_cluster()
+    /// Device block of the start of cluster `c`.
+    pub fn cluster_lba(&self, c: ClusterIdx) -> u64 {
+        c.get() as u64 * self.units_per_cluster()
     }
     /// True when blobs may keep their cluster map inline (format 3 on).
     pub fn inline_map(&self) -> bool {
@@ -87,8 +89,9 @@ impl Layout {
 #[derive(Clone)]
 pub(crate) struct BlobMd {
     pub num_clusters: u64,
-    /// Device cluster of each blob cluster; 0 = not allocated.
-    pub clusters: Vec<u32>,
+    /// Device cluster of each blob cluster; `None` = not allocated (0 on
+    /// disk).
+    pub clusters: Vec<Option<ClusterIdx>>,
     /// Metadata page of each extent page ([`NO_PAGE`] if none on disk).
     /// All [`NO_PAGE`] while `map_inline`.
     pub extent_pages: Vec<u32>,
@@ -108,7 +111,7 @@ pub(crate) struct BlobMd {
     /// Bumped by every in-memory change; compared with `synced_version`.
     pub version: u64,
     pub synced_version: u64,
-    pub pending_free_clusters: Vec<u32>,
+    pub pending_free_clusters: Vec<ClusterIdx>,
     pub pending_free_pages: Vec<u32>,
     /// The snapshot unallocated clusters are read from.
     pub parent: Option<BlobId>,

@@ -32,6 +32,7 @@ use parking_lot::Mutex;
 use super::alloc::Allocator;
 use super::state::{BlobInner, BlobMd, Layout, MD_FULL};
 use super::txn::MdTxn;
+use super::units::{raw_cluster_map, ClusterIdx};
 use crate::device::DmaBuf;
 use crate::error::{Error, Result};
 use crate::format::{self, PageKind, NO_PAGE};
@@ -138,9 +139,10 @@ impl SyncPlan {
         for &k in &rewrite {
             let end = (k * per + per).min(md.clusters.len());
             let entries = &md.clusters[k * per..end];
-            if entries.iter().all(|&c| c == 0) {
+            if entries.iter().all(Option::is_none) {
                 table[k] = NO_PAGE;
             } else {
+                let entries = raw_cluster_map(entries);
                 extent_payloads.push((k, format::encode_extent_payload((k * per) as u64, entries)));
             }
         }
@@ -155,7 +157,8 @@ impl SyncPlan {
             table[*k] = p;
         }
         let payloads = if inline {
-            format::encode_blob_payloads(&header, &[], &md.clusters, xattrs(), l.page_size)
+            let map = raw_cluster_map(&md.clusters);
+            format::encode_blob_payloads(&header, &[], map, xattrs(), l.page_size)
         } else {
             format::encode_blob_payloads(&header, &table, &[], xattrs(), l.page_size)
         };
@@ -407,7 +410,7 @@ impl MdTxn<'_> {
                 md.dirty_extents.remove(k);
             }
             md.pending_free_pages.drain(..plan.freed_pages);
-            let freed: Vec<u32> = md
+            let freed: Vec<ClusterIdx> = md
                 .pending_free_clusters
                 .drain(..plan.freed_clusters)
                 .collect();

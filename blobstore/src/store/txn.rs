@@ -23,6 +23,7 @@ use std::sync::atomic::Ordering;
 use futures::lock::MutexGuard;
 
 use super::state::{BlobInner, StoreInner, NO_MD_PAGE};
+use super::units::ClusterIdx;
 use crate::device::IoChannel;
 use crate::error::{Error, Result};
 use crate::format::NO_PAGE;
@@ -73,12 +74,13 @@ impl StoreInner {
     /// still owns (pending free) is in use in the bitmap and owned by no
     /// other loaded blob, and that every page its metadata names is in use.
     fn debug_check_owners(&self) {
-        let mut owned: Vec<(u32, crate::BlobId)> = Vec::new();
+        let mut owned: Vec<(ClusterIdx, crate::BlobId)> = Vec::new();
         let mut pages: Vec<u32> = Vec::new();
         for b in self.blobs.lock().values() {
             let md = b.md.read();
-            let clusters = md.clusters.iter().chain(&md.pending_free_clusters);
-            owned.extend(clusters.filter(|&&c| c != 0).map(|&c| (c, b.id)));
+            let clusters = md.clusters.iter().flatten();
+            let clusters = clusters.chain(&md.pending_free_clusters);
+            owned.extend(clusters.map(|&c| (c, b.id)));
             pages.push(b.page);
             pages.extend(
                 md.extent_pages
@@ -140,7 +142,11 @@ impl MdTxn<'_> {
 
     /// `n` free clusters, not yet zeroed; `why` says what
     /// wants them when there are not enough ([`Error::NoSpace`]).
-    pub(crate) fn take_clusters(&self, n: usize, why: impl FnOnce() -> String) -> Result<Vec<u32>> {
+    pub(crate) fn take_clusters(
+        &self,
+        n: usize,
+        why: impl FnOnce() -> String,
+    ) -> Result<Vec<ClusterIdx>> {
         self.alloc
             .lock()
             .alloc_clusters(n)
@@ -149,26 +155,27 @@ impl MdTxn<'_> {
 
     /// Gives back clusters [`MdTxn::take_clusters`] took that no blob
     /// ended up mapping.
-    pub(crate) fn give_back_clusters(&self, clusters: &[u32]) {
+    pub(crate) fn give_back_clusters(&self, clusters: &[ClusterIdx]) {
         let mut a = self.alloc.lock();
         clusters.iter().for_each(|&c| a.free_cluster(c));
     }
 
     /// Records fresh clusters in `blob`'s map: `(blob cluster index, device
     /// cluster)`, each where the blob owned none. Durable at the next sync.
-    pub(crate) fn map_clusters(&self, blob: &BlobInner, fresh: &[(usize, u32)]) {
+    pub(crate) fn map_clusters(&self, blob: &BlobInner, fresh: &[(usize, ClusterIdx)]) {
         let per = self.layout.extent_per_page;
         let mut md = blob.md.write();
         for &(idx, c) in fresh {
             debug_assert_eq!(
-                md.clusters[idx], 0,
+                md.clusters[idx], None,
                 "cluster {idx} of {} mapped twice",
                 blob.id
             );
             debug_assert!(
-                c >= self.layout.reserved_clusters && (c as u64) < self.layout.total_clusters
+                c.get() >= self.layout.reserved_clusters
+                    && (c.get() as u64) < self.layout.total_clusters
             );
-            md.clusters[idx] = c;
+            md.clusters[idx] = Some(c);
             md.dirty_extents.insert(idx / per);
         }
         md.touch();
@@ -211,7 +218,7 @@ impl MdTxn<'_> {
         let mut md = blob.md.write();
         let n_us = n as usize;
         if n < old {
-            let gone: Vec<u32> = md.clusters.drain(n_us..).filter(|&c| c != 0).collect();
+            let gone: Vec<ClusterIdx> = md.clusters.drain(n_us..).flatten().collect();
             md.pending_free_clusters.extend(gone);
             let keep = n_us.div_ceil(per);
             let gone_pages: Vec<u32> = md
@@ -225,11 +232,11 @@ impl MdTxn<'_> {
                 md.dirty_extents.insert(keep - 1);
             }
         } else if n > old {
-            md.clusters.resize(n_us, 0);
+            md.clusters.resize(n_us, None);
             md.extent_pages.resize(n_us.div_ceil(per), NO_PAGE);
             for (i, c) in fresh.into_iter().enumerate() {
                 let idx = old as usize + i;
-                md.clusters[idx] = c;
+                md.clusters[idx] = Some(c);
                 md.dirty_extents.insert(idx / per);
             }
             // A partial last extent page changes length when the blob grows.
