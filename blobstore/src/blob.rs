@@ -669,8 +669,18 @@ impl Blob {
             let c = match fresh_of.get(&idx) {
                 Some(&c) => c,
                 // Under the transaction, every cluster not missing is
-                // allocated.
-                None => self.inner.md.read().clusters[idx].expect("mapped cluster"),
+                // allocated: a hole here is a bug, reported, not a panic.
+                None => match self.inner.md.read().clusters[idx] {
+                    Some(c) => c,
+                    None => {
+                        debug_assert!(false, "cluster {idx} of {} unmapped", self.id());
+                        txn.give_back_clusters(&fresh);
+                        return Err(Error::corrupt(
+                            format!("blob {}", self.id()),
+                            format!("cluster {idx} lost its mapping during a write"),
+                        ));
+                    }
+                },
             };
             new_runs.push(Run {
                 lba: Some(layout.cluster_lba(c) + within),
