@@ -8,6 +8,8 @@
 //!   [`block_on`] or on pinned per-core reactors.
 //! - The blobstore itself: [`Blobstore`] and [`Blob`].
 //! - [`util`]: the one size grammar and seeded generator the workspace uses.
+//! - `testing` (cargo feature `testing` only): fault injection and crash
+//!   images for tests, out of production builds.
 #![deny(missing_docs)]
 
 mod alloc;
@@ -24,6 +26,8 @@ pub mod reactor;
 mod repair;
 mod snapshot;
 mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod trim;
 pub mod util;
 
