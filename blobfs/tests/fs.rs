@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
+use blobstore::testing::FaultDevice;
 use blobstore::{BlockDevice, MemDevice};
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -44,8 +45,8 @@ fn mkfs(dev: &Arc<dyn BlockDevice>, opts: MountOptions) -> BlobFs {
 
 /// A BlobFS (default options) on a 64 MiB memory device behind a
 /// `FaultDevice`, which counts and fails operations on request.
-fn fault_fs() -> (Arc<blobstore::FaultDevice>, Arc<dyn BlockDevice>, BlobFs) {
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+fn fault_fs() -> (Arc<FaultDevice>, Arc<dyn BlockDevice>, BlobFs) {
+    let fault = Arc::new(FaultDevice::new(mem(4096, 64 << 20)).unwrap());
     let dev: Arc<dyn BlockDevice> = fault.clone();
     let fs = mkfs(&dev, MountOptions::default());
     (fault, dev, fs)
@@ -788,7 +789,7 @@ fn append_buffers_move_between_files_without_their_bytes() {
 
 #[test]
 fn direct_handles_read_the_device_and_leave_the_cache_alone() {
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let fault = Arc::new(FaultDevice::new(mem(4096, 64 << 20)).unwrap());
     let dev: Arc<dyn BlockDevice> = fault.clone();
     let fs = mkfs(&dev, MountOptions::default());
     let data = pattern(9, 3 << 20);
@@ -892,7 +893,7 @@ fn a_file_rename_never_makes_a_length_durable_before_its_data() {
                 if let std::task::Poll::Ready(r) = step(rename.as_mut()) {
                     r.unwrap();
                     renamed = true;
-                    image = Some(fault.crash_image());
+                    image = Some(fault.crash_image().unwrap());
                 }
             }
             if !synced {
@@ -975,7 +976,7 @@ fn an_io_error_in_a_removal_leaves_a_file_system_that_mounts() {
                 }
                 errors += usize::from(res.is_err());
                 let what = format!("remove {name}, {kind:?} {n} fails ({res:?})");
-                let crash = fault.crash_image();
+                let crash = fault.crash_image().unwrap();
                 fs.unmount()
                     .unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
                 let report =

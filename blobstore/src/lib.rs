@@ -52,7 +52,6 @@ pub mod fuzzing {
 
 pub use blob::{Blob, BlobIo, Xattrs};
 pub use check::CheckReport;
-pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
 pub use device::{
     channel, device_metrics, open_device, BlockDevice, DeviceMetrics, DeviceSpec, DmaBuf,

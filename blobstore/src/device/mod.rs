@@ -17,7 +17,6 @@
 //!   ([`IoChannel::poll`], or any pending [`IoFuture`] being polled).
 
 mod dma;
-pub mod fault;
 mod file;
 mod lock;
 mod mem;
