@@ -492,6 +492,33 @@ fn cache_never_serves_another_files_bytes() {
     assert_eq!(f.read_all().unwrap(), model);
 }
 
+/// A dying disk (every write and flush failing from some point, the rule
+/// `fault_injection=on` arms under RocksDB): the sync fails, and once the
+/// disk is healed a new file syncs and what was synced before reads back.
+#[test]
+fn a_dying_disk_fails_syncs_until_healed() {
+    use blobstore::testing::{Kinds, Rule};
+    let (fault, _dev, fs) = fault_fs();
+    let f = fs.create("a").unwrap();
+    f.append(b"kept").unwrap();
+    f.sync().unwrap();
+    fault.arm(Rule::fail_after(
+        Kinds::WRITE | Kinds::FLUSH | Kinds::WRITE_ZEROES,
+        0,
+    ));
+    // The append may fail at once or leave the failure to the sync.
+    let _ = f.append(&[7u8; 8192]);
+    assert!(f.sync().is_err(), "sync on a failing device must fail");
+    assert!(fault.injected_failures() > 0);
+    fault.clear_failures();
+    let g = fs.create("b").unwrap();
+    g.append(b"fine").unwrap();
+    g.sync().unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(f.read_at(0, &mut b).unwrap(), 4);
+    assert_eq!(&b, b"kept");
+}
+
 /// An append buffer written behind the appender fails on the device: the
 /// next sync reports the loss, so does every write until a truncate, and
 /// another file synced before is intact.
