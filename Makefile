@@ -5,7 +5,8 @@
 # Both install what they need first (Debian, as root) via `make deps`.
 #
 #   make rocksdb-tools  builds db_bench, db_stress, env_basic_test with the
-#                       BlobFS plugin into $(TARGET_DIR)/rocksdb/
+#                       BlobFS plugin into $(TARGET_DIR)/rocksdb/ (db_stress
+#                       with the plugin's test machinery, see there)
 #   make test-rocksdb   runs RocksDB's env_basic_test, db_bench, db_stress on
 #                       BlobFS and the rocksdb-env integration tests
 
@@ -39,20 +40,28 @@ lint: deps
 	$(CARGO) fmt --all -- --check
 	# --release: the same profile as the tests, so RocksDB (librocksdb-sys,
 	# ~14 min on 2 cores) is built once, not once per profile.
-	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	# --all-features: the test machinery (feature `testing`) and the targets
+	# that need it (crash driver, power-loss tests) are linted too; the
+	# second run lints the production libraries, which refuse it. Features
+	# of our crates never reach librocksdb-sys: no second RocksDB build.
+	$(CARGO) clippy --release --workspace --all-targets --all-features -- -D warnings
+	$(CARGO) clippy --release -p blobstore -p rocksdb-env --lib -- -D warnings
 	# Every crate's rustdoc, warnings denied (--release reuses RocksDB's
 	# build-script output instead of building it for another profile).
-	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --workspace --no-deps
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --workspace --no-deps --all-features
 
 # The Rust suites (with the READMEs' Rust snippets as rocksdb-env's
-# doctests), then the three examples a newcomer starts from.
+# doctests; --all-features: with the test machinery the crash, fault and
+# power-loss tests need), the production build's refusal of that machinery,
+# then the three examples a newcomer starts from.
 test-rust: deps
-	$(CARGO) test --workspace --release
+	$(CARGO) test --workspace --release --all-features
+	$(CARGO) test --release -p blobstore --test refusals
 	# The blobstore's suites again in a debug build, the one place its
 	# invariant checks (debug_assert!, and the store-wide check at the end
 	# of every metadata transaction) run: the release profile compiles them
 	# out. No RocksDB in it (the blobstore does not link it).
-	$(CARGO) test -p blobstore
+	$(CARGO) test -p blobstore --features testing
 	$(CARGO) run --release -p blobstore --example hello_blob
 	$(CARGO) run --release -p blobfs --example hello_blobfs
 	$(CARGO) run --release -p rocksdb-env --example hello_rocksdb
@@ -63,7 +72,7 @@ test: lint test-rust test-rocksdb crashtest-rocksdb kvbench-smoke test-vm fuzz
 # CRASH_POINTS=N make crashtest runs N crash points (default 10,000);
 # CRASH_SEED=S replays one run.
 crashtest: deps
-	$(CARGO) test --release -p blobstore --test crash -- --nocapture
+	$(CARGO) test --release -p blobstore --features testing --test crash -- --nocapture
 
 # Options for blobstore-bench, e.g. make bench-micro BENCH_ARGS='--devices mem --seconds 2 --json out.json'
 BENCH_ARGS ?=
@@ -165,14 +174,32 @@ COMPRESSION_INCLUDES = $$(cpp/rocksdb-src.sh $(CARGO) includes)
 # RocksDB tools from the librocksdb-sys sources, linked with the plugin. The
 # cargo build is the one RocksDB build; the tools link its librocksdb.a
 # (bundled into librocksdb_env.a) and compile only their own sources.
+# Two builds of the plugin, one RocksDB (the features of rocksdb-env and
+# blobstore do not reach librocksdb-sys): the production one for db_bench,
+# env_basic_test, ldb and sst_dump, and one with the feature `testing`
+# (`powerloss=on`, `fault_injection=on`) for db_stress, which the crash
+# tests run on the power-loss device. Each archive is hard-linked from
+# cargo's output (which the other build replaces) into $(PLUGIN_DIR), so a
+# tool is relinked only when its plugin changed; the comparison stops a
+# build in which cargo left the other archive in place.
+PLUGIN_DIR := $(ROCKSDB_TOOLS)/plugin
 rocksdb-tools: deps
+	@mkdir -p $(PLUGIN_DIR)/production $(PLUGIN_DIR)/testing
 	$(CARGO) build --release -p rocksdb-env
+	ln -f $(TARGET_DIR)/release/librocksdb_env.a $(PLUGIN_DIR)/production/ 2>/dev/null || \
+	  cp -p $(TARGET_DIR)/release/librocksdb_env.a $(PLUGIN_DIR)/production/
+	$(CARGO) build --release -p rocksdb-env --features testing
+	ln -f $(TARGET_DIR)/release/librocksdb_env.a $(PLUGIN_DIR)/testing/ 2>/dev/null || \
+	  cp -p $(TARGET_DIR)/release/librocksdb_env.a $(PLUGIN_DIR)/testing/
+	@! cmp -s $(PLUGIN_DIR)/production/librocksdb_env.a $(PLUGIN_DIR)/testing/librocksdb_env.a \
+	  || { echo "the production and testing plugins are the same archive"; exit 1; }
 	@src=$(ROCKSDB_SRC_DIR) && inc=$(COMPRESSION_INCLUDES) && \
 	$(MAKE) -f cpp/rocksdb-tools.mk -j$$(nproc) ROCKSDB_SRC="$$src" \
-	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(TARGET_DIR)/release/librocksdb_env.a OUT=$(ROCKSDB_TOOLS)
+	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(PLUGIN_DIR)/production/librocksdb_env.a \
+	  TESTING_PLUGIN_LIB=$(PLUGIN_DIR)/testing/librocksdb_env.a OUT=$(ROCKSDB_TOOLS)
 
 test-rocksdb: rocksdb-tools
-	$(CARGO) test --release -p rocksdb-env
+	$(CARGO) test --release -p rocksdb-env --features testing
 	cpp/test-rocksdb.sh $(ROCKSDB_TOOLS)
 
 # RocksDB crash test (rocksdb-env/src/bin/rocksdb-crashtest.rs, after
@@ -202,7 +229,7 @@ MODE ?=
 CRASHTEST_DIR ?= $(or $(TMPDIR),/tmp)/rocksdb-crashtest
 
 crashtest-rocksdb: rocksdb-tools
-	$(CARGO) build --release -p rocksdb-env --bin rocksdb-crashtest
+	$(CARGO) build --release -p rocksdb-env --features testing --bin rocksdb-crashtest
 	@for m in $(or $(MODE),strict kill powerloss); do \
 	  $(TARGET_DIR)/release/rocksdb-crashtest --db-stress $(ROCKSDB_TOOLS)/db_stress \
 	    --mode $$m --rounds $(ROUNDS) --min-secs $(MIN_SECS) --max-secs $(MAX_SECS) \
@@ -224,6 +251,7 @@ kill-dbbench: rocksdb-tools
 # and is not part of `make test`. cpp/rocksdb-debug.mk builds the debug
 # librocksdb.a from the librocksdb-sys sources (never writing into them), a
 # cargo build in its own target directory bundles it into librocksdb_env.a
+# (with the feature `testing`: the crash loops' powerloss mode needs it)
 # (librocksdb-sys pointed at it with ROCKSDB_LIB_DIR; the plugin C++ built
 # without NDEBUG too: ROCKSDB_ENV_DEBUG_ROCKSDB=1), and db_stress links that.
 # Then rocksdb-crashtest --faults runs the kill and powerloss crash loops and
@@ -248,7 +276,7 @@ rocksdb-debug-tools: deps
 	if [ -e "$$stamp" ] && [ $(ROCKSDB_DEBUG)/lib/librocksdb.a -nt "$$stamp" ]; then \
 	  echo "debug librocksdb.a changed: rebuilding the crates that bundle it"; \
 	  $(DEBUG_CARGO_ENV) $(CARGO) clean --release -p librocksdb-sys; fi; \
-	$(DEBUG_CARGO_ENV) nice -n 10 $(CARGO) build --release -p rocksdb-env --lib || exit 1; \
+	$(DEBUG_CARGO_ENV) nice -n 10 $(CARGO) build --release -p rocksdb-env --features testing --lib || exit 1; \
 	touch "$$stamp"; \
 	$(MAKE) -f cpp/rocksdb-debug.mk ROCKSDB_SRC="$$src" OUT=$(ROCKSDB_DEBUG) \
 	  COMPRESSION_INCLUDES="$$inc" PLUGIN_LIB=$(ROCKSDB_DEBUG)/cargo/release/librocksdb_env.a db_stress
@@ -280,7 +308,7 @@ test-rocksdb-suites: rocksdb-debug-tools
 	cpp/test-rocksdb-suites.sh $(ROCKSDB_DEBUG)/suites $(SUITES)
 
 crashtest-rocksdb-debug: rocksdb-debug-tools
-	$(CARGO) build --release -p rocksdb-env --bin rocksdb-crashtest
+	$(CARGO) build --release -p rocksdb-env --features testing --bin rocksdb-crashtest
 	@for m in $(or $(MODE),kill powerloss plain); do \
 	  $(TARGET_DIR)/release/rocksdb-crashtest --db-stress $(ROCKSDB_DEBUG)/db_stress \
 	    --faults --mode $$m --rounds $(ROUNDS) --min-secs $(MIN_SECS) --max-secs $(MAX_SECS) \

@@ -3,9 +3,13 @@
 # plugin. Called by the main Makefile's `rocksdb-tools` target, which
 # passes:
 #   ROCKSDB_SRC  the crate's rocksdb/ directory (from `cargo metadata`)
-#   PLUGIN_LIB   target/release/librocksdb_env.a: the Rust staticlib, which
+#   PLUGIN_LIB   the production librocksdb_env.a: the Rust staticlib, which
 #                holds BlobFS, the cxx bridge, cpp/blobfs_fs.cc and (bundled
 #                by rustc from librocksdb-sys) the one librocksdb.a build
+#   TESTING_PLUGIN_LIB  the same built with rocksdb-env's feature `testing`
+#                (powerloss=on, fault_injection=on), for db_stress, which
+#                the crash tests run on the power-loss device (default:
+#                PLUGIN_LIB)
 #   OUT          where the binaries go (target/rocksdb)
 #   COMPRESSION_INCLUDES  -I flags for the compression libraries' headers
 #                (cpp/rocksdb-src.sh includes), which util/compression.h
@@ -16,6 +20,7 @@
 
 ROCKSDB_SRC ?= $(error ROCKSDB_SRC is not set)
 PLUGIN_LIB ?= $(error PLUGIN_LIB is not set)
+TESTING_PLUGIN_LIB ?= $(PLUGIN_LIB)
 OUT ?= $(error OUT is not set)
 COMPRESSION_INCLUDES ?= $(error COMPRESSION_INCLUDES is not set)
 
@@ -32,10 +37,11 @@ TOOL_CXXFLAGS := $(shell cat $(HERE)rocksdb-flags.txt) -DGFLAGS=1 \
   -I$(ROCKSDB_SRC)/third-party/gtest-1.8.1/fused-src $(COMPRESSION_INCLUDES) \
   -O2 -fno-omit-frame-pointer -w
 
-# Everything the Rust staticlib needs from the system (rustc
-# --print native-static-libs), gflags, and the C++ runtime.
-TOOL_LIBS := -Wl,-u,blobfs_rocksdb_plugin_anchor $(PLUGIN_LIB) \
+# A plugin archive, everything the Rust staticlib needs from the system
+# (rustc --print native-static-libs), gflags, and the C++ runtime.
+tool_libs = -Wl,-u,blobfs_rocksdb_plugin_anchor $(1) \
   -lgflags -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+TOOL_LIBS := $(call tool_libs,$(PLUGIN_LIB))
 
 BENCH_SRCS := tools/db_bench.cc tools/db_bench_tool.cc tools/tool_hooks.cc \
   tools/simulated_hybrid_file_system.cc test_util/testutil.cc
@@ -77,8 +83,8 @@ $(OBJ)/%.o: $(ROCKSDB_SRC)/%.cc $(FLAGS_STAMP)
 $(OUT)/db_bench: $(call objs,$(BENCH_SRCS)) $(PLUGIN_LIB)
 	$(CXX) -o $@ $(call objs,$(BENCH_SRCS)) $(TOOL_LIBS)
 
-$(OUT)/db_stress: $(call objs,$(STRESS_SRCS)) $(PLUGIN_LIB)
-	$(CXX) -o $@ $(call objs,$(STRESS_SRCS)) $(TOOL_LIBS)
+$(OUT)/db_stress: $(call objs,$(STRESS_SRCS)) $(TESTING_PLUGIN_LIB)
+	$(CXX) -o $@ $(call objs,$(STRESS_SRCS)) $(call tool_libs,$(TESTING_PLUGIN_LIB))
 
 $(OUT)/env_basic_test: $(call objs,$(ENV_TEST_SRCS)) $(PLUGIN_LIB)
 	$(CXX) -o $@ $(call objs,$(ENV_TEST_SRCS)) $(TOOL_LIBS)

@@ -21,7 +21,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use blobfs::{BlobFs, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::{block_on, BlockDevice, FaultDevice, MemDevice};
+use blobstore::testing::FaultDevice;
+use blobstore::{block_on, BlockDevice, MemDevice};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -201,7 +202,7 @@ fn run_seed(seed: u64) -> (usize, Vec<String>) {
         n += rng.gen_range(1..=4);
         at.push(n);
     }
-    fault.capture_at(at);
+    fault.capture_at(at).unwrap();
     let mut open: BTreeMap<String, blobfs::File> = BTreeMap::new();
     for _ in 0..120 {
         let slot = slot_name(model.dir, rng.gen_range(0..4));

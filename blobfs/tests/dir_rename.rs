@@ -11,9 +11,8 @@ use std::sync::Arc;
 
 use blobfs::fsck::{fsck, Severity};
 use blobfs::{meta, BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::{
-    block_on, BlobId, Blobstore, BlockDevice, FaultDevice, IoKind, LoadOptions, MemDevice,
-};
+use blobstore::testing::FaultDevice;
+use blobstore::{block_on, BlobId, Blobstore, BlockDevice, IoKind, LoadOptions, MemDevice};
 
 /// Bytes that differ from file to file (`seed`) and from offset to offset.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -338,11 +337,11 @@ fn power_cuts(block: u32, to: &str) -> (usize, usize, usize) {
     let fs = mkfs(fault.clone());
     build(&fs, to == "dst");
     let op0 = fault.op_count();
-    fault.capture_at((op0 + 1..op0 + 4000).collect());
+    fault.capture_at((op0 + 1..op0 + 4000).collect()).unwrap();
     fs.rename("t", to).unwrap();
     let mut images = fault.take_captures();
     assert!(images.len() > 10, "{} ops", images.len());
-    images.push((fault.op_count() + 1, fault.crash_image()));
+    images.push((fault.op_count() + 1, fault.crash_image().unwrap()));
     drop(fs);
     let (mut new, mut marked) = (0, 0);
     let mut committed = false;

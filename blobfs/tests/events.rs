@@ -108,7 +108,7 @@ fn refusals_and_device_errors_are_warnings() {
         "{refused}"
     );
 
-    let fault = Arc::new(blobstore::FaultDevice::new(mem()).unwrap());
+    let fault = Arc::new(blobstore::testing::FaultDevice::new(mem()).unwrap());
     let d: Arc<dyn BlockDevice> = fault.clone();
     let fs = BlobFs::mkfs(d, MkfsOptions::default(), MountOptions::default()).unwrap();
     let f = fs.create("x").unwrap();

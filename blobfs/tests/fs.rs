@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use blobfs::{BlobFs, Error, MkfsOptions, MountOptions, OpenOptions};
+use blobstore::testing::FaultDevice;
 use blobstore::{BlockDevice, MemDevice};
 
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
@@ -44,8 +45,8 @@ fn mkfs(dev: &Arc<dyn BlockDevice>, opts: MountOptions) -> BlobFs {
 
 /// A BlobFS (default options) on a 64 MiB memory device behind a
 /// `FaultDevice`, which counts and fails operations on request.
-fn fault_fs() -> (Arc<blobstore::FaultDevice>, Arc<dyn BlockDevice>, BlobFs) {
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+fn fault_fs() -> (Arc<FaultDevice>, Arc<dyn BlockDevice>, BlobFs) {
+    let fault = Arc::new(FaultDevice::new(mem(4096, 64 << 20)).unwrap());
     let dev: Arc<dyn BlockDevice> = fault.clone();
     let fs = mkfs(&dev, MountOptions::default());
     (fault, dev, fs)
@@ -491,6 +492,33 @@ fn cache_never_serves_another_files_bytes() {
     assert_eq!(f.read_all().unwrap(), model);
 }
 
+/// A dying disk (every write and flush failing from some point, the rule
+/// `fault_injection=on` arms under RocksDB): the sync fails, and once the
+/// disk is healed a new file syncs and what was synced before reads back.
+#[test]
+fn a_dying_disk_fails_syncs_until_healed() {
+    use blobstore::testing::{Kinds, Rule};
+    let (fault, _dev, fs) = fault_fs();
+    let f = fs.create("a").unwrap();
+    f.append(b"kept").unwrap();
+    f.sync().unwrap();
+    fault.arm(Rule::fail_after(
+        Kinds::WRITE | Kinds::FLUSH | Kinds::WRITE_ZEROES,
+        0,
+    ));
+    // The append may fail at once or leave the failure to the sync.
+    let _ = f.append(&[7u8; 8192]);
+    assert!(f.sync().is_err(), "sync on a failing device must fail");
+    assert!(fault.injected_failures() > 0);
+    fault.clear_failures();
+    let g = fs.create("b").unwrap();
+    g.append(b"fine").unwrap();
+    g.sync().unwrap();
+    let mut b = [0u8; 4];
+    assert_eq!(f.read_at(0, &mut b).unwrap(), 4);
+    assert_eq!(&b, b"kept");
+}
+
 /// An append buffer written behind the appender fails on the device: the
 /// next sync reports the loss, so does every write until a truncate, and
 /// another file synced before is intact.
@@ -788,7 +816,7 @@ fn append_buffers_move_between_files_without_their_bytes() {
 
 #[test]
 fn direct_handles_read_the_device_and_leave_the_cache_alone() {
-    let fault = Arc::new(blobstore::FaultDevice::new(mem(4096, 64 << 20)).unwrap());
+    let fault = Arc::new(FaultDevice::new(mem(4096, 64 << 20)).unwrap());
     let dev: Arc<dyn BlockDevice> = fault.clone();
     let fs = mkfs(&dev, MountOptions::default());
     let data = pattern(9, 3 << 20);
@@ -892,7 +920,7 @@ fn a_file_rename_never_makes_a_length_durable_before_its_data() {
                 if let std::task::Poll::Ready(r) = step(rename.as_mut()) {
                     r.unwrap();
                     renamed = true;
-                    image = Some(fault.crash_image());
+                    image = Some(fault.crash_image().unwrap());
                 }
             }
             if !synced {
@@ -975,7 +1003,7 @@ fn an_io_error_in_a_removal_leaves_a_file_system_that_mounts() {
                 }
                 errors += usize::from(res.is_err());
                 let what = format!("remove {name}, {kind:?} {n} fails ({res:?})");
-                let crash = fault.crash_image();
+                let crash = fault.crash_image().unwrap();
                 fs.unmount()
                     .unwrap_or_else(|e| panic!("{what}: unmount: {e}"));
                 let report =

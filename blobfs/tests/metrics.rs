@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use blobfs::{BlobFs, Metrics, MkfsOptions, MountOptions, OpenOptions};
-use blobstore::{BlockDevice, FaultDevice, IoKind, MemDevice};
+use blobstore::testing::FaultDevice;
+use blobstore::{BlockDevice, IoKind, MemDevice};
 
 const MIB: u64 = 1 << 20;
 

@@ -191,7 +191,8 @@ fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>, deadline: Option<Instant>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{channel, fault::FaultDevice, BlockDevice, DmaBuf, MemDevice};
+    use crate::device::{channel, BlockDevice, DmaBuf, MemDevice};
+    use crate::testing::FaultDevice;
 
     #[test]
     fn a_deadline_gives_up_on_a_future_that_never_completes() {

@@ -10,6 +10,8 @@
 //!   metadata concern, around one metadata transaction at a time) and the
 //!   data path, [`Blob`], built on it.
 //! - [`util`]: the one size grammar and seeded generator the workspace uses.
+//! - `testing` (cargo feature `testing` only): fault injection and crash
+//!   images for tests, out of production builds.
 #![deny(missing_docs)]
 
 mod blob;
@@ -21,6 +23,8 @@ pub mod metrics;
 pub mod probe;
 pub mod reactor;
 mod store;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod util;
 
 /// Cluster entries one metadata page of a blob's cluster map holds, with
@@ -43,7 +47,6 @@ pub mod fuzzing {
 }
 
 pub use blob::{Blob, BlobIo, Xattrs};
-pub use device::fault::{CrashImage, FaultDevice};
 pub use device::IoKind;
 pub use device::{
     channel, device_metrics, open_device, BlockDevice, DeviceMetrics, DeviceSpec, DmaBuf,

@@ -22,9 +22,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use blobstore::testing::FaultDevice;
 use blobstore::{
     block_on, Blob, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error,
-    FaultDevice, LoadOptions, MemDevice,
+    LoadOptions, MemDevice,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -955,7 +956,7 @@ fn run_one(seed: u64, old: &HashMap<u32, Vec<u8>>, stats: &Stats) {
         n += if n < 8 { 1 } else { rng.gen_range(1..=18) };
         at.push(n);
     }
-    run.fault.capture_at(at);
+    run.fault.capture_at(at).unwrap();
     let crash_step = rng.gen_range(0..=STEPS);
     let mut violations = Vec::new();
     // Init: before it the device holds nothing or the old store.
@@ -1049,7 +1050,7 @@ fn run_one(seed: u64, old: &HashMap<u32, Vec<u8>>, stats: &Stats) {
             }
             break;
         }
-        let wm = run.fault.durable_watermark();
+        let wm = run.fault.durable_watermark().unwrap();
         run.model.settle(wm, run.geo.upc);
     }
     if !crashed && violations.is_empty() {

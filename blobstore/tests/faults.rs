@@ -6,9 +6,10 @@ mod common;
 
 use std::sync::Arc;
 
+use blobstore::testing::FaultDevice;
 use blobstore::{
-    block_on, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, FaultDevice, IoKind,
-    LoadOptions, MemDevice,
+    block_on, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, IoKind, LoadOptions,
+    MemDevice,
 };
 
 const CLUSTER: u32 = 16 << 10;
@@ -391,7 +392,7 @@ fn every_failing_op_of_a_delete_leaves_a_store_that_loads() {
                     // the delete done and reports no error.
                     let done = res.is_ok();
                     errors += usize::from(!done);
-                    let crash = fault.crash_image();
+                    let crash = fault.crash_image().unwrap();
                     for retry in [false, true] {
                         let (dev, bs) = if retry {
                             // The same failure again, then a retry.
@@ -449,7 +450,7 @@ fn a_half_deleted_blob_is_written_back_before_it_becomes_the_super_blob() {
         assert_eq!(fault.injected_failures(), 2, "the write-back was tried");
         fault.clear_failures();
         block_on(bs.set_super_blob(Some(v.id))).unwrap();
-        let crash = fault.crash_image();
+        let crash = fault.crash_image().unwrap();
         for seed in 0..8 {
             let what = format!("{block}-byte blocks, crashed after set_super_blob (seed {seed})");
             let dev = Arc::new(crash.to_device(seed).unwrap());

@@ -1,15 +1,16 @@
 //! What the blobstore refuses, with the exact text a caller sees: `init`
 //! over a device that holds a known signature (unless forced), `load` of a
-//! store of another type, and a second opener of a file device in this
-//! process or in another one.
+//! store of another type, a second opener of a file device in this
+//! process or in another one, and the test machinery's spec options in a
+//! build without the feature `testing`.
 
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
 use blobstore::{
-    block_on, channel, open_device, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error,
-    FileDevice, FileOptions, LoadOptions, MemDevice,
+    block_on, channel, open_device, Blobstore, BlobstoreOptions, BlockDevice, DeviceSpec, DmaBuf,
+    Error, FileDevice, FileOptions, LoadOptions, MemDevice,
 };
 
 fn mem(block: u32) -> Arc<dyn BlockDevice> {
@@ -337,4 +338,31 @@ fn a_file_device_has_one_opener() {
     drop(first);
     assert_eq!(child_open("a_file_device_has_one_opener", &tmp.0), "opened");
     FileDevice::open(&tmp.0, FileOptions::default()).unwrap();
+}
+
+/// `powerloss=on` (the power-loss device of `blobstore::testing`) is
+/// reached only in a build with the feature `testing`; without it the spec
+/// is refused with a message naming the feature, and `powerloss=off` is a
+/// plain file device either way.
+#[test]
+fn powerloss_spec_needs_the_testing_feature() {
+    let spec = "file:/tmp/never-opened.img?size=1M&powerloss=on&powerloss_cut_after=3";
+    let parsed = DeviceSpec::parse(spec);
+    if cfg!(feature = "testing") {
+        let shown = parsed.unwrap().to_string();
+        assert!(
+            shown.contains("&powerloss=on&powerloss_cut_after=3"),
+            "{shown}"
+        );
+    } else {
+        let err = parsed.unwrap_err();
+        assert!(matches!(err, Error::BadSpec { .. }), "{err}");
+        let err = err.to_string();
+        assert!(err.contains("powerloss=on is test machinery"), "{err}");
+        assert!(err.contains("feature `testing`"), "{err}");
+    }
+    assert!(matches!(
+        DeviceSpec::parse("file:/tmp/x.img?powerloss=off").unwrap(),
+        DeviceSpec::File { .. }
+    ));
 }

@@ -22,11 +22,8 @@
 
 pub mod backup;
 mod bridge;
-pub mod fault;
 pub mod mount;
 pub mod uri;
-
-use std::sync::Arc;
 
 /// The `rocksdb` crate this crate is built with (one RocksDB, with its
 /// compression libraries): use it from here rather than pinning a second
@@ -34,7 +31,6 @@ use std::sync::Arc;
 pub use rocksdb;
 
 pub use backup::{BackupEngine, BackupInfo, BackupTo};
-pub use fault::FaultControl;
 pub use uri::{Mkfs, Uri, UriError, SCHEME};
 
 // The READMEs' Rust snippets, compiled and run as this crate's doctests
@@ -156,9 +152,11 @@ pub fn open_db(uri: &str, path: &str, options: &rocksdb::Options) -> Result<rock
     Ok(rocksdb::DB::open(&opts, path)?)
 }
 
-/// The fault switch of `uri`'s device, if it was mounted with
-/// `fault_injection=on`.
-pub fn fault_control(uri: &str) -> Result<Option<Arc<FaultControl>>, Error> {
+/// The fault-injection device under `uri`'s BlobFS (mounting it on first
+/// use), if it was mounted with `fault_injection=on`: arm its rules to fail
+/// or stall device operations (feature `testing` only).
+#[cfg(feature = "testing")]
+pub fn fault_device(uri: &str) -> Result<Option<blobstore::testing::FaultDevice>, Error> {
     let u = Uri::parse(uri)?;
     Ok(mount::get(&u)?.faults.clone())
 }

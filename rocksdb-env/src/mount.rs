@@ -22,7 +22,6 @@ use std::sync::Arc;
 use blobfs::{BlobFs, MkfsOptions, MountOptions};
 use parking_lot::Mutex;
 
-use crate::fault::{FaultControl, FaultDevice};
 use crate::uri::{Mkfs, Uri};
 use crate::Error;
 
@@ -32,8 +31,10 @@ pub struct Mount {
     pub fs: BlobFs,
     /// The URI of the first mount.
     pub uri: Uri,
-    /// The fault switch, if mounted with `fault_injection=on`.
-    pub faults: Option<Arc<FaultControl>>,
+    /// The fault-injection device under BlobFS, if mounted with
+    /// `fault_injection=on` (feature `testing` only).
+    #[cfg(feature = "testing")]
+    pub faults: Option<blobstore::testing::FaultDevice>,
     /// The metrics endpoint, if mounted with `metrics=HOST:PORT`.
     pub metrics: Option<blobfs::MetricsServer>,
 }
@@ -60,9 +61,11 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
         spec: uri.spec.clone(),
         reason: e.to_string(),
     })?;
+    // Without the feature the URI parser refuses fault_injection=on.
+    #[cfg(feature = "testing")]
     let (dev, faults): (Arc<dyn blobstore::BlockDevice>, _) = if uri.fault_injection {
-        let (d, c) = FaultDevice::wrap(dev);
-        (d, Some(c))
+        let f = blobstore::testing::FaultDevice::without_image(dev);
+        (Arc::new(f.clone()), Some(f))
     } else {
         (dev, None)
     };
@@ -132,6 +135,7 @@ pub fn get(uri: &Uri) -> Result<Arc<Mount>, Error> {
     let m = Arc::new(Mount {
         fs,
         uri: uri.clone(),
+        #[cfg(feature = "testing")]
         faults,
         metrics,
     });
@@ -285,10 +289,13 @@ mod tests {
         assert_eq!(conflict(&base, &base), None);
         let c = |opt: &str| conflict(&base, &with(opt)).unwrap();
         assert_eq!(c("discard=on"), "discard=on asked, off in force");
-        assert_eq!(
-            c("fault_injection=on"),
-            "fault_injection=on asked, off in force"
-        );
+        // The test machinery's switch (a build without it refuses it).
+        if cfg!(feature = "testing") {
+            assert_eq!(
+                c("fault_injection=on"),
+                "fault_injection=on asked, off in force"
+            );
+        }
         assert_eq!(
             c("metrics=127.0.0.1:9"),
             "metrics=127.0.0.1:9 asked, (none) in force"

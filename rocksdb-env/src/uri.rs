@@ -12,7 +12,9 @@
 //!                           process (default if-blank), see below
 //!   cluster=<size>          cluster size when formatting (default 1M)
 //!   fault_injection=on      put a fault-injecting wrapper under BlobFS
-//!                           (tests; armed with `inject_write_faults`)
+//!                           (tests, feature `testing` only: a build
+//!                           without it refuses the option; armed through
+//!                           `fault_device`)
 //!   discard=on              unmap a deleted file's clusters on the device
 //!                           before reuse (SSDs, thin devices, sparse
 //!                           images get the space back; default off)
@@ -86,7 +88,8 @@ pub struct Uri {
     pub mkfs: Mkfs,
     /// Cluster size for mkfs, in bytes.
     pub cluster_bytes: u32,
-    /// Wrap the device with the fault injector.
+    /// Wrap the device with the fault injector (always false without the
+    /// feature `testing`).
     pub fault_injection: bool,
     /// Where to serve the mount's metrics (`HOST:PORT`, loopback only).
     pub metrics: Option<String>,
@@ -158,7 +161,7 @@ impl Uri {
                         }
                     }
                 }
-                "fault_injection" => out.fault_injection = on_off(key, value).map_err(&bad)?,
+                "fault_injection" => out.fault_injection = fault_injection(value).map_err(&bad)?,
                 "discard" => out.discard = on_off(key, value).map_err(&bad)?,
                 "metrics_file" => {
                     if value.is_empty() {
@@ -224,6 +227,20 @@ impl Uri {
     }
 }
 
+/// Parses `fault_injection=<switch>`: on only in a build with the test
+/// machinery (feature `testing`).
+fn fault_injection(value: &str) -> Result<bool, String> {
+    let on = on_off("fault_injection", value)?;
+    if on && !cfg!(feature = "testing") {
+        return Err(
+            "fault_injection=on is test machinery that this build lacks: build \
+             rocksdb-env with its cargo feature `testing`"
+                .into(),
+        );
+    }
+    Ok(on)
+}
+
 /// Parses a switch: `on`/`true`/`1` or `off`/`false`/`0`.
 fn on_off(key: &str, value: &str) -> Result<bool, String> {
     match value {
@@ -276,11 +293,25 @@ mod tests {
 
     #[test]
     fn options_value_round_trips() {
-        let u =
-            Uri::parse("blobfs://file:/tmp/y.img?size=1G;mkfs=never;fault_injection=on").unwrap();
+        let u = Uri::parse("blobfs://file:/tmp/y.img?size=1G;mkfs=never;discard=on").unwrap();
         let v = u.to_options_value();
         assert!(!v.contains('=') && !v.contains(';'), "{v}");
         assert_eq!(Uri::parse(&v).unwrap(), u);
+    }
+
+    #[test]
+    fn fault_injection_needs_the_testing_feature() {
+        let r = Uri::parse("blobfs://mem:64M;fault_injection=on");
+        if cfg!(feature = "testing") {
+            let u = r.unwrap();
+            assert!(u.fault_injection);
+            assert_eq!(Uri::parse(&u.to_options_value()).unwrap(), u);
+        } else {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("feature `testing`"), "{e}");
+        }
+        let off = Uri::parse("blobfs://mem:64M;fault_injection=off").unwrap();
+        assert!(!off.fault_injection);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! `BTreeMap` model through writes, flushes, compactions, a clean reopen, a
 //! reopen after the writer process was killed (WAL recovery, unsynced
 //! writes included), a second
-//! process locked out of the device, and an injected device write error.
+//! process locked out of the device, and (with the feature `testing`) an
+//! injected device write error and stalled device reads.
 //!
 //! The crash and lock-out tests run this same binary again as a child
 //! process (`BLOBFS_TEST_CHILD` selects what the child does).
@@ -341,173 +342,185 @@ fn second_process_is_locked_out() {
     std::fs::remove_file(&img).unwrap();
 }
 
-#[test]
-fn injected_write_error_reaches_rocksdb() {
-    let uri = "blobfs://mem:512M;fault_injection=on";
-    let path = "/faults/db";
-    let mut o = Options::default();
-    o.create_if_missing(true);
-    let mut synced = WriteOptions::default();
-    synced.set_sync(true);
-    let faults = fault_switch(uri);
-    {
+/// The tests that inject device faults under BlobFS (`fault_injection=on`:
+/// test machinery, in a build with the feature `testing` only).
+#[cfg(feature = "testing")]
+mod faults {
+    use super::*;
+    use blobstore::testing::{FaultDevice, Kinds, Rule};
+    use blobstore::IoKind;
+
+    #[test]
+    fn injected_write_error_reaches_rocksdb() {
+        let uri = "blobfs://mem:512M;fault_injection=on";
+        let path = "/faults/db";
+        let mut o = Options::default();
+        o.create_if_missing(true);
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        let faults = fault_switch(uri);
+        {
+            let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+            for i in 0..100u32 {
+                db.put_opt(key(i), value(i, 0), &synced).unwrap();
+            }
+            faults.arm(Rule::fail_after(
+                Kinds::WRITE | Kinds::FLUSH | Kinds::WRITE_ZEROES,
+                0,
+            ));
+            let err = db
+                .put_opt(key(100), value(100, 0), &synced)
+                .expect_err("a synced write on a failing device must fail");
+            eprintln!("RocksDB reported: {err}");
+            assert_eq!(err.kind(), rocksdb::ErrorKind::IOError, "{err}");
+            assert!(faults.injected_failures() > 0);
+            // RocksDB stops taking writes after a WAL sync error.
+            assert!(db.put_opt(key(101), value(101, 0), &synced).is_err());
+            faults.clear_failures();
+        }
+        // Reopen on the healed device: every acknowledged write is there.
         let db = rocksdb_env::open_db(uri, path, &o).unwrap();
         for i in 0..100u32 {
-            db.put_opt(key(i), value(i, 0), &synced).unwrap();
+            assert_eq!(db.get(key(i)).unwrap(), Some(value(i, 0)), "key {i}");
         }
-        faults.fail_writes_after(0);
+        db.put_opt(key(200), value(200, 0), &synced).unwrap();
+    }
+
+    /// The fault-injection device of a `fault_injection=on` URI.
+    fn fault_switch(uri: &str) -> FaultDevice {
+        rocksdb_env::fault_device(uri)
+            .unwrap()
+            .expect("a fault-injection device")
+    }
+
+    /// Options creating the database, with table options `t` and no RocksDB
+    /// block cache: every block a Get needs is a file-system read.
+    fn uncached_options(mut t: rocksdb::BlockBasedOptions) -> Options {
+        let mut o = Options::default();
+        o.create_if_missing(true);
+        t.disable_cache();
+        o.set_block_based_table_factory(&t);
+        o
+    }
+
+    /// RocksDB's read time limits (`ReadOptions::io_timeout`, `deadline`)
+    /// reach BlobFS as `IOOptions::timeout`: a read the device has not answered
+    /// by then fails with `TimedOut` soon after the limit, not when the device
+    /// answers; without a limit the same read waits and succeeds; and once the
+    /// device answers again, limited reads succeed.
+    #[test]
+    fn read_time_limits_are_honoured() {
+        use std::time::{Duration, Instant};
+        // No BlobFS cache and no block cache, so every Get reads the device.
+        // (Each test's device has a size of its own: mounts are shared by
+        // spec within the process.)
+        let uri = "blobfs://mem:200M;cache=0;fault_injection=on";
+        let path = "/timeouts/db";
+        let faults = fault_switch(uri);
+        let o = uncached_options(rocksdb::BlockBasedOptions::default());
+        {
+            let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+            for i in 0..1000u32 {
+                db.put(key(i), value(i, 0)).unwrap();
+            }
+            db.flush().unwrap();
+        }
+        // Reopened: the table's index and filter are read at open, before the
+        // stall; a Get then reads one data block.
+        let db = rocksdb_env::open_db(uri, path, &o).unwrap();
+        assert_eq!(db.get(key(1)).unwrap(), Some(value(1, 0)));
+
+        let stall = Duration::from_millis(400);
+        faults.arm(Rule::stall(IoKind::Read, stall));
+        let mut limited = rocksdb::ReadOptions::default();
+        limited.set_io_timeout(20_000);
+        let start = Instant::now();
         let err = db
-            .put_opt(key(100), value(100, 0), &synced)
-            .expect_err("a synced write on a failing device must fail");
-        eprintln!("RocksDB reported: {err}");
-        assert_eq!(err.kind(), rocksdb::ErrorKind::IOError, "{err}");
-        assert!(faults.injected() > 0);
-        // RocksDB stops taking writes after a WAL sync error.
-        assert!(db.put_opt(key(101), value(101, 0), &synced).is_err());
-        faults.disarm();
+            .get_opt(key(500), &limited)
+            .expect_err("a read past its io_timeout must fail");
+        let took = start.elapsed();
+        eprintln!("RocksDB reported after {took:?}: {err}");
+        assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
+        assert!(
+            took < stall,
+            "gave up only after the device answered: {took:?}"
+        );
+
+        // The same read without a limit waits for the device.
+        let start = Instant::now();
+        assert_eq!(db.get(key(500)).unwrap(), Some(value(500, 0)));
+        assert!(start.elapsed() >= stall / 2, "the stall did not apply");
+
+        // A deadline (absolute, on RocksDB's clock) is honoured as well.
+        let mut deadline = rocksdb::ReadOptions::default();
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64;
+        deadline.set_deadline(now_us + 20_000);
+        let err = db
+            .get_opt(key(700), &deadline)
+            .expect_err("a read past its deadline must fail");
+        assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
+
+        // A healthy device again: limited reads succeed, every key is intact.
+        faults.clear_stalls();
+        for i in (0..1000u32).step_by(37) {
+            assert_eq!(
+                db.get_opt(key(i), &limited).unwrap(),
+                Some(value(i, 0)),
+                "key {i}"
+            );
+        }
     }
-    // Reopen on the healed device: every acknowledged write is there.
-    let db = rocksdb_env::open_db(uri, path, &o).unwrap();
-    for i in 0..100u32 {
-        assert_eq!(db.get(key(i)).unwrap(), Some(value(i, 0)), "key {i}");
-    }
-    db.put_opt(key(200), value(200, 0), &synced).unwrap();
-}
 
-/// The fault switch of a `fault_injection=on` URI.
-fn fault_switch(uri: &str) -> std::sync::Arc<rocksdb_env::FaultControl> {
-    rocksdb_env::fault_control(uri)
-        .unwrap()
-        .expect("fault switch")
-}
-
-/// Options creating the database, with table options `t` and no RocksDB
-/// block cache: every block a Get needs is a file-system read.
-fn uncached_options(mut t: rocksdb::BlockBasedOptions) -> Options {
-    let mut o = Options::default();
-    o.create_if_missing(true);
-    t.disable_cache();
-    o.set_block_based_table_factory(&t);
-    o
-}
-
-/// RocksDB's read time limits (`ReadOptions::io_timeout`, `deadline`)
-/// reach BlobFS as `IOOptions::timeout`: a read the device has not answered
-/// by then fails with `TimedOut` soon after the limit, not when the device
-/// answers; without a limit the same read waits and succeeds; and once the
-/// device answers again, limited reads succeed.
-#[test]
-fn read_time_limits_are_honoured() {
-    use std::time::{Duration, Instant};
-    // No BlobFS cache and no block cache, so every Get reads the device.
-    // (Each test's device has a size of its own: mounts are shared by
-    // spec within the process.)
-    let uri = "blobfs://mem:200M;cache=0;fault_injection=on";
-    let path = "/timeouts/db";
-    let faults = fault_switch(uri);
-    let o = uncached_options(rocksdb::BlockBasedOptions::default());
-    {
+    /// A batched `MultiGet` reaches BlobFS as one `MultiRead` per table file,
+    /// and BlobFS submits all of its reads before waiting for any: on a device
+    /// whose every read takes 150 ms, 16 keys in 16 separate blocks come back
+    /// in about one read's time, not sixteen.
+    #[test]
+    fn multi_get_reads_a_batch_in_parallel() {
+        use std::time::{Duration, Instant};
+        // No BlobFS cache and no block cache: every block is a device read.
+        let uri = "blobfs://mem:176M;cache=0;fault_injection=on";
+        let path = "/multiget/db";
+        let faults = fault_switch(uri);
+        let mut t = rocksdb::BlockBasedOptions::default();
+        t.set_block_size(4096);
+        let o = uncached_options(t);
+        // One key per block: 4000-byte values.
+        let big = |i: u32| {
+            let mut v = value(i, 7);
+            v.resize(4000, b'0' + (i % 10) as u8);
+            v
+        };
         let db = rocksdb_env::open_db(uri, path, &o).unwrap();
         for i in 0..1000u32 {
-            db.put(key(i), value(i, 0)).unwrap();
+            db.put(key(i), big(i)).unwrap();
         }
         db.flush().unwrap();
-    }
-    // Reopened: the table's index and filter are read at open, before the
-    // stall; a Get then reads one data block.
-    let db = rocksdb_env::open_db(uri, path, &o).unwrap();
-    assert_eq!(db.get(key(1)).unwrap(), Some(value(1, 0)));
-
-    let stall = Duration::from_millis(400);
-    faults.stall_reads(stall);
-    let mut limited = rocksdb::ReadOptions::default();
-    limited.set_io_timeout(20_000);
-    let start = Instant::now();
-    let err = db
-        .get_opt(key(500), &limited)
-        .expect_err("a read past its io_timeout must fail");
-    let took = start.elapsed();
-    eprintln!("RocksDB reported after {took:?}: {err}");
-    assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
-    assert!(
-        took < stall,
-        "gave up only after the device answered: {took:?}"
-    );
-
-    // The same read without a limit waits for the device.
-    let start = Instant::now();
-    assert_eq!(db.get(key(500)).unwrap(), Some(value(500, 0)));
-    assert!(start.elapsed() >= stall / 2, "the stall did not apply");
-
-    // A deadline (absolute, on RocksDB's clock) is honoured as well.
-    let mut deadline = rocksdb::ReadOptions::default();
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64;
-    deadline.set_deadline(now_us + 20_000);
-    let err = db
-        .get_opt(key(700), &deadline)
-        .expect_err("a read past its deadline must fail");
-    assert_eq!(err.kind(), rocksdb::ErrorKind::TimedOut, "{err}");
-
-    // A healthy device again: limited reads succeed, every key is intact.
-    faults.stall_reads(Duration::ZERO);
-    for i in (0..1000u32).step_by(37) {
-        assert_eq!(
-            db.get_opt(key(i), &limited).unwrap(),
-            Some(value(i, 0)),
-            "key {i}"
+        // Opens the table (index and filter read before the stall).
+        assert_eq!(db.get(key(0)).unwrap(), Some(big(0)));
+        // Every 37th key: no two in adjacent blocks, so RocksDB cannot merge
+        // their reads into one.
+        let keys: Vec<Vec<u8>> = (1..=16u32).map(|j| key(j * 37)).collect();
+        let stall = Duration::from_millis(150);
+        faults.arm(Rule::stall(IoKind::Read, stall));
+        let start = Instant::now();
+        let got = db.multi_get(&keys);
+        let took = start.elapsed();
+        faults.clear_stalls();
+        for (j, r) in (1..=16u32).zip(&got) {
+            let v = r.as_ref().unwrap().as_ref().expect("found");
+            assert_eq!(&v[..], &big(j * 37)[..], "key {}", j * 37);
+        }
+        eprintln!("16 keys in 16 blocks, reads stalled {stall:?}: MultiGet took {took:?}");
+        assert!(took >= stall, "the stall did not apply: {took:?}");
+        assert!(
+            took < stall * 4,
+            "the batch's reads were waited for one by one: {took:?}"
         );
     }
-}
-
-/// A batched `MultiGet` reaches BlobFS as one `MultiRead` per table file,
-/// and BlobFS submits all of its reads before waiting for any: on a device
-/// whose every read takes 150 ms, 16 keys in 16 separate blocks come back
-/// in about one read's time, not sixteen.
-#[test]
-fn multi_get_reads_a_batch_in_parallel() {
-    use std::time::{Duration, Instant};
-    // No BlobFS cache and no block cache: every block is a device read.
-    let uri = "blobfs://mem:176M;cache=0;fault_injection=on";
-    let path = "/multiget/db";
-    let faults = fault_switch(uri);
-    let mut t = rocksdb::BlockBasedOptions::default();
-    t.set_block_size(4096);
-    let o = uncached_options(t);
-    // One key per block: 4000-byte values.
-    let big = |i: u32| {
-        let mut v = value(i, 7);
-        v.resize(4000, b'0' + (i % 10) as u8);
-        v
-    };
-    let db = rocksdb_env::open_db(uri, path, &o).unwrap();
-    for i in 0..1000u32 {
-        db.put(key(i), big(i)).unwrap();
-    }
-    db.flush().unwrap();
-    // Opens the table (index and filter read before the stall).
-    assert_eq!(db.get(key(0)).unwrap(), Some(big(0)));
-    // Every 37th key: no two in adjacent blocks, so RocksDB cannot merge
-    // their reads into one.
-    let keys: Vec<Vec<u8>> = (1..=16u32).map(|j| key(j * 37)).collect();
-    let stall = Duration::from_millis(150);
-    faults.stall_reads(stall);
-    let start = Instant::now();
-    let got = db.multi_get(&keys);
-    let took = start.elapsed();
-    faults.stall_reads(Duration::ZERO);
-    for (j, r) in (1..=16u32).zip(&got) {
-        let v = r.as_ref().unwrap().as_ref().expect("found");
-        assert_eq!(&v[..], &big(j * 37)[..], "key {}", j * 37);
-    }
-    eprintln!("16 keys in 16 blocks, reads stalled {stall:?}: MultiGet took {took:?}");
-    assert!(took >= stall, "the stall did not apply: {took:?}");
-    assert!(
-        took < stall * 4,
-        "the batch's reads were waited for one by one: {took:?}"
-    );
 }
 
 /// `allow_mmap_reads` makes RocksDB read with a null buffer and keep the

@@ -1,6 +1,6 @@
 //! RocksDB on BlobFS on a power-loss device (`powerloss=on`): a child process
 //! writes synced and unsynced batches and is SIGKILLed; the parent plays a
-//! power cut on the image (`blobstore::device::powerloss::recover`, several
+//! power cut on the image (`blobstore::testing::recover`, several
 //! seeds) and reopens the database: every synced key is there, and the
 //! database opens without error. A second test cuts power mid-I/O
 //! (`powerloss_cut_after=N`: the child SIGKILLs itself at its N-th device
@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use blobstore::device::powerloss;
+use blobstore::testing::powerloss;
 use rocksdb::{Options, WriteBatch, WriteOptions};
 
 const CHILD_ENV: &str = "POWERLOSS_TEST_CHILD_URI";

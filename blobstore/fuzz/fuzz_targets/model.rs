@@ -9,9 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use blobstore::testing::FaultDevice;
 use blobstore::{
     block_on, BlobId, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error,
-    FaultDevice, IoKind, LoadOptions, MemDevice,
+    IoKind, LoadOptions, MemDevice,
 };
 use libfuzzer_sys::fuzz_target;
 

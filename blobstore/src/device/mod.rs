@@ -17,13 +17,11 @@
 //!   ([`IoChannel::poll`], or any pending [`IoFuture`] being polled).
 
 mod dma;
-pub mod fault;
 mod file;
 mod lock;
 mod mem;
 #[cfg(feature = "nvme")]
 pub mod nvme;
-pub mod powerloss;
 mod spec;
 
 pub use dma::{DmaBuf, DmaMapping, DmaRelease, Iova, Segment, Segments, DMA_ALIGN};
@@ -34,7 +32,6 @@ pub use mem::{MemDevice, ShmOptions};
 pub use nvme::tcp::{NvmeTcpController, NvmeTcpDevice, TcpOptions};
 #[cfg(feature = "nvme")]
 pub use nvme::{ControllerOptions, NvmeController, NvmeDevice};
-pub use powerloss::PowerLossDevice;
 pub use spec::{open_device, DeviceSpec, PciAddress, TcpDigest};
 
 use std::cell::{Cell, RefCell};

@@ -6,6 +6,7 @@
 //! shm:<path>[?size=<size>&bs=512|4096&create=true|false]
 //! file:<path>[?size=<size>&bs=512|4096&qd=<n>&create=true|false&powerloss=on
 //!              [&powerloss_cut_after=<n>&powerloss_cut_when=before|after]]
+//!              (powerloss*: test machinery, feature `testing` only)
 //! nvme:<DDDD:BB:DD.F>[/ns=<n>]
 //! nvme-tcp:<host>:<port>/<subsystem NQN>[/ns=<n>][?hostnqn=<NQN>&qd=<n>
 //!          &digest=none|header|data|both]
@@ -25,6 +26,8 @@
 //!   exact problem in [`Error::BadSpec`].
 //! - Display round-trips: `DeviceSpec::parse(&spec.to_string()) == Ok(spec)`
 //!   for every spec that `parse` returns.
+//! - Without the cargo feature `testing`, no spec reaches the test
+//!   machinery: `powerloss=on` is an error that names the feature.
 
 use std::ffi::OsString;
 use std::fmt;
@@ -152,10 +155,12 @@ pub enum DeviceSpec {
         /// Options from the query part.
         options: FileOptions,
     },
-    /// `file:<path>?..&powerloss=on`: a [`FileDevice`] under a
-    /// [`PowerLossDevice`](super::PowerLossDevice), which logs how to undo
-    /// every write not yet made durable, for
-    /// [`powerloss::recover`](super::powerloss::recover).
+    /// `file:<path>?..&powerloss=on` (feature `testing` only): a
+    /// [`FileDevice`] under a
+    /// [`PowerLossDevice`](crate::testing::PowerLossDevice), which logs how
+    /// to undo every write not yet made durable, for
+    /// [`recover`](crate::testing::recover).
+    #[cfg(any(test, feature = "testing"))]
     PowerLoss {
         /// The regular file or block device.
         path: PathBuf,
@@ -163,8 +168,8 @@ pub enum DeviceSpec {
         options: FileOptions,
         /// `powerloss_cut_after=<n>[&powerloss_cut_when=before|after]`: a
         /// test-only self-inflicted power cut (the process SIGKILLs itself
-        /// at its n-th write or flush); see [`PowerCut`](super::powerloss::PowerCut).
-        cut: Option<super::powerloss::PowerCut>,
+        /// at its n-th write or flush); see [`PowerCut`](crate::testing::PowerCut).
+        cut: Option<crate::testing::PowerCut>,
     },
     /// `shm:<path>[?size=..&bs=..&create=..]`: a [`MemDevice`] whose
     /// blocks are a shared mapping of the file (meant for tmpfs, e.g.
@@ -223,9 +228,10 @@ impl DeviceSpec {
             DeviceSpec::Shm { path, options } => {
                 Ok(Arc::new(MemDevice::open_shared(path, *options)?))
             }
+            #[cfg(any(test, feature = "testing"))]
             DeviceSpec::PowerLoss { path, options, cut } => {
                 let inner: Arc<dyn BlockDevice> = Arc::new(FileDevice::open(path, *options)?);
-                Ok(Arc::new(super::PowerLossDevice::with_cut(
+                Ok(Arc::new(crate::testing::PowerLossDevice::with_cut(
                     path,
                     inner,
                     self.to_string(),
@@ -336,6 +342,7 @@ impl fmt::Display for DeviceSpec {
                 }
                 Ok(())
             }
+            #[cfg(any(test, feature = "testing"))]
             DeviceSpec::PowerLoss { path, options, cut } => {
                 let file = DeviceSpec::File {
                     path: path.clone(),
@@ -585,13 +592,37 @@ fn parse_file(rest: &str) -> std::result::Result<DeviceSpec, String> {
         return Err("powerloss_cut_when needs powerloss_cut_after=<n>".into());
     }
     if powerloss {
-        let cut = cut_after.map(|after| super::powerloss::PowerCut {
-            after,
-            issued: cut_issued.unwrap_or(false),
-        });
-        return Ok(DeviceSpec::PowerLoss { path, options, cut });
+        return power_loss_spec(path, options, cut_after, cut_issued.unwrap_or(false));
     }
     Ok(DeviceSpec::File { path, options })
+}
+
+/// `file:<path>?..&powerloss=on`, with its power cut if any.
+#[cfg(any(test, feature = "testing"))]
+fn power_loss_spec(
+    path: PathBuf,
+    options: FileOptions,
+    cut_after: Option<u64>,
+    issued: bool,
+) -> std::result::Result<DeviceSpec, String> {
+    let cut = cut_after.map(|after| crate::testing::PowerCut { after, issued });
+    Ok(DeviceSpec::PowerLoss { path, options, cut })
+}
+
+/// `powerloss=on` in a build without the test machinery: refused, naming
+/// the feature that has it.
+#[cfg(not(any(test, feature = "testing")))]
+fn power_loss_spec(
+    _: PathBuf,
+    _: FileOptions,
+    _: Option<u64>,
+    _: bool,
+) -> std::result::Result<DeviceSpec, String> {
+    Err(
+        "powerloss=on is test machinery that this build lacks: build blobstore with \
+         its cargo feature `testing` (rocksdb-env: `--features testing`)"
+            .into(),
+    )
 }
 
 fn parse_shm(rest: &str) -> std::result::Result<DeviceSpec, String> {

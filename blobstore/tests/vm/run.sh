@@ -118,7 +118,7 @@ fi
 if [ -n "$ONLY" ]; then
   :
 elif [ "$MODE" = test ]; then
-  $CARGO build --release -q -p rocksdb-env --bin rocksdb-crashtest
+  $CARGO build --release -q -p rocksdb-env --features testing --bin rocksdb-crashtest
   for t in db_bench db_stress env_basic_test; do
     [ -x "$TOOLS/$t" ] || { echo "$TOOLS/$t not found (make rocksdb-tools)" >&2; exit 1; }
   done

@@ -23,7 +23,7 @@
 //! - `kill`: SIGKILL only. BlobFS keeps appends in the process until a sync,
 //!   so what RocksDB wrote but did not sync is lost.
 //! - `powerloss`: the device runs with `powerloss=on`, and after each kill
-//!   [`blobstore::device::powerloss::recover`] undoes, keeps or tears every
+//!   [`blobstore::testing::recover`] undoes, keeps or tears every
 //!   write no completed device flush made durable, as a power cut would.
 //!   A timed SIGKILL seldom finds such writes (BlobFS flushes right after
 //!   each sync's writes), so about half the rounds after the first instead
@@ -99,7 +99,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use blobstore::device::powerloss;
+use blobstore::testing::powerloss;
 
 /// Which crash the driver simulates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -4,8 +4,10 @@
 //! that log.
 //!
 //! Select it from a spec with `powerloss=on`, e.g.
-//! `file:/x.img?size=4G&powerloss=on`; the log is `/x.img.powerloss`
-//! ([`log_path`]).
+//! `file:/x.img?size=4G&powerloss=on` (only in a build with the `testing`
+//! feature: without it the spec parser refuses the option); the log is
+//! `/x.img.powerloss` ([`log_path`]), its bytes laid out by
+//! [`log_format`].
 //!
 //! Invariants:
 //! - Before a write, write-zeroes or unmap is handed to the device, the old
@@ -47,14 +49,16 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::lock::FileLock;
-use super::{BlockDevice, ChannelBackend, DeviceId, DmaBuf, Geometry, IoKind, IoOp, Tag};
-use crate::error::{Error, Result};
-use crate::format::{
-    decode_powerloss_header, decode_powerloss_record, encode_powerloss_header,
-    encode_powerloss_record, PowerLossKind, PowerLossRecord, POWERLOSS_HEADER_LEN,
-    POWERLOSS_MAX_PAYLOAD,
+pub mod log_format;
+
+use self::log_format::{
+    decode_header, decode_record, encode_header, encode_record, Record, RecordKind, HEADER_LEN,
+    MAX_PAYLOAD,
 };
+use crate::device::{
+    BlockDevice, ChannelBackend, DeviceId, DmaBuf, FileLock, Geometry, IoKind, IoOp, Tag,
+};
+use crate::error::{Error, Result};
 use crate::util::SplitMix64;
 
 /// The power-loss log of the image at `image`: the image's path with
@@ -138,12 +142,12 @@ impl Shared {
     fn log_write(&self, kind: IoKind, offset: u64, len: u64) -> Result<u64> {
         let mut st = self.log.lock();
         let seq = st.next_seq;
-        let mut chunk = vec![0u8; (len as usize).min(POWERLOSS_MAX_PAYLOAD)];
+        let mut chunk = vec![0u8; (len as usize).min(MAX_PAYLOAD)];
         let mut out = Vec::with_capacity(chunk.len() + 64);
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            let n = ((end - pos) as usize).min(POWERLOSS_MAX_PAYLOAD);
+            let n = ((end - pos) as usize).min(MAX_PAYLOAD);
             let buf = &mut chunk[..n];
             self.image.read_exact_at(buf, pos).map_err(|e| Error::Os {
                 context: format!(
@@ -155,12 +159,12 @@ impl Shared {
             let zero = buf.iter().all(|&b| b == 0);
             // Zeroing a range that holds zeroes changes nothing to undo.
             if !(zero && kind != IoKind::Write) {
-                encode_powerloss_record(
-                    &PowerLossRecord {
+                encode_record(
+                    &Record {
                         kind: if zero {
-                            PowerLossKind::UndoZero
+                            RecordKind::UndoZero
                         } else {
-                            PowerLossKind::Undo
+                            RecordKind::Undo
                         },
                         seq,
                         offset: pos,
@@ -171,7 +175,7 @@ impl Shared {
                 );
             }
             pos += n as u64;
-            if out.len() >= POWERLOSS_MAX_PAYLOAD || pos >= end {
+            if out.len() >= MAX_PAYLOAD || pos >= end {
                 st.file
                     .write_all(&out)
                     .map_err(|e| self.log_err("appending to", e))?;
@@ -180,6 +184,7 @@ impl Shared {
         }
         st.next_seq += 1;
         st.outstanding += 1;
+        debug_assert!(st.outstanding < st.next_seq);
         Ok(seq)
     }
 
@@ -201,19 +206,21 @@ impl Shared {
     /// A flush completed: its writes are durable.
     fn flush_done(&self, covered: &[u64]) -> Result<()> {
         let mut st = self.log.lock();
-        st.outstanding -= covered.len() as u64;
+        // Every write a flush covers was logged and is not durable yet.
+        debug_assert!(st.outstanding >= covered.len() as u64);
+        st.outstanding = st.outstanding.saturating_sub(covered.len() as u64);
         if st.outstanding == 0 {
             // Everything logged is durable: back to an empty log.
             st.file
-                .set_len(POWERLOSS_HEADER_LEN as u64)
+                .set_len(HEADER_LEN as u64)
                 .map_err(|e| self.log_err("truncating", e))?;
         } else if !covered.is_empty() {
             let payload: Vec<u8> = covered.iter().flat_map(|s| s.to_le_bytes()).collect();
             let mut out = Vec::new();
-            for part in payload.chunks(POWERLOSS_MAX_PAYLOAD) {
-                encode_powerloss_record(
-                    &PowerLossRecord {
-                        kind: PowerLossKind::Flushed,
+            for part in payload.chunks(MAX_PAYLOAD) {
+                encode_record(
+                    &Record {
+                        kind: RecordKind::Flushed,
                         seq: 0,
                         offset: 0,
                         range_len: 0,
@@ -284,7 +291,7 @@ impl PowerLossDevice {
             .mode(0o644)
             .open(&log_path)
             .map_err(os("creating the power-loss log", &log_path))?;
-        file.write_all(&encode_powerloss_header(sector))
+        file.write_all(&encode_header(sector))
             .map_err(os("writing the power-loss log", &log_path))?;
         // Appends go to the end even after a truncation to the header.
         // SAFETY: fcntl on a descriptor we own, no pointers.
@@ -476,7 +483,7 @@ fn pending_writes(path: &Path) -> Result<Option<u64>> {
 struct Log<'a> {
     sector: u32,
     /// Undo and undo-zero records, oldest first.
-    undo: Vec<PowerLossRecord<'a>>,
+    undo: Vec<Record<'a>>,
     /// Writes a completed flush made durable.
     durable: HashSet<u64>,
     /// The log ends inside a record (its append was cut short, so its write
@@ -496,29 +503,29 @@ fn parse_log<'a>(bytes: &'a [u8], path: &Path) -> Result<Log<'a>> {
             torn_tail: false,
         });
     }
-    let sector = decode_powerloss_header(bytes, &location)?;
+    let sector = decode_header(bytes, &location)?;
     let mut log = Log {
         sector,
         undo: Vec::new(),
         durable: HashSet::new(),
         torn_tail: false,
     };
-    let mut pos = POWERLOSS_HEADER_LEN;
+    let mut pos = HEADER_LEN;
     while pos < bytes.len() {
         let at = format!("{location} at byte {pos}");
-        match decode_powerloss_record(&bytes[pos..], &at)? {
+        match decode_record(&bytes[pos..], &at)? {
             None => {
                 log.torn_tail = true;
                 break;
             }
             Some((rec, len)) => {
                 match rec.kind {
-                    PowerLossKind::Flushed => log.durable.extend(
+                    RecordKind::Flushed => log.durable.extend(
                         rec.payload
                             .chunks_exact(8)
                             .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))),
                     ),
-                    PowerLossKind::Undo | PowerLossKind::UndoZero => {
+                    RecordKind::Undo | RecordKind::UndoZero => {
                         if !rec.range_len.is_multiple_of(sector as u64)
                             || !rec.offset.is_multiple_of(sector as u64)
                         {
@@ -665,7 +672,7 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
                 continue;
             }
             let old = match rec.kind {
-                PowerLossKind::Undo => &rec.payload[i * sector..(i + 1) * sector],
+                RecordKind::Undo => &rec.payload[i * sector..(i + 1) * sector],
                 _ => &zeroes[..],
             };
             let off = rec.offset + (i * sector) as u64;
@@ -686,7 +693,8 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
     file.sync_all().map_err(|e| os("syncing", 0, e))?;
     // The cut takes the machine's memory with it: the owner's unsynced data
     // (see `BlockDevice::unsynced_memory`) is gone, as after a reboot.
-    let unsynced = super::unsynced_memory_path(&file.metadata().map_err(|e| os("stat of", 0, e))?);
+    let unsynced =
+        crate::device::unsynced_memory_path(&file.metadata().map_err(|e| os("stat of", 0, e))?);
     match std::fs::remove_file(&unsynced) {
         Ok(()) => report.unsynced_memory_lost = true,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -763,6 +771,16 @@ mod tests {
 
     fn flush(dev: &Arc<dyn BlockDevice>) {
         block_on(channel(dev).unwrap().flush()).unwrap();
+    }
+
+    /// Writes 0x11 over the first `SECTORS` sectors, flushes, overwrites
+    /// them with 0x22 and stops without a flush.
+    fn flushed_then_overwritten(img: &Img) {
+        run(img, |dev| {
+            write(dev, 0, SECTORS, 0x11);
+            flush(dev);
+            write(dev, 0, SECTORS, 0x22);
+        });
     }
 
     /// The fill byte of each of the first `SECTORS` sectors (panics on a
@@ -869,11 +887,7 @@ mod tests {
         let (mut old, mut new, mut torn) = (0, 0, 0);
         for seed in 0..30 {
             let img = Img::new();
-            run(&img, |dev| {
-                write(dev, 0, SECTORS, 0x11);
-                flush(dev);
-                write(dev, 0, SECTORS, 0x22);
-            });
+            flushed_then_overwritten(&img);
             // Before recovery the image holds what the process wrote.
             assert_eq!(sectors(&img), vec![0x22; SECTORS]);
             let r = recover(&img.0, seed).unwrap();
@@ -976,14 +990,10 @@ mod tests {
     #[test]
     fn corrupt_log_is_refused_and_the_image_left_alone() {
         let img = Img::new();
-        run(&img, |dev| {
-            write(dev, 0, SECTORS, 0x11);
-            flush(dev);
-            write(dev, 0, SECTORS, 0x22);
-        });
+        flushed_then_overwritten(&img);
         let lp = log_path(&img.0);
         let mut log = std::fs::read(&lp).unwrap();
-        let mid = POWERLOSS_HEADER_LEN + 100;
+        let mid = HEADER_LEN + 100;
         log[mid] ^= 0xff;
         std::fs::write(&lp, &log).unwrap();
         let err = recover(&img.0, 1).unwrap_err();
@@ -1000,11 +1010,7 @@ mod tests {
     #[test]
     fn torn_tail_record_is_ignored() {
         let img = Img::new();
-        run(&img, |dev| {
-            write(dev, 0, SECTORS, 0x11);
-            flush(dev);
-            write(dev, 0, SECTORS, 0x22);
-        });
+        flushed_then_overwritten(&img);
         let lp = log_path(&img.0);
         let log = std::fs::read(&lp).unwrap();
         // Cut inside the record of the unflushed write: that write was never
@@ -1082,7 +1088,7 @@ mod tests {
                 );
                 let status = std::process::Command::new(std::env::current_exe().unwrap())
                     .args([
-                        "device::powerloss::tests::power_cut_option_kills_at_the_nth_op",
+                        "testing::powerloss::tests::power_cut_option_kills_at_the_nth_op",
                         "--exact",
                         "--test-threads=1",
                     ])
@@ -1183,7 +1189,7 @@ mod tests {
             let img = Img::new();
             let status = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
-                    "device::powerloss::tests::blobstore_on_powerloss_keeps_synced_blobs",
+                    "testing::powerloss::tests::blobstore_on_powerloss_keeps_synced_blobs",
                     "--exact",
                     "--test-threads=1",
                 ])
