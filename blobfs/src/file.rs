@@ -25,13 +25,15 @@
 //!   per file at a time. Those waits are futures the writer wakes: no
 //!   async function blocks its thread on the writer (the one plain caller,
 //!   `read_direct_into`, parks its thread; see [`Behind`]). Against the
-//!   `Condvar` waits they replaced (kvbench `memory`, 9 alternating rounds,
-//!   2026-12-07): BlobFS ops/s 1.07x on readwrite and 1.04x on overwrite,
-//!   CPU per op 0.89x and 0.93x, within the noise of a shared 2-core
-//!   machine (one binary's readwrite ranged 12.9k to 32.2k ops/s). The
-//!   0.72x once measured for them was that noise, from 2 rounds: RocksDB
-//!   there waits on the writer at most twice a second, and no read found
-//!   a write in flight.
+//!   `Condvar` waits they replaced (kvbench `memory`, BlobFS ops/s, 3
+//!   alternating rounds on an otherwise idle machine, 2026-12-07): 1.01x
+//!   on readwrite and 1.02x on overwrite, within one build's spread (the
+//!   Condvar build's readwrite ranged 56.6k to 71.5k ops/s). An earlier
+//!   form of these futures measured 0.72x on readwrite in 2 rounds; this
+//!   one differs in that a read takes no lock when no write is in flight
+//!   (an atomic `busy` flag) and `read_direct_into` parks instead of
+//!   entering `block_on`. RocksDB there waits on the writer at most a few
+//!   times a second, and no read found a write in flight.
 //! - After `sync` returns, the blob holds every byte below `len` and its
 //!   metadata holds `len`, both durable.
 //! - Appends copy the caller's bytes once, into DMA memory, and reach the
