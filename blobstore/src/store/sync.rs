@@ -73,8 +73,6 @@ fn give_back_md_page(buf: DmaBuf) {
 
 /// One sync of one blob, decided before any I/O.
 pub(super) struct SyncPlan {
-    /// The first page's bytes, in a device buffer (taken when written).
-    first: Option<DmaBuf>,
     /// Fresh pages and their bytes: continuation pages, then extent pages.
     fresh: Vec<(u32, Vec<u8>)>,
     /// The extent table the blob has once the first page is durable.
@@ -98,14 +96,14 @@ pub(super) struct SyncPlan {
 
 impl SyncPlan {
     /// Plans the sync of `md` (blob `id`), taking its fresh pages from
-    /// `alloc`. [`Error::NoSpace`] when the metadata region is full, with
+    /// `alloc`; also returns the first page's bytes, in a device buffer. [`Error::NoSpace`] when the metadata region is full, with
     /// nothing taken.
     pub(super) fn capture(
         md: &BlobMd,
         id: BlobId,
         l: &Layout,
         alloc: &Mutex<Allocator>,
-    ) -> Result<SyncPlan> {
+    ) -> Result<(SyncPlan, DmaBuf)> {
         let per = l.extent_per_page;
         let header = format::BlobHeader {
             invalid_flags: md.invalid_flags,
@@ -221,8 +219,7 @@ impl SyncPlan {
             );
         }
         to_free.extend_from_slice(&md.pending_free_pages);
-        Ok(SyncPlan {
-            first: Some(first),
+        let plan = SyncPlan {
             fresh,
             extent_pages: table,
             cont_pages: conts,
@@ -233,7 +230,8 @@ impl SyncPlan {
             freed_clusters: md.pending_free_clusters.len(),
             freed_pages: md.pending_free_pages.len(),
             inline,
-        })
+        };
+        Ok((plan, first))
     }
 
     /// Whether the first page must wait for a flush of everything before
@@ -325,22 +323,24 @@ impl MdTxn<'_> {
             }
             return Ok(());
         }
-        let mut plan = SyncPlan::capture(&blob.md.read(), blob.id, &self.layout, &self.alloc)
+        let (plan, first) = SyncPlan::capture(&blob.md.read(), blob.id, &self.layout, &self.alloc)
             .map_err(SyncFailed::Metadata)?;
-        self.write_plan(blob, &mut plan, ordered, data).await?;
+        self.write_plan(blob, &plan, first, ordered, data).await?;
         self.adopt(blob, plan).await;
         Ok(())
     }
 
-    /// Writes what `plan` says: the fresh pages (with the caller's `data`
-    /// where a barrier follows) and a flush, then the first page in place
-    /// (with `data` where no barrier came before) and a flush. On failure
+    /// Writes what `plan` says, with `first_page` its first page: the fresh
+    /// pages (with the caller's `data` where a barrier follows) and a flush,
+    /// then the first page in place (with `data` where no barrier came
+    /// before) and a flush. On failure
     /// the fresh pages go back only where the device never saw the first
     /// page that names them.
     async fn write_plan<E>(
         &self,
         blob: &BlobInner,
-        plan: &mut SyncPlan,
+        plan: &SyncPlan,
+        first_page: DmaBuf,
         ordered: bool,
         data: impl Future<Output = std::result::Result<(), E>>,
     ) -> std::result::Result<(), SyncFailed<E>> {
@@ -374,12 +374,6 @@ impl MdTxn<'_> {
         // fresh pages may or may not be referenced on disk, so both sets
         // stay allocated (a leak the next dirty load reclaims, never a
         // reuse).
-        let Some(first_page) = plan.first.take() else {
-            debug_assert!(false, "a plan written twice");
-            return Err(SyncFailed::Metadata(Error::InvalidArgument(
-                "a metadata sync plan written twice".into(),
-            )));
-        };
         let first = async {
             ch.write(l.md_lba(blob.page), first_page)
                 .await
