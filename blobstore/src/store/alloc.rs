@@ -8,7 +8,7 @@
 
 use bitvec::prelude::*;
 
-use super::units::ClusterIdx;
+use super::units::{ClusterIdx, PageIdx};
 
 /// The three bitmaps of a loaded store.
 pub(crate) struct Allocator {
@@ -125,14 +125,16 @@ impl Allocator {
     /// most `gap` pages apart share a range (the pages between are read
     /// too: cheaper than another request), and no range is longer than
     /// `max` pages.
-    pub fn used_page_ranges(&self, gap: u32, max: u32) -> Vec<(u32, u32)> {
+    pub fn used_page_ranges(&self, gap: u32, max: u32) -> Vec<(PageIdx, u32)> {
         debug_assert!(max > 0);
-        let mut ranges: Vec<(u32, u32)> = Vec::new();
+        let mut ranges: Vec<(PageIdx, u32)> = Vec::new();
         for p in self.pages.iter_ones() {
-            let p = p as u32;
+            let p = PageIdx::at(p);
             match ranges.last_mut() {
-                Some((first, n)) if p - (*first + *n) <= gap && p - *first < max => {
-                    *n = p - *first + 1
+                Some((first, n))
+                    if p.get() - (first.get() + *n) <= gap && p.get() - first.get() < max =>
+                {
+                    *n = p.get() - first.get() + 1
                 }
                 _ => ranges.push((p, 1)),
             }
@@ -152,7 +154,7 @@ impl Allocator {
     }
 
     /// Takes `n` free metadata pages, or none at all.
-    pub fn alloc_pages(&mut self, n: usize) -> Option<Vec<u32>> {
+    pub fn alloc_pages(&mut self, n: usize) -> Option<Vec<PageIdx>> {
         if (n as u64) > self.free_pages {
             return None;
         }
@@ -162,14 +164,14 @@ impl Allocator {
                 .expect("free count says a page is free");
             self.pages.set(p, true);
             self.page_hint = (p + 1) % self.pages.len();
-            out.push(p as u32);
+            out.push(PageIdx::at(p));
         }
         self.free_pages -= n as u64;
         Some(out)
     }
 
-    pub fn free_page(&mut self, p: u32) {
-        let p = p as usize;
+    pub fn free_page(&mut self, p: PageIdx) {
+        let p = p.index();
         debug_assert!(self.pages[p], "double free of md page {p}");
         debug_assert!(!self.blobids[p], "freeing the first page of a live blob");
         if self.pages[p] {
@@ -179,8 +181,8 @@ impl Allocator {
     }
 
     /// Marks a page used during a rebuild; false if it already was.
-    pub fn claim_page(&mut self, p: u32) -> bool {
-        let p = p as usize;
+    pub fn claim_page(&mut self, p: PageIdx) -> bool {
+        let p = p.index();
         if p >= self.pages.len() || self.pages[p] {
             return false;
         }
@@ -189,30 +191,30 @@ impl Allocator {
         true
     }
 
-    pub fn set_blobid(&mut self, p: u32, used: bool) {
-        debug_assert!(!used || self.pages[p as usize]);
-        self.blobids.set(p as usize, used);
+    pub fn set_blobid(&mut self, p: PageIdx, used: bool) {
+        debug_assert!(!used || self.pages[p.index()]);
+        self.blobids.set(p.index(), used);
     }
 
-    pub fn is_blobid(&self, p: u32) -> bool {
-        self.blobids.get(p as usize).is_some_and(|b| *b)
+    pub fn is_blobid(&self, p: PageIdx) -> bool {
+        self.blobids.get(p.index()).is_some_and(|b| *b)
     }
 
-    pub fn blobids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.blobids.iter_ones().map(|i| i as u32)
+    pub fn blobids(&self) -> impl Iterator<Item = PageIdx> + '_ {
+        self.blobids.iter_ones().map(PageIdx::at)
     }
 
-    /// Debug check of the counters.
     /// True when cluster `c` is in use.
     pub fn cluster_used(&self, c: ClusterIdx) -> bool {
         self.clusters.get(c.index()).is_some_and(|b| *b)
     }
 
     /// True when metadata page `p` is in use.
-    pub fn page_used(&self, p: u32) -> bool {
-        self.pages.get(p as usize).is_some_and(|b| *b)
+    pub fn page_used(&self, p: PageIdx) -> bool {
+        self.pages.get(p.index()).is_some_and(|b| *b)
     }
 
+    /// Debug check of the counters.
     pub fn check(&self) {
         debug_assert_eq!(self.free_clusters, self.clusters.count_zeros() as u64);
         debug_assert_eq!(self.free_pages, self.pages.count_zeros() as u64);
@@ -227,13 +229,14 @@ mod tests {
     fn used_page_ranges_span_small_gaps_and_split_long_runs() {
         let mut a = Allocator::new(100, 10, 1);
         for p in [0, 1, 2, 5, 30, 31, 60] {
-            assert!(a.claim_page(p));
+            assert!(a.claim_page(PageIdx::at(p)));
         }
-        assert_eq!(a.used_page_ranges(3, 100), vec![(0, 6), (30, 2), (60, 1)]);
-        assert_eq!(
-            a.used_page_ranges(0, 2),
-            vec![(0, 2), (2, 1), (5, 1), (30, 2), (60, 1)]
-        );
+        let ranges = |gap, max| -> Vec<(u32, u32)> {
+            let r = a.used_page_ranges(gap, max);
+            r.into_iter().map(|(p, n)| (p.get(), n)).collect()
+        };
+        assert_eq!(ranges(3, 100), vec![(0, 6), (30, 2), (60, 1)]);
+        assert_eq!(ranges(0, 2), vec![(0, 2), (2, 1), (5, 1), (30, 2), (60, 1)]);
         assert!(Allocator::new(8, 10, 1).used_page_ranges(4, 4).is_empty());
     }
 }

@@ -22,7 +22,6 @@ use super::txn::MdTxn;
 use super::units::ClusterIdx;
 use super::{BlobOptions, Blobstore};
 use crate::error::{Error, Result};
-use crate::format::NO_PAGE;
 use crate::BlobId;
 
 type BoxFut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + 'a>>;
@@ -122,9 +121,9 @@ impl Blobstore {
             freed.iter().for_each(|&c| a.free_cluster(c));
             md.extent_pages
                 .iter()
+                .flatten()
                 .chain(&md.cont_pages)
                 .chain(&md.pending_free_pages)
-                .filter(|&&p| p != NO_PAGE)
                 .for_each(|&p| a.free_page(p));
             a.set_blobid(page, false);
             a.free_page(page);

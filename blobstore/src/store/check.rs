@@ -19,10 +19,10 @@
 use std::collections::HashMap;
 
 use super::state::StoreInner;
-use super::units::ClusterIdx;
+use super::units::{ClusterIdx, PageIdx};
 use super::Blobstore;
 use crate::error::Result;
-use crate::format::{self, PageKind, NO_PAGE};
+use crate::format::{self, PageKind};
 use crate::BlobId;
 
 /// What [`Blobstore::check`] found.
@@ -61,7 +61,7 @@ impl Blobstore {
         let ps = l.page_size as usize;
         let mut rep = CheckReport::default();
         // Owner of each page and cluster.
-        let mut page_owner: HashMap<u32, BlobId> = HashMap::new();
+        let mut page_owner: HashMap<PageIdx, BlobId> = HashMap::new();
         let mut cluster_owner: HashMap<ClusterIdx, BlobId> = HashMap::new();
         let mut on_disk = Vec::new();
         let chunk_pages = ((1usize << 20) / ps).max(1) as u64;
@@ -69,11 +69,11 @@ impl Blobstore {
         while p < l.md_len {
             let n = chunk_pages.min(l.md_len - p);
             let buf = inner
-                .read_bytes(txn.ch(), l.md_lba(p as u32), n as usize * ps)
+                .read_bytes(txn.ch(), l.md_lba(PageIdx::at(p as usize)), n as usize * ps)
                 .await?;
             for i in 0..n as usize {
                 let bytes = &buf[i * ps..(i + 1) * ps];
-                let page = (p as usize + i) as u32;
+                let page = PageIdx::at(p as usize + i);
                 if !format::looks_like_md_page(bytes) {
                     continue;
                 }
@@ -90,7 +90,7 @@ impl Blobstore {
         let (pages_used, clusters_used, blobids) = &alloc_bits;
         for &first in &on_disk {
             let id = StoreInner::blob_id(first);
-            if !blobids[first as usize] {
+            if !blobids[first.index()] {
                 rep.problems.push(format!(
                     "blob {id}: first page {first} is on disk but not in the blob-id bitmap"
                 ));
@@ -110,22 +110,21 @@ impl Blobstore {
                         .push(format!("blob {id}: parent {p} does not exist"));
                 }
             }
-            let mut pages: Vec<u32> = vec![first];
-            pages.extend(md.cont_pages.iter().chain(&md.extent_pages));
+            let mut pages: Vec<PageIdx> = vec![first];
+            pages.extend(md.cont_pages.iter().chain(md.extent_pages.iter().flatten()));
             let mut clusters: Vec<ClusterIdx> = md.clusters.iter().flatten().copied().collect();
             if let Some(b) = cached.get(&id) {
                 let m = b.md.read();
-                pages.extend(m.cont_pages.iter().chain(&m.extent_pages));
+                pages.extend(m.cont_pages.iter().chain(m.extent_pages.iter().flatten()));
                 pages.extend(&m.pending_free_pages);
                 clusters.extend(m.clusters.iter().flatten().chain(&m.pending_free_clusters));
             }
-            pages.retain(|&p| p != NO_PAGE);
             pages.sort_unstable();
             pages.dedup();
             clusters.sort_unstable();
             clusters.dedup();
             for p in pages {
-                if p as u64 >= l.md_len {
+                if p.get() as u64 >= l.md_len {
                     rep.problems
                         .push(format!("blob {id}: metadata page {p} out of range"));
                     continue;
@@ -135,7 +134,7 @@ impl Blobstore {
                         "metadata page {p} is owned by blobs {other} and {id}"
                     ));
                 }
-                if !pages_used[p as usize] {
+                if !pages_used[p.index()] {
                     rep.problems
                         .push(format!("blob {id}: metadata page {p} is marked free"));
                 }
@@ -157,10 +156,11 @@ impl Blobstore {
             }
         }
         for (page, _) in blobids.iter().enumerate().filter(|(_, &b)| b) {
-            if !on_disk.contains(&(page as u32)) {
+            let page = PageIdx::at(page);
+            if !on_disk.contains(&page) {
                 rep.problems.push(format!(
                     "blob-id bitmap names blob {} but its first page is not on disk",
-                    StoreInner::blob_id(page as u32)
+                    StoreInner::blob_id(page)
                 ));
             }
         }
@@ -179,7 +179,7 @@ impl Blobstore {
             .map(ClusterIdx::get)
             .collect();
         rep.leaked_md_pages = (0..pages_used.len())
-            .filter(|&p| pages_used[p] && !page_owner.contains_key(&(p as u32)))
+            .filter(|&p| pages_used[p] && !page_owner.contains_key(&PageIdx::at(p)))
             .map(|p| p as u32)
             .collect();
         rep.clusters_owned = cluster_owner.len() as u64;

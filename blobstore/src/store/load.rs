@@ -20,10 +20,11 @@ use std::sync::Arc;
 use super::alloc::Allocator;
 use super::mdread::PageMap;
 use super::state::{BlobInner, BlobMd, Layout, StoreInner};
+use super::units::PageIdx;
 use super::{Blobstore, LoadOptions, LoadReport};
 use crate::device::{channel, BlockDevice, IoChannel};
 use crate::error::{Error, Result};
-use crate::format::{self, MaskKind, PendingOp, SuperBlock, NO_PAGE};
+use crate::format::{self, MaskKind, PendingOp, SuperBlock};
 use crate::BlobId;
 
 impl Blobstore {
@@ -119,7 +120,7 @@ impl Blobstore {
             None
         };
         if let Some(alloc) = masks {
-            let pages: Vec<u32> = alloc.blobids().collect();
+            let pages: Vec<PageIdx> = alloc.blobids().collect();
             // Every used page in large reads, not a read per page.
             let mut map = inner.read_used_pages(&ch, &alloc).await?;
             // A blob whose metadata is damaged is reported when opened,
@@ -243,7 +244,7 @@ impl StoreInner {
     /// Pages in the metadata region that hold a blob's first page (the
     /// dirty-load scan), and every page that decoded, for reading the
     /// blobs without another read per page.
-    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<(Vec<u32>, PageMap)> {
+    async fn scan_first_pages(&self, ch: &IoChannel) -> Result<(Vec<PageIdx>, PageMap)> {
         let mut firsts = Vec::new();
         let (found, map) = self.scan_md_pages(ch).await?;
         for (page, found) in found {
@@ -262,9 +263,9 @@ impl StoreInner {
     async fn read_blobs(
         &self,
         ch: &IoChannel,
-        pages: &[u32],
+        pages: &[PageIdx],
         map: &mut PageMap,
-    ) -> Result<Vec<(u32, BlobMd)>> {
+    ) -> Result<Vec<(PageIdx, BlobMd)>> {
         let mut out = Vec::with_capacity(pages.len());
         for &p in pages {
             out.push((p, self.read_blob_md_from(ch, p, map).await?));
@@ -277,7 +278,7 @@ impl StoreInner {
     /// whose chain does not resolve to blobs read here (a parent missing
     /// or unreadable, or a chain longer than the longest followed: a
     /// cycle) stays out: opening it reads it again and says why, as before.
-    fn cache_loaded(&self, blobs: Vec<(u32, BlobMd)>) {
+    fn cache_loaded(&self, blobs: Vec<(PageIdx, BlobMd)>) {
         if blobs.iter().all(|(_, md)| md.parent.is_none()) {
             // No snapshots or clones (a file system's store): no chains.
             let mut cache = self.blobs.lock();
@@ -335,7 +336,7 @@ impl StoreInner {
     }
 
     /// Bitmaps rebuilt from every blob's metadata after an unclean stop.
-    pub(crate) fn claim_all(&self, blobs: &[(u32, BlobMd)]) -> Result<Allocator> {
+    pub(crate) fn claim_all(&self, blobs: &[(PageIdx, BlobMd)]) -> Result<Allocator> {
         let l = self.layout;
         let mut alloc = Allocator::new(l.md_len, l.total_clusters, l.reserved_clusters);
         for (first, md) in blobs {
@@ -347,8 +348,8 @@ impl StoreInner {
                 return Err(dup(format!("metadata page {first}")));
             }
             alloc.set_blobid(*first, true);
-            for &p in md.cont_pages.iter().chain(&md.extent_pages) {
-                if p != NO_PAGE && !alloc.claim_page(p) {
+            for &p in md.cont_pages.iter().chain(md.extent_pages.iter().flatten()) {
+                if !alloc.claim_page(p) {
                     return Err(dup(format!("metadata page {p}")));
                 }
             }
@@ -428,7 +429,7 @@ async fn read_super_blocks(
 /// What load does about the recovery markers it finds (FORMAT.md,
 /// "Recovery"): the first pages of blobs to discard, and the blobs whose
 /// marker only needs clearing.
-fn resolve_pending(blobs: &[(u32, BlobMd)]) -> (Vec<u32>, Vec<u32>) {
+fn resolve_pending(blobs: &[(PageIdx, BlobMd)]) -> (Vec<PageIdx>, Vec<PageIdx>) {
     let parents: HashMap<BlobId, Option<BlobId>> = blobs
         .iter()
         .map(|(p, md)| (StoreInner::blob_id(*p), md.parent))

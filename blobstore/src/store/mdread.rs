@@ -22,6 +22,7 @@ use crate::device::{DmaBuf, IoChannel};
 use crate::error::{Error, Result};
 
 use super::state::StoreInner;
+use super::units::PageIdx;
 use crate::format::{self, MdPage, PageKind};
 
 /// Bytes of one read of the metadata region: large enough that a device
@@ -59,18 +60,18 @@ impl OwnedMdPage {
 #[derive(Debug, Default)]
 pub(crate) struct PageMap {
     /// Sorted by page; `None` once taken.
-    pages: Vec<(u32, Option<OwnedMdPage>)>,
+    pages: Vec<(PageIdx, Option<OwnedMdPage>)>,
 }
 
 impl PageMap {
     /// Page `page`, if the bulk read decoded it and nobody took it yet.
-    pub fn take(&mut self, page: u32) -> Option<OwnedMdPage> {
+    pub fn take(&mut self, page: PageIdx) -> Option<OwnedMdPage> {
         let i = self.pages.binary_search_by_key(&page, |e| e.0).ok()?;
         self.pages[i].1.take()
     }
 
     /// Keeps `bytes`, page `page`, if it decodes. Pages come in order.
-    pub fn insert(&mut self, page: u32, bytes: &[u8]) {
+    pub fn insert(&mut self, page: PageIdx, bytes: &[u8]) {
         debug_assert!(self.pages.last().is_none_or(|l| l.0 < page));
         if !format::looks_like_md_page(bytes) {
             return;
@@ -83,7 +84,7 @@ impl PageMap {
     }
 
     /// Keeps `p`, page `page`, decoded already. Pages come in order.
-    pub fn push(&mut self, page: u32, p: &MdPage<'_>) {
+    pub fn push(&mut self, page: PageIdx, p: &MdPage<'_>) {
         debug_assert!(self.pages.last().is_none_or(|l| l.0 < page));
         self.pages.push((page, Some(OwnedMdPage::from_page(p))));
     }
@@ -107,17 +108,19 @@ impl StoreInner {
     pub(crate) async fn for_each_md_page(
         &self,
         ch: &IoChannel,
-        ranges: &[(u32, u32)],
-        mut f: impl FnMut(u32, &[u8]),
+        ranges: &[(PageIdx, u32)],
+        mut f: impl FnMut(PageIdx, &[u8]),
     ) -> Result<()> {
         let l = self.layout;
         let ps = l.page_size as usize;
         let per_read = self.pages_per_read();
-        debug_assert!(ranges.iter().all(|&(p, n)| p as u64 + n as u64 <= l.md_len));
+        debug_assert!(ranges
+            .iter()
+            .all(|&(p, n)| p.get() as u64 + n as u64 <= l.md_len));
         let reads = ranges.iter().flat_map(move |&(first, n)| {
             (0..n)
                 .step_by(per_read as usize)
-                .map(move |off| (first + off, per_read.min(n - off)))
+                .map(move |off| (first.plus(off), per_read.min(n - off)))
         });
         // Buffers go round: a fresh one each time would be zeroed and
         // faulted in for every read.
@@ -141,7 +144,7 @@ impl StoreInner {
         while let Some(read) = bufs.next().await {
             let (first, buf) = read?;
             for (i, bytes) in buf.chunks_exact(ps).enumerate() {
-                f(first + i as u32, bytes);
+                f(first.plus(i as u32), bytes);
             }
             spare.borrow_mut().push(buf);
         }
@@ -173,10 +176,10 @@ impl StoreInner {
     pub(crate) async fn scan_md_pages(
         &self,
         ch: &IoChannel,
-    ) -> Result<(Vec<(u32, Result<Option<()>>)>, PageMap)> {
+    ) -> Result<(Vec<(PageIdx, Result<Option<()>>)>, PageMap)> {
         let mut out = Vec::new();
         let mut map = PageMap::default();
-        let whole = [(0, self.layout.md_len as u32)];
+        let whole = [(PageIdx::at(0), self.layout.md_len as u32)];
         self.for_each_md_page(ch, &whole, |page, bytes| {
             if !format::looks_like_md_page(bytes) {
                 return;
@@ -217,18 +220,19 @@ mod tests {
         let good = encode_md_page(PageKind::First, 7, 1, NO_PAGE, b"abc", 4096);
         let mut torn = good.clone();
         torn[100] ^= 1;
-        map.insert(3, &good);
-        map.insert(4, &torn);
-        map.insert(5, &[0u8; 4096]);
-        map.insert(9, &good);
+        let at = PageIdx::at;
+        map.insert(at(3), &good);
+        map.insert(at(4), &torn);
+        map.insert(at(5), &[0u8; 4096]);
+        map.insert(at(9), &good);
         assert_eq!(map.len(), 2);
-        let p = map.take(3).unwrap();
+        let p = map.take(at(3)).unwrap();
         assert_eq!(
             (p.kind, p.blob_id, &p.payload[..]),
             (PageKind::First, 7, &b"abc"[..])
         );
-        assert!(map.take(3).is_none());
-        assert!(map.take(4).is_none() && map.take(5).is_none() && map.take(8).is_none());
-        assert!(map.take(9).is_some());
+        assert!(map.take(at(3)).is_none());
+        assert!(map.take(at(4)).is_none() && map.take(at(5)).is_none());
+        assert!(map.take(at(8)).is_none() && map.take(at(9)).is_some());
     }
 }

@@ -13,20 +13,20 @@ use std::collections::BTreeSet;
 
 use super::mdread::{OwnedMdPage, PageMap};
 use super::state::{BlobMd, StoreInner};
-use super::units::cluster_map_from_raw;
+use super::units::{cluster_map_from_raw, PageIdx};
 use crate::device::IoChannel;
 use crate::error::{Error, Result};
-use crate::format::{self, BlobRecord, PageKind, NO_PAGE};
+use crate::format::{self, BlobRecord, PageKind};
 use crate::BlobId;
 
 /// How errors name metadata page `p` of blob `id`.
-fn md_loc(p: u32, id: BlobId) -> String {
+fn md_loc(p: PageIdx, id: BlobId) -> String {
     format!("metadata page {p} (blob {id})")
 }
 
 impl StoreInner {
     /// Loads a blob's metadata from disk .
-    pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: u32) -> Result<BlobMd> {
+    pub(crate) async fn read_blob_md(&self, ch: &IoChannel, page: PageIdx) -> Result<BlobMd> {
         self.read_blob_md_from(ch, page, &mut PageMap::default())
             .await
     }
@@ -36,7 +36,7 @@ impl StoreInner {
     pub(crate) async fn read_blob_md_from(
         &self,
         ch: &IoChannel,
-        page: u32,
+        page: PageIdx,
         map: &mut PageMap,
     ) -> Result<BlobMd> {
         let (sequence, rec, cont_pages) = self.read_record_from(ch, page, map).await?;
@@ -49,7 +49,7 @@ impl StoreInner {
     async fn md_page(
         &self,
         ch: &IoChannel,
-        p: u32,
+        p: PageIdx,
         id: BlobId,
         map: &mut PageMap,
     ) -> Result<OwnedMdPage> {
@@ -70,8 +70,8 @@ impl StoreInner {
     pub(crate) async fn read_record(
         &self,
         ch: &IoChannel,
-        page: u32,
-    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
+        page: PageIdx,
+    ) -> Result<(u32, BlobRecord, Vec<PageIdx>)> {
         self.read_record_from(ch, page, &mut PageMap::default())
             .await
     }
@@ -81,9 +81,9 @@ impl StoreInner {
     async fn read_record_from(
         &self,
         ch: &IoChannel,
-        page: u32,
+        page: PageIdx,
         map: &mut PageMap,
-    ) -> Result<(u32, BlobRecord, Vec<u32>)> {
+    ) -> Result<(u32, BlobRecord, Vec<PageIdx>)> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let fp = self.md_page(ch, page, id, map).await?;
@@ -92,24 +92,24 @@ impl StoreInner {
         }
         let mut payloads = vec![fp.payload];
         let mut cont_pages = Vec::new();
-        let mut next = fp.next;
-        while next != NO_PAGE {
-            if next as u64 >= l.md_len || cont_pages.len() as u64 >= l.md_len {
+        let mut next = PageIdx::new(fp.next);
+        while let Some(next_page) = next {
+            if next_page.get() as u64 >= l.md_len || cont_pages.len() as u64 >= l.md_len {
                 return Err(Error::corrupt(
                     md_loc(page, id),
-                    format!("bad chain link {next}"),
+                    format!("bad chain link {next_page}"),
                 ));
             }
-            let p = self.md_page(ch, next, id, map).await?;
+            let p = self.md_page(ch, next_page, id, map).await?;
             if p.kind != PageKind::Continuation || p.blob_id != id.0 || p.sequence != fp.sequence {
                 return Err(Error::corrupt(
-                    md_loc(next, id),
+                    md_loc(next_page, id),
                     "continuation page does not belong",
                 ));
             }
             payloads.push(p.payload);
-            cont_pages.push(next);
-            next = p.next;
+            cont_pages.push(next_page);
+            next = PageIdx::new(p.next);
         }
         let slices: Vec<&[u8]> = payloads.iter().map(|p| p.as_slice()).collect();
         // Named only on failure: a load decodes every blob.
@@ -123,16 +123,16 @@ impl StoreInner {
     async fn md_from_record(
         &self,
         ch: &IoChannel,
-        page: u32,
+        page: PageIdx,
         sequence: u32,
         rec: BlobRecord,
-        cont_pages: Vec<u32>,
+        cont_pages: Vec<PageIdx>,
         map: &mut PageMap,
     ) -> Result<BlobMd> {
         let l = self.layout;
         let id = Self::blob_id(page);
         let per = l.extent_per_page;
-        let loc = |p: u32| md_loc(p, id);
+        let loc = |p: PageIdx| md_loc(p, id);
         if rec.invalid_flags & !format::BLOB_INVALID_THIN != 0 {
             return Err(Error::Unsupported(format!(
                 "blob {id} has unknown invalid flags {:#x}",
@@ -186,19 +186,21 @@ impl StoreInner {
         }
         let n = rec.num_clusters as usize;
         let (clusters, extent_pages) = if map_inline {
-            (rec.cluster_map, vec![NO_PAGE; n.div_ceil(per)])
+            (rec.cluster_map, vec![None; n.div_ceil(per)])
         } else {
             let mut clusters = vec![0u32; n];
+            let mut extent_pages = vec![None; rec.extent_table.len()];
             for (k, &ep) in rec.extent_table.iter().enumerate() {
-                if ep == NO_PAGE {
+                let Some(ep) = PageIdx::new(ep) else {
                     continue;
-                }
-                if ep as u64 >= l.md_len {
+                };
+                if ep.get() as u64 >= l.md_len {
                     return Err(Error::corrupt(
                         loc(page),
                         format!("extent page {ep} out of range"),
                     ));
                 }
+                extent_pages[k] = Some(ep);
                 let p = self.md_page(ch, ep, id, map).await?;
                 if p.kind != PageKind::Extent || p.blob_id != id.0 {
                     return Err(Error::corrupt(
@@ -221,7 +223,7 @@ impl StoreInner {
                     clusters[k * per + i] = c;
                 }
             }
-            (clusters, rec.extent_table)
+            (clusters, extent_pages)
         };
         Ok(BlobMd {
             num_clusters: rec.num_clusters,

@@ -13,6 +13,7 @@
 use std::sync::atomic::Ordering;
 
 use super::state::StoreInner;
+use super::units::PageIdx;
 use super::Blobstore;
 use crate::error::{Error, Result};
 use crate::BlobId;
@@ -82,12 +83,13 @@ impl Blobstore {
         }
         let mut rep = RepairReport::default();
         let mut firsts = Vec::new();
+        let mut zeroed: Vec<PageIdx> = Vec::new();
         let (found, mut map) = inner.scan_md_pages(txn.ch()).await?;
         for (page, found) in found {
             match found {
                 Ok(Some(())) => firsts.push(page),
                 Ok(None) => {}
-                Err(_) => rep.zeroed_pages.push(page),
+                Err(_) => zeroed.push(page),
             }
         }
         let mut good = Vec::new();
@@ -100,7 +102,7 @@ impl Blobstore {
                         Ok((_, rec, _)) => rec.xattrs,
                         Err(_) => Vec::new(),
                     };
-                    rep.zeroed_pages.push(page);
+                    zeroed.push(page);
                     rep.dropped.push(DroppedBlob {
                         id,
                         why: e.to_string(),
@@ -112,7 +114,7 @@ impl Blobstore {
         }
         let old = inner.alloc.lock().bits();
         for (page, _) in old.2.iter().enumerate().filter(|(_, &b)| b) {
-            let page = page as u32;
+            let page = PageIdx::at(page);
             if !firsts.contains(&page) {
                 rep.dropped.push(DroppedBlob {
                     id: StoreInner::blob_id(page),
@@ -123,12 +125,13 @@ impl Blobstore {
         }
         let alloc = inner.claim_all(&good)?;
         let zero = vec![0u8; inner.layout.page_size as usize];
-        rep.zeroed_pages.sort_unstable();
-        for &p in &rep.zeroed_pages {
+        zeroed.sort_unstable();
+        for &p in &zeroed {
             inner
                 .write_bytes(txn.ch(), inner.layout.md_lba(p), &zero)
                 .await?;
         }
+        rep.zeroed_pages = zeroed.iter().map(|p| p.get()).collect();
         if !rep.zeroed_pages.is_empty() {
             txn.ch().flush().await?;
         }

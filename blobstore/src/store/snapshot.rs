@@ -38,7 +38,7 @@ use super::txn::MdTxn;
 use super::units::ClusterIdx;
 use super::Blobstore;
 use crate::error::{Error, Result};
-use crate::format::{self, PendingOp, NO_PAGE};
+use crate::format::{self, PendingOp};
 use crate::BlobId;
 
 /// Longest parent chain followed (a guard against cycles in bad metadata).
@@ -209,9 +209,9 @@ impl MdTxn<'_> {
         snap_md
             .extent_pages
             .iter()
+            .flatten()
             .chain(&snap_md.cont_pages)
             .chain(&snap_md.pending_free_pages)
-            .filter(|&&p| p != NO_PAGE)
             .for_each(|&p| a.free_page(p));
         a.free_page(snap.page);
         a.check();
@@ -350,7 +350,7 @@ impl Blobstore {
             s.md_ro_flags = format::BLOB_READ_ONLY;
             s.num_clusters = b.num_clusters;
             s.clusters = b.clusters.clone();
-            s.extent_pages = vec![NO_PAGE; n_ext];
+            s.extent_pages = vec![None; n_ext];
             s.dirty_extents = (0..n_ext)
                 .filter(|&k| s.clusters[k * per..].iter().take(per).any(Option::is_some))
                 .collect();
@@ -406,7 +406,7 @@ impl Blobstore {
         let n = snap.md.read().num_clusters;
         md.num_clusters = n;
         md.clusters = vec![None; n as usize];
-        md.extent_pages = vec![NO_PAGE; (n as usize).div_ceil(per)];
+        md.extent_pages = vec![None; (n as usize).div_ceil(per)];
         md.parent = Some(id);
         let clone = txn.create_from_md(md, Some(snap)).await?;
         inner.link_clone(Some(id), clone.id);

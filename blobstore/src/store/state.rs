@@ -21,7 +21,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use super::alloc::Allocator;
-use super::units::ClusterIdx;
+use super::units::{ClusterIdx, PageIdx};
 use super::{ClearMethod, LoadReport};
 use crate::device::{channel_with_id, BlockDevice, DeviceId, Geometry, IoChannel};
 use crate::error::{Error, Result};
@@ -56,8 +56,8 @@ impl Layout {
         (self.cluster_size / self.page_size) as u64
     }
     /// Device block of metadata page `p`.
-    pub fn md_lba(&self, p: u32) -> u64 {
-        (self.md_start + p as u64) * self.blocks_per_page()
+    pub fn md_lba(&self, p: PageIdx) -> u64 {
+        (self.md_start + p.get() as u64) * self.blocks_per_page()
     }
     /// Device block of the start of cluster `c`.
     pub fn cluster_lba(&self, c: ClusterIdx) -> u64 {
@@ -92,9 +92,9 @@ pub(crate) struct BlobMd {
     /// Device cluster of each blob cluster; `None` = not allocated (0 on
     /// disk).
     pub clusters: Vec<Option<ClusterIdx>>,
-    /// Metadata page of each extent page ([`NO_PAGE`] if none on disk).
-    /// All [`NO_PAGE`] while `map_inline`.
-    pub extent_pages: Vec<u32>,
+    /// Metadata page of each extent page (`None` if none on disk). All
+    /// `None` while `map_inline`.
+    pub extent_pages: Vec<Option<PageIdx>>,
     /// Extent pages whose entries changed since the last sync.
     pub dirty_extents: BTreeSet<usize>,
     /// The map on disk is inline in the first page's descriptors (format
@@ -106,13 +106,13 @@ pub(crate) struct BlobMd {
     pub data_ro_flags: u64,
     pub md_ro_flags: u64,
     /// Continuation pages on disk, in chain order.
-    pub cont_pages: Vec<u32>,
+    pub cont_pages: Vec<PageIdx>,
     pub sequence: u32,
     /// Bumped by every in-memory change; compared with `synced_version`.
     pub version: u64,
     pub synced_version: u64,
     pub pending_free_clusters: Vec<ClusterIdx>,
-    pub pending_free_pages: Vec<u32>,
+    pub pending_free_pages: Vec<PageIdx>,
     /// The snapshot unallocated clusters are read from.
     pub parent: Option<BlobId>,
     /// A multi-blob operation in progress (a recovery marker on disk).
@@ -164,7 +164,7 @@ impl BlobMd {
     pub fn debug_check(&self, per: usize) {
         debug_assert_eq!(self.clusters.len() as u64, self.num_clusters);
         debug_assert_eq!(self.extent_pages.len(), self.clusters.len().div_ceil(per));
-        debug_assert!(!self.map_inline || self.extent_pages.iter().all(|&p| p == format::NO_PAGE));
+        debug_assert!(!self.map_inline || self.extent_pages.iter().all(Option::is_none));
         debug_assert!(self
             .dirty_extents
             .iter()
@@ -175,7 +175,7 @@ impl BlobMd {
 
 pub(crate) struct BlobInner {
     pub id: BlobId,
-    pub page: u32,
+    pub page: PageIdx,
     pub md: RwLock<BlobMd>,
     pub handles: AtomicUsize,
     /// The loaded parent (`md.parent`), so reads resolve without I/O.
@@ -187,7 +187,7 @@ pub(crate) struct BlobInner {
 }
 
 impl BlobInner {
-    pub fn new(id: BlobId, page: u32, md: BlobMd, handles: usize) -> BlobInner {
+    pub fn new(id: BlobId, page: PageIdx, md: BlobMd, handles: usize) -> BlobInner {
         BlobInner {
             id,
             page,
@@ -288,18 +288,18 @@ impl StoreInner {
     }
 
     /// The id of the blob whose first page is `page`.
-    pub fn blob_id(page: u32) -> BlobId {
-        BlobId(BLOB_ID_BASE | page as u64)
+    pub fn blob_id(page: PageIdx) -> BlobId {
+        BlobId(BLOB_ID_BASE | page.get() as u64)
     }
 
     /// The first page of blob `id`; [`Error::NotFound`] for an id no
     /// page of this store can have.
-    pub fn page_of(&self, id: BlobId) -> Result<u32> {
+    pub fn page_of(&self, id: BlobId) -> Result<PageIdx> {
         let page = id.0.wrapping_sub(BLOB_ID_BASE);
         if id.0 < BLOB_ID_BASE || page >= self.layout.md_len {
             return Err(Error::NotFound(id));
         }
-        Ok(page as u32)
+        Ok(PageIdx::at(page as usize))
     }
 
     /// The loaded blob `id` with one more open handle, if the cache has

@@ -32,7 +32,7 @@ use parking_lot::Mutex;
 use super::alloc::Allocator;
 use super::state::{BlobInner, BlobMd, Layout, MD_FULL};
 use super::txn::MdTxn;
-use super::units::{raw_cluster_map, ClusterIdx};
+use super::units::{raw_cluster_map, raw_page, ClusterIdx, PageIdx};
 use crate::device::DmaBuf;
 use crate::error::{Error, Result};
 use crate::format::{self, PageKind, NO_PAGE};
@@ -74,13 +74,13 @@ fn give_back_md_page(buf: DmaBuf) {
 /// One sync of one blob, decided before any I/O.
 pub(super) struct SyncPlan {
     /// Fresh pages and their bytes: continuation pages, then extent pages.
-    fresh: Vec<(u32, Vec<u8>)>,
+    fresh: Vec<(PageIdx, Vec<u8>)>,
     /// The extent table the blob has once the first page is durable.
-    extent_pages: Vec<u32>,
+    extent_pages: Vec<Option<PageIdx>>,
     /// The continuation chain it has then.
-    cont_pages: Vec<u32>,
+    cont_pages: Vec<PageIdx>,
     /// Pages the old metadata holds and the new one does not.
-    to_free: Vec<u32>,
+    to_free: Vec<PageIdx>,
     /// The metadata version captured.
     version: u64,
     /// The sequence number the new pages carry.
@@ -129,7 +129,7 @@ impl SyncPlan {
             md.dirty_extents.iter().copied().collect()
         };
         let mut table = if inline {
-            vec![NO_PAGE; md.extent_pages.len()]
+            vec![None; md.extent_pages.len()]
         } else {
             md.extent_pages.clone()
         };
@@ -138,7 +138,7 @@ impl SyncPlan {
             let end = (k * per + per).min(md.clusters.len());
             let entries = &md.clusters[k * per..end];
             if entries.iter().all(Option::is_none) {
-                table[k] = NO_PAGE;
+                table[k] = None;
             } else {
                 let entries = raw_cluster_map(entries);
                 extent_payloads.push((k, format::encode_extent_payload((k * per) as u64, entries)));
@@ -152,13 +152,14 @@ impl SyncPlan {
         let mut a = alloc.lock();
         let ext_pages = a.alloc_pages(extent_payloads.len()).ok_or_else(full)?;
         for ((k, _), &p) in extent_payloads.iter().zip(&ext_pages) {
-            table[*k] = p;
+            table[*k] = Some(p);
         }
         let payloads = if inline {
             let map = raw_cluster_map(&md.clusters);
             format::encode_blob_payloads(&header, &[], map, xattrs(), l.page_size)
         } else {
-            format::encode_blob_payloads(&header, &table, &[], xattrs(), l.page_size)
+            let raw_table: Vec<u32> = table.iter().copied().map(raw_page).collect();
+            format::encode_blob_payloads(&header, &raw_table, &[], xattrs(), l.page_size)
         };
         debug_assert!(
             !inline || payloads.len() == 1,
@@ -183,18 +184,18 @@ impl SyncPlan {
             PageKind::First,
             id.0,
             seq,
-            conts.first().copied().unwrap_or(NO_PAGE),
+            raw_page(conts.first().copied()),
             &payloads[0],
         );
         let page = |kind, next, payload: &[u8]| {
             format::encode_md_page(kind, id.0, seq, next, payload, l.page_size)
         };
-        let mut fresh: Vec<(u32, Vec<u8>)> = payloads
+        let mut fresh: Vec<(PageIdx, Vec<u8>)> = payloads
             .iter()
             .enumerate()
             .skip(1)
             .map(|(i, payload)| {
-                let next = conts.get(i).copied().unwrap_or(NO_PAGE);
+                let next = raw_page(conts.get(i).copied());
                 (conts[i - 1], page(PageKind::Continuation, next, payload))
             })
             .collect();
@@ -207,16 +208,11 @@ impl SyncPlan {
         // What the durable metadata holds now and the new one will not:
         // the old continuation pages, the old extent pages rewritten (all
         // of them when the map moves inline), pages a shrink gave up.
-        let mut to_free: Vec<u32> = md.cont_pages.clone();
+        let mut to_free: Vec<PageIdx> = md.cont_pages.clone();
         if inline {
-            to_free.extend(md.extent_pages.iter().filter(|&&p| p != NO_PAGE));
+            to_free.extend(md.extent_pages.iter().flatten());
         } else {
-            to_free.extend(
-                rewrite
-                    .iter()
-                    .map(|&k| md.extent_pages[k])
-                    .filter(|&p| p != NO_PAGE),
-            );
+            to_free.extend(rewrite.iter().filter_map(|&k| md.extent_pages[k]));
         }
         to_free.extend_from_slice(&md.pending_free_pages);
         let plan = SyncPlan {

@@ -23,10 +23,9 @@ use std::sync::atomic::Ordering;
 use futures::lock::MutexGuard;
 
 use super::state::{BlobInner, StoreInner, NO_MD_PAGE};
-use super::units::ClusterIdx;
+use super::units::{ClusterIdx, PageIdx};
 use crate::device::IoChannel;
 use crate::error::{Error, Result};
-use crate::format::NO_PAGE;
 use crate::BlobId;
 
 /// Proof that the store's metadata lock is held, with the channel of the
@@ -75,19 +74,14 @@ impl StoreInner {
     /// other loaded blob, and that every page its metadata names is in use.
     fn debug_check_owners(&self) {
         let mut owned: Vec<(ClusterIdx, crate::BlobId)> = Vec::new();
-        let mut pages: Vec<u32> = Vec::new();
+        let mut pages: Vec<PageIdx> = Vec::new();
         for b in self.blobs.lock().values() {
             let md = b.md.read();
             let clusters = md.clusters.iter().flatten();
             let clusters = clusters.chain(&md.pending_free_clusters);
             owned.extend(clusters.map(|&c| (c, b.id)));
             pages.push(b.page);
-            pages.extend(
-                md.extent_pages
-                    .iter()
-                    .chain(&md.cont_pages)
-                    .filter(|&&p| p != NO_PAGE),
-            );
+            pages.extend(md.extent_pages.iter().flatten().chain(&md.cont_pages));
         }
         owned.sort_unstable();
         for w in owned.windows(2) {
@@ -123,7 +117,7 @@ impl MdTxn<'_> {
 
     /// A free metadata page for a new blob's first page, marked as a blob
     /// id; [`Error::NoSpace`] when the metadata region is full.
-    pub(crate) fn take_first_page(&self) -> Result<u32> {
+    pub(crate) fn take_first_page(&self) -> Result<PageIdx> {
         let mut a = self.alloc.lock();
         let p = a
             .alloc_pages(1)
@@ -134,7 +128,7 @@ impl MdTxn<'_> {
 
     /// Gives back the first page of a blob whose creation was taken back
     /// (the page is zeroed on the device, or never named anything).
-    pub(crate) fn give_back_first_page(&self, page: u32) {
+    pub(crate) fn give_back_first_page(&self, page: PageIdx) {
         let mut a = self.alloc.lock();
         a.set_blobid(page, false);
         a.free_page(page);
@@ -221,11 +215,7 @@ impl MdTxn<'_> {
             let gone: Vec<ClusterIdx> = md.clusters.drain(n_us..).flatten().collect();
             md.pending_free_clusters.extend(gone);
             let keep = n_us.div_ceil(per);
-            let gone_pages: Vec<u32> = md
-                .extent_pages
-                .drain(keep..)
-                .filter(|&p| p != NO_PAGE)
-                .collect();
+            let gone_pages: Vec<PageIdx> = md.extent_pages.drain(keep..).flatten().collect();
             md.pending_free_pages.extend(gone_pages);
             md.dirty_extents.retain(|&k| k < keep);
             if !n_us.is_multiple_of(per) {
@@ -233,7 +223,7 @@ impl MdTxn<'_> {
             }
         } else if n > old {
             md.clusters.resize(n_us, None);
-            md.extent_pages.resize(n_us.div_ceil(per), NO_PAGE);
+            md.extent_pages.resize(n_us.div_ceil(per), None);
             for (i, c) in fresh.into_iter().enumerate() {
                 let idx = old as usize + i;
                 md.clusters[idx] = Some(c);
@@ -252,7 +242,7 @@ impl MdTxn<'_> {
 
     /// Zeroes the first page of a blob whose creation failed, durably;
     /// false if that failed too (the page may then still hold the blob).
-    pub(crate) async fn undo_first_page(&self, page: u32) -> bool {
+    pub(crate) async fn undo_first_page(&self, page: PageIdx) -> bool {
         let zero = vec![0u8; self.layout.page_size as usize];
         self.write_bytes(self.ch(), self.layout.md_lba(page), &zero)
             .await
