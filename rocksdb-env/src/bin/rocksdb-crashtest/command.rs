@@ -10,11 +10,14 @@ use crate::knobs::{fault_knobs, RoundKnobs, RunKnobs};
 
 /// Paths of one run.
 pub(crate) struct Paths {
+    /// The image file BlobFS runs on (unless `--device` names a device).
     pub(crate) image: PathBuf,
+    /// db_stress's `--expected_values_dir`.
     pub(crate) expected: PathBuf,
 }
 
 impl Paths {
+    /// The paths of a run in `dir`.
     pub(crate) fn new(dir: &Path) -> Paths {
         Paths {
             image: dir.join("db.img"),

@@ -20,6 +20,7 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
+    /// The mode's name, as `--mode` takes it.
     pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Kill => "kill",
@@ -33,13 +34,23 @@ impl Mode {
 /// Command-line settings.
 #[derive(Clone, Debug)]
 pub(crate) struct Config {
+    /// `--db-stress`: the db_stress binary to run.
     pub(crate) db_stress: PathBuf,
+    /// `--mode` (`kill` by default).
     pub(crate) mode: Mode,
+    /// `--rounds`: how many rounds before the final verification.
     pub(crate) rounds: u32,
+    /// `--seed`: what the knobs are drawn from (the clock by default).
     pub(crate) seed: u64,
+    /// `--dir`: where the image (unless `--device`), the expected values
+    /// and the logs go.
     pub(crate) dir: PathBuf,
+    /// `--min-secs`: the shortest time a round's workload runs before the
+    /// kill.
     pub(crate) min_secs: f64,
+    /// `--max-secs`: the longest.
     pub(crate) max_secs: f64,
+    /// `--size`: the image file's size, as the device spec takes it.
     pub(crate) size: String,
     /// db_stress's own fault injection on (see the crate docs in main.rs).
     pub(crate) faults: bool,
@@ -52,11 +63,15 @@ pub(crate) struct Config {
     pub(crate) device: Option<String>,
 }
 
+/// The usage line, printed with `--help` and after most argument errors.
 const USAGE: &str =
     "usage: rocksdb-crashtest --db-stress <path> [--mode kill|strict|powerloss|plain] \
 [--rounds N] [--seed S] [--dir DIR] [--min-secs A] [--max-secs B] [--size 4G] [--faults] \
 [--write-faults N] [--ops N] [--device SPEC]";
 
+/// The settings the arguments (the program's name left out) ask for, with
+/// the defaults for what they leave out; `Err` holds the message to print
+/// when they are wrong or `--help` asks for the usage.
 pub(crate) fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut cfg = Config {
         db_stress: PathBuf::new(),

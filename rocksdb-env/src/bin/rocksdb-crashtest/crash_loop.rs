@@ -34,6 +34,8 @@ fn wait_unlocked(image: &Path) -> Result<(), String> {
 /// How long a killed db_stress may keep its image locked.
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
+/// `args` quoted for a POSIX shell, each in single quotes: the db_stress
+/// command a failure prints, to paste.
 fn shell_quote(args: &[String]) -> String {
     args.iter()
         .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
@@ -64,6 +66,10 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<std::fs::File, String> {
     Ok(f)
 }
 
+/// Runs the crash test `cfg` asks for, printing a line per round and the
+/// summary. `Ok` holds the totals, a failure included (it has been printed
+/// with how to replay it); `Err` a setup error (the directory, its lock,
+/// clearing an earlier run's files).
 pub(crate) fn run(cfg: &Config) -> Result<Summary, String> {
     std::fs::create_dir_all(&cfg.dir)
         .map_err(|e| format!("creating {}: {e}", cfg.dir.display()))?;

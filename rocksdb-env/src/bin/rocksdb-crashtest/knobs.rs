@@ -9,12 +9,15 @@ use crate::config::{Config, Mode};
 struct Rng(blobstore::util::SplitMix64);
 
 impl Rng {
+    /// The next 64 random bits.
     fn next(&mut self) -> u64 {
         self.0.next_u64()
     }
+    /// One of `xs`, each as likely.
     fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
         xs[(self.next() % xs.len() as u64) as usize]
     }
+    /// A number in [0, 1).
     fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
@@ -24,10 +27,13 @@ impl Rng {
 /// them).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct RunKnobs {
+    /// db_stress's `--max_key`.
     pub(crate) max_key: u64,
+    /// db_stress's `--column_families`.
     pub(crate) column_families: u32,
 }
 
+/// The run's knobs, drawn from `seed`.
 pub(crate) fn run_knobs(seed: u64) -> RunKnobs {
     let mut r = Rng(blobstore::util::SplitMix64::new(seed ^ 0x5eed));
     RunKnobs {
@@ -39,14 +45,24 @@ pub(crate) fn run_knobs(seed: u64) -> RunKnobs {
 /// Knobs of one round.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct RoundKnobs {
+    /// db_stress's `--threads`.
     pub(crate) threads: u32,
+    /// How long the workload runs before the kill (`--min-secs` to
+    /// `--max-secs`).
     pub(crate) run_secs: f64,
+    /// `--disable_wal=1` (never in `strict` mode).
     pub(crate) disable_wal: bool,
+    /// db_stress's `--write_buffer_size`.
     pub(crate) write_buffer_size: u64,
+    /// db_stress's `--target_file_size_base`.
     pub(crate) target_file_size_base: u64,
+    /// db_stress's `--max_bytes_for_level_base`.
     pub(crate) max_bytes_for_level_base: u64,
+    /// db_stress's `--flush_one_in`.
     pub(crate) flush_one_in: u32,
+    /// db_stress's `--compact_range_one_in`.
     pub(crate) compact_range_one_in: u32,
+    /// db_stress's `--sync_wal_one_in`.
     pub(crate) sync_wal_one_in: u32,
     /// Seed of the power cut after this round.
     pub(crate) cut_seed: u64,
@@ -66,6 +82,8 @@ pub(crate) struct RoundKnobs {
     pub(crate) async_io: bool,
 }
 
+/// The knobs of round `round` (the first is 1), drawn from the seed and the
+/// round's number.
 pub(crate) fn round_knobs(cfg: &Config, round: u32) -> RoundKnobs {
     let mut r = Rng(blobstore::util::SplitMix64::new(
         cfg.seed.wrapping_mul(1_000_003).wrapping_add(round as u64),

@@ -114,6 +114,8 @@ mod tests;
 use config::parse_args;
 use crash_loop::run;
 
+/// Runs the crash test the command line asks for; the exit status is the
+/// one the crate docs above give.
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let cfg = match parse_args(&args) {

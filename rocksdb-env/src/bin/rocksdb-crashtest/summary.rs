@@ -25,6 +25,7 @@ pub(crate) struct CutTotals {
 }
 
 impl CutTotals {
+    /// Counts one round's power cut.
     pub(crate) fn add(&mut self, r: &powerloss::RecoveryReport) {
         self.rounds += 1;
         self.with_unflushed += u32::from(r.writes > 0);
@@ -34,6 +35,7 @@ impl CutTotals {
         self.torn += r.torn;
     }
 
+    /// The totals as the summary prints them.
     fn line(&self) -> String {
         format!(
             "{} of {} rounds had unflushed writes; {} writes: {} undone, {} kept, {} torn",
@@ -45,9 +47,13 @@ impl CutTotals {
 /// Totals of a run.
 #[derive(Default, Debug)]
 pub(crate) struct Summary {
+    /// Rounds run, a failed one included.
     pub(crate) rounds: u32,
+    /// Rounds the driver killed.
     pub(crate) kills: u32,
+    /// Rounds (not `plain`) whose db_stress exited 0 before the kill.
     pub(crate) clean_exits: u32,
+    /// Failures; a run stops at its first.
     pub(crate) failures: u32,
     /// Rounds that planned a mid-I/O power cut.
     pub(crate) cuts_planned: u32,
@@ -73,6 +79,8 @@ pub(crate) struct Summary {
     pub(crate) accepted_errors: u64,
 }
 
+/// Prints the run's totals (those the mode and `--faults` make matter), at
+/// its end or at the failure that ended it.
 pub(crate) fn print_summary(cfg: &Config, s: &Summary, elapsed: Duration, run: &RunKnobs) {
     let mut t = String::new();
     let _ = writeln!(t, "== crash test summary");

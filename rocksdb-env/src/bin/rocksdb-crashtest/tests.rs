@@ -15,6 +15,7 @@ use crate::stress::{
     err_path, failure_line, reached_ops, run_stress, stat_errors, Outcome, OPS_STARTED,
 };
 
+/// A [`Config`] from `--db-stress /bin/true` and `extra`.
 fn cfg(extra: &[&str]) -> Config {
     let mut a: Vec<String> = vec!["--db-stress".into(), "/bin/true".into()];
     a.extend(extra.iter().map(|s| s.to_string()));
