@@ -8,7 +8,7 @@
 //! nearly all their time reopening the database and never ran the workload.
 //!
 //! ```text
-//! rocksdb-crashtest --db-stress <path> [--mode kill|powerloss|plain]
+//! rocksdb-crashtest --db-stress <path> [--mode kill|strict|powerloss|plain]
 //!                   [--rounds N] [--seed S] [--dir DIR] [--min-secs A]
 //!                   [--max-secs B] [--size 4G] [--faults]
 //!                   [--write-faults N] [--ops N] [--device SPEC]
