@@ -202,7 +202,7 @@ test-rocksdb: rocksdb-tools
 	$(CARGO) test --release -p rocksdb-env --features testing
 	cpp/test-rocksdb.sh $(ROCKSDB_TOOLS)
 
-# RocksDB crash test (rocksdb-env/src/bin/rocksdb-crashtest.rs, after
+# RocksDB crash test (rocksdb-env/src/bin/rocksdb-crashtest/, after
 # RocksDB's db_crashtest.py blackbox mode): db_stress on BlobFS with
 # verification, SIGKILLed at a random moment (MIN_SECS..MAX_SECS after its
 # start), restarted on the same DB, ROUNDS times. MODE=strict kills and
