@@ -18,8 +18,9 @@ pub(crate) const FAULT_RECORD_LEN: usize = 256;
 pub(crate) const FAULT_RECORD_OP: std::ops::Range<usize> = 92..124;
 
 /// Counts the faults db_stress process `pid` injected, by operation name,
-/// from its injected-error logs in `dir`, and deletes those logs. Records
-/// with a zero timestamp (a file cut short mid-record) are not counted.
+/// from its injected-error logs in `dir`, and deletes those logs. A record
+/// with a zero timestamp is a slot never written and is not counted; a
+/// tail shorter than a record (a file cut short mid-record) is dropped.
 pub(crate) fn take_injected_faults(
     dir: &Path,
     pid: u32,
