@@ -4,7 +4,7 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use blobstore::{Blob, BlockDevice, DmaBuf, Error, IoChannel, Result};
+use blobstore::{Blob, BlockDevice, DmaBuf, Error, IoChannel, Lba, Result};
 
 /// The kind of one operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,8 +82,8 @@ impl IoTarget for RawTarget {
     async fn io(&self, kind: OpKind, offset_bytes: u64, buf: DmaBuf) -> Result<DmaBuf> {
         let lba = check_aligned("raw device", offset_bytes, self.unit_bytes())?;
         match kind {
-            OpKind::Read => self.chan.read(lba, buf).await,
-            OpKind::Write => self.chan.write(lba, buf).await,
+            OpKind::Read => self.chan.read(Lba(lba), buf).await,
+            OpKind::Write => self.chan.write(Lba(lba), buf).await,
         }
     }
 }

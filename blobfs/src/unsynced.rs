@@ -1033,8 +1033,9 @@ mod tests {
         // The driver sends the slot itself (its IOVA); the software
         // controller would panic on memory the pool did not map.
         let ch = blobstore::device::channel(&dev).unwrap();
-        let buf = blobstore::block_on(ch.write(8, buf)).unwrap();
-        let back = blobstore::block_on(ch.read(8, dev.alloc_buf(8192).unwrap())).unwrap();
+        let buf = blobstore::block_on(ch.write(blobstore::Lba(8), buf)).unwrap();
+        let back =
+            blobstore::block_on(ch.read(blobstore::Lba(8), dev.alloc_buf(8192).unwrap())).unwrap();
         assert_eq!(&back[..], &want[..]);
         drop(buf);
         // Slots beyond those kept populated give their memory back, and

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use blobfs::{BlobFs, MkfsOptions, MountOptions};
 use blobstore::{
-    block_on, channel, open_device, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, MemDevice,
+    block_on, channel, open_device, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Lba,
+    MemDevice,
 };
 
 fn mem() -> Arc<dyn BlockDevice> {
@@ -19,11 +20,11 @@ fn poke(dev: &Arc<dyn BlockDevice>, off: usize, bytes: &[u8]) {
     let ch = channel(dev).unwrap();
     let bs = dev.geometry().block_size as usize;
     let lba = off / bs;
-    let mut block = block_on(ch.read(lba as u64, DmaBuf::new(bs).unwrap()))
+    let mut block = block_on(ch.read(Lba(lba as u64), DmaBuf::new(bs).unwrap()))
         .unwrap()
         .to_vec();
     block[off % bs..off % bs + bytes.len()].copy_from_slice(bytes);
-    block_on(ch.write(lba as u64, DmaBuf::from_slice(&block).unwrap())).unwrap();
+    block_on(ch.write(Lba(lba as u64), DmaBuf::from_slice(&block).unwrap())).unwrap();
 }
 
 fn force() -> MkfsOptions {

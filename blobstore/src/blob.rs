@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 
 use futures::future::try_join_all;
 
-use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Segment, Segments};
+use crate::device::{DmaBuf, IoChannel, IoFuture, IoKind, IoOp, Lba, Segment, Segments};
 use crate::error::{Error, Result};
 use crate::format;
 use crate::store::snapshot::ancestor_cluster;
@@ -42,7 +42,7 @@ pub struct Blob {
 /// length in units, offset into the caller's buffers in units.
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    lba: Option<u64>,
+    lba: Option<Lba>,
     units: u64,
     buf_unit: u64,
 }
@@ -410,12 +410,12 @@ impl Blob {
                 None if parent.is_some() => ancestor_cluster(parent.clone(), idx),
                 c => c,
             };
-            let lba = c.map(|c| self.store.layout().cluster_lba(c) + within);
+            let lba = c.map(|c| self.store.layout().cluster_lba(c).plus(within));
             let buf_unit = pos - offset;
             match runs.last_mut() {
                 Some(r)
                     if match (r.lba, lba) {
-                        (Some(a), Some(b)) => a + r.units == b,
+                        (Some(a), Some(b)) => a.plus(r.units) == b,
                         (None, None) => true,
                         _ => false,
                     } =>
@@ -564,7 +564,7 @@ impl Blob {
     /// decide. Checks the range, and for a `write` that the blob is
     /// writable (under the same lock).
     #[inline(always)]
-    fn map_one(&self, offset: u64, units: u64, write: bool) -> Result<Option<u64>> {
+    fn map_one(&self, offset: u64, units: u64, write: bool) -> Result<Option<Lba>> {
         let md = self.inner.md.read();
         if write && md.read_only() {
             return Err(Error::ReadOnly(self.id()));
@@ -575,7 +575,7 @@ impl Blob {
         if within + units > upc {
             return Ok(None);
         }
-        Ok(md.clusters[idx].map(|c| self.store.layout().cluster_lba(c) + within))
+        Ok(md.clusters[idx].map(|c| self.store.layout().cluster_lba(c).plus(within)))
     }
 
     /// Reads `buf.len()` bytes starting at io unit `offset`. The I/O is
@@ -683,7 +683,7 @@ impl Blob {
                 },
             };
             new_runs.push(Run {
-                lba: Some(layout.cluster_lba(c) + within),
+                lba: Some(layout.cluster_lba(c).plus(within)),
                 units: n,
                 buf_unit: pos - offset,
             });

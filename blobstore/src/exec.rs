@@ -191,6 +191,7 @@ fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>, deadline: Option<Instant>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Lba;
     use crate::device::{channel, BlockDevice, DmaBuf, MemDevice};
     use crate::testing::FaultDevice;
 
@@ -220,7 +221,7 @@ mod tests {
         // A device whose completions show only after a million polls.
         fault.set_reap_delay(1_000_000);
         let before = thread_in_flight();
-        let read = ch.read(0, DmaBuf::new(4096).unwrap());
+        let read = ch.read(Lba(0), DmaBuf::new(4096).unwrap());
         let start = Instant::now();
         let out = block_on_deadline(read, start + Duration::from_millis(20));
         assert!(out.is_none(), "the stalled read must time out");
@@ -229,14 +230,14 @@ mod tests {
         assert_eq!(thread_in_flight(), before + 1);
         // Once the device answers, the next wait on this thread reaps it.
         fault.set_reap_delay(0);
-        let buf = block_on(ch.read(1, DmaBuf::new(4096).unwrap())).unwrap();
+        let buf = block_on(ch.read(Lba(1), DmaBuf::new(4096).unwrap())).unwrap();
         assert_eq!(buf.len(), 4096);
         while thread_in_flight() > before {
             poll_thread_channels();
         }
         // And a timed read of a device that answers returns its data.
         let got = block_on_deadline(
-            ch.read(0, DmaBuf::new(4096).unwrap()),
+            ch.read(Lba(0), DmaBuf::new(4096).unwrap()),
             Instant::now() + Duration::from_secs(5),
         );
         assert!(matches!(got, Some(Ok(b)) if b.len() == 4096));

@@ -50,7 +50,7 @@ pub use blob::{Blob, BlobIo, Xattrs};
 pub use device::IoKind;
 pub use device::{
     channel, device_metrics, open_device, BlockDevice, DeviceMetrics, DeviceSpec, DmaBuf,
-    FileDevice, FileOptions, Geometry, IoChannel, MemDevice,
+    FileDevice, FileOptions, Geometry, IoChannel, Lba, MemDevice,
 };
 #[cfg(feature = "nvme")]
 pub use device::{

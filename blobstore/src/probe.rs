@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use crate::device::{channel, BlockDevice};
+use crate::device::{channel, BlockDevice, Lba};
 use crate::error::Result;
 use crate::format;
 
@@ -51,7 +51,7 @@ pub async fn probe(dev: &Arc<dyn BlockDevice>) -> Result<Option<Signature>> {
     }
     let ch = channel(dev)?;
     let buf = ch
-        .read(0, dev.alloc_buf_for_overwrite(len as usize)?)
+        .read(Lba(0), dev.alloc_buf_for_overwrite(len as usize)?)
         .await?;
     Ok(identify(&buf))
 }

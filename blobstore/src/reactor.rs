@@ -1131,6 +1131,7 @@ impl Drop for Reactors {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Lba;
     use crate::device::{BlockDevice, ChannelBackend, DeviceId, Geometry, IoOp, Tag};
     use crate::{block_on, channel, DmaBuf, MemDevice};
     use std::sync::atomic::AtomicUsize;
@@ -1280,11 +1281,11 @@ mod tests {
                     for b in 0..BLOCKS_EACH {
                         let lba = t as u64 * BLOCKS_EACH + b;
                         let buf = DmaBuf::from_slice(&[(lba % 251) as u8 + 1; 4096])?;
-                        ch.write(lba, buf).await?;
+                        ch.write(Lba(lba), buf).await?;
                     }
                     for b in 0..BLOCKS_EACH {
                         let lba = t as u64 * BLOCKS_EACH + b;
-                        let buf = ch.read(lba, DmaBuf::new(4096)?).await?;
+                        let buf = ch.read(Lba(lba), DmaBuf::new(4096)?).await?;
                         if buf.iter().any(|&x| x != (lba % 251) as u8 + 1) {
                             return Err(Error::corrupt(format!("block {lba}"), "bad pattern"));
                         }
@@ -1320,7 +1321,7 @@ mod tests {
                     let ch = channel(&dev)?;
                     for k in 0..200u64 {
                         let lba = i as u64 * 1000 + k;
-                        ch.write(lba, DmaBuf::from_slice(&[i as u8 + 1; 512])?)
+                        ch.write(Lba(lba), DmaBuf::from_slice(&[i as u8 + 1; 512])?)
                             .await?;
                     }
                     Ok::<(), Error>(())
@@ -1332,8 +1333,8 @@ mod tests {
         let ch = channel(&dev).unwrap();
         for k in 0..200u64 {
             let buf = DmaBuf::from_slice(&[9u8; 512]).unwrap();
-            block_on(ch.write(5000 + k, buf)).unwrap();
-            let back = block_on(ch.read(5000 + k, DmaBuf::new(512).unwrap())).unwrap();
+            block_on(ch.write(Lba(5000 + k), buf)).unwrap();
+            let back = block_on(ch.read(Lba(5000 + k), DmaBuf::new(512).unwrap())).unwrap();
             assert!(back.iter().all(|&x| x == 9));
         }
         for h in handles {
@@ -1377,8 +1378,8 @@ mod tests {
                     let ch = channel(&dev)?;
                     for k in 0..100u64 {
                         let data = vec![(k % 251) as u8 + 1; 4096];
-                        ch.write(k * 8, DmaBuf::from_slice(&data)?).await?;
-                        let back = ch.read(k * 8, DmaBuf::new(4096)?).await?;
+                        ch.write(Lba(k * 8), DmaBuf::from_slice(&data)?).await?;
+                        let back = ch.read(Lba(k * 8), DmaBuf::new(4096)?).await?;
                         assert!(back[..] == data[..], "block {k}");
                     }
                     Ok::<(), Error>(())
@@ -1523,7 +1524,7 @@ mod tests {
         let io = h0
             .spawn(move || async move {
                 let ch = channel(&io_dev)?;
-                let writes: Vec<_> = (0..4).map(|lba| ch.write_zeroes(lba, 1)).collect();
+                let writes: Vec<_> = (0..4).map(|lba| ch.write_zeroes(Lba(lba), 1)).collect();
                 started_tx.send(thread_in_flight()).unwrap();
                 futures::future::join_all(writes).await;
                 futures::future::pending::<()>().await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use blobstore::device::ShmOptions;
 use blobstore::{
     block_on, channel, open_device, BlockDevice, DeviceSpec, DmaBuf, Error, FileDevice,
-    FileOptions, MemDevice,
+    FileOptions, Lba, MemDevice,
 };
 use futures::future::join_all;
 
@@ -128,7 +128,7 @@ fn pattern(len: usize, seed: u64) -> DmaBuf {
 
 fn read_back(dev: &Arc<dyn BlockDevice>, lba: u64, bytes: usize) -> DmaBuf {
     let ch = channel(dev).unwrap();
-    block_on(ch.read(lba, DmaBuf::new(bytes).unwrap())).unwrap()
+    block_on(ch.read(Lba(lba), DmaBuf::new(bytes).unwrap())).unwrap()
 }
 
 #[test]
@@ -137,14 +137,14 @@ fn write_read_round_trip() {
         let bs = dev.geometry().block_size as usize;
         let ch = channel(dev).unwrap();
         let data = pattern(2 * bs, 7);
-        block_on(ch.write(3, DmaBuf::from_slice(&data).unwrap())).unwrap();
+        block_on(ch.write(Lba(3), DmaBuf::from_slice(&data).unwrap())).unwrap();
         assert_eq!(&read_back(dev, 3, 2 * bs)[..], &data[..], "{}", dev.name());
         // Untouched blocks read as zeroes.
         assert!(read_back(dev, 5, bs).iter().all(|&b| b == 0));
         // A large single buffer, several times the max transfer size.
         let big = pattern(3 << 20, 8);
         let lba = (4 << 20) / bs as u64;
-        block_on(ch.write(lba, DmaBuf::from_slice(&big).unwrap())).unwrap();
+        block_on(ch.write(Lba(lba), DmaBuf::from_slice(&big).unwrap())).unwrap();
         assert_eq!(&read_back(dev, lba, 3 << 20)[..], &big[..]);
     });
 }
@@ -156,9 +156,9 @@ fn vectored_read_write() {
         let ch = channel(dev).unwrap();
         let parts = vec![pattern(bs, 1), pattern(2 * bs, 2), pattern(bs, 3)];
         let expected: Vec<u8> = parts.iter().flat_map(|b| b.to_vec()).collect();
-        block_on(ch.writev(10, parts)).unwrap();
+        block_on(ch.writev(Lba(10), parts)).unwrap();
         let got = block_on(ch.readv(
-            10,
+            Lba(10),
             vec![DmaBuf::new(2 * bs).unwrap(), DmaBuf::new(2 * bs).unwrap()],
         ))
         .unwrap();
@@ -168,9 +168,12 @@ fn vectored_read_write() {
         // More segments than one io_uring SQE takes (IOV_MAX = 1024).
         let many: Vec<DmaBuf> = (0..1100).map(|i| pattern(bs, 100 + i)).collect();
         let expected: Vec<u8> = many.iter().flat_map(|b| b.to_vec()).collect();
-        block_on(ch.writev(20, many)).unwrap();
-        let got =
-            block_on(ch.readv(20, (0..1100).map(|_| DmaBuf::new(bs).unwrap()).collect())).unwrap();
+        block_on(ch.writev(Lba(20), many)).unwrap();
+        let got = block_on(ch.readv(
+            Lba(20),
+            (0..1100).map(|_| DmaBuf::new(bs).unwrap()).collect(),
+        ))
+        .unwrap();
         let got: Vec<u8> = got.iter().flat_map(|b| b.to_vec()).collect();
         assert!(
             got == expected,
@@ -185,7 +188,7 @@ fn flush() {
     on_every_device("flush", |dev| {
         let bs = dev.geometry().block_size as usize;
         let ch = channel(dev).unwrap();
-        block_on(ch.write(0, pattern(bs, 4))).unwrap();
+        block_on(ch.write(Lba(0), pattern(bs, 4))).unwrap();
         block_on(ch.flush()).unwrap();
         assert_eq!(&read_back(dev, 0, bs)[..], &pattern(bs, 4)[..]);
     });
@@ -198,8 +201,8 @@ fn unmap_reads_zeroes() {
         assert!(dev.geometry().unmap_reads_zeroes);
         let ch = channel(dev).unwrap();
         // Cover whole 4 KiB file-system blocks and partial ones.
-        block_on(ch.write(8, pattern(16 * bs, 5))).unwrap();
-        block_on(ch.unmap(9, 13)).unwrap();
+        block_on(ch.write(Lba(8), pattern(16 * bs, 5))).unwrap();
+        block_on(ch.unmap(Lba(9), 13)).unwrap();
         let got = read_back(dev, 8, 16 * bs);
         let want = pattern(16 * bs, 5);
         assert_eq!(&got[..bs], &want[..bs]);
@@ -213,8 +216,8 @@ fn write_zeroes() {
     on_every_device("zeroes", |dev| {
         let bs = dev.geometry().block_size as usize;
         let ch = channel(dev).unwrap();
-        block_on(ch.write(40, pattern(4 * bs, 6))).unwrap();
-        block_on(ch.write_zeroes(41, 2)).unwrap();
+        block_on(ch.write(Lba(40), pattern(4 * bs, 6))).unwrap();
+        block_on(ch.write_zeroes(Lba(41), 2)).unwrap();
         let got = read_back(dev, 40, 4 * bs);
         let want = pattern(4 * bs, 6);
         assert_eq!(&got[..bs], &want[..bs]);
@@ -222,8 +225,8 @@ fn write_zeroes() {
         assert_eq!(&got[3 * bs..], &want[3 * bs..]);
         // A large range.
         let blocks = (4 << 20) / bs as u64;
-        block_on(ch.write(blocks, pattern(4 << 20, 9))).unwrap();
-        block_on(ch.write_zeroes(blocks, blocks)).unwrap();
+        block_on(ch.write(Lba(blocks), pattern(4 << 20, 9))).unwrap();
+        block_on(ch.write_zeroes(Lba(blocks), blocks)).unwrap();
         assert!(read_back(dev, blocks, 4 << 20).iter().all(|&b| b == 0));
     });
 }
@@ -235,14 +238,14 @@ fn past_the_end_is_out_of_range() {
         let bs = g.block_size as usize;
         let ch = channel(dev).unwrap();
         let last = g.block_count - 1;
-        block_on(ch.write(last, pattern(bs, 1))).unwrap();
-        let r = block_on(ch.read(last, DmaBuf::new(2 * bs).unwrap()));
+        block_on(ch.write(Lba(last), pattern(bs, 1))).unwrap();
+        let r = block_on(ch.read(Lba(last), DmaBuf::new(2 * bs).unwrap()));
         assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
-        let r = block_on(ch.write(g.block_count, pattern(bs, 1)));
+        let r = block_on(ch.write(Lba(g.block_count), pattern(bs, 1)));
         assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
-        let r = block_on(ch.unmap(last, 2));
+        let r = block_on(ch.unmap(Lba(last), 2));
         assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
-        let r = block_on(ch.write_zeroes(u64::MAX, 2));
+        let r = block_on(ch.write_zeroes(Lba(u64::MAX), 2));
         assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
     });
 }
@@ -252,13 +255,13 @@ fn partial_block_is_an_error() {
     on_every_device("partial", |dev| {
         let bs = dev.geometry().block_size as usize;
         let ch = channel(dev).unwrap();
-        let r = block_on(ch.write(0, pattern(bs + 1, 1)));
+        let r = block_on(ch.write(Lba(0), pattern(bs + 1, 1)));
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
-        let r = block_on(ch.read(0, DmaBuf::new(bs - 1).unwrap()));
+        let r = block_on(ch.read(Lba(0), DmaBuf::new(bs - 1).unwrap()));
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
-        let r = block_on(ch.read(0, DmaBuf::new(0).unwrap()));
+        let r = block_on(ch.read(Lba(0), DmaBuf::new(0).unwrap()));
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
-        let r = block_on(ch.unmap(0, 0));
+        let r = block_on(ch.unmap(Lba(0), 0));
         assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
     });
 }
@@ -268,13 +271,13 @@ fn many_in_flight(dev: &Arc<dyn BlockDevice>) {
     let bs = dev.geometry().block_size as usize;
     let ch = channel(dev).unwrap();
     let writes: Vec<_> = (0..32u64)
-        .map(|i| ch.write(100 + 3 * i, pattern(2 * bs, 1000 + i)))
+        .map(|i| ch.write(Lba(100 + 3 * i), pattern(2 * bs, 1000 + i)))
         .collect();
     for r in block_on(join_all(writes)) {
         r.unwrap();
     }
     let reads: Vec<_> = (0..32u64)
-        .map(|i| ch.read(100 + 3 * i, DmaBuf::new(2 * bs).unwrap()))
+        .map(|i| ch.read(Lba(100 + 3 * i), DmaBuf::new(2 * bs).unwrap()))
         .collect();
     for (i, r) in block_on(join_all(reads)).into_iter().enumerate() {
         assert_eq!(
@@ -320,14 +323,17 @@ fn four_threads_one_device() {
                     for round in 0..10u64 {
                         let writes: Vec<_> = (0..8u64)
                             .map(|i| {
-                                ch.write(base + i * 4, pattern(4 * bs, t * 1000 + round * 10 + i))
+                                ch.write(
+                                    Lba(base + i * 4),
+                                    pattern(4 * bs, t * 1000 + round * 10 + i),
+                                )
                             })
                             .collect();
                         for r in block_on(join_all(writes)) {
                             r.unwrap();
                         }
                         let reads: Vec<_> = (0..8u64)
-                            .map(|i| ch.read(base + i * 4, DmaBuf::new(4 * bs).unwrap()))
+                            .map(|i| ch.read(Lba(base + i * 4), DmaBuf::new(4 * bs).unwrap()))
                             .collect();
                         for (i, r) in block_on(join_all(reads)).into_iter().enumerate() {
                             let want = pattern(4 * bs, t * 1000 + round * 10 + i as u64);
@@ -387,10 +393,10 @@ fn shm_reopen_after_drop_sees_the_data() {
             let dev: Arc<dyn BlockDevice> =
                 Arc::new(MemDevice::open_shared(tmp.path(), shm_opts(DEV_BYTES, bs)).unwrap());
             let ch = channel(&dev).unwrap();
-            block_on(ch.write(77, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            block_on(ch.write(Lba(77), DmaBuf::from_slice(&data).unwrap())).unwrap();
             // Across a chunk boundary and at the very end.
-            block_on(ch.write(last_lba, pattern(2 * bs as usize, 44))).unwrap();
-            block_on(ch.write_zeroes(78, 2)).unwrap();
+            block_on(ch.write(Lba(last_lba), pattern(2 * bs as usize, 44))).unwrap();
+            block_on(ch.write_zeroes(Lba(78), 2)).unwrap();
             block_on(ch.flush()).unwrap();
             // The channel stays in this thread's cache; dropping the device
             // must still release the file.
@@ -536,7 +542,7 @@ fn reopen_after_drop_sees_the_data() {
             let dev: Arc<dyn BlockDevice> =
                 Arc::new(FileDevice::open(tmp.path(), file_opts(DEV_BYTES, bs)).unwrap());
             let ch = channel(&dev).unwrap();
-            block_on(ch.write(77, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            block_on(ch.write(Lba(77), DmaBuf::from_slice(&data).unwrap())).unwrap();
             block_on(ch.flush()).unwrap();
             // The channel stays in this thread's cache; dropping the device
             // must still release the file.
@@ -652,12 +658,12 @@ fn block_device_if_given() {
     assert!(!dev.geometry().unmap_reads_zeroes);
     let bs = dev.geometry().block_size as usize;
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(1, pattern(4 * bs, 3))).unwrap();
+    block_on(ch.write(Lba(1), pattern(4 * bs, 3))).unwrap();
     assert_eq!(&read_back(&dev, 1, 4 * bs)[..], &pattern(4 * bs, 3)[..]);
-    block_on(ch.write_zeroes(2, 2)).unwrap();
+    block_on(ch.write_zeroes(Lba(2), 2)).unwrap();
     let got = read_back(&dev, 1, 4 * bs);
     assert!(got[bs..3 * bs].iter().all(|&b| b == 0));
-    block_on(ch.unmap(1, 4)).unwrap();
+    block_on(ch.unmap(Lba(1), 4)).unwrap();
     block_on(ch.flush()).unwrap();
     many_in_flight(&dev);
     assert!(matches!(
@@ -690,10 +696,10 @@ fn write_zeroes_fallback_on_tmpfs() {
     let bs = 4096;
     let ch = channel(&dev).unwrap();
     for round in 0..2 {
-        block_on(ch.write(0, pattern(300 * bs, round))).unwrap();
+        block_on(ch.write(Lba(0), pattern(300 * bs, round))).unwrap();
         // Larger than the 1 MiB zero buffer, so several writes.
-        block_on(ch.write_zeroes(1, 298)).unwrap();
-        block_on(ch.unmap(0, 1)).unwrap();
+        block_on(ch.write_zeroes(Lba(1), 298)).unwrap();
+        block_on(ch.unmap(Lba(0), 1)).unwrap();
         let got = read_back(&dev, 0, 300 * bs);
         let want = pattern(300 * bs, round);
         assert!(got[..299 * bs].iter().all(|&b| b == 0), "round {round}");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use blobstore::{
     block_on, channel, open_device, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice,
-    DeviceSpec, DmaBuf, Error, LoadOptions, NvmeStatus, NvmeTcpController, NvmeTcpDevice,
+    DeviceSpec, DmaBuf, Error, Lba, LoadOptions, NvmeStatus, NvmeTcpController, NvmeTcpDevice,
     TcpOptions,
 };
 use common::{pattern, Rng};
@@ -118,8 +118,8 @@ fn write_read_back(dev: &Arc<dyn BlockDevice>, seed: u64) {
         };
         let lba = rng.below(g.block_count - blocks as u64);
         let data = pattern(seed + i, blocks * bsz);
-        block_on(ch.write(lba, DmaBuf::from_slice(&data).unwrap())).unwrap();
-        let back = block_on(ch.read(lba, dev.alloc_buf(data.len()).unwrap())).unwrap();
+        block_on(ch.write(Lba(lba), DmaBuf::from_slice(&data).unwrap())).unwrap();
+        let back = block_on(ch.read(Lba(lba), dev.alloc_buf(data.len()).unwrap())).unwrap();
         assert!(
             back[..] == data[..],
             "{}: {blocks} blocks at {lba}",
@@ -135,10 +135,10 @@ fn write_read_back(dev: &Arc<dyn BlockDevice>, seed: u64) {
         t0.elapsed()
     );
     let data = pattern(seed, 64 * bsz);
-    block_on(ch.write(64, DmaBuf::from_slice(&data).unwrap())).unwrap();
-    block_on(ch.write_zeroes(64, 32)).unwrap();
-    block_on(ch.unmap(96, 32)).unwrap();
-    let back = block_on(ch.read(64, dev.alloc_buf(64 * bsz).unwrap())).unwrap();
+    block_on(ch.write(Lba(64), DmaBuf::from_slice(&data).unwrap())).unwrap();
+    block_on(ch.write_zeroes(Lba(64), 32)).unwrap();
+    block_on(ch.unmap(Lba(96), 32)).unwrap();
+    let back = block_on(ch.read(Lba(64), dev.alloc_buf(64 * bsz).unwrap())).unwrap();
     assert!(back[..32 * bsz].iter().all(|&b| b == 0), "write zeroes");
     if g.unmap_reads_zeroes {
         assert!(back[32 * bsz..].iter().all(|&b| b == 0), "deallocated");
@@ -184,7 +184,7 @@ fn four_threads_queue_depth_32_checked() {
                         .iter()
                         .map(|&lba| {
                             let data = pattern(lba ^ round, 4096 * (1 + (lba % 3) as usize));
-                            ch.write(lba, DmaBuf::from_slice(&data).unwrap())
+                            ch.write(Lba(lba), DmaBuf::from_slice(&data).unwrap())
                         })
                         .collect();
                     for r in block_on(futures::future::join_all(writes)) {
@@ -193,7 +193,10 @@ fn four_threads_queue_depth_32_checked() {
                     let reads: Vec<_> = lbas
                         .iter()
                         .map(|&lba| {
-                            ch.read(lba, DmaBuf::new(4096 * (1 + (lba % 3) as usize)).unwrap())
+                            ch.read(
+                                Lba(lba),
+                                DmaBuf::new(4096 * (1 + (lba % 3) as usize)).unwrap(),
+                            )
                         })
                         .collect();
                     for (lba, r) in lbas.iter().zip(block_on(futures::future::join_all(reads))) {
@@ -226,7 +229,7 @@ fn errors_are_typed_and_the_device_keeps_working() {
     let ch = channel(&dev).unwrap();
     let n = dev.geometry().block_count;
     // Past the end: refused before the wire, and by the target.
-    let r = block_on(ch.read(n - 1, DmaBuf::new(1024).unwrap()));
+    let r = block_on(ch.read(Lba(n - 1), DmaBuf::new(1024).unwrap()));
     assert!(matches!(r, Err(Error::OutOfRange { .. })), "{r:?}");
     let c = ctrl_with(TcpOptions::default());
     let nsid = c
@@ -241,7 +244,7 @@ fn errors_are_typed_and_the_device_keeps_working() {
     let r = block_on(
         channel(&wide)
             .unwrap()
-            .read(n + 10, DmaBuf::new(512).unwrap()),
+            .read(Lba(n + 10), DmaBuf::new(512).unwrap()),
     );
     println!("read past the end (target's check): {r:?}");
     // nvmet checks the range on a file namespace; on a block device the
@@ -259,8 +262,8 @@ fn errors_are_typed_and_the_device_keeps_working() {
     );
     // The queue still works after an error status.
     let data = pattern(3, 4096);
-    block_on(ch.write(8, DmaBuf::from_slice(&data).unwrap())).unwrap();
-    assert!(block_on(ch.read(8, DmaBuf::new(4096).unwrap())).unwrap()[..] == data[..]);
+    block_on(ch.write(Lba(8), DmaBuf::from_slice(&data).unwrap())).unwrap();
+    assert!(block_on(ch.read(Lba(8), DmaBuf::new(4096).unwrap())).unwrap()[..] == data[..]);
     // A namespace that does not exist.
     let e = NvmeTcpDevice::from_controller(c, 77).err().unwrap();
     println!("namespace 77: {e}");

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blobstore::{
-    block_on, channel, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error,
+    block_on, channel, BlobOptions, Blobstore, BlobstoreOptions, BlockDevice, DmaBuf, Error, Lba,
     LoadOptions, NvmeController, NvmeDevice, NvmeStatus,
 };
 use common::{pattern, Rng};
@@ -121,8 +121,8 @@ fn write_read_back_flush_deallocate_write_zeroes() {
                 b.copy_from_slice(&data);
                 b
             };
-            block_on(ch.write(lba, wbuf)).unwrap();
-            let back = block_on(ch.read(lba, dev.alloc_buf(data.len()).unwrap())).unwrap();
+            block_on(ch.write(Lba(lba), wbuf)).unwrap();
+            let back = block_on(ch.read(Lba(lba), dev.alloc_buf(data.len()).unwrap())).unwrap();
             assert!(back[..] == data[..], "bs {bs}: {blocks} blocks at {lba}");
             bytes += 2 * data.len();
         }
@@ -135,14 +135,14 @@ fn write_read_back_flush_deallocate_write_zeroes() {
         // Deallocate, then read.
         let n = (1 << 20) / bs as u64;
         block_on(ch.write(
-            0,
+            Lba(0),
             DmaBuf::from_slice(&pattern(1, (n * bs as u64) as usize)).unwrap(),
         ))
         .unwrap();
-        match block_on(ch.unmap(0, n)) {
+        match block_on(ch.unmap(Lba(0), n)) {
             Ok(()) => {
-                let b =
-                    block_on(ch.read(0, dev.alloc_buf((n * bs as u64) as usize).unwrap())).unwrap();
+                let b = block_on(ch.read(Lba(0), dev.alloc_buf((n * bs as u64) as usize).unwrap()))
+                    .unwrap();
                 if g.unmap_reads_zeroes {
                     assert!(b.iter().all(|&x| x == 0), "deallocated blocks read zeroes");
                 }
@@ -156,9 +156,9 @@ fn write_read_back_flush_deallocate_write_zeroes() {
         }
         // Write zeroes, then read.
         let data = pattern(2, (n * bs as u64) as usize);
-        block_on(ch.write(n, DmaBuf::from_slice(&data).unwrap())).unwrap();
-        block_on(ch.write_zeroes(n + 1, n - 2)).unwrap();
-        let b = block_on(ch.read(n, dev.alloc_buf(data.len()).unwrap())).unwrap();
+        block_on(ch.write(Lba(n), DmaBuf::from_slice(&data).unwrap())).unwrap();
+        block_on(ch.write_zeroes(Lba(n + 1), n - 2)).unwrap();
+        let b = block_on(ch.read(Lba(n), dev.alloc_buf(data.len()).unwrap())).unwrap();
         assert!(b[..bsz] == data[..bsz]);
         assert!(b[bsz..data.len() - bsz].iter().all(|&x| x == 0));
         assert!(b[data.len() - bsz..] == data[data.len() - bsz..]);
@@ -195,11 +195,11 @@ fn big_ops_waiting(dev: &Arc<dyn BlockDevice>, seed: u64) -> (Duration, Duration
         b.copy_from_slice(&data);
         let mut b = Some(b);
         timed(&mut || {
-            block_on(ch.write(i * 1024, b.take().unwrap())).unwrap();
+            block_on(ch.write(Lba(i * 1024), b.take().unwrap())).unwrap();
         });
         let mut back = Some(dev.alloc_buf(data.len()).unwrap());
         timed(&mut || {
-            back = Some(block_on(ch.read(i * 1024, back.take().unwrap())).unwrap());
+            back = Some(block_on(ch.read(Lba(i * 1024), back.take().unwrap())).unwrap());
         });
         let back = back.unwrap();
         assert!(back[..] == data[..], "4 MiB at block {}", i * 1024);
@@ -277,10 +277,10 @@ fn four_threads_queue_depth_32_checked() {
                                     b[k * 4096..(k + 1) * 4096]
                                         .copy_from_slice(&pattern(seed, 4096));
                                 }
-                                ch.write(base + at, b).await.unwrap();
+                                ch.write(Lba(base + at), b).await.unwrap();
                             } else {
                                 let b = ch
-                                    .read(base + at, dev.alloc_buf(n as usize * 4096).unwrap())
+                                    .read(Lba(base + at), dev.alloc_buf(n as usize * 4096).unwrap())
                                     .await
                                     .unwrap();
                                 for k in 0..n as usize {
@@ -297,7 +297,10 @@ fn four_threads_queue_depth_32_checked() {
                         }
                         // Finally the whole lane, against the model.
                         let all = ch
-                            .read(base, dev.alloc_buf(lane_blocks as usize * 4096).unwrap())
+                            .read(
+                                Lba(base),
+                                dev.alloc_buf(lane_blocks as usize * 4096).unwrap(),
+                            )
                             .await
                             .unwrap();
                         for (k, &seed) in model.iter().enumerate() {
@@ -330,13 +333,13 @@ fn errors_are_typed_and_the_device_keeps_working() {
     let ch = channel(&dev).unwrap();
     let check = |what: &str| {
         let data = pattern(what.len() as u64, 4096);
-        block_on(ch.write(8, DmaBuf::from_slice(&data).unwrap())).unwrap();
-        let b = block_on(ch.read(8, dev.alloc_buf(4096).unwrap())).unwrap();
+        block_on(ch.write(Lba(8), DmaBuf::from_slice(&data).unwrap())).unwrap();
+        let b = block_on(ch.read(Lba(8), dev.alloc_buf(4096).unwrap())).unwrap();
         assert!(b[..] == data[..], "device works after {what}");
     };
     // LBA out of range: caught before the device, and by the controller.
     let n = dev.geometry().block_count;
-    let r = block_on(ch.read(n - 1, dev.alloc_buf(1024).unwrap()));
+    let r = block_on(ch.read(Lba(n - 1), dev.alloc_buf(1024).unwrap()));
     println!("read past the end (driver check): {r:?}");
     assert!(matches!(r, Err(Error::OutOfRange { .. })));
     let nsid = c.namespaces().unwrap()[0].0;
@@ -344,7 +347,7 @@ fn errors_are_typed_and_the_device_keeps_working() {
     let r = block_on(
         channel(&wide)
             .unwrap()
-            .read(n + 10, wide.alloc_buf(512).unwrap()),
+            .read(Lba(n + 10), wide.alloc_buf(512).unwrap()),
     );
     println!("read past the end (controller check): {r:?}");
     assert!(matches!(
@@ -368,7 +371,7 @@ fn errors_are_typed_and_the_device_keeps_working() {
         let r = block_on(
             channel(&ghost)
                 .unwrap()
-                .read(0, ghost.alloc_buf(512).unwrap()),
+                .read(Lba(0), ghost.alloc_buf(512).unwrap()),
         );
         println!("read of namespace {nsid}: {r:?}");
         assert!(
@@ -385,7 +388,7 @@ fn errors_are_typed_and_the_device_keeps_working() {
     for _ in 0..20 {
         c.set_io_timeout(Duration::ZERO);
         let reads: Vec<_> = (0..8)
-            .map(|_| ch.read(0, dev.alloc_buf(4 << 20).unwrap()))
+            .map(|_| ch.read(Lba(0), dev.alloc_buf(4 << 20).unwrap()))
             .collect();
         let results = spin_on(futures::future::join_all(reads));
         c.set_io_timeout(Duration::from_secs(30));
@@ -480,7 +483,7 @@ fn blobstore_persists_across_unload_crash_and_controller_reset() {
         let mut caught = None;
         for round in 1..=ROUNDS_TO_CATCH_IN_FLIGHT {
             let inflight: Vec<_> = (0..16u64)
-                .map(|i| Box::pin(ch.read(i * 256, dev.alloc_buf(8 << 20).unwrap())))
+                .map(|i| Box::pin(ch.read(Lba(i * 256), dev.alloc_buf(8 << 20).unwrap())))
                 .collect();
             // Poll each once: that submits it (more commands than the ring
             // holds, so some wait in the driver too).

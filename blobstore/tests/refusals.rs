@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use blobstore::{
     block_on, channel, open_device, Blobstore, BlobstoreOptions, BlockDevice, DeviceSpec, DmaBuf,
-    Error, FileDevice, FileOptions, LoadOptions, MemDevice,
+    Error, FileDevice, FileOptions, Lba, LoadOptions, MemDevice,
 };
 
 fn mem(block: u32) -> Arc<dyn BlockDevice> {
@@ -24,12 +24,12 @@ fn poke(dev: &Arc<dyn BlockDevice>, off: usize, bytes: &[u8]) {
     let first = off / bs;
     let last = (off + bytes.len() - 1) / bs;
     let len = (last - first + 1) * bs;
-    let mut buf = block_on(ch.read(first as u64, DmaBuf::new(len).unwrap()))
+    let mut buf = block_on(ch.read(Lba(first as u64), DmaBuf::new(len).unwrap()))
         .unwrap()
         .to_vec();
     let at = off - first * bs;
     buf[at..at + bytes.len()].copy_from_slice(bytes);
-    block_on(ch.write(first as u64, DmaBuf::from_slice(&buf).unwrap())).unwrap();
+    block_on(ch.write(Lba(first as u64), DmaBuf::from_slice(&buf).unwrap())).unwrap();
     block_on(ch.flush()).unwrap();
 }
 

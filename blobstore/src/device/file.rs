@@ -619,7 +619,7 @@ impl FileBackend {
             tag,
             InFlight {
                 kind: op.kind,
-                lba: op.lba,
+                lba: op.lba.get(),
                 blocks: op.blocks,
                 _iovecs: iovecs,
                 steps: Vec::with_capacity(sqes.len()),
@@ -674,7 +674,7 @@ impl FileBackend {
             }
         }
         let fd = types::Fd(self.fd);
-        let mut pos = op.lba * self.block_size;
+        let mut pos = op.lba.get() * self.block_size;
         let mut sqes = Vec::new();
         let mut i = 0;
         while i < iovecs.len() {
@@ -735,14 +735,14 @@ impl FileBackend {
 
     fn fallocate(&self, op: &IoOp, mode: i32) -> squeue::Entry {
         opcode::Fallocate::new(types::Fd(self.fd), op.blocks * self.block_size)
-            .offset(op.lba * self.block_size)
+            .offset(op.lba.get() * self.block_size)
             .mode(mode | libc::FALLOC_FL_KEEP_SIZE)
             .build()
     }
 
     /// Discards a range of a block device, synchronously.
     fn discard(&self, op: &IoOp) -> Result<()> {
-        let range: [u64; 2] = [op.lba * self.block_size, op.blocks * self.block_size];
+        let range: [u64; 2] = [op.lba.get() * self.block_size, op.blocks * self.block_size];
         // SAFETY: BLKDISCARD reads two u64s through the pointer, which points
         // to a live local array.
         let r = unsafe { libc::ioctl(self.fd, blk::BLKDISCARD as _, range.as_ptr()) };
@@ -857,7 +857,7 @@ impl ChannelBackend for FileBackend {
                 self.start(tag, op, Vec::new(), vec![(entry, Step::ZeroRange)])
             }
             IoKind::Unmap | IoKind::WriteZeroes => {
-                let sqes = self.zero_writes(op.lba, op.blocks)?;
+                let sqes = self.zero_writes(op.lba.get(), op.blocks)?;
                 self.start(tag, op, Vec::new(), sqes)
             }
         }

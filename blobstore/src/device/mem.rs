@@ -556,7 +556,7 @@ struct MemBackend {
 
 impl ChannelBackend for MemBackend {
     fn submit(&mut self, tag: Tag, op: &IoOp) -> Result<()> {
-        let off = op.lba as usize * self.block_size;
+        let off = op.lba.get() as usize * self.block_size;
         let st = &self.store;
         match op.kind {
             IoKind::Read | IoKind::Write => {

@@ -108,12 +108,40 @@ impl IoKind {
     }
 }
 
+/// A device block address: a block number, in the device's blocks
+/// ([`Geometry::block_size`] bytes each). Blob offsets (io units) and
+/// byte offsets are other units; a store turns its clusters and metadata
+/// pages into one of these where it calls the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Lba(pub u64);
+
+impl Lba {
+    /// The block number.
+    #[inline]
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The block `blocks` blocks further on (wrapping on overflow, which
+    /// the channel's range check then refuses).
+    #[inline]
+    pub const fn plus(self, blocks: u64) -> Lba {
+        Lba(self.0.wrapping_add(blocks))
+    }
+}
+
+impl std::fmt::Display for Lba {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One operation as a backend sees it.
 pub struct IoOp {
     /// What to do.
     pub kind: IoKind,
     /// First block.
-    pub lba: u64,
+    pub lba: Lba,
     /// Number of blocks (0 for flush).
     pub blocks: u64,
     /// Memory for reads and writes, in order; their lengths add up to
@@ -126,7 +154,7 @@ impl IoOp {
     pub fn error(&self, reason: impl Into<String>) -> Error {
         Error::Io {
             op: self.kind.name(),
-            lba: self.lba,
+            lba: self.lba.get(),
             blocks: self.blocks,
             reason: reason.into(),
         }
@@ -608,9 +636,12 @@ impl IoChannel {
     /// Ok when the operation fits the geometry; the error is built out of
     /// line (the data path only tests).
     #[inline(always)]
-    fn check(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Result<()> {
+    fn check(&self, kind: IoKind, lba: Lba, blocks: u64, bytes: usize) -> Result<()> {
         let g = self.0.geometry;
-        let in_range = lba.checked_add(blocks).is_some_and(|e| e <= g.block_count);
+        let in_range = lba
+            .get()
+            .checked_add(blocks)
+            .is_some_and(|e| e <= g.block_count);
         let sized = if matches!(kind, IoKind::Read | IoKind::Write) {
             bytes != 0 && bytes.is_multiple_of(g.block_size as usize)
         } else {
@@ -624,12 +655,16 @@ impl IoChannel {
 
     /// Why [`IoChannel::check`] refused an operation.
     #[cold]
-    fn refusal(&self, kind: IoKind, lba: u64, blocks: u64, bytes: usize) -> Error {
+    fn refusal(&self, kind: IoKind, lba: Lba, blocks: u64, bytes: usize) -> Error {
         let g = self.0.geometry;
-        if lba.checked_add(blocks).is_none_or(|e| e > g.block_count) {
+        if lba
+            .get()
+            .checked_add(blocks)
+            .is_none_or(|e| e > g.block_count)
+        {
             return Error::OutOfRange {
                 what: format!("{} on device {}", kind.name(), self.0.name),
-                offset: lba,
+                offset: lba.get(),
                 len: blocks,
                 size: g.block_count,
             };
@@ -724,7 +759,7 @@ impl IoChannel {
         }
     }
 
-    pub(crate) fn submit_bufs(&self, kind: IoKind, lba: u64, bufs: &[DmaBuf]) -> IoFuture {
+    pub(crate) fn submit_bufs(&self, kind: IoKind, lba: Lba, bufs: &[DmaBuf]) -> IoFuture {
         self.submit(IoOp {
             kind,
             lba,
@@ -735,7 +770,7 @@ impl IoChannel {
 
     /// [`IoChannel::submit_bufs`] of one buffer, handing over the channel
     /// reference ([`IoChannel::submit_owned`]).
-    pub(crate) fn submit_buf_owned(self, kind: IoKind, lba: u64, buf: &DmaBuf) -> IoFuture {
+    pub(crate) fn submit_buf_owned(self, kind: IoKind, lba: Lba, buf: &DmaBuf) -> IoFuture {
         self.submit_owned(IoOp {
             kind,
             lba,
@@ -745,7 +780,7 @@ impl IoChannel {
     }
 
     /// Reads `buf.len()` bytes starting at block `lba` into `buf`.
-    pub async fn read(&self, lba: u64, buf: DmaBuf) -> Result<DmaBuf> {
+    pub async fn read(&self, lba: Lba, buf: DmaBuf) -> Result<DmaBuf> {
         let bufs = [buf];
         self.submit_bufs(IoKind::Read, lba, &bufs).await?;
         let [buf] = bufs;
@@ -753,7 +788,7 @@ impl IoChannel {
     }
 
     /// Writes `buf` to the blocks starting at `lba`.
-    pub async fn write(&self, lba: u64, buf: DmaBuf) -> Result<DmaBuf> {
+    pub async fn write(&self, lba: Lba, buf: DmaBuf) -> Result<DmaBuf> {
         let bufs = [buf];
         self.submit_bufs(IoKind::Write, lba, &bufs).await?;
         let [buf] = bufs;
@@ -761,13 +796,13 @@ impl IoChannel {
     }
 
     /// Reads consecutive blocks starting at `lba` into `bufs`, in order.
-    pub async fn readv(&self, lba: u64, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+    pub async fn readv(&self, lba: Lba, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
         self.submit_bufs(IoKind::Read, lba, &bufs).await?;
         Ok(bufs)
     }
 
     /// Writes `bufs`, in order, to consecutive blocks starting at `lba`.
-    pub async fn writev(&self, lba: u64, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
+    pub async fn writev(&self, lba: Lba, bufs: Vec<DmaBuf>) -> Result<Vec<DmaBuf>> {
         self.submit_bufs(IoKind::Write, lba, &bufs).await?;
         Ok(bufs)
     }
@@ -776,7 +811,7 @@ impl IoChannel {
     pub fn flush(&self) -> IoFuture {
         self.submit(IoOp {
             kind: IoKind::Flush,
-            lba: 0,
+            lba: Lba(0),
             blocks: 0,
             segs: Segments::none(),
         })
@@ -784,7 +819,7 @@ impl IoChannel {
 
     /// Deallocates `blocks` blocks at `lba` (reads back zeroes when the
     /// geometry says `unmap_reads_zeroes`).
-    pub fn unmap(&self, lba: u64, blocks: u64) -> IoFuture {
+    pub fn unmap(&self, lba: Lba, blocks: u64) -> IoFuture {
         self.submit(IoOp {
             kind: IoKind::Unmap,
             lba,
@@ -794,7 +829,7 @@ impl IoChannel {
     }
 
     /// Sets `blocks` blocks at `lba` to zero.
-    pub fn write_zeroes(&self, lba: u64, blocks: u64) -> IoFuture {
+    pub fn write_zeroes(&self, lba: Lba, blocks: u64) -> IoFuture {
         self.submit(IoOp {
             kind: IoKind::WriteZeroes,
             lba,

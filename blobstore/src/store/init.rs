@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use super::state::{BlobInner, Layout, StoreInner};
 use super::{Blobstore, BlobstoreOptions};
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Lba};
 use crate::error::{Error, Result};
 use crate::format::{self, MaskKind, SuperBlock, NO_PAGE};
 
@@ -120,18 +120,20 @@ impl Blobstore {
                 break;
             }
             let len = format::SUPER_BLOCK_LEN;
-            let buf = inner.read_bytes(&ch, off / block, len).await?;
+            let buf = inner.read_bytes(&ch, Lba(off / block), len).await?;
             if SuperBlock::decode_backup(&buf, page_size).is_ok() {
-                ch.write_zeroes(off / block, len as u64 / block).await?;
+                ch.write_zeroes(Lba(off / block), len as u64 / block)
+                    .await?;
                 retired = true;
             }
         }
         if retired {
             ch.flush().await?;
         }
-        ch.write_zeroes(0, bpp).await?;
+        ch.write_zeroes(Lba(0), bpp).await?;
         ch.flush().await?;
-        ch.write_zeroes(bpp, (md_start + md_len - 1) * bpp).await?;
+        ch.write_zeroes(Lba(bpp), (md_start + md_len - 1) * bpp)
+            .await?;
         ch.flush().await?;
         inner.write_super(&ch, false).await?;
         Ok(Blobstore { inner })
@@ -167,7 +169,7 @@ impl Blobstore {
             l.page_size,
         ));
         inner
-            .write_bytes(ch, l.mask_start * l.blocks_per_page(), &region)
+            .write_bytes(ch, Lba(l.mask_start * l.blocks_per_page()), &region)
             .await?;
         ch.flush().await?;
         inner.write_super(ch, true).await?;

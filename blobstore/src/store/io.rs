@@ -13,19 +13,19 @@ use futures::future::try_join_all;
 use super::state::StoreInner;
 use super::units::ClusterIdx;
 use super::ClearMethod;
-use crate::device::{DmaBuf, IoChannel};
+use crate::device::{DmaBuf, IoChannel, Lba};
 use crate::error::Result;
 use crate::format::{self, SuperBlock};
 
 impl StoreInner {
     /// Writes `bytes` at device block `lba`.
-    pub(crate) async fn write_bytes(&self, ch: &IoChannel, lba: u64, bytes: &[u8]) -> Result<()> {
+    pub(crate) async fn write_bytes(&self, ch: &IoChannel, lba: Lba, bytes: &[u8]) -> Result<()> {
         let buf = DmaBuf::from_slice(bytes)?;
         ch.write(lba, buf).await.map(|_| ())
     }
 
     /// Reads `len` bytes from device block `lba`.
-    pub(crate) async fn read_bytes(&self, ch: &IoChannel, lba: u64, len: usize) -> Result<DmaBuf> {
+    pub(crate) async fn read_bytes(&self, ch: &IoChannel, lba: Lba, len: usize) -> Result<DmaBuf> {
         let buf = self.dev.alloc_buf_for_overwrite(len)?;
         ch.read(lba, buf).await
     }
@@ -60,11 +60,11 @@ impl StoreInner {
         let l = self.layout;
         let mut page = vec![0u8; l.page_size as usize];
         page[..format::SUPER_BLOCK_LEN].copy_from_slice(&self.super_block(clean).encode());
-        self.write_bytes(ch, 0, &page).await?;
+        self.write_bytes(ch, Lba(0), &page).await?;
         ch.flush().await?;
         if l.version >= format::BACKUP_SUPER_VERSION {
             let lba = format::BACKUP_SUPER_PAGE * l.blocks_per_page();
-            self.write_bytes(ch, lba, &page).await?;
+            self.write_bytes(ch, Lba(lba), &page).await?;
             ch.flush().await?;
         }
         Ok(())
@@ -79,13 +79,13 @@ impl StoreInner {
 
     /// `clusters` as `(lba, blocks)` runs, neighbours (in the order given)
     /// merged, so one device request covers each run.
-    pub fn block_runs(&self, clusters: &[ClusterIdx]) -> Vec<(u64, u64)> {
+    pub fn block_runs(&self, clusters: &[ClusterIdx]) -> Vec<(Lba, u64)> {
         let upc = self.layout.units_per_cluster();
-        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut runs: Vec<(Lba, u64)> = Vec::new();
         for &c in clusters {
             let lba = self.layout.cluster_lba(c);
             match runs.last_mut() {
-                Some((start, n)) if *start + *n == lba => *n += upc,
+                Some((start, n)) if start.plus(*n) == lba => *n += upc,
                 _ => runs.push((lba, upc)),
             }
         }

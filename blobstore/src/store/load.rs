@@ -22,7 +22,7 @@ use super::mdread::PageMap;
 use super::state::{BlobInner, BlobMd, Layout, StoreInner};
 use super::units::PageIdx;
 use super::{Blobstore, LoadOptions, LoadReport};
-use crate::device::{channel, BlockDevice, IoChannel};
+use crate::device::{channel, BlockDevice, IoChannel, Lba};
 use crate::error::{Error, Result};
 use crate::format::{self, MaskKind, PendingOp, SuperBlock};
 use crate::BlobId;
@@ -214,7 +214,7 @@ impl StoreInner {
         let mut read = |len: u64| {
             let lba = start * bpp;
             start += len;
-            self.read_bytes(ch, lba, (len * ps) as usize)
+            self.read_bytes(ch, Lba(lba), (len * ps) as usize)
         };
         let pages = read(sb.page_mask_len).await?;
         let clusters = read(sb.cluster_mask_len).await?;
@@ -379,7 +379,7 @@ async fn read_super_blocks(
     let size = dev.geometry().size_bytes();
     let read_at = |off: u64| async move {
         let buf = dev.alloc_buf_for_overwrite(format::SUPER_BLOCK_LEN)?;
-        ch.read(off / block, buf).await
+        ch.read(Lba(off / block), buf).await
     };
     let primary = SuperBlock::decode(&read_at(0).await?);
     match primary {

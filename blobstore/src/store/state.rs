@@ -23,7 +23,7 @@ use parking_lot::{Mutex, RwLock};
 use super::alloc::Allocator;
 use super::units::{ClusterIdx, PageIdx};
 use super::{ClearMethod, LoadReport};
-use crate::device::{channel_with_id, BlockDevice, DeviceId, Geometry, IoChannel};
+use crate::device::{channel_with_id, BlockDevice, DeviceId, Geometry, IoChannel, Lba};
 use crate::error::{Error, Result};
 use crate::format::{self, PendingOp, SuperBlock, MAX_XATTR_NAME_LEN, MAX_XATTR_VALUE_LEN};
 use crate::metrics::{OpCounter, Shards};
@@ -56,12 +56,12 @@ impl Layout {
         (self.cluster_size / self.page_size) as u64
     }
     /// Device block of metadata page `p`.
-    pub fn md_lba(&self, p: PageIdx) -> u64 {
-        (self.md_start + p.get() as u64) * self.blocks_per_page()
+    pub fn md_lba(&self, p: PageIdx) -> Lba {
+        Lba((self.md_start + p.get() as u64) * self.blocks_per_page())
     }
     /// Device block of the start of cluster `c`.
-    pub fn cluster_lba(&self, c: ClusterIdx) -> u64 {
-        c.get() as u64 * self.units_per_cluster()
+    pub fn cluster_lba(&self, c: ClusterIdx) -> Lba {
+        Lba(c.get() as u64 * self.units_per_cluster())
     }
     /// True when blobs may keep their cluster map inline (format 3 on).
     pub fn inline_map(&self) -> bool {

@@ -58,7 +58,7 @@ impl Blobstore {
             let mut done = 0u64;
             while done < count as u64 {
                 let n = per_request.min(count as u64 - done);
-                let lba = inner.layout.cluster_lba(first) + done * upc;
+                let lba = inner.layout.cluster_lba(first).plus(done * upc);
                 txn.ch().unmap(lba, n * upc).await.map_err(|e| match e {
                     Error::Unsupported(why) => Error::Unsupported(format!(
                         "trim: {} cannot unmap ({why}); trimmed {} clusters before",

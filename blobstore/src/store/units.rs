@@ -3,8 +3,8 @@
 //! ([`PageIdx`]). Crate-internal; the public API keeps blob offsets in io
 //! units (`u64`).
 //!
-//! Device block addresses are bare `u64`, in blocks of the store's io unit
-//! (`Layout::io_unit` bytes), which is what the device channel takes:
+//! Device block addresses are [`crate::device::Lba`], in blocks of the
+//! store's io unit (`Layout::io_unit` bytes, the device's block size):
 //! [`super::state::Layout::cluster_lba`] and
 //! [`super::state::Layout::md_lba`] turn a cluster or a page into one.
 //!

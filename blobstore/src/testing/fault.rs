@@ -476,6 +476,7 @@ impl FaultBackend {
 mod tests {
     use super::*;
     use crate::device::channel;
+    use crate::device::Lba;
     use crate::exec::block_on;
     use crate::testing::Kinds;
 
@@ -501,7 +502,7 @@ mod tests {
         let (f, d) = dev();
         let ch = channel(&d).unwrap();
         block_on(async {
-            ch.write(0, DmaBuf::from_slice(&[1u8; 8192]).unwrap())
+            ch.write(Lba(0), DmaBuf::from_slice(&[1u8; 8192]).unwrap())
                 .await
                 .unwrap();
             assert_eq!(f.durable_watermark().unwrap(), 0);
@@ -510,7 +511,7 @@ mod tests {
                 .all(|&b| b == 0));
             ch.flush().await.unwrap();
             assert_eq!(f.durable_watermark().unwrap(), 1);
-            ch.write(16, DmaBuf::from_slice(&[2u8; 8192]).unwrap())
+            ch.write(Lba(16), DmaBuf::from_slice(&[2u8; 8192]).unwrap())
                 .await
                 .unwrap();
         });
@@ -538,11 +539,11 @@ mod tests {
         let ch = channel(&d).unwrap();
         f.crash_after(2);
         block_on(async {
-            ch.write(0, DmaBuf::from_slice(&[3u8; 512]).unwrap())
+            ch.write(Lba(0), DmaBuf::from_slice(&[3u8; 512]).unwrap())
                 .await
                 .unwrap();
             assert!(ch.flush().await.is_err());
-            assert!(ch.read(0, DmaBuf::new(512).unwrap()).await.is_err());
+            assert!(ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.is_err());
         });
         assert!(f.is_crashed());
         // The flush failed, so the write is at most pending.
@@ -559,9 +560,9 @@ mod tests {
         f.fail_nth(IoKind::Read, 2);
         f.fail_nth(IoKind::Flush, 1);
         block_on(async {
-            assert!(ch.read(0, DmaBuf::new(512).unwrap()).await.is_ok());
-            assert!(ch.read(0, DmaBuf::new(512).unwrap()).await.is_err());
-            assert!(ch.read(0, DmaBuf::new(512).unwrap()).await.is_ok());
+            assert!(ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.is_ok());
+            assert!(ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.is_err());
+            assert!(ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.is_ok());
             assert!(ch.flush().await.is_err());
             assert!(ch.flush().await.is_ok());
         });
@@ -574,11 +575,11 @@ mod tests {
         let ch = channel(&d).unwrap();
         f.capture_at(vec![2, 3]).unwrap();
         block_on(async {
-            ch.write(0, DmaBuf::from_slice(&[4u8; 512]).unwrap())
+            ch.write(Lba(0), DmaBuf::from_slice(&[4u8; 512]).unwrap())
                 .await
                 .unwrap();
             ch.flush().await.unwrap();
-            ch.write(1, DmaBuf::from_slice(&[5u8; 512]).unwrap())
+            ch.write(Lba(1), DmaBuf::from_slice(&[5u8; 512]).unwrap())
                 .await
                 .unwrap();
         });
@@ -598,17 +599,17 @@ mod tests {
             Kinds::WRITE | Kinds::FLUSH | Kinds::WRITE_ZEROES,
             2,
         ));
-        let w = |b: u8| ch.write(0, DmaBuf::from_slice(&[b; 512]).unwrap());
+        let w = |b: u8| ch.write(Lba(0), DmaBuf::from_slice(&[b; 512]).unwrap());
         block_on(async {
             assert!(w(1).await.is_ok());
             assert!(ch.flush().await.is_ok());
             assert!(w(2).await.is_err());
-            assert!(ch.write_zeroes(0, 1).await.is_err());
+            assert!(ch.write_zeroes(Lba(0), 1).await.is_err());
             // Reads and unmaps are not selected.
-            assert!(ch.read(0, DmaBuf::new(512).unwrap()).await.is_ok());
-            assert!(ch.unmap(1, 1).await.is_ok());
+            assert!(ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.is_ok());
+            assert!(ch.unmap(Lba(1), 1).await.is_ok());
             // The failed write never reached the device.
-            let got = ch.read(0, DmaBuf::new(512).unwrap()).await.unwrap();
+            let got = ch.read(Lba(0), DmaBuf::new(512).unwrap()).await.unwrap();
             assert_eq!(got[0], 1);
             f.clear_failures();
             assert!(w(3).await.is_ok());
@@ -624,13 +625,13 @@ mod tests {
         let stall = Duration::from_millis(30);
         f.arm(Rule::stall(IoKind::Read, stall));
         let start = Instant::now();
-        block_on(ch.read(0, DmaBuf::new(512).unwrap())).unwrap();
+        block_on(ch.read(Lba(0), DmaBuf::new(512).unwrap())).unwrap();
         assert!(start.elapsed() >= stall);
         // Writes are not stalled; after clearing, reads are not either.
         f.clear_stalls();
         let start = Instant::now();
-        block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 512]).unwrap())).unwrap();
-        block_on(ch.read(0, DmaBuf::new(512).unwrap())).unwrap();
+        block_on(ch.write(Lba(0), DmaBuf::from_slice(&[1u8; 512]).unwrap())).unwrap();
+        block_on(ch.read(Lba(0), DmaBuf::new(512).unwrap())).unwrap();
         assert!(start.elapsed() < stall);
     }
 

@@ -17,7 +17,7 @@
 
 use std::sync::Arc;
 
-use crate::device::{channel, BlockDevice, DmaBuf, IoKind, IoOp, MemDevice};
+use crate::device::{channel, BlockDevice, DmaBuf, IoKind, IoOp, Lba, MemDevice};
 use crate::error::{Error, Result};
 use crate::exec::block_on;
 use crate::util::SplitMix64;
@@ -133,7 +133,7 @@ impl Recorder {
             while off < size {
                 let n = chunk.min(size - off);
                 let buf = ch
-                    .read((off / g.block_size as usize) as u64, DmaBuf::new(n)?)
+                    .read(Lba((off / g.block_size as usize) as u64), DmaBuf::new(n)?)
                     .await?;
                 durable[off..off + n].copy_from_slice(&buf);
                 off += n;
@@ -211,7 +211,7 @@ impl Recorder {
         let data = (op.kind == IoKind::Write).then(|| Arc::new(copy_segments(op, len)));
         self.pending.push(PendingWrite {
             ordinal,
-            off: op.lba as usize * bs,
+            off: op.lba.get() as usize * bs,
             len,
             data,
             completed: false,

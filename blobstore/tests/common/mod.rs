@@ -8,7 +8,7 @@ mod image;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use blobstore::device::FileOptions;
-use blobstore::{BlockDevice, DmaBuf, FileDevice, MemDevice};
+use blobstore::{BlockDevice, DmaBuf, FileDevice, Lba, MemDevice};
 
 /// One device + store geometry to run a test body under.
 #[derive(Clone, Copy, Debug)]
@@ -108,7 +108,7 @@ fn window_blocks(cfg: Config, nsid: u32, size_blocks: u64) -> u64 {
 /// `dev` after writing zeroes over all of it.
 fn zeroed(dev: Arc<dyn BlockDevice>) -> Arc<dyn BlockDevice> {
     let ch = blobstore::channel(&dev).unwrap();
-    blobstore::block_on(ch.write_zeroes(0, dev.geometry().block_count)).unwrap();
+    blobstore::block_on(ch.write_zeroes(Lba(0), dev.geometry().block_count)).unwrap();
     dev
 }
 

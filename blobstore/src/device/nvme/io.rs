@@ -470,14 +470,14 @@ impl NvmeBackend {
         };
         let mut cmd;
         if let Some((prp1, prp2, bytes)) = self.direct_prps(cid, &op.segs, bs) {
-            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
+            cmd = Command::rw(opcode, nsid, op.lba.get(), (bytes / bs) as u32);
             cmd.prp1 = prp1;
             cmd.prp2 = prp2;
         } else if self.sgl {
             let Some((addr, len, kind, bytes)) = self.direct_sgl(cid, &op.segs, bs) else {
                 return false;
             };
-            cmd = Command::rw(opcode, nsid, op.lba, (bytes / bs) as u32);
+            cmd = Command::rw(opcode, nsid, op.lba.get(), (bytes / bs) as u32);
             cmd.set_sgl(addr, len, kind);
         } else {
             return false;
@@ -486,7 +486,7 @@ impl NvmeBackend {
         debug_assert!(!o.live, "tag {tag} reused while live");
         o.live = true;
         o.kind = op.kind;
-        o.lba = op.lba;
+        o.lba = op.lba.get();
         o.blocks = op.blocks;
         o.remaining = 1;
         o.error = None;
@@ -551,7 +551,7 @@ impl NvmeBackend {
                     }
                 };
                 for (first_block, blocks, data) in plan {
-                    let cmd = Command::rw(opcode, nsid, op.lba + first_block, blocks);
+                    let cmd = Command::rw(opcode, nsid, op.lba.get() + first_block, blocks);
                     cmds.push((cmd, data));
                 }
             }
@@ -570,7 +570,7 @@ impl NvmeBackend {
                     cmds.push((
                         cmd,
                         CmdData::Range {
-                            lba: op.lba + at,
+                            lba: op.lba.get() + at,
                             blocks: n,
                         },
                     ));
@@ -582,7 +582,7 @@ impl NvmeBackend {
                 if self.write_zeroes {
                     while at < op.blocks {
                         let n = (op.blocks - at).min(65536) as u32;
-                        let cmd = Command::rw(io_op::WRITE_ZEROES, nsid, op.lba + at, n);
+                        let cmd = Command::rw(io_op::WRITE_ZEROES, nsid, op.lba.get() + at, n);
                         cmds.push((cmd, CmdData::None));
                         at += n as u64;
                     }
@@ -598,7 +598,7 @@ impl NvmeBackend {
                         let t = prp::plan(&[(iova, n * bs)], bs, max)
                             .expect("one pool buffer always plans")
                             .remove(0);
-                        let cmd = Command::rw(io_op::WRITE, nsid, op.lba + at, n as u32);
+                        let cmd = Command::rw(io_op::WRITE, nsid, op.lba.get() + at, n as u32);
                         cmds.push((cmd, CmdData::Prp(t)));
                         at += n;
                     }
@@ -610,7 +610,7 @@ impl NvmeBackend {
         *o = OpState {
             live: true,
             kind: op.kind,
-            lba: op.lba,
+            lba: op.lba.get(),
             blocks: op.blocks,
             remaining: cmds.len() as u32,
             error: None,

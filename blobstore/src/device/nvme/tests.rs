@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::soft::{SoftController, SoftFeatures};
 use super::{ControllerOptions, NvmeController, NvmeDevice};
-use crate::device::{channel, BlockDevice, DmaBuf};
+use crate::device::{channel, BlockDevice, DmaBuf, Lba};
 use crate::error::{Error, NvmeStatus};
 use crate::{block_on, BlobOptions, Blobstore, BlobstoreOptions, LoadOptions};
 
@@ -127,13 +127,13 @@ fn write_read_back_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
             } else {
                 DmaBuf::from_slice(&data).unwrap()
             };
-            block_on(ch.write(lba, wbuf)).unwrap();
+            block_on(ch.write(Lba(lba), wbuf)).unwrap();
             let rbuf = if i % 3 == 0 {
                 DmaBuf::new(data.len()).unwrap()
             } else {
                 dev.alloc_buf(data.len()).unwrap()
             };
-            let back = block_on(ch.read(lba, rbuf)).unwrap();
+            let back = block_on(ch.read(Lba(lba), rbuf)).unwrap();
             assert!(
                 back[..] == data[..],
                 "ns {nsid} op {i}: {blocks} blocks at {lba}"
@@ -153,8 +153,8 @@ fn write_read_back_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
             })
             .collect();
         let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
-        block_on(ch.writev(10, bufs)).unwrap();
-        let back = block_on(ch.read(10, dev.alloc_buf(all.len()).unwrap())).unwrap();
+        block_on(ch.writev(Lba(10), bufs)).unwrap();
+        let back = block_on(ch.read(Lba(10), dev.alloc_buf(all.len()).unwrap())).unwrap();
         assert!(back[..] == all[..]);
         // Pool pieces joined inside a block cannot be described: bounced.
         let halves: Vec<DmaBuf> = [bs / 2, bs + bs / 2]
@@ -167,8 +167,8 @@ fn write_read_back_on(model: Arc<SoftController>, ctrl: Arc<NvmeController>) {
             })
             .collect();
         let all: Vec<u8> = halves.iter().flat_map(|b| b.to_vec()).collect();
-        block_on(ch.writev(20, halves)).unwrap();
-        let back = block_on(ch.read(20, dev.alloc_buf(all.len()).unwrap())).unwrap();
+        block_on(ch.writev(Lba(20), halves)).unwrap();
+        let back = block_on(ch.read(Lba(20), dev.alloc_buf(all.len()).unwrap())).unwrap();
         assert!(back[..] == all[..]);
         block_on(ch.flush()).unwrap();
     }
@@ -194,14 +194,14 @@ fn many_ops_wrap_the_rings_on(ctrl: Arc<NvmeController>) {
                 .map(|i| {
                     let mut b = dev.alloc_buf(4096).unwrap();
                     b.copy_from_slice(&pattern(round * 1000 + i, 4096));
-                    ch.write(i, b)
+                    ch.write(Lba(i), b)
                 })
                 .collect();
             for f in futures::future::join_all(futs).await {
                 f.unwrap();
             }
             for i in (0..600u64).step_by(37) {
-                let b = ch.read(i, dev.alloc_buf(4096).unwrap()).await.unwrap();
+                let b = ch.read(Lba(i), dev.alloc_buf(4096).unwrap()).await.unwrap();
                 assert!(b[..] == pattern(round * 1000 + i, 4096)[..]);
             }
         }
@@ -228,7 +228,7 @@ fn four_threads_on(ctrl: Arc<NvmeController>) {
                         .map(|i| {
                             let mut b = dev.alloc_buf(16 * 512).unwrap();
                             b.copy_from_slice(&pattern(t * 100 + i, 16 * 512));
-                            ch.write(region + i * 16, b)
+                            ch.write(Lba(region + i * 16), b)
                         })
                         .collect();
                     for f in futures::future::join_all(futs).await {
@@ -236,7 +236,7 @@ fn four_threads_on(ctrl: Arc<NvmeController>) {
                     }
                     for i in 0..32u64 {
                         let b = ch
-                            .read(region + i * 16, dev.alloc_buf(8192).unwrap())
+                            .read(Lba(region + i * 16), dev.alloc_buf(8192).unwrap())
                             .await
                             .unwrap();
                         assert!(b[..] == pattern(t * 100 + i, 8192)[..]);
@@ -259,17 +259,17 @@ fn unmap_and_write_zeroes_native_and_emulated() {
         let dev: Arc<dyn BlockDevice> = Arc::new(nd);
         let ch = channel(&dev).unwrap();
         let data = pattern(5, 64 * 4096);
-        block_on(ch.write(0, DmaBuf::from_slice(&data).unwrap())).unwrap();
-        block_on(ch.write_zeroes(8, 40)).unwrap();
-        let b = block_on(ch.read(0, dev.alloc_buf(data.len()).unwrap())).unwrap();
+        block_on(ch.write(Lba(0), DmaBuf::from_slice(&data).unwrap())).unwrap();
+        block_on(ch.write_zeroes(Lba(8), 40)).unwrap();
+        let b = block_on(ch.read(Lba(0), dev.alloc_buf(data.len()).unwrap())).unwrap();
         assert!(b[..8 * 4096] == data[..8 * 4096]);
         assert!(b[8 * 4096..48 * 4096].iter().all(|&x| x == 0));
         assert!(b[48 * 4096..] == data[48 * 4096..]);
-        let r = block_on(ch.unmap(0, 4));
+        let r = block_on(ch.unmap(Lba(0), 4));
         if oncs != 0 {
             r.unwrap();
             assert!(dev.geometry().unmap_reads_zeroes);
-            let b = block_on(ch.read(0, dev.alloc_buf(4 * 4096).unwrap())).unwrap();
+            let b = block_on(ch.read(Lba(0), dev.alloc_buf(4 * 4096).unwrap())).unwrap();
             assert!(b.iter().all(|&x| x == 0));
         } else {
             assert!(matches!(r, Err(Error::Unsupported(_))), "{r:?}");
@@ -286,7 +286,7 @@ fn controller_errors_are_typed_and_the_device_keeps_working() {
     let r = block_on(
         channel(&ghost)
             .unwrap()
-            .read(0, ghost.alloc_buf(512).unwrap()),
+            .read(Lba(0), ghost.alloc_buf(512).unwrap()),
     );
     assert!(
         matches!(
@@ -303,7 +303,7 @@ fn controller_errors_are_typed_and_the_device_keeps_working() {
     let r = block_on(
         channel(&big)
             .unwrap()
-            .read(1 << 30, big.alloc_buf(512).unwrap()),
+            .read(Lba(1 << 30), big.alloc_buf(512).unwrap()),
     );
     assert!(
         matches!(
@@ -316,13 +316,16 @@ fn controller_errors_are_typed_and_the_device_keeps_working() {
         "{r:?}"
     );
     let ch = channel(&good).unwrap();
-    let r = block_on(ch.read(good.geometry().block_count, good.alloc_buf(512).unwrap()));
+    let r = block_on(ch.read(
+        Lba(good.geometry().block_count),
+        good.alloc_buf(512).unwrap(),
+    ));
     assert!(
         matches!(r, Err(Error::OutOfRange { .. })),
         "checked before the device"
     );
-    block_on(ch.write(3, DmaBuf::from_slice(&[7u8; 512]).unwrap())).unwrap();
-    let b = block_on(ch.read(3, good.alloc_buf(512).unwrap())).unwrap();
+    block_on(ch.write(Lba(3), DmaBuf::from_slice(&[7u8; 512]).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(3), good.alloc_buf(512).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 7));
 }
 
@@ -331,15 +334,15 @@ fn timeout_fails_the_op_keeps_memory_and_recovers() {
     let (model, ctrl) = setup(5, 0b1100);
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    block_on(ch.write(Lba(0), DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
     model.st.lock().hold_reads = true;
     ctrl.set_io_timeout(Duration::from_millis(20));
-    let r = block_on(ch.read(0, dev.alloc_buf(4096).unwrap()));
+    let r = block_on(ch.read(Lba(0), dev.alloc_buf(4096).unwrap()));
     assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
     // The controller finishes the command late: it is dropped quietly.
     model.release_held();
     ctrl.set_io_timeout(Duration::from_secs(5));
-    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(0), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 1));
 }
 
@@ -354,9 +357,9 @@ fn reset_fails_in_flight_on(model: Arc<SoftController>, ctrl: Arc<NvmeController
     let shadow = ctrl.shadow_doorbells();
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
+    block_on(ch.write(Lba(5), DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
     model.st.lock().hold_reads = true;
-    let fut = ch.read(5, dev.alloc_buf(4096).unwrap());
+    let fut = ch.read(Lba(5), dev.alloc_buf(4096).unwrap());
     let mut fut = Box::pin(fut);
     let waker = futures::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
@@ -365,19 +368,19 @@ fn reset_fails_in_flight_on(model: Arc<SoftController>, ctrl: Arc<NvmeController
     let r = block_on(fut);
     assert!(matches!(r, Err(Error::DeviceFailed { .. })), "{r:?}");
     model.st.lock().hold_reads = false;
-    let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(5), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 9));
     // A fatal status is reported, and a reset clears it.
     model.st.lock().fatal = true;
     model.st.lock().hold_reads = true;
     ctrl.set_io_timeout(Duration::from_millis(5));
-    let r = block_on(ch.read(5, dev.alloc_buf(4096).unwrap()));
+    let r = block_on(ch.read(Lba(5), dev.alloc_buf(4096).unwrap()));
     assert!(matches!(r, Err(Error::DeviceFailed { .. })), "{r:?}");
     assert!(ctrl.is_failed());
     ctrl.reset().unwrap();
     model.st.lock().hold_reads = false;
     ctrl.set_io_timeout(Duration::from_secs(5));
-    let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(5), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 9));
     // Each reset gave the controller its shadow pages again.
     assert_eq!(model.st.lock().dbbuf_configs, if shadow { 3 } else { 0 });
@@ -470,9 +473,9 @@ fn a_stray_completion_is_counted_and_completes_nothing() {
     let (model, ctrl) = setup(5, 0b1100);
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+    block_on(ch.write(Lba(3), DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
     model.st.lock().hold_reads = true;
-    let mut held = Box::pin(ch.read(3, dev.alloc_buf(4096).unwrap()));
+    let mut held = Box::pin(ch.read(Lba(3), dev.alloc_buf(4096).unwrap()));
     let waker = futures::task::noop_waker();
     let mut cx = std::task::Context::from_waker(&waker);
     assert!(held.as_mut().poll(&mut cx).is_pending());
@@ -493,13 +496,13 @@ fn a_stray_completion_is_counted_and_completes_nothing() {
     // Ids stay unique: many ops at once all land where they should.
     block_on(async {
         let writes: Vec<_> = (0..100u64)
-            .map(|i| ch.write(100 + i, DmaBuf::from_slice(&pattern(i, 4096)).unwrap()))
+            .map(|i| ch.write(Lba(100 + i), DmaBuf::from_slice(&pattern(i, 4096)).unwrap()))
             .collect();
         for w in futures::future::join_all(writes).await {
             w.unwrap();
         }
         let reads: Vec<_> = (0..100u64)
-            .map(|i| ch.read(100 + i, dev.alloc_buf(4096).unwrap()))
+            .map(|i| ch.read(Lba(100 + i), dev.alloc_buf(4096).unwrap()))
             .collect();
         for (i, r) in futures::future::join_all(reads)
             .await
@@ -520,11 +523,11 @@ fn fatal_status_disables_the_controller_before_failing_commands() {
     let (model, ctrl) = setup(5, 0b1100);
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 2).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(5, DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
+    block_on(ch.write(Lba(5), DmaBuf::from_slice(&[9u8; 4096]).unwrap())).unwrap();
     ctrl.set_io_timeout(Duration::from_millis(40));
     model.st.lock().hold_reads = true;
     let reads: Vec<_> = (0..3)
-        .map(|_| ch.read(5, dev.alloc_buf(4096).unwrap()))
+        .map(|_| ch.read(Lba(5), dev.alloc_buf(4096).unwrap()))
         .collect();
     model.st.lock().fatal = true;
     for r in block_on(futures::future::join_all(reads)) {
@@ -549,11 +552,11 @@ fn fatal_status_disables_the_controller_before_failing_commands() {
     }
     assert!(ctrl.is_failed());
     assert_eq!(ctrl.error_counters().fatal, 1);
-    let r = block_on(ch.read(5, dev.alloc_buf(4096).unwrap()));
+    let r = block_on(ch.read(Lba(5), dev.alloc_buf(4096).unwrap()));
     assert!(matches!(r, Err(Error::DeviceFailed { .. })), "{r:?}");
     ctrl.reset().unwrap();
     model.st.lock().hold_reads = false;
-    let b = block_on(ch.read(5, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(5), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 9));
 }
 
@@ -562,21 +565,21 @@ fn a_timed_out_command_is_aborted_and_reported_when_the_abort_lands() {
     let (model, ctrl) = setup(5, 0b1100);
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    block_on(ch.write(Lba(0), DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
     {
         let mut st = model.st.lock();
         st.hold_reads = true;
         st.abort_completes = true;
     }
     ctrl.set_io_timeout(Duration::from_millis(20));
-    let (r, _) = drive(ch.read(0, dev.alloc_buf(4096).unwrap()));
+    let (r, _) = drive(ch.read(Lba(0), dev.alloc_buf(4096).unwrap()));
     assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
     assert_eq!(model.st.lock().aborts, 1);
     let c = ctrl.error_counters();
     assert_eq!((c.aborts, c.resets), (1, 0), "the abort sufficed: no reset");
     assert_eq!(model.st.lock().disables, 0);
     model.st.lock().hold_reads = false;
-    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(0), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 1));
 }
 
@@ -585,14 +588,14 @@ fn an_abort_that_does_not_land_resets_the_controller_without_blocking() {
     let (model, ctrl) = setup(5, 0b1100);
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl.clone(), 1).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(0, DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
+    block_on(ch.write(Lba(0), DmaBuf::from_slice(&[1u8; 4096]).unwrap())).unwrap();
     {
         let mut st = model.st.lock();
         st.hold_reads = true;
         st.hold_aborts = true;
     }
     ctrl.set_io_timeout(Duration::from_millis(30));
-    let timed_out = ch.read(0, dev.alloc_buf(4096).unwrap());
+    let timed_out = ch.read(Lba(0), dev.alloc_buf(4096).unwrap());
     let (r, longest) = drive(timed_out);
     assert!(matches!(r, Err(Error::Timeout { op: "read", .. })), "{r:?}");
     // The Abort never completes: waiting for it (the admin timeout is 10 s)
@@ -610,7 +613,7 @@ fn an_abort_that_does_not_land_resets_the_controller_without_blocking() {
     }
     model.st.lock().hold_reads = false;
     ctrl.set_io_timeout(Duration::from_secs(5));
-    let b = block_on(ch.read(0, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(0), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 1));
 }
 
@@ -632,11 +635,11 @@ fn retryable_statuses_are_retried_a_bounded_number_of_times() {
             .lock()
             .fail_next
             .extend([(0, 0x82, false), (0, 0x82, false)]);
-        block_on(ch.write(7, DmaBuf::from_slice(&[4u8; 4096]).unwrap())).unwrap();
+        block_on(ch.write(Lba(7), DmaBuf::from_slice(&[4u8; 4096]).unwrap())).unwrap();
     });
     assert_eq!(n, 3);
     assert_eq!(ctrl.error_counters().retries, 2);
-    let b = block_on(ch.read(7, dev.alloc_buf(4096).unwrap())).unwrap();
+    let b = block_on(ch.read(Lba(7), dev.alloc_buf(4096).unwrap())).unwrap();
     assert!(b.iter().all(|&x| x == 4));
     // Always failing: bounded, then the status is reported.
     let n = attempts(&|| {
@@ -645,7 +648,7 @@ fn retryable_statuses_are_retried_a_bounded_number_of_times() {
             .lock()
             .fail_next
             .extend(std::iter::repeat_n((0, 0x82, false), 20));
-        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        let r = block_on(ch.read(Lba(7), dev.alloc_buf(4096).unwrap()));
         assert!(matches!(r, Err(Error::Nvme { op: "read", .. })), "{r:?}");
     });
     assert_eq!(n, 1 + super::io::MAX_RETRIES as usize);
@@ -653,7 +656,7 @@ fn retryable_statuses_are_retried_a_bounded_number_of_times() {
     // DNR set: not retried.
     let n = attempts(&|| {
         model.st.lock().fail_next.push_back((2, 0x81, true));
-        let r = block_on(ch.read(7, dev.alloc_buf(4096).unwrap()));
+        let r = block_on(ch.read(Lba(7), dev.alloc_buf(4096).unwrap()));
         assert!(
             matches!(
                 r,
@@ -746,7 +749,7 @@ fn steady_state_io_on_the_driver_allocates_nothing() {
             .flat_map(|&kind| {
                 (0..4).map(move |i| IoOp {
                     kind,
-                    lba: 8 * i as u64,
+                    lba: Lba(8 * i as u64),
                     blocks: 1,
                     segs: segs(i),
                 })
@@ -837,16 +840,16 @@ fn steady_state_data_path_allocates_nothing() {
                 // Queue depth 1: blob write and read, raw read and write.
                 let b0 = block_on(blob.write(at, b0)).unwrap();
                 let b0 = block_on(blob.read(at, b0)).unwrap();
-                let b1 = block_on(raw.read(raw_lba, b1)).unwrap();
-                let b1 = block_on(raw.write(raw_lba, b1)).unwrap();
+                let b1 = block_on(raw.read(Lba(raw_lba), b1)).unwrap();
+                let b1 = block_on(raw.write(Lba(raw_lba), b1)).unwrap();
                 // Queue depth 4, two channels: their completions share a
                 // queue pair on NVMe.
                 let (r0, r1, r2, r3) = block_on(async {
                     futures::join!(
                         blob.write(at, b0),
-                        other.read(i % 64, b1),
+                        other.read(Lba(i % 64), b1),
                         blob.read((at + 500) % 1000, b2),
-                        other.write(64 + i % 64, b3),
+                        other.write(Lba(64 + i % 64), b3),
                     )
                 });
                 for (k, r) in [r0, r1, r2, r3].into_iter().enumerate() {
@@ -877,7 +880,7 @@ fn doorbells_are_written_once_per_batch_and_reaps_are_bounded() {
         .enumerate()
         .map(|(i, b)| IoOp {
             kind: IoKind::Write,
-            lba: i as u64,
+            lba: Lba(i as u64),
             blocks: 1,
             segs: Segments::one(b.segment(0, 4096)),
         })
@@ -930,7 +933,7 @@ fn shadow_doorbells_ring_only_when_the_event_index_asks() {
         .collect();
     let write = |i: usize| IoOp {
         kind: IoKind::Write,
-        lba: i as u64,
+        lba: Lba(i as u64),
         blocks: 1,
         segs: Segments::one(bufs[i].segment(0, 4096)),
     };
@@ -988,8 +991,8 @@ fn shadow_doorbells_are_used_only_when_offered_and_wanted() {
         assert_eq!(model.st.lock().dbbuf_configs, 0);
         let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
         let ch = channel(&dev).unwrap();
-        block_on(ch.write(3, DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
-        let b = block_on(ch.read(3, dev.alloc_buf(4096).unwrap())).unwrap();
+        block_on(ch.write(Lba(3), DmaBuf::from_slice(&pattern(3, 4096)).unwrap())).unwrap();
+        let b = block_on(ch.read(Lba(3), dev.alloc_buf(4096).unwrap())).unwrap();
         assert!(b[..] == pattern(3, 4096)[..]);
         assert!(model.st.lock().io_sq_doorbells >= 2);
     }
@@ -1017,8 +1020,8 @@ fn sgl_commands_cross_two_mib_and_unaligned_joins() {
     let data = pattern(1, 4 << 20);
     let mut b = dev.alloc_buf(data.len()).unwrap();
     b.copy_from_slice(&data);
-    block_on(ch.write(8, b)).unwrap();
-    let back = block_on(ch.read(8, dev.alloc_buf(data.len()).unwrap())).unwrap();
+    block_on(ch.write(Lba(8), b)).unwrap();
+    let back = block_on(ch.read(Lba(8), dev.alloc_buf(data.len()).unwrap())).unwrap();
     assert!(back[..] == data[..]);
     {
         let mut st = model.st.lock();
@@ -1041,13 +1044,13 @@ fn sgl_commands_cross_two_mib_and_unaligned_joins() {
         })
         .collect();
     let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
-    block_on(ch1.writev(40, bufs)).unwrap();
+    block_on(ch1.writev(Lba(40), bufs)).unwrap();
     {
         let mut st = model.st.lock();
         assert_eq!(std::mem::take(&mut st.io_log), vec![(0x01, 6)]);
         assert_eq!(st.last_sgl_descriptors, 4);
     }
-    let back = block_on(ch1.read(40, dev1.alloc_buf(all.len()).unwrap())).unwrap();
+    let back = block_on(ch1.read(Lba(40), dev1.alloc_buf(all.len()).unwrap())).unwrap();
     assert!(back[..] == all[..]);
     assert!(model.namespaces[0].1.lock()[40 * 512..][..all.len()] == all[..]);
 }
@@ -1070,16 +1073,16 @@ fn sgl_pieces_off_dword_boundaries_are_bounced_when_the_controller_asks() {
         })
         .collect();
     let all: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
-    block_on(ch.writev(3, bufs)).unwrap();
+    block_on(ch.writev(Lba(3), bufs)).unwrap();
     assert_eq!(model.st.lock().last_sgl_descriptors, 1);
-    let back = block_on(ch.read(3, dev.alloc_buf(512).unwrap())).unwrap();
+    let back = block_on(ch.read(Lba(3), dev.alloc_buf(512).unwrap())).unwrap();
     assert!(back[..] == all[..]);
     // Dword-aligned pieces go as they are.
     let bufs: Vec<DmaBuf> = [200usize, 312]
         .iter()
         .map(|&n| dev.alloc_buf(n).unwrap())
         .collect();
-    block_on(ch.writev(4, bufs)).unwrap();
+    block_on(ch.writev(Lba(4), bufs)).unwrap();
     assert_eq!(model.st.lock().last_sgl_descriptors, 2);
 }
 
@@ -1154,7 +1157,7 @@ fn async_events_are_counted_cleared_and_their_requests_posted_again() {
     // I/O still works alongside them.
     let dev: Arc<dyn BlockDevice> = Arc::new(NvmeDevice::from_controller(ctrl, 2).unwrap());
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(1, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
+    block_on(ch.write(Lba(1), DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
 }
 
 #[test]
@@ -1191,7 +1194,7 @@ fn one_queue_pair_per_thread_serves_every_namespace() {
     let (w1, w2) = (buf(&d1), buf(&d2));
     let op = |b: &DmaBuf, blocks| IoOp {
         kind: IoKind::Write,
-        lba: 16,
+        lba: Lba(16),
         blocks,
         segs: Segments::one(b.segment(0, 4096)),
     };
@@ -1199,7 +1202,7 @@ fn one_queue_pair_per_thread_serves_every_namespace() {
     let r1 = ctrl.pool().alloc(4096).unwrap();
     let read1 = IoOp {
         kind: IoKind::Read,
-        lba: 16,
+        lba: Lba(16),
         blocks: 8,
         segs: Segments::one(r1.segment(0, 4096)),
     };

@@ -403,7 +403,7 @@ impl ChannelBackend for PowerLossBackend {
                 let cut = self.shared.is_cut_op();
                 let seq = self.shared.log_write(
                     op.kind,
-                    op.lba * self.block_size,
+                    op.lba.get() * self.block_size,
                     op.blocks * self.block_size,
                 )?;
                 if cut {
@@ -715,6 +715,7 @@ pub fn recover(image: &Path, seed: u64) -> Result<RecoveryReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::device::Lba;
     use crate::device::{channel, open_device};
     use crate::exec::block_on;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -766,7 +767,7 @@ mod tests {
 
     fn write(dev: &Arc<dyn BlockDevice>, sector: u64, n: usize, byte: u8) {
         let ch = channel(dev).unwrap();
-        block_on(ch.write(sector, buf(dev, n * BS, byte))).unwrap();
+        block_on(ch.write(Lba(sector), buf(dev, n * BS, byte))).unwrap();
     }
 
     fn flush(dev: &Arc<dyn BlockDevice>) {
@@ -949,8 +950,8 @@ mod tests {
                 write(dev, 0, SECTORS, 0x44);
                 flush(dev);
                 let ch = channel(dev).unwrap();
-                block_on(ch.write_zeroes(0, 4)).unwrap();
-                block_on(ch.unmap(4, 4)).unwrap();
+                block_on(ch.write_zeroes(Lba(0), 4)).unwrap();
+                block_on(ch.unmap(Lba(4), 4)).unwrap();
             });
             recover(&img.0, seed).unwrap();
             let s = sectors(&img);
@@ -1052,13 +1053,17 @@ mod tests {
         let ch = channel(&dev).unwrap();
         let note = |n: u32| std::fs::write(done, n.to_string()).unwrap();
         block_on(async {
-            ch.write(0, buf(&dev, SECTORS * BS, 0x11)).await.unwrap();
+            ch.write(Lba(0), buf(&dev, SECTORS * BS, 0x11))
+                .await
+                .unwrap();
             note(1);
             ch.flush().await.unwrap();
             note(2);
-            ch.write(0, buf(&dev, SECTORS * BS, 0x22)).await.unwrap();
+            ch.write(Lba(0), buf(&dev, SECTORS * BS, 0x22))
+                .await
+                .unwrap();
             note(3);
-            ch.write(0, buf(&dev, SECTORS / 2 * BS, 0x33))
+            ch.write(Lba(0), buf(&dev, SECTORS / 2 * BS, 0x33))
                 .await
                 .unwrap();
             note(4);

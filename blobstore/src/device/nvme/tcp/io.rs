@@ -1113,7 +1113,7 @@ impl ChannelBackend for TcpQueue {
         debug_assert!(!o.active, "tag {tag} reused while in flight");
         o.active = true;
         o.kind = op.kind;
-        o.lba = op.lba;
+        o.lba = op.lba.get();
         o.blocks = op.blocks;
         o.segs.clear();
         o.segs.extend(op.segs.iter().map(|s| (s.ptr(), s.len())));

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::pdu::{self, DataHeader, Framing, Header, IcResp, R2t, COMMON_HEADER_BYTES};
 use super::*;
-use crate::device::{channel, BlockDevice, ChannelBackend, DmaBuf, IoKind, IoOp, Segments};
+use crate::device::{channel, BlockDevice, ChannelBackend, DmaBuf, IoKind, IoOp, Lba, Segments};
 use crate::exec::block_on;
 
 const NQN: &str = "nqn.2024-01.io.blobstack:fake";
@@ -514,7 +514,7 @@ fn open_with(t: &Target, digest: bool, depth: u16, io_timeout: Duration) -> Nvme
 fn op_on(kind: IoKind, lba: u64, buf: &DmaBuf) -> IoOp {
     IoOp {
         kind,
-        lba,
+        lba: Lba(lba),
         blocks: (buf.len() / BLOCK) as u64,
         segs: Segments::one(buf.segment(0, buf.len())),
     }
@@ -562,13 +562,14 @@ fn reads_and_writes_of_every_shape_reach_the_target() {
         for (i, blocks) in [8usize, 16, 24, 200, 6144].into_iter().enumerate() {
             let lba = (i * 977) % (BLOCKS - blocks);
             let data = pattern(i + digest as usize, blocks * BLOCK);
-            block_on(ch.write(lba as u64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            block_on(ch.write(Lba(lba as u64), DmaBuf::from_slice(&data).unwrap())).unwrap();
             assert_eq!(
                 &t.disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK],
                 &data[..],
                 "write of {blocks} blocks landed"
             );
-            let back = block_on(ch.read(lba as u64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            let back =
+                block_on(ch.read(Lba(lba as u64), DmaBuf::new(data.len()).unwrap())).unwrap();
             assert!(back[..] == data[..], "read of {blocks} blocks");
         }
         // Several segments in one operation.
@@ -577,18 +578,18 @@ fn reads_and_writes_of_every_shape_reach_the_target() {
             .iter()
             .map(|p| DmaBuf::from_slice(p).unwrap())
             .collect();
-        block_on(ch.writev(100, bufs)).unwrap();
+        block_on(ch.writev(Lba(100), bufs)).unwrap();
         let outs = vec![
             DmaBuf::new(512).unwrap(),
             DmaBuf::new(16384).unwrap(),
             DmaBuf::new(4096).unwrap(),
         ];
-        let outs = block_on(ch.readv(100, outs)).unwrap();
+        let outs = block_on(ch.readv(Lba(100), outs)).unwrap();
         let all: Vec<u8> = outs.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(all, parts.concat());
         block_on(ch.flush()).unwrap();
-        block_on(ch.write_zeroes(100, 8)).unwrap();
-        block_on(ch.unmap(108, 8)).unwrap();
+        block_on(ch.write_zeroes(Lba(100), 8)).unwrap();
+        block_on(ch.unmap(Lba(108), 8)).unwrap();
         assert!(t.disk.lock().unwrap()[100 * BLOCK..116 * BLOCK]
             .iter()
             .all(|&b| b == 0));
@@ -603,9 +604,9 @@ fn large_reads_arriving_in_bursts_land_intact() {
         let dev = open(&t, digest, Duration::from_secs(30));
         let ch = channel(&dev).unwrap();
         let data = pattern(5, 1 << 20);
-        block_on(ch.write(64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+        block_on(ch.write(Lba(64), DmaBuf::from_slice(&data).unwrap())).unwrap();
         for _ in 0..3 {
-            let back = block_on(ch.read(64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            let back = block_on(ch.read(Lba(64), DmaBuf::new(data.len()).unwrap())).unwrap();
             assert!(back[..] == data[..], "digest {digest}");
         }
         // Three 1 MiB reads, one command each.
@@ -630,17 +631,21 @@ fn many_operations_in_flight_on_several_threads() {
                         let data = pattern(th * 100 + k, 8 * BLOCK);
                         let ch = ch.clone();
                         async move {
-                            ch.write((base + k * 8) as u64, DmaBuf::from_slice(&data).unwrap())
-                                .await
-                                .unwrap();
+                            ch.write(
+                                Lba((base + k * 8) as u64),
+                                DmaBuf::from_slice(&data).unwrap(),
+                            )
+                            .await
+                            .unwrap();
                         }
                     })
                     .collect();
                 block_on(futures::future::join_all(futs));
                 for k in 0..20 {
-                    let b =
-                        block_on(ch.read((base + k * 8) as u64, DmaBuf::new(8 * BLOCK).unwrap()))
-                            .unwrap();
+                    let b = block_on(
+                        ch.read(Lba((base + k * 8) as u64), DmaBuf::new(8 * BLOCK).unwrap()),
+                    )
+                    .unwrap();
                     assert!(b[..] == pattern(th * 100 + k, 8 * BLOCK)[..]);
                 }
             })
@@ -658,18 +663,18 @@ fn fault_error(fault: Fault, digest: bool) -> String {
     let t = target(fault);
     let dev = open(&t, digest, Duration::from_millis(1500));
     let ch = channel(&dev).unwrap();
-    block_on(ch.write(0, DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
+    block_on(ch.write(Lba(0), DmaBuf::from_slice(&pattern(1, 4096)).unwrap())).unwrap();
     // The first read passes.
-    block_on(ch.read(0, DmaBuf::new(4096).unwrap())).unwrap();
+    block_on(ch.read(Lba(0), DmaBuf::new(4096).unwrap())).unwrap();
     let start = Instant::now();
-    let e = block_on(ch.read(0, DmaBuf::new(4096).unwrap())).unwrap_err();
+    let e = block_on(ch.read(Lba(0), DmaBuf::new(4096).unwrap())).unwrap_err();
     assert!(
         start.elapsed() < Duration::from_secs(10),
         "{fault:?} took {:?}",
         start.elapsed()
     );
     assert!(t.reads.load(Ordering::SeqCst) >= 2);
-    let after = block_on(ch.read(0, DmaBuf::new(4096).unwrap()));
+    let after = block_on(ch.read(Lba(0), DmaBuf::new(4096).unwrap()));
     if matches!(
         fault,
         Fault::MediaError | Fault::BadDataDigest | Fault::BadDataDigestThenResp
@@ -825,7 +830,8 @@ fn responses_that_cannot_be_true_fail_the_queue_not_complete_the_wrong_command()
     let t = target(Fault::EarlyWriteSuccess);
     let dev = open(&t, false, Duration::from_secs(5));
     let ch = channel(&dev).unwrap();
-    let e = block_on(ch.write(0, DmaBuf::from_slice(&pattern(3, 64 << 10)).unwrap())).unwrap_err();
+    let e =
+        block_on(ch.write(Lba(0), DmaBuf::from_slice(&pattern(3, 64 << 10)).unwrap())).unwrap_err();
     assert!(
         e.to_string().contains("success for write command")
             && e.to_string().contains("after 0 of its 65536 bytes"),
@@ -883,10 +889,10 @@ fn a_bad_data_digest_fails_only_its_read() {
         let dev = open(&t, true, Duration::from_secs(5));
         let ch = channel(&dev).unwrap();
         let data = pattern(3, 8192);
-        block_on(ch.write(8, DmaBuf::from_slice(&data).unwrap())).unwrap();
+        block_on(ch.write(Lba(8), DmaBuf::from_slice(&data).unwrap())).unwrap();
         // Reads alternate: good, bad digest, good, ...
         for i in 0..4 {
-            let r = block_on(ch.read(8, DmaBuf::new(data.len()).unwrap()));
+            let r = block_on(ch.read(Lba(8), DmaBuf::new(data.len()).unwrap()));
             if i % 2 == 0 {
                 assert!(r.unwrap()[..] == data[..], "{fault:?} read {i}");
             } else {
@@ -919,12 +925,13 @@ fn an_r2t_beyond_maxh2cdata_goes_in_several_h2cdata_pdus() {
         for (i, blocks) in [24usize, 200, 4096 + 7].into_iter().enumerate() {
             let lba = 3 + i * 5000;
             let data = pattern(i + 40, blocks * BLOCK);
-            block_on(ch.write(lba as u64, DmaBuf::from_slice(&data).unwrap())).unwrap();
+            block_on(ch.write(Lba(lba as u64), DmaBuf::from_slice(&data).unwrap())).unwrap();
             assert!(
                 t.disk.lock().unwrap()[lba * BLOCK..(lba + blocks) * BLOCK] == data[..],
                 "write of {blocks} blocks landed where it belongs"
             );
-            let back = block_on(ch.read(lba as u64, DmaBuf::new(data.len()).unwrap())).unwrap();
+            let back =
+                block_on(ch.read(Lba(lba as u64), DmaBuf::new(data.len()).unwrap())).unwrap();
             assert!(back[..] == data[..], "read of {blocks} blocks");
         }
         // R2Ts of 12 KiB, 100 KiB, and 1 MiB twice (the last 3.5 KiB of
