@@ -1,0 +1,75 @@
+//! `shm:<path>[?size=..&bs=..&create=..]`: the spec of a
+//! [`MemDevice`](crate::device::MemDevice) whose blocks are a shared
+//! mapping of a file (see
+//! [`MemDevice::open_shared`](crate::device::MemDevice::open_shared)),
+//! parsed and printed.
+//!
+//! Invariants: a size is a positive multiple of the block size (of 512
+//! when `bs=` is not given: the open checks the real one), `create=true`
+//! needs a size, and printing gives the options in one order (size, bs,
+//! create), which [`parse`] reads back.
+
+use std::fmt;
+use std::path::Path;
+
+use super::path::{decode_path, encode_path};
+use super::{check_size, parse_block_size, parse_query, DeviceSpec};
+use crate::device::mem::ShmOptions;
+use crate::util::{format_size, parse_size};
+
+/// Parses what follows `shm:`.
+pub(super) fn parse(rest: &str) -> std::result::Result<DeviceSpec, String> {
+    let (path, query) = match rest.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (rest, None),
+    };
+    if path.is_empty() {
+        return Err("missing path after shm: (e.g. shm:/dev/shm/blobs.img?size=4G)".into());
+    }
+    let path = decode_path(path)?;
+    let mut options = ShmOptions::default();
+    if let Some(q) = query {
+        for (key, value) in parse_query(q, "shm", &["size", "bs", "create"])? {
+            match key {
+                "size" => options.size_bytes = Some(parse_size(value)?),
+                "bs" => options.block_size = Some(parse_block_size(value)?),
+                "create" => {
+                    options.create = Some(match value {
+                        "true" => true,
+                        "false" => false,
+                        _ => return Err(format!("create={value:?} must be true or false")),
+                    })
+                }
+                _ => unreachable!("parse_query let an unknown key through"),
+            }
+        }
+    }
+    if let Some(size) = options.size_bytes {
+        // Without a block size, 512 is the finest the device may use; the
+        // open checks the actual block size again.
+        check_size(size, options.block_size.unwrap_or(512))?;
+    }
+    if options.create == Some(true) && options.size_bytes.is_none() {
+        return Err("create=true needs size=<size> to know how large to make the file".into());
+    }
+    Ok(DeviceSpec::Shm { path, options })
+}
+
+/// Writes the spec of a `shm:` device (in the form [`parse`] reads).
+pub(super) fn write(f: &mut fmt::Formatter<'_>, path: &Path, options: &ShmOptions) -> fmt::Result {
+    write!(f, "shm:{}", encode_path(path))?;
+    let mut opts = Vec::new();
+    if let Some(s) = options.size_bytes {
+        opts.push(format!("size={}", format_size(s)));
+    }
+    if let Some(bs) = options.block_size {
+        opts.push(format!("bs={bs}"));
+    }
+    if let Some(c) = options.create {
+        opts.push(format!("create={c}"));
+    }
+    if !opts.is_empty() {
+        write!(f, "?{}", opts.join("&"))?;
+    }
+    Ok(())
+}
