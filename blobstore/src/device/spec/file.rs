@@ -18,7 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::path::{decode_path, encode_path};
-use super::{check_size, parse_block_size, parse_query, DeviceSpec};
+use super::{check_file_size, parse_block_size, parse_bool, parse_query, DeviceSpec};
 use crate::device::file::{FileOptions, MAX_QUEUE_DEPTH};
 use crate::util::{format_size, parse_size};
 
@@ -90,32 +90,13 @@ pub(super) fn parse(rest: &str) -> std::result::Result<DeviceSpec, String> {
                         })?;
                     options.queue_depth = Some(qd);
                 }
-                "prealloc" => {
-                    options.preallocate = Some(match value {
-                        "true" => true,
-                        "false" => false,
-                        _ => return Err(format!("prealloc={value:?} must be true or false")),
-                    })
-                }
-                "create" => {
-                    options.create = Some(match value {
-                        "true" => true,
-                        "false" => false,
-                        _ => return Err(format!("create={value:?} must be true or false")),
-                    })
-                }
+                "prealloc" => options.preallocate = Some(parse_bool(key, value)?),
+                "create" => options.create = Some(parse_bool(key, value)?),
                 _ => unreachable!("parse_query let an unknown key through"),
             }
         }
     }
-    if let Some(size) = options.size_bytes {
-        // Without a block size, 512 is the finest any device may use; the
-        // open checks the actual block size again.
-        check_size(size, options.block_size.unwrap_or(512))?;
-    }
-    if options.create == Some(true) && options.size_bytes.is_none() {
-        return Err("create=true needs size=<size> to know how large to make the file".into());
-    }
+    check_file_size(options.size_bytes, options.block_size, options.create)?;
     if !powerloss && (cut_after.is_some() || cut_issued.is_some()) {
         return Err("powerloss_cut_after and powerloss_cut_when need powerloss=on".into());
     }

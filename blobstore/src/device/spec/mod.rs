@@ -323,6 +323,34 @@ fn check_size(size_bytes: u64, block_size: u32) -> std::result::Result<(), Strin
     Ok(())
 }
 
+/// Checks the `size=`, `bs=` and `create=` options of a device kept in a
+/// file (`file:` and `shm:`): a size given fits the block size, and
+/// `create=true` has a size.
+fn check_file_size(
+    size_bytes: Option<u64>,
+    block_size: Option<u32>,
+    create: Option<bool>,
+) -> std::result::Result<(), String> {
+    if let Some(size) = size_bytes {
+        // Without a block size, 512 is the finest any device may use; the
+        // open checks the actual block size again.
+        check_size(size, block_size.unwrap_or(512))?;
+    }
+    if create == Some(true) && size_bytes.is_none() {
+        return Err("create=true needs size=<size> to know how large to make the file".into());
+    }
+    Ok(())
+}
+
+/// Parses the value of option `key` that is `true` or `false`.
+fn parse_bool(key: &str, value: &str) -> std::result::Result<bool, String> {
+    match value {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        _ => Err(format!("{key}={value:?} must be true or false")),
+    }
+}
+
 /// Parses `/ns=<n>` (the text after the `/`) into a namespace id.
 fn parse_namespace(s: &str, after: &str) -> std::result::Result<u32, String> {
     let Some(n) = s.strip_prefix("ns=") else {

@@ -13,7 +13,7 @@ use std::fmt;
 use std::path::Path;
 
 use super::path::{decode_path, encode_path};
-use super::{check_size, parse_block_size, parse_query, DeviceSpec};
+use super::{check_file_size, parse_block_size, parse_bool, parse_query, DeviceSpec};
 use crate::device::mem::ShmOptions;
 use crate::util::{format_size, parse_size};
 
@@ -33,25 +33,12 @@ pub(super) fn parse(rest: &str) -> std::result::Result<DeviceSpec, String> {
             match key {
                 "size" => options.size_bytes = Some(parse_size(value)?),
                 "bs" => options.block_size = Some(parse_block_size(value)?),
-                "create" => {
-                    options.create = Some(match value {
-                        "true" => true,
-                        "false" => false,
-                        _ => return Err(format!("create={value:?} must be true or false")),
-                    })
-                }
+                "create" => options.create = Some(parse_bool(key, value)?),
                 _ => unreachable!("parse_query let an unknown key through"),
             }
         }
     }
-    if let Some(size) = options.size_bytes {
-        // Without a block size, 512 is the finest the device may use; the
-        // open checks the actual block size again.
-        check_size(size, options.block_size.unwrap_or(512))?;
-    }
-    if options.create == Some(true) && options.size_bytes.is_none() {
-        return Err("create=true needs size=<size> to know how large to make the file".into());
-    }
+    check_file_size(options.size_bytes, options.block_size, options.create)?;
     Ok(DeviceSpec::Shm { path, options })
 }
 
