@@ -39,6 +39,7 @@ pub fn cluster_map_entries_per_page(page_size: u32) -> usize {
 /// formats (see `FORMAT.md` for the layouts themselves).
 #[doc(hidden)]
 pub mod fuzzing {
+    #[cfg(feature = "nvme")]
     pub use crate::device::nvme::tcp::pdu::{encode_pdu, parse_header, parse_pdu, plan, Framing};
     pub use crate::format::{
         decode_extent_payload, decode_md_page, encode_md_page, BlobRecord, PageKind, SuperBlock,

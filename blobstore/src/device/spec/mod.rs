@@ -47,6 +47,7 @@ mod tests;
 
 pub use nvme::PciAddress;
 pub use nvme_tcp::TcpDigest;
+#[cfg(feature = "nvme")]
 pub(crate) use nvme_tcp::{check_nqn, MAX_NQN_BYTES, MAX_TCP_QUEUE_DEPTH};
 
 use std::fmt;
