@@ -10,8 +10,8 @@
 //! extra copy) and then rewrite the slot's header, which says whose bytes
 //! the data area holds. The next mount of the device after the process
 //! died reads the headers, writes their bytes to the files, syncs, and only
-//! then clears the memory (`fs.rs`). Devices that need DMA-mapped memory
-//! (NVMe) map each slot while it has memory
+//! then clears the memory (`fs/mount.rs`). Devices that need DMA-mapped
+//! memory (NVMe) map each slot while it has memory
 //! ([`blobstore::BlockDevice::map_dma`]), so a buffer goes to the device
 //! from where the appends landed, with no copy there either.
 //!
