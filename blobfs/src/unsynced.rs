@@ -52,7 +52,7 @@
 //!   before the file's blob can be deleted, so no header ever describes a
 //!   blob id that was reused.
 //! - Every byte of a file below its length is in a slot describing it, or
-//!   on the blob under durable metadata (`file.rs` keeps this).
+//!   on the blob under durable metadata (`file/` keeps this).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
