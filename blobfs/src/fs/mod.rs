@@ -81,7 +81,7 @@ pub(crate) struct FsInner {
     /// buffers go there to be written behind the appender.
     writer: Mutex<Option<Writer>>,
     /// Where append buffers live: memory that outlives the process (see
-    /// `unsynced.rs`). Its free slots keep their pages for the next files,
+    /// `unsynced/`). Its free slots keep their pages for the next files,
     /// so a new WAL or SST file does not fault in and zero a fresh 4 MiB.
     pub unsynced: Arc<Unsynced>,
     /// What this mount found in the unsynced memory a dead process left.
