@@ -1,6 +1,6 @@
 //! How BlobFS keeps its metadata in blob xattrs: the one place that knows
 //! those bytes (drawn in this crate's `FORMAT.md`, with the unsynced
-//! memory of `unsynced.rs`).
+//! memory of `unsynced/`).
 //!
 //! Every file and directory is one blob with these xattrs:
 //! - `fs.name`: the normalized full name, UTF-8.
