@@ -4,7 +4,8 @@
 # passes:
 #   ROCKSDB_SRC  the crate's rocksdb/ directory (from `cargo metadata`)
 #   PLUGIN_LIB   the production librocksdb_env.a: the Rust staticlib, which
-#                holds BlobFS, the cxx bridge, cpp/blobfs_fs.cc and (bundled
+#                holds BlobFS, the cxx bridge, cpp/blobfs_fs.cc (with
+#                blobfs_files.h) and (bundled
 #                by rustc from librocksdb-sys) the one librocksdb.a build
 #   TESTING_PLUGIN_LIB  the same built with rocksdb-env's feature `testing`
 #                (powerloss=on, fault_injection=on), for db_stress, which

@@ -48,6 +48,7 @@ fn main() {
 
     println!("cargo:rerun-if-changed=src/bridge.rs");
     println!("cargo:rerun-if-changed=../cpp/blobfs_fs.cc");
+    println!("cargo:rerun-if-changed=../cpp/blobfs_files.h");
     println!("cargo:rerun-if-changed=../cpp/blobfs_rocksdb.h");
     println!("cargo:rerun-if-changed=../cpp/rocksdb-flags.txt");
     println!("cargo:rerun-if-env-changed=ROCKSDB_ENV_DEBUG_ROCKSDB");

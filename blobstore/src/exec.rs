@@ -191,8 +191,7 @@ fn run<F: Future>(fut: F, tw: &Arc<ThreadWaker>, deadline: Option<Instant>) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Lba;
-    use crate::device::{channel, BlockDevice, DmaBuf, MemDevice};
+    use crate::device::{channel, BlockDevice, DmaBuf, Lba, MemDevice};
     use crate::testing::FaultDevice;
 
     #[test]

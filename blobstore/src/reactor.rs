@@ -1131,8 +1131,7 @@ impl Drop for Reactors {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::Lba;
-    use crate::device::{BlockDevice, ChannelBackend, DeviceId, Geometry, IoOp, Tag};
+    use crate::device::{BlockDevice, ChannelBackend, DeviceId, Geometry, IoOp, Lba, Tag};
     use crate::{block_on, channel, DmaBuf, MemDevice};
     use std::sync::atomic::AtomicUsize;
     use std::sync::mpsc::RecvTimeoutError;

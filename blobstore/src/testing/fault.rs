@@ -475,8 +475,7 @@ impl FaultBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::channel;
-    use crate::device::Lba;
+    use crate::device::{channel, Lba};
     use crate::exec::block_on;
     use crate::testing::Kinds;
 
