@@ -752,7 +752,7 @@ impl BlockDevice for NvmeTcpDevice {
                 }
             })
             .collect();
-        Some(super::super::unsynced_dir().join(format!("blobstack-nvmetcp-{name}.unsynced")))
+        Some(crate::device::unsynced_dir().join(format!("blobstack-nvmetcp-{name}.unsynced")))
     }
 }
 
