@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
 
-use super::set::pin_current_thread;
+use super::cores::pin_current_thread;
 use super::{IdlePolicy, LocalFuture, LocalPoller, Message, PollerId};
 use crate::device::{poll_thread_channels, thread_in_flight, wait_thread_channels};
 use crate::error::{Error, Result};

@@ -16,7 +16,11 @@
 //!   running on a reactor ([`current`], [`spawn_local`], the local pollers)
 //!   and [`JoinHandle`].
 //! - `set`: [`Reactors`], started by a [`ReactorsBuilder`] (placement,
-//!   core pinning, idle policy, shutdown), and [`allowed_cores`].
+//!   idle policy, shutdown).
+//! - `cores`: [`allowed_cores`] and pinning a thread to a core.
+//!
+//! They depend one way: `handle` uses `local`, `set` uses `local` and
+//! `handle`, and `local` uses `cores`.
 //!
 //! ```
 //! use blobstore::reactor::{spawn_local, Reactors};
@@ -42,16 +46,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+mod cores;
 mod handle;
 mod local;
 mod set;
 #[cfg(test)]
 mod tests;
 
+pub use cores::allowed_cores;
 pub use handle::{
     current, register_local_poller, spawn_local, unregister_local_poller, JoinHandle, ReactorHandle,
 };
-pub use set::{allowed_cores, Reactors, ReactorsBuilder};
+pub use set::{Reactors, ReactorsBuilder};
 
 /// What a reactor does when a loop iteration found no work.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
