@@ -25,7 +25,6 @@ mod cache;
 mod error;
 #[cfg(feature = "prometheus")]
 mod exporter;
-mod file;
 mod fs;
 pub mod fsck;
 pub mod meta;
@@ -37,7 +36,7 @@ pub use cache::CacheStats;
 pub use error::{Error, Result};
 #[cfg(feature = "prometheus")]
 pub use exporter::MetricsServer;
-pub use file::{File, Metadata, PendingRead};
+pub use fs::file::{File, Metadata, PendingRead};
 pub use fs::{
     BlobFs, DirEntry, FileLock, MkfsOptions, MountOptions, OpenOptions, SpaceInfo, SPARE_MD_PAGES,
 };

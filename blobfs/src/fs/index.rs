@@ -13,7 +13,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use crate::file::FileNode;
+use crate::fs::file::FileNode;
 use crate::name;
 
 /// A directory: its blob and its modification time.

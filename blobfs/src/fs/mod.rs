@@ -13,6 +13,10 @@
 //! - [`locks`]: file locks, which move with renames.
 //! - [`writer`]: the writer thread, which writes appends' full buffers
 //!   behind the appender.
+//! - [`file`]: a file of the mount: its node in the index, its reads,
+//!   appends and syncs, and the handles callers hold. A child of this
+//!   module because a file is part of a mount: the index holds its node and
+//!   its handle holds the mount.
 //! - Here: the shared state, and what every part uses of it (lookups,
 //!   creating a node, deleting the blobs of files deleted while open,
 //!   making handles), and the small accessors of [`BlobFs`].
@@ -27,6 +31,7 @@
 //!   round: a file operation gives up its write lock before it takes `ns`).
 //! - A file deleted while open keeps its blob until the last handle goes.
 
+pub(crate) mod file;
 mod index;
 mod locks;
 mod mount;
@@ -52,10 +57,10 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::cache::{Cache, CacheStats};
 use crate::error::{Context, Error, Result};
-use crate::file::{File, FileNode, Readahead};
 use crate::meta;
 use crate::name;
 use crate::unsynced::{Unsynced, UnsyncedRecovery};
+use file::{File, FileNode, Readahead};
 use index::{DirNode, Entry, Index};
 use writer::Writer;
 

@@ -34,7 +34,7 @@ use super::recovery::{check_tail, found_entry, roll_forward, write_back, Found, 
 use super::{BlobFs, FsInner, MkfsOptions, MountOptions, SPARE_MD_PAGES};
 use crate::cache::Cache;
 use crate::error::{Context, Error, Result};
-use crate::file::FileNode;
+use crate::fs::file::FileNode;
 use crate::meta;
 use crate::name;
 use crate::unsynced::{self, Owner, Record, Unsynced, UnsyncedRecovery};

@@ -21,7 +21,7 @@ use blobstore::{block_on, BlobId};
 use super::index::Entry;
 use super::{BlobFs, DirEntry, OpenOptions};
 use crate::error::{Context, Error, Result};
-use crate::file::{File, FileNode, Metadata};
+use crate::fs::file::{File, FileNode, Metadata};
 use crate::meta;
 use crate::name::{self, normalize, normalize_entry};
 

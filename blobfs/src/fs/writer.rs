@@ -7,7 +7,7 @@
 //! synced on another, and an `IoChannel` cannot leave its thread: the
 //! writer thread owns the one channel that writes every file's full
 //! buffers, one write per file at a time (the file keeps that write's
-//! range in its `Behind`, see [`crate::file`]).
+//! range in its `Behind`, see [`crate::fs::file`]).
 //!
 //! Invariants:
 //! - A job's node is let go before the file's waiters are woken, so a
@@ -24,7 +24,7 @@ use blobstore::block_on;
 use blobstore::metrics::Shards;
 
 use super::FsInner;
-use crate::file::FileNode;
+use crate::fs::file::FileNode;
 use crate::metrics::FsShard;
 use crate::unsynced::Unsynced;
 

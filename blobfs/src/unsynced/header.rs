@@ -11,7 +11,11 @@
 //!   4 KiB pages (checked when the crate builds).
 
 use super::Owner;
-use crate::file::WRITE_CHUNK;
+
+/// Appends are written to the device in chunks of this many bytes: an
+/// append buffer holds one chunk (plus a block at each end), and a slot's
+/// data area holds one append buffer.
+pub(crate) const WRITE_CHUNK: usize = 4 << 20;
 
 /// Bytes of a slot's data area: an append buffer (`WRITE_CHUNK` and two
 /// blocks of at most 4 KiB).

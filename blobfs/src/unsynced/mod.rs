@@ -65,7 +65,7 @@
 //!   before the file's blob can be deleted, so no header ever describes a
 //!   blob id that was reused.
 //! - Every byte of a file below its length is in a slot describing it, or
-//!   on the blob under durable metadata (`file/` keeps this).
+//!   on the blob under durable metadata (`fs/file/` keeps this).
 
 mod header;
 mod memfile;
@@ -74,6 +74,7 @@ mod slots;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use header::WRITE_CHUNK;
 pub use header::{Header, Record, MAX_SLOTS, SLOT_DATA};
 pub use memfile::scan_path;
 pub use owner::{boot_id, hex, random_id, stale_reason, Owner};

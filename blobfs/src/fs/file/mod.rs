@@ -63,8 +63,9 @@ use parking_lot::RwLock;
 use crate::error::{Context, Error, Result};
 use behind::Behind;
 
-/// Appends are written to the device in chunks of this many bytes.
-pub const WRITE_CHUNK: usize = 4 << 20;
+/// Appends are written to the device in chunks of this many bytes (an
+/// append buffer; the unsynced memory's slots are sized by it).
+pub(crate) use crate::unsynced::WRITE_CHUNK;
 
 /// The write side of a file, under its write lock ([`FileNode::state`]).
 pub(crate) struct WriteState {
