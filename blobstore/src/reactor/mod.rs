@@ -78,8 +78,8 @@ pub enum IdlePolicy {
     /// As SPDK's interrupt mode: while I/O is in flight, poll for `spin`
     /// (not at all once the thread's recent waits average twice `spin` or
     /// more: a disk, where the spin only burns the core), then block in the
-    /// device until one of the thread's operations completes (an NVMe queue's completion interrupt, io_uring's wait);
-    /// with nothing in flight, sleep as [`IdlePolicy::Sleep`] does with
+    /// device until one of the thread's operations completes (an NVMe
+    /// queue's completion interrupt, io_uring's wait); with nothing in flight, sleep as [`IdlePolicy::Sleep`] does with
     /// `after = spin` and `max_sleep` 1 ms. A waiting core costs no CPU, at
     /// the price of the wake-up latency. A message or wake from another
     /// thread that arrives while the reactor blocks in the device runs

@@ -104,8 +104,9 @@ pub struct BlobOptions {
 /// A blobstore's figures so far ([`Blobstore::metrics`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StoreMetrics {
-    /// Metadata syncs (every [`Blob::sync_metadata`](crate::Blob::sync_metadata) and its variants, and
-    /// the store's own), with their latency; bytes are 0.
+    /// Metadata syncs (every
+    /// [`Blob::sync_metadata`](crate::Blob::sync_metadata) and its
+    /// variants, and the store's own), with their latency; bytes are 0.
     pub metadata_syncs: OpStats,
     /// The device's I/O, every user of it included.
     pub device: DeviceMetrics,

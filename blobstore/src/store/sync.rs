@@ -96,8 +96,9 @@ pub(super) struct SyncPlan {
 
 impl SyncPlan {
     /// Plans the sync of `md` (blob `id`), taking its fresh pages from
-    /// `alloc`; also returns the first page's bytes, in a device buffer. [`Error::NoSpace`] when the metadata region is full, with
-    /// nothing taken.
+    /// `alloc`; also returns the first page's bytes, in a device buffer.
+    /// [`Error::NoSpace`] when the metadata region is full, with nothing
+    /// taken.
     pub(super) fn capture(
         md: &BlobMd,
         id: BlobId,
