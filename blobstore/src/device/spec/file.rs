@@ -18,9 +18,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use super::path::{decode_path, encode_path};
-use super::{check_file_size, parse_block_size, parse_bool, parse_query, DeviceSpec};
+use super::{
+    check_file_size, parse_block_size, parse_bool, parse_query, size_options, write_query,
+    DeviceSpec,
+};
 use crate::device::file::{FileOptions, MAX_QUEUE_DEPTH};
-use crate::util::{format_size, parse_size};
+use crate::util::parse_size;
 
 /// Parses what follows `file:`.
 pub(super) fn parse(rest: &str) -> std::result::Result<DeviceSpec, String> {
@@ -140,13 +143,7 @@ fn power_loss_spec(
 /// Writes the spec of a `file:` device (in the form [`parse`] reads).
 pub(super) fn write(f: &mut fmt::Formatter<'_>, path: &Path, options: &FileOptions) -> fmt::Result {
     write!(f, "file:{}", encode_path(path))?;
-    let mut opts = Vec::new();
-    if let Some(s) = options.size_bytes {
-        opts.push(format!("size={}", format_size(s)));
-    }
-    if let Some(bs) = options.block_size {
-        opts.push(format!("bs={bs}"));
-    }
+    let mut opts = size_options(options.size_bytes, options.block_size);
     if let Some(qd) = options.queue_depth {
         opts.push(format!("qd={qd}"));
     }
@@ -156,10 +153,7 @@ pub(super) fn write(f: &mut fmt::Formatter<'_>, path: &Path, options: &FileOptio
     if let Some(c) = options.create {
         opts.push(format!("create={c}"));
     }
-    if !opts.is_empty() {
-        write!(f, "?{}", opts.join("&"))?;
-    }
-    Ok(())
+    write_query(f, &opts)
 }
 
 /// Writes the spec of a `file:` device under the power-loss device: the

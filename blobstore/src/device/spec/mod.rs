@@ -343,6 +343,28 @@ fn check_file_size(
     Ok(())
 }
 
+/// The `size=` and `bs=` options a path-backed device's spec (`file:`,
+/// `shm:`) writes first, as [`check_file_size`]'s inputs read back.
+fn size_options(size_bytes: Option<u64>, block_size: Option<u32>) -> Vec<String> {
+    let mut opts = Vec::new();
+    if let Some(s) = size_bytes {
+        opts.push(format!("size={}", crate::util::format_size(s)));
+    }
+    if let Some(bs) = block_size {
+        opts.push(format!("bs={bs}"));
+    }
+    opts
+}
+
+/// Writes `opts` as a spec's query (`?a=1&b=2`, the form [`parse_query`]
+/// reads); nothing when there are none.
+fn write_query(f: &mut fmt::Formatter<'_>, opts: &[String]) -> fmt::Result {
+    if opts.is_empty() {
+        return Ok(());
+    }
+    write!(f, "?{}", opts.join("&"))
+}
+
 /// Parses the value of option `key` that is `true` or `false`.
 fn parse_bool(key: &str, value: &str) -> std::result::Result<bool, String> {
     match value {

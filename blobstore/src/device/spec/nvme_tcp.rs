@@ -14,7 +14,7 @@
 
 use std::fmt;
 
-use super::{parse_namespace, parse_query, DeviceSpec, DEFAULT_NVME_NAMESPACE};
+use super::{parse_namespace, parse_query, write_query, DeviceSpec, DEFAULT_NVME_NAMESPACE};
 
 /// Digests asked for on an `nvme-tcp:` connection (`digest=`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -169,8 +169,5 @@ pub(super) fn write(
     if digest != TcpDigest::None {
         opts.push(format!("digest={}", digest.name()));
     }
-    if !opts.is_empty() {
-        write!(f, "?{}", opts.join("&"))?;
-    }
-    Ok(())
+    write_query(f, &opts)
 }
